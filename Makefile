@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine with Python 3.9+ and a C++ compiler:
+#   make bench   - the main job: benchmark suite and dense-block memory comparison (CPU by default)
+#   make test    - the test suite
+# Both create .venv, install torch and resfast (building resfast._C) first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+export RESFAST_BUILD_EXT ?= 1
+
+.PHONY: install bench test memory clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_SPEC) ninja numpy
+	$(PY) -m pip install --quiet "triton>=3.0" || true
+	$(PY) -m pip install --no-build-isolation -e ".[dev,train]"
+	$(PY) -c "import resfast, sys; print(resfast.__version__, file=sys.stderr)"
+	touch $@
+
+install: $(VENV)/.installed
+
+bench: install
+	$(PY) -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
+	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224 --plot out/memory.png
+
+memory: install
+	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider -x --durations=15
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+clean:
+	rm -rf $(VENV) build *.egg-info resfast/_C*.so

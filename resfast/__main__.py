@@ -1,0 +1,3 @@
+from resfast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Show torch, triton and CUDA versions, the GPU, which backends can run, and what resfast._C holds."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Any, Dict
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def collect() -> Dict[str, Any]:
+    import torch
+
+    import resfast
+    from resfast.backends import _triton_import, backend_status, native_info, triton_interpret
+
+    triton, _ = _triton_import()
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": prop.name, "capability": f"{prop.major}.{prop.minor}",
+                         "memory_bytes": prop.total_memory})
+    devices = ["cpu"] + (["cuda"] if gpus else [])
+    return {
+        "resfast": resfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": getattr(triton, "__version__", None),
+        "triton_interpret": triton_interpret(),
+        "gpus": gpus,
+        "native": native_info(),
+        "backends": {d: {k: (v or "ok") for k, v in backend_status(d).items()} for d in devices},
+        "auto": {d: resfast.resolve_backend("auto", d) for d in devices},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        from resfast.cli import emit_json
+
+        emit_json(info)
+        return 0
+    print(f"resfast {info['resfast']}  python {info['python']}  torch {info['torch']} (CUDA {info['torch_cuda']})  "
+          f"triton {info['triton']}{' [interpreter]' if info['triton_interpret'] else ''}")
+    if info["gpus"]:
+        for g in info["gpus"]:
+            print(f"GPU {g['index']}: {g['name']} (sm {g['capability']}, {g['memory_bytes'] / 2**30:.1f} GiB)")
+    else:
+        print("GPU: none")
+    nat = info["native"]
+    if nat["built"]:
+        archs = ",".join(nat["cuda_archs"]) or "-"
+        print(f"resfast._C: built; CPU kernels yes; CUDA kernels {'yes (archs ' + archs + ')' if nat['cuda'] else 'no'}")
+    else:
+        print(f"resfast._C: not built ({nat['error']})")
+    for dev, status in info["backends"].items():
+        for name, why in status.items():
+            print(f"  {dev:4s} {name:6s} {'runs' if why == 'ok' else 'unavailable: ' + why}")
+        print(f"  {dev:4s} auto  -> {info['auto'][dev]}")
+    return 0

@@ -1,0 +1,1 @@
+"""One file per op: eager reference, autograd, torch.library registration, backend dispatch."""

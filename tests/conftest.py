@@ -1,0 +1,35 @@
+import os
+import sys
+
+import pytest
+
+# Triton kernels run on CPU tensors only through the interpreter, which must be chosen
+# before triton is first imported. With a GPU the same tests run compiled.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_report_header(config):
+    import torch
+
+    from resfast.backends import backend_status
+
+    status = backend_status("cpu")
+    runs = [k for k, v in status.items() if not v]
+    return [f"torch {torch.__version__}; backends that run on cpu here: {runs}; "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}; cuda={torch.cuda.is_available()}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)

@@ -1,0 +1,39 @@
+"""The STANDARDS.md pass rule: a kernel result against a float64 reference.
+
+``max|out - ref64| <= 2 * max|ref_same - ref64| + atol(dtype) * max(1, max|ref64|)``
+where ``ref_same`` is eager PyTorch in the kernel's own dtype. NaN never passes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def rule_error(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, dtype: Optional[torch.dtype] = None):
+    """``(err, allowed)`` of the rule; ``err`` is ``inf`` if ``out`` has a NaN where ``ref64`` has none."""
+    dtype = dtype or ref_same.dtype
+    out64 = out.detach().to(torch.float64).cpu()
+    r64 = ref64.detach().to(torch.float64).cpu()
+    same64 = ref_same.detach().to(torch.float64).cpu()
+    assert out64.shape == r64.shape, f"shape {tuple(out64.shape)} != reference {tuple(r64.shape)}"
+    ref_nan = torch.isnan(r64)
+    if not torch.equal(torch.isnan(out64), ref_nan):
+        return float("inf"), 0.0
+    mask = ~ref_nan
+    if not mask.any():
+        return 0.0, 0.0
+    err = (out64 - r64)[mask].abs().max().item()
+    base = (same64 - r64)[mask].abs().max().item()
+    if base != base:  # ref_same itself NaN where ref64 is not: judge by atol alone
+        base = 0.0
+    scale = max(1.0, r64[mask].abs().max().item())
+    return err, 2.0 * base + ATOL[dtype] * scale
+
+
+def assert_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, context: str = "",
+                dtype: Optional[torch.dtype] = None) -> None:
+    err, allowed = rule_error(out, ref64, ref_same, dtype)
+    assert err <= allowed, f"{name}: max|out - ref64| = {err:.3e} > allowed {allowed:.3e} ({context})"
