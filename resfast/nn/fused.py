@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from resfast.backends import check_backend_name
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
 
-__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_momentum"]
+__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_momentum", "sync_group"]
 
 
 def bn_momentum(bn: nn.BatchNorm2d) -> Tuple[bool, float]:
@@ -38,6 +38,8 @@ def bn_relu_conv(
         raise ValueError(f"conv padding must be numeric, got {conv.padding!r}")
     use_batch, momentum = _checked_momentum(bn, x)
     track = not bn.training or bn.track_running_stats
+    if process_group is None and use_batch:
+        process_group = sync_group(bn)
     return bn_relu_conv2d(
         x, conv.weight, conv.bias,
         bn_weight=bn.weight, bn_bias=bn.bias,
@@ -47,6 +49,23 @@ def bn_relu_conv(
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
         backend=backend, out=out, process_group=process_group,
     )
+
+
+def sync_group(bn: nn.Module):
+    """The process group to synchronise ``bn``'s batch statistics over, or ``None``.
+
+    A BN converted by ``nn.SyncBatchNorm.convert_sync_batchnorm`` keeps synchronising when it
+    is fused into a conv: its group (``WORLD`` when unset) is used while training in an
+    initialised ``torch.distributed`` job with more than one rank, as ``nn.SyncBatchNorm`` does.
+    """
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 def _checked_momentum(bn: nn.BatchNorm2d, x: Tensor) -> Tuple[bool, float]:
