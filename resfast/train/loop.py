@@ -1,0 +1,501 @@
+"""The training loop behind ``resfast train`` and ``resfast study``.
+
+SGD with Nesterov momentum and weight decay; the WRN paper's step schedule (x0.2 at 30%,
+60% and 80% of the epochs), cosine or one-cycle; optional AMP (fp16 with a grad scaler, or
+bf16), channels_last, DDP with a distributed sampler and SyncBN. Each epoch records its
+time, images/s, train loss / accuracy and test loss / accuracy; the run directory gets
+``metrics.csv``, ``metrics.json``, ``curves.png`` and ``checkpoint.pt`` (written atomically,
+resumed with ``resume=True`` and loaded with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resfast.train.data import DATASETS, BatchLoader, ImageDataset, load_dataset
+from resfast.train.distributed import (
+    DistInfo, all_reduce_sum, cleanup, init_distributed, prepare_model, shard_indices, unwrap,
+)
+
+__all__ = ["TrainConfig", "train", "train_step", "evaluate", "build_model", "lr_at", "SCHEDULES", "AMP_MODES",
+           "save_checkpoint", "load_checkpoint", "count_params", "measure_step_memory"]
+
+SCHEDULES = ("step", "cosine", "onecycle")
+AMP_MODES = ("off", "fp16", "bf16")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in the checkpoint and in ``metrics.json``)."""
+
+    model: str = "wrn16_2"
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    dropout: Optional[float] = None
+    amp: str = "off"
+    channels_last: bool = False
+    backend: str = "auto"
+    memory: Optional[str] = None
+    sync_bn: bool = False
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0
+    out: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+    subset: Optional[int] = None  # use only the first N train / test images (smoke tests)
+    measure_memory: bool = True
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        checks = [
+            ("data", self.data in DATASETS, f"one of {DATASETS}"),
+            ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an int >= 1"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an int >= 1"),
+            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a positive number"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("dropout", self.dropout is None or 0.0 <= self.dropout < 1.0, "None or in [0, 1)"),
+            ("amp", self.amp in AMP_MODES, f"one of {AMP_MODES}"),
+            ("workers", isinstance(self.workers, int) and self.workers >= 0, "an int >= 0"),
+            ("subset", self.subset is None or (isinstance(self.subset, int) and self.subset >= 1),
+             "None or an int >= 1"),
+        ]
+        for name, ok, need in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {need}, got {getattr(self, name)!r}")
+        if self.resume and not self.out:
+            raise ValueError("resume=True needs out (the run directory holding checkpoint.pt)")
+
+
+def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at ``step`` (0-based) of ``epoch`` (0-based).
+
+    ``step``: the WRN paper's schedule, ``lr * 0.2**k`` after 30%, 60%, 80% of the epochs
+    (epochs 60, 120, 160 of 200). ``cosine``: per iteration from ``lr`` to 0.
+    ``onecycle``: per iteration, cosine warm-up from ``lr/25`` to ``lr`` over the first 30%,
+    then cosine annealing to ``lr/(25*1e4)`` (``torch.optim.lr_scheduler.OneCycleLR``'s
+    defaults, learning rate only).
+    """
+    total = max(config.epochs * steps_per_epoch, 1)
+    t = epoch * steps_per_epoch + step
+    if config.schedule == "step":
+        milestones = [math.ceil(config.epochs * f) for f in (0.3, 0.6, 0.8)]
+        return config.lr * 0.2 ** sum(epoch >= m for m in milestones)
+    if config.schedule == "cosine":
+        return 0.5 * config.lr * (1.0 + math.cos(math.pi * t / total))
+    if config.schedule == "onecycle":
+        start, end = config.lr / 25.0, config.lr / 25.0 / 1e4
+        warm = max(int(0.3 * total), 1)
+        if t < warm:
+            return _cos_anneal(start, config.lr, t / warm)
+        return _cos_anneal(config.lr, end, (t - warm) / max(total - warm, 1))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+
+
+def _cos_anneal(a: float, b: float, frac: float) -> float:
+    return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """``resfast.models.create_model(config.model, num_classes=..., backend=..., ...)``.
+
+    ``dropout`` goes to builders that take a dropout argument (Wide ResNets), ``memory`` to
+    those that take ``memory`` (DenseNets); asking for either on a model without it is a
+    ``ValueError``.
+    """
+    from resfast.models import create_model, model_info
+
+    builder = model_info(config.model).builder
+    kwargs: Dict[str, Any] = {"num_classes": num_classes}
+    params = inspect.signature(builder).parameters
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if "backend" in params or open_kwargs:
+        kwargs["backend"] = config.backend
+    if config.dropout is not None:
+        name = next((n for n in ("drop_rate", "dropout", "dropout_rate", "drop_prob") if n in params), None)
+        if name is None:
+            raise ValueError(f"dropout={config.dropout} given but model {config.model!r} takes no dropout "
+                             f"(it applies to the Wide ResNet models)")
+        kwargs[name] = config.dropout
+    if config.memory is not None:
+        if "memory" not in params:
+            raise ValueError(f"memory={config.memory!r} given but model {config.model!r} takes no memory mode "
+                             f"(it applies to the DenseNet models)")
+        kwargs["memory"] = config.memory
+    kwargs.update(config.model_kwargs)
+    return create_model(config.model, **kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; weight decay on every parameter, as in the WRN paper."""
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
+               amp: str = "off", scaler: Optional["torch.amp.GradScaler"] = None) -> Tuple[float, int]:
+    """One SGD step on ``(x, y)``; returns ``(sum of the per-image losses, number correct)``.
+
+    The loss is the batch mean of the cross entropy, so under DDP (gradients averaged over
+    ranks) a step on each rank's equal share of a batch is the step on the whole batch.
+    """
+    model.train()
+    with _autocast(x.device, amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        correct = int((logits.argmax(1) == y).sum())
+    return float(loss.detach()) * y.shape[0], correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device, *, amp: str = "off",
+             channels_last: bool = False, batch_size: int = 256, info: DistInfo = DistInfo()) -> Tuple[float, float]:
+    """``(mean loss, accuracy)`` on ``dataset`` with the running BN statistics; under DDP each
+    rank scores its strided share and the sums are all-reduced."""
+    model.eval()
+    loader = BatchLoader(dataset, batch_size, sampler=shard_indices(len(dataset), info))
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = _to_device(x, y, device, channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += y.shape[0]
+    all_reduce_sum(sums, info)
+    n = max(float(sums[2]), 1.0)
+    return float(sums[0]) / n, float(sums[1]) / n
+
+
+def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
+          datasets: Optional[Tuple[ImageDataset, ImageDataset]] = None, log=None) -> Dict[str, Any]:
+    """Run ``config`` and return the final metrics (see :func:`summary_of`).
+
+    Args:
+        config: the run.
+        model: use this module instead of ``build_model(config, ...)`` (tests, the study).
+        datasets: ``(train, test)`` already loaded (the study loads digits once).
+        log: a text stream for progress lines (default stderr).
+    """
+    config.validate()
+    log = log or sys.stderr
+    device = _device(config.device)
+    info = init_distributed(device)
+    try:
+        return _train(config, model, datasets, device, info, log)
+    finally:
+        cleanup(info)
+
+
+def _train(config, model, datasets, device, info: DistInfo, log) -> Dict[str, Any]:
+    if info.distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(config.seed)
+    train_set, test_set = datasets if datasets is not None else load_dataset(config.data, config.data_dir)
+    if config.subset:
+        train_set, test_set = _subset(train_set, config.subset), _subset(test_set, config.subset)
+    if model is None:
+        model = build_model(config, train_set.num_classes)
+    params = count_params(model)
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    scaler = _grad_scaler(device, config.amp)
+
+    history: List[Dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = os.path.join(config.out, CHECKPOINT) if config.out else None
+    if config.resume:
+        state = load_checkpoint(ckpt_path, device)
+        _check_resumable(state["config"], config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history = [dict(h) for h in state["history"]]
+        start_epoch = int(state["epoch"]) + 1
+        _log(info, log, f"resumed from {ckpt_path} after epoch {start_epoch}")
+    ddp_model = prepare_model(model, info, device, config.sync_bn)
+    model = unwrap(ddp_model)  # the SyncBN-converted module, whose state_dict is saved
+
+    sampler = None
+    if info.distributed:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(range(len(train_set)), num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=True, seed=config.seed, drop_last=True)
+    loader = BatchLoader(train_set, config.batch_size, shuffle=True, augment=True, sampler=sampler,
+                         drop_last=len(train_set) > config.batch_size, seed=config.seed, workers=config.workers)
+    steps = len(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    for epoch in range(start_epoch, config.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        # Seeded per epoch, so a resumed run sees the batches the uninterrupted run would have.
+        loader.generator.manual_seed(config.seed * 100_003 + epoch)
+        ddp_model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = _progress(info, config, steps, f"epoch {epoch + 1}/{config.epochs}")
+        _sync(device)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            lr = lr_at(config, epoch, i, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = _to_device(x, y, device, config.channels_last)
+            l_sum, c = train_step(ddp_model, optimizer, x, y, amp=config.amp, scaler=scaler)
+            loss_sum, correct, seen = loss_sum + l_sum, correct + c, seen + y.shape[0]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{l_sum / y.shape[0]:.3f}", lr=f"{lr:.3g}")
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device), info)
+        test_loss, test_acc = evaluate(ddp_model, test_set, device, amp=config.amp,
+                                       channels_last=config.channels_last, info=info)
+        row = {
+            "epoch": epoch + 1, "lr": lr_at(config, epoch, 0, steps), "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]), "test_loss": test_loss, "test_acc": test_acc,
+            "epoch_time_s": elapsed, "images_per_s": float(totals[2]) / elapsed,
+        }
+        history.append(row)
+        _log(info, log, "epoch {epoch}/{n}: train loss {train_loss:.4f} acc {train_acc:.4f}, test loss "
+             "{test_loss:.4f} acc {test_acc:.4f}, {epoch_time_s:.1f} s, {images_per_s:.0f} img/s".format(
+                 n=config.epochs, **row))
+        if info.is_main and config.out:
+            os.makedirs(config.out, exist_ok=True)
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "epoch": epoch, "history": history, "config": _config_dict(config),
+            })
+
+    peak, peak_source = _peak_memory(config, model, optimizer, train_set, device, info)
+    result = summary_of(config, history, params, peak, peak_source, device, info)
+    if info.is_main and config.out:
+        write_run_files(config.out, config, history, result)
+    return result
+
+
+def summary_of(config: TrainConfig, history: List[Dict[str, float]], params: int, peak: Optional[int],
+               peak_source: str, device: torch.device, info: DistInfo) -> Dict[str, Any]:
+    """The ``--json`` document: ``test_acc``, ``epoch_time_s`` (list), ``images_per_s``,
+    ``params``, ``peak_memory_bytes`` and how the peak was measured, plus the run's settings."""
+    times = [h["epoch_time_s"] for h in history]
+    images = sum(h["images_per_s"] * h["epoch_time_s"] for h in history)
+    return {
+        "model": config.model, "data": config.data, "epochs": len(history), "batch_size": config.batch_size,
+        "world_size": info.world_size, "device": str(device), "backend": config.backend, "amp": config.amp,
+        "channels_last": config.channels_last, "schedule": config.schedule, "dropout": config.dropout,
+        "test_acc": history[-1]["test_acc"] if history else None,
+        "test_acc_per_epoch": [h["test_acc"] for h in history],
+        "train_loss": [h["train_loss"] for h in history],
+        "epoch_time_s": times,
+        "images_per_s": images / sum(times) if times and sum(times) > 0 else None,
+        "params": params,
+        "peak_memory_bytes": peak,
+        "peak_memory_source": peak_source,
+    }
+
+
+def write_run_files(out: str, config: TrainConfig, history: List[Dict[str, float]], result: Dict[str, Any]) -> None:
+    """``metrics.csv`` (one row per epoch), ``metrics.json`` (config, history, summary) and
+    ``curves.png`` in ``out``, each written atomically."""
+    os.makedirs(out, exist_ok=True)
+    cols = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "images_per_s"]
+    tmp = os.path.join(out, "metrics.csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: row[k] for k in cols})
+    os.replace(tmp, os.path.join(out, "metrics.csv"))
+    tmp = os.path.join(out, "metrics.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"config": _config_dict(config), "history": history, "summary": result}, fh, indent=2, default=str)
+    os.replace(tmp, os.path.join(out, "metrics.json"))
+    plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.data}")
+
+
+def plot_curves(history: List[Dict[str, float]], path: str, title: str = "") -> None:
+    """Train / test loss and accuracy against the epoch (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    a.set_xlabel("epoch"), a.set_ylabel("cross-entropy loss"), a.legend()
+    b.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+    b.plot(epochs, [h["test_acc"] for h in history], "s-", label="test")
+    b.set_xlabel("epoch"), b.set_ylabel("accuracy"), b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a crash
+    mid-write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Optional[str], device: torch.device) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"resume: no checkpoint at {path!r} (train once with the same --out first)")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def measure_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                        amp: str = "off") -> int:
+    """Peak bytes of live tensors (parameters, gradients, optimizer state, activations,
+    temporaries) during one training step, by ``torch.distributed._tools.mem_tracker.MemTracker``.
+
+    Runs on copies of ``model`` and ``optimizer`` so the caller's state is not touched.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model = copy.deepcopy(model)
+    opt = type(optimizer)(model.parameters(), **optimizer.defaults)
+    opt.load_state_dict(optimizer.state_dict())
+    tracker = MemTracker()
+    tracker.track_external(model, opt, x, y)
+    with tracker:
+        train_step(model, opt, x, y, amp=amp)
+    snap = tracker.get_tracker_snapshot("peak")
+    return int(sum(v.get("Total", 0) for v in snap.values()))
+
+
+def _peak_memory(config, model, optimizer, train_set, device, info) -> Tuple[Optional[int], str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated over the run"
+    if not config.measure_memory:
+        return None, "not measured"
+    if info.distributed:
+        return None, "not measured under DDP on the CPU"
+    n = min(config.batch_size, len(train_set))
+    x, y = next(iter(BatchLoader(train_set, n, augment=True, seed=config.seed)))
+    x, y = _to_device(x, y, device, config.channels_last)
+    try:
+        return measure_step_memory(model, optimizer, x, y, config.amp), \
+            "MemTracker (torch.distributed._tools.mem_tracker), one training step on the CPU"
+    except Exception as exc:  # the tracker is a private tool: a failure must not lose the run
+        return None, f"MemTracker failed: {type(exc).__name__}: {exc}"
+
+
+def _check_resumable(saved: Dict[str, Any], config: TrainConfig) -> None:
+    for key in ("model", "data", "batch_size", "schedule", "dropout", "model_kwargs"):
+        if saved.get(key) != _config_dict(config).get(key):
+            raise ValueError(f"resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
+                             f"this run asks for {key}={getattr(config, key)!r}")
+    if int(saved.get("epochs", 0)) > config.epochs:
+        raise ValueError(f"resume: the checkpoint's schedule ran over {saved['epochs']} epochs, "
+                         f"epochs={config.epochs} is fewer")
+
+
+def _config_dict(config: TrainConfig) -> Dict[str, Any]:
+    # Primitives only, so the checkpoint loads with weights_only=True.
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def _subset(ds: ImageDataset, n: int) -> ImageDataset:
+    return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here (torch {torch.__version__})")
+    return device
+
+
+def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> Tuple[Tensor, Tensor]:
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def _grad_scaler(device: torch.device, amp: str):
+    if amp != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(info: DistInfo, config: TrainConfig, total: int, desc: str):
+    if not (config.progress and info.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _log(info: DistInfo, log, msg: str) -> None:
+    if info.is_main:
+        print(msg, file=log, flush=True)
