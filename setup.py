@@ -63,7 +63,9 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
+    # torch 2.9, C++20 after); forcing one breaks the build on the other side.
+    cxx_flags = ["-O3"]
     want_cuda = os.environ.get("RESFAST_CUDA", "auto")
     has_nvcc = CUDA_HOME is not None and (
         shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
@@ -83,7 +85,7 @@ def _extensions():
             define_macros=[("RESFAST_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
         _log(f"building resfast._C with CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")

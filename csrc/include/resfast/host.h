@@ -1,0 +1,221 @@
+// Host-side argument checking and preparation shared by the CPU and CUDA implementations:
+// both devices reject the same bad input with the same message, and hand their kernels the
+// same ConvGeom / BNParams.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <optional>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "resfast/math.h"
+
+namespace resfast {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Accumulation / statistics dtype: float64 for float64 input, float32 otherwise.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The memory format of tensors the ops allocate for input x; mirrors
+// resfast/ops/registration.py::out_memory_format, which the fake implementations use.
+inline at::MemoryFormat out_memory_format(const at::Tensor& x) {
+  if (x.dim() == 4 && x.size(1) > 1 && x.stride(1) == 1) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.size(1) > 1 && t.stride(1) == 1;
+}
+
+inline Strides4 strides4(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+inline void check_4d(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be a 4-D tensor (N, C, H, W), got ", t.dim(), " dims (shape ",
+              t.sizes(), ")");
+}
+
+inline void check_float(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name, " has unsupported dtype ", t.scalar_type(),
+              "; supported: float32, float64, float16, bfloat16");
+}
+
+inline void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; they must match");
+}
+
+inline void check_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; all tensors must be on one device");
+}
+
+// A per-channel vector (mean, invstd, bn_weight, ...): floating point, shape [C], x's device.
+inline void check_channel_vector(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape [", C,
+              "] (one value per channel of x), got shape ", t.sizes());
+  check_float(op, t, name);
+  check_device(op, t, name, x);
+}
+
+inline void check_same_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                             const char* what) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, " (", what, "), got ",
+              t.sizes());
+}
+
+inline std::vector<int64_t> conv_out_shape(const ConvGeom& g) { return {g.N, g.Cout, g.Ho, g.Wo}; }
+
+// Everything a conv kernel needs besides the data tensors: checked geometry, the weight
+// made contiguous, and the BN parameters as contiguous accumulation-type vectors.
+struct ConvPrep {
+  ConvGeom g;
+  at::Tensor weight;  // contiguous, x's dtype
+  at::Tensor mean, invstd, gamma, beta;  // [C], acc dtype, contiguous
+};
+
+inline void check_int_pair(const char* op, at::IntArrayRef v, const char* name, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ", v.size(), " (", v, ")");
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, op, ": ", name, " must be >= ", minimum, ", got ", v);
+}
+
+inline at::Tensor acc_vector(const at::Tensor& t, const at::Tensor& x) {
+  return t.to(x.options().dtype(acc_dtype(x))).contiguous();
+}
+
+inline ConvPrep prepare_conv(const char* op, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight,
+                             const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             int64_t groups) {
+  check_4d(op, x, "x");
+  check_4d(op, weight, "weight");
+  check_float(op, x, "x");
+  check_same_dtype(op, weight, "weight", x);
+  check_device(op, weight, "weight", x);
+  check_int_pair(op, stride, "stride", 1);
+  check_int_pair(op, padding, "padding", 0);
+  check_int_pair(op, dilation, "dilation", 1);
+  const int64_t C = x.size(1), Cout = weight.size(0);
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(C % groups == 0, op, ": groups=", groups, " does not divide the input channels C=", C, " of x");
+  TORCH_CHECK(Cout % groups == 0, op, ": groups=", groups, " does not divide the output channels C_out=", Cout,
+              " of weight");
+  TORCH_CHECK(weight.size(1) * groups == C, op, ": channel mismatch: x has C=", C, " channels but weight of shape ",
+              weight.sizes(), " with groups=", groups, " expects ", weight.size(1) * groups);
+  check_channel_vector(op, mean, "mean", x);
+  check_channel_vector(op, invstd, "invstd", x);
+  if (bn_weight.has_value()) check_channel_vector(op, *bn_weight, "bn_weight", x);
+  if (bn_bias.has_value()) check_channel_vector(op, *bn_bias, "bn_bias", x);
+
+  ConvPrep p;
+  ConvGeom& g = p.g;
+  g.N = x.size(0);
+  g.C = C;
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Cout = Cout;
+  g.KH = weight.size(2);
+  g.KW = weight.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.groups = groups;
+  g.cin_g = C / groups;
+  g.cout_g = Cout / groups;
+  g.Ho = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  const int64_t eff_h = g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1, eff_w = g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1;
+  TORCH_CHECK(eff_h >= 0 && eff_w >= 0 && g.Ho >= 1 && g.Wo >= 1, op,
+              ": the conv output would be empty: x of shape ", x.sizes(), ", weight of shape ", weight.sizes(),
+              ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
+
+  p.weight = weight.contiguous();
+  p.mean = acc_vector(mean, x);
+  p.invstd = acc_vector(invstd, x);
+  const auto acc_opts = x.options().dtype(acc_dtype(x));
+  p.gamma = bn_weight.has_value() ? acc_vector(*bn_weight, x) : at::ones({C}, acc_opts);
+  p.beta = bn_bias.has_value() ? acc_vector(*bn_bias, x) : at::zeros({C}, acc_opts);
+  return p;
+}
+
+template <typename acc_t>
+inline BNParams<acc_t> bn_params(const ConvPrep& p) {
+  return BNParams<acc_t>{p.mean.data_ptr<acc_t>(), p.invstd.data_ptr<acc_t>(), p.gamma.data_ptr<acc_t>(),
+                         p.beta.data_ptr<acc_t>()};
+}
+
+// Conv bias as a contiguous acc-type vector, or an undefined tensor.
+inline at::Tensor prepare_bias(const char* op, const OptTensor& bias, const at::Tensor& x, int64_t Cout) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout, op, ": bias must have shape [", Cout,
+              "] (one value per output channel of weight), got shape ", bias->sizes());
+  check_float(op, *bias, "bias");
+  check_device(op, *bias, "bias", x);
+  return acc_vector(*bias, x);
+}
+
+inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x, const ConvGeom& g) {
+  check_4d(op, out, "out");
+  check_same_dtype(op, out, "out", x);
+  check_device(op, out, "out", x);
+  const auto shape = conv_out_shape(g);
+  check_same_shape(op, out, "out", shape, "the conv output shape");
+}
+
+// bn_backward_elemt's arguments, checked; returns prepared acc-type vectors.
+struct ElemtPrep {
+  at::Tensor mean, invstd, gamma, mean_dz, mean_dz_xhat;
+};
+
+inline ElemtPrep prepare_elemt(const char* op, const at::Tensor& grad_z, const at::Tensor& x,
+                               const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& invstd,
+                               const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat) {
+  check_4d(op, x, "x");
+  check_float(op, x, "x");
+  check_4d(op, grad_z, "grad_z");
+  check_same_dtype(op, grad_z, "grad_z", x);
+  check_device(op, grad_z, "grad_z", x);
+  check_same_shape(op, grad_z, "grad_z", x.sizes(), "the shape of x");
+  check_channel_vector(op, mean, "mean", x);
+  check_channel_vector(op, invstd, "invstd", x);
+  check_channel_vector(op, mean_dz, "mean_dz", x);
+  check_channel_vector(op, mean_dz_xhat, "mean_dz_xhat", x);
+  if (bn_weight.has_value()) check_channel_vector(op, *bn_weight, "bn_weight", x);
+  ElemtPrep p;
+  p.mean = acc_vector(mean, x);
+  p.invstd = acc_vector(invstd, x);
+  p.gamma = bn_weight.has_value() ? acc_vector(*bn_weight, x) : at::ones({x.size(1)}, x.options().dtype(acc_dtype(x)));
+  p.mean_dz = acc_vector(mean_dz, x);
+  p.mean_dz_xhat = acc_vector(mean_dz_xhat, x);
+  return p;
+}
+
+inline void check_bn_stats(const char* op, const at::Tensor& x) {
+  check_4d(op, x, "x");
+  check_float(op, x, "x");
+}
+
+inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const ConvGeom& g) {
+  check_4d(op, grad_out, "grad_out");
+  check_same_dtype(op, grad_out, "grad_out", x);
+  check_device(op, grad_out, "grad_out", x);
+  const auto shape = conv_out_shape(g);
+  check_same_shape(op, grad_out, "grad_out", shape, "the conv output shape");
+}
+
+}  // namespace resfast
