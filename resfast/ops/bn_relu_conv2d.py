@@ -232,6 +232,8 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # older spelling
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
