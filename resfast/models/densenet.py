@@ -1,0 +1,234 @@
+"""DenseNet: ImageNet DenseNet-121/161/169/201/264 with torchvision's parameter names, and the
+CIFAR DenseNet-BC models of Huang et al. (2017).
+
+A torchvision ``densenet*`` ``state_dict`` loads into the resfast model of the same name with
+``strict=True`` and gives the same outputs. Every model takes ``memory=`` (``"shared"``,
+``"checkpoint"`` or ``"naive"``, see :class:`resfast.nn.dense.DenseBlock`), ``recompute=``,
+``backend=``, ``num_classes=`` and ``drop_rate=``.
+
+With ``memory="shared"`` the whole network stores little, not only the blocks: each
+transition's BN-ReLU-conv1x1 runs inside its block's shared-buffer function, and the
+ImageNet stem (conv-BN-ReLU-maxpool) is recomputed in the backward from the input image.
+``"naive"`` and ``"checkpoint"`` run the network as torchvision does with
+``memory_efficient=False`` / ``True``.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+from resfast.backends import check_backend_name
+from resfast.models.registry import register_model
+from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
+from resfast.nn.fused import sync_group
+from resfast.ops.dense_block import RECOMPUTE_MODES
+
+__all__ = [
+    "DenseNet",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_bc100_k12",
+    "densenet_bc250_k24",
+    "densenet_bc190_k40",
+    "densenet_bc",
+]
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (torchvision's ``DenseNet`` arguments and parameter names).
+
+    Args:
+        growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes,
+            memory_efficient: as torchvision (``memory_efficient=True`` means
+            ``memory="checkpoint"``).
+        memory: ``"shared"`` (default), ``"checkpoint"`` or ``"naive"``; overrides
+            ``memory_efficient``.
+        recompute: ``"bn_relu"`` or ``"bottleneck"`` (with ``memory="shared"``).
+        backend: ``"auto" | "eager" | "triton" | "native"``.
+        stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (one 3x3
+            conv, as in the paper's CIFAR models).
+        compression: the transitions' channel factor (0.5 for DenseNet-BC).
+        in_chans: input channels.
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
+                 memory_efficient: bool = False, *, memory: Optional[str] = None, recompute: str = "bn_relu",
+                 backend: str = "auto", stem: str = "imagenet", compression: float = 0.5, in_chans: int = 3) -> None:
+        super().__init__()
+        memory = memory if memory is not None else ("checkpoint" if memory_efficient else "shared")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not 0.0 < compression <= 1.0:
+            raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+        if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
+            raise ValueError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
+        self.memory, self.recompute, self.stem = memory, recompute, stem
+        self.backend = check_backend_name(backend)
+        self.in_chans = in_chans
+
+        if stem == "imagenet":
+            layers = [
+                ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        else:
+            layers = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, stride=1, padding=1,
+                                          bias=False))]
+        self.features = nn.Sequential(OrderedDict(layers))
+        num_features = num_init_features
+        self.num_blocks = len(block_config)
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory=memory,
+                               recompute=recompute, backend=backend)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out_features = int(math.floor(num_features * compression))
+                self.features.add_module("transition%d" % (i + 1),
+                                         Transition(num_features, out_features, backend=backend))
+                num_features = out_features
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.num_features = num_features
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"x must be an N x {self.in_chans} x H x W tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        f = self.features
+        x = self._stem(x)
+        for i in range(1, self.num_blocks + 1):
+            block = getattr(f, "denseblock%d" % i)
+            if i < self.num_blocks:
+                x = block.forward_with_transition(x, getattr(f, "transition%d" % i))
+            else:
+                x = block(x)
+        return f.norm5(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        x = F.relu(x, inplace=True)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _stem(self, x: Tensor) -> Tensor:
+        f = self.features
+        if self.stem == "cifar":
+            return f.conv0(x)
+        recompute = (self.memory == "shared" and torch.is_grad_enabled() and f.conv0.weight.requires_grad
+                     and sync_group(f.norm0) is None)
+        if not recompute:
+            return f.pool0(f.relu0(f.norm0(f.conv0(x))))
+        return _recomputed_stem(f.conv0, f.norm0, f.pool0, x)
+
+
+def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
+    """conv-BN-ReLU-maxpool recomputed from ``x`` in the backward: nothing of the stem's
+    full-resolution activations is stored. The first evaluation updates ``bn``'s running
+    statistics; the recomputation normalises with the same batch statistics and leaves them alone."""
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    state = {"first": True}
+
+    def closure(inp: Tensor) -> Tensor:
+        y = conv(inp)
+        if state.pop("first", False):
+            z = bn(y)
+        else:
+            # momentum 0: the same op as the first time, the running statistics untouched.
+            track = not bn.training or bn.track_running_stats
+            z = F.batch_norm(y, bn.running_mean if track else None, bn.running_var if track else None,
+                             bn.weight, bn.bias, use_batch, 0.0, bn.eps)
+        return pool(F.relu(z, inplace=True))
+
+    return cp.checkpoint(closure, x, use_reentrant=False)
+
+
+def _build(growth_rate: int, block_config: Sequence[int], num_init_features: int, **kwargs) -> DenseNet:
+    return DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+
+
+@register_model(input_size=(3, 224, 224), dataset="imagenet")
+def densenet121(**kwargs) -> DenseNet:
+    """DenseNet-121 (growth 32, blocks 6-12-24-16): torchvision's ``densenet121``."""
+    return _build(32, (6, 12, 24, 16), 64, **kwargs)
+
+
+@register_model(input_size=(3, 224, 224), dataset="imagenet")
+def densenet161(**kwargs) -> DenseNet:
+    """DenseNet-161 (growth 48, blocks 6-12-36-24, 96-channel stem): torchvision's ``densenet161``."""
+    return _build(48, (6, 12, 36, 24), 96, **kwargs)
+
+
+@register_model(input_size=(3, 224, 224), dataset="imagenet")
+def densenet169(**kwargs) -> DenseNet:
+    """DenseNet-169 (growth 32, blocks 6-12-32-32): torchvision's ``densenet169``."""
+    return _build(32, (6, 12, 32, 32), 64, **kwargs)
+
+
+@register_model(input_size=(3, 224, 224), dataset="imagenet")
+def densenet201(**kwargs) -> DenseNet:
+    """DenseNet-201 (growth 32, blocks 6-12-48-32): torchvision's ``densenet201``."""
+    return _build(32, (6, 12, 48, 32), 64, **kwargs)
+
+
+@register_model(input_size=(3, 224, 224), dataset="imagenet")
+def densenet264(**kwargs) -> DenseNet:
+    """DenseNet-264 (growth 32, blocks 6-12-64-48; in the paper, not in torchvision)."""
+    return _build(32, (6, 12, 64, 48), 64, **kwargs)
+
+
+def densenet_bc(depth: int, growth_rate: int, num_classes: int = 10, **kwargs) -> DenseNet:
+    """CIFAR DenseNet-BC of ``depth`` = 6n + 4 layers: a ``2k``-channel 3x3 stem, three dense
+    blocks of n bottleneck layers (``4k`` bottleneck), transitions with compression 0.5."""
+    if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"depth must be 6n + 4 with n >= 1 for DenseNet-BC, got {depth!r}")
+    n = (depth - 4) // 6
+    kwargs.setdefault("stem", "cifar")
+    return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, 4, num_classes=num_classes, **kwargs)
+
+
+@register_model(input_size=(3, 32, 32), dataset="cifar")
+def densenet_bc100_k12(num_classes: int = 10, **kwargs) -> DenseNet:
+    """DenseNet-BC-100, k=12 (0.8M parameters)."""
+    return densenet_bc(100, 12, num_classes, **kwargs)
+
+
+@register_model(input_size=(3, 32, 32), dataset="cifar")
+def densenet_bc250_k24(num_classes: int = 10, **kwargs) -> DenseNet:
+    """DenseNet-BC-250, k=24 (15.3M parameters)."""
+    return densenet_bc(250, 24, num_classes, **kwargs)
+
+
+@register_model(input_size=(3, 32, 32), dataset="cifar")
+def densenet_bc190_k40(num_classes: int = 10, **kwargs) -> DenseNet:
+    """DenseNet-BC-190, k=40 (25.6M parameters)."""
+    return densenet_bc(190, 40, num_classes, **kwargs)

@@ -1,0 +1,216 @@
+"""DenseNet blocks: ``DenseLayer``, ``DenseBlock`` (a drop-in for torchvision's ``_DenseBlock``)
+and ``Transition``, with torchvision's submodule names so ``state_dict`` keys match.
+
+``DenseBlock(memory=...)`` picks how the block's concatenated features are kept for the
+backward:
+
+* ``"naive"``: torchvision's ``memory_efficient=False``: every layer concatenates all
+  previous features (``torch.cat``) and autograd keeps each concatenation: memory grows
+  quadratically with depth.
+* ``"checkpoint"``: torchvision's ``memory_efficient=True``: the concatenation and the
+  BN-ReLU-conv1x1 are recomputed in the backward (``torch.utils.checkpoint``). Unlike
+  torchvision, the recomputation normalises with the batch statistics without touching
+  the running statistics, so they are updated once per forward here too.
+* ``"shared"``: one feature buffer per block, no concatenation, batch statistics computed
+  once per channel, BN-ReLU recomputed in the backward (:mod:`resfast.ops.dense_block`);
+  ``recompute="bottleneck"`` also recomputes each layer's conv1x1 output.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+from resfast.backends import check_backend_name
+from resfast.nn.fused import bn_relu_conv, sync_group
+from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
+from resfast.ops.dense_block import RECOMPUTE_MODES, shared_dense_block
+
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
+
+MEMORY_MODES = ("shared", "checkpoint", "naive")
+
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-conv1x1 to ``bn_size * growth_rate`` channels, BN-ReLU-conv3x3 to
+    ``growth_rate`` channels, dropout: torchvision's ``_DenseLayer`` (same arguments and
+    submodule names ``norm1, relu1, conv1, norm2, relu2, conv2``), with both BN-ReLU-conv
+    pairs fused on ``backend``.
+
+    ``forward`` takes one tensor or a list of tensors (the previous features) and returns
+    the ``growth_rate`` new channels. ``memory="checkpoint"`` recomputes the concatenation
+    and the first BN-ReLU-conv in the backward; ``"naive"`` and ``"shared"`` keep them (a
+    single layer has no buffer to share; :class:`DenseBlock` shares it across layers).
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0,
+                 memory_efficient: bool = False, *, memory: Optional[str] = None, backend: str = "auto") -> None:
+        super().__init__()
+        _positive(num_input_features=num_input_features, growth_rate=growth_rate, bn_size=bn_size)
+        _check_drop(drop_rate)
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory = _check_memory(memory if memory is not None else ("checkpoint" if memory_efficient else "naive"))
+        self.backend = check_backend_name(backend)
+
+    def forward(self, input: Union[Tensor, Sequence[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        prev = [input] if isinstance(input, Tensor) else list(input)
+        if not prev or not all(isinstance(t, Tensor) for t in prev):
+            raise TypeError("input must be a tensor or a non-empty list of tensors")
+        for t in prev:
+            if t.dim() != 4:
+                raise ValueError(f"every input must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+        channels = sum(t.shape[1] for t in prev)
+        if channels != self.norm1.num_features:
+            raise ValueError(f"channel mismatch: the inputs have {channels} channels in all, the layer expects "
+                             f"num_input_features={self.norm1.num_features}")
+        if self.memory == "checkpoint" and torch.is_grad_enabled() and any(t.requires_grad for t in prev):
+            bottleneck = bn_relu_conv_recomputable(self.norm1, self.conv1, prev, self.backend)
+        else:
+            x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+            bottleneck = bn_relu_conv(self.norm1, self.conv1, x, self.backend)
+        new = bn_relu_conv(self.norm2, self.conv2, bottleneck, self.backend)
+        if self.drop_rate > 0:
+            new = nn.functional.dropout(new, p=self.drop_rate, training=self.training)
+        return new
+
+
+class DenseBlock(nn.ModuleDict):
+    """A dense block of ``num_layers`` :class:`DenseLayer` s: a drop-in for torchvision's
+    ``_DenseBlock`` (same argument order, same ``state_dict`` keys ``denselayer1.norm1.weight``
+    ...; ``forward(x)`` returns all features concatenated, ``num_input_features +
+    num_layers * growth_rate`` channels).
+
+    Args:
+        memory: ``"shared"`` (default; one buffer, BN-ReLU recomputed, see
+            :mod:`resfast.ops.dense_block`), ``"checkpoint"`` or ``"naive"``.
+        recompute: with ``memory="shared"``: ``"bn_relu"`` keeps each layer's conv1x1
+            output, ``"bottleneck"`` recomputes it too.
+        backend: ``"auto" | "eager" | "triton" | "native"``.
+    """
+
+    _version = 2
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 drop_rate: float = 0.0, memory: str = "shared", recompute: str = "bn_relu",
+                 backend: str = "auto") -> None:
+        super().__init__()
+        _positive(num_layers=num_layers, num_input_features=num_input_features, bn_size=bn_size,
+                  growth_rate=growth_rate)
+        if isinstance(memory, bool):  # torchvision's positional memory_efficient flag
+            memory = "checkpoint" if memory else "naive"
+        self.memory = _check_memory(memory)
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        self.recompute = recompute
+        self.backend = check_backend_name(backend)
+        self.num_input_features = num_input_features
+        self.growth_rate = growth_rate
+        for i in range(num_layers):
+            layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate,
+                               memory="checkpoint" if memory == "checkpoint" else "naive", backend=backend)
+            self.add_module("denselayer%d" % (i + 1), layer)
+
+    @property
+    def num_output_features(self) -> int:
+        return self.num_input_features + len(self) * self.growth_rate
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        self._check_input(init_features)
+        if self.memory == "shared":
+            return shared_dense_block(init_features, list(self.values()), backend=self.backend,
+                                      recompute=self.recompute)
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+    def forward_with_transition(self, init_features: Tensor, transition: "Transition") -> Tensor:
+        """``transition(self(init_features))``; with ``memory="shared"`` the transition's
+        BN-ReLU-conv1x1 runs inside the block's function on the shared buffer (with the
+        block's per-channel batch statistics), so the block's features need no gradient
+        buffer of their own."""
+        self._check_input(init_features)
+        if self.memory != "shared":
+            return transition(self(init_features))
+        out = shared_dense_block(init_features, list(self.values()), backend=self.backend,
+                                 recompute=self.recompute, tail=(transition.norm, transition.conv))
+        return transition.pool(out)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"init_features must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"init_features must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.num_input_features:
+            raise ValueError(f"channel mismatch: init_features has {x.shape[1]} channels (shape {tuple(x.shape)}) "
+                             f"but the block expects num_input_features={self.num_input_features}")
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-conv1x1 (compression) then 2x2 average pooling: torchvision's ``_Transition``
+    (submodules ``norm, relu, conv, pool``), with the BN-ReLU-conv fused on ``backend``."""
+
+    def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
+        super().__init__()
+        _positive(num_input_features=num_input_features, num_output_features=num_output_features)
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.backend = check_backend_name(backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(bn_relu_conv(self.norm, self.conv, x, self.backend))
+
+
+def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[Tensor], backend: str = "auto"
+                              ) -> Tensor:
+    """``conv(relu(bn(cat(inputs))))`` under ``torch.utils.checkpoint``: the concatenation and
+    the result are recomputed in the backward instead of stored.
+
+    The running statistics are updated once, by the first evaluation; the recomputation
+    normalises with the batch statistics again (the same values) but leaves the running
+    statistics alone (torchvision's and timm's checkpointed layers update them twice).
+    """
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    state = {"first": True}
+
+    def closure(*feats: Tensor) -> Tensor:
+        x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
+        if state.pop("first", False):
+            return bn_relu_conv(bn, conv, x, backend)
+        # momentum 0 leaves the running statistics exactly as they are, while the op (and so
+        # what autograd saves, which checkpoint compares) stays the same as the first time.
+        track = not bn.training or bn.track_running_stats
+        return bn_relu_conv2d(
+            x, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
+            running_mean=bn.running_mean if track else None, running_var=bn.running_var if track else None,
+            training=use_batch, momentum=0.0, eps=bn.eps, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+            groups=conv.groups, backend=backend, process_group=sync_group(bn) if use_batch else None)
+
+    return cp.checkpoint(closure, *inputs, use_reentrant=False)
+
+
+def _check_memory(memory: str) -> str:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
+
+
+def _check_drop(p: float) -> None:
+    if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"drop_rate must be a float in [0, 1), got {p!r}")
+
+
+def _positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
