@@ -1,18 +1,22 @@
 // C++ CPU kernels of the resfast ops (reference semantics: resfast/ops/eager_impl.py).
 //
-// Parallelised with at::parallel_for. The per-element arithmetic comes from
-// resfast/math.h, the same functions the CUDA kernels call, so these tests also check the
-// math the GPU runs. Every reduction is split by channel (or weight element) so each sum is
-// accumulated by one thread in a fixed order: results are deterministic.
+// Parallelised with at::parallel_for. The arithmetic comes from resfast/math.h and
+// resfast/tiles.h, the same functions the CUDA kernels call: where a conv tile fits, the
+// CPU runs the CUDA kernels' thread-block phases one block at a time (tiles.h), otherwise
+// the per-element functions the generic CUDA kernels use (math.h). The CPU tests therefore
+// check the index math the GPU runs. Every sum is accumulated in a fixed order, so results
+// are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "resfast/host.h"
 #include "resfast/math.h"
+#include "resfast/tiles.h"
 
 namespace resfast {
 namespace {
@@ -69,6 +73,7 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
   const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
   if (total == 0) return;
   const Strides4 xs = strides4(x), os = strides4(out);
+  const TileGeom t = make_tile_geom(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -76,6 +81,27 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
     const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
+    const int64_t smem = forward_smem_elems(g, t);
+    if (!force_generic_kernels() && smem * int64_t(sizeof(acc_t)) <= kTileSmemBytes) {
+      // The CUDA tiled forward's blocks: (sample, output tile, group).
+      const int64_t tiles = t.tiles_h * t.tiles_w;
+      const bool x_cl = is_channels_last(x);
+      at::parallel_for(0, g.N * tiles * g.groups, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(smem);
+        acc_t* a_s = shared.data();
+        acc_t* w_s = a_s + g.cin_g * t.IH * t.IW;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t group = b % g.groups, tile = (b / g.groups) % tiles, n = b / (g.groups * tiles);
+          const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
+          fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl, a_s);
+          fill_weight_tile(0, 1, wp, g, group, w_s);
+          for (int64_t tid = 0; tid < kTileThreads; ++tid) {
+            forward_tile_compute(tid, g, t, n, group, oh0, ow0, a_s, w_s, bp, op_, os);
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, total, conv_grain(g), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const Index4 o = unravel(i, g.Cout, g.Ho, g.Wo, false);
@@ -140,40 +166,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     acc_t* sdzx = sum_dz_xhat.data_ptr<acc_t>();
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
 
-    // dL/dz with the ReLU mask, and its two per-channel sums: one task per input channel.
-    at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
-        for (int64_t q = 0; q < P_in; ++q) {
-          const int64_t n = q / (g.H * g.W), r = q % (g.H * g.W), h = r / g.W, w = r % g.W;
-          const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
-          const acc_t ga = conv_input_grad_point<scalar_t, acc_t>(gp, gs, wp, g, n, c, h, w);
-          const acc_t z = bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]);
-          const acc_t gz = relu_backward(ga, z);
-          zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
-          s_dz += gz;
-          s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+    const TileGeom t = make_tile_geom(g);
+    const bool generic = force_generic_kernels();
+    const bool x_cl = is_channels_last(x), go_cl = is_channels_last(grad_out);
+    const int64_t ig_smem = input_grad_smem_elems(g, t);
+    if (!generic && ig_smem * int64_t(sizeof(acc_t)) <= kTileSmemBytes) {
+      // The CUDA tiled input-gradient kernel's blocks: (sample, input tile, group); each
+      // writes its partial channel sums to row (sample, tile) of a [N*tiles, C] buffer.
+      const int64_t tiles = t.itiles_h * t.itiles_w;
+      at::Tensor part_dz = at::empty({g.N * tiles, g.C}, acc_opts), part_dzx = at::empty({g.N * tiles, g.C}, acc_opts);
+      acc_t* pdz = part_dz.data_ptr<acc_t>();
+      acc_t* pdzx = part_dzx.data_ptr<acc_t>();
+      at::parallel_for(0, g.N * tiles * g.groups, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(ig_smem);
+        acc_t* go_s = shared.data();
+        acc_t* w_s = go_s + g.cout_g * t.OHB * t.OWB;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t group = b % g.groups, tile = (b / g.groups) % tiles, n = b / (g.groups * tiles);
+          const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
+          const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
+          const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
+          fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
+          fill_weight_tile(0, 1, wp, g, group, w_s);
+          for (int64_t cil = 0; cil < g.cin_g; ++cil) {
+            const int64_t c = group * g.cin_g + cil;
+            acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
+            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
+              const int64_t h = ih0 + tid / kTile, w = iw0 + tid % kTile;
+              if (h >= g.H || w >= g.W) continue;
+              const acc_t ga = input_grad_tile_point(g, t, h, w, oh_lo, ow_lo, cil, go_s, w_s);
+              const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
+              const acc_t gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
+              zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
+              s_dz += gz;
+              s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+            }
+            pdz[(n * tiles + tile) * g.C + c] = s_dz;
+            pdzx[(n * tiles + tile) * g.C + c] = s_dzx;
+          }
         }
-        sdz[c] = s_dz;
-        sdzx[c] = s_dzx;
-      }
-    });
+      });
+      sum_dz.copy_(part_dz.sum(0));
+      sum_dz_xhat.copy_(part_dzx.sum(0));
+    } else {
+      // dL/dz with the ReLU mask, and its two per-channel sums: one task per input channel.
+      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
+          for (int64_t q = 0; q < P_in; ++q) {
+            const int64_t n = q / (g.H * g.W), r = q % (g.H * g.W), h = r / g.W, w = r % g.W;
+            const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
+            const acc_t ga = conv_input_grad_point<scalar_t, acc_t>(gp, gs, wp, g, n, c, h, w);
+            const acc_t z = bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]);
+            const acc_t gz = relu_backward(ga, z);
+            zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
+            s_dz += gz;
+            s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+          }
+          sdz[c] = s_dz;
+          sdzx[c] = s_dzx;
+        }
+      });
+    }
 
-    // dL/dweight: one task per weight element, each reducing over every output position.
+    // dL/dweight.
     acc_t* gwp = gw_acc.data_ptr<acc_t>();
     const int64_t nw = gw_acc.numel();
-    at::parallel_for(0, nw, 1, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
-                      co = e / (g.KW * g.KH * g.cin_g);
-        const int64_t ci = (co / g.cout_g) * g.cin_g + cil;
-        acc_t acc = acc_t(0);
-        for (int64_t q = 0; q < P_out; ++q) {
-          acc += conv_weight_grad_term<scalar_t, acc_t>(gp, gs, xp, xs, bn, g, co, ci, kh, kw, q);
+    if (!generic && weight_grad_tile_fits(g, t, sizeof(acc_t))) {
+      // The CUDA tiled weight-gradient kernel's blocks: (split, group); split s sums the
+      // output tiles s, s + splits, ... of every sample into row s of a [splits, nw] buffer.
+      const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
+      const int64_t splits = std::min<int64_t>(items, 16);
+      const int64_t nwg = nw / g.groups;
+      const int64_t smem = weight_grad_smem_elems(g, t);
+      at::Tensor part = at::empty({splits, nw}, acc_opts);
+      acc_t* pp = part.data_ptr<acc_t>();
+      at::parallel_for(0, splits * g.groups, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(smem);
+        std::vector<acc_t> acc(nwg);
+        acc_t* go_s = shared.data();
+        acc_t* a_s = go_s + g.cout_g * kTileThreads;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t group = b % g.groups, s = b / g.groups;
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t item = s; item < items; item += splits) {
+            const int64_t n = item / tiles, tile = item % tiles;
+            const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
+            fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
+            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl, a_s);
+            for (int64_t e = 0; e < nwg; ++e) acc[e] += weight_grad_tile_term(g, t, e, go_s, a_s);
+          }
+          for (int64_t e = 0; e < nwg; ++e) pp[s * nw + group * nwg + e] = acc[e];
         }
-        gwp[e] = acc;
-      }
-    });
+      });
+      gw_acc.copy_(part.sum(0).view(gw_acc.sizes()));
+    } else {
+      at::parallel_for(0, nw, 1, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
+                        co = e / (g.KW * g.KH * g.cin_g);
+          const int64_t ci = (co / g.cout_g) * g.cin_g + cil;
+          acc_t acc = acc_t(0);
+          for (int64_t q = 0; q < P_out; ++q) {
+            acc += conv_weight_grad_term<scalar_t, acc_t>(gp, gs, xp, xs, bn, g, co, ci, kh, kw, q);
+          }
+          gwp[e] = acc;
+        }
+      });
+    }
 
     // dL/dbias: per output channel sum of grad_out.
     acc_t* gbp = gb_acc.data_ptr<acc_t>();

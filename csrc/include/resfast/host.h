@@ -8,6 +8,7 @@
 #include <optional>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -216,6 +217,18 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at:
   check_device(op, grad_out, "grad_out", x);
   const auto shape = conv_out_shape(g);
   check_same_shape(op, grad_out, "grad_out", shape, "the conv output shape");
+}
+
+}  // namespace resfast
+
+namespace resfast {
+
+// RESFAST_NATIVE_KERNELS=generic forces the per-element kernels even where the tiled ones
+// fit, so tests can check both paths; anything else (or unset) picks the tiled kernels
+// wherever their tile fits in shared memory.
+inline bool force_generic_kernels() {
+  const char* v = std::getenv("RESFAST_NATIVE_KERNELS");
+  return v != nullptr && std::string(v) == "generic";
 }
 
 }  // namespace resfast

@@ -1,0 +1,213 @@
+// Tiled direct convolution, written as the phases of a thread block.
+//
+// A "block" owns a 16 x 16 tile of pixels of one sample and one conv group. It first fills
+// a shared-memory tile (the BN-ReLU activation of the input rows/cols the tile reads, the
+// group's weights, or a grad_out tile), then every "thread" tid in [0, 256) computes its
+// pixel from shared memory. BN + ReLU are applied once per loaded element instead of once
+// per (output channel, tap) as in the per-element functions of math.h.
+//
+// The CUDA kernels run these phases with __syncthreads() between them; the CPU kernels run
+// the same phases one block at a time, the threads of a phase in a loop. The CPU tests
+// therefore check the tile indexing the GPU uses. Which path runs is decided by the host
+// (tile_fits_*): grouped and depthwise convs with small groups fit; wide dense convs do not.
+#pragma once
+
+#include <cstdint>
+
+#include "resfast/math.h"
+
+namespace resfast {
+
+constexpr int64_t kTile = 16;
+constexpr int64_t kTileThreads = kTile * kTile;
+// Weight-gradient elements per group one thread may own (registers per thread).
+constexpr int64_t kMaxWeightPerThread = 4;
+// Shared memory a block may use without opting in to more (bytes).
+constexpr int64_t kTileSmemBytes = 48 * 1024;
+
+struct TileGeom {
+  int64_t IH, IW;              // input rows / cols read by one output tile
+  int64_t OHB, OWB;            // bound on the output rows / cols that read one input tile
+  int64_t tiles_h, tiles_w;    // output tiles
+  int64_t itiles_h, itiles_w;  // input tiles
+};
+
+RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+  return q;
+}
+
+inline TileGeom make_tile_geom(const ConvGeom& g) {
+  TileGeom t;
+  t.IH = (kTile - 1) * g.sh + (g.KH - 1) * g.dh + 1;
+  t.IW = (kTile - 1) * g.sw + (g.KW - 1) * g.dw + 1;
+  // oh - floor_div(ih0 + ph - (KH-1)*dh, sh) <= (kTile - 1 + (KH-1)*dh) / sh + 1 for every
+  // output row oh that reads an input row of the tile starting at ih0.
+  t.OHB = (kTile - 1 + (g.KH - 1) * g.dh) / g.sh + 2;
+  t.OWB = (kTile - 1 + (g.KW - 1) * g.dw) / g.sw + 2;
+  t.tiles_h = (g.Ho + kTile - 1) / kTile;
+  t.tiles_w = (g.Wo + kTile - 1) / kTile;
+  t.itiles_h = (g.H + kTile - 1) / kTile;
+  t.itiles_w = (g.W + kTile - 1) / kTile;
+  return t;
+}
+
+// Shared-memory elements (of acc_t) each tiled kernel needs.
+inline int64_t forward_smem_elems(const ConvGeom& g, const TileGeom& t) {
+  return g.cin_g * t.IH * t.IW + g.cout_g * g.cin_g * g.KH * g.KW;
+}
+inline int64_t input_grad_smem_elems(const ConvGeom& g, const TileGeom& t) {
+  return g.cout_g * t.OHB * t.OWB + g.cout_g * g.cin_g * g.KH * g.KW;
+}
+inline int64_t weight_grad_smem_elems(const ConvGeom& g, const TileGeom& t) {
+  return g.cout_g * kTileThreads + g.cin_g * t.IH * t.IW;
+}
+inline bool weight_grad_tile_fits(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
+  return weight_grad_smem_elems(g, t) * acc_bytes <= kTileSmemBytes &&
+         g.cout_g * g.cin_g * g.KH * g.KW <= kMaxWeightPerThread * kTileThreads;
+}
+
+// ---- fill phases (any thread count; element e goes to thread e % nthreads) ----
+
+// relu(bn(x)) of channels [group*cin_g, (group+1)*cin_g) over rows [ih0, ih0+IH) and cols
+// [iw0, iw0+IW) of sample n, zero outside the image (the conv zero-pads the activation).
+// channel_inner enumerates channels fastest, matching a channels-last x in memory.
+template <typename scalar_t, typename acc_t>
+RESFAST_HD void fill_activation_tile(int64_t tid, int64_t nthreads, const scalar_t* x, const Strides4& xs,
+                                     const BNParams<acc_t>& bn, const ConvGeom& g, const TileGeom& t, int64_t n,
+                                     int64_t group, int64_t ih0, int64_t iw0, bool channel_inner, acc_t* a_s) {
+  const int64_t plane = t.IH * t.IW;
+  const int64_t total = g.cin_g * plane;
+  for (int64_t e = tid; e < total; e += nthreads) {
+    int64_t cil, pix;
+    if (channel_inner) {
+      cil = e % g.cin_g;
+      pix = e / g.cin_g;
+    } else {
+      cil = e / plane;
+      pix = e - cil * plane;
+    }
+    const int64_t r = pix / t.IW, c = pix - (pix / t.IW) * t.IW;
+    const int64_t ih = ih0 + r, iw = iw0 + c;
+    const int64_t ci = group * g.cin_g + cil;
+    acc_t v = acc_t(0);
+    if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+      v = relu(bn_affine(static_cast<acc_t>(x[n * xs.n + ci * xs.c + ih * xs.h + iw * xs.w]), bn.mean[ci],
+                         bn.invstd[ci], bn.gamma[ci], bn.beta[ci]));
+    }
+    a_s[cil * plane + pix] = v;
+  }
+}
+
+// The group's weights [cout_g][cin_g][KH][KW] (contiguous in the weight tensor).
+template <typename scalar_t, typename acc_t>
+RESFAST_HD void fill_weight_tile(int64_t tid, int64_t nthreads, const scalar_t* w, const ConvGeom& g, int64_t group,
+                                 acc_t* w_s) {
+  const int64_t nwg = g.cout_g * g.cin_g * g.KH * g.KW;
+  const scalar_t* wg = w + group * nwg;
+  for (int64_t e = tid; e < nwg; e += nthreads) w_s[e] = static_cast<acc_t>(wg[e]);
+}
+
+// grad_out of the group's output channels over rows [oh0, oh0+rows), cols [ow0, ow0+cols),
+// zero outside the output.
+template <typename scalar_t, typename acc_t>
+RESFAST_HD void fill_grad_out_tile(int64_t tid, int64_t nthreads, const scalar_t* go, const Strides4& gs,
+                                   const ConvGeom& g, int64_t n, int64_t group, int64_t oh0, int64_t ow0,
+                                   int64_t rows, int64_t cols, bool channel_inner, acc_t* go_s) {
+  const int64_t plane = rows * cols;
+  const int64_t total = g.cout_g * plane;
+  for (int64_t e = tid; e < total; e += nthreads) {
+    int64_t col, pix;
+    if (channel_inner) {
+      col = e % g.cout_g;
+      pix = e / g.cout_g;
+    } else {
+      col = e / plane;
+      pix = e - col * plane;
+    }
+    const int64_t r = pix / cols, c = pix - (pix / cols) * cols;
+    const int64_t oh = oh0 + r, ow = ow0 + c;
+    const int64_t co = group * g.cout_g + col;
+    acc_t v = acc_t(0);
+    if (oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo) {
+      v = static_cast<acc_t>(go[n * gs.n + co * gs.c + oh * gs.h + ow * gs.w]);
+    }
+    go_s[col * plane + pix] = v;
+  }
+}
+
+// ---- compute phases (thread tid owns pixel (tid / kTile, tid % kTile) of the tile) ----
+
+// Forward: the group's cout_g outputs at output pixel (oh0 + r, ow0 + c), written to out.
+template <typename scalar_t, typename acc_t>
+RESFAST_HD void forward_tile_compute(int64_t tid, const ConvGeom& g, const TileGeom& t, int64_t n, int64_t group,
+                                     int64_t oh0, int64_t ow0, const acc_t* a_s, const acc_t* w_s, const acc_t* bias,
+                                     scalar_t* out, const Strides4& os) {
+  const int64_t r = tid / kTile, c = tid - (tid / kTile) * kTile;
+  const int64_t oh = oh0 + r, ow = ow0 + c;
+  if (oh >= g.Ho || ow >= g.Wo) return;
+  const int64_t plane = t.IH * t.IW, kk = g.KH * g.KW;
+  for (int64_t col = 0; col < g.cout_g; ++col) {
+    const int64_t co = group * g.cout_g + col;
+    acc_t acc = acc_t(0);
+    for (int64_t cil = 0; cil < g.cin_g; ++cil) {
+      const acc_t* ap = a_s + cil * plane + (r * g.sh) * t.IW + c * g.sw;
+      const acc_t* wp = w_s + (col * g.cin_g + cil) * kk;
+      for (int64_t kh = 0; kh < g.KH; ++kh) {
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          acc += ap[kh * g.dh * t.IW + kw * g.dw] * wp[kh * g.KW + kw];
+        }
+      }
+    }
+    if (bias != nullptr) acc += bias[co];
+    out[n * os.n + co * os.c + oh * os.h + ow * os.w] = static_cast<scalar_t>(acc);
+  }
+}
+
+// First output row / col whose taps can reach the input tile starting at i0 (may be below
+// the first one that really does, or negative: fill_grad_out_tile zero-fills those).
+RESFAST_HD int64_t input_tile_out_origin(int64_t i0, int64_t pad, int64_t k, int64_t dil, int64_t stride) {
+  return floor_div(i0 + pad - (k - 1) * dil, stride);
+}
+
+// Input gradient: dL/da at input pixel (ih, iw) of input channel cil of the group, from the
+// grad_out tile (origin oh_lo, ow_lo, OHB x OWB) and the group's weights.
+template <typename acc_t>
+RESFAST_HD acc_t input_grad_tile_point(const ConvGeom& g, const TileGeom& t, int64_t ih, int64_t iw, int64_t oh_lo,
+                                       int64_t ow_lo, int64_t cil, const acc_t* go_s, const acc_t* w_s) {
+  const int64_t plane = t.OHB * t.OWB, kk = g.KH * g.KW;
+  acc_t acc = acc_t(0);
+  for (int64_t kh = 0; kh < g.KH; ++kh) {
+    const int64_t oh = conv_out_coord(ih, kh, g.sh, g.ph, g.dh, g.Ho);
+    if (oh < 0) continue;
+    const int64_t ro = oh - oh_lo;
+    for (int64_t kw = 0; kw < g.KW; ++kw) {
+      const int64_t ow = conv_out_coord(iw, kw, g.sw, g.pw, g.dw, g.Wo);
+      if (ow < 0) continue;
+      const acc_t* gp = go_s + ro * t.OWB + (ow - ow_lo);
+      const acc_t* wp = w_s + cil * kk + kh * g.KW + kw;
+      for (int64_t col = 0; col < g.cout_g; ++col) acc += gp[col * plane] * wp[col * g.cin_g * kk];
+    }
+  }
+  return acc;
+}
+
+// Weight gradient: the contribution of one output tile (go_s: cout_g x kTile x kTile, a_s:
+// the activation tile) to the group's weight element e = ((col*cin_g + cil)*KH + kh)*KW + kw.
+template <typename acc_t>
+RESFAST_HD acc_t weight_grad_tile_term(const ConvGeom& g, const TileGeom& t, int64_t e, const acc_t* go_s,
+                                       const acc_t* a_s) {
+  const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
+                col = e / (g.KW * g.KH * g.cin_g);
+  const acc_t* gp = go_s + col * kTileThreads;
+  const acc_t* ap = a_s + cil * t.IH * t.IW + kh * g.dh * t.IW + kw * g.dw;
+  acc_t acc = acc_t(0);
+  for (int64_t r = 0; r < kTile; ++r) {
+    const acc_t* arow = ap + r * g.sh * t.IW;
+    for (int64_t c = 0; c < kTile; ++c) acc += gp[r * kTile + c] * arow[c * g.sw];
+  }
+  return acc;
+}
+
+}  // namespace resfast
