@@ -38,6 +38,9 @@ def bn_backward_elemt_kernel(
     if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     xhat = (xv - mean[None, :]) * invstd[None, :]
-    gx = scale[None, :] * (gz - mdz[None, :] - xhat * mdzx[None, :])
+    # A zero mean_dz_xhat (running statistics) drops the xhat term outright, so a NaN in x
+    # gives a NaN gradient only where eager's batch-norm backward gives one.
+    xterm = tl.where(mdzx[None, :] == 0.0, 0.0, xhat * mdzx[None, :])
+    gx = scale[None, :] * (gz - mdz[None, :] - xterm)
     tl.store(gx_ptr + (n * son + h * soh + w * sow)[:, None] + (c64 * soc)[None, :],
              gx.to(gx_ptr.dtype.element_ty), mask=mask)

@@ -97,9 +97,9 @@ def bn_relu_conv_bwd_input_kernel(
                  other=0.0).to(tl.float32)
     mean, scale, shift = bn_params(ci, ci_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
     z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
-    # the unfused graph masks with relu(z) > 0 after rounding to x's dtype; so do we
-    live = (z.to(x_ty).to(tl.float32) > 0.0) & mask
-    gz = tl.where(live, acc, 0.0).to(x_ty)
+    # As torch.relu's backward (threshold_backward): zero where relu's input, rounded to x's
+    # dtype, is <= 0; a NaN activation passes the gradient through.
+    gz = tl.where(z.to(x_ty).to(tl.float32) <= 0.0, 0.0, tl.where(mask, acc, 0.0)).to(x_ty)
     tl.store(gz_ptr + (n64 * szn + h_in * szh + w_in * szw)[:, None] + (ci64 * szc)[None, :], gz, mask=mask)
     gzf = gz.to(tl.float32)
     invstd = tl.load(invstd_ptr + ci, mask=ci_mask, other=0.0)
