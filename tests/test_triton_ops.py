@@ -1,0 +1,265 @@
+"""The ``torch.ops.resfast_triton`` op library: ``opcheck``, each op against the eager op set
+(:mod:`resfast.ops.eager_impl`) on strided inputs and outputs, the ops' own argument checks,
+and ``torch.compile(fullgraph=True)`` of a module that runs on them.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resfast
+import resfast.backends
+from resfast.backends import backend_status
+from reference import assert_rule
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY = backend_status(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+
+if not _WHY:
+    from resfast.ops import eager_impl, triton_ops  # noqa: F401  (registers torch.ops.resfast_triton)
+
+    OPS = torch.ops.resfast_triton
+
+
+def _x(shape, layout, dtype=torch.float32, extra=3, seed=0):
+    """A random input in ``layout``: "nchw", "cl" (channels_last), or a channel-prefix view of a
+    larger NCHW ("prefix") or channels_last ("prefix_cl") buffer."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    big = layout.startswith("prefix")
+    t = torch.randn(n, c + (extra if big else 0), h, w, generator=g) * 1.3 + 0.4
+    t = t.to(dtype=dtype, device=DEVICE)
+    if layout in ("cl", "prefix_cl"):
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t[:, :c] if big else t
+
+
+def _vec(c, seed, lo=None, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(c, generator=g) + lo if lo is not None else torch.randn(c, generator=g) * 0.3
+    return v.to(dtype=dtype, device=DEVICE)
+
+
+def _conv_inputs(c, co, groups, k, layout, dtype=torch.float32, bias=True, affine=True, n=2, hw=(5, 6), seed=0):
+    x = _x((n, c, *hw), layout, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (torch.randn(co, c // groups, k, k, generator=g) / (c // groups * k * k) ** 0.5).to(dtype=dtype, device=DEVICE)
+    b = _vec(co, seed + 2, dtype=dtype) if bias else None
+    bw = _vec(c, seed + 3, lo=0.5) if affine else None
+    bb = _vec(c, seed + 4) if affine else None
+    mean, var = eager_impl.bn_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    return x, w, b, bw, bb, mean, invstd
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _rule(name, got, fn, args, dtype, context):
+    """``got`` against ``fn`` (an eager_impl op) run in float64 on the CPU and in ``dtype`` on the device."""
+    ref64 = fn(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
+    ref_same = fn(*args)
+    if isinstance(got, torch.Tensor):
+        got, ref64, ref_same = (got,), (ref64,), (ref_same,)
+    for i, (a, r64, rs) in enumerate(zip(got, ref64, ref_same)):
+        assert_rule(f"{name}[{i}]", a, r64, rs, context, dtype=dtype)
+
+
+CONV_CASES = [
+    # (C, C_out, groups, k, stride, padding, dilation): direct (small groups) and tl.dot (>= 16 per group)
+    (6, 4, 2, 3, 1, 1, 1),
+    (8, 8, 8, 3, 2, 1, 1),
+    (5, 7, 1, 1, 1, 0, 1),
+    (4, 6, 2, 3, 1, 2, 2),
+    (32, 48, 2, 3, 1, 1, 1),
+    (20, 18, 1, 1, 2, 0, 1),
+]
+LAYOUTS = ["nchw", "cl", "prefix", "prefix_cl"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bn_stats_against_eager(dtype, layout):
+    # a large common offset: a sum / sum-of-squares pass would lose the variance to cancellation
+    x = _x((2, 10, 7, 7), layout, dtype) + 100.0
+    got = OPS.bn_stats(x)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    _rule("bn_stats", got, eager_impl.bn_stats, (x,), dtype, f"layout={layout}")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "prefix_cl"])
+def test_forward_against_eager(case, layout):
+    c, co, groups, k, s, p, d = case
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
+    args = (x, w, b, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups)
+    y = OPS.bn_relu_conv2d(*args, True)
+    ctx = f"case={case} layout={layout}"
+    _rule("bn_relu_conv2d", y, eager_impl.bn_relu_conv2d, (*args, True), torch.float32, ctx)
+    assert y.is_contiguous(memory_format=resfast.ops.registration.out_memory_format(x))
+
+    # out= a channel slice of a NaN-poisoned buffer, in the other memory format
+    buf = torch.full((x.shape[0], co + 4, *y.shape[2:]), float("nan"), device=DEVICE)
+    if layout == "nchw":
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    out = buf[:, 1 : 1 + co]
+    assert OPS.bn_relu_conv2d_out(*args, out) is None
+    _rule("bn_relu_conv2d_out", out, eager_impl.bn_relu_conv2d, (*args, True), torch.float32, ctx)
+    assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + co :]).all()
+
+
+@pytest.mark.parametrize("variant", ["no_bias_no_affine", "bf16", "fp16"])
+def test_forward_variants_against_eager(variant):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(variant, torch.float32)
+    plain = variant == "no_bias_no_affine"
+    for c, co, groups in ((6, 4, 2), (32, 32, 2)):
+        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", dtype, bias=not plain, affine=not plain)
+        args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, False)
+        _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args), eager_impl.bn_relu_conv2d, args, dtype,
+              f"variant={variant} groups={groups}")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("layout", ["cl", "prefix"])
+def test_backward_against_eager(case, layout):
+    c, co, groups, k, s, p, d = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
+    y = eager_impl.bn_relu_conv2d(x, w, None, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    # grad_out with its own odd strides: a channel slice of a larger tensor
+    go = torch.randn(y.shape[0], co + 3, *y.shape[2:], device=DEVICE)[:, 3:]
+    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups)
+    got = OPS.bn_relu_conv2d_backward(*args)
+    assert got[0].dtype == x.dtype and got[3].dtype == torch.float32
+    _rule("bn_relu_conv2d_backward", got, eager_impl.bn_relu_conv2d_backward, args, torch.float32,
+          f"case={case} layout={layout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_low_precision_against_eager(dtype):
+    for c, co, groups in ((6, 4, 2), (32, 32, 2)):
+        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "nchw", dtype, n=1)
+        go = torch.randn(1, co, 5, 6, device=DEVICE).to(dtype)
+        args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups)
+        _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), eager_impl.bn_relu_conv2d_backward,
+              args, dtype, f"dtype={dtype} groups={groups}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_bn_backward_elemt_against_eager(layout, affine):
+    x = _x((2, 6, 5, 3), layout)
+    gz = _x((2, 6, 5, 3), "prefix_cl" if layout == "nchw" else "nchw", seed=1)
+    mean, var = eager_impl.bn_stats(x)
+    args = (gz, x, _vec(6, 2, lo=0.5) if affine else None, mean, torch.rsqrt(var + 1e-5), _vec(6, 3), _vec(6, 4))
+    gx = OPS.bn_backward_elemt(*args)
+    assert gx.is_contiguous(memory_format=resfast.ops.registration.out_memory_format(x))
+    _rule("bn_backward_elemt", gx, eager_impl.bn_backward_elemt, args, torch.float32, f"layout={layout}")
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples():
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(4, 6, 2, 3, "cl", n=2, hw=(3, 3))
+    conv = ([1, 1], [1, 1], [1, 1], 2)
+    leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
+    go = torch.randn(2, 6, 3, 3, device=DEVICE)
+    out = torch.full((2, 9, 3, 3), float("nan"), device=DEVICE)[:, 1:7]
+    return {
+        "bn_stats": (x,),
+        "bn_relu_conv2d": (leaf(x), leaf(w), leaf(b), leaf(bw), leaf(bb), mean, invstd, *conv, True),
+        "bn_relu_conv2d_out": (x, w, b, bw, bb, mean, invstd, *conv, out),
+        "bn_relu_conv2d_backward": (go, x, w, bw, bb, mean, invstd, *conv),
+        "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6)),
+    }
+
+
+@pytest.mark.parametrize("name", ["bn_stats", "bn_relu_conv2d", "bn_relu_conv2d_out", "bn_relu_conv2d_backward",
+                                  "bn_backward_elemt"])
+def test_opcheck(name):
+    torch.library.opcheck(getattr(OPS, name).default, _opcheck_samples()[name])
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def test_ops_reject_bad_arguments(monkeypatch):
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(6, 4, 2, 3, "nchw")
+    conv = ([1, 1], [1, 1], [1, 1])
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64; the triton backend supports float32"):
+        OPS.bn_stats(x.double())
+    with pytest.raises(ValueError, match=r"channel mismatch: x has C=6, weight has shape \(4, 3, 3, 3\), groups=3"):
+        OPS.bn_relu_conv2d(x, w, b, bw, bb, mean, invstd, *conv, 3, True)
+    with pytest.raises(TypeError, match=r"weight dtype torch.float16 does not match x dtype torch.float32"):
+        OPS.bn_relu_conv2d(x, w.half(), b, bw, bb, mean, invstd, *conv, 2, True)
+    with pytest.raises(ValueError, match=r"mean must have shape \(6,\), got \(5,\)"):
+        OPS.bn_relu_conv2d(x, w, b, bw, bb, mean[:5], invstd, *conv, 2, True)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 5, 6\), got \(2, 4, 5, 5\)"):
+        OPS.bn_relu_conv2d_out(x, w, b, bw, bb, mean, invstd, *conv, 2, torch.empty(2, 4, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(2, 4, 5, 6\)"):
+        OPS.bn_relu_conv2d_backward(torch.empty(2, 4, 5, 5, device=DEVICE), x, w, bw, bb, mean, invstd, *conv, 2)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(resfast.backends, "triton_interpret", lambda: False)
+        with pytest.raises(ValueError, match=r"x is a CPU tensor; Triton kernels need CUDA tensors, or TRITON_INTERPRET=1"):
+            OPS.bn_stats(x)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.a = resfast.BNReLUConv2d(8, 8, 3, padding=1, groups=4, backend=backend)
+        self.b = resfast.BNReLUConv2d(8, 4, 1, bias=True, backend=backend)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _train_step(model, x, go):
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.backward(go)
+    strip = lambda k: k.replace("_orig_mod.", "")  # noqa: E731  (torch.compile's wrapper prefix)
+    grads = {strip(n): p.grad for n, p in model.named_parameters()}
+    return y.detach(), x.grad, grads, {strip(k): v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph(compiler):
+    """One training step of a compiled two-layer model on the triton backend against eager,
+    judged by the float64 rule: output, every gradient, running statistics, batch counters."""
+    torch.manual_seed(0)
+    ref = _Net("eager").to(DEVICE)
+    initial = {k: v.clone() for k, v in ref.state_dict().items()}
+    net = _Net("triton").to(DEVICE)
+    net.load_state_dict(initial)
+    ref64 = _Net("eager").double()
+    ref64.load_state_dict({k: v.cpu() for k, v in initial.items()})
+    x = torch.randn(2, 8, 5, 5, device=DEVICE) + 0.2
+    go = torch.randn(2, 4, 5, 5, device=DEVICE)
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(compiler)
+    got = _train_step(torch.compile(net, backend=counter, fullgraph=True), x, go)
+    assert counter.frame_count == 1
+    assert "resfast_triton.bn_relu_conv2d" in counter.graphs[0].code, "the traced graph does not call the triton op"
+    same = _train_step(ref, x, go)
+    exp = _train_step(ref64, x.double().cpu(), go.double().cpu())
+    ctx = f"compiler={compiler}"
+    assert_rule("out", got[0], exp[0], same[0], ctx)
+    assert_rule("grad_x", got[1], exp[1], same[1], ctx)
+    assert set(got[2]) == set(exp[2])
+    for k in exp[2]:
+        assert_rule("grad_" + k, got[2][k], exp[2][k], same[2][k], ctx)
+    for k in exp[3]:
+        if exp[3][k].is_floating_point():
+            assert_rule(k, got[3][k], exp[3][k], same[3][k], ctx)
+        else:
+            assert torch.equal(got[3][k].cpu(), same[3][k].cpu()), k
