@@ -311,14 +311,14 @@ def test_gradcheck_autograd_function_over_eager_ops(training):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _bad_inputs():
+def _bad_inputs(device="cpu"):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 6, 5, 5, generator=g)
-    return dict(
-        x=x, weight=torch.randn(4, 3, 3, 3, generator=g), bias=None,
+    a = dict(
+        x=torch.randn(2, 6, 5, 5, generator=g), weight=torch.randn(4, 3, 3, 3, generator=g), bias=None,
         bn_weight=torch.rand(6, generator=g) + 0.5, bn_bias=torch.randn(6, generator=g),
         running_mean=torch.randn(6, generator=g), running_var=torch.rand(6, generator=g) + 0.5,
     )
+    return {k: None if v is None else v.to(device) for k, v in a.items()}
 
 
 def _call(backend, a, **over):
@@ -336,7 +336,7 @@ BAD = [
     ("mixed_dtypes", lambda a: dict(weight=a["weight"].half()), TypeError,
      r"weight dtype torch.float16 does not match x dtype torch.float32"),
     ("mixed_devices", lambda a: dict(bn_weight=a["bn_weight"].to("meta")), ValueError,
-     r"bn_weight is on meta but x is on cpu"),
+     r"bn_weight is on meta but x is on " + str(torch.device(DEVICE))),
     ("unsupported_dtype", lambda a: dict(x=a["x"].to(torch.int32), weight=a["weight"].to(torch.int32)), TypeError,
      r"x has unsupported dtype torch.int32"),
 ]
@@ -345,8 +345,8 @@ BAD = [
 @pytest.mark.parametrize("name,change,exc,message", BAD, ids=[b[0] for b in BAD])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend, name, change, exc, message):
-    _require(backend, "cpu")
-    a = _bad_inputs()
+    _require(backend)
+    a = _bad_inputs(DEVICE)
     before = (a["running_mean"].clone(), a["running_var"].clone())
     with pytest.raises(exc, match=message):
         _call(backend, a, **change(a))
@@ -354,8 +354,8 @@ def test_bad_input(backend, name, change, exc, message):
 
 
 def test_triton_rejects_float64():
-    _require("triton", "cpu")
-    a = {k: (v.double() if v is not None else None) for k, v in _bad_inputs().items()}
+    _require("triton")
+    a = {k: (v.double() if v is not None else None) for k, v in _bad_inputs(DEVICE).items()}
     before = (a["running_mean"].clone(), a["running_var"].clone())
     with pytest.raises(TypeError, match=r"x has dtype torch.float64; the triton backend supports float32, float16"):
         _call("triton", a)
