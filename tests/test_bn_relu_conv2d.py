@@ -366,6 +366,7 @@ def test_triton_cpu_tensors_without_interpreter(monkeypatch):
     monkeypatch.setattr(resfast.backends, "triton_interpret", lambda: False)
     a = _bad_inputs()
     before = (a["running_mean"].clone(), a["running_var"].clone())
-    with pytest.raises(BackendUnavailableError, match=r"backend='triton' cannot run on cpu tensors: .*TRITON_INTERPRET=1"):
+    with pytest.raises(BackendUnavailableError,
+                       match=r"backend='triton' cannot run on cpu tensors: .*TRITON_INTERPRET=1"):
         _call("triton", a)
     assert torch.equal(a["running_mean"], before[0]) and torch.equal(a["running_var"], before[1])

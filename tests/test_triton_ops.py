@@ -204,7 +204,8 @@ def test_ops_reject_bad_arguments(monkeypatch):
         OPS.bn_relu_conv2d_backward(torch.empty(2, 4, 5, 5, device=DEVICE), x, w, bw, bb, mean, invstd, *conv, 2)
     if DEVICE == "cpu":
         monkeypatch.setattr(resfast.backends, "triton_interpret", lambda: False)
-        with pytest.raises(ValueError, match=r"x is a CPU tensor; Triton kernels need CUDA tensors, or TRITON_INTERPRET=1"):
+        with pytest.raises(ValueError,
+                           match=r"x is a CPU tensor; Triton kernels need CUDA tensors, or TRITON_INTERPRET=1"):
             OPS.bn_stats(x)
 
 

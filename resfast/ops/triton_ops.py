@@ -122,7 +122,8 @@ def bn_relu_conv2d_backward(
         grid_in = lambda meta: (m_tiles, groups * _cdiv(c // groups, meta["BLOCK_N"]))  # noqa: E731
     else:
         grid_in = lambda meta: (m_tiles, _cdiv(c, meta["BLOCK_N"]))  # noqa: E731
-    tuned_in = bn_relu_conv_bwd.bn_relu_conv_bwd_input_dot if use_dot else bn_relu_conv_bwd.bn_relu_conv_bwd_input_direct
+    tuned_in = (bn_relu_conv_bwd.bn_relu_conv_bwd_input_dot if use_dot
+                else bn_relu_conv_bwd.bn_relu_conv_bwd_input_direct)
 
     p = n * ho * wo
     chunk_unit = 32 if _interpret() else 128
@@ -355,8 +356,9 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
 # ----------------------------------------------------------------------------- registration
 
 lib = registration.define_library("resfast_triton")
-for _name, _fn in (("bn_stats", bn_stats), ("bn_relu_conv2d", bn_relu_conv2d), ("bn_relu_conv2d_out", bn_relu_conv2d_out),
-                   ("bn_relu_conv2d_backward", bn_relu_conv2d_backward), ("bn_backward_elemt", bn_backward_elemt)):
+for _name, _fn in (("bn_stats", bn_stats), ("bn_relu_conv2d", bn_relu_conv2d),
+                   ("bn_relu_conv2d_out", bn_relu_conv2d_out), ("bn_relu_conv2d_backward", bn_relu_conv2d_backward),
+                   ("bn_backward_elemt", bn_backward_elemt)):
     lib.impl(_name, _fn, "CUDA")
     lib.impl(_name, _fn, "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
 registration.register_fakes_and_autograd("resfast_triton")

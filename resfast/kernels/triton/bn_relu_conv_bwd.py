@@ -207,7 +207,7 @@ def bn_relu_conv_bwd_weight_kernel(
         tl.store(pgb_ptr + split * CO + co, bacc, mask=co_mask & first & (ci_local == 0))
 
 
-def _configs(dot: bool, names, shapes):
+def _configs(names, shapes):
     return [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
 
 
@@ -217,18 +217,18 @@ _KEY_W = ["P", "CO", "CIN_G", "COUT_G", "H", "W", "KH", "KW", "stride_h", "strid
 # BLOCK_M of the input-gradient kernel is fixed by the host (the partial-sum buffers have one
 # row per row tile), so only the column / reduction tiles are tuned.
 bn_relu_conv_bwd_input_dot = triton.autotune(
-    _configs(True, ("BLOCK_N", "BLOCK_K"), [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3), (128, 32, 0, 8, 3),
+    _configs(("BLOCK_N", "BLOCK_K"), [(64, 32, 0, 4, 3), (32, 32, 0, 4, 3), (128, 32, 0, 8, 3),
                                             (64, 64, 0, 4, 3), (32, 64, 0, 4, 4)]),
     key=_KEY_IN)(bn_relu_conv_bwd_input_kernel)
 bn_relu_conv_bwd_input_direct = triton.autotune(
-    _configs(False, ("BLOCK_N", "BLOCK_K"), [(32, 16, 0, 4, 2), (64, 16, 0, 4, 2), (128, 16, 0, 8, 2),
+    _configs(("BLOCK_N", "BLOCK_K"), [(32, 16, 0, 4, 2), (64, 16, 0, 4, 2), (128, 16, 0, 8, 2),
                                              (16, 16, 0, 4, 2)]),
     key=_KEY_IN)(bn_relu_conv_bwd_input_kernel)
 bn_relu_conv_bwd_weight_dot = triton.autotune(
-    _configs(True, ("BLOCK_CO", "BLOCK_CI", "BLOCK_P"), [(64, 64, 32, 4, 3), (32, 32, 64, 4, 3), (64, 32, 64, 4, 3),
+    _configs(("BLOCK_CO", "BLOCK_CI", "BLOCK_P"), [(64, 64, 32, 4, 3), (32, 32, 64, 4, 3), (64, 32, 64, 4, 3),
                                                          (128, 64, 32, 8, 3), (32, 64, 128, 4, 3)]),
     key=_KEY_W)(bn_relu_conv_bwd_weight_kernel)
 bn_relu_conv_bwd_weight_direct = triton.autotune(
-    _configs(False, ("BLOCK_CO", "BLOCK_CI", "BLOCK_P"), [(64, 16, 64, 4, 2), (128, 16, 32, 4, 2), (32, 16, 128, 4, 2),
+    _configs(("BLOCK_CO", "BLOCK_CI", "BLOCK_P"), [(64, 16, 64, 4, 2), (128, 16, 32, 4, 2), (32, 16, 128, 4, 2),
                                                           (128, 16, 64, 8, 2)]),
     key=_KEY_W)(bn_relu_conv_bwd_weight_kernel)
