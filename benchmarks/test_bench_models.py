@@ -1,0 +1,58 @@
+"""A training step (forward, cross-entropy, backward, SGD update) of whole models per backend.
+
+``resnext50_32x4d`` and ``densenet121`` at batch 64, 224x224, and ``wrn28_10`` at batch 128,
+32x32, on CUDA under bf16 autocast, channels_last; on the CPU batch 2 at a tiny resolution
+(the suite must finish within minutes on 2 cores). The ``compile`` row (``torch.compile`` of
+the eager-backend model, default mode: max-autotune on a whole model takes many minutes) runs
+on CUDA only, last.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_utils import IMPLS, compile_or_skip, measure, require_fused_backend, run_or_skip, timed_first_call, \
+    training_step
+
+# name -> (batch, resolution) on CUDA and on the CPU
+MODELS = {
+    "resnext50_32x4d": ((64, 224), (2, 32)),
+    "densenet121": ((64, 224), (2, 32)),
+    "wrn28_10": ((128, 32), (2, 8)),
+}
+
+
+def _case(model: str, impl: str):
+    return pytest.param(model, impl, marks=pytest.mark.bench_priority(10 if impl == "compile" else 4),
+                        id=f"{model}-{impl}")
+
+
+@pytest.mark.parametrize("model_name, impl", [_case(m, i) for m in MODELS for i in IMPLS])
+def test_training_step(benchmark, env, model_name, impl):
+    if impl == "compile" and not env.cuda:
+        pytest.skip("compile rows of whole models run on CUDA only (compiling a whole model on the CPU takes "
+                    "minutes of C++ compilation)")
+    if impl in ("triton", "native"):
+        require_fused_backend(impl, env)
+    from resfast.models import create_model, model_info
+
+    backend = "eager" if impl in ("eager", "compile") else impl
+    model = run_or_skip(lambda: create_model(model_name, backend=backend), f"{model_name}(backend={backend!r})")
+    info = model_info(model_name)
+    (n, hw) = MODELS[model_name][0 if env.gpu else 1]
+    classes = 1000 if info.dataset == "imagenet" else 10
+    model = model.to(env.device, memory_format=env.memory_format)
+    if impl == "compile":
+        model = compile_or_skip(model, env, mode="default")
+    x = torch.randn(n, info.input_size[0], hw, hw, device=env.device).contiguous(memory_format=env.memory_format)
+    target = torch.randint(0, classes, (n,), device=env.device)
+    step = training_step(model, x, target, env)
+
+    loss, once_s = timed_first_call(step, f"{model_name} on {impl}", env, compiled=impl == "compile")
+    assert torch.isfinite(loss), f"{model_name} {impl}: non-finite loss {loss}"
+    benchmark.group = f"model {model_name} {hw}x{hw} N{n} {env.dtype_name}"
+    benchmark.extra_info.update({"row": impl, "kind": "model", "baseline": "eager", "family": model_name,
+                                 "mode": "train-step", "batch": n, "resolution": hw, **env.describe()})
+    if impl == "compile":
+        benchmark.extra_info["compile_mode"] = "default"
+    measure(benchmark, step, env, once_s=None if impl == "compile" else once_s, budget_s=2.0 if env.cuda else 0.3)

@@ -1,0 +1,354 @@
+"""CPU-side logic of the GPU check: benchmarks/gpu_check.sh's arguments, time plan and phase
+handling (with a stand-in python), and benchmarks/gpu_report.py's ratios, bandwidth figures,
+junit counts and summary rendering on synthetic inputs."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+BASH = shutil.which("bash")
+
+pytestmark = pytest.mark.skipif(BASH is None, reason="bash is not installed")
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("gpu_report", os.path.join(ROOT, "benchmarks", "gpu_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load_report()
+
+H100 = "NVIDIA H100 80GB HBM3"
+FWD = "op fwd resnext 56x56x128 g32 k3 N64 bf16"
+BWD = "op fwd+bwd resnext 56x56x128 g32 k3 N64 bf16"
+MEM = "memory densenet121 224x224x3 N64 bf16"
+X_BYTES = 64 * 128 * 56 * 56 * 2
+
+
+def _entry(group, row, median, **extra):
+    kind = extra.pop("kind", "op")
+    info = {"row": row, "kind": kind, "baseline": "naive/eager" if kind == "memory" else "eager", **extra}
+    return {"group": group, "name": f"test[{group}-{row}]", "extra_info": info,
+            "stats": {"median": median, "mean": median * 1.01, "stddev": median / 50, "min": median * 0.98,
+                      "rounds": 20, "iterations": 10}}
+
+
+def _entries():
+    fwd = dict(family="resnext", mode="fwd", bytes_moved=2 * X_BYTES)
+    bwd = dict(family="resnext", mode="fwd+bwd")
+    mem = dict(kind="memory", family="densenet121", mode="train-step")
+    return [
+        _entry(FWD, "eager", 1.0e-3, **fwd), _entry(FWD, "compile", 5.0e-4, **fwd),
+        _entry(FWD, "triton", 2.5e-4, **fwd),
+        _entry(BWD, "eager", 3.0e-3, **bwd), _entry(BWD, "compile", 2.0e-3, **bwd),
+        _entry(BWD, "triton", 1.5e-3, **bwd), _entry(BWD, "native", 6.0e-3, **bwd),
+        _entry(MEM, "naive/eager", 0.20, peak_bytes=8_000_000_000, **mem),
+        _entry(MEM, "checkpoint/eager", 0.26, peak_bytes=4_000_000_000, **mem),
+        _entry(MEM, "shared/triton", 0.125, peak_bytes=2_000_000_000, **mem),
+    ]
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="5">
+<testcase classname="tests.test_a" name="test_ok" time="0.1"/>
+<testcase classname="tests.test_a" name="test_ok2" time="0.1"/>
+<testcase classname="tests.test_b" name="test_bad" time="0.1"><failure message="boom">trace</failure></testcase>
+<testcase classname="tests.test_b" name="test_err" time="0.1"><error message="setup">trace</error></testcase>
+<testcase classname="tests.test_c" name="test_skip" time="0.0"><skipped message="no GPU"/></testcase>
+</testsuite></testsuites>
+"""
+
+
+def _run(*args, env=None, cwd=None, timeout=120):
+    return subprocess.run([BASH, SCRIPT, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- gpu_check.sh arguments
+
+def test_script_has_valid_bash_syntax():
+    proc = subprocess.run([BASH, "-n", SCRIPT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args", [(), ("a", "b")], ids=["no-outdir", "two-outdirs"])
+def test_wrong_number_of_arguments_is_a_usage_error(args):
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert "expected exactly one OUTDIR argument" in proc.stderr and "usage:" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_unknown_option_is_a_usage_error(tmp_path):
+    proc = _run("--fast", str(tmp_path))
+    assert proc.returncode == 2
+    assert "unknown option --fast" in proc.stderr
+
+
+def test_help_prints_usage_and_succeeds():
+    proc = _run("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: benchmarks/gpu_check.sh")
+
+
+def test_outdir_that_cannot_be_created_is_an_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = _run(str(blocker / "out"))
+    assert proc.returncode == 2
+    assert "cannot create or write OUTDIR" in proc.stderr
+
+
+def test_budget_must_be_whole_seconds(tmp_path):
+    proc = _run(str(tmp_path), env=dict(os.environ, RESFAST_CHECK_BUDGET_S="8m"))
+    assert proc.returncode == 2
+    assert "RESFAST_CHECK_BUDGET_S must be whole seconds, got '8m'" in proc.stderr
+
+
+def _plan(tmp_path, budget=None):
+    env = dict(os.environ)
+    if budget is not None:
+        env["RESFAST_CHECK_BUDGET_S"] = str(budget)
+    proc = _run("--dry-run", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    phases = re.findall(r"^phase (\S+) limit=(-?\d+)s: (.*)$", proc.stdout, flags=re.M)
+    return [(name, int(limit), cmd) for name, limit, cmd in phases]
+
+
+def test_dry_run_worst_case_fits_eight_minutes_with_every_phase(tmp_path):
+    plan = _plan(tmp_path)
+    names = [p[0] for p in plan]
+    assert names == ["preflight", "build", "build-python-only", "info", "tests", "bench", "environment", "report"]
+    limits = {name: limit for name, limit, _ in plan}
+    # Every phase at its limit, the build failing and its fallback running: still within 8 minutes,
+    # and the later phases keep usable time.
+    assert sum(limits.values()) <= 8 * 60
+    assert limits["tests"] >= 60 and limits["bench"] >= 90 and limits["report"] >= 5
+    assert not os.path.exists(tmp_path / "out" / "check.log"), "--dry-run must not run anything"
+
+
+def test_dry_run_commands_carry_the_required_flags(tmp_path):
+    cmds = {name: cmd for name, _, cmd in _plan(tmp_path)}
+    out = str(tmp_path / "out")
+    assert "pip install --no-build-isolation --no-deps --no-index -e ." in cmds["build"]
+    assert "MAX_JOBS=16" in cmds["build"] and "TORCH_CUDA_ARCH_LIST=" in cmds["build"]
+    assert "RESFAST_BUILD_EXT=0" in cmds["build-python-only"]
+    assert f"--junitxml={out}/tests-junit.xml" in cmds["tests"] and "pytest tests" in cmds["tests"]
+    assert "--gpu-sizes" in cmds["bench"] and f"--benchmark-json={out}/benchmarks.json" in cmds["bench"]
+    assert re.search(r"RESFAST_BENCH_BUDGET_S=(\d+)", cmds["bench"])
+    assert cmds["info"].endswith(f"> {out}/info.json")
+
+
+def test_a_smaller_budget_takes_time_from_the_build_not_the_checks(tmp_path):
+    full = {n: limit for n, limit, _ in _plan(tmp_path)}
+    small = {n: limit for n, limit, _ in _plan(tmp_path, budget=300)}
+    assert sum(max(v, 0) for v in small.values()) <= 300
+    assert small["build"] < full["build"]
+    assert small["tests"] >= 60 and small["bench"] >= 90
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stand-in for python3 on a GPU machine: pip and the CUDA probe fail like a broken build on a
+# machine without a GPU; pytest writes the files a real run writes; gpu_report.py runs for real.
+echo "fakepy $*" >> "$FAKE_LOG"
+if [ "$1" = "-c" ]; then exit 1; fi
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+    [ "${RESFAST_BUILD_EXT:-}" = "0" ] && exit 0
+    echo "error: nvcc failed" >&2; exit 1
+fi
+if [ "$1" = "-m" ] && [ "$2" = "resfast" ]; then echo '{"resfast": "fake"}'; exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then
+    for a in "$@"; do
+        case "$a" in
+            --junitxml=*) cp "$FAKE_JUNIT" "${a#--junitxml=}"; exit 1 ;;
+            --benchmark-json=*) cp "$FAKE_BENCH" "${a#--benchmark-json=}"; exit 0 ;;
+        esac
+    done
+    exit 4
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_end_to_end_with_a_stand_in_python(tmp_path):
+    fake = tmp_path / "fakepy"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "junit.xml").write_text(JUNIT)
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": _entries()}))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, FAKE_LOG=str(tmp_path / "calls.log"),
+               FAKE_JUNIT=str(tmp_path / "junit.xml"), FAKE_BENCH=str(tmp_path / "bench.json"),
+               RESFAST_GIT_COMMIT="0123456789abcdef", RESFAST_CHECK_BUDGET_S="300")
+    proc = _run(str(out), env=env, timeout=240)
+
+    assert proc.returncode == 1, "a failed build and failing tests must make the check fail"
+    phases = {p["name"]: p for p in report.read_phases(str(out / "phases.tsv"))}
+    assert phases["build"]["status"] == "failed"
+    assert phases["build-python-only"]["status"] == "ok"  # the fallback ran after the failure
+    assert phases["tests"]["status"] == "failed" and phases["bench"]["status"] == "ok"
+    assert phases["environment"]["status"] == "ok"
+    calls = (tmp_path / "calls.log").read_text()
+    assert "-m pytest benchmarks/test_bench_ops.py" in calls and "--gpu-sizes" in calls
+
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8, files  # what the device tool brings back from $OUT
+    results_name = [f for f in files if re.fullmatch(r"\d{4}-\d\d-\d\d-[a-z0-9.-]+\.json", f)]
+    assert len(results_name) == 1, files
+    results = json.loads((out / results_name[0]).read_text())
+    assert results["environment"]["git_commit"] == "0123456789abcdef"
+    assert results["tests"]["failed"] == 1 and results["tests"]["errors"] == 1
+    assert {r["row"] for r in results["benchmarks"]} >= {"eager", "compile", "triton", "native"}
+
+    summary = (out / "summary.txt").read_text().strip()
+    assert proc.stdout.rstrip().endswith(summary.splitlines()[-1]), "the summary must be printed last"
+    assert "build failed (rc 1)" in summary
+    assert "tests: 2 passed, 1 failed, 1 errors, 1 skipped (of 5)" in summary
+    assert "FAILED tests.test_b::test_bad" in summary
+
+
+# --------------------------------------------------------------------------- gpu_report figures
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12), ("NVIDIA H200", 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", 2.0e12), ("NVIDIA A100 80GB PCIe", 2.0e12),
+    ("NVIDIA H100 NVL", None), ("NVIDIA A100-SXM4-40GB", None), ("NVIDIA GeForce RTX 4090", None), (None, None),
+])
+def test_peak_bandwidth_by_gpu_name(name, peak):
+    assert report.peak_bandwidth(name) == peak
+
+
+def test_bandwidth_figures():
+    assert report.achieved_bandwidth(3.0e9, 1.5e-3) == pytest.approx(2.0e12)
+    assert report.bandwidth_fraction(3.0e9, 1.5e-3, 4.0e12) == pytest.approx(0.5)
+    assert report.bandwidth_fraction(3.0e9, 1.5e-3, None) is None
+    assert report.achieved_bandwidth(0, 1.0) is None and report.achieved_bandwidth(1.0, 0) is None
+
+
+def test_add_ratios_per_group():
+    entries = _entries()
+    report.add_ratios(entries, report.peak_bandwidth(H100))
+    by = {(e["group"], e["extra_info"]["row"]): e["extra_info"] for e in entries}
+    assert by[(FWD, "eager")]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert by[(FWD, "triton")]["speedup_vs_eager"] == pytest.approx(4.0)
+    assert by[(FWD, "triton")]["speedup_vs_compile"] == pytest.approx(2.0)
+    assert by[(FWD, "compile")]["speedup_vs_eager"] == pytest.approx(2.0)
+    gbps = 2 * X_BYTES / 2.5e-4
+    assert by[(FWD, "triton")]["achieved_gbps"] == pytest.approx(gbps / 1e9)
+    assert by[(FWD, "triton")]["bw_fraction"] == pytest.approx(gbps / 3.35e12)
+    assert "achieved_gbps" not in by[(BWD, "triton")]  # no byte count: not a memory-bound row
+    assert by[(BWD, "native")]["speedup_vs_eager"] == pytest.approx(0.5)
+    assert by[(BWD, "native")]["speedup_vs_compile"] == pytest.approx(2.0 / 6.0)
+    # memory rows: against naive/eager, time and peak bytes
+    assert by[(MEM, "shared/triton")]["speedup_vs_eager"] == pytest.approx(1.6)
+    assert by[(MEM, "shared/triton")]["peak_ratio_to_baseline"] == pytest.approx(0.25)
+    assert by[(MEM, "checkpoint/eager")]["peak_ratio_to_baseline"] == pytest.approx(0.5)
+    assert "speedup_vs_compile" not in by[(MEM, "shared/triton")]
+
+
+def test_add_ratios_without_a_baseline_or_bound_leaves_them_out():
+    entries = [_entry(FWD, "triton", 1e-3, bytes_moved=1e9)]
+    report.add_ratios(entries, None)
+    extra = entries[0]["extra_info"]
+    assert "speedup_vs_eager" not in extra and "bw_fraction" not in extra
+    assert extra["achieved_gbps"] == pytest.approx(1000.0)
+
+
+def test_parse_junit_counts_and_failures(tmp_path):
+    path = tmp_path / "junit.xml"
+    path.write_text(JUNIT)
+    counts = report.parse_junit(str(path))
+    assert counts == {"found": True, "tests": 5, "passed": 2, "failed": 1, "errors": 1, "skipped": 1,
+                      "failures": ["tests.test_b::test_bad", "tests.test_b::test_err"]}
+    assert report.parse_junit(str(tmp_path / "missing.xml"))["found"] is False
+    (tmp_path / "broken.xml").write_text("<testsuite><testcase")
+    assert report.parse_junit(str(tmp_path / "broken.xml"))["found"] is False
+
+
+def test_read_phases_skips_malformed_lines(tmp_path):
+    path = tmp_path / "phases.tsv"
+    path.write_text("build\tok\t0\t95\t180\nbad line\ntests\ttimeout\t124\t70\t70\n")
+    assert report.read_phases(str(path)) == [
+        {"name": "build", "status": "ok", "rc": 0, "seconds": 95, "limit_s": 180},
+        {"name": "tests", "status": "timeout", "rc": 124, "seconds": 70, "limit_s": 70},
+    ]
+
+
+def test_render_summary_shows_ratios_bandwidth_memory_and_targets():
+    env = {"gpu": H100, "gpu_capability": "9.0", "driver": "580.1", "torch": "2.11.0", "cuda": "13.0",
+           "nvcc": "13.0", "triton": "3.6.0", "date": "2026-11-27T10:00:00+00:00", "git_commit": "abcdef1234567",
+           "peak_hbm_bytes_per_s": 3.35e12}
+    phases = [{"name": "build", "status": "ok", "rc": 0, "seconds": 90, "limit_s": 180},
+              {"name": "tests", "status": "timeout", "rc": 124, "seconds": 70, "limit_s": 70}]
+    junit = {"found": True, "tests": 3, "passed": 3, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
+    text = report.render_summary(env, _entries(), junit, phases)
+    lines = text.splitlines()
+    assert len(lines) <= 40, "one screen"
+    assert "NVIDIA H100 80GB HBM3" in lines[1] and "commit abcdef1234" in lines[1] and "3.35 TB/s" in lines[1]
+    assert "build ok 90/180s" in text and "tests timeout (rc 124) 70/70s" in text
+    assert "tests: 3 passed, 0 failed, 0 errors, 0 skipped (of 3)" in text
+    fwd = next(line for line in lines if line.startswith(FWD))
+    assert "1ms" in fwd and "2.00x" in fwd and "4.00x/2.00x" in fwd
+    gbps = 2 * X_BYTES / 2.5e-4 / 1e9
+    assert f"{gbps:.3g}GB/s {100 * gbps * 1e9 / 3.35e12:.0f}% (triton)" in fwd
+    bwd = next(line for line in lines if line.startswith(BWD))
+    assert "2.00x/1.33x" in bwd and "0.50x/0.33x" in bwd
+    shared = next(line for line in lines if line.startswith(MEM[:34]) and "shared/triton" in line)
+    assert "1.60x" in shared and "2000.0MB" in shared and "0.25" in shared
+    # targets from issues 3 and 4, judged on the measured values
+    assert "[missed] ResNeXt-50 grouped 3x3, bf16, fwd+bwd: triton >= 2.5x eager: 2.00" in text
+    assert "[missed] ResNeXt-50 grouped 3x3, bf16, fwd+bwd: triton >= 1.5x torch.compile(max-autotune): 1.33" in text
+    assert f"[missed] ResNeXt-50 grouped 3x3, bf16, fwd: triton >= 70% of the HBM bound: " \
+           f"{gbps * 1e9 / 3.35e12:.2f}" in text
+    assert "[met] densenet121 train step, bf16, batch 64: shared >= 1.3x naive eager: 1.60" in text
+    assert "[met] densenet121 train step, bf16, batch 64: shared >= 1.5x checkpoint: 2.08" in text
+
+
+def test_render_summary_without_results_says_so():
+    text = report.render_summary({"gpu": None}, [], report.parse_junit("/nonexistent.xml"), [])
+    assert "phases: none recorded" in text
+    assert "tests: no junit XML" in text
+    assert "(no benchmark was timed)" in text
+    assert text.count("[not measured]") == len(report.TARGETS)
+
+
+def test_results_json_and_markdown(tmp_path):
+    env = {"gpu": H100, "date": "2026-11-27T10:00:00+00:00", "peak_hbm_bytes_per_s": 3.35e12}
+    name = report.results_filename(env)
+    assert name == "2026-11-27-nvidia-h100-80gb-hbm3.json"
+    assert report.results_filename({"gpu": "A/B C", "date": "2026-01-02"}) == "2026-01-02-a-b-c.json"
+    results = report.build_results(env, _entries(), {"found": False}, [])
+    row = next(r for r in results["benchmarks"] if r["group"] == FWD and r["row"] == "triton")
+    assert row["median_s"] == pytest.approx(2.5e-4) and row["speedup_vs_eager"] == pytest.approx(4.0)
+    assert row["params"] == {"family": "resnext", "mode": "fwd"}
+    md = report.markdown_table(json.loads(json.dumps(results)))
+    assert f"| {FWD} | triton | 250us | 4.00x | 2.00x |" in md
+    assert md.splitlines()[2].startswith("| group | row | median |")
+
+
+def test_report_command_line_writes_summary_and_results(tmp_path):
+    (tmp_path / "benchmarks.json").write_text(json.dumps({"benchmarks": _entries()}))
+    (tmp_path / "tests-junit.xml").write_text(JUNIT)
+    (tmp_path / "environment.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-11-27T00:00:00"}))
+    (tmp_path / "phases.tsv").write_text("bench\tok\t0\t100\t200\n")
+    script = os.path.join(ROOT, "benchmarks", "gpu_report.py")
+    proc = subprocess.run([sys.executable, script, "summary", str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (tmp_path / "summary.txt").read_text().strip()
+    results = json.loads((tmp_path / "2026-11-27-nvidia-h200.json").read_text())
+    assert results["phases"][0]["name"] == "bench" and results["tests"]["passed"] == 2
+    bad = subprocess.run([sys.executable, script, "summary", str(tmp_path / "nope")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr
