@@ -21,12 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=d.data, choices=DATASETS, help="dataset (default digits: bundled, no download)")
     p.add_argument("--data-dir", default=None, help="folder with the CIFAR python-version files")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step per process (default 32 on digits, 128 on CIFAR)")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="step: x0.2 at 30/60/80%% of the epochs (WRN paper); cosine; onecycle")
+                   help="step: x0.2 at 30/60/80%% of the epochs (WRN paper); cosine (default); onecycle")
     p.add_argument("--dropout", type=float, default=None, help="dropout inside the block (Wide ResNet models)")
     p.add_argument("--amp", default=d.amp, choices=AMP_MODES, help="mixed precision")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and inputs")

@@ -9,6 +9,7 @@ flip) and normalises it. This is much cheaper on a 2-core machine than per-sampl
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ def load_digits(test_fraction: float = 0.2, size: int = 32) -> Tuple[ImageDatase
     (the same on every machine and every call)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    # Cached: the loader never writes into the tensors, and the study loads digits many times.
+    return _load_digits(float(test_fraction), size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_digits(test_fraction: float, size: int) -> Tuple[ImageDataset, ImageDataset]:
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()

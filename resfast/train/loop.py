@@ -46,11 +46,11 @@ class TrainConfig:
     data: str = "digits"
     data_dir: Optional[str] = None
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # None: 32 on digits (more steps in a short run), 128 on CIFAR
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "step"
+    schedule: str = "cosine"
     dropout: Optional[float] = None
     amp: str = "off"
     channels_last: bool = False
@@ -67,12 +67,18 @@ class TrainConfig:
     measure_memory: bool = True
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
 
+    def resolved(self) -> "TrainConfig":
+        """A copy with the per-dataset defaults filled in (``batch_size``)."""
+        batch = self.batch_size if self.batch_size is not None else (32 if self.data == "digits" else 128)
+        return dataclasses.replace(self, batch_size=batch)
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         checks = [
             ("data", self.data in DATASETS, f"one of {DATASETS}"),
             ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an int >= 1"),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an int >= 1"),
+            ("batch_size", self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+             "None or an int >= 1"),
             ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a positive number"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
@@ -111,7 +117,7 @@ def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> f
         warm = max(int(0.3 * total), 1)
         if t < warm:
             return _cos_anneal(start, config.lr, t / warm)
-        return _cos_anneal(config.lr, end, (t - warm) / max(total - warm, 1))
+        return _cos_anneal(config.lr, end, (t - warm) / max(total - 1 - warm, 1))
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
 
 
@@ -122,31 +128,45 @@ def _cos_anneal(a: float, b: float, frac: float) -> float:
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     """``resfast.models.create_model(config.model, num_classes=..., backend=..., ...)``.
 
-    ``dropout`` goes to builders that take a dropout argument (Wide ResNets), ``memory`` to
-    those that take ``memory`` (DenseNets); asking for either on a model without it is a
-    ``ValueError``.
+    ``dropout`` goes to builders that take a dropout argument (Wide ResNets: ``dropout``;
+    DenseNets: ``drop_rate``), ``memory`` to those that take ``memory`` (DenseNets); asking
+    for either on a model without it is a ``ValueError``. Builders that only take
+    ``**kwargs`` are tried with each accepted spelling in turn.
     """
     from resfast.models import create_model, model_info
 
-    builder = model_info(config.model).builder
-    kwargs: Dict[str, Any] = {"num_classes": num_classes}
-    params = inspect.signature(builder).parameters
+    params = inspect.signature(model_info(config.model).builder).parameters
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs: Dict[str, Any] = {"num_classes": num_classes}
     if "backend" in params or open_kwargs:
         kwargs["backend"] = config.backend
-    if config.dropout is not None:
-        name = next((n for n in ("drop_rate", "dropout", "dropout_rate", "drop_prob") if n in params), None)
-        if name is None:
-            raise ValueError(f"dropout={config.dropout} given but model {config.model!r} takes no dropout "
-                             f"(it applies to the Wide ResNet models)")
-        kwargs[name] = config.dropout
-    if config.memory is not None:
-        if "memory" not in params:
-            raise ValueError(f"memory={config.memory!r} given but model {config.model!r} takes no memory mode "
-                             f"(it applies to the DenseNet models)")
-        kwargs["memory"] = config.memory
     kwargs.update(config.model_kwargs)
-    return create_model(config.model, **kwargs)
+    # option -> (value, spellings still to try, what to say when none is taken)
+    options: Dict[str, Tuple[Any, List[str], str]] = {}
+    if config.dropout is not None:
+        names = [n for n in _DROPOUT_NAMES if n in params] or (list(_DROPOUT_NAMES) if open_kwargs else [])
+        options["dropout"] = (config.dropout, names, "takes no dropout (it applies to the Wide ResNet models)")
+    if config.memory is not None:
+        names = ["memory"] if "memory" in params or open_kwargs else []
+        options["memory"] = (config.memory, names, "takes no memory mode (it applies to the DenseNet models)")
+    while True:
+        chosen = {}
+        for opt, (value, names, why) in options.items():
+            if not names:
+                raise ValueError(f"{opt}={value!r} given but model {config.model!r} {why}")
+            chosen[names[0]] = value
+        try:
+            return create_model(config.model, **kwargs, **chosen)
+        except TypeError as exc:
+            rejected = [k for k in chosen if f"keyword argument '{k}'" in str(exc)]
+            if not rejected:
+                raise
+            for opt, (value, names, why) in options.items():
+                if names and names[0] in rejected:
+                    options[opt] = (value, names[1:], why)
+
+
+_DROPOUT_NAMES = ("dropout", "drop_rate", "dropout_rate")
 
 
 def count_params(model: nn.Module) -> int:
@@ -214,6 +234,7 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
         log: a text stream for progress lines (default stderr).
     """
     config.validate()
+    config = config.resolved()
     log = log or sys.stderr
     device = _device(config.device)
     info = init_distributed(device)
