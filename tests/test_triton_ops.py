@@ -264,3 +264,52 @@ def test_compile_fullgraph(compiler):
             assert_rule(k, got[3][k], exp[3][k], same[3][k], ctx)
         else:
             assert torch.equal(got[3][k].cpu(), same[3][k].cpu()), k
+
+
+# ----------------------------------------------------------------------------- GPU compilation
+
+_COMPILE_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd as B, bn_relu_conv_fwd as F, bn_stats as S
+
+F32 = {"count_ptr", "mean_ptr", "m2_ptr", "pmean_ptr", "pm2_ptr", "mean_out_ptr", "var_out_ptr", "gamma_ptr",
+       "beta_ptr", "invstd_ptr", "mdz_ptr", "mdzx_ptr", "psum_dz_ptr", "psum_dzx_ptr", "pgw_ptr", "pgb_ptr"}
+
+
+def build(fn, ty, consts):
+    sig = {n: "constexpr" if n in consts else ("*fp32" if n in F32 else ty) if n.endswith("_ptr") else "i32"
+           for n in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+
+build(S.bn_stats_partial_kernel, "*bf16", dict(BLOCK_P=64, BLOCK_C=64))
+build(S.bn_stats_merge_kernel, "*fp32", dict(BLOCK_C=128))
+build(bn_elemt.bn_backward_elemt_kernel, "*bf16", dict(HAS_GAMMA=True, BLOCK_P=32, BLOCK_C=64))
+for ty in ("*bf16", "*fp32"):
+    for dot in (True, False):
+        flags = dict(KH=3, KW=3, HAS_GAMMA=True, HAS_BETA=True, USE_DOT=dot, DOT_F32=False)
+        k = build(F.bn_relu_conv_fwd_kernel, ty, dict(HAS_BIAS=True, **flags, **F._configs(dot)[0].kwargs))
+        if dot and ty == "*bf16":
+            assert "wgmma" in k.asm["ptx"], "the bf16 forward does not use Hopper tensor cores"
+        build(B.bn_relu_conv_bwd_input_kernel, ty, dict(**flags, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32 if dot else 16))
+        build(B.bn_relu_conv_bwd_weight_kernel, ty, dict(**flags, BLOCK_CO=64, BLOCK_CI=32, BLOCK_P=64))
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run every kernel")
+def test_kernels_compile_for_sm90():
+    """Without a GPU the interpreter never compiles the kernels: compile them for sm_90 (PTX
+    and cubin through the ptxas that ships with triton) so GPU-only compile errors show here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if run.returncode != 0 and ("ptxas" in run.stderr and "not found" in run.stderr):
+        pytest.skip(f"triton cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

@@ -58,12 +58,12 @@ def bn_relu_conv_bwd_input_kernel(
         ci_local = ci % CIN_G
     w_ci = ci_local * swi
 
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         th = h_in + pad_h - kh * dil_h
         ho = th // stride_h
         # th >= 0 first: only non-negative th reach the divisibility test
         h_ok = m_mask & (th >= 0) & (th - ho * stride_h == 0) & (ho < HO)
-        for kw in tl.static_range(KW):
+        for kw in range(KW):
             tw = w_in + pad_w - kw * dil_w
             wo = tw // stride_w
             sp_mask = h_ok & (tw >= 0) & (tw - wo * stride_w == 0) & (wo < WO)

@@ -54,10 +54,10 @@ def bn_relu_conv_fwd_kernel(
         g_of_co = co // COUT_G
     w_co = co.to(tl.int64) * swo
 
-    for kh in tl.static_range(KH):
+    for kh in range(KH):
         hi = ho * stride_h - pad_h + kh * dil_h
         h_ok = m_mask & (hi >= 0) & (hi < H)
-        for kw in tl.static_range(KW):
+        for kw in range(KW):
             wi = wo * stride_w - pad_w + kw * dil_w
             sp_mask = h_ok & (wi >= 0) & (wi < W)
             x_row = n64 * sxn + hi * sxh + wi * sxw
