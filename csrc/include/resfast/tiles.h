@@ -22,8 +22,9 @@ constexpr int64_t kTile = 16;
 constexpr int64_t kTileThreads = kTile * kTile;
 // Weight-gradient elements per group one thread may own (registers per thread).
 constexpr int64_t kMaxWeightPerThread = 4;
-// Shared memory a block may use without opting in to more (bytes).
-constexpr int64_t kTileSmemBytes = 48 * 1024;
+// Dynamic shared memory a tiled block may use: under the 48 KiB a kernel gets without
+// opting in to more, leaving room for the kernels' small static reduction buffers.
+constexpr int64_t kTileSmemBytes = 46 * 1024;
 
 struct TileGeom {
   int64_t IH, IW;              // input rows / cols read by one output tile

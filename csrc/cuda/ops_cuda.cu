@@ -1,0 +1,536 @@
+// CUDA kernels of the resfast ops (reference semantics: resfast/ops/eager_impl.py).
+//
+// The arithmetic is in resfast/math.h (per-element) and resfast/tiles.h (tiled thread-block
+// phases), shared with the CPU kernels that the CPU tests check. The conv kernels come in
+// two forms:
+//  * tiled: a block of 256 threads owns a 16 x 16 pixel tile of one sample and one conv
+//    group; it stages relu(bn(x)) (or grad_out) and the group's weights in shared memory,
+//    then each thread computes its pixel. Used whenever the tile fits in 48 KiB, which
+//    covers grouped (ResNeXt: 4 channels per group) and depthwise convs.
+//  * generic: one thread per output element (or one block per reduced element), reading
+//    global memory through the per-element functions; any shape.
+// Reductions write per-block partials that are summed afterwards in a fixed order, so
+// results do not depend on scheduling (no atomics).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "resfast/host.h"
+#include "resfast/math.h"
+#include "resfast/tiles.h"
+
+namespace resfast {
+namespace {
+
+constexpr int kThreads = 256;
+static_assert(kThreads == kTileThreads, "the tiled kernels assume one thread per tile pixel");
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Blocks for a grid-stride element-wise loop over `total` elements.
+int64_t elementwise_blocks(int64_t total) {
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), sm_count() * 32));
+}
+
+// Blocks along the reduced dimension (P positions) for `outer` independent reductions:
+// enough blocks overall to fill the GPU, at least a few elements per thread.
+int64_t reduction_splits(int64_t outer, int64_t P) {
+  int64_t s = ceil_div(4 * sm_count(), std::max<int64_t>(outer, 1));
+  s = std::min<int64_t>(s, ceil_div(P, kThreads * 4));
+  return std::max<int64_t>(1, std::min<int64_t>(s, 65535));
+}
+
+void check_cuda(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor for the CUDA kernel, got ", x.device());
+}
+
+// Sum of v over the block; the result is valid in thread 0. smem holds kThreads / 32 values.
+template <typename T>
+__device__ T block_sum(T v, T* smem) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // smem may still be read by the previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? smem[lane] : T(0);
+  if (warp == 0) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// bn_stats: grid (C, splits); each thread runs Welford over its positions, the block merges
+// with Chan's formula, and a second kernel merges the splits of each channel.
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_stats_partial_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t H, int64_t W, int64_t P,
+                                        int64_t chunk, acc_t* __restrict__ pmean, acc_t* __restrict__ pm2,
+                                        int64_t* __restrict__ pn) {
+  __shared__ acc_t s_mean[kThreads];
+  __shared__ acc_t s_m2[kThreads];
+  __shared__ int64_t s_n[kThreads];
+  const int64_t c = blockIdx.x, split = blockIdx.y;
+  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
+  Welford<acc_t> st = welford_init<acc_t>();
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    welford_add(st, static_cast<acc_t>(x[channel_offset(p, c, H, W, xs)]));
+  }
+  s_mean[threadIdx.x] = st.mean;
+  s_m2[threadIdx.x] = st.m2;
+  s_n[threadIdx.x] = st.n;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) {
+      Welford<acc_t> a{s_mean[threadIdx.x], s_m2[threadIdx.x], s_n[threadIdx.x]};
+      Welford<acc_t> b{s_mean[threadIdx.x + half], s_m2[threadIdx.x + half], s_n[threadIdx.x + half]};
+      const Welford<acc_t> m = welford_merge(a, b);
+      s_mean[threadIdx.x] = m.mean;
+      s_m2[threadIdx.x] = m.m2;
+      s_n[threadIdx.x] = m.n;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int64_t i = c * gridDim.y + split;
+    pmean[i] = s_mean[0];
+    pm2[i] = s_m2[0];
+    pn[i] = s_n[0];
+  }
+}
+
+template <typename acc_t>
+__global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
+                                         const int64_t* __restrict__ pn, int64_t C, int64_t splits,
+                                         acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  Welford<acc_t> st = welford_init<acc_t>();
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t i = c * splits + s;
+    st = welford_merge(st, Welford<acc_t>{pmean[i], pm2[i], pn[i]});
+  }
+  mean[c] = st.mean;
+  var[c] = welford_var(st);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
+  const char* op = "resfast::bn_stats";
+  check_bn_stats(op, x);
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t P = N * H * W;
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
+  if (C == 0) return {mean, var};
+  if (P == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const int64_t splits = reduction_splits(C, P);
+  const int64_t chunk = ceil_div(P, splits);
+  at::Tensor pmean = at::empty({C * splits}, opts), pm2 = at::empty({C * splits}, opts);
+  at::Tensor pn = at::empty({C * splits}, x.options().dtype(at::kLong));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(),
+        pn.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_stats_finalize_kernel<acc_t><<<ceil_div(C, kThreads), kThreads, 0, stream>>>(
+        pmean.const_data_ptr<acc_t>(), pm2.const_data_ptr<acc_t>(), pn.const_data_ptr<int64_t>(), C, splits,
+        mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_tiled_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
+                                     BNParams<acc_t> bn, const acc_t* __restrict__ bias, ConvGeom g, TileGeom t,
+                                     bool x_cl, scalar_t* __restrict__ out, Strides4 os) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* w_s = a_s + g.cin_g * t.IH * t.IW;
+  const int64_t tiles = t.tiles_h * t.tiles_w;
+  const int64_t b = blockIdx.x;
+  const int64_t group = blockIdx.y, tile = b % tiles, n = b / tiles;
+  const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
+  fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl,
+                       a_s);
+  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, w_s);
+  __syncthreads();
+  forward_tile_compute(threadIdx.x, g, t, n, group, oh0, ow0, a_s, w_s, bias, out, os);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void forward_generic_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
+                                       BNParams<acc_t> bn, const acc_t* __restrict__ bias, ConvGeom g, bool out_cl,
+                                       scalar_t* __restrict__ out, Strides4 os, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const Index4 o = unravel(i, g.Cout, g.Ho, g.Wo, out_cl);
+    acc_t acc = conv_forward_point<scalar_t, acc_t>(x, xs, w, bn, g, o.n, o.c, o.h, o.w);
+    if (bias != nullptr) acc += bias[o.c];
+    out[offset4(o, os)] = static_cast<scalar_t>(acc);
+  }
+}
+
+void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias, const at::Tensor& out) {
+  const ConvGeom g = p.g;
+  const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
+  if (total == 0) return;
+  const TileGeom t = make_tile_geom(g);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+    const BNParams<acc_t> bn = bn_params<acc_t>(p);
+    const int64_t smem = forward_smem_elems(g, t) * int64_t(sizeof(acc_t));
+    if (!force_generic_kernels() && smem <= kTileSmemBytes && g.groups <= 65535) {
+      const int64_t blocks = g.N * t.tiles_h * t.tiles_w;
+      forward_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups), kThreads, smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g, t,
+          is_channels_last(x), out.data_ptr<scalar_t>(), strides4(out));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      forward_generic_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g,
+          is_channels_last(out), out.data_ptr<scalar_t>(), strides4(out), total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+at::Tensor bn_relu_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                               const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                               const at::Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, bool batch_stats) {
+  (void)batch_stats;  // only the autograd formula depends on it
+  const char* op = "resfast::bn_relu_conv2d";
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
+  at::Tensor b = prepare_bias(op, bias, x, p.g.Cout);
+  at::Tensor out = at::empty(conv_out_shape(p.g), x.options().memory_format(out_memory_format(x)));
+  forward_into(x, p, b, out);
+  return out;
+}
+
+void bn_relu_conv2d_out_cuda(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                             const OptTensor& bn_weight, const OptTensor& bn_bias, const at::Tensor& mean,
+                             const at::Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, const at::Tensor& out) {
+  const char* op = "resfast::bn_relu_conv2d_out";
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
+  at::Tensor b = prepare_bias(op, bias, x, p.g.Cout);
+  check_out(op, out, x, p.g);
+  forward_into(x, p, b, out);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+// dL/dz (ReLU mask applied) for a tile of input pixels of one sample and one group, with
+// the block's partial per-channel sums of dL/dz and dL/dz * xhat written to row
+// blockIdx.x of [N*tiles, C] buffers.
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
+                                        Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
+                                        TileGeom t, bool go_cl, scalar_t* __restrict__ grad_z, Strides4 zs,
+                                        acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ acc_t red[kThreads / 32];
+  acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* w_s = go_s + g.cout_g * t.OHB * t.OWB;
+  const int64_t tiles = t.itiles_h * t.itiles_w;
+  const int64_t b = blockIdx.x;
+  const int64_t group = blockIdx.y, tile = b % tiles, n = b / tiles;
+  const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
+  const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
+  const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
+  fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
+  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, w_s);
+  __syncthreads();
+  const int64_t h = ih0 + threadIdx.x / kTile, wc = iw0 + threadIdx.x % kTile;
+  const bool inside = h < g.H && wc < g.W;
+  for (int64_t cil = 0; cil < g.cin_g; ++cil) {
+    const int64_t c = group * g.cin_g + cil;
+    acc_t gz = acc_t(0), gzx = acc_t(0);
+    if (inside) {
+      const acc_t ga = input_grad_tile_point(g, t, h, wc, oh_lo, ow_lo, cil, go_s, w_s);
+      const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
+      gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
+      grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
+      gzx = gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+    }
+    gz = block_sum(gz, red);
+    gzx = block_sum(gzx, red);
+    if (threadIdx.x == 0) {
+      part_dz[b * g.C + c] = gz;
+      part_dzx[b * g.C + c] = gzx;
+    }
+  }
+}
+
+// Generic dL/dz: grid (C, splits); block (c, s) handles a chunk of channel c's positions.
+// Partial sums go to [C, splits] buffers.
+template <typename scalar_t, typename acc_t>
+__global__ void input_grad_generic_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
+                                          Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
+                                          int64_t chunk, scalar_t* __restrict__ grad_z, Strides4 zs,
+                                          acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
+  __shared__ acc_t red[kThreads / 32];
+  const int64_t c = blockIdx.x, split = blockIdx.y;
+  const int64_t P = g.N * g.H * g.W;
+  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
+  acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
+  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+    const int64_t n = q / (g.H * g.W), r = q % (g.H * g.W), h = r / g.W, wc = r % g.W;
+    const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
+    const acc_t ga = conv_input_grad_point<scalar_t, acc_t>(go, gs, w, g, n, c, h, wc);
+    const acc_t gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
+    grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
+    s_dz += gz;
+    s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+  }
+  s_dz = block_sum(s_dz, red);
+  s_dzx = block_sum(s_dzx, red);
+  if (threadIdx.x == 0) {
+    part_dz[c * gridDim.y + split] = s_dz;
+    part_dzx[c * gridDim.y + split] = s_dzx;
+  }
+}
+
+// Weight gradient, tiled: grid (splits, groups); block (s, group) sums the output tiles
+// s, s + splits, ... into row s of a [splits, numel(weight)] buffer. Thread tid owns the
+// group's weight elements tid, tid + 256, ... (at most kMaxWeightPerThread of them).
+template <typename scalar_t, typename acc_t>
+__global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
+                                         Strides4 xs, BNParams<acc_t> bn, ConvGeom g, TileGeom t, bool go_cl,
+                                         bool x_cl, acc_t* __restrict__ part) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* a_s = go_s + g.cout_g * kTileThreads;
+  const int64_t s = blockIdx.x, splits = gridDim.x, group = blockIdx.y;
+  const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
+  const int64_t nwg = g.cout_g * g.cin_g * g.KH * g.KW, nw = nwg * g.groups;
+  acc_t acc[kMaxWeightPerThread];
+#pragma unroll
+  for (int j = 0; j < kMaxWeightPerThread; ++j) acc[j] = acc_t(0);
+  for (int64_t item = s; item < items; item += splits) {
+    const int64_t n = item / tiles, tile = item % tiles;
+    const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
+    __syncthreads();  // the previous item's tiles are no longer read
+    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
+    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl,
+                         a_s);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kMaxWeightPerThread; ++j) {
+      const int64_t e = threadIdx.x + int64_t(j) * kThreads;
+      if (e < nwg) acc[j] += weight_grad_tile_term(g, t, e, go_s, a_s);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxWeightPerThread; ++j) {
+    const int64_t e = threadIdx.x + int64_t(j) * kThreads;
+    if (e < nwg) part[s * nw + group * nwg + e] = acc[j];
+  }
+}
+
+// Weight gradient, generic: grid (numel(weight), splits); block (e, s) reduces a chunk of
+// output positions for weight element e into part[e, s].
+template <typename scalar_t, typename acc_t>
+__global__ void weight_grad_generic_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
+                                           Strides4 xs, BNParams<acc_t> bn, ConvGeom g, int64_t chunk,
+                                           acc_t* __restrict__ part) {
+  __shared__ acc_t red[kThreads / 32];
+  const int64_t e = blockIdx.x, split = blockIdx.y;
+  const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
+                co = e / (g.KW * g.KH * g.cin_g);
+  const int64_t ci = (co / g.cout_g) * g.cin_g + cil;
+  const int64_t P = g.N * g.Ho * g.Wo;
+  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
+  acc_t acc = acc_t(0);
+  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+    acc += conv_weight_grad_term<scalar_t, acc_t>(go, gs, x, xs, bn, g, co, ci, kh, kw, q);
+  }
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) part[e * gridDim.y + split] = acc;
+}
+
+// Bias gradient: grid (Cout, splits), part[co, s].
+template <typename scalar_t, typename acc_t>
+__global__ void bias_grad_kernel(const scalar_t* __restrict__ go, Strides4 gs, int64_t Ho, int64_t Wo, int64_t P,
+                                 int64_t chunk, acc_t* __restrict__ part) {
+  __shared__ acc_t red[kThreads / 32];
+  const int64_t co = blockIdx.x, split = blockIdx.y;
+  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
+  acc_t acc = acc_t(0);
+  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+    acc += static_cast<acc_t>(go[channel_offset(q, co, Ho, Wo, gs)]);
+  }
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) part[co * gridDim.y + split] = acc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight,
+    const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "resfast::bn_relu_conv2d_backward";
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
+  check_grad_out(op, grad_out, x, p.g);
+  const ConvGeom g = p.g;
+  const auto acc_opts = x.options().dtype(acc_dtype(x));
+  at::Tensor grad_z = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  at::Tensor sum_dz, sum_dz_xhat, gw_acc, gb_acc;
+  const int64_t P_in = g.N * g.H * g.W, P_out = g.N * g.Ho * g.Wo;
+  const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
+  if (P_in == 0 || P_out == 0) {
+    // Nothing to reduce: every gradient is zero.
+    grad_z.zero_();
+    return {grad_z, at::zeros_like(weight, at::MemoryFormat::Contiguous), at::zeros({g.Cout}, weight.options()),
+            at::zeros({g.C}, acc_opts), at::zeros({g.C}, acc_opts)};
+  }
+  const TileGeom t = make_tile_geom(g);
+  const bool generic = force_generic_kernels();
+  const Strides4 xs = strides4(x), gs = strides4(grad_out), zs = strides4(grad_z);
+  const bool x_cl = is_channels_last(x), go_cl = is_channels_last(grad_out);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_backward_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* wp = p.weight.const_data_ptr<scalar_t>();
+    scalar_t* zp = grad_z.data_ptr<scalar_t>();
+    const BNParams<acc_t> bn = bn_params<acc_t>(p);
+    const int64_t acc_bytes = sizeof(acc_t);
+
+    // dL/dz and its per-channel sums.
+    const int64_t ig_smem = input_grad_smem_elems(g, t) * acc_bytes;
+    if (!generic && ig_smem <= kTileSmemBytes && g.groups <= 65535) {
+      const int64_t blocks = g.N * t.itiles_h * t.itiles_w;
+      at::Tensor part_dz = at::empty({blocks, g.C}, acc_opts), part_dzx = at::empty({blocks, g.C}, acc_opts);
+      input_grad_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups), kThreads, ig_smem, stream>>>(
+          gp, gs, xp, xs, wp, bn, g, t, go_cl, zp, zs, part_dz.data_ptr<acc_t>(), part_dzx.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_dz = part_dz.sum(0);
+      sum_dz_xhat = part_dzx.sum(0);
+    } else {
+      const int64_t splits = reduction_splits(g.C, P_in);
+      at::Tensor part_dz = at::empty({g.C, splits}, acc_opts), part_dzx = at::empty({g.C, splits}, acc_opts);
+      input_grad_generic_kernel<scalar_t, acc_t><<<dim3(g.C, splits), kThreads, 0, stream>>>(
+          gp, gs, xp, xs, wp, bn, g, ceil_div(P_in, splits), zp, zs, part_dz.data_ptr<acc_t>(),
+          part_dzx.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_dz = part_dz.sum(1);
+      sum_dz_xhat = part_dzx.sum(1);
+    }
+
+    // dL/dweight.
+    if (!generic && weight_grad_tile_fits(g, t, acc_bytes) && g.groups <= 65535) {
+      const int64_t items = g.N * t.tiles_h * t.tiles_w;
+      const int64_t splits =
+          std::max<int64_t>(1, std::min<int64_t>({items, ceil_div(4 * sm_count(), g.groups), int64_t(65535)}));
+      const int64_t smem = weight_grad_smem_elems(g, t) * acc_bytes;
+      at::Tensor part = at::empty({splits, nw}, acc_opts);
+      weight_grad_tiled_kernel<scalar_t, acc_t><<<dim3(splits, g.groups), kThreads, smem, stream>>>(
+          gp, gs, xp, xs, bn, g, t, go_cl, x_cl, part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gw_acc = part.sum(0);
+    } else {
+      const int64_t splits = reduction_splits(nw, P_out);
+      at::Tensor part = at::empty({nw, splits}, acc_opts);
+      weight_grad_generic_kernel<scalar_t, acc_t><<<dim3(nw, splits), kThreads, 0, stream>>>(
+          gp, gs, xp, xs, bn, g, ceil_div(P_out, splits), part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gw_acc = part.sum(1);
+    }
+
+    // dL/dbias.
+    const int64_t splits = reduction_splits(g.Cout, P_out);
+    at::Tensor part = at::empty({g.Cout, splits}, acc_opts);
+    bias_grad_kernel<scalar_t, acc_t><<<dim3(g.Cout, splits), kThreads, 0, stream>>>(
+        gp, gs, g.Ho, g.Wo, P_out, ceil_div(P_out, splits), part.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gb_acc = part.sum(1);
+  });
+  return {grad_z, gw_acc.view({g.Cout, g.cin_g, g.KH, g.KW}).to(weight.scalar_type()),
+          gb_acc.to(weight.scalar_type()), sum_dz, sum_dz_xhat};
+}
+
+// ---------------------------------------------------------------------------------------
+// bn_backward_elemt
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_backward_elemt_kernel(const scalar_t* __restrict__ grad_z, Strides4 zs,
+                                         const scalar_t* __restrict__ x, Strides4 xs, const acc_t* __restrict__ mean,
+                                         const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
+                                         const acc_t* __restrict__ mean_dz, const acc_t* __restrict__ mean_dz_xhat,
+                                         int64_t C, int64_t H, int64_t W, bool out_cl, scalar_t* __restrict__ out,
+                                         Strides4 os, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const Index4 e = unravel(i, C, H, W, out_cl);
+    const int64_t c = e.c;
+    out[offset4(e, os)] = static_cast<scalar_t>(bn_backward_elemt(static_cast<acc_t>(grad_z[offset4(e, zs)]),
+                                                                  static_cast<acc_t>(x[offset4(e, xs)]), mean[c],
+                                                                  invstd[c], gamma[c], mean_dz[c], mean_dz_xhat[c]));
+  }
+}
+
+at::Tensor bn_backward_elemt_cuda(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                                  const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
+                                  const at::Tensor& mean_dz_xhat) {
+  const char* op = "resfast::bn_backward_elemt";
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, mean_dz, mean_dz_xhat);
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  const int64_t total = x.numel();
+  if (total == 0) return gx;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bn_backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+        grad_z.const_data_ptr<scalar_t>(), strides4(grad_z), x.const_data_ptr<scalar_t>(), strides4(x),
+        p.mean.const_data_ptr<acc_t>(), p.invstd.const_data_ptr<acc_t>(), p.gamma.const_data_ptr<acc_t>(),
+        p.mean_dz.const_data_ptr<acc_t>(), p.mean_dz_xhat.const_data_ptr<acc_t>(), x.size(1), x.size(2), x.size(3),
+        is_channels_last(gx), gx.data_ptr<scalar_t>(), strides4(gx), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
+  m.impl("bn_stats", &bn_stats_cuda);
+  m.impl("bn_relu_conv2d", &bn_relu_conv2d_cuda);
+  m.impl("bn_relu_conv2d_out", &bn_relu_conv2d_out_cuda);
+  m.impl("bn_relu_conv2d_backward", &bn_relu_conv2d_backward_cuda);
+  m.impl("bn_backward_elemt", &bn_backward_elemt_cuda);
+}
+
+}  // namespace resfast

@@ -1,0 +1,282 @@
+"""The native backend's ops (``torch.ops.resfast.*``, C++ on CPU, CUDA on GPU) against the
+eager reference ``resfast.ops.eager_impl`` with the STANDARDS.md float64 rule.
+
+Each conv case runs twice on the CPU: with the tiled kernels (the CUDA tiled kernels'
+thread-block phases, run block by block) and with ``RESFAST_NATIVE_KERNELS=generic`` (the
+per-element functions the generic CUDA kernels use), so both code paths the GPU has are
+checked here. With a GPU the same cases run on CUDA.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import resfast
+from resfast.backends import native_info
+from resfast.ops import eager_impl
+from resfast.ops.registration import out_memory_format
+
+from reference import assert_rule
+
+NATIVE = native_info()
+pytestmark = pytest.mark.skipif(not NATIVE["built"], reason=f"resfast._C is not built: {NATIVE['error']}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_CUDA_KERNELS = bool(NATIVE["cuda"]) and torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_CUDA_KERNELS, reason="no CUDA device, or resfast._C was built without CUDA kernels")])]
+
+
+def ops():
+    from resfast.backends import get_ops
+
+    return get_ops("native")  # loads resfast._C and registers fakes + autograd
+
+
+# (N, C, C_out, H, W, k, stride, padding, dilation, groups, channels_last, prefix_view, bias, affine)
+CASES = {
+    "dense3x3_prefix_N1": (1, 8, 6, 7, 9, 3, 1, 1, 1, 1, False, True, True, True),
+    "resnext_g32_cl_prefix": (2, 64, 64, 6, 5, 3, 1, 1, 1, 32, True, True, False, True),
+    "depthwise_stride2": (2, 6, 6, 7, 5, 3, 2, 1, 1, 6, False, False, True, False),
+    "g2_1x1_cl_odd_channels": (2, 10, 14, 5, 7, 1, 1, 0, 1, 2, True, True, True, True),
+    "dilated_stride2_pad0": (1, 5, 3, 11, 13, 3, 2, 0, 2, 1, False, False, False, True),
+    "crosses_tiles_g2": (1, 4, 6, 19, 21, 3, 1, 1, 1, 2, False, True, True, True),
+    "stride2_cl_crosses_tiles": (1, 4, 4, 35, 18, 3, 2, 1, 1, 4, True, False, True, True),
+}
+
+
+def _make_x(n, c, h, w, channels_last, prefix_view, dtype, device):
+    extra = 3 if prefix_view else 0
+    buf = torch.randn(n, c + extra, h, w, dtype=torch.float32, device=device) * 1.5 + 0.3
+    if channels_last:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    return buf.to(dtype)[:, :c]  # .to keeps the memory format
+
+
+def _case(name, dtype, device):
+    n, c, co, h, w, k, s, p, d, g, cl, prefix, has_bias, affine = CASES[name]
+    x = _make_x(n, c, h, w, cl, prefix, dtype, device)
+    weight = (torch.randn(co, c // g, k, k, device=device) / math.sqrt(c // g * k * k)).to(dtype)
+    bias = torch.randn(co, device=device).to(dtype) if has_bias else None
+    bn_weight = torch.rand(c, device=device) + 0.5 if affine else None
+    bn_bias = torch.randn(c, device=device) * 0.5 if affine else None
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    conv = dict(stride=[s, s], padding=[p, p], dilation=[d, d], groups=g)
+    return x, weight, bias, bn_weight, bn_bias, mean, invstd, conv
+
+
+def _f64(t):
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def _refs(fn, *args, **kwargs):
+    """``fn`` on float64 CPU copies (ref64) and on the original dtype (ref_same)."""
+    ref64 = fn(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    ref_same = fn(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    return ref64, ref_same
+
+
+@pytest.fixture(params=["tiled", "generic"])
+def kernels(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setenv("RESFAST_NATIVE_KERNELS", "generic")
+    else:
+        monkeypatch.delenv("RESFAST_NATIVE_KERNELS", raising=False)
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_out(name, dtype, device, kernels):
+    x, weight, bias, gm, bt, mean, invstd, conv = _case(name, dtype, device)
+    args = (x, weight, bias, gm, bt, mean, invstd, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    ctx = f"{name} {dtype} {device} {kernels}"
+    y = ops().bn_relu_conv2d(*args, True)
+    ref64, ref_same = _refs(eager_impl.bn_relu_conv2d, *args, True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=out_memory_format(x)), ctx
+    assert_rule("y", y, ref64, ref_same, ctx)
+
+    # out=: a channel slice of a NaN-poisoned buffer; the channels around it stay untouched.
+    n, co, ho, wo = y.shape
+    buf = torch.full((n, co + 5, ho, wo), float("nan"), dtype=dtype, device=device)
+    if x.stride(1) == 1:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    out = buf[:, 2:2 + co]
+    assert ops().bn_relu_conv2d_out(*args, out) is None
+    assert_rule("out", out, ref64, ref_same, ctx)
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, 2 + co:]).all(), ctx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_and_elemt(name, dtype, device, kernels):
+    x, weight, bias, gm, bt, mean, invstd, conv = _case(name, dtype, device)
+    ctx = f"{name} {dtype} {device} {kernels}"
+    shape = eager_impl.bn_relu_conv2d(x.cpu().float(), weight.cpu().float(), None, None, None, mean.cpu(),
+                                      invstd.cpu(), conv["stride"], conv["padding"], conv["dilation"],
+                                      conv["groups"], False).shape
+    # grad_out as a strided view (every other channel of a bigger tensor).
+    grad_out = torch.randn(shape[0], 2 * shape[1], *shape[2:], device=device).to(dtype)[:, ::2]
+    args = (grad_out, x, weight, gm, bt, mean, invstd, conv["stride"], conv["padding"], conv["dilation"],
+            conv["groups"])
+    got = ops().bn_relu_conv2d_backward(*args)
+    ref64, ref_same = _refs(eager_impl.bn_relu_conv2d_backward, *args)
+    names = ("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat")
+    assert got[0].is_contiguous(memory_format=out_memory_format(x)), ctx
+    assert got[1].is_contiguous() and got[1].dtype == weight.dtype and got[2].dtype == weight.dtype, ctx
+    assert got[3].dtype == torch.float32 and got[4].dtype == torch.float32, ctx
+    for nm, g, r64, rs in zip(names, got, ref64, ref_same):
+        assert_rule(nm, g, r64, rs, ctx, dtype=dtype)
+
+    count = x.numel() // x.shape[1]
+    mean_dz, mean_dz_xhat = ref64[3].float().to(device) / count, ref64[4].float().to(device) / count
+    eargs = (got[0], x, gm, mean, invstd, mean_dz, mean_dz_xhat)
+    gx = ops().bn_backward_elemt(*eargs)
+    r64, rs = _refs(eager_impl.bn_backward_elemt, *eargs)
+    assert gx.dtype == dtype and gx.is_contiguous(memory_format=out_memory_format(x)), ctx
+    assert_rule("grad_x", gx, r64, rs, ctx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["nchw_prefix", "channels_last_prefix", "contiguous_N1"])
+def test_bn_stats(layout, dtype, device):
+    if layout == "contiguous_N1":
+        x = _make_x(1, 7, 9, 11, False, False, dtype, device)
+    else:
+        x = _make_x(3, 13, 5, 7, layout.startswith("channels_last"), True, dtype, device)
+    x = x + 20.0  # an offset that sum / sum-of-squares would lose precision on
+    mean, var = ops().bn_stats(x)
+    (m64, v64), (ms, vs) = _refs(eager_impl.bn_stats, x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == acc and var.dtype == acc and mean.shape == (x.shape[1],)
+    assert_rule("mean", mean, m64, ms, f"{layout} {dtype}", dtype=dtype)
+    assert_rule("var", var, v64, vs, f"{layout} {dtype}", dtype=dtype)
+
+
+# ---- autograd through the public functional --------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("groups,channels_last", [(1, False), (2, True)])
+def test_gradcheck_functional(training, groups, channels_last):
+    torch.manual_seed(1)
+    c, co = 4, 4
+    x = torch.randn(2, c, 5, 4, dtype=torch.float64) + 0.2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    weight = torch.randn(co, c // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(co, dtype=torch.float64, requires_grad=True)
+    gm = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bt = (torch.randn(c, dtype=torch.float64) * 0.3).requires_grad_(True)
+    rm, rv = torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x, weight, bias, gm, bt):
+        return resfast.functional.bn_relu_conv2d(
+            x, weight, bias, bn_weight=gm, bn_bias=bt, running_mean=rm.clone(), running_var=rv.clone(),
+            training=training, stride=1, padding=1, groups=groups, backend="native")
+
+    y = fn(x, weight, bias, gm, bt)
+    assert y.grad_fn is not None
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, gm, bt), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_native_functional_matches_eager_running_stats():
+    x = torch.randn(2, 6, 5, 5) + 1.0
+    w = torch.randn(4, 3, 3, 3)
+    results = {}
+    for backend in ("eager", "native"):
+        rm, rv = torch.zeros(6), torch.ones(6)
+        y = resfast.functional.bn_relu_conv2d(x, w, None, bn_weight=None, bn_bias=None, running_mean=rm,
+                                              running_var=rv, training=True, padding=1, groups=2, backend=backend)
+        results[backend] = (y, rm, rv)
+    for a, b in zip(results["native"], results["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- torch.library.opcheck ---------------------------------------------------------------
+
+def _opcheck_samples():
+    x, weight, bias, gm, bt, mean, invstd, conv = _case("g2_1x1_cl_odd_channels", torch.float32, "cpu")
+    c = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    y = eager_impl.bn_relu_conv2d(x, weight, bias, gm, bt, mean, invstd, *c, True)
+    grad_out = torch.randn_like(y)
+    out = torch.empty(y.shape[0], y.shape[1] + 3, *y.shape[2:])[:, 1:1 + y.shape[1]]
+    gz = torch.randn_like(x)
+    return {
+        "bn_stats": (x,),
+        "bn_relu_conv2d": (x.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True), bias, gm, bt,
+                           mean, invstd, *c, True),
+        "bn_relu_conv2d_out": (x, weight, bias, gm, bt, mean, invstd, *c, out),
+        "bn_relu_conv2d_backward": (grad_out, x, weight, gm, bt, mean, invstd, *c),
+        "bn_backward_elemt": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1])),
+    }
+
+
+@pytest.mark.parametrize("op", ["bn_stats", "bn_relu_conv2d", "bn_relu_conv2d_out", "bn_relu_conv2d_backward",
+                                "bn_backward_elemt"])
+def test_opcheck(op):
+    ops()
+    torch.library.opcheck(getattr(torch.ops.resfast, op).default, _opcheck_samples()[op])
+
+
+# ---- bad input: RuntimeError from C++ naming the argument --------------------------------
+
+def _good():
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(6, 2, 3, 3)
+    return dict(x=x, weight=w, bias=None, bn_weight=None, bn_bias=None, mean=torch.zeros(4), invstd=torch.ones(4),
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=2)
+
+
+def _call(**over):
+    a = {**_good(), **over}
+    return ops().bn_relu_conv2d(a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["mean"], a["invstd"],
+                                a["stride"], a["padding"], a["dilation"], a["groups"], False)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(x=torch.randn(4, 5, 5)), r"x must be a 4-D tensor .*got 3 dims"),
+    (dict(x=torch.randn(2, 4, 5, 5).to(torch.int32)), r"x has unsupported dtype Int"),
+    (dict(weight=torch.randn(6, 2, 3, 3, dtype=torch.float64)), r"weight has dtype Double but x has dtype Float"),
+    (dict(groups=3), r"groups=3 does not divide the input channels C=4"),
+    (dict(weight=torch.randn(5, 2, 3, 3)), r"groups=2 does not divide the output channels C_out=5"),
+    (dict(weight=torch.randn(6, 4, 3, 3)), r"channel mismatch: x has C=4 .*expects 8"),
+    (dict(mean=torch.zeros(3)), r"mean must have shape \[4\] .*got shape \[3\]"),
+    (dict(bn_weight=torch.ones(5)), r"bn_weight must have shape \[4\]"),
+    (dict(bias=torch.zeros(4)), r"bias must have shape \[6\]"),
+    (dict(stride=[1, 1, 1]), r"stride must have 2 values .*got 3"),
+    (dict(padding=[-1, 0]), r"padding must be >= 0, got \[-1, 0\]"),
+    (dict(dilation=[0, 1]), r"dilation must be >= 1"),
+    (dict(groups=0), r"groups must be >= 1, got 0"),
+    (dict(x=torch.randn(2, 4, 1, 1), padding=[0, 0]), r"the conv output would be empty"),
+])
+def test_bad_input_raises_from_cpp(over, match):
+    with pytest.raises(RuntimeError, match=match):
+        _call(**over)
+
+
+def test_bad_out_and_grad_shapes_raise():
+    a = _good()
+    conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    base = (a["x"], a["weight"], None, None, None, a["mean"], a["invstd"])
+    with pytest.raises(RuntimeError, match=r"out must have shape \[2, 6, 5, 5\] .*got \[2, 6, 4, 5\]"):
+        ops().bn_relu_conv2d_out(*base, *conv, torch.empty(2, 6, 4, 5))
+    with pytest.raises(RuntimeError, match=r"out has dtype Half but x has dtype Float"):
+        ops().bn_relu_conv2d_out(*base, *conv, torch.empty(2, 6, 5, 5, dtype=torch.half))
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[2, 6, 5, 5\]"):
+        ops().bn_relu_conv2d_backward(torch.randn(2, 6, 3, 5), a["x"], a["weight"], None, None, a["mean"],
+                                      a["invstd"], *conv)
+    with pytest.raises(RuntimeError, match=r"grad_z must have shape \[2, 4, 5, 5\]"):
+        ops().bn_backward_elemt(torch.randn(2, 4, 5, 4), a["x"], None, a["mean"], a["invstd"], torch.zeros(4),
+                                torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"mean_dz_xhat must have shape \[4\]"):
+        ops().bn_backward_elemt(torch.randn(2, 4, 5, 5), a["x"], None, a["mean"], a["invstd"], torch.zeros(4),
+                                torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"x must be a 4-D tensor"):
+        ops().bn_stats(torch.randn(3, 4))
