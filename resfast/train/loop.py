@@ -224,7 +224,8 @@ def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device, *, a
 
 
 def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
-          datasets: Optional[Tuple[ImageDataset, ImageDataset]] = None, log=None) -> Dict[str, Any]:
+          datasets: Optional[Tuple[ImageDataset, ImageDataset]] = None, log=None,
+          history: Optional[List[Dict[str, float]]] = None) -> Dict[str, Any]:
     """Run ``config`` and return the final metrics (see :func:`summary_of`).
 
     Args:
@@ -232,6 +233,7 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
         model: use this module instead of ``build_model(config, ...)`` (tests, the study).
         datasets: ``(train, test)`` already loaded (the study loads digits once).
         log: a text stream for progress lines (default stderr).
+        history: if given, the per-epoch rows (those of ``metrics.csv``) are appended to it.
     """
     config.validate()
     config = config.resolved()
@@ -239,12 +241,12 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
     device = _device(config.device)
     info = init_distributed(device)
     try:
-        return _train(config, model, datasets, device, info, log)
+        return _train(config, model, datasets, device, info, log, history)
     finally:
         cleanup(info)
 
 
-def _train(config, model, datasets, device, info: DistInfo, log) -> Dict[str, Any]:
+def _train(config, model, datasets, device, info: DistInfo, log, history_out) -> Dict[str, Any]:
     if info.distributed and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(config.seed)
@@ -336,6 +338,8 @@ def _train(config, model, datasets, device, info: DistInfo, log) -> Dict[str, An
     result = summary_of(config, history, params, peak, peak_source, device, info)
     if info.is_main and config.out:
         write_run_files(config.out, config, history, result)
+    if history_out is not None:
+        history_out.extend(dict(h) for h in history)
     return result
 
 
