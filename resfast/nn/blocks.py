@@ -122,6 +122,7 @@ class BasicBlock(nn.Module):
                              f"base_width={base_width!r}")
         if dilation > 1:
             raise ValueError(f"BasicBlock does not support dilation > 1, got dilation={dilation}")
+        _check_downsample(inplanes, planes * self.expansion, stride, downsample)
         norm_layer = norm_layer or nn.BatchNorm2d
         self.backend = check_backend_name(backend)
         self.inplanes = inplanes
@@ -180,6 +181,7 @@ class Bottleneck(nn.Module):
         _positive_ints(width=width)
         if width % groups:
             raise ValueError(f"groups={groups} does not divide the grouped conv's channels width={width}")
+        _check_downsample(inplanes, planes * self.expansion, stride, downsample)
         norm_layer = norm_layer or nn.BatchNorm2d
         self.backend = check_backend_name(backend)
         self.inplanes = inplanes
@@ -350,6 +352,12 @@ def _check_fusable(backend: str, *norms: nn.Module) -> None:
         if not isinstance(norm, _BatchNorm):
             raise ValueError(f"backend={backend!r} fuses BatchNorm into the conv, but norm_layer built a "
                              f"{type(norm).__name__}; use backend='auto' or 'eager' with this norm_layer")
+
+
+def _check_downsample(inplanes: int, out: int, stride: int, downsample: Optional[nn.Module]) -> None:
+    if downsample is None and (inplanes != out or stride != 1):
+        raise ValueError(f"inplanes={inplanes}, planes * expansion={out}, stride={stride}: the identity shortcut "
+                         "cannot add up; pass a downsample module (e.g. 1x1 conv + BN)")
 
 
 def _check_block_input(x: Tensor, channels: int, backend: str, what: str) -> None:
