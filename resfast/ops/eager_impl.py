@@ -125,7 +125,9 @@ def bn_relu_conv2d_backward(
         [True, True, True],
     )
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grad_z = torch.where(a > 0, grad_a, torch.zeros((), dtype=grad_a.dtype, device=grad_a.device))
+    # As torch.relu's backward (threshold_backward): zero where the activation is <= 0, so a
+    # NaN activation passes its gradient through.
+    grad_z = torch.where(a <= 0, torch.zeros((), dtype=grad_a.dtype, device=grad_a.device), grad_a)
     gz = grad_z.to(acc)
     xhat = (x.to(acc) - _cvec(mean, x)) * _cvec(invstd, x)
     sum_dz = gz.sum(dim=(0, 2, 3))
@@ -153,5 +155,9 @@ def bn_backward_elemt(
     scale = _cvec(invstd, x)
     if bn_weight is not None:
         scale = scale * _cvec(bn_weight, x)
-    gx = scale * (grad_z.to(acc) - _cvec(mean_dz, x) - xhat * _cvec(mean_dz_xhat, x))
+    # With running statistics mean_dz_xhat is 0: drop the term, as eager BN's eval backward
+    # has none, so a NaN in x does not become NaN * 0 in the gradient.
+    coupling = torch.where(_cvec(mean_dz_xhat, x) == 0, torch.zeros((), dtype=acc, device=x.device),
+                           xhat * _cvec(mean_dz_xhat, x))
+    gx = scale * (grad_z.to(acc) - _cvec(mean_dz, x) - coupling)
     return gx.to(x.dtype)
