@@ -9,8 +9,8 @@ fraction of the HBM bound (memory-bound rows) and memory ratios in ``extra_info`
 ``--benchmark-json``), and a side-by-side table is printed at the end of the run.
 
 ``RESFAST_BENCH_BUDGET_S`` bounds the wall time of the run: once it is spent, the remaining
-benchmarks are skipped (so a run under ``timeout`` still writes its JSON). Default: 270 s on
-the CPU sizes (110 s with ``--benchmark-disable``), none with the GPU sizes; 0 turns it off.
+benchmarks are skipped (so a run under ``timeout`` still writes its JSON). Default: 240 s on
+the CPU sizes (90 s with ``--benchmark-disable``), none with the GPU sizes; 0 turns it off.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _budget_s(config):
 
     if gpu_sizes():
         return None
-    return 110.0 if config.getoption("benchmark_disable", default=False) else 270.0
+    return 90.0 if config.getoption("benchmark_disable", default=False) else 240.0
 
 
 def pytest_collection_modifyitems(config, items):

@@ -78,7 +78,7 @@ TARGETS = (
      "text": "ResNeXt-50 grouped 3x3, bf16, fwd+bwd: triton >= 2.5x eager"},
     {"id": "resnext-fwdbwd-vs-compile", "kind": "op", "family": "resnext", "mode": "fwd+bwd", "row": "triton",
      "metric": "speedup_vs_compile", "min": 1.5,
-     "text": "ResNeXt-50 grouped 3x3, bf16, fwd+bwd: triton >= 1.5x torch.compile(max-autotune)"},
+     "text": "ResNeXt-50 grouped 3x3, bf16, fwd+bwd: triton >= 1.5x torch.compile max-autotune"},
     {"id": "resnext-fwd-bandwidth", "kind": "op", "family": "resnext", "mode": "fwd", "row": "triton",
      "metric": "bw_fraction", "min": 0.70,
      "text": "ResNeXt-50 grouped 3x3, bf16, fwd: triton >= 70% of the HBM bound"},
@@ -155,7 +155,8 @@ def add_ratios(entries: Sequence[Dict[str, Any]], peak_bytes_per_s: Optional[flo
     * ``speedup_vs_compile``: the ``compile`` row's median over this row's, where the group has one;
     * ``achieved_gbps`` and, when ``peak_bytes_per_s`` is known, ``bw_fraction``: for rows with
       ``bytes_moved``;
-    * ``peak_ratio_to_baseline``: this row's ``peak_bytes`` over the baseline's (< 1: less memory).
+    * ``peak_ratio_to_baseline`` (``activation_ratio_to_baseline``): this row's ``peak_bytes``
+      (``activation_bytes``) over the baseline's (< 1: less memory).
     """
     for rows in _groups(entries).values():
         by_row = {_row(e): e for e in rows}
@@ -165,7 +166,7 @@ def add_ratios(entries: Sequence[Dict[str, Any]], peak_bytes_per_s: Optional[flo
             base = by_row.get(str(extra.get("baseline") or "eager"))
             comp = by_row.get("compile")
             for key in ("speedup_vs_eager", "speedup_vs_compile", "achieved_gbps", "bw_fraction",
-                        "peak_ratio_to_baseline"):
+                        "peak_ratio_to_baseline", "activation_ratio_to_baseline"):
                 extra.pop(key, None)
             if t:
                 if base is not None and _median(base):
@@ -178,8 +179,10 @@ def add_ratios(entries: Sequence[Dict[str, Any]], peak_bytes_per_s: Optional[flo
                     frac = bandwidth_fraction(extra["bytes_moved"], t, peak_bytes_per_s)
                     if frac is not None:
                         extra["bw_fraction"] = frac
-            if base is not None and extra.get("peak_bytes") and _extra(base).get("peak_bytes"):
-                extra["peak_ratio_to_baseline"] = float(extra["peak_bytes"]) / float(_extra(base)["peak_bytes"])
+            for key in ("peak_bytes", "activation_bytes"):
+                if base is not None and extra.get(key) and _extra(base).get(key):
+                    ratio_key = "peak_ratio_to_baseline" if key == "peak_bytes" else "activation_ratio_to_baseline"
+                    extra[ratio_key] = float(extra[key]) / float(_extra(base)[key])
 
 
 # --------------------------------------------------------------------------- rendering
@@ -196,6 +199,10 @@ def format_time(seconds: Optional[float]) -> str:
 
 def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _mb(value: Optional[float]) -> str:
@@ -269,17 +276,18 @@ def render_bench_table(entries: Sequence[Dict[str, Any]], width: int = 44) -> st
     if memory:
         if lines:
             lines.append("")
-        header = f"{'group':<{width}} {'row':<26} {'time':>9} {'speedup':>8} {'peak':>10} {'peak ratio':>10}"
-        lines += ["memory: speedup and peak ratio against each group's baseline (naive/eager)", header,
-                  "-" * len(header)]
+        header = (f"{'group':<{width}} {'row':<24} {'time':>8} {'speedup':>8} {'peak':>10} {'peak':>6} "
+                  f"{'activ.':>10} {'activ.':>6}")
+        lines += ["memory: speedup and memory ratios against each group's baseline (naive/eager); "
+                  "activ. = peak minus parameters, buffers and gradients", header, "-" * len(header)]
         for group, rows in _groups(memory).items():
             for e in rows:
                 extra = _extra(e)
-                ratio = extra.get("peak_ratio_to_baseline")
                 lines.append(
-                    f"{group[:width]:<{width}} {_row(e)[:26]:<26} {format_time(_median(e)):>9} "
+                    f"{group[:width]:<{width}} {_row(e)[:24]:<24} {format_time(_median(e)):>8} "
                     f"{_ratio(extra.get('speedup_vs_eager')):>8} {_mb(extra.get('peak_bytes')):>10} "
-                    f"{'-' if ratio is None else f'{ratio:.2f}':>10}"
+                    f"{_fraction(extra.get('peak_ratio_to_baseline')):>6} {_mb(extra.get('activation_bytes')):>10} "
+                    f"{_fraction(extra.get('activation_ratio_to_baseline')):>6}"
                 )
     return "\n".join(lines)
 
@@ -426,7 +434,8 @@ def results_filename(env: Dict[str, Any]) -> str:
 def _params(entry: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in _extra(entry).items()
             if k not in ("row", "kind", "baseline", "speedup_vs_eager", "speedup_vs_compile", "achieved_gbps",
-                         "bw_fraction", "peak_ratio_to_baseline", "peak_bytes", "bytes_moved")}
+                         "bw_fraction", "peak_ratio_to_baseline", "peak_bytes", "bytes_moved", "activation_bytes",
+                         "activation_ratio_to_baseline")}
 
 
 def evaluate_targets(entries: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -472,7 +481,8 @@ def build_results(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit:
             "median_s": _median(e), "mean_s": stats.get("mean"), "stddev_s": stats.get("stddev"),
             "min_s": stats.get("min"), "rounds": stats.get("rounds"), "iterations": stats.get("iterations"),
             **{k: extra.get(k) for k in ("speedup_vs_eager", "speedup_vs_compile", "achieved_gbps", "bw_fraction",
-                                         "bytes_moved", "peak_bytes", "peak_ratio_to_baseline")
+                                         "bytes_moved", "peak_bytes", "peak_ratio_to_baseline", "activation_bytes",
+                                         "activation_ratio_to_baseline")
                if extra.get(k) is not None},
             "params": _params(e),
         })

@@ -80,7 +80,7 @@ def test_block_forward_backward(benchmark, env, block_name, impl):
             y = model(xs[i])
         return torch.autograd.grad(y, [xs[i], *params], grads[i])
 
-    out, once_s = timed_first_call(step, f"{spec.cls} on {impl}", env, compiled=impl == "compile")
+    out, once_s = timed_first_call(step, f"{spec.cls} on {impl}", env, benchmark, compiled=impl == "compile")
     assert torch.isfinite(out[0]).all(), f"{spec.cls} {impl}: non-finite input gradient"
     benchmark.group = f"block {block_name} {hw}x{hw}x{spec.channels} N{n} {env.dtype_name}"
     benchmark.extra_info.update({"row": impl, "kind": "block", "baseline": "eager", "family": block_name,

@@ -76,7 +76,7 @@ def test_dense_memory_mode(benchmark, env, target, mode, backend):
         loss.backward()
         return loss.detach()
 
-    loss, once_s = timed_first_call(step, f"{target} {mode} on {backend}", env)
+    loss, once_s = timed_first_call(step, f"{target} {mode} on {backend}", env, benchmark)
     assert torch.isfinite(loss), f"{target} {mode}/{backend}: non-finite loss {loss}"
     benchmark.group = f"memory {target} {hw}x{hw}x{channels} N{n} {env.dtype_name}"
     benchmark.extra_info.update({

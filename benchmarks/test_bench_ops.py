@@ -8,7 +8,8 @@ the bound of reading ``x`` once and writing ``y`` once) and ``fwd+bwd`` (every g
 conv weight, BN weight and bias).
 
 Rows: ``eager`` (the three nn modules, ReLU in place as torchvision has it), ``compile``
-(torch.compile of the same three modules: mode max-autotune on CUDA, default on the CPU),
+(torch.compile of the same three modules: max-autotune's kernel autotuning on CUDA, without
+its CUDA graphs, see ``bench_utils.BenchEnv``; default mode on the CPU),
 and resfast's ``triton`` and ``native`` backends where they run.
 """
 from __future__ import annotations
@@ -127,7 +128,7 @@ def test_bn_relu_conv2d(benchmark, env, shape_name, mode, impl):
         with torch.no_grad():
             return op(xs[i])
 
-    out, once_s = timed_first_call(step, f"{impl} on {shape_name}", env, compiled=impl == "compile")
+    out, once_s = timed_first_call(step, f"{impl} on {shape_name}", env, benchmark, compiled=impl == "compile")
     y = out[0] if backward else out
     assert torch.isfinite(y).all(), f"{impl} produced non-finite values on {shape_name} {mode}"
 
@@ -140,6 +141,7 @@ def test_bn_relu_conv2d(benchmark, env, shape_name, mode, impl):
     })
     if impl == "compile":
         benchmark.extra_info["compile_mode"] = env.compile_mode
-    if not backward:
+    if not backward and env.cuda:
+        # The bound of issue 3: x read once, y written once (GB/s and % of HBM bound in the table).
         benchmark.extra_info["bytes_moved"] = x_bytes + y_bytes
     measure(benchmark, step, env, once_s=None if impl == "compile" else once_s)
