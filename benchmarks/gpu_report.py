@@ -52,6 +52,7 @@ __all__ = [
     "parse_junit",
     "peak_bandwidth",
     "read_phases",
+    "read_skips",
     "render_bench_table",
     "render_summary",
     "results_filename",
@@ -335,6 +336,21 @@ def parse_junit(path: str) -> Dict[str, Any]:
     return counts
 
 
+def read_skips(log_path: str) -> List[Tuple[int, str]]:
+    """``(count, reason)`` of the benchmark skips pytest listed (``-rs``) in a check log, most first."""
+    counts: Dict[str, int] = {}
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        match = re.match(r"SKIPPED \[(\d+)\] benchmarks/[^:]+:\d+: (.*)", line)
+        if match:
+            counts[match.group(2)] = counts.get(match.group(2), 0) + int(match.group(1))
+    return sorted(((n, reason) for reason, n in counts.items()), key=lambda p: -p[0])
+
+
 def read_phases(path: str) -> List[Dict[str, Any]]:
     """The phases ``gpu_check.sh`` recorded: TSV lines ``name status rc seconds limit``."""
     phases: List[Dict[str, Any]] = []
@@ -514,8 +530,9 @@ def _phase_text(phase: Dict[str, Any]) -> str:
 
 
 def render_summary(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit: Dict[str, Any],
-                   phases: Sequence[Dict[str, Any]]) -> str:
-    """The one-screen summary of a GPU check: environment, phases, tests, benchmarks, targets."""
+                   phases: Sequence[Dict[str, Any]], skips: Sequence[Tuple[int, str]] = ()) -> str:
+    """The one-screen summary of a GPU check: environment, phases, tests, benchmarks (and why
+    rows were skipped, from :func:`read_skips`), targets."""
     add_ratios(entries, env.get("peak_hbm_bytes_per_s"))
     lines = ["resfast GPU check", _env_line(env)]
     if phases:
@@ -532,7 +549,11 @@ def render_summary(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit
     else:
         lines.append("tests: no junit XML (the test phase did not finish; see check.log)")
     timed = [e for e in entries if _median(e)]
-    lines.append(f"benchmarks: {len(timed)} rows timed in {len(_groups(timed))} groups (medians)")
+    skipped = sum(n for n, _ in skips)
+    lines.append(f"benchmarks: {len(timed)} rows timed in {len(_groups(timed))} groups (medians)"
+                 + (f"; {skipped} skipped" if skipped else ""))
+    for n, reason in list(skips)[:4]:
+        lines.append(f"  {n:3d} skipped: {reason[:110]}")
     lines.append(render_bench_table(timed))
     lines.append("targets (issues 3 and 4):")
     for t in evaluate_targets(timed):
@@ -606,7 +627,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(os.path.join(outdir, results_filename(env)), "w") as f:
         json.dump(results, f, indent=2, default=str)
         f.write("\n")
-    summary = render_summary(env, entries, junit, phases)
+    summary = render_summary(env, entries, junit, phases, read_skips(os.path.join(outdir, "check.log")))
     with open(os.path.join(outdir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     print(summary)

@@ -40,7 +40,7 @@ BLOCKS = {
 
 
 def _case(block: str, impl: str):
-    return pytest.param(block, impl, marks=pytest.mark.bench_priority(9 if impl == "compile" else 5),
+    return pytest.param(block, impl, marks=pytest.mark.bench_priority(10 if impl == "compile" else 6),
                         id=f"{block}-{impl}")
 
 

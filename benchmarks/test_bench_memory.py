@@ -45,9 +45,15 @@ def _build(target: str, memory: str, recompute: str, backend: str, env):
     return cls(**(BLOCK if env.gpu else BLOCK_CPU), memory=memory, recompute=recompute, backend=backend)
 
 
-@pytest.mark.bench_priority(3)
-@pytest.mark.parametrize("target", list(SIZES))
-@pytest.mark.parametrize("mode, backend", ROWS, ids=[f"{m}-{b}" for m, b in ROWS])
+# The rows of issue 4's GPU target run early under a time budget (see conftest.py).
+TARGET_ROWS = {("densenet121", "naive", "eager"), ("densenet121", "checkpoint", "eager"),
+               ("densenet121", "shared", "triton")}
+CASES = [pytest.param(target, mode, backend, id=f"{mode}-{backend}-{target}",
+                      marks=pytest.mark.bench_priority(1 if (target, mode, backend) in TARGET_ROWS else 4))
+         for target in SIZES for mode, backend in ROWS]
+
+
+@pytest.mark.parametrize("target, mode, backend", CASES)
 def test_dense_memory_mode(benchmark, env, target, mode, backend):
     if backend != "eager":
         require_fused_backend(backend, env)
@@ -85,4 +91,4 @@ def test_dense_memory_mode(benchmark, env, target, mode, backend):
         "peak_bytes": int(peak["peak_bytes"]), "activation_bytes": int(peak["activation_bytes"]),
         "memory_source": "torch.cuda.max_memory_allocated" if env.cuda else "MemTracker", **env.describe(),
     })
-    measure(benchmark, step, env, once_s=once_s, budget_s=2.0 if env.cuda else 0.3)
+    measure(benchmark, step, env, once_s=once_s, budget_s=1.0 if env.cuda else 0.3)

@@ -24,7 +24,7 @@ MODELS = {
 
 
 def _case(model: str, impl: str):
-    return pytest.param(model, impl, marks=pytest.mark.bench_priority(10 if impl == "compile" else 4),
+    return pytest.param(model, impl, marks=pytest.mark.bench_priority(9 if impl == "compile" else 5),
                         id=f"{model}-{impl}")
 
 
@@ -56,4 +56,4 @@ def test_training_step(benchmark, env, model_name, impl):
                                  "mode": "train-step", "batch": n, "resolution": hw, **env.describe()})
     if impl == "compile":
         benchmark.extra_info["compile_mode"] = "default"
-    measure(benchmark, step, env, once_s=None if impl == "compile" else once_s, budget_s=2.0 if env.cuda else 0.3)
+    measure(benchmark, step, env, once_s=None if impl == "compile" else once_s, budget_s=1.0 if env.cuda else 0.3)

@@ -315,6 +315,22 @@ def test_render_summary_shows_ratios_bandwidth_memory_and_targets():
     assert "[met] densenet121 train step, bf16, batch 64: shared >= 1.5x checkpoint: 2.08" in text
 
 
+def test_summary_counts_benchmark_skips_from_the_log(tmp_path):
+    log = tmp_path / "check.log"
+    log.write_text("noise\n"
+                   "SKIPPED [3] benchmarks/conftest.py:94: the run's time budget of 160s is spent\n"
+                   "SKIPPED [2] benchmarks/bench_utils.py:226: backend 'native' cannot run on cuda: not built\n"
+                   "SKIPPED [4] benchmarks/conftest.py:94: the run's time budget of 160s is spent\n"
+                   "SKIPPED [1] tests/test_x.py:3: not a benchmark\n")
+    skips = report.read_skips(str(log))
+    assert skips == [(7, "the run's time budget of 160s is spent"),
+                     (2, "backend 'native' cannot run on cuda: not built")]
+    text = report.render_summary({"gpu": H100}, _entries(), {"found": False}, [], skips)
+    assert "benchmarks: 10 rows timed in 3 groups (medians); 9 skipped" in text
+    assert "    7 skipped: the run's time budget of 160s is spent" in text
+    assert report.read_skips(str(tmp_path / "missing.log")) == []
+
+
 def test_render_summary_without_results_says_so():
     text = report.render_summary({"gpu": None}, [], report.parse_junit("/nonexistent.xml"), [])
     assert "phases: none recorded" in text
