@@ -55,15 +55,17 @@ RESFAST_HD acc_t bn_affine(acc_t x, acc_t mean, acc_t invstd, acc_t gamma, acc_t
   return (x - mean) * invstd * gamma + beta;
 }
 
+// NaN passes through, as torch.relu lets it.
 template <typename acc_t>
 RESFAST_HD acc_t relu(acc_t z) {
-  return z > acc_t(0) ? z : acc_t(0);
+  return z < acc_t(0) ? acc_t(0) : z;
 }
 
-// The ReLU passes the gradient where its input was positive.
+// As torch.relu's backward (threshold_backward): zero where the input was <= 0, so a NaN
+// input passes its gradient through.
 template <typename acc_t>
 RESFAST_HD acc_t relu_backward(acc_t grad_a, acc_t z) {
-  return z > acc_t(0) ? grad_a : acc_t(0);
+  return z <= acc_t(0) ? acc_t(0) : grad_a;
 }
 
 template <typename acc_t>
@@ -72,12 +74,14 @@ RESFAST_HD acc_t bn_xhat(acc_t x, acc_t mean, acc_t invstd) {
 }
 
 // dL/dx = gamma * invstd * (grad_z - mean_dz - xhat * mean_dz_xhat); with running statistics
-// the two means are zero and this is grad_z * gamma * invstd.
+// the two means are zero and this is grad_z * gamma * invstd. A zero mean_dz_xhat drops the
+// coupling term altogether (eager BN's eval backward has none), so a NaN x does not turn
+// into NaN * 0 there.
 template <typename acc_t>
 RESFAST_HD acc_t bn_backward_elemt(acc_t grad_z, acc_t x, acc_t mean, acc_t invstd, acc_t gamma, acc_t mean_dz,
                                    acc_t mean_dz_xhat) {
-  const acc_t xhat = bn_xhat(x, mean, invstd);
-  return invstd * gamma * (grad_z - mean_dz - xhat * mean_dz_xhat);
+  const acc_t coupling = mean_dz_xhat == acc_t(0) ? acc_t(0) : bn_xhat(x, mean, invstd) * mean_dz_xhat;
+  return invstd * gamma * (grad_z - mean_dz - coupling);
 }
 
 // ---------------------------------------------------------------------------------------
