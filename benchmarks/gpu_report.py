@@ -224,7 +224,7 @@ def _cell(entry: Optional[Dict[str, Any]], baseline: bool, has_compile: bool) ->
     if entry is None:
         return "-"
     extra = _extra(entry)
-    if baseline:
+    if baseline or extra.get("speedup_vs_eager") is None:  # no baseline row in the group: its time
         return format_time(_median(entry))
     text = _ratio(extra.get("speedup_vs_eager"))
     if has_compile and _row(entry) != "compile" and extra.get("speedup_vs_compile") is not None:
@@ -240,7 +240,8 @@ def _bandwidth_cell(rows: Sequence[Dict[str, Any]]) -> str:
     fused = [e for e in measured if _row(e) not in ("eager", "compile")] or measured
     best = max(fused, key=lambda e: _extra(e)["achieved_gbps"])
     extra = _extra(best)
-    text = f"{extra['achieved_gbps']:.3g}GB/s"
+    gbps = extra["achieved_gbps"]
+    text = f"{gbps:.0f}GB/s" if gbps >= 100 else f"{gbps:.3g}GB/s"
     if extra.get("bw_fraction") is not None:
         text += f" {100 * extra['bw_fraction']:.0f}%"
     return f"{text} ({_row(best)})"

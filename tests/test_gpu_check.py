@@ -263,6 +263,9 @@ def test_add_ratios_without_a_baseline_or_bound_leaves_them_out():
     extra = entries[0]["extra_info"]
     assert "speedup_vs_eager" not in extra and "bw_fraction" not in extra
     assert extra["achieved_gbps"] == pytest.approx(1000.0)
+    # the table then shows the row's time instead of a ratio
+    line = next(ln for ln in report.render_bench_table(entries).splitlines() if ln.startswith(FWD))
+    assert "1ms" in line and "1000GB/s (triton)" in line
 
 
 def test_parse_junit_counts_and_failures(tmp_path):
@@ -301,7 +304,7 @@ def test_render_summary_shows_ratios_bandwidth_memory_and_targets():
     fwd = next(line for line in lines if line.startswith(FWD))
     assert "1ms" in fwd and "2.00x" in fwd and "4.00x/2.00x" in fwd
     gbps = 2 * X_BYTES / 2.5e-4 / 1e9
-    assert f"{gbps:.3g}GB/s {100 * gbps * 1e9 / 3.35e12:.0f}% (triton)" in fwd
+    assert f"{gbps:.0f}GB/s {100 * gbps * 1e9 / 3.35e12:.0f}% (triton)" in fwd
     bwd = next(line for line in lines if line.startswith(BWD))
     assert "2.00x/1.33x" in bwd and "0.50x/0.33x" in bwd
     shared = next(line for line in lines if line.startswith(MEM[:34]) and "shared/triton" in line)
@@ -406,3 +409,15 @@ def test_benchmark_run_records_ratios_in_its_json_and_prints_the_table(tmp_path)
         assert e["extra_info"]["speedup_vs_eager"] == pytest.approx(eager["stats"]["median"] / e["stats"]["median"])
     assert "resfast: side by side" in proc.stdout
     assert re.search(r"^op fwd resnext 2x2x1024 g32 k3 N2 fp32 +\S+", proc.stdout, flags=re.M)
+
+
+def test_gpu_sizes_without_cuda_is_a_usage_error():
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available: --gpu-sizes is valid here")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--gpu-sizes", "--collect-only", "-q",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]  # pytest's usage-error status
+    assert "--gpu-sizes / RESFAST_BENCH_SIZES=gpu needs a CUDA device" in proc.stderr
