@@ -280,3 +280,29 @@ def test_bad_out_and_grad_shapes_raise():
                                 torch.zeros(2))
     with pytest.raises(RuntimeError, match=r"x must be a 4-D tensor"):
         ops().bn_stats(torch.randn(3, 4))
+
+
+# ---- NaN follows torch: relu passes it on, its backward zeroes only where the input <= 0 ----
+
+@pytest.mark.parametrize("kernels_env", ["", "generic"])
+def test_nan_in_x_follows_eager(kernels_env, monkeypatch):
+    monkeypatch.setenv("RESFAST_NATIVE_KERNELS", kernels_env)
+    x = torch.randn(2, 4, 6, 5)
+    x[1, 0, 3, 2] = float("nan")
+    w, gm, bt = torch.randn(6, 2, 3, 3), torch.rand(4) + 0.5, torch.randn(4)
+    conv = ([1, 1], [1, 1], [1, 1], 2)
+    for mean in (torch.zeros(4), ops().bn_stats(x)[0]):  # eval-like, and batch stats (NaN mean)
+        invstd = torch.rand(4) + 0.5
+        y = ops().bn_relu_conv2d(x, w, None, gm, bt, mean, invstd, *conv, False)
+        r64, rs = _refs(eager_impl.bn_relu_conv2d, x, w, None, gm, bt, mean, invstd, *conv, False)
+        assert torch.isnan(y).any() and not torch.isnan(y).all()
+        assert_rule("y", y, r64, rs, "nan")
+        go = torch.randn_like(y)
+        got = ops().bn_relu_conv2d_backward(go, x, w, gm, bt, mean, invstd, *conv)
+        r64, rs = _refs(eager_impl.bn_relu_conv2d_backward, go, x, w, gm, bt, mean, invstd, *conv)
+        for nm, g, a, b in zip(("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat"), got, r64, rs):
+            assert_rule(nm, g, a, b, "nan")
+        zero = torch.zeros(4)
+        gx = ops().bn_backward_elemt(got[0], x, gm, mean, invstd, zero, zero)
+        r64, rs = _refs(eager_impl.bn_backward_elemt, got[0], x, gm, mean, invstd, zero, zero)
+        assert_rule("grad_x", gx, r64, rs, "nan")

@@ -165,7 +165,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void forward_tiled_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
                                      BNParams<acc_t> bn, const acc_t* __restrict__ bias, ConvGeom g, TileGeom t,
                                      bool x_cl, scalar_t* __restrict__ out, Strides4 os) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* w_s = a_s + g.cin_g * t.IH * t.IW;
   const int64_t tiles = t.tiles_h * t.tiles_w;
@@ -256,7 +256,7 @@ __global__ void input_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides
                                         Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
                                         TileGeom t, bool go_cl, scalar_t* __restrict__ grad_z, Strides4 zs,
                                         acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ acc_t red[kThreads / 32];
   acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* w_s = go_s + g.cout_g * t.OHB * t.OWB;
@@ -326,7 +326,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
                                          Strides4 xs, BNParams<acc_t> bn, ConvGeom g, TileGeom t, bool go_cl,
                                          bool x_cl, acc_t* __restrict__ part) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* a_s = go_s + g.cout_g * kTileThreads;
   const int64_t s = blockIdx.x, splits = gridDim.x, group = blockIdx.y;
