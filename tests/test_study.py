@@ -67,6 +67,8 @@ def test_dense_channels_follow_c0_plus_l_minus_1_k_and_memory_modes_are_measured
     assert set(modes) == {"naive", "checkpoint", "shared"} and modes["naive"]["ratio_to_naive"] == 1.0
     assert all(r["peak_bytes"] > 0 for r in modes.values())
     assert re.search(r"\| shared \| [0-9.]+ \|", md)
+    counts = {c["name"]: c for c in dense["counts"]}
+    assert f"| densenet_bc100_k12 | {counts['densenet_bc100_k12']['params'] / 1e6:.2f} |" in md
 
 
 def test_missing_sections_render_as_not_available():

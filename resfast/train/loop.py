@@ -315,7 +315,9 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
         if bar is not None:
             bar.close()
         totals = all_reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device), info)
-        test_loss, test_acc = evaluate(ddp_model, test_set, device, amp=config.amp,
+        # The unwrapped module: DDP's forward may broadcast buffers, a collective that would hang
+        # when the ranks' evaluation shards differ in their number of batches.
+        test_loss, test_acc = evaluate(model, test_set, device, amp=config.amp,
                                        channels_last=config.channels_last, info=info)
         row = {
             "epoch": epoch + 1, "lr": lr_at(config, epoch, 0, steps), "train_loss": float(totals[0] / totals[2]),

@@ -250,6 +250,10 @@ def _resnext(ctx: _Context) -> Dict[str, Any]:
     except ImportError as exc:
         raise _NotAvailable(f"the ResNet / ResNeXt families are missing ({exc})") from exc
     imagenet = [_counts("resnet50"), _counts("resnext50_32x4d")]
+    try:  # the successor with squeeze-and-excitation, when the zoo has it
+        imagenet.append(_counts("seresnext50_32x4d"))
+    except _NotAvailable:
+        pass
     cardinality = []
     for c, d in CARDINALITY_TABLE:
         with torch.device("meta"):
@@ -258,9 +262,19 @@ def _resnext(ctx: _Context) -> Dict[str, Any]:
                             "macs": count_macs(model, (3, 224, 224))})
     depth, card, width = ctx.scale.resnext
     # The ResNet analogue: the same network with one group, its width chosen for equal parameters.
-    target = count_params(CifarResNeXt(depth, card, width, backend="eager"))
-    best = min(range(1, 4 * card * width + 1),
-               key=lambda d: abs(count_params(CifarResNeXt(depth, 1, d, backend="eager")) - target))
+    def params_of(c: int, d: int) -> int:
+        with torch.device("meta"):  # no memory, no initialisation: only the shapes count
+            return count_params(CifarResNeXt(depth, c, d, backend="eager"))
+
+    target = params_of(card, width)
+    best, d = 1, 1
+    while d <= 4 * card * width:  # parameters grow with the width: stop once past the target
+        p = params_of(1, d)
+        if abs(p - target) < abs(params_of(1, best) - target):
+            best = d
+        if p > target:
+            break
+        d += 1
     specs = [(f"ResNeXt-{depth} ({card}x{width}d)", f"resnext:{depth}:{card}:{width}"),
              (f"ResNet-{depth} (1x{best}d)", f"resnext:{depth}:1:{best}")]
     runs = [_train_compare(ctx, label, spec) for label, spec in specs]
@@ -295,6 +309,13 @@ def _densenet(ctx: _Context) -> Dict[str, Any]:
         "transitions": [{"in": t.norm.num_features, "out": t.conv.out_channels} for t in transitions],
         "blocks": [{"c0": b.num_input_features, "layers": len(b), "k": b.growth_rate} for b in blocks],
     }
+    out["counts"] = []
+    names = ("densenet_bc100_k12", "densenet_bc190_k40", "densenet121")
+    for name in names[:1] if ctx.scale.name == "tiny" else names:
+        try:
+            out["counts"].append(_counts(name))
+        except _NotAvailable:
+            pass
     try:
         from resfast.profiling import memory as mem
     except ImportError as exc:
@@ -662,9 +683,14 @@ def _md_resnext(r, w) -> None:
     w("| model | params (M) | MACs/image (G) |\n|---|---:|---:|")
     for c in r["imagenet"]:
         w(f"| {c['name']} | {_m(c['params'])} | {_m(c['macs'], 1e9)} |")
-    a, b = r["imagenet"]
+    a, b = r["imagenet"][:2]
     w(f"\nResNeXt-50 32x4d: {b['params'] / a['params']:.3f}x the parameters and {b['macs'] / a['macs']:.3f}x the "
-      f"MACs of ResNet-50.\n")
+      f"MACs of ResNet-50.")
+    if len(r["imagenet"]) > 2:
+        c = r["imagenet"][2]
+        w(f" Its successor SE-ResNeXt-50 32x4d adds squeeze-and-excitation: {c['params'] / b['params']:.3f}x "
+          f"the parameters and {c['macs'] / b['macs']:.3f}x the MACs of ResNeXt-50 32x4d.")
+    w("")
     w("Cardinality at equal complexity (the ResNeXt paper's Table 2 template: ResNet-50 layout, "
       "conv2 of the first stage has C groups of width d):\n")
     w("| cardinality C | width d | C x d | params (M) | MACs/image (G) |\n|---:|---:|---:|---:|---:|")
@@ -696,6 +722,12 @@ def _md_dense(r, w) -> None:
         w("| transition | in channels | out channels |\n|---:|---:|---:|")
         for i, t in enumerate(c["transitions"]):
             w(f"| {i + 1} | {t['in']} | {t['out']} |")
+        w("")
+    if r.get("counts"):
+        w("Parameter and MAC counts of the zoo's DenseNets (`resfast.profiling.counting`):\n")
+        w("| model | params (M) | MACs/image (G) | input |\n|---|---:|---:|---|")
+        for c in r["counts"]:
+            w(f"| {c['name']} | {_m(c['params'])} | {_m(c['macs'], 1e9)} | {'x'.join(map(str, c['input_size']))} |")
         w("")
     m = r.get("memory", {})
     if not m.get("available"):
