@@ -10,7 +10,7 @@ fraction of the HBM bound (memory-bound rows) and memory ratios in ``extra_info`
 
 ``RESFAST_BENCH_BUDGET_S`` bounds the wall time of the run: once it is spent, the remaining
 benchmarks are skipped (so a run under ``timeout`` still writes its JSON). Default: 240 s on
-the CPU sizes (90 s with ``--benchmark-disable``), none with the GPU sizes; 0 turns it off.
+the CPU sizes (75 s with ``--benchmark-disable``), none with the GPU sizes; 0 turns it off.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _budget_s(config):
 
     if gpu_sizes():
         return None
-    return 90.0 if config.getoption("benchmark_disable", default=False) else 240.0
+    return 75.0 if config.getoption("benchmark_disable", default=False) else 240.0
 
 
 def pytest_collection_modifyitems(config, items):
