@@ -81,22 +81,34 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
     const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
-    const int64_t smem = forward_smem_elems(g, t);
-    if (!force_generic_kernels() && smem * int64_t(sizeof(acc_t)) <= kTileSmemBytes) {
-      // The CUDA tiled forward's blocks: (sample, output tile, group).
-      const int64_t tiles = t.tiles_h * t.tiles_w;
+    const ForwardBlocking fb = forward_blocking(g, t, sizeof(acc_t));
+    if (!force_generic_kernels() && fb.cb > 0) {
+      // The CUDA tiled forward's blocks: (sample, output tile, group, output-channel block),
+      // each staging its input channels chunk by chunk.
+      const int64_t tiles = t.tiles_h * t.tiles_w, gblocks = g.groups * fb.co_blocks;
       const bool x_cl = is_channels_last(x);
-      at::parallel_for(0, g.N * tiles * g.groups, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(smem);
+      at::parallel_for(0, g.N * tiles * gblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(forward_smem_elems(g, t, fb));
+        std::vector<acc_t> acc(kTileThreads * kCoBlock);
         acc_t* a_s = shared.data();
-        acc_t* w_s = a_s + g.cin_g * t.IH * t.IW;
+        acc_t* w_s = a_s + fb.cb * t.IH * t.IW;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t group = b % g.groups, tile = (b / g.groups) % tiles, n = b / (g.groups * tiles);
+          const int64_t gb = b % gblocks, tile = (b / gblocks) % tiles, n = b / (gblocks * tiles);
+          const int64_t group = gb / fb.co_blocks, col0 = (gb % fb.co_blocks) * fb.nco;
+          const int64_t nco = std::min(fb.nco, g.cout_g - col0);
           const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-          fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl, a_s);
-          fill_weight_tile(0, 1, wp, g, group, w_s);
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t cil0 = 0; cil0 < g.cin_g; cil0 += fb.cb) {
+            const int64_t cb = std::min(fb.cb, g.cin_g - cil0);
+            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, cil0, cb, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
+                                 x_cl, a_s);
+            fill_weight_tile(0, 1, wp, g, group, col0, nco, cil0, cb, w_s);
+            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
+              forward_tile_accumulate(tid, g, t, nco, cb, a_s, w_s, acc.data() + tid * kCoBlock);
+            }
+          }
           for (int64_t tid = 0; tid < kTileThreads; ++tid) {
-            forward_tile_compute(tid, g, t, n, group, oh0, ow0, a_s, w_s, bp, op_, os);
+            forward_tile_store(tid, g, n, group, oh0, ow0, col0, nco, acc.data() + tid * kCoBlock, bp, op_, os);
           }
         }
       });
@@ -187,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
           const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
           const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
           fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
-          fill_weight_tile(0, 1, wp, g, group, w_s);
+          fill_weight_tile(0, 1, wp, g, group, 0, g.cout_g, 0, g.cin_g, w_s);
           for (int64_t cil = 0; cil < g.cin_g; ++cil) {
             const int64_t c = group * g.cin_g + cil;
             acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
@@ -253,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
             const int64_t n = item / tiles, tile = item % tiles;
             const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
             fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
-            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl, a_s);
+            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, 0, g.cin_g, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
+                                 x_cl, a_s);
             for (int64_t e = 0; e < nwg; ++e) acc[e] += weight_grad_tile_term(g, t, e, go_s, a_s);
           }
           for (int64_t e = 0; e < nwg; ++e) pp[s * nw + group * nwg + e] = acc[e];

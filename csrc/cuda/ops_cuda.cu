@@ -5,8 +5,10 @@
 // two forms:
 //  * tiled: a block of 256 threads owns a 16 x 16 pixel tile of one sample and one conv
 //    group; it stages relu(bn(x)) (or grad_out) and the group's weights in shared memory,
-//    then each thread computes its pixel. Used whenever the tile fits in 48 KiB, which
-//    covers grouped (ResNeXt: 4 channels per group) and depthwise convs.
+//    then each thread computes its pixel. The forward splits a group into blocks of 8
+//    output channels and stages the input channels chunk by chunk, so it runs tiled for any
+//    conv; the backward kernels run tiled where the whole group's tile fits in shared
+//    memory, which covers grouped (ResNeXt: 4 channels per group) and depthwise convs.
 //  * generic: one thread per output element (or one block per reduced element), reading
 //    global memory through the per-element functions; any shape.
 // Reductions write per-block partials that are summed afterwards in a fixed order, so
@@ -164,19 +166,29 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
 template <typename scalar_t, typename acc_t>
 __global__ void forward_tiled_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
                                      BNParams<acc_t> bn, const acc_t* __restrict__ bias, ConvGeom g, TileGeom t,
-                                     bool x_cl, scalar_t* __restrict__ out, Strides4 os) {
+                                     ForwardBlocking fb, bool x_cl, scalar_t* __restrict__ out, Strides4 os) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* w_s = a_s + g.cin_g * t.IH * t.IW;
+  acc_t* w_s = a_s + fb.cb * t.IH * t.IW;
   const int64_t tiles = t.tiles_h * t.tiles_w;
-  const int64_t b = blockIdx.x;
-  const int64_t group = blockIdx.y, tile = b % tiles, n = b / tiles;
+  const int64_t b = blockIdx.x, gb = blockIdx.y;
+  const int64_t tile = b % tiles, n = b / tiles;
+  const int64_t group = gb / fb.co_blocks, col0 = (gb % fb.co_blocks) * fb.nco;
+  const int64_t nco = fb.nco < g.cout_g - col0 ? fb.nco : g.cout_g - col0;
   const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-  fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl,
-                       a_s);
-  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, w_s);
-  __syncthreads();
-  forward_tile_compute(threadIdx.x, g, t, n, group, oh0, ow0, a_s, w_s, bias, out, os);
+  acc_t acc[kCoBlock];
+#pragma unroll
+  for (int j = 0; j < kCoBlock; ++j) acc[j] = acc_t(0);
+  for (int64_t cil0 = 0; cil0 < g.cin_g; cil0 += fb.cb) {
+    const int64_t cb = fb.cb < g.cin_g - cil0 ? fb.cb : g.cin_g - cil0;
+    __syncthreads();  // the previous chunk is no longer read
+    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, cil0, cb, oh0 * g.sh - g.ph,
+                         ow0 * g.sw - g.pw, x_cl, a_s);
+    fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, col0, nco, cil0, cb, w_s);
+    __syncthreads();
+    forward_tile_accumulate(threadIdx.x, g, t, nco, cb, a_s, w_s, acc);
+  }
+  forward_tile_store(threadIdx.x, g, n, group, oh0, ow0, col0, nco, acc, bias, out, os);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -201,11 +213,12 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
-    const int64_t smem = forward_smem_elems(g, t) * int64_t(sizeof(acc_t));
-    if (!force_generic_kernels() && smem <= kTileSmemBytes && g.groups <= 65535) {
+    const ForwardBlocking fb = forward_blocking(g, t, sizeof(acc_t));
+    if (!force_generic_kernels() && fb.cb > 0 && g.groups * fb.co_blocks <= 65535) {
       const int64_t blocks = g.N * t.tiles_h * t.tiles_w;
-      forward_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups), kThreads, smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g, t,
+      const int64_t smem = forward_smem_elems(g, t, fb) * int64_t(sizeof(acc_t));
+      forward_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups * fb.co_blocks), kThreads, smem, stream>>>(
+          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g, t, fb,
           is_channels_last(x), out.data_ptr<scalar_t>(), strides4(out));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
@@ -267,7 +280,7 @@ __global__ void input_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides
   const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
   const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
   fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
-  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, w_s);
+  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, 0, g.cout_g, 0, g.cin_g, w_s);
   __syncthreads();
   const int64_t h = ih0 + threadIdx.x / kTile, wc = iw0 + threadIdx.x % kTile;
   const bool inside = h < g.H && wc < g.W;
@@ -340,8 +353,8 @@ __global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Stride
     const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
     __syncthreads();  // the previous item's tiles are no longer read
     fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
-    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw, x_cl,
-                         a_s);
+    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, 0, g.cin_g, oh0 * g.sh - g.ph,
+                         ow0 * g.sw - g.pw, x_cl, a_s);
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kMaxWeightPerThread; ++j) {

@@ -16,12 +16,21 @@
 
 #include "resfast/math.h"
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RESFAST_UNROLL _Pragma("unroll")
+#else
+#define RESFAST_UNROLL
+#endif
+
 namespace resfast {
 
 constexpr int64_t kTile = 16;
 constexpr int64_t kTileThreads = kTile * kTile;
 // Weight-gradient elements per group one thread may own (registers per thread).
 constexpr int64_t kMaxWeightPerThread = 4;
+// Output channels one forward block computes (accumulators per thread); a group with more
+// output channels is split over several blocks.
+constexpr int64_t kCoBlock = 8;
 // Dynamic shared memory a tiled block may use: under the 48 KiB a kernel gets without
 // opting in to more, leaving room for the kernels' small static reduction buffers.
 constexpr int64_t kTileSmemBytes = 46 * 1024;
@@ -54,9 +63,26 @@ inline TileGeom make_tile_geom(const ConvGeom& g) {
   return t;
 }
 
+// How the tiled forward splits a group: output channels in blocks of nco (co_blocks blocks
+// per group), input channels in chunks of cb staged in shared memory one after another.
+// cb == 0 means not even one channel fits: use the generic kernel.
+struct ForwardBlocking {
+  int64_t nco, co_blocks, cb;
+};
+
+inline ForwardBlocking forward_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
+  ForwardBlocking b;
+  b.nco = g.cout_g < kCoBlock ? g.cout_g : kCoBlock;
+  b.co_blocks = (g.cout_g + b.nco - 1) / b.nco;
+  const int64_t per_channel = t.IH * t.IW + b.nco * g.KH * g.KW;
+  const int64_t fit = (kTileSmemBytes / acc_bytes) / per_channel;
+  b.cb = g.cin_g < fit ? g.cin_g : fit;
+  return b;
+}
+
 // Shared-memory elements (of acc_t) each tiled kernel needs.
-inline int64_t forward_smem_elems(const ConvGeom& g, const TileGeom& t) {
-  return g.cin_g * t.IH * t.IW + g.cout_g * g.cin_g * g.KH * g.KW;
+inline int64_t forward_smem_elems(const ConvGeom& g, const TileGeom& t, const ForwardBlocking& b) {
+  return b.cb * (t.IH * t.IW + b.nco * g.KH * g.KW);
 }
 inline int64_t input_grad_smem_elems(const ConvGeom& g, const TileGeom& t) {
   return g.cout_g * t.OHB * t.OWB + g.cout_g * g.cin_g * g.KH * g.KW;
@@ -71,43 +97,50 @@ inline bool weight_grad_tile_fits(const ConvGeom& g, const TileGeom& t, int64_t 
 
 // ---- fill phases (any thread count; element e goes to thread e % nthreads) ----
 
-// relu(bn(x)) of channels [group*cin_g, (group+1)*cin_g) over rows [ih0, ih0+IH) and cols
+// relu(bn(x)) of the group's input channels [cil0, cil0+cb) over rows [ih0, ih0+IH) and cols
 // [iw0, iw0+IW) of sample n, zero outside the image (the conv zero-pads the activation).
 // channel_inner enumerates channels fastest, matching a channels-last x in memory.
 template <typename scalar_t, typename acc_t>
 RESFAST_HD void fill_activation_tile(int64_t tid, int64_t nthreads, const scalar_t* x, const Strides4& xs,
                                      const BNParams<acc_t>& bn, const ConvGeom& g, const TileGeom& t, int64_t n,
-                                     int64_t group, int64_t ih0, int64_t iw0, bool channel_inner, acc_t* a_s) {
+                                     int64_t group, int64_t cil0, int64_t cb, int64_t ih0, int64_t iw0,
+                                     bool channel_inner, acc_t* a_s) {
   const int64_t plane = t.IH * t.IW;
-  const int64_t total = g.cin_g * plane;
+  const int64_t total = cb * plane;
   for (int64_t e = tid; e < total; e += nthreads) {
-    int64_t cil, pix;
+    int64_t k, pix;
     if (channel_inner) {
-      cil = e % g.cin_g;
-      pix = e / g.cin_g;
+      k = e % cb;
+      pix = e / cb;
     } else {
-      cil = e / plane;
-      pix = e - cil * plane;
+      k = e / plane;
+      pix = e - k * plane;
     }
     const int64_t r = pix / t.IW, c = pix - (pix / t.IW) * t.IW;
     const int64_t ih = ih0 + r, iw = iw0 + c;
-    const int64_t ci = group * g.cin_g + cil;
+    const int64_t ci = group * g.cin_g + cil0 + k;
     acc_t v = acc_t(0);
     if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
       v = relu(bn_affine(static_cast<acc_t>(x[n * xs.n + ci * xs.c + ih * xs.h + iw * xs.w]), bn.mean[ci],
                          bn.invstd[ci], bn.gamma[ci], bn.beta[ci]));
     }
-    a_s[cil * plane + pix] = v;
+    a_s[k * plane + pix] = v;
   }
 }
 
-// The group's weights [cout_g][cin_g][KH][KW] (contiguous in the weight tensor).
+// Weights of the group's output channels [col0, col0+nco) and input channels [cil0, cil0+cb)
+// as w_s[(j*cb + k)*KH*KW + tap]; with the whole group this is its [cout_g][cin_g][KH][KW].
 template <typename scalar_t, typename acc_t>
 RESFAST_HD void fill_weight_tile(int64_t tid, int64_t nthreads, const scalar_t* w, const ConvGeom& g, int64_t group,
-                                 acc_t* w_s) {
-  const int64_t nwg = g.cout_g * g.cin_g * g.KH * g.KW;
-  const scalar_t* wg = w + group * nwg;
-  for (int64_t e = tid; e < nwg; e += nthreads) w_s[e] = static_cast<acc_t>(wg[e]);
+                                 int64_t col0, int64_t nco, int64_t cil0, int64_t cb, acc_t* w_s) {
+  const int64_t kk = g.KH * g.KW;
+  const int64_t total = nco * cb * kk;
+  for (int64_t e = tid; e < total; e += nthreads) {
+    const int64_t j = e / (cb * kk), rem = e - (e / (cb * kk)) * (cb * kk);
+    const int64_t k = rem / kk, tap = rem - (rem / kk) * kk;
+    const int64_t co = group * g.cout_g + col0 + j;
+    w_s[e] = static_cast<acc_t>(w[(co * g.cin_g + cil0 + k) * kk + tap]);
+  }
 }
 
 // grad_out of the group's output channels over rows [oh0, oh0+rows), cols [ow0, ow0+cols),
@@ -140,29 +173,47 @@ RESFAST_HD void fill_grad_out_tile(int64_t tid, int64_t nthreads, const scalar_t
 
 // ---- compute phases (thread tid owns pixel (tid / kTile, tid % kTile) of the tile) ----
 
-// Forward: the group's cout_g outputs at output pixel (oh0 + r, ow0 + c), written to out.
-template <typename scalar_t, typename acc_t>
-RESFAST_HD void forward_tile_compute(int64_t tid, const ConvGeom& g, const TileGeom& t, int64_t n, int64_t group,
-                                     int64_t oh0, int64_t ow0, const acc_t* a_s, const acc_t* w_s, const acc_t* bias,
-                                     scalar_t* out, const Strides4& os) {
+// Forward, one input-channel chunk: adds the chunk's contribution to the nco outputs of
+// output pixel (r, c) = (tid / kTile, tid % kTile) of the tile into acc[0..nco).
+template <typename acc_t>
+RESFAST_HD void forward_tile_accumulate(int64_t tid, const ConvGeom& g, const TileGeom& t, int64_t nco, int64_t cb,
+                                        const acc_t* a_s, const acc_t* w_s, acc_t* acc) {
   const int64_t r = tid / kTile, c = tid - (tid / kTile) * kTile;
-  const int64_t oh = oh0 + r, ow = ow0 + c;
-  if (oh >= g.Ho || ow >= g.Wo) return;
   const int64_t plane = t.IH * t.IW, kk = g.KH * g.KW;
-  for (int64_t col = 0; col < g.cout_g; ++col) {
-    const int64_t co = group * g.cout_g + col;
-    acc_t acc = acc_t(0);
-    for (int64_t cil = 0; cil < g.cin_g; ++cil) {
-      const acc_t* ap = a_s + cil * plane + (r * g.sh) * t.IW + c * g.sw;
-      const acc_t* wp = w_s + (col * g.cin_g + cil) * kk;
-      for (int64_t kh = 0; kh < g.KH; ++kh) {
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          acc += ap[kh * g.dh * t.IW + kw * g.dw] * wp[kh * g.KW + kw];
+  const acc_t* a0 = a_s + (r * g.sh) * t.IW + c * g.sw;
+  // A fixed trip count with a guard (not a break) lets nvcc unroll the loop and keep acc[]
+  // in registers.
+  RESFAST_UNROLL
+  for (int64_t j = 0; j < kCoBlock; ++j) {
+    if (j < nco) {
+      acc_t sum = acc[j];
+      for (int64_t k = 0; k < cb; ++k) {
+        const acc_t* ap = a0 + k * plane;
+        const acc_t* wp = w_s + (j * cb + k) * kk;
+        for (int64_t kh = 0; kh < g.KH; ++kh) {
+          for (int64_t kw = 0; kw < g.KW; ++kw) sum += ap[kh * g.dh * t.IW + kw * g.dw] * wp[kh * g.KW + kw];
         }
       }
+      acc[j] = sum;
     }
-    if (bias != nullptr) acc += bias[co];
-    out[n * os.n + co * os.c + oh * os.h + ow * os.w] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Forward: writes acc[0..nco) (+ bias) to output channels group*cout_g + col0 + j of output
+// pixel (oh0 + r, ow0 + c), if that pixel is inside the output.
+template <typename scalar_t, typename acc_t>
+RESFAST_HD void forward_tile_store(int64_t tid, const ConvGeom& g, int64_t n, int64_t group, int64_t oh0, int64_t ow0,
+                                   int64_t col0, int64_t nco, const acc_t* acc, const acc_t* bias, scalar_t* out,
+                                   const Strides4& os) {
+  const int64_t oh = oh0 + tid / kTile, ow = ow0 + (tid - (tid / kTile) * kTile);
+  if (oh >= g.Ho || ow >= g.Wo) return;
+  RESFAST_UNROLL
+  for (int64_t j = 0; j < kCoBlock; ++j) {
+    if (j < nco) {
+      const int64_t co = group * g.cout_g + col0 + j;
+      const acc_t v = bias != nullptr ? acc[j] + bias[co] : acc[j];
+      out[n * os.n + co * os.c + oh * os.h + ow * os.w] = static_cast<scalar_t>(v);
+    }
   }
 }
 
