@@ -111,7 +111,10 @@ def _load_digits(test_fraction: float, size: int) -> Tuple[ImageDataset, ImageDa
     test_t = torch.from_numpy(test_mask)
     mean = tuple(float(v) for v in x[train_t].mean(dim=(0, 2, 3)))
     std = tuple(float(v) for v in x[train_t].std(dim=(0, 2, 3)))
-    make = lambda m: ImageDataset(x[m].contiguous(), y[m].contiguous(), mean, std, 10, flip=False, name="digits")  # noqa: E731
+
+    def make(m: Tensor) -> ImageDataset:
+        return ImageDataset(x[m].contiguous(), y[m].contiguous(), mean, std, 10, flip=False, name="digits")
+
     return make(train_t), make(test_t)
 
 

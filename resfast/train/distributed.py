@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "prepare_model", "wrap_model", "convert_sync_bn", "all_reduce_sum",
-           "shard_indices", "unwrap"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "prepare_model", "wrap_model", "convert_sync_bn",
+           "all_reduce_sum", "shard_indices", "unwrap"]
 
 
 @dataclass(frozen=True)

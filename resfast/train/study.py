@@ -615,11 +615,13 @@ def _pct(v: Optional[float]) -> str:
 
 
 def _runs_table(runs: List[Dict[str, Any]], w) -> None:
-    w("| model | params (M) | MACs/image (M) | time/epoch (s) | images/s | final train loss | test acc | best test acc |")
+    w("| model | params (M) | MACs/image (M) | time/epoch (s) | images/s | final train loss | test acc "
+      "| best test acc |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         w(f"| {r['label']} | {_m(r['params'])} | {_m(r['macs'], 1e6, 1)} | {r['time_per_epoch_s']:.1f} | "
-          f"{r['images_per_s']:.0f} | {r['final_train_loss']:.3f} | {_pct(r['test_acc'])} | {_pct(r['best_test_acc'])} |")
+          f"{r['images_per_s']:.0f} | {r['final_train_loss']:.3f} | {_pct(r['test_acc'])} | "
+          f"{_pct(r['best_test_acc'])} |")
     w(f"\nMACs at the trained input size ({r['input_size'][1]}x{r['input_size'][2]}); {r['epochs']} "
       f"epoch{'s' if r['epochs'] != 1 else ''} each; time/epoch is the median epoch.\n")
 
