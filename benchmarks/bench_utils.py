@@ -8,15 +8,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import torch
 
 __all__ = [
+    "IMPLS",
     "BenchEnv",
+    "autocast",
     "bench_env",
+    "compile_or_skip",
     "cuda_sync_timer",
+    "first_call",
     "gpu_sizes",
     "input_sets",
     "measure",
@@ -25,6 +29,8 @@ __all__ = [
     "resfast_attr",
     "run_or_skip",
     "synchronize",
+    "timed_first_call",
+    "training_step",
 ]
 
 # Row labels: the plain PyTorch modules, torch.compile of them, and resfast's kernel backends.
@@ -264,11 +270,3 @@ def first_call(fn: Callable[[], Any], what: str, compiled: bool = False) -> Any:
         if "Compil" in name or "Backend" in name or "Inductor" in name or "dynamo" in type(exc).__module__:
             pytest.skip(f"{what}: torch.compile cannot compile here: {name}: {str(exc).splitlines()[0][:300]}")
         raise
-
-
-def fmt_shape(n: int, c: int, h: int, w: int) -> str:
-    return f"{h}x{w}x{c} N{n}"
-
-
-def param_ids(values: Sequence[Any]) -> List[str]:
-    return [str(v) for v in values]

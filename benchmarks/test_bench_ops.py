@@ -103,8 +103,7 @@ def test_bn_relu_conv2d(benchmark, env, shape_name, mode, impl):
              .contiguous(memory_format=env.memory_format) for _ in xs] if backward else []
 
     if impl == "eager":
-        seq = nn.Sequential(bn, nn.ReLU(inplace=True), conv)
-        op = seq
+        op = nn.Sequential(bn, nn.ReLU(inplace=True), conv)
     elif impl == "compile":
         op = compile_or_skip(nn.Sequential(bn, nn.ReLU(), conv), env)
     else:
