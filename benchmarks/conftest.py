@@ -38,6 +38,7 @@ def pytest_configure(config):
         os.environ["RESFAST_BENCH_SIZES"] = "gpu"
     from bench_utils import bench_env, gpu_sizes
 
+    _budget_s(config)  # a malformed RESFAST_BENCH_BUDGET_S is a usage error before anything runs
     if gpu_sizes() and not bench_env().cuda:
         raise pytest.UsageError("--gpu-sizes / RESFAST_BENCH_SIZES=gpu needs a CUDA device (none is available, "
                                 "or RESFAST_BENCH_DEVICE selects another)")
@@ -64,7 +65,10 @@ def pytest_report_header(config):
 def _budget_s(config):
     raw = os.environ.get("RESFAST_BENCH_BUDGET_S", "").strip()
     if raw:
-        value = float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            raise pytest.UsageError(f"RESFAST_BENCH_BUDGET_S must be a number of seconds, got {raw!r}") from None
         return value if value > 0 else None
     from bench_utils import gpu_sizes
 

@@ -411,6 +411,15 @@ def test_benchmark_run_records_ratios_in_its_json_and_prints_the_table(tmp_path)
     assert re.search(r"^op fwd resnext 2x2x1024 g32 k3 N2 fp32 +\S+", proc.stdout, flags=re.M)
 
 
+def test_malformed_bench_budget_is_a_usage_error():
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
+    env = dict(os.environ, RESFAST_BENCH_BUDGET_S="5min")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p",
+                           "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "RESFAST_BENCH_BUDGET_S must be a number of seconds, got '5min'" in proc.stderr
+
+
 def test_gpu_sizes_without_cuda_is_a_usage_error():
     pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")
     import torch
