@@ -19,6 +19,7 @@ _LAZY = {
     "Bottleneck": "resfast.nn.blocks",
     "WideBasic": "resfast.nn.blocks",
     "ResNeXtBottleneck": "resfast.nn.blocks",
+    "PreActBottleneck": "resfast.nn.blocks",
     "SEModule": "resfast.nn.blocks",
     "DenseLayer": "resfast.nn.dense",
     "DenseBlock": "resfast.nn.dense",
