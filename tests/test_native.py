@@ -44,9 +44,9 @@ CASES = {
     "dilated_stride2_pad0": (1, 5, 3, 11, 13, 3, 2, 0, 2, 1, False, False, False, True),
     "crosses_tiles_g2": (1, 4, 6, 19, 21, 3, 1, 1, 1, 2, False, True, True, True),
     "stride2_cl_crosses_tiles": (1, 4, 4, 35, 18, 3, 2, 1, 1, 4, True, False, True, True),
-    # Wide dense convs: the tiled forward stages the input channels in several chunks and
-    # splits the output channels over blocks of 8 (the last one partial).
-    "dense_c40_chunks_cl_prefix": (1, 40, 12, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
+    # Wide dense convs: the tiled kernels split the channels they accumulate over several
+    # blocks (the last one partial) and stage the other side in several chunks.
+    "dense_c40_chunks_cl_prefix": (1, 40, 40, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
     "dense_s2_chunks": (2, 24, 20, 9, 7, 3, 2, 1, 1, 1, False, False, False, True),
 }
 

@@ -181,32 +181,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const TileGeom t = make_tile_geom(g);
     const bool generic = force_generic_kernels();
     const bool x_cl = is_channels_last(x), go_cl = is_channels_last(grad_out);
-    const int64_t ig_smem = input_grad_smem_elems(g, t);
-    if (!generic && ig_smem * int64_t(sizeof(acc_t)) <= kTileSmemBytes) {
-      // The CUDA tiled input-gradient kernel's blocks: (sample, input tile, group); each
-      // writes its partial channel sums to row (sample, tile) of a [N*tiles, C] buffer.
-      const int64_t tiles = t.itiles_h * t.itiles_w;
+    const InputGradBlocking ib = input_grad_blocking(g, t, sizeof(acc_t));
+    if (!generic && ib.cbo > 0) {
+      // The CUDA tiled input-gradient kernel's blocks: (sample, input tile, group, input-
+      // channel block), staging the output channels chunk by chunk; each writes its partial
+      // channel sums to row (sample, tile) of a [N*tiles, C] buffer.
+      const int64_t tiles = t.itiles_h * t.itiles_w, gblocks = g.groups * ib.ci_blocks;
       at::Tensor part_dz = at::empty({g.N * tiles, g.C}, acc_opts), part_dzx = at::empty({g.N * tiles, g.C}, acc_opts);
       acc_t* pdz = part_dz.data_ptr<acc_t>();
       acc_t* pdzx = part_dzx.data_ptr<acc_t>();
-      at::parallel_for(0, g.N * tiles * g.groups, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(ig_smem);
+      at::parallel_for(0, g.N * tiles * gblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(input_grad_smem_elems(g, t, ib));
+        std::vector<acc_t> acc(kTileThreads * kCoBlock);
         acc_t* go_s = shared.data();
-        acc_t* w_s = go_s + g.cout_g * t.OHB * t.OWB;
+        acc_t* w_s = go_s + ib.cbo * t.OHB * t.OWB;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t group = b % g.groups, tile = (b / g.groups) % tiles, n = b / (g.groups * tiles);
+          const int64_t gb = b % gblocks, tile = (b / gblocks) % tiles, n = b / (gblocks * tiles);
+          const int64_t group = gb / ib.ci_blocks, cil0 = (gb % ib.ci_blocks) * ib.nci;
+          const int64_t nci = std::min(ib.nci, g.cin_g - cil0);
           const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
           const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
           const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
-          fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
-          fill_weight_tile(0, 1, wp, g, group, 0, g.cout_g, 0, g.cin_g, w_s);
-          for (int64_t cil = 0; cil < g.cin_g; ++cil) {
-            const int64_t c = group * g.cin_g + cil;
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t col0 = 0; col0 < g.cout_g; col0 += ib.cbo) {
+            const int64_t nco = std::min(ib.cbo, g.cout_g - col0);
+            fill_grad_out_tile(0, 1, gp, gs, g, n, group, col0, nco, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
+            fill_weight_tile(0, 1, wp, g, group, col0, nco, cil0, nci, w_s);
+            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
+              const int64_t h = ih0 + tid / kTile, w = iw0 + tid % kTile;
+              if (h >= g.H || w >= g.W) continue;
+              input_grad_tile_accumulate(g, t, h, w, oh_lo, ow_lo, nci, nco, go_s, w_s, acc.data() + tid * kCoBlock);
+            }
+          }
+          for (int64_t k = 0; k < nci; ++k) {
+            const int64_t c = group * g.cin_g + cil0 + k;
             acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
             for (int64_t tid = 0; tid < kTileThreads; ++tid) {
               const int64_t h = ih0 + tid / kTile, w = iw0 + tid % kTile;
               if (h >= g.H || w >= g.W) continue;
-              const acc_t ga = input_grad_tile_point(g, t, h, w, oh_lo, ow_lo, cil, go_s, w_s);
+              const acc_t ga = acc[tid * kCoBlock + k];
               const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
               const acc_t gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
               zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
@@ -244,32 +257,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     // dL/dweight.
     acc_t* gwp = gw_acc.data_ptr<acc_t>();
     const int64_t nw = gw_acc.numel();
-    if (!generic && weight_grad_tile_fits(g, t, sizeof(acc_t))) {
-      // The CUDA tiled weight-gradient kernel's blocks: (split, group); split s sums the
-      // output tiles s, s + splits, ... of every sample into row s of a [splits, nw] buffer.
+    const WeightGradBlocking wb = weight_grad_blocking(g, t, sizeof(acc_t));
+    if (!generic && wb.nci > 0) {
+      // The CUDA tiled weight-gradient kernel's blocks: (split, group, output-channel block,
+      // input-channel block); split s sums the output tiles s, s + splits, ... of every
+      // sample into row s of a [splits, nw] buffer.
       const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
       const int64_t splits = std::min<int64_t>(items, 16);
-      const int64_t nwg = nw / g.groups;
-      const int64_t smem = weight_grad_smem_elems(g, t);
+      const int64_t gblocks = g.groups * wb.co_blocks * wb.ci_blocks;
       at::Tensor part = at::empty({splits, nw}, acc_opts);
       acc_t* pp = part.data_ptr<acc_t>();
-      at::parallel_for(0, splits * g.groups, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(smem);
-        std::vector<acc_t> acc(nwg);
+      at::parallel_for(0, splits * gblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc_t> shared(weight_grad_smem_elems(g, t, wb));
+        std::vector<acc_t> acc(kMaxWeightPerThread * kTileThreads);
         acc_t* go_s = shared.data();
-        acc_t* a_s = go_s + g.cout_g * kTileThreads;
+        acc_t* a_s = go_s + wb.nco * kTileThreads;
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t group = b % g.groups, s = b / g.groups;
+          const int64_t gb = b % gblocks, s = b / gblocks;
+          const int64_t cib = gb % wb.ci_blocks, cob = (gb / wb.ci_blocks) % wb.co_blocks;
+          const int64_t group = gb / (wb.ci_blocks * wb.co_blocks);
+          const int64_t col0 = cob * wb.nco, cil0 = cib * wb.nci;
+          const int64_t nco = std::min(wb.nco, g.cout_g - col0), nci = std::min(wb.nci, g.cin_g - cil0);
+          const int64_t ne = nco * nci * g.KH * g.KW;
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for (int64_t item = s; item < items; item += splits) {
             const int64_t n = item / tiles, tile = item % tiles;
             const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-            fill_grad_out_tile(0, 1, gp, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
-            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, 0, g.cin_g, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
+            fill_grad_out_tile(0, 1, gp, gs, g, n, group, col0, nco, oh0, ow0, kTile, kTile, go_cl, go_s);
+            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, cil0, nci, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
                                  x_cl, a_s);
-            for (int64_t e = 0; e < nwg; ++e) acc[e] += weight_grad_tile_term(g, t, e, go_s, a_s);
+            for (int64_t e = 0; e < ne; ++e) acc[e] += weight_grad_tile_term(g, t, e, nci, go_s, a_s);
           }
-          for (int64_t e = 0; e < nwg; ++e) pp[s * nw + group * nwg + e] = acc[e];
+          for (int64_t e = 0; e < ne; ++e) pp[s * nw + weight_grad_tile_index(g, group, col0, cil0, nci, e)] = acc[e];
         }
       });
       gw_acc.copy_(part.sum(0).view(gw_acc.sizes()));

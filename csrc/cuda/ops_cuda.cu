@@ -5,10 +5,9 @@
 // two forms:
 //  * tiled: a block of 256 threads owns a 16 x 16 pixel tile of one sample and one conv
 //    group; it stages relu(bn(x)) (or grad_out) and the group's weights in shared memory,
-//    then each thread computes its pixel. The forward splits a group into blocks of 8
-//    output channels and stages the input channels chunk by chunk, so it runs tiled for any
-//    conv; the backward kernels run tiled where the whole group's tile fits in shared
-//    memory, which covers grouped (ResNeXt: 4 channels per group) and depthwise convs.
+//    then each thread computes its pixel. Wide groups are split over blocks of at most 8
+//    accumulated channels and the other side is staged in chunks, so every conv whose
+//    kernel window fits runs tiled; ResNeXt's 4-channel groups take one block per group.
 //  * generic: one thread per output element (or one block per reduced element), reading
 //    global memory through the per-element functions; any shape.
 // Reductions write per-block partials that are summed afterwards in a fixed order, so
@@ -261,44 +260,58 @@ void bn_relu_conv2d_out_cuda(const at::Tensor& x, const at::Tensor& weight, cons
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// dL/dz (ReLU mask applied) for a tile of input pixels of one sample and one group, with
-// the block's partial per-channel sums of dL/dz and dL/dz * xhat written to row
-// blockIdx.x of [N*tiles, C] buffers.
+// dL/dz (ReLU mask applied) for a tile of input pixels of one sample and up to kCoBlock
+// input channels of one group (grid y = group * ci_blocks + input-channel block), staging
+// the group's output channels chunk by chunk; the block's partial per-channel sums of dL/dz
+// and dL/dz * xhat go to row blockIdx.x of [N*tiles, C] buffers.
 template <typename scalar_t, typename acc_t>
 __global__ void input_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
                                         Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
-                                        TileGeom t, bool go_cl, scalar_t* __restrict__ grad_z, Strides4 zs,
-                                        acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
+                                        TileGeom t, InputGradBlocking ib, bool go_cl, scalar_t* __restrict__ grad_z,
+                                        Strides4 zs, acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ acc_t red[kThreads / 32];
   acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* w_s = go_s + g.cout_g * t.OHB * t.OWB;
+  acc_t* w_s = go_s + ib.cbo * t.OHB * t.OWB;
   const int64_t tiles = t.itiles_h * t.itiles_w;
-  const int64_t b = blockIdx.x;
-  const int64_t group = blockIdx.y, tile = b % tiles, n = b / tiles;
+  const int64_t b = blockIdx.x, gb = blockIdx.y;
+  const int64_t tile = b % tiles, n = b / tiles;
+  const int64_t group = gb / ib.ci_blocks, cil0 = (gb % ib.ci_blocks) * ib.nci;
+  const int64_t nci = ib.nci < g.cin_g - cil0 ? ib.nci : g.cin_g - cil0;
   const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
   const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
   const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
-  fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
-  fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, 0, g.cout_g, 0, g.cin_g, w_s);
-  __syncthreads();
   const int64_t h = ih0 + threadIdx.x / kTile, wc = iw0 + threadIdx.x % kTile;
   const bool inside = h < g.H && wc < g.W;
-  for (int64_t cil = 0; cil < g.cin_g; ++cil) {
-    const int64_t c = group * g.cin_g + cil;
-    acc_t gz = acc_t(0), gzx = acc_t(0);
-    if (inside) {
-      const acc_t ga = input_grad_tile_point(g, t, h, wc, oh_lo, ow_lo, cil, go_s, w_s);
-      const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
-      gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
-      grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
-      gzx = gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
-    }
-    gz = block_sum(gz, red);
-    gzx = block_sum(gzx, red);
-    if (threadIdx.x == 0) {
-      part_dz[b * g.C + c] = gz;
-      part_dzx[b * g.C + c] = gzx;
+  acc_t acc[kCoBlock];
+#pragma unroll
+  for (int k = 0; k < kCoBlock; ++k) acc[k] = acc_t(0);
+  for (int64_t col0 = 0; col0 < g.cout_g; col0 += ib.cbo) {
+    const int64_t nco = ib.cbo < g.cout_g - col0 ? ib.cbo : g.cout_g - col0;
+    __syncthreads();  // the previous chunk is no longer read
+    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, col0, nco, oh_lo, ow_lo, t.OHB, t.OWB, go_cl,
+                       go_s);
+    fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, col0, nco, cil0, nci, w_s);
+    __syncthreads();
+    if (inside) input_grad_tile_accumulate(g, t, h, wc, oh_lo, ow_lo, nci, nco, go_s, w_s, acc);
+  }
+#pragma unroll
+  for (int k = 0; k < kCoBlock; ++k) {
+    if (k < nci) {  // uniform over the block: every thread reaches the block_sum calls
+      const int64_t c = group * g.cin_g + cil0 + k;
+      acc_t gz = acc_t(0), gzx = acc_t(0);
+      if (inside) {
+        const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
+        gz = relu_backward(acc[k], bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
+        grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
+        gzx = gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
+      }
+      gz = block_sum(gz, red);
+      gzx = block_sum(gzx, red);
+      if (threadIdx.x == 0) {
+        part_dz[b * g.C + c] = gz;
+        part_dzx[b * g.C + c] = gzx;
+      }
     }
   }
 }
@@ -332,19 +345,26 @@ __global__ void input_grad_generic_kernel(const scalar_t* __restrict__ go, Strid
   }
 }
 
-// Weight gradient, tiled: grid (splits, groups); block (s, group) sums the output tiles
-// s, s + splits, ... into row s of a [splits, numel(weight)] buffer. Thread tid owns the
-// group's weight elements tid, tid + 256, ... (at most kMaxWeightPerThread of them).
+// Weight gradient, tiled: grid (splits, group * co_blocks * ci_blocks); block (s, gb) sums
+// the output tiles s, s + splits, ... into row s of a [splits, numel(weight)] buffer for the
+// weights of its nco output x nci input channels. Thread tid owns the block's weight
+// elements tid, tid + 256, ... (at most kMaxWeightPerThread of them).
 template <typename scalar_t, typename acc_t>
 __global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
-                                         Strides4 xs, BNParams<acc_t> bn, ConvGeom g, TileGeom t, bool go_cl,
-                                         bool x_cl, acc_t* __restrict__ part) {
+                                         Strides4 xs, BNParams<acc_t> bn, ConvGeom g, TileGeom t,
+                                         WeightGradBlocking wb, bool go_cl, bool x_cl, acc_t* __restrict__ part) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* a_s = go_s + g.cout_g * kTileThreads;
-  const int64_t s = blockIdx.x, splits = gridDim.x, group = blockIdx.y;
+  acc_t* a_s = go_s + wb.nco * kTileThreads;
+  const int64_t s = blockIdx.x, splits = gridDim.x, gb = blockIdx.y;
+  const int64_t cib = gb % wb.ci_blocks, cob = (gb / wb.ci_blocks) % wb.co_blocks;
+  const int64_t group = gb / (wb.ci_blocks * wb.co_blocks);
+  const int64_t col0 = cob * wb.nco, cil0 = cib * wb.nci;
+  const int64_t nco = wb.nco < g.cout_g - col0 ? wb.nco : g.cout_g - col0;
+  const int64_t nci = wb.nci < g.cin_g - cil0 ? wb.nci : g.cin_g - cil0;
+  const int64_t ne = nco * nci * g.KH * g.KW;
   const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
-  const int64_t nwg = g.cout_g * g.cin_g * g.KH * g.KW, nw = nwg * g.groups;
+  const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   acc_t acc[kMaxWeightPerThread];
 #pragma unroll
   for (int j = 0; j < kMaxWeightPerThread; ++j) acc[j] = acc_t(0);
@@ -352,20 +372,20 @@ __global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Stride
     const int64_t n = item / tiles, tile = item % tiles;
     const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
     __syncthreads();  // the previous item's tiles are no longer read
-    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, oh0, ow0, kTile, kTile, go_cl, go_s);
-    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, 0, g.cin_g, oh0 * g.sh - g.ph,
+    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, col0, nco, oh0, ow0, kTile, kTile, go_cl, go_s);
+    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, cil0, nci, oh0 * g.sh - g.ph,
                          ow0 * g.sw - g.pw, x_cl, a_s);
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kMaxWeightPerThread; ++j) {
       const int64_t e = threadIdx.x + int64_t(j) * kThreads;
-      if (e < nwg) acc[j] += weight_grad_tile_term(g, t, e, go_s, a_s);
+      if (e < ne) acc[j] += weight_grad_tile_term(g, t, e, nci, go_s, a_s);
     }
   }
 #pragma unroll
   for (int j = 0; j < kMaxWeightPerThread; ++j) {
     const int64_t e = threadIdx.x + int64_t(j) * kThreads;
-    if (e < nwg) part[s * nw + group * nwg + e] = acc[j];
+    if (e < ne) part[s * nw + weight_grad_tile_index(g, group, col0, cil0, nci, e)] = acc[j];
   }
 }
 
@@ -442,12 +462,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const int64_t acc_bytes = sizeof(acc_t);
 
     // dL/dz and its per-channel sums.
-    const int64_t ig_smem = input_grad_smem_elems(g, t) * acc_bytes;
-    if (!generic && ig_smem <= kTileSmemBytes && g.groups <= 65535) {
+    const InputGradBlocking ib = input_grad_blocking(g, t, acc_bytes);
+    if (!generic && ib.cbo > 0 && g.groups * ib.ci_blocks <= 65535) {
       const int64_t blocks = g.N * t.itiles_h * t.itiles_w;
+      const int64_t smem = input_grad_smem_elems(g, t, ib) * acc_bytes;
       at::Tensor part_dz = at::empty({blocks, g.C}, acc_opts), part_dzx = at::empty({blocks, g.C}, acc_opts);
-      input_grad_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups), kThreads, ig_smem, stream>>>(
-          gp, gs, xp, xs, wp, bn, g, t, go_cl, zp, zs, part_dz.data_ptr<acc_t>(), part_dzx.data_ptr<acc_t>());
+      input_grad_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups * ib.ci_blocks), kThreads, smem, stream>>>(
+          gp, gs, xp, xs, wp, bn, g, t, ib, go_cl, zp, zs, part_dz.data_ptr<acc_t>(), part_dzx.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sum_dz = part_dz.sum(0);
       sum_dz_xhat = part_dzx.sum(0);
@@ -463,14 +484,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     }
 
     // dL/dweight.
-    if (!generic && weight_grad_tile_fits(g, t, acc_bytes) && g.groups <= 65535) {
+    const WeightGradBlocking wb = weight_grad_blocking(g, t, acc_bytes);
+    const int64_t wblocks = g.groups * wb.co_blocks * wb.ci_blocks;
+    if (!generic && wb.nci > 0 && wblocks <= 65535) {
       const int64_t items = g.N * t.tiles_h * t.tiles_w;
       const int64_t splits =
-          std::max<int64_t>(1, std::min<int64_t>({items, ceil_div(4 * sm_count(), g.groups), int64_t(65535)}));
-      const int64_t smem = weight_grad_smem_elems(g, t) * acc_bytes;
+          std::max<int64_t>(1, std::min<int64_t>({items, ceil_div(4 * sm_count(), wblocks), int64_t(65535)}));
+      const int64_t smem = weight_grad_smem_elems(g, t, wb) * acc_bytes;
       at::Tensor part = at::empty({splits, nw}, acc_opts);
-      weight_grad_tiled_kernel<scalar_t, acc_t><<<dim3(splits, g.groups), kThreads, smem, stream>>>(
-          gp, gs, xp, xs, bn, g, t, go_cl, x_cl, part.data_ptr<acc_t>());
+      weight_grad_tiled_kernel<scalar_t, acc_t><<<dim3(splits, wblocks), kThreads, smem, stream>>>(
+          gp, gs, xp, xs, bn, g, t, wb, go_cl, x_cl, part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       gw_acc = part.sum(0);
     } else {

@@ -26,7 +26,7 @@ namespace resfast {
 
 constexpr int64_t kTile = 16;
 constexpr int64_t kTileThreads = kTile * kTile;
-// Weight-gradient elements per group one thread may own (registers per thread).
+// Weight-gradient elements one thread of the weight-gradient kernel may own (registers).
 constexpr int64_t kMaxWeightPerThread = 4;
 // Output channels one forward block computes (accumulators per thread); a group with more
 // output channels is split over several blocks.
@@ -84,15 +84,50 @@ inline ForwardBlocking forward_blocking(const ConvGeom& g, const TileGeom& t, in
 inline int64_t forward_smem_elems(const ConvGeom& g, const TileGeom& t, const ForwardBlocking& b) {
   return b.cb * (t.IH * t.IW + b.nco * g.KH * g.KW);
 }
-inline int64_t input_grad_smem_elems(const ConvGeom& g, const TileGeom& t) {
-  return g.cout_g * t.OHB * t.OWB + g.cout_g * g.cin_g * g.KH * g.KW;
+// How the tiled input-gradient kernel splits a group: input channels in blocks of nci
+// (accumulators per thread; ci_blocks blocks per group), output channels staged in chunks of
+// cbo. cbo == 0: use the generic kernel.
+struct InputGradBlocking {
+  int64_t nci, ci_blocks, cbo;
+};
+
+inline InputGradBlocking input_grad_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
+  InputGradBlocking b;
+  b.nci = g.cin_g < kCoBlock ? g.cin_g : kCoBlock;
+  b.ci_blocks = (g.cin_g + b.nci - 1) / b.nci;
+  const int64_t per_co = t.OHB * t.OWB + b.nci * g.KH * g.KW;
+  const int64_t fit = (kTileSmemBytes / acc_bytes) / per_co;
+  b.cbo = g.cout_g < fit ? g.cout_g : fit;
+  return b;
 }
-inline int64_t weight_grad_smem_elems(const ConvGeom& g, const TileGeom& t) {
-  return g.cout_g * kTileThreads + g.cin_g * t.IH * t.IW;
+
+inline int64_t input_grad_smem_elems(const ConvGeom& g, const TileGeom& t, const InputGradBlocking& b) {
+  return b.cbo * (t.OHB * t.OWB + b.nci * g.KH * g.KW);
 }
-inline bool weight_grad_tile_fits(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
-  return weight_grad_smem_elems(g, t) * acc_bytes <= kTileSmemBytes &&
-         g.cout_g * g.cin_g * g.KH * g.KW <= kMaxWeightPerThread * kTileThreads;
+
+// How the tiled weight-gradient kernel splits a group: a block owns the weights of nco output
+// x nci input channels (at most kMaxWeightPerThread per thread). nci == 0: generic kernel.
+struct WeightGradBlocking {
+  int64_t nco, co_blocks, nci, ci_blocks;
+};
+
+inline WeightGradBlocking weight_grad_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
+  WeightGradBlocking b;
+  b.nco = g.cout_g < kCoBlock ? g.cout_g : kCoBlock;
+  b.co_blocks = (g.cout_g + b.nco - 1) / b.nco;
+  const int64_t by_threads = (kMaxWeightPerThread * kTileThreads) / (b.nco * g.KH * g.KW);
+  const int64_t smem_left = kTileSmemBytes / acc_bytes - b.nco * kTileThreads;
+  const int64_t by_smem = smem_left > 0 ? smem_left / (t.IH * t.IW) : 0;
+  int64_t nci = g.cin_g;
+  if (by_threads < nci) nci = by_threads;
+  if (by_smem < nci) nci = by_smem;
+  b.nci = nci;
+  b.ci_blocks = nci > 0 ? (g.cin_g + nci - 1) / nci : 0;
+  return b;
+}
+
+inline int64_t weight_grad_smem_elems(const ConvGeom& g, const TileGeom& t, const WeightGradBlocking& b) {
+  return b.nco * kTileThreads + b.nci * t.IH * t.IW;
 }
 
 // ---- fill phases (any thread count; element e goes to thread e % nthreads) ----
@@ -143,31 +178,31 @@ RESFAST_HD void fill_weight_tile(int64_t tid, int64_t nthreads, const scalar_t* 
   }
 }
 
-// grad_out of the group's output channels over rows [oh0, oh0+rows), cols [ow0, ow0+cols),
-// zero outside the output.
+// grad_out of the group's output channels [col0, col0+nco) over rows [oh0, oh0+rows), cols
+// [ow0, ow0+cols), zero outside the output; go_s[j*rows*cols + pix].
 template <typename scalar_t, typename acc_t>
 RESFAST_HD void fill_grad_out_tile(int64_t tid, int64_t nthreads, const scalar_t* go, const Strides4& gs,
-                                   const ConvGeom& g, int64_t n, int64_t group, int64_t oh0, int64_t ow0,
-                                   int64_t rows, int64_t cols, bool channel_inner, acc_t* go_s) {
+                                   const ConvGeom& g, int64_t n, int64_t group, int64_t col0, int64_t nco, int64_t oh0,
+                                   int64_t ow0, int64_t rows, int64_t cols, bool channel_inner, acc_t* go_s) {
   const int64_t plane = rows * cols;
-  const int64_t total = g.cout_g * plane;
+  const int64_t total = nco * plane;
   for (int64_t e = tid; e < total; e += nthreads) {
-    int64_t col, pix;
+    int64_t j, pix;
     if (channel_inner) {
-      col = e % g.cout_g;
-      pix = e / g.cout_g;
+      j = e % nco;
+      pix = e / nco;
     } else {
-      col = e / plane;
-      pix = e - col * plane;
+      j = e / plane;
+      pix = e - j * plane;
     }
     const int64_t r = pix / cols, c = pix - (pix / cols) * cols;
     const int64_t oh = oh0 + r, ow = ow0 + c;
-    const int64_t co = group * g.cout_g + col;
+    const int64_t co = group * g.cout_g + col0 + j;
     acc_t v = acc_t(0);
     if (oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo) {
       v = static_cast<acc_t>(go[n * gs.n + co * gs.c + oh * gs.h + ow * gs.w]);
     }
-    go_s[col * plane + pix] = v;
+    go_s[j * plane + pix] = v;
   }
 }
 
@@ -223,43 +258,59 @@ RESFAST_HD int64_t input_tile_out_origin(int64_t i0, int64_t pad, int64_t k, int
   return floor_div(i0 + pad - (k - 1) * dil, stride);
 }
 
-// Input gradient: dL/da at input pixel (ih, iw) of input channel cil of the group, from the
-// grad_out tile (origin oh_lo, ow_lo, OHB x OWB) and the group's weights.
+// Input gradient, one output-channel chunk: adds to acc[k] (k < nci) the chunk's part of
+// dL/da at input pixel (ih, iw) of input channel cil0 + k of the group. go_s holds the
+// chunk's grad_out tile (origin oh_lo, ow_lo, OHB x OWB), w_s the weights
+// [(j*nci + k)*KH*KW + tap] of the chunk's nco output channels.
 template <typename acc_t>
-RESFAST_HD acc_t input_grad_tile_point(const ConvGeom& g, const TileGeom& t, int64_t ih, int64_t iw, int64_t oh_lo,
-                                       int64_t ow_lo, int64_t cil, const acc_t* go_s, const acc_t* w_s) {
+RESFAST_HD void input_grad_tile_accumulate(const ConvGeom& g, const TileGeom& t, int64_t ih, int64_t iw,
+                                           int64_t oh_lo, int64_t ow_lo, int64_t nci, int64_t nco,
+                                           const acc_t* go_s, const acc_t* w_s, acc_t* acc) {
   const int64_t plane = t.OHB * t.OWB, kk = g.KH * g.KW;
-  acc_t acc = acc_t(0);
   for (int64_t kh = 0; kh < g.KH; ++kh) {
     const int64_t oh = conv_out_coord(ih, kh, g.sh, g.ph, g.dh, g.Ho);
     if (oh < 0) continue;
-    const int64_t ro = oh - oh_lo;
     for (int64_t kw = 0; kw < g.KW; ++kw) {
       const int64_t ow = conv_out_coord(iw, kw, g.sw, g.pw, g.dw, g.Wo);
       if (ow < 0) continue;
-      const acc_t* gp = go_s + ro * t.OWB + (ow - ow_lo);
-      const acc_t* wp = w_s + cil * kk + kh * g.KW + kw;
-      for (int64_t col = 0; col < g.cout_g; ++col) acc += gp[col * plane] * wp[col * g.cin_g * kk];
+      const acc_t* gp = go_s + (oh - oh_lo) * t.OWB + (ow - ow_lo);
+      const acc_t* wp = w_s + kh * g.KW + kw;
+      RESFAST_UNROLL
+      for (int64_t k = 0; k < kCoBlock; ++k) {
+        if (k < nci) {
+          acc_t sum = acc[k];
+          for (int64_t j = 0; j < nco; ++j) sum += gp[j * plane] * wp[(j * nci + k) * kk];
+          acc[k] = sum;
+        }
+      }
     }
   }
-  return acc;
 }
 
-// Weight gradient: the contribution of one output tile (go_s: cout_g x kTile x kTile, a_s:
-// the activation tile) to the group's weight element e = ((col*cin_g + cil)*KH + kh)*KW + kw.
+// Weight gradient: the contribution of one output tile (go_s: nco x kTile x kTile, a_s: the
+// activation tile of nci input channels) to the block's weight element
+// e = ((j*nci + k)*KH + kh)*KW + kw, i.e. output channel col0 + j, input channel cil0 + k.
 template <typename acc_t>
-RESFAST_HD acc_t weight_grad_tile_term(const ConvGeom& g, const TileGeom& t, int64_t e, const acc_t* go_s,
+RESFAST_HD acc_t weight_grad_tile_term(const ConvGeom& g, const TileGeom& t, int64_t e, int64_t nci, const acc_t* go_s,
                                        const acc_t* a_s) {
-  const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
-                col = e / (g.KW * g.KH * g.cin_g);
-  const acc_t* gp = go_s + col * kTileThreads;
-  const acc_t* ap = a_s + cil * t.IH * t.IW + kh * g.dh * t.IW + kw * g.dw;
+  const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, k = (e / (g.KW * g.KH)) % nci, j = e / (g.KW * g.KH * nci);
+  const acc_t* gp = go_s + j * kTileThreads;
+  const acc_t* ap = a_s + k * t.IH * t.IW + kh * g.dh * t.IW + kw * g.dw;
   acc_t acc = acc_t(0);
   for (int64_t r = 0; r < kTile; ++r) {
     const acc_t* arow = ap + r * g.sh * t.IW;
     for (int64_t c = 0; c < kTile; ++c) acc += gp[r * kTile + c] * arow[c * g.sw];
   }
   return acc;
+}
+
+// Index in the whole weight tensor of the block's weight element e (see weight_grad_tile_term).
+RESFAST_HD int64_t weight_grad_tile_index(const ConvGeom& g, int64_t group, int64_t col0, int64_t cil0, int64_t nci,
+                                          int64_t e) {
+  const int64_t kk = g.KH * g.KW;
+  const int64_t tap = e % kk, k = (e / kk) % nci, j = e / (kk * nci);
+  const int64_t co = group * g.cout_g + col0 + j;
+  return (co * g.cin_g + cil0 + k) * kk + tap;
 }
 
 }  // namespace resfast
