@@ -110,6 +110,50 @@ __global__ void bn_stats_partial_kernel(const scalar_t* __restrict__ x, Strides4
   }
 }
 
+// bn_stats for channels-last x, where a channel's elements are C apart: a block of
+// 32 x 8 threads covers 32 consecutive channels (threadIdx.x, contiguous in memory) and 8
+// position lanes (threadIdx.y); grid (ceil(C/32), splits). Same partial layout as above.
+constexpr int kStatsChannels = 32, kStatsLanes = 8;
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_stats_partial_cl_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t C, int64_t H,
+                                           int64_t W, int64_t P, int64_t chunk, acc_t* __restrict__ pmean,
+                                           acc_t* __restrict__ pm2, int64_t* __restrict__ pn) {
+  __shared__ acc_t s_mean[kStatsLanes][kStatsChannels];
+  __shared__ acc_t s_m2[kStatsLanes][kStatsChannels];
+  __shared__ int64_t s_n[kStatsLanes][kStatsChannels];
+  const int64_t c = blockIdx.x * int64_t(kStatsChannels) + threadIdx.x, split = blockIdx.y;
+  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
+  Welford<acc_t> st = welford_init<acc_t>();
+  if (c < C) {
+    for (int64_t p = begin + threadIdx.y; p < end; p += kStatsLanes) {
+      welford_add(st, static_cast<acc_t>(x[channel_offset(p, c, H, W, xs)]));
+    }
+  }
+  s_mean[threadIdx.y][threadIdx.x] = st.mean;
+  s_m2[threadIdx.y][threadIdx.x] = st.m2;
+  s_n[threadIdx.y][threadIdx.x] = st.n;
+  __syncthreads();
+  for (int half = kStatsLanes / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) {
+      const int y = threadIdx.y, x_ = threadIdx.x;
+      Welford<acc_t> a{s_mean[y][x_], s_m2[y][x_], s_n[y][x_]};
+      Welford<acc_t> b{s_mean[y + half][x_], s_m2[y + half][x_], s_n[y + half][x_]};
+      const Welford<acc_t> m = welford_merge(a, b);
+      s_mean[y][x_] = m.mean;
+      s_m2[y][x_] = m.m2;
+      s_n[y][x_] = m.n;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) {
+    const int64_t i = c * gridDim.y + split;
+    pmean[i] = s_mean[0][threadIdx.x];
+    pm2[i] = s_m2[0][threadIdx.x];
+    pn[i] = s_n[0][threadIdx.x];
+  }
+}
+
 template <typename acc_t>
 __global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
                                          const int64_t* __restrict__ pn, int64_t C, int64_t splits,
@@ -140,16 +184,24 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     return {mean, var};
   }
-  const int64_t splits = reduction_splits(C, P);
+  const bool cl = is_channels_last(x);
+  const int64_t splits = reduction_splits(cl ? ceil_div(C, kStatsChannels) : C, P);
   const int64_t chunk = ceil_div(P, splits);
   at::Tensor pmean = at::empty({C * splits}, opts), pm2 = at::empty({C * splits}, opts);
   at::Tensor pn = at::empty({C * splits}, x.options().dtype(at::kLong));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(),
-        pn.data_ptr<int64_t>());
+    if (cl) {
+      bn_stats_partial_cl_kernel<scalar_t, acc_t>
+          <<<dim3(ceil_div(C, kStatsChannels), splits), dim3(kStatsChannels, kStatsLanes), 0, stream>>>(
+              x.const_data_ptr<scalar_t>(), strides4(x), C, H, W, P, chunk, pmean.data_ptr<acc_t>(),
+              pm2.data_ptr<acc_t>(), pn.data_ptr<int64_t>());
+    } else {
+      bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(),
+          pn.data_ptr<int64_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_stats_finalize_kernel<acc_t><<<ceil_div(C, kThreads), kThreads, 0, stream>>>(
         pmean.const_data_ptr<acc_t>(), pm2.const_data_ptr<acc_t>(), pn.const_data_ptr<int64_t>(), C, splits,
