@@ -30,7 +30,7 @@ CPU and keeps it as a ``bool`` tensor (1 byte per element of the new features) f
 backward, so no RNG state has to be replayed.
 
 On the eager backend (plain PyTorch ops that materialise their intermediates) every
-BN-ReLU-conv over a prefix is split into chunks of ``growth_rate`` input channels (the
+backward BN-ReLU-conv over a prefix (and the bottleneck recomputation) is split into chunks of ``growth_rate`` input channels (the
 conv is linear in its input channels: partial outputs add up, and the input-gradient of a
 chunk only needs the weight columns of that chunk), so the temporaries of one call stay
 the size of one layer's new features. Triton and native kernels never materialise the
@@ -335,8 +335,9 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
             update_running_stats(n1.running_mean, n1.running_var, mean_all[:c], var_all[:c], count, mom1)
         mean1, invstd1 = _norm_params(n1, ub1, None if mean_all is None else mean_all[:c],
                                       None if var_all is None else var_all[:c], acc)
-        chunks1 = _chunks(0, c, k, boundaries) if cfg.fine_chunks else [(0, c)]
-        bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, _conv_args(conv1), chunks1)
+        # One call in the forward: its temporaries come while little is stored yet; the
+        # backward, when the block's stores are all alive, works in chunks.
+        bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, _conv_args(conv1), [(0, c)])
         count2 = 1
         if ub2:
             m2, v2, count2 = _stats(ops, bott, cfg.norm2_groups[i])
@@ -373,8 +374,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     if ubt:
         update_running_stats(tn.running_mean, tn.running_var, mean_all, var_all, count, momt)
     mean_t, invstd_t = _norm_params(tn, ubt, mean_all, var_all, acc)
-    chunks_t = _chunks(0, c_tot, k, boundaries) if cfg.fine_chunks else [(0, c_tot)]
-    out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, _conv_args(tconv), chunks_t)
+    out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, _conv_args(tconv), [(0, c_tot)])
     if saved is not None:
         saved.mean_t, saved.invstd_t = mean_t, invstd_t
     return out, buf, mean_all

@@ -1,0 +1,372 @@
+"""``resfast memory``: peak training memory of naive / checkpoint / shared dense blocks.
+
+Runs one training step (forward and backward) per mode on the same input and reports the
+peak memory, the activation memory (peak minus parameters, buffers and gradients), the
+step time and the ratio to ``naive``. On the CPU the bytes come from PyTorch's memory
+tracker (``torch.distributed._tools.mem_tracker.MemTracker``: exact live-tensor bytes); on
+CUDA from ``torch.cuda.max_memory_allocated`` after a reset.
+
+The measuring functions (:func:`measure_training_step`, :func:`measure_modes`,
+:func:`block_memory_sweep`, :func:`max_batch`) are reusable from benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "MODES",
+    "add_arguments",
+    "run",
+    "measure_training_step",
+    "measure_modes",
+    "block_memory_sweep",
+    "fit_growth",
+    "max_batch",
+]
+
+# mode name -> (DenseBlock memory, recompute)
+MODES: Dict[str, tuple] = {
+    "naive": ("naive", "bn_relu"),
+    "checkpoint": ("checkpoint", "bn_relu"),
+    "shared": ("shared", "bn_relu"),
+    "shared_bottleneck": ("shared", "bottleneck"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="densenet121", help="a registered densenet model (default densenet121)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    p.add_argument("--image-size", type=int, default=None, help="input height and width (default: the model's)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--backend", default="auto", help="auto | eager | triton | native (default auto)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="autocast dtype for the step (default float32: no autocast)")
+    p.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw peak memory against the number of layers of one dense block (PNG)")
+    p.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch each mode fits")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resfast.cli import emit_json
+    from resfast.models import model_info
+
+    modes = _parse_modes(args.modes)
+    info = model_info(args.model)
+    if not args.model.startswith("densenet"):
+        raise ValueError(f"--model must be a densenet model (the modes are dense-block memory modes), "
+                         f"got {args.model!r}")
+    if not isinstance(args.batch_size, int) or args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive int, got {args.batch_size!r}")
+    image_size = args.image_size or info.input_size[1]
+    if image_size < 8:
+        raise ValueError(f"--image-size must be at least 8, got {image_size}")
+    device = _device(args.device)
+    if args.max_batch and device.type != "cuda":
+        raise ValueError("--max-batch needs --device cuda (it searches for the batch at which CUDA runs out of "
+                         "memory; the CPU has no such limit to find)")
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+
+    results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
+                            backend=args.backend, autocast_dtype=dtype, channels_last=args.channels_last,
+                            seed=args.seed)
+    if args.max_batch:
+        for r in results:
+            r["max_batch"] = max_batch(args.model, r["mode"], image_size=image_size, device=device,
+                                       backend=args.backend, autocast_dtype=dtype,
+                                       channels_last=args.channels_last)
+    doc = {"model": args.model, "batch_size": args.batch_size, "image_size": image_size, "device": str(device),
+           "results": results}
+    if args.plot:
+        sweep = block_memory_sweep(modes, device=device, backend=args.backend)
+        plot_sweep(sweep, args.plot)
+        doc["plot"] = {"file": args.plot, "sweep": sweep}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(format_table(doc))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _parse_modes(text: str) -> List[str]:
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {text!r}")
+    return modes
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    return torch.device(name)
+
+
+def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: Optional[Callable] = None,
+                          autocast_dtype: Optional[torch.dtype] = None, timed: bool = True) -> Dict[str, float]:
+    """Peak memory of one training step (forward, loss, backward) of ``model`` on ``x``.
+
+    Returns ``{"peak_bytes", "activation_bytes", "step_time_s"}``: the peak of live tensor
+    bytes during the step (parameters, buffers, the input and gradients included), the
+    part of it that is neither parameters, buffers nor gradients, and the wall time of a
+    second, untracked step (``nan`` with ``timed=False``). Gradients are cleared before each
+    step. CPU: exact bytes from ``MemTracker``; CUDA: ``torch.cuda.max_memory_allocated``.
+    """
+    device = torch.device(device) if device is not None else x.device
+    model = model.to(device)
+    x = x.to(device)
+    loss_fn = loss_fn or _default_loss
+    model.train()
+
+    def step():
+        with _autocast(device, autocast_dtype):
+            out = model(x)
+            loss = loss_fn(out)
+        loss.backward()
+
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        activation = peak - base - grads
+    else:
+        tracker = _peak_tracker()
+        tracker.track_external(model, x)
+        with tracker:
+            step()
+        snap = tracker.get_tracker_snapshot("peak")
+        dev_snap = snap.get(device) or next(iter(snap.values()))
+        peak = int(dev_snap["Total"])
+        model_state = sum(int(dev_snap.get(key, 0)) for key in ("Parameter", "Buffer", "Gradient"))
+        activation = peak - model_state
+        del tracker
+    step_time = float("nan")
+    if timed:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_time = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
+
+
+def _peak_tracker():
+    """A ``MemTracker`` that keeps only the global peak.
+
+    ``MemTracker`` also records every active module's own peak after every op, which costs
+    a pass over all tracked modules per op (most of the run time for a 121-layer model on
+    a chunked eager backward); the global peak and its breakdown are computed exactly as
+    ``MemTracker`` computes them.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakMemTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:  # noqa: ARG002 (same signature)
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+
+    tracker = PeakMemTracker()
+    # Private attributes: fall back to the stock tracker where a torch version lacks them.
+    if all(hasattr(tracker, a) for a in ("_curr_mem_snap", "_peak_mem", "_peak_mem_snap")):
+        return tracker
+    return MemTracker()
+
+
+def _default_loss(out: Tensor) -> Tensor:
+    # A loss whose gradient reaches every output element with a different value.
+    return out.float().square().mean()
+
+
+class _autocast:
+    def __init__(self, device: torch.device, dtype: Optional[torch.dtype]):
+        self.ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, image_size: int, device=None,
+                  backend: str = "auto", autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+                  seed: int = 0, progress: bool = True) -> List[Dict[str, object]]:
+    """One training step of ``model_name`` per mode, same weights and input; adds ``ratio_to_naive``."""
+    from tqdm import tqdm
+
+    from resfast.models import create_model
+
+    device = torch.device(device or "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    state = None
+    results = []
+    bar = tqdm(list(modes), desc=f"resfast memory {model_name}", file=sys.stderr, disable=not progress)
+    for mode in bar:
+        bar.set_postfix_str(mode)
+        memory, recompute = MODES[mode]
+        torch.manual_seed(seed)
+        model = create_model(model_name, memory=memory, recompute=recompute, backend=backend)
+        if state is None:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype)
+        results.append({"mode": mode, **r})
+        bar.write(f"{mode:>18}: peak {r['peak_bytes'] / 2**20:9.1f} MiB, activations "
+                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s", file=sys.stderr)
+        del model
+    naive = next((r["peak_bytes"] for r in results if r["mode"] == "naive"), None)
+    for r in results:
+        r["ratio_to_naive"] = (r["peak_bytes"] / naive) if naive else None
+    return results
+
+
+def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = (4, 8, 16, 24, 32, 48, 64), device=None,
+                       backend: str = "auto", batch_size: int = 2, image_size: int = 16, num_input_features: int = 64,
+                       growth_rate: int = 32, bn_size: int = 4, seed: int = 0, progress: bool = True
+                       ) -> Dict[str, object]:
+    """Peak and activation bytes of one dense block's training step against its number of
+    layers, per mode, with the fitted curves (quadratic for naive, linear otherwise)."""
+    from tqdm import tqdm
+
+    from resfast.nn.dense import DenseBlock
+
+    device = torch.device(device or "cpu")
+    out: Dict[str, object] = {"layers": list(layers), "batch_size": batch_size, "image_size": image_size,
+                              "num_input_features": num_input_features, "growth_rate": growth_rate, "modes": {}}
+    jobs = [(m, n) for m in modes for n in layers]
+    rows: Dict[str, Dict[str, list]] = {m: {"peak_bytes": [], "activation_bytes": []} for m in modes}
+    for mode, n in tqdm(jobs, desc="dense-block sweep", file=sys.stderr, disable=not progress):
+        memory, recompute = MODES[mode]
+        torch.manual_seed(seed)
+        block = DenseBlock(n, num_input_features, bn_size, growth_rate, memory=memory, recompute=recompute,
+                           backend=backend)
+        x = torch.randn(batch_size, num_input_features, image_size, image_size, requires_grad=True)
+        r = measure_training_step(block, x.detach().to(device).requires_grad_(), device, timed=False)
+        rows[mode]["peak_bytes"].append(r["peak_bytes"])
+        rows[mode]["activation_bytes"].append(r["activation_bytes"])
+    for mode in modes:
+        degree = 2 if mode == "naive" else 1
+        rows[mode]["fit_degree"] = degree
+        rows[mode]["fit"] = fit_growth(layers, rows[mode]["peak_bytes"], degree)
+    out["modes"] = rows
+    return out
+
+
+def fit_growth(xs: Sequence[float], ys: Sequence[float], degree: int) -> List[float]:
+    """Least-squares polynomial coefficients (highest power first) of ``ys`` against ``xs``."""
+    import numpy as np
+
+    return [float(c) for c in np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), degree)]
+
+
+def plot_sweep(sweep: Dict[str, object], path: str) -> None:
+    """Peak memory against layers per mode, measured points and fitted curves, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = np.asarray(sweep["layers"], dtype=float)
+    grid = np.linspace(layers.min(), layers.max(), 200)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, row in sweep["modes"].items():
+        ys = np.asarray(row["peak_bytes"], dtype=float) / 2**20
+        (line,) = ax.plot(layers, ys, "o", label=f"{mode} (measured)")
+        fit = np.polyval(np.asarray(row["fit"]) / 2**20, grid)
+        kind = "quadratic" if row["fit_degree"] == 2 else "linear"
+        ax.plot(grid, fit, "-", color=line.get_color(), alpha=0.7, label=f"{mode} ({kind} fit)")
+    ax.set_xlabel("layers in the dense block")
+    ax.set_ylabel("peak memory of a training step (MiB)")
+    ax.set_title(f"One dense block: C0={sweep['num_input_features']}, k={sweep['growth_rate']}, "
+                 f"batch {sweep['batch_size']}, {sweep['image_size']}x{sweep['image_size']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: str = "auto",
+              autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False, limit: int = 4096) -> int:
+    """The largest batch (up to ``limit``) whose training step fits in CUDA memory in ``mode``
+    (doubling, then bisection; out-of-memory errors are caught)."""
+    from resfast.models import create_model
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"max_batch needs a CUDA device, got {device}")
+    memory, recompute = MODES[mode]
+    model = create_model(model_name, memory=memory, recompute=recompute, backend=backend).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def fits(n: int) -> bool:
+        try:
+            x = torch.randn(n, 3, image_size, image_size, device=device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, autocast_dtype):
+                loss = _default_loss(model(x))
+            loss.backward()
+            torch.cuda.synchronize(device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, 1
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def format_table(doc: Dict[str, object]) -> str:
+    """The human-readable table of :func:`run`."""
+    lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
+             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9}"]
+    for r in doc["results"]:
+        ratio = r.get("ratio_to_naive")
+        ratio_s = f"{ratio:9.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>9}"
+        extra = f"  max batch {r['max_batch']}" if "max_batch" in r else ""
+        lines.append(f"{r['mode']:>18} {r['peak_bytes'] / 2**20:10.1f} {r['activation_bytes'] / 2**20:11.1f} "
+                     f"{r['step_time_s']:8.3f} {ratio_s}{extra}")
+    return "\n".join(lines)
