@@ -157,6 +157,9 @@ def run_study(scale: Scale, *, out: str = "docs", device: str = "auto", backend:
             section = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
         section["time_s"] = time.perf_counter() - s0
         results["sections"][name] = section
+    if any(name in sections for name in ("wide_vs_deep", "dropout", "resnext")):
+        train_set, test_set = ctx.datasets()
+        results["setup"]["train_images"], results["setup"]["test_images"] = len(train_set), len(test_set)
     results["total_time_s"] = time.perf_counter() - t0
     results["setup"]["total_time_s"] = results["total_time_s"]
     with open(os.path.join(fig_dir, "study_results.json"), "w") as fh:
@@ -570,8 +573,10 @@ def render_markdown(results: Dict[str, Any]) -> str:
       + (f" --data {s['data']}" if s["data"] != ("cifar10" if s["scale"] == "full" else "digits") else "")
       + "`; do not edit by hand (rerun the command instead). Every number below was measured by that run.\n")
     w("| setting | value |\n|---|---|")
-    data_desc = (f"scikit-learn digits (8x8 originals) upsampled to {s['image_size']}x{s['image_size']}, "
-                 f"1438 train / 359 test images" if s["data"] == "digits" else f"{s['data']} at 32x32")
+    data_desc = (f"scikit-learn digits (8x8 originals) upsampled to {s['image_size']}x{s['image_size']}"
+                 if s["data"] == "digits" else f"{s['data']} at 32x32")
+    if s.get("train_images"):
+        data_desc += f", {s['train_images']} train / {s['test_images']} test images"
     if s.get("subset"):
         data_desc += f", first {s['subset']} train and test images only"
     for k, v in (("scale", s["scale"]), ("data", data_desc), ("epochs per comparison run", s["epochs"]),
