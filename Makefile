@@ -32,7 +32,7 @@ memory: install
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
 
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider -x --durations=15
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 clean:
