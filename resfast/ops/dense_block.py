@@ -14,13 +14,9 @@ memory format) holds every feature of the block:
 * each BatchNorm's running statistics are updated exactly once per forward.
 
 The backward recomputes the normalised features through the op set
-(``ops.bn_relu_conv2d_backward`` for every BN-ReLU-conv, ``ops.bn_backward_elemt`` for the
-bottleneck BN) and accumulates the input gradient of every layer into ONE gradient buffer
-of the block's size. The batch-statistics terms of the BN backward are per-channel affine
-functions of the input (``A_c + B_c * (x - mean_c)``); because every layer normalises a
-channel with the same batch mean, their coefficients are summed per channel over the
-layers and applied once, when the backward reaches the layer that wrote the channel, so
-the element-wise BN backward is linear in depth too.
+(``ops.bn_relu_conv2d_backward`` for every BN-ReLU-conv, ``ops.bn_backward_elemt`` for
+every BN) and accumulates the input gradient of every layer into ONE gradient buffer of
+the block's size (no per-layer copies of the concatenation's gradient).
 
 ``recompute="bn_relu"`` keeps each layer's conv1x1 output (the bottleneck) for the
 backward; ``recompute="bottleneck"`` recomputes it as well, for the smallest memory.
@@ -399,11 +395,15 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
     def forward(ctx, cfg: _Config, x: Tensor, *tensors):
         saved = _Saved()
         out, buf, mean_all = _forward(cfg, x, list(tensors), saved)
-        ctx.cfg, ctx.saved = cfg, saved
+        n = cfg.num_layers
+        # Large tensors go through save_for_backward: autograd frees them after the backward
+        # (and keeps them for a second one with retain_graph=True).
+        ctx.save_for_backward(buf, mean_all, *tensors, *saved.bottlenecks, *saved.masks)
+        saved.bottlenecks, saved.masks = [None] * n, [None] * n
+        ctx.cfg, ctx.saved, ctx.num_tensors = cfg, saved, len(tensors)
         ctx.x_shape = tuple(x.shape)
         ctx.x_format = out_memory_format(x)
         ctx.device_type = x.device.type
-        ctx.save_for_backward(buf, mean_all, *tensors)
         return out
 
     @staticmethod
@@ -423,7 +423,10 @@ def _allreduce_(t: Tensor, group) -> Tensor:
 def _backward(ctx, grad_out: Tensor):
     cfg: _Config = ctx.cfg
     saved: _Saved = ctx.saved
-    buf, mean_all, *tensors = ctx.saved_tensors
+    buf, mean_all, *rest = ctx.saved_tensors
+    n_t, n_l = ctx.num_tensors, cfg.num_layers
+    tensors, bottlenecks, masks = rest[:n_t], list(rest[n_t:n_t + n_l]), rest[n_t + n_l:]
+    del rest
     ops, k, c0, n_layers = cfg.ops, cfg.growth, cfg.c0, cfg.num_layers
     c_tot = buf.shape[1]
     acc = _acc(buf.dtype)
@@ -431,10 +434,6 @@ def _backward(ctx, grad_out: Tensor):
     boundaries = [c0 + i * k for i in range(n_layers + 1)]
     use_batch = [m[0] for m in cfg.momenta]
     grads: List[Optional[Tensor]] = [None] * len(tensors)
-    # Per-channel coefficients of the batch-statistics part of every reader's BN backward:
-    # dL/dx_c += A_c + B_c * (x_c - mean_c), summed over the layers that read channel c.
-    coef_a = torch.zeros(c_tot, dtype=acc, device=dev)
-    coef_b = torch.zeros(c_tot, dtype=acc, device=dev)
     group = cfg.group
     grad_out = grad_out.to(buf.dtype)
 
@@ -445,7 +444,7 @@ def _backward(ctx, grad_out: Tensor):
         chunks = _chunks(0, c_tot, k, boundaries) if cfg.fine_chunks else [(0, c_tot)]
         grads[6 * n_layers: 6 * n_layers + 3] = _reader_backward(
             ops, grad_out, buf, gbuf, wt, gt, bt, saved.mean_t, saved.invstd_t, _conv_args(tconv), chunks,
-            use_batch[-1], saved.count, coef_a, coef_b, assign=True)
+            use_batch[-1], saved.count, group, assign=True)
     else:
         gbuf = torch.empty_like(buf)
         gbuf.copy_(grad_out)
@@ -456,18 +455,16 @@ def _backward(ctx, grad_out: Tensor):
         conv1, conv2 = cfg.convs[2 * i], cfg.convs[2 * i + 1]
         w1, g1, b1, w2, g2, b2 = tensors[6 * i: 6 * i + 6]
         ub1, ub2 = use_batch[2 * i], use_batch[2 * i + 1]
-        # The new channels have received every later reader's contribution: finish them.
-        _apply_coefficients(gbuf, buf, mean_all, coef_a, coef_b, c, c + k, group)
+        # The new channels have received every later reader's contribution by now.
         g_new = gbuf[:, c:c + k]
-        mask = saved.masks[i]
+        mask = masks[i]
         if mask is not None:
             p = cfg.drop_rates[i]
             g_new = g_new * mask.to(g_new.dtype).div_(1 - p)
-        saved.masks[i] = None
         mean1, invstd1 = saved.mean1[i], saved.invstd1[i]
         chunks1 = _chunks(0, c, k, boundaries) if cfg.fine_chunks else [(0, c)]
-        bott = saved.bottlenecks[i]
-        saved.bottlenecks[i] = None
+        bott = bottlenecks[i]
+        bottlenecks[i] = None
         if bott is None:
             bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, _conv_args(conv1), chunks1)
 
@@ -486,11 +483,7 @@ def _backward(ctx, grad_out: Tensor):
                 *_conv_args(conv2))
             gw2[:, a:e] = gw
             gg2[a:e], gb2[a:e] = sdzx, sdz
-            if ub2:
-                tot = _allreduce_(torch.stack([sdz, sdzx]).to(acc), cfg.norm2_groups[i]) / saved.count2[i]
-                mdz, mdzx = tot[0], tot[1]
-            else:
-                mdz = mdzx = torch.zeros_like(sdz)
+            mdz, mdzx = _mean_dz(sdz, sdzx, ub2, saved.count2[i], cfg.norm2_groups[i])
             g_bott[:, a:e] = ops.bn_backward_elemt(gz, bott[:, a:e], _sl(g2, a, e), mean2[a:e], invstd2[a:e],
                                                    mdz, mdzx)
             del gz
@@ -499,59 +492,53 @@ def _backward(ctx, grad_out: Tensor):
         # conv1x1 backward over the prefix, accumulated into the shared gradient buffer.
         grads[6 * i: 6 * i + 3] = _reader_backward(
             ops, g_bott, buf[:, :c], gbuf[:, :c], w1, g1, b1, mean1, invstd1, _conv_args(conv1), chunks1, ub1,
-            saved.count, coef_a, coef_b, assign=False)
+            saved.count, group, assign=False)
         del g_bott
         grads[6 * i + 3: 6 * i + 6] = [gw2, _param_grad(gg2, g2), _param_grad(gb2, b2)]
 
-    _apply_coefficients(gbuf, buf, mean_all, coef_a, coef_b, 0, c0, group)
     grad_x = torch.empty(ctx.x_shape, dtype=buf.dtype, device=dev, memory_format=ctx.x_format)
     grad_x.copy_(gbuf[:, :c0])
     del gbuf
-    ctx.saved = None
     return (grad_x, *grads)
 
 
-def _reader_backward(ops, grad_y, x, gx_buf, w, g, b, mean, invstd, conv_args, chunks, use_batch, count, coef_a,
-                     coef_b, assign: bool):
+def _reader_backward(ops, grad_y, x, gx_buf, w, g, b, mean, invstd, conv_args, chunks, use_batch, count, group,
+                     assign: bool):
     """Backward of ``y = conv1x1(relu(bn(x)))`` for one reader of the buffer prefix ``x``.
 
-    Adds ``gamma * invstd * grad_z`` into ``gx_buf`` (writes it when ``assign``) and the
-    batch-statistics terms into the per-channel coefficients; returns the grads of
-    ``(w, gamma, beta)``."""
-    acc = coef_a.dtype
+    Adds dL/dx into ``gx_buf`` (writes it when ``assign``), chunk by chunk of channels (a
+    chunk's BN sums are complete since chunks partition the channels); returns the grads
+    of ``(w, gamma, beta)``."""
     c = x.shape[1]
+    acc = _acc(x.dtype)
     gw = torch.empty_like(w)
     gg = torch.empty(c, dtype=acc, device=x.device)
     gb = torch.empty(c, dtype=acc, device=x.device)
     for a, e in chunks:
         wc = w[:, a:e].contiguous() if (a, e) != (0, c) else w
-        gz, gwc, _, sdz, sdzx = ops.bn_relu_conv2d_backward(grad_y, x[:, a:e], wc, _sl(g, a, e), _sl(b, a, e),
-                                                            mean[a:e], invstd[a:e], *conv_args)
+        xc, gc, mc, ic = x[:, a:e], _sl(g, a, e), mean[a:e], invstd[a:e]
+        gz, gwc, _, sdz, sdzx = ops.bn_relu_conv2d_backward(grad_y, xc, wc, gc, _sl(b, a, e), mc, ic, *conv_args)
         gw[:, a:e] = gwc
         gg[a:e], gb[a:e] = sdzx, sdz
-        scale = invstd[a:e] if g is None else invstd[a:e] * g[a:e].to(acc)
-        target = gx_buf[:, a:e]
-        if assign:
-            torch.mul(gz, scale.to(gz.dtype).view(1, -1, 1, 1), out=target)
-        else:
-            target.addcmul_(gz, scale.to(gz.dtype).view(1, -1, 1, 1))
+        mdz, mdzx = _mean_dz(sdz, sdzx, use_batch, count, group)
+        gx = ops.bn_backward_elemt(gz, xc, gc, mc, ic, mdz, mdzx)
         del gz
-        if use_batch:
-            coef_a[a:e] -= scale * sdz.to(acc) / count
-            coef_b[a:e] -= scale * invstd[a:e] * sdzx.to(acc) / count
+        if assign:
+            gx_buf[:, a:e].copy_(gx)
+        else:
+            gx_buf[:, a:e].add_(gx)
+        del gx
     return [gw, _param_grad(gg, g), _param_grad(gb, b)]
 
 
-def _apply_coefficients(gbuf: Tensor, buf: Tensor, mean_all: Optional[Tensor], coef_a: Tensor, coef_b: Tensor,
-                        a: int, e: int, group) -> None:
-    if mean_all is None:
-        return
-    ca, cb = coef_a[a:e], coef_b[a:e]
-    if group is not None:
-        both = _allreduce_(torch.cat([ca, cb]), group)
-        ca, cb = both[: e - a], both[e - a:]
-    view = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
-    gbuf[:, a:e].add_(((buf[:, a:e].to(ca.dtype) - view(mean_all[a:e])) * view(cb) + view(ca)).to(gbuf.dtype))
+def _mean_dz(sdz: Tensor, sdzx: Tensor, use_batch: bool, count: int, group):
+    """Per-channel means of dL/dz and dL/dz * xhat over the batch (all ranks of ``group``), or
+    zeros when the BN normalised with running statistics."""
+    if not use_batch:
+        z = torch.zeros_like(sdz)
+        return z, z
+    tot = _allreduce_(torch.stack([sdz, sdzx]), group) / count
+    return tot[0], tot[1]
 
 
 def _param_grad(g: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
