@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--plot", metavar="FILE", default=None,
-                   help="also draw peak memory against the number of layers of one dense block (PNG)")
+                   help="also draw one dense block's activation memory at the peak against its number "
+                        "of layers, per mode, with fitted curves (PNG)")
     p.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch each mode fits")
     p.add_argument("--seed", type=int, default=0)
 
@@ -217,7 +218,7 @@ class _autocast:
 
 def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, image_size: int, device=None,
                   backend: str = "auto", autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-                  seed: int = 0, progress: bool = True) -> List[Dict[str, object]]:
+                  seed: int = 0, progress: bool = True, timed: bool = True) -> List[Dict[str, object]]:
     """One training step of ``model_name`` per mode, same weights and input; adds ``ratio_to_naive``."""
     from tqdm import tqdm
 
@@ -241,7 +242,7 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
         model.load_state_dict(state)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype)
+        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed)
         results.append({"mode": mode, **r})
         bar.write(f"{mode:>18}: peak {r['peak_bytes'] / 2**20:9.1f} MiB, activations "
                   f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s", file=sys.stderr)
@@ -257,7 +258,10 @@ def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = (4, 8, 1
                        growth_rate: int = 32, bn_size: int = 4, seed: int = 0, progress: bool = True
                        ) -> Dict[str, object]:
     """Peak and activation bytes of one dense block's training step against its number of
-    layers, per mode, with the fitted curves (quadratic for naive, linear otherwise)."""
+    layers, per mode, with curves fitted to the activation bytes (quadratic for naive,
+    linear otherwise). The activation bytes (the peak less parameters, buffers and
+    gradients) are what the memory modes change; the conv1x1 weights themselves grow
+    quadratically with depth in every mode."""
     from tqdm import tqdm
 
     from resfast.nn.dense import DenseBlock
@@ -279,7 +283,7 @@ def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = (4, 8, 1
     for mode in modes:
         degree = 2 if mode == "naive" else 1
         rows[mode]["fit_degree"] = degree
-        rows[mode]["fit"] = fit_growth(layers, rows[mode]["peak_bytes"], degree)
+        rows[mode]["fit"] = fit_growth(layers, rows[mode]["activation_bytes"], degree)
     out["modes"] = rows
     return out
 
@@ -292,7 +296,8 @@ def fit_growth(xs: Sequence[float], ys: Sequence[float], degree: int) -> List[fl
 
 
 def plot_sweep(sweep: Dict[str, object], path: str) -> None:
-    """Peak memory against layers per mode, measured points and fitted curves, to ``path``."""
+    """Activation memory at the peak against layers per mode, measured points and fitted
+    curves, to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,13 +308,13 @@ def plot_sweep(sweep: Dict[str, object], path: str) -> None:
     grid = np.linspace(layers.min(), layers.max(), 200)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode, row in sweep["modes"].items():
-        ys = np.asarray(row["peak_bytes"], dtype=float) / 2**20
+        ys = np.asarray(row["activation_bytes"], dtype=float) / 2**20
         (line,) = ax.plot(layers, ys, "o", label=f"{mode} (measured)")
         fit = np.polyval(np.asarray(row["fit"]) / 2**20, grid)
         kind = "quadratic" if row["fit_degree"] == 2 else "linear"
         ax.plot(grid, fit, "-", color=line.get_color(), alpha=0.7, label=f"{mode} ({kind} fit)")
     ax.set_xlabel("layers in the dense block")
-    ax.set_ylabel("peak memory of a training step (MiB)")
+    ax.set_ylabel("activation memory at the step's peak (MiB)")
     ax.set_title(f"One dense block: C0={sweep['num_input_features']}, k={sweep['growth_rate']}, "
                  f"batch {sweep['batch_size']}, {sweep['image_size']}x{sweep['image_size']}")
     ax.grid(True, alpha=0.3)
