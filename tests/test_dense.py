@@ -102,8 +102,9 @@ TINY_CASE = dict(num_layers=2, c0=3, bn_size=2, k=2, shape=(2, 3, 3, 5))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "prefix_view"])
 def test_block_modes_match_float64_reference(backend, memory, recompute, layout):
     if backend != "eager" and (memory != "shared" or layout == "channels_last"):
-        pytest.skip("naive/checkpoint run the fused op (tested in its own file); one layout per non-eager backend "
-                    "keeps the interpreter's time down")
+        pytest.skip("on non-eager backends only the shared modes, NCHW and prefix views run here (naive and "
+                    "checkpoint use the fused op, tested in its own file; channels_last runs on eager), which "
+                    "keeps the Triton interpreter's time down")
     cases = EAGER_CASES if backend == "eager" else [TINY_CASE]
     dtype = torch.float32
     for ci, case in enumerate(cases):
@@ -275,26 +276,26 @@ def test_gradcheck_shared_block_float64():
 
 
 def test_shared_block_is_not_quadratic_in_depth():
-    """The linear-growth check: a training step's activation bytes (exact, MemTracker) fitted
-    against the number of layers: naive's quadratic coefficient is substantial, shared's is
-    negligible (its peak is linear in depth)."""
+    """The linear-growth check: a training step's activation bytes (exact, MemTracker)
+    against the number of layers L. The bytes each extra layer adds (the slope) grow with
+    L for naive (every layer stores a concatenation of all previous channels) and stay
+    about constant for shared (a kink where the peak moves from one phase to another is
+    allowed: slope ratio < 1.6); naive's slope triples between L = 2..4 and L = 16..32."""
     from resfast.profiling.memory import block_memory_sweep
 
-    layers = (2, 4, 6, 8, 10)
+    layers = (2, 4, 16, 32)
     sweep = block_memory_sweep(["naive", "shared", "shared_bottleneck"], layers=layers, backend="eager",
-                               batch_size=2, image_size=6, num_input_features=8, growth_rate=8, progress=False)
-    import numpy as np
+                               batch_size=2, image_size=24, num_input_features=8, growth_rate=8, progress=False)
 
-    def quad_share(mode):
-        ys = np.asarray(sweep["modes"][mode]["activation_bytes"], dtype=float)
-        a, b, c = np.polyfit(np.asarray(layers, dtype=float), ys, 2)
-        return a * layers[-1] ** 2 / ys[-1]
+    def slope_ratio(mode):
+        y = sweep["modes"][mode]["activation_bytes"]
+        return ((y[3] - y[2]) / 16) / ((y[1] - y[0]) / 2)
 
-    naive, shared, bottleneck = quad_share("naive"), quad_share("shared"), quad_share("shared_bottleneck")
-    assert naive > 0.2, f"naive's quadratic share {naive:.3f}: expected clear quadratic growth"
-    assert abs(shared) < 0.03, f"shared's quadratic share {shared:.3f}: expected linear growth"
-    assert abs(bottleneck) < 0.03, f"shared_bottleneck's quadratic share {bottleneck:.3f}"
-    assert sweep["modes"]["shared"]["activation_bytes"][-1] < sweep["modes"]["naive"]["activation_bytes"][-1] / 2
+    naive, shared, bottleneck = slope_ratio("naive"), slope_ratio("shared"), slope_ratio("shared_bottleneck")
+    assert naive > 2.5, f"naive's slope ratio {naive:.2f}: expected quadratic growth"
+    assert shared < 1.6, f"shared's slope ratio {shared:.2f}: expected linear growth"
+    assert bottleneck < 1.6, f"shared_bottleneck's slope ratio {bottleneck:.2f}: expected linear growth"
+    assert sweep["modes"]["shared"]["activation_bytes"][-1] < sweep["modes"]["naive"]["activation_bytes"][-1] / 4
 
 
 def test_transition_matches_torchvision():
