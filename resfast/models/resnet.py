@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Sequence, Type, Union
 
-import torch
 from torch import Tensor, nn
 
 from resfast.backends import check_backend_name
+from resfast.models._common import PooledClassifier
 from resfast.models.registry import register_model
 from resfast.nn.blocks import BasicBlock, Bottleneck, check_input, conv1x1
 
@@ -33,7 +33,7 @@ __all__ = [
 Block = Type[Union[BasicBlock, Bottleneck]]
 
 
-class ResNet(nn.Module):
+class ResNet(PooledClassifier):
     """torchvision's ``ResNet`` (same constructor arguments and parameter names) on resfast blocks.
 
     Extra keyword arguments: ``se`` (squeeze-and-excitation in every bottleneck, as
@@ -130,14 +130,6 @@ class ResNet(nn.Module):
         x = self.layer2(x)
         x = self.layer3(x)
         return self.layer4(x)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool and (unless ``pre_logits``) the classifier."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _check_classes(num_classes: int) -> None:

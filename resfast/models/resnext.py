@@ -7,17 +7,17 @@ shortcuts where the shape changes; global average pooling and a linear classifie
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from resfast.backends import check_backend_name
+from resfast.models._common import PooledClassifier, init_conv_bn
 from resfast.models.registry import register_model
 from resfast.nn.blocks import ResNeXtBottleneck, check_input, conv1x1, conv3x3
 
 __all__ = ["CifarResNeXt", "resnext29_8x64d", "resnext29_16x64d"]
 
 
-class CifarResNeXt(nn.Module):
+class CifarResNeXt(PooledClassifier):
     """ResNeXt-``depth`` ``cardinality`` x ``base_width``d for 32x32 input; parameter names as
     torchvision's ResNet (``conv1``, ``bn1``, ``layerN.i.conv1`` ..., ``downsample.0/1``, ``fc``)."""
 
@@ -43,12 +43,7 @@ class CifarResNeXt(nn.Module):
         self.num_features = self.inplanes
         self.fc = nn.Linear(self.inplanes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_conv_bn(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         out = planes * ResNeXtBottleneck.expansion
@@ -68,14 +63,6 @@ class CifarResNeXt(nn.Module):
         check_input(x, self.in_chans, "the model")
         x = self.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool and (unless ``pre_logits``) the classifier."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model(input_size=(3, 32, 32), dataset="cifar")
