@@ -318,7 +318,6 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         var_all = torch.empty_like(mean_all)
         m, v, count = _stats(ops, buf[:, :c0], cfg.group)
         mean_all[:c0], var_all[:c0] = m, v
-    boundaries = [c0 + i * k for i in range(n_layers + 1)]
 
     for i in range(n_layers):
         c = c0 + i * k
@@ -431,7 +430,6 @@ def _backward(ctx, grad_out: Tensor):
     c_tot = buf.shape[1]
     acc = _acc(buf.dtype)
     dev = buf.device
-    boundaries = [c0 + i * k for i in range(n_layers + 1)]
     use_batch = [m[0] for m in cfg.momenta]
     grads: List[Optional[Tensor]] = [None] * len(tensors)
     group = cfg.group
