@@ -430,6 +430,7 @@ def _backward(ctx, grad_out: Tensor):
     c_tot = buf.shape[1]
     acc = _acc(buf.dtype)
     dev = buf.device
+    boundaries = [c0 + i * k for i in range(n_layers + 1)]
     use_batch = [m[0] for m in cfg.momenta]
     grads: List[Optional[Tensor]] = [None] * len(tensors)
     group = cfg.group
