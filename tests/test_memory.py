@@ -19,15 +19,31 @@ import torch
 from resfast.profiling.memory import MODES, measure_modes, measure_training_step
 
 
-def test_cli_json_document():
+def test_cli_json_document(tmp_path):
+    """The JSON document, and the --plot sweep at the shape the --plot-* options give (one
+    CLI call for both: the model step is most of this file's time)."""
     from resfast.cli import main
 
+    png = tmp_path / "memory.png"
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = main(["memory", "--model", "densenet_bc100_k12", "--batch-size", "2", "--image-size", "16",
-                   "--modes", "naive,shared", "--json"])
+                   "--modes", "naive,shared", "--json", "--plot", str(png), "--plot-batch", "3",
+                   "--plot-image-size", "6", "--plot-layers", "2,3,5"])
     assert rc == 0
     doc = json.loads(buf.getvalue())
+    sweep = doc["plot"]["sweep"]
+    assert doc["plot"]["file"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (sweep["batch_size"], sweep["image_size"], sweep["layers"]) == (3, 6, [2, 3, 5])
+    assert list(sweep["modes"]) == ["naive", "shared"]
+    assert [sweep["modes"][m]["fit_degree"] for m in ("naive", "shared")] == [2, 1]
+    for row in sweep["modes"].values():
+        act = row["activation_bytes"]
+        assert len(act) == 3 and act == sorted(act) and act[0] > 0
+    # At 3x6x6 the shared block's activations must still be below naive's at every depth.
+    assert all(s < n for s, n in zip(sweep["modes"]["shared"]["activation_bytes"],
+                                     sweep["modes"]["naive"]["activation_bytes"]))
     assert {k: doc[k] for k in ("model", "batch_size", "image_size", "device")} == {
         "model": "densenet_bc100_k12", "batch_size": 2, "image_size": 16, "device": "cpu"}
     assert [r["mode"] for r in doc["results"]] == ["naive", "shared"]
@@ -45,6 +61,11 @@ def test_cli_errors():
 
     assert main(["memory", "--modes", "naive,fast"]) == 2
     assert main(["memory", "--max-batch", "--device", "cpu", "--image-size", "16"]) == 2
+    # The --plot options are checked before any model runs.
+    for bad in (["--plot-layers", "4,8"], ["--plot-layers", "8,4,16"], ["--plot-layers", "0,4,8"],
+                ["--plot-layers", "a,b,c"], ["--plot-batch", "0"], ["--plot-image-size", "0"]):
+        args = ["memory", "--image-size", "8", "--batch-size", "1", "--plot", "unused.png", *bad]
+        assert main(args) == 2, bad
     with pytest.raises(ValueError, match="--max-batch needs --device cuda"):
         from resfast.profiling import memory
 
@@ -53,6 +74,10 @@ def test_cli_errors():
         p = argparse.ArgumentParser()
         memory.add_arguments(p)
         memory.run(p.parse_args(["--max-batch", "--image-size", "16"]))
+    with pytest.raises(ValueError, match=r"--plot-layers must be .*got '4,8'"):
+        memory.run(p.parse_args(["--plot", "unused.png", "--plot-layers", "4,8"]))
+    with pytest.raises(ValueError, match=r"--plot-batch must be a positive int, got 0"):
+        memory.run(p.parse_args(["--plot", "unused.png", "--plot-batch", "0"]))
 
 
 def test_measure_training_step_counts_exact_bytes():

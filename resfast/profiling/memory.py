@@ -41,6 +41,18 @@ MODES: Dict[str, tuple] = {
 }
 
 
+# The --plot sweep's default shape. The activation bytes of a dense block scale with
+# batch x pixels, while the 1x1-conv weight gradients (quadratic in depth, and held as
+# temporaries until a shared block's backward returns, so part of its measured peak) do
+# not. At batch 2, 16x16 those temporaries were a third of the shared mode's bytes and put
+# it at or above checkpoint, unlike any real network; at batch 4, 32x32 they are a few
+# percent, as in densenet121 at 224x224, and the sweep still runs in a few minutes on a
+# 2-core CPU.
+SWEEP_BATCH = 4
+SWEEP_IMAGE_SIZE = 32
+SWEEP_LAYERS = (4, 8, 16, 24, 32)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="densenet121", help="a registered densenet model (default densenet121)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
@@ -55,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="also draw one dense block's activation memory at the peak against its number "
                         "of layers, per mode, with fitted curves (PNG)")
+    p.add_argument("--plot-batch", type=int, default=SWEEP_BATCH,
+                   help=f"batch of the --plot dense-block sweep (default {SWEEP_BATCH})")
+    p.add_argument("--plot-image-size", type=int, default=SWEEP_IMAGE_SIZE,
+                   help=f"height and width of the --plot sweep's block input (default {SWEEP_IMAGE_SIZE})")
+    p.add_argument("--plot-layers", default=",".join(map(str, SWEEP_LAYERS)),
+                   help="comma-separated layer counts of the --plot sweep, at least 3 "
+                        f"(default {','.join(map(str, SWEEP_LAYERS))})")
     p.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch each mode fits")
     p.add_argument("--seed", type=int, default=0)
 
@@ -78,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--max-batch needs --device cuda (it searches for the batch at which CUDA runs out of "
                          "memory; the CPU has no such limit to find)")
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    if args.plot:
+        plot_layers = _parse_layers(args.plot_layers)
+        if not isinstance(args.plot_batch, int) or args.plot_batch < 1:
+            raise ValueError(f"--plot-batch must be a positive int, got {args.plot_batch!r}")
+        if not isinstance(args.plot_image_size, int) or args.plot_image_size < 1:
+            raise ValueError(f"--plot-image-size must be a positive int, got {args.plot_image_size!r}")
 
     results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
                             backend=args.backend, autocast_dtype=dtype, channels_last=args.channels_last,
@@ -90,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     doc = {"model": args.model, "batch_size": args.batch_size, "image_size": image_size, "device": str(device),
            "results": results}
     if args.plot:
-        sweep = block_memory_sweep(modes, device=device, backend=args.backend)
+        t0 = time.perf_counter()
+        sweep = block_memory_sweep(modes, layers=plot_layers, device=device, backend=args.backend,
+                                   batch_size=args.plot_batch, image_size=args.plot_image_size, seed=args.seed)
+        sweep["wall_time_s"] = time.perf_counter() - t0
         plot_sweep(sweep, args.plot)
         doc["plot"] = {"file": args.plot, "sweep": sweep}
     if args.json:
@@ -108,6 +136,18 @@ def _parse_modes(text: str) -> List[str]:
     if bad or not modes:
         raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {text!r}")
     return modes
+
+
+def _parse_layers(text: str) -> List[int]:
+    try:
+        layers = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        layers = []
+    # Three distinct counts at least: the naive fit is a quadratic.
+    if len(set(layers)) < 3 or min(layers) < 1 or layers != sorted(layers):
+        raise ValueError(f"--plot-layers must be at least 3 distinct increasing positive ints separated by "
+                         f"commas, got {text!r}")
+    return layers
 
 
 def _device(name: str) -> torch.device:
@@ -253,22 +293,28 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
     return results
 
 
-def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = (4, 8, 16, 24, 32, 48, 64), device=None,
-                       backend: str = "auto", batch_size: int = 2, image_size: int = 16, num_input_features: int = 64,
-                       growth_rate: int = 32, bn_size: int = 4, seed: int = 0, progress: bool = True
-                       ) -> Dict[str, object]:
+def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LAYERS, device=None,
+                       backend: str = "auto", batch_size: int = SWEEP_BATCH, image_size: int = SWEEP_IMAGE_SIZE,
+                       num_input_features: int = 64, growth_rate: int = 32, bn_size: int = 4, seed: int = 0,
+                       progress: bool = True) -> Dict[str, object]:
     """Peak and activation bytes of one dense block's training step against its number of
     layers, per mode, with curves fitted to the activation bytes (quadratic for naive,
-    linear otherwise). The activation bytes (the peak less parameters, buffers and
-    gradients) are what the memory modes change; the conv1x1 weights themselves grow
-    quadratically with depth in every mode."""
+    linear otherwise).
+
+    The activation bytes (the peak less parameters, buffers and the parameters' ``.grad``)
+    are what the memory modes change. They include every temporary live at the peak, such
+    as the 1x1-conv weight gradients that a shared block holds until its backward returns;
+    those grow quadratically with depth but not with batch x pixels, so at a tiny input
+    they dominate and misrepresent the modes. The default shape (batch 4, 32x32, see
+    ``SWEEP_BATCH``) keeps them to a few percent, as in a real network."""
     from tqdm import tqdm
 
     from resfast.nn.dense import DenseBlock
 
     device = torch.device(device or "cpu")
     out: Dict[str, object] = {"layers": list(layers), "batch_size": batch_size, "image_size": image_size,
-                              "num_input_features": num_input_features, "growth_rate": growth_rate, "modes": {}}
+                              "num_input_features": num_input_features, "growth_rate": growth_rate,
+                              "bn_size": bn_size, "device": str(device), "modes": {}}
     jobs = [(m, n) for m in modes for n in layers]
     rows: Dict[str, Dict[str, list]] = {m: {"peak_bytes": [], "activation_bytes": []} for m in modes}
     for mode, n in tqdm(jobs, desc="dense-block sweep", file=sys.stderr, disable=not progress):
@@ -314,12 +360,19 @@ def plot_sweep(sweep: Dict[str, object], path: str) -> None:
         kind = "quadratic" if row["fit_degree"] == 2 else "linear"
         ax.plot(grid, fit, "-", color=line.get_color(), alpha=0.7, label=f"{mode} ({kind} fit)")
     ax.set_xlabel("layers in the dense block")
-    ax.set_ylabel("activation memory at the step's peak (MiB)")
-    ax.set_title(f"One dense block: C0={sweep['num_input_features']}, k={sweep['growth_rate']}, "
-                 f"batch {sweep['batch_size']}, {sweep['image_size']}x{sweep['image_size']}")
+    ax.set_ylabel("activation bytes at the training step's peak (MiB)\n"
+                  "= peak live tensors - parameters, buffers, .grad", fontsize=9)
+    size = sweep["image_size"]
+    ax.set_title(f"One dense block, one forward+backward: batch {sweep['batch_size']}, input "
+                 f"{sweep['num_input_features']}x{size}x{size} (C0={sweep['num_input_features']}), "
+                 f"k={sweep['growth_rate']}, bn_size={sweep.get('bn_size', 4)}, {sweep.get('device', 'cpu')}",
+                 fontsize=9)
+    ax.annotate("includes temporaries live at the peak (e.g. shared modes' 1x1-conv weight gradients);\n"
+                "shape chosen so activations, which scale with batch x pixels, dominate as in a real network",
+                xy=(0.01, 0.01), xycoords="figure fraction", fontsize=7, color="0.35")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
