@@ -363,9 +363,9 @@ def plot_sweep(sweep: Dict[str, object], path: str) -> None:
     ax.set_ylabel("activation bytes at the training step's peak (MiB)\n"
                   "= peak live tensors - parameters, buffers, .grad", fontsize=9)
     size = sweep["image_size"]
-    ax.set_title(f"One dense block, one forward+backward: batch {sweep['batch_size']}, input "
-                 f"{sweep['num_input_features']}x{size}x{size} (C0={sweep['num_input_features']}), "
-                 f"k={sweep['growth_rate']}, bn_size={sweep.get('bn_size', 4)}, {sweep.get('device', 'cpu')}",
+    ax.set_title(f"One dense block, one training step (forward+backward), {sweep.get('device', 'cpu')}\n"
+                 f"batch {sweep['batch_size']}, input {sweep['num_input_features']}x{size}x{size} "
+                 f"(C0={sweep['num_input_features']}), k={sweep['growth_rate']}, bn_size={sweep.get('bn_size', 4)}",
                  fontsize=9)
     ax.annotate("includes temporaries live at the peak (e.g. shared modes' 1x1-conv weight gradients);\n"
                 "shape chosen so activations, which scale with batch x pixels, dominate as in a real network",
