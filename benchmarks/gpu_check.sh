@@ -11,7 +11,7 @@
 #   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST = the
 #              GPU's capability, MAX_JOBS=16); if it fails, a Python-only install so the rest runs
 #   info       python -m resfast info --json                    -> OUTDIR/info.json
-#   tests      python -m pytest tests (realistic shapes on CUDA) -> OUTDIR/tests-junit.xml
+#   tests      python -m pytest <the CUDA-exercising test files> (realistic shapes) -> OUTDIR/tests-junit.xml
 #   bench      python -m pytest benchmarks --gpu-sizes           -> OUTDIR/benchmarks.json
 #   report     environment JSON, summary, results JSON          -> OUTDIR/environment.json,
 #              OUTDIR/summary.txt, OUTDIR/<date>-<gpu>.json (commit it to benchmarks/results/)
@@ -148,12 +148,15 @@ fi
 # --- info: versions and which backends run
 run_phase info "$(phase_limit 25 $RESERVE_AFTER_INFO)" --stdout "$OUTDIR/info.json" "$PY" -m resfast info --json
 
-# --- tests: the whole suite; on CUDA the tests pick realistic shapes
+# --- tests: the suites that exercise CUDA (kernels first), realistic shapes on CUDA. The rest
+# of the suite is device-independent and runs in CI on every push.
+GPU_TESTS=(tests/test_bn_relu_conv2d.py tests/test_triton_ops.py tests/test_native.py tests/test_build.py
+           tests/test_blocks.py tests/test_dense.py tests/test_densenet.py)
 TEST_TIMEOUT=()
 if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     TEST_TIMEOUT=(--timeout=120)  # one hung test must not take the whole phase
 fi
-run_phase tests "$(phase_limit 120 $RESERVE_AFTER_TESTS)" "$PY" -m pytest tests -q -rfE -p no:cacheprovider \
+run_phase tests "$(phase_limit 120 $RESERVE_AFTER_TESTS)" "$PY" -m pytest "${GPU_TESTS[@]}" -q -rfE -p no:cacheprovider \
     --junitxml="$OUTDIR/tests-junit.xml" "${TEST_TIMEOUT[@]}"
 
 # --- bench: the GPU sizes; the suite skips what is left once RESFAST_BENCH_BUDGET_S is spent,
