@@ -24,7 +24,7 @@ def test_cli_json_document(tmp_path):
     CLI call for both: the model step is most of this file's time)."""
     from resfast.cli import main
 
-    png = tmp_path / "memory.png"
+    png = tmp_path / "not-yet" / "memory.png"  # the plot's folder is created
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = main(["memory", "--model", "densenet_bc100_k12", "--batch-size", "2", "--image-size", "16",

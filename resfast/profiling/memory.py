@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -373,6 +374,8 @@ def plot_sweep(sweep: Dict[str, object], path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
