@@ -1,4 +1,5 @@
-"""``@triton.jit`` helpers shared by the conv kernels: the BN-ReLU applied in registers.
+"""``@triton.jit`` helpers shared by the conv kernels: tile indexing and the BN-ReLU applied
+in registers.
 
 Channel vectors always run along the tile's second axis (columns); every kernel lays its
 activation tiles out as ``[positions, channels]``.
@@ -32,3 +33,23 @@ def bn_relu(xv, mean, scale, shift, valid):
     z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
     a = tl.where(z < 0.0, 0.0, z)
     return tl.where(valid, a, 0.0)
+
+
+@triton.jit
+def position_rows(pid, M, HH, WW, BLOCK_M: tl.constexpr):
+    """Rows ``pid * BLOCK_M + [0, BLOCK_M)`` of the ``N x HH x WW`` positions: ``(mask, h, w, n)``,
+    with ``n`` as int64 so batch offsets cannot overflow."""
+    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    w = offs % WW
+    t = offs // WW
+    return offs < M, t % HH, w, (t // HH).to(tl.int64)
+
+
+@triton.jit
+def group_tile(pid, C_G, BLOCK: tl.constexpr):
+    """The channel tile of program ``pid`` when tiles never straddle groups: tile
+    ``pid % tiles`` of group ``pid // tiles``. Returns ``(group, local, mask, channel)``."""
+    tiles_per_group = tl.cdiv(C_G, BLOCK)
+    g = pid // tiles_per_group
+    local = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
+    return g, local, local < C_G, g * C_G + local

@@ -17,7 +17,7 @@ FMA formulation for small groups (no 16-wide matrix tile per 4-channel group).
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import bn_params, bn_relu
+from resfast.kernels.triton.bn_relu import bn_params, bn_relu, group_tile, position_rows
 
 
 @triton.jit
@@ -36,21 +36,12 @@ def bn_relu_conv_bwd_input_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    w_in = offs_m % W
-    t = offs_m // W
-    h_in = t % H
-    n64 = (t // H).to(tl.int64)
+    m_mask, h_in, w_in, n64 = position_rows(pid_m, M, H, W, BLOCK_M)
     x_ty = gz_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     if USE_DOT:
-        tiles_per_group = tl.cdiv(CIN_G, BLOCK_N)
-        g = pid_n // tiles_per_group
-        ci_local = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ci_mask = ci_local < CIN_G
-        ci = g * CIN_G + ci_local
+        g, ci_local, ci_mask, ci = group_tile(pid_n, CIN_G, BLOCK_N)
     else:
         ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ci_mask = ci < C
@@ -138,11 +129,7 @@ def bn_relu_conv_bwd_weight_kernel(
     KHW: tl.constexpr = KH * KW
 
     if USE_DOT:
-        tiles_per_group = tl.cdiv(COUT_G, BLOCK_CO)
-        g = pid0 // tiles_per_group
-        co_local = (pid0 % tiles_per_group) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-        co_mask = co_local < COUT_G
-        co = g * COUT_G + co_local
+        g, co_local, co_mask, co = group_tile(pid0, COUT_G, BLOCK_CO)
         ci_local = (pid1 // KHW) * BLOCK_CI + tl.arange(0, BLOCK_CI)
         ci_mask = ci_local < CIN_G
         ci = g * CIN_G + ci_local

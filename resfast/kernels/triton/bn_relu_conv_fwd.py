@@ -15,7 +15,7 @@ Two formulations, chosen by the ``USE_DOT`` constexpr:
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import bn_params, bn_relu
+from resfast.kernels.triton.bn_relu import bn_params, bn_relu, group_tile, position_rows
 
 
 @triton.jit
@@ -33,21 +33,12 @@ def bn_relu_conv_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    wo = offs_m % WO
-    t = offs_m // WO
-    ho = t % HO
-    n64 = (t // HO).to(tl.int64)
+    m_mask, ho, wo, n64 = position_rows(pid_m, M, HO, WO, BLOCK_M)
     act_ty = y_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
 
     if USE_DOT:
-        tiles_per_group = tl.cdiv(COUT_G, BLOCK_N)
-        g = pid_n // tiles_per_group
-        co_local = (pid_n % tiles_per_group) * BLOCK_N + tl.arange(0, BLOCK_N)
-        co_mask = co_local < COUT_G
-        co = g * COUT_G + co_local
+        g, co_local, co_mask, co = group_tile(pid_n, COUT_G, BLOCK_N)
     else:
         co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         co_mask = co < CO
