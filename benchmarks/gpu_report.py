@@ -309,16 +309,24 @@ def load_benchmark_json(path: str) -> List[Dict[str, Any]]:
 def parse_junit(path: str) -> Dict[str, Any]:
     """Counts of a junit XML file: ``{"found", "tests", "passed", "failed", "errors", "skipped", "failures"}``.
 
-    ``failures`` lists up to 20 ``file::test`` names that failed or errored. ``found`` is False
+    ``failures`` lists up to 20 ``file::test`` names that failed or errored. ``interrupted``
+    counts the nameless test case pytest writes for the test it was running when stopped
+    (SIGINT at a phase's time limit); it is not counted in ``tests``. ``found`` is False
     (and the counts 0) when the file is missing or unreadable, e.g. the test phase was killed.
     """
-    empty = {"found": False, "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
+    empty = {"found": False, "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
+             "interrupted": 0, "failures": []}
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return empty
     counts = dict(empty, found=True, failures=[])
     for case in root.iter("testcase"):
+        if not case.get("name"):
+            # pytest stopped by SIGINT writes one nameless <testcase/> for the test it was in:
+            # that test neither passed nor failed.
+            counts["interrupted"] += 1
+            continue
         counts["tests"] += 1
         tags = {child.tag for child in case}
         name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
@@ -542,7 +550,8 @@ def render_summary(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit
         lines.append("phases: none recorded")
     if junit.get("found"):
         lines.append(f"tests: {junit['passed']} passed, {junit['failed']} failed, {junit['errors']} errors, "
-                     f"{junit['skipped']} skipped (of {junit['tests']})")
+                     f"{junit['skipped']} skipped (of {junit['tests']})"
+                     + (", stopped at the phase's time limit" if junit.get("interrupted") else ""))
         for name in junit.get("failures", [])[:5]:
             lines.append(f"  FAILED {name}")
         if len(junit.get("failures", [])) > 5:

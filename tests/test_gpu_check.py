@@ -273,10 +273,21 @@ def test_parse_junit_counts_and_failures(tmp_path):
     path.write_text(JUNIT)
     counts = report.parse_junit(str(path))
     assert counts == {"found": True, "tests": 5, "passed": 2, "failed": 1, "errors": 1, "skipped": 1,
-                      "failures": ["tests.test_b::test_bad", "tests.test_b::test_err"]}
+                      "interrupted": 0, "failures": ["tests.test_b::test_bad", "tests.test_b::test_err"]}
     assert report.parse_junit(str(tmp_path / "missing.xml"))["found"] is False
     (tmp_path / "broken.xml").write_text("<testsuite><testcase")
     assert report.parse_junit(str(tmp_path / "broken.xml"))["found"] is False
+
+
+def test_parse_junit_interrupted_case_is_not_a_pass(tmp_path):
+    # What pytest wrote on the H200 when the test phase hit its limit: a nameless last case.
+    path = tmp_path / "junit.xml"
+    path.write_text('<testsuites><testsuite tests="1"><testcase classname="tests.t" name="test_ok" time="1"/>'
+                    '<testcase time="0.001" /></testsuite></testsuites>')
+    counts = report.parse_junit(str(path))
+    assert (counts["tests"], counts["passed"], counts["interrupted"]) == (1, 1, 1)
+    text = report.render_summary({"gpu": None}, [], counts, [])
+    assert "1 passed" in text and "stopped at the phase's time limit" in text
 
 
 def test_read_phases_skips_malformed_lines(tmp_path):
