@@ -236,7 +236,8 @@ def require_fused_backend(impl: str, env: BenchEnv) -> None:
     """Skip unless resfast's backend ``impl`` (``triton`` / ``native``) can run on ``env.device``."""
     if impl == "triton" and not env.cuda:
         pytest.skip(TRITON_ON_CPU)
-    from resfast.backends import backend_status, get_ops
+    from resfast.backends import backend_status
+    from resfast.ops.opsets import get_ops
 
     why = backend_status(env.device)[impl]
     if why:

@@ -1,33 +1,35 @@
 """Which implementation runs an op: ``auto | eager | triton | native``.
 
-``eager``  plain PyTorch ops, the reference, anywhere.
-``triton`` Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-``native`` the compiled extension ``resfast._C``: CUDA kernels for CUDA tensors (if it was
-           built with CUDA), C++ kernels for CPU tensors.
-``auto``   ``triton`` on CUDA when available, else ``native`` on CUDA, else ``eager``.
-           ``RESFAST_BACKEND`` overrides ``auto``.
+One table, :data:`BACKEND_TABLE`, says for each concrete backend what it is, why it cannot
+run on a device (empty when it can), where its op set lives and its place in ``auto``'s
+static order; the CLI, the benchmarks and the tests read it instead of spelling the names.
 
-Asking for a backend that cannot run raises :class:`BackendUnavailableError` that says why
-and what to install; nothing ever falls back silently.
+``auto`` resolves to the first backend of the static order that can run on the device
+(CUDA: ``triton``, then ``native``; elsewhere ``eager``). ``RESFAST_BACKEND`` overrides
+``auto``. Asking for a backend that cannot run raises :class:`BackendUnavailableError`
+that says why and what to install; nothing ever falls back silently.
+
+This module imports nothing of :mod:`resfast.ops`: the op sets are named by module path
+and loaded by :func:`resfast.ops.opsets.get_ops`, so data flows one way (``nn -> ops``).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-BACKENDS = ("auto", "eager", "triton", "native")
-
 __all__ = [
+    "Backend",
+    "BACKEND_TABLE",
+    "BACKEND_NAMES",
     "BACKENDS",
     "BackendUnavailableError",
     "backend_status",
     "check_backend_name",
-    "get_ops",
     "native_info",
     "resolve_backend",
     "triton_interpret",
@@ -43,27 +45,102 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTS: Dict[str, Tuple[Optional[ModuleType], str]] = {}
+
+
+def _import(name: str, hint: str) -> Tuple[Optional[ModuleType], str]:
+    """``(module, "")`` or ``(None, why)``; each module is tried once per process."""
+    if name not in _IMPORTS:
+        try:
+            _IMPORTS[name] = (importlib.import_module(name), "")
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _IMPORTS[name] = (None, f"{name} is not importable ({type(exc).__name__}: {exc}); {hint}")
+    return _IMPORTS[name]
+
+
 def _triton_import() -> Tuple[Optional[ModuleType], str]:
-    try:
-        import triton  # noqa: F401
-
-        return triton, ""
-    except Exception as exc:  # ImportError, or a broken install raising something else
-        return None, f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+    return _import("triton", "install it with `pip install triton`")
 
 
-@functools.lru_cache(maxsize=None)
 def _native_import() -> Tuple[Optional[ModuleType], str]:
-    try:
-        mod = importlib.import_module("resfast._C")
-        return mod, ""
-    except Exception as exc:
-        return None, (
-            f"the compiled extension resfast._C is not available ({type(exc).__name__}: {exc}); "
-            "reinstall resfast with a C++ compiler (and nvcc for CUDA): "
-            "`RESFAST_BUILD_EXT=1 pip install --no-build-isolation -e .`"
-        )
+    mod, err = _import("resfast._C", "reinstall resfast with a C++ compiler (and nvcc for CUDA): "
+                                     "`RESFAST_BUILD_EXT=1 pip install --no-build-isolation -e .`")
+    if mod is None:
+        err = err.replace("resfast._C is not importable", "the compiled extension resfast._C is not available")
+    return mod, err
+
+
+def _eager_why_not(device_type: str) -> str:
+    return ""
+
+
+def _triton_why_not(device_type: str) -> str:
+    _, err = _triton_import()
+    if err:
+        return err
+    if device_type == "cuda":
+        return "" if torch.cuda.is_available() else "no CUDA device is available"
+    if device_type == "cpu":
+        if triton_interpret():
+            return ""
+        return ("Triton kernels need CUDA tensors; CPU tensors run only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton), or use backend='eager' / 'native'")
+    return f"Triton kernels do not run on {device_type} tensors"
+
+
+def _native_why_not(device_type: str) -> str:
+    mod, err = _native_import()
+    if mod is None:
+        return err
+    if device_type == "cpu":
+        return ""
+    if device_type == "cuda":
+        if not getattr(mod, "WITH_CUDA", False):
+            return ("resfast._C was built without CUDA kernels (torch without CUDA or nvcc missing at build time); "
+                    "rebuild with nvcc on the PATH")
+        return "" if torch.cuda.is_available() else "no CUDA device is available"
+    return f"resfast._C has no kernels for {device_type} tensors"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the backend table."""
+
+    name: str
+    #: What runs, in a few words (``resfast info``, docs).
+    description: str
+    #: ``"module"`` or ``"module:attribute"`` holding the op set (:class:`resfast.ops.opset.OpSet`).
+    opset: str
+    #: ``why_not(device_type)``: empty when the backend can run on that device type, else the reason.
+    why_not: Callable[[str], str]
+    #: Place in ``auto``'s static order on CUDA (lower first); ``None``: never chosen by ``auto`` on CUDA.
+    cuda_priority: Optional[int]
+    #: Place in ``auto``'s static order on the CPU; ``None``: never chosen by ``auto`` there.
+    cpu_priority: Optional[int]
+
+
+BACKEND_TABLE: Tuple[Backend, ...] = (
+    Backend("eager", "plain PyTorch ops (the reference)", "resfast.ops.reference", _eager_why_not,
+            cuda_priority=2, cpu_priority=0),
+    Backend("triton", "Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1)", "resfast.ops.triton_ops:OPS",
+            _triton_why_not, cuda_priority=0, cpu_priority=None),
+    # On the CPU the native C++ kernels are the test twin of the CUDA kernels (the same tile
+    # code), not a speed path: auto never picks them there.
+    Backend("native", "the compiled extension resfast._C: CUDA kernels on GPUs, their C++ twin on the CPU",
+            "resfast.ops.native_ops:OPS", _native_why_not, cuda_priority=1, cpu_priority=None),
+)
+BACKEND_NAMES: Tuple[str, ...] = tuple(b.name for b in BACKEND_TABLE)
+BACKENDS: Tuple[str, ...] = ("auto", *BACKEND_NAMES)
+_BY_NAME = {b.name: b for b in BACKEND_TABLE}
+
+
+def backend(name: str) -> Backend:
+    """The table row of a concrete backend."""
+    return _BY_NAME[check_backend_name(name)] if name != "auto" else _raise_auto()
+
+
+def _raise_auto():
+    raise ValueError("'auto' is not a concrete backend; resolve it with resolve_backend(name, device)")
 
 
 def native_info() -> Dict[str, object]:
@@ -82,6 +159,7 @@ def native_info() -> Dict[str, object]:
 
 
 def check_backend_name(name: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`, else ``ValueError``."""
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
@@ -93,45 +171,17 @@ def _device_type(device: Union[torch.device, str, None]) -> str:
     return torch.device(device).type
 
 
-def _why_not(name: str, device_type: str) -> str:
-    """Empty string when backend ``name`` can run on ``device_type``; otherwise the reason."""
-    if name == "eager":
-        return ""
-    if name == "triton":
-        _, err = _triton_import()
-        if err:
-            return err
-        if device_type == "cuda":
-            return "" if torch.cuda.is_available() else "no CUDA device is available"
-        if device_type == "cpu":
-            if triton_interpret():
-                return ""
-            return (
-                "Triton kernels need CUDA tensors; CPU tensors run only under the Triton interpreter "
-                "(set TRITON_INTERPRET=1 before importing triton), or use backend='eager' / 'native'"
-            )
-        return f"Triton kernels do not run on {device_type} tensors"
-    if name == "native":
-        mod, err = _native_import()
-        if mod is None:
-            return err
-        if device_type == "cpu":
-            return ""
-        if device_type == "cuda":
-            if not getattr(mod, "WITH_CUDA", False):
-                return (
-                    "resfast._C was built without CUDA kernels (torch without CUDA or nvcc missing at "
-                    "build time); rebuild with nvcc on the PATH"
-                )
-            return "" if torch.cuda.is_available() else "no CUDA device is available"
-        return f"resfast._C has no kernels for {device_type} tensors"
-    raise AssertionError(name)
-
-
 def backend_status(device: Union[torch.device, str, None] = "cpu") -> Dict[str, str]:
-    """``{backend: reason}`` for eager/triton/native; an empty reason means it can run."""
+    """``{backend: reason}`` for every concrete backend; an empty reason means it can run."""
     dt = _device_type(device)
-    return {name: _why_not(name, dt) for name in ("eager", "triton", "native")}
+    return {b.name: b.why_not(dt) for b in BACKEND_TABLE}
+
+
+def static_order(device_type: str) -> Tuple[str, ...]:
+    """The backends ``auto`` may pick on ``device_type``, in the static order."""
+    key = (lambda b: b.cuda_priority) if device_type == "cuda" else (lambda b: b.cpu_priority)
+    rows = [b for b in BACKEND_TABLE if key(b) is not None]
+    return tuple(b.name for b in sorted(rows, key=key))
 
 
 def resolve_backend(name: str = "auto", device: Union[torch.device, str, None] = "cpu") -> str:
@@ -140,48 +190,25 @@ def resolve_backend(name: str = "auto", device: Union[torch.device, str, None] =
     Raises :class:`BackendUnavailableError` when ``name`` (or ``RESFAST_BACKEND`` for ``auto``)
     names a backend that cannot run there.
     """
+    return _resolve(name, _device_type(device), os.environ.get("RESFAST_BACKEND", "").strip())
+
+
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, env: str) -> str:
+    # A constant while torch.compile traces: the answer depends only on the arguments and on
+    # what is installed, so tracing never steps into the imports behind it.
     check_backend_name(name)
-    dt = _device_type(device)
     if name == "auto":
-        env = os.environ.get("RESFAST_BACKEND", "").strip()
         if env and env != "auto":
             if env not in BACKENDS:
                 raise ValueError(f"RESFAST_BACKEND must be one of {BACKENDS}, got {env!r}")
             name = env
         else:
-            if dt == "cuda":
-                for candidate in ("triton", "native"):
-                    if not _why_not(candidate, dt):
-                        return candidate
-            return "eager"
-    why = _why_not(name, dt)
+            for candidate in static_order(device_type):
+                if not _BY_NAME[candidate].why_not(device_type):
+                    return candidate
+            name = "eager"
+    why = _BY_NAME[name].why_not(device_type)
     if why:
-        raise BackendUnavailableError(f"backend={name!r} cannot run on {dt} tensors: {why}")
+        raise BackendUnavailableError(f"backend={name!r} cannot run on {device_type} tensors: {why}")
     return name
-
-
-def get_ops(backend: str):
-    """The op set of a concrete backend.
-
-    Every backend provides the same five ops with the same signatures (see
-    :mod:`resfast.ops.eager_impl` for the reference semantics): ``bn_stats``,
-    ``bn_relu_conv2d``, ``bn_relu_conv2d_out``, ``bn_relu_conv2d_backward`` and
-    ``bn_backward_elemt``.
-    """
-    if backend == "eager":
-        from resfast.ops import eager_impl
-
-        return eager_impl
-    if backend == "triton":
-        from resfast.ops import triton_ops  # registers torch.ops.resfast_triton
-
-        return torch.ops.resfast_triton
-    if backend == "native":
-        mod, err = _native_import()
-        if mod is None:
-            raise BackendUnavailableError(f"backend='native': {err}")
-        from resfast.ops import registration
-
-        registration.register_native()
-        return torch.ops.resfast
-    raise ValueError(f"get_ops needs a concrete backend (eager, triton, native), got {backend!r}")

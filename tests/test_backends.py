@@ -48,7 +48,6 @@ def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
 
 
 def test_missing_triton_says_what_to_install(monkeypatch):
-    backends._triton_import.cache_clear()
     monkeypatch.setattr(backends, "_triton_import", lambda: (None, "triton is not importable (x); install it with `pip install triton`"))
     with pytest.raises(BackendUnavailableError, match="pip install triton"):
         resolve_backend("triton", "cpu")

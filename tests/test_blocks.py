@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import assert_rule
-from resfast.backends import BackendUnavailableError, backend_status, get_ops
+from resfast.backends import BackendUnavailableError, backend_status
+from resfast.ops.opsets import get_ops
 from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXtBottleneck, SEModule, WideBasic,
                                conv1x1)
 

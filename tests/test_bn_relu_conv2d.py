@@ -288,9 +288,9 @@ def test_gradcheck(backend, training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_autograd_function_over_eager_ops(training):
-    """The shared backward formula (registration.BNReLUConv2dFunction) over the eager op set."""
-    from resfast.ops import eager_impl
-    from resfast.ops.registration import BNReLUConv2dFunction
+    """The one backward (autograd.BNReLUConv2dFunction) over the eager op set."""
+    from resfast.ops import reference
+    from resfast.ops.autograd import BNReLUConv2dFunction
 
     (x, w, b, bw, bb), (rm, rv) = _small_gradcheck_inputs()
 
@@ -298,12 +298,13 @@ def test_gradcheck_autograd_function_over_eager_ops(training):
         if training:
             # the function treats the batch statistics as functions of x (as the functional passes
             # them, detached); recomputing them from the perturbed x lets the numerical Jacobian see that
-            mean, var = eager_impl.bn_stats(x.detach())
+            mean, var = reference.bn_stats(x.detach())
         else:
             mean, var = rm, rv
         invstd = torch.rsqrt(var + EPS)
-        return BNReLUConv2dFunction.apply(eager_impl, None, x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 2,
-                                          training)
+        count = x.numel() // x.shape[1]
+        return BNReLUConv2dFunction.apply(reference, None, count, x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1],
+                                          [1, 1], 2, training)
 
     assert torch.autograd.gradcheck(f, (x, w, b, bw, bb), eps=1e-6, atol=1e-5, fast_mode=True)
 

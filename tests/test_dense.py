@@ -24,7 +24,7 @@ def _backends():
         reason = status[name]
         if not reason:
             try:
-                from resfast.backends import get_ops
+                from resfast.ops.opsets import get_ops
 
                 get_ops(name)
             except Exception as exc:  # the backend's op set is not importable yet

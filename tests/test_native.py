@@ -1,5 +1,5 @@
 """The native backend's ops (``torch.ops.resfast.*``, C++ on CPU, CUDA on GPU) against the
-eager reference ``resfast.ops.eager_impl`` with the STANDARDS.md float64 rule.
+eager reference ``resfast.ops.reference`` with the STANDARDS.md float64 rule.
 
 Each conv case runs twice on the CPU: with the tiled kernels (the CUDA tiled kernels'
 thread-block phases, run block by block) and with ``RESFAST_NATIVE_KERNELS=generic`` (the
@@ -15,8 +15,9 @@ import torch
 
 import resfast
 from resfast.backends import native_info
-from resfast.ops import eager_impl
-from resfast.ops.registration import out_memory_format
+from resfast.ops import reference
+from resfast.ops.opset import OP_NAMES
+from resfast.ops.schemas import out_memory_format
 
 from reference import assert_rule
 
@@ -30,7 +31,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 
 
 def ops():
-    from resfast.backends import get_ops
+    from resfast.ops.opsets import get_ops
 
     return get_ops("native")  # loads resfast._C and registers fakes + autograd
 
@@ -100,7 +101,7 @@ def test_forward_and_out(name, dtype, device, kernels):
     args = (x, weight, bias, gm, bt, mean, invstd, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
     ctx = f"{name} {dtype} {device} {kernels}"
     y = ops().bn_relu_conv2d(*args, True)
-    ref64, ref_same = _refs(eager_impl.bn_relu_conv2d, *args, True)
+    ref64, ref_same = _refs(reference.bn_relu_conv2d, *args, True)
     assert y.dtype == dtype and y.is_contiguous(memory_format=out_memory_format(x)), ctx
     assert_rule("y", y, ref64, ref_same, ctx)
 
@@ -121,15 +122,15 @@ def test_forward_and_out(name, dtype, device, kernels):
 def test_backward_and_elemt(name, dtype, device, kernels):
     x, weight, bias, gm, bt, mean, invstd, conv = _case(name, dtype, device)
     ctx = f"{name} {dtype} {device} {kernels}"
-    shape = eager_impl.bn_relu_conv2d(x.cpu().float(), weight.cpu().float(), None, None, None, mean.cpu(),
+    shape = reference.bn_relu_conv2d(x.cpu().float(), weight.cpu().float(), None, None, None, mean.cpu(),
                                       invstd.cpu(), conv["stride"], conv["padding"], conv["dilation"],
                                       conv["groups"], False).shape
     # grad_out as a strided view (every other channel of a bigger tensor).
     grad_out = torch.randn(shape[0], 2 * shape[1], *shape[2:], device=device).to(dtype)[:, ::2]
     args = (grad_out, x, weight, gm, bt, mean, invstd, conv["stride"], conv["padding"], conv["dilation"],
-            conv["groups"])
+            conv["groups"], True)
     got = ops().bn_relu_conv2d_backward(*args)
-    ref64, ref_same = _refs(eager_impl.bn_relu_conv2d_backward, *args)
+    ref64, ref_same = _refs(reference.bn_relu_conv2d_backward, *args)
     names = ("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat")
     assert got[0].is_contiguous(memory_format=out_memory_format(x)), ctx
     assert got[1].is_contiguous() and got[1].dtype == weight.dtype and got[2].dtype == weight.dtype, ctx
@@ -138,12 +139,30 @@ def test_backward_and_elemt(name, dtype, device, kernels):
         assert_rule(nm, g, r64, rs, ctx, dtype=dtype)
 
     count = x.numel() // x.shape[1]
-    mean_dz, mean_dz_xhat = ref64[3].float().to(device) / count, ref64[4].float().to(device) / count
-    eargs = (got[0], x, gm, mean, invstd, mean_dz, mean_dz_xhat)
+    sum_dz, sum_dz_xhat = ref64[3].float().to(device), ref64[4].float().to(device)
+    eargs = (got[0], x, gm, mean, invstd, sum_dz, sum_dz_xhat, 1.0 / count)
     gx = ops().bn_backward_elemt(*eargs)
-    r64, rs = _refs(eager_impl.bn_backward_elemt, *eargs)
+    r64, rs = _refs(reference.bn_backward_elemt, *eargs)
     assert gx.dtype == dtype and gx.is_contiguous(memory_format=out_memory_format(x)), ctx
     assert_rule("grad_x", gx, r64, rs, ctx)
+
+    # _out into a channel slice of a poisoned buffer, then accumulated onto a random one.
+    buf = torch.full((x.shape[0], x.shape[1] + 3, *x.shape[2:]), float("nan"), dtype=dtype, device=device)
+    if x.stride(1) == 1:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    out = buf[:, 1:1 + x.shape[1]]
+    assert ops().bn_backward_elemt_out(*eargs, False, out) is None
+    assert_rule("grad_x out", out, r64, rs, ctx)
+    assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + x.shape[1]:]).all(), ctx
+    base = torch.randn(x.shape, device=device).to(dtype)
+    out.copy_(base)
+    ops().bn_backward_elemt_out(*eargs, True, out)
+    same = base.clone()
+    reference.bn_backward_elemt_out(*eargs, True, same)
+    assert_rule("grad_x accumulated", out, r64 + base.double().cpu(), same, ctx)
+
+    # Without a conv bias no bias gradient is computed.
+    assert ops().bn_relu_conv2d_backward(*args[:-1], False)[2].numel() == 0, ctx
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -156,7 +175,7 @@ def test_bn_stats(layout, dtype, device):
         x = _make_x(3, 13, 5, 7, layout.startswith("channels_last"), True, dtype, device)
     x = x + 20.0  # an offset that sum / sum-of-squares would lose precision on
     mean, var = ops().bn_stats(x)
-    (m64, v64), (ms, vs) = _refs(eager_impl.bn_stats, x)
+    (m64, v64), (ms, vs) = _refs(reference.bn_stats, x)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert mean.dtype == acc and var.dtype == acc and mean.shape == (x.shape[1],)
     assert_rule("mean", mean, m64, ms, f"{layout} {dtype}", dtype=dtype)
@@ -208,7 +227,7 @@ def test_native_functional_matches_eager_running_stats():
 def _opcheck_samples():
     x, weight, bias, gm, bt, mean, invstd, conv = _case("g2_1x1_cl_odd_channels", torch.float32, "cpu")
     c = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
-    y = eager_impl.bn_relu_conv2d(x, weight, bias, gm, bt, mean, invstd, *c, True)
+    y = reference.bn_relu_conv2d(x, weight, bias, gm, bt, mean, invstd, *c, True)
     grad_out = torch.randn_like(y)
     out = torch.empty(y.shape[0], y.shape[1] + 3, *y.shape[2:])[:, 1:1 + y.shape[1]]
     gz = torch.randn_like(x)
@@ -217,13 +236,15 @@ def _opcheck_samples():
         "bn_relu_conv2d": (x.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True), bias, gm, bt,
                            mean, invstd, *c, True),
         "bn_relu_conv2d_out": (x, weight, bias, gm, bt, mean, invstd, *c, out),
-        "bn_relu_conv2d_backward": (grad_out, x, weight, gm, bt, mean, invstd, *c),
-        "bn_backward_elemt": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1])),
+        "bn_stats_update": (x, torch.randn(x.shape[1]), torch.rand(x.shape[1]) + 0.5, 0.1, 1e-5),
+        "bn_relu_conv2d_backward": (grad_out, x, weight, gm, bt, mean, invstd, *c, True),
+        "bn_backward_elemt": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01),
+        "bn_backward_elemt_out": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01,
+                                  True, torch.randn_like(x)),
     }
 
 
-@pytest.mark.parametrize("op", ["bn_stats", "bn_relu_conv2d", "bn_relu_conv2d_out", "bn_relu_conv2d_backward",
-                                "bn_backward_elemt"])
+@pytest.mark.parametrize("op", list(OP_NAMES))
 def test_opcheck(op):
     ops()
     torch.library.opcheck(getattr(torch.ops.resfast, op).default, _opcheck_samples()[op])
@@ -275,13 +296,16 @@ def test_bad_out_and_grad_shapes_raise():
         ops().bn_relu_conv2d_out(*base, *conv, torch.empty(2, 6, 5, 5, dtype=torch.half))
     with pytest.raises(RuntimeError, match=r"grad_out must have shape \[2, 6, 5, 5\]"):
         ops().bn_relu_conv2d_backward(torch.randn(2, 6, 3, 5), a["x"], a["weight"], None, None, a["mean"],
-                                      a["invstd"], *conv)
+                                      a["invstd"], *conv, False)
     with pytest.raises(RuntimeError, match=r"grad_z must have shape \[2, 4, 5, 5\]"):
         ops().bn_backward_elemt(torch.randn(2, 4, 5, 4), a["x"], None, a["mean"], a["invstd"], torch.zeros(4),
-                                torch.zeros(4))
-    with pytest.raises(RuntimeError, match=r"mean_dz_xhat must have shape \[4\]"):
+                                torch.zeros(4), 0.02)
+    with pytest.raises(RuntimeError, match=r"sum_dz_xhat must have shape \[4\]"):
         ops().bn_backward_elemt(torch.randn(2, 4, 5, 5), a["x"], None, a["mean"], a["invstd"], torch.zeros(4),
-                                torch.zeros(2))
+                                torch.zeros(2), 0.02)
+    with pytest.raises(RuntimeError, match=r"out must have shape \[2, 4, 5, 5\]"):
+        ops().bn_backward_elemt_out(torch.randn(2, 4, 5, 5), a["x"], None, a["mean"], a["invstd"], torch.zeros(4),
+                                    torch.zeros(4), 0.02, False, torch.empty(2, 4, 5, 4))
     with pytest.raises(RuntimeError, match=r"x must be a 4-D tensor"):
         ops().bn_stats(torch.randn(3, 4))
 
@@ -298,15 +322,15 @@ def test_nan_in_x_follows_eager(kernels_env, monkeypatch):
     for mean in (torch.zeros(4), ops().bn_stats(x)[0]):  # eval-like, and batch stats (NaN mean)
         invstd = torch.rand(4) + 0.5
         y = ops().bn_relu_conv2d(x, w, None, gm, bt, mean, invstd, *conv, False)
-        r64, rs = _refs(eager_impl.bn_relu_conv2d, x, w, None, gm, bt, mean, invstd, *conv, False)
+        r64, rs = _refs(reference.bn_relu_conv2d, x, w, None, gm, bt, mean, invstd, *conv, False)
         assert torch.isnan(y).any() and not torch.isnan(y).all()
         assert_rule("y", y, r64, rs, "nan")
         go = torch.randn_like(y)
-        got = ops().bn_relu_conv2d_backward(go, x, w, gm, bt, mean, invstd, *conv)
-        r64, rs = _refs(eager_impl.bn_relu_conv2d_backward, go, x, w, gm, bt, mean, invstd, *conv)
+        got = ops().bn_relu_conv2d_backward(go, x, w, gm, bt, mean, invstd, *conv, True)
+        r64, rs = _refs(reference.bn_relu_conv2d_backward, go, x, w, gm, bt, mean, invstd, *conv, True)
         for nm, g, a, b in zip(("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat"), got, r64, rs):
             assert_rule(nm, g, a, b, "nan")
         zero = torch.zeros(4)
-        gx = ops().bn_backward_elemt(got[0], x, gm, mean, invstd, zero, zero)
-        r64, rs = _refs(eager_impl.bn_backward_elemt, got[0], x, gm, mean, invstd, zero, zero)
+        gx = ops().bn_backward_elemt(got[0], x, gm, mean, invstd, zero, zero, 0.0)
+        r64, rs = _refs(reference.bn_backward_elemt, got[0], x, gm, mean, invstd, zero, zero, 0.0)
         assert_rule("grad_x", gx, r64, rs, "nan")

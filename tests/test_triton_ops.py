@@ -1,5 +1,5 @@
 """The ``torch.ops.resfast_triton`` op library: ``opcheck``, each op against the eager op set
-(:mod:`resfast.ops.eager_impl`) on strided inputs and outputs, the ops' own argument checks,
+(:mod:`resfast.ops.reference`) on strided inputs and outputs, the ops' own argument checks,
 and ``torch.compile(fullgraph=True)`` of a module that runs on them.
 
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
@@ -12,6 +12,7 @@ import torch
 import resfast
 import resfast.backends
 from resfast.backends import backend_status
+from resfast.ops.opset import OP_NAMES
 from reference import assert_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,7 +20,7 @@ _WHY = backend_status(DEVICE)["triton"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
 
 if not _WHY:
-    from resfast.ops import eager_impl, triton_ops  # noqa: F401  (registers torch.ops.resfast_triton)
+    from resfast.ops import reference, triton_ops  # noqa: F401  (registers torch.ops.resfast_triton)
 
     OPS = torch.ops.resfast_triton
 
@@ -50,7 +51,7 @@ def _conv_inputs(c, co, groups, k, layout, dtype=torch.float32, bias=True, affin
     b = _vec(co, seed + 2, dtype=dtype) if bias else None
     bw = _vec(c, seed + 3, lo=0.5) if affine else None
     bb = _vec(c, seed + 4) if affine else None
-    mean, var = eager_impl.bn_stats(x)
+    mean, var = reference.bn_stats(x)
     invstd = torch.rsqrt(var + 1e-5)
     return x, w, b, bw, bb, mean, invstd
 
@@ -60,7 +61,7 @@ def _f64(t):
 
 
 def _rule(name, got, fn, args, dtype, context):
-    """``got`` against ``fn`` (an eager_impl op) run in float64 on the CPU and in ``dtype`` on the device."""
+    """``got`` against ``fn`` (a reference op) run in float64 on the CPU and in ``dtype`` on the device."""
     ref64 = fn(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args])
     ref_same = fn(*args)
     if isinstance(got, torch.Tensor):
@@ -88,7 +89,7 @@ def test_bn_stats_against_eager(dtype, layout):
     x = _x((2, 10, 7, 7), layout, dtype) + 100.0
     got = OPS.bn_stats(x)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
-    _rule("bn_stats", got, eager_impl.bn_stats, (x,), dtype, f"layout={layout}")
+    _rule("bn_stats", got, reference.bn_stats, (x,), dtype, f"layout={layout}")
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
@@ -99,8 +100,8 @@ def test_forward_against_eager(case, layout):
     args = (x, w, b, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups)
     y = OPS.bn_relu_conv2d(*args, True)
     ctx = f"case={case} layout={layout}"
-    _rule("bn_relu_conv2d", y, eager_impl.bn_relu_conv2d, (*args, True), torch.float32, ctx)
-    assert y.is_contiguous(memory_format=resfast.ops.registration.out_memory_format(x))
+    _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, (*args, True), torch.float32, ctx)
+    assert y.is_contiguous(memory_format=resfast.ops.schemas.out_memory_format(x))
 
     # out= a channel slice of a NaN-poisoned buffer, in the other memory format
     buf = torch.full((x.shape[0], co + 4, *y.shape[2:]), float("nan"), device=DEVICE)
@@ -108,7 +109,7 @@ def test_forward_against_eager(case, layout):
         buf = buf.contiguous(memory_format=torch.channels_last)
     out = buf[:, 1 : 1 + co]
     assert OPS.bn_relu_conv2d_out(*args, out) is None
-    _rule("bn_relu_conv2d_out", out, eager_impl.bn_relu_conv2d, (*args, True), torch.float32, ctx)
+    _rule("bn_relu_conv2d_out", out, reference.bn_relu_conv2d, (*args, True), torch.float32, ctx)
     assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + co :]).all()
 
 
@@ -119,7 +120,7 @@ def test_forward_variants_against_eager(variant):
     for c, co, groups in ((6, 4, 2), (32, 32, 2)):
         x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", dtype, bias=not plain, affine=not plain)
         args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, False)
-        _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args), eager_impl.bn_relu_conv2d, args, dtype,
+        _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args), reference.bn_relu_conv2d, args, dtype,
               f"variant={variant} groups={groups}")
 
 
@@ -128,13 +129,13 @@ def test_forward_variants_against_eager(variant):
 def test_backward_against_eager(case, layout):
     c, co, groups, k, s, p, d = case
     x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
-    y = eager_impl.bn_relu_conv2d(x, w, None, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    y = reference.bn_relu_conv2d(x, w, None, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
     # grad_out with its own odd strides: a channel slice of a larger tensor
     go = torch.randn(y.shape[0], co + 3, *y.shape[2:], device=DEVICE)[:, 3:]
-    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups)
+    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
     got = OPS.bn_relu_conv2d_backward(*args)
     assert got[0].dtype == x.dtype and got[3].dtype == torch.float32
-    _rule("bn_relu_conv2d_backward", got, eager_impl.bn_relu_conv2d_backward, args, torch.float32,
+    _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, args, torch.float32,
           f"case={case} layout={layout}")
 
 
@@ -143,8 +144,8 @@ def test_backward_low_precision_against_eager(dtype):
     for c, co, groups in ((6, 4, 2), (32, 32, 2)):
         x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "nchw", dtype, n=1)
         go = torch.randn(1, co, 5, 6, device=DEVICE).to(dtype)
-        args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups)
-        _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), eager_impl.bn_relu_conv2d_backward,
+        args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
+        _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward,
               args, dtype, f"dtype={dtype} groups={groups}")
 
 
@@ -153,11 +154,26 @@ def test_backward_low_precision_against_eager(dtype):
 def test_bn_backward_elemt_against_eager(layout, affine):
     x = _x((2, 6, 5, 3), layout)
     gz = _x((2, 6, 5, 3), "prefix_cl" if layout == "nchw" else "nchw", seed=1)
-    mean, var = eager_impl.bn_stats(x)
-    args = (gz, x, _vec(6, 2, lo=0.5) if affine else None, mean, torch.rsqrt(var + 1e-5), _vec(6, 3), _vec(6, 4))
+    mean, var = reference.bn_stats(x)
+    args = (gz, x, _vec(6, 2, lo=0.5) if affine else None, mean, torch.rsqrt(var + 1e-5), _vec(6, 3), _vec(6, 4),
+            1.0 / 30)
     gx = OPS.bn_backward_elemt(*args)
-    assert gx.is_contiguous(memory_format=resfast.ops.registration.out_memory_format(x))
-    _rule("bn_backward_elemt", gx, eager_impl.bn_backward_elemt, args, torch.float32, f"layout={layout}")
+    assert gx.is_contiguous(memory_format=resfast.ops.schemas.out_memory_format(x))
+    _rule("bn_backward_elemt", gx, reference.bn_backward_elemt, args, torch.float32, f"layout={layout}")
+    # _out into a channel slice of a poisoned buffer, then accumulated onto what is there.
+    buf = torch.full((2, 9, 5, 3), float("nan"), device=DEVICE)
+    out = buf[:, 2:8]
+    assert OPS.bn_backward_elemt_out(*args, False, out) is None
+    _rule("bn_backward_elemt_out", out, reference.bn_backward_elemt, args, torch.float32, f"layout={layout}")
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, 8:]).all()
+    base = torch.randn(2, 6, 5, 3, device=DEVICE)
+    out.copy_(base)
+    OPS.bn_backward_elemt_out(*args, True, out)
+
+    def accumulated(*a):
+        return reference.bn_backward_elemt(*a) + base.to(a[1].dtype).cpu()
+
+    _rule("bn_backward_elemt_out accumulate", out, accumulated, args, torch.float32, f"layout={layout}")
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -173,13 +189,15 @@ def _opcheck_samples():
         "bn_stats": (x,),
         "bn_relu_conv2d": (leaf(x), leaf(w), leaf(b), leaf(bw), leaf(bb), mean, invstd, *conv, True),
         "bn_relu_conv2d_out": (x, w, b, bw, bb, mean, invstd, *conv, out),
-        "bn_relu_conv2d_backward": (go, x, w, bw, bb, mean, invstd, *conv),
-        "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6)),
+        "bn_stats_update": (x, _vec(4, 7), _vec(4, 8, lo=0.5), 0.1, 1e-5),
+        "bn_relu_conv2d_backward": (go, x, w, bw, bb, mean, invstd, *conv, True),
+        "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18),
+        "bn_backward_elemt_out": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18, True,
+                                  torch.randn(2, 4, 3, 3, device=DEVICE)),
     }
 
 
-@pytest.mark.parametrize("name", ["bn_stats", "bn_relu_conv2d", "bn_relu_conv2d_out", "bn_relu_conv2d_backward",
-                                  "bn_backward_elemt"])
+@pytest.mark.parametrize("name", list(OP_NAMES))
 def test_opcheck(name):
     torch.library.opcheck(getattr(OPS, name).default, _opcheck_samples()[name])
 
@@ -201,7 +219,8 @@ def test_ops_reject_bad_arguments(monkeypatch):
     with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 5, 6\), got \(2, 4, 5, 5\)"):
         OPS.bn_relu_conv2d_out(x, w, b, bw, bb, mean, invstd, *conv, 2, torch.empty(2, 4, 5, 5, device=DEVICE))
     with pytest.raises(ValueError, match=r"grad_out must have shape \(2, 4, 5, 6\)"):
-        OPS.bn_relu_conv2d_backward(torch.empty(2, 4, 5, 5, device=DEVICE), x, w, bw, bb, mean, invstd, *conv, 2)
+        OPS.bn_relu_conv2d_backward(torch.empty(2, 4, 5, 5, device=DEVICE), x, w, bw, bb, mean, invstd, *conv, 2,
+                                    False)
     if DEVICE == "cpu":
         monkeypatch.setattr(resfast.backends, "triton_interpret", lambda: False)
         with pytest.raises(ValueError,
@@ -275,18 +294,18 @@ from triton.compiler import ASTSource
 from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd as B, bn_relu_conv_fwd as F, bn_stats as S
 
 F32 = {"count_ptr", "mean_ptr", "m2_ptr", "pmean_ptr", "pm2_ptr", "mean_out_ptr", "var_out_ptr", "gamma_ptr",
-       "beta_ptr", "invstd_ptr", "mdz_ptr", "mdzx_ptr", "psum_dz_ptr", "psum_dzx_ptr", "pgw_ptr", "pgb_ptr"}
+       "beta_ptr", "invstd_ptr", "sdz_ptr", "sdzx_ptr", "psum_dz_ptr", "psum_dzx_ptr", "pgw_ptr", "pgb_ptr"}
 
 
 def build(fn, ty, consts):
-    sig = {n: "constexpr" if n in consts else ("*fp32" if n in F32 else ty) if n.endswith("_ptr") else "i32"
-           for n in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else ("*fp32" if n in F32 else ty) if n.endswith("_ptr")
+           else "fp32" if n == "inv_count" else "i32" for n in fn.arg_names}
     return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
 
 
 build(S.bn_stats_partial_kernel, "*bf16", dict(BLOCK_P=64, BLOCK_C=64))
 build(S.bn_stats_merge_kernel, "*fp32", dict(BLOCK_C=128))
-build(bn_elemt.bn_backward_elemt_kernel, "*bf16", dict(HAS_GAMMA=True, BLOCK_P=32, BLOCK_C=64))
+build(bn_elemt.bn_backward_elemt_kernel, "*bf16", dict(HAS_GAMMA=True, ACCUMULATE=True, BLOCK_P=32, BLOCK_C=64))
 for ty in ("*bf16", "*fp32"):
     for dot in (True, False):
         flags = dict(KH=3, KW=3, HAS_GAMMA=True, HAS_BETA=True, USE_DOT=dot, DOT_F32=False)

@@ -154,7 +154,7 @@ void bn_relu_conv2d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias_grad) {
   const char* op = "resfast::bn_relu_conv2d_backward";
   ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
   check_cpu(op, x);
@@ -307,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       });
     }
 
-    // dL/dbias: per output channel sum of grad_out.
+    // dL/dbias: per output channel sum of grad_out (only when there is a bias).
+    if (!bias_grad) return;
     acc_t* gbp = gb_acc.data_ptr<acc_t>();
     at::parallel_for(0, g.Cout, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t co = c0; co < c1; ++co) {
@@ -319,26 +320,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       }
     });
   });
-  return {grad_z, gw_acc.to(weight.scalar_type()), gb_acc.to(weight.scalar_type()), sum_dz, sum_dz_xhat};
+  at::Tensor grad_bias = bias_grad ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  return {grad_z, gw_acc.to(weight.scalar_type()), grad_bias, sum_dz, sum_dz_xhat};
 }
 
-at::Tensor bn_backward_elemt_cpu(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
-                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
-                                 const at::Tensor& mean_dz_xhat) {
-  const char* op = "resfast::bn_backward_elemt";
-  ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, mean_dz, mean_dz_xhat);
+// dL/dx into `out` (any strides), or added to it with `accumulate` (summed in acc_t, rounded once).
+void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                            const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                            const at::Tensor& sum_dz_xhat, double inv_count, bool accumulate, const at::Tensor& out) {
+  ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
   check_cpu(op, x);
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  check_elemt_out(op, out, x);
   const int64_t total = x.numel();
-  if (total == 0) return gx;
+  if (total == 0) return;
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  const bool cl = is_channels_last(gx);
-  const Strides4 xs = strides4(x), zs = strides4(grad_z), os = strides4(gx);
+  const bool cl = is_channels_last(out);
+  const Strides4 xs = strides4(x), zs = strides4(grad_z), os = strides4(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* zp = grad_z.const_data_ptr<scalar_t>();
-    scalar_t* op_ = gx.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
     const acc_t* m = p.mean.const_data_ptr<acc_t>();
     const acc_t* is = p.invstd.const_data_ptr<acc_t>();
     const acc_t* ga = p.gamma.const_data_ptr<acc_t>();
@@ -348,13 +350,30 @@ at::Tensor bn_backward_elemt_cpu(const at::Tensor& grad_z, const at::Tensor& x, 
       for (int64_t i = i0; i < i1; ++i) {
         const Index4 e = unravel(i, C, H, W, cl);
         const int64_t c = e.c;
-        op_[offset4(e, os)] = static_cast<scalar_t>(bn_backward_elemt(static_cast<acc_t>(zp[offset4(e, zs)]),
-                                                                      static_cast<acc_t>(xp[offset4(e, xs)]), m[c],
-                                                                      is[c], ga[c], mdz[c], mdzx[c]));
+        acc_t v = bn_backward_elemt(static_cast<acc_t>(zp[offset4(e, zs)]), static_cast<acc_t>(xp[offset4(e, xs)]),
+                                    m[c], is[c], ga[c], mdz[c], mdzx[c]);
+        if (accumulate) v += static_cast<acc_t>(op_[offset4(e, os)]);
+        op_[offset4(e, os)] = static_cast<scalar_t>(v);
       }
     });
   });
+}
+
+at::Tensor bn_backward_elemt_cpu(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                                 const at::Tensor& sum_dz_xhat, double inv_count) {
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  bn_backward_elemt_into("resfast::bn_backward_elemt", grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat,
+                         inv_count, false, gx);
   return gx;
+}
+
+void bn_backward_elemt_out_cpu(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                               const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                               const at::Tensor& sum_dz_xhat, double inv_count, bool accumulate,
+                               const at::Tensor& out) {
+  bn_backward_elemt_into("resfast::bn_backward_elemt_out", grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat,
+                         inv_count, accumulate, out);
 }
 
 }  // namespace
@@ -365,6 +384,7 @@ TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("bn_relu_conv2d_out", &bn_relu_conv2d_out_cpu);
   m.impl("bn_relu_conv2d_backward", &bn_relu_conv2d_backward_cpu);
   m.impl("bn_backward_elemt", &bn_backward_elemt_cpu);
+  m.impl("bn_backward_elemt_out", &bn_backward_elemt_out_cpu);
 }
 
 }  // namespace resfast

@@ -480,7 +480,7 @@ __global__ void bias_grad_kernel(const scalar_t* __restrict__ go, Strides4 gs, i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool bias_grad) {
   const char* op = "resfast::bn_relu_conv2d_backward";
   check_cuda(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -495,8 +495,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   if (P_in == 0 || P_out == 0) {
     // Nothing to reduce: every gradient is zero.
     grad_z.zero_();
-    return {grad_z, at::zeros_like(weight, at::MemoryFormat::Contiguous), at::zeros({g.Cout}, weight.options()),
-            at::zeros({g.C}, acc_opts), at::zeros({g.C}, acc_opts)};
+    return {grad_z, at::zeros_like(weight, at::MemoryFormat::Contiguous),
+            at::zeros({bias_grad ? g.Cout : 0}, weight.options()), at::zeros({g.C}, acc_opts),
+            at::zeros({g.C}, acc_opts)};
   }
   const TileGeom t = make_tile_geom(g);
   const bool generic = force_generic_kernels();
@@ -557,7 +558,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       gw_acc = part.sum(1);
     }
 
-    // dL/dbias.
+    // dL/dbias (only when there is a bias).
+    if (!bias_grad) return;
     const int64_t splits = reduction_splits(g.Cout, P_out);
     at::Tensor part = at::empty({g.Cout, splits}, acc_opts);
     bias_grad_kernel<scalar_t, acc_t><<<dim3(g.Cout, splits), kThreads, 0, stream>>>(
@@ -565,8 +567,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     gb_acc = part.sum(1);
   });
-  return {grad_z, gw_acc.view({g.Cout, g.cin_g, g.KH, g.KW}).to(weight.scalar_type()),
-          gb_acc.to(weight.scalar_type()), sum_dz, sum_dz_xhat};
+  at::Tensor grad_bias = bias_grad ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  return {grad_z, gw_acc.view({g.Cout, g.cin_g, g.KH, g.KW}).to(weight.scalar_type()), grad_bias, sum_dz,
+          sum_dz_xhat};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -577,27 +580,28 @@ __global__ void bn_backward_elemt_kernel(const scalar_t* __restrict__ grad_z, St
                                          const scalar_t* __restrict__ x, Strides4 xs, const acc_t* __restrict__ mean,
                                          const acc_t* __restrict__ invstd, const acc_t* __restrict__ gamma,
                                          const acc_t* __restrict__ mean_dz, const acc_t* __restrict__ mean_dz_xhat,
-                                         int64_t C, int64_t H, int64_t W, bool out_cl, scalar_t* __restrict__ out,
-                                         Strides4 os, int64_t total) {
+                                         int64_t C, int64_t H, int64_t W, bool out_cl, bool accumulate,
+                                         scalar_t* __restrict__ out, Strides4 os, int64_t total) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const Index4 e = unravel(i, C, H, W, out_cl);
     const int64_t c = e.c;
-    out[offset4(e, os)] = static_cast<scalar_t>(bn_backward_elemt(static_cast<acc_t>(grad_z[offset4(e, zs)]),
-                                                                  static_cast<acc_t>(x[offset4(e, xs)]), mean[c],
-                                                                  invstd[c], gamma[c], mean_dz[c], mean_dz_xhat[c]));
+    acc_t v = bn_backward_elemt(static_cast<acc_t>(grad_z[offset4(e, zs)]), static_cast<acc_t>(x[offset4(e, xs)]),
+                                mean[c], invstd[c], gamma[c], mean_dz[c], mean_dz_xhat[c]);
+    if (accumulate) v += static_cast<acc_t>(out[offset4(e, os)]);
+    out[offset4(e, os)] = static_cast<scalar_t>(v);
   }
 }
 
-at::Tensor bn_backward_elemt_cuda(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
-                                  const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean_dz,
-                                  const at::Tensor& mean_dz_xhat) {
-  const char* op = "resfast::bn_backward_elemt";
+// dL/dx into `out` (any strides), or added to it with `accumulate` (summed in acc_t, rounded once).
+void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                            const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                            const at::Tensor& sum_dz_xhat, double inv_count, bool accumulate, const at::Tensor& out) {
   check_cuda(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, mean_dz, mean_dz_xhat);
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
+  check_elemt_out(op, out, x);
   const int64_t total = x.numel();
-  if (total == 0) return gx;
+  if (total == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -605,10 +609,26 @@ at::Tensor bn_backward_elemt_cuda(const at::Tensor& grad_z, const at::Tensor& x,
         grad_z.const_data_ptr<scalar_t>(), strides4(grad_z), x.const_data_ptr<scalar_t>(), strides4(x),
         p.mean.const_data_ptr<acc_t>(), p.invstd.const_data_ptr<acc_t>(), p.gamma.const_data_ptr<acc_t>(),
         p.mean_dz.const_data_ptr<acc_t>(), p.mean_dz_xhat.const_data_ptr<acc_t>(), x.size(1), x.size(2), x.size(3),
-        is_channels_last(gx), gx.data_ptr<scalar_t>(), strides4(gx), total);
+        is_channels_last(out), accumulate, out.data_ptr<scalar_t>(), strides4(out), total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor bn_backward_elemt_cuda(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                                  const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                                  const at::Tensor& sum_dz_xhat, double inv_count) {
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
+  bn_backward_elemt_into("resfast::bn_backward_elemt", grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat,
+                         inv_count, false, gx);
   return gx;
+}
+
+void bn_backward_elemt_out_cuda(const at::Tensor& grad_z, const at::Tensor& x, const OptTensor& bn_weight,
+                                const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& sum_dz,
+                                const at::Tensor& sum_dz_xhat, double inv_count, bool accumulate,
+                                const at::Tensor& out) {
+  bn_backward_elemt_into("resfast::bn_backward_elemt_out", grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat,
+                         inv_count, accumulate, out);
 }
 
 }  // namespace
@@ -619,6 +639,7 @@ TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
   m.impl("bn_relu_conv2d_out", &bn_relu_conv2d_out_cuda);
   m.impl("bn_relu_conv2d_backward", &bn_relu_conv2d_backward_cuda);
   m.impl("bn_backward_elemt", &bn_backward_elemt_cuda);
+  m.impl("bn_backward_elemt_out", &bn_backward_elemt_out_cuda);
 }
 
 }  // namespace resfast

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from resfast.backends import check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
-from resfast.nn.fused import sync_group
+from resfast.nn.batchnorm import bn_call, sync_group
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = [
@@ -154,19 +154,14 @@ class DenseNet(nn.Module):
 def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
     """conv-BN-ReLU-maxpool recomputed from ``x`` in the backward: nothing of the stem's
     full-resolution activations is stored. The first evaluation updates ``bn``'s running
-    statistics; the recomputation normalises with the same batch statistics and leaves them alone."""
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    statistics; the recomputation normalises with the same statistics and updates nothing."""
     state = {"first": True}
 
     def closure(inp: Tensor) -> Tensor:
         y = conv(inp)
-        if state.pop("first", False):
-            z = bn(y)
-        else:
-            # momentum 0: the same op as the first time, the running statistics untouched.
-            track = not bn.training or bn.track_running_stats
-            z = F.batch_norm(y, bn.running_mean if track else None, bn.running_var if track else None,
-                             bn.weight, bn.bias, use_batch, 0.0, bn.eps)
+        call = bn_call(bn, update=state.pop("first", False))
+        z = F.batch_norm(y, call.running_mean, call.running_var, call.weight, call.bias, call.batch_stats,
+                         call.momentum, call.eps)
         return pool(F.relu(z, inplace=True))
 
     return cp.checkpoint(closure, x, use_reentrant=False)

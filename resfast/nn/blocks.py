@@ -29,8 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
-from resfast.nn.fused import bn_relu_conv, sync_group
-from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
+from resfast.nn.fused import bn_relu_conv
 
 __all__ = [
     "BasicBlock",
@@ -318,23 +317,11 @@ class PreActBottleneck(nn.Module):
 
 
 def _preact_shortcut(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str) -> Tensor:
-    """``conv(relu(bn(x)))`` for a second consumer of ``bn``'s output in the same forward.
-
-    ``bn_relu_conv(bn, conv1, x)`` already updated the running statistics and
-    ``num_batches_tracked``; here the same batch statistics (training) or running statistics
-    (eval) normalise ``x`` but nothing is updated. Autograd sees the batch statistics as a
-    function of ``x`` in both calls, so the gradients of the two consumers simply add.
-    """
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return bn_relu_conv2d(
-        x, conv.weight, conv.bias,
-        bn_weight=bn.weight, bn_bias=bn.bias,
-        running_mean=None if use_batch else bn.running_mean,
-        running_var=None if use_batch else bn.running_var,
-        training=use_batch, momentum=0.0, eps=bn.eps,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        backend=backend, process_group=sync_group(bn) if use_batch else None,
-    )
+    """``conv(relu(bn(x)))`` for a second consumer of ``bn``'s output in the same forward:
+    ``bn_relu_conv(bn, conv1, x)`` already updated the running statistics; this call
+    normalises with the same statistics and updates nothing. Autograd sees the batch
+    statistics as a function of ``x`` in both calls, so the gradients of the two consumers add."""
+    return bn_relu_conv(bn, conv, x, backend, update=False)
 
 
 def _bn_relu_conv(norm: nn.Module, conv: nn.Conv2d, x: Tensor, backend: str) -> Tensor:

@@ -22,11 +22,13 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from resfast.backends import check_backend_name
-from resfast.nn.fused import bn_relu_conv, sync_group
-from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
-from resfast.ops.dense_block import RECOMPUTE_MODES, shared_dense_block
+from resfast.backends import check_backend_name, resolve_backend
+from resfast.nn.batchnorm import bn_call
+from resfast.nn.fused import bn_relu_conv
+from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
+from resfast.ops.validation import FLOAT_DTYPES
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
 
@@ -124,8 +126,8 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         self._check_input(init_features)
-        if self.memory == "shared":
-            return shared_dense_block(init_features, list(self.values()), backend=self.backend,
+        if self.memory == "shared" and init_features.shape[0] > 0:
+            return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
                                       recompute=self.recompute)
         features = [init_features]
         for layer in self.values():
@@ -138,11 +140,36 @@ class DenseBlock(nn.ModuleDict):
         block's per-channel batch statistics), so the block's features need no gradient
         buffer of their own."""
         self._check_input(init_features)
-        if self.memory != "shared":
+        if self.memory != "shared" or init_features.shape[0] == 0:
             return transition(self(init_features))
-        out = shared_dense_block(init_features, list(self.values()), backend=self.backend,
-                                 recompute=self.recompute, tail=(transition.norm, transition.conv))
+        if transition.norm.num_features != self.num_output_features or not isinstance(transition.conv, nn.Conv2d) \
+                or tuple(transition.conv.kernel_size) != (1, 1) or tuple(transition.conv.stride) != (1, 1) \
+                or transition.conv.bias is not None:
+            raise ValueError(f"forward_with_transition needs a Transition over the block's "
+                             f"{self.num_output_features} channels with a bias-free stride-1 1x1 conv")
+        layers = self._layer_args()
+        out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
+                                 tail=(bn_call(transition.norm), transition.conv.weight))
         return transition.pool(out)
+
+    def _layer_args(self) -> List[DenseLayerArgs]:
+        """Each layer's tensors and its BatchNorms' decisions for this forward (num_batches_tracked
+        moves here, once per forward, after the input was checked)."""
+        args = []
+        for i, layer in enumerate(self.values()):
+            for name in ("conv1", "conv2"):
+                conv = getattr(layer, name)
+                if conv.bias is not None or conv.groups != 1 or conv.padding_mode != "zeros" \
+                        or isinstance(conv.padding, str) or tuple(conv.stride) != (1, 1):
+                    raise ValueError(f"denselayer{i + 1}.{name} must be a bias-free, ungrouped, stride-1 conv with "
+                                     f"numeric zero padding for memory='shared'; use memory='naive' for other convs")
+        for layer in self.values():
+            args.append(DenseLayerArgs(
+                norm1=bn_call(layer.norm1), conv1_weight=layer.conv1.weight, norm2=bn_call(layer.norm2),
+                conv2_weight=layer.conv2.weight, conv2_padding=list(layer.conv2.padding),
+                conv2_dilation=list(layer.conv2.dilation),
+                drop_rate=float(layer.drop_rate) if layer.training else 0.0))
+        return args
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -152,6 +179,8 @@ class DenseBlock(nn.ModuleDict):
         if x.shape[1] != self.num_input_features:
             raise ValueError(f"channel mismatch: init_features has {x.shape[1]} channels (shape {tuple(x.shape)}) "
                              f"but the block expects num_input_features={self.num_input_features}")
+        check_dense_input(x, self)
+        resolve_backend(self.backend, x.device)
 
 
 class Transition(nn.Sequential):
@@ -177,26 +206,38 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     the result are recomputed in the backward instead of stored.
 
     The running statistics are updated once, by the first evaluation; the recomputation
-    normalises with the batch statistics again (the same values) but leaves the running
-    statistics alone (torchvision's and timm's checkpointed layers update them twice).
+    normalises with the same statistics and updates nothing (torchvision's and timm's
+    checkpointed layers update them twice).
     """
-    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     state = {"first": True}
 
     def closure(*feats: Tensor) -> Tensor:
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
-        if state.pop("first", False):
-            return bn_relu_conv(bn, conv, x, backend)
-        # momentum 0 leaves the running statistics exactly as they are, while the op (and so
-        # what autograd saves, which checkpoint compares) stays the same as the first time.
-        track = not bn.training or bn.track_running_stats
-        return bn_relu_conv2d(
-            x, conv.weight, conv.bias, bn_weight=bn.weight, bn_bias=bn.bias,
-            running_mean=bn.running_mean if track else None, running_var=bn.running_var if track else None,
-            training=use_batch, momentum=0.0, eps=bn.eps, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-            groups=conv.groups, backend=backend, process_group=sync_group(bn) if use_batch else None)
+        return bn_relu_conv(bn, conv, x, backend, update=state.pop("first", False))
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)
+
+
+def check_dense_input(x: Tensor, block: nn.Module) -> None:
+    """The inputs torchvision's ``_DenseBlock`` rejects, rejected by every memory mode and
+    backend before anything (running statistics, ``num_batches_tracked``) changes."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"init_features has dtype {x.dtype}; a dense block needs a floating-point input "
+                        f"(float32, float16, bfloat16 or float64)")
+    param = next(iter(block.parameters()), None)
+    if param is not None and x.dtype != param.dtype and not _autocast_on(x.device.type):
+        raise TypeError(f"init_features has dtype {x.dtype} but the block's parameters are {param.dtype}; convert "
+                        f"one of them (e.g. block.to({x.dtype}) or x.to({param.dtype})), or run under torch.autocast")
+    training = any(m.training for m in block.modules() if isinstance(m, _BatchNorm))
+    if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):
+        return False
 
 
 def _check_memory(memory: str) -> str:

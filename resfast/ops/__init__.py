@@ -1,1 +1,3 @@
-"""One file per op: eager reference, autograd, torch.library registration, backend dispatch."""
+"""The op layer: the op-set contract and its reference, the fused op, its autograd, the shared
+dense block, and the backends' op sets. Takes tensors, floats and process groups; never a
+module. See docs/design.md for which path each call takes."""

@@ -2,9 +2,10 @@
 :mod:`resfast.kernels.triton`, registered with ``torch.library`` for CUDA tensors (and CPU
 tensors, which Triton runs only under ``TRITON_INTERPRET=1``).
 
-Schemas, fake implementations and autograd come from :mod:`resfast.ops.registration`, so
-``torch.ops.resfast_triton.*`` trace under ``torch.compile(fullgraph=True)`` and pass
-``torch.library.opcheck``. Semantics are those of :mod:`resfast.ops.eager_impl`.
+Schemas and fake implementations come from :mod:`resfast.ops.schemas`, autograd from
+:mod:`resfast.ops.autograd`, so ``torch.ops.resfast_triton.*`` trace under
+``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``. Semantics are those of
+:mod:`resfast.ops.reference`; the contract is :class:`resfast.ops.opset.OpSet`.
 
 Tile shapes: on CUDA each conv kernel is ``triton.autotune``'d over a handful of configs
 keyed on the problem shape; under the interpreter one small fixed config is used, since
@@ -21,11 +22,11 @@ from torch import Tensor
 
 from resfast import backends
 from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd, bn_relu_conv_fwd, bn_stats as bn_stats_k
-from resfast.ops import registration
-from resfast.ops.registration import conv_out_shape, out_memory_format
+from resfast.ops import autograd, schemas
+from resfast.ops.opset import OP_NAMES
+from resfast.ops.schemas import conv_out_shape, out_memory_format
 
-__all__ = ["bn_stats", "bn_relu_conv2d", "bn_relu_conv2d_out", "bn_relu_conv2d_backward", "bn_backward_elemt",
-           "SUPPORTED_DTYPES"]
+__all__ = [*OP_NAMES, "OPS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -64,6 +65,20 @@ def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, var
 
 
+def bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                    eps: float) -> Tuple[Tensor, Tensor]:
+    """Training statistics ``(mean, invstd)`` of ``x``; the running statistics updated in place
+    (unbiased variance) when given."""
+    mean, var = bn_stats(x)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_((var * (count / max(count - 1, 1))).to(running_var.dtype),
+                                                  alpha=momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
 def bn_relu_conv2d(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -94,9 +109,10 @@ def bn_relu_conv2d_out(
 def bn_relu_conv2d_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_z, grad_weight, grad_bias, sum_dz, sum_dz_xhat)`` as
-    :func:`resfast.ops.eager_impl.bn_relu_conv2d_backward` defines them."""
+    :func:`resfast.ops.reference.bn_relu_conv2d_backward` defines them."""
     _check_conv("bn_relu_conv2d_backward", x, weight, None, bn_weight, bn_bias, mean, invstd, stride, padding,
                 dilation, groups)
     shape = conv_out_shape(x, weight, stride, padding, dilation)
@@ -152,24 +168,41 @@ def bn_relu_conv2d_backward(
                 p, h, w, co, ho, wo, cin_g, cout_g, chunk,
                 *grad_out.stride(), *x.stride(), *conv, **flags)
     grad_weight = pgw.sum(0).to(weight.dtype)
-    grad_bias = pgb.sum(0).to(weight.dtype)
+    grad_bias = pgb.sum(0).to(weight.dtype) if bias_grad else weight.new_empty([0])
     return grad_z, grad_weight, grad_bias, psum_dz.sum(0), psum_dzx.sum(0)
 
 
 def bn_backward_elemt(
-    grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor, invstd: Tensor, mean_dz: Tensor,
-    mean_dz_xhat: Tensor,
+    grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor, invstd: Tensor, sum_dz: Tensor,
+    sum_dz_xhat: Tensor, inv_count: float,
 ) -> Tensor:
-    """``gamma * invstd * (grad_z - mean_dz - xhat * mean_dz_xhat)`` in ``x``'s dtype and ``out_memory_format(x)``."""
+    """dL/dx from dL/dz in ``x``'s dtype and ``out_memory_format(x)``, as
+    :func:`resfast.ops.reference.bn_backward_elemt` defines it."""
+    gx = torch.empty_like(x, memory_format=out_memory_format(x))
+    _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, False, gx)
+    return gx
+
+
+def bn_backward_elemt_out(
+    grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor, invstd: Tensor, sum_dz: Tensor,
+    sum_dz_xhat: Tensor, inv_count: float, accumulate: bool, out: Tensor,
+) -> None:
+    """:func:`bn_backward_elemt` written into ``out`` (any strides), or added to it with ``accumulate``."""
+    _check_like("out", out, x, list(x.shape))
+    _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out)
+
+
+def _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out) -> None:
     _check_x("x", x)
     _check_like("grad_z", grad_z, x, list(x.shape))
     c = x.shape[1]
-    for name, t in (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("mean_dz", mean_dz),
-                    ("mean_dz_xhat", mean_dz_xhat)):
+    for name, t in (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("sum_dz", sum_dz),
+                    ("sum_dz_xhat", sum_dz_xhat)):
         _check_vector(name, t, c, x)
     n, _, h, w = x.shape
     p = n * h * w
-    gx = torch.empty_like(x, memory_format=out_memory_format(x))
+    if p == 0:
+        return
     if _interpret():
         block_p, block_c = 32, 16
     elif x.stride(1) == 1:
@@ -178,13 +211,12 @@ def bn_backward_elemt(
     else:
         block_p, block_c = 256, min(8, _pow2(c))
     mean, invstd, gamma, _ = _bn_vectors(mean, invstd, bn_weight, None)
-    mdz, mdzx = (t.to(torch.float32).contiguous() for t in (mean_dz, mean_dz_xhat))
+    sdz, sdzx = (t.to(torch.float32).contiguous() for t in (sum_dz, sum_dz_xhat))
     with _device(x):
         bn_elemt.bn_backward_elemt_kernel[(_cdiv(p, block_p), _cdiv(c, block_c))](
-            grad_z, x, gx, _or(gamma, mean), mean, invstd, mdz, mdzx, c, h * w, w, p,
-            *grad_z.stride(), *x.stride(), *gx.stride(),
-            HAS_GAMMA=gamma is not None, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-    return gx
+            grad_z, x, out, _or(gamma, mean), mean, invstd, sdz, sdzx, float(inv_count), c, h * w, w, p,
+            *grad_z.stride(), *x.stride(), *out.stride(),
+            HAS_GAMMA=gamma is not None, ACCUMULATE=bool(accumulate), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -355,10 +387,10 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
 
 # ----------------------------------------------------------------------------- registration
 
-lib = registration.define_library("resfast_triton")
-for _name, _fn in (("bn_stats", bn_stats), ("bn_relu_conv2d", bn_relu_conv2d),
-                   ("bn_relu_conv2d_out", bn_relu_conv2d_out), ("bn_relu_conv2d_backward", bn_relu_conv2d_backward),
-                   ("bn_backward_elemt", bn_backward_elemt)):
-    lib.impl(_name, _fn, "CUDA")
-    lib.impl(_name, _fn, "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
-registration.register_fakes_and_autograd("resfast_triton")
+lib = schemas.define_library("resfast_triton")
+for _name in OP_NAMES:
+    lib.impl(_name, globals()[_name], "CUDA")
+    lib.impl(_name, globals()[_name], "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
+schemas.register_fakes("resfast_triton")
+OPS = torch.ops.resfast_triton
+autograd.register_autograd("resfast_triton", OPS)

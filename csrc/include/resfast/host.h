@@ -178,14 +178,16 @@ inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x
   check_same_shape(op, out, "out", shape, "the conv output shape");
 }
 
-// bn_backward_elemt's arguments, checked; returns prepared acc-type vectors.
+// bn_backward_elemt's arguments, checked; returns prepared acc-type vectors. The op takes the
+// per-channel sums and 1 / count (0 for running statistics: no coupling term); the kernels
+// take the means.
 struct ElemtPrep {
   at::Tensor mean, invstd, gamma, mean_dz, mean_dz_xhat;
 };
 
 inline ElemtPrep prepare_elemt(const char* op, const at::Tensor& grad_z, const at::Tensor& x,
                                const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& invstd,
-                               const at::Tensor& mean_dz, const at::Tensor& mean_dz_xhat) {
+                               const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat, double inv_count) {
   check_4d(op, x, "x");
   check_float(op, x, "x");
   check_4d(op, grad_z, "grad_z");
@@ -194,16 +196,31 @@ inline ElemtPrep prepare_elemt(const char* op, const at::Tensor& grad_z, const a
   check_same_shape(op, grad_z, "grad_z", x.sizes(), "the shape of x");
   check_channel_vector(op, mean, "mean", x);
   check_channel_vector(op, invstd, "invstd", x);
-  check_channel_vector(op, mean_dz, "mean_dz", x);
-  check_channel_vector(op, mean_dz_xhat, "mean_dz_xhat", x);
+  check_channel_vector(op, sum_dz, "sum_dz", x);
+  check_channel_vector(op, sum_dz_xhat, "sum_dz_xhat", x);
   if (bn_weight.has_value()) check_channel_vector(op, *bn_weight, "bn_weight", x);
+  TORCH_CHECK(inv_count >= 0.0, op, ": inv_count must be >= 0 (1 / count, or 0 for running statistics), got ",
+              inv_count);
   ElemtPrep p;
   p.mean = acc_vector(mean, x);
   p.invstd = acc_vector(invstd, x);
   p.gamma = bn_weight.has_value() ? acc_vector(*bn_weight, x) : at::ones({x.size(1)}, x.options().dtype(acc_dtype(x)));
-  p.mean_dz = acc_vector(mean_dz, x);
-  p.mean_dz_xhat = acc_vector(mean_dz_xhat, x);
+  if (inv_count == 0.0) {
+    // Running statistics: no coupling term at all (a NaN sum must not become NaN * 0).
+    p.mean_dz = at::zeros({x.size(1)}, x.options().dtype(acc_dtype(x)));
+    p.mean_dz_xhat = p.mean_dz;
+  } else {
+    p.mean_dz = acc_vector(sum_dz, x).mul(inv_count);
+    p.mean_dz_xhat = acc_vector(sum_dz_xhat, x).mul(inv_count);
+  }
   return p;
+}
+
+inline void check_elemt_out(const char* op, const at::Tensor& out, const at::Tensor& x) {
+  check_4d(op, out, "out");
+  check_same_dtype(op, out, "out", x);
+  check_device(op, out, "out", x);
+  check_same_shape(op, out, "out", x.sizes(), "the shape of x");
 }
 
 inline void check_bn_stats(const char* op, const at::Tensor& x) {

@@ -1,0 +1,70 @@
+"""The BatchNorm bookkeeping every resfast module shares, in one place.
+
+``nn.BatchNorm2d.forward`` decides, before it normalises, whether to use the batch
+statistics, which running statistics to pass (and so update), with which momentum
+(``momentum=None`` is the cumulative average ``1 / num_batches_tracked``), and it
+increments ``num_batches_tracked``. :func:`bn_call` makes exactly those decisions for a
+BatchNorm that resfast fuses into a conv, and returns them as plain tensors and floats for
+the op layer, which never sees a module.
+
+A second reader of the same BatchNorm output in the same forward (a pre-activation block's
+1x1 shortcut, a checkpoint's recomputation) asks with ``update=False``: the same
+statistics, nothing updated, ``num_batches_tracked`` untouched.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from resfast.ops.bn_args import BNArgs
+
+__all__ = ["BNArgs", "bn_call", "sync_group", "uses_batch_stats"]
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether ``bn``'s forward normalises with the batch statistics (``bn_training`` in
+    ``nn.BatchNorm2d.forward``)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def bn_call(bn: nn.Module, update: bool = True) -> BNArgs:
+    """The decisions of ``bn``'s forward, as ``nn.BatchNorm2d.forward`` makes them.
+
+    With ``update`` (the first reader of this forward) ``num_batches_tracked`` is incremented
+    in training, so call it once per forward and only after the input was validated (a
+    rejected call changes nothing). With ``update=False`` the call normalises with the same
+    statistics and updates nothing.
+    """
+    factor = 0.0 if bn.momentum is None else float(bn.momentum)
+    if update and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    batch_stats = uses_batch_stats(bn)
+    # As nn.BatchNorm2d: the buffers are passed when they are used (eval) or updated (training
+    # with track_running_stats). A second reader passes the same buffers with momentum 0, so
+    # it runs the same ops (torch.utils.checkpoint compares what the two runs save) and
+    # changes nothing.
+    track = not bn.training or bn.track_running_stats
+    return BNArgs(
+        weight=bn.weight, bias=bn.bias,
+        running_mean=bn.running_mean if track else None, running_var=bn.running_var if track else None,
+        batch_stats=batch_stats, momentum=factor if update else 0.0, eps=float(bn.eps),
+        process_group=sync_group(bn) if batch_stats else None,
+    )
+
+
+def sync_group(bn: nn.Module):
+    """The process group to synchronise ``bn``'s batch statistics over, or ``None``.
+
+    A BN converted by ``nn.SyncBatchNorm.convert_sync_batchnorm`` keeps synchronising when it
+    is fused into a conv: its group (``WORLD`` when unset) is used while training in an
+    initialised ``torch.distributed`` job with more than one rank, as ``nn.SyncBatchNorm`` does.
+    """
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None

@@ -1,0 +1,199 @@
+"""Autograd of the fused op, written once for every op set.
+
+* :func:`bn_relu_conv2d_backward`: THE backward of ``conv2d(relu(bn(x)))`` from an op set:
+  the conv and ReLU backward (``ops.bn_relu_conv2d_backward``), the SyncBN all-reduce of the
+  two per-channel sums when a process group is given, and the BN input gradient
+  (``ops.bn_backward_elemt``, or ``ops.bn_backward_elemt_out`` into a caller's buffer). The
+  registered ops, the SyncBN path and the shared dense block (per chunk of channels) all
+  call it.
+* :func:`register_autograd`: the autograd formula of the registered ops
+  ``torch.ops.<namespace>.bn_relu_conv2d`` (triton and native).
+* :class:`BNReLUConv2dFunction`: autograd over any op set for the paths that are not a
+  registered op (SyncBN; the eager op set with a process group).
+
+Double backward (``create_graph=True``, e.g. a gradient penalty): the kernels' backward is
+not itself differentiable, so when autograd records the backward (grad mode is on inside it
+exactly when ``create_graph=True``) the gradients are computed instead from the eager
+reference expression with ``torch.autograd.grad(..., create_graph=True)``, the batch
+statistics recomputed as differentiable functions of ``x`` (same values as the saved ones).
+The result is correct to every order. Over a SyncBN process group this is refused with an
+error saying so (the statistics' cross-rank dependence is not differentiable here).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from resfast.ops.reference import acc_dtype
+
+__all__ = [
+    "bn_relu_conv2d_backward",
+    "register_autograd",
+    "BNReLUConv2dFunction",
+    "differentiable_bn_relu_conv2d",
+    "DOUBLE_BACKWARD_SYNC_BN",
+]
+
+DOUBLE_BACKWARD_SYNC_BN = (
+    "double backward (create_graph=True) through a fused BN-ReLU-conv that synchronises its batch statistics over a "
+    "process group (SyncBatchNorm) is not supported; for a gradient penalty use plain nn.SyncBatchNorm -> ReLU -> "
+    "Conv2d modules, or train without SyncBN"
+)
+
+
+def bn_relu_conv2d_backward(
+    ops,
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    conv_args: Sequence,
+    batch_stats: bool,
+    count: int,
+    process_group=None,
+    bias_grad: bool = False,
+    grad_x_out: Optional[Tensor] = None,
+    accumulate: bool = False,
+) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients ``(x, weight, bias, bn_weight, bn_bias)`` of ``conv2d(relu(bn(x)))``.
+
+    Args:
+        ops: the op set (:class:`resfast.ops.opset.OpSet`).
+        conv_args: ``(stride, padding, dilation, groups)``.
+        batch_stats: ``mean``/``invstd`` are the batch statistics of ``x`` (training), so the
+            input gradient has the coupling terms; else they are constants (running statistics).
+        count: positions the batch statistics were taken over (N*H*W, summed over the ranks of
+            ``process_group``).
+        process_group: SyncBN group: the two per-channel sums of the input gradient are
+            all-reduced over it; the BN parameter gradients stay local, as
+            ``nn.SyncBatchNorm``'s do (DDP averages them).
+        bias_grad: compute the conv bias gradient (else ``None`` is returned for it).
+        grad_x_out: write dL/dx into this tensor (a channel slice of a shared gradient buffer),
+            or add it there with ``accumulate``; ``None`` is then returned for it.
+    """
+    stride, padding, dilation, groups = conv_args
+    grad_z, gw, gb, sum_dz, sum_dz_xhat = ops.bn_relu_conv2d_backward(
+        grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride), list(padding), list(dilation), groups,
+        bias_grad)
+    g_sum_dz, g_sum_dz_xhat = sum_dz, sum_dz_xhat
+    if batch_stats and process_group is not None:
+        import torch.distributed as dist
+
+        packed = torch.stack([sum_dz, sum_dz_xhat])
+        dist.all_reduce(packed, group=process_group)
+        g_sum_dz, g_sum_dz_xhat = packed[0], packed[1]
+    inv_count = 1.0 / count if batch_stats else 0.0
+    if grad_x_out is None:
+        gx = ops.bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, g_sum_dz, g_sum_dz_xhat, inv_count)
+    else:
+        ops.bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, g_sum_dz, g_sum_dz_xhat, inv_count, accumulate,
+                                  grad_x_out)
+        gx = None
+    gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
+    gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
+    return gx, gw, (gb if bias_grad else None), gbw, gbb
+
+
+def differentiable_bn_relu_conv2d(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    mean: Tensor, invstd: Tensor, conv_args: Sequence, batch_stats: bool,
+) -> Tensor:
+    """The fused op's value in eager ops that autograd differentiates to any order.
+
+    With ``batch_stats`` the statistics are rebuilt as functions of ``x`` whose values are
+    the saved ``mean``/``invstd`` and whose derivatives (of every order) are those of the
+    batch mean and ``1 / sqrt(var + eps)``: ``invstd * rsqrt(1 + (var - var0) * invstd^2)``
+    equals ``rsqrt(var + eps)`` for ``var0 + eps = invstd^-2``, without needing ``eps``.
+    """
+    stride, padding, dilation, groups = conv_args
+    acc = acc_dtype(x)
+    xf = x.to(acc)
+    mean_c, invstd_c = mean.to(acc), invstd.to(acc)
+    if batch_stats:
+        var_b, mean_b = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        mean_c = mean_c + (mean_b - mean_b.detach())
+        invstd_c = invstd_c * torch.rsqrt(1.0 + (var_b - var_b.detach()) * invstd_c.detach() ** 2)
+    z = (xf - mean_c.view(1, -1, 1, 1)) * invstd_c.view(1, -1, 1, 1)
+    if bn_weight is not None:
+        z = z * bn_weight.to(acc).view(1, -1, 1, 1)
+    if bn_bias is not None:
+        z = z + bn_bias.to(acc).view(1, -1, 1, 1)
+    a = torch.relu(z).to(x.dtype)
+    return F.conv2d(a, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _double_backward_grads(grad_out: Tensor, inputs: List[Optional[Tensor]], needs: Sequence[bool], conv_args,
+                           batch_stats: bool) -> List[Optional[Tensor]]:
+    """Gradients of ``(x, weight, bias, bn_weight, bn_bias)`` recorded for a further backward."""
+    x, weight, bias, bn_weight, bn_bias, mean, invstd = inputs
+    with torch.enable_grad():
+        y = differentiable_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, conv_args, batch_stats)
+        wanted = [t for t, need in zip((x, weight, bias, bn_weight, bn_bias), needs) if need and t is not None]
+        got = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True, allow_unused=True))
+    out: List[Optional[Tensor]] = []
+    for t, need in zip((x, weight, bias, bn_weight, bn_bias), needs):
+        g = next(got) if need and t is not None else None
+        if g is None and need and t is not None:
+            g = torch.zeros_like(t)
+        out.append(g)
+    return out
+
+
+def register_autograd(namespace: str, ops) -> None:
+    """The autograd formula of ``torch.ops.<namespace>.bn_relu_conv2d``."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, batch_stats = inputs
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        ctx.batch_stats = batch_stats
+
+    def backward(ctx, grad_out):
+        x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
+            gx, gw, gb, gbw, gbb = _double_backward_grads(
+                grad_out, [x, weight, bias, bn_weight, bn_bias, mean, invstd], needs, ctx.conv_args, ctx.batch_stats)
+        else:
+            gx, gw, gb, gbw, gbb = bn_relu_conv2d_backward(
+                ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
+                x.numel() // x.shape[1], bias_grad=bias is not None and needs[2])
+        return gx, gw, gb, gbw, gbb, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{namespace}::bn_relu_conv2d", backward, setup_context=setup_context)
+
+
+class BNReLUConv2dFunction(torch.autograd.Function):
+    """Autograd over any op set, for the calls that are not a registered op: SyncBN (the
+    backward all-reduces) and the eager op set with a process group."""
+
+    @staticmethod
+    def forward(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                dilation, groups, batch_stats):
+        ctx.ops, ctx.process_group, ctx.count = ops, process_group, count
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        ctx.batch_stats = batch_stats
+        return ops.bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, list(stride), list(padding),
+                                  list(dilation), groups, batch_stats)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:8]
+        if torch.is_grad_enabled():
+            if ctx.process_group is not None and ctx.batch_stats:
+                raise RuntimeError(DOUBLE_BACKWARD_SYNC_BN)
+            grads = _double_backward_grads(grad_out, [x, weight, bias, bn_weight, bn_bias, mean, invstd], needs,
+                                           ctx.conv_args, ctx.batch_stats)
+        else:
+            grads = bn_relu_conv2d_backward(
+                ctx.ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
+                ctx.count, ctx.process_group, bias_grad=bias is not None and needs[2])
+        return (None, None, None, *grads, None, None, None, None, None, None, None)

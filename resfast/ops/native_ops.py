@@ -1,0 +1,16 @@
+"""The native op set ``torch.ops.resfast``: kernels of the compiled extension ``resfast._C``
+(CUDA kernels for CUDA tensors, their C++ twin for CPU tensors). The schemas are registered
+by ``csrc/resfast.cpp`` (equal to :data:`resfast.ops.schemas.SCHEMAS`, which a test checks);
+this module adds the fake implementations and the autograd formula."""
+from __future__ import annotations
+
+import torch
+
+import resfast._C  # noqa: F401  (loads TORCH_LIBRARY(resfast, m))
+from resfast.ops import autograd, schemas
+
+__all__ = ["OPS"]
+
+OPS = torch.ops.resfast
+schemas.register_fakes("resfast")
+autograd.register_autograd("resfast", OPS)

@@ -1,0 +1,86 @@
+"""The op-set contract: the seven ops every backend implements, with one signature each.
+
+An *op set* is what :func:`resfast.ops.opsets.get_ops` returns for a concrete backend:
+
+* ``eager``  :mod:`resfast.ops.reference` (plain PyTorch; the semantics of every op),
+* ``triton`` ``torch.ops.resfast_triton`` (host code in :mod:`resfast.ops.triton_ops`),
+* ``native`` ``torch.ops.resfast`` (C++/CUDA kernels of ``resfast._C``).
+
+Everything above the op sets (the functional op, its autograd, the SyncBN path and the
+shared dense block) is written once against :class:`OpSet`, so a backend supplies kernels
+and nothing else. The schemas the triton and native libraries register are in
+:mod:`resfast.ops.schemas` (one Python source; the C++ library is tested against it).
+
+Conventions shared by every op:
+
+* ``x`` is ``N x C x H x W`` in any strides (NCHW, channels_last, a channel-prefix view of
+  a larger buffer); tensors an op allocates use :func:`resfast.ops.schemas.out_memory_format`.
+* ``mean``/``invstd``/``sum_*`` are per-channel ``[C]`` vectors in ``acc_dtype(x)`` (float32,
+  float64 for float64 input); BN parameters keep their own dtype and are upcast on load.
+* ``z = (x - mean) * invstd * gamma + beta`` is the BN output, ``a = relu(z)`` the activation
+  the conv reads; padding is zero *after* BN-ReLU. ``a`` is rounded to ``x``'s dtype before
+  the conv, as the unfused ``BatchNorm2d -> ReLU -> Conv2d`` rounds it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Protocol, Tuple, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["OpSet", "OP_NAMES"]
+
+#: The ops of the contract, in the order the schemas list them.
+OP_NAMES = (
+    "bn_stats",
+    "bn_stats_update",
+    "bn_relu_conv2d",
+    "bn_relu_conv2d_out",
+    "bn_relu_conv2d_backward",
+    "bn_backward_elemt",
+    "bn_backward_elemt_out",
+)
+
+
+@runtime_checkable
+class OpSet(Protocol):
+    """The seven ops of a backend. Semantics: :mod:`resfast.ops.reference`."""
+
+    def bn_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-channel ``(mean, biased_var)``."""
+        ...
+
+    def bn_stats_update(self, x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
+        """Training statistics ``(mean, invstd)``; updates the running statistics in place
+        (unbiased variance, ``momentum`` as in ``F.batch_norm``) when they are given."""
+        ...
+
+    def bn_relu_conv2d(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, stride: List[int],
+                       padding: List[int], dilation: List[int], groups: int, batch_stats: bool) -> Tensor:
+        """``conv2d(relu(bn(x)), weight, bias)``; ``batch_stats`` only matters to autograd."""
+        ...
+
+    def bn_relu_conv2d_out(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                           bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, stride: List[int],
+                           padding: List[int], dilation: List[int], groups: int, out: Tensor) -> None:
+        """:meth:`bn_relu_conv2d` written into ``out`` (any strides)."""
+        ...
+
+    def bn_relu_conv2d_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
+                                bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, stride: List[int],
+                                padding: List[int], dilation: List[int], groups: int,
+                                bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(grad_z, grad_weight, grad_bias or [0], sum_dz, sum_dz_xhat)``."""
+        ...
+
+    def bn_backward_elemt(self, grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor,
+                          invstd: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor, inv_count: float) -> Tensor:
+        """dL/dx from dL/dz; ``inv_count`` 0 means running statistics (no coupling term)."""
+        ...
+
+    def bn_backward_elemt_out(self, grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor,
+                              invstd: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor, inv_count: float,
+                              accumulate: bool, out: Tensor) -> None:
+        """:meth:`bn_backward_elemt` written into (or, with ``accumulate``, added to) ``out``."""
+        ...

@@ -1,0 +1,211 @@
+"""The reference op set: every op of :class:`resfast.ops.opset.OpSet` in plain PyTorch.
+
+These functions define the semantics every backend must reproduce (the triton op set
+``torch.ops.resfast_triton`` and the native op set ``torch.ops.resfast`` register ops with
+the same names and schemas, :mod:`resfast.ops.schemas`), and they are the ``eager``
+backend. The batch-norm is folded into a per-channel affine map
+``z = (x - mean) * invstd * gamma + beta`` with ``gamma = 1, beta = 0`` when ``bn_weight`` /
+``bn_bias`` are ``None``; ``mean`` and ``invstd`` are float32 ``[C]`` (float64 for float64
+input).
+
+``x`` may be any strided 4-D tensor (a channel-prefix view of a larger buffer included);
+``out`` may be any strided 4-D tensor (a channel slice of a larger buffer included).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "bn_stats",
+    "bn_stats_update",
+    "bn_relu_conv2d",
+    "bn_relu_conv2d_out",
+    "bn_relu_conv2d_backward",
+    "bn_backward_elemt",
+    "bn_backward_elemt_out",
+    "bn_relu",
+    "acc_dtype",
+]
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics and accumulations use for input ``x``: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cvec(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(acc_dtype(like)).view(1, -1, 1, 1)
+
+
+def bn_relu(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """``relu((x - mean) * invstd * gamma + beta)`` in float32 (float64 for float64 input), cast to ``x.dtype``."""
+    z = (x.to(acc_dtype(x)) - _cvec(mean, x)) * _cvec(invstd, x)
+    if bn_weight is not None:
+        z = z * _cvec(bn_weight, x)
+    if bn_bias is not None:
+        z = z + _cvec(bn_bias, x)
+    return torch.relu(z).to(x.dtype)
+
+
+def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and *biased* variance of an ``N x C x H x W`` tensor, ``acc_dtype(x)`` ``[C]``."""
+    var, mean = torch.var_mean(x.to(acc_dtype(x)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def bn_stats_update(
+    x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """Training-mode statistics of ``x``: returns ``(mean, invstd)`` (``acc_dtype(x)`` ``[C]``,
+    ``invstd = 1 / sqrt(biased_var + eps)``) and, when the running statistics are given,
+    updates them in place as ``F.batch_norm`` does:
+    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance."""
+    mean, var = bn_stats(x)
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (count / max(count - 1, 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return mean, torch.rsqrt(var + eps)
+
+
+def bn_relu_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    batch_stats: bool,
+) -> Tensor:
+    """``conv2d(relu(bn(x)), weight, bias)``; ``batch_stats`` only matters for autograd
+    (whether ``mean``/``invstd`` are functions of ``x``)."""
+    a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
+    return torch.nn.functional.conv2d(a, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def bn_relu_conv2d_out(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    out: Tensor,
+) -> None:
+    """Like :func:`bn_relu_conv2d` but writes into ``out`` (which may be a channel slice)."""
+    out.copy_(bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, False))
+
+
+def bn_relu_conv2d_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`bn_relu_conv2d` up to the BN output.
+
+    Recomputes ``a = relu(bn(x))`` and returns
+
+    * ``grad_z``      dL/dz where ``z`` is the BN output before the ReLU (``x``'s shape and dtype),
+    * ``grad_weight`` dL/dweight (``weight``'s dtype),
+    * ``grad_bias``   sum of ``grad_out`` over N, H, W (``[C_out]``, ``weight``'s dtype) when
+      ``bias_grad``, else an empty ``[0]`` tensor,
+    * ``sum_dz``      per-channel sum of ``grad_z`` (``acc_dtype(x)`` ``[C_in]``) = dL/dbeta,
+    * ``sum_dz_xhat`` per-channel sum of ``grad_z * (x - mean) * invstd`` = dL/dgamma.
+    """
+    a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [True, True, bias_grad],
+    )
+    acc = acc_dtype(x)
+    # As torch.relu's backward (threshold_backward): zero where the activation is <= 0, so a
+    # NaN activation passes its gradient through.
+    grad_z = torch.where(a <= 0, torch.zeros((), dtype=grad_a.dtype, device=grad_a.device), grad_a)
+    gz = grad_z.to(acc)
+    xhat = (x.to(acc) - _cvec(mean, x)) * _cvec(invstd, x)
+    sum_dz = gz.sum(dim=(0, 2, 3))
+    sum_dz_xhat = (gz * xhat).sum(dim=(0, 2, 3))
+    grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
+    return grad_z.to(x.dtype), grad_w.to(weight.dtype), grad_b, sum_dz, sum_dz_xhat
+
+
+def bn_backward_elemt(
+    grad_z: Tensor,
+    x: Tensor,
+    bn_weight: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
+    inv_count: float,
+) -> Tensor:
+    """dL/dx = gamma * invstd * (grad_z - sum_dz * inv_count - xhat * sum_dz_xhat * inv_count),
+    in ``x``'s dtype.
+
+    With batch statistics ``inv_count`` is 1 / (the number of positions the statistics were
+    taken over: N*H*W, on all ranks for SyncBN) and ``sum_dz`` / ``sum_dz_xhat`` are summed
+    over the same positions; with running statistics ``inv_count`` is 0 and this is
+    ``grad_z * gamma * invstd`` (the coupling term is dropped, as eager BN's eval backward
+    has none, so a NaN in ``x`` does not become NaN * 0 in the gradient).
+    """
+    return _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count).to(x.dtype)
+
+
+def _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count) -> Tensor:
+    acc = acc_dtype(x)
+    scale = _cvec(invstd, x)
+    if bn_weight is not None:
+        scale = scale * _cvec(bn_weight, x)
+    g = grad_z.to(acc)
+    if inv_count != 0.0:
+        xhat = (x.to(acc) - _cvec(mean, x)) * _cvec(invstd, x)
+        mean_dz_xhat = _cvec(sum_dz_xhat, x) * inv_count
+        # A zero coupling factor drops the term (as the kernels do), so a NaN in x stays local.
+        coupling = torch.where(mean_dz_xhat == 0, torch.zeros((), dtype=acc, device=x.device), xhat * mean_dz_xhat)
+        g = g - _cvec(sum_dz, x) * inv_count - coupling
+    return scale * g
+
+
+def bn_backward_elemt_out(
+    grad_z: Tensor,
+    x: Tensor,
+    bn_weight: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
+    inv_count: float,
+    accumulate: bool,
+    out: Tensor,
+) -> None:
+    """:func:`bn_backward_elemt` written into ``out`` (any strides, e.g. a channel slice of a
+    shared gradient buffer), or added to it when ``accumulate`` (the sum formed in
+    ``acc_dtype`` and rounded once to ``out``'s dtype)."""
+    gx = _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+    if accumulate:
+        gx = gx + out.to(gx.dtype)
+    out.copy_(gx)

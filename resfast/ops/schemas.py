@@ -1,0 +1,120 @@
+"""The op schemas (the one source: the triton library registers them, the native library is
+tested against them), the fake (meta) implementations that make the ops traceable by
+``torch.compile``, and the memory-format rule every op follows for what it allocates."""
+from __future__ import annotations
+
+import threading
+from typing import Dict, List
+
+import torch
+from torch import Tensor
+
+from resfast.ops.opset import OP_NAMES
+
+__all__ = ["SCHEMAS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes"]
+
+_CONV = "int[] stride, int[] padding, int[] dilation, int groups"
+_BN = "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor invstd"
+_ELEMT = "Tensor grad_z, Tensor x, Tensor? bn_weight, Tensor mean, Tensor invstd, Tensor sum_dz, " \
+         "Tensor sum_dz_xhat, float inv_count"
+
+SCHEMAS: Dict[str, str] = {
+    "bn_stats": "bn_stats(Tensor x) -> (Tensor, Tensor)",
+    "bn_stats_update": (
+        "bn_stats_update(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+        "float eps) -> (Tensor, Tensor)"
+    ),
+    "bn_relu_conv2d": f"bn_relu_conv2d(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, bool batch_stats) -> Tensor",
+    "bn_relu_conv2d_out": f"bn_relu_conv2d_out(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, Tensor(a!) out) -> ()",
+    "bn_relu_conv2d_backward": (
+        f"bn_relu_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, {_BN}, {_CONV}, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "bn_backward_elemt": f"bn_backward_elemt({_ELEMT}) -> Tensor",
+    "bn_backward_elemt_out": f"bn_backward_elemt_out({_ELEMT}, bool accumulate, Tensor(a!) out) -> ()",
+}
+assert tuple(SCHEMAS) == OP_NAMES
+
+
+def out_memory_format(x: Tensor) -> torch.memory_format:
+    """Memory format of tensors an op allocates for input ``x``: channels_last when ``x``'s
+    channels are its innermost dimension, else NCHW-contiguous. Kernels and fakes agree on it."""
+    if x.dim() == 4 and x.size(1) > 1 and x.stride(1) == 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_out_shape(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> List[int]:
+    """``[N, C_out, H_out, W_out]`` of ``conv2d(x, weight)`` with these arguments."""
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, weight.shape[0], ho, wo]
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+_libs: Dict[str, torch.library.Library] = {}
+_faked: Dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def define_library(namespace: str) -> torch.library.Library:
+    """Define every schema in a new Python op library ``namespace`` (the triton backend's)."""
+    with _lock:
+        if namespace not in _libs:
+            lib = torch.library.Library(namespace, "DEF")
+            for schema in SCHEMAS.values():
+                lib.define(schema)
+            _libs[namespace] = lib
+        return _libs[namespace]
+
+
+def register_fakes(namespace: str) -> None:
+    """Fake implementations of every op of ``torch.ops.<namespace>`` (once per namespace)."""
+    with _lock:
+        if _faked.get(namespace):
+            return
+        _faked[namespace] = True
+    q = lambda name: f"{namespace}::{name}"  # noqa: E731
+
+    def vec(x: Tensor) -> Tensor:
+        return x.new_empty([x.shape[1]], dtype=_acc_dtype(x))
+
+    @torch.library.register_fake(q("bn_stats"))
+    def _(x):
+        return vec(x), vec(x)
+
+    @torch.library.register_fake(q("bn_stats_update"))
+    def _(x, running_mean, running_var, momentum, eps):
+        return vec(x), vec(x)
+
+    @torch.library.register_fake(q("bn_relu_conv2d"))
+    def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, batch_stats):
+        shape = conv_out_shape(x, weight, stride, padding, dilation)
+        return x.new_empty(shape).contiguous(memory_format=out_memory_format(x))
+
+    @torch.library.register_fake(q("bn_relu_conv2d_out"))
+    def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out):
+        return None
+
+    @torch.library.register_fake(q("bn_relu_conv2d_backward"))
+    def _(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad):
+        return (
+            torch.empty_like(x, memory_format=out_memory_format(x)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty([weight.shape[0] if bias_grad else 0]),
+            vec(x),
+            vec(x),
+        )
+
+    @torch.library.register_fake(q("bn_backward_elemt"))
+    def _(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count):
+        return torch.empty_like(x, memory_format=out_memory_format(x))
+
+    @torch.library.register_fake(q("bn_backward_elemt_out"))
+    def _(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
+        return None
