@@ -1,4 +1,4 @@
-"""The ``resfast`` command: ``info``, ``models``, ``memory``, ``train``, ``study``.
+"""The ``resfast`` command: ``info``, ``models``, ``memory``, ``train``, ``study``, ``profile``, ``tune``.
 
 Every subcommand takes ``--json`` and then prints exactly one JSON document on stdout;
 progress and logs go to stderr.
@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "memory": ("resfast.profiling.memory", "peak training memory of naive / checkpoint / shared dense blocks"),
     "train": ("resfast.train.cli", "train a model (digits, CIFAR-10/100) and record metrics"),
     "study": ("resfast.train.study", "the architecture study: run the comparisons and write docs/study.md"),
+    "profile": ("resfast.profiling.static_model", "the static sm_90 performance model of the fused kernels"),
+    "tune": ("resfast.tuning", "fill the backend='auto' cache for a model: measure each call signature once"),
 }
 
 
