@@ -1,10 +1,14 @@
 """The native backend's ops (``torch.ops.resfast.*``, C++ on CPU, CUDA on GPU) against the
 eager reference ``resfast.ops.reference`` with the STANDARDS.md float64 rule.
 
-Each conv case runs twice on the CPU: with the tiled kernels (the CUDA tiled kernels'
-thread-block phases, run block by block) and with ``RESFAST_NATIVE_KERNELS=generic`` (the
-per-element functions the generic CUDA kernels use), so both code paths the GPU has are
-checked here. With a GPU the same cases run on CUDA.
+Each conv case runs twice on the CPU: with the tiled kernels (the CUDA grid's blocks of
+``csrc/include/resfast/tiles.h`` run one by one, float16 / bfloat16 through the emulated
+tensor-core fragments, float32 through the SIMT loop) and with ``RESFAST_NATIVE_KERNELS=generic``
+(the per-element functions the generic CUDA kernels use), so every code path the GPU has is
+checked here. The cases cover each tile plan the kernels choose: packed small groups
+(block-diagonal weights), one group per block with 16, 32 and 64 columns, several K chunks,
+several column blocks per group, strides, dilation, padding and vector / strided loads. With a
+GPU the same cases run on CUDA, plus realistic ResNeXt-50 and DenseNet-121 shapes.
 """
 from __future__ import annotations
 
@@ -49,6 +53,13 @@ CASES = {
     # blocks (the last one partial) and stage the other side in several chunks.
     "dense_c40_chunks_cl_prefix": (1, 40, 40, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
     "dense_s2_chunks": (2, 24, 20, 9, 7, 3, 2, 1, 1, 1, False, False, False, True),
+    # Tensor-core plans (float16 / bfloat16): 4-channel groups packed four to a block with
+    # 16-byte vector loads; a group of 32 per block (n8 tiles 4); 64 columns (n8 tiles 8) with
+    # a second, partial column block and two K chunks (the second partial); a strided 1x1.
+    "packed_g8_vec_cl": (2, 32, 32, 9, 10, 3, 1, 1, 1, 8, True, False, True, True),
+    "group32_nt4_cl": (2, 64, 64, 7, 7, 3, 1, 1, 1, 2, True, False, False, True),
+    "wide_nt8_two_chunks_cl_prefix": (1, 80, 72, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
+    "pointwise_s2_vec_cl": (2, 48, 24, 9, 9, 1, 2, 0, 1, 1, True, False, False, True),
 }
 
 
@@ -165,6 +176,22 @@ def test_backward_and_elemt(name, dtype, device, kernels):
     assert ops().bn_relu_conv2d_backward(*args[:-1], False)[2].numel() == 0, ctx
 
 
+# With a grid target of one block, a forward / input-gradient block runs several spatial tiles
+# with its weights staged once, and the weight gradient runs every tile in one split: the loops
+# that large convs take on the GPU (the plans read RESFAST_NATIVE_TARGET_BLOCKS on both devices).
+FEW_BLOCK_CASES = ["packed_g8_vec_cl", "group32_nt4_cl", "crosses_tiles_g2", "stride2_cl_crosses_tiles",
+                   "dense_s2_chunks", "resnext_g32_cl_prefix"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", FEW_BLOCK_CASES)
+def test_few_blocks_many_tiles_per_block(name, dtype, monkeypatch):
+    monkeypatch.setenv("RESFAST_NATIVE_TARGET_BLOCKS", "1")
+    monkeypatch.delenv("RESFAST_NATIVE_KERNELS", raising=False)
+    test_forward_and_out(name, dtype, "cpu", "tiled")
+    test_backward_and_elemt(name, dtype, "cpu", "tiled")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("layout", ["nchw_prefix", "channels_last_prefix", "contiguous_N1"])
@@ -250,6 +277,17 @@ def test_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.resfast, op).default, _opcheck_samples()[op])
 
 
+# ---- the C++ schemas are the Python ones ------------------------------------------------------
+
+@pytest.mark.parametrize("op", list(OP_NAMES))
+def test_registered_schema_equals_python(op):
+    from resfast.ops.schemas import SCHEMAS
+
+    ops()
+    registered = getattr(torch.ops.resfast, op).default._schema
+    assert registered == torch._C.parse_schema("resfast::" + SCHEMAS[op]), f"{registered} != {SCHEMAS[op]}"
+
+
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------
 
 def _good():
@@ -312,25 +350,87 @@ def test_bad_out_and_grad_shapes_raise():
 
 # ---- NaN follows torch: relu passes it on, its backward zeroes only where the input <= 0 ----
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kernels_env", ["", "generic"])
-def test_nan_in_x_follows_eager(kernels_env, monkeypatch):
+def test_nan_in_x_follows_eager(kernels_env, dtype, monkeypatch):
+    # groups=2 with 2 input / 3 output channels per group: the tensor-core kernels pack both
+    # groups into one block, which must then keep the NaN inside its own group.
     monkeypatch.setenv("RESFAST_NATIVE_KERNELS", kernels_env)
     x = torch.randn(2, 4, 6, 5)
     x[1, 0, 3, 2] = float("nan")
-    w, gm, bt = torch.randn(6, 2, 3, 3), torch.rand(4) + 0.5, torch.randn(4)
+    x = x.to(dtype)
+    w, gm, bt = torch.randn(6, 2, 3, 3).to(dtype), torch.rand(4) + 0.5, torch.randn(4)
     conv = ([1, 1], [1, 1], [1, 1], 2)
     for mean in (torch.zeros(4), ops().bn_stats(x)[0]):  # eval-like, and batch stats (NaN mean)
         invstd = torch.rand(4) + 0.5
         y = ops().bn_relu_conv2d(x, w, None, gm, bt, mean, invstd, *conv, False)
         r64, rs = _refs(reference.bn_relu_conv2d, x, w, None, gm, bt, mean, invstd, *conv, False)
         assert torch.isnan(y).any() and not torch.isnan(y).all()
-        assert_rule("y", y, r64, rs, "nan")
+        assert_rule("y", y, r64, rs, f"nan {dtype}")
         go = torch.randn_like(y)
         got = ops().bn_relu_conv2d_backward(go, x, w, gm, bt, mean, invstd, *conv, True)
         r64, rs = _refs(reference.bn_relu_conv2d_backward, go, x, w, gm, bt, mean, invstd, *conv, True)
         for nm, g, a, b in zip(("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat"), got, r64, rs):
-            assert_rule(nm, g, a, b, "nan")
+            assert_rule(nm, g, a, b, f"nan {dtype}", dtype=dtype)
         zero = torch.zeros(4)
         gx = ops().bn_backward_elemt(got[0], x, gm, mean, invstd, zero, zero, 0.0)
         r64, rs = _refs(reference.bn_backward_elemt, got[0], x, gm, mean, invstd, zero, zero, 0.0)
-        assert_rule("grad_x", gx, r64, rs, "nan")
+        assert_rule("grad_x", gx, r64, rs, f"nan {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_grad_out_stays_in_its_group(dtype):
+    # A NaN in one output channel's gradient reaches the input gradient of its own group only,
+    # also where the input-gradient kernel packs both groups into one block.
+    x = torch.randn(2, 4, 6, 5).to(dtype)
+    w, gm, bt = torch.randn(6, 2, 3, 3).to(dtype), torch.rand(4) + 0.5, torch.randn(4)
+    mean, invstd = torch.randn(4) * 0.1, torch.rand(4) + 0.5
+    conv = ([1, 1], [1, 1], [1, 1], 2)
+    go = torch.randn(2, 6, 6, 5).to(dtype)
+    go[0, 4, 2, 2] = float("nan")  # group 1
+    got = ops().bn_relu_conv2d_backward(go, x, w, gm, bt, mean, invstd, *conv, False)
+    r64, rs = _refs(reference.bn_relu_conv2d_backward, go, x, w, gm, bt, mean, invstd, *conv, False)
+    assert not torch.isnan(got[0][:, :2]).any() and torch.isnan(got[0][:, 2:]).any()
+    for nm, g, a, b in zip(("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat"), got, r64, rs):
+        assert_rule(nm, g, a, b, f"nan grad_out {dtype}", dtype=dtype)
+
+
+# ---- CUDA: realistic shapes on the tensor-core kernels ---------------------------------------
+
+# (N, C, C_out, H, W, k, stride, padding, groups): ResNeXt-50's grouped 3x3 convs (stages 1
+# and 4) and DenseNet-121's bottleneck 1x1 and growth 3x3, at smaller batches.
+CUDA_SHAPES = {
+    "resnext50_s1": (8, 128, 128, 56, 56, 3, 1, 1, 32),
+    "resnext50_s4": (16, 1024, 1024, 7, 7, 3, 1, 1, 32),
+    "resnext50_s2_stride2": (8, 256, 256, 56, 56, 3, 2, 1, 32),
+    "densenet121_1x1": (8, 512, 128, 28, 28, 1, 1, 0, 1),
+    "densenet121_3x3": (8, 128, 32, 28, 28, 3, 1, 1, 1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="no CUDA device, or resfast._C was built without CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CUDA_SHAPES))
+def test_cuda_realistic_shapes(name, dtype):
+    n, c, co, h, w, k, s, p, g = CUDA_SHAPES[name]
+    torch.manual_seed(3)
+    dev = "cuda"
+    x = (torch.randn(n, c, h, w, device=dev) * 1.5 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(co, c // g, k, k, device=dev) / math.sqrt(c // g * k * k)).to(dtype)
+    gm, bt = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev) * 0.5
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    conv = ([s, s], [p, p], [1, 1], g)
+    args = (x, weight, None, gm, bt, mean, invstd, *conv)
+    y = ops().bn_relu_conv2d(*args, True)
+    ref64 = reference.bn_relu_conv2d(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in args], True)
+    ref_same = reference.bn_relu_conv2d(*args, True)  # eager on the GPU in the same dtype
+    assert_rule("y", y, ref64, ref_same, name)
+    grad_out = torch.randn_like(y)
+    bargs = (grad_out, x, weight, gm, bt, mean, invstd, *conv, False)
+    got = ops().bn_relu_conv2d_backward(*bargs)
+    ref64 = reference.bn_relu_conv2d_backward(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in bargs])
+    ref_same = reference.bn_relu_conv2d_backward(*bargs)
+    for nm, gt, r64, rs in zip(("grad_z", "grad_weight", "grad_bias", "sum_dz", "sum_dz_xhat"), got, ref64, ref_same):
+        assert_rule(nm, gt, r64, rs, name, dtype=dtype)

@@ -1,11 +1,12 @@
-// C++ CPU kernels of the resfast ops (reference semantics: resfast/ops/eager_impl.py).
+// C++ CPU kernels of the resfast ops (reference semantics: resfast/ops/reference.py).
 //
-// Parallelised with at::parallel_for. The arithmetic comes from resfast/math.h and
-// resfast/tiles.h, the same functions the CUDA kernels call: where a conv tile fits, the
-// CPU runs the CUDA kernels' thread-block phases one block at a time (tiles.h), otherwise
-// the per-element functions the generic CUDA kernels use (math.h). The CPU tests therefore
-// check the index math the GPU runs. Every sum is accumulated in a fixed order, so results
-// are deterministic.
+// The CPU twin of csrc/cuda: the convs run the CUDA grid's blocks (tiles.h) one after another
+// through HostBlock (a block's threads in a loop, its warps with the tensor-core instructions
+// emulated), with the same plans and the same block decode, so the CPU tests check the
+// indexing and the fragment math the GPU runs; convs no plan fits, and
+// RESFAST_NATIVE_KERNELS=generic, take the per-element functions of math.h that the generic
+// CUDA kernels use. Blocks run in parallel with at::parallel_for. Every sum is accumulated in
+// a fixed order, so results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -67,53 +68,52 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
+// Runs blocks [0, blocks) of a tiled grid, each with its own shared-memory buffer.
+template <class F>
+void run_blocks(int64_t blocks, int smem_bytes, F&& block) {
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Vec16> smem(static_cast<size_t>(smem_bytes) / sizeof(Vec16) + 1);
+    for (int64_t b = b0; b < b1; ++b) block(b, reinterpret_cast<unsigned char*>(smem.data()));
+  });
+}
+
+// The weights in a plan's tile layout (tiles.h prepared_weight).
+template <typename scalar_t>
+at::Tensor prepared_weights(const ConvPrep& p, const ConvPlan& plan, bool transposed) {
+  at::Tensor wp = at::empty({plan.w_prep}, p.weight.options());
+  const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
+  scalar_t* out = wp.data_ptr<scalar_t>();
+  at::parallel_for(0, plan.w_prep, kElemGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = prepared_weight(w, p.g, plan, transposed, i);
+  });
+  return wp;
+}
+
 // Writes conv(relu(bn(x))) + bias into out (any strides).
 void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias, const at::Tensor& out) {
   const ConvGeom g = p.g;
   const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
   if (total == 0) return;
   const Strides4 xs = strides4(x), os = strides4(out);
-  const TileGeom t = make_tile_geom(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_of<scalar_t>;
+    const ConvPlan plan = conv_plan<scalar_t>(g, false);
+    if (!force_generic_kernels() && plan.ok) {
+      ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, bias, at::Tensor(), out, at::Tensor(), at::Tensor());
+      const at::Tensor wp = prepared_weights<scalar_t>(p, plan, false);
+      args.wp = wp.const_data_ptr<scalar_t>();
+      dispatch_nt<scalar_t>(plan.nt, [&](auto nt) {
+        run_blocks(plan.blocks, plan.smem_bytes, [&](int64_t b, unsigned char* smem) {
+          conv_block<HostBlock, scalar_t, false, decltype(nt)::value>(HostBlock{}, args, plan, b, smem);
+        });
+      });
+      return;
+    }
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = p.weight.const_data_ptr<scalar_t>();
     const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     scalar_t* op_ = out.data_ptr<scalar_t>();
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
-    const ForwardBlocking fb = forward_blocking(g, t, sizeof(acc_t));
-    if (!force_generic_kernels() && fb.cb > 0) {
-      // The CUDA tiled forward's blocks: (sample, output tile, group, output-channel block),
-      // each staging its input channels chunk by chunk.
-      const int64_t tiles = t.tiles_h * t.tiles_w, gblocks = g.groups * fb.co_blocks;
-      const bool x_cl = is_channels_last(x);
-      at::parallel_for(0, g.N * tiles * gblocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(forward_smem_elems(g, t, fb));
-        std::vector<acc_t> acc(kTileThreads * kCoBlock);
-        acc_t* a_s = shared.data();
-        acc_t* w_s = a_s + fb.cb * t.IH * t.IW;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t gb = b % gblocks, tile = (b / gblocks) % tiles, n = b / (gblocks * tiles);
-          const int64_t group = gb / fb.co_blocks, col0 = (gb % fb.co_blocks) * fb.nco;
-          const int64_t nco = std::min(fb.nco, g.cout_g - col0);
-          const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t cil0 = 0; cil0 < g.cin_g; cil0 += fb.cb) {
-            const int64_t cb = std::min(fb.cb, g.cin_g - cil0);
-            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, cil0, cb, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
-                                 x_cl, a_s);
-            fill_weight_tile(0, 1, wp, g, group, col0, nco, cil0, cb, w_s);
-            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
-              forward_tile_accumulate(tid, g, t, nco, cb, a_s, w_s, acc.data() + tid * kCoBlock);
-            }
-          }
-          for (int64_t tid = 0; tid < kTileThreads; ++tid) {
-            forward_tile_store(tid, g, n, group, oh0, ow0, col0, nco, acc.data() + tid * kCoBlock, bp, op_, os);
-          }
-        }
-      });
-      return;
-    }
     at::parallel_for(0, total, conv_grain(g), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const Index4 o = unravel(i, g.Cout, g.Ho, g.Wo, false);
@@ -164,77 +164,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   at::Tensor grad_z = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
   at::Tensor sum_dz = at::zeros({g.C}, acc_opts), sum_dz_xhat = at::zeros({g.C}, acc_opts);
   at::Tensor gw_acc = at::zeros({g.Cout, g.cin_g, g.KH, g.KW}, acc_opts);
-  at::Tensor gb_acc = at::zeros({g.Cout}, acc_opts);
   const Strides4 xs = strides4(x), gs = strides4(grad_out), zs = strides4(grad_z);
   const int64_t P_in = g.N * g.H * g.W, P_out = g.N * g.Ho * g.Wo;
+  const bool generic = force_generic_kernels();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_backward_cpu",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_of<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* wp = p.weight.const_data_ptr<scalar_t>();
     scalar_t* zp = grad_z.data_ptr<scalar_t>();
-    acc_t* sdz = sum_dz.data_ptr<acc_t>();
-    acc_t* sdzx = sum_dz_xhat.data_ptr<acc_t>();
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
+    if (P_in == 0 || P_out == 0) {
+      grad_z.zero_();
+      return;
+    }
 
-    const TileGeom t = make_tile_geom(g);
-    const bool generic = force_generic_kernels();
-    const bool x_cl = is_channels_last(x), go_cl = is_channels_last(grad_out);
-    const InputGradBlocking ib = input_grad_blocking(g, t, sizeof(acc_t));
-    if (!generic && ib.cbo > 0) {
-      // The CUDA tiled input-gradient kernel's blocks: (sample, input tile, group, input-
-      // channel block), staging the output channels chunk by chunk; each writes its partial
-      // channel sums to row (sample, tile) of a [N*tiles, C] buffer.
-      const int64_t tiles = t.itiles_h * t.itiles_w, gblocks = g.groups * ib.ci_blocks;
-      at::Tensor part_dz = at::empty({g.N * tiles, g.C}, acc_opts), part_dzx = at::empty({g.N * tiles, g.C}, acc_opts);
-      acc_t* pdz = part_dz.data_ptr<acc_t>();
-      acc_t* pdzx = part_dzx.data_ptr<acc_t>();
-      at::parallel_for(0, g.N * tiles * gblocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(input_grad_smem_elems(g, t, ib));
-        std::vector<acc_t> acc(kTileThreads * kCoBlock);
-        acc_t* go_s = shared.data();
-        acc_t* w_s = go_s + ib.cbo * t.OHB * t.OWB;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t gb = b % gblocks, tile = (b / gblocks) % tiles, n = b / (gblocks * tiles);
-          const int64_t group = gb / ib.ci_blocks, cil0 = (gb % ib.ci_blocks) * ib.nci;
-          const int64_t nci = std::min(ib.nci, g.cin_g - cil0);
-          const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
-          const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
-          const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t col0 = 0; col0 < g.cout_g; col0 += ib.cbo) {
-            const int64_t nco = std::min(ib.cbo, g.cout_g - col0);
-            fill_grad_out_tile(0, 1, gp, gs, g, n, group, col0, nco, oh_lo, ow_lo, t.OHB, t.OWB, go_cl, go_s);
-            fill_weight_tile(0, 1, wp, g, group, col0, nco, cil0, nci, w_s);
-            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
-              const int64_t h = ih0 + tid / kTile, w = iw0 + tid % kTile;
-              if (h >= g.H || w >= g.W) continue;
-              input_grad_tile_accumulate(g, t, h, w, oh_lo, ow_lo, nci, nco, go_s, w_s, acc.data() + tid * kCoBlock);
-            }
-          }
-          for (int64_t k = 0; k < nci; ++k) {
-            const int64_t c = group * g.cin_g + cil0 + k;
-            acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
-            for (int64_t tid = 0; tid < kTileThreads; ++tid) {
-              const int64_t h = ih0 + tid / kTile, w = iw0 + tid % kTile;
-              if (h >= g.H || w >= g.W) continue;
-              const acc_t ga = acc[tid * kCoBlock + k];
-              const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
-              const acc_t gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
-              zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
-              s_dz += gz;
-              s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
-            }
-            pdz[(n * tiles + tile) * g.C + c] = s_dz;
-            pdzx[(n * tiles + tile) * g.C + c] = s_dzx;
-          }
-        }
+    // dL/dz with the ReLU mask, and its two per-channel sums.
+    const ConvPlan iplan = conv_plan<scalar_t>(g, true);
+    if (!generic && iplan.ok) {
+      const int64_t rows = g.N * iplan.s.tiles_h * iplan.s.tiles_w;
+      at::Tensor part_dz = at::empty({rows, g.C}, acc_opts), part_dzx = at::empty({rows, g.C}, acc_opts);
+      ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, grad_z, part_dz, part_dzx);
+      const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true);
+      args.wp = wp.const_data_ptr<scalar_t>();
+      dispatch_nt<scalar_t>(iplan.nt, [&](auto nt) {
+        run_blocks(iplan.blocks, iplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
+          conv_block<HostBlock, scalar_t, true, decltype(nt)::value>(HostBlock{}, args, iplan, b, smem);
+        });
       });
       sum_dz.copy_(part_dz.sum(0));
       sum_dz_xhat.copy_(part_dzx.sum(0));
     } else {
-      // dL/dz with the ReLU mask, and its two per-channel sums: one task per input channel.
+      acc_t* sdz = sum_dz.data_ptr<acc_t>();
+      acc_t* sdzx = sum_dz_xhat.data_ptr<acc_t>();
       at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           acc_t s_dz = acc_t(0), s_dzx = acc_t(0);
@@ -243,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
             const acc_t xv = static_cast<acc_t>(xp[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
             const acc_t ga = conv_input_grad_point<scalar_t, acc_t>(gp, gs, wp, g, n, c, h, w);
             const acc_t z = bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]);
-            const acc_t gz = relu_backward(ga, z);
-            zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = static_cast<scalar_t>(gz);
+            const scalar_t gz_t = static_cast<scalar_t>(relu_backward(ga, z));
+            zp[n * zs.n + c * zs.c + h * zs.h + w * zs.w] = gz_t;
+            const acc_t gz = static_cast<acc_t>(gz_t);
             s_dz += gz;
             s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
           }
@@ -255,45 +219,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     }
 
     // dL/dweight.
-    acc_t* gwp = gw_acc.data_ptr<acc_t>();
-    const int64_t nw = gw_acc.numel();
-    const WeightGradBlocking wb = weight_grad_blocking(g, t, sizeof(acc_t));
-    if (!generic && wb.nci > 0) {
-      // The CUDA tiled weight-gradient kernel's blocks: (split, group, output-channel block,
-      // input-channel block); split s sums the output tiles s, s + splits, ... of every
-      // sample into row s of a [splits, nw] buffer.
-      const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
-      const int64_t splits = std::min<int64_t>(items, 16);
-      const int64_t gblocks = g.groups * wb.co_blocks * wb.ci_blocks;
-      at::Tensor part = at::empty({splits, nw}, acc_opts);
-      acc_t* pp = part.data_ptr<acc_t>();
-      at::parallel_for(0, splits * gblocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> shared(weight_grad_smem_elems(g, t, wb));
-        std::vector<acc_t> acc(kMaxWeightPerThread * kTileThreads);
-        acc_t* go_s = shared.data();
-        acc_t* a_s = go_s + wb.nco * kTileThreads;
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t gb = b % gblocks, s = b / gblocks;
-          const int64_t cib = gb % wb.ci_blocks, cob = (gb / wb.ci_blocks) % wb.co_blocks;
-          const int64_t group = gb / (wb.ci_blocks * wb.co_blocks);
-          const int64_t col0 = cob * wb.nco, cil0 = cib * wb.nci;
-          const int64_t nco = std::min(wb.nco, g.cout_g - col0), nci = std::min(wb.nci, g.cin_g - cil0);
-          const int64_t ne = nco * nci * g.KH * g.KW;
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t item = s; item < items; item += splits) {
-            const int64_t n = item / tiles, tile = item % tiles;
-            const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-            fill_grad_out_tile(0, 1, gp, gs, g, n, group, col0, nco, oh0, ow0, kTile, kTile, go_cl, go_s);
-            fill_activation_tile(0, 1, xp, xs, bn, g, t, n, group, cil0, nci, oh0 * g.sh - g.ph, ow0 * g.sw - g.pw,
-                                 x_cl, a_s);
-            for (int64_t e = 0; e < ne; ++e) acc[e] += weight_grad_tile_term(g, t, e, nci, go_s, a_s);
-          }
-          for (int64_t e = 0; e < ne; ++e) pp[s * nw + weight_grad_tile_index(g, group, col0, cil0, nci, e)] = acc[e];
-        }
+    const WgradPlan wplan = wgrad_plan<scalar_t>(g);
+    if (!generic && wplan.ok) {
+      const int64_t nw = gw_acc.numel();
+      at::Tensor part = at::empty({wplan.splits, nw}, acc_opts);
+      const ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, at::Tensor(), part,
+                                                          at::Tensor());
+      dispatch_upw<scalar_t>(wplan, [&](auto upw, auto a_shared) {
+        run_blocks(wplan.cblocks * wplan.splits, wplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
+          wgrad_block<HostBlock, scalar_t, decltype(upw)::value, decltype(a_shared)::value>(HostBlock{}, args, wplan, b,
+                                                                                            smem);
+        });
       });
       gw_acc.copy_(part.sum(0).view(gw_acc.sizes()));
     } else {
-      at::parallel_for(0, nw, 1, [&](int64_t e0, int64_t e1) {
+      acc_t* gwp = gw_acc.data_ptr<acc_t>();
+      at::parallel_for(0, gw_acc.numel(), 1, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
           const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
                         co = e / (g.KW * g.KH * g.cin_g);
@@ -306,21 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
         }
       });
     }
-
-    // dL/dbias: per output channel sum of grad_out (only when there is a bias).
-    if (!bias_grad) return;
-    acc_t* gbp = gb_acc.data_ptr<acc_t>();
-    at::parallel_for(0, g.Cout, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t co = c0; co < c1; ++co) {
-        acc_t acc = acc_t(0);
-        for (int64_t q = 0; q < P_out; ++q) {
-          acc += static_cast<acc_t>(gp[channel_offset(q, co, g.Ho, g.Wo, gs)]);
-        }
-        gbp[co] = acc;
-      }
-    });
   });
-  at::Tensor grad_bias = bias_grad ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
+  // dL/dbias (only when there is a bias): per output channel sum of grad_out.
+  at::Tensor grad_bias = bias_grad ? grad_out.sum({0, 2, 3}, false, acc_dtype(x)).to(weight.scalar_type())
+                                   : at::empty({0}, weight.options());
   return {grad_z, gw_acc.to(weight.scalar_type()), grad_bias, sum_dz, sum_dz_xhat};
 }
 

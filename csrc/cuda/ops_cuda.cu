@@ -1,15 +1,13 @@
-// CUDA kernels of the resfast ops (reference semantics: resfast/ops/eager_impl.py).
+// CUDA kernels of the resfast ops (reference semantics: resfast/ops/reference.py) and their
+// registration.
 //
-// The arithmetic is in resfast/math.h (per-element) and resfast/tiles.h (tiled thread-block
-// phases), shared with the CPU kernels that the CPU tests check. The conv kernels come in
-// two forms:
-//  * tiled: a block of 256 threads owns a 16 x 16 pixel tile of one sample and one conv
-//    group; it stages relu(bn(x)) (or grad_out) and the group's weights in shared memory,
-//    then each thread computes its pixel. Wide groups are split over blocks of at most 8
-//    accumulated channels and the other side is staged in chunks, so every conv whose
-//    kernel window fits runs tiled; ResNeXt's 4-channel groups take one block per group.
-//  * generic: one thread per output element (or one block per reduced element), reading
-//    global memory through the per-element functions; any shape.
+// The convs come in two forms:
+//  * tiled (conv_kernels.cuh, launched from conv_forward.cu / conv_backward.cu): implicit
+//    GEMMs on tensor cores (float16 / bfloat16; SIMT for float32 / float64), the block
+//    programs of resfast/tiles.h that the CPU twin runs too;
+//  * generic (here): one thread per output element (or one block per reduced element),
+//    reading global memory through the per-element functions of resfast/math.h; any shape,
+//    used where no tile plan fits and under RESFAST_NATIVE_KERNELS=generic.
 // Reductions write per-block partials that are summed afterwards in a fixed order, so
 // results do not depend on scheduling (no atomics).
 #include <ATen/ATen.h>
@@ -26,13 +24,13 @@
 
 #include "resfast/host.h"
 #include "resfast/math.h"
-#include "resfast/tiles.h"
+#include "launch.h"
 
 namespace resfast {
 namespace {
 
-constexpr int kThreads = 256;
-static_assert(kThreads == kTileThreads, "the tiled kernels assume one thread per tile pixel");
+// Threads of the BN and generic kernels' blocks (the tiled conv kernels use tiles.h's kBlockThreads).
+constexpr int kBlockThreads = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -40,14 +38,14 @@ int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcess
 
 // Blocks for a grid-stride element-wise loop over `total` elements.
 int64_t elementwise_blocks(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kThreads), sm_count() * 32));
+  return std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, kBlockThreads), sm_count() * 32));
 }
 
 // Blocks along the reduced dimension (P positions) for `outer` independent reductions:
 // enough blocks overall to fill the GPU, at least a few elements per thread.
 int64_t reduction_splits(int64_t outer, int64_t P) {
   int64_t s = ceil_div(4 * sm_count(), std::max<int64_t>(outer, 1));
-  s = std::min<int64_t>(s, ceil_div(P, kThreads * 4));
+  s = std::min<int64_t>(s, ceil_div(P, kBlockThreads * 4));
   return std::max<int64_t>(1, std::min<int64_t>(s, 65535));
 }
 
@@ -55,7 +53,7 @@ void check_cuda(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor for the CUDA kernel, got ", x.device());
 }
 
-// Sum of v over the block; the result is valid in thread 0. smem holds kThreads / 32 values.
+// Sum of v over the block; the result is valid in thread 0. smem holds kBlockThreads / 32 values.
 template <typename T>
 __device__ T block_sum(T v, T* smem) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -78,9 +76,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void bn_stats_partial_kernel(const scalar_t* __restrict__ x, Strides4 xs, int64_t H, int64_t W, int64_t P,
                                         int64_t chunk, acc_t* __restrict__ pmean, acc_t* __restrict__ pm2,
                                         int64_t* __restrict__ pn) {
-  __shared__ acc_t s_mean[kThreads];
-  __shared__ acc_t s_m2[kThreads];
-  __shared__ int64_t s_n[kThreads];
+  __shared__ acc_t s_mean[kBlockThreads];
+  __shared__ acc_t s_m2[kBlockThreads];
+  __shared__ int64_t s_n[kBlockThreads];
   const int64_t c = blockIdx.x, split = blockIdx.y;
   const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
   Welford<acc_t> st = welford_init<acc_t>();
@@ -198,12 +196,12 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
               x.const_data_ptr<scalar_t>(), strides4(x), C, H, W, P, chunk, pmean.data_ptr<acc_t>(),
               pm2.data_ptr<acc_t>(), pn.data_ptr<int64_t>());
     } else {
-      bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kThreads, 0, stream>>>(
+      bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kBlockThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(),
           pn.data_ptr<int64_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_stats_finalize_kernel<acc_t><<<ceil_div(C, kThreads), kThreads, 0, stream>>>(
+    bn_stats_finalize_kernel<acc_t><<<ceil_div(C, kBlockThreads), kBlockThreads, 0, stream>>>(
         pmean.const_data_ptr<acc_t>(), pm2.const_data_ptr<acc_t>(), pn.const_data_ptr<int64_t>(), C, splits,
         mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -213,34 +211,6 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
 
 // ---------------------------------------------------------------------------------------
 // Forward
-
-template <typename scalar_t, typename acc_t>
-__global__ void forward_tiled_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
-                                     BNParams<acc_t> bn, const acc_t* __restrict__ bias, ConvGeom g, TileGeom t,
-                                     ForwardBlocking fb, bool x_cl, scalar_t* __restrict__ out, Strides4 os) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* a_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* w_s = a_s + fb.cb * t.IH * t.IW;
-  const int64_t tiles = t.tiles_h * t.tiles_w;
-  const int64_t b = blockIdx.x, gb = blockIdx.y;
-  const int64_t tile = b % tiles, n = b / tiles;
-  const int64_t group = gb / fb.co_blocks, col0 = (gb % fb.co_blocks) * fb.nco;
-  const int64_t nco = fb.nco < g.cout_g - col0 ? fb.nco : g.cout_g - col0;
-  const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-  acc_t acc[kCoBlock];
-#pragma unroll
-  for (int j = 0; j < kCoBlock; ++j) acc[j] = acc_t(0);
-  for (int64_t cil0 = 0; cil0 < g.cin_g; cil0 += fb.cb) {
-    const int64_t cb = fb.cb < g.cin_g - cil0 ? fb.cb : g.cin_g - cil0;
-    __syncthreads();  // the previous chunk is no longer read
-    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, cil0, cb, oh0 * g.sh - g.ph,
-                         ow0 * g.sw - g.pw, x_cl, a_s);
-    fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, col0, nco, cil0, cb, w_s);
-    __syncthreads();
-    forward_tile_accumulate(threadIdx.x, g, t, nco, cb, a_s, w_s, acc);
-  }
-  forward_tile_store(threadIdx.x, g, n, group, oh0, ow0, col0, nco, acc, bias, out, os);
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void forward_generic_kernel(const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ w,
@@ -258,26 +228,16 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
   const ConvGeom g = p.g;
   const int64_t total = g.N * g.Cout * g.Ho * g.Wo;
   if (total == 0) return;
-  const TileGeom t = make_tile_geom(g);
+  if (launch_forward_tiled(x, p, bias, out)) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
     const BNParams<acc_t> bn = bn_params<acc_t>(p);
-    const ForwardBlocking fb = forward_blocking(g, t, sizeof(acc_t));
-    if (!force_generic_kernels() && fb.cb > 0 && g.groups * fb.co_blocks <= 65535) {
-      const int64_t blocks = g.N * t.tiles_h * t.tiles_w;
-      const int64_t smem = forward_smem_elems(g, t, fb) * int64_t(sizeof(acc_t));
-      forward_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups * fb.co_blocks), kThreads, smem, stream>>>(
-          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g, t, fb,
-          is_channels_last(x), out.data_ptr<scalar_t>(), strides4(out));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      forward_generic_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g,
-          is_channels_last(out), out.data_ptr<scalar_t>(), strides4(out), total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    forward_generic_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kBlockThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), strides4(x), p.weight.const_data_ptr<scalar_t>(), bn, bp, g,
+        is_channels_last(out), out.data_ptr<scalar_t>(), strides4(out), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -312,62 +272,6 @@ void bn_relu_conv2d_out_cuda(const at::Tensor& x, const at::Tensor& weight, cons
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// dL/dz (ReLU mask applied) for a tile of input pixels of one sample and up to kCoBlock
-// input channels of one group (grid y = group * ci_blocks + input-channel block), staging
-// the group's output channels chunk by chunk; the block's partial per-channel sums of dL/dz
-// and dL/dz * xhat go to row blockIdx.x of [N*tiles, C] buffers.
-template <typename scalar_t, typename acc_t>
-__global__ void input_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
-                                        Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
-                                        TileGeom t, InputGradBlocking ib, bool go_cl, scalar_t* __restrict__ grad_z,
-                                        Strides4 zs, acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ acc_t red[kThreads / 32];
-  acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* w_s = go_s + ib.cbo * t.OHB * t.OWB;
-  const int64_t tiles = t.itiles_h * t.itiles_w;
-  const int64_t b = blockIdx.x, gb = blockIdx.y;
-  const int64_t tile = b % tiles, n = b / tiles;
-  const int64_t group = gb / ib.ci_blocks, cil0 = (gb % ib.ci_blocks) * ib.nci;
-  const int64_t nci = ib.nci < g.cin_g - cil0 ? ib.nci : g.cin_g - cil0;
-  const int64_t ih0 = (tile / t.itiles_w) * kTile, iw0 = (tile % t.itiles_w) * kTile;
-  const int64_t oh_lo = input_tile_out_origin(ih0, g.ph, g.KH, g.dh, g.sh);
-  const int64_t ow_lo = input_tile_out_origin(iw0, g.pw, g.KW, g.dw, g.sw);
-  const int64_t h = ih0 + threadIdx.x / kTile, wc = iw0 + threadIdx.x % kTile;
-  const bool inside = h < g.H && wc < g.W;
-  acc_t acc[kCoBlock];
-#pragma unroll
-  for (int k = 0; k < kCoBlock; ++k) acc[k] = acc_t(0);
-  for (int64_t col0 = 0; col0 < g.cout_g; col0 += ib.cbo) {
-    const int64_t nco = ib.cbo < g.cout_g - col0 ? ib.cbo : g.cout_g - col0;
-    __syncthreads();  // the previous chunk is no longer read
-    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, col0, nco, oh_lo, ow_lo, t.OHB, t.OWB, go_cl,
-                       go_s);
-    fill_weight_tile(threadIdx.x, blockDim.x, w, g, group, col0, nco, cil0, nci, w_s);
-    __syncthreads();
-    if (inside) input_grad_tile_accumulate(g, t, h, wc, oh_lo, ow_lo, nci, nco, go_s, w_s, acc);
-  }
-#pragma unroll
-  for (int k = 0; k < kCoBlock; ++k) {
-    if (k < nci) {  // uniform over the block: every thread reaches the block_sum calls
-      const int64_t c = group * g.cin_g + cil0 + k;
-      acc_t gz = acc_t(0), gzx = acc_t(0);
-      if (inside) {
-        const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
-        gz = relu_backward(acc[k], bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
-        grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
-        gzx = gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
-      }
-      gz = block_sum(gz, red);
-      gzx = block_sum(gzx, red);
-      if (threadIdx.x == 0) {
-        part_dz[b * g.C + c] = gz;
-        part_dzx[b * g.C + c] = gzx;
-      }
-    }
-  }
-}
-
 // Generic dL/dz: grid (C, splits); block (c, s) handles a chunk of channel c's positions.
 // Partial sums go to [C, splits] buffers.
 template <typename scalar_t, typename acc_t>
@@ -375,7 +279,7 @@ __global__ void input_grad_generic_kernel(const scalar_t* __restrict__ go, Strid
                                           Strides4 xs, const scalar_t* __restrict__ w, BNParams<acc_t> bn, ConvGeom g,
                                           int64_t chunk, scalar_t* __restrict__ grad_z, Strides4 zs,
                                           acc_t* __restrict__ part_dz, acc_t* __restrict__ part_dzx) {
-  __shared__ acc_t red[kThreads / 32];
+  __shared__ acc_t red[kBlockThreads / 32];
   const int64_t c = blockIdx.x, split = blockIdx.y;
   const int64_t P = g.N * g.H * g.W;
   const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
@@ -384,8 +288,10 @@ __global__ void input_grad_generic_kernel(const scalar_t* __restrict__ go, Strid
     const int64_t n = q / (g.H * g.W), r = q % (g.H * g.W), h = r / g.W, wc = r % g.W;
     const acc_t xv = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + wc * xs.w]);
     const acc_t ga = conv_input_grad_point<scalar_t, acc_t>(go, gs, w, g, n, c, h, wc);
-    const acc_t gz = relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c]));
-    grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = static_cast<scalar_t>(gz);
+    const scalar_t gz_t =
+        static_cast<scalar_t>(relu_backward(ga, bn_affine(xv, bn.mean[c], bn.invstd[c], bn.gamma[c], bn.beta[c])));
+    grad_z[n * zs.n + c * zs.c + h * zs.h + wc * zs.w] = gz_t;
+    const acc_t gz = static_cast<acc_t>(gz_t);  // summed as stored, as the reference sums its grad_z
     s_dz += gz;
     s_dzx += gz * bn_xhat(xv, bn.mean[c], bn.invstd[c]);
   }
@@ -397,57 +303,13 @@ __global__ void input_grad_generic_kernel(const scalar_t* __restrict__ go, Strid
   }
 }
 
-// Weight gradient, tiled: grid (splits, group * co_blocks * ci_blocks); block (s, gb) sums
-// the output tiles s, s + splits, ... into row s of a [splits, numel(weight)] buffer for the
-// weights of its nco output x nci input channels. Thread tid owns the block's weight
-// elements tid, tid + 256, ... (at most kMaxWeightPerThread of them).
-template <typename scalar_t, typename acc_t>
-__global__ void weight_grad_tiled_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
-                                         Strides4 xs, BNParams<acc_t> bn, ConvGeom g, TileGeom t,
-                                         WeightGradBlocking wb, bool go_cl, bool x_cl, acc_t* __restrict__ part) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* go_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* a_s = go_s + wb.nco * kTileThreads;
-  const int64_t s = blockIdx.x, splits = gridDim.x, gb = blockIdx.y;
-  const int64_t cib = gb % wb.ci_blocks, cob = (gb / wb.ci_blocks) % wb.co_blocks;
-  const int64_t group = gb / (wb.ci_blocks * wb.co_blocks);
-  const int64_t col0 = cob * wb.nco, cil0 = cib * wb.nci;
-  const int64_t nco = wb.nco < g.cout_g - col0 ? wb.nco : g.cout_g - col0;
-  const int64_t nci = wb.nci < g.cin_g - cil0 ? wb.nci : g.cin_g - cil0;
-  const int64_t ne = nco * nci * g.KH * g.KW;
-  const int64_t tiles = t.tiles_h * t.tiles_w, items = g.N * tiles;
-  const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
-  acc_t acc[kMaxWeightPerThread];
-#pragma unroll
-  for (int j = 0; j < kMaxWeightPerThread; ++j) acc[j] = acc_t(0);
-  for (int64_t item = s; item < items; item += splits) {
-    const int64_t n = item / tiles, tile = item % tiles;
-    const int64_t oh0 = (tile / t.tiles_w) * kTile, ow0 = (tile % t.tiles_w) * kTile;
-    __syncthreads();  // the previous item's tiles are no longer read
-    fill_grad_out_tile(threadIdx.x, blockDim.x, go, gs, g, n, group, col0, nco, oh0, ow0, kTile, kTile, go_cl, go_s);
-    fill_activation_tile(threadIdx.x, blockDim.x, x, xs, bn, g, t, n, group, cil0, nci, oh0 * g.sh - g.ph,
-                         ow0 * g.sw - g.pw, x_cl, a_s);
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kMaxWeightPerThread; ++j) {
-      const int64_t e = threadIdx.x + int64_t(j) * kThreads;
-      if (e < ne) acc[j] += weight_grad_tile_term(g, t, e, nci, go_s, a_s);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kMaxWeightPerThread; ++j) {
-    const int64_t e = threadIdx.x + int64_t(j) * kThreads;
-    if (e < ne) part[s * nw + weight_grad_tile_index(g, group, col0, cil0, nci, e)] = acc[j];
-  }
-}
-
 // Weight gradient, generic: grid (numel(weight), splits); block (e, s) reduces a chunk of
 // output positions for weight element e into part[e, s].
 template <typename scalar_t, typename acc_t>
 __global__ void weight_grad_generic_kernel(const scalar_t* __restrict__ go, Strides4 gs, const scalar_t* __restrict__ x,
                                            Strides4 xs, BNParams<acc_t> bn, ConvGeom g, int64_t chunk,
                                            acc_t* __restrict__ part) {
-  __shared__ acc_t red[kThreads / 32];
+  __shared__ acc_t red[kBlockThreads / 32];
   const int64_t e = blockIdx.x, split = blockIdx.y;
   const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, cil = (e / (g.KW * g.KH)) % g.cin_g,
                 co = e / (g.KW * g.KH * g.cin_g);
@@ -462,21 +324,6 @@ __global__ void weight_grad_generic_kernel(const scalar_t* __restrict__ go, Stri
   if (threadIdx.x == 0) part[e * gridDim.y + split] = acc;
 }
 
-// Bias gradient: grid (Cout, splits), part[co, s].
-template <typename scalar_t, typename acc_t>
-__global__ void bias_grad_kernel(const scalar_t* __restrict__ go, Strides4 gs, int64_t Ho, int64_t Wo, int64_t P,
-                                 int64_t chunk, acc_t* __restrict__ part) {
-  __shared__ acc_t red[kThreads / 32];
-  const int64_t co = blockIdx.x, split = blockIdx.y;
-  const int64_t begin = split * chunk, end = begin + chunk < P ? begin + chunk : P;
-  acc_t acc = acc_t(0);
-  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
-    acc += static_cast<acc_t>(go[channel_offset(q, co, Ho, Wo, gs)]);
-  }
-  acc = block_sum(acc, red);
-  if (threadIdx.x == 0) part[co * gridDim.y + split] = acc;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const OptTensor& bn_weight,
     const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd, at::IntArrayRef stride,
@@ -489,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   const ConvGeom g = p.g;
   const auto acc_opts = x.options().dtype(acc_dtype(x));
   at::Tensor grad_z = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
-  at::Tensor sum_dz, sum_dz_xhat, gw_acc, gb_acc;
+  at::Tensor sum_dz, sum_dz_xhat, gw_acc;
   const int64_t P_in = g.N * g.H * g.W, P_out = g.N * g.Ho * g.Wo;
   const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   if (P_in == 0 || P_out == 0) {
@@ -499,77 +346,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
             at::zeros({bias_grad ? g.Cout : 0}, weight.options()), at::zeros({g.C}, acc_opts),
             at::zeros({g.C}, acc_opts)};
   }
-  const TileGeom t = make_tile_geom(g);
-  const bool generic = force_generic_kernels();
   const Strides4 xs = strides4(x), gs = strides4(grad_out), zs = strides4(grad_z);
-  const bool x_cl = is_channels_last(x), go_cl = is_channels_last(grad_out);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_relu_conv2d_backward_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* wp = p.weight.const_data_ptr<scalar_t>();
-    scalar_t* zp = grad_z.data_ptr<scalar_t>();
-    const BNParams<acc_t> bn = bn_params<acc_t>(p);
-    const int64_t acc_bytes = sizeof(acc_t);
 
-    // dL/dz and its per-channel sums.
-    const InputGradBlocking ib = input_grad_blocking(g, t, acc_bytes);
-    if (!generic && ib.cbo > 0 && g.groups * ib.ci_blocks <= 65535) {
-      const int64_t blocks = g.N * t.itiles_h * t.itiles_w;
-      const int64_t smem = input_grad_smem_elems(g, t, ib) * acc_bytes;
-      at::Tensor part_dz = at::empty({blocks, g.C}, acc_opts), part_dzx = at::empty({blocks, g.C}, acc_opts);
-      input_grad_tiled_kernel<scalar_t, acc_t><<<dim3(blocks, g.groups * ib.ci_blocks), kThreads, smem, stream>>>(
-          gp, gs, xp, xs, wp, bn, g, t, ib, go_cl, zp, zs, part_dz.data_ptr<acc_t>(), part_dzx.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sum_dz = part_dz.sum(0);
-      sum_dz_xhat = part_dzx.sum(0);
-    } else {
+  // dL/dz and its per-channel sums.
+  if (!launch_input_grad_tiled(grad_out, x, p, grad_z, sum_dz, sum_dz_xhat)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_input_grad_generic", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const int64_t splits = reduction_splits(g.C, P_in);
       at::Tensor part_dz = at::empty({g.C, splits}, acc_opts), part_dzx = at::empty({g.C, splits}, acc_opts);
-      input_grad_generic_kernel<scalar_t, acc_t><<<dim3(g.C, splits), kThreads, 0, stream>>>(
-          gp, gs, xp, xs, wp, bn, g, ceil_div(P_in, splits), zp, zs, part_dz.data_ptr<acc_t>(),
-          part_dzx.data_ptr<acc_t>());
+      input_grad_generic_kernel<scalar_t, acc_t><<<dim3(g.C, splits), kBlockThreads, 0, stream>>>(
+          grad_out.const_data_ptr<scalar_t>(), gs, x.const_data_ptr<scalar_t>(), xs,
+          p.weight.const_data_ptr<scalar_t>(), bn_params<acc_t>(p), g, ceil_div(P_in, splits),
+          grad_z.data_ptr<scalar_t>(), zs, part_dz.data_ptr<acc_t>(), part_dzx.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sum_dz = part_dz.sum(1);
       sum_dz_xhat = part_dzx.sum(1);
-    }
+    });
+  }
 
-    // dL/dweight.
-    const WeightGradBlocking wb = weight_grad_blocking(g, t, acc_bytes);
-    const int64_t wblocks = g.groups * wb.co_blocks * wb.ci_blocks;
-    if (!generic && wb.nci > 0 && wblocks <= 65535) {
-      const int64_t items = g.N * t.tiles_h * t.tiles_w;
-      const int64_t splits =
-          std::max<int64_t>(1, std::min<int64_t>({items, ceil_div(4 * sm_count(), wblocks), int64_t(65535)}));
-      const int64_t smem = weight_grad_smem_elems(g, t, wb) * acc_bytes;
-      at::Tensor part = at::empty({splits, nw}, acc_opts);
-      weight_grad_tiled_kernel<scalar_t, acc_t><<<dim3(splits, wblocks), kThreads, smem, stream>>>(
-          gp, gs, xp, xs, bn, g, t, wb, go_cl, x_cl, part.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gw_acc = part.sum(0);
-    } else {
+  // dL/dweight.
+  if (!launch_weight_grad_tiled(grad_out, x, p, gw_acc)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_weight_grad_generic", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const int64_t splits = reduction_splits(nw, P_out);
       at::Tensor part = at::empty({nw, splits}, acc_opts);
-      weight_grad_generic_kernel<scalar_t, acc_t><<<dim3(nw, splits), kThreads, 0, stream>>>(
-          gp, gs, xp, xs, bn, g, ceil_div(P_out, splits), part.data_ptr<acc_t>());
+      weight_grad_generic_kernel<scalar_t, acc_t><<<dim3(nw, splits), kBlockThreads, 0, stream>>>(
+          grad_out.const_data_ptr<scalar_t>(), gs, x.const_data_ptr<scalar_t>(), xs, bn_params<acc_t>(p), g,
+          ceil_div(P_out, splits), part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gw_acc = part.sum(1);
-    }
+      gw_acc = part.sum(1).view({g.Cout, g.cin_g, g.KH, g.KW});
+    });
+  }
 
-    // dL/dbias (only when there is a bias).
-    if (!bias_grad) return;
-    const int64_t splits = reduction_splits(g.Cout, P_out);
-    at::Tensor part = at::empty({g.Cout, splits}, acc_opts);
-    bias_grad_kernel<scalar_t, acc_t><<<dim3(g.Cout, splits), kThreads, 0, stream>>>(
-        gp, gs, g.Ho, g.Wo, P_out, ceil_div(P_out, splits), part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gb_acc = part.sum(1);
-  });
-  at::Tensor grad_bias = bias_grad ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
-  return {grad_z, gw_acc.view({g.Cout, g.cin_g, g.KH, g.KW}).to(weight.scalar_type()), grad_bias, sum_dz,
-          sum_dz_xhat};
+  // dL/dbias (only when there is a bias): ATen's reduction reads grad_out coalesced in any layout.
+  at::Tensor grad_bias = bias_grad ? grad_out.sum({0, 2, 3}, false, acc_dtype(x)).to(weight.scalar_type())
+                                   : at::empty({0}, weight.options());
+  return {grad_z, gw_acc.to(weight.scalar_type()), grad_bias, sum_dz, sum_dz_xhat};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -605,7 +418,7 @@ void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_backward_elemt_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    bn_backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+    bn_backward_elemt_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kBlockThreads, 0, stream>>>(
         grad_z.const_data_ptr<scalar_t>(), strides4(grad_z), x.const_data_ptr<scalar_t>(), strides4(x),
         p.mean.const_data_ptr<acc_t>(), p.invstd.const_data_ptr<acc_t>(), p.gamma.const_data_ptr<acc_t>(),
         p.mean_dz.const_data_ptr<acc_t>(), p.mean_dz_xhat.const_data_ptr<acc_t>(), x.size(1), x.size(2), x.size(3),

@@ -1,6 +1,11 @@
-// Host-side argument checking and preparation shared by the CPU and CUDA implementations:
-// both devices reject the same bad input with the same message, and hand their kernels the
-// same ConvGeom / BNParams.
+// Host-side preparation shared by the CPU and CUDA implementations: both devices hand their
+// kernels the same ConvGeom / BNParams / ConvArgs and pick the same plan (tiles.h).
+//
+// The user-facing validator is resfast/ops/validation.py (the public functional op calls it
+// before any backend). The checks here are only those that keep the kernels' own memory
+// accesses in bounds when an op is called directly (torch.ops.resfast.*): ranks, dtypes and
+// devices of what the kernels read and write, shapes that size their loops, and a non-empty
+// output. They raise RuntimeError naming the argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +18,7 @@
 #include <vector>
 
 #include "resfast/math.h"
+#include "resfast/tiles.h"
 
 namespace resfast {
 
@@ -28,7 +34,7 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
 }
 
 // The memory format of tensors the ops allocate for input x; mirrors
-// resfast/ops/registration.py::out_memory_format, which the fake implementations use.
+// resfast/ops/schemas.py::out_memory_format, which the fake implementations use.
 inline at::MemoryFormat out_memory_format(const at::Tensor& x) {
   if (x.dim() == 4 && x.size(1) > 1 && x.stride(1) == 1) return at::MemoryFormat::ChannelsLast;
   return at::MemoryFormat::Contiguous;
@@ -199,8 +205,6 @@ inline ElemtPrep prepare_elemt(const char* op, const at::Tensor& grad_z, const a
   check_channel_vector(op, sum_dz, "sum_dz", x);
   check_channel_vector(op, sum_dz_xhat, "sum_dz_xhat", x);
   if (bn_weight.has_value()) check_channel_vector(op, *bn_weight, "bn_weight", x);
-  TORCH_CHECK(inv_count >= 0.0, op, ": inv_count must be >= 0 (1 / count, or 0 for running statistics), got ",
-              inv_count);
   ElemtPrep p;
   p.mean = acc_vector(mean, x);
   p.invstd = acc_vector(invstd, x);
@@ -240,12 +244,112 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at:
 
 namespace resfast {
 
-// RESFAST_NATIVE_KERNELS=generic forces the per-element kernels even where the tiled ones
-// fit, so tests can check both paths; anything else (or unset) picks the tiled kernels
-// wherever their tile fits in shared memory.
+// RESFAST_NATIVE_KERNELS=generic forces the per-element kernels (math.h) even where the tiled
+// ones fit, so tests can check both paths; anything else (or unset) picks the tiled kernels
+// (tiles.h) wherever a plan fits in shared memory.
 inline bool force_generic_kernels() {
   const char* v = std::getenv("RESFAST_NATIVE_KERNELS");
   return v != nullptr && std::string(v) == "generic";
+}
+
+// Eight consecutive channels of t (from a channel that is a multiple of 8) form one 16-byte
+// aligned vector: channels innermost and every other stride (of a dimension longer than 1)
+// and the base address multiples of 8 elements / 16 bytes.
+inline bool channel_vectors(const at::Tensor& t) {
+  if (!t.defined() || t.dim() != 4 || t.stride(1) != 1) return false;
+  for (int d : {0, 2, 3}) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// The tiled kernels' operands. grad_out / out / parts may be undefined where a kernel does
+// not use them.
+template <typename scalar_t>
+inline ConvArgs<scalar_t> conv_args(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias,
+                                    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& part0,
+                                    const at::Tensor& part1) {
+  using A = acc_of<scalar_t>;
+  ConvArgs<scalar_t> a{};
+  a.x = x.const_data_ptr<scalar_t>();
+  a.xs = strides4(x);
+  a.w = p.weight.const_data_ptr<scalar_t>();
+  a.go = grad_out.defined() ? grad_out.const_data_ptr<scalar_t>() : nullptr;
+  a.gs = grad_out.defined() ? strides4(grad_out) : Strides4{0, 0, 0, 0};
+  a.bn = bn_params<A>(p);
+  a.bias = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+  a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+  a.os = out.defined() ? strides4(out) : Strides4{0, 0, 0, 0};
+  a.part0 = part0.defined() ? part0.data_ptr<A>() : nullptr;
+  a.part1 = part1.defined() ? part1.data_ptr<A>() : nullptr;
+  a.g = p.g;
+  a.x_vec = channel_vectors(x);
+  a.go_vec = channel_vectors(grad_out);
+  a.out_vec = channel_vectors(out);
+  return a;
+}
+
+// Calls f(std::integral_constant<int, NT>) for the n8 tiles of a plan: the 16-bit types run
+// the tensor-core blocks (NT = 2, 4, 8), float32 / float64 the SIMT blocks (NT = 0).
+template <typename scalar_t, class F>
+inline void dispatch_nt(int nt, F&& f) {
+  if constexpr (IsMmaType<scalar_t>::value) {
+    switch (nt) {
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+      case 8: f(std::integral_constant<int, 8>{}); break;
+      default: TORCH_CHECK(false, "resfast: no tensor-core conv kernel for ", nt, " n8 tiles");
+    }
+  } else {
+    TORCH_CHECK(nt == 0, "resfast: float32 / float64 convs run the SIMT kernels");
+    f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Calls f(std::integral_constant<int, UPW>, std::bool_constant<a_shared>) for a weight-gradient
+// plan: the tensor-core kernels are compiled for kWgradUpwSmall and kWgradUpwLarge units per
+// warp (tiles.h), with and without a shared A fragment; 0 = SIMT.
+template <typename scalar_t, class F>
+inline void dispatch_upw(const WgradPlan& p, F&& f) {
+  if constexpr (IsMmaType<scalar_t>::value) {
+    auto with_sharing = [&](auto upw) {
+      if (p.a_shared) {
+        f(upw, std::true_type{});
+      } else {
+        f(upw, std::false_type{});
+      }
+    };
+    if (p.upw <= kWgradUpwSmall) {
+      with_sharing(std::integral_constant<int, kWgradUpwSmall>{});
+    } else {
+      TORCH_CHECK(p.upw <= kWgradUpwLarge, "resfast: weight-gradient plan needs ", p.upw, " units per warp");
+      with_sharing(std::integral_constant<int, kWgradUpwLarge>{});
+    }
+  } else {
+    f(std::integral_constant<int, 0>{}, std::false_type{});
+  }
+}
+
+// Grid size the plans aim at: tiles.h's constant, or RESFAST_NATIVE_TARGET_BLOCKS (tests set
+// it low so that small CPU cases take several tiles per block and single-split weight
+// gradients, the loops large convs take on the GPU). Both devices read it alike.
+inline int64_t target_blocks(int64_t dflt) {
+  const char* v = std::getenv("RESFAST_NATIVE_TARGET_BLOCKS");
+  if (v == nullptr || *v == '\0') return dflt;
+  const long long t = std::atoll(v);
+  return t < 1 ? 1 : t;
+}
+
+template <typename scalar_t>
+inline WgradPlan wgrad_plan(const ConvGeom& g) {
+  return make_wgrad_plan(g, IsMmaType<scalar_t>::value, sizeof(scalar_t), sizeof(acc_of<scalar_t>),
+                         target_blocks(kWgradTargetBlocks), kWgradUpwLarge);
+}
+
+template <typename scalar_t>
+inline ConvPlan conv_plan(const ConvGeom& g, bool input_grad) {
+  return make_conv_plan(g, input_grad, IsMmaType<scalar_t>::value, sizeof(scalar_t), sizeof(acc_of<scalar_t>),
+                        target_blocks(kTargetBlocks));
 }
 
 }  // namespace resfast

@@ -1,46 +1,135 @@
-// Tiled direct convolution, written as the phases of a thread block.
+// The fused BN-ReLU-conv as implicit GEMMs on tiles, written once for the GPU and its CPU twin.
 //
-// A "block" owns a 16 x 16 tile of pixels of one sample and one conv group. It first fills
-// a shared-memory tile (the BN-ReLU activation of the input rows/cols the tile reads, the
-// group's weights, or a grad_out tile), then every "thread" tid in [0, 256) computes its
-// pixel from shared memory. BN + ReLU are applied once per loaded element instead of once
-// per (output channel, tap) as in the per-element functions of math.h.
+// Three GEMMs (pixels are (n, h, w) positions of one sample's spatial tile):
+//   forward       out[pix, co]    = sum_{tap, ci} a[pix + tap, ci]  * w[co, ci, tap]
+//   input grad    da[pix, ci]     = sum_{tap, co} go[pix - tap, co] * w[co, ci, tap]
+//   weight grad   dw[co, ci, tap] = sum_{pix}     go[pix, co]       * a[pix + tap, ci]
+// with a = relu(bn(x)) computed while x is staged (once per staged element; the conv's zero
+// padding is zero *after* BN). A thread block (kThreads threads, kWarps warps) owns a spatial
+// tile and a block of channels. It stages its operands in shared memory as [pixel][channel]
+// rows (channels contiguous, 16-byte aligned) and multiplies them with tensor-core MMAs
+// (mma.sync m16n8k16, bf16/fp16 in, fp32 accumulation); every A/B fragment row is fetched
+// with ldmatrix from a per-lane row address, which is how the taps, strides, dilation and
+// padding of the conv are applied (a tap shifts the row address; a tap that hits no output
+// row of the input gradient points at a zero row). float32 and float64 run the same blocks
+// with a SIMT inner loop instead of the MMAs.
 //
-// The CUDA kernels run these phases with __syncthreads() between them; the CPU kernels run
-// the same phases one block at a time, the threads of a phase in a loop. The CPU tests
-// therefore check the tile indexing the GPU uses. Which path runs is decided by the host
-// (tile_fits_*): grouped and depthwise convs with small groups fit; wide dense convs do not.
+// Small groups (ResNeXt's 4 channels per group, depthwise) are packed: one block holds
+// several whole groups, and the staged weight tile is block-diagonal (zero between groups),
+// so a 16-wide MMA tile serves four 4-channel groups at once. 0 * NaN is NaN, so a packed
+// block whose staged activation (forward) or grad_out (input grad) holds a non-finite value
+// recomputes that block with the SIMT loop restricted to each column's own group; the weight
+// gradient never mixes groups within one MMA output element and needs no such care.
+//
+// Everything below is a phase of a block: a loop over the block's threads (fill, epilogue)
+// or over its warps (MMA), separated by block barriers. `DeviceBlock` runs a phase in the
+// CUDA thread (one call per thread / per lane), `HostBlock` runs the whole block on the CPU
+// (a loop over threads, a loop over warps whose MMA instructions are emulated, mma.h). Per-
+// thread and per-warp state is an array with one entry per copy (`kThreadCopies`,
+// `kWarpCopies`: 1 on the GPU, every thread / warp on the CPU). The block decode (which work
+// block b does) and the plans (tile sizes, packing) are in here as well, so the CPU twin runs
+// the grid-to-work mapping the GPU runs.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "resfast/math.h"
+#include "resfast/mma.h"
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDACC__)
 #define RESFAST_UNROLL _Pragma("unroll")
+#define RESFAST_HD_NOINLINE __host__ __device__ __noinline__
 #else
 #define RESFAST_UNROLL
+#define RESFAST_HD_NOINLINE inline
 #endif
 
 namespace resfast {
 
-constexpr int64_t kTile = 16;
-constexpr int64_t kTileThreads = kTile * kTile;
-// Weight-gradient elements one thread of the weight-gradient kernel may own (registers).
-constexpr int64_t kMaxWeightPerThread = 4;
-// Output channels one forward block computes (accumulators per thread); a group with more
-// output channels is split over several blocks.
-constexpr int64_t kCoBlock = 8;
-// Dynamic shared memory a tiled block may use: under the 48 KiB a kernel gets without
-// opting in to more, leaving room for the kernels' small static reduction buffers.
-constexpr int64_t kTileSmemBytes = 46 * 1024;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kMaxPixels = 256;     // GEMM rows (pixels) of one spatial tile
+constexpr int kMaxK = 8;            // kernel height / width the tap tables cover
+// m16 tiles per warp of the forward / input-grad MMAs: 4 (tiles of up to 256 pixels), or 2
+// with 8 n8 tiles (the accumulators of 2 x 8 tiles take 64 registers already).
+RESFAST_HD constexpr int mt_of(int nt) { return nt == 8 ? 2 : 4; }
+// Pixels of a spatial tile: the warps' m16 tiles, or one per thread for the SIMT loop (nt = 0).
+constexpr int kSimtCols = 16;       // columns of the SIMT loop (one accumulator each)
+constexpr int kSimtWgrad = 18;      // weight-gradient elements one SIMT thread accumulates
+constexpr int kSmemLimit = 48 * 1024;  // dynamic shared memory of a block (no opt-in needed)
+constexpr int kMaxTilesPerBlock = 8;   // spatial tiles one block runs with its weights staged once
+// Blocks a grid aims at (four per SM of an H100 / H200). A constant, not the device's SM
+// count, so that the CPU twin cuts a conv into exactly the blocks the GPU runs.
+constexpr int64_t kTargetBlocks = 528;
+// Weight-gradient units per warp the tensor-core kernels are compiled for, and the blocks a
+// weight-gradient grid aims at (two per SM: each split adds a row of partial sums).
+constexpr int kWgradUpwSmall = 3, kWgradUpwLarge = 9;
+constexpr int64_t kWgradTargetBlocks = 264;
+RESFAST_HD constexpr int max_pixels(int nt) { return nt == 0 ? kThreads : kWarps * 16 * mt_of(nt); }
+static_assert(max_pixels(2) == kMaxPixels, "the warps' m16 tiles cover the largest pixel tile");
 
-struct TileGeom {
-  int64_t IH, IW;              // input rows / cols read by one output tile
-  int64_t OHB, OWB;            // bound on the output rows / cols that read one input tile
-  int64_t tiles_h, tiles_w;    // output tiles
-  int64_t itiles_h, itiles_w;  // input tiles
+template <typename T>
+struct AccOf {
+  using type = float;
 };
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_of = typename AccOf<T>::type;
+
+// ---------------------------------------------------------------------------------------
+// Executing a block's phases
+
+#if defined(__CUDACC__)
+struct DeviceBlock {
+  static constexpr int kLanes = 1, kThreadCopies = 1, kWarpCopies = 1;
+  template <class F>
+  __device__ __forceinline__ void threads(F&& f) const {
+    f(int(threadIdx.x), 0);
+  }
+  template <class F>
+  __device__ __forceinline__ void warps(F&& f) const {
+    f(int(threadIdx.x) >> 5, int(threadIdx.x) & 31, 0);
+  }
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ bool sync_or(bool v) const { return __syncthreads_or(v ? 1 : 0) != 0; }
+};
+#endif
+
+struct HostBlock {
+  static constexpr int kLanes = 32, kThreadCopies = kThreads, kWarpCopies = kWarps;
+  template <class F>
+  void threads(F&& f) const {
+    for (int t = 0; t < kThreads; ++t) f(t, t);
+  }
+  template <class F>
+  void warps(F&& f) const {
+    for (int w = 0; w < kWarps; ++w) f(w, 0, w);
+  }
+  void sync() const {}
+  bool sync_or(bool v) const { return v; }
+};
+
+// log2 of a power of two.
+RESFAST_HD int log2_pow2(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+// n / d for 0 <= n < 2^16 and 2 <= d < 2^16 with a multiply-high: m = ceil(2^32 / d) makes
+// (n * m) >> 32 exact there (the error n * (m - 2^32 / d) / 2^32 < 2^-16 < 1 / d).
+RESFAST_HD uint32_t div_magic(uint32_t d) { return 0xffffffffu / d + 1u; }
+RESFAST_HD int div_small(int n, uint32_t magic) {
+#if defined(__CUDA_ARCH__)
+  return int(__umulhi(uint32_t(n), magic));
+#else
+  return int((uint64_t(uint32_t(n)) * magic) >> 32);
+#endif
+}
 
 RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
   int64_t q = a / b;
@@ -48,185 +137,927 @@ RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
   return q;
 }
 
-inline TileGeom make_tile_geom(const ConvGeom& g) {
-  TileGeom t;
-  t.IH = (kTile - 1) * g.sh + (g.KH - 1) * g.dh + 1;
-  t.IW = (kTile - 1) * g.sw + (g.KW - 1) * g.dw + 1;
-  // oh - floor_div(ih0 + ph - (KH-1)*dh, sh) <= (kTile - 1 + (KH-1)*dh) / sh + 1 for every
-  // output row oh that reads an input row of the tile starting at ih0.
-  t.OHB = (kTile - 1 + (g.KH - 1) * g.dh) / g.sh + 2;
-  t.OWB = (kTile - 1 + (g.KW - 1) * g.dw) / g.sw + 2;
-  t.tiles_h = (g.Ho + kTile - 1) / kTile;
-  t.tiles_w = (g.Wo + kTile - 1) / kTile;
-  t.itiles_h = (g.H + kTile - 1) / kTile;
-  t.itiles_w = (g.W + kTile - 1) / kTile;
+// ---------------------------------------------------------------------------------------
+// Plans: how a conv is cut into blocks (host), and the block decode (both devices)
+
+// A spatial tile of TH x TW positions (TW a power of two: position r of the tile is row
+// r >> lw, col r & (TW - 1)); M = TH * TW GEMM rows, MP = M rounded up to 16. IH x IW is the
+// staged halo: the input positions an output tile reads (forward, weight grad) or the output
+// positions that read an input tile (input grad).
+struct SpatialTile {
+  int TH, TW, lw, M, MP, IH, IW;
+  int64_t tiles_h, tiles_w;
+};
+
+// Channel blocks along the GEMM's column channels ("cols", cg_cols per group) and the
+// channels it sums over ("k", cg_k per group). P > 1: a block holds P whole groups (packed,
+// block-diagonal weights; then P * cg_k fits one K chunk). P == 1: a group is split into
+// bpg blocks of bn column channels.
+struct ChannelTiling {
+  int P, bn, bpg;
+  int64_t blocks;
+};
+
+struct ChannelRange {
+  int col0, ncols;  // column channels [col0, col0 + ncols)
+  int k0, nk;       // channels summed over [k0, k0 + nk)
+  bool multi;       // the block spans more than one group
+};
+
+RESFAST_HD ChannelRange decode_channels(const ChannelTiling& t, int64_t groups, int cg_cols, int cg_k, int64_t j) {
+  ChannelRange r;
+  if (t.P > 1) {
+    const int64_t g0 = j * t.P;
+    const int ng = int(groups - g0 < t.P ? groups - g0 : t.P);
+    r.col0 = int(g0 * cg_cols);
+    r.ncols = ng * cg_cols;
+    r.k0 = int(g0 * cg_k);
+    r.nk = ng * cg_k;
+    r.multi = ng > 1;
+  } else {
+    const int64_t g = j / t.bpg;
+    const int s = int(j - g * t.bpg);
+    r.col0 = int(g * cg_cols) + s * t.bn;
+    r.ncols = cg_cols - s * t.bn < t.bn ? cg_cols - s * t.bn : t.bn;
+    r.k0 = int(g * cg_k);
+    r.nk = cg_k;
+    r.multi = false;
+  }
+  return r;
+}
+
+struct TilePos {
+  int64_t n;
+  int h0, w0;  // first row / col of the tile (output positions, or input positions for the input grad)
+};
+
+// (32-bit divisions: a grid has fewer than 2^31 spatial tiles.)
+RESFAST_HD TilePos decode_tile(const SpatialTile& s, int64_t spatial) {
+  const int per_sample = int(s.tiles_h * s.tiles_w), tw = int(s.tiles_w);
+  const int sp = int(spatial);
+  TilePos p;
+  const int n = sp / per_sample;
+  const int t = sp - n * per_sample;
+  const int th = t / tw;
+  p.n = n;
+  p.h0 = th * s.TH;
+  p.w0 = (t - th * tw) * s.TW;
+  return p;
+}
+
+// Block b of a forward / input-grad grid: channel block b % ch.blocks, spatial tiles
+// [tpb * t, tpb * t + tpb) for t = b / ch.blocks. The channel block varies fastest, so the
+// blocks of one spatial tile run together and share its input through L2; a block stages its
+// weights once for all its tiles when K fits one chunk.
+struct ConvBlock {
+  ChannelRange ch;
+  int64_t jb;     // channel block
+  int64_t tile0;  // first spatial tile (sample-major: n * tiles_h * tiles_w + row * tiles_w + col)
+  int ntiles;
+};
+
+// Forward / input-grad plan. The weight gradient has its own (WgradPlan).
+struct ConvPlan {
+  SpatialTile s;
+  ChannelTiling ch;
+  int BK, lbk;     // K chunk (channels staged at once; a power of two >= 16, or >= 8 for SIMT), log2
+  int PS;          // shared-memory elements per staged pixel row (>= BK)
+  int CS;          // accumulator-tile row pitch (elements of acc_t)
+  int OHB, OWB;    // input grad: output rows / cols staged (== s.IH, s.IW)
+  int stage_offset;  // byte offset of the staged rows (after the weights)
+  int w_elems;     // taps * bn * PS
+  int red_offset;  // input grad: byte offset of the per-thread channel sums
+  int fb_offset;   // packed tensor-core plans: byte offset of the fallback's result tile (float)
+  int smem_bytes;
+  int nt;          // n8 MMA tiles per warp (bn / 8); 0 = SIMT loop
+  int tpb;         // spatial tiles per block
+  int chunks;      // K chunks of a block
+  int64_t w_prep;  // elements of the prepared weights: blocks x chunks x taps x bn x BK
+  int64_t spatial; // spatial tiles (N * tiles_h * tiles_w)
+  int64_t blocks;
+  // input grad, per tap row / col: (kh * dh) = qk * stride + rk
+  int qk_h[kMaxK], rk_h[kMaxK], qk_w[kMaxK], rk_w[kMaxK];
+  int lks;         // log2 of the k16 steps of a chunk (BK / 16)
+  bool ok;
+};
+
+RESFAST_HD ConvBlock decode_conv_block(const ConvPlan& p, const ConvGeom& g, bool input_grad, int64_t b) {
+  ConvBlock cb;
+  const int64_t j = b % p.ch.blocks;
+  cb.jb = j;
+  cb.tile0 = (b / p.ch.blocks) * p.tpb;
+  cb.ntiles = int(p.spatial - cb.tile0 < p.tpb ? p.spatial - cb.tile0 : p.tpb);
+  cb.ch = input_grad ? decode_channels(p.ch, g.groups, int(g.cin_g), int(g.cout_g), j)
+                     : decode_channels(p.ch, g.groups, int(g.cout_g), int(g.cin_g), j);
+  return cb;
+}
+
+struct WgradPlan {
+  SpatialTile s;
+  int P;            // groups per block (packed) or 1
+  int bm, bn;       // output (row) / input (column) channels per block
+  int bpg_m, bpg_n; // row / column blocks per group (P == 1)
+  int PSm, PSn;     // smem pitch of grad_out rows / activation rows
+  int go_elems, act_elems;  // staged grad_out (MP rows), activation (halo + zero row)
+  int units;        // MMA: (tap, m16 tile, 16-column pair) units; SIMT: weight elements
+  int upw;          // units per warp (MMA) / elements per thread (SIMT)
+  bool a_shared;    // MMA: a warp's units share their A fragment (WgradUnits)
+  int smem_bytes;
+  bool mma;
+  int64_t cblocks, splits, items;
+  bool ok;
+};
+
+struct WgradBlock {
+  int co0, nrows, ci0, ncols;
+  bool multi;
+  int64_t split;
+};
+
+RESFAST_HD WgradBlock decode_wgrad_block(const WgradPlan& p, const ConvGeom& g, int64_t b) {
+  WgradBlock w;
+  const int64_t j = b % p.cblocks;
+  w.split = b / p.cblocks;
+  if (p.P > 1) {
+    const int64_t g0 = j * p.P;
+    const int ng = int(g.groups - g0 < p.P ? g.groups - g0 : p.P);
+    w.co0 = int(g0 * g.cout_g);
+    w.nrows = ng * int(g.cout_g);
+    w.ci0 = int(g0 * g.cin_g);
+    w.ncols = ng * int(g.cin_g);
+    w.multi = ng > 1;
+  } else {
+    const int64_t per_group = int64_t(p.bpg_m) * p.bpg_n;
+    const int64_t grp = j / per_group;
+    const int r = int(j - grp * per_group);
+    const int im = r / p.bpg_n, in = r - (r / p.bpg_n) * p.bpg_n;
+    w.co0 = int(grp * g.cout_g) + im * p.bm;
+    w.nrows = int(g.cout_g) - im * p.bm < p.bm ? int(g.cout_g) - im * p.bm : p.bm;
+    w.ci0 = int(grp * g.cin_g) + in * p.bn;
+    w.ncols = int(g.cin_g) - in * p.bn < p.bn ? int(g.cin_g) - in * p.bn : p.bn;
+    w.multi = false;
+  }
+  return w;
+}
+
+// ---- host-side plan construction ----
+
+RESFAST_HD int round_up(int64_t v, int m) { return int((v + m - 1) / m * m); }
+RESFAST_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+RESFAST_HD int align16(int64_t bytes) { return round_up(bytes, 16); }
+
+// Halo extent of `t` tile positions through a kernel of k taps (forward: input positions an
+// output tile reads; input grad: output positions reading an input tile, bounded).
+inline int halo_forward(int t, int64_t k, int64_t stride, int64_t dil) { return int((t - 1) * stride + (k - 1) * dil + 1); }
+inline int halo_input_grad(int t, int64_t k, int64_t stride, int64_t dil) {
+  return int((t - 1 + (k - 1) * dil) / stride + 2);
+}
+
+// The spatial tile of at most max_px pixels with the least cost(tile) (a cost < 0: the tile
+// does not fit); best.M == 0 when none fits.
+template <class Cost>
+inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t dh,
+                               int64_t dw, bool input_grad, int max_px, Cost cost, double* best_cost_out = nullptr) {
+  SpatialTile best{};
+  best.M = 0;
+  double best_cost = 0;
+  for (int lw = 2; lw <= 5; ++lw) {
+    const int TW = 1 << lw;
+    for (int TH = max_px / TW; TH >= 1; --TH) {
+      SpatialTile s;
+      s.TH = TH;
+      s.TW = TW;
+      s.lw = lw;
+      s.M = TH * TW;
+      s.MP = round_up(s.M, 16);
+      s.IH = input_grad ? halo_input_grad(TH, KH, sh, dh) : halo_forward(TH, KH, sh, dh);
+      s.IW = input_grad ? halo_input_grad(TW, KW, sw, dw) : halo_forward(TW, KW, sw, dw);
+      s.tiles_h = cdiv(OH, TH);
+      s.tiles_w = cdiv(OW, TW);
+      const double c = cost(s);
+      if (c < 0) continue;
+      if (best.M == 0 || c < best_cost) {
+        best = s;
+        best_cost = c;
+      }
+    }
+  }
+  if (best_cost_out != nullptr) *best_cost_out = best_cost;
+  return best;
+}
+
+// Warp-instructions the tensor-core blocks issue per unit of work, as the SASS of the sm_90
+// kernels has them (resfast/profiling/static_native.py reads them): an HMMA with its fragment
+// loads, an 8-channel vector staged (with BN-ReLU), a 16-byte weight copy, an 8-channel output
+// vector, and the code around a tile's K chunk. The planner weighs tile sizes with them.
+constexpr double kCostHmma = 10.0, kCostStage = 3.2, kCostWeight = 0.5, kCostStore = 1.5, kCostTileChunk = 1600.0;
+
+// The smallest power of two >= v, from lo, at most cap.
+inline int pow2_at_least(int64_t v, int lo, int cap) {
+  int b = lo;
+  while (b < v && b < cap) b *= 2;
+  return b;
+}
+
+inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k, int max_bn, int max_k_packed) {
+  ChannelTiling t;
+  if (cg_cols < 16) {
+    int64_t P = 16 / cg_cols;
+    const int64_t by_k = max_k_packed / cg_k;
+    if (by_k < P) P = by_k;
+    if (groups < P) P = groups;
+    if (P > 1) {
+      t.P = int(P);
+      t.bn = 16;
+      t.bpg = 1;
+      t.blocks = cdiv(groups, P);
+      return t;
+    }
+  }
+  t.P = 1;
+  t.bn = pow2_at_least(cg_cols, 16, max_bn);
+  t.bpg = int(cdiv(cg_cols, t.bn));
+  t.blocks = groups * t.bpg;
   return t;
 }
 
-// How the tiled forward splits a group: output channels in blocks of nco (co_blocks blocks
-// per group), input channels in chunks of cb staged in shared memory one after another.
-// cb == 0 means not even one channel fits: use the generic kernel.
-struct ForwardBlocking {
-  int64_t nco, co_blocks, cb;
-};
-
-inline ForwardBlocking forward_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
-  ForwardBlocking b;
-  b.nco = g.cout_g < kCoBlock ? g.cout_g : kCoBlock;
-  b.co_blocks = (g.cout_g + b.nco - 1) / b.nco;
-  const int64_t per_channel = t.IH * t.IW + b.nco * g.KH * g.KW;
-  const int64_t fit = (kTileSmemBytes / acc_bytes) / per_channel;
-  b.cb = g.cin_g < fit ? g.cin_g : fit;
-  return b;
-}
-
-// Shared-memory elements (of acc_t) each tiled kernel needs.
-inline int64_t forward_smem_elems(const ConvGeom& g, const TileGeom& t, const ForwardBlocking& b) {
-  return b.cb * (t.IH * t.IW + b.nco * g.KH * g.KW);
-}
-// How the tiled input-gradient kernel splits a group: input channels in blocks of nci
-// (accumulators per thread; ci_blocks blocks per group), output channels staged in chunks of
-// cbo. cbo == 0: use the generic kernel.
-struct InputGradBlocking {
-  int64_t nci, ci_blocks, cbo;
-};
-
-inline InputGradBlocking input_grad_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
-  InputGradBlocking b;
-  b.nci = g.cin_g < kCoBlock ? g.cin_g : kCoBlock;
-  b.ci_blocks = (g.cin_g + b.nci - 1) / b.nci;
-  const int64_t per_co = t.OHB * t.OWB + b.nci * g.KH * g.KW;
-  const int64_t fit = (kTileSmemBytes / acc_bytes) / per_co;
-  b.cbo = g.cout_g < fit ? g.cout_g : fit;
-  return b;
-}
-
-inline int64_t input_grad_smem_elems(const ConvGeom& g, const TileGeom& t, const InputGradBlocking& b) {
-  return b.cbo * (t.OHB * t.OWB + b.nci * g.KH * g.KW);
-}
-
-// How the tiled weight-gradient kernel splits a group: a block owns the weights of nco output
-// x nci input channels (at most kMaxWeightPerThread per thread). nci == 0: generic kernel.
-struct WeightGradBlocking {
-  int64_t nco, co_blocks, nci, ci_blocks;
-};
-
-inline WeightGradBlocking weight_grad_blocking(const ConvGeom& g, const TileGeom& t, int64_t acc_bytes) {
-  WeightGradBlocking b;
-  b.nco = g.cout_g < kCoBlock ? g.cout_g : kCoBlock;
-  b.co_blocks = (g.cout_g + b.nco - 1) / b.nco;
-  const int64_t by_threads = (kMaxWeightPerThread * kTileThreads) / (b.nco * g.KH * g.KW);
-  const int64_t smem_left = kTileSmemBytes / acc_bytes - b.nco * kTileThreads;
-  const int64_t by_smem = smem_left > 0 ? smem_left / (t.IH * t.IW) : 0;
-  int64_t nci = g.cin_g;
-  if (by_threads < nci) nci = by_threads;
-  if (by_smem < nci) nci = by_smem;
-  b.nci = nci;
-  b.ci_blocks = nci > 0 ? (g.cin_g + nci - 1) / nci : 0;
-  return b;
-}
-
-inline int64_t weight_grad_smem_elems(const ConvGeom& g, const TileGeom& t, const WeightGradBlocking& b) {
-  return b.nco * kTileThreads + b.nci * t.IH * t.IW;
-}
-
-// ---- fill phases (any thread count; element e goes to thread e % nthreads) ----
-
-// relu(bn(x)) of the group's input channels [cil0, cil0+cb) over rows [ih0, ih0+IH) and cols
-// [iw0, iw0+IW) of sample n, zero outside the image (the conv zero-pads the activation).
-// channel_inner enumerates channels fastest, matching a channels-last x in memory.
-template <typename scalar_t, typename acc_t>
-RESFAST_HD void fill_activation_tile(int64_t tid, int64_t nthreads, const scalar_t* x, const Strides4& xs,
-                                     const BNParams<acc_t>& bn, const ConvGeom& g, const TileGeom& t, int64_t n,
-                                     int64_t group, int64_t cil0, int64_t cb, int64_t ih0, int64_t iw0,
-                                     bool channel_inner, acc_t* a_s) {
-  const int64_t plane = t.IH * t.IW;
-  const int64_t total = cb * plane;
-  for (int64_t e = tid; e < total; e += nthreads) {
-    int64_t k, pix;
-    if (channel_inner) {
-      k = e % cb;
-      pix = e / cb;
-    } else {
-      k = e / plane;
-      pix = e - k * plane;
+// Forward (input_grad = false) or input-gradient plan. mma: the 16-bit tensor-core kernels
+// (elem_bytes 2); otherwise the SIMT loop (bn = 16). ok = false: no tile fits (very large
+// kernels): the host runs the per-element kernels of math.h instead. target_blocks: the grid
+// size below which a block takes a single spatial tile.
+inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int elem_bytes, int acc_bytes,
+                               int64_t target_blocks = kTargetBlocks) {
+  ConvPlan p{};
+  p.ok = false;
+  if (g.KH > kMaxK || g.KW > kMaxK) return p;
+  const int64_t cg_cols = input_grad ? g.cin_g : g.cout_g, cg_k = input_grad ? g.cout_g : g.cin_g;
+  p.ch = tile_channels(g.groups, cg_cols, cg_k, mma ? 64 : kSimtCols, 64);
+  const int64_t k_range = p.ch.P > 1 ? p.ch.P * cg_k : cg_k;
+  const int64_t taps = g.KH * g.KW;
+  const int bn = p.ch.bn;
+  p.nt = mma ? bn / 8 : 0;
+  const int min_bk = mma ? 16 : 8;  // an MMA k-step is 16 channels; the fills move 8 at once
+  const int max_px = max_pixels(p.nt);
+  double best = -1;
+  for (int bk = 64; bk >= min_bk; bk /= 2) {
+    if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
+    if (p.ch.P > 1 && bk < k_range) continue;         // packed groups must fit one chunk
+    const int BK = bk;
+    const int PS = mma ? BK + 8 : BK + 1;
+    const int CS = mma ? bn + 4 : bn + 1;
+    const int64_t w_bytes = align16(taps * bn * PS * elem_bytes);
+    const bool fallback = mma && p.ch.P > 1;  // packed blocks keep a tile for the per-group fallback
+    const int64_t chunks = cdiv(k_range, BK);
+    auto bytes_before_fallback = [&](const SpatialTile& s) {
+      const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
+      const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
+      const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
+      return w_bytes + (stage > acc_tile ? stage : acc_tile);
+    };
+    auto bytes = [&](const SpatialTile& s) {
+      return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
+    };
+    auto cost = [&](const SpatialTile& s) -> double {
+      if (bytes(s) > kSmemLimit) return -1;
+      const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
+      const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
+      const double per_chunk = hmma * kCostHmma + s.IH * s.IW * (BK / 8.0) * kCostStage +
+                               (chunks > 1 ? taps * bn * BK / 8.0 * kCostWeight : 0.0) + kCostTileChunk;
+      return tiles * (chunks * per_chunk + s.M * (bn / 8.0) * kCostStore);
+    };
+    double c = 0;
+    const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
+                                     : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
+    if (s.M == 0 || (best >= 0 && c >= best)) continue;
+    best = c;
+    p.s = s;
+    p.BK = BK;
+    p.lbk = log2_pow2(BK);
+    p.lks = BK >= 16 ? log2_pow2(BK / 16) : 0;
+    p.PS = PS;
+    p.CS = CS;
+    p.OHB = s.IH;
+    p.OWB = s.IW;
+    p.w_elems = int(taps) * bn * PS;
+    p.stage_offset = int(w_bytes);
+    p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
+    p.fb_offset = int(bytes_before_fallback(s));
+    p.smem_bytes = int(bytes(s));
+    p.spatial = g.N * s.tiles_h * s.tiles_w;
+    // Several tiles per block when the weights stay staged (K in one chunk) and the grid
+    // still has target_blocks blocks.
+    int64_t tpb = 1;
+    if (k_range <= BK) {
+      tpb = p.spatial * p.ch.blocks / (target_blocks < 1 ? 1 : target_blocks);
+      tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
     }
-    const int64_t r = pix / t.IW, c = pix - (pix / t.IW) * t.IW;
-    const int64_t ih = ih0 + r, iw = iw0 + c;
-    const int64_t ci = group * g.cin_g + cil0 + k;
-    acc_t v = acc_t(0);
-    if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
-      v = relu(bn_affine(static_cast<acc_t>(x[n * xs.n + ci * xs.c + ih * xs.h + iw * xs.w]), bn.mean[ci],
-                         bn.invstd[ci], bn.gamma[ci], bn.beta[ci]));
+    p.tpb = int(tpb);
+    p.chunks = int(chunks);
+    p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
+    p.blocks = p.ch.blocks * cdiv(p.spatial, tpb);
+    for (int k = 0; k < kMaxK; ++k) {
+      const int64_t kdh = k * g.dh, kdw = k * g.dw;
+      p.qk_h[k] = int(kdh / g.sh);
+      p.rk_h[k] = int(kdh % g.sh);
+      p.qk_w[k] = int(kdw / g.sw);
+      p.rk_w[k] = int(kdw % g.sw);
     }
-    a_s[k * plane + pix] = v;
+    p.ok = true;
+  }
+  return p;
+}
+
+// Weight-gradient plan. `target_blocks`: blocks wanted in the grid (the CUDA host asks for
+// about two per SM); the pixel tiles are split over that many blocks per channel block.
+inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, int acc_bytes, int64_t target_blocks,
+                                 int mma_upw) {
+  WgradPlan p{};
+  p.ok = false;
+  p.mma = mma;
+  if (g.KH > kMaxK || g.KW > kMaxK) return p;
+  const int64_t taps = g.KH * g.KW;
+  // Channel blocks: whole small groups packed, or a group cut into bm x bn blocks.
+  int64_t P = 1;
+  if (g.cout_g < 16 && g.cin_g < 16) {
+    P = 16 / (g.cout_g > g.cin_g ? g.cout_g : g.cin_g);
+    if (g.groups < P) P = g.groups;
+  }
+  auto fits = [&](int bm, int bn) {
+    if (mma) return taps * (bm / 16) * (bn / 16) <= int64_t(kWarps) * mma_upw;
+    return taps * bm * bn <= int64_t(kThreads) * kSimtWgrad;
+  };
+  int bm, bn;
+  if (P > 1) {
+    bm = bn = 16;
+    if (!fits(bm, bn)) P = 1;
+  }
+  if (P == 1) {
+    // powers of two: a block is whole m16 tiles and 16-column pairs (tensor cores), halved
+    // until its units fit the warps' accumulators
+    const int lo = mma ? 16 : 1;
+    bm = pow2_at_least(g.cout_g, lo, mma ? 128 : 16);
+    bn = pow2_at_least(g.cin_g, lo, mma ? 64 : 16);
+    while (!fits(bm, bn) && (bm > lo || bn > lo)) {
+      if (bm >= bn && bm > lo) bm /= 2; else bn /= 2;
+    }
+    if (!fits(bm, bn)) return p;
+  }
+  p.P = int(P);
+  p.bm = bm;
+  p.bn = bn;
+  p.bpg_m = P > 1 ? 1 : int(cdiv(g.cout_g, bm));
+  p.bpg_n = P > 1 ? 1 : int(cdiv(g.cin_g, bn));
+  p.cblocks = P > 1 ? cdiv(g.groups, P) : g.groups * p.bpg_m * p.bpg_n;
+  p.PSm = mma ? bm + 8 : bm + 1;
+  p.PSn = mma ? bn + 8 : bn + 1;
+  p.units = mma ? int(taps * (bm / 16) * (bn / 16)) : int(taps * bm * bn);
+  p.upw = mma ? int(cdiv(p.units, kWarps)) : int(cdiv(p.units, kThreads));
+  p.a_shared = mma && kWarps % ((bm / 16) * (bn / 16)) == 0;
+  auto bytes = [&](const SpatialTile& s) {
+    return int64_t(align16(int64_t(s.MP) * p.PSm * elem_bytes)) +
+           align16(int64_t(s.IH * s.IW + 1) * p.PSn * elem_bytes);
+  };
+  // per tile: the MMAs (2 per unit and k16 step), the two staged tiles, the code around them
+  auto cost = [&](const SpatialTile& s) -> double {
+    if (bytes(s) > kSmemLimit) return -1;
+    const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
+    const double hmma = mma ? (s.MP / 16.0) * p.units * 2.0 : s.M * p.units / 32.0;
+    return tiles * (hmma * kCostHmma * 0.5 + s.MP * (bm / 8.0) * kCostStage * 0.5 + s.IH * s.IW * (bn / 8.0) * kCostStage +
+                    kCostTileChunk * 0.5);
+  };
+  const SpatialTile s = choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, mma ? kMaxPixels : kThreads,
+                                    cost);
+  if (s.M == 0) return p;
+  p.s = s;
+  p.go_elems = s.MP * p.PSm;
+  p.act_elems = (s.IH * s.IW + 1) * p.PSn;
+  p.smem_bytes = int(bytes(s));
+  p.items = g.N * s.tiles_h * s.tiles_w;
+  int64_t splits = cdiv(target_blocks, p.cblocks);
+  if (splits > p.items) splits = p.items;
+  p.splits = splits < 1 ? 1 : splits;
+  (void)acc_bytes;
+  p.ok = true;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------
+// Operands
+
+// Everything the conv blocks read and write (raw pointers, strides, geometry).
+template <typename T>
+struct ConvArgs {
+  using A = acc_of<T>;
+  const T* x;
+  Strides4 xs;
+  const T* w;   // contiguous [Cout][cin_g][KH][KW]
+  const T* wp;  // forward / input grad: the weights prepared for the plan (prepared_weight)
+  const T* go;
+  Strides4 gs;
+  BNParams<A> bn;
+  const A* bias;  // forward: conv bias or nullptr
+  T* out;         // forward: y; input grad: grad_z
+  Strides4 os;
+  A* part0;  // input grad: per-block sums of grad_z; weight grad: per-split partial weight gradients
+  A* part1;  // input grad: per-block sums of grad_z * xhat
+  ConvGeom g;
+  // 8 consecutive channels of x / grad_out / out are one aligned 16-byte vector (channels_last,
+  // strides multiples of 8, aligned base): fills and stores move 16 bytes at once.
+  bool x_vec, go_vec, out_vec;
+};
+
+// Loads 8 channels [c, c + nv) of one position into v (zeros beyond nv).
+template <typename T, typename A>
+RESFAST_HD void load8(const T* p, int64_t cstride, int nv, bool vec, A (&v)[8]) {
+  if (vec && nv == 8) {
+    alignas(16) T t[8];
+    copy8_vec(t, p);
+RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) v[i] = static_cast<A>(t[i]);
+  } else {
+RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) v[i] = i < nv ? static_cast<A>(p[i * cstride]) : A(0);
   }
 }
 
-// Weights of the group's output channels [col0, col0+nco) and input channels [cil0, cil0+cb)
-// as w_s[(j*cb + k)*KH*KW + tap]; with the whole group this is its [cout_g][cin_g][KH][KW].
-template <typename scalar_t, typename acc_t>
-RESFAST_HD void fill_weight_tile(int64_t tid, int64_t nthreads, const scalar_t* w, const ConvGeom& g, int64_t group,
-                                 int64_t col0, int64_t nco, int64_t cil0, int64_t cb, acc_t* w_s) {
-  const int64_t kk = g.KH * g.KW;
-  const int64_t total = nco * cb * kk;
-  for (int64_t e = tid; e < total; e += nthreads) {
-    const int64_t j = e / (cb * kk), rem = e - (e / (cb * kk)) * (cb * kk);
-    const int64_t k = rem / kk, tap = rem - (rem / kk) * kk;
-    const int64_t co = group * g.cout_g + col0 + j;
-    w_s[e] = static_cast<acc_t>(w[(co * g.cin_g + cil0 + k) * kk + tap]);
+// Stores 8 values (the first nv) to channels [c, c + nv) of one position.
+template <typename T, typename A>
+RESFAST_HD void store8(T* p, int64_t cstride, int nv, bool vec, const A (&v)[8]) {
+  if (vec && nv == 8) {
+    alignas(16) T t[8];
+RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) t[i] = static_cast<T>(v[i]);
+    copy8_vec(p, t);
+  } else {
+RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      if (i < nv) p[i * cstride] = static_cast<T>(v[i]);
+    }
   }
 }
 
-// grad_out of the group's output channels [col0, col0+nco) over rows [oh0, oh0+rows), cols
-// [ow0, ow0+cols), zero outside the output; go_s[j*rows*cols + pix].
-template <typename scalar_t, typename acc_t>
-RESFAST_HD void fill_grad_out_tile(int64_t tid, int64_t nthreads, const scalar_t* go, const Strides4& gs,
-                                   const ConvGeom& g, int64_t n, int64_t group, int64_t col0, int64_t nco, int64_t oh0,
-                                   int64_t ow0, int64_t rows, int64_t cols, bool channel_inner, acc_t* go_s) {
-  const int64_t plane = rows * cols;
-  const int64_t total = nco * plane;
-  for (int64_t e = tid; e < total; e += nthreads) {
-    int64_t j, pix;
-    if (channel_inner) {
-      j = e % nco;
-      pix = e / nco;
-    } else {
-      j = e / plane;
-      pix = e - j * plane;
-    }
-    const int64_t r = pix / cols, c = pix - (pix / cols) * cols;
-    const int64_t oh = oh0 + r, ow = ow0 + c;
-    const int64_t co = group * g.cout_g + col0 + j;
-    acc_t v = acc_t(0);
-    if (oh >= 0 && oh < g.Ho && ow >= 0 && ow < g.Wo) {
-      v = static_cast<acc_t>(go[n * gs.n + co * gs.c + oh * gs.h + ow * gs.w]);
-    }
-    go_s[j * plane + pix] = v;
-  }
+template <typename T>
+RESFAST_HD bool finite_value(T v) {
+  const float f = static_cast<float>(v);
+  return f - f == 0.0f;
+}
+template <>
+RESFAST_HD bool finite_value<double>(double v) {
+  return v - v == 0.0;
 }
 
-// ---- compute phases (thread tid owns pixel (tid / kTile, tid % kTile) of the tile) ----
+// ---------------------------------------------------------------------------------------
+// Fill phases (every thread of the block; element vectors of 8 channels)
 
-// Forward, one input-channel chunk: adds the chunk's contribution to the nco outputs of
-// output pixel (r, c) = (tid / kTile, tid % kTile) of the tile into acc[0..nco).
-template <typename acc_t>
-RESFAST_HD void forward_tile_accumulate(int64_t tid, const ConvGeom& g, const TileGeom& t, int64_t nco, int64_t cb,
-                                        const acc_t* a_s, const acc_t* w_s, acc_t* acc) {
-  const int64_t r = tid / kTile, c = tid - (tid / kTile) * kTile;
-  const int64_t plane = t.IH * t.IW, kk = g.KH * g.KW;
-  const acc_t* a0 = a_s + (r * g.sh) * t.IW + c * g.sw;
-  // A fixed trip count with a guard (not a break) lets nvcc unroll the loop and keep acc[]
-  // in registers.
+// A float from its bits.
+RESFAST_HD float word_float(uint32_t w) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(w);
+#else
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+#endif
+}
+
+// Eight consecutive floats of shared memory (32-byte aligned) as two 16-byte loads.
+RESFAST_HD void lds_f8(const float* p, float (&f)[8]) {
+  const Vec16 a = reinterpret_cast<const Vec16*>(p)[0], b = reinterpret_cast<const Vec16*>(p)[1];
   RESFAST_UNROLL
-  for (int64_t j = 0; j < kCoBlock; ++j) {
-    if (j < nco) {
-      acc_t sum = acc[j];
-      for (int64_t k = 0; k < cb; ++k) {
-        const acc_t* ap = a0 + k * plane;
-        const acc_t* wp = w_s + (j * cb + k) * kk;
-        for (int64_t kh = 0; kh < g.KH; ++kh) {
-          for (int64_t kw = 0; kw < g.KW; ++kw) sum += ap[kh * g.dh * t.IW + kw * g.dw] * wp[kh * g.KW + kw];
+  for (int i = 0; i < 4; ++i) {
+    f[i] = word_float(a.w[i]);
+    f[4 + i] = word_float(b.w[i]);
+  }
+}
+
+// Whether a 16-byte vector of eight 16-bit floats holds an Inf or NaN (exponent all ones).
+template <typename T>
+RESFAST_HD bool any_nonfinite16(const Vec16& q) {
+  constexpr uint32_t m = std::is_same<T, c10::BFloat16>::value ? 0x7f80u : 0x7c00u;
+  bool bad = false;
+  RESFAST_UNROLL
+  for (int i = 0; i < 4; ++i) bad |= ((q.w[i] & m) == m) || ((q.w[i] & (m << 16)) == (m << 16));
+  return bad;
+}
+
+// The BN affine map of a 16-bit input as one FMA, z = x * scale + shift (scale = invstd * gamma,
+// shift = beta - mean * scale); exact to float rounding, far below the input's own 8 / 11 bits.
+// float32 / float64 keep the reference's (x - mean) * invstd * gamma + beta.
+template <typename T, typename A>
+struct BNChannel8 {
+  A mean[8], invstd[8], gamma[8], beta[8], scale[8], shift[8];
+  RESFAST_HD void load(const BNParams<A>& bn, int c, int nv) {
+    RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      const bool ok = i < nv;
+      mean[i] = ok ? ld_global(bn.mean + c + i) : A(0);
+      invstd[i] = ok ? ld_global(bn.invstd + c + i) : A(0);
+      gamma[i] = ok ? ld_global(bn.gamma + c + i) : A(0);
+      beta[i] = ok ? ld_global(bn.beta + c + i) : A(0);
+      scale[i] = invstd[i] * gamma[i];
+      shift[i] = beta[i] - mean[i] * scale[i];
+    }
+  }
+  RESFAST_HD A z(int i, A x) const {
+    if constexpr (IsMmaType<T>::value) {
+      return x * scale[i] + shift[i];
+    } else {
+      return bn_affine(x, mean[i], invstd[i], gamma[i], beta[i]);
+    }
+  }
+};
+
+// Stages rows [0, rows) of a [pixel][channel] tile: pixel p < IH * IW is position
+// (h0 + p / IW, w0 + p % IW) of sample n, channels [c0, c0 + BK) of which [c0, c_end) exist;
+// with kBN the value is relu(bn(x)), else the plain value. Positions outside [0, H) x [0, W),
+// missing channels and rows p >= IH * IW are zero. With kCheck, returns whether a staged value
+// is not finite. This is the general path (any strides, any dtype); out of line, as the
+// tensor-core kernels take the 16-byte path below for channels_last tensors.
+template <bool kBN, bool kCheck, typename T, typename A>
+RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, const BNParams<A>& bn, int64_t n,
+                                           int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0,
+                                           int c_end, int BK, int PS, bool smem_vec, T* dst) {
+  const int U = BK / 8 > 0 ? BK / 8 : 1;  // 8-channel units per row (BK < 8 only for SIMT)
+  const int lu = log2_pow2(U);
+  const int v = tid & (U - 1);            // fixed per thread: kThreads is a multiple of U
+  const int c = c0 + 8 * v;
+  const int nv = c_end - c < 0 ? 0 : (c_end - c > 8 ? 8 : c_end - c);
+  const int nst = BK - 8 * v < 8 ? BK - 8 * v : 8;  // channels of the unit inside the chunk
+  const uint32_t iw_magic = div_magic(uint32_t(IW < 2 ? 2 : IW));
+  BNChannel8<T, A> bc;
+  if constexpr (kBN) bc.load(bn, c, nv);
+  const T* base = src + n * ss.n + int64_t(c) * ss.c;
+  bool bad = false;
+  for (int e = tid; e < rows << lu; e += kThreads) {
+    const int p = e >> lu;
+    const int r = IW < 2 ? p : div_small(p, iw_magic);
+    const int64_t h = h0 + r, w = w0 + (p - r * IW);
+    A val[8];
+    RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) val[i] = A(0);
+    if (p < IH * IW && h >= 0 && h < H && w >= 0 && w < W && nv > 0) {
+      load8(base + h * ss.h + w * ss.w, ss.c, nv, false, val);
+      if constexpr (kBN) {
+        RESFAST_UNROLL
+        for (int i = 0; i < 8; ++i) val[i] = i < nv ? relu(bc.z(i, val[i])) : A(0);
+      }
+      if constexpr (kCheck) {
+        RESFAST_UNROLL
+        for (int i = 0; i < 8; ++i) bad |= !finite_value(static_cast<T>(val[i]));
+      }
+    }
+    store8(dst + p * PS + 8 * v, 1, nst, smem_vec, val);
+  }
+  return bad;
+}
+
+// The BN map of the 8 channels a thread stages, z = x * scale + shift (16-bit inputs), loaded
+// once for all the tiles a block stages with the same channels.
+struct BNScaleShift8 {
+  float scale[8], shift[8];
+};
+
+template <typename A>
+RESFAST_HD BNScaleShift8 bn_scale_shift(const BNParams<A>& bn, int c, int nv) {
+  BNScaleShift8 r;
+  RESFAST_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const bool ok = i < nv;
+    const float sc = ok ? float(ld_global(bn.invstd + c + i) * ld_global(bn.gamma + c + i)) : 0.0f;
+    r.scale[i] = sc;
+    r.shift[i] = ok ? float(ld_global(bn.beta + c + i) - ld_global(bn.mean + c + i) * sc) : 0.0f;
+  }
+  return r;
+}
+
+// The channel a thread's 8-channel unit starts at when a tile of BK channels from c0 is staged.
+RESFAST_HD int staged_channel(int tid, int c0, int BK) { return c0 + 8 * (tid & (BK / 8 - 1)); }
+
+// As fill_rows_general (with kCheck = check); float16 / bfloat16 with 16-byte aligned channel
+// vectors (channels_last) take 16-byte loads and stores on packed pairs (with the BN map
+// `pre` when given, for c0 = the channel it was loaded for).
+template <bool kBN, typename T, typename A>
+RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, const BNParams<A>& bn, int64_t n,
+                          int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0, int c_end, int BK,
+                          int PS, bool smem_vec, bool check, T* dst, const BNScaleShift8* pre = nullptr) {
+  if constexpr (IsMmaType<T>::value) {
+    const int lu = log2_pow2(BK / 8);
+    const int v = tid & ((1 << lu) - 1);
+    const int c = c0 + 8 * v;
+    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end) {
+      BNScaleShift8 bc;
+      if constexpr (kBN) bc = pre != nullptr ? *pre : bn_scale_shift(bn, c, 8);
+      const uint32_t iw_magic = div_magic(uint32_t(IW < 2 ? 2 : IW));
+      const T* base = src + n * ss.n + int64_t(c) * ss.c;
+      bool bad = false;
+      for (int e = tid; e < rows << lu; e += kThreads) {
+        const int p = e >> lu;
+        const int r = IW < 2 ? p : div_small(p, iw_magic);
+        const int64_t h = h0 + r, w = w0 + (p - r * IW);
+        Vec16 q{{0u, 0u, 0u, 0u}};
+        if (p < IH * IW && h >= 0 && h < H && w >= 0 && w < W) {
+          q = ld_global16(base + h * ss.h + w * ss.w);
+          if constexpr (kBN) {
+            RESFAST_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              float lo, hi;
+              unpack2<T>(q.w[i], lo, hi);
+              q.w[i] = pack2<T>(relu(lo * bc.scale[2 * i] + bc.shift[2 * i]),
+                                relu(hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]));
+            }
+          }
+          if (check) bad |= any_nonfinite16<T>(q);
+        }
+        st_shared16(dst + p * PS + 8 * v, q);
+      }
+      return bad;
+    }
+  }
+  return check ? fill_rows_general<kBN, true>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
+                                              smem_vec, dst)
+               : fill_rows_general<kBN, false>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
+                                               smem_vec, dst);
+}
+
+// The weights in the tiles' own layout, prepared once per call: element
+// ((((jb * chunks + chunk) * taps + tap) * bn + j) * BK + k) is the weight of column channel
+// col0 + j against summed channel k0 + chunk * BK + k of channel block jb (forward: columns
+// are output channels and k input channels; input grad, transposed: columns are input
+// channels and k output channels), zero where either is missing or where they belong to
+// different groups (the block-diagonal packing of small groups). A block then stages each
+// chunk's [tap][j][k] tile with plain 16-byte copies.
+template <typename T>
+RESFAST_HD T prepared_weight(const T* w, const ConvGeom& g, const ConvPlan& p, bool transposed, int64_t idx) {
+  const int taps = int(g.KH * g.KW), bn = p.ch.bn, BK = p.BK;
+  const int k = int(idx % BK);
+  int64_t r = idx / BK;
+  const int j = int(r % bn);
+  r /= bn;
+  const int tap = int(r % taps);
+  r /= taps;
+  const int chunk = int(r % p.chunks);
+  const int64_t jb = r / p.chunks;
+  const int cin_g = int(g.cin_g), cout_g = int(g.cout_g);
+  const ChannelRange cr = transposed ? decode_channels(p.ch, g.groups, cin_g, cout_g, jb)
+                                     : decode_channels(p.ch, g.groups, cout_g, cin_g, jb);
+  const int kk = chunk * BK + k;
+  if (j >= cr.ncols || kk >= cr.nk) return T(0);
+  const int col = cr.col0 + j, kg = cr.k0 + kk;
+  const int co = transposed ? kg : col, ci = transposed ? col : kg;
+  const int grp = co / cout_g;
+  if (ci / cin_g != grp) return T(0);
+  return w[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap];
+}
+
+// Copies chunk `chunk` of channel block jb of the prepared weights to w_s[(tap * bn + j) * PS + k]:
+// 16-byte asynchronous copies for the 16-bit types (waited for before the block barrier),
+// element copies for float32 / float64 (whose SIMT rows are not 16-byte aligned).
+template <typename T>
+RESFAST_HD void fill_weight_tile(int tid, const T* wp, const ConvPlan& p, int taps, int64_t jb, int chunk, T* w_s) {
+  const int bn = p.ch.bn, BK = p.BK, rows = taps * bn;
+  const T* src = wp + (jb * p.chunks + chunk) * int64_t(rows) * BK;
+  if constexpr (IsMmaType<T>::value) {
+    const int lu = p.lbk - 3;  // 8-element vectors per row
+    for (int e = tid; e < rows << lu; e += kThreads) {
+      const int row = e >> lu, v = e & ((1 << lu) - 1);
+      cp_async16(w_s + row * p.PS + 8 * v, src + row * BK + 8 * v);
+    }
+    cp_async_wait_all();
+  } else {
+    for (int e = tid; e < rows * BK; e += kThreads) {
+      const int row = e >> p.lbk, k = e & (BK - 1);
+      w_s[row * p.PS + k] = src[e];
+    }
+  }
+}
+
+template <typename T>
+RESFAST_HD void fill_zero(int tid, T* dst, int count) {
+  for (int e = tid; e < count; e += kThreads) dst[e] = T(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward and input gradient: MMA phase (one warp; rows = tile pixels, columns = channels)
+
+template <int NL, int MT, int NT>
+struct MmaAcc {
+  float c[MT][NT][NL][4];
+};
+
+template <int NL, int MT, int NT>
+RESFAST_HD void zero_acc(MmaAcc<NL, MT, NT>& a) {
+  for (int m = 0; m < MT; ++m)
+    for (int n = 0; n < NT; ++n)
+      for (int s = 0; s < NL; ++s)
+        for (int i = 0; i < 4; ++i) a.c[m][n][s][i] = 0.0f;
+}
+
+// B fragments of NT n8 tiles for k [k0, k0 + 16) from w_s rows (one row per column channel,
+// k contiguous): ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), ...
+template <int NL, int NT>
+RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, uint32_t (&b)[NT][NL][2]) {
+RESFAST_UNROLL
+  for (int np = 0; np < NT / 2; ++np) {
+    const uint16_t* addr[NL];
+    for (int s = 0; s < NL; ++s) {
+      const int lane = NL == 1 ? lane0 : s;
+      const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
+      addr[s] = w_tap + row * PS + k0 + ((lane >> 3) & 1) * 8;
+    }
+    uint32_t r[NL][4];
+    ldsm_x4<NL, false>(r, addr);
+    for (int s = 0; s < NL; ++s) {
+      b[2 * np][s][0] = r[s][0];
+      b[2 * np][s][1] = r[s][1];
+      b[2 * np + 1][s][0] = r[s][2];
+      b[2 * np + 1][s][1] = r[s][3];
+    }
+  }
+}
+
+// Forward, one K chunk: acc[mt][nt] += act(rows of the warp's m-tiles, shifted by each tap)
+// x w_s. The A row of lane l in m-tile mt is tile pixel (warp*MT + mt)*16 + l%16 (rows past
+// the tile repeat its last pixel; their results are never stored), k half (l/16)*8.
+template <int NL, typename T, int NT>
+RESFAST_HD void forward_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const T* act_s,
+                                  const T* w_s, MmaAcc<NL, mt_of(NT), NT>& acc) {
+  constexpr int kFwdMT = mt_of(NT);
+  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
+  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
+  const SpatialTile& st = p.s;
+  const int mtiles_left = st.MP / 16 - warp * kFwdMT;
+  if (mtiles_left <= 0) return;
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
+  int abase[NL][kFwdMT];
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    RESFAST_UNROLL
+    for (int mt = 0; mt < kFwdMT; ++mt) {
+      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
+      r = r < st.M ? r : st.M - 1;
+      abase[s][mt] = ((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8;
+    }
+  }
+  const int KW = int(g.KW), dh = int(g.dh), dw = int(g.dw);
+  const int steps = int(g.KH * g.KW) << p.lks;
+  // One flat loop over (tap, k16 step); a step's tap row / col advance without divisions.
+  int kh = 0, kw = 0, ks = 0;
+#pragma unroll 1
+  for (int step = 0; step < steps; ++step) {
+    const int aoff = (kh * dh * st.IW + kw * dw) * PS + ks * 16;
+    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
+    uint32_t b[NT][NL][2];
+    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
+    RESFAST_UNROLL
+    for (int mt = 0; mt < kFwdMT; ++mt) {
+      if (mt < mtiles_left) {
+        const uint16_t* addr[NL];
+        for (int s = 0; s < NL; ++s) addr[s] = act + abase[s][mt] + aoff;
+        uint32_t a[NL][4];
+        ldsm_x4<NL, false>(a, addr);
+        RESFAST_UNROLL
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
+      }
+    }
+    if (++ks == (1 << p.lks)) {
+      ks = 0;
+      if (++kw == KW) {
+        kw = 0;
+        ++kh;
+      }
+    }
+  }
+}
+
+// Input gradient, one K chunk (output channels): acc[mt][nt] += go(output row read through
+// each tap, or the zero row) x w_s (transposed weights). For input row ih and tap kh the
+// output row is (ih + ph - kh*dh) / sh when that divides: with ih + ph = qh*sh + rh and
+// kh*dh = qk*sh + rk (plan tables) it is qh - qk when rh == rk.
+template <int NL, typename T, int NT>
+RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
+                                     int oh_lo, int ow_lo, const T* go_s, const T* zero_s, const T* w_s,
+                                     MmaAcc<NL, mt_of(NT), NT>& acc) {
+  constexpr int kFwdMT = mt_of(NT);
+  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
+  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
+  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
+  const SpatialTile& st = p.s;
+  const int mtiles_left = st.MP / 16 - warp * kFwdMT;
+  if (mtiles_left <= 0) return;
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
+  int qh[NL][kFwdMT], rh[NL][kFwdMT], qw[NL][kFwdMT], rw[NL][kFwdMT], kofs[NL];
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    kofs[s] = (lane >> 4) * 8;
+    RESFAST_UNROLL
+    for (int mt = 0; mt < kFwdMT; ++mt) {
+      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
+      r = r < st.M ? r : st.M - 1;
+      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
+      qh[s][mt] = th / sh;
+      rh[s][mt] = th - qh[s][mt] * sh;
+      qw[s][mt] = tw / sw;
+      rw[s][mt] = tw - qw[s][mt] * sw;
+      qh[s][mt] -= oh_lo;
+      qw[s][mt] -= ow_lo;
+    }
+  }
+  const int KW = int(g.KW);
+  const int steps = int(g.KH * g.KW) << p.lks;
+  int kh = 0, kw = 0, ks = 0;
+#pragma unroll 1
+  for (int step = 0; step < steps; ++step) {
+    const int qkh = p.qk_h[kh], rkh = p.rk_h[kh], qkw = p.qk_w[kw], rkw = p.rk_w[kw];
+    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
+    uint32_t b[NT][NL][2];
+    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
+    RESFAST_UNROLL
+    for (int mt = 0; mt < kFwdMT; ++mt) {
+      if (mt < mtiles_left) {
+        const uint16_t* addr[NL];
+        for (int s = 0; s < NL; ++s) {
+          const bool hit = rh[s][mt] == rkh && rw[s][mt] == rkw;
+          addr[s] = (hit ? go + ((qh[s][mt] - qkh) * p.OWB + (qw[s][mt] - qkw)) * PS : zero) + kofs[s] + ks * 16;
+        }
+        uint32_t a[NL][4];
+        ldsm_x4<NL, false>(a, addr);
+        RESFAST_UNROLL
+        for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
+      }
+    }
+    if (++ks == (1 << p.lks)) {
+      ks = 0;
+      if (++kw == KW) {
+        kw = 0;
+        ++kh;
+      }
+    }
+  }
+}
+
+// Accumulator fragments -> c_s[row * CS + col] (lane l holds rows l/4 (+8), cols 2(l%4) (+1)).
+template <int NL, int NT, typename A>
+RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const MmaAcc<NL, mt_of(NT), NT>& acc,
+                               A* c_s) {
+  constexpr int kFwdMT = mt_of(NT);
+  const int mtiles_left = p.s.MP / 16 - warp * kFwdMT;
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    const int gq = lane >> 2, t = lane & 3;
+RESFAST_UNROLL
+    for (int mt = 0; mt < kFwdMT; ++mt) {
+      if (mt < mtiles_left) {
+        const int r = (warp * kFwdMT + mt) * 16 + gq;
+RESFAST_UNROLL
+        for (int nt = 0; nt < NT; ++nt) {
+          const int col = nt * 8 + 2 * t;
+          const float* d = acc.c[mt][nt][s];
+          c_s[r * p.CS + col] = A(d[0]);
+          c_s[r * p.CS + col + 1] = A(d[1]);
+          c_s[(r + 8) * p.CS + col] = A(d[2]);
+          c_s[(r + 8) * p.CS + col + 1] = A(d[3]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward and input gradient: SIMT phase (thread tid owns tile pixel tid, all columns)
+
+// Column j's summed channels within the chunk: all of them, or in a packed block only those
+// of j's own group (so a non-finite value of one group cannot reach another's result).
+RESFAST_HD void column_k_range(const ChannelRange& cr, int j, int cg_cols, int cg_k, int kc, int kb, int& lo,
+                               int& hi) {
+  lo = 0;
+  hi = kb;
+  if (cr.multi) {
+    const int gj = j / cg_cols;
+    const int a = gj * cg_k - kc, b = (gj + 1) * cg_k - kc;
+    lo = a > 0 ? a : 0;
+    hi = b < kb ? b : kb;
+  }
+}
+
+template <typename T, typename A>
+RESFAST_HD void forward_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& cr, int kc,
+                                   const T* act_s, const T* w_s, A (&acc)[kSimtCols]) {
+  const SpatialTile& st = p.s;
+  if (tid >= st.M) return;
+  const T* a0 = act_s + ((tid >> st.lw) * int(g.sh) * st.IW + (tid & (st.TW - 1)) * int(g.sw)) * p.PS;
+  const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
+  const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
+RESFAST_UNROLL
+  for (int j = 0; j < kSimtCols; ++j) {
+    if (j < cr.ncols && j < bn) {
+      int lo, hi;
+      column_k_range(cr, j, int(g.cout_g), int(g.cin_g), kc, kb, lo, hi);
+      A sum = acc[j];
+      for (int kh = 0; kh < KH; ++kh) {
+        for (int kw = 0; kw < KW; ++kw) {
+          const T* ap = a0 + (kh * int(g.dh) * st.IW + kw * int(g.dw)) * p.PS;
+          const T* wp = w_s + ((kh * KW + kw) * bn + j) * p.PS;
+          for (int k = lo; k < hi; ++k) sum += static_cast<A>(ap[k]) * static_cast<A>(wp[k]);
         }
       }
       acc[j] = sum;
@@ -234,83 +1065,605 @@ RESFAST_HD void forward_tile_accumulate(int64_t tid, const ConvGeom& g, const Ti
   }
 }
 
-// Forward: writes acc[0..nco) (+ bias) to output channels group*cout_g + col0 + j of output
-// pixel (oh0 + r, ow0 + c), if that pixel is inside the output.
-template <typename scalar_t, typename acc_t>
-RESFAST_HD void forward_tile_store(int64_t tid, const ConvGeom& g, int64_t n, int64_t group, int64_t oh0, int64_t ow0,
-                                   int64_t col0, int64_t nco, const acc_t* acc, const acc_t* bias, scalar_t* out,
-                                   const Strides4& os) {
-  const int64_t oh = oh0 + tid / kTile, ow = ow0 + (tid - (tid / kTile) * kTile);
-  if (oh >= g.Ho || ow >= g.Wo) return;
-  RESFAST_UNROLL
-  for (int64_t j = 0; j < kCoBlock; ++j) {
-    if (j < nco) {
-      const int64_t co = group * g.cout_g + col0 + j;
-      const acc_t v = bias != nullptr ? acc[j] + bias[co] : acc[j];
-      out[n * os.n + co * os.c + oh * os.h + ow * os.w] = static_cast<scalar_t>(v);
+template <typename T, typename A>
+RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& cr, int kc,
+                                      int ih0, int iw0, int oh_lo, int ow_lo, const T* go_s, const T* w_s,
+                                      A (&acc)[kSimtCols]) {
+  const SpatialTile& st = p.s;
+  if (tid >= st.M) return;
+  const int th = ih0 + (tid >> st.lw) + int(g.ph), tw = iw0 + (tid & (st.TW - 1)) + int(g.pw);
+  const int sh = int(g.sh), sw = int(g.sw);
+  const int qh = th / sh - oh_lo, rh = th - (th / sh) * sh, qw = tw / sw - ow_lo, rw = tw - (tw / sw) * sw;
+  const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
+  const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
+RESFAST_UNROLL
+  for (int j = 0; j < kSimtCols; ++j) {
+    if (j < cr.ncols && j < bn) {
+      int lo, hi;
+      column_k_range(cr, j, int(g.cin_g), int(g.cout_g), kc, kb, lo, hi);
+      A sum = acc[j];
+      for (int kh = 0; kh < KH; ++kh) {
+        if (rh != p.rk_h[kh]) continue;
+        for (int kw = 0; kw < KW; ++kw) {
+          if (rw != p.rk_w[kw]) continue;
+          const T* gp = go_s + ((qh - p.qk_h[kh]) * p.OWB + (qw - p.qk_w[kw])) * p.PS;
+          const T* wp = w_s + ((kh * KW + kw) * bn + j) * p.PS;
+          for (int k = lo; k < hi; ++k) sum += static_cast<A>(gp[k]) * static_cast<A>(wp[k]);
+        }
+      }
+      acc[j] = sum;
     }
   }
 }
 
-// First output row / col whose taps can reach the input tile starting at i0 (may be below
-// the first one that really does, or negative: fill_grad_out_tile zero-fills those).
-RESFAST_HD int64_t input_tile_out_origin(int64_t i0, int64_t pad, int64_t k, int64_t dil, int64_t stride) {
-  return floor_div(i0 + pad - (k - 1) * dil, stride);
+// The tensor-core kernels' fallback for a packed block holding a non-finite value: the SIMT
+// loop, each column over its own group's channels, into fb_s (the accumulator-tile layout).
+// Out of line: it is rare, and inlined it would be most of the kernel's code.
+template <bool kInputGrad, typename T>
+RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& ch,
+                                               int h0, int w0, int h_lo, int w_lo, const T* stage_s, const T* w_s,
+                                               float* fb_s) {
+  for (int r = tid; r < p.s.MP; r += kThreads) {  // a tile may have more pixels than threads
+    float acc[kSimtCols];
+    for (int j = 0; j < kSimtCols; ++j) acc[j] = 0.0f;
+    if constexpr (kInputGrad) {
+      input_grad_simt_chunk(r, g, p, ch, 0, h0, w0, h_lo, w_lo, stage_s, w_s, acc);
+    } else {
+      forward_simt_chunk(r, g, p, ch, 0, stage_s, w_s, acc);
+    }
+    for (int j = 0; j < kSimtCols && j < p.ch.bn; ++j) fb_s[r * p.CS + j] = acc[j];
+  }
 }
 
-// Input gradient, one output-channel chunk: adds to acc[k] (k < nci) the chunk's part of
-// dL/da at input pixel (ih, iw) of input channel cil0 + k of the group. go_s holds the
-// chunk's grad_out tile (origin oh_lo, ow_lo, OHB x OWB), w_s the weights
-// [(j*nci + k)*KH*KW + tap] of the chunk's nco output channels.
-template <typename acc_t>
-RESFAST_HD void input_grad_tile_accumulate(const ConvGeom& g, const TileGeom& t, int64_t ih, int64_t iw,
-                                           int64_t oh_lo, int64_t ow_lo, int64_t nci, int64_t nco,
-                                           const acc_t* go_s, const acc_t* w_s, acc_t* acc) {
-  const int64_t plane = t.OHB * t.OWB, kk = g.KH * g.KW;
-  for (int64_t kh = 0; kh < g.KH; ++kh) {
-    const int64_t oh = conv_out_coord(ih, kh, g.sh, g.ph, g.dh, g.Ho);
-    if (oh < 0) continue;
-    for (int64_t kw = 0; kw < g.KW; ++kw) {
-      const int64_t ow = conv_out_coord(iw, kw, g.sw, g.pw, g.dw, g.Wo);
-      if (ow < 0) continue;
-      const acc_t* gp = go_s + (oh - oh_lo) * t.OWB + (ow - ow_lo);
-      const acc_t* wp = w_s + kh * g.KW + kw;
+template <typename A>
+RESFAST_HD void store_simt_tile(int tid, const ConvPlan& p, const A (&acc)[kSimtCols], A* c_s) {
+  if (tid >= p.s.MP) return;
+RESFAST_UNROLL
+  for (int j = 0; j < kSimtCols; ++j) {
+    if (j < p.ch.bn) c_s[tid * p.CS + j] = acc[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Epilogues (every thread; units of 8 channels of one tile pixel)
+
+// Forward: out[n, col0 + j, oh, ow] = c_s[r][j] (+ bias); the general path (any strides, any
+// dtype), out of line as fill_rows_general.
+template <typename T, typename A>
+RESFAST_HD_NOINLINE void forward_epilogue_general(int tid, const ConvArgs<T>& a, const ConvPlan& p, ChannelRange ch,
+                                                  TilePos pos, const A* c_s) {
+  const ConvGeom& g = a.g;
+  const SpatialTile& st = p.s;
+  const int U = p.ch.bn / 8, lu = log2_pow2(U);
+  const int v = tid & (U - 1);
+  const int co = ch.col0 + 8 * v;
+  const int nv = ch.ncols - 8 * v < 0 ? 0 : (ch.ncols - 8 * v > 8 ? 8 : ch.ncols - 8 * v);
+  if (nv == 0) return;
+  A bias[8];
+  RESFAST_UNROLL
+  for (int i = 0; i < 8; ++i) bias[i] = (a.bias != nullptr && i < nv) ? a.bias[co + i] : A(0);
+  T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+  for (int e = tid; e < st.M << lu; e += kThreads) {
+    const int r = e >> lu;
+    const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
+    if (oh >= g.Ho || ow >= g.Wo) continue;
+    A val[8];
+    RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) val[i] = c_s[r * p.CS + 8 * v + i] + bias[i];
+    store8(out + oh * a.os.h + ow * a.os.w, a.os.c, nv, false, val);
+  }
+}
+
+// As forward_epilogue_general; 16-bit channels_last outputs take 16-byte stores.
+template <typename T, typename A>
+RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
+                                 const TilePos& pos, const A* c_s) {
+  if constexpr (IsMmaType<T>::value) {
+    const int U = p.ch.bn / 8, lu = log2_pow2(U);
+    const int v = tid & (U - 1);
+    const int co = ch.col0 + 8 * v;
+    if (a.out_vec && (co & 7) == 0 && 8 * v + 8 <= ch.ncols) {
+      const ConvGeom& g = a.g;
+      const SpatialTile& st = p.s;
+      float bias[8];
       RESFAST_UNROLL
-      for (int64_t k = 0; k < kCoBlock; ++k) {
-        if (k < nci) {
-          acc_t sum = acc[k];
-          for (int64_t j = 0; j < nco; ++j) sum += gp[j * plane] * wp[(j * nci + k) * kk];
-          acc[k] = sum;
+      for (int i = 0; i < 8; ++i) bias[i] = a.bias != nullptr ? ld_global(a.bias + co + i) : 0.0f;
+      T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+      for (int e = tid; e < st.M << lu; e += kThreads) {
+        const int r = e >> lu;
+        const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
+        if (oh >= g.Ho || ow >= g.Wo) continue;
+        float f[8];
+        lds_f8(c_s + r * p.CS + 8 * v, f);
+        Vec16 q;
+        RESFAST_UNROLL
+        for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
+        st_global16(out + oh * a.os.h + ow * a.os.w, q);
+      }
+      return;
+    }
+  }
+  forward_epilogue_general(tid, a, p, ch, pos, c_s);
+}
+
+// Input gradient: grad_z = relu_backward(da, bn(x)) for the tile's pixels and the block's
+// input channels, written out; the thread's per-channel sums of grad_z and grad_z * xhat go
+// to red[tid][0..16). The sums use grad_z as stored (rounded to T), as the reference sums its
+// grad_z. The general path (any strides, any dtype), out of line as fill_rows_general.
+template <typename T, typename A>
+RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>& a, const ConvPlan& p, ChannelRange ch,
+                                                     TilePos pos, const A* c_s, A* red) {
+  const ConvGeom& g = a.g;
+  const SpatialTile& st = p.s;
+  const int U = p.ch.bn / 8, lu = log2_pow2(U);
+  const int v = tid & (U - 1);
+  const int c = ch.col0 + 8 * v;
+  const int nv = ch.ncols - 8 * v < 0 ? 0 : (ch.ncols - 8 * v > 8 ? 8 : ch.ncols - 8 * v);
+  A s_dz[8], s_dzx[8];
+  BNChannel8<T, A> bc;
+  bc.load(a.bn, c, nv);
+  RESFAST_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    s_dz[i] = A(0);
+    s_dzx[i] = A(0);
+  }
+  const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
+  T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+  for (int e = tid; nv > 0 && e < st.M << lu; e += kThreads) {
+    const int r = e >> lu;
+    const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
+    if (h >= g.H || w >= g.W) continue;
+    A xv[8], gz[8];
+    load8(x + h * a.xs.h + w * a.xs.w, a.xs.c, nv, false, xv);
+    RESFAST_UNROLL
+    for (int i = 0; i < 8; ++i) {
+      gz[i] = i < nv ? static_cast<A>(static_cast<T>(relu_backward(c_s[r * p.CS + 8 * v + i], bc.z(i, xv[i])))) : A(0);
+      s_dz[i] += gz[i];
+      s_dzx[i] += i < nv ? gz[i] * bn_xhat(xv[i], bc.mean[i], bc.invstd[i]) : A(0);
+    }
+    store8(out + h * a.os.h + w * a.os.w, a.os.c, nv, false, gz);
+  }
+  RESFAST_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    red[tid * 16 + i] = s_dz[i];
+    red[tid * 16 + 8 + i] = s_dzx[i];
+  }
+}
+
+// As input_grad_epilogue_general; 16-bit channels_last x and grad_z take 16-byte accesses.
+template <typename T, typename A>
+RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
+                                    const TilePos& pos, const A* c_s, A* red) {
+  if constexpr (IsMmaType<T>::value) {
+    const int U = p.ch.bn / 8, lu = log2_pow2(U);
+    const int v = tid & (U - 1);
+    const int c = ch.col0 + 8 * v;
+    if (a.x_vec && a.out_vec && (c & 7) == 0 && 8 * v + 8 <= ch.ncols) {
+      const ConvGeom& g = a.g;
+      const SpatialTile& st = p.s;
+      float s_dz[8], s_dzx[8];
+      BNChannel8<T, float> bc;
+      bc.load(a.bn, c, 8);
+      RESFAST_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        s_dz[i] = 0.0f;
+        s_dzx[i] = 0.0f;
+      }
+      const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
+      T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+      for (int e = tid; e < st.M << lu; e += kThreads) {
+        const int r = e >> lu;
+        const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
+        if (h >= g.H || w >= g.W) continue;
+        const Vec16 xq = ld_global16(x + h * a.xs.h + w * a.xs.w);
+        float da[8];
+        lds_f8(c_s + r * p.CS + 8 * v, da);
+        Vec16 gq;
+        RESFAST_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          float x0, x1, g0, g1;
+          unpack2<T>(xq.w[i], x0, x1);
+          gq.w[i] = pack2<T>(relu_backward(da[2 * i], bc.z(2 * i, x0)), relu_backward(da[2 * i + 1], bc.z(2 * i + 1, x1)));
+          unpack2<T>(gq.w[i], g0, g1);
+          s_dz[2 * i] += g0;
+          s_dz[2 * i + 1] += g1;
+          s_dzx[2 * i] += g0 * bn_xhat(x0, bc.mean[2 * i], bc.invstd[2 * i]);
+          s_dzx[2 * i + 1] += g1 * bn_xhat(x1, bc.mean[2 * i + 1], bc.invstd[2 * i + 1]);
+        }
+        st_global16(out + h * a.os.h + w * a.os.w, gq);
+      }
+      RESFAST_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        red[tid * 16 + i] = s_dz[i];
+        red[tid * 16 + 8 + i] = s_dzx[i];
+      }
+      return;
+    }
+  }
+  input_grad_epilogue_general(tid, a, p, ch, pos, c_s, red);
+}
+
+// Per-channel sums of one tile (fixed order: threads v, v + U, ...) -> part[spatial tile][channel].
+template <typename T, typename A>
+RESFAST_HD void input_grad_tile_sums(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
+                                     int64_t spatial, const A* red) {
+  const int bn = p.ch.bn, U = bn / 8;
+  if (tid >= 2 * bn) return;
+  const int which = tid / bn, j = tid - which * bn;
+  if (j >= ch.ncols) return;
+  const int v = j / 8, i = j - v * 8;
+  A s = A(0);
+  for (int t = v; t < kThreads; t += U) s += red[t * 16 + which * 8 + i];
+  A* part = which == 0 ? a.part0 : a.part1;
+  part[spatial * a.g.C + ch.col0 + j] = s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward and input-gradient blocks
+
+// Shared memory: [weights][staged rows (+ zero row)]; after a tile's K loop the accumulator
+// tile (and the input grad's per-thread sums) reuse the staged rows, never the weights.
+template <class X, typename T, bool kInputGrad, int NT>
+RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p, int64_t block, unsigned char* smem) {
+  using A = acc_of<T>;
+  constexpr bool kMMA = NT > 0;
+  constexpr int kNT = NT > 0 ? NT : 2;
+  const ConvGeom& g = a.g;
+  const ConvBlock b = decode_conv_block(p, g, kInputGrad, block);
+  const ChannelRange& ch = b.ch;
+  T* w_s = reinterpret_cast<T*>(smem);
+  T* stage_s = reinterpret_cast<T*>(smem + p.stage_offset);  // activation (forward) / grad_out (input grad)
+  T* zero_s = stage_s + p.s.IH * p.s.IW * p.PS;              // input grad: one zero row
+  A* c_s = reinterpret_cast<A*>(smem + p.stage_offset);      // accumulator tile (after the K loop)
+  A* red = reinterpret_cast<A*>(smem + p.red_offset);
+  float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
+  const bool one_chunk = ch.nk <= p.BK;
+  const bool check = kMMA && ch.multi;
+  // The forward's BN map, loaded once when every tile stages the same channels (one chunk).
+  BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
+  if constexpr (kMMA && !kInputGrad) {
+    ex.threads([&](int tid, int c) {
+      const int c0 = staged_channel(tid, ch.k0, p.BK);
+      bnc[c] = bn_scale_shift(a.bn, c0, ch.k0 + ch.nk - c0 < 0 ? 0 : (ch.k0 + ch.nk - c0 > 8 ? 8 : ch.k0 + ch.nk - c0));
+    });
+  }
+
+  MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
+  A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
+  for (int t = 0; t < b.ntiles; ++t) {
+    const int64_t spatial = b.tile0 + t;
+    const TilePos pos = decode_tile(p.s, spatial);
+    // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
+    // the output rows / cols that read the input tile.
+    const int h_lo = kInputGrad ? int(floor_div(pos.h0 + g.ph - (g.KH - 1) * g.dh, g.sh)) : int(pos.h0 * g.sh - g.ph);
+    const int w_lo = kInputGrad ? int(floor_div(pos.w0 + g.pw - (g.KW - 1) * g.dw, g.sw)) : int(pos.w0 * g.sw - g.pw);
+    if constexpr (kMMA) {
+      ex.warps([&](int, int, int c) { zero_acc(acc[c]); });
+    } else {
+      ex.threads([&](int, int c) {
+        for (int j = 0; j < kSimtCols; ++j) sacc[c][j] = A(0);
+      });
+    }
+    bool simt = !kMMA;
+    for (int kc = 0; kc < ch.nk; kc += p.BK) {
+      ex.sync();  // the previous chunk / tile is no longer read
+      bool bad = false;
+      ex.threads([&](int tid, int c) {
+        const int c0 = ch.k0 + kc, c_end = ch.k0 + ch.nk, rows = p.s.IH * p.s.IW;
+        // The source (grad_out for the input grad, x and BN-ReLU for the forward); a packed
+        // block also checks what it stages for non-finite values.
+        if constexpr (kInputGrad) {
+          bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.Ho,
+                                  g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
+        } else {
+          bad |= fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.H, g.W,
+                                 c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
+                                 kMMA && one_chunk ? &bnc[kMMA && !kInputGrad ? c : 0] : nullptr);
+        }
+        if (kInputGrad) fill_zero(tid, zero_s, p.PS);
+        if (t == 0 || !one_chunk) fill_weight_tile(tid, a.wp, p, int(g.KH * g.KW), b.jb, kc >> p.lbk, w_s);
+      });
+      const bool nonfinite = ex.sync_or(bad);
+      if (kMMA && !(check && nonfinite)) {
+        if constexpr (kMMA) {
+          ex.warps([&](int warp, int lane, int c) {
+            if constexpr (kInputGrad) {
+              input_grad_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s,
+                                                      w_s, acc[c]);
+            } else {
+              forward_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, stage_s, w_s, acc[c]);
+            }
+          });
+        }
+      } else if constexpr (kMMA) {
+        simt = true;  // a packed block holding a non-finite value (one chunk)
+        ex.threads([&](int tid, int) {
+          packed_block_fallback<kInputGrad>(tid, g, p, ch, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, fb_s);
+        });
+      } else {
+        ex.threads([&](int tid, int c) {
+          if constexpr (kInputGrad) {
+            input_grad_simt_chunk(tid, g, p, ch, kc, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, sacc[c]);
+          } else {
+            forward_simt_chunk(tid, g, p, ch, kc, stage_s, w_s, sacc[c]);
+          }
+        });
+      }
+    }
+    ex.sync();  // the staged rows are no longer read: the accumulator tile reuses them
+    const A* c_read = c_s;
+    if constexpr (kMMA) {
+      if (simt) {
+        c_read = fb_s;
+      } else {
+        ex.warps([&](int warp, int lane, int c) { store_acc_tile<X::kLanes, kNT>(warp, lane, p, acc[c], c_s); });
+      }
+    } else {
+      ex.threads([&](int tid, int c) { store_simt_tile(tid, p, sacc[c], c_s); });
+    }
+    ex.sync();
+    if constexpr (kInputGrad) {
+      ex.threads([&](int tid, int) { input_grad_epilogue(tid, a, p, ch, pos, c_read, red); });
+      ex.sync();
+      ex.threads([&](int tid, int) { input_grad_tile_sums(tid, a, p, ch, spatial, red); });
+    } else {
+      ex.threads([&](int tid, int) { forward_epilogue(tid, a, p, ch, pos, c_read); });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Weight gradient: rows = output channels, columns = input channels, K = tile pixels
+
+template <int NL, int UPW>
+struct WgradAcc {
+  float c[UPW][2][NL][4];
+};
+
+// A warp's units (tap, m16 tile, 16-column pair): unit u of warp w is w + kWarps * u =
+// ((tap * mtiles) + mt) * npairs + np. Their shared-memory offsets are computed once per block.
+// When mtiles * npairs divides kWarps every unit of a warp has the same (mt, np), so the A
+// fragment (grad_out, which does not depend on the tap) is loaded once per k16 step.
+template <int UPW>
+struct WgradUnits {
+  int a[UPW], tap[UPW], np[UPW], tapnp[UPW];
+  int n;
+  bool a_shared;
+};
+
+template <int UPW>
+RESFAST_HD WgradUnits<UPW> wgrad_units(int warp, const ConvGeom& g, const WgradPlan& p) {
+  WgradUnits<UPW> un;
+  const int mtiles = p.bm / 16, npairs = p.bn / 16;
+  RESFAST_UNROLL
+  for (int u = 0; u < UPW; ++u) {
+    const int unit = warp + kWarps * u;
+    const int np = unit % npairs, rest = unit / npairs;
+    const int mt = rest % mtiles, tap = rest / mtiles;
+    const int kh = tap / int(g.KW), kw = tap - (tap / int(g.KW)) * int(g.KW);
+    un.a[u] = mt * 16;
+    un.tap[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn;
+    un.np[u] = np * 16;
+    un.tapnp[u] = un.tap[u] + un.np[u];
+  }
+  un.n = (p.units - warp + kWarps - 1) / kWarps;
+  un.a_shared = kWarps % (mtiles * npairs) == 0;
+  return un;
+}
+
+// One tile's contribution: for each of the warp's units, over the tile's pixels in k16 steps:
+// A = go_s rows (pixels) -> [co][pix] via ldmatrix.trans, B = act_s rows of the pixels shifted
+// by the tap -> [pix][ci] via ldmatrix.trans. A pixel outside the output has a zero grad_out
+// row, but its activation row may hold a non-finite value (0 * NaN = NaN): a k16 step with such
+// a pixel (a warp vote) reads the zero row for it instead.
+template <int NL, typename T, int UPW, bool kAShared>
+RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const WgradPlan& p, int oh0, int ow0,
+                               const T* go_s, const T* act_s, const T* zero_s, const WgradUnits<UPW>& un,
+                               WgradAcc<NL, UPW>& acc) {
+  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
+  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
+  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
+  const SpatialTile& st = p.s;
+#pragma unroll 1
+  for (int k0 = 0; k0 < st.MP; k0 += 16) {
+    int arow[NL], bbase[NL], bofs[NL];
+    bool outside[NL];
+    for (int s = 0; s < NL; ++s) {
+      const int lane = NL == 1 ? lane0 : s;
+      arow[s] = (k0 + (lane & 7) + (lane >> 4) * 8) * p.PSm + ((lane >> 3) & 1) * 8;
+      const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      outside[s] = !(r < st.M && oh0 + (r >> st.lw) < g.Ho && ow0 + (r & (st.TW - 1)) < g.Wo);
+      const int rc = outside[s] ? 0 : r;  // an in-bounds row for the address
+      bofs[s] = (lane >> 4) * 8;
+      bbase[s] = ((rc >> st.lw) * int(g.sh) * st.IW + (rc & (st.TW - 1)) * int(g.sw)) * p.PSn + bofs[s];
+    }
+    const bool edge = warp_any<NL>(outside);
+    uint32_t af[NL][4];
+    if constexpr (kAShared) {
+      const uint16_t* aaddr[NL];
+      for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[0];
+      ldsm_x4<NL, true>(af, aaddr);
+    }
+    RESFAST_UNROLL
+    for (int u = 0; u < UPW; ++u) {
+      if (u < un.n) {
+        if constexpr (!kAShared) {
+          const uint16_t* aaddr[NL];
+          for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[u];
+          ldsm_x4<NL, true>(af, aaddr);
+        }
+        const uint16_t* baddr[NL];
+        for (int s = 0; s < NL; ++s) {
+          baddr[s] = act + bbase[s] + un.tapnp[u];
+          if (edge && outside[s]) baddr[s] = zero + bofs[s] + un.np[u];
+        }
+        uint32_t bf[NL][4];
+        ldsm_x4<NL, true>(bf, baddr);
+        uint32_t b0[NL][2], b1[NL][2];
+        for (int s = 0; s < NL; ++s) {
+          b0[s][0] = bf[s][0];
+          b0[s][1] = bf[s][1];
+          b1[s][0] = bf[s][2];
+          b1[s][1] = bf[s][3];
+        }
+        mma_16816<T, NL>(acc.c[u][0], af, b0);
+        mma_16816<T, NL>(acc.c[u][1], af, b1);
+      }
+    }
+  }
+}
+
+// Writes the warp's units to part[split][weight index] for the (co, ci) pairs of one group (a
+// block of one group: every pair; a packed block: the diagonal blocks).
+template <int NL, typename T, int UPW>
+RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const WgradPlan& p, const WgradBlock& b,
+                                const WgradAcc<NL, UPW>& acc) {
+  using A = acc_of<T>;
+  const ConvGeom& g = a.g;
+  const int mtiles = p.bm / 16, npairs = p.bn / 16;
+  const int taps = int(g.KH * g.KW), cin_g = int(g.cin_g), cout_g = int(g.cout_g);
+  const int64_t nw = g.Cout * g.cin_g * taps;
+  const int nunits = (p.units - warp + kWarps - 1) / kWarps;
+  const int g0 = b.co0 / cout_g;  // the block's (first) group
+  A* part = a.part0 + b.split * nw;
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    const int gq = lane >> 2, t = lane & 3;
+    RESFAST_UNROLL
+    for (int u = 0; u < UPW; ++u) {
+      if (u >= nunits) break;
+      const int unit = warp + kWarps * u;
+      const int np = unit % npairs, rest = unit / npairs;
+      const int mt = rest % mtiles, tap = rest / mtiles;
+      RESFAST_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        RESFAST_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int row = mt * 16 + gq + (i >= 2 ? 8 : 0), col = np * 16 + half * 8 + 2 * t + (i & 1);
+          if (row >= b.nrows || col >= b.ncols) continue;
+          const int co = b.co0 + row, ci = b.ci0 + col;
+          int grp = g0;
+          if (b.multi) {
+            grp = co / cout_g;
+            if (ci / cin_g != grp) continue;
+          }
+          part[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = A(acc.c[u][half][s][i]);
         }
       }
     }
   }
 }
 
-// Weight gradient: the contribution of one output tile (go_s: nco x kTile x kTile, a_s: the
-// activation tile of nci input channels) to the block's weight element
-// e = ((j*nci + k)*KH + kh)*KW + kw, i.e. output channel col0 + j, input channel cil0 + k.
-template <typename acc_t>
-RESFAST_HD acc_t weight_grad_tile_term(const ConvGeom& g, const TileGeom& t, int64_t e, int64_t nci, const acc_t* go_s,
-                                       const acc_t* a_s) {
-  const int64_t kw = e % g.KW, kh = (e / g.KW) % g.KH, k = (e / (g.KW * g.KH)) % nci, j = e / (g.KW * g.KH * nci);
-  const acc_t* gp = go_s + j * kTileThreads;
-  const acc_t* ap = a_s + k * t.IH * t.IW + kh * g.dh * t.IW + kw * g.dw;
-  acc_t acc = acc_t(0);
-  for (int64_t r = 0; r < kTile; ++r) {
-    const acc_t* arow = ap + r * g.sh * t.IW;
-    for (int64_t c = 0; c < kTile; ++c) acc += gp[r * kTile + c] * arow[c * g.sw];
+// SIMT: thread tid accumulates the block's elements e = tid + kThreads * i, e = (tap * bm + m) * bn + n.
+template <typename T, typename A>
+RESFAST_HD void wgrad_simt_tile(int tid, const ConvGeom& g, const WgradPlan& p, int oh0, int ow0, const T* go_s,
+                                const T* act_s, A (&acc)[kSimtWgrad]) {
+  const SpatialTile& st = p.s;
+  int goff[kSimtWgrad], aoff[kSimtWgrad];
+RESFAST_UNROLL
+  for (int i = 0; i < kSimtWgrad; ++i) {
+    const int e = tid + kThreads * i;
+    const int n = e % p.bn, rest = e / p.bn;
+    const int m = rest % p.bm, tap = rest / p.bm;
+    const int kh = tap / int(g.KW), kw = tap - kh * int(g.KW);
+    const bool ok = i < p.upw && e < p.units;
+    goff[i] = ok ? m : -1;
+    aoff[i] = (kh * int(g.dh) * st.IW + kw * int(g.dw)) * p.PSn + n;
   }
-  return acc;
+  for (int r = 0; r < st.M; ++r) {
+    const int oh_l = r >> st.lw, ow_l = r & (st.TW - 1);
+    if (oh0 + oh_l >= g.Ho || ow0 + ow_l >= g.Wo) continue;
+    const T* gp = go_s + r * p.PSm;
+    const T* ap = act_s + (oh_l * int(g.sh) * st.IW + ow_l * int(g.sw)) * p.PSn;
+RESFAST_UNROLL
+    for (int i = 0; i < kSimtWgrad; ++i) {
+      if (goff[i] >= 0) acc[i] += static_cast<A>(gp[goff[i]]) * static_cast<A>(ap[aoff[i]]);
+    }
+  }
 }
 
-// Index in the whole weight tensor of the block's weight element e (see weight_grad_tile_term).
-RESFAST_HD int64_t weight_grad_tile_index(const ConvGeom& g, int64_t group, int64_t col0, int64_t cil0, int64_t nci,
-                                          int64_t e) {
-  const int64_t kk = g.KH * g.KW;
-  const int64_t tap = e % kk, k = (e / kk) % nci, j = e / (kk * nci);
-  const int64_t co = group * g.cout_g + col0 + j;
-  return (co * g.cin_g + cil0 + k) * kk + tap;
+template <typename T, typename A>
+RESFAST_HD void wgrad_simt_store(int tid, const ConvArgs<T>& a, const WgradPlan& p, const WgradBlock& b,
+                                 const A (&acc)[kSimtWgrad]) {
+  const ConvGeom& g = a.g;
+  const int taps = int(g.KH * g.KW), cin_g = int(g.cin_g), cout_g = int(g.cout_g);
+  const int64_t nw = g.Cout * g.cin_g * taps;
+  for (int i = 0; i < kSimtWgrad && i < p.upw; ++i) {
+    const int e = tid + kThreads * i;
+    if (e >= p.units) break;
+    const int n = e % p.bn, rest = e / p.bn;
+    const int m = rest % p.bm, tap = rest / p.bm;
+    if (m >= b.nrows || n >= b.ncols) continue;
+    const int co = b.co0 + m, ci = b.ci0 + n;
+    const int grp = co / cout_g;
+    if (ci / cin_g != grp) continue;
+    a.part0[b.split * nw + (int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = acc[i];
+  }
+}
+
+// UPW: units per warp (tensor cores; 0 = SIMT). kAShared: every unit of a warp has the same A
+// fragment (WgradUnits), which the plan knows (WgradPlan::a_shared).
+template <class X, typename T, int UPW, bool kAShared>
+RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& p, int64_t block,
+                            unsigned char* smem) {
+  using A = acc_of<T>;
+  constexpr bool kMMA = UPW > 0;
+  constexpr int kUPW = UPW > 0 ? UPW : 1;
+  const ConvGeom& g = a.g;
+  const WgradBlock b = decode_wgrad_block(p, g, block);
+  T* go_s = reinterpret_cast<T*>(smem);
+  T* act_s = reinterpret_cast<T*>(smem + align16(int64_t(p.go_elems) * sizeof(T)));
+  T* zero_s = act_s + p.s.IH * p.s.IW * p.PSn;
+  WgradAcc<X::kLanes, kUPW> acc[kMMA ? X::kWarpCopies : 1];
+  A sacc[kMMA ? 1 : X::kThreadCopies][kSimtWgrad];
+  if constexpr (kMMA) {
+    ex.warps([&](int, int, int c) {
+      for (int u = 0; u < kUPW; ++u)
+        for (int h = 0; h < 2; ++h)
+          for (int s = 0; s < X::kLanes; ++s)
+            for (int i = 0; i < 4; ++i) acc[c].c[u][h][s][i] = 0.0f;
+    });
+  } else {
+    ex.threads([&](int, int c) {
+      for (int i = 0; i < kSimtWgrad; ++i) sacc[c][i] = A(0);
+    });
+  }
+  ex.threads([&](int tid, int) { fill_zero(tid, zero_s, p.PSn); });
+  WgradUnits<kUPW> units[kMMA ? X::kWarpCopies : 1];
+  BNScaleShift8 bnc[kMMA ? X::kThreadCopies : 1];  // the staged activation's BN map, for every tile
+  if constexpr (kMMA) {
+    ex.warps([&](int warp, int, int c) { units[c] = wgrad_units<kUPW>(warp, g, p); });
+    ex.threads([&](int tid, int c) {
+      const int c0 = staged_channel(tid, b.ci0, p.bn), left = b.ci0 + b.ncols - c0;
+      bnc[c] = bn_scale_shift(a.bn, c0, left < 0 ? 0 : (left > 8 ? 8 : left));
+    });
+  }
+  for (int64_t item = b.split; item < p.items; item += p.splits) {
+    const TilePos pos = decode_tile(p.s, item);
+    ex.sync();  // the previous tile is no longer read
+    ex.threads([&](int tid, int c) {
+      // grad_out rows = tile pixels (TW wide, so p / TW is the tile row)
+      fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, pos.h0, pos.w0, p.s.TH, p.s.TW, p.s.MP, g.Ho, g.Wo,
+                       b.co0, b.co0 + b.nrows, p.bm, p.PSm, kMMA, false, go_s);
+      fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, int(pos.h0 * g.sh - g.ph), int(pos.w0 * g.sw - g.pw),
+                      p.s.IH, p.s.IW, p.s.IH * p.s.IW, g.H, g.W, b.ci0, b.ci0 + b.ncols, p.bn, p.PSn, kMMA, false,
+                      act_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
+    });
+    ex.sync();
+    if constexpr (kMMA) {
+      ex.warps([&](int warp, int lane, int c) {
+        wgrad_mma_tile<X::kLanes, T, kUPW, kAShared>(warp, lane, g, p, pos.h0, pos.w0, go_s, act_s, zero_s, units[c],
+                                                      acc[c]);
+      });
+    } else {
+      ex.threads([&](int tid, int c) { wgrad_simt_tile(tid, g, p, pos.h0, pos.w0, go_s, act_s, sacc[c]); });
+    }
+  }
+  if constexpr (kMMA) {
+    ex.warps([&](int warp, int lane, int c) { wgrad_mma_store<X::kLanes, T, kUPW>(warp, lane, a, p, b, acc[c]); });
+  } else {
+    ex.threads([&](int tid, int c) { wgrad_simt_store(tid, a, p, b, sacc[c]); });
+  }
 }
 
 }  // namespace resfast

@@ -1,0 +1,26 @@
+// Host launchers of the tiled conv kernels (conv_forward.cu, conv_backward.cu), called by the
+// op implementations in ops_cuda.cu. Each returns false when no plan fits the conv (or
+// RESFAST_NATIVE_KERNELS=generic): the caller then runs the per-element kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "resfast/host.h"
+
+namespace resfast {
+
+// Launches prepare_weights_kernel (conv_kernels.cuh) for a plan: the weights in its tile layout.
+template <typename scalar_t>
+at::Tensor prepared_weights_cuda(const ConvPrep& p, const ConvPlan& plan, bool transposed, cudaStream_t stream);
+
+bool launch_forward_tiled(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias, const at::Tensor& out);
+
+// grad_z, and the per-channel sums of grad_z and grad_z * xhat into sum_dz / sum_dz_xhat.
+bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, const ConvPrep& p,
+                             const at::Tensor& grad_z, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat);
+
+// dL/dweight in the accumulation dtype, shape [Cout, cin_g, KH, KW].
+bool launch_weight_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, const ConvPrep& p,
+                              at::Tensor& grad_weight_acc);
+
+}  // namespace resfast

@@ -1,0 +1,100 @@
+"""The static model of the native CUDA kernels (``resfast.profiling.static_native``): the tiled
+conv kernels compiled for sm_90 with nvcc and read from their SASS, on a subset of the shape
+set. The figures asserted are static facts of the compiled code (tensor-core instructions, no
+spills, the record format, the roofline arithmetic), never a time.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from resfast.profiling import static_native as sn
+
+KEYS = {"backend", "shape", "kernel", "phase", "config", "regs", "spills", "smem_bytes", "occupancy", "mma",
+        "issue_us", "mma_us", "floor_us", "predicted_us"}
+SUBSET = ["resnext50_s1", "resnext50_s4", "densenet121_1x1_b2"]
+
+
+@pytest.fixture(scope="module")
+def records():
+    try:
+        return sn.native_kernels(SUBSET)
+    except sn.NativeModelUnavailable as exc:
+        pytest.skip(f"the native static model cannot compile the kernels here: {exc}")
+
+
+def test_records_cover_each_kernel_of_each_shape(records):
+    assert {(r["shape"], r["kernel"]) for r in records} == {(s, k) for s in SUBSET for k in sn.KERNELS}
+    for r in records:
+        assert set(r) == KEYS, r
+        assert r["backend"] == "native"
+
+
+def test_every_conv_kernel_runs_on_tensor_cores_without_spills(records):
+    for r in records:
+        assert r["mma"] in ("mma.sync", "wgmma"), r
+        assert r["spills"] == 0, r
+        assert 0 < r["regs"] <= 255, r
+        assert 0 < r["smem_bytes"] <= 48 * 1024, r
+        assert 0 < r["occupancy"] <= 1, r
+
+
+def test_prediction_is_the_roofline_of_issue_mma_and_floor(records):
+    for r in records:
+        assert r["issue_us"] > 0 and r["mma_us"] > 0 and r["floor_us"] > 0, r
+        assert r["predicted_us"] == pytest.approx(max(r["issue_us"], r["mma_us"], r["floor_us"]), abs=0.01), r
+        assert r["phase"] == ("fwd" if r["kernel"] == "forward" else "bwd"), r
+
+
+def test_hbm_floor_counts_each_tensor_once(records):
+    # ResNeXt-50 stage 1 forward, bf16: x and y of 64 x 128 x 56 x 56, weights 128 x 4 x 3 x 3.
+    fwd = next(r for r in records if r["shape"] == "resnext50_s1" and r["kernel"] == "forward")
+    nbytes = 2 * (2 * 64 * 128 * 56 * 56 + 128 * 4 * 9)
+    assert fwd["floor_us"] == pytest.approx(nbytes / 3.35e12 * 1e6, abs=0.01)
+
+
+def test_unknown_shape_is_refused():
+    with pytest.raises(KeyError, match="unknown shape"):
+        sn.native_kernels(["resnext50_s9"])
+
+
+def test_shapes_of_the_triton_model_are_accepted(records):
+    # resfast.profiling.static_model passes its own shape objects (padding None: k // 2).
+    class Shape:
+        name, n, c, h, w, co, k, stride, groups, padding = "resnext50_s1", 64, 128, 56, 56, 128, 3, 1, 32, None
+
+    got = sn.native_kernels([Shape()])
+    same = [r for r in records if r["shape"] == "resnext50_s1"]
+    assert [(r["kernel"], r["predicted_us"]) for r in got] == [(r["kernel"], r["predicted_us"]) for r in same]
+
+
+SASS = """
+        Function : _Z6kernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   LDS.128 R4, [R0] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0040*/                   HMMA.16816.F32.BF16 R12, R4, R6, R12 ;
+        /*0050*/               @P0 BRA 0x20 ;
+        /*0060*/                   STG.E.128 [R2.64], R8 ;
+        /*0070*/               @P1 BRA 0x20 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_loops_nest_by_backward_branch():
+    f = sn._parse_sass(SASS)["_Z6kernelv"]
+    assert len(f.instrs) == 9
+    loops = sn._loops(f)
+    # both branches go back to 0x20: one loop from 0x20 to the last of them
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0x70)]
+    assert loops[0].count("HMMA") == 2 and loops[0].count("STG") == 1
+    assert sn._classify(loops[0]) == ("hmma", 2)
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    # 128 threads: 128 registers -> 4 blocks of 4 warps (16 / 64); 48 KiB of shared memory -> 4 blocks.
+    assert sn._occupancy(128, 1024, 128) == pytest.approx(16 / 64)
+    assert sn._occupancy(64, 48 * 1024, 128) == pytest.approx(16 / 64)
+    assert math.isclose(sn._occupancy(32, 1024, 128), 1.0)
