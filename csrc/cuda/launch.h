@@ -1,6 +1,7 @@
-// Host launchers of the tiled conv kernels (conv_forward.cu, conv_backward.cu), called by the
-// op implementations in ops_cuda.cu. Each returns false when no plan fits the conv (or
-// RESFAST_NATIVE_KERNELS=generic): the caller then runs the per-element kernels.
+// Host launchers of the tiled conv kernels (conv_forward.cu, conv_input_grad.cu,
+// conv_weight_grad.cu: one translation unit each, so a parallel build compiles them at once),
+// called by the op implementations in ops_cuda.cu. Each returns false when no plan fits the
+// conv (or RESFAST_NATIVE_KERNELS=generic): the caller then runs the per-element kernels.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -2,9 +2,9 @@
 // registration.
 //
 // The convs come in two forms:
-//  * tiled (conv_kernels.cuh, launched from conv_forward.cu / conv_backward.cu): implicit
-//    GEMMs on tensor cores (float16 / bfloat16; SIMT for float32 / float64), the block
-//    programs of resfast/tiles.h that the CPU twin runs too;
+//  * tiled (conv_kernels.cuh, launched from conv_forward.cu, conv_input_grad.cu and
+//    conv_weight_grad.cu): implicit GEMMs on tensor cores (float16 / bfloat16; SIMT for
+//    float32 / float64), the block programs of resfast/tiles.h that the CPU twin runs too;
 //  * generic (here): one thread per output element (or one block per reduced element),
 //    reading global memory through the per-element functions of resfast/math.h; any shape,
 //    used where no tile plan fits and under RESFAST_NATIVE_KERNELS=generic.

@@ -39,9 +39,11 @@
 
 #if defined(__CUDACC__)
 #define RESFAST_UNROLL _Pragma("unroll")
+#define RESFAST_NO_UNROLL _Pragma("unroll 1")
 #define RESFAST_HD_NOINLINE __host__ __device__ __noinline__
 #else
 #define RESFAST_UNROLL
+#define RESFAST_NO_UNROLL
 #define RESFAST_HD_NOINLINE inline
 #endif
 
@@ -486,7 +488,7 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
     if (mma) return taps * (bm / 16) * (bn / 16) <= int64_t(kWarps) * mma_upw;
     return taps * bm * bn <= int64_t(kThreads) * kSimtWgrad;
   };
-  int bm, bn;
+  int bm = 16, bn = 16;
   if (P > 1) {
     bm = bn = 16;
     if (!fits(bm, bn)) P = 1;
@@ -572,10 +574,10 @@ RESFAST_HD void load8(const T* p, int64_t cstride, int nv, bool vec, A (&v)[8]) 
   if (vec && nv == 8) {
     alignas(16) T t[8];
     copy8_vec(t, p);
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) v[i] = static_cast<A>(t[i]);
   } else {
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) v[i] = i < nv ? static_cast<A>(p[i * cstride]) : A(0);
   }
 }
@@ -585,11 +587,11 @@ template <typename T, typename A>
 RESFAST_HD void store8(T* p, int64_t cstride, int nv, bool vec, const A (&v)[8]) {
   if (vec && nv == 8) {
     alignas(16) T t[8];
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) t[i] = static_cast<T>(v[i]);
     copy8_vec(p, t);
   } else {
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) {
       if (i < nv) p[i * cstride] = static_cast<T>(v[i]);
     }
@@ -750,6 +752,7 @@ RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, c
       const uint32_t iw_magic = div_magic(uint32_t(IW < 2 ? 2 : IW));
       const T* base = src + n * ss.n + int64_t(c) * ss.c;
       bool bad = false;
+      RESFAST_NO_UNROLL
       for (int e = tid; e < rows << lu; e += kThreads) {
         const int p = e >> lu;
         const int r = IW < 2 ? p : div_small(p, iw_magic);
@@ -818,6 +821,7 @@ RESFAST_HD void fill_weight_tile(int tid, const T* wp, const ConvPlan& p, int ta
   const T* src = wp + (jb * p.chunks + chunk) * int64_t(rows) * BK;
   if constexpr (IsMmaType<T>::value) {
     const int lu = p.lbk - 3;  // 8-element vectors per row
+    RESFAST_NO_UNROLL
     for (int e = tid; e < rows << lu; e += kThreads) {
       const int row = e >> lu, v = e & ((1 << lu) - 1);
       cp_async16(w_s + row * p.PS + 8 * v, src + row * BK + 8 * v);
@@ -856,7 +860,7 @@ RESFAST_HD void zero_acc(MmaAcc<NL, MT, NT>& a) {
 // k contiguous): ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), ...
 template <int NL, int NT>
 RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, uint32_t (&b)[NT][NL][2]) {
-RESFAST_UNROLL
+  RESFAST_UNROLL
   for (int np = 0; np < NT / 2; ++np) {
     const uint16_t* addr[NL];
     for (int s = 0; s < NL; ++s) {
@@ -902,7 +906,7 @@ RESFAST_HD void forward_mma_chunk(int warp, int lane0, const ConvGeom& g, const 
   const int steps = int(g.KH * g.KW) << p.lks;
   // One flat loop over (tap, k16 step); a step's tap row / col advance without divisions.
   int kh = 0, kw = 0, ks = 0;
-#pragma unroll 1
+  RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
     const int aoff = (kh * dh * st.IW + kw * dw) * PS + ks * 16;
     const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
@@ -954,9 +958,9 @@ RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, con
       int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
       const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
-      qh[s][mt] = th / sh;
+      qh[s][mt] = sh == 1 ? th : th / sh;  // no division for the common stride 1
       rh[s][mt] = th - qh[s][mt] * sh;
-      qw[s][mt] = tw / sw;
+      qw[s][mt] = sw == 1 ? tw : tw / sw;
       rw[s][mt] = tw - qw[s][mt] * sw;
       qh[s][mt] -= oh_lo;
       qw[s][mt] -= ow_lo;
@@ -965,7 +969,7 @@ RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, con
   const int KW = int(g.KW);
   const int steps = int(g.KH * g.KW) << p.lks;
   int kh = 0, kw = 0, ks = 0;
-#pragma unroll 1
+  RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
     const int qkh = p.qk_h[kh], rkh = p.rk_h[kh], qkw = p.qk_w[kw], rkw = p.rk_w[kw];
     const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
@@ -1004,11 +1008,11 @@ RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const Mma
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
     const int gq = lane >> 2, t = lane & 3;
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int mt = 0; mt < kFwdMT; ++mt) {
       if (mt < mtiles_left) {
         const int r = (warp * kFwdMT + mt) * 16 + gq;
-RESFAST_UNROLL
+        RESFAST_UNROLL
         for (int nt = 0; nt < NT; ++nt) {
           const int col = nt * 8 + 2 * t;
           const float* d = acc.c[mt][nt][s];
@@ -1047,7 +1051,7 @@ RESFAST_HD void forward_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p
   const T* a0 = act_s + ((tid >> st.lw) * int(g.sh) * st.IW + (tid & (st.TW - 1)) * int(g.sw)) * p.PS;
   const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
   const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
-RESFAST_UNROLL
+  RESFAST_UNROLL
   for (int j = 0; j < kSimtCols; ++j) {
     if (j < cr.ncols && j < bn) {
       int lo, hi;
@@ -1076,7 +1080,7 @@ RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan
   const int qh = th / sh - oh_lo, rh = th - (th / sh) * sh, qw = tw / sw - ow_lo, rw = tw - (tw / sw) * sw;
   const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
   const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
-RESFAST_UNROLL
+  RESFAST_UNROLL
   for (int j = 0; j < kSimtCols; ++j) {
     if (j < cr.ncols && j < bn) {
       int lo, hi;
@@ -1118,7 +1122,7 @@ RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const
 template <typename A>
 RESFAST_HD void store_simt_tile(int tid, const ConvPlan& p, const A (&acc)[kSimtCols], A* c_s) {
   if (tid >= p.s.MP) return;
-RESFAST_UNROLL
+  RESFAST_UNROLL
   for (int j = 0; j < kSimtCols; ++j) {
     if (j < p.ch.bn) c_s[tid * p.CS + j] = acc[j];
   }
@@ -1169,6 +1173,7 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) bias[i] = a.bias != nullptr ? ld_global(a.bias + co + i) : 0.0f;
       T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+      RESFAST_NO_UNROLL
       for (int e = tid; e < st.M << lu; e += kThreads) {
         const int r = e >> lu;
         const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
@@ -1251,6 +1256,7 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
       }
       const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
       T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+      RESFAST_NO_UNROLL
       for (int e = tid; e < st.M << lu; e += kThreads) {
         const int r = e >> lu;
         const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
@@ -1464,7 +1470,7 @@ RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const Wgr
   const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
   const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
   const SpatialTile& st = p.s;
-#pragma unroll 1
+  RESFAST_NO_UNROLL
   for (int k0 = 0; k0 < st.MP; k0 += 16) {
     int arow[NL], bbase[NL], bofs[NL];
     bool outside[NL];
@@ -1560,7 +1566,7 @@ RESFAST_HD void wgrad_simt_tile(int tid, const ConvGeom& g, const WgradPlan& p, 
                                 const T* act_s, A (&acc)[kSimtWgrad]) {
   const SpatialTile& st = p.s;
   int goff[kSimtWgrad], aoff[kSimtWgrad];
-RESFAST_UNROLL
+  RESFAST_UNROLL
   for (int i = 0; i < kSimtWgrad; ++i) {
     const int e = tid + kThreads * i;
     const int n = e % p.bn, rest = e / p.bn;
@@ -1575,7 +1581,7 @@ RESFAST_UNROLL
     if (oh0 + oh_l >= g.Ho || ow0 + ow_l >= g.Wo) continue;
     const T* gp = go_s + r * p.PSm;
     const T* ap = act_s + (oh_l * int(g.sh) * st.IW + ow_l * int(g.sw)) * p.PSn;
-RESFAST_UNROLL
+    RESFAST_UNROLL
     for (int i = 0; i < kSimtWgrad; ++i) {
       if (goff[i] >= 0) acc[i] += static_cast<A>(gp[goff[i]]) * static_cast<A>(ap[aoff[i]]);
     }
