@@ -8,7 +8,27 @@ import importlib as _importlib
 from resfast.models import registry as _registry
 from resfast.models.registry import list_models, model_info, register_model
 
-__all__ = ["create_model", "list_models", "model_info", "register_model"]
+__all__ = ["create_model", "list_models", "model_info", "register_model", "FAMILY_OPTIONS", "model_options"]
+
+# The options each family's builders take: resfast's name for the option (`resfast train
+# --backend / --dropout / --memory`) -> the builder's keyword. `registry` holds the
+# torchvision: / timm: models, which take the conversion's options.
+FAMILY_OPTIONS = {
+    "resnet": {"backend": "backend"},
+    "wide_resnet": {"backend": "backend", "dropout": "dropout"},
+    "resnext": {"backend": "backend"},
+    "preact_resnet": {"backend": "backend"},
+    "densenet": {"backend": "backend", "dropout": "drop_rate", "memory": "memory", "recompute": "recompute"},
+    "registry": {"backend": "backend", "memory": "memory", "recompute": "recompute"},
+}
+
+
+def model_options(model) -> dict:
+    """``{option: builder keyword}`` for a registered model name or a family's builder
+    function (``wide_resnet``, ``densenet_bc``, ...): the options its family declares."""
+    builder = model if callable(model) else model_info(model).builder
+    return dict(FAMILY_OPTIONS.get(builder.__module__.rpartition(".")[2], {}))
+
 
 # Each family module registers its models on import and exports its builders. (Imported by
 # name because `wide_resnet` is both a module and the builder it exports.)
