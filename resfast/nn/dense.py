@@ -27,7 +27,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call
 from resfast.nn.fused import bn_relu_conv
+from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
+from resfast.ops.opsets import get_ops
 from resfast.ops.validation import FLOAT_DTYPES
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
@@ -205,17 +207,43 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     """``conv(relu(bn(cat(inputs))))`` under ``torch.utils.checkpoint``: the concatenation and
     the result are recomputed in the backward instead of stored.
 
-    The running statistics are updated once, by the first evaluation; the recomputation
-    normalises with the same statistics and updates nothing (torchvision's and timm's
-    checkpointed layers update them twice).
+    The BatchNorm's bookkeeping happens outside the checkpointed function, once: the counter
+    moves and the running statistics are updated from the per-input channel statistics (the
+    channels of a concatenation are those of its parts, so nothing is concatenated for it).
+    The checkpointed function is pure, so its recomputation repeats nothing and
+    ``torch.compile`` traces it without a graph break (torchvision's and timm's checkpointed
+    layers update the running statistics twice).
     """
-    state = {"first": True}
+    call = bn_call(bn)
+    if call.batch_stats and call.running_mean is not None and call.momentum != 0.0:
+        _update_running_from_parts(call, inputs, resolve_backend(backend, inputs[0].device))
+    running = None if call.batch_stats else (call.running_mean, call.running_var)
 
     def closure(*feats: Tensor) -> Tensor:
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
-        return bn_relu_conv(bn, conv, x, backend, update=state.pop("first", False))
+        return bn_relu_conv2d(
+            x, conv.weight, conv.bias, bn_weight=call.weight, bn_bias=call.bias,
+            running_mean=running[0] if running else None, running_var=running[1] if running else None,
+            training=call.batch_stats, momentum=0.0, eps=call.eps, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, backend=backend, process_group=call.process_group)
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)
+
+
+@torch.no_grad()
+def _update_running_from_parts(call, parts: List[Tensor], backend: str) -> None:
+    ops = get_ops(backend)
+    means, variances, count = [], [], 1
+    for t in parts:
+        if call.process_group is not None:
+            m, v, count = sync_batch_stats(ops, t, call.process_group)
+        else:
+            m, v = ops.bn_stats(t.detach())
+            count = t.numel() // t.shape[1]
+        means.append(m)
+        variances.append(v)
+    update_running_stats(call.running_mean, call.running_var, torch.cat(means), torch.cat(variances), count,
+                         call.momentum)
 
 
 def check_dense_input(x: Tensor, block: nn.Module) -> None:
