@@ -61,6 +61,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"resfast._C: not built ({nat['error']})")
     for dev, status in info["backends"].items():
         for name, why in status.items():
-            print(f"  {dev:4s} {name:6s} {'runs' if why == 'ok' else 'unavailable: ' + why}")
+            print(f"  {dev:4s} {name:6s} {'unavailable: ' + why if why != 'ok' else backend_note(name, dev)}")
         print(f"  {dev:4s} auto  -> {info['auto'][dev]}")
     return 0
+
+
+def backend_note(name: str, device_type: str) -> str:
+    """What running backend ``name`` on ``device_type`` is for, from the backend table: its
+    description, and, where ``auto`` never picks it on that device (native, and triton under
+    the interpreter, on the CPU), that it is the test twin of the GPU kernels, not a speed path."""
+    from resfast.backends import backend, static_order
+
+    row, order = backend(name), static_order(device_type)
+    if name in order:
+        return f"runs: {row.description}"
+    fast = f"; use {order[0]} for speed" if order else ""
+    return (f"runs, as the test twin of the GPU kernels, not a speed path (auto never picks it on {device_type}"
+            f"{fast}): {row.description}")

@@ -37,6 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from resfast.backends import BACKENDS
+
 __all__ = ["add_arguments", "run", "run_study", "SCALES", "SECTIONS", "Scale"]
 
 SECTIONS = ("target", "wide_vs_deep", "dropout", "resnext", "densenet")
@@ -95,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the CIFAR-10 python-version files")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--epochs", type=int, default=None, help="epochs of each comparison run (default: the scale's)")
-    p.add_argument("--backend", default="auto", choices=("auto", "eager", "triton", "native"))
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--out", default="docs", help="folder for study.md and figures/ (default docs)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -133,9 +135,9 @@ def run_study(scale: Scale, *, out: str = "docs", device: str = "auto", backend:
               data_dir: Optional[str] = None, sections: Sequence[str] = SECTIONS, seed: int = 0) -> Dict[str, Any]:
     """Run the chosen ``sections`` at ``scale``; write ``out/study.md``, ``out/figures/study_*.png``
     and ``out/figures/study_results.json``; return the measurements."""
-    from resfast.train.loop import _device
+    from resfast.profiling.runtime import resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     fig_dir = os.path.join(out, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     ctx = _Context(scale, dev, backend, data_dir, fig_dir, seed)
