@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from typing import Any, Dict
 
 
