@@ -74,18 +74,14 @@ def run(args: argparse.Namespace) -> int:
         scale = dataclasses.replace(scale, data=args.data, image_size=image,
                                     subset=scale.subset or (5000 if args.data == "cifar10" and scale.name != "full"
                                                             else None))
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.epochs is not None:
         if args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         scale = with_epochs(scale, args.epochs)
     doc = run_study(scale, out=args.out, device=args.device, backend=args.backend, data_dir=args.data_dir,
-                    sections=sections, seed=args.seed)
+                    sections=sections, seed=args.seed, threads=args.threads)
     if args.json:
         from resfast.cli import emit_json
 

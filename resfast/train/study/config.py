@@ -122,7 +122,7 @@ SCALES: Dict[str, Scale] = {
         wide_vs_deep=Comparison(_preact(56), _wrn(16, 2), epochs=4, lr=0.1),
         paper_pair=("wrn16_4", "preact_resnet164", "wrn40_4", "preact_resnet1001"),
         dropout=Comparison(_wrn(16, 2, 0.0), _wrn(16, 2, 0.3), epochs=4, lr=0.1),
-        resnext=(11, 8, 4), resnext_budget=(4, 0.02),
+        resnext=(11, 8, 4), resnext_budget=(5, 0.02),
         memory_model=ModelSpec("densenet_bc100_k12", "densenet_bc100_k12"),
         memory_batch=16, memory_image=32, sweep_layers=(4, 8, 16, 24, 32)),
     "full": Scale(

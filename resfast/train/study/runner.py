@@ -22,10 +22,15 @@ __all__ = ["run_study"]
 
 
 def run_study(scale: Scale, *, out: str = "docs", device: str = "auto", backend: str = "auto",
-              data_dir: Optional[str] = None, sections: Sequence[str] = SECTIONS, seed: int = 0) -> Dict[str, Any]:
+              data_dir: Optional[str] = None, sections: Sequence[str] = SECTIONS, seed: int = 0,
+              threads: Optional[int] = None) -> Dict[str, Any]:
     """Run the chosen ``sections`` at ``scale``; write ``out/study.md``, ``out/figures/study_*.png``
-    and ``out/figures/study_results.json``; return the measurements."""
+    and ``out/figures/study_results.json``; return the measurements. ``threads``: CPU threads
+    for torch (default: torch's own choice)."""
     from resfast.backends import resolve_backend
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     dev = resolve_device(device)
     resolved = resolve_backend(backend, dev)  # a backend that cannot run here fails before anything runs
@@ -34,6 +39,7 @@ def run_study(scale: Scale, *, out: str = "docs", device: str = "auto", backend:
     ctx = Context(scale, dev, backend, data_dir, fig_dir, seed)
     t0 = time.perf_counter()
     results: Dict[str, Any] = {"setup": _setup(scale, dev, backend, resolved), "sections": {}}
+    results["setup"]["threads_option"] = threads
     for name in SECTIONS:
         if name not in sections:
             continue
