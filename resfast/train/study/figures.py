@@ -26,6 +26,10 @@ def plot_comparison(runs: List[Dict[str, Any]], learned_acc: float, path: str, t
         a.plot(ep, [h["train_loss"] for h in r["history"]], "o-", label=r["label"])
         b.plot(ep, [h["test_acc"] for h in r["history"]], "o-", label=r["label"])
     b.axhline(learned_acc, color="0.5", ls="--", lw=1, label=f"learned ({learned_acc:.0%})")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a.set_xlabel("epoch"), a.set_ylabel("train loss"), a.legend(fontsize=8)
     b.set_xlabel("epoch"), b.set_ylabel("test accuracy"), b.set_ylim(0, 1.02), b.legend(fontsize=8)
     c.boxplot([[1e3 * t for t in r["step_times_s"][1:]] for r in runs], whis=(10, 90), showfliers=False)

@@ -90,9 +90,10 @@ def train_interleaved(models: Sequence[nn.Module], config: TrainConfig,
                 "train_acc": sums[k][1] / sums[k][2], "test_loss": test_loss, "test_acc": test_acc,
                 "step_time_median_s": median, "images_per_s": config.batch_size / median,
             })
+        rows = [r["history"][-1] for r in runs]
         print(f"epoch {epoch + 1}/{config.epochs}: " + "; ".join(
-            f"[{k}] test acc {r['history'][-1]['test_acc']:.3f}, step {1e3 * r['history'][-1]['step_time_median_s']:.0f} ms"
-            for k, r in enumerate(runs)), file=log, flush=True)
+            f"[{k}] test acc {h['test_acc']:.3f}, step {1e3 * h['step_time_median_s']:.0f} ms"
+            for k, h in enumerate(rows)), file=log, flush=True)
     for r in runs:
         last = r["history"][-1]
         r.update(test_acc=last["test_acc"], final_train_loss=last["train_loss"], final_test_loss=last["test_loss"],

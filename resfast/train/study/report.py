@@ -37,7 +37,8 @@ def render_markdown(results: Dict[str, Any]) -> str:
                               "each comparison's epochs and peak lr in its section"),
                  ("learned", f"a model has learned the task when its final test accuracy is at least "
                              f"{_pct(s['learned_acc'])}"),
-                 ("device", f"{s['device']} ({s['device_name']}, {s['cpu_count']} cores, {s['threads']} threads)"),
+                 ("device", f"{s['device']} ({s['device_name']}, {s['cpu_count']} cores, "
+                            f"{_n(s['threads'], 'thread')})"),
                  ("backend", f"{s['backend']} -> {s['resolved_backend']}"),
                  ("versions", f"torch {s['torch']}, resfast {s['resfast']}, Python {s['python']}"),
                  ("commit / date", f"{s['commit']} / {s['date']}"),
@@ -82,13 +83,17 @@ def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.0f}" if seconds >= 0.01 else f"{1e3 * seconds:.1f}"
 
 
 def ranking(timing: Dict[str, Any], a: str, b: str) -> str:
     """The speed verdict of :func:`resfast.train.study.interleave.compare_times` in words."""
-    rounds = f"{timing['rounds']} interleaved round{'s' if timing['rounds'] != 1 else ''}"
+    rounds = _n(timing["rounds"], "interleaved round")
     head = (f"Over {rounds} one step of {a} took {timing['ratio_median']:.2f}x the time "
             f"of one step of {b} (interquartile range of the per-round ratio {timing['ratio_p25']:.2f}-"
             f"{timing['ratio_p75']:.2f}x)")
@@ -103,7 +108,7 @@ def _comparison(r: Dict[str, Any], w: Write) -> bool:
     """The runs table, the speed verdict and whether the baseline learned; True when the
     comparison may conclude from accuracies and losses."""
     base, other = r["runs"]
-    w(f"Budget: {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} at peak lr {r['lr']:g}, batch "
+    w(f"Budget: {_n(r['epochs'], 'epoch')} at peak lr {r['lr']:g}, batch "
       f"{r['batch_size']}; the baseline is {base['label']}. Both models trained interleaved, step by step, "
       f"on the same batches.\n")
     w("| model | params (M) | MACs/image (M) | step, median (ms) | spread | images/s | final train loss "
@@ -130,7 +135,7 @@ def _comparison(r: Dict[str, Any], w: Write) -> bool:
 
 def _md_target(r: Dict[str, Any], w: Write) -> None:
     w(f"`resfast train --model {r['model']} --epochs {r['epochs']}` (digits at 32x32, batch {r['batch_size']}, "
-      f"{r['schedule']} schedule, {r['threads']} threads): the same batches and schedule, with every step "
+      f"{r['schedule']} schedule, {_n(r['threads'], 'thread')}): the same batches and schedule, with every step "
       f"timed. Target: at least 95% test accuracy within 3 epochs.\n")
     w("| epoch | train loss | test loss | test acc | step, median (ms) | images/s |\n|---:|---:|---:|---:|---:|---:|")
     for h in r["history"]:
