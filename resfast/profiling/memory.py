@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     modes = _parse_modes(args.modes)
     check_model_name(args.model)
-    if not args.model.startswith("densenet"):
+    if not args.model.rpartition(":")[2].startswith("densenet"):  # also torchvision:densenet121, timm:...
         raise ValueError(f"--model must be a densenet model (the modes are dense-block memory modes), "
                          f"got {args.model!r}")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
