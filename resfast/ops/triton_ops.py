@@ -92,6 +92,7 @@ class Bound:
     args: Tuple[Any, ...]
     constexprs: Dict[str, Any]
     loops: Dict[str, int] = field(default_factory=dict)
+    depths: Dict[str, int] = field(default_factory=dict)  # nesting depth of a loop when not 1
     derived: Dict[str, int] = field(default_factory=dict)
     hbm_bytes: Optional[int] = None  # when the config changes them (split partials), else the launch's
 
@@ -368,7 +369,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if kh * kw == 1 and cin_g >= 64 and cout_g >= 64:
         configs.sort(key=lambda cfg: -cfg.get("BLOCK_N"))
-    elif ho * wo <= 14 * 14:
+    elif ho * wo <= 8 * 8:
         configs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
 
     def bind(cfg: TileConfig) -> Bound:
@@ -377,7 +378,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         ncb = blk.ngb * blk.nsub
         tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
         num_tiles = n * tiles_h * tiles_w
-        nprog = max(1, min(num_tiles, _cdiv(_persistent_programs(x, cfg), ncb)))
+        nprog = _balanced_splits(num_tiles, ncb, x, cfg)
         halo_h = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
         halo_w = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
         halo_b = min(64, _pow2(halo_h * halo_w))
@@ -402,7 +403,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
             loops["chunks"] = blk.ksub
         if packed:  # the exact fix-up runs only for tiles that are not finite
             loops.update(fixup_tiles=0, fixup_groups=0)
-        return Bound((nprog, ncb), args, const, loops=loops,
+        return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
                      derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, programs=nprog * ncb))
 
     key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None)
@@ -414,14 +415,15 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
 # ----------------------------------------------------------------------------- planners: conv backward
 
 _BWD_CONFIGS = [
-    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
-    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),  # 128 output channels: one merged launch
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
-_MAX_GW_ACC_PER_THREAD = 72
+_MAX_GW_ACC_PER_THREAD = 40
 
 
 def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
@@ -462,10 +464,10 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             ncb = blk.ngb * blk.ksub * (1 if do_ga else nsub)
             tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
             num_tiles = n * stride[0] * stride[1] * tiles_h * tiles_w
-            splits = max(1, min(num_tiles, _cdiv(_persistent_programs(x, cfg), ncb)))
+            cap = num_tiles
             if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
-                cap = max(1, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw)))
-                splits = min(splits, cap)
+                cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
+            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap)
             f32 = dict(dtype=torch.float32, device=x.device)
             pgw = torch.empty([splits, co * cin_g * khw], **f32) if do_gw else sums
             pgb = torch.empty([splits, co], **f32) if (do_gw and bias_grad) else sums
@@ -497,12 +499,14 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
             read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
             bound = Bound((ncb * splits,), args, const, loops=loops,
+                          depths={k: 2 for k in loops if k.startswith("co_chunks")},
                           derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
                                        programs=ncb * splits), hbm_bytes=read + partial_bytes)
             if packed:
                 state["fixup"] = Bound(bound.grid, args, dict(const, DO_GW=False, DO_GB=False, FIXUP=True),
                                        loops={"flag_scan": loops["tiles"], "fixup_tiles": 0, "fixup_taps": 0,
                                               "fixup_channels": 0},
+                                       depths={"fixup_taps": 2, "fixup_channels": 3},
                                        derived=bound.derived)
             return bound
         return bind
@@ -526,7 +530,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         launches.append(KernelLaunch("conv_bwd_fixup", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, [fixed], fixed,
                                      lambda cfg: state.get("fixup") or Bound((0,), (), {}), key + ("fixup",),
                                      hbm_bytes=4 * 2 * c * 4))
-    fin_c = 16 if _interpret() else 128
+    fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
     n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
@@ -536,17 +540,25 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      (state["pgw"], state["pgb"], state["psum"], grad_weight, _or(grad_bias if bias_grad else None,
                                                                                   sums), sum_dz, sum_dz_xhat,
                       n_gw, n_gb, c, state["splits_w"], state["splits_s"], nb_gw, nb_gb, nb_c),
-                     dict(HAS_GB=bool(bias_grad), BLOCK_S=8, BLOCK_C=fin_c, num_warps=cfg.num_warps),
-                     # one branch per program; the model counts every branch's loop (a small overestimate)
-                     loops={"rows_gw": _cdiv(state["splits_w"], 8), **({"rows_gb": _cdiv(state["splits_w"], 8)}
-                                                                      if bias_grad else {}),
-                            "rows_dz": _cdiv(state["splits_s"], 8), "rows_dzx": _cdiv(state["splits_s"], 8)},
+                     dict(HAS_GB=bool(bias_grad), BLOCK_S=fin_s, BLOCK_C=fin_c, num_warps=cfg.num_warps),
+                     # a program takes one branch: each branch's loop weighted by its share of programs
+                     loops={"rows_gw": _share(state["splits_w"], fin_s, nb_gw, nb_gw + nb_gb + 2 * nb_c),
+                            **({"rows_gb": _share(state["splits_w"], fin_s, nb_gb, nb_gw + nb_gb + 2 * nb_c)}
+                               if bias_grad else {}),
+                            "rows_dz": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c),
+                            "rows_dzx": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c)},
                      hbm_bytes=partials + _nbytes(grad_weight) + 8 * c)
 
     fixed = _cfg(4, 1)
     launches.append(KernelLaunch("conv_bwd_finalize", bn_relu_conv_bwd.bn_relu_conv_bwd_finalize_kernel, [fixed],
                                  fixed, bind_finalize, hbm_bytes=4 * (n_gw + n_gb + 2 * c) * 2))
     return result, launches
+
+
+def _share(rows: int, step: int, programs: int, total: int) -> int:
+    """Expected trips per program of a branch loop of ``rows / step`` trips taken by
+    ``programs`` of ``total`` programs (the static model counts every branch of a kernel)."""
+    return _cdiv(_cdiv(rows, step) * programs, max(1, total))
 
 
 def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg: TileConfig) -> bool:
@@ -732,6 +744,24 @@ def _prune_tiles(configs: Sequence[TileConfig], hh: int, ww: int) -> List[TileCo
 
     kept = [c for c in configs if used(c) >= 0.5]
     return kept or [max(configs, key=used)]
+
+
+def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None) -> int:
+    """Programs per channel block of a persistent launch (``ncb`` channel blocks, each with
+    ``num_tiles`` tiles): the count that makes the busiest SM's tiles fewest, i.e. minimises
+    ``ceil(ncb * s / SMs) * ceil(num_tiles / s)``, at most ``programs_per_sm`` resident
+    programs per SM and ``cap``; ties go to more programs (more warps to hide latency)."""
+    cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
+    if _interpret() or x.device.type == "cpu":
+        return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
+    sms = _num_sms(x)
+    limit = max(1, min(cap, _cdiv(sms * cfg.programs_per_sm, ncb)))
+    best, best_cost = 1, None
+    for s in range(1, limit + 1):
+        cost = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def _persistent_programs(x: Tensor, cfg: TileConfig) -> int:

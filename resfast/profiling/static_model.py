@@ -344,18 +344,25 @@ def occupancy(regs: int, smem: int, num_warps: int) -> Tuple[int, float]:
     return blocks, blocks * num_warps / MAX_WARPS_PER_SM
 
 
-def _weights(stats: KernelStats, loops: Sequence[int]) -> Tuple[List[int], bool]:
+def _weights(stats: KernelStats, loops: Sequence[int], depths: Optional[Sequence[int]] = None
+             ) -> Tuple[List[int], bool]:
     """Per instruction: how many times one warp executes it, the product of the trips of the
     loops around it. The launch plan lists its loops' trips in the order of their heads in
-    the code, which is the order of the SASS loops' heads; when the counts differ (the
-    compiler unrolled or split a loop) a SASS loop at depth ``d`` takes the plan's ``d``-th
-    trips instead, and the second value is False."""
+    the code, which is the order of the SASS loops' heads. When the counts differ (the
+    compiler unrolled a loop, or specialised a bound to a constant) the SASS loops of each
+    nesting depth take, in order, the plan's loops of that depth (``depths``, default 1 for
+    the first and one deeper for each next), extra SASS loops 1 trip, and the second value is
+    False."""
     trips = list(loops)
     matched = len(trips) == len(stats.loops)
     if matched:
         per_loop = trips
     else:
-        per_loop = [trips[lp["depth"] - 1] if lp["depth"] - 1 < len(trips) else 1 for lp in stats.loops]
+        depths = list(depths) if depths else list(range(1, len(trips) + 1))
+        queues: Dict[int, List[int]] = {}
+        for t, d in zip(trips, depths):
+            queues.setdefault(d, []).append(t)
+        per_loop = [queues[lp["depth"]].pop(0) if queues.get(lp["depth"]) else 1 for lp in stats.loops]
     w = []
     for addr in stats.instr_addrs:
         prod = 1
@@ -367,12 +374,12 @@ def _weights(stats: KernelStats, loops: Sequence[int]) -> Tuple[List[int], bool]
 
 
 def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], hbm_bytes: int,
-            bandwidth: float = H100) -> Dict[str, Any]:
+            bandwidth: float = H100, loop_depths: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """The model's figures for one bound launch."""
     programs = 1
     for g in grid:
         programs *= g
-    weights, matched = _weights(stats, loop_trips)
+    weights, matched = _weights(stats, loop_trips, loop_depths)
     per_warp = sum(weights)
     per_sm = math.ceil(programs / SMS)
     issue_us = per_sm * stats.num_warps * per_warp / ISSUE_PER_CLK / (CLOCK_GHZ * 1e3)
@@ -447,7 +454,8 @@ def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandw
                                      "predicted_us": float("inf")})
                         continue
                     hbm = launch.hbm_bytes if bound.hbm_bytes is None else bound.hbm_bytes
-                    row = predict(stats, bound.grid, list(bound.loops.values()), hbm, bandwidth)
+                    depths = [bound.depths.get(name, 1) for name in bound.loops]
+                    row = predict(stats, bound.grid, list(bound.loops.values()), hbm, bandwidth, depths)
                     row.update(config=cfg.label, loops=bound.loops, derived=bound.derived)
                     rows.append(row)
                 if not rows:
