@@ -15,6 +15,7 @@ def collect() -> Dict[str, Any]:
 
     import resfast
     from resfast.backends import _triton_import, backend_status, native_info, triton_interpret
+    from resfast.ops.autotune import cache_summary
 
     triton, _ = _triton_import()
     gpus = []
@@ -35,6 +36,7 @@ def collect() -> Dict[str, Any]:
         "native": native_info(),
         "backends": {d: {k: (v or "ok") for k, v in backend_status(d).items()} for d in devices},
         "auto": {d: resfast.resolve_backend("auto", d) for d in devices},
+        "autotune": cache_summary(),
     }
 
 
@@ -62,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         for name, why in status.items():
             print(f"  {dev:4s} {name:6s} {'unavailable: ' + why if why != 'ok' else backend_note(name, dev)}")
         print(f"  {dev:4s} auto  -> {info['auto'][dev]}")
+    tune = info["autotune"]
+    print(f"auto's measured choices: {tune['file']} ({tune['choices']} choices, {tune['choices_here']} for this "
+          f"machine and these versions){'' if tune['measuring'] else '; measuring is off (RESFAST_BACKEND / RESFAST_AUTOTUNE=0)'}")
     return 0
 
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resfast.backends import resolve_backend
 from resfast.ops.autograd import BNReLUConv2dFunction
+from resfast.ops.autotune import bn_relu_conv2d_backend
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype
 from resfast.ops.validation import check_bn_relu_conv2d_args
@@ -92,7 +92,8 @@ def bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
     )
-    name = resolve_backend(backend, x.device)
+    name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                  momentum, eps, stride, padding, dilation, groups, out)
     if x.shape[0] == 0:
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)

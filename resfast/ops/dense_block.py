@@ -45,8 +45,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from resfast.backends import resolve_backend
 from resfast.ops.autograd import bn_relu_conv2d_backward
+from resfast.ops.autotune import dense_block_backend
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
@@ -112,7 +112,7 @@ def shared_dense_block(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if len(layers) == 0:
         raise ValueError("layers must hold at least one dense layer, got none")
-    name = resolve_backend(backend, x.device)
+    name = dense_block_backend(backend, x, layers, recompute=recompute, tail=tail)
     cfg = _Config.build(layers, tail, x, name, recompute)
     dtype = _compute_dtype(x)
     x_c = x if x.dtype == dtype else x.to(dtype)
