@@ -79,7 +79,7 @@ def test_torchvision_state_dict_loads_strict(name):
 
 @pytest.mark.parametrize("memory,recompute", [("naive", "bn_relu"), ("shared", "bn_relu")])
 def test_torchvision_densenet121_same_outputs_and_grads(memory, recompute):
-    """torchvision's weights in resfast's densenet121: outputs (eval: the STANDARDS rule in
+    """torchvision's weights in resfast's densenet121: outputs (eval: the float64 rule of docs/design.md in
     float32), and in float64 the training-step outputs, input and parameter gradients and
     running statistics (see tests/test_dense.py for why the whole network is compared in
     float64)."""

@@ -71,7 +71,7 @@ def _penalty_grads(backend: str, dtype: torch.dtype, device: str, training: bool
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_gradient_penalty_matches_eager(backend, training):
     """The trial's reproduction: every gradient of a gradient penalty, against eager in float64
-    by the STANDARDS rule (float32 on triton, which has no float64 kernels)."""
+    by the float64 rule of docs/design.md (float32 on triton, which has no float64 kernels)."""
     _require(backend, DEVICE)
     dtype = torch.float32
     got = _penalty_grads(backend, dtype, DEVICE, training)

@@ -27,6 +27,7 @@ from resfast.backends import check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
+from resfast.nn.unfused import hooked_submodules, is_tracing
 from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
@@ -120,7 +121,7 @@ class DenseNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+        if not is_tracing() and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans):
             raise ValueError(f"x must be an N x {self.in_chans} x H x W tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         f = self.features
@@ -145,8 +146,10 @@ class DenseNet(nn.Module):
         f = self.features
         if self.stem == "cifar":
             return f.conv0(x)
-        recompute = (self.memory == "shared" and torch.is_grad_enabled() and f.conv0.weight.requires_grad
-                     and sync_group(f.norm0) is None)
+        recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
+                     and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
+                     and not hooked_submodules([("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0),
+                                                ("pool0", f.pool0)]))
         if not recompute:
             return f.pool0(f.relu0(f.norm0(f.conv0(x))))
         return _recomputed_stem(f.conv0, f.norm0, f.pool0, x)

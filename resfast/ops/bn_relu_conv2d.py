@@ -30,7 +30,8 @@ from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with"]
+__all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
+           "autocast_inputs"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -86,8 +87,8 @@ def bn_relu_conv2d(
             arguments, before anything is modified.
         resfast.backends.BackendUnavailableError: if ``backend`` cannot run on ``x``'s device.
     """
-    if isinstance(x, Tensor) and isinstance(weight, Tensor) and _autocast_enabled(x.device.type):
-        x, weight, bias = _autocast_inputs(x, weight, bias)
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and autocast_enabled(x.device.type):
+        x, weight, bias = autocast_inputs(x, weight, bias)
     stride, padding, dilation, momentum = check_bn_relu_conv2d_args(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
@@ -181,7 +182,7 @@ def _finish(y: Tensor, out: Optional[Tensor]) -> Tensor:
     return out
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # older spelling
@@ -190,7 +191,7 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Cast like autocast casts ``conv2d``'s inputs; the BN parameters stay in their dtype."""
     try:
         dtype = torch.get_autocast_dtype(x.device.type)
