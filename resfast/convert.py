@@ -271,22 +271,101 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in module.modules())
 
 
-def _swap(module: nn.Module, cls: type, relus: Sequence[str] = (), **attrs: Any) -> None:
+def _swap(module: nn.Module, cls: type, **attrs: Any) -> Optional[str]:
     """Make ``module`` an instance of the resfast class ``cls`` in place: same object, same
-    children (so the same Parameters, buffers and ``state_dict`` keys), plus the plain
-    attributes ``cls.forward`` reads that the original did not have.
+    children (so the same Parameters, buffers and ``state_dict`` keys); ``attrs`` are the
+    plain attributes the conversion chooses (backend, memory mode, ...).
 
-    ``relus``: ReLU modules the resfast class calls when it runs unfused (hooks, FX tracing)
-    that the original has under other names (timm's ``act1``) or not at all (timm's
-    ``BatchNormAct2d`` applies its ReLU itself; a second ReLU changes nothing). They are
-    plain attributes, not registered children, so the module tree is unchanged.
+    What ``cls.__init__`` would have created and the original lacks is added without
+    touching the ``state_dict``: parameter-free modules (a ``relu`` that timm calls ``act1``
+    or folds into ``BatchNormAct2d``; a second ReLU changes nothing) and plain attributes
+    as unregistered attributes, non-persistent buffers as buffers. Returns why not (and
+    changes nothing) if ``cls`` would need a parameter or persistent buffer the original
+    does not have.
     """
+    plan = _completion(module, cls, attrs)
+    if isinstance(plan, str):
+        return plan
+    _apply_completion(module, cls, plan, attrs)
+    return None
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
+
+
+def _fresh(module: nn.Module, cls: type, attrs: Dict[str, Any], device: str) -> nn.Module:
+    """A new ``cls`` with ``module``'s sizes (on ``device``), to see what its ``__init__`` sets."""
+    backend = attrs.get("backend", "auto")
+    with torch.device(device):
+        if cls is Transition:
+            return Transition(module.norm.num_features, module.conv.out_channels, backend=backend)
+        if cls is DenseLayer:
+            k = module.conv2.out_channels
+            return DenseLayer(module.norm1.num_features, k, max(1, module.conv1.out_channels // k), backend=backend)
+        if cls is DenseBlock:
+            return DenseBlock(1, attrs["num_input_features"], 1, attrs["growth_rate"], memory=attrs["memory"],
+                              recompute=attrs["recompute"], backend=backend)
+        inplanes = module.conv1.in_channels
+        if cls is BasicBlock:
+            planes = module.conv2.out_channels
+            return BasicBlock(inplanes, planes, downsample=None if inplanes == planes else nn.Identity(),
+                              backend=backend)
+        planes = max(1, module.conv3.out_channels // cls.expansion)
+        down = None if inplanes == planes * cls.expansion else nn.Identity()
+        width, groups = module.conv2.out_channels, module.conv2.groups
+        if cls is ResNeXtBottleneck:
+            return ResNeXtBottleneck(inplanes, planes, downsample=down, cardinality=groups, width=width,
+                                     backend=backend)
+        return Bottleneck(inplanes, planes, downsample=down, groups=groups, width=width, backend=backend)
+
+
+def _completion(module: nn.Module, cls: type, attrs: Dict[str, Any]):
+    """``(plain attributes, non-persistent buffers)`` to add to ``module`` for ``cls``, or why not."""
+    fresh = _fresh(module, cls, attrs, "meta")
+    name = cls.__name__
+    for key, p in fresh._parameters.items():
+        if p is not None and key not in module._parameters:
+            return f"resfast.{name} has a parameter {key!r} the original does not have"
+    buffers = []
+    for key, b in fresh._buffers.items():
+        if b is None or key in module._buffers or key in module.__dict__:
+            continue
+        if key not in fresh._non_persistent_buffers_set:
+            return f"resfast.{name} has a buffer {key!r} the original does not have"
+        buffers.append(key)
+    plain: Dict[str, Any] = {}
+    for key, sub in fresh._modules.items():
+        if key in module._modules or key in module.__dict__ or (cls is DenseBlock and key.startswith("denselayer")):
+            continue
+        if sub is not None and (any(True for _ in sub.parameters()) or any(True for _ in sub.buffers())):
+            return f"resfast.{name} has a submodule {key!r} with tensors the original does not have"
+        plain[key] = sub
+    registered = set(module._modules) | set(module._parameters) | set(module._buffers)
+    for key, value in fresh.__dict__.items():
+        if key not in _MODULE_INTERNALS and key not in module.__dict__ and key not in attrs and key not in registered:
+            if isinstance(value, torch.Tensor):
+                return f"resfast.{name} has a tensor attribute {key!r} the original does not have"
+            plain[key] = value
+    values = {}
+    if buffers:
+        real = _fresh(module, cls, attrs, "cpu")
+        ref = next(iter(module.parameters()), None)
+        for key in buffers:
+            b = real._buffers[key]
+            if ref is not None:
+                b = b.to(device=ref.device, dtype=ref.dtype if b.is_floating_point() else b.dtype)
+            values[key] = b
+    return plain, values
+
+
+def _apply_completion(module: nn.Module, cls: type, plan, attrs: Dict[str, Any]) -> None:
+    plain, buffers = plan
+    module.__dict__.update(plain)  # unregistered: the module tree and state_dict stay as they were
+    for key, value in buffers.items():
+        module.register_buffer(key, value, persistent=False)
     module.__class__ = cls
-    for name in relus:
-        if name not in module._modules:
-            module.__dict__[name] = nn.ReLU(inplace=True)
-    for k, v in attrs.items():
-        setattr(module, k, v)
+    for key, value in attrs.items():
+        setattr(module, key, value)
 
 
 # ----------------------------------------------------------------------------- what can be fused
@@ -389,7 +468,9 @@ def _tv_basic(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
     if problem:
         return problem
     original = type(m)
-    _swap(m, BasicBlock, backend=ctx.backend, inplanes=m.conv1.in_channels)
+    problem = _swap(m, BasicBlock, backend=ctx.backend, inplanes=m.conv1.in_channels)
+    if problem:
+        return problem
     ctx.done(path, original, m, 1, "bn1-relu-conv2 fused")
     return None
 
@@ -398,19 +479,21 @@ def _tv_bottleneck(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
     problem = _first_problem(_pair_problem(m, "bn1", "relu", "conv2", ctx), _pair_problem(m, "bn2", "relu", "conv3", ctx))
     if problem:
         return problem
-    _swap_bottleneck(m, path, ctx, se=None)
-    return None
+    return _swap_bottleneck(m, path, ctx, se=None)
 
 
-def _swap_bottleneck(m: nn.Module, path: str, ctx: _Context, **attrs: Any) -> None:
+def _swap_bottleneck(m: nn.Module, path: str, ctx: _Context, **attrs: Any) -> Optional[str]:
     original = type(m)
     groups = m.conv2.groups
     if groups > 1:
-        _swap(m, ResNeXtBottleneck, relus=("relu",), backend=ctx.backend, inplanes=m.conv1.in_channels,
-              cardinality=groups, **attrs)
+        problem = _swap(m, ResNeXtBottleneck, backend=ctx.backend, inplanes=m.conv1.in_channels, cardinality=groups,
+                        **attrs)
     else:
-        _swap(m, Bottleneck, relus=("relu",), backend=ctx.backend, inplanes=m.conv1.in_channels, **attrs)
+        problem = _swap(m, Bottleneck, backend=ctx.backend, inplanes=m.conv1.in_channels, **attrs)
+    if problem:
+        return problem
     ctx.done(path, original, m, 2, "bn1-relu-conv2 and bn2-relu-conv3 fused")
+    return None
 
 
 def _timm_basic(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
@@ -422,7 +505,9 @@ def _timm_basic(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
     if problem:
         return problem
     original = type(m)
-    _swap(m, BasicBlock, relus=("relu",), backend=ctx.backend, inplanes=m.conv1.in_channels)
+    problem = _swap(m, BasicBlock, backend=ctx.backend, inplanes=m.conv1.in_channels)
+    if problem:
+        return problem
     ctx.done(path, original, m, 1, "bn1-act1-conv2 fused")
     return None
 
@@ -435,8 +520,7 @@ def _timm_bottleneck(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
     if problem:
         return problem
     # timm's attention module (SE, ...) sits where resfast.Bottleneck runs `se`: after bn3.
-    _swap_bottleneck(m, path, ctx)
-    return None
+    return _swap_bottleneck(m, path, ctx)
 
 
 def _dense_layer_problem(layer: nn.Module, ctx: _Context) -> Optional[str]:
@@ -465,8 +549,9 @@ def _dense_layer(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
         return problem
     original = type(m)
     note = _checkpoint_note([m])
-    _swap(m, DenseLayer, relus=("relu1", "relu2"), memory=_layer_memory(m, ctx), backend=ctx.backend,
-          drop_rate=float(m.drop_rate))
+    problem = _swap(m, DenseLayer, memory=_layer_memory(m, ctx), backend=ctx.backend, drop_rate=float(m.drop_rate))
+    if problem:
+        return problem
     ctx.done(path, original, m, 2, f"norm1-relu-conv1 and norm2-relu-conv2 fused, memory={m.memory!r}{note}")
     return None
 
@@ -511,11 +596,17 @@ def _swap_dense_block(m: nn.Module, path: str, ctx: _Context, drop_rates: Sequen
             memory, note = "naive", f"; memory='naive' because {why}"
     note = _checkpoint_note(layers) + note
     original = type(m)
-    for layer, p in zip(layers, drop_rates):
-        _swap(layer, DenseLayer, relus=("relu1", "relu2"), memory="checkpoint" if memory == "checkpoint" else "naive",
-              backend=ctx.backend, drop_rate=float(p))
-    _swap(m, DenseBlock, memory=memory, recompute=ctx.recompute, backend=ctx.backend, num_input_features=c0,
-          growth_rate=k)
+    # Everything is checked before anything is swapped: a block is converted whole or not at all.
+    swaps = [(layer, DenseLayer, dict(memory="checkpoint" if memory == "checkpoint" else "naive", backend=ctx.backend,
+                                      drop_rate=float(p))) for layer, p in zip(layers, drop_rates)]
+    swaps.append((m, DenseBlock, dict(memory=memory, recompute=ctx.recompute, backend=ctx.backend,
+                                      num_input_features=c0, growth_rate=k)))
+    plans = [_completion(mod, cls, attrs) for mod, cls, attrs in swaps]
+    problem = next((p for p in plans if isinstance(p, str)), None)
+    if problem:
+        return problem
+    for (mod, cls, attrs), plan in zip(swaps, plans):
+        _apply_completion(mod, cls, plan, attrs)
     ctx.done(path, original, m, 2 * len(layers),
              f"{len(layers)} layers, {2 * len(layers)} BN-ReLU-conv fused, memory={memory!r}" + note)
     return None
@@ -552,7 +643,9 @@ def _transition(m: nn.Module, path: str, ctx: _Context) -> Optional[str]:
     if problem:
         return problem
     original = type(m)
-    _swap(m, Transition, relus=("relu",), backend=ctx.backend)
+    problem = _swap(m, Transition, backend=ctx.backend)
+    if problem:
+        return problem
     ctx.done(path, original, m, 1, "norm-relu-conv fused")
     return None
 

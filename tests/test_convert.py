@@ -94,8 +94,11 @@ def check_conversion(ref: nn.Module, x: torch.Tensor, *, steps: int = 2, eval_to
             _compare(f"grad {n}", grads[n], grads_ref[n], f"{ctx}, step {step}")
         for (n, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
             _compare(f"param {n}", p.detach(), p_ref.detach(), f"{ctx}, after step {step}")
-        for (n, b), (n_ref, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
-            assert n == n_ref
+        # A converted module may add non-persistent buffers (constants, not in the state_dict).
+        buffers = dict(model.named_buffers())
+        assert set(ref.state_dict()) == set(model.state_dict())
+        for n, b_ref in ref.named_buffers():
+            b = buffers[n]
             if b.is_floating_point():
                 _compare(f"buffer {n}", b, b_ref, f"{ctx}, after step {step}")
             else:
@@ -162,10 +165,12 @@ def test_torchvision_densenet_memory_modes_and_checkpointed_original():
     out.sum().backward()
     out_ref.sum().backward()
     _compare("logits", out, out_ref, "memory_efficient original")
-    for (n, b), (_, b_ref) in zip(efficient.named_buffers(), plain.named_buffers()):
-        assert torch.equal(b, b_ref) if not b.is_floating_point() else True
-        if b.is_floating_point():
-            _compare(n, b, b_ref, "memory_efficient original")
+    buffers = dict(efficient.named_buffers())
+    for n, b_ref in plain.named_buffers():
+        if b_ref.is_floating_point():
+            _compare(n, buffers[n], b_ref, "memory_efficient original")
+        else:
+            assert torch.equal(buffers[n], b_ref), n
 
 
 def test_state_dict_loads_both_ways_and_optimizer_state_stays_valid():
@@ -232,6 +237,34 @@ def test_timm_block_with_other_activation_or_drop_path_is_reported():
     report = convert(nn.Sequential(blk), backend="eager")
     assert type(blk) is TimmBottleneck
     assert any("SiLU" in e.detail for e in report.left_alone), str(report)
+
+
+@needs_timm
+def test_timm_modules_get_what_the_resfast_classes_read_without_new_state_dict_entries():
+    """timm has no ReLU modules where torchvision has them (BatchNormAct2d applies it; its
+    ResNet blocks name them act1..act3): the resfast classes' module-by-module path (hooks,
+    FX tracing) finds plain, unregistered ReLUs; the module tree and state_dict are unchanged."""
+    from timm.models.densenet import DenseNet as TimmDenseNet
+    from timm.models.resnet import Bottleneck as TimmBottleneck
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TimmDenseNet(growth_rate=4, block_config=(2, 2), bn_size=2,
+                                       num_classes=3)).double()
+    names, keys = [n for n, _ in model.named_modules()], list(model.state_dict())
+    report = convert(model, backend="eager")
+    assert [n for n, _ in model.named_modules()] == names and list(model.state_dict()) == keys, str(report)
+    net = model[0]
+    assert isinstance(net.features.transition1, resfast.Transition) and isinstance(net.features.transition1.relu,
+                                                                                    nn.ReLU)
+    assert isinstance(net.features.denseblock1.denselayer1.relu2, nn.ReLU)
+    blk = TimmBottleneck(16, 4, attn_layer="se").double()
+    _randomise_bn(blk)
+    ref = copy.deepcopy(blk)
+    convert(blk, backend="eager")
+    assert isinstance(blk, resfast.Bottleneck) and isinstance(blk.relu, nn.ReLU) and "relu" not in blk._modules
+    assert blk.se is blk._modules["se"] and "se" not in blk.__dict__, "timm's SE module must stay the one that runs"
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    _compare("SE bottleneck", blk(x), ref(x), "timm Bottleneck with SE")
 
 
 # ----------------------------------------------------------------------------- models of one's own
@@ -610,11 +643,14 @@ def test_compiled_model_is_refused_with_advice():
         convert(model)
 
 
-def _compiled_training_step(model):
+def _compiled_training_step(model, size):
     """One SGD step of ``torch.compile(model, fullgraph=False)`` on the CPU against the same
-    step of an uncompiled copy: loss, a gradient, the running statistics."""
+    step of an uncompiled copy: loss, a gradient, the running statistics (float64: AOT
+    autograd decomposes BatchNorm, whose rounding the small images' few values per channel
+    amplify)."""
+    model.double()
     ref = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
     compiled = torch.compile(model, fullgraph=False, backend="aot_eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss = compiled(x).square().mean()
@@ -622,12 +658,12 @@ def _compiled_training_step(model):
     opt.step()
     loss_ref = ref(x).square().mean()
     loss_ref.backward()
-    assert torch.isfinite(loss) and abs(loss.item() - loss_ref.item()) <= 1e-4 * max(1.0, abs(loss_ref.item()))
+    assert torch.isfinite(loss) and abs(loss.item() - loss_ref.item()) <= 1e-9 * max(1.0, abs(loss_ref.item()))
     name = "features.denseblock1.denselayer1.conv1.weight"
     g, g_ref = model.get_parameter(name).grad, ref.get_parameter(name).grad
-    assert g is not None and (g - g_ref).abs().max() <= 1e-4 * max(1.0, g_ref.abs().max().item())
+    assert g is not None and (g - g_ref).abs().max() <= 1e-9 * max(1.0, g_ref.abs().max().item())
     rm, rm_ref = model.features.norm5.running_mean, ref.features.norm5.running_mean
-    assert (rm - rm_ref).abs().max() <= 1e-4 * max(1.0, rm_ref.abs().max().item())
+    assert (rm - rm_ref).abs().max() <= 1e-9 * max(1.0, rm_ref.abs().max().item())
 
 
 def test_compile_of_converted_torchvision_densenet_runs_a_training_step():
@@ -636,7 +672,7 @@ def test_compile_of_converted_torchvision_densenet_runs_a_training_step():
     torch.manual_seed(0)
     model = tvm.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
     convert(model, backend="eager")
-    _compiled_training_step(model)
+    _compiled_training_step(model, 32)
 
 
 @pytest.mark.slow
@@ -647,7 +683,7 @@ def test_compile_of_converted_densenet121_runs_a_training_step():
     torch.manual_seed(0)
     model = tvm.densenet121(num_classes=10)
     convert(model, backend="eager")
-    _compiled_training_step(model)
+    _compiled_training_step(model, 64)
 
 
 def test_ddp_wrapped_before_or_after_conversion(tmp_path):
