@@ -14,7 +14,7 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules; ``fwd`` and
    ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
-   is cached on disk (``RESFAST_TUNE_CACHE``).
+   is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
 3. ``profile``: the triton kernels of one stage-1 training step (``torch.profiler``), to set
    beside the static model's per-kernel predictions.
 
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         print("gpu_kernels_check: no CUDA device", file=sys.stderr)
         return 2
     os.makedirs(args.outdir, exist_ok=True)
-    os.environ.setdefault("RESFAST_TUNE_CACHE", os.path.join(args.outdir, "triton-tune.json"))
+    os.environ.setdefault("RESFAST_CACHE_DIR", args.outdir)  # the kernel-config tuning cache lands there
     budget = Budget(args.budget_s)
     doc = {"schema": "resfast-gpu-kernels/1", "environment": environment(), "phases": {}}
     _log(f"gpu_kernels_check on {doc['environment']['gpu']}, torch {torch.__version__}, "

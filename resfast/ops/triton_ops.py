@@ -21,7 +21,7 @@ finalize of the gradient partials, the BN input gradient).
 short list of configs (pruned offline with the static model) by timing them once per
 *bucketed* key (positions rounded to a power of two, channel counts to a multiple of 64, so
 DenseNet's many layer widths share a few keys); the choice is kept in a JSON file shared by
-processes (``RESFAST_TUNE_CACHE``, default ``~/.cache/resfast``). The first config of each
+processes (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, default ``~/.cache/resfast``). The first config of each
 list is the planner's static choice (from the static model's predictions); it runs when
 ``RESFAST_TRITON_AUTOTUNE=0``. Tuning never runs inside a CUDA-graph capture: a capture uses
 the cached choice or the static one, so warm up (one eager training step with the same
@@ -645,11 +645,16 @@ class Tuner:
 
     @property
     def path(self) -> str:
-        """The cache file (``RESFAST_TUNE_CACHE`` or ``~/.cache/resfast/triton-tune.json``)."""
+        """The cache file, in the project's cache folder (as ``backend="auto"``'s):
+        ``$RESFAST_CACHE_DIR/triton-tune.json``, else ``$XDG_CACHE_HOME/resfast/...``, else
+        ``~/.cache/resfast/...``."""
         if self._path:
             return self._path
-        default = os.path.join(os.path.expanduser("~"), ".cache", "resfast", "triton-tune.json")
-        return os.environ.get("RESFAST_TUNE_CACHE", default)
+        folder = os.environ.get("RESFAST_CACHE_DIR", "").strip()
+        if not folder:
+            base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+            folder = os.path.join(base, "resfast")
+        return os.path.join(folder, "triton-tune.json")
 
     def key(self, launch: KernelLaunch) -> str:
         import triton
