@@ -193,13 +193,6 @@ def bn_backward_elemt(
     ``grad_z * gamma * invstd`` (the coupling term is dropped, as eager BN's eval backward
     has none, so a NaN in ``x`` does not become NaN * 0 in the gradient).
     """
-    if inv_count != 0.0 and inv_count * (x.numel() // x.shape[1]) == 1.0 and x.numel() > 0:
-        # The sums are over exactly x's own positions (the contract: inv_count is 1 / the count
-        # they were summed over), so PyTorch's own batch-norm backward gives the same in one pass.
-        acc = acc_dtype(x)
-        gamma = bn_weight.to(acc) if bn_weight is not None else torch.ones_like(invstd, dtype=acc)
-        return torch.ops.aten.native_batch_norm_backward(
-            grad_z, x, gamma, None, None, mean.to(acc), invstd.to(acc), True, 0.0, [True, False, False])[0]
     return _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count).to(x.dtype)
 
 
