@@ -178,8 +178,9 @@ def _runs_at(model_name: str, size: int) -> bool:
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size, device="meta"))
-    except RuntimeError as exc:
-        if "too small" in str(exc) or "smaller than kernel" in str(exc).lower():
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc).lower()
+        if "too small" in text or "smaller than kernel" in text or "output would be empty" in text:
             return False
         raise
     return True
@@ -206,14 +207,17 @@ def _parse_layers(text: str) -> List[int]:
 
 
 def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: Optional[Callable] = None,
-                          autocast_dtype: Optional[torch.dtype] = None, timed: bool = True) -> Dict[str, float]:
+                          autocast_dtype: Optional[torch.dtype] = None, timed: bool = True,
+                          launches: bool = False) -> Dict[str, float]:
     """Peak memory of one training step (forward, loss, backward) of ``model`` on ``x``.
 
     Returns ``{"peak_bytes", "activation_bytes", "step_time_s"}``: the peak of live tensor
     bytes during the step (parameters, buffers, the input and gradients included), the
     part of it that is neither parameters, buffers nor gradients, and the wall time of a
-    second, untracked step (``nan`` with ``timed=False``). Gradients are cleared before each
-    step. CPU: exact bytes from ``MemTracker``; CUDA: ``torch.cuda.max_memory_allocated``.
+    second, untracked step (``nan`` with ``timed=False``); with ``launches`` also
+    ``"launches"``, the kernel launches of one more step (aten compute ops plus Triton
+    launches, :mod:`resfast.profiling.launches`). Gradients are cleared before each step.
+    CPU: exact bytes from ``MemTracker``; CUDA: ``torch.cuda.max_memory_allocated``.
     """
     device = torch.device(device) if device is not None else x.device
     model = model.to(device)
@@ -250,8 +254,14 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
         step()
         sync(device)
         step_time = time.perf_counter() - t0
+    result = {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
+    if launches:
+        from resfast.profiling.launches import count_launches
+
+        model.zero_grad(set_to_none=True)
+        result["launches"] = count_launches(step)["total"]
     model.zero_grad(set_to_none=True)
-    return {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
+    return result
 
 
 def tracked_peak(step: Callable[[], object], *tracked) -> Dict[str, int]:
@@ -327,10 +337,11 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
         model.load_state_dict(state)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed)
+        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed, launches=True)
         results.append({"mode": mode, **r})
         bar.write(f"{mode:>18}: peak {r['peak_bytes'] / 2**20:9.1f} MiB, activations "
-                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s", file=sys.stderr)
+                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s, "
+                  f"{r['launches']} launches", file=sys.stderr)
         del model
     naive = next((r["peak_bytes"] for r in results if r["mode"] == "naive"), None)
     for r in results:
@@ -467,11 +478,12 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
 def format_table(doc: Dict[str, object]) -> str:
     """The human-readable table of :func:`run`."""
     lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
-             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9}"]
+             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9} {'launches':>9}"]
     for r in doc["results"]:
         ratio = r.get("ratio_to_naive")
         ratio_s = f"{ratio:9.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>9}"
         extra = f"  max batch {r['max_batch']}" if "max_batch" in r else ""
+        launch_s = f"{r['launches']:9d}" if "launches" in r else f"{'-':>9}"
         lines.append(f"{r['mode']:>18} {r['peak_bytes'] / 2**20:10.1f} {r['activation_bytes'] / 2**20:11.1f} "
-                     f"{r['step_time_s']:8.3f} {ratio_s}{extra}")
+                     f"{r['step_time_s']:8.3f} {ratio_s} {launch_s}{extra}")
     return "\n".join(lines)
