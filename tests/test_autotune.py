@@ -48,26 +48,27 @@ def one_thread():
 
 
 class FakeClock:
-    """A timer that only moves when a fake runner runs: ``cost[name] * batch`` per call."""
+    """A timer that only moves when a fake runner runs: ``cost[name]`` per call of the small
+    probe call, ``cost[name] * batch`` per call of the full one."""
 
-    def __init__(self, cost, raises=(), raises_on_run=()):
+    def __init__(self, cost, raises=(), raises_on_run=(), batch=8):
         self.t = 0.0
-        self.cost = cost
+        self.cost, self.batch = cost, batch
         self.raises, self.raises_on_run = set(raises), set(raises_on_run)
-        self.calls = []  # (name, batch) per call
+        self.calls = []  # (name, "small" | "full") per call
 
     def __call__(self) -> float:
         return self.t
 
-    def make_runner(self, name, batch):
+    def make_runner(self, name, small):
         if name in self.raises:
             raise RuntimeError(f"{name} cannot run this call")
 
         def run():
             if name in self.raises_on_run:
                 raise ValueError(f"{name} failed at run time")
-            self.calls.append((name, batch))
-            self.t += self.cost[name] * batch
+            self.calls.append((name, "small" if small else "full"))
+            self.t += self.cost[name] * (1 if small else self.batch)
 
         return run
 
@@ -84,7 +85,7 @@ def _fake_candidates(monkeypatch, names=("eager", "native")):
 
 def test_fastest_candidate_wins():
     clock = FakeClock({"eager": 1.0, "triton": 0.4, "native": 0.5})
-    m = measure(("eager", "triton", "native"), clock.make_runner, batch=8, timer=clock)
+    m = measure(("eager", "triton", "native"), clock.make_runner, timer=clock)
     assert m.backend == "triton"
     assert m.times_ms == pytest.approx({"eager": 8000.0, "triton": 3200.0, "native": 4000.0})
     assert m.skipped == {}
@@ -92,16 +93,28 @@ def test_fastest_candidate_wins():
 
 def test_ties_go_to_eager():
     clock = FakeClock({"eager": 1.0, "triton": 0.97, "native": 0.99})
-    m = measure(("eager", "triton", "native"), clock.make_runner, batch=2, timer=clock)
+    m = measure(("eager", "triton", "native"), clock.make_runner, timer=clock)
     assert m.backend == "eager"  # 3% faster is within the tie margin
     assert set(m.times_ms) == {"eager", "triton", "native"}
     clock = FakeClock({"eager": 1.0, "native": 0.8})
-    assert measure(("eager", "native"), clock.make_runner, batch=2, timer=clock).backend == "native"
+    assert measure(("eager", "native"), clock.make_runner, timer=clock).backend == "native"
+
+
+def test_timed_calls_stop_at_the_budget():
+    cfg = autotune.CONFIG
+    clock = FakeClock({"eager": 0.001, "native": 0.0011})  # 8 ms and 8.8 ms a call
+    measure(("eager", "native"), clock.make_runner, timer=clock)
+    for name in ("eager", "native"):
+        timed = clock.calls.count((name, "full")) - cfg.warmup
+        assert cfg.min_reps <= timed <= cfg.max_reps and (timed - 1) * 0.008 < cfg.budget_s
+    clock = FakeClock({"eager": 0.01, "native": 0.011})  # 80 ms a call: one timed call is enough
+    measure(("eager", "native"), clock.make_runner, timer=clock)
+    assert clock.calls.count(("eager", "full")) == clock.calls.count(("native", "full")) == cfg.warmup + 1
 
 
 def test_candidate_that_raises_is_skipped_with_reason():
     clock = FakeClock({"eager": 1.0, "triton": 0.1, "native": 0.1}, raises=["triton"], raises_on_run=["native"])
-    m = measure(("eager", "triton", "native"), clock.make_runner, batch=2, timer=clock)
+    m = measure(("eager", "triton", "native"), clock.make_runner, timer=clock)
     assert m.backend == "eager"
     assert m.skipped["triton"] == "raised RuntimeError: triton cannot run this call"
     assert m.skipped["native"] == "raised ValueError: native failed at run time"
@@ -109,27 +122,39 @@ def test_candidate_that_raises_is_skipped_with_reason():
 
 
 def test_clearly_slower_candidate_is_abandoned_early():
-    # CPU, batch 64: the slow candidate is probed at batch 1 and never runs at batch 64.
+    # On the CPU a much slower candidate costs one call of the small probe, never a full one.
+    clock = FakeClock({"eager": 1.0, "native": 50.0}, batch=64)
+    m = measure(("eager", "native"), clock.make_runner, device="cpu", timer=clock)
+    assert m.backend == "eager" and "small probe" in m.skipped["native"]
+    assert ("native", "full") not in clock.calls and clock.calls.count(("native", "small")) == 1
+    # Without the probe: abandoned after its first (warm-up) call.
     clock = FakeClock({"eager": 1.0, "native": 50.0})
-    m = measure(("eager", "native"), clock.make_runner, batch=64, device="cpu", timer=clock)
-    assert m.backend == "eager" and "batch-1 probe" in m.skipped["native"]
-    assert ("native", 64) not in clock.calls and clock.calls.count(("native", 1)) == 2
-    # Below the probe batch: abandoned after its first (warm-up) call.
-    clock = FakeClock({"eager": 1.0, "native": 50.0})
-    m = measure(("eager", "native"), clock.make_runner, batch=2, device="cpu", timer=clock)
+    m = measure(("eager", "native"), clock.make_runner, device="cpu", timer=clock,
+                config=autotune.TuneConfig(probe=False))
     assert m.backend == "eager" and "warm-up" in m.skipped["native"]
-    assert clock.calls.count(("native", 2)) == 1
-    # A candidate that is only somewhat slower is measured to the end, not abandoned.
+    assert clock.calls.count(("native", "full")) == 1
+    # A candidate only somewhat slower passes the probe and is measured to the end.
     clock = FakeClock({"eager": 1.0, "native": 1.3})
-    m = measure(("eager", "native"), clock.make_runner, batch=2, device="cpu", timer=clock)
+    m = measure(("eager", "native"), clock.make_runner, device="cpu", timer=clock)
     assert m.backend == "eager" and set(m.times_ms) == {"eager", "native"} and not m.skipped
+    assert clock.calls.count(("native", "full")) == 2  # a warm-up call and one timed call over the budget
 
 
 def test_every_candidate_raising_falls_back_to_the_first():
     clock = FakeClock({}, raises=["eager", "native"])
-    m = measure(("eager", "native"), clock.make_runner, batch=1, timer=clock)
+    m = measure(("eager", "native"), clock.make_runner, timer=clock)
     assert m == Measurement("eager", {}, {"eager": "raised RuntimeError: eager cannot run this call",
                                           "native": "raised RuntimeError: native cannot run this call"})
+
+
+def test_a_signature_no_candidate_can_run_is_not_measured_again(tune_env, monkeypatch):
+    _fake_candidates(monkeypatch)
+    clock = FakeClock({}, raises=["eager", "native"])
+    assert pick_backend("auto", "cpu", "fake_op", SIG, clock.make_runner, timer=clock) == "eager"
+    clock.raises = set()
+    clock.cost = {"eager": 1.0, "native": 0.5}
+    assert pick_backend("auto", "cpu", "fake_op", SIG, clock.make_runner, timer=clock) == "eager"
+    assert clock.calls == [] and not (tune_env / "autotune.json").exists()  # kept in this process only
 
 
 def test_pick_backend_measures_once_and_remembers(tune_env, monkeypatch):
@@ -157,7 +182,7 @@ def test_pick_backend_measures_once_and_remembers(tune_env, monkeypatch):
 def test_precedence_explicit_env_and_autotune_off(tune_env, monkeypatch):
     _fake_candidates(monkeypatch)
 
-    def no_runner(name, batch):
+    def no_runner(name, small):
         raise AssertionError("nothing may be measured")
 
     def no_measure(*a, **k):
@@ -233,7 +258,7 @@ def test_two_concurrent_writers_lose_nothing(tune_env):
         tag, folder = sys.argv[1], sys.argv[2]
         autotune.candidate_backends = lambda device: ("eager", "native")
         clock = [0.0]
-        def make_runner(name, batch):
+        def make_runner(name, small):
             def run():
                 clock[0] += {"eager": 1.0, "native": 2.0}[name]
             return run

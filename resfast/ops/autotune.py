@@ -10,16 +10,18 @@ file (:func:`cache_path`), keyed by the device's name and the torch, triton and 
 versions.
 
 How a candidate is measured (:func:`measure`): eager first (the reference and the
-tie-breaker), then the others in the static order. Each gets warm-up calls, then timed
-calls (each between two device synchronisations) until :attr:`TuneConfig.max_reps` or, after
-:attr:`TuneConfig.min_reps`, the time budget is reached; its time is the fastest call. A candidate is abandoned as soon as it
-is clearly slower than the best so far (:attr:`TuneConfig.abandon_factor`); on the CPU a
-warm-up call already counts, and for a batch of at least :attr:`TuneConfig.probe_min_batch`
-a candidate is first probed at batch 1 against the best so far at batch 1, so that the C++
-test twin on a large CPU shape costs a few small calls, not seconds. A candidate that raises
-is skipped with its reason recorded. Eager wins whenever it is within
-:attr:`TuneConfig.tie_margin` of the fastest: ``auto`` is never slower than plain PyTorch by
-more than the measuring noise.
+tie-breaker), then the others in the static order. Each gets a warm-up call, then timed
+calls (each between two device synchronisations) until :attr:`TuneConfig.max_reps`, or
+until the time budget is spent (after :attr:`TuneConfig.min_reps` calls, or one call that
+alone exceeds the budget); its time is its fastest call. A candidate is abandoned as soon
+as it is clearly slower than the best so far (:attr:`TuneConfig.abandon_factor`). On the
+CPU the warm-up call already counts, and each candidate is first probed on a small version
+of the call (batch 1, at most 2 x 2 output positions and 32 channels) against the best so
+far on the same small call (:attr:`TuneConfig.probe_factor`), so that the C++ test twin on
+a large CPU shape costs one small call, not seconds. A candidate that raises is skipped
+with its reason recorded. Eager wins whenever it is within :attr:`TuneConfig.tie_margin`
+of the fastest: ``auto`` is never slower than plain PyTorch by more than the measuring
+noise.
 
 Precedence: an explicit ``backend=`` or ``RESFAST_BACKEND`` skips measuring;
 ``RESFAST_AUTOTUNE=0`` turns it off (the static order of :mod:`resfast.backends` applies).
@@ -79,9 +81,10 @@ CACHE_FORMAT = 1
 #: A call signature: ``((name, value), ...)`` with hashable, JSON-friendly values.
 Signature = Tuple[Tuple[str, object], ...]
 Runner = Callable[[], None]
-#: ``make_runner(backend, batch)``: builds scratch tensors (untimed) and returns a function
-#: that runs the call once (forward, plus backward when gradients are needed).
-MakeRunner = Callable[[str, int], Runner]
+#: ``make_runner(backend, small)``: builds scratch tensors (untimed) and returns a function
+#: that runs the call once (forward, plus backward when gradients are needed); ``small``: the
+#: probe's version of the call (batch 1, few output positions), else the call's own shape.
+MakeRunner = Callable[[str, bool], Runner]
 
 
 @dataclass
@@ -94,14 +97,15 @@ class TuneConfig:
     min_reps: int = 2
     #: At most this many timed calls per candidate.
     max_reps: int = 10
-    #: Timed calls stop once this many seconds went into them (after ``min_reps`` calls).
+    #: Timed calls stop once this many seconds went into them (after ``min_reps`` calls,
+    #: or one call that alone takes longer).
     budget_s: float = 0.05
     #: A candidate is abandoned once its fastest call so far is this many times the best's.
     abandon_factor: float = 1.5
-    #: At the batch-1 probe a candidate is abandoned at this many times the best's probe.
+    #: On the CPU, probe each candidate on the small call first (see :data:`MakeRunner`).
+    probe: bool = True
+    #: At the probe a candidate is abandoned at this many times the best's probe.
     probe_factor: float = 3.0
-    #: From this batch size on, the CPU probes candidates at batch 1 first.
-    probe_min_batch: int = 4
     #: Eager wins when it is within this fraction of the fastest candidate.
     tie_margin: float = 0.05
     #: The clock, in seconds (``None``: ``time.perf_counter``); tests inject a fake one.
@@ -161,16 +165,16 @@ def _syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def measure(candidates: Sequence[str], make_runner: MakeRunner, *, batch: int,
+def measure(candidates: Sequence[str], make_runner: MakeRunner, *,
             device: Union[torch.device, str] = "cpu", timer: Optional[Callable[[], float]] = None,
             config: Optional[TuneConfig] = None) -> Measurement:
-    """Time each of ``candidates`` with ``make_runner(name, batch)()`` and pick the winner.
+    """Time each of ``candidates`` with ``make_runner(name, False)()`` and pick the winner.
 
     Args:
         candidates: backend names, eager first (see :func:`candidate_backends`).
-        make_runner: ``make_runner(name, n)`` builds scratch tensors at batch ``n`` (untimed)
-            and returns a function running the call once.
-        batch: the batch size of the call being tuned (the probe runs at batch 1).
+        make_runner: ``make_runner(name, small)`` builds scratch tensors (untimed) and
+            returns a function running the call once, on the probe's small version of the
+            call when ``small``.
         device: where the calls run (CUDA is synchronised around each timed call).
         timer: the clock, in seconds (default ``config.timer``, else ``time.perf_counter``).
         config: measuring parameters (default :data:`CONFIG`).
@@ -184,7 +188,7 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *, batch: int,
     device = torch.device(device)
     sync = _syncer(device)
     cpu = device.type == "cpu"
-    probe = cpu and batch >= cfg.probe_min_batch
+    probe = cpu and cfg.probe
     times: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
     probes: Dict[str, float] = {}
@@ -198,21 +202,28 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *, batch: int,
         sync()
         return timer() - t0
 
-    def probe_time(name: str) -> float:
+    def probe_time(name: str, stop_above: float = math.inf) -> float:
+        """The faster of two calls of the small call; one when the first is above ``stop_above``."""
         if name not in probes:
-            run = make_runner(name, 1)
-            probes[name] = min(once(run) for _ in range(2))  # a warm-up call and a timed one
+            run = make_runner(name, True)
+            t = once(run)
+            probes[name] = t if t > stop_above else min(t, once(run))
         return probes[name]
 
     for name in candidates:
         try:
             if probe and best_name is not None:
-                base, mine = probe_time(best_name), probe_time(name)
+                try:
+                    base = probe_time(best_name)
+                except Exception:  # the small call is not valid for this op: measure at full size
+                    probe, base = False, math.inf
+            if probe and best_name is not None:
+                mine = probe_time(name, cfg.probe_factor * base)
                 if mine > cfg.probe_factor * base:
-                    skipped[name] = (f"abandoned at the batch-1 probe: {mine * 1e3:.3g} ms against "
+                    skipped[name] = (f"abandoned at the small probe: {mine * 1e3:.3g} ms against "
                                      f"{best_name}'s {base * 1e3:.3g} ms")
                     continue
-            run = make_runner(name, batch)
+            run = make_runner(name, False)
             abandoned = ""
             for _ in range(cfg.warmup):
                 t = once(run)
@@ -232,7 +243,7 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *, batch: int,
                         abandoned = f"abandoned after {reps} timed call(s), fastest {fastest * 1e3:.3g} ms " \
                                     f"against {best_name}'s {best * 1e3:.3g} ms"
                         break
-                    if spent >= cfg.budget_s and reps >= cfg.min_reps:
+                    if spent >= cfg.budget_s and (reps >= cfg.min_reps or t >= cfg.budget_s):
                         break
             del run
             if abandoned:
@@ -323,6 +334,10 @@ def cache_path() -> str:
     return os.path.join(folder, CACHE_FILE)
 
 
+def _cache_env() -> Tuple[Optional[str], Optional[str]]:
+    return os.environ.get(ENV_CACHE_DIR), os.environ.get("XDG_CACHE_HOME")
+
+
 _CPU_NAME: Optional[str] = None
 _CUDA_NAMES: Dict[int, str] = {}
 _VERSIONS: Optional[str] = None
@@ -391,13 +406,14 @@ class _Cache:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.path: Optional[str] = None
+        self.env: Optional[Tuple[Optional[str], Optional[str]]] = None  # what cache_path() was computed from
         self.stamp: Optional[Tuple[float, int]] = None
         self.data: Dict[str, Dict[str, dict]] = {}  # device key -> entry key -> entry
         self.fast: Dict[Tuple[str, Signature, str], str] = {}
 
     def clear(self) -> None:
         with self.lock:
-            self.path, self.stamp, self.data, self.fast = None, None, {}, {}
+            self.path, self.env, self.stamp, self.data, self.fast = None, None, None, {}, {}
 
     # -- file access
     @staticmethod
@@ -433,9 +449,10 @@ class _Cache:
 
     def sync(self) -> None:
         """Load the file when the path changed or another process rewrote it."""
-        path = cache_path()
+        env, path = _cache_env(), cache_path()
         stamp = self._stamp(path)
         if path == self.path and stamp == self.stamp:
+            self.env = env
             return
         data = self._read(path)
         if path == self.path:
@@ -443,13 +460,13 @@ class _Cache:
                 merged = data.setdefault(dev, {})
                 for k, e in entries.items():
                     merged.setdefault(k, e)
-        self.path, self.stamp, self.data = path, stamp, data
+        self.path, self.stamp, self.data, self.env = path, stamp, data, env
         self.fast = {}
 
     def get(self, op: str, signature: Signature, device_key: str) -> Optional[str]:
         with self.lock:
             hit = self.fast.get((op, signature, device_key))
-            if hit is not None and self.path == cache_path():
+            if hit is not None and self.env == _cache_env():
                 return hit
             self.sync()
             entry = self.data.get(device_key, {}).get(_entry_key(op, signature))
@@ -457,6 +474,11 @@ class _Cache:
                 return None
             self.fast[(op, signature, device_key)] = entry["backend"]
             return entry["backend"]
+
+    def remember(self, op: str, signature: Signature, device_key: str, backend: str) -> None:
+        """Use ``backend`` for the signature in this process, without writing it to the file."""
+        with self.lock:
+            self.fast[(op, signature, device_key)] = backend
 
     def entry(self, op: str, signature: Signature, device_key: str) -> Optional[dict]:
         with self.lock:
@@ -579,8 +601,7 @@ def _compiled_choice(op: str, signature: Signature, device_type: str, index: int
 
 
 def pick_backend(requested: str, device: Union[torch.device, str], op: str, signature: Signature,
-                 make_runner: MakeRunner, *, batch: Optional[int] = None,
-                 timer: Optional[Callable[[], float]] = None) -> str:
+                 make_runner: MakeRunner, *, timer: Optional[Callable[[], float]] = None) -> str:
     """The concrete backend a call runs on.
 
     ``requested != "auto"``, ``RESFAST_BACKEND`` set or ``RESFAST_AUTOTUNE=0``: exactly
@@ -595,8 +616,7 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
         device: the call's device.
         op: the op's name (a cache-key part).
         signature: the call signature (hashable, JSON-friendly ``(name, value)`` pairs).
-        make_runner: ``make_runner(backend, batch)`` (see :data:`MakeRunner`).
-        batch: the call's batch size (default: the signature's ``N``).
+        make_runner: ``make_runner(backend, small)`` (see :data:`MakeRunner`).
         timer: the clock for :func:`measure` (tests inject a fake one).
     """
     if requested != "auto" or not autotune_enabled():
@@ -614,11 +634,14 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
     candidates = candidate_backends(device)
     if len(candidates) < 2 or not _may_measure(device):
         return _static(device) if len(candidates) != 1 else candidates[0]
-    n = batch if batch is not None else int(dict(signature).get("N", 1))
     with _CACHE.lock, _measuring(device):
-        m = measure(candidates, make_runner, batch=max(1, n), device=device, timer=timer)
-    if not m.times_ms:  # nothing could run: let the call itself raise, or run, on the static order
-        return _static(device)
+        m = measure(candidates, make_runner, device=device, timer=timer)
+    if not m.times_ms:
+        # Nothing could run (out of memory, arguments the op will reject): the call itself runs,
+        # or raises, on the static order, and this process does not measure the signature again.
+        choice = _static(device)
+        _CACHE.remember(op, signature, dkey, choice)
+        return choice
     entry = {"op": op, "signature": signature_dict(signature), "backend": m.backend,
              "times_ms": {k: round(v, 6) for k, v in m.times_ms.items()}, "skipped": m.skipped,
              "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -644,9 +667,9 @@ def _static_dims(*values) -> bool:
     return all(has_static_value(v) for v in values)
 
 
-def _scratch(t: Tensor, batch: int, *, like_strides: bool = True) -> Tensor:
-    """Random tensor of ``t``'s shape (batch ``batch``), dtype, device and strides."""
-    size = (batch, *t.shape[1:])
+def _scratch(t: Tensor, size: Optional[Sequence[int]] = None, *, like_strides: bool = True) -> Tensor:
+    """Random tensor of ``t``'s dtype, device and strides class, of ``t``'s shape or ``size``."""
+    size = tuple(t.shape) if size is None else tuple(size)
     if like_strides and all(s > 0 or n <= 1 for s, n in zip(t.stride(), t.shape)):
         cls = _strides_class(t)
         if cls == "strided":
@@ -659,12 +682,34 @@ def _scratch(t: Tensor, batch: int, *, like_strides: bool = True) -> Tensor:
     return s.normal_() if s.is_floating_point() else s.zero_()
 
 
-def _leaf(t: Optional[Tensor], grad: bool) -> Optional[Tensor]:
-    """A scratch copy of a parameter-like tensor (random values), a leaf requiring grad iff ``grad``."""
+#: The probe's small call has at most this many output rows and columns ...
+PROBE_POSITIONS = 2
+#: ... and at most this many channels (per group, and in all).
+PROBE_CHANNELS = 32
+
+
+def _conv_out(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _probe_extent(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """An input extent (at most ``size``) whose conv output has at most PROBE_POSITIONS rows."""
+    need = (PROBE_POSITIONS - 1) * stride + dil * (k - 1) + 1 - 2 * pad
+    return max(1, min(size, need))
+
+
+def _probe_batch(n: int, positions: int, training: bool) -> int:
+    """1, or 2 where batch statistics of one value per channel would be refused."""
+    return min(n, 2) if training and positions == 1 else 1
+
+
+def _param(t: Optional[Tensor], shape: Sequence[int], grad: bool) -> Optional[Tensor]:
+    """A scratch parameter like ``t`` (dtype, device) of ``shape``, random, a leaf that requires
+    grad when ``grad`` and ``t`` does; ``None`` for ``None``."""
     if t is None:
         return None
-    s = torch.empty_like(t).normal_().mul_(0.1)
-    return s.requires_grad_(grad and t.is_floating_point())
+    s = t.new_empty(tuple(shape)).normal_().mul_(0.1)
+    return s.requires_grad_(grad and t.requires_grad and t.is_floating_point())
 
 
 def _as_pair(v) -> Tuple[int, ...]:
@@ -680,8 +725,10 @@ def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Opti
     The signature: dtype, strides class (``nchw`` / ``channels_last`` / ``strided``), N, C,
     H, W, C_out, kernel, stride, padding, dilation, groups, training, whether gradients are
     needed, bias, affine, and whether ``out=`` is given. The runner calls the op itself with
-    the candidate backend on scratch tensors of that shape and strides class (scratch running
-    statistics), gradients by ``torch.autograd.grad`` to scratch leaves.
+    the candidate backend on scratch tensors of that shape and strides class (scratch
+    parameters and running statistics), gradients by ``torch.autograd.grad`` to scratch
+    leaves. The probe's small call: batch 1, at most 2 x 2 output positions, at most 32 input
+    and output channels per group and 32 channels in all (fewer groups).
     """
     if requested != "auto" or not autotune_enabled():
         return resolve_backend(requested, x.device)
@@ -693,34 +740,44 @@ def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Opti
         return _static(x.device)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, bn_weight, bn_bias))
+    st, pd, dl = _as_pair(stride), _as_pair(padding), _as_pair(dilation)
     signature: Signature = (
         ("dtype", str(x.dtype).replace("torch.", "")), ("layout", _strides_class(x)),
         ("N", n), ("C", c), ("H", h), ("W", w), ("C_out", c_out), ("kernel", (kh, kw)),
-        ("stride", _as_pair(stride)), ("padding", _as_pair(padding)), ("dilation", _as_pair(dilation)),
+        ("stride", st), ("padding", pd), ("dilation", dl),
         ("groups", int(groups)), ("training", bool(training)), ("grad", bool(grad)), ("bias", bias is not None),
         ("affine", bn_weight is not None), ("out", out is not None),
     )
 
-    def make_runner(name: str, batch: int) -> Runner:
+    def make_runner(name: str, small: bool) -> Runner:
         from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
 
-        sx = _scratch(x, batch).requires_grad_(grad and x.requires_grad)
-        sw, sb = _leaf(weight, grad and weight.requires_grad), _leaf(bias, grad and bias is not None and bias.requires_grad)
-        sg = _leaf(bn_weight, grad and bn_weight is not None and bn_weight.requires_grad)
-        sbb = _leaf(bn_bias, grad and bn_bias is not None and bn_bias.requires_grad)
+        if small:
+            cin_g, cout_g = min(c // groups, PROBE_CHANNELS), min(c_out // groups, PROBE_CHANNELS)
+            g = max(1, min(groups, PROBE_CHANNELS // max(cin_g, cout_g)))
+            hp, wp = _probe_extent(h, kh, st[0], pd[0], dl[0]), _probe_extent(w, kw, st[1], pd[1], dl[1])
+            xs, cs, cos = (_probe_batch(n, hp * wp, training), g * cin_g, hp, wp), g * cin_g, g * cout_g
+        else:
+            g, xs, cs, cos = groups, tuple(x.shape), c, c_out
+        sx = _scratch(x, xs).requires_grad_(grad and x.requires_grad)
+        sw = _param(weight, (cos, cs // g, kh, kw), grad)
+        sb, sg, sbb = _param(bias, (cos,), grad), _param(bn_weight, (cs,), grad), _param(bn_bias, (cs,), grad)
         rm = rv = None
         if running_mean is not None:
-            rm = torch.empty_like(running_mean).normal_().mul_(0.1)
-            rv = torch.empty_like(running_var).uniform_(0.5, 1.5)
-        sout = _scratch(out, batch) if out is not None else None
+            rm = running_mean.new_empty(cs).normal_().mul_(0.1)
+            rv = running_var.new_empty(cs).uniform_(0.5, 1.5)
+        sout = None
+        if out is not None:
+            sout = _scratch(out, (xs[0], cos, *(_conv_out(e, k, a, b, d) for e, k, a, b, d in
+                                                zip(xs[2:], (kh, kw), st, pd, dl))))
         leaves = [t for t in (sx, sw, sb, sg, sbb) if t is not None and t.requires_grad]
         gy: List[Tensor] = []
 
         def run() -> None:
             with torch.set_grad_enabled(grad):
                 y = bn_relu_conv2d(sx, sw, sb, bn_weight=sg, bn_bias=sbb, running_mean=rm, running_var=rv,
-                                   training=training, momentum=momentum, eps=eps, stride=stride, padding=padding,
-                                   dilation=dilation, groups=groups, backend=name, out=sout)
+                                   training=training, momentum=momentum, eps=eps, stride=st, padding=pd,
+                                   dilation=dl, groups=g, backend=name, out=sout)
                 if leaves:
                     if not gy:
                         gy.append(torch.randn_like(y))
@@ -728,7 +785,7 @@ def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Opti
 
         return run
 
-    return pick_backend(requested, x.device, "bn_relu_conv2d", signature, make_runner, batch=n)
+    return pick_backend(requested, x.device, "bn_relu_conv2d", signature, make_runner)
 
 
 def _autocast_dtype(x: Tensor) -> str:
@@ -748,10 +805,12 @@ def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recomput
     The signature: dtype, autocast dtype, strides class, N, C0, H, W, number of layers,
     growth rate, bottleneck width, conv3x3 kernel / padding / dilation, training (batch
     statistics), whether gradients are needed, recompute mode, the transition conv's output
-    channels (0 without one) and whether it pools first, affine and dropout. The runner runs the block with the
-    candidate backend on scratch input; the parameters are used read-only through detached
-    leaves, the BatchNorms without running statistics (scratch copies in eval mode), gradients
-    by ``torch.autograd.grad``.
+    channels (0 without one) and whether it pools first, affine and dropout. The runner runs
+    the block with the candidate backend on scratch input; the parameters are used read-only
+    through detached leaves, the BatchNorms without running statistics (scratch copies in
+    eval mode), gradients by ``torch.autograd.grad``. The probe's small call: a block of at
+    most 2 layers on batch 1, at most 2 x 2 positions, at most 32 input channels, growth 8 and
+    bottleneck 32, with scratch parameters and no transition tail.
     """
     if requested != "auto" or not autotune_enabled():
         return resolve_backend(requested, x.device)
@@ -785,34 +844,52 @@ def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recomput
         ("dropout", any(float(layer.drop_rate) > 0 for layer in layers)),
     )
 
-    def make_runner(name: str, batch: int) -> Runner:
+    def make_runner(name: str, small: bool) -> Runner:
         from resfast.ops.dense_block import shared_dense_block
 
         leaves: List[Tensor] = []
 
-        def p(t: Optional[Tensor]) -> Optional[Tensor]:
+        def p(t: Optional[Tensor], shape=None) -> Optional[Tensor]:
+            """The parameter itself, detached (read-only); a scratch one of ``shape`` for the probe."""
             if t is None:
                 return None
-            d = t.detach()
-            if grad and t.requires_grad:
-                d.requires_grad_(True)
+            if shape is not None:
+                d = _param(t, shape, grad)
+            else:
+                d = t.detach()
+                d.requires_grad_(grad and t.requires_grad)
+            if d.requires_grad:
                 leaves.append(d)
             return d
 
-        def bn(a) -> BNArgs:
+        def bn(a, c=None) -> BNArgs:
             keep = not a.batch_stats
-            return BNArgs(p(a.weight), p(a.bias), a.running_mean.clone() if keep else None,
-                          a.running_var.clone() if keep else None, a.batch_stats, a.momentum, a.eps, None)
+            if c is None:
+                return BNArgs(p(a.weight), p(a.bias), a.running_mean.clone() if keep else None,
+                              a.running_var.clone() if keep else None, a.batch_stats, a.momentum, a.eps, None)
+            rm = a.running_mean.new_zeros(c) if keep else None
+            rv = a.running_var.new_ones(c) if keep else None
+            return BNArgs(p(a.weight, (c,)), p(a.bias, (c,)), rm, rv, a.batch_stats, a.momentum, a.eps, None)
 
-        sx = _scratch(x, batch)
+        if small:
+            hp, wp = min(h, PROBE_POSITIONS), min(w, PROBE_POSITIONS)
+            cp, kp, bp = min(c0, PROBE_CHANNELS), min(growth, 8), min(bottleneck, PROBE_CHANNELS)
+            sx = _scratch(x, (_probe_batch(n, hp * wp, first.norm1.batch_stats), cp, hp, wp))
+            slayers = [DenseLayerArgs(bn(layer.norm1, cp + i * kp), p(layer.conv1_weight, (bp, cp + i * kp, 1, 1)),
+                                      bn(layer.norm2, bp), p(layer.conv2_weight, (kp, bp, kh, kw)),
+                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
+                       for i, layer in enumerate(layers[:2])]
+            stail = None
+        else:
+            sx = _scratch(x)
+            slayers = [DenseLayerArgs(bn(layer.norm1), p(layer.conv1_weight), bn(layer.norm2), p(layer.conv2_weight),
+                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
+                       for layer in layers]
+            # The tail: (norm, conv weight[, constant pooling weight, passed as it is]).
+            stail = (bn(tail[0]), p(tail[1]), *tail[2:]) if tail is not None else None
         if grad and x.requires_grad:
             sx.requires_grad_(True)
             leaves.append(sx)
-        slayers = [DenseLayerArgs(bn(layer.norm1), p(layer.conv1_weight), bn(layer.norm2), p(layer.conv2_weight),
-                                  list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
-                   for layer in layers]
-        # The tail: (norm, conv weight[, constant pooling weight, passed as it is]).
-        stail = (bn(tail[0]), p(tail[1]), *tail[2:]) if tail is not None else None
         gy: List[Tensor] = []
 
         def run() -> None:
@@ -825,4 +902,4 @@ def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recomput
 
         return run
 
-    return pick_backend(requested, x.device, "shared_dense_block", signature, make_runner, batch=n)
+    return pick_backend(requested, x.device, "shared_dense_block", signature, make_runner)
