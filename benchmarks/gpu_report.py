@@ -279,9 +279,10 @@ def render_bench_table(entries: Sequence[Dict[str, Any]], width: int = 44) -> st
         if lines:
             lines.append("")
         header = (f"{'group':<{width}} {'row':<24} {'time':>8} {'speedup':>8} {'peak':>10} {'peak':>6} "
-                  f"{'activ.':>10} {'activ.':>6}")
+                  f"{'activ.':>10} {'activ.':>6} {'launches':>9}")
         lines += ["memory: speedup and memory ratios against each group's baseline (naive/eager); "
-                  "activ. = peak minus parameters, buffers and gradients", header, "-" * len(header)]
+                  "activ. = peak minus parameters, buffers and gradients; launches = kernel launches of one "
+                  "step (aten compute ops + Triton launches)", header, "-" * len(header)]
         for group, rows in _groups(memory).items():
             for e in rows:
                 extra = _extra(e)
@@ -289,7 +290,8 @@ def render_bench_table(entries: Sequence[Dict[str, Any]], width: int = 44) -> st
                     f"{group[:width]:<{width}} {_row(e)[:24]:<24} {format_time(_median(e)):>8} "
                     f"{_ratio(extra.get('speedup_vs_eager')):>8} {_mb(extra.get('peak_bytes')):>10} "
                     f"{_fraction(extra.get('peak_ratio_to_baseline')):>6} {_mb(extra.get('activation_bytes')):>10} "
-                    f"{_fraction(extra.get('activation_ratio_to_baseline')):>6}"
+                    f"{_fraction(extra.get('activation_ratio_to_baseline')):>6} "
+                    f"{extra.get('launches', '-'):>9}"
                 )
     return "\n".join(lines)
 

@@ -70,7 +70,7 @@ def test_dense_memory_mode(benchmark, env, target, mode, backend):
         x = x.to(env.dtype).requires_grad_(True)
 
     peak = run_or_skip(
-        lambda: memory_mod.measure_training_step(model, x, env.device, timed=False,
+        lambda: memory_mod.measure_training_step(model, x, env.device, timed=False, launches=True,
                                                  autocast_dtype=env.dtype if env.cuda else None),
         "measure_training_step")
 
@@ -89,6 +89,7 @@ def test_dense_memory_mode(benchmark, env, target, mode, backend):
         "row": f"{mode}/{backend}", "kind": "memory", "baseline": "naive/eager", "family": target,
         "mode": "train-step", "memory_mode": mode, "backend": backend, "batch": n, "resolution": hw,
         "peak_bytes": int(peak["peak_bytes"]), "activation_bytes": int(peak["activation_bytes"]),
+        "launches": int(peak["launches"]),
         "memory_source": "torch.cuda.max_memory_allocated" if env.cuda else "MemTracker", **env.describe(),
     })
     measure(benchmark, step, env, once_s=once_s, budget_s=1.0 if env.cuda else 0.3)

@@ -27,6 +27,7 @@ _LAZY = {
     "models": "resfast.models",
     "create_model": "resfast.models",
     "list_models": "resfast.models",
+    "convert": "resfast.convert", "ConversionReport": "resfast.convert",
 }
 
 __all__ = [

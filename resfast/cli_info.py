@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 from typing import Any, Dict
 
 
@@ -16,6 +15,7 @@ def collect() -> Dict[str, Any]:
 
     import resfast
     from resfast.backends import _triton_import, backend_status, native_info, triton_interpret
+    from resfast.ops.autotune import cache_summary
 
     triton, _ = _triton_import()
     gpus = []
@@ -36,6 +36,7 @@ def collect() -> Dict[str, Any]:
         "native": native_info(),
         "backends": {d: {k: (v or "ok") for k, v in backend_status(d).items()} for d in devices},
         "auto": {d: resfast.resolve_backend("auto", d) for d in devices},
+        "autotune": cache_summary(),
     }
 
 
@@ -61,6 +62,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"resfast._C: not built ({nat['error']})")
     for dev, status in info["backends"].items():
         for name, why in status.items():
-            print(f"  {dev:4s} {name:6s} {'runs' if why == 'ok' else 'unavailable: ' + why}")
+            print(f"  {dev:4s} {name:6s} {'unavailable: ' + why if why != 'ok' else backend_note(name, dev)}")
         print(f"  {dev:4s} auto  -> {info['auto'][dev]}")
+    tune = info["autotune"]
+    print(f"auto's measured choices: {tune['file']} ({tune['choices']} choices, {tune['choices_here']} for this "
+          f"machine and these versions){'' if tune['measuring'] else '; measuring is off (RESFAST_BACKEND / RESFAST_AUTOTUNE=0)'}")
     return 0
+
+
+def backend_note(name: str, device_type: str) -> str:
+    """What running backend ``name`` on ``device_type`` is for, from the backend table: its
+    description, and, where ``auto`` never picks it on that device (native, and triton under
+    the interpreter, on the CPU), that it is the test twin of the GPU kernels, not a speed path."""
+    from resfast.backends import backend, static_order
+
+    row, order = backend(name), static_order(device_type)
+    if name in order:
+        return f"runs: {row.description}"
+    fast = f"; use {order[0]} for speed" if order else ""
+    return (f"runs, as the test twin of the GPU kernels, not a speed path (auto never picks it on {device_type}"
+            f"{fast}): {row.description}")

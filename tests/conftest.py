@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -15,6 +18,15 @@ if "TRITON_INTERPRET" not in os.environ:
         pass
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# backend="auto" measures each new call signature and remembers the winner in a cache file.
+# The session gets its own cache folder (never the user's), and measuring is off unless the
+# environment sets RESFAST_AUTOTUNE=1: auto then follows the static order (eager on the CPU),
+# so every test sees the backend it was written for, deterministically and without measuring
+# time. tests/test_autotune.py turns measuring on where it tests it.
+os.environ["RESFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="resfast-test-cache-")
+atexit.register(shutil.rmtree, os.environ["RESFAST_CACHE_DIR"], True)
+os.environ.setdefault("RESFAST_AUTOTUNE", "0")
 
 
 def pytest_report_header(config):

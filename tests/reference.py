@@ -1,4 +1,4 @@
-"""The STANDARDS.md pass rule: a kernel result against a float64 reference.
+"""The pass rule of docs/design.md ("The correctness rule"): a kernel result against a float64 reference.
 
 ``max|out - ref64| <= 2 * max|ref_same - ref64| + atol(dtype) * max(1, max|ref64|)``
 where ``ref_same`` is eager PyTorch in the kernel's own dtype. NaN never passes.

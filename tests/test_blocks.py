@@ -109,7 +109,7 @@ def _run(block, x, grad_out, fn):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_block_matches_unfused_reference(case, backend, device):
     """Train-mode forward + backward and eval-mode forward of every block on every backend
-    that runs here, against the unfused block in float64 on the CPU (STANDARDS rule): output,
+    that runs here, against the unfused block in float64 on the CPU (the float64 rule of docs/design.md): output,
     input and parameter gradients, updated running statistics and num_batches_tracked."""
     why = _backend_skip_reason(backend, device)
     if why:

@@ -3,7 +3,7 @@
 Each case runs the backend, eager PyTorch in the case dtype on the case device
 (``ref_same``) and eager PyTorch in float64 on the CPU (``ref64``) from the same inputs, and
 judges the output, every gradient (x, conv weight, conv bias, BN weight, BN bias) and the
-updated running statistics with the STANDARDS.md rule (``tests/reference.py``).
+updated running statistics with the float64 rule of docs/design.md (``tests/reference.py``).
 
 A backend that cannot run here is skipped with the reason ``resfast.backends`` gives. On
 the CPU the triton backend runs under ``TRITON_INTERPRET=1`` with tiny shapes; with a CUDA
@@ -60,7 +60,7 @@ class Case:
         return self.name
 
 
-# Tiny shapes (the interpreter is slow); together they cover every case STANDARDS.md lists.
+# Tiny shapes (the interpreter is slow); together they cover every case the correctness rule of docs/design.md lists.
 # Groups of >= 16 channels take the tl.dot path of the triton kernels, smaller ones the direct one.
 CPU_CASES = [
     Case("n1_odd_pad1", n=1, c=5, h=7, w=5, co=6, bias=True),

@@ -114,3 +114,97 @@ def test_models_bad_arguments(capsys):
     assert main(["models", "--dense-channels", "--in", "24", "--growth", "2", "--layers", "4",
                  "--compression", "1.5"]) == 2
     assert "--compression must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- user errors and --help
+# (issue: a CPU user got tracebacks, a late failure after training, RST markup in --help)
+
+
+def _help(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_plain_text_and_says_nothing_is_saved_without_out(capsys):
+    from resfast.cli import SUBCOMMANDS, build_parser
+
+    present = [name for name in SUBCOMMANDS if name in build_parser()._subparsers._group_actions[0].choices]
+    for argv in ([], *([name] for name in present)):
+        text = _help(capsys, argv)
+        for markup in ("``", ":func:", ":class:", ":mod:", ":data:", "`"):
+            assert markup not in text, (argv, markup, text)
+    train_help = " ".join(_help(capsys, ["train"]).split())
+    assert "Without --out nothing is saved" in train_help and "(default: none, nothing is saved)" in train_help
+
+
+def test_backend_choices_come_from_the_backend_table():
+    from resfast.backends import BACKENDS
+    from resfast.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for name in ("train", "memory", "study"):
+        backend = next(a for a in sub[name]._actions if a.dest == "backend")
+        assert tuple(backend.choices) == BACKENDS, name
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--backend", "triton", "--device", "cpu", "--subset", "8", "--no-progress"],
+    ["memory", "--backend", "triton", "--model", "densenet_bc100_k12", "--image-size", "16", "--batch-size", "2"],
+])
+def test_a_backend_that_cannot_run_is_one_line_and_exit_2(argv, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton cannot run on CPU tensors now
+    from resfast.train import loop
+
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("trained before checking the backend"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+    assert lines == [lines[0]] and lines[0].startswith(f"resfast {argv[0]}: error: backend='triton' cannot run")
+    assert "Traceback" not in err
+
+
+def test_train_checks_the_output_folder_before_training(tmp_path, capsys, monkeypatch):
+    from resfast.train import loop
+
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: pytest.fail("trained before checking --out"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), "--subset", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{blocker / 'run'}' is not a writable folder" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="is not a writable folder"):
+        loop.train(loop.TrainConfig(out=str(blocker / "run"), subset=8, progress=False))
+
+
+@pytest.mark.parametrize("command", ["train", "memory"])
+def test_unknown_model_names_suggest_close_names(command, capsys):
+    assert main([command, "--model", "wrn16_3" if command == "train" else "densenet12"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean" in err and ("wrn16_2" in err if command == "train" else "densenet121" in err)
+    assert "`resfast models` lists them all" in err and "Traceback" not in err
+
+
+def test_memory_checks_the_image_size_against_the_model_before_running(capsys, monkeypatch):
+    from resfast.profiling import memory
+
+    monkeypatch.setattr(memory, "measure_modes", lambda *a, **k: pytest.fail("ran before checking the size"))
+    assert main(["memory", "--image-size", "8"]) == 2  # densenet121: the stem and 3 transitions need 29
+    err = capsys.readouterr().err
+    assert "--image-size 8 is too small for densenet121" in err and "the smallest size it takes is 29" in err
+    assert memory.min_image_size("densenet_bc100_k12") == 4  # CIFAR stem, two transitions
+
+
+def test_info_says_native_on_the_cpu_is_the_test_twin_not_a_speed_path(capsys):
+    from resfast.backends import backend_status
+    from resfast.cli_info import backend_note
+
+    note = backend_note("native", "cpu")
+    assert "test twin" in note and "not a speed path" in note and "auto never picks it on cpu" in note
+    assert "test twin" not in backend_note("eager", "cpu") and "test twin" not in backend_note("native", "cuda")
+    assert main(["info"]) == 0
+    native = [line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["cpu", "native"]]
+    if backend_status("cpu")["native"]:
+        pytest.skip(f"resfast._C is not built here: {backend_status('cpu')['native']}")
+    assert len(native) == 1 and "test twin of the GPU kernels, not a speed path" in native[0]

@@ -1,5 +1,5 @@
 """DenseLayer / DenseBlock / Transition: the memory modes agree with each other and with a
-float64 reference (the STANDARDS.md rule), on every backend that runs here."""
+float64 reference (the float64 rule of docs/design.md), on every backend that runs here."""
 from __future__ import annotations
 
 import copy

@@ -48,9 +48,10 @@ def test_cli_json_document(tmp_path):
         "model": "densenet_bc100_k12", "batch_size": 2, "image_size": 16, "device": "cpu"}
     assert [r["mode"] for r in doc["results"]] == ["naive", "shared"]
     for r in doc["results"]:
-        assert {"mode", "peak_bytes", "activation_bytes", "step_time_s"} <= set(r)
+        assert {"mode", "peak_bytes", "activation_bytes", "step_time_s", "launches"} <= set(r)
         assert 0 < r["activation_bytes"] < r["peak_bytes"]
         assert r["step_time_s"] > 0
+        assert isinstance(r["launches"], int) and r["launches"] > 100  # ~ten per layer at least
     naive, shared = doc["results"]
     assert shared["peak_bytes"] < naive["peak_bytes"]
     assert naive["ratio_to_naive"] == 1.0

@@ -1,5 +1,5 @@
 """The native backend's ops (``torch.ops.resfast.*``, C++ on CPU, CUDA on GPU) against the
-eager reference ``resfast.ops.reference`` with the STANDARDS.md float64 rule.
+eager reference ``resfast.ops.reference`` with the float64 rule of docs/design.md.
 
 Each conv case runs twice on the CPU: with the tiled kernels (the CUDA grid's blocks of
 ``csrc/include/resfast/tiles.h`` run one by one, float16 / bfloat16 through the emulated

@@ -71,13 +71,15 @@ def _rule(name, got, fn, args, dtype, context):
 
 
 CONV_CASES = [
-    # (C, C_out, groups, k, stride, padding, dilation): direct (small groups) and tl.dot (>= 16 per group)
-    (6, 4, 2, 3, 1, 1, 1),
-    (8, 8, 8, 3, 2, 1, 1),
-    (5, 7, 1, 1, 1, 0, 1),
-    (4, 6, 2, 3, 1, 2, 2),
-    (32, 48, 2, 3, 1, 1, 1),
-    (20, 18, 1, 1, 2, 0, 1),
+    # (C, C_out, groups, k, stride, padding, dilation)
+    (6, 4, 2, 3, 1, 1, 1),       # packed small groups (3 -> 2 channels), odd widths
+    (8, 8, 8, 3, 2, 1, 1),       # depthwise, stride 2 (parity classes in the backward)
+    (5, 7, 1, 1, 1, 0, 1),       # 1x1, channel counts no block divides
+    (4, 6, 2, 3, 1, 2, 2),       # dilation 2, padding 2
+    (32, 48, 2, 3, 1, 1, 1),     # wide groups: output channels over several tiles, split backward
+    (20, 18, 1, 1, 2, 0, 1),     # 1x1 stride 2, two input chunks
+    (64, 64, 32, 3, 1, 1, 1),    # 32 groups of 2: several packed blocks
+    (40, 8, 1, 3, 1, 1, 1),      # a 3x3 over three input chunks (scratch refilled per chunk)
 ]
 LAYOUTS = ["nchw", "cl", "prefix", "prefix_cl"]
 
@@ -174,6 +176,58 @@ def test_bn_backward_elemt_against_eager(layout, affine):
         return reference.bn_backward_elemt(*a) + base.to(a[1].dtype).cpu()
 
     _rule("bn_backward_elemt_out accumulate", out, accumulated, args, torch.float32, f"layout={layout}")
+
+
+def test_n1_odd_stride2_padding0_against_eager():
+    """N=1, odd H and W, stride 2 with padding 0 (the last row / column of x is never read)."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(1, 12, 7, 5, generator=g) + 0.3).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(12, 4, 3, 3, generator=g) * 0.3).to(DEVICE)
+    mean, var = reference.bn_stats(x)
+    args = (x, w, None, _vec(12, 1, lo=0.5), _vec(12, 2), mean, torch.rsqrt(var + 1e-5), [2, 2], [0, 0], [1, 1], 3)
+    _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args, True), reference.bn_relu_conv2d, (*args, True), torch.float32,
+          "N=1 7x5 stride 2 padding 0")
+    go = torch.randn(1, 12, 3, 2, generator=g).to(DEVICE)
+    bargs = (go, x, w, *args[3:], True)
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*bargs), reference.bn_relu_conv2d_backward, bargs,
+          torch.float32, "N=1 7x5 stride 2 padding 0")
+
+
+def test_forward_stacked_taps_against_eager(monkeypatch):
+    """The forward with several taps per MMA (``STACK``: the kw taps of a kernel row side by
+    side, the padded fourth slot masked), which the default interpreter config does not take."""
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_FWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
+                                                                    BLOCK_K=16, STACK=4))
+    for c, co, groups in ((6, 4, 2), (20, 16, 1)):
+        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl")
+        args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
+        _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args), reference.bn_relu_conv2d, args, torch.float32,
+              f"STACK=4 groups={groups}")
+
+
+def test_packed_groups_keep_nonfinite_values_in_their_group():
+    """Packed small groups share one block-diagonal MMA, where 0 * NaN = NaN would carry one
+    group's NaN into its neighbours. A NaN in x (forward, running statistics) and a NaN in
+    grad_out (backward) must reach exactly the outputs eager gives NaN, no others."""
+    c, co, groups = 16, 16, 8  # 8 groups of 2: one block of 8 packed groups
+    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, "cl", seed=3)
+    mean, invstd = _vec(c, 5) + 0.2, _vec(c, 6, lo=0.5)
+    x[1, 2, 3, 4] = float("nan")  # channel 2 is in group 1 only
+    args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, False)
+    y = OPS.bn_relu_conv2d(*args)
+    assert torch.isnan(y).any() and not torch.isnan(y[:, 4:]).any()  # groups 2..7 untouched
+    _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, args, torch.float32, "NaN in x")
+
+    x = x.nan_to_num()
+    go = torch.randn(2, co, 5, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    go[0, 5, 2, 2] = float("nan")  # output channel 5 is in group 2
+    bargs = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, False)
+    got = OPS.bn_relu_conv2d_backward(*bargs)
+    gz = got[0]
+    assert torch.isnan(gz[:, 4:6]).any() and not torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 6:]).any()
+    _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, torch.float32, "NaN in grad_out")
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -285,50 +339,131 @@ def test_compile_fullgraph(compiler):
             assert torch.equal(got[3][k].cpu(), same[3][k].cpu()), k
 
 
+# ----------------------------------------------------------------------------- autotuning
+
+
+def test_tune_keys_are_bucketed():
+    """DenseNet-121's 58 BN-ReLU-conv1x1 layers (64 + 32 i input channels, four resolutions)
+    share a handful of autotune keys, so a first training step does not tune per layer."""
+    from resfast.ops import triton_ops
+
+    keys = set()
+    for block, (layers, c0, hw) in enumerate(((6, 64, 56), (12, 128, 28), (24, 256, 14), (16, 512, 7))):
+        for i in range(layers):
+            c = c0 + 32 * i
+            x = torch.empty(64, c, hw, hw, dtype=torch.bfloat16, device="meta").contiguous(
+                memory_format=torch.channels_last)
+            w = torch.empty(128, c, 1, 1, dtype=torch.bfloat16, device="meta")
+            keys.add(triton_ops._conv_key(x, w, [1, 1], [0, 0], [1, 1], 1, hw, hw))
+    assert len(keys) <= 12, len(keys)
+
+
+def test_tuner_persists_and_never_times_in_a_capture(tmp_path, monkeypatch):
+    from resfast.ops import triton_ops
+
+    path = tmp_path / "tune.json"
+    x = torch.empty(2, 16, 8, 8, device="meta")
+    launch = triton_ops.launch_plan("bn_relu_conv2d", x, torch.empty(16, 4, 3, 3, device="meta"), None, None, None,
+                                    torch.empty(16, device="meta"), torch.empty(16, device="meta"), [1, 1], [1, 1],
+                                    [1, 1], 4, True)[0]
+    assert len(launch.configs) >= 2
+    timed = []
+    monkeypatch.setattr(triton_ops.Tuner, "_time", lambda self, l: timed.append(l.name) or 1)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    tuner = triton_ops.Tuner(str(path))
+    assert tuner.choose(launch) is launch.configs[0] and not timed and not path.exists()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert tuner.choose(launch) is launch.configs[1] and timed == ["conv_fwd"]
+    # another process (a new tuner on the same file) reuses the choice without timing
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert triton_ops.Tuner(str(path)).choose(launch) is launch.configs[1] and timed == ["conv_fwd"]
+    monkeypatch.setenv("RESFAST_TRITON_AUTOTUNE", "0")
+    assert triton_ops.Tuner(str(tmp_path / "other.json")).choose(launch) is launch.configs[0]
+
+
 # ----------------------------------------------------------------------------- GPU compilation
 
 _COMPILE_SCRIPT = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd as B, bn_relu_conv_fwd as F, bn_stats as S
+import json, sys
+import torch
+from resfast.ops import triton_ops as T
+from resfast.profiling.static_model import CONV_MMA_KERNELS, compile_for_sm90
 
-F32 = {"count_ptr", "mean_ptr", "m2_ptr", "pmean_ptr", "pm2_ptr", "mean_out_ptr", "var_out_ptr", "gamma_ptr",
-       "beta_ptr", "invstd_ptr", "sdz_ptr", "sdzx_ptr", "psum_dz_ptr", "psum_dzx_ptr", "pgw_ptr", "pgb_ptr"}
+def meta(shape, dtype, cl, extra=0):
+    n, c, h, w = shape
+    t = torch.empty(n, c + extra, h, w, dtype=dtype, device="meta")
+    if cl:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t[:, :c] if extra else t
 
+def vec(c, dtype=torch.float32):
+    return torch.empty(c, dtype=dtype, device="meta")
 
-def build(fn, ty, consts):
-    sig = {n: "constexpr" if n in consts else ("*fp32" if n in F32 else ty) if n.endswith("_ptr")
-           else "fp32" if n == "inv_count" else "i32" for n in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-
-
-build(S.bn_stats_partial_kernel, "*bf16", dict(BLOCK_P=64, BLOCK_C=64))
-build(S.bn_stats_merge_kernel, "*fp32", dict(BLOCK_C=128))
-build(bn_elemt.bn_backward_elemt_kernel, "*bf16", dict(HAS_GAMMA=True, ACCUMULATE=True, BLOCK_P=32, BLOCK_C=64))
-for ty in ("*bf16", "*fp32"):
-    for dot in (True, False):
-        flags = dict(KH=3, KW=3, HAS_GAMMA=True, HAS_BETA=True, USE_DOT=dot, DOT_F32=False)
-        k = build(F.bn_relu_conv_fwd_kernel, ty, dict(HAS_BIAS=True, **flags, **F._configs(dot)[0].kwargs))
-        if dot and ty == "*bf16":
-            assert "wgmma" in k.asm["ptx"], "the bf16 forward does not use Hopper tensor cores"
-        build(B.bn_relu_conv_bwd_input_kernel, ty, dict(**flags, BLOCK_M=64, BLOCK_N=32, BLOCK_K=32 if dot else 16))
-        build(B.bn_relu_conv_bwd_weight_kernel, ty, dict(**flags, BLOCK_CO=64, BLOCK_CI=32, BLOCK_P=64))
-print("compiled")
+# (x shape, C_out, groups, k, stride, padding, dilation, dtype, channels_last, prefix extra, bias, affine)
+CASES = [
+    ((2, 64, 9, 11), 64, 16, 3, 1, 1, 1, torch.bfloat16, True, 0, True, True),    # packed 4-channel groups
+    ((1, 48, 7, 9), 48, 6, 3, 2, 1, 1, torch.bfloat16, True, 0, False, True),     # 8-channel groups, stride 2
+    ((2, 30, 5, 7), 40, 1, 3, 1, 2, 2, torch.float16, True, 10, True, False),     # prefix view, wide, dilated
+    ((2, 20, 6, 6), 18, 1, 1, 2, 0, 1, torch.float32, False, 0, False, True),     # NCHW fp32 1x1 stride 2
+    ((2, 32, 8, 8), 32, 32, 3, 1, 1, 1, torch.bfloat16, True, 0, False, True),    # depthwise
+]
+seen, compiled, tensor_core = set(), 0, []
+for (shape, co, groups, k, s, p, d, dtype, cl, extra, bias, affine) in CASES:
+    x = meta(shape, dtype, cl, extra)
+    c = shape[1]
+    w = torch.empty(co, c // groups, k, k, dtype=dtype, device="meta").contiguous(memory_format=torch.channels_last)
+    b = vec(co, dtype) if bias else None
+    bw, bb = (vec(c), vec(c)) if affine else (None, None)
+    conv = ([s, s], [p, p], [d, d], groups)
+    ho = (shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
+    wo = (shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
+    gy = meta((shape[0], co, ho, wo), dtype, cl)
+    out = meta((shape[0], co, ho, wo), dtype, not cl, extra=3)
+    plans = [
+        T.launch_plan("bn_stats", x),
+        T.launch_plan("bn_stats_update", x, vec(c), vec(c), 0.1, 1e-5),
+        T.launch_plan("bn_relu_conv2d", x, w, b, bw, bb, vec(c), vec(c), *conv, True),
+        T.launch_plan("bn_relu_conv2d_out", x, w, b, bw, bb, vec(c), vec(c), *conv, out),
+        T.launch_plan("bn_relu_conv2d_backward", gy, x, w, bw, bb, vec(c), vec(c), *conv, bias),
+        T.launch_plan("bn_backward_elemt", x, x, bw, vec(c), vec(c), vec(c), vec(c), 0.5),
+        T.launch_plan("bn_backward_elemt_out", x, x, bw, vec(c), vec(c), vec(c), vec(c), 0.5, True, meta(shape, dtype, not cl)),
+    ]
+    for plan in plans:
+        for launch in plan:
+            for cfg in launch.configs:  # every config, bound exactly as the host launches it
+                bound = launch.bind(cfg)
+                key = (launch.fn.__name__, repr([(type(a).__name__, getattr(a, "dtype", a), getattr(a, "shape", None))
+                                                 for a in bound.args]), repr(sorted(bound.constexprs.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                kernel = compile_for_sm90(launch.fn, bound.args, bound.constexprs)
+                compiled += 1
+                if launch.name in CONV_MMA_KERNELS and dtype != torch.float32:
+                    ptx = kernel.asm["ptx"]
+                    tensor_core.append([launch.name, cfg.label, "wgmma" in ptx or "mma.sync" in ptx])
+print(json.dumps({"compiled": compiled, "tensor_core": tensor_core}))
 '''
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run every kernel")
 def test_kernels_compile_for_sm90():
-    """Without a GPU the interpreter never compiles the kernels: compile them for sm_90 (PTX
-    and cubin through the ptxas that ships with triton) so GPU-only compile errors show here."""
+    """Without a GPU the interpreter never compiles the kernels: compile every launch of every
+    op, with every tile config, for sm_90 exactly as the host code launches them (the launch
+    plan bound to meta tensors, the runtime binder's specialisation), over packed small
+    groups, stride 2, a dilated channel-prefix view, NCHW float32 and depthwise; every 16-bit
+    conv kernel must use tensor cores."""
+    import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1200)
     if run.returncode != 0 and ("ptxas" in run.stderr and "not found" in run.stderr):
         pytest.skip(f"triton cannot compile for sm_90 here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout.strip().splitlines()[-1])
+    assert doc["compiled"] >= 20
+    assert doc["tensor_core"] and all(ok for _, _, ok in doc["tensor_core"]), doc["tensor_core"]

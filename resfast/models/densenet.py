@@ -27,6 +27,8 @@ from resfast.backends import check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
+from resfast.nn.unfused import hooked_submodules, is_tracing
+from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = [
@@ -119,7 +121,7 @@ class DenseNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+        if not is_tracing() and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans):
             raise ValueError(f"x must be an N x {self.in_chans} x H x W tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         f = self.features
@@ -144,8 +146,10 @@ class DenseNet(nn.Module):
         f = self.features
         if self.stem == "cifar":
             return f.conv0(x)
-        recompute = (self.memory == "shared" and torch.is_grad_enabled() and f.conv0.weight.requires_grad
-                     and sync_group(f.norm0) is None)
+        recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
+                     and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
+                     and not hooked_submodules([("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0),
+                                                ("pool0", f.pool0)]))
         if not recompute:
             return f.pool0(f.relu0(f.norm0(f.conv0(x))))
         return _recomputed_stem(f.conv0, f.norm0, f.pool0, x)
@@ -153,18 +157,42 @@ class DenseNet(nn.Module):
 
 def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
     """conv-BN-ReLU-maxpool recomputed from ``x`` in the backward: nothing of the stem's
-    full-resolution activations is stored. The first evaluation updates ``bn``'s running
-    statistics; the recomputation normalises with the same statistics and updates nothing."""
-    state = {"first": True}
+    full-resolution activations is stored.
 
-    def closure(inp: Tensor) -> Tensor:
+    The checkpointed function is pure (``torch.compile`` traces it without a graph break, and
+    its recomputation repeats nothing): it normalises without touching the running statistics
+    and also returns the batch statistics it used, from which the running statistics are
+    updated once, outside."""
+    call = bn_call(bn)
+    update = call.batch_stats and call.running_mean is not None and call.momentum != 0.0
+    running = None if call.batch_stats else (call.running_mean, call.running_var)
+
+    def closure(inp: Tensor):
         y = conv(inp)
-        call = bn_call(bn, update=state.pop("first", False))
-        z = F.batch_norm(y, call.running_mean, call.running_var, call.weight, call.bias, call.batch_stats,
-                         call.momentum, call.eps)
-        return pool(F.relu(z, inplace=True))
+        z = F.batch_norm(y, running[0] if running else None, running[1] if running else None, call.weight,
+                         call.bias, call.batch_stats, 0.0, call.eps)
+        out = pool(F.relu(z, inplace=True))
+        if not update:
+            return out
+        with torch.no_grad():
+            acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+            var, mean = torch.var_mean(y.detach().to(acc), dim=(0, 2, 3), correction=0)
+        return out, mean, var
 
-    return cp.checkpoint(closure, x, use_reentrant=False)
+    if not update:
+        return cp.checkpoint(closure, x, use_reentrant=False)
+    out, mean, var = cp.checkpoint(closure, x, use_reentrant=False)
+    update_running_stats(call.running_mean, call.running_var, mean, var, _positions(conv, x), call.momentum)
+    return out
+
+
+def _positions(conv: nn.Conv2d, x: Tensor) -> int:
+    """N * H_out * W_out of ``conv`` on ``x``: the element count per channel of its output."""
+    h, w = x.shape[2], x.shape[3]
+    kh, kw = conv.kernel_size
+    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    return x.shape[0] * ho * wo
 
 
 def _build(growth_rate: int, block_config: Sequence[int], num_init_features: int, **kwargs) -> DenseNet:

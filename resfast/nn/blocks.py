@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.fused import bn_relu_conv
+from resfast.nn.unfused import is_tracing, run_unfused
 
 __all__ = [
     "BasicBlock",
@@ -56,7 +57,10 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 def check_input(x: Tensor, channels: int, what: str = "the block") -> None:
-    """Raise ``TypeError`` / ``ValueError`` unless ``x`` is an ``N x channels x H x W`` tensor."""
+    """Raise ``TypeError`` / ``ValueError`` unless ``x`` is an ``N x channels x H x W`` tensor
+    (nothing to check on an FX proxy while tracing)."""
+    if is_tracing():
+        return
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -136,10 +140,20 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.inplanes, self.backend, "BasicBlock")
+        if run_unfused(self, [("bn1", self.bn1), ("relu", self.relu), ("conv2", self.conv2)], "one fused op"):
+            return self._forward_unfused(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = _bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
         out = self.bn2(out)
         return torch.relu(out + identity)
+
+    def _forward_unfused(self, x: Tensor) -> Tensor:
+        # torchvision's BasicBlock.forward, module by module.
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -198,6 +212,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.inplanes, self.backend, type(self).__name__)
+        fused = [("bn1", self.bn1), ("relu", self.relu), ("conv2", self.conv2), ("bn2", self.bn2),
+                 ("conv3", self.conv3)]
+        if run_unfused(self, fused, "two fused ops"):
+            return self._forward_unfused(x)
         identity = x if self.downsample is None else self.downsample(x)
         out = _bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
         out = _bn_relu_conv(self.bn2, self.conv3, out, self.backend)
@@ -205,6 +223,17 @@ class Bottleneck(nn.Module):
         if self.se is not None:
             out = self.se(out)
         return torch.relu(out + identity)
+
+    def _forward_unfused(self, x: Tensor) -> Tensor:
+        # torchvision's Bottleneck.forward, module by module (SE after bn3, as timm).
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.se is not None:
+            out = self.se(out)
+        out += identity
+        return self.relu(out)
 
 
 class ResNeXtBottleneck(Bottleneck):
@@ -268,6 +297,14 @@ class WideBasic(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.in_planes, self.backend, "WideBasic")
+        fused = [("bn1", self.bn1), ("conv1", self.conv1), ("shortcut", self.shortcut), ("bn2", self.bn2),
+                 ("conv2", self.conv2)]
+        if run_unfused(self, fused, "fused ops"):
+            a = torch.relu(self.bn1(x))
+            out = self.conv1(a)
+            shortcut = x if self.shortcut is None else self.shortcut(a)
+            out = self.conv2(F.dropout(torch.relu(self.bn2(out)), self.dropout, training=self.training))
+            return out + shortcut
         out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
         shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
         if self.dropout > 0 and self.training:
@@ -306,6 +343,15 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_block_input(x, self.in_planes, self.backend, "PreActBottleneck")
+        fused = [("bn1", self.bn1), ("conv1", self.conv1), ("shortcut", self.shortcut), ("bn2", self.bn2),
+                 ("conv2", self.conv2), ("bn3", self.bn3), ("conv3", self.conv3)]
+        if run_unfused(self, fused, "fused ops"):
+            a = torch.relu(self.bn1(x))
+            shortcut = x if self.shortcut is None else self.shortcut(a)
+            out = self.conv1(a)
+            out = self.conv2(torch.relu(self.bn2(out)))
+            out = self.conv3(torch.relu(self.bn3(out)))
+            return out + shortcut
         out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
         shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
         out = bn_relu_conv(self.bn2, self.conv2, out, self.backend)
@@ -350,6 +396,8 @@ def _check_downsample(inplanes: int, out: int, stride: int, downsample: Optional
 def _check_block_input(x: Tensor, channels: int, backend: str, what: str) -> None:
     # Resolve the backend first so an unavailable one is reported before any BN running
     # statistics move (nothing is modified by a rejected call).
+    if is_tracing():
+        return  # an FX proxy: no shape to check; the traced graph runs the submodules
     check_input(x, channels, what)
     resolve_backend(backend, x.device)
 

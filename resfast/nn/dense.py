@@ -26,8 +26,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call
-from resfast.nn.fused import bn_relu_conv
+from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight
+from resfast.nn.unfused import is_tracing, run_unfused
+from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
+from resfast.ops.opsets import get_ops
 from resfast.ops.validation import FLOAT_DTYPES
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
@@ -63,6 +66,9 @@ class DenseLayer(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, input: Union[Tensor, Sequence[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        fused = [(n, getattr(self, n)) for n in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")]
+        if run_unfused(self, fused, "fused ops"):
+            return self._forward_unfused(input)
         prev = [input] if isinstance(input, Tensor) else list(input)
         if not prev or not all(isinstance(t, Tensor) for t in prev):
             raise TypeError("input must be a tensor or a non-empty list of tensors")
@@ -79,6 +85,16 @@ class DenseLayer(nn.Module):
             x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
             bottleneck = bn_relu_conv(self.norm1, self.conv1, x, self.backend)
         new = bn_relu_conv(self.norm2, self.conv2, bottleneck, self.backend)
+        if self.drop_rate > 0:
+            new = nn.functional.dropout(new, p=self.drop_rate, training=self.training)
+        return new
+
+    def _forward_unfused(self, input) -> Tensor:  # noqa: A002
+        # torchvision's _DenseLayer.forward (without its checkpointing), module by module.
+        prev = [input] if isinstance(input, (Tensor, torch.fx.Proxy)) else list(input)
+        x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+        bottleneck = self.conv1(self.relu1(self.norm1(x)))
+        new = self.conv2(self.relu2(self.norm2(bottleneck)))
         if self.drop_rate > 0:
             new = nn.functional.dropout(new, p=self.drop_rate, training=self.training)
         return new
@@ -125,22 +141,39 @@ class DenseBlock(nn.ModuleDict):
         return self.num_input_features + len(self) * self.growth_rate
 
     def forward(self, init_features: Tensor) -> Tensor:
+        if is_tracing():
+            return self._forward_layers(init_features)
         self._check_input(init_features)
-        if self.memory == "shared" and init_features.shape[0] > 0:
+        if self.memory == "shared" and init_features.shape[0] > 0 and not self._hooked():
             return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
                                       recompute=self.recompute)
+        return self._forward_layers(init_features)
+
+    def _forward_layers(self, init_features: Tensor) -> Tensor:
+        # torchvision's _DenseBlock.forward: each layer reads the list of all previous features.
         features = [init_features]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
+
+    def _hooked(self) -> bool:
+        """Whether hooks on the layers (or their modules) need them called one by one: the shared
+        block runs no layer module. Warns once."""
+        named = [(f"{n}.{c}" if c else n, m) for n, layer in self.items() for c, m in layer.named_modules()]
+        return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")
 
     def forward_with_transition(self, init_features: Tensor, transition: "Transition") -> Tensor:
         """``transition(self(init_features))``; with ``memory="shared"`` the transition's
         BN-ReLU-conv1x1 runs inside the block's function on the shared buffer (with the
         block's per-channel batch statistics), so the block's features need no gradient
         buffer of their own."""
+        if is_tracing():
+            return transition(self(init_features))
         self._check_input(init_features)
-        if self.memory != "shared" or init_features.shape[0] == 0:
+        if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
+                or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
+                                            ("relu", transition.relu), ("conv", transition.conv)],
+                               "the shared block's fused tail"):
             return transition(self(init_features))
         if transition.norm.num_features != self.num_output_features or not isinstance(transition.conv, nn.Conv2d) \
                 or tuple(transition.conv.kernel_size) != (1, 1) or tuple(transition.conv.stride) != (1, 1) \
@@ -148,9 +181,11 @@ class DenseBlock(nn.ModuleDict):
             raise ValueError(f"forward_with_transition needs a Transition over the block's "
                              f"{self.num_output_features} channels with a bias-free stride-1 1x1 conv")
         layers = self._layer_args()
+        pool_first = transition.pool_first()
         out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
-                                 tail=(bn_call(transition.norm), transition.conv.weight))
-        return transition.pool(out)
+                                 tail=(bn_call(transition.norm), transition.conv.weight,
+                                       transition.pool_weight if pool_first else None))
+        return out if pool_first else transition.pool(out)
 
     def _layer_args(self) -> List[DenseLayerArgs]:
         """Each layer's tensors and its BatchNorms' decisions for this forward (num_batches_tracked
@@ -185,7 +220,14 @@ class DenseBlock(nn.ModuleDict):
 
 class Transition(nn.Sequential):
     """BN-ReLU-conv1x1 (compression) then 2x2 average pooling: torchvision's ``_Transition``
-    (submodules ``norm, relu, conv, pool``), with the BN-ReLU-conv fused on ``backend``."""
+    (submodules ``norm, relu, conv, pool``; the same ``state_dict``), computed pool first.
+
+    A 2x2 average pool commutes with a bias-free 1x1 convolution (both are linear), so the
+    forward is ``conv(pool(relu(norm(x))))``: the BN-ReLU-pool is one fused op (a depthwise 2x2
+    stride-2 convolution with weights 1/4, ``pool_weight``, a non-persistent buffer) that writes
+    only the pooled activation, and the 1x1 conv runs on a quarter of the positions -- a quarter
+    of its multiply-adds and output bytes.
+    """
 
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()
@@ -194,10 +236,31 @@ class Transition(nn.Sequential):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.register_buffer("pool_weight", torch.full((num_input_features, 1, 2, 2), 0.25), persistent=False)
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pool(bn_relu_conv(self.norm, self.conv, x, self.backend))
+        if run_unfused(self, [("norm", self.norm), ("relu", self.relu), ("conv", self.conv), ("pool", self.pool)],
+                       "a fused BN-ReLU-pool and a 1x1 conv"):
+            return self.pool(self.conv(self.relu(self.norm(x))))
+        if not self.pool_first():
+            return self.pool(bn_relu_conv(self.norm, self.conv, x, self.backend))
+        pooled = bn_relu_conv_weight(self.norm, self.pool_weight, x, self.backend, stride=2,
+                                     groups=self.norm.num_features)
+        return self.conv(pooled)
+
+    def pool_first(self) -> bool:
+        """Whether the modules still are what pool-first assumes (a bias-free 1x1 conv, a 2x2/2
+        average pool without padding): otherwise the transition runs conv first, as built."""
+        c, p = self.conv, self.pool
+        return (isinstance(c, nn.Conv2d) and c.bias is None and tuple(c.kernel_size) == (1, 1)
+                and tuple(c.stride) == (1, 1) and c.groups == 1 and isinstance(p, nn.AvgPool2d)
+                and _pair(p.kernel_size) == (2, 2) and _pair(p.stride) == (2, 2) and _pair(p.padding) == (0, 0)
+                and not p.ceil_mode and p.divisor_override is None)
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[Tensor], backend: str = "auto"
@@ -205,17 +268,43 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     """``conv(relu(bn(cat(inputs))))`` under ``torch.utils.checkpoint``: the concatenation and
     the result are recomputed in the backward instead of stored.
 
-    The running statistics are updated once, by the first evaluation; the recomputation
-    normalises with the same statistics and updates nothing (torchvision's and timm's
-    checkpointed layers update them twice).
+    The BatchNorm's bookkeeping happens outside the checkpointed function, once: the counter
+    moves and the running statistics are updated from the per-input channel statistics (the
+    channels of a concatenation are those of its parts, so nothing is concatenated for it).
+    The checkpointed function is pure, so its recomputation repeats nothing and
+    ``torch.compile`` traces it without a graph break (torchvision's and timm's checkpointed
+    layers update the running statistics twice).
     """
-    state = {"first": True}
+    call = bn_call(bn)
+    if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 and inputs[0].shape[0] > 0:
+        _update_running_from_parts(call, inputs, resolve_backend(backend, inputs[0].device))
+    running = None if call.batch_stats else (call.running_mean, call.running_var)
 
     def closure(*feats: Tensor) -> Tensor:
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
-        return bn_relu_conv(bn, conv, x, backend, update=state.pop("first", False))
+        return bn_relu_conv2d(
+            x, conv.weight, conv.bias, bn_weight=call.weight, bn_bias=call.bias,
+            running_mean=running[0] if running else None, running_var=running[1] if running else None,
+            training=call.batch_stats, momentum=0.0, eps=call.eps, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, backend=backend, process_group=call.process_group)
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)
+
+
+@torch.no_grad()
+def _update_running_from_parts(call, parts: List[Tensor], backend: str) -> None:
+    ops = get_ops(backend)
+    means, variances, count = [], [], 1
+    for t in parts:
+        if call.process_group is not None:
+            m, v, count = sync_batch_stats(ops, t, call.process_group)
+        else:
+            m, v = ops.bn_stats(t.detach())
+            count = t.numel() // t.shape[1]
+        means.append(m)
+        variances.append(v)
+    update_running_stats(call.running_mean, call.running_var, torch.cat(means), torch.cat(variances), count,
+                         call.momentum)
 
 
 def check_dense_input(x: Tensor, block: nn.Module) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call
-from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
+from resfast.nn.unfused import run_unfused
+from resfast.ops.bn_relu_conv2d import autocast_enabled, autocast_inputs, bn_relu_conv2d
+from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["BNReLUConv2d", "bn_relu_conv"]
+__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight"]
 
 
 def bn_relu_conv(
@@ -27,19 +30,42 @@ def bn_relu_conv(
         raise ValueError(f"only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
     if isinstance(conv.padding, str):
         raise ValueError(f"conv padding must be numeric, got {conv.padding!r}")
+    return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, out=out,
+                               update=update)
+
+
+def bn_relu_conv_weight(
+    bn: nn.BatchNorm2d, weight: Tensor, x: Tensor, backend: str = "auto", *, bias: Optional[Tensor] = None,
+    stride=1, padding=0, dilation=1, groups: int = 1, out: Optional[Tensor] = None, update: bool = True,
+) -> Tensor:
+    """:func:`bn_relu_conv` with the conv given as a weight tensor and its arguments (e.g. the
+    depthwise 2x2 averaging weight of a pool-first transition)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[1] != bn.num_features:
         raise ValueError(f"channel mismatch: the input has {x.shape[1]} channels, the block expects {bn.num_features}")
     resolve_backend(backend, x.device)  # an unavailable backend is reported before num_batches_tracked moves
+    # Every argument is checked before num_batches_tracked moves: a rejected call changes nothing.
+    preview = bn_call(bn, update=False)
+    check_bn_relu_conv2d_args(
+        *_autocast_view(x, weight, bias), preview.weight, preview.bias, preview.running_mean, preview.running_var,
+        preview.batch_stats, 0.0, preview.eps, stride, padding, dilation, groups, out)
     call = bn_call(bn, update=update)
     return bn_relu_conv2d(
-        x, conv.weight, conv.bias,
+        x, weight, bias,
         bn_weight=call.weight, bn_bias=call.bias, running_mean=call.running_mean, running_var=call.running_var,
         training=call.batch_stats, momentum=call.momentum, eps=call.eps,
-        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
         backend=backend, out=out, process_group=call.process_group,
     )
+
+
+def _autocast_view(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """The dtypes the functional op will see (autocast casts x, weight and bias)."""
+    if autocast_enabled(x.device.type):
+        return autocast_inputs(x, weight, bias)
+    return x, weight, bias
 
 
 class BNReLUConv2d(nn.Module):
@@ -74,6 +100,8 @@ class BNReLUConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        if out is None and run_unfused(self, [("norm", self.norm), ("conv", self.conv)], "one fused op"):
+            return self.conv(F.relu(self.norm(x)))
         return bn_relu_conv(self.norm, self.conv, x, self.backend, out=out)
 
 

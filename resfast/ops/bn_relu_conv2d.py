@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from resfast.backends import resolve_backend
 from resfast.ops.autograd import BNReLUConv2dFunction
+from resfast.ops.autotune import bn_relu_conv2d_backend
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with"]
+__all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
+           "autocast_inputs"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -86,13 +87,14 @@ def bn_relu_conv2d(
             arguments, before anything is modified.
         resfast.backends.BackendUnavailableError: if ``backend`` cannot run on ``x``'s device.
     """
-    if isinstance(x, Tensor) and isinstance(weight, Tensor) and _autocast_enabled(x.device.type):
-        x, weight, bias = _autocast_inputs(x, weight, bias)
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and autocast_enabled(x.device.type):
+        x, weight, bias = autocast_inputs(x, weight, bias)
     stride, padding, dilation, momentum = check_bn_relu_conv2d_args(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
     )
-    name = resolve_backend(backend, x.device)
+    name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                  momentum, eps, stride, padding, dilation, groups, out)
     if x.shape[0] == 0:
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -180,7 +182,7 @@ def _finish(y: Tensor, out: Optional[Tensor]) -> Tensor:
     return out
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # older spelling
@@ -189,7 +191,7 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Cast like autocast casts ``conv2d``'s inputs; the BN parameters stay in their dtype."""
     try:
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -27,10 +27,14 @@ it as a ``bool`` tensor (1 byte per element of the new features) for the backwar
 
 On the eager backend (plain PyTorch ops that materialise their intermediates) every
 backward BN-ReLU-conv over a prefix (and the bottleneck recomputation) is split into chunks
-of ``growth_rate`` input channels (the conv is linear in its input channels: partial outputs
-add up, and the input gradient of a chunk only needs the weight columns of that chunk), so
-the temporaries of one call stay the size of one layer's new features. Triton and native
-kernels never materialise the normalised input, and take the whole prefix in one call.
+of as many input channels as a layer's bottleneck has (the conv is linear in its input
+channels: partial outputs add up, and the input gradient of a chunk only needs the weight
+columns of that chunk), so the temporaries of one call stay the size of a tensor the forward
+held anyway, however wide the prefix grows. Triton and native kernels never materialise the
+normalised input, and take the whole prefix in one call.
+
+The per-channel bookkeeping is batched: every prefix reader's running-statistics update is
+applied once per block forward with ``torch._foreach_*`` ops.
 
 This module takes tensors, floats and process groups only (:class:`DenseLayerArgs`,
 :class:`resfast.ops.bn_args.BNArgs`); the modules' BatchNorm bookkeeping happens in
@@ -43,10 +47,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from resfast.backends import resolve_backend
 from resfast.ops.autograd import bn_relu_conv2d_backward
+from resfast.ops.autotune import dense_block_backend
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
@@ -85,7 +90,7 @@ def shared_dense_block(
     *,
     backend: str = "auto",
     recompute: str = "bn_relu",
-    tail: Optional[Tuple[BNArgs, Tensor]] = None,
+    tail: Optional[Tuple[BNArgs, Tensor, Optional[Tensor]]] = None,
 ) -> Tensor:
     """Run a dense block on one shared feature buffer.
 
@@ -97,10 +102,13 @@ def shared_dense_block(
         backend: ``"auto" | "eager" | "triton" | "native"``.
         recompute: ``"bn_relu"`` (keep the bottleneck outputs) or ``"bottleneck"``
             (recompute them in the backward too).
-        tail: optional ``(norm, conv_weight)`` of a following transition's BN-ReLU-conv1x1:
-            the function then returns ``conv(relu(norm(features)))`` (normalised with the
-            block's shared statistics), and the block's features are never a separate output,
-            so no second gradient buffer of the block's size is needed.
+        tail: optional ``(norm, conv_weight, pool_weight)`` of a following transition: the
+            function then returns ``conv(relu(norm(features)))`` (normalised with the block's
+            shared statistics), or, with a ``pool_weight`` (the ``C x 1 x 2 x 2`` averaging
+            weight), the transition's whole output pool first, ``conv(avgpool2x2(relu(norm(features))))``:
+            the BN-ReLU-pool is one fused depthwise op and the 1x1 conv runs on a quarter of the
+            positions. The block's features are never a separate output, so no second gradient
+            buffer of the block's size is needed.
 
     Returns:
         All features ``N x (C0 + L*k) x H x W`` (a drop-in for ``torch.cat(features, 1)``; in
@@ -112,7 +120,7 @@ def shared_dense_block(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if len(layers) == 0:
         raise ValueError("layers must hold at least one dense layer, got none")
-    name = resolve_backend(backend, x.device)
+    name = dense_block_backend(backend, x, layers, recompute=recompute, tail=tail)
     cfg = _Config.build(layers, tail, x, name, recompute)
     dtype = _compute_dtype(x)
     x_c = x if x.dtype == dtype else x.to(dtype)
@@ -122,6 +130,7 @@ def shared_dense_block(
                     _cast(layer.conv2_weight, dtype), layer.norm2.weight, layer.norm2.bias]
     if tail is not None:
         tensors += [_cast(tail[1], dtype), tail[0].weight, tail[0].bias]
+        cfg.pool_weight = None if tail[2] is None else _cast(tail[2], dtype)
     # torch.cat of x and the new (compute-dtype) features promotes; so does the returned buffer.
     cfg.out_dtype = torch.promote_types(x.dtype, dtype) if tail is None else dtype
     needs_grad = torch.is_grad_enabled() and (x_c.requires_grad or any(t is not None and t.requires_grad
@@ -149,8 +158,12 @@ class _Config:
     norms: List[BNArgs]  # norm1, norm2 per layer, then the tail norm
     conv2_args: List[List]  # (stride, padding, dilation, groups) of each conv3x3
     drop_rates: List[float]
-    fine_chunks: bool
+    #: Eager backend: channels per backward call over a prefix (the width of one layer's
+    #: bottleneck, so a call's temporaries are the size of a tensor the forward held anyway);
+    #: 0 = the whole prefix in one call (kernels that never materialise the normalised input).
+    chunk_channels: int
     group: object = None  # the norm1s' (and tail norm's) SyncBN group
+    pool_weight: Optional[Tensor] = None  # the pool-first tail's 2x2 averaging weight (a constant)
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -192,12 +205,21 @@ class _Config:
             ops=get_ops(backend), recompute=recompute, c0=x.shape[1], growth=growth, num_layers=len(layers),
             has_tail=tail is not None, norms=norms,
             conv2_args=[[_ONE, list(layer.conv2_padding), list(layer.conv2_dilation), 1] for layer in layers],
-            drop_rates=[float(layer.drop_rate) for layer in layers], fine_chunks=backend == "eager",
+            drop_rates=[float(layer.drop_rate) for layer in layers],
+            chunk_channels=_chunk_channels(layers, c) if backend == "eager" else 0,
             group=next(iter(groups.values()), None),
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
+
+
+def _chunk_channels(layers: Sequence[DenseLayerArgs], c_total: int) -> int:
+    """Channels per backward call over a prefix on the eager backend: a quarter of the block's
+    channels (at least one layer's growth). A call's temporaries (about three copies of its
+    input chunk) then stay under the block's own feature buffer, which is alive anyway, and a
+    layer makes at most four calls however deep the block is."""
+    return max(layers[0].conv2_weight.shape[0], -(-c_total // 4))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -227,13 +249,11 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _chunks(lo: int, hi: int, size: int, boundaries: Sequence[int] = ()) -> List[Tuple[int, int]]:
-    """``[lo, hi)`` cut at ``boundaries`` and into pieces of at most ``size`` channels."""
-    cuts = sorted({lo, hi, *[b for b in boundaries if lo < b < hi]})
-    out = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        out += [(s, min(s + size, b)) for s in range(a, b, size)]
-    return out
+def _chunks(c: int, size: int) -> List[Tuple[int, int]]:
+    """``[0, c)`` in pieces of at most ``size`` channels (one piece when ``size`` is 0)."""
+    if not size:
+        return [(0, c)]
+    return [(a, min(a + size, c)) for a in range(0, c, size)]
 
 
 def _channels(t: Optional[Tensor], a: int, b: int) -> Optional[Tensor]:
@@ -246,7 +266,7 @@ def _prefix_bn_relu_conv(ops, x: Tensor, w: Tensor, gamma, beta, mean, invstd, c
         return ops.bn_relu_conv2d(x, w, None, gamma, beta, mean, invstd, *_CONV1, False)
     out = None
     for a, c in chunks:
-        part = ops.bn_relu_conv2d(x[:, a:c], w[:, a:c].contiguous(), None, _channels(gamma, a, c),
+        part = ops.bn_relu_conv2d(x[:, a:c], w[:, a:c], None, _channels(gamma, a, c),
                                   _channels(beta, a, c), mean[a:c], invstd[a:c], *_CONV1, False)
         if out is None:
             # Low-precision partial sums are added in float32, as a single conv would accumulate them.
@@ -278,13 +298,37 @@ def _channel_stats(ops, t: Tensor, group) -> Tuple[Tensor, Tensor, int]:
     return mean, var, t.numel() // t.shape[1]
 
 
-def _reader_params(bn: BNArgs, mean_all, var_all, count: int, c: int, acc) -> Tuple[Tensor, Tensor]:
+def _reader_params(bn: BNArgs, mean_all, var_all, c: int, acc, pending: List[Tuple[BNArgs, int]]
+                   ) -> Tuple[Tensor, Tensor]:
     """mean and invstd a prefix reader (norm1 or the tail's norm) normalises its ``c`` channels
-    with; its running statistics updated from the shared batch statistics."""
+    with; its running-statistics update (from the shared batch statistics) is queued in ``pending``."""
     if not bn.batch_stats:
         return normalize_with(bn.running_mean, bn.running_var, bn.eps, acc)
-    update_running_stats(bn.running_mean, bn.running_var, mean_all[:c], var_all[:c], count, bn.momentum)
+    if bn.running_mean is not None and bn.momentum != 0.0:
+        pending.append((bn, c))
     return mean_all[:c], torch.rsqrt(var_all[:c] + bn.eps)
+
+
+@torch.no_grad()
+def _apply_running_updates(pending: List[Tuple[BNArgs, int]], mean_all: Tensor, var_all: Tensor,
+                           count: int) -> None:
+    """The running-statistics updates of the block's prefix readers, applied together once the
+    block's statistics are complete: a handful of ``torch._foreach_*`` launches for the whole
+    block instead of several per layer. (In training every reader normalises with the batch
+    statistics, so no forward computation reads a running statistic before it is updated.)"""
+    if not pending:
+        return
+    unbiased = var_all * (count / max(count - 1, 1))
+    rms = [bn.running_mean for bn, _ in pending]
+    rvs = [bn.running_var for bn, _ in pending]
+    keep = [1.0 - bn.momentum for bn, _ in pending]
+    moms = [bn.momentum for bn, _ in pending]
+    means = [mean_all[:c].to(bn.running_mean.dtype) for bn, c in pending]
+    varis = [unbiased[:c].to(bn.running_var.dtype) for bn, c in pending]
+    torch._foreach_mul_(rms, keep)
+    torch._foreach_add_(rms, torch._foreach_mul(means, moms))
+    torch._foreach_mul_(rvs, keep)
+    torch._foreach_add_(rvs, torch._foreach_mul(varis, moms))
 
 
 @dataclass
@@ -316,6 +360,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     shared_stats = any(r.batch_stats for r in readers)
     mean_all = var_all = None
     count = 1
+    pending: List[Tuple[BNArgs, int]] = []
     if shared_stats:
         mean_all = torch.empty(c_tot, dtype=acc, device=x.device)
         var_all = torch.empty_like(mean_all)
@@ -326,7 +371,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         c = c0 + i * k
         norm1, norm2 = cfg.norms[2 * i], cfg.norms[2 * i + 1]
         w1, g1, b1, w2, g2, b2 = tensors[6 * i: 6 * i + 6]
-        mean1, invstd1 = _reader_params(norm1, mean_all, var_all, count, c, acc)
+        mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
         # One call in the forward: its temporaries come while little is stored yet; the
         # backward, when the block's stores are all alive, works in chunks.
         bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
@@ -351,13 +396,27 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     if saved is not None:
         saved.count = count
     if not cfg.has_tail:
+        _apply_running_updates(pending, mean_all, var_all, count)
         return buf, buf
     wt, gt, bt = tensors[6 * n_layers: 6 * n_layers + 3]
-    mean_t, invstd_t = _reader_params(cfg.norms[-1], mean_all, var_all, count, c_tot, acc)
-    out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])
+    mean_t, invstd_t = _reader_params(cfg.norms[-1], mean_all, var_all, c_tot, acc, pending)
+    _apply_running_updates(pending, mean_all, var_all, count)
+    if cfg.pool_weight is None:
+        out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])
+    else:
+        out = F.conv2d(_pooled(ops, cfg, buf, gt, bt, mean_t, invstd_t), wt)
     if saved is not None:
         saved.mean_t, saved.invstd_t = mean_t, invstd_t
     return out, buf
+
+
+def _pool_args(c: int) -> List:
+    return [[2, 2], _ZERO, _ONE, c]
+
+
+def _pooled(ops, cfg: "_Config", buf: Tensor, gamma, beta, mean, invstd) -> Tensor:
+    """``avgpool2x2(relu(bn(buf)))`` as one fused depthwise 2x2 stride-2 op (weights 1/4)."""
+    return ops.bn_relu_conv2d(buf, cfg.pool_weight, None, gamma, beta, mean, invstd, *_pool_args(buf.shape[1]), False)
 
 
 def _dropout_(new: Tensor, p: float) -> Tensor:
@@ -409,17 +468,29 @@ def _backward(ctx, grad_out: Tensor):
     del rest
     ops, k, c0 = cfg.ops, cfg.growth, cfg.c0
     c_tot = buf.shape[1]
-    boundaries = [c0 + i * k for i in range(n_layers + 1)]
     grads: List[Optional[Tensor]] = [None] * len(tensors)
     grad_out = grad_out.to(buf.dtype)
 
     gbuf = torch.empty_like(buf)
     if cfg.has_tail:
         wt, gt, bt = tensors[6 * n_layers: 6 * n_layers + 3]
-        chunks = _chunks(0, c_tot, k, boundaries) if cfg.fine_chunks else [(0, c_tot)]
-        grads[6 * n_layers: 6 * n_layers + 3] = _reader_backward(
-            ops, grad_out, buf, gbuf, wt, gt, bt, saved.mean_t, saved.invstd_t, chunks, cfg.norms[-1].batch_stats,
-            saved.count, cfg.group, accumulate=False)
+        chunks = _chunks(c_tot, cfg.chunk_channels)
+        if cfg.pool_weight is None:
+            grads[6 * n_layers: 6 * n_layers + 3] = _reader_backward(
+                ops, grad_out, buf, gbuf, wt, gt, bt, saved.mean_t, saved.invstd_t, chunks,
+                cfg.norms[-1].batch_stats, saved.count, cfg.group, accumulate=False)
+        else:
+            # The 1x1 conv's backward on the pooled activation (recomputed: nothing of it was
+            # kept), then the fused BN-ReLU-pool's backward into the gradient buffer.
+            pooled = _pooled(ops, cfg, buf, gt, bt, saved.mean_t, saved.invstd_t)
+            grad_pooled, grad_wt, _ = torch.ops.aten.convolution_backward(
+                grad_out, pooled, wt, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, True, False])
+            del pooled
+            _, ggt, gbt = _reader_backward(
+                ops, grad_pooled, buf, gbuf, cfg.pool_weight, gt, bt, saved.mean_t, saved.invstd_t, chunks,
+                cfg.norms[-1].batch_stats, saved.count, cfg.group, accumulate=False, depthwise_pool=True)
+            grads[6 * n_layers: 6 * n_layers + 3] = [grad_wt, ggt, gbt]
+            del grad_pooled
     else:
         gbuf.copy_(grad_out)
     del grad_out
@@ -433,7 +504,7 @@ def _backward(ctx, grad_out: Tensor):
         if masks[i] is not None:
             grad_new = grad_new * masks[i].to(grad_new.dtype).div_(1 - cfg.drop_rates[i])
         mean1, invstd1 = saved.mean1[i], saved.invstd1[i]
-        chunks1 = _chunks(0, c, k, boundaries) if cfg.fine_chunks else [(0, c)]
+        chunks1 = _chunks(c, cfg.chunk_channels)
         bott = bottlenecks[i]
         bottlenecks[i] = None
         if bott is None:
@@ -441,24 +512,20 @@ def _backward(ctx, grad_out: Tensor):
 
         # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own),
         # each chunk's input gradient written straight into its channels of grad_bott.
-        c_mid = bott.shape[1]
-        chunks2 = _chunks(0, c_mid, k) if cfg.fine_chunks else [(0, c_mid)]
+        # (eager: in chunks of growth-rate channels, as the bottleneck is the widest tensor a
+        # layer's own backward materialises)
         grad_bott = torch.empty_like(bott)
-        gw2 = torch.empty_like(w2)
-        ggamma2 = torch.empty(c_mid, dtype=acc_dtype(buf), device=buf.device)
-        gbeta2 = torch.empty_like(ggamma2)
+        gws, ggs, gbs = [], [], []
         mean2, invstd2 = saved.mean2[i], saved.invstd2[i]
-        for a, e in chunks2:
-            w2_chunk = w2[:, a:e].contiguous() if (a, e) != (0, c_mid) else w2
+        for a, e in _chunks(bott.shape[1], k if cfg.chunk_channels else 0):
             _, gw, _, gg, gb = bn_relu_conv2d_backward(
-                ops, grad_new, bott[:, a:e], w2_chunk, _channels(g2, a, e), _channels(b2, a, e), mean2[a:e],
+                ops, grad_new, bott[:, a:e], w2[:, a:e], _channels(g2, a, e), _channels(b2, a, e), mean2[a:e],
                 invstd2[a:e], cfg.conv2_args[i], norm2.batch_stats, saved.count2[i], norm2.process_group,
                 grad_x_out=grad_bott[:, a:e])
-            gw2[:, a:e] = gw
-            if gg is not None:
-                ggamma2[a:e] = gg
-            if gb is not None:
-                gbeta2[a:e] = gb
+            gws.append(gw)
+            ggs.append(gg)
+            gbs.append(gb)
+        gw2, ggamma2, gbeta2 = _join(gws, 1), _join(ggs, 0), _join(gbs, 0)
         del grad_new, bott
 
         # conv1x1 backward over the prefix, accumulated into the shared gradient buffer.
@@ -466,7 +533,7 @@ def _backward(ctx, grad_out: Tensor):
             ops, grad_bott, buf[:, :c], gbuf[:, :c], w1, g1, b1, mean1, invstd1, chunks1, norm1.batch_stats,
             saved.count, cfg.group, accumulate=True)
         del grad_bott
-        grads[6 * i + 3: 6 * i + 6] = [gw2, _param_grad(ggamma2, g2), _param_grad(gbeta2, b2)]
+        grads[6 * i + 3: 6 * i + 6] = [gw2, ggamma2, gbeta2]
 
     grad_x = torch.empty(ctx.x_shape, dtype=buf.dtype, device=buf.device, memory_format=ctx.x_format)
     grad_x.copy_(gbuf[:, :c0])
@@ -475,27 +542,28 @@ def _backward(ctx, grad_out: Tensor):
 
 
 def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunks, batch_stats, count, group,
-                     accumulate: bool):
-    """Backward of ``y = conv1x1(relu(bn(x)))`` for one reader of the buffer prefix ``x``:
+                     accumulate: bool, depthwise_pool: bool = False):
+    """Backward of ``y = conv1x1(relu(bn(x)))`` (or, ``depthwise_pool``, of the fused 2x2
+    average pool ``y = avgpool(relu(bn(x)))``) for one reader of the buffer prefix ``x``:
     dL/dx written into (``accumulate``: added to) ``gx_buf`` chunk by chunk of channels (a
     chunk's BN sums are complete since chunks partition the channels); returns the grads of
     ``(w, gamma, beta)``."""
-    c = x.shape[1]
-    gw = torch.empty_like(w)
-    ggamma = torch.empty(c, dtype=acc_dtype(x), device=x.device)
-    gbeta = torch.empty_like(ggamma)
+    gws, ggs, gbs = [], [], []
     for a, e in chunks:
-        w_chunk = w[:, a:e].contiguous() if (a, e) != (0, c) else w
-        _, gwc, _, gg, gb = bn_relu_conv2d_backward(
-            ops, grad_y, x[:, a:e], w_chunk, _channels(gamma, a, e), _channels(beta, a, e), mean[a:e], invstd[a:e],
-            _CONV1, batch_stats, count, group, grad_x_out=gx_buf[:, a:e], accumulate=accumulate)
-        gw[:, a:e] = gwc
-        if gg is not None:
-            ggamma[a:e] = gg
-        if gb is not None:
-            gbeta[a:e] = gb
-    return [gw, _param_grad(ggamma, gamma), _param_grad(gbeta, beta)]
+        if depthwise_pool:
+            args, w_chunk, gy = _pool_args(e - a), w[a:e], grad_y[:, a:e]
+        else:
+            args, w_chunk, gy = _CONV1, w[:, a:e], grad_y
+        _, gw, _, gg, gb = bn_relu_conv2d_backward(
+            ops, gy, x[:, a:e], w_chunk, _channels(gamma, a, e), _channels(beta, a, e), mean[a:e],
+            invstd[a:e], args, batch_stats, count, group, grad_x_out=gx_buf[:, a:e], accumulate=accumulate)
+        gws.append(gw)
+        ggs.append(gg)
+        gbs.append(gb)
+    return [_join(gws, 0 if depthwise_pool else 1), _join(ggs, 0), _join(gbs, 0)]
 
 
-def _param_grad(g: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
-    return None if param is None else g.to(param.dtype)
+def _join(parts: List[Optional[Tensor]], dim: int) -> Optional[Tensor]:
+    if parts[0] is None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

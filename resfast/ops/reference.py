@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -41,13 +42,14 @@ def _cvec(t: Tensor, like: Tensor) -> Tensor:
 
 
 def bn_relu(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
-    """``relu((x - mean) * invstd * gamma + beta)`` in float32 (float64 for float64 input), cast to ``x.dtype``."""
-    z = (x.to(acc_dtype(x)) - _cvec(mean, x)) * _cvec(invstd, x)
-    if bn_weight is not None:
-        z = z * _cvec(bn_weight, x)
-    if bn_bias is not None:
-        z = z + _cvec(bn_bias, x)
-    return torch.relu(z).to(x.dtype)
+    """``relu((x - mean) * invstd * gamma + beta)`` computed in float32 (float64 for float64
+    input) and rounded to ``x.dtype``, in two passes: PyTorch's own inference-mode batch-norm
+    (with ``var = invstd^-2`` and ``eps = 0`` it divides by exactly ``1 / invstd``), then an
+    in-place ReLU (a NaN stays NaN, as ``torch.relu``)."""
+    acc = acc_dtype(x)
+    affine = [None if t is None else t.to(acc) for t in (bn_weight, bn_bias)]
+    z = F.batch_norm(x, mean.to(acc), invstd.to(acc).pow(-2), affine[0], affine[1], False, 0.0, 0.0)
+    return z.relu_()
 
 
 def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -62,15 +64,26 @@ def bn_stats_update(
     """Training-mode statistics of ``x``: returns ``(mean, invstd)`` (``acc_dtype(x)`` ``[C]``,
     ``invstd = 1 / sqrt(biased_var + eps)``) and, when the running statistics are given,
     updates them in place as ``F.batch_norm`` does:
-    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance."""
-    mean, var = bn_stats(x)
-    if running_mean is not None:
-        count = x.numel() // x.shape[1]
+    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance.
+    (PyTorch's own ``batch_norm_update_stats``: one pass, the update included; while
+    ``torch.compile`` traces, ``var_mean`` and the update in separate ops.)"""
+    if running_mean is not None and (running_mean.dtype != acc_dtype(x) or running_var.dtype != acc_dtype(x)
+                                     or torch.compiler.is_compiling()):  # the fused aten op has no fake kernel
+        mean, var = bn_stats(x)
+        _update_running(x, running_mean, running_var, mean, var, momentum)
+    else:
         with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (count / max(count - 1, 1))
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return mean, torch.rsqrt(var + eps)
+            mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+        mean, var = mean.to(acc_dtype(x)), var.to(acc_dtype(x))
+    return mean, var.add_(eps).rsqrt_()
+
+
+@torch.no_grad()
+def _update_running(x, running_mean, running_var, mean, var, momentum) -> None:
+    count = x.numel() // x.shape[1]
+    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    unbiased = var * (count / max(count - 1, 1))
+    running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def bn_relu_conv2d(
@@ -141,16 +154,24 @@ def bn_relu_conv2d_backward(
         grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
         [True, True, bias_grad],
     )
-    acc = acc_dtype(x)
-    # As torch.relu's backward (threshold_backward): zero where the activation is <= 0, so a
-    # NaN activation passes its gradient through.
-    grad_z = torch.where(a <= 0, torch.zeros((), dtype=grad_a.dtype, device=grad_a.device), grad_a)
-    gz = grad_z.to(acc)
-    xhat = (x.to(acc) - _cvec(mean, x)) * _cvec(invstd, x)
-    sum_dz = gz.sum(dim=(0, 2, 3))
-    sum_dz_xhat = (gz * xhat).sum(dim=(0, 2, 3))
+    # torch.relu's own backward: zero where the activation is <= 0, so a NaN activation passes
+    # its gradient through.
+    grad_z = torch.ops.aten.threshold_backward(grad_a, a, 0)
+    del a, grad_a
+    sum_dz, sum_dz_xhat = _bn_grad_sums(grad_z, x, mean, invstd)
     grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
     return grad_z.to(x.dtype), grad_w.to(weight.dtype), grad_b, sum_dz, sum_dz_xhat
+
+
+def _bn_grad_sums(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``sum(grad_z)`` and ``sum(grad_z * xhat)`` in ``acc_dtype(x)``, by PyTorch's own
+    batch-norm backward reduction (one pass; the "weight" it is given only sets the dtype of
+    what it returns, the sums do not depend on it)."""
+    acc = acc_dtype(x)
+    m, i = mean.to(acc), invstd.to(acc)
+    _, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
+        grad_z, x, i, None, None, m, i, True, 0.0, [False, True, True])
+    return sum_dz.to(acc), sum_dz_xhat.to(acc)
 
 
 def bn_backward_elemt(
@@ -180,14 +201,15 @@ def _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xh
     scale = _cvec(invstd, x)
     if bn_weight is not None:
         scale = scale * _cvec(bn_weight, x)
-    g = grad_z.to(acc)
-    if inv_count != 0.0:
-        xhat = (x.to(acc) - _cvec(mean, x)) * _cvec(invstd, x)
-        mean_dz_xhat = _cvec(sum_dz_xhat, x) * inv_count
-        # A zero coupling factor drops the term (as the kernels do), so a NaN in x stays local.
-        coupling = torch.where(mean_dz_xhat == 0, torch.zeros((), dtype=acc, device=x.device), xhat * mean_dz_xhat)
-        g = g - _cvec(sum_dz, x) * inv_count - coupling
-    return scale * g
+    if inv_count == 0.0:
+        return grad_z.to(acc) * scale
+    # gamma * invstd * (grad_z - mean_dz - (x - mean) * invstd * mean_dz_xhat), (x - mean) formed first.
+    k = _cvec(invstd, x) * (_cvec(sum_dz_xhat, x) * inv_count)
+    g = (x.to(acc) - _cvec(mean, x)).mul_(k)
+    # A zero coupling factor drops the term (as the kernels do), so a NaN in x stays local.
+    g.masked_fill_(k == 0, 0)
+    g.sub_(grad_z).add_(_cvec(sum_dz, x) * inv_count)
+    return g.mul_(-scale)
 
 
 def bn_backward_elemt_out(
@@ -203,9 +225,14 @@ def bn_backward_elemt_out(
     out: Tensor,
 ) -> None:
     """:func:`bn_backward_elemt` written into ``out`` (any strides, e.g. a channel slice of a
-    shared gradient buffer), or added to it when ``accumulate`` (the sum formed in
-    ``acc_dtype`` and rounded once to ``out``'s dtype)."""
-    gx = _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+    shared gradient buffer), or added to it when ``accumulate`` (for float16 / bfloat16 the
+    sum is formed in float32 and rounded once to ``out``'s dtype)."""
+    if accumulate and x.dtype in (torch.float16, torch.bfloat16):
+        gx = _bn_backward_elemt_acc(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+        out.copy_(gx.add_(out))
+        return
+    gx = bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
     if accumulate:
-        gx = gx + out.to(gx.dtype)
-    out.copy_(gx)
+        out.add_(gx)
+    else:
+        out.copy_(gx)

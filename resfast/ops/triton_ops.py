@@ -7,15 +7,35 @@ Schemas and fake implementations come from :mod:`resfast.ops.schemas`, autograd 
 ``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``. Semantics are those of
 :mod:`resfast.ops.reference`; the contract is :class:`resfast.ops.opset.OpSet`.
 
-Tile shapes: on CUDA each conv kernel is ``triton.autotune``'d over a handful of configs
-keyed on the problem shape; under the interpreter one small fixed config is used, since
-autotuning there would run every config through NumPy.
+**Launch plans.** Every op first builds its *launch plan*: the list of
+:class:`KernelLaunch` records (kernel, candidate tile configs, and a ``bind(config)`` that
+gives the grid, the arguments and the constexprs exactly as they are passed to the kernel),
+then runs it. :func:`launch_plan` returns the plan of an op without running it (on ``meta``
+tensors too), so the static sm_90 model (:mod:`resfast.profiling.static_model`) compiles
+each kernel exactly as this code launches it. Launches per training call: forward 3
+(statistics, their finalize with the running-statistics update, the conv), backward 3 or 4
+(one conv-backward kernel, or two when a group's output channels exceed one tile, the
+finalize of the gradient partials, the BN input gradient).
+
+**Tile configs and autotuning** (:class:`Tuner`): on CUDA each tuned launch picks among a
+short list of configs (pruned offline with the static model) by timing them once per
+*bucketed* key (positions rounded to a power of two, channel counts to a multiple of 64, so
+DenseNet's many layer widths share a few keys); the choice is kept in a JSON file shared by
+processes (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, default ``~/.cache/resfast``). The first config of each
+list is the planner's static choice (from the static model's predictions); it runs when
+``RESFAST_TRITON_AUTOTUNE=0``. Tuning never runs inside a CUDA-graph capture: a capture uses
+the cached choice or the static one, so warm up (one eager training step with the same
+shapes) before capturing. Under the interpreter one small fixed config runs.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -26,57 +46,118 @@ from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import conv_out_shape, out_memory_format
 
-__all__ = [*OP_NAMES, "OPS", "SUPPORTED_DTYPES"]
+__all__ = [*OP_NAMES, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
+           "TUNER", "MODEL_SMS"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Smallest group width that gets tl.dot; narrower groups use the direct FMA formulation.
-_DOT_MIN_CHANNELS = 16
+#: SM count assumed for ``meta`` tensors (the static model's H100 / H200 SXM).
+MODEL_SMS = 132
+
+
+# ----------------------------------------------------------------------------- launch plans
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One tile config of a kernel: constexpr tile sizes (``meta``; sizes the host derives from
+    the shape may cap them), launch options, and for persistent kernels the programs per SM."""
+
+    meta: Tuple[Tuple[str, int], ...]
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 1
+
+    def get(self, name: str, default: int = 0) -> int:
+        return dict(self.meta).get(name, default)
+
+    @property
+    def label(self) -> str:
+        """``"TILE_H=8,TILE_W=16,...,w4,s3,p2"`` (the static model's config column)."""
+        return ",".join(f"{k}={v}" for k, v in self.meta) + f",w{self.num_warps},s{self.num_stages},p{self.programs_per_sm}"
+
+
+def _cfg(num_warps: int, num_stages: int, programs_per_sm: int = 1, **meta: int) -> TileConfig:
+    return TileConfig(tuple(meta.items()), num_warps, num_stages, programs_per_sm)
+
+
+@dataclass
+class Bound:
+    """A launch bound to one config: exactly what ``fn[grid](*args, **constexprs)`` receives
+    (``num_warps`` / ``num_stages`` included in ``constexprs``), and for the static model the
+    per-program trip counts of the kernel's loops, outermost first (``loops``: name -> trips)
+    and the sizes the host derived (``derived``)."""
+
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    constexprs: Dict[str, Any]
+    loops: Dict[str, int] = field(default_factory=dict)
+    depths: Dict[str, int] = field(default_factory=dict)  # nesting depth of a loop when not 1
+    derived: Dict[str, int] = field(default_factory=dict)
+    hbm_bytes: Optional[int] = None  # when the config changes them (split partials), else the launch's
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch of an op as the host code makes it.
+
+    ``configs`` are the candidates on CUDA (the first is the default, the one used inside a
+    CUDA-graph capture before any tuning); ``interp_config`` is what runs under the
+    interpreter; ``bind(config)`` allocates any per-config scratch and returns the
+    :class:`Bound` launch. ``key`` is the bucketed autotune key; ``hbm_bytes`` the fewest
+    bytes the launch must move to or from HBM (the static model's floor)."""
+
+    name: str
+    fn: Any
+    configs: Sequence[TileConfig]
+    interp_config: TileConfig
+    bind: Callable[[TileConfig], Bound]
+    key: Tuple[Any, ...] = ()
+    hbm_bytes: int = 0
+
+    def run(self, config: TileConfig) -> None:
+        """Launch with ``config``."""
+        b = self.bind(config)
+        if min(b.grid) <= 0:
+            return
+        self.fn[b.grid](*b.args, **b.constexprs)
+
+
+def launch_plan(op: str, *args: Any) -> List[KernelLaunch]:
+    """The launches op ``op`` (a name of :data:`resfast.ops.opset.OP_NAMES`) makes for these
+    arguments, without running them. Works on ``meta`` tensors (an SM count of
+    :data:`MODEL_SMS` is assumed), which is how the static model uses it."""
+    if op not in _PLANNERS:
+        raise ValueError(f"launch_plan: unknown op {op!r}; expected one of {OP_NAMES}")
+    return _PLANNERS[op](*args)[1]
+
+
+def _run(launches: Sequence[KernelLaunch], x: Tensor) -> None:
+    with _device(x):
+        for launch in launches:
+            if _interpret():
+                launch.run(launch.interp_config)
+            else:
+                launch.run(TUNER.choose(launch))
+
+
+# ----------------------------------------------------------------------------- ops
 
 
 def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (float32 ``[C]``), one stable pass."""
-    _check_x("x", x)
-    n, c, h, w = x.shape
-    p = n * h * w
-    if p == 0:
-        raise ValueError(f"bn_stats needs at least one value per channel, got x of shape {tuple(x.shape)}")
-    if _interpret():
-        block_c, block_p = 16, 32
-    elif x.stride(1) == 1:  # channels innermost: read a wide channel tile per position
-        block_c = min(64, _pow2(c))
-        block_p = max(32, 4096 // block_c)
-    else:  # positions innermost (NCHW): read long position runs of a few channels
-        block_c, block_p = min(4, _pow2(c)), 512
-    c_tiles = _cdiv(c, block_c)
-    splits = max(1, min(_cdiv(_target_programs(x), c_tiles), _cdiv(p, block_p)))
-    chunk = _cdiv(_cdiv(p, splits), block_p) * block_p
-    splits = _cdiv(p, chunk)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    pcount, pmean, pm2 = (torch.empty([splits, c], **f32) for _ in range(3))
-    mean, var = torch.empty([c], **f32), torch.empty([c], **f32)
-    with _device(x):
-        bn_stats_k.bn_stats_partial_kernel[(c_tiles, splits)](
-            x, pcount, pmean, pm2, c, h * w, w, p, chunk, *x.stride(),
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-        merge_c = 16 if _interpret() else 128
-        bn_stats_k.bn_stats_merge_kernel[(_cdiv(c, merge_c),)](
-            pcount, pmean, pm2, mean, var, c, splits, BLOCK_C=merge_c, num_warps=4)
-    return mean, var
+    out, launches = _plan_bn_stats(x)
+    _run(launches, x)
+    return out
 
 
 def bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                     eps: float) -> Tuple[Tensor, Tensor]:
     """Training statistics ``(mean, invstd)`` of ``x``; the running statistics updated in place
-    (unbiased variance) when given."""
-    mean, var = bn_stats(x)
-    if running_mean is not None:
-        count = x.numel() // x.shape[1]
-        with torch.no_grad():
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_((var * (count / max(count - 1, 1))).to(running_var.dtype),
-                                                  alpha=momentum)
-    return mean, torch.rsqrt(var + eps)
+    (unbiased variance) when given. Two launches: the statistics and their finalize."""
+    out, launches = _plan_bn_stats_update(x, running_mean, running_var, momentum, eps)
+    _run(launches, x)
+    return out
 
 
 def bn_relu_conv2d(
@@ -86,10 +167,9 @@ def bn_relu_conv2d(
 ) -> Tensor:
     """``conv2d(relu((x - mean) * invstd * gamma + beta), weight, bias)``, output in
     ``out_memory_format(x)``; ``batch_stats`` only matters to autograd."""
-    _check_conv("bn_relu_conv2d", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups)
-    shape = conv_out_shape(x, weight, stride, padding, dilation)
-    y = _empty_like_fake(x, shape)
-    _launch_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y)
+    y, launches = _plan_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                       groups, batch_stats)
+    _run(launches, x)
     return y
 
 
@@ -99,11 +179,9 @@ def bn_relu_conv2d_out(
     out: Tensor,
 ) -> None:
     """:func:`bn_relu_conv2d` written into ``out`` (any strides, e.g. a channel slice of a larger buffer)."""
-    _check_conv("bn_relu_conv2d_out", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
-                groups)
-    shape = conv_out_shape(x, weight, stride, padding, dilation)
-    _check_like("out", out, x, shape)
-    _launch_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out)
+    _, launches = _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                           dilation, groups, out)
+    _run(launches, x)
 
 
 def bn_relu_conv2d_backward(
@@ -113,63 +191,10 @@ def bn_relu_conv2d_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(grad_z, grad_weight, grad_bias, sum_dz, sum_dz_xhat)`` as
     :func:`resfast.ops.reference.bn_relu_conv2d_backward` defines them."""
-    _check_conv("bn_relu_conv2d_backward", x, weight, None, bn_weight, bn_bias, mean, invstd, stride, padding,
-                dilation, groups)
-    shape = conv_out_shape(x, weight, stride, padding, dilation)
-    _check_like("grad_out", grad_out, x, shape)
-    n, c, h, w = x.shape
-    co, cin_g, kh, kw = weight.shape
-    ho, wo = shape[2], shape[3]
-    cout_g = co // groups
-    use_dot = cin_g >= _DOT_MIN_CHANNELS and cout_g >= _DOT_MIN_CHANNELS
-    mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
-    dummy = mean
-    flags = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, USE_DOT=use_dot,
-                 DOT_F32=_dot_f32(x))
-    conv = (*stride, *padding, *dilation)
-
-    grad_z = torch.empty_like(x, memory_format=out_memory_format(x))
-    m = n * h * w
-    block_m = 32 if _interpret() else 64
-    m_tiles = _cdiv(m, block_m)
-    psum_dz = torch.empty([m_tiles, c], dtype=torch.float32, device=x.device)
-    psum_dzx = torch.empty_like(psum_dz)
-    if use_dot:
-        grid_in = lambda meta: (m_tiles, groups * _cdiv(c // groups, meta["BLOCK_N"]))  # noqa: E731
-    else:
-        grid_in = lambda meta: (m_tiles, _cdiv(c, meta["BLOCK_N"]))  # noqa: E731
-    tuned_in = (bn_relu_conv_bwd.bn_relu_conv_bwd_input_dot if use_dot
-                else bn_relu_conv_bwd.bn_relu_conv_bwd_input_direct)
-
-    p = n * ho * wo
-    chunk_unit = 32 if _interpret() else 128
-    tiles_w = max(1, (co * cin_g * kh * kw) // (64 * 64 if use_dot else 128))
-    splits = max(1, min(_cdiv(_target_programs(x), tiles_w), _cdiv(p, 2 * chunk_unit)))
-    chunk = _cdiv(_cdiv(p, splits), chunk_unit) * chunk_unit
-    splits = _cdiv(p, chunk)
-    pgw = torch.empty([splits, co, cin_g, kh, kw], dtype=torch.float32, device=x.device)
-    pgb = torch.empty([splits, co], dtype=torch.float32, device=x.device)
-    if use_dot:
-        grid_w = lambda meta: (groups * _cdiv(cout_g, meta["BLOCK_CO"]),  # noqa: E731
-                               _cdiv(cin_g, meta["BLOCK_CI"]) * kh * kw, splits)
-    else:
-        grid_w = lambda meta: (_cdiv(co * cin_g, meta["BLOCK_CO"]), kh * kw, splits)  # noqa: E731
-    tuned_w = (bn_relu_conv_bwd.bn_relu_conv_bwd_weight_dot if use_dot
-               else bn_relu_conv_bwd.bn_relu_conv_bwd_weight_direct)
-
-    with _device(x):
-        _launch(tuned_in, grid_in, dict(BLOCK_N=16, BLOCK_K=16),
-                grad_out, weight, x, _or(gamma, dummy), _or(beta, dummy), mean, invstd, grad_z, psum_dz, psum_dzx,
-                m, c, h, w, ho, wo, cin_g, cout_g,
-                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *conv,
-                BLOCK_M=block_m, **flags)
-        _launch(tuned_w, grid_w, dict(BLOCK_CO=16, BLOCK_CI=16, BLOCK_P=16),
-                grad_out, x, _or(gamma, dummy), _or(beta, dummy), mean, invstd, pgw, pgb,
-                p, h, w, co, ho, wo, cin_g, cout_g, chunk,
-                *grad_out.stride(), *x.stride(), *conv, **flags)
-    grad_weight = pgw.sum(0).to(weight.dtype)
-    grad_bias = pgb.sum(0).to(weight.dtype) if bias_grad else weight.new_empty([0])
-    return grad_z, grad_weight, grad_bias, psum_dz.sum(0), psum_dzx.sum(0)
+    out, launches = _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride,
+                                                  padding, dilation, groups, bias_grad)
+    _run(launches, x)
+    return out
 
 
 def bn_backward_elemt(
@@ -178,8 +203,8 @@ def bn_backward_elemt(
 ) -> Tensor:
     """dL/dx from dL/dz in ``x``'s dtype and ``out_memory_format(x)``, as
     :func:`resfast.ops.reference.bn_backward_elemt` defines it."""
-    gx = torch.empty_like(x, memory_format=out_memory_format(x))
-    _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, False, gx)
+    gx, launches = _plan_bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+    _run(launches, x)
     return gx
 
 
@@ -188,12 +213,378 @@ def bn_backward_elemt_out(
     sum_dz_xhat: Tensor, inv_count: float, accumulate: bool, out: Tensor,
 ) -> None:
     """:func:`bn_backward_elemt` written into ``out`` (any strides), or added to it with ``accumulate``."""
-    _check_like("out", out, x, list(x.shape))
-    _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out)
+    _, launches = _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count,
+                                              accumulate, out)
+    _run(launches, x)
 
 
-def _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out) -> None:
+# ----------------------------------------------------------------------------- planners: statistics
+
+
+def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     _check_x("x", x)
+    n, c, h, w = x.shape
+    p = n * h * w
+    if p == 0:
+        raise ValueError(f"bn_stats needs at least one value per channel, got x of shape {tuple(x.shape)}")
+    f32 = dict(dtype=torch.float32, device=x.device)
+    mean, var = torch.empty([c], **f32), torch.empty([c], **f32)
+    if _interpret():
+        block_c, block_p = 16, 32
+    elif x.stride(1) == 1:  # channels innermost: a wide channel tile per position
+        block_c = min(64, _pow2(c))
+        block_p = max(32, 4096 // block_c)
+    else:  # positions innermost (NCHW): long position runs of a few channels
+        block_c, block_p = min(4, _pow2(c)), 512
+    c_tiles = _cdiv(c, block_c)
+    splits = max(1, min(_cdiv(_target_programs(x), c_tiles), _cdiv(p, block_p)))
+    chunk = _cdiv(_cdiv(p, splits), block_p) * block_p
+    splits = _cdiv(p, chunk)
+    pcount, pmean, pm2 = (torch.empty([splits, c], **f32) for _ in range(3))
+    fixed = _cfg(4, 1)
+    elt = x.element_size()
+
+    def bind_partial(cfg: TileConfig) -> Bound:
+        return Bound((c_tiles, splits), (x, pcount, pmean, pm2, c, h * w, w, p, chunk, *x.stride()),
+                     dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=cfg.num_warps),
+                     loops={"positions": _cdiv(chunk, block_p)})
+
+    partial = KernelLaunch("bn_stats", bn_stats_k.bn_stats_partial_kernel, [fixed], fixed, bind_partial,
+                           hbm_bytes=x.numel() * elt + 3 * splits * c * 4)
+    fin = finalize or {}
+    rm, rv = fin.get("running_mean"), fin.get("running_var")
+    out_invstd = bool(fin.get("invstd", False))
+    merge_s, merge_c = (4, 16) if _interpret() else (32, 32)
+    count = p
+
+    def bind_finalize(cfg: TileConfig) -> Bound:
+        return Bound((_cdiv(c, merge_c),),
+                     (pcount, pmean, pm2, mean, var, _or(rm, mean), _or(rv, var), c, splits,
+                      float(fin.get("momentum", 0.0)), float(fin.get("eps", 0.0)), count / max(count - 1, 1)),
+                     dict(HAS_RUNNING=rm is not None, OUT_INVSTD=out_invstd, BLOCK_S=merge_s, BLOCK_C=merge_c,
+                          num_warps=cfg.num_warps),
+                     loops={"pass1": _cdiv(splits, merge_s), "pass2": _cdiv(splits, merge_s)})
+
+    finalize_launch = KernelLaunch("bn_stats_finalize", bn_stats_k.bn_stats_finalize_kernel, [fixed], fixed,
+                                   bind_finalize, hbm_bytes=3 * splits * c * 4 + 2 * c * 4 * (2 if rm is not None else 1))
+    return (mean, var), [partial, finalize_launch]
+
+
+def _plan_bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                          eps: float):
+    _check_x("x", x)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, t, x.shape[1], x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("resfast_triton.bn_stats_update: running_mean and running_var must both be given or both "
+                         "be None")
+    return _plan_bn_stats(x, dict(running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps,
+                                  invstd=True))
+
+
+# ----------------------------------------------------------------------------- planners: conv forward
+
+# Tile configs, pruned with the static model (docs/notes/triton_kernels.md): (TILE_H, TILE_W)
+# output positions per MMA tile, caps on the channel block, warps, stages, programs per SM.
+_FWD_CONFIGS = [
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64, STACK=1),
+]
+_FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """How a conv's channels are cut into blocks (see :mod:`resfast.kernels.triton.bn_relu`)."""
+
+    gp: int      # groups packed per group block
+    kr: int      # input channels per group block
+    nr: int      # output channels per group block
+    ngb: int     # group blocks
+    block_k: int
+    block_n: int
+
+    @property
+    def ksub(self) -> int:
+        return _cdiv(self.kr, self.block_k)
+
+    @property
+    def nsub(self) -> int:
+        return _cdiv(self.nr, self.block_n)
+
+    def even_k(self, c: int) -> bool:
+        """Every input-channel chunk is full (no channel masks in the kernels)."""
+        return self.kr % self.block_k == 0 and self.ngb * self.kr == c
+
+    def even_n(self, co: int) -> bool:
+        """Every output-channel chunk is full."""
+        return self.nr % self.block_n == 0 and self.ngb * self.nr == co
+
+
+def _blocks(groups: int, cin_g: int, cout_g: int, cap_k: int, cap_n: int, pack: int = 16) -> _Blocks:
+    """Pack ``pack // width`` groups into one block when groups are narrower than ``pack``
+    channels (one block-diagonal MMA tile, ``pack`` wide); otherwise a block is one group, its
+    channels cut into ``cap_k`` / ``cap_n`` chunks."""
+    width = _pow2(max(cin_g, cout_g))
+    gp = max(1, min(groups, pack // width)) if width < pack else 1
+    kr, nr = gp * cin_g, gp * cout_g
+    if gp > 1:
+        bk, bn = max(16, _pow2(kr)), max(16, _pow2(nr))
+    else:
+        bk = max(16, min(cap_k, _pow2(kr)))
+        bn = max(16, min(cap_n, _pow2(nr)))
+    return _Blocks(gp, kr, nr, _cdiv(groups, gp), bk, bn)
+
+
+def _plan_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                         batch_stats):
+    _check_conv("bn_relu_conv2d", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups)
+    shape = conv_out_shape(x, weight, stride, padding, dilation)
+    y = _empty_like_fake(x, shape)
+    return y, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y)
+
+
+def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                             out):
+    _check_conv("bn_relu_conv2d_out", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                groups)
+    shape = conv_out_shape(x, weight, stride, padding, dilation)
+    _check_like("out", out, x, shape)
+    return None, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                   groups, out)
+
+
+def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y):
+    n, c, h, w = x.shape
+    co, cin_g, kh, kw = weight.shape
+    ho, wo = y.shape[2], y.shape[3]
+    if y.numel() == 0:
+        return []
+    cout_g = co // groups
+    mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
+    use_scratch = kh * kw > 1
+    configs = _prune_tiles(_FWD_CONFIGS, ho, wo)
+    # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
+    # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
+    if kh * kw == 1 and cin_g >= 64 and cout_g >= 64:
+        configs.sort(key=lambda cfg: -cfg.get("BLOCK_N"))
+    elif ho * wo <= 8 * 8:
+        configs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
+
+    def bind(cfg: TileConfig) -> Bound:
+        th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb * blk.nsub
+        tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
+        num_tiles = n * tiles_h * tiles_w
+        nprog = _balanced_splits(num_tiles, ncb, x, cfg)
+        halo_h = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+        halo_w = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+        halo_b = min(64, _pow2(halo_h * halo_w))
+        if use_scratch:
+            slot = _cdiv(halo_h * halo_w, halo_b) * halo_b * blk.block_k
+            scratch = torch.empty([nprog * ncb * slot], dtype=x.dtype, device=x.device)
+        else:
+            scratch = y
+        packed = blk.gp > 1
+        flags = torch.empty([ncb * num_tiles if packed else 1], dtype=torch.int8, device=x.device)
+        args = (x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y, scratch, flags,
+                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w, num_tiles,
+                *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
+        const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
+                     USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == 1, PACKED=packed, HAS_BIAS=bias is not None,
+                     HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
+                     EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
+                     BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # per-program trips of the kernel's loops in the order of their heads in the code
+        loops = {"tiles": _cdiv(num_tiles, nprog)}
+        if blk.ksub > 1:
+            loops["chunks"] = blk.ksub
+        if packed:  # the exact fix-up runs only for tiles that are not finite
+            loops.update(fixup_tiles=0, fixup_groups=0)
+        return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
+                     derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, programs=nprog * ncb))
+
+    key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None)
+    return [KernelLaunch("conv_fwd", bn_relu_conv_fwd.bn_relu_conv_fwd_kernel, configs, _FWD_INTERP, bind, key,
+                         hbm_bytes=_x_read_bytes(x, kh, kw, stride, dilation, ho, wo) + _nbytes(weight)
+                         + y.numel() * y.element_size())]
+
+
+# ----------------------------------------------------------------------------- planners: conv backward
+
+_BWD_CONFIGS = [
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),  # 128 output channels: one merged launch
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32),
+]
+_BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
+# elements per thread split the backward into two launches (grad_a, then grad_weight).
+_MAX_GW_ACC_PER_THREAD = 40
+
+
+def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                  groups, bias_grad):
+    _check_conv("bn_relu_conv2d_backward", x, weight, None, bn_weight, bn_bias, mean, invstd, stride, padding,
+                dilation, groups)
+    shape = conv_out_shape(x, weight, stride, padding, dilation)
+    _check_like("grad_out", grad_out, x, shape)
+    n, c, h, w = x.shape
+    co, cin_g, kh, kw = weight.shape
+    ho, wo = shape[2], shape[3]
+    cout_g = co // groups
+    khw = kh * kw
+    mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
+    grad_z = torch.empty_like(x, memory_format=out_memory_format(x))
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    grad_bias = torch.empty([co], dtype=weight.dtype, device=x.device) if bias_grad else weight.new_empty([0])
+    sum_dz = torch.empty([c], dtype=torch.float32, device=x.device)
+    sum_dz_xhat = torch.empty([c], dtype=torch.float32, device=x.device)
+    sums = sum_dz  # a placeholder pointer for buffers a launch does not use
+    result = (grad_z, grad_weight, grad_bias, sum_dz, sum_dz_xhat)
+    hc, wc = _cdiv(h, stride[0]), _cdiv(w, stride[1])  # grid of one residue class
+    configs = _prune_tiles(_BWD_CONFIGS, hc, wc)
+    merged_cfgs = [cfg for cfg in configs if _merged_backward(groups, cin_g, cout_g, kh, kw, cfg)]
+    merged = _merged_backward(groups, cin_g, cout_g, kh, kw, _BWD_INTERP) if _interpret() else bool(merged_cfgs)
+    elt = x.element_size()
+    x_bytes, gy_bytes = x.numel() * elt, grad_out.numel() * elt
+    key = ("bwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bool(bias_grad))
+    # One buffer per launch and config would need the split count before binding; partials
+    # are allocated by the binder and recorded here for the finalize launch.
+    state: Dict[str, Any] = {}
+
+    def binder(do_ga: bool, do_gw: bool):
+        def bind(cfg: TileConfig) -> Bound:
+            th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
+            blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+            nsub = blk.nsub
+            ncb = blk.ngb * blk.ksub * (1 if do_ga else nsub)
+            tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
+            num_tiles = n * stride[0] * stride[1] * tiles_h * tiles_w
+            cap = num_tiles
+            if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
+                cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
+            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap)
+            f32 = dict(dtype=torch.float32, device=x.device)
+            pgw = torch.empty([splits, co * cin_g * khw], **f32) if do_gw else sums
+            pgb = torch.empty([splits, co], **f32) if (do_gw and bias_grad) else sums
+            packed = blk.gp > 1 and do_ga
+            # rows [splits, 2 * splits): the fix-up launch's share of the BN-gradient sums
+            psum = torch.empty([splits * (2 if packed else 1), 2 * c], **f32) if do_ga else sums
+            if do_gw:
+                state.update(pgw=pgw, pgb=pgb, splits_w=splits)
+            if do_ga:
+                state.update(psum=psum, splits_s=splits * (2 if packed else 1))
+            flags = torch.empty([ncb * num_tiles if packed else 1], dtype=torch.int8, device=x.device)
+            args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, pgw, pgb, psum,
+                    flags,
+                    c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.ksub, nsub, ncb, splits, tiles_h,
+                    tiles_w, num_tiles, n * ho * wo,
+                    *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding,
+                    *dilation)
+            const = dict(KH=kh, KW=kw, KW_P=_pow2(kw), DO_GA=do_ga, DO_GW=do_gw, DO_GB=bool(do_gw and bias_grad),
+                         ONE_N=bool(do_gw or nsub == 1), PACKED=packed, FIXUP=False,
+                         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
+                         EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            # per-program trips of the kernel's loops in the order of their heads in the code
+            loops = {"tiles": _cdiv(num_tiles, splits)}
+            if do_ga and not do_gw and nsub > 1:
+                loops.update({f"co_chunks_kh{i}": nsub for i in range(kh)})
+            if do_gw and bias_grad:
+                loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
+            partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
+            read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
+            bound = Bound((ncb * splits,), args, const, loops=loops,
+                          depths={k: 2 for k in loops if k.startswith("co_chunks")},
+                          derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
+                                       programs=ncb * splits), hbm_bytes=read + partial_bytes)
+            if packed:
+                state["fixup"] = Bound(bound.grid, args, dict(const, DO_GW=False, DO_GB=False, FIXUP=True),
+                                       loops={"flag_scan": loops["tiles"], "fixup_tiles": 0, "fixup_taps": 0,
+                                              "fixup_channels": 0},
+                                       depths={"fixup_taps": 2, "fixup_channels": 3},
+                                       derived=bound.derived)
+            return bound
+        return bind
+
+    launches = []
+    if merged:
+        launches.append(KernelLaunch("conv_bwd", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, merged_cfgs, _BWD_INTERP,
+                                     binder(True, True), key + ("ga+gw",),
+                                     hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+    else:
+        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, configs, _BWD_INTERP,
+                                     binder(True, False), key + ("ga",),
+                                     hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, configs,
+                                     _BWD_INTERP, binder(False, True), key + ("gw",),
+                                     hbm_bytes=gy_bytes + x_bytes))
+    if any(_blocks(groups, cin_g, cout_g, 16, 16, cfg.get("PACK", 16)).gp > 1 for cfg in [*configs, _BWD_INTERP]):
+        # packed small groups: the fix-up of tiles whose grad_a is not finite (normally a scan
+        # of the flags), bound with the main launch's config and buffers
+        fixed = _cfg(4, 1)
+        launches.append(KernelLaunch("conv_bwd_fixup", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, [fixed], fixed,
+                                     lambda cfg: state.get("fixup") or Bound((0,), (), {}), key + ("fixup",),
+                                     hbm_bytes=4 * 2 * c * 4))
+    fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
+    n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
+
+    def bind_finalize(cfg: TileConfig) -> Bound:
+        nb_gw, nb_gb, nb_c = _cdiv(n_gw, fin_c), _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
+        partials = 4 * (state["pgw"].numel() + (state["pgb"].numel() if bias_grad else 0) + state["psum"].numel())
+        return Bound((nb_gw + nb_gb + 2 * nb_c,),
+                     (state["pgw"], state["pgb"], state["psum"], grad_weight, _or(grad_bias if bias_grad else None,
+                                                                                  sums), sum_dz, sum_dz_xhat,
+                      n_gw, n_gb, c, state["splits_w"], state["splits_s"], nb_gw, nb_gb, nb_c),
+                     dict(HAS_GB=bool(bias_grad), BLOCK_S=fin_s, BLOCK_C=fin_c, num_warps=cfg.num_warps),
+                     # a program takes one branch: each branch's loop weighted by its share of programs
+                     loops={"rows_gw": _share(state["splits_w"], fin_s, nb_gw, nb_gw + nb_gb + 2 * nb_c),
+                            **({"rows_gb": _share(state["splits_w"], fin_s, nb_gb, nb_gw + nb_gb + 2 * nb_c)}
+                               if bias_grad else {}),
+                            "rows_dz": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c),
+                            "rows_dzx": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c)},
+                     hbm_bytes=partials + _nbytes(grad_weight) + 8 * c)
+
+    fixed = _cfg(4, 1)
+    launches.append(KernelLaunch("conv_bwd_finalize", bn_relu_conv_bwd.bn_relu_conv_bwd_finalize_kernel, [fixed],
+                                 fixed, bind_finalize, hbm_bytes=4 * (n_gw + n_gb + 2 * c) * 2))
+    return result, launches
+
+
+def _share(rows: int, step: int, programs: int, total: int) -> int:
+    """Expected trips per program of a branch loop of ``rows / step`` trips taken by
+    ``programs`` of ``total`` programs (the static model counts every branch of a kernel)."""
+    return _cdiv(_cdiv(rows, step) * programs, max(1, total))
+
+
+def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg: TileConfig) -> bool:
+    """One launch for both conv gradients when a channel block's output channels fit one tile
+    and its per-kernel-row weight-gradient accumulators fit the registers."""
+    blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+    per_thread = kh * _pow2(kw) * blk.block_n * blk.block_k // (32 * cfg.num_warps)
+    return blk.nsub == 1 and per_thread <= _MAX_GW_ACC_PER_THREAD
+
+
+# ----------------------------------------------------------------------------- planners: BN input gradient
+
+
+def _plan_bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count):
+    _check_x("x", x)
+    gx = torch.empty_like(x, memory_format=out_memory_format(x))
+    return gx, _elemt_launches(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, False, gx)
+
+
+def _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
+    _check_x("x", x)
+    _check_like("out", out, x, list(x.shape))
+    return None, _elemt_launches(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out)
+
+
+def _elemt_launches(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
     _check_like("grad_z", grad_z, x, list(x.shape))
     c = x.shape[1]
     for name, t in (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("sum_dz", sum_dz),
@@ -202,7 +593,7 @@ def _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_c
     n, _, h, w = x.shape
     p = n * h * w
     if p == 0:
-        return
+        return []
     if _interpret():
         block_p, block_c = 32, 16
     elif x.stride(1) == 1:
@@ -212,47 +603,200 @@ def _launch_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_c
         block_p, block_c = 256, min(8, _pow2(c))
     mean, invstd, gamma, _ = _bn_vectors(mean, invstd, bn_weight, None)
     sdz, sdzx = (t.to(torch.float32).contiguous() for t in (sum_dz, sum_dz_xhat))
-    with _device(x):
-        bn_elemt.bn_backward_elemt_kernel[(_cdiv(p, block_p), _cdiv(c, block_c))](
-            grad_z, x, out, _or(gamma, mean), mean, invstd, sdz, sdzx, float(inv_count), c, h * w, w, p,
-            *grad_z.stride(), *x.stride(), *out.stride(),
-            HAS_GAMMA=gamma is not None, ACCUMULATE=bool(accumulate), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    elt = x.element_size()
+    fixed = _cfg(4, 1)
+
+    def bind(cfg: TileConfig) -> Bound:
+        return Bound((_cdiv(p, block_p), _cdiv(c, block_c)),
+                     (grad_z, x, out, _or(gamma, mean), mean, invstd, sdz, sdzx, float(inv_count), c, h * w, w, p,
+                      *grad_z.stride(), *x.stride(), *out.stride()),
+                     dict(HAS_GAMMA=gamma is not None, ACCUMULATE=bool(accumulate), BLOCK_P=block_p, BLOCK_C=block_c,
+                          num_warps=cfg.num_warps))
+
+    return [KernelLaunch("bn_backward_elemt", bn_elemt.bn_backward_elemt_kernel, [fixed], fixed, bind,
+                         hbm_bytes=x.numel() * elt * (4 if accumulate else 3))]
+
+
+_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
+    "bn_stats": _plan_bn_stats,
+    "bn_stats_update": _plan_bn_stats_update,
+    "bn_relu_conv2d": _plan_bn_relu_conv2d,
+    "bn_relu_conv2d_out": _plan_bn_relu_conv2d_out,
+    "bn_relu_conv2d_backward": _plan_bn_relu_conv2d_backward,
+    "bn_backward_elemt": _plan_bn_backward_elemt,
+    "bn_backward_elemt_out": _plan_bn_backward_elemt_out,
+}
+assert set(_PLANNERS) == set(OP_NAMES)
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+
+class Tuner:
+    """Chooses a launch's tile config once per (kernel, bucketed key, GPU, triton version)
+    by timing each candidate, and remembers the choice in memory and in a JSON file shared
+    across processes. Inside a CUDA-graph capture it never times: it uses the remembered
+    choice or the first config."""
+
+    def __init__(self, path: Optional[str] = None):
+        self._path = path
+        self._choices: Optional[Dict[str, int]] = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> str:
+        """The cache file, in the project's cache folder (as ``backend="auto"``'s):
+        ``$RESFAST_CACHE_DIR/triton-tune.json``, else ``$XDG_CACHE_HOME/resfast/...``, else
+        ``~/.cache/resfast/...``."""
+        if self._path:
+            return self._path
+        folder = os.environ.get("RESFAST_CACHE_DIR", "").strip()
+        if not folder:
+            base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+            folder = os.path.join(base, "resfast")
+        return os.path.join(folder, "triton-tune.json")
+
+    def key(self, launch: KernelLaunch) -> str:
+        import triton
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+        return json.dumps([launch.name, list(map(str, launch.key)), device, triton.__version__,
+                           [c.label for c in launch.configs]])
+
+    def choose(self, launch: KernelLaunch) -> TileConfig:
+        """The config to launch ``launch`` with (timing the candidates on a first call;
+        ``RESFAST_TRITON_AUTOTUNE=0``: always the first, the planner's static choice)."""
+        if len(launch.configs) == 1 or os.environ.get("RESFAST_TRITON_AUTOTUNE", "1") == "0":
+            return launch.configs[0]
+        key = self.key(launch)
+        choices = self._load()
+        if key in choices and 0 <= choices[key] < len(launch.configs):
+            return launch.configs[choices[key]]
+        if torch.cuda.is_current_stream_capturing():
+            return launch.configs[0]
+        best = self._time(launch)
+        with self._lock:
+            choices[key] = best
+            self._save(choices)
+        return launch.configs[best]
+
+    def _time(self, launch: KernelLaunch) -> int:
+        times = []
+        for cfg in launch.configs:
+            try:
+                launch.run(cfg)  # compile and warm up
+            except Exception:  # a config that does not compile or fit: never chosen
+                times.append(float("inf"))
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                launch.run(cfg)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return min(range(len(times)), key=times.__getitem__)
+
+    def _load(self) -> Dict[str, int]:
+        if self._choices is None:
+            self._choices = {}
+            try:
+                with open(self.path) as f:
+                    self._choices.update(json.load(f))
+            except (OSError, ValueError):
+                pass
+        return self._choices
+
+    def _save(self, choices: Dict[str, int]) -> None:
+        path = self.path
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            merged = {}
+            with contextlib.suppress(OSError, ValueError), open(path) as f:
+                merged.update(json.load(f))  # other processes' choices
+            merged.update(choices)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(merged, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: the choices stay in memory
+
+
+TUNER = Tuner()
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _launch_forward(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y):
+def _conv_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int, ho: int, wo: int) -> Tuple:
+    """The bucketed autotune key: the code-shaping values exactly (dtype, layout, kernel,
+    stride, group widths up to 16), the sizes in power-of-two buckets (channels, positions,
+    output height and width), so that DenseNet's many layer widths share a few keys."""
     n, c, h, w = x.shape
     co, cin_g, kh, kw = weight.shape
-    ho, wo = y.shape[2], y.shape[3]
-    cout_g = co // groups
-    m = n * ho * wo
-    if y.numel() == 0:
-        return
-    use_dot = cin_g >= _DOT_MIN_CHANNELS and cout_g >= _DOT_MIN_CHANNELS
-    mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
-    if use_dot:
-        grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]), groups * _cdiv(cout_g, meta["BLOCK_N"]))  # noqa: E731
-        tuned = bn_relu_conv_fwd.bn_relu_conv_fwd_dot
-    else:
-        grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]), _cdiv(co, meta["BLOCK_N"]))  # noqa: E731
-        tuned = bn_relu_conv_fwd.bn_relu_conv_fwd_direct
-    with _device(x):
-        _launch(tuned, grid, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16),
-                x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y,
-                m, h, w, co, ho, wo, cin_g, cout_g,
-                *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation,
-                KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                USE_DOT=use_dot, DOT_F32=_dot_f32(x))
+    width = lambda v: v if v <= 16 else _pow2(v)  # noqa: E731
+    return (str(x.dtype).replace("torch.", ""), x.stride(1) == 1, kh, kw, *stride, *padding, *dilation,
+            width(cin_g), width(co // groups), _pow2(c), _pow2(co), _pow2(n * ho * wo), _pow2(ho), _pow2(wo))
 
 
-def _launch(tuned, grid: Callable[[Dict], Tuple[int, ...]], interp_meta: Dict[str, int], *args, **kwargs) -> None:
-    """Autotuned launch on CUDA; one fixed small tile under the interpreter."""
-    if _interpret():
-        tuned.fn[grid(interp_meta)](*args, **kwargs, **interp_meta)
-    else:
-        tuned[grid](*args, **kwargs)
+def _prune_tiles(configs: Sequence[TileConfig], hh: int, ww: int) -> List[TileConfig]:
+    """Drop tile shapes that leave more than half of their positions empty on an ``hh x ww``
+    output (at least one config stays)."""
+    def used(cfg: TileConfig) -> float:
+        th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
+        return (hh * ww) / (_cdiv(hh, th) * th * _cdiv(ww, tw) * tw)
+
+    kept = [c for c in configs if used(c) >= 0.5]
+    return kept or [max(configs, key=used)]
+
+
+def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None) -> int:
+    """Programs per channel block of a persistent launch (``ncb`` channel blocks, each with
+    ``num_tiles`` tiles): the count that makes the busiest SM's tiles fewest, i.e. minimises
+    ``ceil(ncb * s / SMs) * ceil(num_tiles / s)``, at most ``programs_per_sm`` resident
+    programs per SM and ``cap``; ties go to more programs (more warps to hide latency)."""
+    cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
+    if _interpret() or x.device.type == "cpu":
+        return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
+    sms = _num_sms(x)
+    limit = max(1, min(cap, _cdiv(sms * cfg.programs_per_sm, ncb)))
+    best, best_cost = 1, None
+    for s in range(1, limit + 1):
+        cost = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def _persistent_programs(x: Tensor, cfg: TileConfig) -> int:
+    if _interpret() or x.device.type == "cpu":
+        return 3  # several programs, each walking several work items: the persistent loop is exercised
+    return _num_sms(x) * cfg.programs_per_sm
+
+
+def _num_sms(x: Tensor) -> int:
+    if x.is_cuda:
+        return _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return MODEL_SMS
+
+
+def _target_programs(x: Tensor) -> int:
+    if _interpret() or x.device.type == "cpu":
+        return 8
+    return 4 * _num_sms(x)
+
+
+def _x_read_bytes(x: Tensor, kh: int, kw: int, stride, dilation, ho: int, wo: int) -> int:
+    """Bytes of ``x`` a conv must read: all of it unless the stride skips rows / columns."""
+    n, c, h, w = x.shape
+    rows = h if (kh - 1) * dilation[0] + 1 >= stride[0] else min(h, ho * kh)
+    cols = w if (kw - 1) * dilation[1] + 1 >= stride[1] else min(w, wo * kw)
+    return n * c * rows * cols * x.element_size()
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _interpret() -> bool:
@@ -260,14 +804,8 @@ def _interpret() -> bool:
 
 
 def _dot_f32(x: Tensor) -> bool:
-    # MACHINE_FACTS: the interpreter's tl.dot on two bfloat16 operands is wrong.
+    # The interpreter's tl.dot on two bfloat16 operands is wrong: multiply in float32.
     return _interpret() and x.dtype == torch.bfloat16
-
-
-def _target_programs(x: Tensor) -> int:
-    if x.is_cuda and not _interpret():
-        return 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -319,14 +857,24 @@ def _check_x(name: str, x) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"resfast_triton: {name} has dtype {x.dtype}; the triton backend supports float32, float16 "
                         f"and bfloat16 (use backend='eager' or 'native' for {x.dtype})")
-    if x.device.type == "cuda":
+    if x.device.type in ("cuda", "meta"):  # meta: launch plans for the static model
+        _check_span(name, x)
         return
     if x.device.type == "cpu":
         if not _interpret():
             raise ValueError(f"resfast_triton: {name} is a CPU tensor; Triton kernels need CUDA tensors, or "
                              "TRITON_INTERPRET=1 (set before importing triton) to interpret them on the CPU")
+        _check_span(name, x)
         return
     raise ValueError(f"resfast_triton: {name} is on {x.device}; Triton kernels need CUDA tensors")
+
+
+def _check_span(name: str, t: Tensor) -> None:
+    """Kernels address one image with int32 offsets (and a 64-bit base per image)."""
+    span = sum((size - 1) * abs(st) for size, st in zip(t.shape[1:], t.stride()[1:]) if size > 0)
+    if span >= 2 ** 31:
+        raise ValueError(f"resfast_triton: one image of {name} spans {span + 1} elements (shape {tuple(t.shape)}, "
+                         f"strides {t.stride()}); the triton kernels need under 2**31 per image (use backend='eager')")
 
 
 def _check_like(name: str, t, x: Tensor, shape: Sequence[int]) -> None:
@@ -338,6 +886,7 @@ def _check_like(name: str, t, x: Tensor, shape: Sequence[int]) -> None:
         raise TypeError(f"resfast_triton: {name} dtype {t.dtype} does not match x dtype {x.dtype}")
     if t.device != x.device:
         raise ValueError(f"resfast_triton: {name} is on {t.device} but x is on {x.device}")
+    _check_span(name, t)
 
 
 def _check_vector(name: str, t, n: int, x: Tensor) -> None:

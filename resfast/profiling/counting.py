@@ -8,13 +8,13 @@ is done: every registered model is counted in seconds.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_params", "count_macs", "model_counts"]
+__all__ = ["count_params", "count_macs", "model_counts", "build_for_counting"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -78,24 +78,29 @@ def model_counts(name: str) -> Dict[str, Union[str, int, Tuple[int, int, int]]]:
     Built on the ``meta`` device; a model whose forward cannot run on ``meta`` is built and
     counted on the CPU with one image instead.
     """
-    from resfast.models.registry import model_info
+    from resfast.models import model_info
 
     info = model_info(name)
     try:
         with torch.device("meta"):
-            model = _build_for_counting(info.builder)
+            model = build_for_counting(name)
         macs = count_macs(model, info.input_size)
     except (RuntimeError, NotImplementedError):
-        model = _build_for_counting(info.builder)
+        model = build_for_counting(name)
         macs = count_macs(model, info.input_size)
     return {"name": name, "params": count_params(model), "macs": macs, "input_size": list(info.input_size)}
 
 
-def _build_for_counting(builder: Callable[..., nn.Module]) -> nn.Module:
-    # A model with a dense-block memory mode is built with memory="naive": the mode changes
-    # neither parameters nor MACs, and the plain concatenating block is the quickest to trace
-    # (the shared-buffer block runs many small ops). Builders without `memory` reject it.
-    try:
-        return builder(backend="eager", memory="naive")
-    except TypeError:
-        return builder(backend="eager")
+def build_for_counting(name: str) -> nn.Module:
+    """The registered model ``name`` with default arguments on the eager backend, in the
+    quickest memory mode where its family has one.
+
+    A dense-block memory mode changes neither parameters nor MACs, and the plain
+    concatenating block (``memory="naive"``) is the quickest to trace (the shared-buffer block
+    runs many small ops).
+    """
+    from resfast.models import create_model, model_options
+
+    options = model_options(name)
+    kwargs = {options[k]: v for k, v in (("backend", "eager"), ("memory", "naive")) if k in options}
+    return create_model(name, **kwargs)

@@ -12,6 +12,7 @@ The measuring functions (:func:`measure_training_step`, :func:`measure_modes`,
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -19,8 +20,10 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from resfast.backends import BACKENDS
+from resfast.profiling.runtime import autocast, ensure_writable_dir, resolve_device, sync
 
 __all__ = [
     "MODES",
@@ -31,6 +34,8 @@ __all__ = [
     "block_memory_sweep",
     "fit_growth",
     "max_batch",
+    "min_image_size",
+    "tracked_peak",
 ]
 
 # mode name -> (DenseBlock memory, recompute)
@@ -57,10 +62,12 @@ SWEEP_LAYERS = (4, 8, 16, 24, 32)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="densenet121", help="a registered densenet model (default densenet121)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
-    p.add_argument("--image-size", type=int, default=None, help="input height and width (default: the model's)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height and width (default: the model's; at least the smallest size its "
+                        "downsampling leaves a pixel at, checked before anything runs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--backend", default="auto", help="auto | eager | triton | native (default auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the step (default float32: no autocast)")
     p.add_argument("--channels-last", action="store_true", help="run in channels_last memory format")
@@ -80,20 +87,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resfast.cli import emit_json
+    """Run ``resfast memory``: every argument is checked before any model runs."""
+    from resfast.backends import resolve_backend
+    from resfast.cli import check_model_name, emit_json
     from resfast.models import model_info
 
     modes = _parse_modes(args.modes)
-    info = model_info(args.model)
-    if not args.model.startswith("densenet"):
+    check_model_name(args.model)
+    if not args.model.rpartition(":")[2].startswith("densenet"):  # also torchvision:densenet121, timm:...
         raise ValueError(f"--model must be a densenet model (the modes are dense-block memory modes), "
                          f"got {args.model!r}")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size!r}")
-    image_size = args.image_size or info.input_size[1]
-    if image_size < 8:
-        raise ValueError(f"--image-size must be at least 8, got {image_size}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.max_batch and device.type != "cuda":
         raise ValueError("--max-batch needs --device cuda (it searches for the batch at which CUDA runs out of "
                          "memory; the CPU has no such limit to find)")
@@ -104,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot-batch must be a positive int, got {args.plot_batch!r}")
         if not isinstance(args.plot_image_size, int) or args.plot_image_size < 1:
             raise ValueError(f"--plot-image-size must be a positive int, got {args.plot_image_size!r}")
+        ensure_writable_dir(os.path.dirname(os.path.abspath(args.plot)), "--plot's folder")
+    resolve_backend(args.backend, device)  # BackendUnavailableError says why, before anything runs
+    image_size = args.image_size or model_info(args.model).input_size[1]
+    _check_image_size(args.model, image_size)
 
     results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
                             backend=args.backend, autocast_dtype=dtype, channels_last=args.channels_last,
@@ -131,6 +141,51 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_image_size(model_name: str, image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"--image-size must be a positive int, got {image_size!r}")
+    if not _runs_at(model_name, image_size):
+        raise ValueError(f"--image-size {image_size} is too small for {model_name}: its downsampling leaves no "
+                         f"pixel; the smallest size it takes is {min_image_size(model_name)}")
+
+
+def min_image_size(model_name: str) -> int:
+    """The smallest input height and width at which the registered model ``model_name`` runs
+    (its strided convs and poolings leave at least one pixel), found by forward passes on the
+    ``meta`` device (no memory, no arithmetic): doubling, then bisection."""
+    lo, hi = 0, 1  # lo fails (or is 0), hi is the next probe
+    while not _runs_at(model_name, hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 16:
+            raise ValueError(f"{model_name} does not run at any image size up to {hi // 2}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _runs_at(model_name, mid) else (mid, hi)
+    return hi
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_model(model_name: str) -> nn.Module:
+    from resfast.profiling.counting import build_for_counting
+
+    with torch.device("meta"):
+        return build_for_counting(model_name).eval()
+
+
+def _runs_at(model_name: str, size: int) -> bool:
+    """Whether a forward of ``model_name`` at ``size x size`` gets through its downsampling."""
+    model = _meta_model(model_name)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device="meta"))
+    except (RuntimeError, ValueError) as exc:
+        text = str(exc).lower()
+        if "too small" in text or "smaller than kernel" in text or "output would be empty" in text:
+            return False
+        raise
+    return True
+
+
 def _parse_modes(text: str) -> List[str]:
     modes = [m.strip() for m in str(text).split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -151,21 +206,18 @@ def _parse_layers(text: str) -> List[int]:
     return layers
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    return torch.device(name)
-
-
 def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: Optional[Callable] = None,
-                          autocast_dtype: Optional[torch.dtype] = None, timed: bool = True) -> Dict[str, float]:
+                          autocast_dtype: Optional[torch.dtype] = None, timed: bool = True,
+                          launches: bool = False) -> Dict[str, float]:
     """Peak memory of one training step (forward, loss, backward) of ``model`` on ``x``.
 
     Returns ``{"peak_bytes", "activation_bytes", "step_time_s"}``: the peak of live tensor
     bytes during the step (parameters, buffers, the input and gradients included), the
     part of it that is neither parameters, buffers nor gradients, and the wall time of a
-    second, untracked step (``nan`` with ``timed=False``). Gradients are cleared before each
-    step. CPU: exact bytes from ``MemTracker``; CUDA: ``torch.cuda.max_memory_allocated``.
+    second, untracked step (``nan`` with ``timed=False``); with ``launches`` also
+    ``"launches"``, the kernel launches of one more step (aten compute ops plus Triton
+    launches, :mod:`resfast.profiling.launches`). Gradients are cleared before each step.
+    CPU: exact bytes from ``MemTracker``; CUDA: ``torch.cuda.max_memory_allocated``.
     """
     device = torch.device(device) if device is not None else x.device
     model = model.to(device)
@@ -174,45 +226,60 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
     model.train()
 
     def step():
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             out = model(x)
             loss = loss_fn(out)
         loss.backward()
 
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         activation = peak - base - grads
     else:
-        tracker = _peak_tracker()
-        tracker.track_external(model, x)
-        with tracker:
-            step()
-        snap = tracker.get_tracker_snapshot("peak")
-        dev_snap = snap.get(device) or next(iter(snap.values()))
-        peak = int(dev_snap["Total"])
-        model_state = sum(int(dev_snap.get(key, 0)) for key in ("Parameter", "Buffer", "Gradient"))
-        activation = peak - model_state
-        del tracker
+        snap = tracked_peak(step, model, x)
+        peak = snap["Total"]
+        activation = peak - sum(snap.get(key, 0) for key in ("Parameter", "Buffer", "Gradient"))
     step_time = float("nan")
     if timed:
         model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         step_time = time.perf_counter() - t0
+    result = {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
+    if launches:
+        from resfast.profiling.launches import count_launches
+
+        model.zero_grad(set_to_none=True)
+        result["launches"] = count_launches(step)["total"]
     model.zero_grad(set_to_none=True)
-    return {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
+    return result
+
+
+def tracked_peak(step: Callable[[], object], *tracked) -> Dict[str, int]:
+    """Run ``step()`` once under PyTorch's memory tracker and return the bytes live at its
+    peak by kind (``"Total"``, ``"Parameter"``, ``"Buffer"``, ``"Gradient"``,
+    ``"Activation"``, ``"Optstate"``, ...), summed over devices. ``tracked``: the modules,
+    optimizers and tensors that exist before the step (``MemTracker.track_external``), so
+    their bytes are attributed to their kind."""
+    tracker = _peak_tracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        step()
+    totals: Dict[str, int] = {}
+    for dev_snap in tracker.get_tracker_snapshot("peak").values():
+        for kind, nbytes in dev_snap.items():
+            key = getattr(kind, "value", kind)  # MemTracker's reference-type enum, or its name
+            totals[str(key)] = totals.get(str(key), 0) + int(nbytes)
+    return totals
 
 
 def _peak_tracker():
@@ -244,19 +311,6 @@ def _default_loss(out: Tensor) -> Tensor:
     return out.float().square().mean()
 
 
-class _autocast:
-    def __init__(self, device: torch.device, dtype: Optional[torch.dtype]):
-        self.ctx = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, image_size: int, device=None,
                   backend: str = "auto", autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
                   seed: int = 0, progress: bool = True, timed: bool = True) -> List[Dict[str, object]]:
@@ -283,10 +337,11 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
         model.load_state_dict(state)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed)
+        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed, launches=True)
         results.append({"mode": mode, **r})
         bar.write(f"{mode:>18}: peak {r['peak_bytes'] / 2**20:9.1f} MiB, activations "
-                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s", file=sys.stderr)
+                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s, "
+                  f"{r['launches']} launches", file=sys.stderr)
         del model
     naive = next((r["peak_bytes"] for r in results if r["mode"] == "naive"), None)
     for r in results:
@@ -399,10 +454,10 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
             x = torch.randn(n, 3, image_size, image_size, device=device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, autocast_dtype):
+            with autocast(device, autocast_dtype):
                 loss = _default_loss(model(x))
             loss.backward()
-            torch.cuda.synchronize(device)
+            sync(device)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
@@ -423,11 +478,12 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
 def format_table(doc: Dict[str, object]) -> str:
     """The human-readable table of :func:`run`."""
     lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
-             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9}"]
+             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9} {'launches':>9}"]
     for r in doc["results"]:
         ratio = r.get("ratio_to_naive")
         ratio_s = f"{ratio:9.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>9}"
         extra = f"  max batch {r['max_batch']}" if "max_batch" in r else ""
+        launch_s = f"{r['launches']:9d}" if "launches" in r else f"{'-':>9}"
         lines.append(f"{r['mode']:>18} {r['peak_bytes'] / 2**20:10.1f} {r['activation_bytes'] / 2**20:11.1f} "
-                     f"{r['step_time_s']:8.3f} {ratio_s}{extra}")
+                     f"{r['step_time_s']:8.3f} {ratio_s} {launch_s}{extra}")
     return "\n".join(lines)

@@ -12,29 +12,31 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import inspect
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resfast.profiling.counting import count_params
+from resfast.profiling.memory import tracked_peak
+from resfast.profiling.runtime import AMP_DTYPES, autocast, ensure_writable_dir, resolve_device, sync
 from resfast.train.data import DATASETS, BatchLoader, ImageDataset, load_dataset
 from resfast.train.distributed import (
     DistInfo, all_reduce_sum, cleanup, init_distributed, prepare_model, shard_indices, unwrap,
 )
 
-__all__ = ["TrainConfig", "train", "train_step", "evaluate", "build_model", "lr_at", "SCHEDULES", "AMP_MODES",
-           "save_checkpoint", "load_checkpoint", "count_params", "measure_step_memory"]
+__all__ = ["TrainConfig", "train", "train_step", "evaluate", "build_model", "model_kwargs", "lr_at", "SCHEDULES",
+           "AMP_MODES", "save_checkpoint", "load_checkpoint", "measure_step_memory", "make_optimizer", "set_lr"]
 
 SCHEDULES = ("step", "cosine", "onecycle")
-AMP_MODES = ("off", "fp16", "bf16")
+AMP_MODES = tuple(AMP_DTYPES)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -121,56 +123,51 @@ def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> f
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every parameter group's learning rate to ``lr``; returns ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def _cos_anneal(a: float, b: float, frac: float) -> float:
     return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
 
 
 def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """``resfast.models.create_model(config.model, num_classes=..., backend=..., ...)``.
+    """``resfast.models.create_model(config.model, num_classes=..., ...)`` with the run's
+    ``backend``, ``dropout`` and ``memory`` given to the families that declare them
+    (:data:`resfast.models.FAMILY_OPTIONS`: dropout for Wide ResNets and DenseNets, memory for
+    DenseNets); asking for ``dropout`` or ``memory`` on a model without it is a ``ValueError``."""
+    from resfast.models import create_model
 
-    ``dropout`` goes to builders that take a dropout argument (Wide ResNets: ``dropout``;
-    DenseNets: ``drop_rate``), ``memory`` to those that take ``memory`` (DenseNets); asking
-    for either on a model without it is a ``ValueError``. Builders that only take
-    ``**kwargs`` are tried with each accepted spelling in turn.
-    """
-    from resfast.models import create_model, model_info
+    return create_model(config.model, **model_kwargs(config.model, num_classes, backend=config.backend,
+                                                     dropout=config.dropout, memory=config.memory),
+                        **config.model_kwargs)
 
-    params = inspect.signature(model_info(config.model).builder).parameters
-    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+def model_kwargs(model, num_classes: int, *, backend: str = "auto", dropout: Optional[float] = None,
+                 memory: Optional[str] = None) -> Dict[str, Any]:
+    """The builder keywords of ``model`` (a registered name or a family's builder) for these
+    options: ``backend`` where the family takes one, ``dropout`` and ``memory`` (``None``: the
+    model's default) only where it does, else ``ValueError``."""
+    from resfast.models import model_options
+
+    options = model_options(model)
     kwargs: Dict[str, Any] = {"num_classes": num_classes}
-    if "backend" in params or open_kwargs:
-        kwargs["backend"] = config.backend
-    kwargs.update(config.model_kwargs)
-    # option -> (value, spellings still to try, what to say when none is taken)
-    options: Dict[str, Tuple[Any, List[str], str]] = {}
-    if config.dropout is not None:
-        names = [n for n in _DROPOUT_NAMES if n in params] or (list(_DROPOUT_NAMES) if open_kwargs else [])
-        options["dropout"] = (config.dropout, names, "takes no dropout (it applies to the Wide ResNet models)")
-    if config.memory is not None:
-        names = ["memory"] if "memory" in params or open_kwargs else []
-        options["memory"] = (config.memory, names, "takes no memory mode (it applies to the DenseNet models)")
-    while True:
-        chosen = {}
-        for opt, (value, names, why) in options.items():
-            if not names:
-                raise ValueError(f"{opt}={value!r} given but model {config.model!r} {why}")
-            chosen[names[0]] = value
-        try:
-            return create_model(config.model, **kwargs, **chosen)
-        except TypeError as exc:
-            rejected = [k for k in chosen if f"keyword argument '{k}'" in str(exc)]
-            if not rejected:
-                raise
-            for opt, (value, names, why) in options.items():
-                if names and names[0] in rejected:
-                    options[opt] = (value, names[1:], why)
-
-
-_DROPOUT_NAMES = ("dropout", "drop_rate", "dropout_rate")
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    if "backend" in options:
+        kwargs[options["backend"]] = backend
+    name = model if isinstance(model, str) else getattr(model, "__name__", repr(model))
+    for option, value, applies_to in (("dropout", dropout, "the Wide ResNet and DenseNet models"),
+                                      ("memory", memory, "the DenseNet models")):
+        if value is None:
+            continue
+        if option not in options:
+            what = "dropout" if option == "dropout" else "memory mode"
+            raise ValueError(f"{option}={value!r} given but model {name!r} takes no {what} (it applies to "
+                             f"{applies_to})")
+        kwargs[options[option]] = value
+    return kwargs
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -187,7 +184,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     ranks) a step on each rank's equal share of a batch is the step on the whole batch.
     """
     model.train()
-    with _autocast(x.device, amp):
+    with autocast(x.device, AMP_DTYPES[amp]):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -213,7 +210,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, device: torch.device, *, a
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = _to_device(x, y, device, channels_last)
-        with _autocast(device, amp):
+        with autocast(device, AMP_DTYPES[amp]):
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
         sums[1] += (logits.argmax(1) == y).sum()
@@ -238,7 +235,16 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
     config.validate()
     config = config.resolved()
     log = log or sys.stderr
-    device = _device(config.device)
+    device = resolve_device(config.device)
+    # What would fail late fails now: the model name, the backend, the run directory.
+    if model is None:
+        from resfast.backends import resolve_backend
+        from resfast.models import model_info
+
+        model_info(config.model)
+        resolve_backend(config.backend, device)
+    if config.out and int(os.environ.get("RANK", "0")) == 0:
+        ensure_writable_dir(config.out, "out")
     info = init_distributed(device)
     try:
         return _train(config, model, datasets, device, info, log, history)
@@ -298,19 +304,17 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
         ddp_model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress(info, config, steps, f"epoch {epoch + 1}/{config.epochs}")
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(loader):
-            lr = lr_at(config, epoch, i, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_lr(optimizer, lr_at(config, epoch, i, steps))
             x, y = _to_device(x, y, device, config.channels_last)
             l_sum, c = train_step(ddp_model, optimizer, x, y, amp=config.amp, scaler=scaler)
             loss_sum, correct, seen = loss_sum + l_sum, correct + c, seen + y.shape[0]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{l_sum / y.shape[0]:.3f}", lr=f"{lr:.3g}")
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
         if bar is not None:
             bar.close()
@@ -329,7 +333,6 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
              "{test_loss:.4f} acc {test_acc:.4f}, {epoch_time_s:.1f} s, {images_per_s:.0f} img/s".format(
                  n=config.epochs, **row))
         if info.is_main and config.out:
-            os.makedirs(config.out, exist_ok=True)
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
@@ -430,17 +433,10 @@ def measure_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: T
 
     Runs on copies of ``model`` and ``optimizer`` so the caller's state is not touched.
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     model = copy.deepcopy(model)
     opt = type(optimizer)(model.parameters(), **optimizer.defaults)
     opt.load_state_dict(optimizer.state_dict())
-    tracker = MemTracker()
-    tracker.track_external(model, opt, x, y)
-    with tracker:
-        train_step(model, opt, x, y, amp=amp)
-    snap = tracker.get_tracker_snapshot("peak")
-    return int(sum(v.get("Total", 0) for v in snap.values()))
+    return tracked_peak(lambda: train_step(model, opt, x, y, amp=amp), model, opt, x, y)["Total"]
 
 
 def _peak_memory(config, model, optimizer, train_set, device, info) -> Tuple[Optional[int], str]:
@@ -479,18 +475,6 @@ def _subset(ds: ImageDataset, n: int) -> ImageDataset:
     return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here (torch {torch.__version__})")
-    return device
-
-
 def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> Tuple[Tensor, Tensor]:
     x = x.to(device, non_blocking=True)
     if channels_last:
@@ -498,21 +482,10 @@ def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) 
     return x, y.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
 def _grad_scaler(device: torch.device, amp: str):
     if amp != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _progress(info: DistInfo, config: TrainConfig, total: int, desc: str):

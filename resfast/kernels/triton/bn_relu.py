@@ -1,8 +1,15 @@
-"""``@triton.jit`` helpers shared by the conv kernels: tile indexing and the BN-ReLU applied
-in registers.
+"""``@triton.jit`` helpers shared by the conv kernels: the BN-ReLU applied in registers, the
+2-D spatial tiles, and the channel blocks that pack several small groups into one MMA tile.
 
-Channel vectors always run along the tile's second axis (columns); every kernel lays its
-activation tiles out as ``[positions, channels]``.
+Channel vectors always run along a tile's second axis (columns); activation tiles are laid
+out as ``[positions, channels]``.
+
+Channel blocks (the packing of small groups): a *group block* is ``GP`` consecutive groups
+(``GP > 1`` only when groups are narrower than one MMA tile). Its input channels are the
+``KR = GP * CIN_G`` channels ``[gb * KR, (gb + 1) * KR)`` and its output channels the
+``NR = GP * COUT_G`` channels ``[gb * NR, (gb + 1) * NR)``; a weight tile of a group block is
+block-diagonal (element ``(k, n)`` is zero unless ``k // CIN_G == n // COUT_G``), so one MMA
+covers ``GP`` groups and each input element is loaded and normalised once per tile.
 """
 import triton
 import triton.language as tl
@@ -11,45 +18,58 @@ import triton.language as tl
 @triton.jit
 def bn_params(ci, ci_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
               HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
-    """Per-channel ``(mean, scale, shift)`` in float32 so that ``z = (x - mean) * scale + shift``."""
+    """Per-channel float32 ``(scale, shift)`` with ``z = x * scale + shift`` =
+    ``(x - mean) * invstd * gamma + beta``: one FMA per element in the kernels."""
     mean = tl.load(mean_ptr + ci, mask=ci_mask, other=0.0).to(tl.float32)
     scale = tl.load(invstd_ptr + ci, mask=ci_mask, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         scale = scale * tl.load(gamma_ptr + ci, mask=ci_mask, other=0.0).to(tl.float32)
     if HAS_BETA:
-        shift = tl.load(beta_ptr + ci, mask=ci_mask, other=0.0).to(tl.float32)
+        shift = tl.load(beta_ptr + ci, mask=ci_mask, other=0.0).to(tl.float32) - mean * scale
     else:
-        shift = tl.zeros_like(mean)
-    return mean, scale, shift
+        shift = -mean * scale
+    return scale, shift
 
 
 @triton.jit
-def bn_relu(xv, mean, scale, shift, valid):
-    """``relu((x - mean) * scale + shift)`` of a float32 ``[rows, channels]`` tile, zero where
-    ``valid`` is false: conv padding is zeros of the *activation*, not ``bn(0)``.
-
-    ``z < 0 ? 0 : z`` (not ``maximum``) so a NaN propagates as ``torch.relu`` propagates it.
-    """
-    z = (xv - mean[None, :]) * scale[None, :] + shift[None, :]
-    a = tl.where(z < 0.0, 0.0, z)
+def bn_relu(xv, scale, shift, valid):
+    """``relu(x * scale + shift)`` of a float32 ``[rows, channels]`` tile, zero where ``valid``
+    is false: conv padding is zeros of the *activation*, not ``bn(0)``. The ReLU propagates
+    NaN as ``torch.relu`` does."""
+    a = tl.maximum(xv * scale[None, :] + shift[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(valid, a, 0.0)
 
 
 @triton.jit
-def position_rows(pid, M, HH, WW, BLOCK_M: tl.constexpr):
-    """Rows ``pid * BLOCK_M + [0, BLOCK_M)`` of the ``N x HH x WW`` positions: ``(mask, h, w, n)``,
-    with ``n`` as int64 so batch offsets cannot overflow."""
-    offs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    w = offs % WW
-    t = offs // WW
-    return offs < M, t % HH, w, (t // HH).to(tl.int64)
+def tile_origin(t, TILES_H, TILES_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Spatial tile ``t`` (image-major, then rows, then columns) of ``TILE_H x TILE_W``
+    positions: ``(n, first row, first column)``. Positions inside a tile come from
+    ``m // TILE_W`` and ``m % TILE_W`` with a constexpr power-of-two divisor (shifts), never a
+    per-element runtime div/mod.
+
+    Offsets convention of the conv kernels: a scalar int64 base pointer per image
+    (``ptr + n.to(tl.int64) * stride_n``) and int32 offsets inside it (the host checks that
+    one image's span fits int32), so the per-element address arithmetic stays 32-bit."""
+    tw = t % TILES_W
+    rest = t // TILES_W
+    th = rest % TILES_H
+    return rest // TILES_H, th * TILE_H, tw * TILE_W
 
 
 @triton.jit
-def group_tile(pid, C_G, BLOCK: tl.constexpr):
-    """The channel tile of program ``pid`` when tiles never straddle groups: tile
-    ``pid % tiles`` of group ``pid // tiles``. Returns ``(group, local, mask, channel)``."""
-    tiles_per_group = tl.cdiv(C_G, BLOCK)
-    g = pid // tiles_per_group
-    local = (pid % tiles_per_group) * BLOCK + tl.arange(0, BLOCK)
-    return g, local, local < C_G, g * C_G + local
+def dot_acc(a, b, acc, DOT_F32: tl.constexpr):
+    """``acc + a @ b`` on tensor cores for 16-bit operands, exact float32 FMAs for float32
+    operands; ``DOT_F32`` multiplies (already rounded) 16-bit values in float32, for the CPU
+    interpreter whose bfloat16 dot is wrong."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def any_nonfinite(acc):
+    """Whether a tile holds a NaN or an infinity (``x - x`` is NaN exactly then). Packed
+    small groups share one MMA, where ``0 * NaN`` would carry one group's NaN into its
+    neighbours' outputs; a tile that shows one is recomputed group by group."""
+    return tl.sum(((acc - acc) != 0.0).to(tl.int32)) > 0

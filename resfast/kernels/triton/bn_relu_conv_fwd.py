@@ -1,109 +1,213 @@
-"""Forward of the fused op: ``y = conv2d(relu(bn(x)), weight, bias)`` as an implicit GEMM.
+"""Forward of the fused op: ``y = conv2d(relu(bn(x)), weight, bias)`` as an implicit GEMM on
+tensor cores, any ``groups``.
 
-Rows of the GEMM are output positions ``(n, ho, wo)``; columns are output channels. Each
-input tile is loaded with ``x``'s own strides, normalised and ReLU'd in registers (the
-activation is never written to memory), and zeroed where the conv reads padding.
+Grid: axis 1 is the channel block (one group block of ``GP`` small groups packed
+block-diagonally into one MMA tile, or one ``BLOCK_N`` slice of a wide group's output
+channels; see :mod:`.bn_relu`), so a program's BN parameters and, for a single input chunk,
+its weights are loaded once. Axis 0 is persistent: program ``pid`` walks the spatial tiles
+``pid, pid + nprog, ...``; a tile is ``TILE_H x TILE_W`` output positions of one image (the
+MMA's M), its row / column inside the tile a constexpr shift.
 
-Two formulations, chosen by the ``USE_DOT`` constexpr:
+``USE_SCRATCH`` (kernels with more than one tap): per input chunk of ``BLOCK_K`` channels,
+the tile's input halo (``HALO_H x HALO_W`` positions) is loaded once, normalised and ReLU'd
+once, rounded to the input dtype and written to this program's slot of a small global
+scratch buffer, which stays in L2 (the slot is reused by every tile of the program). After a
+barrier each kernel row ``kh`` gathers its taps' shifted views ``STACK`` at a time side by
+side, ``[TILE_H * TILE_W, STACK * BLOCK_K]`` (column ``(kw % STACK) * BLOCK_K + k``), and
+multiplies them with the stacked weights ``[STACK * BLOCK_K, BLOCK_N]``: ``KH * cdiv(KW,
+STACK)`` MMAs per tile and chunk (``STACK`` 1: one MMA per tap, no padded tap slot; 4 for a
+3-wide kernel: one MMA per row, a quarter of its K padding).
+Padded positions of the halo are written as zeros of the *activation* (``0``, not
+``bn(0)``). The tile and chunk loops are never software-pipelined (``num_stages=1``): a
+prefetch of the next tile's scratch would read it before it is written.
 
-* ``USE_DOT`` (groups with >= 16 input and output channels): a program owns a tile of one
-  group's output channels and reduces over ``(kh, kw, ci)`` with ``tl.dot``.
-* direct (small groups: ResNeXt's 4 channels per group, depthwise, a 3-channel stem): a
-  program owns any ``BLOCK_N`` output channels, possibly of many groups, and accumulates
-  ``a[m, ci(co)] * w[co, k]`` with FMAs, so no 16-wide matrix tile is spent on a 4-wide group.
+Without it (1x1 kernels) the tile is loaded, normalised and multiplied directly.
 """
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import bn_params, bn_relu, group_tile, position_rows
+from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, dot_acc, tile_origin
 
 
 @triton.jit
 def bn_relu_conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr,
-    M, H, W, CO, HO, WO, CIN_G, COUT_G,
+    x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr, scratch_ptr, flag_ptr,
+    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr,
+    HALO_H: tl.constexpr, HALO_W: tl.constexpr, HALO_B: tl.constexpr,
+    USE_SCRATCH: tl.constexpr, ONE_CHUNK: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    m_mask, ho, wo, n64 = position_rows(pid_m, M, HO, WO, BLOCK_M)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cb = tl.program_id(1)
     act_ty = y_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    BM: tl.constexpr = TILE_H * TILE_W
+    HALO_NP: tl.constexpr = ((HALO_H * HALO_W + HALO_B - 1) // HALO_B) * HALO_B
+    m = tl.arange(0, BM)
+    oi = m // TILE_W  # constexpr power-of-two divisor: a shift
+    oj = m % TILE_W
+    slot = scratch_ptr + (cb * nprog + pid).to(tl.int64) * (HALO_NP * BLOCK_K)
 
-    if USE_DOT:
-        g, co_local, co_mask, co = group_tile(pid_n, COUT_G, BLOCK_N)
+    gblk = cb // NSUB
+    n_loc = (cb % NSUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = gblk * NR + n_loc
+    if EVEN_N:  # every block full: no column masks
+        n_ok = tl.full([BLOCK_N], 1, tl.int1)
     else:
-        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        co_mask = co < CO
-        g_of_co = co // COUT_G
-    w_co = co.to(tl.int64) * swo
-
-    for kh in range(KH):
-        hi = ho * stride_h - pad_h + kh * dil_h
-        h_ok = m_mask & (hi >= 0) & (hi < H)
-        for kw in range(KW):
-            wi = wo * stride_w - pad_w + kw * dil_w
-            sp_mask = h_ok & (wi >= 0) & (wi < W)
-            x_row = n64 * sxn + hi * sxh + wi * sxw
-            if USE_DOT:
-                for k0 in range(0, CIN_G, BLOCK_K):
-                    ck = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = ck < CIN_G
-                    ci = g * CIN_G + ck
-                    mean, scale, shift = bn_params(ci, k_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                                                   HAS_GAMMA, HAS_BETA)
-                    mask = sp_mask[:, None] & k_mask[None, :]
-                    xv = tl.load(x_ptr + x_row[:, None] + (ci.to(tl.int64) * sxc)[None, :], mask=mask,
-                                 other=0.0).to(tl.float32)
-                    a = bn_relu(xv, mean, scale, shift, mask).to(act_ty)
-                    wv = tl.load(w_ptr + w_co[None, :] + (ck * swi + kh * swh + kw * sww)[:, None],
-                                 mask=k_mask[:, None] & co_mask[None, :], other=0.0)
-                    if DOT_F32:
-                        # the interpreter's bf16 dot is wrong: multiply the (rounded) bf16 values in fp32
-                        acc = tl.dot(a.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, wv, acc, input_precision="ieee")
-            else:
-                for k in range(0, CIN_G):
-                    ci = g_of_co * CIN_G + k
-                    mean, scale, shift = bn_params(ci, co_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                                                   HAS_GAMMA, HAS_BETA)
-                    mask = sp_mask[:, None] & co_mask[None, :]
-                    xv = tl.load(x_ptr + x_row[:, None] + (ci.to(tl.int64) * sxc)[None, :], mask=mask,
-                                 other=0.0).to(tl.float32)
-                    # round the activation to the input dtype as the unfused conv sees it
-                    a = bn_relu(xv, mean, scale, shift, mask).to(act_ty).to(tl.float32)
-                    wv = tl.load(w_ptr + w_co + (k * swi + kh * swh + kw * sww), mask=co_mask,
-                                 other=0.0).to(tl.float32)
-                    acc += a * wv[None, :]
-
+        n_ok = (n_loc < NR) & (co < CO)
+    gn = n_loc // COUT_G
+    if ONE_CHUNK:
+        scale, shift, k_ok, x_c = _chunk(0, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
+                                         HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
+        wt = _weights(w_ptr, 0, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK, BLOCK_K)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    y_off = (n64 * syn + ho * syh + wo * syw)[:, None] + (co.to(tl.int64) * syc)[None, :]
-    tl.store(y_ptr + y_off, acc.to(act_ty), mask=m_mask[:, None] & co_mask[None, :])
-
-
-def _configs(dot: bool):
-    if dot:
-        shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3),
-                  (128, 32, 64, 4, 4), (64, 32, 32, 4, 4)]
+        bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
-        shapes = [(64, 32, 16, 4, 2), (128, 32, 16, 4, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2),
-                  (256, 32, 16, 8, 2), (32, 128, 16, 4, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+        bias = 0.0
+
+    for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
+        n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+        ho = th0 + oi
+        wo = tw0 + oj
+        m_ok = (ho < HO) & (wo < WO)
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        xb = x_ptr + n.to(tl.int64) * sxn
+        h0 = th0 * stride_h - pad_h
+        w0 = tw0 * stride_w - pad_w
+        if ONE_CHUNK:
+            acc = _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale, shift, wt,
+                             stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW, STACK, HALO_H,
+                             HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
+        else:
+            for kc in tl.range(0, KR, BLOCK_K, num_stages=1):
+                scale, shift, k_ok, x_c = _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                                                 sxc, HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
+                wt = _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK,
+                              BLOCK_K)
+                acc = _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale,
+                                 shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
+                                 STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
+        if PACKED:  # remember a tile that is not finite: the fix-up loop recomputes it exactly
+            tl.store(flag_ptr + cb * NUM_TILES + t, any_nonfinite(acc).to(tl.int8))
+        _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+
+    if PACKED:
+        # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
+        # its packed neighbours' outputs, which eager never does. A flagged tile is recomputed
+        # one group at a time, its input masked to the group's channels. Only tiles whose
+        # result was not finite take this path.
+        tl.debug_barrier()
+        for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
+            if tl.load(flag_ptr + cb * NUM_TILES + t) != 0:
+                n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+                ho = th0 + oi
+                wo = tw0 + oj
+                m_ok = (ho < HO) & (wo < WO)
+                xb = x_ptr + n.to(tl.int64) * sxn
+                acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+                for g in range(0, (BLOCK_N + COUT_G - 1) // COUT_G):
+                    part = _chunk_mma(tl.zeros([BM, BLOCK_N], dtype=tl.float32), slot, xb, th0 * stride_h - pad_h,
+                                      tw0 * stride_w - pad_w, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale,
+                                      shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, g, CIN_G, act_ty, KH,
+                                      KW, STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, True, DOT_F32, BLOCK_K)
+                    acc = tl.where((gn == g)[None, :], part, acc)
+                _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
 
 
-_KEY = ["M", "CO", "CIN_G", "COUT_G", "H", "W", "KH", "KW", "stride_h", "stride_w", "sxc", "syc"]
+@triton.jit
+def _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += bias[None, :]
+    y_off = (ho * syh + wo * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y_ptr + n.to(tl.int64) * syn + y_off, acc.to(act_ty), mask=m_ok[:, None] & n_ok[None, :])
 
-# CUDA entry points: a handful of tile shapes benchmarked once per shape key. The interpreter
-# calls ``bn_relu_conv_fwd_kernel`` directly with one small tile (autotune would run them all).
-bn_relu_conv_fwd_dot = triton.autotune(_configs(True), key=_KEY)(bn_relu_conv_fwd_kernel)
-bn_relu_conv_fwd_direct = triton.autotune(_configs(False), key=_KEY)(bn_relu_conv_fwd_kernel)
+
+@triton.jit
+def _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
+           HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BN ``(scale, shift)``, validity and ``x`` channel offsets of input chunk ``kc`` of a group block."""
+    k_loc = kc + tl.arange(0, BLOCK_K)
+    ci = gblk * KR + k_loc
+    if EVEN_K:
+        k_ok = tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        k_ok = (k_loc < KR) & (ci < C)
+    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    return scale, shift, k_ok, ci * sxc
+
+
+@triton.jit
+def _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww,
+             KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``[STACK * BLOCK_K, BLOCK_N]`` weight tile per ``STACK`` taps of a kernel row (row
+    ``(kw % STACK) * BLOCK_K + k`` holds ``w[co, ci_local(k), kh, kw]``), zero off the block
+    diagonal and for ``kw >= KW``; ordered ``(kh, kw // STACK)``."""
+    NKB: tl.constexpr = (KW + STACK - 1) // STACK
+    r = tl.arange(0, STACK * BLOCK_K)
+    k_loc = kc + r % BLOCK_K
+    k_ok = (k_loc < KR) & (gblk * KR + k_loc < C)
+    gk = k_loc // CIN_G
+    wt = ()
+    for kh in tl.static_range(KH):
+        for kb in tl.static_range(NKB):
+            r_kw = kb * STACK + r // BLOCK_K
+            off = (co * swo)[None, :] + ((k_loc - gk * CIN_G) * swi + r_kw * sww)[:, None]
+            mask = (gk[:, None] == gn[None, :]) & (k_ok & (r_kw < KW))[:, None] & n_ok[None, :]
+            wt = wt + (tl.load(w_ptr + off + kh * swh, mask=mask, other=0.0),)
+    return wt
+
+
+@triton.jit
+def _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale, shift, wt,
+               stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, group, CIN_G, act_ty: tl.constexpr,
+               KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+               HALO_B: tl.constexpr, HALO_NP: tl.constexpr, USE_SCRATCH: tl.constexpr, ONE_GROUP: tl.constexpr,
+               DOT_F32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc + `` the contribution of one input chunk to one tile (``ONE_GROUP``: of the
+    block's group ``group`` alone, its other input channels masked to zero)."""
+    kk = tl.arange(0, BLOCK_K)
+    c = tl.arange(0, STACK * BLOCK_K)
+    if USE_SCRATCH:
+        for r0 in tl.static_range(0, HALO_NP, HALO_B):
+            r = r0 + tl.arange(0, HALO_B)
+            hi = h0 + r // HALO_W
+            wi = w0 + r % HALO_W
+            ok = (r < HALO_H * HALO_W) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            mask = ok[:, None] & k_ok[None, :]
+            xv = tl.load(xb + (hi * sxh + wi * sxw)[:, None] + x_c[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            tl.store(slot + (r * BLOCK_K)[:, None] + kk[None, :], bn_relu(xv, scale, shift, mask).to(act_ty))
+        tl.debug_barrier()
+        NKB: tl.constexpr = (KW + STACK - 1) // STACK
+        for kh in tl.static_range(KH):
+            row = ((oi * stride_h + kh * dil_h) * HALO_W + oj * stride_w) * BLOCK_K
+            for kb in tl.static_range(NKB):
+                c_kw = kb * STACK + c // BLOCK_K
+                c_off = c_kw * (dil_w * BLOCK_K) + c % BLOCK_K
+                col_ok = c_kw < KW
+                if ONE_GROUP:
+                    col_ok = col_ok & ((c % BLOCK_K) // CIN_G == group)
+                if (STACK * NKB == KW) and not ONE_GROUP:
+                    av = tl.load(slot + row[:, None] + c_off[None, :])
+                else:
+                    av = tl.load(slot + row[:, None] + c_off[None, :], mask=col_ok[None, :], other=0.0)
+                acc = dot_acc(av, wt[kh * NKB + kb], acc, DOT_F32)
+        tl.debug_barrier()  # the next chunk or tile overwrites the slot
+    else:  # a 1x1 kernel: the tile itself
+        hi = ho * stride_h - pad_h
+        wi = wo * stride_w - pad_w
+        ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        mask = ok[:, None] & k_ok[None, :]
+        if ONE_GROUP:
+            mask = mask & ((kk // CIN_G) == group)[None, :]
+        xv = tl.load(xb + (hi * sxh + wi * sxw)[:, None] + x_c[None, :], mask=mask, other=0.0)
+        av = bn_relu(xv.to(tl.float32), scale, shift, mask).to(act_ty)
+        acc = dot_acc(av, wt[0], acc, DOT_F32)
+    return acc

@@ -1,10 +1,17 @@
-"""Per-channel batch statistics of a strided ``N x C x H x W`` tensor in one pass.
+"""Per-channel batch statistics of a strided ``N x C x H x W`` tensor: two launches.
 
-Each program reads a ``[BLOCK_P, BLOCK_C]`` tile (positions x channels) per step, with any
-strides (NCHW, channels_last, a channel-prefix view), and folds the tile's exact mean and
-M2 into its running ``(count, mean, M2)`` with Chan's parallel formula; this is stable where
-a sum / sum-of-squares pass cancels. A second small kernel merges the per-split partials.
-All arithmetic is float32.
+:func:`bn_stats_partial_kernel`: each program owns a channel tile and a chunk of positions
+and reads ``[BLOCK_P, BLOCK_C]`` tiles (positions x channels) with any strides (NCHW,
+channels_last, a channel-prefix view). It accumulates, element-wise in a 2-D register tile
+(one cross-thread reduction per program, not per step), the sums of ``x - K`` and
+``(x - K)^2`` around a per-channel shift ``K``, the chunk's first value: shifted sums do not
+cancel the way plain sum / sum-of-squares do when the mean is large against the spread.
+It writes the chunk's ``(count, mean, M2)``.
+
+:func:`bn_stats_finalize_kernel` merges the per-chunk partials exactly (the total mean,
+then ``M2 = sum(M2_s + n_s * (mean_s - mean)^2)``), vectorised over chunks, writes the mean
+and the variance or the inverse std, and updates the running statistics: the whole of
+``bn_stats_update`` is two launches. All arithmetic is float32.
 """
 import triton
 import triton.language as tl
@@ -24,53 +31,75 @@ def bn_stats_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     c_off = c.to(tl.int64) * sxc
-    n_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     p_start = split * CHUNK
     p_end = tl.minimum(p_start + CHUNK, P)
+    n0 = p_start // HW
+    hw0 = p_start % HW
+    shift = tl.load(x_ptr + n0.to(tl.int64) * sxn + (hw0 // W) * sxh + (hw0 % W) * sxw + c_off, mask=c_mask,
+                    other=0.0).to(tl.float32)
+    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < p_end
         n = p // HW
         hw = p % HW
         row = n.to(tl.int64) * sxn + (hw // W) * sxh + (hw % W) * sxw
-        mask = p_mask[:, None] & c_mask[None, :]
-        xv = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=mask, other=0.0).to(tl.float32)
-        cnt = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-        t_mean = tl.sum(xv, axis=0) / cnt
-        d = tl.where(mask, xv - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        tot = n_acc + cnt
-        delta = t_mean - mean
-        mean = mean + delta * (cnt / tot)
-        m2 = m2 + t_m2 + delta * delta * (n_acc * (cnt / tot))
-        n_acc = tot
+        mask = (p < p_end)[:, None] & c_mask[None, :]
+        d = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=mask, other=0.0).to(tl.float32) - shift[None, :]
+        d = tl.where(mask, d, 0.0)
+        s1 += d
+        s2 += d * d
+    cnt = (p_end - p_start).to(tl.float32)
+    t1 = tl.sum(s1, axis=0)
+    t2 = tl.sum(s2, axis=0)
     out = split * C + c
-    tl.store(count_ptr + out, n_acc, mask=c_mask)
-    tl.store(mean_ptr + out, mean, mask=c_mask)
-    tl.store(m2_ptr + out, m2, mask=c_mask)
+    tl.store(count_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + cnt, mask=c_mask)
+    tl.store(mean_ptr + out, shift + t1 / cnt, mask=c_mask)
+    tl.store(m2_ptr + out, tl.maximum(t2 - t1 * (t1 / cnt), 0.0), mask=c_mask)
 
 
 @triton.jit
-def bn_stats_merge_kernel(
-    count_ptr, pmean_ptr, pm2_ptr, mean_out_ptr, var_out_ptr, C, SPLITS,
-    BLOCK_C: tl.constexpr,
+def bn_stats_finalize_kernel(
+    count_ptr, pmean_ptr, pm2_ptr, mean_out_ptr, var_out_ptr, rmean_ptr, rvar_ptr,
+    C, SPLITS, momentum, eps, unbias,
+    HAS_RUNNING: tl.constexpr, OUT_INVSTD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Chan-merge the ``[SPLITS, C]`` partials into the mean and biased variance ``[C]``."""
+    """Merge the ``[SPLITS, C]`` partials into the mean and the biased variance (or,
+    ``OUT_INVSTD``, ``1 / sqrt(var + eps)``), and with ``HAS_RUNNING`` update the running
+    statistics in place as ``F.batch_norm`` does: ``(1 - momentum) * running + momentum *
+    batch`` with the unbiased variance (``unbias = count / (count - 1)``), in float32,
+    stored in the running statistics' own dtype."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    n_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s in range(0, SPLITS):
-        cnt = tl.load(count_ptr + s * C + c, mask=c_mask, other=1.0)
-        s_mean = tl.load(pmean_ptr + s * C + c, mask=c_mask, other=0.0)
-        s_m2 = tl.load(pm2_ptr + s * C + c, mask=c_mask, other=0.0)
-        tot = n_acc + cnt
-        delta = s_mean - mean
-        mean = mean + delta * (cnt / tot)
-        m2 = m2 + s_m2 + delta * delta * (n_acc * (cnt / tot))
-        n_acc = tot
+    tot = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    wsum = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        off = (s * C)[:, None] + c[None, :]
+        mask = (s < SPLITS)[:, None] & c_mask[None, :]
+        cnt = tl.load(count_ptr + off, mask=mask, other=0.0)
+        tot += cnt
+        wsum += cnt * tl.load(pmean_ptr + off, mask=mask, other=0.0)
+    n_all = tl.sum(tot, axis=0)
+    mean = tl.sum(wsum, axis=0) / n_all
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        off = (s * C)[:, None] + c[None, :]
+        mask = (s < SPLITS)[:, None] & c_mask[None, :]
+        cnt = tl.load(count_ptr + off, mask=mask, other=0.0)
+        dm = tl.load(pmean_ptr + off, mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.load(pm2_ptr + off, mask=mask, other=0.0) + cnt * dm * dm
+    var = tl.sum(m2, axis=0) / n_all
     tl.store(mean_out_ptr + c, mean, mask=c_mask)
-    tl.store(var_out_ptr + c, m2 / n_acc, mask=c_mask)
+    if OUT_INVSTD:
+        tl.store(var_out_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
+    else:
+        tl.store(var_out_ptr + c, var, mask=c_mask)
+    if HAS_RUNNING:
+        rm = tl.load(rmean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - momentum) + mean * momentum
+        rv = rv * (1.0 - momentum) + (var * unbias) * momentum
+        tl.store(rmean_ptr + c, rm.to(rmean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(rvar_ptr + c, rv.to(rvar_ptr.dtype.element_ty), mask=c_mask)

@@ -1,0 +1,339 @@
+"""The triton kernels on a GPU in about four minutes: parity on realistic shapes, then timings.
+
+    python benchmarks/gpu_kernels_check.py OUTDIR [--budget-s 230] [--no-compile] [--quick]
+
+Phases, each within what is left of the budget (a phase that does not fit is skipped and says so):
+
+1. ``parity``: the fused op on the triton backend against the float64 reference with the
+   project's rule (``tests/reference.py``) - output, grad x, grad conv weight, grad BN weight
+   and bias, running mean and var - on ResNeXt-50 stages 1-4 and a stride-2 first block,
+   DenseNet-121's 1x1 and 3x3 convs, a depthwise 3x3 and a WRN 3x3; batch 8, bf16,
+   channels_last, realistic channels and sizes; plus NaN placement in packed groups.
+2. ``timing``: ResNeXt-50 stages 1-4 (batch 64, bf16, channels_last, training): eager
+   (``BatchNorm2d -> ReLU(inplace) -> Conv2d``), triton and, while the budget allows,
+   ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules; ``fwd`` and
+   ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
+   autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
+   is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
+3. ``profile``: the triton kernels of one stage-1 training step (``torch.profiler``), to set
+   beside the static model's per-kernel predictions.
+
+Writes ``OUTDIR/gpu_kernels.json`` (schema ``resfast-gpu-kernels/1``) and prints a summary.
+Exit status 0 when every parity check that ran passed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+# (name, N for parity, C, H, C_out, k, stride, groups)
+PARITY = [
+    ("resnext50_s1", 8, 128, 56, 128, 3, 1, 32),
+    ("resnext50_s2", 8, 256, 28, 256, 3, 1, 32),
+    ("resnext50_s3", 8, 512, 14, 512, 3, 1, 32),
+    ("resnext50_s4", 8, 1024, 7, 1024, 3, 1, 32),
+    ("resnext50_s2_down", 8, 256, 56, 256, 3, 2, 32),
+    ("densenet121_1x1", 8, 224, 56, 128, 1, 1, 1),
+    ("densenet121_3x3", 8, 128, 28, 32, 3, 1, 1),
+    ("depthwise_3x3", 8, 64, 28, 64, 3, 1, 64),
+    ("wrn28_10_s2", 8, 320, 16, 320, 3, 1, 1),
+]
+# (name, C, H, groups): ResNeXt-50 32x4d conv2, batch 64, stride 1, 3x3
+TIMING = [("resnext50_s1", 128, 56, 32), ("resnext50_s2", 256, 28, 32), ("resnext50_s3", 512, 14, 32),
+          ("resnext50_s4", 1024, 7, 32)]
+HBM = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _inputs(n, c, h, co, k, groups, dtype, seed, requires_grad=True):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cl = torch.channels_last
+    x = (torch.randn(n, c, h, h, generator=g) * 1.1 + 0.2).to("cuda", dtype).contiguous(memory_format=cl)
+    w = (torch.randn(co, c // groups, k, k, generator=g) / math.sqrt(c // groups * k * k)).to("cuda", dtype)
+    w = w.contiguous(memory_format=cl)
+    bw = (torch.rand(c, generator=g) + 0.5).cuda()
+    bb = (torch.randn(c, generator=g) * 0.3).cuda()
+    return x, w, bw, bb
+
+
+def _step(backend, x, w, bw, bb, stride, groups, go, dtype_out=None):
+    """One training forward + backward; returns outputs, gradients and running statistics."""
+    from resfast.functional import bn_relu_conv2d
+
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    bw = bw.detach().clone().requires_grad_(True)
+    bb = bb.detach().clone().requires_grad_(True)
+    rm = torch.zeros(x.shape[1], device=x.device, dtype=bw.dtype)
+    rv = torch.ones(x.shape[1], device=x.device, dtype=bw.dtype)
+    k = w.shape[-1]
+    y = bn_relu_conv2d(x, w, bn_weight=bw, bn_bias=bb, running_mean=rm, running_var=rv, training=True,
+                       stride=stride, padding=k // 2, groups=groups, backend=backend)
+    y.backward(go.to(y.dtype))
+    return {"out": y.detach(), "grad_x": x.grad, "grad_weight": w.grad, "grad_bn_weight": bw.grad,
+            "grad_bn_bias": bb.grad, "running_mean": rm, "running_var": rv}
+
+
+def phase_parity(budget: Budget):
+    from reference import rule_error
+
+    results = []
+    for name, n, c, h, co, k, stride, groups in PARITY:
+        if budget.left() < 20:
+            results.append({"shape": name, "skipped": "budget"})
+            continue
+        t0 = time.monotonic()
+        try:
+            x, w, bw, bb = _inputs(n, c, h, co, k, groups, torch.bfloat16, seed=sum(map(ord, name)))
+            ho = (h + 2 * (k // 2) - k) // stride + 1
+            go = torch.randn(n, co, ho, ho, device="cuda").contiguous(memory_format=torch.channels_last)
+            got = _step("triton", x, w, bw, bb, stride, groups, go)
+            same = _step("eager", x, w, bw, bb, stride, groups, go)
+            ref = _step("eager", x.double(), w.double(), bw.double(), bb.double(), stride, groups, go.double())
+            rows = {}
+            ok = True
+            for key in ref:
+                err, allowed = rule_error(got[key], ref[key], same[key], torch.bfloat16)
+                rows[key] = {"err": err, "allowed": allowed, "pass": bool(err <= allowed)}
+                ok &= err <= allowed
+            results.append({"shape": name, "pass": bool(ok), "outputs": rows, "seconds": time.monotonic() - t0})
+            _log(f"parity {name}: {'pass' if ok else 'FAIL'} ({time.monotonic() - t0:.1f} s)"
+                 + ("" if ok else f" {json.dumps({k_: v for k_, v in rows.items() if not v['pass']})}"))
+        except Exception as exc:  # a failure is a result, the check goes on
+            results.append({"shape": name, "pass": False, "error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-2000:]})
+            _log(f"parity {name}: ERROR {type(exc).__name__}: {exc}")
+    # NaN placement: packed groups keep a NaN in its own group (forward, running statistics)
+    try:
+        x, w, bw, bb = _inputs(2, 128, 14, 128, 3, 32, torch.bfloat16, seed=5)
+        x[1, 5, 3, 3] = float("nan")  # channel 5 belongs to group 1 (4 channels per group)
+        from resfast.functional import bn_relu_conv2d
+
+        rm, rv = torch.zeros(128, device="cuda"), torch.ones(128, device="cuda")
+        y = bn_relu_conv2d(x, w, bn_weight=bw, bn_bias=bb, running_mean=rm, running_var=rv, training=False,
+                           padding=1, groups=32, backend="triton")
+        nan_groups = sorted({int(c) // 4 for c in torch.nonzero(torch.isnan(y).any(dim=(0, 2, 3))).flatten()})
+        results.append({"shape": "nan_in_packed_group", "pass": nan_groups == [1], "nan_groups": nan_groups})
+        _log(f"parity nan_in_packed_group: NaN in output groups {nan_groups} (expected [1])")
+    except Exception as exc:
+        results.append({"shape": "nan_in_packed_group", "pass": False, "error": f"{type(exc).__name__}: {exc}"})
+    return results
+
+
+def _time_cuda(fn, reps: int, groups: int = 5) -> float:
+    """Median over ``groups`` of the mean of ``reps`` calls, CUDA events (seconds)."""
+    times = []
+    for _ in range(groups):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def phase_timing(budget: Budget, with_compile: bool):
+    from resfast.functional import bn_relu_conv2d
+
+    rows = []
+    n = 64
+    for name, c, h, groups in TIMING:
+        sets = 4  # cycle inputs so repeated calls do not hit L2
+        xs = [torch.randn(n, c, h, h, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+              for _ in range(sets)]
+        gos = [torch.randn_like(xs[0]) for _ in range(sets)]
+        bn = nn.BatchNorm2d(c).cuda()
+        conv = nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False).cuda().to(torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        impls = {"eager": nn.Sequential(bn, nn.ReLU(inplace=True), conv)}
+
+        def triton_op(x, bn=bn, conv=conv, groups=groups):
+            return bn_relu_conv2d(x, conv.weight, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                                  running_var=bn.running_var, training=True, padding=1, groups=groups,
+                                  backend="triton")
+
+        impls["triton"] = triton_op
+        if with_compile and budget.left() > 90:
+            impls["compile"] = torch.compile(nn.Sequential(bn, nn.ReLU(), conv), mode="max-autotune-no-cudagraphs")
+        x_bytes = xs[0].numel() * 2
+        for mode in ("fwd", "fwd+bwd"):
+            for impl, op in impls.items():
+                if budget.left() < 15:
+                    rows.append({"shape": name, "mode": mode, "impl": impl, "skipped": "budget"})
+                    continue
+                counter = [0]
+
+                def call(op=op, mode=mode):
+                    i = counter[0] % sets
+                    counter[0] += 1
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            op(xs[i])
+                    else:
+                        x = xs[i].detach().requires_grad_(True)
+                        op(x).backward(gos[i])
+
+                try:
+                    t0 = time.monotonic()
+                    call()
+                    torch.cuda.synchronize()
+                    first = time.monotonic() - t0
+                    for _ in range(3):
+                        call()
+                    torch.cuda.synchronize()
+                    med = _time_cuda(call, reps=10)
+                    row = {"shape": name, "mode": mode, "impl": impl, "median_s": med, "first_call_s": first,
+                           "x_bytes": x_bytes}
+                    if mode == "fwd":
+                        row["achieved_gbps_x_plus_y"] = 2 * x_bytes / med / 1e9
+                    rows.append(row)
+                    _log(f"timing {name} {mode:8s} {impl:8s} {med * 1e6:9.1f} us (first call {first:.1f} s)")
+                except Exception as exc:
+                    rows.append({"shape": name, "mode": mode, "impl": impl, "error": f"{type(exc).__name__}: {exc}"})
+                    _log(f"timing {name} {mode} {impl}: ERROR {type(exc).__name__}: {exc}")
+        del xs, gos
+        torch.cuda.empty_cache()
+    # ratios to eager and compile
+    by = {(r["shape"], r["mode"], r["impl"]): r.get("median_s") for r in rows}
+    for r in rows:
+        e = by.get((r["shape"], r["mode"], "eager"))
+        cpl = by.get((r["shape"], r["mode"], "compile"))
+        if r.get("median_s"):
+            if e:
+                r["speedup_vs_eager"] = e / r["median_s"]
+            if cpl:
+                r["speedup_vs_compile"] = cpl / r["median_s"]
+    return rows
+
+
+def phase_profile(budget: Budget):
+    if budget.left() < 20:
+        return {"skipped": "budget"}
+    from torch.profiler import ProfilerActivity, profile
+
+    from resfast.functional import bn_relu_conv2d
+
+    n, c, h, groups = 64, 128, 56, 32
+    x = torch.randn(n, c, h, h, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    go = torch.randn_like(x)
+    bn = nn.BatchNorm2d(c).cuda()
+    w = torch.randn(c, c // groups, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+
+    def step():
+        xx = x.detach().requires_grad_(True)
+        y = bn_relu_conv2d(xx, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                           running_var=bn.running_var, training=True, padding=1, groups=groups, backend="triton")
+        y.backward(go)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    kernels = {}
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0)
+        if cuda_us and evt.count:
+            kernels[evt.key] = {"count": evt.count, "mean_us": cuda_us}
+    _log("profile resnext50_s1 training step (triton), per-kernel mean us: "
+         + ", ".join(f"{k[:40]}={v['mean_us']:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]['mean_us'])[:10]))
+    return {"shape": "resnext50_s1", "kernels": kernels}
+
+
+def environment():
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"gpu": props.name, "sm": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "commit": os.environ.get("RESFAST_GIT_COMMIT") or commit}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("outdir")
+    p.add_argument("--budget-s", type=float, default=230.0, help="total seconds (default 230)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--skip-parity", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_kernels_check: no CUDA device", file=sys.stderr)
+        return 2
+    os.makedirs(args.outdir, exist_ok=True)
+    os.environ.setdefault("RESFAST_CACHE_DIR", args.outdir)  # the kernel-config tuning cache lands there
+    budget = Budget(args.budget_s)
+    doc = {"schema": "resfast-gpu-kernels/1", "environment": environment(), "phases": {}}
+    _log(f"gpu_kernels_check on {doc['environment']['gpu']}, torch {torch.__version__}, "
+         f"budget {args.budget_s:.0f} s")
+    t0 = time.monotonic()
+    # parity checks the first (static) config of each kernel: no autotuning compile time there
+    os.environ["RESFAST_TRITON_AUTOTUNE"] = "0"
+    doc["parity"] = [] if args.skip_parity else phase_parity(Budget(min(budget.left() * 0.4, 100)))
+    os.environ.pop("RESFAST_TRITON_AUTOTUNE", None)
+    doc["phases"]["parity_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    doc["timing"] = phase_timing(Budget(budget.left() - 25), not args.no_compile)
+    doc["phases"]["timing_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        doc["profile"] = phase_profile(budget)
+    except Exception as exc:
+        doc["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+    doc["phases"]["profile_s"] = time.monotonic() - t0
+    hbm = next((v for k, v in HBM.items() if k in doc["environment"]["gpu"]), None)
+    if hbm:
+        for r in doc["timing"]:
+            if r.get("mode") == "fwd" and r.get("median_s"):
+                r["fraction_of_hbm_bound"] = 2 * r["x_bytes"] / r["median_s"] / hbm
+    path = os.path.join(args.outdir, "gpu_kernels.json")
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    failed = [r["shape"] for r in doc["parity"] if r.get("pass") is False]
+    _log(f"wrote {path}; parity failures: {failed or 'none'}")
+    _log("summary (measured, median): " + "; ".join(
+        f"{r['shape']} {r['mode']} {r['impl']} {r['median_s'] * 1e6:.0f} us"
+        + (f" ({r['speedup_vs_eager']:.2f}x eager)" if "speedup_vs_eager" in r else "")
+        for r in doc["timing"] if r.get("median_s")))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

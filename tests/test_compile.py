@@ -1,0 +1,86 @@
+"""``torch.compile``: zero graph breaks for every model family of the zoo on every backend,
+and every registered model is one of the families checked here.
+
+Graph breaks are counted with ``torch._dynamo.explain`` (Dynamo only, no code generation), on
+the smallest member of each family (the families share their code paths across depths), in
+training mode with gradients, as a training step traces them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resfast
+from resfast.backends import backend_status
+from resfast.models.densenet import DenseNet, densenet_bc
+from resfast.models.preact_resnet import PreActResNet
+from resfast.models.resnet import ResNet
+from resfast.models.resnext import CifarResNeXt
+from resfast.models.wide_resnet import WideResNet, wide_resnet
+from resfast.nn.blocks import BasicBlock, Bottleneck
+
+BACKENDS = ("eager", "native", "triton")
+
+# family -> (builder of a small member, input size)
+FAMILIES = {
+    "resnet_basic": (lambda be: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4, backend=be), 32),
+    "resnext_se_bottleneck": (lambda be: ResNet(Bottleneck, [1, 1, 1, 1], num_classes=4, groups=32,
+                                                width_per_group=2, se=True, backend=be), 32),
+    "wide_resnet": (lambda be: wide_resnet(10, 1, num_classes=4, dropout=0.1, backend=be), 16),
+    "cifar_resnext": (lambda be: CifarResNeXt(11, 4, 4, num_classes=4, backend=be), 16),
+    "preact_resnet": (lambda be: PreActResNet(11, num_classes=4, backend=be), 16),
+    "densenet_shared": (lambda be: densenet_bc(10, 4, num_classes=4, backend=be, memory="shared"), 16),
+    "densenet_checkpoint": (lambda be: densenet_bc(10, 4, num_classes=4, backend=be, memory="checkpoint"), 16),
+    "densenet_naive": (lambda be: densenet_bc(10, 4, num_classes=4, backend=be, memory="naive"), 16),
+    "densenet_imagenet_stem": (lambda be: DenseNet(4, (1, 1), 8, num_classes=4, backend=be), 32),
+}
+
+# Every registered model belongs to one of the families above.
+MODEL_FAMILY = {
+    ResNet: ("resnet_basic", "resnext_se_bottleneck"),
+    WideResNet: ("wide_resnet",),
+    CifarResNeXt: ("cifar_resnext",),
+    PreActResNet: ("preact_resnet",),
+    DenseNet: ("densenet_shared", "densenet_checkpoint", "densenet_naive", "densenet_imagenet_stem"),
+}
+
+
+def test_every_registered_model_is_covered():
+    from resfast.models import list_models, model_info
+
+    for name in list_models():
+        cls = model_info(name).builder.__annotations__.get("return")
+        model_cls = {c.__name__: c for c in MODEL_FAMILY}.get(cls if isinstance(cls, str) else cls.__name__)
+        assert model_cls is not None, f"{name} builds a {cls}, which no family here covers"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_no_graph_breaks(family, backend):
+    why = backend_status("cpu")[backend]
+    if why:
+        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
+    build, size = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build(backend).train()
+    x = torch.randn(2, 3, size, size)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    reasons = [str(b.reason)[:300] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, f"{family} on {backend}: {reasons}"
+    assert explained.graph_count == 1
+
+
+def test_compiled_shared_densenet_training_step_matches_eager():
+    """A fullgraph-compiled training step of a shared-block DenseNet gives eager's gradients."""
+    torch.manual_seed(0)
+    ref = densenet_bc(10, 4, num_classes=4, backend="eager", memory="shared")
+    net = densenet_bc(10, 4, num_classes=4, backend="eager", memory="shared")
+    net.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    compiled(x).logsumexp(1).sum().backward()
+    ref(x).logsumexp(1).sum().backward()
+    for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert resfast is not None

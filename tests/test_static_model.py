@@ -1,0 +1,95 @@
+"""The static sm_90 performance model (``resfast profile --static``): the CI subset compiles
+for sm_90 without a GPU, and its static figures (which do not depend on machine load) meet
+the design's targets: tensor-core MMA in every conv kernel, no spills, 3 launches forward and
+at most 4 backward. Also the model's pure parts: SASS loop parsing, byte floors, occupancy."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from resfast.profiling import static_model as sm
+
+
+def _run_model(*args: str):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "resfast", "profile", "--static", *args], env=env,
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def ci_report():
+    pytest.importorskip("triton")
+    run = _run_model("--shapes", "ci", "--first-config", "--json")
+    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
+        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)  # exactly one JSON document on stdout
+
+
+def test_report_schema(ci_report):
+    keys = {"shape", "kernel", "config", "regs", "spills", "smem_bytes", "occupancy", "mma", "issue_us", "floor_us",
+            "predicted_us", "backend"}
+    assert {k["shape"] for k in ci_report["kernels"]} == set(sm.CI_SHAPES)
+    for k in ci_report["kernels"]:
+        assert keys <= set(k), sorted(keys - set(k))
+        assert k["mma"] in ("wgmma", "mma.sync", "none")
+        assert k["predicted_us"] >= max(k["issue_us"], k["floor_us"]) - 1e-6
+        assert "error" not in k or k["error"] is None, k
+    for op in ci_report["ops"]:
+        assert {"shape", "fused_us", "eager_floor_us", "ratio"} <= set(op)
+        assert op["ratio"] == pytest.approx(op["eager_floor_us"] / op["fused_us"], rel=1e-2)
+
+
+def test_static_targets(ci_report):
+    """Every conv kernel on tensor cores (4-channel groups included), zero spills, and the
+    launch counts of a training call."""
+    for k in ci_report["kernels"]:
+        if k["kernel"] in ("conv_fwd", "conv_bwd", "conv_bwd_input", "conv_bwd_weight"):
+            assert k["mma"] in ("wgmma", "mma.sync"), k
+        assert k["spills"] == 0, k
+    for op in ci_report["ops"]:
+        assert op["launches_fwd"] == 3, op
+        assert op["launches_bwd"] <= 4, op
+
+
+def test_eager_and_fused_floors():
+    s = sm.SHAPES["resnext50_s1"]
+    x = 64 * 128 * 56 * 56 * 2
+    wb = 128 * 4 * 9 * 2
+    eager, fused = sm.eager_floor_bytes(s), sm.fused_floor_bytes(s)
+    assert eager["total"] == 16 * x + 3 * x + 3 * wb  # y is as large as x at stride 1
+    assert fused["total"] == 7 * x + 2 * x
+    down = sm.SHAPES["resnext50_s2_down"]
+    assert down.out_hw == (28, 28)
+
+
+def test_sass_loop_parsing():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_2:
+        /*0020*/                   HGMMA.64x16x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;
+        /*0040*/              @!P0 BRA `(.L_x_2) ;
+        /*0050*/              @!P1 BRA `(.L_x_1) ;
+        /*0060*/                   EXIT ;
+.L_x_3:
+        /*0070*/                   BRA `(.L_x_3);
+"""
+    instrs, loops, depth = sm.sass_loops(sass)
+    assert [(lp["depth"], lp["instructions"]) for lp in loops] == [(1, 5), (2, 3)]
+    assert depth == [0, 1, 2, 2, 2, 1, 0, 0]
+    assert sm._mma_macs("HGMMA.64x16x16.F32.BF16 gdesc[UR4], RZ, !UPT") == 64 * 16 * 16 // 4
+    assert sm._mma_macs("HMMA.16816.F32.BF16 R4, R8, R12, R4") == 16 * 8 * 16
+    assert sm._mma_macs("FFMA R1, R2, R3, R4") == 0
+
+
+def test_occupancy():
+    assert sm.occupancy(64, 0, 4) == (8, 0.5)      # registers: 65536 / (64 * 128) = 8 blocks
+    blocks, _ = sm.occupancy(32, 100 * 1024, 4)    # shared memory: two 100 KiB blocks per SM
+    assert blocks == 2
