@@ -56,10 +56,20 @@ def test_every_registered_model_is_covered():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_no_graph_breaks(family, backend):
+def test_no_graph_breaks(family, backend, monkeypatch):
     why = backend_status("cpu")[backend]
     if why:
         pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
+    if backend == "triton":
+        # explain() runs the traced graph once. Dynamo sees each triton op as one opaque
+        # torch.library op (graph breaks depend on the Python around the calls, never on what
+        # a kernel computes), and under TRITON_INTERPRET=1 the kernels of a 512-channel ResNet
+        # take minutes on a 2-core CPU; so the launches are skipped here (the outputs are
+        # unwritten buffers of the right shape). The kernels' numbers are checked in
+        # test_triton_ops.py, test_bn_relu_conv2d.py, test_dense.py and test_blocks.py.
+        from resfast.ops import triton_ops
+
+        monkeypatch.setattr(triton_ops, "_run", lambda launches, x: None)
     build, size = FAMILIES[family]
     torch.manual_seed(0)
     model = build(backend).train()
