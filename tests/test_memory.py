@@ -16,6 +16,8 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
+import resfast
+
 from resfast.profiling.memory import MODES, measure_modes, measure_training_step
 
 
@@ -103,3 +105,47 @@ def test_cpu_targets_at_reduced_size():
     assert act["shared"] <= act["checkpoint"] * 2 / 3, act
     assert act["shared_bottleneck"] <= act["naive"] / 5, act
     assert res["shared"]["peak_bytes"] < res["checkpoint"]["peak_bytes"] < res["naive"]["peak_bytes"]
+
+
+def test_library_model_without_dense_blocks_original_against_resfast():
+    """``resfast memory --model torchvision:NAME`` for a model without dense blocks: the
+    library's own modules (original) against the same weights converted (resfast)."""
+    pytest.importorskip("torchvision")
+    from resfast.backends import backend_status
+    from resfast.cli import main
+    from resfast.profiling import memory
+
+    if backend_status("cpu")["native"]:
+        pytest.skip(f"the native backend does not run here: {backend_status('cpu')['native']}")
+
+    assert memory._parse_modes(None, dense=False) == ["original", "resfast"]
+    assert isinstance(memory.build_for_mode("torchvision:resnet18", "resfast", "eager").layer1[0], resfast.BasicBlock)
+    assert not isinstance(memory.build_for_mode("torchvision:resnet18", "original").layer1[0], resfast.BasicBlock)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        # native: the fused op saves only its input and recomputes BN-ReLU in backward (eager,
+        # the reference, is PyTorch's own autograd and stores what torchvision stores).
+        rc = main(["memory", "--model", "torchvision:resnet18", "--batch-size", "2", "--image-size", "64",
+                   "--backend", "native", "--json"])
+    assert rc == 0
+    doc = json.loads(buf.getvalue())
+    assert [r["mode"] for r in doc["results"]] == ["original", "resfast"]
+    original, converted = doc["results"]
+    assert original["ratio_to_original"] == 1.0
+    assert converted["ratio_to_original"] == converted["peak_bytes"] / original["peak_bytes"]
+    for r in doc["results"]:
+        assert 0 < r["activation_bytes"] < r["peak_bytes"] and isinstance(r["launches"], int)
+    assert converted["activation_bytes"] < original["activation_bytes"]
+    text = memory.format_table({**doc, "results": doc["results"]})
+    assert "vs original" in text and "resfast" in text
+
+
+def test_library_and_registered_model_mode_errors(capsys):
+    from resfast.cli import main
+
+    assert main(["memory", "--model", "resnet18"]) == 2
+    assert "without dense blocks has one memory mode" in capsys.readouterr().err
+    assert main(["memory", "--model", "torchvision:resnet18", "--modes", "shared"]) == 2
+    assert "original,resfast" in capsys.readouterr().err
+    assert main(["memory", "--model", "torchvision:resnet18", "--plot", "x.png"]) == 2
+    assert "needs a DenseNet" in capsys.readouterr().err

@@ -105,7 +105,8 @@ def _library_model(name: str) -> ModelInfo:
         hint = f"; did you mean {', '.join(library + ':' + c for c in close)}?" if close else ""
         raise ValueError(f"unknown {library} model {model_name!r}{hint}")
 
-    def builder(*, backend: str = "auto", memory: str = "shared", recompute: str = "bn_relu", **kwargs) -> nn.Module:
+    def builder(*, backend: str = "auto", memory: str = "shared", recompute: str = "bn_relu", convert: bool = True,
+                **kwargs) -> nn.Module:
         for key in ("weights", "pretrained", "pretrained_cfg", "checkpoint_path"):
             if kwargs.get(key):
                 raise ValueError(f"{name}: {key}={kwargs[key]!r} is not supported: library models are built with "
@@ -115,9 +116,11 @@ def _library_model(name: str) -> ModelInfo:
             model = lib.models.get_model(model_name, weights=None, **kwargs)
         else:
             model = lib.create_model(model_name, pretrained=False, **kwargs)
-        from resfast.convert import convert
+        if not convert:  # the library's own modules (resfast memory's "original" mode)
+            return model
+        from resfast.convert import convert as convert_model
 
-        convert(model, backend=backend, dense_memory=memory, recompute=recompute)
+        convert_model(model, backend=backend, dense_memory=memory, recompute=recompute)
         return model
 
     builder.__name__ = builder.__qualname__ = name.replace(":", "_")

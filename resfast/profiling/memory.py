@@ -1,4 +1,5 @@
-"""``resfast memory``: peak training memory of naive / checkpoint / shared dense blocks.
+"""``resfast memory``: peak training memory of naive / checkpoint / shared dense blocks (or of a
+torchvision / timm model as built and as converted by :func:`resfast.convert`).
 
 Runs one training step (forward and backward) per mode on the same input and reports the
 peak memory, the activation memory (peak minus parameters, buffers and gradients), the
@@ -27,7 +28,10 @@ from resfast.profiling.runtime import autocast, ensure_writable_dir, resolve_dev
 
 __all__ = [
     "MODES",
+    "CONVERT_MODES",
     "add_arguments",
+    "build_for_mode",
+    "is_dense_model",
     "run",
     "measure_training_step",
     "measure_modes",
@@ -45,6 +49,9 @@ MODES: Dict[str, tuple] = {
     "shared": ("shared", "bn_relu"),
     "shared_bottleneck": ("shared", "bottleneck"),
 }
+#: The modes of a torchvision / timm model without dense blocks (``--model timm:resnext50_32x4d``):
+#: the library's own modules, and the same model converted by :func:`resfast.convert`.
+CONVERT_MODES = ("original", "resfast")
 
 
 # The --plot sweep's default shape. The activation bytes of a dense block scale with
@@ -60,13 +67,18 @@ SWEEP_LAYERS = (4, 8, 16, 24, 32)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="densenet121", help="a registered densenet model (default densenet121)")
+    p.add_argument("--model", default="densenet121",
+                   help="a DenseNet (registered, or torchvision:/timm: densenet...), whose dense-block modes are "
+                        "compared; or a torchvision:/timm: model without dense blocks, compared as the library "
+                        "built it (original) and converted by resfast.convert (resfast) (default densenet121)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input height and width (default: the model's; at least the smallest size its "
                         "downsampling leaves a pixel at, checked before anything runs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated subset of {','.join(MODES)} for a DenseNet (default: all), of "
+                        f"{','.join(CONVERT_MODES)} for a library model without dense blocks (default: both)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype for the step (default float32: no autocast)")
@@ -92,11 +104,16 @@ def run(args: argparse.Namespace) -> int:
     from resfast.cli import check_model_name, emit_json
     from resfast.models import model_info
 
-    modes = _parse_modes(args.modes)
     check_model_name(args.model)
-    if not args.model.rpartition(":")[2].startswith("densenet"):  # also torchvision:densenet121, timm:...
-        raise ValueError(f"--model must be a densenet model (the modes are dense-block memory modes), "
-                         f"got {args.model!r}")
+    dense = is_dense_model(args.model)
+    if not dense and ":" not in args.model:
+        raise ValueError(f"--model {args.model}: a registered resfast model without dense blocks has one memory "
+                         "mode; give a DenseNet (densenet121, ...) to compare its dense-block modes, or a library "
+                         "model to compare it with its resfast conversion (torchvision:resnet50, "
+                         "timm:resnext50_32x4d)")
+    modes = _parse_modes(args.modes, dense)
+    if args.plot and not dense:
+        raise ValueError("--plot draws one dense block's memory against its depth: it needs a DenseNet --model")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size!r}")
     device = resolve_device(args.device)
@@ -186,12 +203,37 @@ def _runs_at(model_name: str, size: int) -> bool:
     return True
 
 
-def _parse_modes(text: str) -> List[str]:
+def is_dense_model(model_name: str) -> bool:
+    """Whether ``model_name`` (registered, ``torchvision:NAME`` or ``timm:NAME``) is a DenseNet,
+    whose dense-block memory modes :data:`MODES` apply."""
+    return model_name.rpartition(":")[2].startswith("densenet")
+
+
+def _parse_modes(text: Optional[str], dense: bool = True) -> List[str]:
+    allowed = tuple(MODES) if dense else CONVERT_MODES
+    if text is None:
+        return list(allowed)
     modes = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in allowed]
     if bad or not modes:
-        raise ValueError(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {text!r}")
+        kind = "a DenseNet" if dense else "a library model without dense blocks"
+        raise ValueError(f"--modes for {kind} must be a comma-separated subset of {','.join(allowed)}, got {text!r}")
     return modes
+
+
+def build_for_mode(model_name: str, mode: str, backend: str = "auto") -> nn.Module:
+    """The model ``model_name`` in ``mode``: a dense-block mode of :data:`MODES`, or ``"original"``
+    (a ``torchvision:`` / ``timm:`` model as the library builds it) / ``"resfast"`` (the same,
+    converted by :func:`resfast.convert` with ``backend``)."""
+    from resfast.models import create_model, model_info
+
+    if mode in MODES:
+        memory, recompute = MODES[mode]
+        return create_model(model_name, memory=memory, recompute=recompute, backend=backend)
+    if mode not in CONVERT_MODES or ":" not in model_name:
+        raise ValueError(f"mode {mode!r} needs one of {tuple(MODES)}, or {CONVERT_MODES} with a torchvision:/timm: "
+                         f"model; got model {model_name!r}")
+    return model_info(model_name).builder(backend=backend, convert=(mode == "resfast"))
 
 
 def _parse_layers(text: str) -> List[int]:
@@ -314,10 +356,9 @@ def _default_loss(out: Tensor) -> Tensor:
 def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, image_size: int, device=None,
                   backend: str = "auto", autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
                   seed: int = 0, progress: bool = True, timed: bool = True) -> List[Dict[str, object]]:
-    """One training step of ``model_name`` per mode, same weights and input; adds ``ratio_to_naive``."""
+    """One training step of ``model_name`` per mode, same weights and input; adds
+    ``ratio_to_naive`` (dense-block modes) or ``ratio_to_original`` (:data:`CONVERT_MODES`)."""
     from tqdm import tqdm
-
-    from resfast.models import create_model
 
     device = torch.device(device or "cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -329,9 +370,8 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
     bar = tqdm(list(modes), desc=f"resfast memory {model_name}", file=sys.stderr, disable=not progress)
     for mode in bar:
         bar.set_postfix_str(mode)
-        memory, recompute = MODES[mode]
         torch.manual_seed(seed)
-        model = create_model(model_name, memory=memory, recompute=recompute, backend=backend)
+        model = build_for_mode(model_name, mode, backend)
         if state is None:
             state = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state)
@@ -343,9 +383,10 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
                   f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s, "
                   f"{r['launches']} launches", file=sys.stderr)
         del model
-    naive = next((r["peak_bytes"] for r in results if r["mode"] == "naive"), None)
+    base_mode = "naive" if all(m in MODES for m in modes) else "original"
+    base = next((r["peak_bytes"] for r in results if r["mode"] == base_mode), None)
     for r in results:
-        r["ratio_to_naive"] = (r["peak_bytes"] / naive) if naive else None
+        r[f"ratio_to_{base_mode}"] = (r["peak_bytes"] / base) if base else None
     return results
 
 
@@ -439,13 +480,10 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
               autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False, limit: int = 4096) -> int:
     """The largest batch (up to ``limit``) whose training step fits in CUDA memory in ``mode``
     (doubling, then bisection; out-of-memory errors are caught)."""
-    from resfast.models import create_model
-
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"max_batch needs a CUDA device, got {device}")
-    memory, recompute = MODES[mode]
-    model = create_model(model_name, memory=memory, recompute=recompute, backend=backend).to(device)
+    model = build_for_mode(model_name, mode, backend).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -477,11 +515,12 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
 
 def format_table(doc: Dict[str, object]) -> str:
     """The human-readable table of :func:`run`."""
+    base = "original" if any("ratio_to_original" in r for r in doc["results"]) else "naive"
     lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
-             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs naive':>9} {'launches':>9}"]
+             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs ' + base:>12} {'launches':>9}"]
     for r in doc["results"]:
-        ratio = r.get("ratio_to_naive")
-        ratio_s = f"{ratio:9.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>9}"
+        ratio = r.get(f"ratio_to_{base}")
+        ratio_s = f"{ratio:12.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>12}"
         extra = f"  max batch {r['max_batch']}" if "max_batch" in r else ""
         launch_s = f"{r['launches']:9d}" if "launches" in r else f"{'-':>9}"
         lines.append(f"{r['mode']:>18} {r['peak_bytes'] / 2**20:10.1f} {r['activation_bytes'] / 2**20:11.1f} "
