@@ -33,15 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and input")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--json", action="store_true",
-                   help='print one JSON document: a list of {"op", "signature", "backend", "times_ms", "skipped"}')
+                   help='print one JSON document: a list of {"op", "signature", "backend", "times_ms", '
+                        '"probe_ms", "skipped"}')
 
 
 def tune_model(model_name: str, *, batch_size: int, image_size: int, device, dtype=None,
                channels_last: bool = False) -> List[Dict[str, object]]:
     """One training step of ``model_name`` with ``backend="auto"``; returns one row per
     distinct call signature ``auto`` resolved: ``{"op", "signature", "backend", "times_ms",
-    "skipped"}`` (``times_ms``: each finished candidate's fastest call in milliseconds;
-    ``skipped``: why the others were abandoned or could not run)."""
+    "probe_ms", "skipped"}`` (``times_ms``: each candidate timed at full size, its fastest
+    call in milliseconds; ``probe_ms``: on the CPU, each candidate's small probe call, which
+    alone decides when one candidate is left after it; ``skipped``: why the others were
+    abandoned or could not run)."""
     import torch
 
     from resfast.models import create_model, model_info
@@ -76,7 +79,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
     """The rows of :func:`tune_model` as a text table: one line per call signature."""
     backends: List[str] = []
     for r in rows:
-        for b in list(r["times_ms"]) + list(r.get("skipped", {})):
+        for b in list(r["times_ms"]) + list(r.get("probe_ms", {})) + list(r.get("skipped", {})):
             if b not in backends:
                 backends.append(b)
     lines = []
@@ -88,16 +91,27 @@ def format_table(rows: List[Dict[str, object]]) -> str:
         for b in backends:
             if b in r["times_ms"]:
                 cells.append(f"{r['times_ms'][b]:>11.3f}")
+            elif b in r.get("probe_ms", {}) and b not in r.get("skipped", {}):
+                cells.append(f"{r['probe_ms'][b]:>10.3f}*")
             elif b in r.get("skipped", {}):
                 cells.append(f"{'raised' if str(r['skipped'][b]).startswith('raised') else 'abandoned':>11}")
             else:
                 cells.append(f"{'-':>11}")
         lines.append(f"{r['op']:<20} {r['backend']:<7} " + " ".join(cells) + "  " + _signature_text(r["signature"]))
+    if any(b in r.get("probe_ms", {}) and b not in r["times_ms"] and b not in r.get("skipped", {})
+           for r in rows for b in backends):
+        lines.append("")
+        lines.append("* the small probe call (batch 1, a few output positions): on the CPU every candidate runs it "
+                     "first, and when one is left it wins without full-size timing")
     notes = {(b, why) for r in rows for b, why in r.get("skipped", {}).items()}
     if notes:
         lines.append("")
         lines.append("abandoned or failed candidates: a candidate clearly slower than the best so far is not timed "
                      "further; one that raises is skipped (see --json for each reason)")
+    if rows and not backends:
+        lines.append("")
+        lines.append("nothing was measured: auto has one candidate here (on the CPU always eager; the native C++ "
+                     "twin of the CUDA kernels is never a speed path there)")
     return "\n".join(lines)
 
 

@@ -118,7 +118,11 @@ def test_candidate_that_raises_is_skipped_with_reason():
     assert m.backend == "eager"
     assert m.skipped["triton"] == "raised RuntimeError: triton cannot run this call"
     assert m.skipped["native"] == "raised ValueError: native failed at run time"
-    assert set(m.times_ms) == {"eager"}
+    # On the CPU both fail at the small probe, so eager, the one left, wins untimed at full size.
+    assert m.times_ms == {} and set(m.probe_ms) == {"eager"}
+    assert ("eager", "full") not in clock.calls
+    m = measure(("eager", "triton", "native"), clock.make_runner, timer=clock, config=autotune.TuneConfig(probe=False))
+    assert m.backend == "eager" and set(m.times_ms) == {"eager"} and set(m.skipped) == {"triton", "native"}
 
 
 def test_clearly_slower_candidate_is_abandoned_early():
@@ -127,6 +131,9 @@ def test_clearly_slower_candidate_is_abandoned_early():
     m = measure(("eager", "native"), clock.make_runner, device="cpu", timer=clock)
     assert m.backend == "eager" and "small probe" in m.skipped["native"]
     assert ("native", "full") not in clock.calls and clock.calls.count(("native", "small")) == 1
+    # ... and eager, the one left, is not timed at full size either.
+    assert ("eager", "full") not in clock.calls and m.times_ms == {}
+    assert m.probe_ms == pytest.approx({"eager": 1000.0, "native": 50000.0})
     # Without the probe: abandoned after its first (warm-up) call.
     clock = FakeClock({"eager": 1.0, "native": 50.0})
     m = measure(("eager", "native"), clock.make_runner, device="cpu", timer=clock,
@@ -298,10 +305,13 @@ def _params(c=8, c_out=8, groups=1, k=3):
 
 @needs_native
 @pytest.mark.usefixtures("one_thread")
-def test_real_timing_picks_eager_over_native_for_a_grouped_conv(tune_env):
+def test_real_timing_picks_eager_over_native_for_a_grouped_conv(tune_env, monkeypatch):
     """Real timing: a mid-size grouped conv (ResNeXt's 3x3, 8 x 128 x 14 x 14, 32 groups) with
     gradients. On one CPU thread eager takes ~10 ms and the C++ test twin ~150 ms (measured
-    on the 2-core build machine), so the choice has a wide margin."""
+    on the 2-core build machine), so the choice has a wide margin. (auto's own CPU candidate
+    list is eager alone, see test_the_cpu_has_one_candidate; the list here is what CUDA's
+    would be without triton, run through the same measuring code.)"""
+    _fake_candidates(monkeypatch)
     x = torch.randn(8, 128, 14, 14, requires_grad=True)
     w, g, b = _params(128, 128, groups=32)
     rm, rv = torch.zeros(128), torch.ones(128)
@@ -317,9 +327,10 @@ def test_real_timing_picks_eager_over_native_for_a_grouped_conv(tune_env):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("training", [True, False])
-def test_measuring_leaves_the_callers_state_untouched(tune_env, training):
+def test_measuring_leaves_the_callers_state_untouched(tune_env, training, monkeypatch):
     """The running statistics, parameters (and their .grad) and the RNG stream after an auto
     call that measured are bitwise those of a call on the chosen backend that did not."""
+    _fake_candidates(monkeypatch)
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
     w, g, b = _params(8, 8)
     rm, rv = torch.randn(8) * 0.1, torch.rand(8) + 0.5
@@ -331,7 +342,7 @@ def test_measuring_leaves_the_callers_state_untouched(tune_env, training):
     assert all(t.grad is None for t in (x, w, g, b))
     assert all(torch.equal(p.detach(), s) for p, s in zip((w, g, b), state[:3]))
     (row,) = rows
-    assert row["times_ms"]  # it measured
+    assert row["times_ms"] or row["probe_ms"]  # it measured
     rm2, rv2 = state[3].clone(), state[4].clone()
     y2 = _call(x, w, g, b, rm2, rv2, backend=row["backend"], training=training)
     assert torch.equal(y, y2) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
@@ -341,9 +352,10 @@ def test_measuring_leaves_the_callers_state_untouched(tune_env, training):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("train", [True, False])
-def test_dense_block_measures_per_block_and_leaves_state_untouched(tune_env, train):
+def test_dense_block_measures_per_block_and_leaves_state_untouched(tune_env, train, monkeypatch):
     from resfast.nn.dense import DenseBlock
 
+    _fake_candidates(monkeypatch)
     torch.manual_seed(1)
     blk = DenseBlock(3, 8, 2, 4, memory="shared").train(train)
     ref = DenseBlock(3, 8, 2, 4, memory="shared").train(train)
@@ -355,7 +367,7 @@ def test_dense_block_measures_per_block_and_leaves_state_untouched(tune_env, tra
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in blk.parameters())
     (row,) = rows
-    assert row["op"] == "shared_dense_block" and row["signature"]["layers"] == 3 and row["times_ms"]
+    assert row["op"] == "shared_dense_block" and row["signature"]["layers"] == 3 and (row["times_ms"] or row["probe_ms"])
     assert row["signature"]["training"] is train
     ref.backend = row["backend"]
     y2 = ref(x)
@@ -407,6 +419,7 @@ def test_nothing_is_measured_under_torch_compile(tune_env, monkeypatch):
     assert torch.equal(out, _call(x, w, g, b, None, None, backend="eager"))  # the static order on the CPU
     if NATIVE_CPU:
         # A cached choice is what the traced graph uses.
+        _fake_candidates(monkeypatch)
         monkeypatch.setattr(autotune, "measure", lambda *a, **k: Measurement("native", {"eager": 2.0, "native": 1.0}))
         f(x)
         torch._dynamo.reset()
@@ -441,6 +454,7 @@ def test_nothing_is_measured_under_a_dispatch_mode(tune_env, monkeypatch):
 def test_tune_json_lists_every_call_signature_of_a_training_step(tune_env, monkeypatch, capsys):
     import resfast.ops.bn_relu_conv2d as brc
 
+    _fake_candidates(monkeypatch)  # eager and native measured, as on a GPU without triton
     seen = set()
     real = brc.bn_relu_conv2d_backend
 
@@ -456,11 +470,11 @@ def test_tune_json_lists_every_call_signature_of_a_training_step(tune_env, monke
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = json.loads(captured.out)  # exactly one JSON document
-    assert seen and all(set(r) == {"op", "signature", "backend", "times_ms", "skipped"} for r in rows)
+    assert seen and all(set(r) == {"op", "signature", "backend", "times_ms", "probe_ms", "skipped"} for r in rows)
     listed = set()
     for r in rows:
         s = r["signature"]
-        assert r["op"] == "bn_relu_conv2d" and r["backend"] in ("eager", "native") and "eager" in r["times_ms"]
+        assert r["op"] == "bn_relu_conv2d" and r["backend"] in ("eager", "native") and "eager" in {**r["times_ms"], **r["probe_ms"]}
         listed.add(((s["N"], s["C"], s["H"], s["W"]), (s["C_out"], s["C"] // s["groups"], *s["kernel"]),
                     tuple(s["stride"]), tuple(s["padding"]), s["groups"], s["training"]))
     assert listed == seen and len(rows) == len(seen)
@@ -487,3 +501,19 @@ def test_info_shows_the_cache(tune_env, monkeypatch, capsys):
     assert info["autotune"]["file"] == str(tune_env / "autotune.json") and info["autotune"]["choices"] == 1
     assert main(["info"]) == 0
     assert str(tune_env / "autotune.json") in capsys.readouterr().out
+
+
+def test_the_cpu_has_one_candidate(tune_env, capsys):
+    """On the CPU auto is eager without measuring (the native C++ twin is never a speed path
+    there); resfast tune still lists every call signature, chosen without timing."""
+    assert autotune.candidate_backends("cpu") == ("eager",)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    w, g, b = _params(8, 8)
+    with record_choices() as rows:
+        _call(x, w, g, b, None, None)
+    (row,) = rows
+    assert row["backend"] == "eager" and row["times_ms"] == {} and row["probe_ms"] == {}
+    assert not (tune_env / "autotune.json").exists()  # nothing measured, nothing to remember
+    assert main(["tune", "--model", "wrn16_2", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bn_relu_conv2d ") > 0 and "nothing was measured" in out

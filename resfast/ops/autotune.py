@@ -3,7 +3,7 @@
 For a call signature it has not seen (the op, the device, the dtype, the strides class and
 every shape and argument that changes which kernel runs: see :func:`bn_relu_conv2d_backend`
 and :func:`dense_block_backend`), ``auto`` measures every backend that can run on the device
-(:func:`candidate_backends`: CUDA: eager, triton, native; CPU: eager, native) on scratch
+(:func:`candidate_backends`: CUDA: eager, triton, native; the CPU: eager alone) on scratch
 tensors of the same shape and strides, forward and, when gradients are needed, forward and
 backward, and uses the winner from then on. The choices persist across processes in a JSON
 file (:func:`cache_path`), keyed by the device's name and the torch, triton and resfast
@@ -15,10 +15,11 @@ calls (each between two device synchronisations) until :attr:`TuneConfig.max_rep
 until the time budget is spent (after :attr:`TuneConfig.min_reps` calls, or one call that
 alone exceeds the budget); its time is its fastest call. A candidate is abandoned as soon
 as it is clearly slower than the best so far (:attr:`TuneConfig.abandon_factor`). On the
-CPU the warm-up call already counts, and each candidate is first probed on a small version
-of the call (batch 1, at most 2 x 2 output positions and 32 channels) against the best so
-far on the same small call (:attr:`TuneConfig.probe_factor`), so that the C++ test twin on
-a large CPU shape costs one small call, not seconds. A candidate that raises is skipped
+CPU the warm-up call already counts, and every candidate first runs a small version of the
+call (batch 1, at most 2 x 2 output positions and 32 channels); those slower than
+:attr:`TuneConfig.probe_factor` x the best small call are dropped, so that the C++ test
+twin on a large CPU shape costs one small call, not seconds, and when one candidate is left
+it wins without any full-size timing (:attr:`Measurement.probe_ms`). A candidate that raises is skipped
 with its reason recorded. Eager wins whenever it is within :attr:`TuneConfig.tie_margin`
 of the fastest: ``auto`` is never slower than plain PyTorch by more than the measuring
 noise.
@@ -123,6 +124,9 @@ class Measurement:
     backend: str
     times_ms: Dict[str, float] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
+    #: On the CPU: each probed candidate's faster call of the small probe call, in ms. When
+    #: the probe leaves one candidate it wins without full-size timing (``times_ms`` empty).
+    probe_ms: Dict[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- precedence
@@ -140,13 +144,22 @@ def autotune_enabled() -> bool:
 
 def candidate_backends(device: Union[torch.device, str]) -> Tuple[str, ...]:
     """The backends ``auto`` measures on ``device``: eager first, then those of the static
-    order that can run there. On the CPU that is eager and native (Triton runs on CPU tensors
-    only through its interpreter, which is never a speed path)."""
+    order that can run there.
+
+    On the CPU that is eager alone, so nothing is measured: native there is the C++ twin of
+    the CUDA kernels (their warp fragments emulated, to test the GPU's indexing), 100-1000x
+    slower than eager at real sizes, and its small-call probe does not tell that (per-call
+    overhead dominates small calls: 1.2-3x eager's), so a full-size trial call was needed to
+    rule it out, up to 9 s each: densenet121's first training step at batch 8, 224x224 on a
+    2-core CPU took 75 s with native measured, 1.8 s without, and native never won. Triton
+    runs on CPU tensors only through its interpreter. :func:`measure` itself takes any list
+    (the tests time eager against native on the CPU with it)."""
     dt = torch.device(device).type
+    if dt == "cpu":
+        return ("eager",)
     status = backend_status(dt)
     names = ["eager"]
-    order = list(static_order(dt)) + (["native"] if dt == "cpu" else [])
-    for name in order:
+    for name in static_order(dt):
         if name not in names and not status.get(name, "unknown") and not (name == "triton" and dt != "cuda"):
             names.append(name)
     return tuple(names)
@@ -181,7 +194,7 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *,
 
     Returns:
         a :class:`Measurement`; when every candidate raised, ``backend`` is the first
-        candidate and ``times_ms`` is empty.
+        candidate and ``times_ms`` and ``probe_ms`` are empty.
     """
     cfg = config or CONFIG
     timer = timer or cfg.timer or time.perf_counter
@@ -210,19 +223,37 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *,
             probes[name] = t if t > stop_above else min(t, once(run))
         return probes[name]
 
+    if probe and len(candidates) > 1:
+        # Every candidate on the small call first (the first, eager, is the yardstick); those
+        # over probe_factor x the best small call are dropped without a full-size call. When
+        # one is left it wins: nothing is timed at full size (on a 2-core CPU a full-size
+        # eager call of densenet121's layers costs tens of ms each, for a choice already made).
+        try:
+            probe_time(candidates[0])
+        except Exception:  # the small call is not valid for this op: measure at full size
+            probe = False
+    if probe and len(candidates) > 1:
+        best_probe = probes[candidates[0]]
+        for name in candidates[1:]:
+            try:
+                mine = probe_time(name, cfg.probe_factor * best_probe)
+            except Exception as exc:
+                skipped[name] = _raised(exc)
+                continue
+            best_probe = min(best_probe, mine)
+        for name in candidates:
+            if name in probes and name not in skipped and probes[name] > cfg.probe_factor * best_probe:
+                best_probe_name = min(probes, key=probes.get)
+                skipped[name] = (f"abandoned at the small probe: {probes[name] * 1e3:.3g} ms against "
+                                 f"{best_probe_name}'s {best_probe * 1e3:.3g} ms")
+        left = [n for n in candidates if n in probes and n not in skipped]
+        probe_ms = {k: v * 1e3 for k, v in probes.items()}
+        if len(left) == 1:
+            return Measurement(left[0], {}, skipped, probe_ms)
+        candidates = left
+
     for name in candidates:
         try:
-            if probe and best_name is not None:
-                try:
-                    base = probe_time(best_name)
-                except Exception:  # the small call is not valid for this op: measure at full size
-                    probe, base = False, math.inf
-            if probe and best_name is not None:
-                mine = probe_time(name, cfg.probe_factor * base)
-                if mine > cfg.probe_factor * base:
-                    skipped[name] = (f"abandoned at the small probe: {mine * 1e3:.3g} ms against "
-                                     f"{best_name}'s {base * 1e3:.3g} ms")
-                    continue
             run = make_runner(name, False)
             abandoned = ""
             for _ in range(cfg.warmup):
@@ -253,14 +284,20 @@ def measure(candidates: Sequence[str], make_runner: MakeRunner, *,
             if fastest < best:
                 best, best_name = fastest, name
         except Exception as exc:  # a candidate that cannot run this call is skipped, and says why
-            skipped[name] = f"raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            skipped[name] = _raised(exc)
+    probe_ms = {k: v * 1e3 for k, v in probes.items()}
     if not times:
-        return Measurement(candidates[0] if candidates else "eager", {}, skipped)
+        return Measurement(candidates[0] if candidates else "eager", {}, skipped, probe_ms)
     fastest_name = min(times, key=times.get)
     winner = fastest_name
     if "eager" in times and times["eager"] <= (1.0 + cfg.tie_margin) * times[fastest_name]:
         winner = "eager"
-    return Measurement(winner, times, skipped)
+    return Measurement(winner, times, skipped, probe_ms)
+
+
+def _raised(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"raised {type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # ----------------------------------------------------------------------------- may we measure here?
@@ -588,6 +625,7 @@ def _record(op: str, signature: Signature, backend: str, entry: Optional[dict]) 
         if key not in seen:
             seen[key] = {"op": op, "signature": signature_dict(signature), "backend": backend,
                          "times_ms": dict((entry or {}).get("times_ms", {})),
+                         "probe_ms": dict((entry or {}).get("probe_ms", {})),
                          "skipped": dict((entry or {}).get("skipped", {}))}
 
 
@@ -632,11 +670,15 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
             _record(op, signature, hit, _CACHE.entry(op, signature, dkey))
         return hit
     candidates = candidate_backends(device)
-    if len(candidates) < 2 or not _may_measure(device):
-        return _static(device) if len(candidates) != 1 else candidates[0]
+    if len(candidates) == 1:  # the CPU: eager, nothing to measure
+        if _RECORDERS:
+            _record(op, signature, candidates[0], None)
+        return candidates[0]
+    if not candidates or not _may_measure(device):
+        return _static(device)
     with _CACHE.lock, _measuring(device):
         m = measure(candidates, make_runner, device=device, timer=timer)
-    if not m.times_ms:
+    if not m.times_ms and not m.probe_ms:
         # Nothing could run (out of memory, arguments the op will reject): the call itself runs,
         # or raises, on the static order, and this process does not measure the signature again.
         choice = _static(device)
@@ -645,6 +687,8 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
     entry = {"op": op, "signature": signature_dict(signature), "backend": m.backend,
              "times_ms": {k: round(v, 6) for k, v in m.times_ms.items()}, "skipped": m.skipped,
              "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if m.probe_ms:
+        entry["probe_ms"] = {k: round(v, 6) for k, v in m.probe_ms.items()}
     _CACHE.put(op, signature, dkey, entry)
     if _RECORDERS:
         _record(op, signature, m.backend, entry)
