@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from resfast._version import __version__
 
 from resfast import backends, functional  # noqa: E402
 from resfast.backends import BackendUnavailableError, resolve_backend  # noqa: E402

@@ -150,9 +150,9 @@ def native_info() -> Dict[str, object]:
         return {"built": False, "cuda": False, "cuda_archs": [], "error": err}
     cuda = bool(getattr(mod, "WITH_CUDA", False))
     try:
-        from resfast import _build_info  # written by setup.py
+        from resfast._build_info import CUDA_ARCHS  # written by setup.py
 
-        archs = _build_info.CUDA_ARCHS if cuda else ""
+        archs = CUDA_ARCHS if cuda else ""
     except ImportError:
         archs = ""
     return {"built": True, "cuda": cuda, "cuda_archs": [a for a in str(archs).split(";") if a], "error": ""}

@@ -57,7 +57,7 @@ def plain_help(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``resfast`` parser with every subcommand whose module is installed."""
     parser = argparse.ArgumentParser(prog="resfast", description=plain_text(__doc__.splitlines()[0]))
-    from resfast import __version__
+    from resfast._version import __version__
 
     parser.add_argument("--version", action="version", version=f"resfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -165,7 +165,7 @@ def candidate_backends(device: Union[torch.device, str]) -> Tuple[str, ...]:
     return tuple(names)
 
 
-def _static(device: Union[torch.device, str]) -> str:
+def static_choice(device: Union[torch.device, str]) -> str:
     return resolve_backend("auto", device)
 
 
@@ -405,7 +405,7 @@ def _versions() -> str:
             triton = version("triton")
         except Exception:  # not installed, or no metadata
             triton = "none"
-        from resfast import __version__
+        from resfast._version import __version__
 
         _VERSIONS = f"torch {torch.__version__} | triton {triton} | resfast {__version__}"
     return _VERSIONS
@@ -635,7 +635,7 @@ def _record(op: str, signature: Signature, backend: str, entry: Optional[dict]) 
 @torch.compiler.assume_constant_result
 def _compiled_choice(op: str, signature: Signature, device_type: str, index: int) -> str:
     # A constant for torch.compile: the cached choice, else the static order; never measures.
-    return _CACHE.get(op, signature, _device_key(device_type, index)) or _static(device_type)
+    return _CACHE.get(op, signature, _device_key(device_type, index)) or static_choice(device_type)
 
 
 def pick_backend(requested: str, device: Union[torch.device, str], op: str, signature: Signature,
@@ -675,13 +675,13 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
             _record(op, signature, candidates[0], None)
         return candidates[0]
     if not candidates or not _may_measure(device):
-        return _static(device)
+        return static_choice(device)
     with _CACHE.lock, _measuring(device):
         m = measure(candidates, make_runner, device=device, timer=timer)
     if not m.times_ms and not m.probe_ms:
         # Nothing could run (out of memory, arguments the op will reject): the call itself runs,
         # or raises, on the static order, and this process does not measure the signature again.
-        choice = _static(device)
+        choice = static_choice(device)
         _CACHE.remember(op, signature, dkey, choice)
         return choice
     entry = {"op": op, "signature": signature_dict(signature), "backend": m.backend,
@@ -695,10 +695,12 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
     return m.backend
 
 
-# ----------------------------------------------------------------------------- call sites
+# ----------------------------------------------------------------------------- helpers of the call sites
+# The call sites themselves (the signature and the runner of each op) live beside their ops:
+# resfast.ops.bn_relu_conv2d.bn_relu_conv2d_backend, resfast.ops.dense_block.dense_block_backend.
 
 
-def _strides_class(t: Tensor) -> str:
+def strides_class(t: Tensor) -> str:
     if t.is_contiguous():
         return "nchw"
     if t.is_contiguous(memory_format=torch.channels_last):
@@ -706,16 +708,16 @@ def _strides_class(t: Tensor) -> str:
     return "strided"
 
 
-def _static_dims(*values) -> bool:
+def static_dims(*values) -> bool:
     """All ints known while torch.compile traces (a dynamic dimension: no lookup)."""
     return all(has_static_value(v) for v in values)
 
 
-def _scratch(t: Tensor, size: Optional[Sequence[int]] = None, *, like_strides: bool = True) -> Tensor:
+def scratch(t: Tensor, size: Optional[Sequence[int]] = None, *, like_strides: bool = True) -> Tensor:
     """Random tensor of ``t``'s dtype, device and strides class, of ``t``'s shape or ``size``."""
     size = tuple(t.shape) if size is None else tuple(size)
     if like_strides and all(s > 0 or n <= 1 for s, n in zip(t.stride(), t.shape)):
-        cls = _strides_class(t)
+        cls = strides_class(t)
         if cls == "strided":
             s = torch.empty_strided(size, t.stride(), dtype=t.dtype, device=t.device)
         else:
@@ -732,22 +734,22 @@ PROBE_POSITIONS = 2
 PROBE_CHANNELS = 32
 
 
-def _conv_out(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+def conv_out(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-def _probe_extent(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+def probe_extent(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     """An input extent (at most ``size``) whose conv output has at most PROBE_POSITIONS rows."""
     need = (PROBE_POSITIONS - 1) * stride + dil * (k - 1) + 1 - 2 * pad
     return max(1, min(size, need))
 
 
-def _probe_batch(n: int, positions: int, training: bool) -> int:
+def probe_batch(n: int, positions: int, training: bool) -> int:
     """1, or 2 where batch statistics of one value per channel would be refused."""
     return min(n, 2) if training and positions == 1 else 1
 
 
-def _param(t: Optional[Tensor], shape: Sequence[int], grad: bool) -> Optional[Tensor]:
+def scratch_param(t: Optional[Tensor], shape: Sequence[int], grad: bool) -> Optional[Tensor]:
     """A scratch parameter like ``t`` (dtype, device) of ``shape``, random, a leaf that requires
     grad when ``grad`` and ``t`` does; ``None`` for ``None``."""
     if t is None:
@@ -756,83 +758,11 @@ def _param(t: Optional[Tensor], shape: Sequence[int], grad: bool) -> Optional[Te
     return s.requires_grad_(grad and t.requires_grad and t.is_floating_point())
 
 
-def _as_pair(v) -> Tuple[int, ...]:
+def as_pair(v) -> Tuple[int, ...]:
     return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
-                           running_var: Optional[Tensor], training: bool, momentum: float, eps: float, stride,
-                           padding, dilation, groups: int, out: Optional[Tensor] = None) -> str:
-    """The backend :func:`resfast.ops.bn_relu_conv2d.bn_relu_conv2d` runs a (validated) call on.
-
-    The signature: dtype, strides class (``nchw`` / ``channels_last`` / ``strided``), N, C,
-    H, W, C_out, kernel, stride, padding, dilation, groups, training, whether gradients are
-    needed, bias, affine, and whether ``out=`` is given. The runner calls the op itself with
-    the candidate backend on scratch tensors of that shape and strides class (scratch
-    parameters and running statistics), gradients by ``torch.autograd.grad`` to scratch
-    leaves. The probe's small call: batch 1, at most 2 x 2 output positions, at most 32 input
-    and output channels per group and 32 channels in all (fewer groups).
-    """
-    if requested != "auto" or not autotune_enabled():
-        return resolve_backend(requested, x.device)
-    n, c, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    if torch.compiler.is_compiling() and not _static_dims(n, c, h, w, c_out, kh, kw):
-        return _static(x.device)
-    if n == 0:
-        return _static(x.device)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, bias, bn_weight, bn_bias))
-    st, pd, dl = _as_pair(stride), _as_pair(padding), _as_pair(dilation)
-    signature: Signature = (
-        ("dtype", str(x.dtype).replace("torch.", "")), ("layout", _strides_class(x)),
-        ("N", n), ("C", c), ("H", h), ("W", w), ("C_out", c_out), ("kernel", (kh, kw)),
-        ("stride", st), ("padding", pd), ("dilation", dl),
-        ("groups", int(groups)), ("training", bool(training)), ("grad", bool(grad)), ("bias", bias is not None),
-        ("affine", bn_weight is not None), ("out", out is not None),
-    )
-
-    def make_runner(name: str, small: bool) -> Runner:
-        from resfast.ops.bn_relu_conv2d import bn_relu_conv2d
-
-        if small:
-            cin_g, cout_g = min(c // groups, PROBE_CHANNELS), min(c_out // groups, PROBE_CHANNELS)
-            g = max(1, min(groups, PROBE_CHANNELS // max(cin_g, cout_g)))
-            hp, wp = _probe_extent(h, kh, st[0], pd[0], dl[0]), _probe_extent(w, kw, st[1], pd[1], dl[1])
-            xs, cs, cos = (_probe_batch(n, hp * wp, training), g * cin_g, hp, wp), g * cin_g, g * cout_g
-        else:
-            g, xs, cs, cos = groups, tuple(x.shape), c, c_out
-        sx = _scratch(x, xs).requires_grad_(grad and x.requires_grad)
-        sw = _param(weight, (cos, cs // g, kh, kw), grad)
-        sb, sg, sbb = _param(bias, (cos,), grad), _param(bn_weight, (cs,), grad), _param(bn_bias, (cs,), grad)
-        rm = rv = None
-        if running_mean is not None:
-            rm = running_mean.new_empty(cs).normal_().mul_(0.1)
-            rv = running_var.new_empty(cs).uniform_(0.5, 1.5)
-        sout = None
-        if out is not None:
-            sout = _scratch(out, (xs[0], cos, *(_conv_out(e, k, a, b, d) for e, k, a, b, d in
-                                                zip(xs[2:], (kh, kw), st, pd, dl))))
-        leaves = [t for t in (sx, sw, sb, sg, sbb) if t is not None and t.requires_grad]
-        gy: List[Tensor] = []
-
-        def run() -> None:
-            with torch.set_grad_enabled(grad):
-                y = bn_relu_conv2d(sx, sw, sb, bn_weight=sg, bn_bias=sbb, running_mean=rm, running_var=rv,
-                                   training=training, momentum=momentum, eps=eps, stride=st, padding=pd,
-                                   dilation=dl, groups=g, backend=name, out=sout)
-                if leaves:
-                    if not gy:
-                        gy.append(torch.randn_like(y))
-                    torch.autograd.grad(y, leaves, gy[0])
-
-        return run
-
-    return pick_backend(requested, x.device, "bn_relu_conv2d", signature, make_runner)
-
-
-def _autocast_dtype(x: Tensor) -> str:
+def autocast_dtype(x: Tensor) -> str:
     dt = x.device.type
     try:
         enabled = torch.is_autocast_enabled(dt)
@@ -840,110 +770,3 @@ def _autocast_dtype(x: Tensor) -> str:
     except (TypeError, AttributeError, RuntimeError):
         dtype = None
     return str(dtype).replace("torch.", "") if dtype is not None and x.is_floating_point() else "off"
-
-
-def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recompute: str, tail=None) -> str:
-    """The backend :func:`resfast.ops.dense_block.shared_dense_block` runs a block on; one
-    choice per block (its whole forward and backward measured as one call).
-
-    The signature: dtype, autocast dtype, strides class, N, C0, H, W, number of layers,
-    growth rate, bottleneck width, conv3x3 kernel / padding / dilation, training (batch
-    statistics), whether gradients are needed, recompute mode, the transition conv's output
-    channels (0 without one) and whether it pools first, affine and dropout. The runner runs
-    the block with the candidate backend on scratch input; the parameters are used read-only
-    through detached leaves, the BatchNorms without running statistics (scratch copies in
-    eval mode), gradients by ``torch.autograd.grad``. The probe's small call: a block of at
-    most 2 layers on batch 1, at most 2 x 2 positions, at most 32 input channels, growth 8 and
-    bottleneck 32, with scratch parameters and no transition tail.
-    """
-    if requested != "auto" or not autotune_enabled():
-        return resolve_backend(requested, x.device)
-    if not isinstance(x, Tensor) or x.dim() != 4 or len(layers) == 0:
-        return _static(x.device if isinstance(x, Tensor) else "cpu")
-    from resfast.ops.bn_args import BNArgs
-    from resfast.ops.dense_block import DenseLayerArgs
-
-    n, c0, h, w = x.shape
-    first = layers[0]
-    growth, _, kh, kw = first.conv2_weight.shape
-    bottleneck = first.conv1_weight.shape[0]
-    c_tail = tail[1].shape[0] if tail is not None else 0
-    if torch.compiler.is_compiling() and not _static_dims(n, c0, h, w, growth, kh, kw, bottleneck, c_tail):
-        return _static(x.device)
-    if n == 0:
-        return _static(x.device)
-    params = [t for layer in layers for t in (layer.conv1_weight, layer.norm1.weight, layer.norm1.bias,
-                                              layer.conv2_weight, layer.norm2.weight, layer.norm2.bias)]
-    if tail is not None:
-        params += [tail[1], tail[0].weight, tail[0].bias]
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
-    signature: Signature = (
-        ("dtype", str(x.dtype).replace("torch.", "")), ("autocast", _autocast_dtype(x)),
-        ("layout", _strides_class(x)), ("N", n), ("C", c0), ("H", h), ("W", w), ("layers", len(layers)),
-        ("growth", growth), ("bottleneck", bottleneck), ("kernel", (kh, kw)),
-        ("padding", _as_pair(first.conv2_padding)), ("dilation", _as_pair(first.conv2_dilation)),
-        ("training", bool(first.norm1.batch_stats)), ("grad", bool(grad)), ("recompute", recompute),
-        ("tail", c_tail), ("tail_pool", tail is not None and len(tail) > 2 and tail[2] is not None),
-        ("affine", first.norm1.weight is not None),
-        ("dropout", any(float(layer.drop_rate) > 0 for layer in layers)),
-    )
-
-    def make_runner(name: str, small: bool) -> Runner:
-        from resfast.ops.dense_block import shared_dense_block
-
-        leaves: List[Tensor] = []
-
-        def p(t: Optional[Tensor], shape=None) -> Optional[Tensor]:
-            """The parameter itself, detached (read-only); a scratch one of ``shape`` for the probe."""
-            if t is None:
-                return None
-            if shape is not None:
-                d = _param(t, shape, grad)
-            else:
-                d = t.detach()
-                d.requires_grad_(grad and t.requires_grad)
-            if d.requires_grad:
-                leaves.append(d)
-            return d
-
-        def bn(a, c=None) -> BNArgs:
-            keep = not a.batch_stats
-            if c is None:
-                return BNArgs(p(a.weight), p(a.bias), a.running_mean.clone() if keep else None,
-                              a.running_var.clone() if keep else None, a.batch_stats, a.momentum, a.eps, None)
-            rm = a.running_mean.new_zeros(c) if keep else None
-            rv = a.running_var.new_ones(c) if keep else None
-            return BNArgs(p(a.weight, (c,)), p(a.bias, (c,)), rm, rv, a.batch_stats, a.momentum, a.eps, None)
-
-        if small:
-            hp, wp = min(h, PROBE_POSITIONS), min(w, PROBE_POSITIONS)
-            cp, kp, bp = min(c0, PROBE_CHANNELS), min(growth, 8), min(bottleneck, PROBE_CHANNELS)
-            sx = _scratch(x, (_probe_batch(n, hp * wp, first.norm1.batch_stats), cp, hp, wp))
-            slayers = [DenseLayerArgs(bn(layer.norm1, cp + i * kp), p(layer.conv1_weight, (bp, cp + i * kp, 1, 1)),
-                                      bn(layer.norm2, bp), p(layer.conv2_weight, (kp, bp, kh, kw)),
-                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
-                       for i, layer in enumerate(layers[:2])]
-            stail = None
-        else:
-            sx = _scratch(x)
-            slayers = [DenseLayerArgs(bn(layer.norm1), p(layer.conv1_weight), bn(layer.norm2), p(layer.conv2_weight),
-                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
-                       for layer in layers]
-            # The tail: (norm, conv weight[, constant pooling weight, passed as it is]).
-            stail = (bn(tail[0]), p(tail[1]), *tail[2:]) if tail is not None else None
-        if grad and x.requires_grad:
-            sx.requires_grad_(True)
-            leaves.append(sx)
-        gy: List[Tensor] = []
-
-        def run() -> None:
-            with torch.set_grad_enabled(grad):
-                y = shared_dense_block(sx, slayers, backend=name, recompute=recompute, tail=stail)
-                if leaves:
-                    if not gy:
-                        gy.append(torch.randn_like(y))
-                    torch.autograd.grad(y, leaves, gy[0])
-
-        return run
-
-    return pick_backend(requested, x.device, "shared_dense_block", signature, make_runner)

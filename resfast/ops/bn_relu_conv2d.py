@@ -18,14 +18,17 @@ Which path a call takes:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resfast.backends import resolve_backend
 from resfast.ops.autograd import BNReLUConv2dFunction
-from resfast.ops.autotune import bn_relu_conv2d_backend
+from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
+                                  pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
+                                  static_dims, strides_class)
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype
 from resfast.ops.validation import check_bn_relu_conv2d_args
@@ -199,3 +202,73 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
         dtype = torch.get_autocast_gpu_dtype() if x.is_cuda else torch.get_autocast_cpu_dtype()
     cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
     return cast(x), cast(weight), cast(bias)
+
+
+def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], training: bool, momentum: float, eps: float, stride,
+                           padding, dilation, groups: int, out: Optional[Tensor] = None) -> str:
+    """The backend :func:`resfast.ops.bn_relu_conv2d.bn_relu_conv2d` runs a (validated) call on.
+
+    The signature: dtype, strides class (``nchw`` / ``channels_last`` / ``strided``), N, C,
+    H, W, C_out, kernel, stride, padding, dilation, groups, training, whether gradients are
+    needed, bias, affine, and whether ``out=`` is given. The runner calls the op itself with
+    the candidate backend on scratch tensors of that shape and strides class (scratch
+    parameters and running statistics), gradients by ``torch.autograd.grad`` to scratch
+    leaves. The probe's small call: batch 1, at most 2 x 2 output positions, at most 32 input
+    and output channels per group and 32 channels in all (fewer groups).
+    """
+    if requested != "auto" or not autotune_enabled():
+        return resolve_backend(requested, x.device)
+    n, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    if torch.compiler.is_compiling() and not static_dims(n, c, h, w, c_out, kh, kw):
+        return static_choice(x.device)
+    if n == 0:
+        return static_choice(x.device)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, bn_weight, bn_bias))
+    st, pd, dl = as_pair(stride), as_pair(padding), as_pair(dilation)
+    signature: Signature = (
+        ("dtype", str(x.dtype).replace("torch.", "")), ("layout", strides_class(x)),
+        ("N", n), ("C", c), ("H", h), ("W", w), ("C_out", c_out), ("kernel", (kh, kw)),
+        ("stride", st), ("padding", pd), ("dilation", dl),
+        ("groups", int(groups)), ("training", bool(training)), ("grad", bool(grad)), ("bias", bias is not None),
+        ("affine", bn_weight is not None), ("out", out is not None),
+    )
+
+    def make_runner(name: str, small: bool) -> Runner:
+        if small:
+            cin_g, cout_g = min(c // groups, PROBE_CHANNELS), min(c_out // groups, PROBE_CHANNELS)
+            g = max(1, min(groups, PROBE_CHANNELS // max(cin_g, cout_g)))
+            hp, wp = probe_extent(h, kh, st[0], pd[0], dl[0]), probe_extent(w, kw, st[1], pd[1], dl[1])
+            xs, cs, cos = (probe_batch(n, hp * wp, training), g * cin_g, hp, wp), g * cin_g, g * cout_g
+        else:
+            g, xs, cs, cos = groups, tuple(x.shape), c, c_out
+        sx = scratch(x, xs).requires_grad_(grad and x.requires_grad)
+        sw = scratch_param(weight, (cos, cs // g, kh, kw), grad)
+        sb, sg, sbb = scratch_param(bias, (cos,), grad), scratch_param(bn_weight, (cs,), grad), scratch_param(bn_bias, (cs,), grad)
+        rm = rv = None
+        if running_mean is not None:
+            rm = running_mean.new_empty(cs).normal_().mul_(0.1)
+            rv = running_var.new_empty(cs).uniform_(0.5, 1.5)
+        sout = None
+        if out is not None:
+            sout = scratch(out, (xs[0], cos, *(conv_out(e, k, a, b, d) for e, k, a, b, d in
+                                                zip(xs[2:], (kh, kw), st, pd, dl))))
+        leaves = [t for t in (sx, sw, sb, sg, sbb) if t is not None and t.requires_grad]
+        gy: List[Tensor] = []
+
+        def run() -> None:
+            with torch.set_grad_enabled(grad):
+                y = bn_relu_conv2d(sx, sw, sb, bn_weight=sg, bn_bias=sbb, running_mean=rm, running_var=rv,
+                                   training=training, momentum=momentum, eps=eps, stride=st, padding=pd,
+                                   dilation=dl, groups=g, backend=name, out=sout)
+                if leaves:
+                    if not gy:
+                        gy.append(torch.randn_like(y))
+                    torch.autograd.grad(y, leaves, gy[0])
+
+        return run
+
+    return pick_backend(requested, x.device, "bn_relu_conv2d", signature, make_runner)

@@ -50,8 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from resfast.backends import resolve_backend
 from resfast.ops.autograd import bn_relu_conv2d_backward
-from resfast.ops.autotune import dense_block_backend
+from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signature, as_pair, autocast_dtype,
+                                  autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
+                                  static_choice, static_dims, strides_class)
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
@@ -567,3 +570,105 @@ def _join(parts: List[Optional[Tensor]], dim: int) -> Optional[Tensor]:
     if parts[0] is None:
         return None
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recompute: str, tail=None) -> str:
+    """The backend :func:`resfast.ops.dense_block.shared_dense_block` runs a block on; one
+    choice per block (its whole forward and backward measured as one call).
+
+    The signature: dtype, autocast dtype, strides class, N, C0, H, W, number of layers,
+    growth rate, bottleneck width, conv3x3 kernel / padding / dilation, training (batch
+    statistics), whether gradients are needed, recompute mode, the transition conv's output
+    channels (0 without one) and whether it pools first, affine and dropout. The runner runs
+    the block with the candidate backend on scratch input; the parameters are used read-only
+    through detached leaves, the BatchNorms without running statistics (scratch copies in
+    eval mode), gradients by ``torch.autograd.grad``. The probe's small call: a block of at
+    most 2 layers on batch 1, at most 2 x 2 positions, at most 32 input channels, growth 8 and
+    bottleneck 32, with scratch parameters and no transition tail.
+    """
+    if requested != "auto" or not autotune_enabled():
+        return resolve_backend(requested, x.device)
+    if not isinstance(x, Tensor) or x.dim() != 4 or len(layers) == 0:
+        return static_choice(x.device if isinstance(x, Tensor) else "cpu")
+    n, c0, h, w = x.shape
+    first = layers[0]
+    growth, _, kh, kw = first.conv2_weight.shape
+    bottleneck = first.conv1_weight.shape[0]
+    c_tail = tail[1].shape[0] if tail is not None else 0
+    if torch.compiler.is_compiling() and not static_dims(n, c0, h, w, growth, kh, kw, bottleneck, c_tail):
+        return static_choice(x.device)
+    if n == 0:
+        return static_choice(x.device)
+    params = [t for layer in layers for t in (layer.conv1_weight, layer.norm1.weight, layer.norm1.bias,
+                                              layer.conv2_weight, layer.norm2.weight, layer.norm2.bias)]
+    if tail is not None:
+        params += [tail[1], tail[0].weight, tail[0].bias]
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
+    signature: Signature = (
+        ("dtype", str(x.dtype).replace("torch.", "")), ("autocast", autocast_dtype(x)),
+        ("layout", strides_class(x)), ("N", n), ("C", c0), ("H", h), ("W", w), ("layers", len(layers)),
+        ("growth", growth), ("bottleneck", bottleneck), ("kernel", (kh, kw)),
+        ("padding", as_pair(first.conv2_padding)), ("dilation", as_pair(first.conv2_dilation)),
+        ("training", bool(first.norm1.batch_stats)), ("grad", bool(grad)), ("recompute", recompute),
+        ("tail", c_tail), ("tail_pool", tail is not None and len(tail) > 2 and tail[2] is not None),
+        ("affine", first.norm1.weight is not None),
+        ("dropout", any(float(layer.drop_rate) > 0 for layer in layers)),
+    )
+
+    def make_runner(name: str, small: bool) -> Runner:
+        leaves: List[Tensor] = []
+
+        def p(t: Optional[Tensor], shape=None) -> Optional[Tensor]:
+            """The parameter itself, detached (read-only); a scratch one of ``shape`` for the probe."""
+            if t is None:
+                return None
+            if shape is not None:
+                d = scratch_param(t, shape, grad)
+            else:
+                d = t.detach()
+                d.requires_grad_(grad and t.requires_grad)
+            if d.requires_grad:
+                leaves.append(d)
+            return d
+
+        def bn(a, c=None) -> BNArgs:
+            keep = not a.batch_stats
+            if c is None:
+                return BNArgs(p(a.weight), p(a.bias), a.running_mean.clone() if keep else None,
+                              a.running_var.clone() if keep else None, a.batch_stats, a.momentum, a.eps, None)
+            rm = a.running_mean.new_zeros(c) if keep else None
+            rv = a.running_var.new_ones(c) if keep else None
+            return BNArgs(p(a.weight, (c,)), p(a.bias, (c,)), rm, rv, a.batch_stats, a.momentum, a.eps, None)
+
+        if small:
+            hp, wp = min(h, PROBE_POSITIONS), min(w, PROBE_POSITIONS)
+            cp, kp, bp = min(c0, PROBE_CHANNELS), min(growth, 8), min(bottleneck, PROBE_CHANNELS)
+            sx = scratch(x, (probe_batch(n, hp * wp, first.norm1.batch_stats), cp, hp, wp))
+            slayers = [DenseLayerArgs(bn(layer.norm1, cp + i * kp), p(layer.conv1_weight, (bp, cp + i * kp, 1, 1)),
+                                      bn(layer.norm2, bp), p(layer.conv2_weight, (kp, bp, kh, kw)),
+                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
+                       for i, layer in enumerate(layers[:2])]
+            stail = None
+        else:
+            sx = scratch(x)
+            slayers = [DenseLayerArgs(bn(layer.norm1), p(layer.conv1_weight), bn(layer.norm2), p(layer.conv2_weight),
+                                      list(layer.conv2_padding), list(layer.conv2_dilation), float(layer.drop_rate))
+                       for layer in layers]
+            # The tail: (norm, conv weight[, constant pooling weight, passed as it is]).
+            stail = (bn(tail[0]), p(tail[1]), *tail[2:]) if tail is not None else None
+        if grad and x.requires_grad:
+            sx.requires_grad_(True)
+            leaves.append(sx)
+        gy: List[Tensor] = []
+
+        def run() -> None:
+            with torch.set_grad_enabled(grad):
+                y = shared_dense_block(sx, slayers, backend=name, recompute=recompute, tail=stail)
+                if leaves:
+                    if not gy:
+                        gy.append(torch.randn_like(y))
+                    torch.autograd.grad(y, leaves, gy[0])
+
+        return run
+
+    return pick_backend(requested, x.device, "shared_dense_block", signature, make_runner)

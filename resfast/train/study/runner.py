@@ -65,7 +65,7 @@ def run_study(scale: Scale, *, out: str = "docs", device: str = "auto", backend:
 
 
 def _setup(scale: Scale, device: torch.device, backend: str, resolved: str) -> Dict[str, Any]:
-    from resfast import __version__
+    from resfast._version import __version__
 
     commit = None
     try:
