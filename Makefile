@@ -13,7 +13,7 @@ export RESFAST_BUILD_EXT ?= 1
 
 .PHONY: install bench test memory clean
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip setuptools wheel
 	$(PY) -m pip install --quiet $(TORCH_SPEC) ninja numpy

@@ -1,6 +1,7 @@
 """Launches per training call of ``resfast.functional.bn_relu_conv2d(..., backend="triton")``.
 
-Counted: every Triton kernel launch (a hook on the launch method of triton's kernel objects,
+Counted by :class:`resfast.profiling.launches.LaunchCounter` (the counter ``resfast memory``
+uses): every Triton kernel launch (a hook on the launch method of triton's kernel objects,
 compiled or interpreted) and every aten op that does work (a ``TorchDispatchMode``; tensor
 allocation and views are not work). The ``resfast_triton`` ops are opaque to a dispatch mode,
 so their Python implementations run under the mode, which then sees the aten ops inside.
@@ -16,75 +17,14 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from resfast.backends import backend_status
+from resfast.profiling.launches import LaunchCounter
 from reference import assert_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _WHY = backend_status(DEVICE)["triton"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
-
-# aten ops that launch no kernel: allocation, views, metadata
-_FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "view",
-         "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-         "squeeze", "lift_fresh", "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride",
-         "sym_numel", "sym_storage_offset", "size", "stride", "dim", "_reshape_alias", "reshape"}
-
-
-class LaunchCounter(TorchDispatchMode):
-    """Counts aten compute ops and Triton launches inside ``with counter:``."""
-
-    def __init__(self):
-        super().__init__()
-        self.aten = collections.Counter()
-        self.triton = collections.Counter()
-        self._in_launch = 0  # the interpreter moves a launch's tensors with aten ops of its own
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        ns = func.namespace
-        if ns == "resfast_triton":
-            from resfast.ops import triton_ops
-
-            with self:  # run the op's Python body where this mode sees its aten ops
-                return getattr(triton_ops, func._opname)(*args, **kwargs)
-        name = func._opname
-        if ns == "aten" and name not in _FREE and not getattr(func, "is_view", False) and not self._in_launch:
-            self.aten[name] += 1
-        return func(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def triton_hook(self):
-        """Count launches of every Triton kernel object (compiled or interpreted)."""
-        import triton.runtime.interpreter as interp
-        import triton.runtime.jit as jit
-
-        patched = []
-        for cls in (jit.JITFunction, interp.InterpretedFunction):
-            orig = cls.run
-
-            def run(kernel, *a, _orig=orig, **k):
-                name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
-                self.triton[str(name)] += 1
-                self._in_launch += 1
-                try:
-                    return _orig(kernel, *a, **k)
-                finally:
-                    self._in_launch -= 1
-
-            cls.run = run
-            patched.append((cls, orig))
-        try:
-            yield self
-        finally:
-            for cls, orig in patched:
-                cls.run = orig
-
-    @property
-    def total(self) -> int:
-        return sum(self.aten.values()) + sum(self.triton.values())
-
 
 def _inputs(c, co, groups, k, seed=0):
     g = torch.Generator().manual_seed(seed)
