@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import pickle
 import sys
 from collections import OrderedDict
@@ -675,10 +674,7 @@ def test_compile_of_converted_torchvision_densenet_runs_a_training_step():
     _compiled_training_step(model, 32)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("RESFAST_SLOW_TESTS") != "1",
-                    reason="Dynamo traces densenet121's 58 converted layers for several minutes on a 2-core CPU; "
-                           "set RESFAST_SLOW_TESTS=1 to run it (the two-block DenseNet test covers the same classes)")
+@pytest.mark.slow  # about 100 s on a 2-core CPU (Dynamo traces densenet121's 58 converted layers)
 def test_compile_of_converted_densenet121_runs_a_training_step():
     torch.manual_seed(0)
     model = tvm.densenet121(num_classes=10)
