@@ -674,7 +674,7 @@ def test_compile_of_converted_torchvision_densenet_runs_a_training_step():
     _compiled_training_step(model, 32)
 
 
-@pytest.mark.slow  # about 100 s on a 2-core CPU (Dynamo traces densenet121's 58 converted layers)
+@pytest.mark.slow  # 2-4 minutes on a 2-core CPU (Dynamo traces densenet121's 58 converted layers)
 def test_compile_of_converted_densenet121_runs_a_training_step():
     torch.manual_seed(0)
     model = tvm.densenet121(num_classes=10)
