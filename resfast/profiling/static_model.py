@@ -51,77 +51,11 @@ __all__ = [
     "predict_ops", "eager_floor_bytes", "fused_floor_bytes", "compile_for_sm90", "sass_loops", "KernelStats",
 ]
 
-# ----------------------------------------------------------------------------- the machine
-
-#: H100 / H200 SXM: SMs, issue rate, clock, tensor-core MACs per clock per SM, shared memory,
-#: registers, HBM bandwidth.
-SMS = 132
-CLOCK_GHZ = 1.755
-ISSUE_PER_CLK = 4            # warp-instructions per clock per SM (4 schedulers)
-WGMMA_MACS_PER_CLK = 2048    # dense bf16/fp16, per SM (989 TFLOP/s at 1.83 GHz)
-MMA_SYNC_MACS_PER_CLK = 1024  # assumed half of wgmma's rate
-SMEM_PER_SM = 228 * 1024
-SMEM_PER_BLOCK = 227 * 1024
-REGS_PER_SM = 65536
-MAX_WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
-H100 = 3.35e12
-H200 = 4.8e12
-
-# ----------------------------------------------------------------------------- the shapes
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    """One fused BN-ReLU-conv of a network (training, channels_last)."""
-
-    name: str
-    n: int
-    c: int
-    h: int
-    w: int
-    co: int
-    k: int
-    stride: int = 1
-    groups: int = 1
-    padding: Optional[int] = None
-
-    @property
-    def pad(self) -> int:
-        return self.k // 2 if self.padding is None else self.padding
-
-    @property
-    def out_hw(self) -> Tuple[int, int]:
-        return ((self.h + 2 * self.pad - self.k) // self.stride + 1, (self.w + 2 * self.pad - self.k) // self.stride + 1)
-
-
-SHAPES: Dict[str, ConvShape] = {s.name: s for s in [
-    # ResNeXt-50 32x4d conv2 (grouped 3x3, 32 groups), batch 64; *_down: a stage's first, stride-2 block
-    ConvShape("resnext50_s1", 64, 128, 56, 56, 128, 3, 1, 32),
-    ConvShape("resnext50_s2", 64, 256, 28, 28, 256, 3, 1, 32),
-    ConvShape("resnext50_s3", 64, 512, 14, 14, 512, 3, 1, 32),
-    ConvShape("resnext50_s4", 64, 1024, 7, 7, 1024, 3, 1, 32),
-    ConvShape("resnext50_s2_down", 64, 256, 56, 56, 256, 3, 2, 32),
-    ConvShape("resnext50_s3_down", 64, 512, 28, 28, 512, 3, 2, 32),
-    ConvShape("resnext50_s4_down", 64, 1024, 14, 14, 1024, 3, 2, 32),
-    # WRN-28-10 3x3 convs (CIFAR, batch 128 as the benchmarks)
-    ConvShape("wrn28_10_s1", 128, 160, 32, 32, 160, 3),
-    ConvShape("wrn28_10_s2", 128, 320, 16, 16, 320, 3),
-    ConvShape("wrn28_10_s3", 128, 640, 8, 8, 640, 3),
-    ConvShape("wrn28_10_s2_down", 128, 160, 32, 32, 320, 3, 2),
-    ConvShape("wrn28_10_s3_down", 128, 320, 16, 16, 640, 3, 2),
-    # DenseNet-121: BN-ReLU-conv1x1 of each block's last layer (4k = 128 outputs), BN-ReLU-conv3x3 128 -> 32
-    ConvShape("densenet121_1x1", 64, 224, 56, 56, 128, 1),
-    ConvShape("densenet121_1x1_b2", 64, 480, 28, 28, 128, 1),
-    ConvShape("densenet121_1x1_b3", 64, 992, 14, 14, 128, 1),
-    ConvShape("densenet121_1x1_b4", 64, 992, 7, 7, 128, 1),
-    ConvShape("densenet121_3x3", 64, 128, 56, 56, 32, 3),
-    ConvShape("densenet121_3x3_b2", 64, 128, 28, 28, 32, 3),
-    ConvShape("densenet121_3x3_b3", 64, 128, 14, 14, 32, 3),
-    ConvShape("densenet121_3x3_b4", 64, 128, 7, 7, 32, 3),
-    # a depthwise 3x3 (MobileNet-style), batch 64
-    ConvShape("depthwise_3x3", 64, 128, 56, 56, 128, 3, 1, 128),
-]}
+# The machine and the shapes (shared with the native model).
+from resfast.profiling.sm90 import (  # noqa: F401  (re-exported)
+    CLOCK_GHZ, H100, H200, ISSUE_PER_CLK, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM, MMA_SYNC_MACS_PER_CLK, REGS_PER_SM,
+    SHAPES, SMEM_PER_BLOCK, SMEM_PER_SM, SMS, WGMMA_MACS_PER_CLK, ConvShape,
+)
 
 #: The subset the test suite compiles (one config each).
 CI_SHAPES = ("resnext50_s1", "densenet121_1x1")

@@ -41,62 +41,24 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 __all__ = ["SHAPES", "native_kernels", "NativeModelUnavailable", "ConvShape"]
 
-SM_COUNT = 132
-ISSUE_PER_CLOCK = 4  # warp-instructions per SM per clock
-MMA_SYNC_MACS_PER_CLOCK = 1024  # per SM
+# The machine and the shapes are the triton model's (one source for both models).
+from resfast.profiling.sm90 import (  # noqa: E402
+    CLOCK_GHZ, H100 as HBM_BYTES_PER_S, ISSUE_PER_CLK as ISSUE_PER_CLOCK, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM,
+    MMA_SYNC_MACS_PER_CLK as MMA_SYNC_MACS_PER_CLOCK, REGS_PER_SM, SMEM_PER_SM, SMS as SM_COUNT, ConvShape,
+    SHAPES as _ALL_SHAPES,
+)
+
 MACS_PER_HMMA = 16 * 8 * 16
-CLOCK_GHZ = 1.755
-HBM_BYTES_PER_S = 3.35e12
-MAX_WARPS_PER_SM = 64
-MAX_BLOCKS_PER_SM = 32
-REGS_PER_SM = 65536
-SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
 ELEM_BYTES = 2  # bfloat16
 
-
-@dataclass(frozen=True)
-class ConvShape:
-    """A conv of the shape set: batch, channels, size, output channels, square kernel, stride,
-    padding (None: k // 2), groups."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    co: int
-    k: int
-    stride: int = 1
-    padding: Optional[int] = None
-    groups: int = 1
-
-    @property
-    def pad(self) -> int:
-        return self.k // 2 if self.padding is None else self.padding
-
-    @property
-    def ho(self) -> int:
-        return (self.h + 2 * self.pad - (self.k - 1) - 1) // self.stride + 1
-
-    @property
-    def wo(self) -> int:
-        return (self.w + 2 * self.pad - (self.k - 1) - 1) // self.stride + 1
-
-
-# bfloat16, channels_last, batch 64, named as resfast.profiling.static_model names them:
+# bfloat16, channels_last, batch 64, a subset of resfast.profiling.sm90.SHAPES:
 # ResNeXt-50 32x4d's grouped 3x3 convs, DenseNet-121's bottleneck 1x1 (the last layer of block 1,
 # 224 -> 128 at 56x56, and of block 2, 480 -> 128 at 28x28) and growth 3x3 (128 -> 32 at 56x56
 # and 28x28).
-SHAPES: Dict[str, ConvShape] = {
-    "resnext50_s1": ConvShape(64, 128, 56, 56, 128, 3, 1, 1, 32),
-    "resnext50_s2": ConvShape(64, 256, 28, 28, 256, 3, 1, 1, 32),
-    "resnext50_s3": ConvShape(64, 512, 14, 14, 512, 3, 1, 1, 32),
-    "resnext50_s4": ConvShape(64, 1024, 7, 7, 1024, 3, 1, 1, 32),
-    "densenet121_1x1": ConvShape(64, 224, 56, 56, 128, 1, 1, 0, 1),
-    "densenet121_1x1_b2": ConvShape(64, 480, 28, 28, 128, 1, 1, 0, 1),
-    "densenet121_3x3": ConvShape(64, 128, 56, 56, 32, 3, 1, 1, 1),
-    "densenet121_3x3_b2": ConvShape(64, 128, 28, 28, 32, 3, 1, 1, 1),
-}
+SHAPES: Dict[str, ConvShape] = {name: _ALL_SHAPES[name] for name in (
+    "resnext50_s1", "resnext50_s2", "resnext50_s3", "resnext50_s4", "densenet121_1x1", "densenet121_1x1_b2",
+    "densenet121_3x3", "densenet121_3x3_b2")}
 
 KERNELS = ("forward", "input_grad", "weight_grad")
 
@@ -130,9 +92,10 @@ def native_kernels(shapes: Union[None, Iterable[object], Mapping[str, ConvShape]
                 if item not in SHAPES:
                     raise KeyError(f"unknown shape {item!r}; known: {sorted(SHAPES)}")
                 selected[item] = SHAPES[item]
-            else:
-                selected[item.name] = ConvShape(item.n, item.c, item.h, item.w, item.co, item.k, item.stride,
-                                                getattr(item, "padding", None), item.groups)
+            else:  # any object with the fields of static_model.ConvShape
+                selected[item.name] = item if isinstance(item, ConvShape) else ConvShape(
+                    item.name, item.n, item.c, item.h, item.w, item.co, item.k, item.stride, item.groups,
+                    getattr(item, "padding", None))
     probe = _probe()
     records = []
     for name, shape in selected.items():
@@ -412,7 +375,8 @@ def _occupancy(regs: int, smem: int, threads: int) -> float:
 
 def _floor_us(s: ConvShape, kernel: str) -> float:
     x = s.n * s.c * s.h * s.w
-    y = s.n * s.co * s.ho * s.wo
+    ho, wo = s.out_hw
+    y = s.n * s.co * ho * wo
     wts = s.co * (s.c // s.groups) * s.k * s.k
     elems = {"forward": x + y + wts, "input_grad": y + 2 * x + wts, "weight_grad": x + y + wts}[kernel]
     return elems * ELEM_BYTES / HBM_BYTES_PER_S * 1e6
