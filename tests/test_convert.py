@@ -4,6 +4,7 @@ every BN buffer after SGD steps with momentum (the optimizer built before the co
 ``state_dict`` keys and tensors, and ``id()`` of every parameter."""
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import json
@@ -110,6 +111,13 @@ def check_conversion(ref: nn.Module, x: torch.Tensor, *, steps: int = 2, eval_to
     return report, model
 
 
+def _assert_converted_counts(report: ConversionReport, expected: dict, name: str) -> None:
+    """``expected``: resfast class name -> how many modules the report says became one."""
+    counts = collections.Counter(e.new.rsplit(".", 1)[1] for e in report.converted)
+    for cls, n in expected.items():
+        assert counts.get(cls) == n, f"{name}: expected {n} {cls}, report:\n{report}"
+
+
 # ----------------------------------------------------------------------------- torchvision
 
 
@@ -130,12 +138,7 @@ def test_torchvision_models_match_after_sgd_step(name, size, expected):
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     report, model = check_conversion(getattr(tvm, name)(num_classes=10), x, backend="eager", steps=1)
-    counts = {}
-    for e in report.converted:
-        short = e.new.rsplit(".", 1)[1]
-        counts[short] = counts.get(short, 0) + 1
-    for cls, n in expected.items():
-        assert counts.get(cls) == n, f"{name}: expected {n} {cls}, report:\n{report}"
+    _assert_converted_counts(report, expected, name)
     assert not report.left_alone, str(report)
     if name == "densenet121":
         assert report.fused == 2 * (6 + 12 + 24 + 16) + 3
@@ -216,12 +219,7 @@ def test_timm_models_match_after_sgd_step(name, size, expected):
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     ref = timm.create_model(name, pretrained=False, num_classes=10)
     report, model = check_conversion(ref, x, backend="eager", steps=1)
-    counts = {}
-    for e in report.converted:
-        short = e.new.rsplit(".", 1)[1]
-        counts[short] = counts.get(short, 0) + 1
-    for cls, n in expected.items():
-        assert counts.get(cls) == n, f"{name}: expected {n} {cls}, report:\n{report}"
+    _assert_converted_counts(report, expected, name)
     if name.startswith("se"):
         blk = model.layer1[0]
         assert blk.se is not None and type(blk.se).__module__.startswith("timm."), "the SE module was kept as is"
