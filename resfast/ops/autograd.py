@@ -3,7 +3,9 @@
 * :func:`bn_relu_conv2d_backward`: THE backward of ``conv2d(relu(bn(x)))`` from an op set:
   the conv and ReLU backward (``ops.bn_relu_conv2d_backward``), the SyncBN all-reduce of the
   two per-channel sums when a process group is given, and the BN input gradient
-  (``ops.bn_backward_elemt``, or ``ops.bn_backward_elemt_out`` into a caller's buffer). The
+  (``ops.bn_backward_elemt``, or ``ops.bn_backward_elemt_out`` into a caller's buffer); an op
+  set with the optional ``bn_relu_conv2d_backward_full`` (the eager one) does the whole of it
+  in that op when the statistics are ``x``'s own (training, no process group). The
   registered ops, the SyncBN path and the shared dense block (per chunk of channels) all
   call it.
 * :func:`register_autograd`: the autograd formula of the registered ops
@@ -78,6 +80,15 @@ def bn_relu_conv2d_backward(
             or add it there with ``accumulate``; ``None`` is then returned for it.
     """
     stride, padding, dilation, groups = conv_args
+    full = getattr(ops, "bn_relu_conv2d_backward_full", None)
+    if full is not None and batch_stats and process_group is None and count * x.shape[1] == x.numel():
+        # The op set forms dL/dx with the sums in one go (mean/invstd are x's own statistics).
+        gx, gw, gb, sum_dz_xhat, sum_dz = full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride),
+                                               list(padding), list(dilation), groups, bias_grad, grad_x_out,
+                                               accumulate)
+        gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
+        gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
+        return gx, gw, (gb if bias_grad else None), gbw, gbb
     grad_z, gw, gb, sum_dz, sum_dz_xhat = ops.bn_relu_conv2d_backward(
         grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride), list(padding), list(dilation), groups,
         bias_grad)

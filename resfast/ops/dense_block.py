@@ -161,12 +161,17 @@ class _Config:
     norms: List[BNArgs]  # norm1, norm2 per layer, then the tail norm
     conv2_args: List[List]  # (stride, padding, dilation, groups) of each conv3x3
     drop_rates: List[float]
-    #: Eager backend: channels per backward call over a prefix (the width of one layer's
-    #: bottleneck, so a call's temporaries are the size of a tensor the forward held anyway);
-    #: 0 = the whole prefix in one call (kernels that never materialise the normalised input).
-    chunk_channels: int
+    #: Eager backend: the memory budget of one backward call over a prefix, in channels of the
+    #: block's positions (what the block keeps for its backward anyway: the feature buffer, plus
+    #: the bottlenecks with ``recompute="bn_relu"``); a call is split into channel chunks only
+    #: where its temporaries would exceed it. 0 = the whole prefix in one call (kernels that
+    #: never materialise the normalised input).
+    chunk_budget: int
     group: object = None  # the norm1s' (and tail norm's) SyncBN group
     pool_weight: Optional[Tensor] = None  # the pool-first tail's 2x2 averaging weight (a constant)
+    #: The op set's optional ``bn_train_relu_conv2d`` (eager), used when no reader synchronises
+    #: over a process group: each reader then takes its own statistics in the op that normalises.
+    train_op: object = None
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -204,25 +209,31 @@ class _Config:
         if len(groups) > 1:
             raise ValueError("every norm1 of a shared dense block (and its transition's norm) must synchronise over "
                              "the same process group, since they share the channels' batch statistics")
+        ops = get_ops(backend)
+        group = next(iter(groups.values()), None)
         return _Config(
-            ops=get_ops(backend), recompute=recompute, c0=x.shape[1], growth=growth, num_layers=len(layers),
+            ops=ops, recompute=recompute, c0=x.shape[1], growth=growth, num_layers=len(layers),
             has_tail=tail is not None, norms=norms,
             conv2_args=[[_ONE, list(layer.conv2_padding), list(layer.conv2_dilation), 1] for layer in layers],
             drop_rates=[float(layer.drop_rate) for layer in layers],
-            chunk_channels=_chunk_channels(layers, c) if backend == "eager" else 0,
-            group=next(iter(groups.values()), None),
+            chunk_budget=_chunk_budget(layers, c, recompute) if backend == "eager" else 0,
+            group=group,
+            train_op=getattr(ops, "bn_train_relu_conv2d", None) if group is None else None,
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
 
 
-def _chunk_channels(layers: Sequence[DenseLayerArgs], c_total: int) -> int:
-    """Channels per backward call over a prefix on the eager backend: a quarter of the block's
-    channels (at least one layer's growth). A call's temporaries (about three copies of its
-    input chunk) then stay under the block's own feature buffer, which is alive anyway, and a
-    layer makes at most four calls however deep the block is."""
-    return max(layers[0].conv2_weight.shape[0], -(-c_total // 4))
+def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str) -> int:
+    """The eager backward's memory budget per call over a prefix, in channels: the channels the
+    block keeps alive for its backward anyway (its ``c_total`` features, and each layer's
+    bottleneck with ``recompute="bn_relu"``), so the temporaries of a call never more than
+    double what the block holds. (densenet121's blocks keep their bottlenecks, about 3x the
+    buffer, so no call is split; ``recompute="bottleneck"`` splits the second half of a block's
+    layers in two.)"""
+    kept = sum(layer.conv1_weight.shape[0] for layer in layers) if recompute == "bn_relu" else 0
+    return c_total + kept
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -252,10 +263,18 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _chunks(c: int, size: int) -> List[Tuple[int, int]]:
-    """``[0, c)`` in pieces of at most ``size`` channels (one piece when ``size`` is 0)."""
-    if not size:
+#: Prefix-sized temporaries alive at once in one eager backward call over a prefix (the
+#: activation and its gradient, then the ReLU gradient and the input gradient).
+_TEMPS_PER_CALL = 2
+
+
+def _chunks(c: int, budget: int) -> List[Tuple[int, int]]:
+    """``[0, c)`` in the fewest equal pieces whose temporaries (``_TEMPS_PER_CALL`` copies of
+    a piece) fit in ``budget`` channels; one piece when ``budget`` is 0."""
+    pieces = -(-_TEMPS_PER_CALL * c // budget) if budget else 1
+    if pieces <= 1:
         return [(0, c)]
+    size = -(-c // pieces)
     return [(a, min(a + size, c)) for a in range(0, c, size)]
 
 
@@ -360,9 +379,12 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     buf = torch.empty((n, c_tot, h, w), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     buf[:, :c0].copy_(x)
     readers = [cfg.norms[2 * i] for i in range(n_layers)] + ([cfg.norms[-1]] if cfg.has_tail else [])
-    shared_stats = any(r.batch_stats for r in readers)
+    train_op = cfg.train_op
+    # Without an op that takes its own statistics, a channel's statistics are taken once, when
+    # it is written, and shared by every later reader.
+    shared_stats = any(r.batch_stats for r in readers) and train_op is None
     mean_all = var_all = None
-    count = 1
+    count = n * h * w if train_op is not None else 1
     pending: List[Tuple[BNArgs, int]] = []
     if shared_stats:
         mean_all = torch.empty(c_tot, dtype=acc, device=x.device)
@@ -374,13 +396,20 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         c = c0 + i * k
         norm1, norm2 = cfg.norms[2 * i], cfg.norms[2 * i + 1]
         w1, g1, b1, w2, g2, b2 = tensors[6 * i: 6 * i + 6]
-        mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
         # One call in the forward: its temporaries come while little is stored yet; the
-        # backward, when the block's stores are all alive, works in chunks.
-        bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
-        mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
+        # backward, when the block's stores are all alive, works in chunks where memory asks.
+        if train_op is not None and norm1.batch_stats:
+            bott, mean1, invstd1 = _train_call(train_op, norm1, buf[:, :c], w1, g1, b1, _CONV1)
+        else:
+            mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
+            bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
         new = buf[:, c:c + k]
-        ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
+        if train_op is not None and norm2.batch_stats and norm2.process_group is None:
+            _, mean2, invstd2 = _train_call(train_op, norm2, bott, w2, g2, b2, cfg.conv2_args[i], out=new)
+            count2 = bott.numel() // bott.shape[1]
+        else:
+            mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
+            ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         p = cfg.drop_rates[i]
         mask = _dropout_(new, p) if p > 0 else None
         if shared_stats and (i < n_layers - 1 or cfg.has_tail):
@@ -402,7 +431,17 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         _apply_running_updates(pending, mean_all, var_all, count)
         return buf, buf
     wt, gt, bt = tensors[6 * n_layers: 6 * n_layers + 3]
-    mean_t, invstd_t = _reader_params(cfg.norms[-1], mean_all, var_all, c_tot, acc, pending)
+    norm_t = cfg.norms[-1]
+    if train_op is not None and norm_t.batch_stats:
+        conv_args = _CONV1 if cfg.pool_weight is None else _pool_args(c_tot)
+        out, mean_t, invstd_t = _train_call(train_op, norm_t, buf, wt if cfg.pool_weight is None else cfg.pool_weight,
+                                            gt, bt, conv_args)
+        if cfg.pool_weight is not None:
+            out = F.conv2d(out, wt)
+        if saved is not None:
+            saved.mean_t, saved.invstd_t = mean_t, invstd_t
+        return out, buf
+    mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending)
     _apply_running_updates(pending, mean_all, var_all, count)
     if cfg.pool_weight is None:
         out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])
@@ -411,6 +450,12 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     if saved is not None:
         saved.mean_t, saved.invstd_t = mean_t, invstd_t
     return out, buf
+
+
+def _train_call(train_op, bn: BNArgs, x: Tensor, w: Tensor, gamma, beta, conv_args, out: Optional[Tensor] = None):
+    """``conv(relu(bn(x)))`` with ``x``'s own batch statistics through the op set's optional
+    ``bn_train_relu_conv2d`` (running statistics updated): ``(y or None, mean, invstd)``."""
+    return train_op(x, w, None, gamma, beta, bn.running_mean, bn.running_var, bn.momentum, bn.eps, *conv_args, out)
 
 
 def _pool_args(c: int) -> List:
@@ -477,7 +522,7 @@ def _backward(ctx, grad_out: Tensor):
     gbuf = torch.empty_like(buf)
     if cfg.has_tail:
         wt, gt, bt = tensors[6 * n_layers: 6 * n_layers + 3]
-        chunks = _chunks(c_tot, cfg.chunk_channels)
+        chunks = _chunks(c_tot, cfg.chunk_budget)
         if cfg.pool_weight is None:
             grads[6 * n_layers: 6 * n_layers + 3] = _reader_backward(
                 ops, grad_out, buf, gbuf, wt, gt, bt, saved.mean_t, saved.invstd_t, chunks,
@@ -507,28 +552,17 @@ def _backward(ctx, grad_out: Tensor):
         if masks[i] is not None:
             grad_new = grad_new * masks[i].to(grad_new.dtype).div_(1 - cfg.drop_rates[i])
         mean1, invstd1 = saved.mean1[i], saved.invstd1[i]
-        chunks1 = _chunks(c, cfg.chunk_channels)
+        chunks1 = _chunks(c, cfg.chunk_budget)
         bott = bottlenecks[i]
         bottlenecks[i] = None
         if bott is None:
             bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, chunks1)
 
-        # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own),
-        # each chunk's input gradient written straight into its channels of grad_bott.
-        # (eager: in chunks of growth-rate channels, as the bottleneck is the widest tensor a
-        # layer's own backward materialises)
-        grad_bott = torch.empty_like(bott)
-        gws, ggs, gbs = [], [], []
-        mean2, invstd2 = saved.mean2[i], saved.invstd2[i]
-        for a, e in _chunks(bott.shape[1], k if cfg.chunk_channels else 0):
-            _, gw, _, gg, gb = bn_relu_conv2d_backward(
-                ops, grad_new, bott[:, a:e], w2[:, a:e], _channels(g2, a, e), _channels(b2, a, e), mean2[a:e],
-                invstd2[a:e], cfg.conv2_args[i], norm2.batch_stats, saved.count2[i], norm2.process_group,
-                grad_x_out=grad_bott[:, a:e])
-            gws.append(gw)
-            ggs.append(gg)
-            gbs.append(gb)
-        gw2, ggamma2, gbeta2 = _join(gws, 1), _join(ggs, 0), _join(gbs, 0)
+        # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own).
+        # One call: its temporaries are the size of the bottleneck, a tensor the forward held.
+        grad_bott, gw2, _, ggamma2, gbeta2 = bn_relu_conv2d_backward(
+            ops, grad_new, bott, w2, g2, b2, saved.mean2[i], saved.invstd2[i], cfg.conv2_args[i], norm2.batch_stats,
+            saved.count2[i], norm2.process_group)
         del grad_new, bott
 
         # conv1x1 backward over the prefix, accumulated into the shared gradient buffer.

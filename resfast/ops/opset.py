@@ -27,7 +27,7 @@ from typing import List, Optional, Protocol, Tuple, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["OpSet", "OP_NAMES"]
+__all__ = ["OpSet", "OP_NAMES", "OPTIONAL_OPS"]
 
 #: The ops of the contract, in the order the schemas list them.
 OP_NAMES = (
@@ -39,6 +39,22 @@ OP_NAMES = (
     "bn_backward_elemt",
     "bn_backward_elemt_out",
 )
+
+#: Ops an op set MAY provide (looked up with ``getattr(ops, name, None)``; callers compose the
+#: seven ops where one is absent). The eager op set has both: PyTorch's batch-norm ops do in one
+#: op what the seven split (statistics, running update and normalisation; the two sums and
+#: dL/dx), so the eager backend launches about as many ops as the unfused modules. Kernel
+#: backends fuse at the level of the seven ops and leave them out. Semantics:
+#:
+#: * ``bn_train_relu_conv2d(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+#:   momentum, eps, stride, padding, dilation, groups, out=None) -> (y or None, mean, invstd)``:
+#:   ``bn_stats_update`` then ``bn_relu_conv2d`` (written into ``out`` when given);
+#: * ``bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd,
+#:   stride, padding, dilation, groups, bias_grad, grad_x_out=None, accumulate=False)
+#:   -> (grad_x or None, grad_weight, grad_bias or [0], grad_gamma, grad_beta)``: the whole
+#:   backward when ``mean``/``invstd`` are ``x``'s own batch statistics (training, no process
+#:   group), ``grad_x`` written into (or added to) ``grad_x_out`` when given.
+OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full")
 
 
 @runtime_checkable

@@ -27,6 +27,8 @@ __all__ = [
     "bn_relu_conv2d_backward",
     "bn_backward_elemt",
     "bn_backward_elemt_out",
+    "bn_relu_conv2d_backward_full",
+    "bn_train_relu_conv2d",
     "bn_relu",
     "acc_dtype",
 ]
@@ -156,11 +158,117 @@ def bn_relu_conv2d_backward(
     )
     # torch.relu's own backward: zero where the activation is <= 0, so a NaN activation passes
     # its gradient through.
-    grad_z = torch.ops.aten.threshold_backward(grad_a, a, 0)
+    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
     del a, grad_a
     sum_dz, sum_dz_xhat = _bn_grad_sums(grad_z, x, mean, invstd)
     grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
     return grad_z.to(x.dtype), grad_w.to(weight.dtype), grad_b, sum_dz, sum_dz_xhat
+
+
+def bn_relu_conv2d_backward_full(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    bias_grad: bool,
+    grad_x_out: Optional[Tensor] = None,
+    accumulate: bool = False,
+) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    """The whole backward of ``conv2d(relu(bn(x)))`` when ``mean``/``invstd`` are the batch
+    statistics of ``x`` itself (training, no process group): ``(grad_x, grad_weight,
+    grad_bias or [0], sum_dz_xhat, sum_dz)``, in the order of ``(grad_x, grad_weight,
+    grad_bias, grad_gamma, grad_beta)``; ``grad_x`` is written into (``accumulate``: added to)
+    ``grad_x_out`` when that is given, and ``None`` is returned for it.
+
+    An optional op of the eager op set (:data:`resfast.ops.opset.OPTIONAL_OPS`). For float32
+    and float64 it runs as the unfused ``BatchNorm2d -> ReLU -> Conv2d`` backward does:
+    the activation is recomputed with ``mean``/``invstd`` and PyTorch's training-mode
+    batch-norm backward forms the two per-channel sums and dL/dx in one op, instead of :func:`bn_relu_conv2d_backward` then
+    :func:`bn_backward_elemt` (about a dozen elementwise passes). float16/bfloat16 compose
+    those two ops (the accumulated gradient is rounded once).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        grad_z, grad_w, grad_b, sum_dz, sum_dz_xhat = bn_relu_conv2d_backward(
+            grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad)
+        inv_count = 1.0 / (x.numel() // x.shape[1])
+        if grad_x_out is None:
+            grad_x = bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+        else:
+            bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate,
+                                  grad_x_out)
+            grad_x = None
+        return grad_x, grad_w, grad_b, sum_dz_xhat, sum_dz
+    acc = acc_dtype(x)
+    a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [True, True, bias_grad],
+    )
+    # torch.relu's own backward, written over grad_a (one temporary fewer alive).
+    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
+    del a, grad_a
+    gamma = None if bn_weight is None else bn_weight.to(acc)
+    grad_x, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
+        grad_z, x, gamma, None, None, mean.to(acc), invstd.to(acc), True, 0.0, [True, True, True])
+    del grad_z
+    if grad_x_out is not None:
+        if accumulate:
+            grad_x_out.add_(grad_x)
+        else:
+            grad_x_out.copy_(grad_x)
+        grad_x = None
+    grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
+    return grad_x, grad_w.to(weight.dtype), grad_b, sum_dz_xhat.to(acc), sum_dz.to(acc)
+
+
+def bn_train_relu_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    out: Optional[Tensor] = None,
+) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+    """``conv2d(relu(bn(x)), weight, bias)`` with ``x``'s own batch statistics (training
+    mode): returns ``(y, mean, invstd)`` (``y`` is ``None`` when it was written into
+    ``out``) and updates the running statistics in place when they are given, exactly as
+    :func:`bn_stats_update` then :func:`bn_relu_conv2d` do.
+
+    An optional op of the eager op set (:data:`resfast.ops.opset.OPTIONAL_OPS`): for float32
+    and float64 (with running statistics in that dtype) PyTorch's training-mode batch-norm
+    takes the statistics, updates the running ones and normalises in one op, as the unfused
+    ``BatchNorm2d`` does; other dtypes compose the two ops.
+    """
+    acc = acc_dtype(x)
+    if x.dtype not in (torch.float32, torch.float64) or (running_mean is not None and (
+            running_mean.dtype != acc or running_var.dtype != acc)):
+        mean, invstd = bn_stats_update(x, running_mean, running_var, momentum, eps)
+        y = bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, True)
+    else:
+        gamma, beta = [None if t is None else t.to(acc) for t in (bn_weight, bn_bias)]
+        z, mean, invstd = torch.ops.aten.native_batch_norm(x, gamma, beta, running_mean, running_var, True,
+                                                           momentum, eps)
+        y = F.conv2d(z.relu_(), weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+        del z
+    if out is None:
+        return y, mean, invstd
+    out.copy_(y)
+    return None, mean, invstd
 
 
 def _bn_grad_sums(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> Tuple[Tensor, Tensor]:
