@@ -169,14 +169,18 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
 
     def closure(inp: Tensor):
         y = conv(inp)
-        z = F.batch_norm(y, running[0] if running else None, running[1] if running else None, call.weight,
-                         call.bias, call.batch_stats, 0.0, call.eps)
-        out = pool(F.relu(z, inplace=True))
         if not update:
-            return out
+            z = F.batch_norm(y, running[0] if running else None, running[1] if running else None, call.weight,
+                             call.bias, call.batch_stats, 0.0, call.eps)
+            return pool(F.relu(z, inplace=True))
+        # The batch-norm op that normalises also returns the statistics it used (no second
+        # pass over the full-resolution activation for the running statistics).
+        z, mean, invstd = torch.native_batch_norm(y, call.weight, call.bias, None, None, True, 0.0, call.eps)
+        out = pool(F.relu(z, inplace=True))
         with torch.no_grad():
             acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-            var, mean = torch.var_mean(y.detach().to(acc), dim=(0, 2, 3), correction=0)
+            mean = mean.detach().to(acc)
+            var = invstd.detach().to(acc).pow(-2).sub_(call.eps)
         return out, mean, var
 
     if not update:

@@ -13,11 +13,14 @@ statistics, nothing updated, ``num_batches_tracked`` untouched.
 """
 from __future__ import annotations
 
+from typing import List, Sequence
+
+import torch
 from torch import nn
 
 from resfast.ops.bn_args import BNArgs
 
-__all__ = ["BNArgs", "bn_call", "sync_group", "uses_batch_stats"]
+__all__ = ["BNArgs", "bn_call", "bn_calls", "sync_group", "uses_batch_stats"]
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
@@ -34,11 +37,32 @@ def bn_call(bn: nn.Module, update: bool = True) -> BNArgs:
     rejected call changes nothing). With ``update=False`` the call normalises with the same
     statistics and updates nothing.
     """
-    factor = 0.0 if bn.momentum is None else float(bn.momentum)
-    if update and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if _counts(bn, update):
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            factor = 1.0 / float(bn.num_batches_tracked)
+    return _decisions(bn, update)
+
+
+def bn_calls(bns: Sequence[nn.Module]) -> List[BNArgs]:
+    """:func:`bn_call` (first readers, ``update=True``) for several BatchNorms of one forward,
+    e.g. every BatchNorm of a shared dense block: the same decisions, with every
+    ``num_batches_tracked`` incremented by one ``torch._foreach_add_`` launch instead of one
+    launch per BatchNorm."""
+    counters = [bn.num_batches_tracked for bn in bns if _counts(bn, True)]
+    if counters:
+        torch._foreach_add_(counters, 1)
+    return [_decisions(bn, True) for bn in bns]
+
+
+def _counts(bn: nn.Module, update: bool) -> bool:
+    """Whether this forward of ``bn`` increments its ``num_batches_tracked``."""
+    return update and bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
+def _decisions(bn: nn.Module, update: bool) -> BNArgs:
+    """The decisions of ``bn``'s forward, its ``num_batches_tracked`` already incremented."""
+    factor = 0.0 if bn.momentum is None else float(bn.momentum)
+    if bn.momentum is None and _counts(bn, update):
+        factor = 1.0 / float(bn.num_batches_tracked)
     batch_stats = uses_batch_stats(bn)
     # As nn.BatchNorm2d: the buffers are passed when they are used (eval) or updated (training
     # with track_running_stats). A second reader passes the same buffers with momentum 0, so

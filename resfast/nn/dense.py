@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
-from resfast.nn.batchnorm import bn_call
+from resfast.nn.batchnorm import bn_call, bn_calls
 from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight
 from resfast.nn.unfused import is_tracing, run_unfused
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
@@ -180,16 +180,18 @@ class DenseBlock(nn.ModuleDict):
                 or transition.conv.bias is not None:
             raise ValueError(f"forward_with_transition needs a Transition over the block's "
                              f"{self.num_output_features} channels with a bias-free stride-1 1x1 conv")
-        layers = self._layer_args()
+        layers, tail_norm = self._layer_args(transition.norm)
         pool_first = transition.pool_first()
         out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
-                                 tail=(bn_call(transition.norm), transition.conv.weight,
+                                 tail=(tail_norm, transition.conv.weight,
                                        transition.pool_weight if pool_first else None))
         return out if pool_first else transition.pool(out)
 
-    def _layer_args(self) -> List[DenseLayerArgs]:
+    def _layer_args(self, tail_norm: Optional[nn.Module] = None):
         """Each layer's tensors and its BatchNorms' decisions for this forward (num_batches_tracked
-        moves here, once per forward, after the input was checked)."""
+        moves here, once per forward, after the input was checked, for every BatchNorm of the
+        block in one launch); with ``tail_norm`` (a transition's norm) also that norm's
+        decisions: ``(layers, tail BNArgs)``."""
         args = []
         for i, layer in enumerate(self.values()):
             for name in ("conv1", "conv2"):
@@ -198,13 +200,15 @@ class DenseBlock(nn.ModuleDict):
                         or isinstance(conv.padding, str) or tuple(conv.stride) != (1, 1):
                     raise ValueError(f"denselayer{i + 1}.{name} must be a bias-free, ungrouped, stride-1 conv with "
                                      f"numeric zero padding for memory='shared'; use memory='naive' for other convs")
-        for layer in self.values():
+        norms = [bn for layer in self.values() for bn in (layer.norm1, layer.norm2)]
+        calls = bn_calls(norms + ([tail_norm] if tail_norm is not None else []))
+        for i, layer in enumerate(self.values()):
             args.append(DenseLayerArgs(
-                norm1=bn_call(layer.norm1), conv1_weight=layer.conv1.weight, norm2=bn_call(layer.norm2),
+                norm1=calls[2 * i], conv1_weight=layer.conv1.weight, norm2=calls[2 * i + 1],
                 conv2_weight=layer.conv2.weight, conv2_padding=list(layer.conv2.padding),
                 conv2_dilation=list(layer.conv2.dilation),
                 drop_rate=float(layer.drop_rate) if layer.training else 0.0))
-        return args
+        return (args, calls[-1]) if tail_norm is not None else args
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):

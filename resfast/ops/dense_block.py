@@ -226,14 +226,13 @@ _CONV1 = [_ONE, _ZERO, _ONE, 1]
 
 
 def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str) -> int:
-    """The eager backward's memory budget per call over a prefix, in channels: the channels the
-    block keeps alive for its backward anyway (its ``c_total`` features, and each layer's
-    bottleneck with ``recompute="bn_relu"``), so the temporaries of a call never more than
-    double what the block holds. (densenet121's blocks keep their bottlenecks, about 3x the
-    buffer, so no call is split; ``recompute="bottleneck"`` splits the second half of a block's
-    layers in two.)"""
+    """The eager backward's memory budget per call over a prefix, in channels: what the block
+    holds during its backward anyway (its ``c_total`` features and their gradient buffer, and
+    each layer's bottleneck with ``recompute="bn_relu"``), so the temporaries of a call never
+    more than double it. (densenet121's blocks keep their bottlenecks, so no call is split;
+    with ``recompute="bottleneck"`` the calls over the widest prefixes are split in two.)"""
     kept = sum(layer.conv1_weight.shape[0] for layer in layers) if recompute == "bn_relu" else 0
-    return c_total + kept
+    return 2 * c_total + kept
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -263,9 +262,9 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-#: Prefix-sized temporaries alive at once in one eager backward call over a prefix (the
-#: activation and its gradient, then the ReLU gradient and the input gradient).
-_TEMPS_PER_CALL = 2
+#: Prefix-sized temporaries alive at once in one eager backward call over a prefix (a dense
+#: copy of a prefix view, the activation and its gradient; then the ReLU and input gradients).
+_TEMPS_PER_CALL = 3
 
 
 def _chunks(c: int, budget: int) -> List[Tuple[int, int]]:
@@ -487,10 +486,13 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
         saved = _Saved()
         out, buf = _forward(cfg, x, list(tensors), saved)
         n = cfg.num_layers
-        # Large tensors go through save_for_backward: autograd frees them after the backward
-        # (and keeps them for a second one with retain_graph=True).
-        ctx.save_for_backward(buf, *tensors, *saved.bottlenecks, *saved.masks)
-        saved.bottlenecks, saved.masks = [None] * n, [None] * n
+        # The buffer, parameters and masks go through save_for_backward: autograd frees them
+        # after the backward (and keeps them for a second one with retain_graph=True). The
+        # bottlenecks stay on ctx: the backward drops each one as soon as its layer is done
+        # (the block's backward peak then holds one fewer), and a second backward over the same
+        # graph recomputes them from the buffer (saved-tensor hooks do not see them).
+        ctx.save_for_backward(buf, *tensors, *saved.masks)
+        saved.masks = [None] * n
         ctx.cfg, ctx.saved, ctx.num_tensors = cfg, saved, len(tensors)
         ctx.x_shape = tuple(x.shape)
         ctx.x_format = out_memory_format(x)
@@ -511,8 +513,8 @@ def _backward(ctx, grad_out: Tensor):
     buf, *rest = ctx.saved_tensors
     num_tensors, n_layers = ctx.num_tensors, cfg.num_layers
     tensors = rest[:num_tensors]
-    bottlenecks = list(rest[num_tensors:num_tensors + n_layers])
-    masks = rest[num_tensors + n_layers:]
+    bottlenecks = saved.bottlenecks
+    masks = rest[num_tensors:]
     del rest
     ops, k, c0 = cfg.ops, cfg.growth, cfg.c0
     c_tot = buf.shape[1]
