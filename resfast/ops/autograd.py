@@ -62,7 +62,8 @@ def bn_relu_conv2d_backward(
     bias_grad: bool = False,
     grad_x_out: Optional[Tensor] = None,
     accumulate: bool = False,
-) -> Tuple[Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    weight_grad: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(x, weight, bias, bn_weight, bn_bias)`` of ``conv2d(relu(bn(x)))``.
 
     Args:
@@ -78,6 +79,9 @@ def bn_relu_conv2d_backward(
         bias_grad: compute the conv bias gradient (else ``None`` is returned for it).
         grad_x_out: write dL/dx into this tensor (a channel slice of a shared gradient buffer),
             or add it there with ``accumulate``; ``None`` is then returned for it.
+        weight_grad: ``False`` when the caller does not want the weight gradient (a constant
+            weight, such as the pool-first transition's averaging weight): ``None`` is returned
+            for it, and an op set that can skip it (the eager one) does.
     """
     stride, padding, dilation, groups = conv_args
     full = getattr(ops, "bn_relu_conv2d_backward_full", None)
@@ -85,10 +89,10 @@ def bn_relu_conv2d_backward(
         # The op set forms dL/dx with the sums in one go (mean/invstd are x's own statistics).
         gx, gw, gb, sum_dz_xhat, sum_dz = full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride),
                                                list(padding), list(dilation), groups, bias_grad, grad_x_out,
-                                               accumulate)
+                                               accumulate, weight_grad)
         gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
         gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
-        return gx, gw, (gb if bias_grad else None), gbw, gbb
+        return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
     grad_z, gw, gb, sum_dz, sum_dz_xhat = ops.bn_relu_conv2d_backward(
         grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride), list(padding), list(dilation), groups,
         bias_grad)
@@ -108,7 +112,7 @@ def bn_relu_conv2d_backward(
         gx = None
     gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
     gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
-    return gx, gw, (gb if bias_grad else None), gbw, gbb
+    return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
 
 
 def differentiable_bn_relu_conv2d(

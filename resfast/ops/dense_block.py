@@ -10,7 +10,8 @@ feature of the block:
   there is no ``torch.cat`` anywhere;
 * a channel's batch statistics are computed once, when the channel is written
   (``ops.bn_stats`` on the new slice), and reused by every later layer: only gamma and beta
-  differ from layer to layer, so the statistics cost is linear in depth;
+  differ from layer to layer, so the statistics cost is linear in depth (the kernel backends;
+  the eager one, see below, takes them where it normalises);
 * each BatchNorm's running statistics are updated exactly once per forward.
 
 The backward recomputes the normalised features through the op set (the one BN-ReLU-conv
@@ -25,16 +26,21 @@ backward; ``recompute="bottleneck"`` recomputes it as well, for the smallest mem
 Dropout (``drop_rate > 0``) draws its mask exactly as ``F.dropout`` does on the CPU and keeps
 it as a ``bool`` tensor (1 byte per element of the new features) for the backward.
 
-On the eager backend (plain PyTorch ops that materialise their intermediates) every
-backward BN-ReLU-conv over a prefix (and the bottleneck recomputation) is split into chunks
-of as many input channels as a layer's bottleneck has (the conv is linear in its input
-channels: partial outputs add up, and the input gradient of a chunk only needs the weight
-columns of that chunk), so the temporaries of one call stay the size of a tensor the forward
-held anyway, however wide the prefix grows. Triton and native kernels never materialise the
-normalised input, and take the whole prefix in one call.
+On the eager backend (plain PyTorch ops) the block launches about what the unfused modules
+launch (a densenet121 training step: 1,376 aten ops against naive's 1,459), through the eager
+op set's optional ops (:data:`resfast.ops.opset.OPTIONAL_OPS`): each reader's BatchNorm takes
+its own statistics in the op that normalises (PyTorch's batch-norm computes them in the same
+pass, so sharing them would only add launches), and the backward's BN input gradient comes out
+of PyTorch's batch-norm backward with the two sums. A backward call over a prefix is split
+into channel chunks (the conv is linear in its input channels: partial outputs add up, and the
+input gradient of a chunk only needs the weight columns of that chunk) only where its
+temporaries would exceed what the block keeps stored for its backward; with
+``recompute="bottleneck"`` that is the wider prefixes. Triton and native kernels never
+materialise the normalised input, take the whole prefix in one call and share the statistics.
 
 The per-channel bookkeeping is batched: every prefix reader's running-statistics update is
-applied once per block forward with ``torch._foreach_*`` ops.
+applied once per block forward with ``torch._foreach_*`` ops (shared statistics), and the
+modules count every BatchNorm of a block with one launch (:func:`resfast.nn.batchnorm.bn_calls`).
 
 This module takes tensors, floats and process groups only (:class:`DenseLayerArgs`,
 :class:`resfast.ops.bn_args.BNArgs`); the modules' BatchNorm bookkeeping happens in
@@ -227,12 +233,13 @@ _CONV1 = [_ONE, _ZERO, _ONE, 1]
 
 def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str) -> int:
     """The eager backward's memory budget per call over a prefix, in channels: what the block
-    holds during its backward anyway (its ``c_total`` features and their gradient buffer, and
-    each layer's bottleneck with ``recompute="bn_relu"``), so the temporaries of a call never
-    more than double it. (densenet121's blocks keep their bottlenecks, so no call is split;
-    with ``recompute="bottleneck"`` the calls over the widest prefixes are split in two.)"""
+    keeps stored for its backward (its ``c_total`` features, and each layer's bottleneck with
+    ``recompute="bn_relu"``), so the temporaries of a call never more than double it.
+    (densenet121's blocks keep their bottlenecks, so no call is split; with
+    ``recompute="bottleneck"``, the smallest-memory mode, a call over more than a third of the
+    block's channels is split.)"""
     kept = sum(layer.conv1_weight.shape[0] for layer in layers) if recompute == "bn_relu" else 0
-    return 2 * c_total + kept
+    return c_total + kept
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -595,7 +602,8 @@ def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunk
             args, w_chunk, gy = _CONV1, w[:, a:e], grad_y
         _, gw, _, gg, gb = bn_relu_conv2d_backward(
             ops, gy, x[:, a:e], w_chunk, _channels(gamma, a, e), _channels(beta, a, e), mean[a:e],
-            invstd[a:e], args, batch_stats, count, group, grad_x_out=gx_buf[:, a:e], accumulate=accumulate)
+            invstd[a:e], args, batch_stats, count, group, grad_x_out=gx_buf[:, a:e], accumulate=accumulate,
+            weight_grad=not depthwise_pool)
         gws.append(gw)
         ggs.append(gg)
         gbs.append(gb)

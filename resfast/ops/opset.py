@@ -50,10 +50,11 @@ OP_NAMES = (
 #:   momentum, eps, stride, padding, dilation, groups, out=None) -> (y or None, mean, invstd)``:
 #:   ``bn_stats_update`` then ``bn_relu_conv2d`` (written into ``out`` when given);
 #: * ``bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd,
-#:   stride, padding, dilation, groups, bias_grad, grad_x_out=None, accumulate=False)
-#:   -> (grad_x or None, grad_weight, grad_bias or [0], grad_gamma, grad_beta)``: the whole
-#:   backward when ``mean``/``invstd`` are ``x``'s own batch statistics (training, no process
-#:   group), ``grad_x`` written into (or added to) ``grad_x_out`` when given.
+#:   stride, padding, dilation, groups, bias_grad, grad_x_out=None, accumulate=False,
+#:   weight_grad=True) -> (grad_x or None, grad_weight or None, grad_bias or [0], grad_gamma,
+#:   grad_beta)``: the whole backward when ``mean``/``invstd`` are ``x``'s own batch statistics
+#:   (training, no process group), ``grad_x`` written into (or added to) ``grad_x_out`` when
+#:   given, the weight gradient skipped without ``weight_grad``.
 OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full")
 
 

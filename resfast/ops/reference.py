@@ -82,10 +82,13 @@ def bn_stats_update(
     ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* variance.
     (PyTorch's own ``batch_norm_update_stats``: one pass, the update included; while
     ``torch.compile`` traces, ``var_mean`` and the update in separate ops.)"""
-    if running_mean is not None and (running_mean.dtype != acc_dtype(x) or running_var.dtype != acc_dtype(x)
-                                     or torch.compiler.is_compiling()):  # the fused aten op has no fake kernel
+    # Without running statistics the fused aten op returns the statistics in x's dtype (a
+    # bfloat16 mean is off by ~1e-3), so var_mean in the accumulation dtype takes them.
+    if running_mean is None or running_mean.dtype != acc_dtype(x) or running_var.dtype != acc_dtype(x) \
+            or torch.compiler.is_compiling():  # the fused aten op has no fake kernel
         mean, var = bn_stats(x)
-        _update_running(x, running_mean, running_var, mean, var, momentum)
+        if running_mean is not None:
+            _update_running(x, running_mean, running_var, mean, var, momentum)
     else:
         with torch.no_grad():
             mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
@@ -194,12 +197,14 @@ def bn_relu_conv2d_backward_full(
     bias_grad: bool,
     grad_x_out: Optional[Tensor] = None,
     accumulate: bool = False,
-) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
+    weight_grad: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]:
     """The whole backward of ``conv2d(relu(bn(x)))`` when ``mean``/``invstd`` are the batch
     statistics of ``x`` itself (training, no process group): ``(grad_x, grad_weight,
     grad_bias or [0], sum_dz_xhat, sum_dz)``, in the order of ``(grad_x, grad_weight,
     grad_bias, grad_gamma, grad_beta)``; ``grad_x`` is written into (``accumulate``: added to)
-    ``grad_x_out`` when that is given, and ``None`` is returned for it.
+    ``grad_x_out`` when that is given, and ``None`` is returned for it; without
+    ``weight_grad`` the weight gradient is not computed and ``None`` is returned for it.
 
     An optional op of the eager op set (:data:`resfast.ops.opset.OPTIONAL_OPS`). For float32
     and float64 it runs as the unfused ``BatchNorm2d -> ReLU -> Conv2d`` backward does:
@@ -218,13 +223,13 @@ def bn_relu_conv2d_backward_full(
             bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate,
                                   grad_x_out)
             grad_x = None
-        return grad_x, grad_w, grad_b, sum_dz_xhat, sum_dz
+        return grad_x, (grad_w if weight_grad else None), grad_b, sum_dz_xhat, sum_dz
     acc = acc_dtype(x)
     x = _dense(x)
     a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [True, True, bias_grad],
+        [True, weight_grad, bias_grad],
     )
     # torch.relu's own backward, written over grad_a (one temporary fewer alive).
     grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
@@ -240,7 +245,8 @@ def bn_relu_conv2d_backward_full(
             grad_x_out.copy_(grad_x)
         grad_x = None
     grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
-    return grad_x, grad_w.to(weight.dtype), grad_b, sum_dz_xhat.to(acc), sum_dz.to(acc)
+    grad_w = grad_w.to(weight.dtype) if weight_grad else None
+    return grad_x, grad_w, grad_b, sum_dz_xhat.to(acc), sum_dz.to(acc)
 
 
 def bn_train_relu_conv2d(
