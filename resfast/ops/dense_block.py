@@ -272,12 +272,14 @@ def _autocast_off(device_type: str):
 #: Prefix-sized temporaries alive at once in one eager backward call over a prefix (a dense
 #: copy of a prefix view, the activation and its gradient; then the ReLU and input gradients).
 _TEMPS_PER_CALL = 3
+#: ... and in the recomputation of a bottleneck (the dense copy, then the activation).
+_TEMPS_PER_RECOMPUTE = 2
 
 
-def _chunks(c: int, budget: int) -> List[Tuple[int, int]]:
-    """``[0, c)`` in the fewest equal pieces whose temporaries (``_TEMPS_PER_CALL`` copies of
-    a piece) fit in ``budget`` channels; one piece when ``budget`` is 0."""
-    pieces = -(-_TEMPS_PER_CALL * c // budget) if budget else 1
+def _chunks(c: int, budget: int, temps: int = _TEMPS_PER_CALL) -> List[Tuple[int, int]]:
+    """``[0, c)`` in the fewest equal pieces whose temporaries (``temps`` copies of a piece)
+    fit in ``budget`` channels; one piece when ``budget`` is 0."""
+    pieces = -(-temps * c // budget) if budget else 1
     if pieces <= 1:
         return [(0, c)]
     size = -(-c // pieces)
@@ -565,7 +567,8 @@ def _backward(ctx, grad_out: Tensor):
         bott = bottlenecks[i]
         bottlenecks[i] = None
         if bott is None:
-            bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, chunks1)
+            bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1,
+                                        _chunks(c, cfg.chunk_budget, _TEMPS_PER_RECOMPUTE))
 
         # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own).
         # One call: its temporaries are the size of the bottleneck, a tensor the forward held.
