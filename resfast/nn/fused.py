@@ -18,13 +18,18 @@ __all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight"]
 
 def bn_relu_conv(
     bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: str = "auto", out: Optional[Tensor] = None,
-    update: bool = True,
-) -> Tensor:
+    update: bool = True, *, input_stats: Optional[Tensor] = None, return_stats: bool = False,
+):
     """``conv(relu(bn(x)))`` through :func:`resfast.functional.bn_relu_conv2d`, with ``bn``'s
     running statistics and ``num_batches_tracked`` updated exactly as ``nn.BatchNorm2d`` does.
 
     ``update=False``: a second reader of ``bn``'s output in the same forward (the same
     statistics; nothing updated). Bad input is rejected before anything changes.
+
+    Chaining (statistics in the epilogue): ``return_stats=True`` returns ``(y, stats)``, the
+    batch statistics of ``y`` taken by the conv (``None`` where the backend does not), and
+    the next call ``bn_relu_conv(bn_next, conv_next, y, ..., input_stats=stats)`` normalises
+    with them instead of a statistics pass over ``y``.
     """
     if conv.padding_mode != "zeros":
         raise ValueError(f"only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
@@ -32,13 +37,14 @@ def bn_relu_conv(
         raise ValueError(f"conv padding must be numeric, got {conv.padding!r}")
     return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups, out=out,
-                               update=update)
+                               update=update, input_stats=input_stats, return_stats=return_stats)
 
 
 def bn_relu_conv_weight(
     bn: nn.BatchNorm2d, weight: Tensor, x: Tensor, backend: str = "auto", *, bias: Optional[Tensor] = None,
     stride=1, padding=0, dilation=1, groups: int = 1, out: Optional[Tensor] = None, update: bool = True,
-) -> Tensor:
+    input_stats: Optional[Tensor] = None, return_stats: bool = False,
+):
     """:func:`bn_relu_conv` with the conv given as a weight tensor and its arguments (e.g. the
     depthwise 2x2 averaging weight of a pool-first transition)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
@@ -58,6 +64,7 @@ def bn_relu_conv_weight(
         training=call.batch_stats, momentum=call.momentum, eps=call.eps,
         stride=stride, padding=padding, dilation=dilation, groups=groups,
         backend=backend, out=out, process_group=call.process_group,
+        input_stats=input_stats, return_stats=return_stats,
     )
 
 

@@ -182,6 +182,21 @@ def register_autograd(namespace: str, ops) -> None:
         return gx, gw, gb, gbw, gbb, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::bn_relu_conv2d", backward, setup_context=setup_context)
+    if not hasattr(ops, "bn_relu_conv2d_stats"):
+        return
+
+    # The op that also returns its output's batch statistics (partials): the same backward; the
+    # statistics are not differentiable (a BatchNorm that normalises with them has batch_stats,
+    # so its own backward carries their dependence on the output).
+    def setup_context_stats(ctx, inputs, output):
+        setup_context(ctx, inputs, output[0])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_stats(ctx, grad_out, _grad_partials):
+        return backward(ctx, grad_out)
+
+    torch.library.register_autograd(f"{namespace}::bn_relu_conv2d_stats", backward_stats,
+                                    setup_context=setup_context_stats)
 
 
 class BNReLUConv2dFunction(torch.autograd.Function):

@@ -58,7 +58,9 @@ def bn_relu_conv2d(
     backend: str = "auto",
     out: Optional[Tensor] = None,
     process_group=None,
-) -> Tensor:
+    input_stats: Optional[Tensor] = None,
+    return_stats: bool = False,
+):
     """Fused ``F.conv2d(F.relu(F.batch_norm(x, ...)), weight, bias, stride, padding, dilation, groups)``.
 
     Same result as the eager expression, running statistics included: in training mode the
@@ -81,6 +83,15 @@ def bn_relu_conv2d(
             must not require grad, share memory with an input, or be expanded.
         process_group: a ``torch.distributed`` group to synchronise the batch statistics
             over, as ``nn.SyncBatchNorm`` does; ``None`` for per-process statistics.
+        input_stats: the batch statistics of ``x`` as a previous call with
+            ``return_stats=True`` returned them for its output ``x`` (statistics in the
+            epilogue): in training, without a process group, the BatchNorm takes its mean,
+            inverse std and running-statistics update from them instead of a pass over ``x``.
+            Ignored where they do not apply (eval, a process group, the eager backend).
+        return_stats: also return the batch statistics of the output, for the next fused
+            op's ``input_stats``: ``(y, stats)``, ``stats`` ``None`` where the backend does not
+            take them in the conv's epilogue (only triton does; eager and native leave the
+            next call to take its own), with ``out``, or through a process group.
 
     Double backward (``create_graph=True``) is exact on every backend, except through a
     SyncBN process group, where it raises.
@@ -96,43 +107,75 @@ def bn_relu_conv2d(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
     )
+    _check_input_stats(input_stats, x)
     name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                   momentum, eps, stride, padding, dilation, groups, out)
+    y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                               momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
+                               return_stats)
+    return (y, stats) if return_stats else y
+
+
+def _check_input_stats(input_stats: Optional[Tensor], x: Tensor) -> None:
+    if input_stats is None:
+        return
+    if not isinstance(input_stats, Tensor) or input_stats.dim() != 3 or input_stats.shape[0] != 3 \
+            or input_stats.shape[2] != x.shape[1] or input_stats.dtype != torch.float32:
+        raise ValueError("input_stats must be the float32 [3, S, C] statistics a previous call with "
+                         f"return_stats=True returned for x (C={x.shape[1]}), got "
+                         f"{getattr(input_stats, 'shape', type(input_stats).__name__)}")
+    if input_stats.device != x.device:
+        raise ValueError(f"input_stats is on {input_stats.device} but x is on {x.device}")
+
+
+def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                    stride, padding, dilation, groups, out, process_group, input_stats, return_stats):
+    """The fused op on backend ``name``, arguments checked: ``(y, output statistics or None)``."""
     if x.shape[0] == 0:
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return _finish(y, out)
+        return _finish(y, out), None
     if name == "eager" and process_group is None:
         y = F.conv2d(
             F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
             weight, bias, stride, padding, dilation, groups,
         )
-        return _finish(y, out)
+        return _finish(y, out), None
 
     ops = get_ops(name)
     count = x.numel() // x.shape[1]
+    merge = getattr(ops, "bn_stats_merge_update", None)
     if training and process_group is not None:
         mean, var, count = sync_batch_stats(ops, x, process_group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
         invstd = torch.rsqrt(var + eps)
     elif training:
         keep = momentum == 0.0  # a second reader of the same statistics: nothing to update
-        mean, invstd = ops.bn_stats_update(x.detach(), None if keep else running_mean,
-                                           None if keep else running_var, momentum, eps)
+        rm, rv = (None, None) if keep else (running_mean, running_var)
+        if input_stats is not None and merge is not None:
+            # x's statistics were taken in the epilogue of the op that wrote x: one finalize.
+            mean, invstd = merge(input_stats, count, rm, rv, momentum, eps)
+        else:
+            mean, invstd = ops.bn_stats_update(x.detach(), rm, rv, momentum, eps)
     else:
         mean, invstd = normalize_with(running_mean, running_var, eps, acc_dtype(x))
 
     if out is not None and not _needs_grad(x, weight, bias, bn_weight, bn_bias):
         ops.bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
                                out)
-        return out
+        return out, None
     if process_group is not None or name == "eager":
         y = BNReLUConv2dFunction.apply(ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd,
                                        stride, padding, dilation, groups, training)
-    else:
-        y = ops.bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
-                               training)
-    return _finish(y, out)
+        return _finish(y, out), None
+    with_stats = getattr(ops, "bn_relu_conv2d_stats", None) if return_stats and out is None else None
+    if with_stats is not None:
+        y, stats = with_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                              training)
+        return y, stats
+    y = ops.bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                           training)
+    return _finish(y, out), None
 
 
 def normalize_with(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> Tuple[Tensor, Tensor]:

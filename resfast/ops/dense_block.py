@@ -522,7 +522,10 @@ def _backward(ctx, grad_out: Tensor):
     buf, *rest = ctx.saved_tensors
     num_tensors, n_layers = ctx.num_tensors, cfg.num_layers
     tensors = rest[:num_tensors]
-    bottlenecks = saved.bottlenecks
+    bottlenecks = list(saved.bottlenecks)
+    # Each bottleneck is dropped from ctx once its layer is done (a second backward recomputes
+    # it); not while torch.compile traces, which may not mutate what the forward left on ctx.
+    release = not torch.compiler.is_compiling()
     masks = rest[num_tensors:]
     del rest
     ops, k, c0 = cfg.ops, cfg.growth, cfg.c0
@@ -566,6 +569,8 @@ def _backward(ctx, grad_out: Tensor):
         chunks1 = _chunks(c, cfg.chunk_budget)
         bott = bottlenecks[i]
         bottlenecks[i] = None
+        if release:
+            saved.bottlenecks[i] = None
         if bott is None:
             bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1,
                                         _chunks(c, cfg.chunk_budget, _TEMPS_PER_RECOMPUTE))

@@ -41,10 +41,11 @@ OP_NAMES = (
 )
 
 #: Ops an op set MAY provide (looked up with ``getattr(ops, name, None)``; callers compose the
-#: seven ops where one is absent). The eager op set has both: PyTorch's batch-norm ops do in one
-#: op what the seven split (statistics, running update and normalisation; the two sums and
-#: dL/dx), so the eager backend launches about as many ops as the unfused modules. Kernel
-#: backends fuse at the level of the seven ops and leave them out. Semantics:
+#: seven ops where one is absent).
+#:
+#: The eager op set has the first two: PyTorch's batch-norm ops do in one op what the seven
+#: split (statistics, running update and normalisation; the two sums and dL/dx), so the eager
+#: backend launches about as many ops as the unfused modules:
 #:
 #: * ``bn_train_relu_conv2d(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
 #:   momentum, eps, stride, padding, dilation, groups, out=None) -> (y or None, mean, invstd)``:
@@ -55,7 +56,16 @@ OP_NAMES = (
 #:   grad_beta)``: the whole backward when ``mean``/``invstd`` are ``x``'s own batch statistics
 #:   (training, no process group), ``grad_x`` written into (or added to) ``grad_x_out`` when
 #:   given, the weight gradient skipped without ``weight_grad``.
-OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full")
+#:
+#: The triton op set has the last two (statistics in the conv's epilogue; schemas in
+#: :data:`resfast.ops.schemas.OPTIONAL_SCHEMAS`):
+#:
+#: * ``bn_relu_conv2d_stats(<bn_relu_conv2d's arguments>) -> (y, partials)``: ``bn_relu_conv2d``
+#:   and the batch statistics of ``y`` as float32 ``[3, STATS_ROWS, C_out]`` partials (count,
+#:   mean, M2 per program), taken in the conv's epilogue;
+#: * ``bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps) ->
+#:   (mean, invstd)``: ``bn_stats_update`` of the tensor those partials describe, from them.
+OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_stats", "bn_stats_merge_update")
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from resfast.ops.opset import OP_NAMES
 
-__all__ = ["SCHEMAS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes"]
+__all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes"]
 
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
 _BN = "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor invstd"
@@ -34,6 +34,25 @@ SCHEMAS: Dict[str, str] = {
     "bn_backward_elemt_out": f"bn_backward_elemt_out({_ELEMT}, bool accumulate, Tensor(a!) out) -> ()",
 }
 assert tuple(SCHEMAS) == OP_NAMES
+
+#: Rows of the statistics partials ``bn_relu_conv2d_stats`` returns (``[3, STATS_ROWS, C_out]``:
+#: count, mean and M2 per program; a launch has at most this many programs per channel block).
+STATS_ROWS = 256
+
+#: Optional ops of the triton op set (:data:`resfast.ops.opset.OPTIONAL_OPS`), with their schemas:
+#: the fused op that also takes its output's batch statistics in the conv's epilogue, and the
+#: finalize that turns them into the next BatchNorm's mean and inverse std.
+OPTIONAL_SCHEMAS: Dict[str, str] = {
+    "bn_relu_conv2d_stats": (
+        f"bn_relu_conv2d_stats(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, bool batch_stats) "
+        "-> (Tensor, Tensor)"
+    ),
+    "bn_stats_merge_update": (
+        "bn_stats_merge_update(Tensor partials, int count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "float momentum, float eps) -> (Tensor, Tensor)"
+    ),
+}
+TRITON_OPTIONAL = tuple(OPTIONAL_SCHEMAS)
 
 
 def out_memory_format(x: Tensor) -> torch.memory_format:
@@ -67,7 +86,7 @@ def define_library(namespace: str) -> torch.library.Library:
     with _lock:
         if namespace not in _libs:
             lib = torch.library.Library(namespace, "DEF")
-            for schema in SCHEMAS.values():
+            for schema in (*SCHEMAS.values(), *OPTIONAL_SCHEMAS.values()):
                 lib.define(schema)
             _libs[namespace] = lib
         return _libs[namespace]
@@ -118,3 +137,16 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_backward_elemt_out"))
     def _(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
         return None
+
+    if not hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_stats"):
+        return
+
+    @torch.library.register_fake(q("bn_relu_conv2d_stats"))
+    def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, batch_stats):
+        shape = conv_out_shape(x, weight, stride, padding, dilation)
+        return (x.new_empty(shape).contiguous(memory_format=out_memory_format(x)),
+                x.new_empty([3, STATS_ROWS, shape[1]], dtype=torch.float32))
+
+    @torch.library.register_fake(q("bn_stats_merge_update"))
+    def _(partials, count, running_mean, running_var, momentum, eps):
+        return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])

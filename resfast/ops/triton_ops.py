@@ -44,9 +44,9 @@ import resfast.backends as backend_table
 from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd, bn_relu_conv_fwd, bn_stats as bn_stats_k
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
-from resfast.ops.schemas import conv_out_shape, out_memory_format
+from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, out_memory_format
 
-__all__ = [*OP_NAMES, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
+__all__ = [*OP_NAMES, *TRITON_OPTIONAL, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
            "TUNER", "MODEL_SMS"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,9 +127,10 @@ def launch_plan(op: str, *args: Any) -> List[KernelLaunch]:
     """The launches op ``op`` (a name of :data:`resfast.ops.opset.OP_NAMES`) makes for these
     arguments, without running them. Works on ``meta`` tensors (an SM count of
     :data:`MODEL_SMS` is assumed), which is how the static model uses it."""
-    if op not in _PLANNERS:
-        raise ValueError(f"launch_plan: unknown op {op!r}; expected one of {OP_NAMES}")
-    return _PLANNERS[op](*args)[1]
+    planners = {**_PLANNERS, **_OPTIONAL_PLANNERS}
+    if op not in planners:
+        raise ValueError(f"launch_plan: unknown op {op!r}; expected one of {(*OP_NAMES, *TRITON_OPTIONAL)}")
+    return planners[op](*args)[1]
 
 
 def _run(launches: Sequence[KernelLaunch], x: Tensor) -> None:
@@ -197,6 +198,30 @@ def bn_relu_conv2d_backward(
     return out
 
 
+def bn_relu_conv2d_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    batch_stats: bool,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`bn_relu_conv2d` and the batch statistics of its output, taken in the conv's
+    epilogue: ``(y, partials)``, ``partials`` the float32 ``[3, STATS_ROWS, C_out]`` per-program
+    ``(count, mean, M2)`` of ``y`` as stored, for :func:`bn_stats_merge_update`. One launch."""
+    out, launches = _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                               dilation, groups, batch_stats)
+    _run(launches, x)
+    return out
+
+
+def bn_stats_merge_update(partials: Tensor, count: int, running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
+    """``(mean, invstd)`` from :func:`bn_relu_conv2d_stats`'s partials of a tensor with
+    ``count`` positions per channel, the running statistics updated in place as
+    :func:`bn_stats_update` does. One launch (the statistics finalize)."""
+    out, launches = _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps)
+    _run(launches, partials)
+    return out
+
+
 def bn_backward_elemt(
     grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor, invstd: Tensor, sum_dz: Tensor,
     sum_dz_xhat: Tensor, inv_count: float,
@@ -252,22 +277,29 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     partial = KernelLaunch("bn_stats", bn_stats_k.bn_stats_partial_kernel, [fixed], fixed, bind_partial,
                            hbm_bytes=x.numel() * elt + 3 * splits * c * 4)
     fin = finalize or {}
-    rm, rv = fin.get("running_mean"), fin.get("running_var")
-    out_invstd = bool(fin.get("invstd", False))
+    finalize_launch = _finalize_launch(pcount, pmean, pm2, mean, var, fin.get("running_mean"),
+                                       fin.get("running_var"), float(fin.get("momentum", 0.0)),
+                                       float(fin.get("eps", 0.0)), bool(fin.get("invstd", False)), c, splits, p)
+    return (mean, var), [partial, finalize_launch]
+
+
+def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps: float, out_invstd: bool, c: int,
+                     splits: int, count: int) -> "KernelLaunch":
+    """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
+    inverse std), updating the running statistics when given (``count`` positions in all)."""
     merge_s, merge_c = (4, 16) if _interpret() else (32, 32)
-    count = p
+    fixed = _cfg(4, 1)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
         return Bound((_cdiv(c, merge_c),),
-                     (pcount, pmean, pm2, mean, var, _or(rm, mean), _or(rv, var), c, splits,
-                      float(fin.get("momentum", 0.0)), float(fin.get("eps", 0.0)), count / max(count - 1, 1)),
+                     (pcount, pmean, pm2, mean, var, _or(rm, mean), _or(rv, var), c, splits, momentum, eps,
+                      count / max(count - 1, 1)),
                      dict(HAS_RUNNING=rm is not None, OUT_INVSTD=out_invstd, BLOCK_S=merge_s, BLOCK_C=merge_c,
                           num_warps=cfg.num_warps),
                      loops={"pass1": _cdiv(splits, merge_s), "pass2": _cdiv(splits, merge_s)})
 
-    finalize_launch = KernelLaunch("bn_stats_finalize", bn_stats_k.bn_stats_finalize_kernel, [fixed], fixed,
-                                   bind_finalize, hbm_bytes=3 * splits * c * 4 + 2 * c * 4 * (2 if rm is not None else 1))
-    return (mean, var), [partial, finalize_launch]
+    return KernelLaunch("bn_stats_finalize", bn_stats_k.bn_stats_finalize_kernel, [fixed], fixed, bind_finalize,
+                        hbm_bytes=3 * splits * c * 4 + 2 * c * 4 * (2 if rm is not None else 1))
 
 
 def _plan_bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
@@ -355,7 +387,8 @@ def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, 
                                    groups, out)
 
 
-def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y):
+def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y,
+                      pstat=None):
     n, c, h, w = x.shape
     co, cin_g, kh, kw = weight.shape
     ho, wo = y.shape[2], y.shape[3]
@@ -366,8 +399,9 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     use_scratch = kh * kw > 1
     configs = _prune_tiles(_FWD_CONFIGS, ho, wo)
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
-    # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
-    if kh * kw == 1 and cin_g >= 64 and cout_g >= 64:
+    # static model's predictions: wide 1x1 convs the 128 x 64 channel tile (not with the
+    # statistics epilogue, where it spills), small images 8x8
+    if kh * kw == 1 and cin_g >= 64 and cout_g >= 64 and pstat is None:
         configs.sort(key=lambda cfg: -cfg.get("BLOCK_N"))
     elif ho * wo <= 8 * 8:
         configs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
@@ -378,7 +412,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         ncb = blk.ngb * blk.nsub
         tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
         num_tiles = n * tiles_h * tiles_w
-        nprog = _balanced_splits(num_tiles, ncb, x, cfg)
+        nprog = _balanced_splits(num_tiles, ncb, x, cfg, STATS_ROWS if pstat is not None else None)
         halo_h = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
         halo_w = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
         halo_b = min(64, _pow2(halo_h * halo_w))
@@ -390,13 +424,14 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         packed = blk.gp > 1
         flags = torch.empty([ncb * num_tiles if packed else 1], dtype=torch.int8, device=x.device)
         args = (x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y, scratch, flags,
-                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w, num_tiles,
-                *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
+                _or(pstat, mean), c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w,
+                num_tiles, STATS_ROWS, *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
         const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
                      USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == 1, PACKED=packed, HAS_BIAS=bias is not None,
                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
-                     BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                     BLOCK_K=blk.block_k, STATS=pstat is not None, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages)
         # per-program trips of the kernel's loops in the order of their heads in the code
         loops = {"tiles": _cdiv(num_tiles, nprog)}
         if blk.ksub > 1:
@@ -406,10 +441,43 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
                      derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, programs=nprog * ncb))
 
-    key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None)
+    key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None,
+           pstat is not None)
     return [KernelLaunch("conv_fwd", bn_relu_conv_fwd.bn_relu_conv_fwd_kernel, configs, _FWD_INTERP, bind, key,
                          hbm_bytes=_x_read_bytes(x, kh, kw, stride, dilation, ho, wo) + _nbytes(weight)
-                         + y.numel() * y.element_size())]
+                         + y.numel() * y.element_size() + (_nbytes(pstat) if pstat is not None else 0))]
+
+
+def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                               batch_stats):
+    _check_conv("bn_relu_conv2d_stats", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                groups)
+    shape = conv_out_shape(x, weight, stride, padding, dilation)
+    y = _empty_like_fake(x, shape)
+    pstat = torch.empty([3, STATS_ROWS, shape[1]], dtype=torch.float32, device=x.device)
+    return (y, pstat), _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                         dilation, groups, y, pstat)
+
+
+def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps):
+    if not isinstance(partials, Tensor) or partials.dim() != 3 or partials.shape[0] != 3 \
+            or partials.dtype != torch.float32:
+        raise ValueError("resfast_triton.bn_stats_merge_update: partials must be the float32 [3, S, C] statistics "
+                         f"of a bn_relu_conv2d_stats output, got {getattr(partials, 'shape', type(partials).__name__)}")
+    if int(count) < 1:
+        raise ValueError(f"resfast_triton.bn_stats_merge_update: count must be positive, got {count}")
+    partials = partials.contiguous()
+    c = partials.shape[2]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, t, c, partials)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("resfast_triton.bn_stats_merge_update: running_mean and running_var must both be given or "
+                         "both be None")
+    f32 = dict(dtype=torch.float32, device=partials.device)
+    mean, invstd = torch.empty([c], **f32), torch.empty([c], **f32)
+    launch = _finalize_launch(partials[0], partials[1], partials[2], mean, invstd, running_mean, running_var,
+                              momentum, eps, True, c, partials.shape[1], int(count))
+    return (mean, invstd), [launch]
 
 
 # ----------------------------------------------------------------------------- planners: conv backward
@@ -627,6 +695,11 @@ _PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_backward_elemt_out": _plan_bn_backward_elemt_out,
 }
 assert set(_PLANNERS) == set(OP_NAMES)
+_OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
+    "bn_relu_conv2d_stats": _plan_bn_relu_conv2d_stats,
+    "bn_stats_merge_update": _plan_bn_stats_merge_update,
+}
+assert set(_OPTIONAL_PLANNERS) == set(TRITON_OPTIONAL)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -937,7 +1010,7 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
 # ----------------------------------------------------------------------------- registration
 
 lib = schemas.define_library("resfast_triton")
-for _name in OP_NAMES:
+for _name in (*OP_NAMES, *TRITON_OPTIONAL):
     lib.impl(_name, globals()[_name], "CUDA")
     lib.impl(_name, globals()[_name], "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
 schemas.register_fakes("resfast_triton")

@@ -361,7 +361,15 @@ def training_plan(s: ConvShape, dtype=None) -> Dict[str, list]:
     bwd = (triton_ops.launch_plan("bn_relu_conv2d_backward", gy, x, w, bw, bb, mean, invstd, *conv, False)
            + triton_ops.launch_plan("bn_backward_elemt", x, x, bw, mean, invstd, vec(), vec(),
                                     1.0 / (s.n * s.h * s.w)))
-    return {"fwd": fwd, "bwd": bwd}
+    # Statistics in the epilogue. As a consumer, x's statistics come from the epilogue of the op
+    # that wrote x: one finalize, no pass over x. As a producer, the conv also takes its
+    # output's statistics (what that costs the conv is the op's "epilogue_us").
+    partials = torch.empty([3, triton_ops.STATS_ROWS, s.c], dtype=torch.float32, device="meta")
+    consumer = (triton_ops.launch_plan("bn_stats_merge_update", partials, s.n * s.h * s.w, rm, rv, 0.1, 1e-5)
+                + triton_ops.launch_plan("bn_relu_conv2d", x, w, None, bw, bb, mean, invstd, *conv, True))
+    producer = [launch for launch in triton_ops.launch_plan("bn_relu_conv2d_stats", x, w, None, bw, bb, mean,
+                                                            invstd, *conv, True)]
+    return {"fwd": fwd, "bwd": bwd, "fwd_consumer": consumer, "fwd_producer": producer}
 
 
 def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandwidth: float = H100,
@@ -414,6 +422,9 @@ def predict_ops(shapes: Iterable[ConvShape], kernels: List[Dict[str, Any]], band
         ks = [k for k in kernels if k["shape"] == s.name and k.get("backend") == "triton"]
         fwd = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd")
         bwd = sum(k["predicted_us"] for k in ks if k["phase"] == "bwd")
+        consumer = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd_consumer")
+        conv_fwd = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd" and k["kernel"] == "conv_fwd")
+        producer = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd_producer")
         eager = eager_floor_bytes(s)
         fused = fused_floor_bytes(s)
         eager_us = eager["total"] / bandwidth * 1e6
@@ -427,6 +438,12 @@ def predict_ops(shapes: Iterable[ConvShape], kernels: List[Dict[str, Any]], band
             "ratio": round(eager_us / total, 3) if total else None,
             "launches_fwd": sum(1 for k in ks if k["phase"] == "fwd"),
             "launches_bwd": sum(1 for k in ks if k["phase"] == "bwd"),
+            # in a block whose previous op took x's statistics in its epilogue: fwd+bwd and ratio
+            "fused_chained_us": round(consumer + bwd, 2) if consumer else None,
+            "ratio_chained": round(eager_us / (consumer + bwd), 3) if consumer else None,
+            "launches_fwd_chained": sum(1 for k in ks if k["phase"] == "fwd_consumer"),
+            # what taking the output's statistics in the epilogue adds to the conv (a producer)
+            "epilogue_us": round(producer - conv_fwd, 2) if producer else None,
             "all_mma": all(k["mma"] != "none" for k in ks if k["kernel"] in CONV_MMA_KERNELS),
             "zero_spills": all(k["spills"] == 0 for k in ks),
         })
@@ -534,6 +551,13 @@ def _interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _chained_cell(op: Dict[str, Any]) -> str:
+    if not op.get("fused_chained_us"):
+        return f"{'-':>10} {'-':>7} {'-':>9}"
+    return (f"{op['fused_chained_us']:>7.1f} us {op['ratio_chained']:>6.2f}x "
+            f"{op.get('epilogue_us') or 0:>+6.1f} us")
+
+
 def format_table(doc: Dict[str, Any]) -> str:
     """The human-readable report (all figures predicted, except the labelled measured column)."""
     lines = ["Static sm_90 model (PREDICTED; H100 SXM floor at %.2f TB/s unless --bandwidth h200)"
@@ -547,7 +571,7 @@ def format_table(doc: Dict[str, Any]) -> str:
                      f"{k.get('mma', ''):>8} {k.get('issue_us', 0):>8.1f} {k.get('mma_us', 0):>8.1f} "
                      f"{k.get('floor_us', 0):>8.1f} {k.get('predicted_us', 0):>8.1f}")
     lines += ["", f"{'shape':<22} {'fused fwd+bwd':>14} {'fused floor':>12} {'eager floor':>12} {'ratio':>7} "
-                  f"{'launches':>9}   measured (GPU run, other commit)"]
+                  f"{'launches':>9} {'chained':>10} {'ratio':>7} {'epilogue':>9}   measured (GPU run, other commit)"]
     for op in doc["ops"]:
         meas = ""
         if "measured" in op:
@@ -556,7 +580,7 @@ def format_table(doc: Dict[str, Any]) -> str:
             meas = f"{', '.join(parts)} [{src.get('gpu')}, commit {src.get('commit')}]"
         lines.append(f"{op['shape']:<22} {op['fused_us']:>11.1f} us {op['fused_floor_us']:>9.1f} us "
                      f"{op['eager_floor_us']:>9.1f} us {op['ratio']:>6.2f}x {op['launches_fwd']}+{op['launches_bwd']:<7}"
-                     f"   {meas}")
+                     f" {_chained_cell(op)}   {meas}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,14 @@ Padded positions of the halo are written as zeros of the *activation* (``0``, no
 prefetch of the next tile's scratch would read it before it is written.
 
 Without it (1x1 kernels) the tile is loaded, normalised and multiplied directly.
+
+``STATS``: the epilogue also takes the per-channel batch statistics of the output (from the
+float32 accumulator, before the output is rounded to its dtype): each tile's count, sum and sum
+of squares (one pass over the tile in registers; the tile's ``M2`` from them) are merged into the program's running
+``(count, mean, M2)`` with Chan's formula, and each program writes its row of the
+``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has no program for are
+written as zero counts), which the statistics finalize merges for the next BatchNorm. A packed
+tile that is not finite contributes through its exact fix-up, not its first pass.
 """
 import triton
 import triton.language as tl
@@ -31,8 +39,8 @@ from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, do
 
 @triton.jit
 def bn_relu_conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr, scratch_ptr, flag_ptr,
-    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES,
+    x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr, scratch_ptr, flag_ptr, pstat_ptr,
+    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES, S_ROWS,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     syn, syc, syh, syw,
@@ -42,6 +50,7 @@ def bn_relu_conv_fwd_kernel(
     USE_SCRATCH: tl.constexpr, ONE_CHUNK: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -70,6 +79,9 @@ def bn_relu_conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
+    st_n = tl.zeros([BLOCK_N], dtype=tl.float32)
+    st_mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+    st_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
 
     for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
         n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
@@ -94,8 +106,17 @@ def bn_relu_conv_fwd_kernel(
                                  shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
                                  STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
         if PACKED:  # remember a tile that is not finite: the fix-up loop recomputes it exactly
-            tl.store(flag_ptr + cb * NUM_TILES + t, any_nonfinite(acc).to(tl.int8))
+            bad = any_nonfinite(acc)
+            tl.store(flag_ptr + cb * NUM_TILES + t, bad.to(tl.int8))
         _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+        if STATS:
+            cnt = (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
+            if PACKED:  # a non-finite packed tile is counted by its fix-up
+                st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, bad == 0, True,
+                                                         act_ty, HAS_BIAS)
+            else:
+                st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, 0, False,
+                                                         act_ty, HAS_BIAS)
 
     if PACKED:
         # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
@@ -118,6 +139,55 @@ def bn_relu_conv_fwd_kernel(
                                       KW, STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, True, DOT_F32, BLOCK_K)
                     acc = tl.where((gn == g)[None, :], part, acc)
                 _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+                if STATS:
+                    cnt = (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
+                    st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, 0, False,
+                                                             act_ty, HAS_BIAS)
+
+    if STATS:
+        col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
+        plane = S_ROWS * CO
+        row = pid * CO + col
+        tl.store(pstat_ptr + row, st_n, mask=n_ok)
+        tl.store(pstat_ptr + plane + row, st_mean, mask=n_ok)
+        tl.store(pstat_ptr + 2 * plane + row, st_m2, mask=n_ok)
+        zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r in range(pid + nprog, S_ROWS, nprog):  # rows no program of this grid owns: empty
+            off = r * CO + col
+            tl.store(pstat_ptr + off, zero, mask=n_ok)
+            tl.store(pstat_ptr + plane + off, zero, mask=n_ok)
+            tl.store(pstat_ptr + 2 * plane + off, zero, mask=n_ok)
+
+
+@triton.jit
+def _add_pair(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@triton.jit
+def _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, keep, CHECK: tl.constexpr, act_ty: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+    """Merge one tile's per-channel ``(count, mean, M2)`` of the output into the running ones
+    (Chan's formula); with ``CHECK``, unchanged unless ``keep``. The tile's sums are taken in
+    one pass over the float32 accumulator (before the output's rounding); ``cnt`` is the
+    tile's number of valid positions."""
+    v = acc
+    if HAS_BIAS:
+        v = v + bias[None, :]
+    v = tl.where(m_ok[:, None], v, 0.0)
+    t1, t2 = tl.reduce((v, v * v), 0, _add_pair)  # one reduction for both sums
+    t_mean = t1 / cnt
+    t_m2 = tl.maximum(t2 - t1 * t_mean, 0.0)
+    n_new = st_n + cnt
+    frac = cnt / n_new
+    delta = t_mean - st_mean
+    new_mean = st_mean + delta * frac
+    new_m2 = st_m2 + t_m2 + delta * delta * st_n * frac
+    if CHECK:
+        n_new = tl.where(keep, n_new, st_n)
+        new_mean = tl.where(keep, new_mean, st_mean)
+        new_m2 = tl.where(keep, new_m2, st_m2)
+    return n_new, new_mean, new_m2
 
 
 @triton.jit

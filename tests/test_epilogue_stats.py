@@ -1,0 +1,146 @@
+"""Statistics in the epilogue (triton): ``bn_relu_conv2d_stats`` takes the batch statistics of
+its output in the conv's epilogue, ``bn_stats_merge_update`` turns them into the next
+BatchNorm's mean, inverse std and running-statistics update, and the functional op chains them
+(``return_stats=True`` -> ``input_stats=``).
+
+Checked against float64 with the rule of docs/design.md (statistics, running statistics, and a
+chained pair's outputs and every gradient), packed small groups with a NaN (the exact fix-up
+keeps it in its group's statistics), and launch counts: a chained consumer's forward is two
+launches (the finalize and the conv) instead of three. Runs under the Triton interpreter on
+the CPU (tiny shapes).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import assert_rule
+from resfast.backends import backend_status
+from resfast.functional import bn_relu_conv2d
+from resfast.profiling.launches import LaunchCounter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY = backend_status(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+
+CASES = {  # c, co, groups, k, stride, bias, channels_last, dtype
+    "packed_3x3": (16, 16, 4, 3, 1, False, True, torch.float32),
+    "dense_1x1_bias": (12, 8, 1, 1, 1, True, False, torch.float32),
+    "wide_3x3_s2_bf16": (8, 40, 1, 3, 2, False, True, torch.bfloat16),
+}
+
+
+def _ops():
+    from resfast.ops.triton_ops import OPS
+
+    return OPS
+
+
+def _inputs(c, co, groups, k, bias, channels_last, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c, 7, 6, generator=g) * 1.3 + 0.4
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(co, c // groups, k, k, generator=g) / (c // groups * k * k) ** 0.5
+    b = torch.randn(co, generator=g) * 0.2 if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_epilogue_statistics_match_float64(case):
+    c, co, groups, k, stride, bias, cl, dtype = CASES[case]
+    x, w, b = _inputs(c, co, groups, k, bias, cl, dtype)
+    xd = x.to(DEVICE)
+    m = xd.float().mean((0, 2, 3))
+    iv = torch.rsqrt(xd.float().var((0, 2, 3), correction=0) + 1e-5)
+    conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
+    bd = None if b is None else b.to(DEVICE)
+    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True)
+    assert partials.dtype == torch.float32 and tuple(partials.shape[::2]) == (3, co)
+    # the output itself is the plain op's
+    assert torch.equal(y, _ops().bn_relu_conv2d(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True))
+    rm, rv = torch.zeros(co, device=DEVICE), torch.ones(co, device=DEVICE)
+    count = y.numel() // co
+    mean, invstd = _ops().bn_stats_merge_update(partials, count, rm, rv, 0.1, 1e-5)
+    # references: float64 of the same math, and eager's statistics of the output in its own dtype
+    a64 = torch.relu((x.double() - m.double().cpu().view(1, -1, 1, 1)) * iv.double().cpu().view(1, -1, 1, 1))
+    y64 = F.conv2d(a64, w.double(), None if b is None else b.double(), *conv)
+    var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+    var_s, mean_s = torch.var_mean(y.float().cpu(), dim=(0, 2, 3), correction=0)
+    ctx = f"{case}"
+    assert_rule("mean", mean, mean64, mean_s, ctx, dtype=dtype)
+    assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), ctx, dtype=dtype)
+    unbias = count / (count - 1)
+    assert_rule("running_mean", rm, 0.1 * mean64, 0.1 * mean_s, ctx, dtype=dtype)
+    assert_rule("running_var", rv, 0.9 + 0.1 * var64 * unbias, 0.9 + 0.1 * var_s * unbias, ctx, dtype=dtype)
+
+
+def test_nan_stays_in_its_groups_statistics():
+    """Packed small groups: 0 * NaN in the block-diagonal weights would spread one group's NaN;
+    the fix-up recomputes that tile exactly, and its statistics come from the fix-up."""
+    x, w, _ = _inputs(16, 16, 4, 3, False, False, torch.float32)
+    x[1, 5, 2, 3] = float("nan")
+    xd = x.to(DEVICE)
+    m, iv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), None, None, None, m, iv, [1, 1], [1, 1], [1, 1], 4,
+                                              True)
+    mean, invstd = _ops().bn_stats_merge_update(partials, y.numel() // 16, None, None, 0.0, 1e-5)
+    var_s, mean_s = torch.var_mean(y.double().cpu(), dim=(0, 2, 3), correction=0)
+    assert torch.equal(torch.isnan(mean.cpu()), torch.isnan(mean_s)) and torch.isnan(mean_s).sum() == 4
+    ok = ~torch.isnan(mean_s)
+    assert (mean.cpu().double()[ok] - mean_s[ok]).abs().max() < 1e-5
+    assert (invstd.cpu().double()[ok] - (var_s[ok] + 1e-5).rsqrt()).abs().max() < 1e-4
+
+
+def _chain(x, w1, w2, p, backend, counter=None):
+    """bn1-relu-conv1 -> bn2-relu-conv2 (conv2 3x3, groups 2), training, with statistics in the
+    epilogue when the backend takes them; returns outputs, gradients and running statistics."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, *p)]
+    x, w1, w2, g1, b1, g2, b2 = leaves
+    rm1, rv1 = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device), torch.ones(x.shape[1], device=x.device)
+    rm2, rv2 = torch.zeros(w1.shape[0], device=x.device), torch.ones(w1.shape[0], device=x.device)
+    if x.dtype == torch.float64:
+        rm1, rv1, rm2, rv2 = (t.double() for t in (rm1, rv1, rm2, rv2))
+    h, stats = bn_relu_conv2d(x, w1, bn_weight=g1, bn_bias=b1, running_mean=rm1, running_var=rv1, training=True,
+                              backend=backend, return_stats=True)
+    launches = None
+    if counter is not None:
+        with counter.triton_hook(), counter:
+            y = bn_relu_conv2d(h, w2, bn_weight=g2, bn_bias=b2, running_mean=rm2, running_var=rv2, training=True,
+                               padding=1, groups=2, backend=backend, input_stats=stats)
+        launches = sum(counter.aten.values()) + sum(counter.triton.values())
+    else:
+        y = bn_relu_conv2d(h, w2, bn_weight=g2, bn_bias=b2, running_mean=rm2, running_var=rv2, training=True,
+                           padding=1, groups=2, backend=backend, input_stats=stats)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(y)
+    grads = torch.autograd.grad(y, leaves, gy)
+    return y.detach(), grads, (rm1, rv1, rm2, rv2), stats, launches
+
+
+def test_chained_pair_matches_float64_and_launches_two_for_the_consumer():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 5, 7, generator=g) * 1.2 + 0.5
+    w1 = torch.randn(8, 6, 1, 1, generator=g) / 6 ** 0.5
+    w2 = torch.randn(8, 4, 3, 3, generator=g) / 6
+    p = [torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g) * 0.2,
+         torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g) * 0.2]
+    counter = LaunchCounter()
+    got = _chain(x.to(DEVICE), w1.to(DEVICE), w2.to(DEVICE), [t.to(DEVICE) for t in p], "triton", counter)
+    ref64 = _chain(x.double(), w1.double(), w2.double(), [t.double() for t in p], "eager")
+    ref32 = _chain(x, w1, w2, p, "eager")
+    assert got[3] is not None and not got[3].requires_grad, "triton takes the statistics; they carry no gradient"
+    assert ref32[3] is None, "eager takes its own statistics in the next op"
+    assert got[4] == 2, f"the chained consumer's forward: finalize + conv, got {got[4]} launches"
+    assert_rule("output", got[0], ref64[0], ref32[0], "chained")
+    for name, a, b64, b32 in zip(("x", "w1", "w2", "g1", "b1", "g2", "b2"), got[1], ref64[1], ref32[1]):
+        assert_rule(f"grad {name}", a, b64, b32, "chained")
+    for name, a, b64, b32 in zip(("rm1", "rv1", "rm2", "rv2"), got[2], ref64[2], ref32[2]):
+        assert_rule(name, a, b64, b32, "chained")
+
+
+def test_input_stats_of_the_wrong_shape_are_rejected():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="input_stats must be the float32"):
+        bn_relu_conv2d(x, torch.randn(4, 6, 1, 1), bn_weight=None, bn_bias=None, running_mean=None,
+                       running_var=None, training=True, backend="eager", input_stats=torch.zeros(3, 4, 5))
