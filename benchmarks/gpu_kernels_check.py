@@ -15,7 +15,10 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
    is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
-3. ``profile``: the triton kernels of one stage-1 training step (``torch.profiler``), to set
+3. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
+   (grouped 3x3) -> bn2-relu-conv3 (1x1) pair, training forward + backward on triton, chained
+   (conv2 takes bn2's statistics in its epilogue) against two statistics passes.
+4. ``profile``: the triton kernels of one stage-1 training step (``torch.profiler``), to set
    beside the static model's per-kernel predictions.
 
 Writes ``OUTDIR/gpu_kernels.json`` (schema ``resfast-gpu-kernels/1``) and prints a summary.
@@ -236,6 +239,58 @@ def phase_timing(budget: Budget, with_compile: bool):
     return rows
 
 
+def phase_chain(budget: Budget):
+    """Statistics in the epilogue, measured: ResNeXt-50's bottleneck middle, bn1-relu-conv2
+    (grouped 3x3) -> bn2-relu-conv3 (1x1 to 2x the channels), training forward + backward on
+    triton, with conv2 taking bn2's statistics in its epilogue (chained) and without (two
+    statistics passes). The static model predicts the epilogue costs about what it saves."""
+    from resfast.functional import bn_relu_conv2d
+
+    rows = []
+    n = 64
+    for name, c, h, groups in TIMING[:2]:
+        if budget.left() < 30:
+            rows.append({"shape": name, "skipped": "budget"})
+            continue
+        xs = [torch.randn(n, c, h, h, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+              for _ in range(4)]
+        bn1, bn2 = nn.BatchNorm2d(c).cuda(), nn.BatchNorm2d(c).cuda()
+        w2 = (torch.randn(c, c // groups, 3, 3, device="cuda") / (9 * c // groups) ** 0.5).to(torch.bfloat16)
+        w3 = (torch.randn(2 * c, c, 1, 1, device="cuda") / c ** 0.5).to(torch.bfloat16)
+        w2 = w2.contiguous(memory_format=torch.channels_last).requires_grad_()
+        w3 = w3.contiguous(memory_format=torch.channels_last).requires_grad_()
+        gos = [torch.randn(n, 2 * c, h, h, device="cuda", dtype=torch.bfloat16).contiguous(
+            memory_format=torch.channels_last) for _ in range(4)]
+        counter = [0]
+
+        def pair(chained: bool):
+            i = counter[0] % 4
+            counter[0] += 1
+            x = xs[i].detach().requires_grad_(True)
+            kw = dict(training=True, backend="triton")
+            y = bn_relu_conv2d(x, w2, bn_weight=bn1.weight, bn_bias=bn1.bias, running_mean=bn1.running_mean,
+                               running_var=bn1.running_var, padding=1, groups=groups, return_stats=chained, **kw)
+            y, stats = y if chained else (y, None)
+            out = bn_relu_conv2d(y, w3, bn_weight=bn2.weight, bn_bias=bn2.bias, running_mean=bn2.running_mean,
+                                 running_var=bn2.running_var, input_stats=stats, **kw)
+            out.backward(gos[i])
+
+        for chained in (False, True):
+            try:
+                for _ in range(3):
+                    pair(chained)
+                torch.cuda.synchronize()
+                med = _time_cuda(lambda: pair(chained), reps=10)
+                rows.append({"shape": name, "chained": chained, "median_s": med})
+                _log(f"chain {name} {'chained' if chained else 'two passes':10s} {med * 1e6:9.1f} us")
+            except Exception as exc:
+                rows.append({"shape": name, "chained": chained, "error": f"{type(exc).__name__}: {exc}"})
+                _log(f"chain {name} chained={chained}: ERROR {type(exc).__name__}: {exc}")
+        del xs, gos
+        torch.cuda.empty_cache()
+    return rows
+
+
 def phase_profile(budget: Budget):
     if budget.left() < 20:
         return {"skipped": "budget"}
@@ -310,8 +365,14 @@ def main(argv=None) -> int:
     os.environ.pop("RESFAST_TRITON_AUTOTUNE", None)
     doc["phases"]["parity_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    doc["timing"] = phase_timing(Budget(budget.left() - 25), not args.no_compile)
+    doc["timing"] = phase_timing(Budget(budget.left() - 55), not args.no_compile)
     doc["phases"]["timing_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        doc["chain"] = phase_chain(Budget(budget.left() - 25))
+    except Exception as exc:
+        doc["chain"] = {"error": f"{type(exc).__name__}: {exc}"}
+    doc["phases"]["chain_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
         doc["profile"] = phase_profile(budget)
