@@ -144,3 +144,20 @@ def test_input_stats_of_the_wrong_shape_are_rejected():
     with pytest.raises(ValueError, match="input_stats must be the float32"):
         bn_relu_conv2d(x, torch.randn(4, 6, 1, 1), bn_weight=None, bn_bias=None, running_mean=None,
                        running_var=None, training=True, backend="eager", input_stats=torch.zeros(3, 4, 5))
+
+
+def test_resnext_block_takes_bn2_statistics_in_conv2s_epilogue():
+    """A grouped bottleneck (ResNeXt) on triton: one statistics pass in the training forward
+    (bn1's), bn2's statistics come from conv2's epilogue (a finalize, no pass over the tensor);
+    the block's numbers against float64 are tests/test_blocks.py's."""
+    from resfast.nn.blocks import ResNeXtBottleneck
+
+    torch.manual_seed(0)
+    block = ResNeXtBottleneck(16, 4, 1, None, cardinality=2, base_width=32, backend="triton").to(DEVICE)
+    assert block.conv2.groups == 2
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    counter = LaunchCounter()
+    with counter.triton_hook(), counter:
+        block(x)
+    assert counter.triton["bn_stats_partial_kernel"] == 1, dict(counter.triton)
+    assert counter.triton["bn_stats_finalize_kernel"] == 2, dict(counter.triton)

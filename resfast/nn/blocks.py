@@ -217,8 +217,15 @@ class Bottleneck(nn.Module):
         if run_unfused(self, fused, "two fused ops"):
             return self._forward_unfused(x)
         identity = x if self.downsample is None else self.downsample(x)
-        out = _bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
-        out = _bn_relu_conv(self.bn2, self.conv3, out, self.backend)
+        if self.conv2.groups > 1:
+            # ResNeXt: the grouped conv2 takes bn2's statistics in its epilogue (triton; the static
+            # model predicts it costs the conv less than the statistics pass over its output that
+            # it saves; not for dense 3x3 convs, docs/notes/triton_kernels.md v8)
+            out, stats = _bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend, return_stats=True)
+            out = _bn_relu_conv(self.bn2, self.conv3, out, self.backend, input_stats=stats)
+        else:
+            out = _bn_relu_conv(self.bn1, self.conv2, self.conv1(x), self.backend)
+            out = _bn_relu_conv(self.bn2, self.conv3, out, self.backend)
         out = self.bn3(out)
         if self.se is not None:
             out = self.se(out)
@@ -370,12 +377,14 @@ def _preact_shortcut(bn: nn.BatchNorm2d, conv: nn.Conv2d, x: Tensor, backend: st
     return bn_relu_conv(bn, conv, x, backend, update=False)
 
 
-def _bn_relu_conv(norm: nn.Module, conv: nn.Conv2d, x: Tensor, backend: str) -> Tensor:
+def _bn_relu_conv(norm: nn.Module, conv: nn.Conv2d, x: Tensor, backend: str, *, input_stats=None,
+                  return_stats: bool = False):
     # A custom norm_layer that is not a BatchNorm (GroupNorm, frozen BN, ...) has no fused
     # form; it runs unfused, which _check_fusable allows only for backend "auto" / "eager".
     if isinstance(norm, _BatchNorm):
-        return bn_relu_conv(norm, conv, x, backend)
-    return conv(torch.relu(norm(x)))
+        return bn_relu_conv(norm, conv, x, backend, input_stats=input_stats, return_stats=return_stats)
+    y = conv(torch.relu(norm(x)))
+    return (y, None) if return_stats else y
 
 
 def _check_fusable(backend: str, *norms: nn.Module) -> None:

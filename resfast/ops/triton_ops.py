@@ -322,6 +322,7 @@ _FWD_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
     _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64, STACK=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
 ]
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
@@ -399,9 +400,12 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     use_scratch = kh * kw > 1
     configs = _prune_tiles(_FWD_CONFIGS, ho, wo)
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
-    # static model's predictions: wide 1x1 convs the 128 x 64 channel tile (not with the
-    # statistics epilogue, where it spills), small images 8x8
-    if kh * kw == 1 and cin_g >= 64 and cout_g >= 64 and pstat is None:
+    # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
+    if pstat is not None:
+        # the statistics epilogue's register accumulators: the 8-warp 64-channel tile first
+        # (half the registers per thread; the 4-warp tiles can spill with them)
+        configs.sort(key=lambda cfg: (cfg.num_warps != 8 or cfg.get("BLOCK_N") != 64))
+    elif kh * kw == 1 and cin_g >= 64 and cout_g >= 64:
         configs.sort(key=lambda cfg: -cfg.get("BLOCK_N"))
     elif ho * wo <= 8 * 8:
         configs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))

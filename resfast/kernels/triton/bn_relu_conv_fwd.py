@@ -24,12 +24,12 @@ prefetch of the next tile's scratch would read it before it is written.
 Without it (1x1 kernels) the tile is loaded, normalised and multiplied directly.
 
 ``STATS``: the epilogue also takes the per-channel batch statistics of the output (from the
-float32 accumulator, before the output is rounded to its dtype): each tile's count, sum and sum
-of squares (one pass over the tile in registers; the tile's ``M2`` from them) are merged into the program's running
-``(count, mean, M2)`` with Chan's formula, and each program writes its row of the
-``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has no program for are
-written as zero counts), which the statistics finalize merges for the next BatchNorm. A packed
-tile that is not finite contributes through its exact fix-up, not its first pass.
+float32 accumulator plus the bias, before the output is rounded to its dtype): each tile is
+added to two per-position register accumulators (sums and sums of squares; rows outside the
+image add zero), reduced over the rows once per program after the tile loops, and each program
+writes its row of the ``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has
+no program for are written as zero counts), which the statistics finalize merges for the next
+BatchNorm. A packed tile that is not finite is added by its exact fix-up, not its first pass.
 """
 import triton
 import triton.language as tl
@@ -79,9 +79,9 @@ def bn_relu_conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    st_n = tl.zeros([BLOCK_N], dtype=tl.float32)
-    st_mean = tl.zeros([BLOCK_N], dtype=tl.float32)
-    st_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    st_n = pid * 0.0  # a float32 scalar
+    s1 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)  # per-position sums, reduced once per program
+    s2 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
 
     for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
         n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
@@ -112,11 +112,12 @@ def bn_relu_conv_fwd_kernel(
         if STATS:
             cnt = (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
             if PACKED:  # a non-finite packed tile is counted by its fix-up
-                st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, bad == 0, True,
-                                                         act_ty, HAS_BIAS)
+                ok = m_ok & (bad == 0)
+                st_n += tl.where(bad == 0, cnt, 0.0)
             else:
-                st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, 0, False,
-                                                         act_ty, HAS_BIAS)
+                ok = m_ok
+                st_n += cnt
+            s1, s2 = _add_tile(s1, s2, acc, bias, ok, HAS_BIAS)
 
     if PACKED:
         # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
@@ -140,11 +141,14 @@ def bn_relu_conv_fwd_kernel(
                     acc = tl.where((gn == g)[None, :], part, acc)
                 _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
                 if STATS:
-                    cnt = (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
-                    st_n, st_mean, st_m2 = _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, 0, False,
-                                                             act_ty, HAS_BIAS)
+                    st_n += (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
+                    s1, s2 = _add_tile(s1, s2, acc, bias, m_ok, HAS_BIAS)
 
     if STATS:
+        t1, t2 = tl.reduce((s1, s2), 0, _add_pair)
+        st_mean = t1 / tl.maximum(st_n, 1.0)
+        st_m2 = tl.maximum(t2 - t1 * st_mean, 0.0)
+        st_n = tl.zeros([BLOCK_N], dtype=tl.float32) + st_n
         col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
         plane = S_ROWS * CO
         row = pid * CO + col
@@ -165,29 +169,15 @@ def _add_pair(a1, a2, b1, b2):
 
 
 @triton.jit
-def _merge_tile_stats(st_n, st_mean, st_m2, acc, bias, m_ok, cnt, keep, CHECK: tl.constexpr, act_ty: tl.constexpr,
-                      HAS_BIAS: tl.constexpr):
-    """Merge one tile's per-channel ``(count, mean, M2)`` of the output into the running ones
-    (Chan's formula); with ``CHECK``, unchanged unless ``keep``. The tile's sums are taken in
-    one pass over the float32 accumulator (before the output's rounding); ``cnt`` is the
-    tile's number of valid positions."""
+def _add_tile(s1, s2, acc, bias, ok, HAS_BIAS: tl.constexpr):
+    """Add one tile of the output (the float32 accumulator plus the bias, before rounding) to the
+    program's per-position sums and sums of squares; rows not ``ok`` add nothing."""
     v = acc
     if HAS_BIAS:
         v = v + bias[None, :]
-    v = tl.where(m_ok[:, None], v, 0.0)
-    t1, t2 = tl.reduce((v, v * v), 0, _add_pair)  # one reduction for both sums
-    t_mean = t1 / cnt
-    t_m2 = tl.maximum(t2 - t1 * t_mean, 0.0)
-    n_new = st_n + cnt
-    frac = cnt / n_new
-    delta = t_mean - st_mean
-    new_mean = st_mean + delta * frac
-    new_m2 = st_m2 + t_m2 + delta * delta * st_n * frac
-    if CHECK:
-        n_new = tl.where(keep, n_new, st_n)
-        new_mean = tl.where(keep, new_mean, st_mean)
-        new_m2 = tl.where(keep, new_m2, st_m2)
-    return n_new, new_mean, new_m2
+    v = tl.where(ok[:, None], v, 0.0)
+    return s1 + v, s2 + v * v
+
 
 
 @triton.jit
