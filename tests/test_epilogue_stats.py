@@ -161,3 +161,21 @@ def test_resnext_block_takes_bn2_statistics_in_conv2s_epilogue():
         block(x)
     assert counter.triton["bn_stats_partial_kernel"] == 1, dict(counter.triton)
     assert counter.triton["bn_stats_finalize_kernel"] == 2, dict(counter.triton)
+
+
+def test_a_large_bias_does_not_cancel_in_the_variance():
+    """The epilogue sums the accumulator without the bias (added to the mean at the end), so a
+    bias far above the output's spread costs the variance no precision."""
+    x, w, _ = _inputs(12, 8, 1, 1, False, False, torch.float32, seed=4)
+    b = torch.full((8,), 300.0)
+    xd = x.to(DEVICE)
+    m = xd.mean((0, 2, 3))
+    iv = torch.rsqrt(xd.var((0, 2, 3), correction=0) + 1e-5)
+    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), b.to(DEVICE), None, None, m, iv, [1, 1], [0, 0],
+                                              [1, 1], 1, True)
+    mean, invstd = _ops().bn_stats_merge_update(partials, y.numel() // 8, None, None, 0.0, 1e-5)
+    a64 = torch.relu((x.double() - m.double().cpu().view(1, -1, 1, 1)) * iv.double().cpu().view(1, -1, 1, 1))
+    var64, mean64 = torch.var_mean(F.conv2d(a64, w.double(), b.double()), dim=(0, 2, 3), correction=0)
+    var_s, mean_s = torch.var_mean(y.cpu(), dim=(0, 2, 3), correction=0)
+    assert_rule("mean", mean, mean64, mean_s, "bias 300")
+    assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), "bias 300")

@@ -24,7 +24,8 @@ prefetch of the next tile's scratch would read it before it is written.
 Without it (1x1 kernels) the tile is loaded, normalised and multiplied directly.
 
 ``STATS``: the epilogue also takes the per-channel batch statistics of the output (from the
-float32 accumulator plus the bias, before the output is rounded to its dtype): each tile is
+float32 accumulator, before the output is rounded to its dtype; the bias is added to the mean
+at the end): each tile is
 added to two per-position register accumulators (sums and sums of squares; rows outside the
 image add zero), reduced over the rows once per program after the tile loops, and each program
 writes its row of the ``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has
@@ -148,6 +149,8 @@ def bn_relu_conv_fwd_kernel(
         t1, t2 = tl.reduce((s1, s2), 0, _add_pair)
         st_mean = t1 / tl.maximum(st_n, 1.0)
         st_m2 = tl.maximum(t2 - t1 * st_mean, 0.0)
+        if HAS_BIAS:
+            st_mean = st_mean + bias
         st_n = tl.zeros([BLOCK_N], dtype=tl.float32) + st_n
         col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
         plane = S_ROWS * CO
@@ -170,12 +173,10 @@ def _add_pair(a1, a2, b1, b2):
 
 @triton.jit
 def _add_tile(s1, s2, acc, bias, ok, HAS_BIAS: tl.constexpr):
-    """Add one tile of the output (the float32 accumulator plus the bias, before rounding) to the
-    program's per-position sums and sums of squares; rows not ``ok`` add nothing."""
-    v = acc
-    if HAS_BIAS:
-        v = v + bias[None, :]
-    v = tl.where(ok[:, None], v, 0.0)
+    """Add one tile of the output (the float32 accumulator, before the bias and the rounding:
+    the bias shifts the mean only, and leaving it out keeps it from cancelling in the sum of
+    squares) to the program's per-position sums and sums of squares; rows not ``ok`` add nothing."""
+    v = tl.where(ok[:, None], acc, 0.0)
     return s1 + v, s2 + v * v
 
 
