@@ -179,3 +179,24 @@ def test_a_large_bias_does_not_cancel_in_the_variance():
     var_s, mean_s = torch.var_mean(y.cpu(), dim=(0, 2, 3), correction=0)
     assert_rule("mean", mean, mean64, mean_s, "bias 300")
     assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), "bias 300")
+
+
+def test_an_output_mean_far_above_its_spread_keeps_its_variance():
+    """A BN shift of 100 before positive weights: the output's mean is hundreds of times its
+    spread. The epilogue's per-position Welford accumulators do not cancel (a sum of squares
+    would lose the variance)."""
+    x, w, _ = _inputs(12, 8, 1, 1, False, False, torch.float32, seed=5)
+    w = w.abs()
+    beta = torch.full((12,), 100.0)
+    xd = x.to(DEVICE)
+    m = xd.mean((0, 2, 3))
+    iv = torch.rsqrt(xd.var((0, 2, 3), correction=0) + 1e-5)
+    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), None, None, beta.to(DEVICE), m, iv, [1, 1], [0, 0],
+                                              [1, 1], 1, True)
+    mean, invstd = _ops().bn_stats_merge_update(partials, y.numel() // 8, None, None, 0.0, 1e-5)
+    z64 = (x.double() - m.double().cpu().view(1, -1, 1, 1)) * iv.double().cpu().view(1, -1, 1, 1) + 100.0
+    var64, mean64 = torch.var_mean(F.conv2d(torch.relu(z64), w.double()), dim=(0, 2, 3), correction=0)
+    assert (mean64.abs() / var64.sqrt()).min() > 50, "the case must have its mean far above its spread"
+    var_s, mean_s = torch.var_mean(y.cpu(), dim=(0, 2, 3), correction=0)
+    assert_rule("mean", mean, mean64, mean_s, "mean >> std")
+    assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), "mean >> std")

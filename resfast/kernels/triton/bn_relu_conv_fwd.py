@@ -25,9 +25,9 @@ Without it (1x1 kernels) the tile is loaded, normalised and multiplied directly.
 
 ``STATS``: the epilogue also takes the per-channel batch statistics of the output (from the
 float32 accumulator, before the output is rounded to its dtype; the bias is added to the mean
-at the end): each tile is
-added to two per-position register accumulators (sums and sums of squares; rows outside the
-image add zero), reduced over the rows once per program after the tile loops, and each program
+at the end): each tile is Welford-added to per-position register accumulators (count, mean,
+M2; rows outside the image add nothing), merged over the rows once per program after the tile
+loops (Chan's formula), and each program
 writes its row of the ``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has
 no program for are written as zero counts), which the statistics finalize merges for the next
 BatchNorm. A packed tile that is not finite is added by its exact fix-up, not its first pass.
@@ -80,9 +80,10 @@ def bn_relu_conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    st_n = pid * 0.0  # a float32 scalar
-    s1 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)  # per-position sums, reduced once per program
-    s2 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    # per-position Welford accumulators (count per row, mean, M2), merged once per program
+    wk = tl.zeros([BM], dtype=tl.float32)
+    wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
 
     for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
         n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
@@ -111,14 +112,11 @@ def bn_relu_conv_fwd_kernel(
             tl.store(flag_ptr + cb * NUM_TILES + t, bad.to(tl.int8))
         _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
         if STATS:
-            cnt = (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
             if PACKED:  # a non-finite packed tile is counted by its fix-up
                 ok = m_ok & (bad == 0)
-                st_n += tl.where(bad == 0, cnt, 0.0)
             else:
                 ok = m_ok
-                st_n += cnt
-            s1, s2 = _add_tile(s1, s2, acc, bias, ok, HAS_BIAS)
+            wk, wm, wq = _add_tile(wk, wm, wq, acc, ok)
 
     if PACKED:
         # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
@@ -142,16 +140,13 @@ def bn_relu_conv_fwd_kernel(
                     acc = tl.where((gn == g)[None, :], part, acc)
                 _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
                 if STATS:
-                    st_n += (tl.minimum(HO - th0, TILE_H) * tl.minimum(WO - tw0, TILE_W)).to(tl.float32)
-                    s1, s2 = _add_tile(s1, s2, acc, bias, m_ok, HAS_BIAS)
+                    wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
 
     if STATS:
-        t1, t2 = tl.reduce((s1, s2), 0, _add_pair)
-        st_mean = t1 / tl.maximum(st_n, 1.0)
-        st_m2 = tl.maximum(t2 - t1 * st_mean, 0.0)
+        wn = tl.broadcast_to(wk[:, None], [BM, BLOCK_N])
+        st_n, st_mean, st_m2 = tl.reduce((wn, wm, wq), 0, _chan_merge)
         if HAS_BIAS:
             st_mean = st_mean + bias
-        st_n = tl.zeros([BLOCK_N], dtype=tl.float32) + st_n
         col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
         plane = S_ROWS * CO
         row = pid * CO + col
@@ -167,18 +162,25 @@ def bn_relu_conv_fwd_kernel(
 
 
 @triton.jit
-def _add_pair(a1, a2, b1, b2):
-    return a1 + b1, a2 + b2
+def _chan_merge(n_a, m_a, q_a, n_b, m_b, q_b):
+    """Chan's merge of two ``(count, mean, M2)`` partials (an empty one changes nothing)."""
+    n = n_a + n_b
+    d = m_b - m_a
+    f = n_b / tl.maximum(n, 1.0)
+    return n, m_a + d * f, q_a + q_b + d * d * n_a * f
 
 
 @triton.jit
-def _add_tile(s1, s2, acc, bias, ok, HAS_BIAS: tl.constexpr):
-    """Add one tile of the output (the float32 accumulator, before the bias and the rounding:
-    the bias shifts the mean only, and leaving it out keeps it from cancelling in the sum of
-    squares) to the program's per-position sums and sums of squares; rows not ``ok`` add nothing."""
-    v = tl.where(ok[:, None], acc, 0.0)
-    return s1 + v, s2 + v * v
-
+def _add_tile(wk, wm, wq, acc, ok):
+    """Welford-add one tile of the output (the float32 accumulator, before the bias and the
+    rounding: the bias shifts the mean only) to the program's per-position count, mean and M2;
+    rows not ``ok`` change nothing. No sum of squares, so nothing cancels."""
+    k = wk + ok.to(tl.float32)
+    inv = 1.0 / tl.maximum(k, 1.0)
+    d = acc - wm
+    new_m = wm + d * inv[:, None]
+    keep = ok[:, None]  # select, never multiply: a skipped tile may hold NaN
+    return k, tl.where(keep, new_m, wm), tl.where(keep, wq + d * (acc - new_m), wq)
 
 
 @triton.jit
