@@ -32,6 +32,8 @@ def _case(dtype, seed=0, prefix_view=False, n=2, c=6, co=5, hw=(5, 4)):
     gamma = torch.rand(c, generator=g) + 0.5
     beta = torch.randn(c, generator=g) * 0.3
     gy = torch.randn(n, co, *hw, generator=g)
+    if dtype == torch.float64:  # a float64 model has float64 BatchNorm parameters
+        gamma, beta = gamma.double(), beta.double()
     return x.to(dtype), w.to(dtype), gamma, beta, gy.to(dtype)
 
 
@@ -104,12 +106,29 @@ def test_bn_stats_update_of_bfloat16_keeps_float32_statistics(running):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("prefix_view", [False, True])
 def test_backward_full_matches_float64(dtype, prefix_view):
+    """The eager backward through the one entry point (``autograd.bn_relu_conv2d_backward``):
+    float32/float64 take ``bn_relu_conv2d_backward_full``, float16/bfloat16 (for which the
+    optional op returns None) compose the two ops."""
+    from resfast.ops.autograd import bn_relu_conv2d_backward
+
     x, w, gamma, beta, gy = _case(dtype, seed=1, prefix_view=prefix_view)
     var, mean = torch.var_mean(x.to(reference.acc_dtype(x)), dim=(0, 2, 3), correction=0)
     invstd = (var + 1e-5).rsqrt()
-    gx, gw, gb, ggamma, gbeta = reference.bn_relu_conv2d_backward_full(
-        gy, x, w, gamma, beta, mean, invstd, [1, 1], [1, 1], [1, 1], 1, False)
-    assert gb.numel() == 0
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    count = x.numel() // x.shape[1]
+
+    def backward(**kw):
+        return bn_relu_conv2d_backward(reference, gy, x, w, gamma, beta, mean, invstd, conv, True, count, **kw)
+
+    full = reference.bn_relu_conv2d_backward_full(gy, x, w, gamma, beta, mean, invstd, *conv, False)
+    gx, gw, gb, ggamma, gbeta = backward()
+    assert gb is None
+    if dtype in (torch.float16, torch.bfloat16):
+        assert full is None, "low precision composes the two ops (the accumulated gradient is rounded once)"
+    else:
+        assert full[2].numel() == 0
+        for got, want in zip((full[0], full[1], full[3], full[4]), (gx, gw, ggamma, gbeta)):
+            assert torch.equal(got.to(want.dtype), want)  # the entry point casts to the parameters' dtype
     ref64 = _grads(x, w, gamma, beta, gy, torch.float64)
     ref_same = _grads(x, w, gamma, beta, gy, dtype)
     ctx = f"{dtype}, prefix_view={prefix_view}"
@@ -117,17 +136,14 @@ def test_backward_full_matches_float64(dtype, prefix_view):
         assert_rule(name, got, ref64[i], ref_same[i], ctx, dtype=dtype)
     # Into a channel slice of a gradient buffer, then accumulated onto it.
     gbuf = torch.full((2, 9, 5, 4), 0.25, dtype=dtype)
-    out = reference.bn_relu_conv2d_backward_full(gy, x, w, gamma, beta, mean, invstd, [1, 1], [1, 1], [1, 1], 1,
-                                                 False, gbuf[:, 1:7], False)
+    out = backward(grad_x_out=gbuf[:, 1:7], accumulate=False)
     assert out[0] is None
     assert_rule("grad_x written", gbuf[:, 1:7], ref64[1], ref_same[1], ctx, dtype=dtype)
     assert (gbuf[:, :1] == 0.25).all() and (gbuf[:, 7:] == 0.25).all()
-    reference.bn_relu_conv2d_backward_full(gy, x, w, gamma, beta, mean, invstd, [1, 1], [1, 1], [1, 1], 1, False,
-                                           gbuf[:, 1:7], True)
+    backward(grad_x_out=gbuf[:, 1:7], accumulate=True)
     assert_rule("grad_x accumulated", gbuf[:, 1:7], 2 * ref64[1], 2 * ref_same[1], ctx, dtype=dtype)
     # Without the weight gradient: None for it, the rest unchanged.
-    gx2, gw2, _, ggamma2, gbeta2 = reference.bn_relu_conv2d_backward_full(
-        gy, x, w, gamma, beta, mean, invstd, [1, 1], [1, 1], [1, 1], 1, False, weight_grad=False)
+    gx2, gw2, _, ggamma2, gbeta2 = backward(weight_grad=False)
     assert gw2 is None
     for got, want in ((gx2, gx), (ggamma2, ggamma), (gbeta2, gbeta)):
         assert torch.equal(got, want)

@@ -85,14 +85,28 @@ def bn_relu_conv2d_backward(
     """
     stride, padding, dilation, groups = conv_args
     full = getattr(ops, "bn_relu_conv2d_backward_full", None)
+    got = None
     if full is not None and batch_stats and process_group is None and count * x.shape[1] == x.numel():
-        # The op set forms dL/dx with the sums in one go (mean/invstd are x's own statistics).
-        gx, gw, gb, sum_dz_xhat, sum_dz = full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride),
-                                               list(padding), list(dilation), groups, bias_grad, grad_x_out,
-                                               accumulate, weight_grad)
-        gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
-        gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
-        return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
+        # The op set forms dL/dx with the sums in one go (mean/invstd are x's own statistics);
+        # None where it cannot, and the two ops below compose it.
+        got = full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride), list(padding),
+                   list(dilation), groups, bias_grad, grad_x_out, accumulate, weight_grad)
+    if got is not None:
+        gx, gw, gb, sum_dz_xhat, sum_dz = got
+    else:
+        gx, gw, gb, sum_dz, sum_dz_xhat = _composed_backward(ops, grad_out, x, weight, bn_weight, bn_bias, mean,
+                                                             invstd, conv_args, batch_stats, count, process_group,
+                                                             bias_grad, grad_x_out, accumulate)
+    gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
+    gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
+    return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
+
+
+def _composed_backward(ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, conv_args, batch_stats, count,
+                       process_group, bias_grad, grad_x_out, accumulate):
+    """``(grad_x or None, grad_weight, grad_bias, sum_dz, sum_dz_xhat)`` from the op set's conv
+    backward and BN input gradient, the two sums all-reduced over ``process_group``."""
+    stride, padding, dilation, groups = conv_args
     grad_z, gw, gb, sum_dz, sum_dz_xhat = ops.bn_relu_conv2d_backward(
         grad_out, x, weight, bn_weight, bn_bias, mean, invstd, list(stride), list(padding), list(dilation), groups,
         bias_grad)
@@ -110,9 +124,7 @@ def bn_relu_conv2d_backward(
         ops.bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, g_sum_dz, g_sum_dz_xhat, inv_count, accumulate,
                                   grad_x_out)
         gx = None
-    gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
-    gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
-    return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
+    return gx, gw, gb, sum_dz, sum_dz_xhat
 
 
 def differentiable_bn_relu_conv2d(

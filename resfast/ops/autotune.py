@@ -700,6 +700,23 @@ def pick_backend(requested: str, device: Union[torch.device, str], op: str, sign
 # resfast.ops.bn_relu_conv2d.bn_relu_conv2d_backend, resfast.ops.dense_block.dense_block_backend.
 
 
+def training_runner(call: Callable[[], Tensor], leaves: Sequence[Tensor], grad: bool) -> Runner:
+    """A :data:`Runner` for one call of an op as training runs it: ``call()`` under
+    ``torch.set_grad_enabled(grad)``, then, when ``leaves`` need gradients, their gradients by
+    ``torch.autograd.grad`` with one fixed random output gradient (drawn on the first run)."""
+    gy: List[Tensor] = []
+
+    def run() -> None:
+        with torch.set_grad_enabled(grad):
+            y = call()
+            if leaves:
+                if not gy:
+                    gy.append(torch.randn_like(y))
+                torch.autograd.grad(y, list(leaves), gy[0])
+
+    return run
+
+
 def strides_class(t: Tensor) -> str:
     if t.is_contiguous():
         return "nchw"

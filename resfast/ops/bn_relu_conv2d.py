@@ -18,7 +18,7 @@ Which path a call takes:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from resfast.backends import resolve_backend
 from resfast.ops.autograd import BNReLUConv2dFunction
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
-                                  static_dims, strides_class)
+                                  static_dims, strides_class, training_runner)
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype
 from resfast.ops.validation import check_bn_relu_conv2d_args
@@ -300,18 +300,10 @@ def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Opti
             sout = scratch(out, (xs[0], cos, *(conv_out(e, k, a, b, d) for e, k, a, b, d in
                                                 zip(xs[2:], (kh, kw), st, pd, dl))))
         leaves = [t for t in (sx, sw, sb, sg, sbb) if t is not None and t.requires_grad]
-        gy: List[Tensor] = []
-
-        def run() -> None:
-            with torch.set_grad_enabled(grad):
-                y = bn_relu_conv2d(sx, sw, sb, bn_weight=sg, bn_bias=sbb, running_mean=rm, running_var=rv,
+        return training_runner(
+            lambda: bn_relu_conv2d(sx, sw, sb, bn_weight=sg, bn_bias=sbb, running_mean=rm, running_var=rv,
                                    training=training, momentum=momentum, eps=eps, stride=st, padding=pd,
-                                   dilation=dl, groups=g, backend=name, out=sout)
-                if leaves:
-                    if not gy:
-                        gy.append(torch.randn_like(y))
-                    torch.autograd.grad(y, leaves, gy[0])
-
-        return run
+                                   dilation=dl, groups=g, backend=name, out=sout),
+            leaves, grad)
 
     return pick_backend(requested, x.device, "bn_relu_conv2d", signature, make_runner)

@@ -60,7 +60,7 @@ from resfast.backends import resolve_backend
 from resfast.ops.autograd import bn_relu_conv2d_backward
 from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signature, as_pair, autocast_dtype,
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
-                                  static_choice, static_dims, strides_class)
+                                  static_choice, static_dims, strides_class, training_runner)
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
@@ -440,21 +440,19 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         return buf, buf
     wt, gt, bt = tensors[6 * n_layers: 6 * n_layers + 3]
     norm_t = cfg.norms[-1]
+    # the tail's fused op: the 1x1 conv itself, or the BN-ReLU-pool before the 1x1 conv
     if train_op is not None and norm_t.batch_stats:
-        conv_args = _CONV1 if cfg.pool_weight is None else _pool_args(c_tot)
-        out, mean_t, invstd_t = _train_call(train_op, norm_t, buf, wt if cfg.pool_weight is None else cfg.pool_weight,
-                                            gt, bt, conv_args)
-        if cfg.pool_weight is not None:
-            out = F.conv2d(out, wt)
-        if saved is not None:
-            saved.mean_t, saved.invstd_t = mean_t, invstd_t
-        return out, buf
-    mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending)
-    _apply_running_updates(pending, mean_all, var_all, count)
-    if cfg.pool_weight is None:
-        out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])
+        w_fused, args = (wt, _CONV1) if cfg.pool_weight is None else (cfg.pool_weight, _pool_args(c_tot))
+        out, mean_t, invstd_t = _train_call(train_op, norm_t, buf, w_fused, gt, bt, args)
     else:
-        out = F.conv2d(_pooled(ops, cfg, buf, gt, bt, mean_t, invstd_t), wt)
+        mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending)
+        _apply_running_updates(pending, mean_all, var_all, count)
+        if cfg.pool_weight is None:
+            out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])
+        else:
+            out = _pooled(ops, cfg, buf, gt, bt, mean_t, invstd_t)
+    if cfg.pool_weight is not None:
+        out = F.conv2d(out, wt)
     if saved is not None:
         saved.mean_t, saved.invstd_t = mean_t, invstd_t
     return out, buf
@@ -711,16 +709,7 @@ def dense_block_backend(requested: str, x: Tensor, layers: Sequence, *, recomput
         if grad and x.requires_grad:
             sx.requires_grad_(True)
             leaves.append(sx)
-        gy: List[Tensor] = []
-
-        def run() -> None:
-            with torch.set_grad_enabled(grad):
-                y = shared_dense_block(sx, slayers, backend=name, recompute=recompute, tail=stail)
-                if leaves:
-                    if not gy:
-                        gy.append(torch.randn_like(y))
-                    torch.autograd.grad(y, leaves, gy[0])
-
-        return run
+        return training_runner(lambda: shared_dense_block(sx, slayers, backend=name, recompute=recompute, tail=stail),
+                               leaves, grad)
 
     return pick_backend(requested, x.device, "shared_dense_block", signature, make_runner)

@@ -53,9 +53,11 @@ OP_NAMES = (
 #: * ``bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd,
 #:   stride, padding, dilation, groups, bias_grad, grad_x_out=None, accumulate=False,
 #:   weight_grad=True) -> (grad_x or None, grad_weight or None, grad_bias or [0], grad_gamma,
-#:   grad_beta)``: the whole backward when ``mean``/``invstd`` are ``x``'s own batch statistics
-#:   (training, no process group), ``grad_x`` written into (or added to) ``grad_x_out`` when
-#:   given, the weight gradient skipped without ``weight_grad``.
+#:   grad_beta) or None``: the whole backward when ``mean``/``invstd`` are ``x``'s own batch
+#:   statistics (training, no process group), ``grad_x`` written into (or added to)
+#:   ``grad_x_out`` when given, the weight gradient skipped without ``weight_grad``; ``None``
+#:   where the op set cannot do it in one go (the eager one: float16/bfloat16), and the caller
+#:   composes the seven.
 #:
 #: The triton op set has the last two (statistics in the conv's epilogue; schemas in
 #: :data:`resfast.ops.schemas.OPTIONAL_SCHEMAS`):

@@ -168,18 +168,27 @@ def bn_relu_conv2d_backward(
     * ``sum_dz_xhat`` per-channel sum of ``grad_z * (x - mean) * invstd`` = dL/dgamma.
     """
     x = _dense(x)
+    grad_z, grad_w, grad_b = _conv_relu_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride,
+                                                 padding, dilation, groups, True, bias_grad)
+    sum_dz, sum_dz_xhat = _bn_grad_sums(grad_z, x, mean, invstd)
+    return grad_z.to(x.dtype), grad_w, grad_b, sum_dz, sum_dz_xhat
+
+
+def _conv_relu_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
+                        weight_grad: bool, bias_grad: bool):
+    """``(grad_z, grad_weight or None, grad_bias or [0])``: the conv and ReLU backward of
+    ``conv2d(relu(bn(x)))`` with the activation recomputed from ``x`` (dense)."""
     a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [True, True, bias_grad],
+        [True, weight_grad, bias_grad],
     )
     # torch.relu's own backward: zero where the activation is <= 0, so a NaN activation passes
-    # its gradient through.
+    # its gradient through; written over grad_a (one temporary fewer alive).
     grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
-    del a, grad_a
-    sum_dz, sum_dz_xhat = _bn_grad_sums(grad_z, x, mean, invstd)
+    grad_w = grad_w.to(weight.dtype) if weight_grad else None
     grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
-    return grad_z.to(x.dtype), grad_w.to(weight.dtype), grad_b, sum_dz, sum_dz_xhat
+    return grad_z, grad_w, grad_b
 
 
 def bn_relu_conv2d_backward_full(
@@ -198,7 +207,7 @@ def bn_relu_conv2d_backward_full(
     grad_x_out: Optional[Tensor] = None,
     accumulate: bool = False,
     weight_grad: bool = True,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]:
+) -> Optional[Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor]]:
     """The whole backward of ``conv2d(relu(bn(x)))`` when ``mean``/``invstd`` are the batch
     statistics of ``x`` itself (training, no process group): ``(grad_x, grad_weight,
     grad_bias or [0], sum_dz_xhat, sum_dz)``, in the order of ``(grad_x, grad_weight,
@@ -207,33 +216,19 @@ def bn_relu_conv2d_backward_full(
     ``weight_grad`` the weight gradient is not computed and ``None`` is returned for it.
 
     An optional op of the eager op set (:data:`resfast.ops.opset.OPTIONAL_OPS`). For float32
-    and float64 it runs as the unfused ``BatchNorm2d -> ReLU -> Conv2d`` backward does:
-    the activation is recomputed with ``mean``/``invstd`` and PyTorch's training-mode
-    batch-norm backward forms the two per-channel sums and dL/dx in one op, instead of :func:`bn_relu_conv2d_backward` then
-    :func:`bn_backward_elemt` (about a dozen elementwise passes). float16/bfloat16 compose
-    those two ops (the accumulated gradient is rounded once).
+    and float64 it runs as the unfused ``BatchNorm2d -> ReLU -> Conv2d`` backward does: the
+    activation is recomputed with ``mean``/``invstd`` and PyTorch's training-mode batch-norm
+    backward forms the two per-channel sums and dL/dx in one op, instead of
+    :func:`bn_relu_conv2d_backward` then :func:`bn_backward_elemt` (about a dozen elementwise
+    passes). For float16/bfloat16 it returns ``None``: the caller composes those two ops (the
+    accumulated gradient is then rounded once).
     """
     if x.dtype not in (torch.float32, torch.float64):
-        grad_z, grad_w, grad_b, sum_dz, sum_dz_xhat = bn_relu_conv2d_backward(
-            grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad)
-        inv_count = 1.0 / (x.numel() // x.shape[1])
-        if grad_x_out is None:
-            grad_x = bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
-        else:
-            bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate,
-                                  grad_x_out)
-            grad_x = None
-        return grad_x, (grad_w if weight_grad else None), grad_b, sum_dz_xhat, sum_dz
+        return None
     acc = acc_dtype(x)
     x = _dense(x)
-    a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
-    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [True, weight_grad, bias_grad],
-    )
-    # torch.relu's own backward, written over grad_a (one temporary fewer alive).
-    grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
-    del a, grad_a
+    grad_z, grad_w, grad_b = _conv_relu_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride,
+                                                 padding, dilation, groups, weight_grad, bias_grad)
     gamma = None if bn_weight is None else bn_weight.to(acc)
     grad_x, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
         grad_z, x, gamma, None, None, mean.to(acc), invstd.to(acc), True, 0.0, [True, True, True])
@@ -244,8 +239,6 @@ def bn_relu_conv2d_backward_full(
         else:
             grad_x_out.copy_(grad_x)
         grad_x = None
-    grad_b = grad_b.to(weight.dtype) if bias_grad else weight.new_empty([0])
-    grad_w = grad_w.to(weight.dtype) if weight_grad else None
     return grad_x, grad_w, grad_b, sum_dz_xhat.to(acc), sum_dz.to(acc)
 
 

@@ -205,7 +205,8 @@ def bn_relu_conv2d_stats(
 ) -> Tuple[Tensor, Tensor]:
     """:func:`bn_relu_conv2d` and the batch statistics of its output, taken in the conv's
     epilogue: ``(y, partials)``, ``partials`` the float32 ``[3, STATS_ROWS, C_out]`` per-program
-    ``(count, mean, M2)`` of ``y`` as stored, for :func:`bn_stats_merge_update`. One launch."""
+    ``(count, mean, M2)`` of ``y`` (from the float32 accumulator, before ``y`` is rounded to its
+    dtype), for :func:`bn_stats_merge_update`. One launch."""
     out, launches = _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                                dilation, groups, batch_stats)
     _run(launches, x)
@@ -305,11 +306,7 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
 def _plan_bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
                           eps: float):
     _check_x("x", x)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, t, x.shape[1], x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("resfast_triton.bn_stats_update: running_mean and running_var must both be given or both "
-                         "be None")
+    _check_running("bn_stats_update", running_mean, running_var, x.shape[1], x)
     return _plan_bn_stats(x, dict(running_mean=running_mean, running_var=running_var, momentum=momentum, eps=eps,
                                   invstd=True))
 
@@ -472,11 +469,7 @@ def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, mome
         raise ValueError(f"resfast_triton.bn_stats_merge_update: count must be positive, got {count}")
     partials = partials.contiguous()
     c = partials.shape[2]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, t, c, partials)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("resfast_triton.bn_stats_merge_update: running_mean and running_var must both be given or "
-                         "both be None")
+    _check_running("bn_stats_merge_update", running_mean, running_var, c, partials)
     f32 = dict(dtype=torch.float32, device=partials.device)
     mean, invstd = torch.empty([c], **f32), torch.empty([c], **f32)
     launch = _finalize_launch(partials[0], partials[1], partials[2], mean, invstd, running_mean, running_var,
@@ -977,6 +970,13 @@ def _check_vector(name: str, t, n: int, x: Tensor) -> None:
         raise TypeError(f"resfast_triton: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"resfast_triton: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_running(op: str, running_mean, running_var, c: int, like: Tensor) -> None:
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, t, c, like)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"resfast_triton.{op}: running_mean and running_var must both be given or both be None")
 
 
 def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups) -> None:
