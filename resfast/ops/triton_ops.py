@@ -485,6 +485,15 @@ _BWD_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),  # 128 output channels: one merged launch
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32),
 ]
+# The input-gradient launch of a split backward (grad_a alone): as above but the 8 x 8 tile
+# takes 64 input channels per program (first: the static choice), so each grad_out tile (all
+# of a channel block's output channels, for every tap) is loaded and staged once per 64 input
+# channels instead of 32 (this launch holds no weight-gradient accumulators).
+_BWD_INPUT_CONFIGS = [
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64),
+    _BWD_CONFIGS[0],
+    *_BWD_CONFIGS[2:],
+]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
@@ -532,7 +541,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             cap = num_tiles
             if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
-            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap)
+            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw)
             f32 = dict(dtype=torch.float32, device=x.device)
             pgw = torch.empty([splits, co * cin_g * khw], **f32) if do_gw else sums
             pgb = torch.empty([splits, co], **f32) if (do_gw and bias_grad) else sums
@@ -582,7 +591,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      binder(True, True), key + ("ga+gw",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
     else:
-        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, configs, _BWD_INTERP,
+        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
+                                     _prune_tiles(_BWD_INPUT_CONFIGS, hc, wc), _BWD_INTERP,
                                      binder(True, False), key + ("ga",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, configs,
@@ -821,21 +831,28 @@ def _prune_tiles(configs: Sequence[TileConfig], hh: int, ww: int) -> List[TileCo
     return kept or [max(configs, key=used)]
 
 
-def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None) -> int:
+def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None,
+                     partials: bool = False) -> int:
     """Programs per channel block of a persistent launch (``ncb`` channel blocks, each with
     ``num_tiles`` tiles): the count that makes the busiest SM's tiles fewest, i.e. minimises
     ``ceil(ncb * s / SMs) * ceil(num_tiles / s)``, at most ``programs_per_sm`` resident
-    programs per SM and ``cap``; ties go to more programs (more warps to hide latency)."""
+    programs per SM and ``cap``; ties go to more programs (more warps to hide latency).
+    With ``partials`` (each program writes a float32 partial of the weight gradient, which the
+    finalize reads back) ties go to the fewest programs that still put two on the busiest SM,
+    so the partials' traffic shrinks while the busiest SM's tiles stay as few."""
     cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
     if _interpret() or x.device.type == "cpu":
         return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
     sms = _num_sms(x)
     limit = max(1, min(cap, _cdiv(sms * cfg.programs_per_sm, ncb)))
-    best, best_cost = 1, None
+    best, best_cost, costs = 1, None, {}
     for s in range(1, limit + 1):
-        cost = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
+        cost = costs[s] = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
         if best_cost is None or cost <= best_cost:
             best, best_cost = s, cost
+    if partials:
+        enough = min(_cdiv(ncb * best, sms), 2)  # programs on the busiest SM
+        best = min(s for s, cost in costs.items() if cost == best_cost and _cdiv(ncb * s, sms) >= enough)
     return best
 
 

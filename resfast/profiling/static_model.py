@@ -405,6 +405,11 @@ def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandw
                 # the fastest config without spills, if any (zero spills is a target)
                 clean = [r for r in rows if r.get("spills") == 0] or rows
                 best = min(clean, key=lambda r: r["predicted_us"])
+                # bind the chosen config last, as the tuner's last launch is the chosen one: a
+                # later launch of the plan (the gradient finalize) reads the buffers it allocates
+                chosen = [cfg for cfg in configs if cfg.label == best["config"]]
+                if chosen:
+                    launch.bind(chosen[0])
                 rec = {"shape": s.name, "kernel": launch.name, "backend": "triton", "phase": phase}
                 rec.update({k: v for k, v in best.items()})
                 rec["configs"] = [{k: r.get(k) for k in ("config", "regs", "spills", "smem_bytes", "mma", "issue_us",
