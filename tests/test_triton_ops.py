@@ -207,6 +207,34 @@ def test_forward_stacked_taps_against_eager(monkeypatch):
               f"STACK=4 groups={groups}")
 
 
+def test_backward_thin_tiles_against_eager(monkeypatch):
+    """The backward with a 2 x 8 tile (on a GPU :func:`_fit_tile` reshapes the backward's
+    tiles to fill the grid, e.g. 2 x 32 on 28 x 28), which the default interpreter config
+    does not take: packed groups, a split wide-group backward, stride 2."""
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=2, TILE_W=8, BLOCK_N=16,
+                                                                    BLOCK_K=16))
+    for c, co, groups, s in ((6, 4, 2, 1), (32, 48, 2, 1), (8, 8, 8, 2)):
+        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", hw=(7, 9))
+        ho, wo = (7 + 2 - 3) // s + 1, (9 + 2 - 3) // s + 1
+        go = torch.randn(2, co, ho, wo, device=DEVICE)
+        args = (go, x, w, bw, bb, mean, invstd, [s, s], [1, 1], [1, 1], groups, True)
+        _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward,
+              args, torch.float32, f"TILE 2x8 groups={groups} stride={s}")
+
+
+def test_fit_tile():
+    """Backward tiles keep their positions and take the shape that leaves the fewest empty."""
+    from resfast.ops.triton_ops import _fit_tile
+
+    assert _fit_tile(8, 16, 28, 28) == (4, 32)   # 87.5% of 4 x 32 tiles used, 77% of 8 x 16
+    assert _fit_tile(8, 8, 28, 28) == (2, 32)    # 4 x 16 and 2 x 32 tie: the wider
+    assert _fit_tile(8, 16, 56, 56) == (8, 16)   # as good as any: kept
+    assert _fit_tile(8, 8, 7, 7) == (8, 8)
+    assert _fit_tile(8, 8, 14, 14) == (8, 8)
+
+
 def test_packed_groups_keep_nonfinite_values_in_their_group():
     """Packed small groups share one block-diagonal MMA, where 0 * NaN = NaN would carry one
     group's NaN into its neighbours. A NaN in x (forward, running statistics) and a NaN in
