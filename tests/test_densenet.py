@@ -135,3 +135,106 @@ def test_bad_arguments():
     m = create_model("densenet_bc100_k12", backend="eager")
     with pytest.raises(ValueError, match=r"x must be an N x 3 x H x W tensor, got \(2, 4, 32, 32\)"):
         m(torch.randn(2, 4, 32, 32))
+
+
+# ----------------------------------------------------------------------------- the compact stem
+
+
+def _stem_modules(c0=8, dtype=torch.float32):
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, c0, 7, 2, 3, bias=False).to(dtype)
+    bn = torch.nn.BatchNorm2d(c0).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    return conv, bn, pool
+
+
+def _stem_step(stem, conv, bn, pool, x, grad):
+    from resfast.models import densenet as D
+
+    conv, bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    xi = x.clone().requires_grad_()
+    out = D._recomputed_stem(conv, bn, pool, xi) if stem == "compact" else pool(torch.relu(bn(conv(xi))))
+    out.backward(grad.to(out.dtype))
+    return {"output": out.detach(), "grad x": xi.grad, "grad conv": conv.weight.grad, "grad gamma": bn.weight.grad,
+            "grad beta": bn.bias.grad, "running_mean": bn.running_mean, "running_var": bn.running_var}
+
+
+@pytest.mark.parametrize("case", ["random", "positive ties", "nan"])
+def test_compact_stem_matches_unfused_modules(case):
+    """The shared-memory DenseNet stem (conv-BN-ReLU-maxpool storing only the pooling's argmax)
+    against the unfused modules: float32 under the float64 rule, including windows whose
+    maximum is a positive value repeated (a constant image region: the first index wins, as in
+    PyTorch's pooling) and a NaN pixel (every result NaN where the modules' is)."""
+    conv, bn, pool = _stem_modules()
+    x = torch.randn(2, 3, 30, 30)
+    if case == "positive ties":
+        x[:, :, 4:20, 4:20] = 0.7
+    grad = torch.randn(2, 8, 8, 8)
+    if case == "nan":
+        x[1, 0, 3, 3] = float("nan")
+    ours = _stem_step("compact", conv, bn, pool, x, grad)
+    same = _stem_step("modules", conv, bn, pool, x, grad)
+    ref64 = _stem_step("modules", conv.double(), bn.double(), pool, x.double(), grad.double())
+    for key in ours:
+        if case == "nan":
+            assert torch.equal(torch.isnan(ours[key]), torch.isnan(same[key])), key
+            continue
+        assert_rule(key, ours[key], ref64[key], same[key], case)
+
+
+def test_compact_stem_saves_no_full_resolution_tensor():
+    """What the stem keeps for its backward: the input, the parameters, two statistics vectors
+    and one 16-bit code per pooled element; nothing of the conv's full-resolution output."""
+    from resfast.models import densenet as D
+
+    conv, bn, pool = _stem_modules()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = D._recomputed_stem(conv, bn, pool, x)
+    shapes = [tuple(t.shape) for t in saved]
+    assert (2, 8, 32, 32) not in shapes, shapes
+    others = sum(t.numel() * t.element_size() for t in saved if tuple(t.shape) != (2, 3, 64, 64))
+    # the 16-bit codes, the conv weight, gamma, beta and the two statistics vectors
+    assert others == 2 * 8 * 16 * 16 * 2 + conv.weight.numel() * 4 + 4 * 8 * 4, shapes
+    codes = [t for t in saved if not t.is_floating_point()]
+    assert len(codes) == 1 and codes[0].dtype == torch.int16 and codes[0].shape == out.shape
+
+
+def test_compact_stem_large_plane_uses_int32_codes():
+    """A conv output plane over 32767 elements (185 x 185) keeps 32-bit argmax codes, and the
+    gradients still match the modules."""
+    conv, bn, pool = _stem_modules(c0=2)
+    x = torch.randn(1, 3, 370, 370)
+    grad = torch.randn(1, 2, 93, 93)
+    ours = _stem_step("compact", conv, bn, pool, x, grad)
+    same = _stem_step("modules", conv, bn, pool, x, grad)
+    ref64 = _stem_step("modules", conv.double(), bn.double(), pool, x.double(), grad.double())
+    for key in ("grad x", "grad conv", "grad gamma"):
+        assert_rule(key, ours[key], ref64[key], same[key], "int32 codes")
+
+
+def test_compact_stem_autocast_bfloat16_matches_modules():
+    conv, bn, pool = _stem_modules()
+    x = torch.randn(2, 3, 30, 30)
+    grad = torch.randn(2, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _stem_step("compact", conv, bn, pool, x, grad)
+        same = _stem_step("modules", conv, bn, pool, x, grad)
+    ref64 = _stem_step("modules", conv.double(), bn.double(), pool, x.double(), grad.double())
+    assert ours["output"].dtype == same["output"].dtype
+    for key in ours:
+        assert_rule(key, ours[key], ref64[key], same[key], "autocast bf16", dtype=torch.bfloat16)
+
+
+def test_compact_stem_refuses_double_backward():
+    from resfast.models import densenet as D
+
+    conv, bn, pool = _stem_modules()
+    x = torch.randn(2, 3, 30, 30, dtype=torch.float64, requires_grad=True)
+    out = D._recomputed_stem(conv.double(), bn.double(), pool, x)
+    with pytest.raises(RuntimeError, match="double backward .* DenseNet stem is not supported"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

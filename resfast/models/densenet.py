@@ -8,12 +8,14 @@ A torchvision ``densenet*`` ``state_dict`` loads into the resfast model of the s
 
 With ``memory="shared"`` the whole network stores little, not only the blocks: each
 transition's BN-ReLU-conv1x1 runs inside its block's shared-buffer function, and the
-ImageNet stem (conv-BN-ReLU-maxpool) is recomputed in the backward from the input image.
+ImageNet stem (conv-BN-ReLU-maxpool) keeps only its pooling's argmax (16-bit) and recomputes
+its conv in the backward.
 ``"naive"`` and ``"checkpoint"`` run the network as torchvision does with
 ``memory_efficient=False`` / ``True``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -156,38 +158,116 @@ class DenseNet(nn.Module):
 
 
 def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x: Tensor) -> Tensor:
-    """conv-BN-ReLU-maxpool recomputed from ``x`` in the backward: nothing of the stem's
-    full-resolution activations is stored.
+    """conv-BN-ReLU-maxpool storing nothing of the stem's full-resolution activations.
 
-    The checkpointed function is pure (``torch.compile`` traces it without a graph break, and
-    its recomputation repeats nothing): it normalises without touching the running statistics
-    and also returns the batch statistics it used, from which the running statistics are
-    updated once, outside."""
+    With batch statistics (training) the stem is :class:`_CompactStem`: only the pooling's
+    argmax (16-bit where the plane allows) survives the forward, and the backward recomputes
+    the conv alone. Otherwise (a BN normalising with its running statistics while gradients
+    are wanted) the whole stem is checkpointed. The running statistics are updated once,
+    outside, from the statistics the normalising op used."""
     call = bn_call(bn)
-    update = call.batch_stats and call.running_mean is not None and call.momentum != 0.0
-    running = None if call.batch_stats else (call.running_mean, call.running_var)
-
-    def closure(inp: Tensor):
-        y = conv(inp)
-        if not update:
-            z = F.batch_norm(y, running[0] if running else None, running[1] if running else None, call.weight,
-                             call.bias, call.batch_stats, 0.0, call.eps)
+    if not call.batch_stats:
+        def closure(inp: Tensor) -> Tensor:
+            z = F.batch_norm(conv(inp), call.running_mean, call.running_var, call.weight, call.bias, False, 0.0,
+                             call.eps)
             return pool(F.relu(z, inplace=True))
-        # The batch-norm op that normalises also returns the statistics it used (no second
-        # pass over the full-resolution activation for the running statistics).
-        z, mean, invstd = torch.native_batch_norm(y, call.weight, call.bias, None, None, True, 0.0, call.eps)
-        out = pool(F.relu(z, inplace=True))
-        with torch.no_grad():
-            acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-            mean = mean.detach().to(acc)
-            var = invstd.detach().to(acc).pow(-2).sub_(call.eps)
-        return out, mean, var
 
-    if not update:
         return cp.checkpoint(closure, x, use_reentrant=False)
-    out, mean, var = cp.checkpoint(closure, x, use_reentrant=False)
-    update_running_stats(call.running_mean, call.running_var, mean, var, _positions(conv, x), call.momentum)
+    update = call.running_mean is not None and call.momentum != 0.0
+    out, mean, invstd = _CompactStem.apply(x, conv.weight, conv.bias, call.weight, call.bias, call.eps,
+                                           _conv_args(conv), _pool_args(pool))
+    if update:
+        with torch.no_grad():
+            acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+            var = invstd.to(acc).pow(-2).sub_(call.eps)
+            update_running_stats(call.running_mean, call.running_var, mean.to(acc), var, _positions(conv, x),
+                                 call.momentum)
     return out
+
+
+def _autocast_state(device_type: str):
+    """``(enabled, dtype)`` of autocast on ``device_type`` now (re-entered by a recomputation)."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):
+        return False, torch.get_default_dtype()
+
+
+def _conv_args(conv: nn.Conv2d):
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("the shared-memory DenseNet stem needs a conv with numeric zero padding")
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _pool_args(pool: nn.MaxPool2d):
+    pair = nn.modules.utils._pair
+    return (list(pair(pool.kernel_size)), list(pair(pool.stride or pool.kernel_size)), list(pair(pool.padding)),
+            list(pair(pool.dilation)), bool(pool.ceil_mode))
+
+
+#: Double backward through the compact stem (it does not record its backward).
+DOUBLE_BACKWARD_STEM = (
+    "double backward (create_graph=True) through the shared-memory DenseNet stem is not supported: its backward "
+    "recomputes the conv from compact saved state and does not record a graph; use create_model(..., "
+    "memory='naive') or memory='checkpoint' for gradient penalties and other higher-order gradients"
+)
+
+
+class _CompactStem(torch.autograd.Function):
+    """``maxpool(relu(batch_norm(conv2d(x))))`` in training mode (batch statistics), returning
+    ``(out, mean, invstd)`` (the statistics non-differentiable).
+
+    Saved for the backward: ``x``, the parameters, the statistics, and per output element the
+    pooling's argmax within its input plane as int16 (int32 for planes over 32767 elements),
+    with ``-1`` where the ReLU passed no gradient (``out <= 0``; a NaN passes, as ReLU's own
+    backward lets it). The backward recomputes the conv (under the forward's autocast state),
+    scatters the masked gradient with the argmax, and runs the batch-norm and conv backward:
+    the gradients are those of the unfused modules, bit for bit the same ops, without the
+    recomputation of the batch norm, ReLU and pooling that a checkpoint would repeat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, eps, conv_args, pool_args):
+        stride, padding, dilation, groups = conv_args
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        z, mean, invstd = torch.native_batch_norm(y, gamma, beta, None, None, True, 0.0, eps)
+        del y
+        a = z.relu_()
+        out, idx = torch.ops.aten.max_pool2d_with_indices(a, *pool_args)
+        code_dtype = torch.int16 if a.shape[2] * a.shape[3] <= 32767 else torch.int32
+        del a, z
+        code = idx.masked_fill_(out <= 0, -1).to(code_dtype)
+        del idx
+        dev = x.device.type
+        ctx.autocast = (dev, _autocast_state(dev))
+        ctx.args = (eps, conv_args, pool_args)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias, gamma, beta, mean, invstd, code)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_STEM)
+        x, weight, bias, gamma, beta, mean, invstd, code = ctx.saved_tensors
+        eps, (stride, padding, dilation, groups), pool_args = ctx.args
+        dev, (enabled, dtype) = ctx.autocast
+        with torch.autocast(device_type=dev, dtype=dtype) if enabled else contextlib.nullcontext():
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        grad_out = grad_out.to(y.dtype).masked_fill(code < 0, 0)
+        grad_a = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, y, *pool_args, code.long().clamp_min_(0))
+        del grad_out
+        grad_y, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
+            grad_a, y, gamma, None, None, mean, invstd, True, eps,
+            [True, gamma is not None and ctx.needs_input_grad[3], beta is not None and ctx.needs_input_grad[4]])
+        del grad_a
+        xc, wc = x.to(y.dtype), weight.to(y.dtype)
+        del y
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_y, xc, wc, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0],
+            groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype), ggamma, gbeta, None, None, None)
 
 
 def _positions(conv: nn.Conv2d, x: Tensor) -> int:
