@@ -861,8 +861,8 @@ def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: 
     ``ceil(ncb * s / SMs) * ceil(num_tiles / s)``, at most ``programs_per_sm`` resident
     programs per SM and ``cap``; ties go to more programs (more warps to hide latency).
     With ``partials`` (each program writes a float32 partial of the weight gradient, which the
-    finalize reads back) ties go to the fewest programs that still put two on the busiest SM,
-    so the partials' traffic shrinks while the busiest SM's tiles stay as few."""
+    finalize reads back) ties go to the fewest programs that still put 8 warps on the busiest
+    SM, so the partials' traffic shrinks while the busiest SM's tiles stay as few."""
     cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
     if _interpret() or x.device.type == "cpu":
         return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
@@ -874,7 +874,9 @@ def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: 
         if best_cost is None or cost <= best_cost:
             best, best_cost = s, cost
     if partials:
-        enough = min(_cdiv(ncb * best, sms), 2)  # programs on the busiest SM
+        # programs on the busiest SM: two warpgroups (8 warps), as the registers of these
+        # kernels allow anyway
+        enough = min(_cdiv(ncb * best, sms), max(1, 8 // cfg.num_warps))
         best = min(s for s, cost in costs.items() if cost == best_cost and _cdiv(ncb * s, sms) >= enough)
     return best
 
