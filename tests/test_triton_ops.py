@@ -224,6 +224,34 @@ def test_backward_thin_tiles_against_eager(monkeypatch):
               args, torch.float32, f"TILE 2x8 groups={groups} stride={s}")
 
 
+@pytest.mark.parametrize("layout", ["cl", "prefix_cl"])
+def test_flattened_1x1_against_eager(layout):
+    """A 1x1 conv over channels_last positions runs as one image of all positions (tiles
+    across image borders): forward, the statistics epilogue, and the backward (merged and
+    split) against float64."""
+    from resfast.ops import triton_ops
+
+    for c, co, groups in ((12, 8, 1), (32, 48, 2)):
+        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 1, layout, n=3, hw=(10, 12))
+        fwd = (x, w, b, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], groups, True)
+        go = torch.randn(3, co, 10, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        assert triton_ops._flat_positions(1, 1, [1, 1], [0, 0], go, x) is not None  # the path under test
+        _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*fwd), reference.bn_relu_conv2d, fwd, torch.float32,
+              f"flat 1x1 {layout} groups={groups}")
+        # the statistics epilogue: against float64 of the same math and the output's own statistics
+        y, partials = OPS.bn_relu_conv2d_stats(*fwd)
+        got_mean, got_invstd = OPS.bn_stats_merge_update(partials, 3 * 10 * 12, None, None, 0.1, 1e-5)
+        y64 = reference.bn_relu_conv2d(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in fwd])
+        var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+        var_s, mean_s = torch.var_mean(y.float().cpu(), dim=(0, 2, 3), correction=0)
+        ctx = f"flat 1x1 statistics {layout} groups={groups}"
+        assert_rule("mean", got_mean, mean64, mean_s, ctx, dtype=torch.float32)
+        assert_rule("invstd", got_invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), ctx, dtype=torch.float32)
+        bwd = (go, x, w, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], groups, True)
+        _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*bwd), reference.bn_relu_conv2d_backward, bwd,
+              torch.float32, f"flat 1x1 {layout} groups={groups}")
+
+
 def test_fit_tile():
     """Backward tiles keep their positions and take the shape that leaves the fewest empty."""
     from resfast.ops.triton_ops import _fit_tile

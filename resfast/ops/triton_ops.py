@@ -269,10 +269,13 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     pcount, pmean, pm2 = (torch.empty([splits, c], **f32) for _ in range(3))
     fixed = _cfg(4, 1)
     elt = x.element_size()
+    # positions evenly strided (channels_last, or a channel prefix of it): one multiply per row
+    sxn, _, sxh, sxw = x.stride()
+    dense_p = (h == 1 or sxh == w * sxw) and (n == 1 or sxn == h * sxh)
 
     def bind_partial(cfg: TileConfig) -> Bound:
         return Bound((c_tiles, splits), (x, pcount, pmean, pm2, c, h * w, w, p, chunk, *x.stride()),
-                     dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=cfg.num_warps),
+                     dict(BLOCK_P=block_p, BLOCK_C=block_c, DENSE_P=dense_p, num_warps=cfg.num_warps),
                      loops={"positions": _cdiv(chunk, block_p)})
 
     partial = KernelLaunch("bn_stats", bn_stats_k.bn_stats_partial_kernel, [fixed], fixed, bind_partial,
@@ -387,15 +390,19 @@ def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, 
 
 def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y,
                       pstat=None):
-    n, c, h, w = x.shape
-    co, cin_g, kh, kw = weight.shape
-    ho, wo = y.shape[2], y.shape[3]
     if y.numel() == 0:
         return []
+    co, cin_g, kh, kw = weight.shape
+    flat = _flat_positions(kh, kw, stride, padding, x, y)
+    if flat is not None:  # a 1x1 conv over evenly strided positions: one image of all of them
+        x, y = flat
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2], y.shape[3]
     cout_g = co // groups
     mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
     use_scratch = kh * kw > 1
-    configs = _prune_tiles(_FWD_CONFIGS, ho, wo)
+    fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
+    configs = _prune_tiles(_FWD_CONFIGS, ho, wo, fit=fit)
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if pstat is not None:
@@ -409,6 +416,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
 
     def bind(cfg: TileConfig) -> Bound:
         th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
+        if fit:
+            th, tw = _fit_tile(th, tw, ho, wo)
         blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
         ncb = blk.ngb * blk.nsub
         tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
@@ -440,7 +449,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         if packed:  # the exact fix-up runs only for tiles that are not finite
             loops.update(fixup_tiles=0, fixup_groups=0)
         return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
-                     derived=dict(BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, programs=nprog * ncb))
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  programs=nprog * ncb))
 
     key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None,
            pstat is not None)
@@ -519,6 +529,11 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     sum_dz_xhat = torch.empty([c], dtype=torch.float32, device=x.device)
     sums = sum_dz  # a placeholder pointer for buffers a launch does not use
     result = (grad_z, grad_weight, grad_bias, sum_dz, sum_dz_xhat)
+    flat = _flat_positions(kh, kw, stride, padding, grad_out, x, grad_z)
+    if flat is not None:  # a 1x1 conv over evenly strided positions: one image of all of them
+        grad_out, x, grad_z = flat
+        n, c, h, w = x.shape
+        ho, wo = grad_out.shape[2], grad_out.shape[3]
     hc, wc = _cdiv(h, stride[0]), _cdiv(w, stride[1])  # grid of one residue class
     configs = _prune_tiles(_BWD_CONFIGS, hc, wc, fit=True)
     merged_cfgs = [cfg for cfg in configs if _merged_backward(groups, cin_g, cout_g, kh, kw, cfg)]
@@ -533,8 +548,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     def binder(do_ga: bool, do_gw: bool):
         def bind(cfg: TileConfig) -> Bound:
             th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
-            if not _interpret():  # the tile's positions in the shape that fills the grid best
-                th, tw = _fit_tile(th, tw, hc, wc)
+            th, tw = _fit_tile(th, tw, hc, wc)  # the tile's positions in the shape that fills the grid best
             blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
             nsub = blk.nsub
             ncb = blk.ngb * blk.ksub * (1 if do_ga else nsub)
@@ -820,6 +834,37 @@ def _conv_key(x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
     width = lambda v: v if v <= 16 else _pow2(v)  # noqa: E731
     return (str(x.dtype).replace("torch.", ""), x.stride(1) == 1, kh, kw, *stride, *padding, *dilation,
             width(cin_g), width(co // groups), _pow2(c), _pow2(co), _pow2(n * ho * wo), _pow2(ho), _pow2(wo))
+
+
+#: Width of the one-image view of a flattened 1x1 conv (:func:`_flat_positions`).
+_FLAT_W = 8
+
+
+def _flat_positions(kh: int, kw: int, stride, padding, *ts: Tensor) -> Optional[List[Tensor]]:
+    """For a 1x1 conv with stride 1 and no padding (each output position reads its own input
+    position) whose ``[N, C, H, W]`` tensors ``ts`` all keep their positions evenly strided
+    (position ``(n, h, w)`` at ``((n * H + h) * W + w) * stride_w``: channels_last and its
+    channel prefixes), the same tensors as one image ``[1, C, N * H * W / 8, 8]`` (views of
+    the same memory), so that tiles run across image borders and no tile position is empty
+    (14 x 14 images: 196 of four 8 x 8 tiles' 256 positions used); else ``None``. Not for
+    images that fit one 8 x 8 tile (each image is one tile then, its positions' offsets fixed
+    for every tile, which the compiler hoists out of the tile loop)."""
+    if kh != 1 or kw != 1 or list(stride) != [1, 1] or list(padding) != [0, 0]:
+        return None
+    n, _, h, w = ts[0].shape
+    p = n * h * w
+    if p % _FLAT_W or n * h == 1 or (h <= 8 and w <= 8):
+        return None  # (an image within one 8 x 8 tile: the tile's positions are the same for every image)
+    views = []
+    for t in ts:
+        sn, sc, sh, sw = t.stride()
+        if tuple(t.shape[::2]) != (n, h) or t.shape[3] != w or (h > 1 and sh != w * sw) or \
+                (n > 1 and sn != h * w * sw):
+            return None
+        if (p - 1) * sw + (t.shape[1] - 1) * sc >= 2 ** 31:  # the kernels' int32 offsets inside one image
+            return None
+        views.append(t.as_strided([1, t.shape[1], p // _FLAT_W, _FLAT_W], [p * sw, sc, _FLAT_W * sw, sw]))
+    return views
 
 
 def _used(th: int, tw: int, hh: int, ww: int) -> float:

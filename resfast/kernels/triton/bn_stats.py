@@ -22,10 +22,13 @@ def bn_stats_partial_kernel(
     x_ptr, count_ptr, mean_ptr, m2_ptr,
     C, HW, W, P, CHUNK,
     sxn, sxc, sxh, sxw,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DENSE_P: tl.constexpr = False,
 ):
     """Partial ``(count, mean, M2)`` of channels ``[pid0 * BLOCK_C, ...)`` over positions
-    ``[pid1 * CHUNK, (pid1 + 1) * CHUNK)``, written at row ``pid1`` of ``[splits, C]`` buffers."""
+    ``[pid1 * CHUNK, (pid1 + 1) * CHUNK)``, written at row ``pid1`` of ``[splits, C]`` buffers.
+    ``DENSE_P``: position ``p`` is at ``p * sxw`` (``sxh == W * sxw`` and ``sxn == H * sxh``,
+    e.g. channels_last or a channel prefix of it), so no position is split into
+    ``(n, h, w)`` by division."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -41,9 +44,12 @@ def bn_stats_partial_kernel(
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        n = p // HW
-        hw = p % HW
-        row = n.to(tl.int64) * sxn + (hw // W) * sxh + (hw % W) * sxw
+        if DENSE_P:
+            row = p.to(tl.int64) * sxw
+        else:
+            n = p // HW
+            hw = p % HW
+            row = n.to(tl.int64) * sxn + (hw // W) * sxh + (hw % W) * sxw
         mask = (p < p_end)[:, None] & c_mask[None, :]
         d = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=mask, other=0.0).to(tl.float32) - shift[None, :]
         d = tl.where(mask, d, 0.0)
