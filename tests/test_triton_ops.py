@@ -252,6 +252,24 @@ def test_flattened_1x1_against_eager(layout):
               torch.float32, f"flat 1x1 {layout} groups={groups}")
 
 
+def test_backward_wide_weight_block_against_eager(monkeypatch):
+    """The weight-gradient launch with a config's wider channel block (``WIDE_K``, taken on a
+    GPU where :func:`_wide_k` allows it; forced here) against float64, ragged in the last block."""
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
+                                                                    BLOCK_K=16, WIDE_K=32))
+    monkeypatch.setattr(triton_ops, "_wide_k", lambda *a: True)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl")
+    go = torch.randn(2, 24, 5, 6, device=DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    weight = [launch for launch in plan if launch.name == "conv_bwd_weight"]
+    assert weight and weight[0].bind(weight[0].interp_config).derived["BLOCK_K"] == 32
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          torch.float32, "WIDE_K=32")
+
+
 def test_fit_tile():
     """Backward tiles keep their positions and take the shape that leaves the fewest empty."""
     from resfast.ops.triton_ops import _fit_tile

@@ -493,7 +493,8 @@ _BWD_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
     _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),  # 128 output channels: one merged launch
-    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32),
+    # WIDE_K: the weight-gradient launch's channel block where :func:`_wide_k` allows it
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32, WIDE_K=64),
 ]
 # The input-gradient launch of a split backward (grad_a alone): as above but the 8 x 8 tile
 # takes 64 input channels per program (first: the static choice), so each grad_out tile (all
@@ -508,6 +509,21 @@ _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
 _MAX_GW_ACC_PER_THREAD = 40
+# ... and above this many a weight-gradient launch does not take a config's WIDE_K (they spill).
+_MAX_WIDE_GW_ACC_PER_THREAD = 96
+
+
+def _wide_k(cfg: TileConfig, blk: "_Blocks", wide: "_Blocks", kh: int, kw: int, splits_wide: int, n_gw: int,
+            read_bytes: int) -> bool:
+    """Whether the weight-gradient launch takes the config's wider channel block ``wide``
+    (``WIDE_K`` input channels, not ``BLOCK_K``): each tile of ``grad_out`` (all the taps'
+    positions) and ``x`` is then loaded and staged once per ``WIDE_K`` channels, but half the
+    channel blocks need twice the splits for the same grid, so twice the float32 partials.
+    Taken only where it widens the block, its accumulators fit the registers, and the
+    partials (written, then read by the finalize) stay within half the bytes the launch reads."""
+    per_thread = kh * _pow2(kw) * wide.block_n * wide.block_k // (32 * cfg.num_warps)
+    return (wide.block_k > blk.block_k and per_thread <= _MAX_WIDE_GW_ACC_PER_THREAD
+            and 2 * 4 * splits_wide * n_gw <= read_bytes // 2)
 
 
 def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
@@ -558,6 +574,12 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
             splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw)
+            if do_gw and not do_ga and cfg.get("WIDE_K"):
+                wide = _blocks(groups, cin_g, cout_g, cfg.get("WIDE_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+                ncb_wide = wide.ngb * wide.ksub * wide.nsub
+                splits_wide = _balanced_splits(num_tiles, ncb_wide, x, cfg, cap, partials=True)
+                if _wide_k(cfg, blk, wide, kh, kw, splits_wide, co * cin_g * khw, x_bytes + gy_bytes):
+                    blk, nsub, ncb, splits = wide, wide.nsub, ncb_wide, splits_wide
             f32 = dict(dtype=torch.float32, device=x.device)
             pgw = torch.empty([splits, co * cin_g * khw], **f32) if do_gw else sums
             pgb = torch.empty([splits, co], **f32) if (do_gw and bias_grad) else sums
