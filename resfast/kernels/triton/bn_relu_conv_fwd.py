@@ -75,7 +75,8 @@ def bn_relu_conv_fwd_kernel(
     if ONE_CHUNK:
         scale, shift, k_ok, x_c = _chunk(0, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
                                          HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
-        wt = _weights(w_ptr, 0, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK, BLOCK_K)
+        wt = _weights(w_ptr, 0, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK, BLOCK_K,
+                      PACKED, EVEN_K)
     if HAS_BIAS:
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
@@ -103,7 +104,7 @@ def bn_relu_conv_fwd_kernel(
                 scale, shift, k_ok, x_c = _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                                                  sxc, HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
                 wt = _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK,
-                              BLOCK_K)
+                              BLOCK_K, PACKED, EVEN_K)
                 acc = _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale,
                                  shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
                                  STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
@@ -208,21 +209,39 @@ def _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sx
 
 @triton.jit
 def _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww,
-             KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr, BLOCK_K: tl.constexpr):
+             KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr, BLOCK_K: tl.constexpr,
+             PACKED: tl.constexpr = True, EVEN_K: tl.constexpr = False):
     """One ``[STACK * BLOCK_K, BLOCK_N]`` weight tile per ``STACK`` taps of a kernel row (row
     ``(kw % STACK) * BLOCK_K + k`` holds ``w[co, ci_local(k), kh, kw]``), zero off the block
-    diagonal and for ``kw >= KW``; ordered ``(kh, kw // STACK)``."""
+    diagonal and for ``kw >= KW``; ordered ``(kh, kw // STACK)``. Not ``PACKED`` (a block is
+    one group): the block's channels are the group's own, no division by the group width and
+    no block-diagonal mask; ``EVEN_K``: no channel mask (so a channels_last weight's input
+    channels load as vectors)."""
     NKB: tl.constexpr = (KW + STACK - 1) // STACK
     r = tl.arange(0, STACK * BLOCK_K)
-    k_loc = kc + r % BLOCK_K
-    k_ok = (k_loc < KR) & (gblk * KR + k_loc < C)
-    gk = k_loc // CIN_G
+    # kc is a multiple of BLOCK_K (the chunk loop's step): runs of BLOCK_K consecutive channels
+    k_loc = tl.max_contiguous(tl.multiple_of(kc + r % BLOCK_K, BLOCK_K), BLOCK_K)
+    if EVEN_K:
+        k_ok = tl.full([STACK * BLOCK_K], 1, tl.int1)
+    else:
+        k_ok = (k_loc < KR) & (gblk * KR + k_loc < C)
+    if PACKED:
+        gk = k_loc // CIN_G
+        ci_loc = k_loc - gk * CIN_G
+    else:
+        ci_loc = k_loc
     wt = ()
     for kh in tl.static_range(KH):
         for kb in tl.static_range(NKB):
-            r_kw = kb * STACK + r // BLOCK_K
-            off = (co * swo)[None, :] + ((k_loc - gk * CIN_G) * swi + r_kw * sww)[:, None]
-            mask = (gk[:, None] == gn[None, :]) & (k_ok & (r_kw < KW))[:, None] & n_ok[None, :]
+            if STACK == 1:  # one tap: its offset a scalar, so the channels stay contiguous runs
+                off = (co * swo)[None, :] + (ci_loc * swi)[:, None] + kb * sww
+                mask = k_ok[:, None] & n_ok[None, :]
+            else:
+                r_kw = kb * STACK + r // BLOCK_K
+                off = (co * swo)[None, :] + (ci_loc * swi + r_kw * sww)[:, None]
+                mask = (k_ok & (r_kw < KW))[:, None] & n_ok[None, :]
+            if PACKED:
+                mask = mask & (gk[:, None] == gn[None, :])
             wt = wt + (tl.load(w_ptr + off + kh * swh, mask=mask, other=0.0),)
     return wt
 
