@@ -291,7 +291,9 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
                      splits: int, count: int) -> "KernelLaunch":
     """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
     inverse std), updating the running statistics when given (``count`` positions in all)."""
-    merge_s, merge_c = (4, 16) if _interpret() else (32, 32)
+    # few channels: narrower channel tiles spread the merge over more programs (each a
+    # single-SM latency chain), longer split steps take fewer trips
+    merge_s, merge_c = (4, 16) if _interpret() else ((64, 16) if c <= 512 else (32, 32))
     fixed = _cfg(4, 1)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
