@@ -224,3 +224,78 @@ def test_shared_densenet121_step_launches_at_most_naive():
         model.zero_grad(set_to_none=True)
         counts[memory] = count_launches(step)["total"]
     assert counts["shared"] <= counts["naive"], counts
+
+
+# ----------------------------------------------------------------------------- 1x1 convs as products
+
+
+def _conv_case(dtype, bias, n=3, c=7, co=5, hw=(6, 5), seed=3):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, c, *hw, generator=g).relu_()
+    w = torch.randn(co, c, 1, 1, generator=g) / c ** 0.5
+    b = torch.randn(co, generator=g) if bias else None
+    # grad_out as a channel slice of a larger buffer (the shared block's gradient buffer)
+    gbuf = torch.randn(n, co + 4, *hw, generator=g)
+    return a.to(dtype), w.to(dtype), None if b is None else b.to(dtype), gbuf[:, 2:2 + co].to(dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_1x1_conv_as_matrix_products_matches_the_convolution(dtype, bias):
+    """``reference.conv2d`` / ``conv2d_backward`` run a CPU 1x1 conv as batched matrix products
+    (``bmm`` / ``addbmm``, no convolution op at all); forward and the three gradients against
+    float64 with the rule (float32), exactly-as-accurate in float64."""
+    from resfast.profiling.launches import LaunchCounter
+
+    a, w, b, gy = _conv_case(dtype, bias)
+    args = ([1, 1], [0, 0], [1, 1], 1)
+    with LaunchCounter() as cnt:
+        y = reference.conv2d(a, w, b, *args)
+        ga, gw, gb = reference.conv2d_backward(gy, a, w, *args, [True, True, bias])
+    assert "convolution" not in cnt.aten and "convolution_backward" not in cnt.aten, cnt.aten
+    assert cnt.aten["bmm"] == 2 and cnt.aten["addbmm"] == 1, cnt.aten
+    a64, w64, b64, gy64 = (None if t is None else t.double() for t in (a, w, b, gy))
+    same = (F.conv2d(a, w, b), *torch.ops.aten.convolution_backward(
+        gy, a, w, [w.shape[0]] if bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, bias]))
+    ref = (F.conv2d(a64, w64, b64), *torch.ops.aten.convolution_backward(
+        gy64, a64, w64, [w.shape[0]] if bias else None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [True, True, bias]))
+    for name, out, r64, r in zip(["y", "grad_a", "grad_w", "grad_b"], (y, ga, gw, gb), ref, same):
+        if r is None:
+            assert out is None, name
+            continue
+        assert out.shape == r.shape and out.dtype == r.dtype, name
+        assert_rule(name, out, r64, r, str(dtype))
+
+
+@pytest.mark.parametrize("variant", ["channels_last", "stride 2", "3x3", "groups", "bfloat16"])
+def test_other_convs_keep_the_convolution_op(variant):
+    """Only NCHW-contiguous float32/float64 1x1 stride-1 single-group convs take the products;
+    the rest call PyTorch's convolution, with the same results."""
+    from resfast.profiling.launches import LaunchCounter
+
+    a, w, _, gy = _conv_case(torch.float32, False, c=8, co=4)
+    args = [[1, 1], [0, 0], [1, 1], 1]
+    if variant == "channels_last":
+        a = a.contiguous(memory_format=torch.channels_last)
+    elif variant == "stride 2":
+        args[0] = [2, 2]
+        gy = gy[:, :, ::2, ::2]
+    elif variant == "3x3":
+        w = torch.randn(4, 8, 3, 3)
+        args[1] = [1, 1]
+    elif variant == "groups":
+        w = w[:, :4].contiguous()
+        args[3] = 2
+    else:
+        a, w, gy = a.bfloat16(), w.bfloat16(), gy.bfloat16()
+    with LaunchCounter() as cnt:
+        y = reference.conv2d(a, w, None, *args)
+        ga, gw, _ = reference.conv2d_backward(gy, a, w, *args, [True, True, False])
+    assert cnt.aten["convolution"] == 1 and cnt.aten["convolution_backward"] == 1, cnt.aten
+    assert "bmm" not in cnt.aten
+    ref = torch.ops.aten.convolution_backward(gy, a, w, None, args[0], args[1], args[2], False, [0, 0], args[3],
+                                              [True, True, False])
+    torch.testing.assert_close(y, F.conv2d(a, w, None, *args))
+    torch.testing.assert_close(ga, ref[0])
+    torch.testing.assert_close(gw, ref[1])

@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from resfast.backends import resolve_backend
@@ -64,7 +63,7 @@ from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signa
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
-from resfast.ops.reference import acc_dtype
+from resfast.ops.reference import acc_dtype, conv2d, conv2d_backward
 from resfast.ops.schemas import out_memory_format
 
 __all__ = ["shared_dense_block", "DenseLayerArgs", "RECOMPUTE_MODES", "DOUBLE_BACKWARD_SHARED"]
@@ -452,7 +451,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         else:
             out = _pooled(ops, cfg, buf, gt, bt, mean_t, invstd_t)
     if cfg.pool_weight is not None:
-        out = F.conv2d(out, wt)
+        out = conv2d(out, wt, None, _ONE, _ZERO, _ONE, 1)
     if saved is not None:
         saved.mean_t, saved.invstd_t = mean_t, invstd_t
     return out, buf
@@ -543,8 +542,7 @@ def _backward(ctx, grad_out: Tensor):
             # The 1x1 conv's backward on the pooled activation (recomputed: nothing of it was
             # kept), then the fused BN-ReLU-pool's backward into the gradient buffer.
             pooled = _pooled(ops, cfg, buf, gt, bt, saved.mean_t, saved.invstd_t)
-            grad_pooled, grad_wt, _ = torch.ops.aten.convolution_backward(
-                grad_out, pooled, wt, None, _ONE, _ZERO, _ONE, False, _ZERO, 1, [True, True, False])
+            grad_pooled, grad_wt, _ = conv2d_backward(grad_out, pooled, wt, _ONE, _ZERO, _ONE, 1, [True, True, False])
             del pooled
             _, ggt, gbt = _reader_backward(
                 ops, grad_pooled, buf, gbuf, cfg.pool_weight, gt, bt, saved.mean_t, saved.invstd_t, chunks,

@@ -56,6 +56,50 @@ def _cvec(t: Tensor, like: Tensor) -> Tensor:
     return t.to(acc_dtype(like)).view(1, -1, 1, 1)
 
 
+def _gemm_1x1(a: Tensor, weight: Tensor, stride, padding, groups: int) -> bool:
+    """Whether the conv of ``a`` by ``weight`` runs here as batched matrix products: on the
+    CPU, a 1x1, stride-1, unpadded, single-group conv of an NCHW-contiguous float32 or float64
+    input. PyTorch's CPU convolution (oneDNN) reorders NCHW data into its blocked layout on
+    every call; for densenet121's 1x1 convs the products are faster (8 x 224 x 56 x 56 -> 128
+    float32 on 2 cores: forward 5.5 against 7.1 ms, backward 17 against 46 ms)."""
+    return (a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and weight.dtype == a.dtype
+            and a.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1 and list(stride) == [1, 1]
+            and list(padding) == [0, 0] and groups == 1 and a.is_contiguous())
+
+
+def conv2d(a: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """``F.conv2d(a, weight, bias, ...)``; a CPU 1x1 conv (:func:`_gemm_1x1`) as one batched
+    matrix product ``weight @ a[n]`` over the ``N`` images (float32/float64 accumulation as
+    the convolution's)."""
+    if not _gemm_1x1(a, weight, stride, padding, groups):
+        return F.conv2d(a, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    n, c, h, w = a.shape
+    co = weight.shape[0]
+    y = torch.bmm(weight.reshape(co, c).expand(n, co, c), a.view(n, c, h * w)).view(n, co, h, w)
+    return y if bias is None else y.add_(bias.view(1, co, 1, 1))
+
+
+def conv2d_backward(grad_out: Tensor, a: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                    mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``aten.convolution_backward`` of :func:`conv2d` (bias given as ``[C_out]`` when
+    ``mask[2]``): ``(grad_a, grad_weight, grad_bias)``, ``None`` where ``mask`` says no. A CPU
+    1x1 conv runs as two batched matrix products: ``weight^T @ grad_out[n]`` and
+    ``sum_n grad_out[n] @ a[n]^T`` (one ``addbmm``, summed in order over the images)."""
+    if not (_gemm_1x1(a, weight, stride, padding, groups) and grad_out.dtype == a.dtype):
+        return torch.ops.aten.convolution_backward(
+            grad_out, a, weight, [weight.shape[0]] if mask[2] else None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, list(mask))
+    n, c, h, w = a.shape
+    co = weight.shape[0]
+    g = grad_out.reshape(n, co, h * w)
+    w2 = weight.reshape(co, c)
+    grad_a = torch.bmm(w2.t().expand(n, c, co), g).view(n, c, h, w) if mask[0] else None
+    grad_w = (torch.addbmm(w2.new_empty(co, c), g, a.view(n, c, h * w).transpose(1, 2), beta=0).view(weight.shape)
+              if mask[1] else None)
+    grad_b = g.sum((0, 2)) if mask[2] else None
+    return grad_a, grad_w, grad_b
+
+
 def bn_relu(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
     """``relu((x - mean) * invstd * gamma + beta)`` computed in float32 (float64 for float64
     input) and rounded to ``x.dtype``, in two passes: PyTorch's own inference-mode batch-norm
@@ -121,7 +165,7 @@ def bn_relu_conv2d(
     """``conv2d(relu(bn(x)), weight, bias)``; ``batch_stats`` only matters for autograd
     (whether ``mean``/``invstd`` are functions of ``x``)."""
     a = bn_relu(_dense(x), bn_weight, bn_bias, mean, invstd)
-    return torch.nn.functional.conv2d(a, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return conv2d(a, weight, bias, stride, padding, dilation, groups)
 
 
 def bn_relu_conv2d_out(
@@ -179,10 +223,8 @@ def _conv_relu_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, s
     """``(grad_z, grad_weight or None, grad_bias or [0])``: the conv and ReLU backward of
     ``conv2d(relu(bn(x)))`` with the activation recomputed from ``x`` (dense)."""
     a = bn_relu(x, bn_weight, bn_bias, mean, invstd)
-    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad_out, a, weight, [weight.shape[0]], list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [True, weight_grad, bias_grad],
-    )
+    grad_a, grad_w, grad_b = conv2d_backward(grad_out, a, weight, stride, padding, dilation, groups,
+                                             [True, weight_grad, bias_grad])
     # torch.relu's own backward: zero where the activation is <= 0, so a NaN activation passes
     # its gradient through; written over grad_a (one temporary fewer alive).
     grad_z = torch.ops.aten.threshold_backward.grad_input(grad_a, a, 0, grad_input=grad_a)
@@ -277,7 +319,7 @@ def bn_train_relu_conv2d(
         gamma, beta = [None if t is None else t.to(acc) for t in (bn_weight, bn_bias)]
         z, mean, invstd = torch.ops.aten.native_batch_norm(_dense(x), gamma, beta, running_mean, running_var, True,
                                                            momentum, eps)
-        y = F.conv2d(z.relu_(), weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+        y = conv2d(z.relu_(), weight, bias, stride, padding, dilation, groups)
         del z
     if out is None:
         return y, mean, invstd
