@@ -30,7 +30,7 @@ def test_cli_json_document(tmp_path):
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = main(["memory", "--model", "densenet_bc100_k12", "--batch-size", "2", "--image-size", "16",
-                   "--modes", "naive,shared", "--json", "--plot", str(png), "--plot-batch", "2",
+                   "--modes", "naive,shared", "--repeat", "3", "--json", "--plot", str(png), "--plot-batch", "2",
                    "--plot-image-size", "12", "--plot-layers", "2,3,5"])
     assert rc == 0
     doc = json.loads(buf.getvalue())
@@ -53,10 +53,15 @@ def test_cli_json_document(tmp_path):
         assert {"mode", "peak_bytes", "activation_bytes", "step_time_s", "launches"} <= set(r)
         assert 0 < r["activation_bytes"] < r["peak_bytes"]
         assert r["step_time_s"] > 0
+        # the median of the 3 timed steps, taken in rounds alternating the two modes
+        assert len(r["step_times_s"]) == 3 and all(t > 0 for t in r["step_times_s"])
+        assert r["step_time_s"] == sorted(r["step_times_s"])[1]
         assert isinstance(r["launches"], int) and r["launches"] > 100  # ~ten per layer at least
     naive, shared = doc["results"]
     assert shared["peak_bytes"] < naive["peak_bytes"]
     assert naive["ratio_to_naive"] == 1.0
+    assert naive["time_ratio_to_naive"] == 1.0
+    assert shared["time_ratio_to_naive"] == shared["step_time_s"] / naive["step_time_s"]
 
 
 def test_cli_errors():
@@ -64,6 +69,7 @@ def test_cli_errors():
 
     assert main(["memory", "--modes", "naive,fast"]) == 2
     assert main(["memory", "--max-batch", "--device", "cpu", "--image-size", "16"]) == 2
+    assert main(["memory", "--repeat", "0", "--image-size", "16"]) == 2
     # The --plot options are checked before any model runs.
     for bad in (["--plot-layers", "4,8"], ["--plot-layers", "8,4,16"], ["--plot-layers", "0,4,8"],
                 ["--plot-layers", "a,b,c"], ["--plot-batch", "0"], ["--plot-image-size", "0"]):
@@ -81,6 +87,8 @@ def test_cli_errors():
         memory.run(p.parse_args(["--plot", "unused.png", "--plot-layers", "4,8"]))
     with pytest.raises(ValueError, match=r"--plot-batch must be a positive int, got 0"):
         memory.run(p.parse_args(["--plot", "unused.png", "--plot-batch", "0"]))
+    with pytest.raises(ValueError, match=r"--repeat must be a positive int, got -1"):
+        memory.run(p.parse_args(["--repeat", "-1"]))
 
 
 def test_measure_training_step_counts_exact_bytes():

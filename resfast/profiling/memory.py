@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import sys
+import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -64,6 +65,8 @@ CONVERT_MODES = ("original", "resfast")
 SWEEP_BATCH = 4
 SWEEP_IMAGE_SIZE = 32
 SWEEP_LAYERS = (4, 8, 16, 24, 32)
+#: Timed steps per mode of ``resfast memory`` (one step varies by up to 25% on a loaded CPU).
+DEFAULT_REPEAT = 5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-layers", default=",".join(map(str, SWEEP_LAYERS)),
                    help="comma-separated layer counts of the --plot sweep, at least 3 "
                         f"(default {','.join(map(str, SWEEP_LAYERS))})")
+    p.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
+                   help="timed training steps per mode, taken in rounds that alternate the modes (so a change "
+                        "of the machine's load reaches every mode alike); step_time_s is their median "
+                        f"(default {DEFAULT_REPEAT})")
     p.add_argument("--max-batch", action="store_true", help="(CUDA) find the largest batch each mode fits")
     p.add_argument("--seed", type=int, default=0)
 
@@ -116,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--plot draws one dense block's memory against its depth: it needs a DenseNet --model")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size!r}")
+    if not isinstance(args.repeat, int) or args.repeat < 1:
+        raise ValueError(f"--repeat must be a positive int, got {args.repeat!r}")
     device = resolve_device(args.device)
     if args.max_batch and device.type != "cuda":
         raise ValueError("--max-batch needs --device cuda (it searches for the batch at which CUDA runs out of "
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
                             backend=args.backend, autocast_dtype=dtype, channels_last=args.channels_last,
-                            seed=args.seed)
+                            seed=args.seed, repeat=args.repeat)
     if args.max_batch:
         for r in results:
             r["max_batch"] = max_batch(args.model, r["mode"], image_size=image_size, device=device,
@@ -355,9 +364,15 @@ def _default_loss(out: Tensor) -> Tensor:
 
 def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, image_size: int, device=None,
                   backend: str = "auto", autocast_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-                  seed: int = 0, progress: bool = True, timed: bool = True) -> List[Dict[str, object]]:
-    """One training step of ``model_name`` per mode, same weights and input; adds
-    ``ratio_to_naive`` (dense-block modes) or ``ratio_to_original`` (:data:`CONVERT_MODES`)."""
+                  seed: int = 0, progress: bool = True, timed: bool = True,
+                  repeat: int = DEFAULT_REPEAT) -> List[Dict[str, object]]:
+    """Peak memory and launches of one training step of ``model_name`` per mode (same weights
+    and input; one model alive at a time), then, when ``timed``, ``repeat`` rounds of one timed
+    step per mode, the modes alternating within a round after one warm-up step each:
+    ``step_time_s`` is a mode's median, ``step_times_s`` its steps. Adds ``ratio_to_naive``
+    (dense-block modes) or ``ratio_to_original`` (:data:`CONVERT_MODES`): peak bytes against
+    that mode's, and ``time_ratio_to_naive`` / ``time_ratio_to_original``: median step time
+    against that mode's."""
     from tqdm import tqdm
 
     device = torch.device(device or "cpu")
@@ -365,29 +380,74 @@ def measure_modes(model_name: str, modes: Sequence[str], *, batch_size: int, ima
     x = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    state = None
+    state: Dict[str, Tensor] = {}
+
+    def build(mode: str) -> nn.Module:
+        torch.manual_seed(seed)
+        model = build_for_mode(model_name, mode, backend)
+        if not state:
+            state.update({k: v.clone() for k, v in model.state_dict().items()})
+        model.load_state_dict(state)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
     results = []
     bar = tqdm(list(modes), desc=f"resfast memory {model_name}", file=sys.stderr, disable=not progress)
     for mode in bar:
         bar.set_postfix_str(mode)
-        torch.manual_seed(seed)
-        model = build_for_mode(model_name, mode, backend)
-        if state is None:
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(state)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=timed, launches=True)
+        model = build(mode)
+        r = measure_training_step(model, x, device, autocast_dtype=autocast_dtype, timed=False, launches=True)
         results.append({"mode": mode, **r})
         bar.write(f"{mode:>18}: peak {r['peak_bytes'] / 2**20:9.1f} MiB, activations "
-                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, step {r['step_time_s']:.3f} s, "
-                  f"{r['launches']} launches", file=sys.stderr)
+                  f"{r['activation_bytes'] / 2**20:9.1f} MiB, {r['launches']} launches", file=sys.stderr)
         del model
+    if timed:
+        times = time_modes({mode: build(mode) for mode in modes}, x, device, autocast_dtype=autocast_dtype,
+                           repeat=repeat, progress=progress)
+        for r in results:
+            r["step_times_s"] = times[r["mode"]]
+            r["step_time_s"] = statistics.median(times[r["mode"]])
     base_mode = "naive" if all(m in MODES for m in modes) else "original"
-    base = next((r["peak_bytes"] for r in results if r["mode"] == base_mode), None)
+    base = next((r for r in results if r["mode"] == base_mode), None)
     for r in results:
-        r[f"ratio_to_{base_mode}"] = (r["peak_bytes"] / base) if base else None
+        r[f"ratio_to_{base_mode}"] = (r["peak_bytes"] / base["peak_bytes"]) if base else None
+        if base and timed:
+            r[f"time_ratio_to_{base_mode}"] = r["step_time_s"] / base["step_time_s"]
     return results
+
+
+def time_modes(models: Dict[str, nn.Module], x: Tensor, device=None, *, autocast_dtype: Optional[torch.dtype] = None,
+               repeat: int = DEFAULT_REPEAT, progress: bool = True) -> Dict[str, List[float]]:
+    """Training-step wall times of each model on ``x``: one warm-up step each, then ``repeat``
+    rounds in which every model takes one timed step in turn (a change of the machine's load
+    during the run reaches every model alike). Gradients are cleared before each step."""
+    from tqdm import tqdm
+
+    device = torch.device(device) if device is not None else x.device
+    x = x.to(device)
+    steps = {}
+    for name, model in models.items():
+        model = model.to(device).train()
+
+        def step(model=model):
+            model.zero_grad(set_to_none=True)
+            with autocast(device, autocast_dtype):
+                loss = _default_loss(model(x))
+            loss.backward()
+
+        steps[name] = step
+    times: Dict[str, List[float]] = {name: [] for name in models}
+    for step in steps.values():
+        step()
+    for _ in tqdm(range(repeat), desc="timed rounds", file=sys.stderr, disable=not progress):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LAYERS, device=None,
@@ -517,12 +577,19 @@ def format_table(doc: Dict[str, object]) -> str:
     """The human-readable table of :func:`run`."""
     base = "original" if any("ratio_to_original" in r for r in doc["results"]) else "naive"
     lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
-             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'step s':>8} {'vs ' + base:>12} {'launches':>9}"]
+             f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'peak vs ' + base:>14} {'step s':>8} "
+             f"{'time vs ' + base:>14} {'launches':>9}"]
+
+    def fmt(v, width):
+        return f"{v:{width}.3f}" if v is not None and not math.isnan(v) else f"{'-':>{width}}"
+
     for r in doc["results"]:
-        ratio = r.get(f"ratio_to_{base}")
-        ratio_s = f"{ratio:12.3f}" if ratio is not None and not math.isnan(ratio) else f"{'-':>12}"
         extra = f"  max batch {r['max_batch']}" if "max_batch" in r else ""
         launch_s = f"{r['launches']:9d}" if "launches" in r else f"{'-':>9}"
         lines.append(f"{r['mode']:>18} {r['peak_bytes'] / 2**20:10.1f} {r['activation_bytes'] / 2**20:11.1f} "
-                     f"{r['step_time_s']:8.3f} {ratio_s} {launch_s}{extra}")
+                     f"{fmt(r.get(f'ratio_to_{base}'), 14)} {fmt(r.get('step_time_s'), 8)} "
+                     f"{fmt(r.get(f'time_ratio_to_{base}'), 14)} {launch_s}{extra}")
+    if any("step_times_s" in r for r in doc["results"]):
+        n = max(len(r.get("step_times_s", [])) for r in doc["results"])
+        lines.append(f"step s: median of {n} timed steps per mode, the modes alternating")
     return "\n".join(lines)
