@@ -507,6 +507,14 @@ _BWD_INPUT_CONFIGS = [
     _BWD_CONFIGS[0],
     *_BWD_CONFIGS[2:],
 ]
+# The weight-gradient launch of a split backward (grad_weight alone): as above, and an 8-warp
+# 64 x 32 channel block whose taps x channels float32 accumulators fit the registers (96 per
+# thread for a 3x3 kernel, against 192 for the others on wide convs such as WRN-28-10's,
+# which spill there).
+_BWD_WEIGHT_CONFIGS = [
+    *_BWD_CONFIGS,
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
@@ -635,8 +643,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(_BWD_INPUT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
                                      binder(True, False), key + ("ga",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
-        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, configs,
-                                     _BWD_INTERP, binder(False, True), key + ("gw",),
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
+                                     _prune_tiles(_BWD_WEIGHT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
+                                     binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
     if any(_blocks(groups, cin_g, cout_g, 16, 16, cfg.get("PACK", 16)).gp > 1 for cfg in [*configs, _BWD_INTERP]):
         # packed small groups: the fix-up of tiles whose grad_a is not finite (normally a scan
