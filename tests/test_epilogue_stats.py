@@ -200,3 +200,47 @@ def test_an_output_mean_far_above_its_spread_keeps_its_variance():
     var_s, mean_s = torch.var_mean(y.cpu(), dim=(0, 2, 3), correction=0)
     assert_rule("mean", mean, mean64, mean_s, "mean >> std")
     assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), "mean >> std")
+
+
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute, monkeypatch):
+    """The shared dense block on triton: each layer's norm2 takes its statistics from conv1's
+    epilogue (a finalize over the partials, no statistics pass over the bottleneck): one
+    statistics pass fewer per layer than without the epilogue; output, input and parameter
+    gradients and the running statistics against the float64 eager block with the rule, the
+    unchained triton block as ``ref_same`` for the rule's slack."""
+    from resfast.nn.dense import DenseBlock
+    from resfast.ops import dense_block as db
+
+    def make(backend, dtype=torch.float32):
+        torch.manual_seed(0)
+        block = DenseBlock(3, 6, 2, 4, memory="shared", recompute=recompute, backend=backend)
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.3, 0.3)
+        return block.to(DEVICE, dtype)
+
+    x = torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3
+    grad = torch.randn(2, 18, 5, 4, device=DEVICE)
+
+    def step(block, dtype=torch.float32):
+        xi = x.detach().to(dtype).clone().requires_grad_()
+        counter = LaunchCounter()
+        with counter.triton_hook(), counter:
+            y = block(xi)
+        y.backward(grad.to(dtype))
+        res = {"output": y.detach(), "grad x": xi.grad}
+        res.update({f"grad {n}": p.grad for n, p in block.named_parameters()})
+        res.update({n: b for n, b in block.named_buffers() if b.is_floating_point()})
+        return res, counter.triton
+
+    chained, launches = step(make("triton"))
+    ref64, _ = step(make("eager", torch.float64), torch.float64)
+    monkeypatch.setattr(db, "_stats_ops", lambda ops: None)
+    same, launches_unchained = step(make("triton"))
+    assert launches["bn_stats_partial_kernel"] == launches_unchained["bn_stats_partial_kernel"] - 3, dict(launches)
+    assert launches["bn_stats_finalize_kernel"] == launches_unchained["bn_stats_finalize_kernel"], dict(launches)
+    for key in ref64:
+        assert_rule(key, chained[key], ref64[key], same[key], f"recompute={recompute}")

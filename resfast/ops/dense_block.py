@@ -177,6 +177,10 @@ class _Config:
     #: The op set's optional ``bn_train_relu_conv2d`` (eager), used when no reader synchronises
     #: over a process group: each reader then takes its own statistics in the op that normalises.
     train_op: object = None
+    #: The op set's optional ``(bn_relu_conv2d_stats, bn_stats_merge_update)`` (triton): each
+    #: layer's conv1x1 takes its bottleneck's batch statistics in its epilogue, so norm2 needs no
+    #: statistics pass over the bottleneck (one launch instead of two, no read of it).
+    stats_ops: Optional[Tuple[object, object]] = None
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -224,10 +228,16 @@ class _Config:
             chunk_budget=_chunk_budget(layers, c, recompute) if backend == "eager" else 0,
             group=group,
             train_op=getattr(ops, "bn_train_relu_conv2d", None) if group is None else None,
+            stats_ops=_stats_ops(ops),
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
+
+
+def _stats_ops(ops) -> Optional[Tuple[object, object]]:
+    stats, merge = getattr(ops, "bn_relu_conv2d_stats", None), getattr(ops, "bn_stats_merge_update", None)
+    return (stats, merge) if stats is not None and merge is not None else None
 
 
 def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str) -> int:
@@ -405,15 +415,27 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         w1, g1, b1, w2, g2, b2 = tensors[6 * i: 6 * i + 6]
         # One call in the forward: its temporaries come while little is stored yet; the
         # backward, when the block's stores are all alive, works in chunks where memory asks.
+        # norm2's statistics from conv1's epilogue (triton), when norm2 takes its own batch's
+        chain = cfg.stats_ops is not None and train_op is None and norm2.batch_stats and norm2.process_group is None
+        partials = None
         if train_op is not None and norm1.batch_stats:
             bott, mean1, invstd1 = _train_call(train_op, norm1, buf[:, :c], w1, g1, b1, _CONV1)
         else:
             mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
-            bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
+            if chain:
+                bott, partials = cfg.stats_ops[0](buf[:, :c], w1, None, g1, b1, mean1, invstd1, *_CONV1, False)
+            else:
+                bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
         new = buf[:, c:c + k]
         if train_op is not None and norm2.batch_stats and norm2.process_group is None:
             _, mean2, invstd2 = _train_call(train_op, norm2, bott, w2, g2, b2, cfg.conv2_args[i], out=new)
             count2 = bott.numel() // bott.shape[1]
+        elif partials is not None:
+            count2 = bott.numel() // bott.shape[1]
+            mean2, invstd2 = cfg.stats_ops[1](partials, count2, norm2.running_mean, norm2.running_var, norm2.momentum,
+                                              norm2.eps)
+            del partials
+            ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         else:
             mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
             ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
