@@ -138,6 +138,9 @@ def test_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- the compact stem
+# (on CUDA when there is one: benchmarks/gpu_check.sh runs this file there)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _stem_modules(c0=8, dtype=torch.float32):
@@ -148,14 +151,15 @@ def _stem_modules(c0=8, dtype=torch.float32):
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.3, 0.3)
     pool = torch.nn.MaxPool2d(3, 2, 1)
-    return conv, bn, pool
+    return conv.to(DEVICE), bn.to(DEVICE), pool
 
 
 def _stem_step(stem, conv, bn, pool, x, grad):
     from resfast.models import densenet as D
 
     conv, bn = copy.deepcopy(conv), copy.deepcopy(bn)
-    xi = x.clone().requires_grad_()
+    xi = x.to(DEVICE).clone().requires_grad_()
+    grad = grad.to(DEVICE)
     out = D._recomputed_stem(conv, bn, pool, xi) if stem == "compact" else pool(torch.relu(bn(conv(xi))))
     out.backward(grad.to(out.dtype))
     return {"output": out.detach(), "grad x": xi.grad, "grad conv": conv.weight.grad, "grad gamma": bn.weight.grad,
@@ -191,7 +195,7 @@ def test_compact_stem_saves_no_full_resolution_tensor():
     from resfast.models import densenet as D
 
     conv, bn, pool = _stem_modules()
-    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = D._recomputed_stem(conv, bn, pool, x)
@@ -221,7 +225,7 @@ def test_compact_stem_autocast_bfloat16_matches_modules():
     conv, bn, pool = _stem_modules()
     x = torch.randn(2, 3, 30, 30)
     grad = torch.randn(2, 8, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         ours = _stem_step("compact", conv, bn, pool, x, grad)
         same = _stem_step("modules", conv, bn, pool, x, grad)
     ref64 = _stem_step("modules", conv.double(), bn.double(), pool, x.double(), grad.double())
@@ -234,7 +238,7 @@ def test_compact_stem_refuses_double_backward():
     from resfast.models import densenet as D
 
     conv, bn, pool = _stem_modules()
-    x = torch.randn(2, 3, 30, 30, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 30, 30, dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = D._recomputed_stem(conv.double(), bn.double(), pool, x)
     with pytest.raises(RuntimeError, match="double backward .* DenseNet stem is not supported"):
         torch.autograd.grad(out.sum(), x, create_graph=True)
