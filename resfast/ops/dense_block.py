@@ -415,14 +415,12 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         w1, g1, b1, w2, g2, b2 = tensors[6 * i: 6 * i + 6]
         # One call in the forward: its temporaries come while little is stored yet; the
         # backward, when the block's stores are all alive, works in chunks where memory asks.
-        # norm2's statistics from conv1's epilogue (triton), when norm2 takes its own batch's
-        chain = cfg.stats_ops is not None and train_op is None and norm2.batch_stats and norm2.process_group is None
-        partials = None
+        partials = None  # norm2's statistics from conv1's epilogue (triton)
         if train_op is not None and norm1.batch_stats:
             bott, mean1, invstd1 = _train_call(train_op, norm1, buf[:, :c], w1, g1, b1, _CONV1)
         else:
             mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
-            if chain:
+            if cfg.stats_ops is not None and norm2.batch_stats and norm2.process_group is None:
                 bott, partials = cfg.stats_ops[0](buf[:, :c], w1, None, g1, b1, mean1, invstd1, *_CONV1, False)
             else:
                 bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
@@ -430,14 +428,14 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         if train_op is not None and norm2.batch_stats and norm2.process_group is None:
             _, mean2, invstd2 = _train_call(train_op, norm2, bott, w2, g2, b2, cfg.conv2_args[i], out=new)
             count2 = bott.numel() // bott.shape[1]
-        elif partials is not None:
-            count2 = bott.numel() // bott.shape[1]
-            mean2, invstd2 = cfg.stats_ops[1](partials, count2, norm2.running_mean, norm2.running_var, norm2.momentum,
-                                              norm2.eps)
-            del partials
-            ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         else:
-            mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
+            if partials is not None:
+                count2 = bott.numel() // bott.shape[1]
+                mean2, invstd2 = cfg.stats_ops[1](partials, count2, norm2.running_mean, norm2.running_var,
+                                                  norm2.momentum, norm2.eps)
+                del partials
+            else:
+                mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
             ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         p = cfg.drop_rates[i]
         mask = _dropout_(new, p) if p > 0 else None

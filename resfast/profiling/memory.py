@@ -273,15 +273,8 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
     device = torch.device(device) if device is not None else x.device
     model = model.to(device)
     x = x.to(device)
-    loss_fn = loss_fn or _default_loss
     model.train()
-
-    def step():
-        with autocast(device, autocast_dtype):
-            out = model(x)
-            loss = loss_fn(out)
-        loss.backward()
-
+    step = _training_step(model, x, device, autocast_dtype, loss_fn)
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         sync(device)
@@ -300,11 +293,7 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
     step_time = float("nan")
     if timed:
         model.zero_grad(set_to_none=True)
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        step_time = time.perf_counter() - t0
+        step_time = _wall_time(step, device)
     result = {"peak_bytes": int(peak), "activation_bytes": int(activation), "step_time_s": step_time}
     if launches:
         from resfast.profiling.launches import count_launches
@@ -426,28 +415,39 @@ def time_modes(models: Dict[str, nn.Module], x: Tensor, device=None, *, autocast
 
     device = torch.device(device) if device is not None else x.device
     x = x.to(device)
-    steps = {}
-    for name, model in models.items():
-        model = model.to(device).train()
-
-        def step(model=model):
-            model.zero_grad(set_to_none=True)
-            with autocast(device, autocast_dtype):
-                loss = _default_loss(model(x))
-            loss.backward()
-
-        steps[name] = step
+    models = {name: model.to(device).train() for name, model in models.items()}
+    steps = {name: _training_step(model, x, device, autocast_dtype) for name, model in models.items()}
     times: Dict[str, List[float]] = {name: [] for name in models}
-    for step in steps.values():
+    for name, step in steps.items():
+        models[name].zero_grad(set_to_none=True)
         step()
     for _ in tqdm(range(repeat), desc="timed rounds", file=sys.stderr, disable=not progress):
         for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            models[name].zero_grad(set_to_none=True)
+            times[name].append(_wall_time(step, device))
     return times
+
+
+def _training_step(model: nn.Module, x: Tensor, device: torch.device, autocast_dtype: Optional[torch.dtype],
+                   loss_fn: Optional[Callable] = None) -> Callable[[], None]:
+    """One training step of ``model`` on ``x``: forward and loss under autocast, backward."""
+    loss_fn = loss_fn or _default_loss
+
+    def step() -> None:
+        with autocast(device, autocast_dtype):
+            loss = loss_fn(model(x))
+        loss.backward()
+
+    return step
+
+
+def _wall_time(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds ``step()`` takes, the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LAYERS, device=None,
@@ -552,9 +552,7 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
             x = torch.randn(n, 3, image_size, image_size, device=device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, autocast_dtype):
-                loss = _default_loss(model(x))
-            loss.backward()
+            _training_step(model, x, device, autocast_dtype)()
             sync(device)
             return True
         except torch.cuda.OutOfMemoryError:
