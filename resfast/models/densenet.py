@@ -167,9 +167,12 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
     outside, from the statistics the normalising op used."""
     call = bn_call(bn)
     if not call.batch_stats:
+        # the recomputation normalises with the statistics of this forward (a snapshot), not
+        # with what a training forward before the backward may have written into them
+        rm, rv = call.running_mean.clone(), call.running_var.clone()
+
         def closure(inp: Tensor) -> Tensor:
-            z = F.batch_norm(conv(inp), call.running_mean, call.running_var, call.weight, call.bias, False, 0.0,
-                             call.eps)
+            z = F.batch_norm(conv(inp), rm, rv, call.weight, call.bias, False, 0.0, call.eps)
             return pool(F.relu(z, inplace=True))
 
         return cp.checkpoint(closure, x, use_reentrant=False)

@@ -282,7 +282,9 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     call = bn_call(bn)
     if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 and inputs[0].shape[0] > 0:
         _update_running_from_parts(call, inputs, resolve_backend(backend, inputs[0].device))
-    running = None if call.batch_stats else (call.running_mean, call.running_var)
+    # Eval: the recomputation in the backward normalises with a snapshot of the running
+    # statistics, not with whatever a training forward in between left in them.
+    running = None if call.batch_stats else (call.running_mean.clone(), call.running_var.clone())
 
     def closure(*feats: Tensor) -> Tensor:
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)

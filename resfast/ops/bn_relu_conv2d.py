@@ -136,6 +136,10 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _finish(y, out), None
     if name == "eager" and process_group is None:
+        if not training and running_mean is not None and torch.is_grad_enabled():
+            # F.batch_norm saves the running statistics by reference for its backward and a
+            # training forward before that backward would change them: normalise with a copy
+            running_mean, running_var = running_mean.clone(), running_var.clone()
         y = F.conv2d(
             F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
             weight, bias, stride, padding, dilation, groups,
@@ -178,9 +182,16 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
     return _finish(y, out), None
 
 
-def normalize_with(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``(mean, invstd)`` of running statistics, in ``acc``."""
-    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+def normalize_with(running_mean: Tensor, running_var: Tensor, eps: float, acc: torch.dtype,
+                   snapshot: Optional[bool] = None) -> Tuple[Tensor, Tensor]:
+    """``(mean, invstd)`` of running statistics, in ``acc``.
+
+    With ``snapshot`` (default: in grad mode) both are new tensors: a backward that
+    recomputes ``relu(bn(x))`` from them must see the statistics of its forward even if a
+    training forward updates the running statistics in place before it runs. Otherwise the
+    mean may alias ``running_mean`` (nothing reads it later)."""
+    mean = running_mean.to(acc, copy=torch.is_grad_enabled() if snapshot is None else snapshot)
+    return mean, torch.rsqrt(running_var.to(acc) + eps)
 
 
 def sync_batch_stats(ops, x: Tensor, process_group) -> Tuple[Tensor, Tensor, int]:

@@ -316,11 +316,12 @@ def _prefix_bn_relu_conv(ops, x: Tensor, w: Tensor, gamma, beta, mean, invstd, c
     return out.to(x.dtype)
 
 
-def _layer_stats(ops, t: Tensor, bn: BNArgs) -> Tuple[Tensor, Tensor, int]:
+def _layer_stats(ops, t: Tensor, bn: BNArgs, snapshot: bool) -> Tuple[Tensor, Tensor, int]:
     """``(mean, invstd, count)`` of a BN reading all of ``t``; the running statistics updated
-    when the BN uses batch statistics, else its running statistics normalise."""
+    when the BN uses batch statistics, else its running statistics normalise (copied when
+    ``snapshot``: the backward must see the forward's statistics)."""
     if not bn.batch_stats:
-        mean, invstd = normalize_with(bn.running_mean, bn.running_var, bn.eps, acc_dtype(t))
+        mean, invstd = normalize_with(bn.running_mean, bn.running_var, bn.eps, acc_dtype(t), snapshot)
         return mean, invstd, 1
     if bn.process_group is not None:
         mean, var, count = sync_batch_stats(ops, t, bn.process_group)
@@ -337,12 +338,12 @@ def _channel_stats(ops, t: Tensor, group) -> Tuple[Tensor, Tensor, int]:
     return mean, var, t.numel() // t.shape[1]
 
 
-def _reader_params(bn: BNArgs, mean_all, var_all, c: int, acc, pending: List[Tuple[BNArgs, int]]
-                   ) -> Tuple[Tensor, Tensor]:
+def _reader_params(bn: BNArgs, mean_all, var_all, c: int, acc, pending: List[Tuple[BNArgs, int]],
+                   snapshot: bool) -> Tuple[Tensor, Tensor]:
     """mean and invstd a prefix reader (norm1 or the tail's norm) normalises its ``c`` channels
     with; its running-statistics update (from the shared batch statistics) is queued in ``pending``."""
     if not bn.batch_stats:
-        return normalize_with(bn.running_mean, bn.running_var, bn.eps, acc)
+        return normalize_with(bn.running_mean, bn.running_var, bn.eps, acc, snapshot)
     if bn.running_mean is not None and bn.momentum != 0.0:
         pending.append((bn, c))
     return mean_all[:c], torch.rsqrt(var_all[:c] + bn.eps)
@@ -393,6 +394,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     n, _, h, w = x.shape
     c_tot = c0 + n_layers * k
     acc = acc_dtype(x)
+    keep = saved is not None  # a backward will run: eval statistics are snapshots, not aliases
     buf = torch.empty((n, c_tot, h, w), dtype=x.dtype, device=x.device, memory_format=out_memory_format(x))
     buf[:, :c0].copy_(x)
     readers = [cfg.norms[2 * i] for i in range(n_layers)] + ([cfg.norms[-1]] if cfg.has_tail else [])
@@ -419,7 +421,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         if train_op is not None and norm1.batch_stats:
             bott, mean1, invstd1 = _train_call(train_op, norm1, buf[:, :c], w1, g1, b1, _CONV1)
         else:
-            mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending)
+            mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending, keep)
             if cfg.stats_ops is not None and norm2.batch_stats and norm2.process_group is None:
                 bott, partials = cfg.stats_ops[0](buf[:, :c], w1, None, g1, b1, mean1, invstd1, *_CONV1, False)
             else:
@@ -435,7 +437,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
                                                   norm2.momentum, norm2.eps)
                 del partials
             else:
-                mean2, invstd2, count2 = _layer_stats(ops, bott, norm2)
+                mean2, invstd2, count2 = _layer_stats(ops, bott, norm2, keep)
             ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         p = cfg.drop_rates[i]
         mask = _dropout_(new, p) if p > 0 else None
@@ -464,7 +466,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         w_fused, args = (wt, _CONV1) if cfg.pool_weight is None else (cfg.pool_weight, _pool_args(c_tot))
         out, mean_t, invstd_t = _train_call(train_op, norm_t, buf, w_fused, gt, bt, args)
     else:
-        mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending)
+        mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending, keep)
         _apply_running_updates(pending, mean_all, var_all, count)
         if cfg.pool_weight is None:
             out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])

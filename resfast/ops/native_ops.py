@@ -1,7 +1,7 @@
 """The native op set ``torch.ops.resfast``: kernels of the compiled extension ``resfast._C``
 (CUDA kernels for CUDA tensors, their C++ twin for CPU tensors). The schemas are registered
 by ``csrc/resfast.cpp`` (equal to :data:`resfast.ops.schemas.SCHEMAS`, which a test checks);
-this module adds the fake implementations and the autograd formula."""
+this module adds the fake implementations, the autograd formula and the version bumps of the\nargument the ops write in place."""
 from __future__ import annotations
 
 import torch
@@ -13,4 +13,5 @@ __all__ = ["OPS"]
 
 OPS = torch.ops.resfast
 schemas.register_fakes("resfast")
+schemas.register_version_bumps("resfast")
 autograd.register_autograd("resfast", OPS)

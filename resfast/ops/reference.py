@@ -136,6 +136,8 @@ def bn_stats_update(
     else:
         with torch.no_grad():
             mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+        # the aten op writes the running statistics without bumping their versions
+        torch.autograd.graph.increment_version((running_mean, running_var))
         mean, var = mean.to(acc_dtype(x)), var.to(acc_dtype(x))
     return mean, var.add_(eps).rsqrt_()
 

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from resfast.ops.opset import OP_NAMES
 
-__all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes"]
+__all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes",
+           "register_version_bumps", "mutated_arguments"]
 
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
 _BN = "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor invstd"
@@ -150,3 +151,44 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_update"))
     def _(partials, count, running_mean, running_var, momentum, eps):
         return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
+
+
+_bump_libs: Dict[str, torch.library.Library] = {}
+
+
+def mutated_arguments(schema) -> List[int]:
+    """Positions of the arguments a schema writes in place (``Tensor(a!)``)."""
+    return [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def register_version_bumps(namespace: str) -> None:
+    """Bump the autograd version of every tensor an op of ``torch.ops.<namespace>`` writes in
+    place (running statistics, ``out``), as ATen's in-place ops do.
+
+    The kernels write through raw pointers, which autograd cannot see: without this a graph
+    that saved, say, the running mean would read the updated values in its backward instead
+    of raising "modified by an inplace operation". Registered as the ops' ``ADInplaceOrView``
+    kernel (what ``torch.library.custom_op`` does for its mutable ops); inference tensors have
+    no version counter and are left alone."""
+    after = getattr(torch._C, "_after_ADInplaceOrView_keyset", None)
+    with _lock:
+        if namespace in _bump_libs or after is None:
+            return
+        lib = _bump_libs[namespace] = torch.library.Library(namespace, "IMPL")
+    ns = getattr(torch.ops, namespace)
+    for name in (*SCHEMAS, *OPTIONAL_SCHEMAS):
+        if not hasattr(ns, name):
+            continue
+        op = getattr(ns, name).default
+        written = tuple(mutated_arguments(op._schema))
+        if not written:
+            continue
+
+        def kernel(keyset, *args, _op=op, _written=written):
+            result = _op.redispatch(keyset & after, *args)
+            for i in _written:
+                if i < len(args) and isinstance(args[i], Tensor):
+                    torch.autograd.graph.increment_version(args[i])
+            return result
+
+        lib.impl(name, kernel, "ADInplaceOrView", with_keyset=True)

@@ -1138,5 +1138,6 @@ for _name in (*OP_NAMES, *TRITON_OPTIONAL):
     lib.impl(_name, globals()[_name], "CUDA")
     lib.impl(_name, globals()[_name], "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
 schemas.register_fakes("resfast_triton")
+schemas.register_version_bumps("resfast_triton")
 OPS = torch.ops.resfast_triton
 autograd.register_autograd("resfast_triton", OPS)
