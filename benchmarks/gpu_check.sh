@@ -151,7 +151,7 @@ run_phase info "$(phase_limit 25 $RESERVE_AFTER_INFO)" --stdout "$OUTDIR/info.js
 # --- tests: the suites that exercise CUDA (kernels first), realistic shapes on CUDA. The rest
 # of the suite is device-independent and runs in CI on every push.
 GPU_TESTS=(tests/test_bn_relu_conv2d.py tests/test_triton_ops.py tests/test_epilogue_stats.py tests/test_native.py tests/test_build.py
-           tests/test_blocks.py tests/test_dense.py tests/test_densenet.py)
+           tests/test_blocks.py tests/test_dense.py tests/test_densenet.py tests/test_saved_state.py)
 TEST_TIMEOUT=()
 if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     TEST_TIMEOUT=(--timeout=120)  # one hung test must not take the whole phase

@@ -32,10 +32,13 @@ from resfast.ops.opsets import get_ops
 from reference import assert_rule
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # benchmarks/gpu_check.sh runs this file on a GPU
+
+
 def _require(backend: str) -> None:
-    why = backend_status("cpu")[backend]
+    why = backend_status(DEVICE)[backend]
     if why:
-        pytest.skip(f"backend {backend!r} cannot run on the CPU here: {why}")
+        pytest.skip(f"backend {backend!r} cannot run on {DEVICE} here: {why}")
 
 
 def _dtype(backend: str) -> torch.dtype:
@@ -43,7 +46,8 @@ def _dtype(backend: str) -> torch.dtype:
 
 
 def _x(seed: int, shape=(2, 8, 6, 6)) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5 + 0.3
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5 + 0.3
+            ).to(DEVICE)
 
 
 def _eval_then_train_grad(model: nn.Module, x: torch.Tensor, x_train: torch.Tensor) -> torch.Tensor:
@@ -69,7 +73,8 @@ def _check(name: str, make, backend: str, shape=(2, 8, 6, 6)) -> None:
     """``make(dtype, backend)`` builds the module under test; its eager twin in float64 and in
     the backend's dtype are the references (the float64 rule)."""
     dtype = _dtype(backend)
-    ours, ref64, same = make(dtype, backend), make(torch.float64, "eager"), make(dtype, "eager")
+    ours, ref64, same = (make(d, b).to(DEVICE) for d, b in ((dtype, backend), (torch.float64, "eager"),
+                                                             (dtype, "eager")))
     for m in (ours, ref64, same):
         m.train()
         m(_x(5, shape).to(next(m.parameters()).dtype) * 2 + 1)  # running statistics away from (0, 1)
@@ -148,21 +153,21 @@ def test_mutating_ops_bump_versions(backend):
     """Running statistics and ``out=`` written by an op: their autograd versions move."""
     _require(backend)
     ops = get_ops(backend)
-    dt = torch.float32
-    x = torch.randn(2, 4, 5, 5, dtype=dt)
-    rm, rv = torch.zeros(4, dtype=dt), torch.ones(4, dtype=dt)
+    dt, dev = torch.float32, DEVICE
+    x = torch.randn(2, 4, 5, 5, dtype=dt, device=dev)
+    rm, rv = torch.zeros(4, dtype=dt, device=dev), torch.ones(4, dtype=dt, device=dev)
     v0 = (rm._version, rv._version)
     mean, invstd = ops.bn_stats_update(x, rm, rv, 0.1, 1e-5)
     assert rm._version > v0[0] and rv._version > v0[1], "bn_stats_update must bump the running statistics' versions"
-    w = torch.randn(4, 4, 3, 3, dtype=dt)
-    out = torch.empty(2, 4, 5, 5, dtype=dt)
+    w = torch.randn(4, 4, 3, 3, dtype=dt, device=dev)
+    out = torch.empty(2, 4, 5, 5, dtype=dt, device=dev)
     v = out._version
     ops.bn_relu_conv2d_out(x, w, None, None, None, mean, invstd, [1, 1], [1, 1], [1, 1], 1, out)
     assert out._version > v, "bn_relu_conv2d_out must bump out's version"
-    gz = torch.randn(2, 4, 5, 5, dtype=dt)
-    out2 = torch.zeros(2, 4, 5, 5, dtype=dt)
+    gz = torch.randn(2, 4, 5, 5, dtype=dt, device=dev)
+    out2 = torch.zeros(2, 4, 5, 5, dtype=dt, device=dev)
     v = out2._version
-    sums = torch.zeros(4, dtype=torch.float32)
+    sums = torch.zeros(4, dtype=torch.float32, device=dev)
     ops.bn_backward_elemt_out(gz, x, None, mean, invstd, sums, sums, 0.0, True, out2)
     assert out2._version > v, "bn_backward_elemt_out must bump out's version"
     merge = getattr(ops, "bn_stats_merge_update", None)
@@ -179,9 +184,9 @@ def test_saved_alias_of_running_stats_raises(backend):
     not checked by PyTorch, so a plain multiply saves it) sees the update and raises."""
     _require(backend)
     ops = get_ops(backend)
-    x = torch.randn(2, 4, 5, 5)
-    rm, rv = torch.zeros(4), torch.ones(4)
-    p = torch.randn(4, requires_grad=True)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    p = torch.randn(4, device=DEVICE, requires_grad=True)
     y = (p * rm).sum()  # saves rm for p's gradient
     ops.bn_stats_update(x, rm, rv, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -209,9 +214,10 @@ def test_functional_eval_snapshot_matches_eager_reference():
     forward; the backward is the gradient of the forward that ran (float64 rule)."""
     _require("native")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64)
-    w = torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64)
-    rm, rv = torch.randn(4, generator=g, dtype=torch.float64) * 0.3, torch.rand(4, generator=g, dtype=torch.float64) + .5
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64).to(DEVICE)
+    w = torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    rm = (torch.randn(4, generator=g, dtype=torch.float64) * 0.3).to(DEVICE)
+    rv = (torch.rand(4, generator=g, dtype=torch.float64) + .5).to(DEVICE)
     want = None
     for backend in ("eager", "native"):
         xx = x.clone().requires_grad_(True)
