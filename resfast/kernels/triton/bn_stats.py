@@ -60,8 +60,9 @@ def bn_stats_partial_kernel(
     t2 = tl.sum(s2, axis=0)
     out = split * C + c
     tl.store(count_ptr + out, tl.zeros([BLOCK_C], dtype=tl.float32) + cnt, mask=c_mask)
-    tl.store(mean_ptr + out, shift + t1 / cnt, mask=c_mask)
-    tl.store(m2_ptr + out, tl.maximum(t2 - t1 * (t1 / cnt), 0.0), mask=c_mask)
+    inv = 1.0 / tl.maximum(cnt, 1.0)  # an empty split: count 0, mean = shift, M2 0 (never NaN)
+    tl.store(mean_ptr + out, shift + t1 * inv, mask=c_mask)
+    tl.store(m2_ptr + out, tl.maximum(t2 - t1 * (t1 * inv), 0.0), mask=c_mask)
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def bn_stats_finalize_kernel(
         cnt = tl.load(count_ptr + off, mask=mask, other=0.0)
         tot += cnt
         wsum += cnt * tl.load(pmean_ptr + off, mask=mask, other=0.0)
-    n_all = tl.sum(tot, axis=0)
+    n_all = tl.maximum(tl.sum(tot, axis=0), 1.0)  # >= 1 for every real channel; 1 in masked lanes
     mean = tl.sum(wsum, axis=0) / n_all
     m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
