@@ -63,7 +63,7 @@ from resfast.backends import check_backend_name
 from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXtBottleneck, SEModule,
                                WideBasic)
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, DenseLayer, Transition
-from resfast.nn.fused import BNReLUConv2d, bn_relu_conv
+from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_padding
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = ["convert", "ConversionReport", "ConversionEntry"]
@@ -409,8 +409,9 @@ def _conv_problem(conv: nn.Module, channels: Optional[int] = None) -> Optional[s
         return f"{type(conv).__name__} is not nn.Conv2d"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (the fused op pads with zeros)"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r} (the fused op takes numeric padding)"
+    if conv_padding(conv) is None:
+        return (f"padding={conv.padding!r} with kernel {tuple(conv.kernel_size)} pads one side more than the other "
+                "(the fused op pads both sides the same)")
     if _has_hooks(conv):
         return "it has hooks, which a fused call would not run"
     if channels is not None and conv.in_channels != channels:
@@ -616,10 +617,11 @@ def _shared_problem(layer: nn.Module, i: int) -> Optional[str]:
     # The shared-buffer block reads conv1 as a 1x1 over the channel prefix and writes conv2's
     # output into its slice of the buffer: both must keep the spatial size.
     c1, c2 = layer.conv1, layer.conv2
-    if tuple(c1.kernel_size) != (1, 1) or tuple(c1.stride) != (1, 1) or tuple(c1.padding) != (0, 0) \
+    if tuple(c1.kernel_size) != (1, 1) or tuple(c1.stride) != (1, 1) or conv_padding(c1) != (0, 0) \
             or tuple(c1.dilation) != (1, 1) or c1.groups != 1 or c1.bias is not None:
         return f"layer {i + 1}'s conv1 is not a bias-free, ungrouped, stride-1 1x1 conv"
-    same = all((k - 1) * d == 2 * p for k, d, p in zip(c2.kernel_size, c2.dilation, c2.padding))
+    same = conv_padding(c2) is not None and all(
+        (k - 1) * d == 2 * p for k, d, p in zip(c2.kernel_size, c2.dilation, conv_padding(c2)))
     if not same or tuple(c2.stride) != (1, 1) or c2.groups != 1 or c2.bias is not None:
         return f"layer {i + 1}'s conv2 is not a bias-free, ungrouped, stride-1 conv that keeps the size"
     return None
@@ -834,6 +836,12 @@ def _find_fusions(graph: fx.Graph, mods: Dict[str, nn.Module], ctx: _Context
             target, _ = _conv_reader(user, act, mods, channels)
             (readers.append((user, target)) if target else others.append(user))
         if not readers:
+            # a conv reads the activation but cannot take the fused call: say why (a near miss)
+            problems = [_conv_reader(u, act, mods, channels)[1] for u in act.users
+                        if isinstance(_call_target(u, mods), (nn.Conv2d, nn.Sequential))]
+            problems = [p for p in problems if p and "is not a Conv2d" not in p]
+            if problems and kind is not None:
+                misses.append((node.target, bn, problems[0]))
             continue
         if kind is None:
             misses.append((node.target, bn, why))
@@ -899,7 +907,7 @@ def _dense_transition_pairs(graph: fx.Graph, mods: Dict[str, nn.Module]) -> int:
         conv = trans.conv
         if trans.norm.num_features != block.num_output_features or type(conv) is not nn.Conv2d \
                 or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.bias is not None \
-                or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+                or conv_padding(conv) != (0, 0) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
             continue
         with graph.inserting_before(node):
             out = graph.call_function(_block_then_transition,

@@ -556,6 +556,37 @@ def test_other_readers_of_the_relu_output_keep_it_eager():
     assert not report.converted and "also read by" in report.left_alone[0].detail
 
 
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_string_padding_converts_and_matches(backend):
+    """``padding="valid"`` / ``"same"`` (odd kernels, dilation included) are zero paddings the
+    fused op takes as numbers; ``"same"`` with an even kernel pads one side more: left alone,
+    with the reason; so are reflect and circular padding."""
+    if backend_status("cpu")[backend]:
+        pytest.skip(f"backend {backend!r}: {backend_status('cpu')[backend]}")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, padding="same"),
+        nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding="same", dilation=2, groups=2),
+        nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3, padding="valid"),
+        nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 4, (1, 5), padding="same"))
+    report, _ = check_conversion(model, torch.randn(2, 4, 9, 9, dtype=torch.float64), backend=backend)
+    assert report.converted[0].fused == 4 and not report.left_alone, str(report)
+
+    left = nn.ModuleDict({
+        "even": nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 2, padding="same")),
+        "reflect": nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+    }).double()
+    ref = copy.deepcopy(left)
+    report = convert(left, backend=backend)
+    reasons = {e.path: e.detail for e in report.left_alone}
+    assert not report.converted, str(report)
+    assert "pads one side more" in reasons["even.0"], str(report)
+    assert "reflect" in reasons["reflect.0"], str(report)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for name in left:
+        _compare(name, left[name](x), ref[name](x), "left alone")
+
+
 def test_forward_arguments_with_defaults_fall_back_to_the_original_forward():
     class WithFlag(nn.Module):
         def __init__(self):

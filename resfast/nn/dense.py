@@ -26,7 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
-from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight
+from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight, conv_padding
 from resfast.nn.unfused import is_tracing, run_unfused
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -197,7 +197,7 @@ class DenseBlock(nn.ModuleDict):
             for name in ("conv1", "conv2"):
                 conv = getattr(layer, name)
                 if conv.bias is not None or conv.groups != 1 or conv.padding_mode != "zeros" \
-                        or isinstance(conv.padding, str) or tuple(conv.stride) != (1, 1):
+                        or conv_padding(conv) is None or tuple(conv.stride) != (1, 1):
                     raise ValueError(f"denselayer{i + 1}.{name} must be a bias-free, ungrouped, stride-1 conv with "
                                      f"numeric zero padding for memory='shared'; use memory='naive' for other convs")
         norms = [bn for layer in self.values() for bn in (layer.norm1, layer.norm2)]
@@ -205,7 +205,7 @@ class DenseBlock(nn.ModuleDict):
         for i, layer in enumerate(self.values()):
             args.append(DenseLayerArgs(
                 norm1=calls[2 * i], conv1_weight=layer.conv1.weight, norm2=calls[2 * i + 1],
-                conv2_weight=layer.conv2.weight, conv2_padding=list(layer.conv2.padding),
+                conv2_weight=layer.conv2.weight, conv2_padding=list(conv_padding(layer.conv2)),
                 conv2_dilation=list(layer.conv2.dilation),
                 drop_rate=float(layer.drop_rate) if layer.training else 0.0))
         return (args, calls[-1]) if tail_norm is not None else args
@@ -291,7 +291,7 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
         return bn_relu_conv2d(
             x, conv.weight, conv.bias, bn_weight=call.weight, bn_bias=call.bias,
             running_mean=running[0] if running else None, running_var=running[1] if running else None,
-            training=call.batch_stats, momentum=0.0, eps=call.eps, stride=conv.stride, padding=conv.padding,
+            training=call.batch_stats, momentum=0.0, eps=call.eps, stride=conv.stride, padding=conv_padding(conv) or conv.padding,
             dilation=conv.dilation, groups=conv.groups, backend=backend, process_group=call.process_group)
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)

@@ -33,11 +33,27 @@ def bn_relu_conv(
     """
     if conv.padding_mode != "zeros":
         raise ValueError(f"only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
-    if isinstance(conv.padding, str):
-        raise ValueError(f"conv padding must be numeric, got {conv.padding!r}")
+    padding = conv_padding(conv)
+    if padding is None:
+        raise ValueError(f"conv padding={conv.padding!r} with kernel {tuple(conv.kernel_size)} and dilation "
+                         f"{tuple(conv.dilation)} pads asymmetrically; the fused op pads the same on both sides")
     return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
-                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups, out=out,
+                               padding=padding, dilation=conv.dilation, groups=conv.groups, out=out,
                                update=update, input_stats=input_stats, return_stats=return_stats)
+
+
+def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """``conv``'s zero padding as two numbers: numeric padding as it is, ``"valid"`` as
+    ``(0, 0)``, ``"same"`` as ``dilation * (kernel - 1) // 2`` per side; ``None`` where ``"same"`` pads
+    one side more than the other (``dilation * (kernel - 1)`` odd)."""
+    if not isinstance(conv.padding, str):
+        return (int(conv.padding[0]), int(conv.padding[1]))
+    if conv.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    if any(t % 2 for t in total):
+        return None
+    return (total[0] // 2, total[1] // 2)
 
 
 def bn_relu_conv_weight(
