@@ -13,5 +13,7 @@ __all__ = ["OPS"]
 
 OPS = torch.ops.resfast
 schemas.register_fakes("resfast")
-schemas.register_version_bumps("resfast")
+# bn_stats_update updates the running statistics with ATen's in-place ops (they bump their
+# versions); the _out kernels write through raw pointers: their out is bumped here.
+schemas.register_version_bumps("resfast", ("bn_relu_conv2d_out", "bn_backward_elemt_out"))
 autograd.register_autograd("resfast", OPS)

@@ -4,7 +4,7 @@ tested against them), the fake (meta) implementations that make the ops traceabl
 from __future__ import annotations
 
 import threading
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor
@@ -161,28 +161,27 @@ def mutated_arguments(schema) -> List[int]:
     return [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
 
 
-def register_version_bumps(namespace: str) -> None:
-    """Bump the autograd version of every tensor an op of ``torch.ops.<namespace>`` writes in
-    place (running statistics, ``out``), as ATen's in-place ops do.
+def register_version_bumps(namespace: str, names: Sequence[str]) -> None:
+    """Bump the autograd version of every tensor the ops ``names`` of ``torch.ops.<namespace>``
+    write in place (running statistics, ``out``), as ATen's in-place ops do.
 
-    The kernels write through raw pointers, which autograd cannot see: without this a graph
+    Kernels that write through raw pointers are invisible to autograd: without this a graph
     that saved, say, the running mean would read the updated values in its backward instead
     of raising "modified by an inplace operation". Registered as the ops' ``ADInplaceOrView``
-    kernel (what ``torch.library.custom_op`` does for its mutable ops); inference tensors have
-    no version counter and are left alone."""
+    kernel (what ``torch.library.custom_op`` does for its mutable ops; the re-entry costs
+    ~10-20 us a call, so an op implemented in Python bumps inside its implementation
+    instead); inference tensors have no version counter and are left alone."""
     after = getattr(torch._C, "_after_ADInplaceOrView_keyset", None)
     with _lock:
         if namespace in _bump_libs or after is None:
             return
         lib = _bump_libs[namespace] = torch.library.Library(namespace, "IMPL")
     ns = getattr(torch.ops, namespace)
-    for name in (*SCHEMAS, *OPTIONAL_SCHEMAS):
-        if not hasattr(ns, name):
-            continue
+    for name in names:
         op = getattr(ns, name).default
         written = tuple(mutated_arguments(op._schema))
         if not written:
-            continue
+            raise ValueError(f"{namespace}::{name} writes no argument in place")
 
         def kernel(keyset, *args, _op=op, _written=written):
             result = _op.redispatch(keyset & after, *args)

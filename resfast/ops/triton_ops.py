@@ -145,6 +145,14 @@ def _run(launches: Sequence[KernelLaunch], x: Tensor) -> None:
 # ----------------------------------------------------------------------------- ops
 
 
+def _written(*tensors: Optional[Tensor]) -> None:
+    """Bump the autograd version of tensors a kernel wrote in place (as ATen's in-place ops
+    do): the kernels write through raw pointers, which autograd cannot see, and a graph that
+    saved the old value must raise "modified by an inplace operation", not read the new one.
+    (Here rather than in an ``ADInplaceOrView`` kernel: that re-entry costs ~10-20 us a call.)"""
+    torch.autograd.graph.increment_version([t for t in tensors if t is not None])
+
+
 def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (float32 ``[C]``), one stable pass."""
     out, launches = _plan_bn_stats(x)
@@ -158,6 +166,7 @@ def bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
     (unbiased variance) when given. Two launches: the statistics and their finalize."""
     out, launches = _plan_bn_stats_update(x, running_mean, running_var, momentum, eps)
     _run(launches, x)
+    _written(running_mean, running_var)
     return out
 
 
@@ -183,6 +192,7 @@ def bn_relu_conv2d_out(
     _, launches = _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                            dilation, groups, out)
     _run(launches, x)
+    _written(out)
 
 
 def bn_relu_conv2d_backward(
@@ -220,6 +230,7 @@ def bn_stats_merge_update(partials: Tensor, count: int, running_mean: Optional[T
     :func:`bn_stats_update` does. One launch (the statistics finalize)."""
     out, launches = _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps)
     _run(launches, partials)
+    _written(running_mean, running_var)
     return out
 
 
@@ -242,6 +253,7 @@ def bn_backward_elemt_out(
     _, launches = _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count,
                                               accumulate, out)
     _run(launches, x)
+    _written(out)
 
 
 # ----------------------------------------------------------------------------- planners: statistics
@@ -1138,6 +1150,5 @@ for _name in (*OP_NAMES, *TRITON_OPTIONAL):
     lib.impl(_name, globals()[_name], "CUDA")
     lib.impl(_name, globals()[_name], "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
 schemas.register_fakes("resfast_triton")
-schemas.register_version_bumps("resfast_triton")
 OPS = torch.ops.resfast_triton
 autograd.register_autograd("resfast_triton", OPS)
