@@ -312,6 +312,25 @@ def test_backward_wide_groups_against_eager(case):
           dtype, f"wide input case={case}")
 
 
+def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
+    """The input-gradient kernel of wide groups also takes a group of 64 or more input channels
+    whose output channels fit one chunk (DenseNet's 128 -> 32 3x3 convs, split on a GPU; the
+    interpreter's config would merge them, so the split is forced here) against float64."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_merged_backward", lambda *a: False)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", hw=(5, 7), seed=5)
+    go = torch.randn(2, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
+    assert launch.fn is bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel  # the path under test
+    assert launch.bind(launch.interp_config).derived["BLOCK_N"] >= 12  # one output-channel chunk
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          torch.float32, "wide input, one chunk")
+
+
 def test_fit_tile():
     """Backward tiles keep their positions and take the shape that leaves the fewest empty."""
     from resfast.ops.triton_ops import _fit_tile

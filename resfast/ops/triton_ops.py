@@ -546,9 +546,9 @@ _BWD_WEIGHT_S1_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64),
 ]
 _BWD_WEIGHT_S1_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, SPLIT_KW=1)
-# The input-gradient launch of a group wider than one tile (:func:`_wide_input`;
-# ``bn_relu_conv_bwd_input_kernel``): one flattened, software-pipelined loop over (output-channel
-# chunk, tap), ``num_stages`` deep; ``BLOCK_N`` output channels per step (the GEMM's K),
+# The input-gradient launch of a group wider than one tile or of 64 input channels or more
+# (:func:`_wide_input`; ``bn_relu_conv_bwd_input_kernel``): one flattened, software-pipelined
+# loop over (output-channel chunk, tap), ``num_stages`` deep; ``BLOCK_N`` output channels per step (the GEMM's K),
 # ``BLOCK_K`` input channels per program (its N), ``TILE_H x TILE_W`` positions (its M).
 _BWD_INPUT_WIDE_CONFIGS = [
     _cfg(8, 3, 1, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=128),
@@ -768,7 +768,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(_BWD_WEIGHT_WIDE_CONFIGS, ho, wo, fit=True),
                                      _BWD_WEIGHT_WIDE_INTERP, wide_weight_binder, key + ("gw", "wide"),
                                      hbm_bytes=gy_bytes + x_bytes))
-    elif not merged and _wide_input(groups, cin_g, cout_g) and _kw_stacks(kw) is not None:
+    elif not merged and _wide_group(groups, cin_g, cout_g) and _kw_stacks(kw) is not None:
         # the stacked kernel's configs and the split-stack kernel's, each chosen per config
         stacked = binder(False, True)
 
@@ -830,25 +830,32 @@ def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg
     return blk.nsub == 1 and per_thread <= _MAX_GW_ACC_PER_THREAD
 
 
-def _wide_input(groups: int, cin_g: int, cout_g: int) -> bool:
-    """Whether the split input gradient runs ``bn_relu_conv_bwd_input_kernel``: a block is one
-    group (no packing) whose output channels exceed the narrowest ``BLOCK_N`` of
-    :data:`_BWD_INPUT_CONFIGS` (under the interpreter, of its config), so that the stacked
-    kernel would loop over output-channel chunks."""
+def _wide_group(groups: int, cin_g: int, cout_g: int) -> bool:
+    """A block is one group (no packing) whose output channels exceed the narrowest
+    ``BLOCK_N`` of :data:`_BWD_INPUT_CONFIGS` (under the interpreter, of its config), so that
+    the stacked kernel would loop over output-channel chunks (WRN-28-10)."""
     cfgs = [_BWD_INTERP] if _interpret() else _BWD_INPUT_CONFIGS
     cap_n = min(cfg.get("BLOCK_N") for cfg in cfgs)
     blk = _blocks(groups, cin_g, cout_g, 16, cap_n)
     return blk.gp == 1 and blk.nr > blk.block_n
 
 
+def _wide_input(groups: int, cin_g: int, cout_g: int) -> bool:
+    """Whether the split input gradient runs ``bn_relu_conv_bwd_input_kernel``: a wide group
+    (:func:`_wide_group`), or one group per block of at least 64 input channels (DenseNet's
+    128 -> 32 3x3 convs: predicted 4.70 -> 2.45 us at 14 x 14; at 32-channel groups its MMA
+    tiles are too narrow, ResNeXt-50's stage 4: 6.8 -> 9.2 us)."""
+    return _wide_group(groups, cin_g, cout_g) or (_blocks(groups, cin_g, cout_g, 16, 16).gp == 1 and cin_g >= 64)
+
+
 def _wide_weight(groups: int, cin_g: int, cout_g: int, stride) -> bool:
     """Whether the split weight gradient runs ``bn_relu_conv_bwd_weight_kernel`` (over the
-    output positions): a wide group (as :func:`_wide_input`) with a stride, where the stacked
+    output positions): a wide group (:func:`_wide_group`) with a stride, where the stacked
     kernel's residue classes would leave most of its stacked taps empty. At stride 1 it is
     slower than the kernels over the input positions (it normalises each activation once per
     kernel row, not once per tile; predicted 159 -> 186 us on WRN-28-10's first stage), which
     normalise once: the stacked kernel and the split-stack one, both in that launch."""
-    return _wide_input(groups, cin_g, cout_g) and max(stride) > 1
+    return _wide_group(groups, cin_g, cout_g) and max(stride) > 1
 
 
 def _kw_stacks(kw: int) -> Optional[Tuple[int, int]]:
