@@ -524,12 +524,12 @@ _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The weight-gradient launch of a group wider than one tile (:func:`_wide_weight`;
 # ``bn_relu_conv_bwd_weight_kernel``, over the output positions): ``BLOCK_N`` output by
 # ``BLOCK_K`` input channels per program, one ``[BLOCK_N, 4 * BLOCK_K]`` float32 accumulator
-# per kernel row of a 3x3 kernel (96 per thread for these configs).
+# per kernel row of a 3x3 kernel (96 per thread for these configs; the first, the static
+# choice, predicted fastest on WRN-28-10's stride-2 blocks, where a 128-row tile, 4 warps or
+# a 64 x 16 block were slower).
 _BWD_WEIGHT_WIDE_CONFIGS = [
-    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=16),
-    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
-    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=16),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
 ]
 _BWD_WEIGHT_WIDE_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # ... at stride 1 (``SPLIT_KW``: ``bn_relu_conv_bwd_weight_s1_kernel``, over the input positions,
