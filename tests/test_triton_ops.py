@@ -312,6 +312,27 @@ def test_backward_wide_groups_against_eager(case):
           dtype, f"wide input case={case}")
 
 
+@pytest.mark.parametrize("case", [(20, 24, 1, "cl"), (16, 32, 1, "prefix"), (18, 36, 2, "nchw")], ids=str)
+def test_backward_wide_weight_transposed_against_eager(case, monkeypatch):
+    """The stride-1 weight gradient of wide groups with its accumulators transposed (``ACC_T``:
+    input channels x stacked taps), which the default interpreter config does not take."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
+                                                                              BLOCK_K=16, SPLIT_KW=1, ACC_T=1))
+    c, co, groups, layout = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, hw=(6, 7), seed=c)
+    go = torch.randn(2, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
+    bound = launch.bind(launch.interp_config)
+    assert bound.fn is bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel and bound.constexprs["ACC_T"]
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          torch.float32, f"ACC_T case={case}")
+
+
 def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
     """The input-gradient kernel of wide groups also takes a group of 64 or more input channels
     whose output channels fit one chunk (DenseNet's 128 -> 32 3x3 convs, split on a GPU; the

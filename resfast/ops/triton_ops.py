@@ -539,6 +539,8 @@ _BWD_WEIGHT_WIDE_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=
 _BWD_WEIGHT_S1_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, SPLIT_KW=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, SPLIT_KW=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64, SPLIT_KW=1, ACC_T=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64, SPLIT_KW=1, ACC_T=1),
     # the stacked kernel with 32 output x 64 input channels: a [128, 64] accumulator per
     # kernel row, 96 per thread (on wide groups only: at 128 -> 32 channels its doubled
     # partials cost the finalize more than the kernel gains)
@@ -731,7 +733,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             args = (grad_out, x, _or(gamma, mean), _or(beta, mean), mean, invstd, pgw, pgb,
                     c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
                     num_tiles, n * ho * wo, *grad_out.stride(), *x.stride(), *padding, *dilation)
-            const.update(KW_A=kw_a, KW_B=kw_b)
+            const.update(KW_A=kw_a, KW_B=kw_b, ACC_T=bool(cfg.get("ACC_T")))
             if bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
         else:

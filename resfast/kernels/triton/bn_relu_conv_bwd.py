@@ -445,6 +445,7 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_T: tl.constexpr = False,
 ):
     """``grad_weight`` (and ``grad_bias``) partials of a group wider than one tile at stride 1,
     over the *input* positions: each input tile's activations ``[TILE_H * TILE_W, BLOCK_K]``
@@ -452,8 +453,10 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     the positions its taps reach, the taps side by side. The ``KW`` taps of a row are cut into
     two power-of-two stacks, ``KW_A`` and ``KW_B`` (3 = 2 + 1), so no MMA row is spent on a
     padded fourth tap: accumulators ``[KW_A * BLOCK_N, BLOCK_K]`` and ``[KW_B * BLOCK_N,
-    BLOCK_K]`` per kernel row, living across the program's tiles. Programs are persistent as in
-    :func:`bn_relu_conv_bwd_kernel`; row ``split`` of the float32 partials."""
+    BLOCK_K]`` per kernel row, living across the program's tiles; ``ACC_T``: transposed,
+    ``[BLOCK_K, KW_A * BLOCK_N]`` (the input channels the MMA's M, the stacked taps its N, which
+    needs no padding to 64 rows: 32 output channels stack 64 + 32 wide). Programs are
+    persistent as in :func:`bn_relu_conv_bwd_kernel`; row ``split`` of the float32 partials."""
     pid = tl.program_id(0)
     cb = pid % NCB
     split = pid // NCB
@@ -477,10 +480,16 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
     x_c = ci * sxc
     co_a, ok_a, kw_a = _tap_stack(0, KW_A, gblk, nc, NR, CO, EVEN_N, BLOCK_N)
-    gw_a = (tl.zeros([KW_A * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
+    if ACC_T:
+        gw_a = (tl.zeros([BLOCK_K, KW_A * BLOCK_N], dtype=tl.float32),) * KH
+    else:
+        gw_a = (tl.zeros([KW_A * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
     if KW_B > 0:
         co_b, ok_b, kw_b = _tap_stack(KW_A, KW_B, gblk, nc, NR, CO, EVEN_N, BLOCK_N)
-        gw_b = (tl.zeros([KW_B * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
+        if ACC_T:
+            gw_b = (tl.zeros([BLOCK_K, KW_B * BLOCK_N], dtype=tl.float32),) * KH
+        else:
+            gw_b = (tl.zeros([KW_B * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
 
     for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
         n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
@@ -506,22 +515,22 @@ def bn_relu_conv_bwd_weight_s1_kernel(
             row_ok = ((ho >= 0) & (ho < HO))[:, None]
             row = (ho * sgh)[:, None]
             gy = tl.load(gyb + row + off_a, mask=col_a & row_ok, other=0.0)
-            gw_a = gw_a[:kh] + (dot_acc(tl.trans(gy), a, gw_a[kh], DOT_F32),) + gw_a[kh + 1:]
+            if ACC_T:
+                gw_a = gw_a[:kh] + (dot_acc(tl.trans(a), gy, gw_a[kh], DOT_F32),) + gw_a[kh + 1:]
+            else:
+                gw_a = gw_a[:kh] + (dot_acc(tl.trans(gy), a, gw_a[kh], DOT_F32),) + gw_a[kh + 1:]
             if KW_B > 0:
                 gy = tl.load(gyb + row + off_b, mask=col_b & row_ok, other=0.0)
-                gw_b = gw_b[:kh] + (dot_acc(tl.trans(gy), a, gw_b[kh], DOT_F32),) + gw_b[kh + 1:]
+                if ACC_T:
+                    gw_b = gw_b[:kh] + (dot_acc(tl.trans(a), gy, gw_b[kh], DOT_F32),) + gw_b[kh + 1:]
+                else:
+                    gw_b = gw_b[:kh] + (dot_acc(tl.trans(gy), a, gw_b[kh], DOT_F32),) + gw_b[kh + 1:]
 
     # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
     base = split.to(tl.int64) * (CO * CIN_G * KHW)
-    col = (co_a.to(tl.int64) * (CIN_G * KHW) + kw_a)[:, None] + (k_loc * KHW)[None, :]
-    keep = ok_a[:, None] & k_ok[None, :]
-    for kh in tl.static_range(KH):
-        tl.store(pgw_ptr + base + col + kh * KW, gw_a[kh], mask=keep)
+    _store_stack(pgw_ptr + base, gw_a, co_a, ok_a, kw_a, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
     if KW_B > 0:
-        col = (co_b.to(tl.int64) * (CIN_G * KHW) + kw_b)[:, None] + (k_loc * KHW)[None, :]
-        keep = ok_b[:, None] & k_ok[None, :]
-        for kh in tl.static_range(KH):
-            tl.store(pgw_ptr + base + col + kh * KW, gw_b[kh], mask=keep)
+        _store_stack(pgw_ptr + base, gw_b, co_b, ok_b, kw_b, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
     if DO_GB:
         if ksub == 0:
             # grad_bias = sum of grad_out over the output positions, flat rows
@@ -538,6 +547,22 @@ def bn_relu_conv_bwd_weight_s1_kernel(
                               mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
                 gb += tl.sum(gyr.to(tl.float32), axis=0)
             tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+
+
+@triton.jit
+def _store_stack(pgw_ptr, gw, co, ok, kw, k_loc, k_ok, CIN_G, KH: tl.constexpr, KW: tl.constexpr,
+                 ACC_T: tl.constexpr):
+    """Store one tap stack's accumulators (one per kernel row ``kh``; rows ``(kw, co)`` and
+    columns ``ci``, or transposed with ``ACC_T``) to ``grad_weight[co, ci_local, kh, kw]``."""
+    KHW: tl.constexpr = KH * KW
+    if ACC_T:
+        col = (k_loc * KHW)[:, None] + (co.to(tl.int64) * (CIN_G * KHW) + kw)[None, :]
+        keep = k_ok[:, None] & ok[None, :]
+    else:
+        col = (co.to(tl.int64) * (CIN_G * KHW) + kw)[:, None] + (k_loc * KHW)[None, :]
+        keep = ok[:, None] & k_ok[None, :]
+    for kh in tl.static_range(KH):
+        tl.store(pgw_ptr + col + kh * KW, gw[kh], mask=keep)
 
 
 @triton.jit
