@@ -98,8 +98,9 @@ def test_occupancy():
 def test_wide_weight_gradient_has_a_spill_free_config():
     """WRN-28-10's 160-channel 3x3 weight gradient (a split backward): its taps x channels
     float32 accumulators spill in the 4-warp 64 x 32 and 8-warp 128 x 32 channel blocks; the
-    8-warp 64 x 32 block fits the registers, and the model (like the autotuner on a GPU) takes a
-    spill-free config when one exists. Every config compiled, as the autotuner launches them."""
+    8-warp blocks of 96 (64 x 32, 32 x 64) or, stacked 2 + 1, 72 accumulators per thread fit the
+    registers, and the model (like the autotuner on a GPU) takes a spill-free config when one
+    exists. Every config compiled, as the autotuner launches them."""
     pytest.importorskip("triton")
     run = _run_model("--shapes", "wrn28_10_s1", "--json")
     if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
@@ -109,4 +110,5 @@ def test_wide_weight_gradient_has_a_spill_free_config():
     (wgrad,) = [k for k in report["kernels"] if k["kernel"] == "conv_bwd_weight"]
     assert wgrad["mma"] == "wgmma" and wgrad["spills"] == 0, wgrad
     assert any(c["spills"] > 0 for c in wgrad["configs"]), "no config spills any more: update this test's story"
-    assert "BLOCK_N=64" in wgrad["config"] and "w8" in wgrad["config"], wgrad["config"]
+    cfg = wgrad["config"]
+    assert "w8" in cfg and any(b in cfg for b in ("BLOCK_N=64,BLOCK_K=32", "BLOCK_N=32,BLOCK_K=64")), cfg

@@ -210,12 +210,16 @@ def test_forward_stacked_taps_against_eager(monkeypatch):
 def test_backward_thin_tiles_against_eager(monkeypatch):
     """The backward with a 2 x 8 tile (on a GPU :func:`_fit_tile` reshapes the backward's
     tiles to fill the grid, e.g. 2 x 32 on 28 x 28), which the default interpreter config
-    does not take: packed groups, a split wide-group backward, stride 2."""
+    does not take: packed groups, a split wide-group backward (stride 1 and 2), stride 2."""
     from resfast.ops import triton_ops
 
-    monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=2, TILE_W=8, BLOCK_N=16,
-                                                                    BLOCK_K=16))
-    for c, co, groups, s in ((6, 4, 2, 1), (32, 48, 2, 1), (8, 8, 8, 2)):
+    thin = dict(TILE_H=2, TILE_W=8, BLOCK_N=16, BLOCK_K=16)
+    monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, **thin))
+    # the wide-group kernels: input gradient, weight gradient at stride 1 and with a stride
+    monkeypatch.setattr(triton_ops, "_BWD_INPUT_WIDE_INTERP", triton_ops._cfg(4, 2, 1, **thin))
+    monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, SPLIT_KW=1, **thin))
+    monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_WIDE_INTERP", triton_ops._cfg(4, 1, 1, **thin))
+    for c, co, groups, s in ((6, 4, 2, 1), (32, 48, 2, 1), (8, 8, 8, 2), (20, 36, 1, 2)):
         x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", hw=(7, 9))
         ho, wo = (7 + 2 - 3) // s + 1, (9 + 2 - 3) // s + 1
         go = torch.randn(2, co, ho, wo, device=DEVICE)
@@ -259,6 +263,8 @@ def test_backward_wide_weight_block_against_eager(monkeypatch):
 
     monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
                                                                     BLOCK_K=16, WIDE_K=32))
+    # the stacked kernel's config in the wide-group launch, not the split-stack kernel's
+    monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._BWD_INTERP)
     monkeypatch.setattr(triton_ops, "_wide_k", lambda *a: True)
     x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl")
     go = torch.randn(2, 24, 5, 6, device=DEVICE)
@@ -268,6 +274,82 @@ def test_backward_wide_weight_block_against_eager(monkeypatch):
     assert weight and weight[0].bind(weight[0].interp_config).derived["BLOCK_K"] == 32
     _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
           torch.float32, "WIDE_K=32")
+
+
+WIDE_GROUP_CASES = [
+    # (C, C_out, groups, k, stride, padding, dilation, layout, dtype)
+    (16, 32, 1, 3, 1, 1, 1, "cl", torch.float32),         # full channel blocks (no channel masks)
+    (20, 40, 1, 3, 2, 1, 1, "prefix", torch.float32),     # stride 2: residue classes of 1, 2 and 4 taps
+    (18, 36, 2, 3, 2, 0, 1, "nchw", torch.float32),       # two wide groups, padding 0
+    (16, 20, 1, 3, 1, 2, 2, "prefix_cl", torch.float32),  # dilation 2
+    (12, 34, 1, 1, 2, 0, 1, "cl", torch.float32),         # 1x1 stride 2: three classes with no tap
+    (12, 34, 1, 3, 3, 1, 2, "cl", torch.float32),         # stride 3, dilation 2: one tap per class row
+    (20, 24, 1, 3, 1, 1, 1, "cl", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_GROUP_CASES, ids=str)
+def test_backward_wide_groups_against_eager(case):
+    """The gradients of groups wider than one tile against float64: the input gradient
+    (``bn_relu_conv_bwd_input_kernel``: the flattened, pipelined chunk x tap loop over the taps
+    of each residue class) and the weight gradient with the bias gradient: with a stride over
+    the output positions (``bn_relu_conv_bwd_weight_kernel``), at stride 1 over the input
+    positions with the taps stacked 2 + 1 (``bn_relu_conv_bwd_weight_s1_kernel``)."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    c, co, groups, k, s, p, d, layout, dtype = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, hw=(7, 9), seed=c + co)
+    ho, wo = (7 + 2 * p - d * (k - 1) - 1) // s + 1, (9 + 2 * p - d * (k - 1) - 1) // s + 1
+    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
+    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    kernels = {launch.name: launch.bind(launch.interp_config).fn or launch.fn for launch in plan}
+    assert kernels["conv_bwd_input"] is bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel  # the paths under test
+    assert kernels["conv_bwd_weight"] is (bn_relu_conv_bwd.bn_relu_conv_bwd_weight_kernel if s > 1 else
+                                          bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel)
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          dtype, f"wide input case={case}")
+
+
+@pytest.mark.parametrize("case", [(20, 24, 1, "cl"), (16, 32, 1, "prefix"), (18, 36, 2, "nchw")], ids=str)
+def test_backward_wide_weight_transposed_against_eager(case, monkeypatch):
+    """The stride-1 weight gradient of wide groups with its accumulators transposed (``ACC_T``:
+    input channels x stacked taps), which the default interpreter config does not take."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
+                                                                              BLOCK_K=16, SPLIT_KW=1, ACC_T=1))
+    c, co, groups, layout = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, hw=(6, 7), seed=c)
+    go = torch.randn(2, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
+    bound = launch.bind(launch.interp_config)
+    assert bound.fn is bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel and bound.constexprs["ACC_T"]
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          torch.float32, f"ACC_T case={case}")
+
+
+def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
+    """The input-gradient kernel of wide groups also takes a group of 64 or more input channels
+    whose output channels fit one chunk (DenseNet's 128 -> 32 3x3 convs, split on a GPU; the
+    interpreter's config would merge them, so the split is forced here) against float64."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_merged_backward", lambda *a: False)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", hw=(5, 7), seed=5)
+    go = torch.randn(2, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
+    assert launch.fn is bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel  # the path under test
+    assert launch.bind(launch.interp_config).derived["BLOCK_N"] >= 12  # one output-channel chunk
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          torch.float32, "wide input, one chunk")
 
 
 def test_fit_tile():
@@ -480,6 +562,8 @@ CASES = [
     ((2, 30, 5, 7), 40, 1, 3, 1, 2, 2, torch.float16, True, 10, True, False),     # prefix view, wide, dilated
     ((2, 20, 6, 6), 18, 1, 1, 2, 0, 1, torch.float32, False, 0, False, True),     # NCHW fp32 1x1 stride 2
     ((2, 32, 8, 8), 32, 32, 3, 1, 1, 1, torch.bfloat16, True, 0, False, True),    # depthwise
+    ((2, 80, 6, 6), 96, 1, 3, 1, 1, 1, torch.bfloat16, True, 0, True, True),      # wide group
+    ((2, 48, 9, 9), 80, 1, 3, 2, 1, 1, torch.bfloat16, True, 0, True, True),      # wide group, stride 2
 ]
 seen, compiled, tensor_core = set(), 0, []
 for (shape, co, groups, k, s, p, d, dtype, cl, extra, bias, affine) in CASES:
@@ -506,12 +590,13 @@ for (shape, co, groups, k, s, p, d, dtype, cl, extra, bias, affine) in CASES:
         for launch in plan:
             for cfg in launch.configs:  # every config, bound exactly as the host launches it
                 bound = launch.bind(cfg)
-                key = (launch.fn.__name__, repr([(type(a).__name__, getattr(a, "dtype", a), getattr(a, "shape", None))
+                fn = bound.fn or launch.fn  # a config may launch another kernel than the launch's own
+                key = (fn.__name__, repr([(type(a).__name__, getattr(a, "dtype", a), getattr(a, "shape", None))
                                                  for a in bound.args]), repr(sorted(bound.constexprs.items())))
                 if key in seen:
                     continue
                 seen.add(key)
-                kernel = compile_for_sm90(launch.fn, bound.args, bound.constexprs)
+                kernel = compile_for_sm90(fn, bound.args, bound.constexprs)
                 compiled += 1
                 if launch.name in CONV_MMA_KERNELS and dtype != torch.float32:
                     ptx = kernel.asm["ptx"]
@@ -525,7 +610,8 @@ def test_kernels_compile_for_sm90():
     """Without a GPU the interpreter never compiles the kernels: compile every launch of every
     op, with every tile config, for sm_90 exactly as the host code launches them (the launch
     plan bound to meta tensors, the runtime binder's specialisation), over packed small
-    groups, stride 2, a dilated channel-prefix view, NCHW float32 and depthwise; every 16-bit
+    groups, stride 2, a dilated channel-prefix view, NCHW float32, depthwise and wide groups
+    (stride 1 and 2); every 16-bit
     conv kernel must use tensor cores."""
     import json
     import os

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Bound:
     depths: Dict[str, int] = field(default_factory=dict)  # nesting depth of a loop when not 1
     derived: Dict[str, int] = field(default_factory=dict)
     hbm_bytes: Optional[int] = None  # when the config changes them (split partials), else the launch's
+    fn: Any = None  # the kernel this config launches, when not the launch's own
 
 
 @dataclass
@@ -120,7 +122,7 @@ class KernelLaunch:
         b = self.bind(config)
         if min(b.grid) <= 0:
             return
-        self.fn[b.grid](*b.args, **b.constexprs)
+        (b.fn or self.fn)[b.grid](*b.args, **b.constexprs)
 
 
 def launch_plan(op: str, *args: Any) -> List[KernelLaunch]:
@@ -337,6 +339,9 @@ _FWD_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
+    # the fewest registers (the statistics epilogue of WRN-28-10's stride-2 stage-3 block
+    # spills in every other config), though its 64-row tile is issued by both warpgroups
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
 ]
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
@@ -528,6 +533,45 @@ _BWD_WEIGHT_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# The weight-gradient launch of a group wider than one tile (:func:`_wide_weight`;
+# ``bn_relu_conv_bwd_weight_kernel``, over the output positions): ``BLOCK_N`` output by
+# ``BLOCK_K`` input channels per program, one ``[BLOCK_N, 4 * BLOCK_K]`` float32 accumulator
+# per kernel row of a 3x3 kernel (96 per thread for these configs; the first, the static
+# choice, predicted fastest on WRN-28-10's stride-2 blocks, where a 128-row tile, 4 warps or
+# a 64 x 16 block were slower).
+_BWD_WEIGHT_WIDE_CONFIGS = [
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=16),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+]
+_BWD_WEIGHT_WIDE_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# ... at stride 1 (``SPLIT_KW``: ``bn_relu_conv_bwd_weight_s1_kernel``, over the input positions,
+# a 3-wide kernel row's taps stacked 2 + 1): ``KH * KW * BLOCK_N * BLOCK_K`` float32
+# accumulators, 72 per thread. Listed beside the stacked kernel's configs
+# (:data:`_BWD_WEIGHT_CONFIGS`) in one launch: each is faster on some shapes.
+_BWD_WEIGHT_S1_CONFIGS = [
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, SPLIT_KW=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, SPLIT_KW=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64, SPLIT_KW=1, ACC_T=1),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64, SPLIT_KW=1, ACC_T=1),
+    # the stacked kernel with 32 output x 64 input channels: a [128, 64] accumulator per
+    # kernel row, 96 per thread (on wide groups only: at 128 -> 32 channels its doubled
+    # partials cost the finalize more than the kernel gains)
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64),
+]
+_BWD_WEIGHT_S1_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, SPLIT_KW=1)
+# The input-gradient launch of a group wider than one tile or of 64 input channels or more
+# (:func:`_wide_input`; ``bn_relu_conv_bwd_input_kernel``): one flattened, software-pipelined
+# loop over (output-channel chunk, tap), ``num_stages`` deep; ``BLOCK_N`` output channels per step (the GEMM's K),
+# ``BLOCK_K`` input channels per program (its N), ``TILE_H x TILE_W`` positions (its M).
+_BWD_INPUT_WIDE_CONFIGS = [
+    _cfg(8, 3, 1, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=128),
+    _cfg(4, 4, 1, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64),
+    _cfg(8, 3, 1, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=128),
+    _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=128),
+    _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64),
+]
+_BWD_INPUT_WIDE_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
 _MAX_GW_ACC_PER_THREAD = 40
@@ -645,16 +689,111 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             return bound
         return bind
 
+    def wide_input_binder(cfg: TileConfig) -> Bound:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), hc, wc)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb * blk.ksub
+        tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
+        num_tiles = n * stride[0] * stride[1] * tiles_h * tiles_w
+        splits = _balanced_splits(num_tiles, ncb, x, cfg)
+        psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
+        state.update(psum=psum, splits_s=splits)
+        steps = [s_ // math.gcd(s_, d_) for s_, d_ in zip(stride, dilation)]
+        dsteps = [st * d_ // s_ for st, s_, d_ in zip(steps, stride, dilation)]
+        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                c, h, w, co, ho, wo, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w, num_tiles,
+                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding, *dilation,
+                *steps, *dsteps)
+        const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
+                     EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw,
+                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # the reduction steps of a tile: output-channel chunks x the taps reaching its residue
+        # class, averaged over the classes (every class has as many tiles)
+        taps = _class_taps(kh, stride[0], padding[0], dilation[0]) * _class_taps(kw, stride[1], padding[1],
+                                                                                 dilation[1])
+        steps_per_tile = _cdiv(blk.nsub * taps, stride[0] * stride[1])
+        return Bound((ncb * splits,), args, const,
+                     loops={"tiles": _cdiv(num_tiles, splits), "steps": steps_per_tile},
+                     depths={"steps": 2},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
+
+    def wide_weight_binder(cfg: TileConfig) -> Bound:
+        # at stride 1 (bn_relu_conv_bwd_weight_s1_kernel) tiles of the input positions, else of the output's
+        at_input = max(stride) == 1
+        gh, gw_ = (h, w) if at_input else (ho, wo)
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), gh, gw_)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb * blk.ksub * blk.nsub
+        tiles_h, tiles_w = _cdiv(gh, th), _cdiv(gw_, tw)
+        num_tiles = n * tiles_h * tiles_w
+        # float32 weight-gradient partials at most about as large as the tensors read
+        cap = max(1, min(num_tiles, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
+        splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=True)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        pgw = torch.empty([splits, co * cin_g * khw], **f32)
+        pgb = torch.empty([splits, co], **f32) if bias_grad else sums
+        state.update(pgw=pgw, pgb=pgb, splits_w=splits)
+        const = dict(KH=kh, KW=kw, DO_GB=bool(bias_grad), HAS_GAMMA=gamma is not None,
+                     HAS_BETA=beta is not None, DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co),
+                     TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages)
+        loops = {"tiles": _cdiv(num_tiles, splits)}
+        if at_input:
+            kw_a, kw_b = _kw_stacks(kw)
+            args = (grad_out, x, _or(gamma, mean), _or(beta, mean), mean, invstd, pgw, pgb,
+                    c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
+                    num_tiles, n * ho * wo, *grad_out.stride(), *x.stride(), *padding, *dilation)
+            const.update(KW_A=kw_a, KW_B=kw_b, ACC_T=bool(cfg.get("ACC_T")))
+            if bias_grad:
+                loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
+        else:
+            args = (grad_out, x, _or(gamma, mean), _or(beta, mean), mean, invstd, pgw, pgb,
+                    c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
+                    num_tiles, *grad_out.stride(), *x.stride(), *stride, *padding, *dilation)
+            const.update(KW_P=_pow2(kw))
+        return Bound((ncb * splits,), args, const, loops=loops,
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
+                     fn=bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel if at_input else None)
+
     launches = []
     if merged:
         launches.append(KernelLaunch("conv_bwd", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, merged_cfgs, _BWD_INTERP,
                                      binder(True, True), key + ("ga+gw",),
+                                     hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+    elif _wide_input(groups, cin_g, cout_g):
+        wide_cfgs = _prune_tiles(_BWD_INPUT_WIDE_CONFIGS, hc, wc, fit=True)
+        if hc * wc <= 8 * 8:  # the static choice: small grids the 8 x 8 tile
+            wide_cfgs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
+        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel,
+                                     wide_cfgs, _BWD_INPUT_WIDE_INTERP,
+                                     wide_input_binder, key + ("ga", "wide"),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
     else:
         launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
                                      _prune_tiles(_BWD_INPUT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
                                      binder(True, False), key + ("ga",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+    if not merged and _wide_weight(groups, cin_g, cout_g, stride):
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_weight_kernel,
+                                     _prune_tiles(_BWD_WEIGHT_WIDE_CONFIGS, ho, wo, fit=True),
+                                     _BWD_WEIGHT_WIDE_INTERP, wide_weight_binder, key + ("gw", "wide"),
+                                     hbm_bytes=gy_bytes + x_bytes))
+    elif not merged and _wide_group(groups, cin_g, cout_g) and _kw_stacks(kw) is not None:
+        # the stacked kernel's configs and the split-stack kernel's, each chosen per config
+        stacked = binder(False, True)
+
+        def bind_either(cfg: TileConfig) -> Bound:
+            return wide_weight_binder(cfg) if cfg.get("SPLIT_KW") else stacked(cfg)
+
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
+                                     _prune_tiles(_BWD_WEIGHT_CONFIGS + _BWD_WEIGHT_S1_CONFIGS, hc, wc, fit=True),
+                                     _BWD_WEIGHT_S1_INTERP, bind_either, key + ("gw", "wide"),
+                                     hbm_bytes=gy_bytes + x_bytes))
+    elif not merged:
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
                                      _prune_tiles(_BWD_WEIGHT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
@@ -703,6 +842,48 @@ def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg
     blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
     per_thread = kh * _pow2(kw) * blk.block_n * blk.block_k // (32 * cfg.num_warps)
     return blk.nsub == 1 and per_thread <= _MAX_GW_ACC_PER_THREAD
+
+
+def _wide_group(groups: int, cin_g: int, cout_g: int) -> bool:
+    """A block is one group (no packing) whose output channels exceed the narrowest
+    ``BLOCK_N`` of :data:`_BWD_INPUT_CONFIGS` (under the interpreter, of its config), so that
+    the stacked kernel would loop over output-channel chunks (WRN-28-10)."""
+    cfgs = [_BWD_INTERP] if _interpret() else _BWD_INPUT_CONFIGS
+    cap_n = min(cfg.get("BLOCK_N") for cfg in cfgs)
+    blk = _blocks(groups, cin_g, cout_g, 16, cap_n)
+    return blk.gp == 1 and blk.nr > blk.block_n
+
+
+def _wide_input(groups: int, cin_g: int, cout_g: int) -> bool:
+    """Whether the split input gradient runs ``bn_relu_conv_bwd_input_kernel``: a wide group
+    (:func:`_wide_group`), or one group per block of at least 64 input channels (DenseNet's
+    128 -> 32 3x3 convs: predicted 4.70 -> 2.45 us at 14 x 14; at 32-channel groups its MMA
+    tiles are too narrow, ResNeXt-50's stage 4: 6.8 -> 9.2 us)."""
+    return _wide_group(groups, cin_g, cout_g) or (_blocks(groups, cin_g, cout_g, 16, 16).gp == 1 and cin_g >= 64)
+
+
+def _wide_weight(groups: int, cin_g: int, cout_g: int, stride) -> bool:
+    """Whether the split weight gradient runs ``bn_relu_conv_bwd_weight_kernel`` (over the
+    output positions): a wide group (:func:`_wide_group`) with a stride, where the stacked
+    kernel's residue classes would leave most of its stacked taps empty. At stride 1 it is
+    slower than the kernels over the input positions (it normalises each activation once per
+    kernel row, not once per tile; predicted 159 -> 186 us on WRN-28-10's first stage), which
+    normalise once: the stacked kernel and the split-stack one, both in that launch."""
+    return _wide_group(groups, cin_g, cout_g) and max(stride) > 1
+
+
+def _kw_stacks(kw: int) -> Optional[Tuple[int, int]]:
+    """A kernel row's ``kw`` taps as two power-of-two stacks ``(a, b)``, ``a + b == kw``
+    (3 -> (2, 1), 1 -> (1, 0)), or ``None`` when there are none (7)."""
+    a = 1 << (kw.bit_length() - 1)
+    b = kw - a
+    return (a, b) if b & (b - 1) == 0 else None
+
+
+def _class_taps(k: int, stride: int, pad: int, dil: int) -> int:
+    """Taps of a ``k``-wide kernel that reach the input positions, summed over their ``stride``
+    residue classes ``p``: ``sum_p #{t : (p + pad - t * dil) % stride == 0}`` (``k`` for stride 1)."""
+    return sum(1 for p in range(stride) for t in range(k) if (p + pad - t * dil) % stride == 0)
 
 
 # ----------------------------------------------------------------------------- planners: BN input gradient

@@ -389,7 +389,8 @@ def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandw
                     if progress:
                         progress(f"{s.name}: {launch.name} [{cfg.label}]")
                     try:
-                        kernel = compile_for_sm90(launch.fn, bound.args, bound.constexprs)
+                        kernel = compile_for_sm90(getattr(bound, "fn", None) or launch.fn, bound.args,
+                                                  bound.constexprs)
                         stats = analyze(kernel)
                     except Exception as exc:  # a config that does not compile is reported, never chosen
                         rows.append({"config": cfg.label, "error": f"{type(exc).__name__}: {str(exc)[:300]}",

@@ -28,6 +28,15 @@ Programs are persistent: program ``pid`` owns channel block ``pid % NCB`` and wa
 tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``) in a fixed order, then writes
 its float32 partials to row ``split`` of ``[SPLITS, ...]`` buffers that
 :func:`bn_relu_conv_bwd_finalize_kernel` sums in a fixed order: deterministic, no atomics.
+
+Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
+time) have kernels of their own, with the same partials and finalize:
+:func:`bn_relu_conv_bwd_input_kernel` (``grad_a`` by one flattened, software-pipelined loop
+over output-channel chunks and the taps of each residue class, its operands copied
+asynchronously into shared memory), :func:`bn_relu_conv_bwd_weight_s1_kernel` (stride 1: over
+the input positions, a kernel row's taps stacked 2 + 1 so no MMA row is a padded tap) and
+:func:`bn_relu_conv_bwd_weight_kernel` (a stride: over the output positions, so no tap is
+evaluated where it cannot contribute).
 """
 import triton
 import triton.language as tl
@@ -210,6 +219,375 @@ def bn_relu_conv_bwd_kernel(
             row = split.to(tl.int64) * (2 * C)
         tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
         tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0), mask=k_ok)
+
+
+@triton.jit
+def bn_relu_conv_bwd_input_kernel(
+    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
+    C, H, W, CO, HO, WO, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES,
+    sgn, sgc, sgh, sgw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w, dstep_h, dstep_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, STAGES: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``grad_a`` of a group wider than one tile (one group per block, no packing), then the
+    epilogue of :func:`bn_relu_conv_bwd_kernel` (``grad_z`` and the BN-gradient partials).
+
+    The reduction over ``(output-channel chunk, kernel row, kernel column)`` is one flattened,
+    software-pipelined loop (``STAGES``): each step multiplies the output gradient at one tap's
+    shifted positions ``[TILE_H * TILE_W, BLOCK_N]`` by that tap's weights ``[BLOCK_N,
+    BLOCK_K]``, both loaded asynchronously into shared memory ahead of their MMA, so the
+    weights are never staged through registers and the next steps' loads overlap this one's
+    MMA. A tile of residue class ``(h % stride, w % stride)`` walks only the taps that reach it
+    (``kh = kh0 + j * step_h``; ``step = stride / gcd(stride, dilation)``, which moves the
+    output row by ``dstep = step * dilation / stride``). The BN-gradient sums
+    are reduced over each tile's rows (1-D accumulators), not kept per position: the
+    accumulator of a 128 x 128 tile already takes 64 registers per thread."""
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    split = pid // NCB
+    act_ty = gz_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    nn = tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+
+    gblk = cb // KSUB
+    k_loc = (cb % KSUB) * BLOCK_K + kk  # a group's own input channels (no packing: CIN_G == KR)
+    ci = gblk * KR + k_loc
+    if EVEN_K:
+        k_ok = tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        k_ok = (k_loc < KR) & (ci < C)
+    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+    w_k = k_loc * swi
+    co0 = gblk * NR
+    sdz = tl.zeros([BLOCK_K], dtype=tl.float32)
+    sdzx = tl.zeros([BLOCK_K], dtype=tl.float32)
+
+    for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
+        rest, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+        pw = rest % stride_w
+        rest = rest // stride_w
+        ph = rest % stride_h
+        n64 = (rest // stride_h).to(tl.int64)
+        ii = th0 + oi
+        jj = tw0 + oj
+        # the first kernel row / column that reaches this residue class (KH / KW: none), and
+        # how many do (every step-th after it)
+        kh0 = _first_tap(ph, pad_h, dil_h, stride_h, KH)
+        kw0 = _first_tap(pw, pad_w, dil_w, stride_w, KW)
+        nkh = tl.where(kh0 < KH, (KH - 1 - kh0) // step_h + 1, 0)
+        nkw = tl.where(kw0 < KW, (KW - 1 - kw0) // step_w + 1, 0)
+        # output row of input row h = ii * stride + ph under kernel row kh:
+        # (h + pad - kh * dil) / stride, exact for a tap of this class (offsets kept
+        # non-negative so // is exact); each next tap of the class moves it by dstep
+        dh0 = (ph + pad_h - kh0 * dil_h + stride_h * (KH * dil_h)) // stride_h - KH * dil_h
+        dw0 = (pw + pad_w - kw0 * dil_w + stride_w * (KW * dil_w)) // stride_w - KW * dil_w
+        gyb = go_ptr + n64 * sgn
+        acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        # (chunk, kernel row, kernel column) of a step: counters carried across the steps (the
+        # class's tap counts are runtime values: no division per step)
+        nc = 0
+        j = 0
+        i = 0
+        for it in tl.range(0, NSUB * nkh * nkw, num_stages=STAGES):
+            kh = kh0 + j * step_h
+            kw = kw0 + i * step_w
+            dh = dh0 - j * dstep_h
+            dw = dw0 - i * dstep_w
+            gho = ii + dh
+            gwo = jj + dw
+            row_ok = (gho >= 0) & (gho < HO) & (gwo >= 0) & (gwo < WO)
+            n_loc = nc * BLOCK_N + nn
+            co = co0 + n_loc
+            if EVEN_N:
+                g_mask = row_ok[:, None]
+                w_mask = k_ok[None, :]
+            else:
+                n_ok = (n_loc < NR) & (co < CO)
+                g_mask = row_ok[:, None] & n_ok[None, :]
+                w_mask = n_ok[:, None] & k_ok[None, :]
+            gy = tl.load(gyb + (gho * sgh + gwo * sgw)[:, None] + (co * sgc)[None, :], mask=g_mask, other=0.0)
+            wv = tl.load(w_ptr + (co * swo + kh * swh + kw * sww)[:, None] + w_k[None, :], mask=w_mask, other=0.0)
+            acc = dot_acc(gy, wv, acc, DOT_F32)
+            i += 1
+            wrap = i == nkw
+            i = tl.where(wrap, 0, i)
+            j = tl.where(wrap, j + 1, j)
+            wrap = j == nkh
+            j = tl.where(wrap, 0, j)
+            nc = tl.where(wrap, nc + 1, nc)
+        h = ii * stride_h + ph
+        w = jj * stride_w + pw
+        m_ok = (h < H) & (w < W)
+        mask = m_ok[:, None] & k_ok[None, :]
+        xv = tl.load(x_ptr + n64 * sxn + (h * sxh + w * sxw)[:, None] + (ci * sxc)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        a = bn_relu(xv, scale, shift, mask).to(act_ty)
+        gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(act_ty)
+        tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + (ci * szc)[None, :], gzv, mask=mask)
+        gzf = tl.where(mask, gzv.to(tl.float32), 0.0)
+        sdz += tl.sum(gzf, axis=0)
+        sdzx += tl.sum(gzf * ((xv - mean[None, :]) * invstd[None, :]), axis=0)
+
+    row = split.to(tl.int64) * (2 * C)
+    tl.store(psum_ptr + row + ci, sdz, mask=k_ok)
+    tl.store(psum_ptr + row + C + ci, sdzx, mask=k_ok)
+
+
+@triton.jit
+def bn_relu_conv_bwd_weight_kernel(
+    go_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, pgw_ptr, pgb_ptr,
+    C, H, W, CO, HO, WO, CIN_G, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, KW_P: tl.constexpr, DO_GB: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``grad_weight`` (and ``grad_bias``) partials of a group wider than one tile, over the
+    *output* positions, any stride: each output tile's gradient ``[TILE_H * TILE_W, BLOCK_N]``
+    is loaded once and, for each kernel row ``kh``, multiplies the activations its ``KW``
+    taps read, side by side (``[positions, KW_P * BLOCK_K]``, normalised and ReLU'd on the
+    fly), into one ``[BLOCK_N, KW_P * BLOCK_K]`` accumulator per kernel row that lives across
+    the program's tiles. With a stride every tap of every output position is a real product:
+    nothing is spent on the taps that do not reach an input residue class. Programs are
+    persistent as in :func:`bn_relu_conv_bwd_kernel`; row ``split`` of the float32 partials."""
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    split = pid // NCB
+    act_ty = go_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    GK: tl.constexpr = KW_P * BLOCK_K  # the stacked (kw, input channel) axis of one kernel row
+    KHW: tl.constexpr = KH * KW
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    nn = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, GK)
+    c_kw = c // BLOCK_K
+    c_k = c % BLOCK_K
+
+    gblk = cb // (KSUB * NSUB)
+    ksub = (cb // NSUB) % KSUB
+    nc = cb % NSUB
+    k_loc = ksub * BLOCK_K + c_k  # a group's own input channels (no packing: CIN_G == KR)
+    ci = gblk * KR + k_loc
+    if EVEN_K:
+        kc_ok = c_kw < KW
+    else:
+        kc_ok = (k_loc < KR) & (ci < C) & (c_kw < KW)
+    scale, shift = bn_params(ci, kc_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    n_loc = nc * BLOCK_N + nn
+    co = gblk * NR + n_loc
+    if EVEN_N:
+        n_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        n_ok = (n_loc < NR) & (co < CO)
+    x_c = (ci * sxc)[None, :]
+    wi_c = (c_kw * dil_w)[None, :]
+    gw = (tl.zeros([BLOCK_N, GK], dtype=tl.float32),) * KH
+    gb = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
+        n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+        n64 = n.to(tl.int64)
+        ho = th0 + oi
+        wo = tw0 + oj
+        m_ok = (ho < HO) & (wo < WO)
+        gy = tl.load(go_ptr + n64 * sgn + (ho * sgh + wo * sgw)[:, None] + (co * sgc)[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DO_GB:
+            gb += tl.sum(gy.to(tl.float32), axis=0)
+        gyt = tl.trans(gy)
+        wi = (wo * stride_w - pad_w)[:, None] + wi_c
+        col_ok = m_ok[:, None] & (wi >= 0) & (wi < W) & kc_ok[None, :]
+        xb = x_ptr + n64 * sxn
+        col_off = wi * sxw + x_c
+        for kh in tl.static_range(KH):
+            hi = ho * stride_h + (kh * dil_h - pad_h)
+            mask = col_ok & ((hi >= 0) & (hi < H))[:, None]
+            xv = tl.load(xb + (hi * sxh)[:, None] + col_off, mask=mask, other=0.0).to(tl.float32)
+            a = bn_relu(xv, scale, shift, mask).to(act_ty)
+            gw = gw[:kh] + (dot_acc(gyt, a, gw[kh], DOT_F32),) + gw[kh + 1:]
+
+    # row co and column (kw, ci) of kernel row kh -> grad_weight[co, ci_local, kh, kw]
+    base = split.to(tl.int64) * (CO * CIN_G * KHW)
+    col = (co.to(tl.int64) * (CIN_G * KHW))[:, None] + (k_loc * KHW + c_kw)[None, :]
+    keep = n_ok[:, None] & kc_ok[None, :]
+    for kh in tl.static_range(KH):
+        tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
+    if DO_GB:
+        if ksub == 0:
+            tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+
+
+@triton.jit
+def bn_relu_conv_bwd_weight_s1_kernel(
+    go_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, pgw_ptr, pgb_ptr,
+    C, H, W, CO, HO, WO, CIN_G, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES, P_OUT,
+    sgn, sgc, sgh, sgw,
+    sxn, sxc, sxh, sxw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, KW_A: tl.constexpr, KW_B: tl.constexpr, DO_GB: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_T: tl.constexpr = False,
+):
+    """``grad_weight`` (and ``grad_bias``) partials of a group wider than one tile at stride 1,
+    over the *input* positions: each input tile's activations ``[TILE_H * TILE_W, BLOCK_K]``
+    are normalised once and, for each kernel row ``kh``, multiplied by the output gradient at
+    the positions its taps reach, the taps side by side. The ``KW`` taps of a row are cut into
+    two power-of-two stacks, ``KW_A`` and ``KW_B`` (3 = 2 + 1), so no MMA row is spent on a
+    padded fourth tap: accumulators ``[KW_A * BLOCK_N, BLOCK_K]`` and ``[KW_B * BLOCK_N,
+    BLOCK_K]`` per kernel row, living across the program's tiles; ``ACC_T``: transposed,
+    ``[BLOCK_K, KW_A * BLOCK_N]`` (the input channels the MMA's M, the stacked taps its N, which
+    needs no padding to 64 rows: 32 output channels stack 64 + 32 wide). Programs are
+    persistent as in :func:`bn_relu_conv_bwd_kernel`; row ``split`` of the float32 partials."""
+    pid = tl.program_id(0)
+    cb = pid % NCB
+    split = pid // NCB
+    act_ty = go_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    KHW: tl.constexpr = KH * KW
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    kk = tl.arange(0, BLOCK_K)
+
+    gblk = cb // (KSUB * NSUB)
+    ksub = (cb // NSUB) % KSUB
+    nc = cb % NSUB
+    k_loc = ksub * BLOCK_K + kk  # a group's own input channels (no packing: CIN_G == KR)
+    ci = gblk * KR + k_loc
+    if EVEN_K:
+        k_ok = tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        k_ok = (k_loc < KR) & (ci < C)
+    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    x_c = ci * sxc
+    co_a, ok_a, kw_a = _tap_stack(0, KW_A, gblk, nc, NR, CO, EVEN_N, BLOCK_N)
+    if ACC_T:
+        gw_a = (tl.zeros([BLOCK_K, KW_A * BLOCK_N], dtype=tl.float32),) * KH
+    else:
+        gw_a = (tl.zeros([KW_A * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
+    if KW_B > 0:
+        co_b, ok_b, kw_b = _tap_stack(KW_A, KW_B, gblk, nc, NR, CO, EVEN_N, BLOCK_N)
+        if ACC_T:
+            gw_b = (tl.zeros([BLOCK_K, KW_B * BLOCK_N], dtype=tl.float32),) * KH
+        else:
+            gw_b = (tl.zeros([KW_B * BLOCK_N, BLOCK_K], dtype=tl.float32),) * KH
+
+    for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
+        n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+        n64 = n.to(tl.int64)
+        h = th0 + oi
+        w = tw0 + oj
+        m_ok = (h < H) & (w < W)
+        mask = m_ok[:, None] & k_ok[None, :]
+        xv = tl.load(x_ptr + n64 * sxn + (h * sxh + w * sxw)[:, None] + x_c[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        a = bn_relu(xv, scale, shift, mask).to(act_ty)
+        gyb = go_ptr + n64 * sgn
+        # output column of input column w under tap kw: w + pad - kw * dil
+        wo_a = w[:, None] + (pad_w - kw_a * dil_w)[None, :]
+        col_a = m_ok[:, None] & (wo_a >= 0) & (wo_a < WO) & ok_a[None, :]
+        off_a = wo_a * sgw + (co_a * sgc)[None, :]
+        if KW_B > 0:
+            wo_b = w[:, None] + (pad_w - kw_b * dil_w)[None, :]
+            col_b = m_ok[:, None] & (wo_b >= 0) & (wo_b < WO) & ok_b[None, :]
+            off_b = wo_b * sgw + (co_b * sgc)[None, :]
+        for kh in tl.static_range(KH):
+            ho = h + (pad_h - kh * dil_h)
+            row_ok = ((ho >= 0) & (ho < HO))[:, None]
+            row = (ho * sgh)[:, None]
+            gy = tl.load(gyb + row + off_a, mask=col_a & row_ok, other=0.0)
+            if ACC_T:
+                gw_a = gw_a[:kh] + (dot_acc(tl.trans(a), gy, gw_a[kh], DOT_F32),) + gw_a[kh + 1:]
+            else:
+                gw_a = gw_a[:kh] + (dot_acc(tl.trans(gy), a, gw_a[kh], DOT_F32),) + gw_a[kh + 1:]
+            if KW_B > 0:
+                gy = tl.load(gyb + row + off_b, mask=col_b & row_ok, other=0.0)
+                if ACC_T:
+                    gw_b = gw_b[:kh] + (dot_acc(tl.trans(a), gy, gw_b[kh], DOT_F32),) + gw_b[kh + 1:]
+                else:
+                    gw_b = gw_b[:kh] + (dot_acc(tl.trans(gy), a, gw_b[kh], DOT_F32),) + gw_b[kh + 1:]
+
+    # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
+    base = split.to(tl.int64) * (CO * CIN_G * KHW)
+    _store_stack(pgw_ptr + base, gw_a, co_a, ok_a, kw_a, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
+    if KW_B > 0:
+        _store_stack(pgw_ptr + base, gw_b, co_b, ok_b, kw_b, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
+    if DO_GB:
+        if ksub == 0:
+            # grad_bias = sum of grad_out over the output positions, flat rows
+            n_loc = nc * BLOCK_N + tl.arange(0, BLOCK_N)
+            co = gblk * NR + n_loc
+            n_ok = (n_loc < NR) & (co < CO)
+            gb = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for r0 in range(split * BM, P_OUT, SPLITS * BM):
+                r = r0 + m
+                wo_ = r % WO
+                q = r // WO
+                row_off = (q // HO).to(tl.int64) * sgn + (q % HO) * sgh + wo_ * sgw
+                gyr = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
+                              mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
+                gb += tl.sum(gyr.to(tl.float32), axis=0)
+            tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+
+
+@triton.jit
+def _store_stack(pgw_ptr, gw, co, ok, kw, k_loc, k_ok, CIN_G, KH: tl.constexpr, KW: tl.constexpr,
+                 ACC_T: tl.constexpr):
+    """Store one tap stack's accumulators (one per kernel row ``kh``; rows ``(kw, co)`` and
+    columns ``ci``, or transposed with ``ACC_T``) to ``grad_weight[co, ci_local, kh, kw]``."""
+    KHW: tl.constexpr = KH * KW
+    if ACC_T:
+        col = (k_loc * KHW)[:, None] + (co.to(tl.int64) * (CIN_G * KHW) + kw)[None, :]
+        keep = k_ok[:, None] & ok[None, :]
+    else:
+        col = (co.to(tl.int64) * (CIN_G * KHW) + kw)[:, None] + (k_loc * KHW)[None, :]
+        keep = ok[:, None] & k_ok[None, :]
+    for kh in tl.static_range(KH):
+        tl.store(pgw_ptr + col + kh * KW, gw[kh], mask=keep)
+
+
+@triton.jit
+def _tap_stack(kw0, NKW: tl.constexpr, gblk, nc, NR, CO, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The stacked ``(kw, output channel)`` axis of taps ``kw0 .. kw0 + NKW - 1`` and output
+    chunk ``nc``: channel, validity and tap of each of its ``NKW * BLOCK_N`` rows."""
+    r = tl.arange(0, NKW * BLOCK_N)
+    n_loc = nc * BLOCK_N + r % BLOCK_N
+    co = gblk * NR + n_loc
+    if EVEN_N:
+        ok = tl.full([NKW * BLOCK_N], 1, tl.int1)
+    else:
+        ok = (n_loc < NR) & (co < CO)
+    return co, ok, kw0 + r // BLOCK_N
+
+
+@triton.jit
+def _first_tap(p, pad, dil, stride, K: tl.constexpr):
+    """The first ``k`` in ``[0, K)`` with ``(p + pad - k * dil) % stride == 0`` (``K`` if none):
+    the first kernel row (column) that reaches input residue ``p``."""
+    first = K
+    for k in tl.static_range(K - 1, -1, -1):
+        hit = (p + pad - k * dil + stride * (K * dil)) % stride == 0
+        first = tl.where(hit, k, first)
+    return first
 
 
 @triton.jit

@@ -103,11 +103,17 @@ def bn_relu_conv_fwd_kernel(
             for kc in tl.range(0, KR, BLOCK_K, num_stages=1):
                 scale, shift, k_ok, x_c = _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                                                  sxc, HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
+                if USE_SCRATCH:
+                    # the halo staged first, the chunk's weights loaded after: they are not live
+                    # (in registers) while the halo is normalised (a stride-2 halo is 4x the tile)
+                    _stage_halo(slot, xb, h0, w0, H, W, sxh, sxw, x_c, k_ok, scale, shift, act_ty, HALO_H, HALO_W,
+                                HALO_B, HALO_NP, BLOCK_K)
                 wt = _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK,
                               BLOCK_K, PACKED, EVEN_K)
                 acc = _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale,
                                  shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
-                                 STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
+                                 STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K,
+                                 STAGED=USE_SCRATCH)
         if PACKED:  # remember a tile that is not finite: the fix-up loop recomputes it exactly
             bad = any_nonfinite(acc)
             tl.store(flag_ptr + cb * NUM_TILES + t, bad.to(tl.int8))
@@ -247,26 +253,39 @@ def _weights(w_ptr, kc, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww,
 
 
 @triton.jit
+def _stage_halo(slot, xb, h0, w0, H, W, sxh, sxw, x_c, k_ok, scale, shift, act_ty: tl.constexpr,
+                HALO_H: tl.constexpr, HALO_W: tl.constexpr, HALO_B: tl.constexpr, HALO_NP: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Write one input chunk's halo, normalised and ReLU'd (zeros of the activation where it
+    is padding), to the program's scratch slot; then a barrier."""
+    kk = tl.arange(0, BLOCK_K)
+    for r0 in tl.static_range(0, HALO_NP, HALO_B):
+        r = r0 + tl.arange(0, HALO_B)
+        hi = h0 + r // HALO_W
+        wi = w0 + r % HALO_W
+        ok = (r < HALO_H * HALO_W) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        mask = ok[:, None] & k_ok[None, :]
+        xv = tl.load(xb + (hi * sxh + wi * sxw)[:, None] + x_c[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        tl.store(slot + (r * BLOCK_K)[:, None] + kk[None, :], bn_relu(xv, scale, shift, mask).to(act_ty))
+    tl.debug_barrier()
+
+
+@triton.jit
 def _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale, shift, wt,
                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, group, CIN_G, act_ty: tl.constexpr,
                KH: tl.constexpr, KW: tl.constexpr, STACK: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
                HALO_B: tl.constexpr, HALO_NP: tl.constexpr, USE_SCRATCH: tl.constexpr, ONE_GROUP: tl.constexpr,
-               DOT_F32: tl.constexpr, BLOCK_K: tl.constexpr):
+               DOT_F32: tl.constexpr, BLOCK_K: tl.constexpr, STAGED: tl.constexpr = False):
     """``acc + `` the contribution of one input chunk to one tile (``ONE_GROUP``: of the
-    block's group ``group`` alone, its other input channels masked to zero)."""
+    block's group ``group`` alone, its other input channels masked to zero); ``STAGED``: the
+    chunk's halo is already in the scratch slot (:func:`_stage_halo`)."""
     kk = tl.arange(0, BLOCK_K)
     c = tl.arange(0, STACK * BLOCK_K)
     if USE_SCRATCH:
-        for r0 in tl.static_range(0, HALO_NP, HALO_B):
-            r = r0 + tl.arange(0, HALO_B)
-            hi = h0 + r // HALO_W
-            wi = w0 + r % HALO_W
-            ok = (r < HALO_H * HALO_W) & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            mask = ok[:, None] & k_ok[None, :]
-            xv = tl.load(xb + (hi * sxh + wi * sxw)[:, None] + x_c[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-            tl.store(slot + (r * BLOCK_K)[:, None] + kk[None, :], bn_relu(xv, scale, shift, mask).to(act_ty))
-        tl.debug_barrier()
+        if not STAGED:
+            _stage_halo(slot, xb, h0, w0, H, W, sxh, sxw, x_c, k_ok, scale, shift, act_ty, HALO_H, HALO_W, HALO_B,
+                        HALO_NP, BLOCK_K)
         NKB: tl.constexpr = (KW + STACK - 1) // STACK
         for kh in tl.static_range(KH):
             row = ((oi * stride_h + kh * dil_h) * HALO_W + oj * stride_w) * BLOCK_K
