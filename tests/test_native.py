@@ -60,6 +60,9 @@ CASES = {
     "group32_nt4_cl": (2, 64, 64, 7, 7, 3, 1, 1, 1, 2, True, False, False, True),
     "wide_nt8_two_chunks_cl_prefix": (1, 80, 72, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
     "pointwise_s2_vec_cl": (2, 48, 24, 9, 9, 1, 2, 0, 1, 1, True, False, False, True),
+    # A wide 1x1 whose weight-gradient warps share their B fragment (64 input channels per
+    # block: one column pair per warp), with partial row and column blocks.
+    "pointwise_wide_b_shared_cl": (2, 72, 80, 5, 6, 1, 1, 0, 1, 1, True, False, False, True),
 }
 
 

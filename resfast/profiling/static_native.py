@@ -131,11 +131,11 @@ class _Probe:
     def kernel(self, kernel: str, plan: dict) -> _Function:
         if kernel == "weight_grad":
             upw = plan["upw"]
-            pattern = r"wgrad_tile_kernelIN3c108BFloat16ELi(\d+)ELb[01]E"
+            pattern = r"wgrad_tile_kernelIN3c108BFloat16ELi(\d+)ELi[012]E"
             found = [f for f in self.functions.values() if re.search(pattern, f.name)]
             sizes = sorted({int(re.search(pattern, f.name).group(1)) for f in found})
             want = next(u for u in sizes if u >= upw)
-            pattern = rf"wgrad_tile_kernelIN3c108BFloat16ELi{want}ELb{int(plan['a_shared'])}E"
+            pattern = rf"wgrad_tile_kernelIN3c108BFloat16ELi{want}ELi{int(plan['share'])}E"
         else:
             ig = 1 if kernel == "input_grad" else 0
             pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}E"

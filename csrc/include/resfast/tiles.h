@@ -133,6 +133,28 @@ RESFAST_HD int div_small(int n, uint32_t magic) {
 #endif
 }
 
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 with a multiply-high, an add and a shift (the
+// round-up method: l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1, q = (mulhi(n, m) + n) >> l).
+struct FastDiv {
+  uint32_t m;
+  int l;
+};
+RESFAST_HD FastDiv make_fastdiv(int64_t d) {
+  FastDiv f;
+  f.l = 0;
+  while ((int64_t(1) << f.l) < d) ++f.l;
+  f.m = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << f.l) - uint64_t(d))) / uint64_t(d) + 1);
+  return f;
+}
+RESFAST_HD int fast_div(int n, const FastDiv& f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t hi = __umulhi(uint32_t(n), f.m);
+#else
+  const uint32_t hi = uint32_t((uint64_t(uint32_t(n)) * f.m) >> 32);
+#endif
+  return int((hi + uint32_t(n)) >> f.l);
+}
+
 RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -149,6 +171,8 @@ RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
 struct SpatialTile {
   int TH, TW, lw, M, MP, IH, IW;
   int64_t tiles_h, tiles_w;
+  uint32_t iw_magic;            // div_magic(IW): staged row p is halo row div_small(p, iw_magic)
+  FastDiv per_sample, tiles_wd; // division by tiles_h * tiles_w and by tiles_w (decode_tile)
 };
 
 // Channel blocks along the GEMM's column channels ("cols", cg_cols per group) and the
@@ -198,9 +222,9 @@ RESFAST_HD TilePos decode_tile(const SpatialTile& s, int64_t spatial) {
   const int per_sample = int(s.tiles_h * s.tiles_w), tw = int(s.tiles_w);
   const int sp = int(spatial);
   TilePos p;
-  const int n = sp / per_sample;
+  const int n = fast_div(sp, s.per_sample);
   const int t = sp - n * per_sample;
-  const int th = t / tw;
+  const int th = fast_div(t, s.tiles_wd);
   p.n = n;
   p.h0 = th * s.TH;
   p.w0 = (t - th * tw) * s.TW;
@@ -237,8 +261,12 @@ struct ConvPlan {
   int64_t w_prep;  // elements of the prepared weights: blocks x chunks x taps x bn x BK
   int64_t spatial; // spatial tiles (N * tiles_h * tiles_w)
   int64_t blocks;
-  // input grad, per tap row / col: (kh * dh) = qk * stride + rk
-  int qk_h[kMaxK], rk_h[kMaxK], qk_w[kMaxK], rk_w[kMaxK];
+  // input grad, per tap row / col: (kh * dh) = qk * stride + rk (one entry past the last tap)
+  int qk_h[kMaxK + 1], rk_h[kMaxK + 1], qk_w[kMaxK + 1], rk_w[kMaxK + 1];
+  FastDiv sh_div, sw_div;  // division by the strides
+  // input grad: the staged output rows start at floor((h0 + ph - (KH-1)*dh) / sh), computed as
+  // (h0 + lo_h) / sh - lo_hq with lo_h = ph - (KH-1)*dh + bias >= 0 (bias a multiple of sh)
+  int lo_h, lo_hq, lo_w, lo_wq;
   int lks;         // log2 of the k16 steps of a chunk (BK / 16)
   bool ok;
 };
@@ -260,10 +288,15 @@ struct WgradPlan {
   int bm, bn;       // output (row) / input (column) channels per block
   int bpg_m, bpg_n; // row / column blocks per group (P == 1)
   int PSm, PSn;     // smem pitch of grad_out rows / activation rows
-  int go_elems, act_elems;  // staged grad_out (MP rows), activation (halo + zero row)
+  int go_elems, act_elems;  // staged grad_out (MP rows), activation (halo + zero rows)
+  int zero_rows;            // zero rows after the activation (MMA: the taps' span, plus one)
   int units;        // MMA: (tap, m16 tile, 16-column pair) units; SIMT: weight elements
   int upw;          // units per warp (MMA) / elements per thread (SIMT)
   bool a_shared;    // MMA: a warp's units share their A fragment (WgradUnits)
+  bool b_shared;    // MMA: a warp's units share their B fragment (one tap, npairs == kWarps)
+  int share;        // the kernel's kShare: 1 A shared, 2 B shared (kWgradUpwLarge only), 0 neither
+  int lnp, lmt;     // MMA: log2 of the 16-column pairs / m16 tiles of a block
+  FastDiv kw_div, cout_div, cin_div;  // division by KW, cout_g, cin_g
   int smem_bytes;
   bool mma;
   int64_t cblocks, splits, items;
@@ -336,6 +369,9 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
       s.IW = input_grad ? halo_input_grad(TW, KW, sw, dw) : halo_forward(TW, KW, sw, dw);
       s.tiles_h = cdiv(OH, TH);
       s.tiles_w = cdiv(OW, TW);
+      s.iw_magic = div_magic(uint32_t(s.IW));
+      s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
+      s.tiles_wd = make_fastdiv(s.tiles_w);
       const double c = cost(s);
       if (c < 0) continue;
       if (best.M == 0 || c < best_cost) {
@@ -349,10 +385,16 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
 }
 
 // Warp-instructions the tensor-core blocks issue per unit of work, as the SASS of the sm_90
-// kernels has them (resfast/profiling/static_native.py reads them): an HMMA with its fragment
-// loads, an 8-channel vector staged (with BN-ReLU), a 16-byte weight copy, an 8-channel output
-// vector, and the code around a tile's K chunk. The planner weighs tile sizes with them.
-constexpr double kCostHmma = 10.0, kCostStage = 3.2, kCostWeight = 0.5, kCostStore = 1.5, kCostTileChunk = 1600.0;
+// kernels has them (resfast/profiling/static_native.py reads them; [0] forward, [1] input
+// grad): an HMMA with its fragment loads, an 8-channel vector staged (with BN-ReLU in the
+// forward), a 16-byte weight copy, an 8-channel output vector (the input grad's with its ReLU
+// mask and channel sums), and the code around a K chunk, a tile and a block (all warps). The
+// planner weighs channel blocks, tile sizes and K chunks with them.
+constexpr double kCostHmma[2] = {3.5, 5.0}, kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
+                 kCostStore[2] = {1.1, 3.1}, kCostChunk[2] = {1150.0, 1000.0}, kCostTile[2] = {1100.0, 2000.0},
+                 kCostBlock = 700.0;
+// The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
+constexpr double kCostWgradHmma = 4.2, kCostWgradStage = 1.4, kCostWgradTile = 700.0, kCostWgradBlock = 6000.0;
 
 // The smallest power of two >= v, from lo, at most cap.
 inline int pow2_at_least(int64_t v, int lo, int cap) {
@@ -393,79 +435,115 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
   p.ok = false;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
   const int64_t cg_cols = input_grad ? g.cin_g : g.cout_g, cg_k = input_grad ? g.cout_g : g.cin_g;
-  p.ch = tile_channels(g.groups, cg_cols, cg_k, mma ? 64 : kSimtCols, 64);
-  const int64_t k_range = p.ch.P > 1 ? p.ch.P * cg_k : cg_k;
+  const ChannelTiling widest = tile_channels(g.groups, cg_cols, cg_k, mma ? 64 : kSimtCols, 64);
+  const int64_t k_range = widest.P > 1 ? widest.P * cg_k : cg_k;
   const int64_t taps = g.KH * g.KW;
-  const int bn = p.ch.bn;
-  p.nt = mma ? bn / 8 : 0;
   const int min_bk = mma ? 16 : 8;  // an MMA k-step is 16 channels; the fills move 8 at once
-  const int max_px = max_pixels(p.nt);
+  const int ig = input_grad ? 1 : 0;
+  if (target_blocks < 1) target_blocks = 1;
   double best = -1;
-  for (int bk = 64; bk >= min_bk; bk /= 2) {
-    if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
-    if (p.ch.P > 1 && bk < k_range) continue;         // packed groups must fit one chunk
-    const int BK = bk;
-    const int PS = mma ? BK + 8 : BK + 1;
-    const int CS = mma ? bn + 4 : bn + 1;
-    const int64_t w_bytes = align16(taps * bn * PS * elem_bytes);
-    const bool fallback = mma && p.ch.P > 1;  // packed blocks keep a tile for the per-group fallback
-    const int64_t chunks = cdiv(k_range, BK);
-    auto bytes_before_fallback = [&](const SpatialTile& s) {
-      const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
-      const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
-      const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
-      return w_bytes + (stage > acc_tile ? stage : acc_tile);
-    };
-    auto bytes = [&](const SpatialTile& s) {
-      return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
-    };
-    auto cost = [&](const SpatialTile& s) -> double {
-      if (bytes(s) > kSmemLimit) return -1;
-      const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
-      const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
-      const double per_chunk = hmma * kCostHmma + s.IH * s.IW * (BK / 8.0) * kCostStage +
-                               (chunks > 1 ? taps * bn * BK / 8.0 * kCostWeight : 0.0) + kCostTileChunk;
-      return tiles * (chunks * per_chunk + s.M * (bn / 8.0) * kCostStore);
-    };
-    double c = 0;
-    const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
-                                     : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
-    if (s.M == 0 || (best >= 0 && c >= best)) continue;
-    best = c;
-    p.s = s;
-    p.BK = BK;
-    p.lbk = log2_pow2(BK);
-    p.lks = BK >= 16 ? log2_pow2(BK / 16) : 0;
-    p.PS = PS;
-    p.CS = CS;
-    p.OHB = s.IH;
-    p.OWB = s.IW;
-    p.w_elems = int(taps) * bn * PS;
-    p.stage_offset = int(w_bytes);
-    p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
-    p.fb_offset = int(bytes_before_fallback(s));
-    p.smem_bytes = int(bytes(s));
-    p.spatial = g.N * s.tiles_h * s.tiles_w;
-    // Several tiles per block when the weights stay staged (K in one chunk) and the grid
-    // still has target_blocks blocks.
-    int64_t tpb = 1;
-    if (k_range <= BK) {
-      tpb = p.spatial * p.ch.blocks / (target_blocks < 1 ? 1 : target_blocks);
-      tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
+  // Channel blocks of bn columns: the widest (fewest re-stagings of the summed side) or, for
+  // tensor cores, narrower ones (smaller weight tiles: larger K chunks and spatial tiles).
+  for (int bn_try = widest.bn; bn_try >= 16 || bn_try == widest.bn; bn_try /= 2) {
+    ChannelTiling ct = widest;
+    if (bn_try != widest.bn) {
+      if (!mma || widest.P > 1) break;
+      ct.bn = bn_try;
+      ct.bpg = int(cdiv(cg_cols, bn_try));
+      ct.blocks = g.groups * ct.bpg;
     }
-    p.tpb = int(tpb);
-    p.chunks = int(chunks);
-    p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
-    p.blocks = p.ch.blocks * cdiv(p.spatial, tpb);
-    for (int k = 0; k < kMaxK; ++k) {
-      const int64_t kdh = k * g.dh, kdw = k * g.dw;
-      p.qk_h[k] = int(kdh / g.sh);
-      p.rk_h[k] = int(kdh % g.sh);
-      p.qk_w[k] = int(kdw / g.sw);
-      p.rk_w[k] = int(kdw % g.sw);
+    const int bn = ct.bn;
+    const int nt = mma ? bn / 8 : 0;
+    const int max_px = max_pixels(nt);
+    for (int bk = 64; bk >= min_bk; bk /= 2) {
+      if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
+      if (ct.P > 1 && bk < k_range) continue;          // packed groups must fit one chunk
+      const int BK = bk;
+      const int PS = mma ? BK + 8 : BK + 1;
+      const int CS = mma ? bn + 4 : bn + 1;
+      const int64_t w_bytes = align16(taps * bn * PS * elem_bytes);
+      const bool fallback = mma && ct.P > 1;  // packed blocks keep a tile for the per-group fallback
+      const int64_t chunks = cdiv(k_range, BK);
+      auto bytes_before_fallback = [&](const SpatialTile& s) {
+        const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
+        const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
+        const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
+        return w_bytes + (stage > acc_tile ? stage : acc_tile);
+      };
+      auto bytes = [&](const SpatialTile& s) {
+        return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
+      };
+      auto tiles_per_block = [&](int64_t spatial) {
+        int64_t tpb = 1;
+        if (k_range <= BK) {
+          tpb = spatial * ct.blocks / target_blocks;
+          tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
+        }
+        return tpb;
+      };
+      // warp-instructions of the whole grid (kCost*)
+      auto cost = [&](const SpatialTile& s) -> double {
+        if (bytes(s) > kSmemLimit) return -1;
+        const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
+        const double w_copy = taps * bn * BK / 8.0 * kCostWeight;
+        const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
+        if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
+          const double per_chunk = hmma * 10.0 + s.IH * s.IW * (BK / 8.0) * 3.2 +
+                                   (chunks > 1 ? taps * bn * BK / 8.0 * 0.5 : 0.0) + 1600.0;
+          return double(spatial) * (chunks * per_chunk + s.M * (bn / 8.0) * 1.5);
+        }
+        const double per_chunk = hmma * kCostHmma[ig] + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
+                                 (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
+        const double per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
+        const double blocks = double(ct.blocks) * double(cdiv(spatial, tiles_per_block(spatial)));
+        return double(ct.blocks) * double(spatial) * per_tile + blocks * (kCostBlock + (chunks > 1 ? 0.0 : w_copy));
+      };
+      double c = 0;
+      const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
+                                       : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
+      if (s.M == 0 || (best >= 0 && c >= best)) continue;
+      best = c;
+      p.ch = ct;
+      p.nt = nt;
+      p.s = s;
+      p.BK = BK;
+      p.lbk = log2_pow2(BK);
+      p.lks = BK >= 16 ? log2_pow2(BK / 16) : 0;
+      p.PS = PS;
+      p.CS = CS;
+      p.OHB = s.IH;
+      p.OWB = s.IW;
+      p.w_elems = int(taps) * bn * PS;
+      p.stage_offset = int(w_bytes);
+      p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
+      p.fb_offset = int(bytes_before_fallback(s));
+      p.smem_bytes = int(bytes(s));
+      p.spatial = g.N * s.tiles_h * s.tiles_w;
+      // Several tiles per block when the weights stay staged (K in one chunk) and the grid
+      // still has target_blocks blocks.
+      p.tpb = int(tiles_per_block(p.spatial));
+      p.chunks = int(chunks);
+      p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
+      p.blocks = p.ch.blocks * cdiv(p.spatial, p.tpb);
+      p.ok = true;
     }
-    p.ok = true;
+    if (!mma) break;
   }
+  if (!p.ok) return p;
+  for (int k = 0; k <= kMaxK; ++k) {
+    const int64_t kdh = k * g.dh, kdw = k * g.dw;
+    p.qk_h[k] = int(kdh / g.sh);
+    p.rk_h[k] = int(kdh % g.sh);
+    p.qk_w[k] = int(kdw / g.sw);
+    p.rk_w[k] = int(kdw % g.sw);
+  }
+  p.sh_div = make_fastdiv(g.sh);
+  p.sw_div = make_fastdiv(g.sw);
+  const int64_t bias_h = cdiv((g.KH - 1) * g.dh, g.sh) * g.sh, bias_w = cdiv((g.KW - 1) * g.dw, g.sw) * g.sw;
+  p.lo_h = int(g.ph - (g.KH - 1) * g.dh + bias_h);
+  p.lo_hq = int(bias_h / g.sh);
+  p.lo_w = int(g.pw - (g.KW - 1) * g.dw + bias_w);
+  p.lo_wq = int(bias_w / g.sw);
   return p;
 }
 
@@ -477,6 +555,7 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   p.ok = false;
   p.mma = mma;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
+  if (g.Cout * g.cin_g * g.KH * g.KW >= (int64_t(1) << 31)) return p;  // 32-bit partial offsets
   const int64_t taps = g.KH * g.KW;
   // Channel blocks: whole small groups packed, or a group cut into bm x bn blocks.
   int64_t P = 1;
@@ -515,28 +594,54 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   p.units = mma ? int(taps * (bm / 16) * (bn / 16)) : int(taps * bm * bn);
   p.upw = mma ? int(cdiv(p.units, kWarps)) : int(cdiv(p.units, kThreads));
   p.a_shared = mma && kWarps % ((bm / 16) * (bn / 16)) == 0;
+  // unit w + kWarps * u of warp w has column pair (w + kWarps * u) % npairs: w's when npairs ==
+  // kWarps, and with one tap the same B rows for all of the warp's units
+  p.b_shared = mma && taps == 1 && bn / 16 == kWarps;
+  p.share = p.a_shared ? 1 : (p.b_shared && p.upw > kWgradUpwSmall ? 2 : 0);
+  p.lnp = mma ? log2_pow2(bn / 16) : 0;
+  p.lmt = mma ? log2_pow2(bm / 16) : 0;
+  p.kw_div = make_fastdiv(g.KW);
+  p.cout_div = make_fastdiv(g.cout_g);
+  p.cin_div = make_fastdiv(g.cin_g);
+  // zero rows after the staged activation: the MMA kernels point a pixel outside the output at
+  // them, so every tap of it reads zeros (the span of the taps' row offsets, plus one row)
+  auto zero_rows = [&](const SpatialTile& s) {
+    return mma ? int((g.KH - 1) * g.dh * s.IW + (g.KW - 1) * g.dw + 1) : 1;
+  };
   auto bytes = [&](const SpatialTile& s) {
     return int64_t(align16(int64_t(s.MP) * p.PSm * elem_bytes)) +
-           align16(int64_t(s.IH * s.IW + 1) * p.PSn * elem_bytes);
+           align16(int64_t(s.IH * s.IW + zero_rows(s)) * p.PSn * elem_bytes);
   };
   // per tile: the MMAs (2 per unit and k16 step), the two staged tiles, the code around them
   auto cost = [&](const SpatialTile& s) -> double {
     if (bytes(s) > kSmemLimit) return -1;
     const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
-    const double hmma = mma ? (s.MP / 16.0) * p.units * 2.0 : s.M * p.units / 32.0;
-    return tiles * (hmma * kCostHmma * 0.5 + s.MP * (bm / 8.0) * kCostStage * 0.5 + s.IH * s.IW * (bn / 8.0) * kCostStage +
-                    kCostTileChunk * 0.5);
+    if (!mma) {
+      const double hmma = s.M * p.units / 32.0;
+      return tiles * (hmma * 5.0 + s.MP * (bm / 8.0) * 1.6 + s.IH * s.IW * (bn / 8.0) * 3.2 + 800.0);
+    }
+    const double hmma = (s.MP / 16.0) * p.units * 2.0;
+    return tiles * (hmma * kCostWgradHmma + (s.MP * (bm / 8.0) + s.IH * s.IW * (bn / 8.0)) * kCostWgradStage +
+                    kCostWgradTile);
   };
   const SpatialTile s = choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, mma ? kMaxPixels : kThreads,
                                     cost);
   if (s.M == 0) return p;
   p.s = s;
   p.go_elems = s.MP * p.PSm;
-  p.act_elems = (s.IH * s.IW + 1) * p.PSn;
+  p.zero_rows = zero_rows(s);
+  p.act_elems = (s.IH * s.IW + p.zero_rows) * p.PSn;
   p.smem_bytes = int(bytes(s));
   p.items = g.N * s.tiles_h * s.tiles_w;
+  // About target_blocks blocks; but a split of a single tile mostly runs the block's fixed code
+  // (its partial sums, its set-up): with few tiles, two tiles per split down to half the grid.
   int64_t splits = cdiv(target_blocks, p.cblocks);
   if (splits > p.items) splits = p.items;
+  if (mma && p.items < 2 * splits) {
+    const int64_t fewer = cdiv(p.items, 2), floor_splits = cdiv(target_blocks / 2, p.cblocks);
+    splits = fewer > floor_splits ? fewer : floor_splits;
+    if (splits > p.items) splits = p.items;
+  }
   p.splits = splits < 1 ? 1 : splits;
   (void)acc_bytes;
   p.ok = true;
@@ -560,6 +665,7 @@ struct ConvArgs {
   const A* bias;  // forward: conv bias or nullptr
   T* out;         // forward: y; input grad: grad_z
   Strides4 os;
+  const A* bn_ss;  // forward, 16-bit types: the BN map per 8 channels (bn_ss_value), or nullptr
   A* part0;  // input grad: per-block sums of grad_z; weight grad: per-split partial weight gradients
   A* part1;  // input grad: per-block sums of grad_z * xhat
   ConvGeom g;
@@ -732,48 +838,79 @@ RESFAST_HD BNScaleShift8 bn_scale_shift(const BNParams<A>& bn, int c, int nv) {
   return r;
 }
 
+// The forward's BN map as a table, prepared once per call with the weights: for channels
+// [8q, 8q + 8), element 16q + i is scale = invstd * gamma of channel 8q + i and 16q + 8 + i its
+// shift = beta - mean * scale (zero past C), so a thread loads its 8 channels' map with four
+// 16-byte loads per K chunk.
+inline int64_t bn_ss_size(int64_t C) { return cdiv(C, 8) * 16; }
+template <typename A>
+RESFAST_HD A bn_ss_value(const BNParams<A>& bn, int64_t C, int64_t i) {
+  const int64_t c = (i >> 4) * 8 + (i & 7);
+  if (c >= C) return A(0);
+  const A sc = bn.invstd[c] * bn.gamma[c];
+  return (i & 8) == 0 ? sc : bn.beta[c] - bn.mean[c] * sc;
+}
+RESFAST_HD BNScaleShift8 load_bn_ss8(const float* ss, int c) {  // c a multiple of 8 below C
+  BNScaleShift8 r;
+  const float* q = ss + (c >> 3) * 16;
+  RESFAST_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const Vec16 a = ld_global16(q + 4 * h), b = ld_global16(q + 8 + 4 * h);
+    RESFAST_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      r.scale[4 * h + i] = word_float(a.w[i]);
+      r.shift[4 * h + i] = word_float(b.w[i]);
+    }
+  }
+  return r;
+}
+
 // The channel a thread's 8-channel unit starts at when a tile of BK channels from c0 is staged.
 RESFAST_HD int staged_channel(int tid, int c0, int BK) { return c0 + 8 * (tid & (BK / 8 - 1)); }
 
 // As fill_rows_general (with kCheck = check); float16 / bfloat16 with 16-byte aligned channel
-// vectors (channels_last) take 16-byte loads and stores on packed pairs (with the BN map
-// `pre` when given, for c0 = the channel it was loaded for).
+// vectors (channels_last, in-sample offsets below 2^31: host.h channel_vectors) take 16-byte
+// loads and stores with 32-bit offsets, the BN map `pre` (loaded for the thread's channels)
+// and one F2FP.RELU per packed pair. iw_magic = div_magic(IW) (IW >= 2: every tile is at
+// least 4 wide).
 template <bool kBN, typename T, typename A>
 RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, const BNParams<A>& bn, int64_t n,
-                          int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0, int c_end, int BK,
-                          int PS, bool smem_vec, bool check, T* dst, const BNScaleShift8* pre = nullptr) {
+                          int h0, int w0, int IH, int IW, uint32_t iw_magic, int rows, int64_t H, int64_t W, int c0,
+                          int c_end, int BK, int PS, bool smem_vec, bool check, T* dst,
+                          const BNScaleShift8* pre = nullptr) {
   if constexpr (IsMmaType<T>::value) {
     const int lu = log2_pow2(BK / 8);
     const int v = tid & ((1 << lu) - 1);
     const int c = c0 + 8 * v;
-    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end) {
+    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end && (!kBN || pre != nullptr)) {
       BNScaleShift8 bc;
-      if constexpr (kBN) bc = pre != nullptr ? *pre : bn_scale_shift(bn, c, 8);
-      const uint32_t iw_magic = div_magic(uint32_t(IW < 2 ? 2 : IW));
-      const T* base = src + n * ss.n + int64_t(c) * ss.c;
-      bool bad = false;
+      if constexpr (kBN) bc = *pre;
+      const T* base = src + n * ss.n + c;  // ss.c == 1
+      const int sh = int(ss.h), sw = int(ss.w), Hi = int(H), Wi = int(W), staged = IH * IW;
+      const int end = rows << lu;
+      uint32_t bad = 0;
+      T* dst_v = dst + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < rows << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int p = e >> lu;
-        const int r = IW < 2 ? p : div_small(p, iw_magic);
-        const int64_t h = h0 + r, w = w0 + (p - r * IW);
+        const int r = div_small(p, iw_magic);
+        const int h = h0 + r, w = w0 + (p - r * IW);
         Vec16 q{{0u, 0u, 0u, 0u}};
-        if (p < IH * IW && h >= 0 && h < H && w >= 0 && w < W) {
-          q = ld_global16(base + h * ss.h + w * ss.w);
+        if (p < staged && uint32_t(h) < uint32_t(Hi) && uint32_t(w) < uint32_t(Wi)) {
+          q = ld_global16(base + uint32_t(h * sh + w * sw));  // in bounds: >= 0
           if constexpr (kBN) {
             RESFAST_UNROLL
             for (int i = 0; i < 4; ++i) {
               float lo, hi;
               unpack2<T>(q.w[i], lo, hi);
-              q.w[i] = pack2<T>(relu(lo * bc.scale[2 * i] + bc.shift[2 * i]),
-                                relu(hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]));
+              q.w[i] = pack2_relu<T>(lo * bc.scale[2 * i] + bc.shift[2 * i], hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]);
             }
           }
-          if (check) bad |= any_nonfinite16<T>(q);
+          if (check) bad |= nonfinite_bits16<T>(q);
         }
-        st_shared16(dst + p * PS + 8 * v, q);
+        st_shared16(dst_v + p * PS, q);
       }
-      return bad;
+      return bad != 0;
     }
   }
   return check ? fill_rows_general<kBN, true>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
@@ -856,18 +993,19 @@ RESFAST_HD void zero_acc(MmaAcc<NL, MT, NT>& a) {
         for (int i = 0; i < 4; ++i) a.c[m][n][s][i] = 0.0f;
 }
 
-// B fragments of NT n8 tiles for k [k0, k0 + 16) from w_s rows (one row per column channel,
-// k contiguous): ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), ...
+// B fragment bases of a warp's lanes: row (n) np * 16 + (lane & 7) + (lane >> 4) * 8 of a
+// [n][k] tile, k half ((lane >> 3) & 1) * 8; ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), ... per 16 columns.
+RESFAST_HD int b_frag_row(int lane, int PS) { return ((lane & 7) + (lane >> 4) * 8) * PS + ((lane >> 3) & 1) * 8; }
+
+// B fragments of NT n8 tiles at element offset `off` of the lanes' bases (one column pair np
+// every 16 rows of PS elements).
 template <int NL, int NT>
-RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, uint32_t (&b)[NT][NL][2]) {
+RESFAST_HD void load_b_frags(const SmemPtr (&bbase)[NL], int off, int np_stride, uint32_t (&b)[NT][NL][2]) {
   RESFAST_UNROLL
   for (int np = 0; np < NT / 2; ++np) {
-    const uint16_t* addr[NL];
-    for (int s = 0; s < NL; ++s) {
-      const int lane = NL == 1 ? lane0 : s;
-      const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-      addr[s] = w_tap + row * PS + k0 + ((lane >> 3) & 1) * 8;
-    }
+    SmemPtr addr[NL];
+    for (int s = 0; s < NL; ++s) addr[s] = bbase[s] + (off + np * np_stride);
     uint32_t r[NL][4];
     ldsm_x4<NL, false>(r, addr);
     for (int s = 0; s < NL; ++s) {
@@ -879,109 +1017,119 @@ RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, u
   }
 }
 
-// Forward, one K chunk: acc[mt][nt] += act(rows of the warp's m-tiles, shifted by each tap)
-// x w_s. The A row of lane l in m-tile mt is tile pixel (warp*MT + mt)*16 + l%16 (rows past
-// the tile repeat its last pixel; their results are never stored), k half (l/16)*8.
-template <int NL, typename T, int NT>
-RESFAST_HD void forward_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const T* act_s,
-                                  const T* w_s, MmaAcc<NL, mt_of(NT), NT>& acc) {
-  constexpr int kFwdMT = mt_of(NT);
-  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
-  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
+// The (tap, k16 step) walk of a K chunk: steps run k16 steps within a tap, then taps along a
+// kernel row, then rows; the staged-operand and weight offsets advance by additions only.
+struct TapWalk {
+  int ks, kw, kh, KS, KW;
+  RESFAST_HD bool next() {  // true when the step moved to another tap
+    if (++ks < KS) return false;
+    ks = 0;
+    if (++kw == KW) {
+      kw = 0;
+      ++kh;
+    }
+    return true;
+  }
+};
+
+// A warp's per-lane fragment row bases for the forward / input-gradient MMAs: the A rows of
+// its m-tiles in the staged tile (forward: the tile's pixels; input grad: the output row a
+// pixel reads through tap 0, with the pixel's stride remainders rr), the zero row, the B rows
+// of the weights. The forward's depend on the tile shape only, the input gradient's on the
+// tile's position modulo the strides (once per tile), never on the K chunk.
+template <int NL, int MT>
+struct MmaRows {
+  SmemPtr a[NL][MT], z[NL], b[NL];
+  int rr[NL][MT];
+};
+
+template <int NL, int MT>
+RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const void* act_s,
+                             const void* w_s, MmaRows<NL, MT>& rows) {
   const SpatialTile& st = p.s;
-  const int mtiles_left = st.MP / 16 - warp * kFwdMT;
-  if (mtiles_left <= 0) return;
-  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
-  int abase[NL][kFwdMT];
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS;
+  const SmemPtr act = smem_ptr(act_s), wt = smem_ptr(w_s);
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
+    rows.b[s] = wt + b_frag_row(lane, PS);
+    rows.z[s] = act;
     RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
+    for (int mt = 0; mt < MT; ++mt) {
+      int r = (warp * MT + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
-      abase[s][mt] = ((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8;
-    }
-  }
-  const int KW = int(g.KW), dh = int(g.dh), dw = int(g.dw);
-  const int steps = int(g.KH * g.KW) << p.lks;
-  // One flat loop over (tap, k16 step); a step's tap row / col advance without divisions.
-  int kh = 0, kw = 0, ks = 0;
-  RESFAST_NO_UNROLL
-  for (int step = 0; step < steps; ++step) {
-    const int aoff = (kh * dh * st.IW + kw * dw) * PS + ks * 16;
-    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
-    uint32_t b[NT][NL][2];
-    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
-    RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      if (mt < mtiles_left) {
-        const uint16_t* addr[NL];
-        for (int s = 0; s < NL; ++s) addr[s] = act + abase[s][mt] + aoff;
-        uint32_t a[NL][4];
-        ldsm_x4<NL, false>(a, addr);
-        RESFAST_UNROLL
-        for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
-      }
-    }
-    if (++ks == (1 << p.lks)) {
-      ks = 0;
-      if (++kw == KW) {
-        kw = 0;
-        ++kh;
-      }
+      rows.a[s][mt] = act + (((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8);
+      rows.rr[s][mt] = 0;
     }
   }
 }
 
-// Input gradient, one K chunk (output channels): acc[mt][nt] += go(output row read through
-// each tap, or the zero row) x w_s (transposed weights). For input row ih and tap kh the
-// output row is (ih + ph - kh*dh) / sh when that divides: with ih + ph = qh*sh + rh and
-// kh*dh = qk*sh + rk (plan tables) it is qh - qk when rh == rk.
-template <int NL, typename T, int NT>
-RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
-                                     int oh_lo, int ow_lo, const T* go_s, const T* zero_s, const T* w_s,
-                                     MmaAcc<NL, mt_of(NT), NT>& acc) {
+// Input gradient: for input row ih and tap kh the output row is (ih + ph - kh*dh) / sh when
+// that divides: with ih + ph = qh*sh + rh and kh*dh = qk*sh + rk (plan tables) it is qh - qk
+// when rh == rk. rows.a = output row qh, col qw of the staged tile; rr = rh * sw + rw.
+template <int NL, int MT>
+RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
+                                int oh_lo, int ow_lo, const void* go_s, const void* zero_s, const void* w_s,
+                                MmaRows<NL, MT>& rows) {
+  const SpatialTile& st = p.s;
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS;
+  const SmemPtr go = smem_ptr(go_s), wt = smem_ptr(w_s);
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    const int kofs = (lane >> 4) * 8;
+    rows.z[s] = smem_ptr(zero_s) + kofs;
+    rows.b[s] = wt + b_frag_row(lane, PS);
+    RESFAST_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      int r = (warp * MT + mt) * 16 + (lane & 15);
+      r = r < st.M ? r : st.M - 1;
+      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
+      const int qh = fast_div(th, p.sh_div), qw = fast_div(tw, p.sw_div);
+      rows.rr[s][mt] = (th - qh * sh) * sw + (tw - qw * sw);
+      rows.a[s][mt] = go + (((qh - oh_lo) * p.OWB + (qw - ow_lo)) * PS + kofs);
+    }
+  }
+}
+
+// One K chunk of the forward (kInputGrad = false: acc[mt][nt] += act(the warp's m-tile rows
+// shifted by each tap) x w_s) or of the input gradient (acc += go(the output row each tap
+// reads, or the zero row) x w_s, the weights transposed). The A row of lane l in m-tile mt is
+// tile pixel (warp*MT + mt)*16 + l%16 (rows past the tile repeat its last pixel; their results
+// are never stored), k half (l/16)*8. Steps walk (tap, k16 step) with offsets advanced by
+// additions; an input-gradient tap moves the rows by -(qk_h * OWB + qk_w) when its remainders
+// (rk_h, rk_w) are the lane's.
+template <bool kInputGrad, int NL, typename T, int NT>
+RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, mt_of(NT)>& rows,
+                               MmaAcc<NL, mt_of(NT), NT>& acc) {
   constexpr int kFwdMT = mt_of(NT);
-  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
-  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
-  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
   const SpatialTile& st = p.s;
   const int mtiles_left = st.MP / 16 - warp * kFwdMT;
   if (mtiles_left <= 0) return;
-  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
-  int qh[NL][kFwdMT], rh[NL][kFwdMT], qw[NL][kFwdMT], rw[NL][kFwdMT], kofs[NL];
-  for (int s = 0; s < NL; ++s) {
-    const int lane = NL == 1 ? lane0 : s;
-    kofs[s] = (lane >> 4) * 8;
-    RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
-      r = r < st.M ? r : st.M - 1;
-      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
-      qh[s][mt] = sh == 1 ? th : th / sh;  // no division for the common stride 1
-      rh[s][mt] = th - qh[s][mt] * sh;
-      qw[s][mt] = sw == 1 ? tw : tw / sw;
-      rw[s][mt] = tw - qw[s][mt] * sw;
-      qh[s][mt] -= oh_lo;
-      qw[s][mt] -= ow_lo;
-    }
-  }
-  const int KW = int(g.KW);
+  const int sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
+  const int KS = 1 << p.lks, KW = int(g.KW);
+  // offset changes at a tap change: along a kernel row, to the next kernel row (forward), weights
+  const int a_col = int(g.dw) * PS - KS * 16;
+  const int a_row = int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS - KS * 16;
+  const int w_tap = bn * PS - KS * 16;
+  const int np_stride = 16 * PS;
   const int steps = int(g.KH * g.KW) << p.lks;
-  int kh = 0, kw = 0, ks = 0;
+  TapWalk tw{0, 0, 0, KS, KW};
+  int woff = 0, koff = 0;  // weights; input grad: k within the tap
+  int aoff = kInputGrad ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : 0;
+  int trr = kInputGrad ? p.rk_h[0] * sw + p.rk_w[0] : 0;
   RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
-    const int qkh = p.qk_h[kh], rkh = p.rk_h[kh], qkw = p.qk_w[kw], rkw = p.rk_w[kw];
-    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
     uint32_t b[NT][NL][2];
-    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
+    load_b_frags<NL, NT>(rows.b, woff, np_stride, b);
     RESFAST_UNROLL
     for (int mt = 0; mt < kFwdMT; ++mt) {
       if (mt < mtiles_left) {
-        const uint16_t* addr[NL];
+        SmemPtr addr[NL];
         for (int s = 0; s < NL; ++s) {
-          const bool hit = rh[s][mt] == rkh && rw[s][mt] == rkw;
-          addr[s] = (hit ? go + ((qh[s][mt] - qkh) * p.OWB + (qw[s][mt] - qkw)) * PS : zero) + kofs[s] + ks * 16;
+          if constexpr (kInputGrad) {
+            addr[s] = rows.rr[s][mt] == trr ? rows.a[s][mt] + (aoff + koff) : rows.z[s] + koff;
+          } else {
+            addr[s] = rows.a[s][mt] + aoff;
+          }
         }
         uint32_t a[NL][4];
         ldsm_x4<NL, false>(a, addr);
@@ -989,14 +1137,36 @@ RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, con
         for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
       }
     }
-    if (++ks == (1 << p.lks)) {
-      ks = 0;
-      if (++kw == KW) {
-        kw = 0;
-        ++kh;
+    woff += 16;
+    if constexpr (kInputGrad) {
+      koff += 16;
+    } else {
+      aoff += 16;
+    }
+    if (tw.next()) {
+      woff += w_tap;
+      if constexpr (kInputGrad) {
+        koff = 0;
+        aoff = -(p.qk_h[tw.kh] * p.OWB + p.qk_w[tw.kw]) * PS;
+        trr = p.rk_h[tw.kh] * sw + p.rk_w[tw.kw];
+      } else {
+        aoff += tw.kw == 0 ? a_row : a_col;
       }
     }
   }
+}
+
+// Two adjacent values (8-byte aligned floats: one 8-byte store on the GPU).
+template <typename A>
+RESFAST_HD void st_pair(A* p, A v0, A v1) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<A, float>::value) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    return;
+  }
+#endif
+  p[0] = v0;
+  p[1] = v1;
 }
 
 // Accumulator fragments -> c_s[row * CS + col] (lane l holds rows l/4 (+8), cols 2(l%4) (+1)).
@@ -1016,10 +1186,8 @@ RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const Mma
         for (int nt = 0; nt < NT; ++nt) {
           const int col = nt * 8 + 2 * t;
           const float* d = acc.c[mt][nt][s];
-          c_s[r * p.CS + col] = A(d[0]);
-          c_s[r * p.CS + col + 1] = A(d[1]);
-          c_s[(r + 8) * p.CS + col] = A(d[2]);
-          c_s[(r + 8) * p.CS + col + 1] = A(d[3]);
+          st_pair(c_s + r * p.CS + col, A(d[0]), A(d[1]));
+          st_pair(c_s + (r + 8) * p.CS + col, A(d[2]), A(d[3]));
         }
       }
     }
@@ -1172,18 +1340,21 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
       float bias[8];
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) bias[i] = a.bias != nullptr ? ld_global(a.bias + co + i) : 0.0f;
-      T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+      T* out = a.out + pos.n * a.os.n + co;  // os.c == 1, in-sample offsets < 2^31
+      const int osh = int(a.os.h), osw = int(a.os.w), rows = int(g.Ho) - pos.h0, cols = int(g.Wo) - pos.w0;
+      const int end = st.M << lu;
+      const A* c_v = c_s + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < st.M << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
-        const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
-        if (oh >= g.Ho || ow >= g.Wo) continue;
+        const int oh = r >> st.lw, ow = r & (st.TW - 1);
+        if (oh >= rows || ow >= cols) continue;
         float f[8];
-        lds_f8(c_s + r * p.CS + 8 * v, f);
+        lds_f8(c_v + r * p.CS, f);
         Vec16 q;
         RESFAST_UNROLL
         for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
-        st_global16(out + oh * a.os.h + ow * a.os.w, q);
+        st_global16(out + uint32_t((pos.h0 + oh) * osh + (pos.w0 + ow) * osw), q);
       }
       return;
     }
@@ -1246,24 +1417,29 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
     if (a.x_vec && a.out_vec && (c & 7) == 0 && 8 * v + 8 <= ch.ncols) {
       const ConvGeom& g = a.g;
       const SpatialTile& st = p.s;
-      float s_dz[8], s_dzx[8];
+      float s_dz[8], s_dzx[8], nb[8];
       BNChannel8<T, float> bc;
       bc.load(a.bn, c, 8);
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) {
         s_dz[i] = 0.0f;
         s_dzx[i] = 0.0f;
+        nb[i] = -bc.mean[i] * bc.invstd[i];  // xhat = x * invstd + nb, one FMA
       }
-      const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
-      T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+      const T* x = a.x + pos.n * a.xs.n + c;  // xs.c == os.c == 1, in-sample offsets < 2^31
+      T* out = a.out + pos.n * a.os.n + c;
+      const int xsh = int(a.xs.h), xsw = int(a.xs.w), osh = int(a.os.h), osw = int(a.os.w);
+      const int rows = int(g.H) - pos.h0, cols = int(g.W) - pos.w0, end = st.M << lu;
+      const A* c_v = c_s + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < st.M << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
-        const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
-        if (h >= g.H || w >= g.W) continue;
-        const Vec16 xq = ld_global16(x + h * a.xs.h + w * a.xs.w);
+        const int hl = r >> st.lw, wl = r & (st.TW - 1);
+        if (hl >= rows || wl >= cols) continue;
+        const int h = pos.h0 + hl, w = pos.w0 + wl;
+        const Vec16 xq = ld_global16(x + uint32_t(h * xsh + w * xsw));
         float da[8];
-        lds_f8(c_s + r * p.CS + 8 * v, da);
+        lds_f8(c_v + r * p.CS, da);
         Vec16 gq;
         RESFAST_UNROLL
         for (int i = 0; i < 4; ++i) {
@@ -1273,10 +1449,10 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
           unpack2<T>(gq.w[i], g0, g1);
           s_dz[2 * i] += g0;
           s_dz[2 * i + 1] += g1;
-          s_dzx[2 * i] += g0 * bn_xhat(x0, bc.mean[2 * i], bc.invstd[2 * i]);
-          s_dzx[2 * i + 1] += g1 * bn_xhat(x1, bc.mean[2 * i + 1], bc.invstd[2 * i + 1]);
+          s_dzx[2 * i] += g0 * (x0 * bc.invstd[2 * i] + nb[2 * i]);
+          s_dzx[2 * i + 1] += g1 * (x1 * bc.invstd[2 * i + 1] + nb[2 * i + 1]);
         }
-        st_global16(out + h * a.os.h + w * a.os.w, gq);
+        st_global16(out + uint32_t(h * osh + w * osw), gq);
       }
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) {
@@ -1325,26 +1501,34 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
   const bool check = kMMA && ch.multi;
-  // The forward's BN map, loaded once when every tile stages the same channels (one chunk).
+  // The forward's BN map of the thread's 8 channels (the 16-byte staging path), loaded once
+  // when every tile stages the same channels (one chunk), else per chunk.
   BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
-  if constexpr (kMMA && !kInputGrad) {
-    ex.threads([&](int tid, int c) {
-      const int c0 = staged_channel(tid, ch.k0, p.BK);
-      bnc[c] = bn_scale_shift(a.bn, c0, ch.k0 + ch.nk - c0 < 0 ? 0 : (ch.k0 + ch.nk - c0 > 8 ? 8 : ch.k0 + ch.nk - c0));
-    });
-  }
+  auto load_bnc = [&](int tid, int c, int kc) {
+    if constexpr (kMMA && !kInputGrad) {
+      const int c0 = staged_channel(tid, ch.k0 + kc, p.BK);
+      if ((c0 & 7) == 0 && c0 + 8 <= ch.k0 + ch.nk) bnc[c] = load_bn_ss8(a.bn_ss, c0);
+    }
+  };
+  if (one_chunk) ex.threads([&](int tid, int c) { load_bnc(tid, c, 0); });
 
   MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
+  MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
   A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
   for (int t = 0; t < b.ntiles; ++t) {
     const int64_t spatial = b.tile0 + t;
     const TilePos pos = decode_tile(p.s, spatial);
     // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
     // the output rows / cols that read the input tile.
-    const int h_lo = kInputGrad ? int(floor_div(pos.h0 + g.ph - (g.KH - 1) * g.dh, g.sh)) : int(pos.h0 * g.sh - g.ph);
-    const int w_lo = kInputGrad ? int(floor_div(pos.w0 + g.pw - (g.KW - 1) * g.dw, g.sw)) : int(pos.w0 * g.sw - g.pw);
+    const int h_lo = kInputGrad ? fast_div(pos.h0 + p.lo_h, p.sh_div) - p.lo_hq : pos.h0 * int(g.sh) - int(g.ph);
+    const int w_lo = kInputGrad ? fast_div(pos.w0 + p.lo_w, p.sw_div) - p.lo_wq : pos.w0 * int(g.sw) - int(g.pw);
     if constexpr (kMMA) {
-      ex.warps([&](int, int, int c) { zero_acc(acc[c]); });
+      ex.warps([&](int warp, int lane, int c) {
+        zero_acc(acc[c]);
+        if constexpr (kInputGrad) {
+          input_grad_rows(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
+        }
+      });
     } else {
       ex.threads([&](int, int c) {
         for (int j = 0; j < kSimtCols; ++j) sacc[c][j] = A(0);
@@ -1359,12 +1543,13 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
         // The source (grad_out for the input grad, x and BN-ReLU for the forward); a packed
         // block also checks what it stages for non-finite values.
         if constexpr (kInputGrad) {
-          bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.Ho,
-                                  g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
+          bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic,
+                                  rows, g.Ho, g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
         } else {
-          bad |= fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.H, g.W,
-                                 c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
-                                 kMMA && one_chunk ? &bnc[kMMA && !kInputGrad ? c : 0] : nullptr);
+          if (!one_chunk) load_bnc(tid, c, kc);  // each chunk stages other channels
+          bad |= fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic, rows,
+                                 g.H, g.W, c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
+                                 kMMA ? &bnc[kMMA ? c : 0] : nullptr);
         }
         if (kInputGrad) fill_zero(tid, zero_s, p.PS);
         if (t == 0 || !one_chunk) fill_weight_tile(tid, a.wp, p, int(g.KH * g.KW), b.jb, kc >> p.lbk, w_s);
@@ -1373,12 +1558,9 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       if (kMMA && !(check && nonfinite)) {
         if constexpr (kMMA) {
           ex.warps([&](int warp, int lane, int c) {
-            if constexpr (kInputGrad) {
-              input_grad_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s,
-                                                      w_s, acc[c]);
-            } else {
-              forward_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, stage_s, w_s, acc[c]);
-            }
+            // the forward's rows: recomputed per chunk (cheap; kept live they cost registers)
+            if constexpr (!kInputGrad) forward_rows(warp, lane, g, p, stage_s, w_s, rows[c]);
+            conv_mma_chunk<kInputGrad, X::kLanes, T, kNT>(warp, g, p, rows[c], acc[c]);
           });
         }
       } else if constexpr (kMMA) {
@@ -1437,74 +1619,88 @@ struct WgradUnits {
   bool a_shared;
 };
 
+// Unit `unit` of a plan: its 16-column pair np, m16 tile mt and tap (powers of two: no divisions).
+RESFAST_HD void wgrad_unit(const WgradPlan& p, int unit, int& np, int& mt, int& tap) {
+  np = unit & ((1 << p.lnp) - 1);
+  const int rest = unit >> p.lnp;
+  mt = rest & ((1 << p.lmt) - 1);
+  tap = rest >> p.lmt;
+}
+
 template <int UPW>
 RESFAST_HD WgradUnits<UPW> wgrad_units(int warp, const ConvGeom& g, const WgradPlan& p) {
   WgradUnits<UPW> un;
-  const int mtiles = p.bm / 16, npairs = p.bn / 16;
   RESFAST_UNROLL
   for (int u = 0; u < UPW; ++u) {
-    const int unit = warp + kWarps * u;
-    const int np = unit % npairs, rest = unit / npairs;
-    const int mt = rest % mtiles, tap = rest / mtiles;
-    const int kh = tap / int(g.KW), kw = tap - (tap / int(g.KW)) * int(g.KW);
+    int np, mt, tap;
+    wgrad_unit(p, warp + kWarps * u, np, mt, tap);
+    const int kh = fast_div(tap, p.kw_div), kw = tap - kh * int(g.KW);
     un.a[u] = mt * 16;
     un.tap[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn;
     un.np[u] = np * 16;
     un.tapnp[u] = un.tap[u] + un.np[u];
   }
   un.n = (p.units - warp + kWarps - 1) / kWarps;
-  un.a_shared = kWarps % (mtiles * npairs) == 0;
+  un.a_shared = p.a_shared;
   return un;
 }
 
 // One tile's contribution: for each of the warp's units, over the tile's pixels in k16 steps:
 // A = go_s rows (pixels) -> [co][pix] via ldmatrix.trans, B = act_s rows of the pixels shifted
-// by the tap -> [pix][ci] via ldmatrix.trans. A pixel outside the output has a zero grad_out
-// row, but its activation row may hold a non-finite value (0 * NaN = NaN): a k16 step with such
-// a pixel (a warp vote) reads the zero row for it instead.
-template <int NL, typename T, int UPW, bool kAShared>
-RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const WgradPlan& p, int oh0, int ow0,
-                               const T* go_s, const T* act_s, const T* zero_s, const WgradUnits<UPW>& un,
-                               WgradAcc<NL, UPW>& acc) {
-  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
-  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
-  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
+// by the tap -> [pix][ci] via ldmatrix.trans. A pixel outside the output (tile row >=
+// rows_valid or col >= cols_valid, or past the tile) has a zero grad_out row, but its
+// activation rows may hold a non-finite value (0 * NaN = NaN): its B rows start at the zero
+// rows instead, which span every tap's offset.
+template <int NL, typename T, int UPW, int kShare>
+RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const WgradPlan& p, int rows_valid,
+                               int cols_valid, const T* go_s, const T* act_s, const T* zero_s,
+                               const WgradUnits<UPW>& un, WgradAcc<NL, UPW>& acc) {
   const SpatialTile& st = p.s;
+  const SmemPtr act = smem_ptr(act_s), zero = smem_ptr(zero_s);
+  const int rstride = int(g.sh) * st.IW * p.PSn, cstride = int(g.sw) * p.PSn, astep = 16 * p.PSm;
+  SmemPtr arow[NL];
+  int lp[NL], bofs[NL];
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    arow[s] = smem_ptr(go_s) + (((lane & 7) + (lane >> 4) * 8) * p.PSm + ((lane >> 3) & 1) * 8);
+    lp[s] = (lane & 7) + ((lane >> 3) & 1) * 8;
+    bofs[s] = (lane >> 4) * 8;
+  }
+  int aoff = 0;
   RESFAST_NO_UNROLL
-  for (int k0 = 0; k0 < st.MP; k0 += 16) {
-    int arow[NL], bbase[NL], bofs[NL];
-    bool outside[NL];
+  for (int k0 = 0; k0 < st.MP; k0 += 16, aoff += astep) {
+    SmemPtr bb[NL];
     for (int s = 0; s < NL; ++s) {
-      const int lane = NL == 1 ? lane0 : s;
-      arow[s] = (k0 + (lane & 7) + (lane >> 4) * 8) * p.PSm + ((lane >> 3) & 1) * 8;
-      const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      outside[s] = !(r < st.M && oh0 + (r >> st.lw) < g.Ho && ow0 + (r & (st.TW - 1)) < g.Wo);
-      const int rc = outside[s] ? 0 : r;  // an in-bounds row for the address
-      bofs[s] = (lane >> 4) * 8;
-      bbase[s] = ((rc >> st.lw) * int(g.sh) * st.IW + (rc & (st.TW - 1)) * int(g.sw)) * p.PSn + bofs[s];
+      const int r = k0 + lp[s], rh = r >> st.lw, rc = r & (st.TW - 1);
+      const bool outside = rh >= rows_valid || rc >= cols_valid;
+      bb[s] = (outside ? zero : act + (rh * rstride + rc * cstride)) + bofs[s];
     }
-    const bool edge = warp_any<NL>(outside);
-    uint32_t af[NL][4];
-    if constexpr (kAShared) {
-      const uint16_t* aaddr[NL];
-      for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[0];
+    uint32_t af[NL][4], bf[NL][4];
+    if constexpr (kShare == 1) {
+      SmemPtr aaddr[NL];
+      for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + un.a[0]);
       ldsm_x4<NL, true>(af, aaddr);
+    }
+    if constexpr (kShare == 2) {
+      SmemPtr baddr[NL];
+      for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[0];
+      ldsm_x4<NL, true>(bf, baddr);
     }
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
       if (u < un.n) {
-        if constexpr (!kAShared) {
-          const uint16_t* aaddr[NL];
-          for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[u];
+        if constexpr (kShare != 1) {
+          // B shared (npairs == kWarps, one tap): unit w + kWarps * u is m16 tile u
+          const int a_u = kShare == 2 ? 16 * u : un.a[u];
+          SmemPtr aaddr[NL];
+          for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + a_u);
           ldsm_x4<NL, true>(af, aaddr);
         }
-        const uint16_t* baddr[NL];
-        for (int s = 0; s < NL; ++s) {
-          baddr[s] = act + bbase[s] + un.tapnp[u];
-          if (edge && outside[s]) baddr[s] = zero + bofs[s] + un.np[u];
+        if constexpr (kShare != 2) {
+          SmemPtr baddr[NL];
+          for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[u];
+          ldsm_x4<NL, true>(bf, baddr);
         }
-        uint32_t bf[NL][4];
-        ldsm_x4<NL, true>(bf, baddr);
         uint32_t b0[NL][2], b1[NL][2];
         for (int s = 0; s < NL; ++s) {
           b0[s][0] = bf[s][0];
@@ -1519,18 +1715,25 @@ RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const Wgr
   }
 }
 
-// Writes the warp's units to part[split][weight index] for the (co, ci) pairs of one group (a
-// block of one group: every pair; a packed block: the diagonal blocks).
+// The per-split partial weight gradients are laid out [split][co][tap][ci - group * cin_g]
+// (input channels innermost: a lane's two adjacent columns are one 8-byte store); the host
+// sums the splits and permutes to [Cout][cin_g][KH][KW].
+RESFAST_HD int64_t wgrad_part_index(const ConvGeom& g, int co, int tap, int ci_local) {
+  return (int64_t(co) * (g.KH * g.KW) + tap) * g.cin_g + ci_local;
+}
+
+// Writes the warp's units to part[split] for the (co, ci) pairs of one group (a block of one
+// group: every pair; a packed block: the diagonal blocks). 32-bit offsets within a split (the
+// planner refuses weights of 2^31 elements or more).
 template <int NL, typename T, int UPW>
 RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const WgradPlan& p, const WgradBlock& b,
                                 const WgradAcc<NL, UPW>& acc) {
   using A = acc_of<T>;
   const ConvGeom& g = a.g;
-  const int mtiles = p.bm / 16, npairs = p.bn / 16;
-  const int taps = int(g.KH * g.KW), cin_g = int(g.cin_g), cout_g = int(g.cout_g);
-  const int64_t nw = g.Cout * g.cin_g * taps;
+  const int cin_g = int(g.cin_g), ld_co = int(g.KH * g.KW) * cin_g;
+  const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   const int nunits = (p.units - warp + kWarps - 1) / kWarps;
-  const int g0 = b.co0 / cout_g;  // the block's (first) group
+  const int g0 = fast_div(b.co0, p.cout_div);  // the block's (first) group
   A* part = a.part0 + b.split * nw;
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
@@ -1538,22 +1741,23 @@ RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
       if (u >= nunits) break;
-      const int unit = warp + kWarps * u;
-      const int np = unit % npairs, rest = unit / npairs;
-      const int mt = rest % mtiles, tap = rest / mtiles;
+      int np, mt, tap;
+      wgrad_unit(p, warp + kWarps * u, np, mt, tap);
       RESFAST_UNROLL
-      for (int half = 0; half < 2; ++half) {
+      for (int rr = 0; rr < 2; ++rr) {
+        const int row = mt * 16 + gq + rr * 8, co = b.co0 + row;
+        const int grp = b.multi ? fast_div(co, p.cout_div) : g0;
+        const int cl0 = b.ci0 - grp * cin_g;  // local input channel of column 0
+        A* dst = part + (co * ld_co + tap * cin_g + cl0);
         RESFAST_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int row = mt * 16 + gq + (i >= 2 ? 8 : 0), col = np * 16 + half * 8 + 2 * t + (i & 1);
-          if (row >= b.nrows || col >= b.ncols) continue;
-          const int co = b.co0 + row, ci = b.ci0 + col;
-          int grp = g0;
-          if (b.multi) {
-            grp = co / cout_g;
-            if (ci / cin_g != grp) continue;
+        for (int half = 0; half < 2; ++half) {
+          RESFAST_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const int col = np * 16 + half * 8 + 2 * t + j;
+            if (row < b.nrows && col < b.ncols && uint32_t(cl0 + col) < uint32_t(cin_g)) {
+              dst[col] = A(acc.c[u][half][s][2 * rr + j]);
+            }
           }
-          part[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = A(acc.c[u][half][s][i]);
         }
       }
     }
@@ -1603,13 +1807,13 @@ RESFAST_HD void wgrad_simt_store(int tid, const ConvArgs<T>& a, const WgradPlan&
     const int co = b.co0 + m, ci = b.ci0 + n;
     const int grp = co / cout_g;
     if (ci / cin_g != grp) continue;
-    a.part0[b.split * nw + (int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = acc[i];
+    a.part0[b.split * nw + wgrad_part_index(g, co, tap, ci - grp * cin_g)] = acc[i];
   }
 }
 
-// UPW: units per warp (tensor cores; 0 = SIMT). kAShared: every unit of a warp has the same A
-// fragment (WgradUnits), which the plan knows (WgradPlan::a_shared).
-template <class X, typename T, int UPW, bool kAShared>
+// UPW: units per warp (tensor cores; 0 = SIMT). kShare: every unit of a warp has the same A
+// (1) or B (2) fragment, which the plan knows (WgradPlan::share).
+template <class X, typename T, int UPW, int kShare>
 RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& p, int64_t block,
                             unsigned char* smem) {
   using A = acc_of<T>;
@@ -1634,7 +1838,7 @@ RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& 
       for (int i = 0; i < kSimtWgrad; ++i) sacc[c][i] = A(0);
     });
   }
-  ex.threads([&](int tid, int) { fill_zero(tid, zero_s, p.PSn); });
+  ex.threads([&](int tid, int) { fill_zero(tid, zero_s, p.zero_rows * p.PSn); });
   WgradUnits<kUPW> units[kMMA ? X::kWarpCopies : 1];
   BNScaleShift8 bnc[kMMA ? X::kThreadCopies : 1];  // the staged activation's BN map, for every tile
   if constexpr (kMMA) {
@@ -1649,17 +1853,21 @@ RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& 
     ex.sync();  // the previous tile is no longer read
     ex.threads([&](int tid, int c) {
       // grad_out rows = tile pixels (TW wide, so p / TW is the tile row)
-      fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, pos.h0, pos.w0, p.s.TH, p.s.TW, p.s.MP, g.Ho, g.Wo,
-                       b.co0, b.co0 + b.nrows, p.bm, p.PSm, kMMA, false, go_s);
-      fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, int(pos.h0 * g.sh - g.ph), int(pos.w0 * g.sw - g.pw),
-                      p.s.IH, p.s.IW, p.s.IH * p.s.IW, g.H, g.W, b.ci0, b.ci0 + b.ncols, p.bn, p.PSn, kMMA, false,
-                      act_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
+      fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, pos.h0, pos.w0, p.s.TH, p.s.TW,
+                       1u << (32 - p.s.lw), p.s.MP, g.Ho, g.Wo, b.co0, b.co0 + b.nrows, p.bm, p.PSm, kMMA, false,
+                       go_s);
+      fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, pos.h0 * int(g.sh) - int(g.ph),
+                      pos.w0 * int(g.sw) - int(g.pw), p.s.IH, p.s.IW, p.s.iw_magic, p.s.IH * p.s.IW, g.H, g.W, b.ci0,
+                      b.ci0 + b.ncols, p.bn, p.PSn, kMMA, false, act_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
     });
     ex.sync();
     if constexpr (kMMA) {
+      // the tile's pixels inside the output (rows past the tile count as outside: rh >= TH)
+      const int rows_valid = int(g.Ho) - pos.h0 < p.s.TH ? int(g.Ho) - pos.h0 : p.s.TH;
+      const int cols_valid = int(g.Wo) - pos.w0;
       ex.warps([&](int warp, int lane, int c) {
-        wgrad_mma_tile<X::kLanes, T, kUPW, kAShared>(warp, lane, g, p, pos.h0, pos.w0, go_s, act_s, zero_s, units[c],
-                                                      acc[c]);
+        wgrad_mma_tile<X::kLanes, T, kUPW, kShare>(warp, lane, g, p, rows_valid, cols_valid, go_s, act_s, zero_s,
+                                                      units[c], acc[c]);
       });
     } else {
       ex.threads([&](int tid, int c) { wgrad_simt_tile(tid, g, p, pos.h0, pos.w0, go_s, act_s, sacc[c]); });
