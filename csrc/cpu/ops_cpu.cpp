@@ -77,8 +77,8 @@ void run_blocks(int64_t blocks, int smem_bytes, F&& block) {
   });
 }
 
-// The weights in a plan's tile layout (tiles.h prepared_weight), and with bn_ss the forward's
-// BN table (tiles.h bn_ss_value) into *bn_ss.
+// The weights in a plan's tile layout (tiles.h prepared_weight), and with bn_ss the BN table
+// (tiles.h bn_ss_value) into *bn_ss.
 template <typename scalar_t>
 at::Tensor prepared_weights(const ConvPrep& p, const ConvPlan& plan, bool transposed, at::Tensor* bn_ss = nullptr) {
   using acc_t = acc_of<scalar_t>;
@@ -196,8 +196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       const int64_t rows = g.N * iplan.s.tiles_h * iplan.s.tiles_w;
       at::Tensor part_dz = at::empty({rows, g.C}, acc_opts), part_dzx = at::empty({rows, g.C}, acc_opts);
       ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, grad_z, part_dz, part_dzx);
-      const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true);
+      at::Tensor bn_ss;
+      const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
+      args.bn_ss = bn_ss.const_data_ptr<acc_t>();
       dispatch_nt<scalar_t>(iplan.nt, [&](auto nt) {
         run_blocks(iplan.blocks, iplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
           conv_block<HostBlock, scalar_t, true, decltype(nt)::value>(HostBlock{}, args, iplan, b, smem);

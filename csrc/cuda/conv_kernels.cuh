@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads, 2) wgrad_tile_kernel(const __grid_co
 }
 
 // The weights in a plan's tile layout (tiles.h prepared_weight), one element per thread, and
-// (ss != nullptr) the forward's BN table (bn_ss_value, n_ss elements).
+// (ss != nullptr) the BN table (bn_ss_value, n_ss elements).
 template <typename T>
 __global__ void __launch_bounds__(256) prepare_weights_kernel(const T* __restrict__ w, const __grid_constant__ ConvGeom g,
                                                               const __grid_constant__ ConvPlan p, bool transposed,

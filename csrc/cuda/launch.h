@@ -11,7 +11,7 @@
 namespace resfast {
 
 // Launches prepare_weights_kernel (conv_kernels.cuh) for a plan: the weights in its tile layout,
-// and with bn_ss the forward's BN table (tiles.h bn_ss_value) into *bn_ss.
+// and with bn_ss the BN table (tiles.h bn_ss_value) into *bn_ss.
 template <typename scalar_t>
 at::Tensor prepared_weights_cuda(const ConvPrep& p, const ConvPlan& plan, bool transposed, cudaStream_t stream,
                                  at::Tensor* bn_ss = nullptr);

@@ -317,14 +317,23 @@ RESFAST_HD uint32_t pack2_relu(float lo, float hi) {
 #endif
 }
 
-// Non-zero when one of the eight 16-bit floats of q is an Inf or NaN (exponent all ones):
-// per half, (exponent bits + one exponent ulp) carries into the half's top bit only then.
+// Per 16-bit half, the larger of a and b as unsigned integers (one VIMNMX on sm_90).
+RESFAST_HD uint32_t max_u16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __vmaxu2(a, b);
+#else
+  const uint32_t lo = (a & 0xffffu) > (b & 0xffffu) ? (a & 0xffffu) : (b & 0xffffu);
+  const uint32_t hi = (a >> 16) > (b >> 16) ? (a >> 16) : (b >> 16);
+  return lo | (hi << 16);
+#endif
+}
+
+// Whether a running max_u16x2 of 16-bit floats' magnitude bits (sign cleared) saw an Inf or
+// NaN: all of those are at least the Inf pattern, every finite value below it.
 template <typename T>
-RESFAST_HD uint32_t nonfinite_bits16(const Vec16& q) {
-  constexpr uint32_t m = std::is_same<T, c10::BFloat16>::value ? 0x7f807f80u : 0x7c007c00u;
-  constexpr uint32_t one = std::is_same<T, c10::BFloat16>::value ? 0x00800080u : 0x04000400u;
-  return (((q.w[0] & m) + one) | ((q.w[1] & m) + one) | ((q.w[2] & m) + one) | ((q.w[3] & m) + one)) &
-         0x80008000u;
+RESFAST_HD bool nonfinite_max16(uint32_t m) {
+  constexpr uint32_t inf = std::is_same<T, c10::BFloat16>::value ? 0x7f80u : 0x7c00u;
+  return (m & 0xffffu) >= inf || (m >> 16) >= inf;
 }
 
 // Copies 8 elements between 16-byte aligned addresses with 16-byte vector accesses.

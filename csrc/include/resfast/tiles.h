@@ -155,12 +155,6 @@ RESFAST_HD int fast_div(int n, const FastDiv& f) {
   return int((hi + uint32_t(n)) >> f.l);
 }
 
-RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
-  int64_t q = a / b;
-  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
-  return q;
-}
-
 // ---------------------------------------------------------------------------------------
 // Plans: how a conv is cut into blocks (host), and the block decode (both devices)
 
@@ -182,6 +176,7 @@ struct SpatialTile {
 struct ChannelTiling {
   int P, bn, bpg;
   int64_t blocks;
+  FastDiv bpg_div, blocks_div;  // division by bpg and by blocks (the block decode)
 };
 
 struct ChannelRange {
@@ -191,7 +186,7 @@ struct ChannelRange {
 };
 
 RESFAST_HD ChannelRange decode_channels(const ChannelTiling& t, int64_t groups, int cg_cols, int cg_k, int64_t j) {
-  ChannelRange r;
+  ChannelRange r;  // j < blocks < 2^31
   if (t.P > 1) {
     const int64_t g0 = j * t.P;
     const int ng = int(groups - g0 < t.P ? groups - g0 : t.P);
@@ -201,7 +196,7 @@ RESFAST_HD ChannelRange decode_channels(const ChannelTiling& t, int64_t groups, 
     r.nk = ng * cg_k;
     r.multi = ng > 1;
   } else {
-    const int64_t g = j / t.bpg;
+    const int64_t g = fast_div(int(j), t.bpg_div);
     const int s = int(j - g * t.bpg);
     r.col0 = int(g * cg_cols) + s * t.bn;
     r.ncols = cg_cols - s * t.bn < t.bn ? cg_cols - s * t.bn : t.bn;
@@ -273,9 +268,10 @@ struct ConvPlan {
 
 RESFAST_HD ConvBlock decode_conv_block(const ConvPlan& p, const ConvGeom& g, bool input_grad, int64_t b) {
   ConvBlock cb;
-  const int64_t j = b % p.ch.blocks;
+  const int q = fast_div(int(b), p.ch.blocks_div);  // a grid has fewer than 2^31 blocks
+  const int64_t j = b - int64_t(q) * p.ch.blocks;
   cb.jb = j;
-  cb.tile0 = (b / p.ch.blocks) * p.tpb;
+  cb.tile0 = int64_t(q) * p.tpb;
   cb.ntiles = int(p.spatial - cb.tile0 < p.tpb ? p.spatial - cb.tile0 : p.tpb);
   cb.ch = input_grad ? decode_channels(p.ch, g.groups, int(g.cin_g), int(g.cout_g), j)
                      : decode_channels(p.ch, g.groups, int(g.cout_g), int(g.cin_g), j);
@@ -297,6 +293,7 @@ struct WgradPlan {
   int share;        // the kernel's kShare: 1 A shared, 2 B shared (kWgradUpwLarge only), 0 neither
   int lnp, lmt;     // MMA: log2 of the 16-column pairs / m16 tiles of a block
   FastDiv kw_div, cout_div, cin_div;  // division by KW, cout_g, cin_g
+  FastDiv cblocks_div, per_group_div, bpg_n_div;  // the block decode's divisions
   int smem_bytes;
   bool mma;
   int64_t cblocks, splits, items;
@@ -311,8 +308,9 @@ struct WgradBlock {
 
 RESFAST_HD WgradBlock decode_wgrad_block(const WgradPlan& p, const ConvGeom& g, int64_t b) {
   WgradBlock w;
-  const int64_t j = b % p.cblocks;
-  w.split = b / p.cblocks;
+  const int q = fast_div(int(b), p.cblocks_div);  // a grid has fewer than 2^31 blocks
+  const int64_t j = b - int64_t(q) * p.cblocks;
+  w.split = q;
   if (p.P > 1) {
     const int64_t g0 = j * p.P;
     const int ng = int(g.groups - g0 < p.P ? g.groups - g0 : p.P);
@@ -323,9 +321,9 @@ RESFAST_HD WgradBlock decode_wgrad_block(const WgradPlan& p, const ConvGeom& g, 
     w.multi = ng > 1;
   } else {
     const int64_t per_group = int64_t(p.bpg_m) * p.bpg_n;
-    const int64_t grp = j / per_group;
+    const int64_t grp = fast_div(int(j), p.per_group_div);
     const int r = int(j - grp * per_group);
-    const int im = r / p.bpg_n, in = r - (r / p.bpg_n) * p.bpg_n;
+    const int im = fast_div(r, p.bpg_n_div), in = r - im * p.bpg_n;
     w.co0 = int(grp * g.cout_g) + im * p.bm;
     w.nrows = int(g.cout_g) - im * p.bm < p.bm ? int(g.cout_g) - im * p.bm : p.bm;
     w.ci0 = int(grp * g.cin_g) + in * p.bn;
@@ -415,6 +413,8 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
       t.bn = 16;
       t.bpg = 1;
       t.blocks = cdiv(groups, P);
+      t.bpg_div = make_fastdiv(1);
+      t.blocks_div = make_fastdiv(t.blocks);
       return t;
     }
   }
@@ -422,6 +422,8 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
   t.bn = pow2_at_least(cg_cols, 16, max_bn);
   t.bpg = int(cdiv(cg_cols, t.bn));
   t.blocks = groups * t.bpg;
+  t.bpg_div = make_fastdiv(t.bpg);
+  t.blocks_div = make_fastdiv(t.blocks);
   return t;
 }
 
@@ -451,6 +453,8 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       ct.bn = bn_try;
       ct.bpg = int(cdiv(cg_cols, bn_try));
       ct.blocks = g.groups * ct.bpg;
+      ct.bpg_div = make_fastdiv(ct.bpg);
+      ct.blocks_div = make_fastdiv(ct.blocks);
     }
     const int bn = ct.bn;
     const int nt = mma ? bn / 8 : 0;
@@ -589,6 +593,9 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   p.bpg_m = P > 1 ? 1 : int(cdiv(g.cout_g, bm));
   p.bpg_n = P > 1 ? 1 : int(cdiv(g.cin_g, bn));
   p.cblocks = P > 1 ? cdiv(g.groups, P) : g.groups * p.bpg_m * p.bpg_n;
+  p.cblocks_div = make_fastdiv(p.cblocks);
+  p.per_group_div = make_fastdiv(int64_t(p.bpg_m) * p.bpg_n);
+  p.bpg_n_div = make_fastdiv(p.bpg_n);
   p.PSm = mma ? bm + 8 : bm + 1;
   p.PSn = mma ? bn + 8 : bn + 1;
   p.units = mma ? int(taps * (bm / 16) * (bn / 16)) : int(taps * bm * bn);
@@ -665,7 +672,7 @@ struct ConvArgs {
   const A* bias;  // forward: conv bias or nullptr
   T* out;         // forward: y; input grad: grad_z
   Strides4 os;
-  const A* bn_ss;  // forward, 16-bit types: the BN map per 8 channels (bn_ss_value), or nullptr
+  const A* bn_ss;  // forward / input grad, 16-bit types: the BN table (bn_ss_value), or nullptr
   A* part0;  // input grad: per-block sums of grad_z; weight grad: per-split partial weight gradients
   A* part1;  // input grad: per-block sums of grad_z * xhat
   ConvGeom g;
@@ -728,6 +735,19 @@ RESFAST_HD float word_float(uint32_t w) {
 #endif
 }
 
+// Eight floats to shared memory (32-byte aligned) as two 16-byte stores.
+template <typename A>
+RESFAST_HD void sts_f8(A* p, const A (&f)[8]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<A, float>::value) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    return;
+  }
+#endif
+  for (int i = 0; i < 8; ++i) p[i] = f[i];
+}
+
 // Eight consecutive floats of shared memory (32-byte aligned) as two 16-byte loads.
 RESFAST_HD void lds_f8(const float* p, float (&f)[8]) {
   const Vec16 a = reinterpret_cast<const Vec16*>(p)[0], b = reinterpret_cast<const Vec16*>(p)[1];
@@ -736,16 +756,6 @@ RESFAST_HD void lds_f8(const float* p, float (&f)[8]) {
     f[i] = word_float(a.w[i]);
     f[4 + i] = word_float(b.w[i]);
   }
-}
-
-// Whether a 16-byte vector of eight 16-bit floats holds an Inf or NaN (exponent all ones).
-template <typename T>
-RESFAST_HD bool any_nonfinite16(const Vec16& q) {
-  constexpr uint32_t m = std::is_same<T, c10::BFloat16>::value ? 0x7f80u : 0x7c00u;
-  bool bad = false;
-  RESFAST_UNROLL
-  for (int i = 0; i < 4; ++i) bad |= ((q.w[i] & m) == m) || ((q.w[i] & (m << 16)) == (m << 16));
-  return bad;
 }
 
 // The BN affine map of a 16-bit input as one FMA, z = x * scale + shift (scale = invstd * gamma,
@@ -779,12 +789,12 @@ struct BNChannel8 {
 // (h0 + p / IW, w0 + p % IW) of sample n, channels [c0, c0 + BK) of which [c0, c_end) exist;
 // with kBN the value is relu(bn(x)), else the plain value. Positions outside [0, H) x [0, W),
 // missing channels and rows p >= IH * IW are zero. With kCheck, returns whether a staged value
-// is not finite. This is the general path (any strides, any dtype); out of line, as the
+// is not finite (check). This is the general path (any strides, any dtype); out of line, as the
 // tensor-core kernels take the 16-byte path below for channels_last tensors.
-template <bool kBN, bool kCheck, typename T, typename A>
+template <bool kBN, typename T, typename A>
 RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, const BNParams<A>& bn, int64_t n,
                                            int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0,
-                                           int c_end, int BK, int PS, bool smem_vec, T* dst) {
+                                           int c_end, int BK, int PS, bool smem_vec, bool kCheck, T* dst) {
   const int U = BK / 8 > 0 ? BK / 8 : 1;  // 8-channel units per row (BK < 8 only for SIMT)
   const int lu = log2_pow2(U);
   const int v = tid & (U - 1);            // fixed per thread: kThreads is a multiple of U
@@ -809,7 +819,7 @@ RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, c
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) val[i] = i < nv ? relu(bc.z(i, val[i])) : A(0);
       }
-      if constexpr (kCheck) {
+      if (kCheck) {
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) bad |= !finite_value(static_cast<T>(val[i]));
       }
@@ -838,21 +848,36 @@ RESFAST_HD BNScaleShift8 bn_scale_shift(const BNParams<A>& bn, int c, int nv) {
   return r;
 }
 
-// The forward's BN map as a table, prepared once per call with the weights: for channels
-// [8q, 8q + 8), element 16q + i is scale = invstd * gamma of channel 8q + i and 16q + 8 + i its
-// shift = beta - mean * scale (zero past C), so a thread loads its 8 channels' map with four
-// 16-byte loads per K chunk.
-inline int64_t bn_ss_size(int64_t C) { return cdiv(C, 8) * 16; }
+// The BN map as a table, prepared once per call with the weights: for channels [8q, 8q + 8),
+// elements 32q + i, 32q + 8 + i, 32q + 16 + i and 32q + 24 + i hold scale = invstd * gamma,
+// shift = beta - mean * scale, invstd and -mean * invstd of channel 8q + i (zero past C), so
+// a thread loads its 8 channels' map with 16-byte loads (the forward per K chunk, the input
+// gradient's epilogue per tile: z = x * scale + shift, xhat = x * invstd - mean * invstd).
+inline int64_t bn_ss_size(int64_t C) { return cdiv(C, 8) * 32; }
 template <typename A>
 RESFAST_HD A bn_ss_value(const BNParams<A>& bn, int64_t C, int64_t i) {
-  const int64_t c = (i >> 4) * 8 + (i & 7);
+  const int64_t c = (i >> 5) * 8 + (i & 7);
   if (c >= C) return A(0);
   const A sc = bn.invstd[c] * bn.gamma[c];
-  return (i & 8) == 0 ? sc : bn.beta[c] - bn.mean[c] * sc;
+  switch ((i >> 3) & 3) {
+    case 0: return sc;
+    case 1: return bn.beta[c] - bn.mean[c] * sc;
+    case 2: return bn.invstd[c];
+    default: return -bn.mean[c] * bn.invstd[c];
+  }
+}
+// Eight floats of a table (32-byte aligned) as two 16-byte loads.
+RESFAST_HD void ldg_f8(const float* q, float (&f)[8]) {
+  const Vec16 a = ld_global16(q), b = ld_global16(q + 4);
+  RESFAST_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    f[i] = word_float(a.w[i]);
+    f[4 + i] = word_float(b.w[i]);
+  }
 }
 RESFAST_HD BNScaleShift8 load_bn_ss8(const float* ss, int c) {  // c a multiple of 8 below C
   BNScaleShift8 r;
-  const float* q = ss + (c >> 3) * 16;
+  const float* q = ss + (c >> 3) * 32;
   RESFAST_UNROLL
   for (int h = 0; h < 2; ++h) {
     const Vec16 a = ld_global16(q + 4 * h), b = ld_global16(q + 8 + 4 * h);
@@ -906,17 +931,18 @@ RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, c
               q.w[i] = pack2_relu<T>(lo * bc.scale[2 * i] + bc.shift[2 * i], hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]);
             }
           }
-          if (check) bad |= nonfinite_bits16<T>(q);
+          if (check) {  // after the ReLU no sign bit is set (a -0 only costs the fallback)
+            RESFAST_UNROLL
+            for (int i = 0; i < 4; ++i) bad = max_u16x2(bad, kBN ? q.w[i] : q.w[i] & 0x7fff7fffu);
+          }
         }
         st_shared16(dst_v + p * PS, q);
       }
-      return bad != 0;
+      return nonfinite_max16<T>(bad);
     }
   }
-  return check ? fill_rows_general<kBN, true>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
-                                              smem_vec, dst)
-               : fill_rows_general<kBN, false>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
-                                               smem_vec, dst);
+  return fill_rows_general<kBN>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS, smem_vec, check,
+                                dst);
 }
 
 // The weights in the tiles' own layout, prepared once per call: element
@@ -957,12 +983,14 @@ RESFAST_HD void fill_weight_tile(int tid, const T* wp, const ConvPlan& p, int ta
   const int bn = p.ch.bn, BK = p.BK, rows = taps * bn;
   const T* src = wp + (jb * p.chunks + chunk) * int64_t(rows) * BK;
   if constexpr (IsMmaType<T>::value) {
+    // a thread copies vector v of rows r0, r0 + rstep, ... (pointers advanced by additions)
     const int lu = p.lbk - 3;  // 8-element vectors per row
+    const int v = tid & ((1 << lu) - 1), r0 = tid >> lu, rstep = kThreads >> lu;
+    T* dst = w_s + r0 * p.PS + 8 * v;
+    const T* s = src + r0 * BK + 8 * v;
+    const int dstep = rstep * p.PS, sstep = rstep * BK;
     RESFAST_NO_UNROLL
-    for (int e = tid; e < rows << lu; e += kThreads) {
-      const int row = e >> lu, v = e & ((1 << lu) - 1);
-      cp_async16(w_s + row * p.PS + 8 * v, src + row * BK + 8 * v);
-    }
+    for (int row = r0; row < rows; row += rstep, dst += dstep, s += sstep) cp_async16(dst, s);
     cp_async_wait_all();
   } else {
     for (int e = tid; e < rows * BK; e += kThreads) {
@@ -1035,8 +1063,8 @@ struct TapWalk {
 // A warp's per-lane fragment row bases for the forward / input-gradient MMAs: the A rows of
 // its m-tiles in the staged tile (forward: the tile's pixels; input grad: the output row a
 // pixel reads through tap 0, with the pixel's stride remainders rr), the zero row, the B rows
-// of the weights. The forward's depend on the tile shape only, the input gradient's on the
-// tile's position modulo the strides (once per tile), never on the K chunk.
+// of the weights. The forward's depend on the tile shape only (once per block), the input
+// gradient's on the tile's position modulo the strides (once per tile), never on the K chunk.
 template <int NL, int MT>
 struct MmaRows {
   SmemPtr a[NL][MT], z[NL], b[NL];
@@ -1097,25 +1125,32 @@ RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const Co
 // are never stored), k half (l/16)*8. Steps walk (tap, k16 step) with offsets advanced by
 // additions; an input-gradient tap moves the rows by -(qk_h * OWB + qk_w) when its remainders
 // (rk_h, rk_w) are the lane's.
-template <bool kInputGrad, int NL, typename T, int NT>
+//
+// kInputGrad with unit strides: every tap reads a staged output row (qk = k * dilation, no
+// remainders), so the input gradient walks its rows like the forward, by -dilation per tap
+// (kSelect = false: no zero-row selection).
+template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad>
 RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, mt_of(NT)>& rows,
                                MmaAcc<NL, mt_of(NT), NT>& acc) {
+  static_assert(kInputGrad || !kSelect, "the forward never selects a zero row");
   constexpr int kFwdMT = mt_of(NT);
   const SpatialTile& st = p.s;
   const int mtiles_left = st.MP / 16 - warp * kFwdMT;
   if (mtiles_left <= 0) return;
   const int sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
   const int KS = 1 << p.lks, KW = int(g.KW);
-  // offset changes at a tap change: along a kernel row, to the next kernel row (forward), weights
-  const int a_col = int(g.dw) * PS - KS * 16;
-  const int a_row = int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS - KS * 16;
+  // offset changes at a tap change: along a kernel row, to the next kernel row (forward; the
+  // unit-stride input gradient walks backwards), weights
+  const int sgn = kInputGrad ? -1 : 1;
+  const int a_col = sgn * int(g.dw) * PS - KS * 16;
+  const int a_row = sgn * (int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS) - KS * 16;
   const int w_tap = bn * PS - KS * 16;
   const int np_stride = 16 * PS;
   const int steps = int(g.KH * g.KW) << p.lks;
   TapWalk tw{0, 0, 0, KS, KW};
   int woff = 0, koff = 0;  // weights; input grad: k within the tap
-  int aoff = kInputGrad ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : 0;
-  int trr = kInputGrad ? p.rk_h[0] * sw + p.rk_w[0] : 0;
+  int aoff = kSelect ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : 0;
+  int trr = kSelect ? p.rk_h[0] * sw + p.rk_w[0] : 0;
   RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
     uint32_t b[NT][NL][2];
@@ -1125,7 +1160,7 @@ RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, c
       if (mt < mtiles_left) {
         SmemPtr addr[NL];
         for (int s = 0; s < NL; ++s) {
-          if constexpr (kInputGrad) {
+          if constexpr (kSelect) {
             addr[s] = rows.rr[s][mt] == trr ? rows.a[s][mt] + (aoff + koff) : rows.z[s] + koff;
           } else {
             addr[s] = rows.a[s][mt] + aoff;
@@ -1138,14 +1173,14 @@ RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, c
       }
     }
     woff += 16;
-    if constexpr (kInputGrad) {
+    if constexpr (kSelect) {
       koff += 16;
     } else {
       aoff += 16;
     }
     if (tw.next()) {
       woff += w_tap;
-      if constexpr (kInputGrad) {
+      if constexpr (kSelect) {
         koff = 0;
         aoff = -(p.qk_h[tw.kh] * p.OWB + p.qk_w[tw.kw]) * PS;
         trr = p.rk_h[tw.kh] * sw + p.rk_w[tw.kw];
@@ -1417,14 +1452,17 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
     if (a.x_vec && a.out_vec && (c & 7) == 0 && 8 * v + 8 <= ch.ncols) {
       const ConvGeom& g = a.g;
       const SpatialTile& st = p.s;
-      float s_dz[8], s_dzx[8], nb[8];
-      BNChannel8<T, float> bc;
-      bc.load(a.bn, c, 8);
+      // the BN map of the 8 channels from the table: z = x * scale + shift, xhat = x * invstd + nb
+      float s_dz[8], s_dzx[8], scale[8], shift[8], invstd[8], nb[8];
+      const float* q = a.bn_ss + (c >> 3) * 32;
+      ldg_f8(q, scale);
+      ldg_f8(q + 8, shift);
+      ldg_f8(q + 16, invstd);
+      ldg_f8(q + 24, nb);
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) {
         s_dz[i] = 0.0f;
         s_dzx[i] = 0.0f;
-        nb[i] = -bc.mean[i] * bc.invstd[i];  // xhat = x * invstd + nb, one FMA
       }
       const T* x = a.x + pos.n * a.xs.n + c;  // xs.c == os.c == 1, in-sample offsets < 2^31
       T* out = a.out + pos.n * a.os.n + c;
@@ -1445,20 +1483,18 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
         for (int i = 0; i < 4; ++i) {
           float x0, x1, g0, g1;
           unpack2<T>(xq.w[i], x0, x1);
-          gq.w[i] = pack2<T>(relu_backward(da[2 * i], bc.z(2 * i, x0)), relu_backward(da[2 * i + 1], bc.z(2 * i + 1, x1)));
+          gq.w[i] = pack2<T>(relu_backward(da[2 * i], x0 * scale[2 * i] + shift[2 * i]),
+                             relu_backward(da[2 * i + 1], x1 * scale[2 * i + 1] + shift[2 * i + 1]));
           unpack2<T>(gq.w[i], g0, g1);
           s_dz[2 * i] += g0;
           s_dz[2 * i + 1] += g1;
-          s_dzx[2 * i] += g0 * (x0 * bc.invstd[2 * i] + nb[2 * i]);
-          s_dzx[2 * i + 1] += g1 * (x1 * bc.invstd[2 * i + 1] + nb[2 * i + 1]);
+          s_dzx[2 * i] += g0 * (x0 * invstd[2 * i] + nb[2 * i]);
+          s_dzx[2 * i + 1] += g1 * (x1 * invstd[2 * i + 1] + nb[2 * i + 1]);
         }
         st_global16(out + uint32_t(h * osh + w * osw), gq);
       }
-      RESFAST_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        red[tid * 16 + i] = s_dz[i];
-        red[tid * 16 + 8 + i] = s_dzx[i];
-      }
+      sts_f8(red + tid * 16, s_dz);  // 16-byte stores
+      sts_f8(red + tid * 16 + 8, s_dzx);
       return;
     }
   }
@@ -1514,6 +1550,9 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
 
   MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
   MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
+  if constexpr (kMMA && !kInputGrad) {  // the forward's rows depend on the tile shape only
+    ex.warps([&](int warp, int lane, int c) { forward_rows(warp, lane, g, p, stage_s, w_s, rows[c]); });
+  }
   A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
   for (int t = 0; t < b.ntiles; ++t) {
     const int64_t spatial = b.tile0 + t;
@@ -1558,9 +1597,11 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       if (kMMA && !(check && nonfinite)) {
         if constexpr (kMMA) {
           ex.warps([&](int warp, int lane, int c) {
-            // the forward's rows: recomputed per chunk (cheap; kept live they cost registers)
-            if constexpr (!kInputGrad) forward_rows(warp, lane, g, p, stage_s, w_s, rows[c]);
-            conv_mma_chunk<kInputGrad, X::kLanes, T, kNT>(warp, g, p, rows[c], acc[c]);
+            if (kInputGrad && g.sh == 1 && g.sw == 1) {
+              conv_mma_chunk<kInputGrad, X::kLanes, T, kNT, false>(warp, g, p, rows[c], acc[c]);
+            } else {
+              conv_mma_chunk<kInputGrad, X::kLanes, T, kNT>(warp, g, p, rows[c], acc[c]);
+            }
           });
         }
       } else if constexpr (kMMA) {
@@ -1611,12 +1652,12 @@ struct WgradAcc {
 // A warp's units (tap, m16 tile, 16-column pair): unit u of warp w is w + kWarps * u =
 // ((tap * mtiles) + mt) * npairs + np. Their shared-memory offsets are computed once per block.
 // When mtiles * npairs divides kWarps every unit of a warp has the same (mt, np), so the A
-// fragment (grad_out, which does not depend on the tap) is loaded once per k16 step.
+// fragment (grad_out, which does not depend on the tap) is loaded once per k16 step; with one
+// tap and npairs == kWarps every unit has the warp's np, so the B fragment is (WgradPlan::share).
 template <int UPW>
 struct WgradUnits {
-  int a[UPW], tap[UPW], np[UPW], tapnp[UPW];
-  int n;
-  bool a_shared;
+  int a[UPW], tapnp[UPW];  // A column offset (m16 tile), B row offset (tap) + column pair
+  int n;                   // the warp's units
 };
 
 // Unit `unit` of a plan: its 16-column pair np, m16 tile mt and tap (powers of two: no divisions).
@@ -1636,12 +1677,9 @@ RESFAST_HD WgradUnits<UPW> wgrad_units(int warp, const ConvGeom& g, const WgradP
     wgrad_unit(p, warp + kWarps * u, np, mt, tap);
     const int kh = fast_div(tap, p.kw_div), kw = tap - kh * int(g.KW);
     un.a[u] = mt * 16;
-    un.tap[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn;
-    un.np[u] = np * 16;
-    un.tapnp[u] = un.tap[u] + un.np[u];
+    un.tapnp[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn + np * 16;
   }
   un.n = (p.units - warp + kWarps - 1) / kWarps;
-  un.a_shared = p.a_shared;
   return un;
 }
 
@@ -1743,19 +1781,23 @@ RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const
       if (u >= nunits) break;
       int np, mt, tap;
       wgrad_unit(p, warp + kWarps * u, np, mt, tap);
+      const int c0 = np * 16 + 2 * t;  // the lane's first column
       RESFAST_UNROLL
       for (int rr = 0; rr < 2; ++rr) {
         const int row = mt * 16 + gq + rr * 8, co = b.co0 + row;
         const int grp = b.multi ? fast_div(co, p.cout_div) : g0;
         const int cl0 = b.ci0 - grp * cin_g;  // local input channel of column 0
-        A* dst = part + (co * ld_co + tap * cin_g + cl0);
+        // the row's columns: [lo, hi) = [0, ncols) within the row's group (none past nrows)
+        const int lo = cl0 < 0 ? -cl0 : 0;
+        int hi = cin_g - cl0 < b.ncols ? cin_g - cl0 : b.ncols;
+        hi = row < b.nrows ? hi : lo;
+        A* dst = part + (co * ld_co + tap * cin_g + cl0 + c0);
         RESFAST_UNROLL
         for (int half = 0; half < 2; ++half) {
           RESFAST_UNROLL
           for (int j = 0; j < 2; ++j) {
-            const int col = np * 16 + half * 8 + 2 * t + j;
-            if (row < b.nrows && col < b.ncols && uint32_t(cl0 + col) < uint32_t(cin_g)) {
-              dst[col] = A(acc.c[u][half][s][2 * rr + j]);
+            if (uint32_t(c0 + half * 8 + j - lo) < uint32_t(hi - lo)) {
+              dst[half * 8 + j] = A(acc.c[u][half][s][2 * rr + j]);
             }
           }
         }
