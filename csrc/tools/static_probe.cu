@@ -38,6 +38,10 @@ template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 1>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
 template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 2>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 3>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwFullB, 4>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
 
 namespace {
 

@@ -313,14 +313,18 @@ inline void dispatch_nt(int nt, F&& f) {
 // Calls f(std::integral_constant<int, UPW>, std::integral_constant<int, share>) for a weight-gradient
 // plan: the tensor-core kernels are compiled for kWgradUpwSmall and kWgradUpwLarge units per
 // warp (tiles.h), with a shared A fragment, without, and (kWgradUpwLarge) with a shared B
-// fragment (WgradPlan::share); 0 = SIMT.
+// fragment or a shared A fragment and full warps, and with kWgradUpwFullB units a shared B
+// fragment and full warps (WgradPlan::share); 0 = SIMT.
 template <typename scalar_t, class F>
 inline void dispatch_upw(const WgradPlan& p, F&& f) {
   using Share0 = std::integral_constant<int, 0>;
   using Share1 = std::integral_constant<int, 1>;
   using Share2 = std::integral_constant<int, 2>;
+  using Share3 = std::integral_constant<int, 3>;
   if constexpr (IsMmaType<scalar_t>::value) {
-    if (p.upw <= kWgradUpwSmall) {
+    if (p.share == 4) {
+      f(std::integral_constant<int, kWgradUpwFullB>{}, std::integral_constant<int, 4>{});
+    } else if (p.upw <= kWgradUpwSmall) {
       const std::integral_constant<int, kWgradUpwSmall> upw;
       if (p.share == 1) {
         f(upw, Share1{});
@@ -334,6 +338,8 @@ inline void dispatch_upw(const WgradPlan& p, F&& f) {
         f(upw, Share1{});
       } else if (p.share == 2) {
         f(upw, Share2{});
+      } else if (p.share == 3) {
+        f(upw, Share3{});
       } else {
         f(upw, Share0{});
       }

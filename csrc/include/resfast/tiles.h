@@ -67,6 +67,8 @@ constexpr int64_t kTargetBlocks = 528;
 // Weight-gradient units per warp the tensor-core kernels are compiled for, and the blocks a
 // weight-gradient grid aims at (two per SM: each split adds a row of partial sums).
 constexpr int kWgradUpwSmall = 3, kWgradUpwLarge = 9;
+// ... and the B-shared kernel for full warps of 8 units (a 1x1 conv's 128 x 64 channels).
+constexpr int kWgradUpwFullB = 8;
 constexpr int64_t kWgradTargetBlocks = 264;
 RESFAST_HD constexpr int max_pixels(int nt) { return nt == 0 ? kThreads : kWarps * 16 * mt_of(nt); }
 static_assert(max_pixels(2) == kMaxPixels, "the warps' m16 tiles cover the largest pixel tile");
@@ -290,7 +292,9 @@ struct WgradPlan {
   int upw;          // units per warp (MMA) / elements per thread (SIMT)
   bool a_shared;    // MMA: a warp's units share their A fragment (WgradUnits)
   bool b_shared;    // MMA: a warp's units share their B fragment (one tap, npairs == kWarps)
-  int share;        // the kernel's kShare: 1 A shared, 2 B shared (kWgradUpwLarge only), 0 neither
+  int share;        // the kernel's kShare: 1 A shared, 2 B shared (kWgradUpwLarge only), 3 A shared
+                    // and every warp full (kWgradUpwLarge units), 4 B shared and every warp full
+                    // (kWgradUpwFullB units), 0 neither
   int lnp, lmt;     // MMA: log2 of the 16-column pairs / m16 tiles of a block
   FastDiv kw_div, cout_div, cin_div;  // division by KW, cout_g, cin_g
   FastDiv cblocks_div, per_group_div, bpg_n_div;  // the block decode's divisions
@@ -605,6 +609,8 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   // kWarps, and with one tap the same B rows for all of the warp's units
   p.b_shared = mma && taps == 1 && bn / 16 == kWarps;
   p.share = p.a_shared ? 1 : (p.b_shared && p.upw > kWgradUpwSmall ? 2 : 0);
+  if (p.share == 1 && p.units == kWarps * kWgradUpwLarge) p.share = 3;  // e.g. 3x3, 32 x 32 channels
+  if (p.share == 2 && p.units == kWarps * kWgradUpwFullB) p.share = 4;   // 1x1, 128 x 64 channels
   p.lnp = mma ? log2_pow2(bn / 16) : 0;
   p.lmt = mma ? log2_pow2(bm / 16) : 0;
   p.kw_div = make_fastdiv(g.KW);
@@ -742,10 +748,12 @@ RESFAST_HD void sts_f8(A* p, const A (&f)[8]) {
   if constexpr (std::is_same<A, float>::value) {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
-    return;
+  } else {
+    for (int i = 0; i < 8; ++i) p[i] = f[i];
   }
-#endif
+#else
   for (int i = 0; i < 8; ++i) p[i] = f[i];
+#endif
 }
 
 // Eight consecutive floats of shared memory (32-byte aligned) as two 16-byte loads.
@@ -788,13 +796,13 @@ struct BNChannel8 {
 // Stages rows [0, rows) of a [pixel][channel] tile: pixel p < IH * IW is position
 // (h0 + p / IW, w0 + p % IW) of sample n, channels [c0, c0 + BK) of which [c0, c_end) exist;
 // with kBN the value is relu(bn(x)), else the plain value. Positions outside [0, H) x [0, W),
-// missing channels and rows p >= IH * IW are zero. With kCheck, returns whether a staged value
+// missing channels and rows p >= IH * IW are zero. With check, returns whether a staged value
 // is not finite (check). This is the general path (any strides, any dtype); out of line, as the
 // tensor-core kernels take the 16-byte path below for channels_last tensors.
 template <bool kBN, typename T, typename A>
 RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, const BNParams<A>& bn, int64_t n,
                                            int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0,
-                                           int c_end, int BK, int PS, bool smem_vec, bool kCheck, T* dst) {
+                                           int c_end, int BK, int PS, bool smem_vec, bool check, T* dst) {
   const int U = BK / 8 > 0 ? BK / 8 : 1;  // 8-channel units per row (BK < 8 only for SIMT)
   const int lu = log2_pow2(U);
   const int v = tid & (U - 1);            // fixed per thread: kThreads is a multiple of U
@@ -819,7 +827,7 @@ RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, c
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) val[i] = i < nv ? relu(bc.z(i, val[i])) : A(0);
       }
-      if (kCheck) {
+      if (check) {
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) bad |= !finite_value(static_cast<T>(val[i]));
       }
@@ -893,7 +901,7 @@ RESFAST_HD BNScaleShift8 load_bn_ss8(const float* ss, int c) {  // c a multiple 
 // The channel a thread's 8-channel unit starts at when a tile of BK channels from c0 is staged.
 RESFAST_HD int staged_channel(int tid, int c0, int BK) { return c0 + 8 * (tid & (BK / 8 - 1)); }
 
-// As fill_rows_general (with kCheck = check); float16 / bfloat16 with 16-byte aligned channel
+// As fill_rows_general; float16 / bfloat16 with 16-byte aligned channel
 // vectors (channels_last, in-sample offsets below 2^31: host.h channel_vectors) take 16-byte
 // loads and stores with 32-bit offsets, the BN map `pre` (loaded for the thread's channels)
 // and one F2FP.RELU per packed pair. iw_magic = div_magic(IW) (IW >= 2: every tile is at
@@ -1714,27 +1722,29 @@ RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const Wgr
       bb[s] = (outside ? zero : act + (rh * rstride + rc * cstride)) + bofs[s];
     }
     uint32_t af[NL][4], bf[NL][4];
-    if constexpr (kShare == 1) {
+    constexpr bool kA = kShare == 1 || kShare == 3, kB = kShare == 2 || kShare == 4;  // shared A / B
+    constexpr bool kFull = kShare == 3 || kShare == 4;                               // UPW units
+    if constexpr (kA) {
       SmemPtr aaddr[NL];
       for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + un.a[0]);
       ldsm_x4<NL, true>(af, aaddr);
     }
-    if constexpr (kShare == 2) {
+    if constexpr (kB) {
       SmemPtr baddr[NL];
       for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[0];
       ldsm_x4<NL, true>(bf, baddr);
     }
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
-      if (u < un.n) {
-        if constexpr (kShare != 1) {
+      if (kFull || u < un.n) {
+        if constexpr (!kA) {
           // B shared (npairs == kWarps, one tap): unit w + kWarps * u is m16 tile u
-          const int a_u = kShare == 2 ? 16 * u : un.a[u];
+          const int a_u = kB ? 16 * u : un.a[u];
           SmemPtr aaddr[NL];
           for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + a_u);
           ldsm_x4<NL, true>(af, aaddr);
         }
-        if constexpr (kShare != 2) {
+        if constexpr (!kB) {
           SmemPtr baddr[NL];
           for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[u];
           ldsm_x4<NL, true>(bf, baddr);
@@ -1763,42 +1773,58 @@ RESFAST_HD int64_t wgrad_part_index(const ConvGeom& g, int co, int tap, int ci_l
 // Writes the warp's units to part[split] for the (co, ci) pairs of one group (a block of one
 // group: every pair; a packed block: the diagonal blocks). 32-bit offsets within a split (the
 // planner refuses weights of 2^31 elements or more).
-template <int NL, typename T, int UPW>
+// A-shared kernels (kShare 1, 3): a warp's units have one (m16 tile, column pair) and taps
+// tap0 + u * (kWarps / (mtiles * npairs)), so the rows, columns and their tests are the same for
+// all of them (computed once) and unit u's elements sit u * tap step * cin_g further.
+template <int NL, typename T, int UPW, int kShare = 0>
 RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const WgradPlan& p, const WgradBlock& b,
                                 const WgradAcc<NL, UPW>& acc) {
   using A = acc_of<T>;
+  constexpr bool kA = kShare == 1 || kShare == 3;
   const ConvGeom& g = a.g;
   const int cin_g = int(g.cin_g), ld_co = int(g.KH * g.KW) * cin_g;
   const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   const int nunits = (p.units - warp + kWarps - 1) / kWarps;
   const int g0 = fast_div(b.co0, p.cout_div);  // the block's (first) group
+  const int ustride = kA ? (kWarps >> (p.lnp + p.lmt)) * cin_g : 0;  // kA: elements from unit u to u + 1
   A* part = a.part0 + b.split * nw;
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
     const int gq = lane >> 2, t = lane & 3;
+    int np = 0, mt = 0, tap = 0;
+    A* dst[2] = {part, part};
+    bool ok[2][2][2] = {};
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
       if (u >= nunits) break;
-      int np, mt, tap;
-      wgrad_unit(p, warp + kWarps * u, np, mt, tap);
-      const int c0 = np * 16 + 2 * t;  // the lane's first column
+      if (!kA || u == 0) {
+        wgrad_unit(p, warp + kWarps * u, np, mt, tap);
+        const int c0 = np * 16 + 2 * t;  // the lane's first column
+        RESFAST_UNROLL
+        for (int rr = 0; rr < 2; ++rr) {
+          const int row = mt * 16 + gq + rr * 8, co = b.co0 + row;
+          const int grp = b.multi ? fast_div(co, p.cout_div) : g0;
+          const int cl0 = b.ci0 - grp * cin_g;  // local input channel of column 0
+          // the row's columns: [lo, hi) = [0, ncols) within the row's group (none past nrows)
+          const int lo = cl0 < 0 ? -cl0 : 0;
+          int hi = cin_g - cl0 < b.ncols ? cin_g - cl0 : b.ncols;
+          hi = row < b.nrows ? hi : lo;
+          dst[rr] = part + (co * ld_co + tap * cin_g + cl0 + c0);
+          RESFAST_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            RESFAST_UNROLL
+            for (int j = 0; j < 2; ++j) ok[rr][half][j] = uint32_t(c0 + half * 8 + j - lo) < uint32_t(hi - lo);
+          }
+        }
+      }
       RESFAST_UNROLL
       for (int rr = 0; rr < 2; ++rr) {
-        const int row = mt * 16 + gq + rr * 8, co = b.co0 + row;
-        const int grp = b.multi ? fast_div(co, p.cout_div) : g0;
-        const int cl0 = b.ci0 - grp * cin_g;  // local input channel of column 0
-        // the row's columns: [lo, hi) = [0, ncols) within the row's group (none past nrows)
-        const int lo = cl0 < 0 ? -cl0 : 0;
-        int hi = cin_g - cl0 < b.ncols ? cin_g - cl0 : b.ncols;
-        hi = row < b.nrows ? hi : lo;
-        A* dst = part + (co * ld_co + tap * cin_g + cl0 + c0);
+        A* d = dst[rr] + (kA ? u * ustride : 0);
         RESFAST_UNROLL
         for (int half = 0; half < 2; ++half) {
           RESFAST_UNROLL
           for (int j = 0; j < 2; ++j) {
-            if (uint32_t(c0 + half * 8 + j - lo) < uint32_t(hi - lo)) {
-              dst[half * 8 + j] = A(acc.c[u][half][s][2 * rr + j]);
-            }
+            if (ok[rr][half][j]) d[half * 8 + j] = A(acc.c[u][half][s][2 * rr + j]);
           }
         }
       }
@@ -1854,7 +1880,8 @@ RESFAST_HD void wgrad_simt_store(int tid, const ConvArgs<T>& a, const WgradPlan&
 }
 
 // UPW: units per warp (tensor cores; 0 = SIMT). kShare: every unit of a warp has the same A
-// (1) or B (2) fragment, which the plan knows (WgradPlan::share).
+// (1; 3: and every warp has UPW units) or B (2; 4: and every warp has UPW units) fragment,
+// which the plan knows (WgradPlan::share).
 template <class X, typename T, int UPW, int kShare>
 RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& p, int64_t block,
                             unsigned char* smem) {
@@ -1916,7 +1943,9 @@ RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& 
     }
   }
   if constexpr (kMMA) {
-    ex.warps([&](int warp, int lane, int c) { wgrad_mma_store<X::kLanes, T, kUPW>(warp, lane, a, p, b, acc[c]); });
+    ex.warps([&](int warp, int lane, int c) {
+      wgrad_mma_store<X::kLanes, T, kUPW, kShare>(warp, lane, a, p, b, acc[c]);
+    });
   } else {
     ex.threads([&](int tid, int c) { wgrad_simt_store(tid, a, p, b, sacc[c]); });
   }
