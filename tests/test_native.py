@@ -60,6 +60,15 @@ CASES = {
     "group32_nt4_cl": (2, 64, 64, 7, 7, 3, 1, 1, 1, 2, True, False, False, True),
     "wide_nt8_two_chunks_cl_prefix": (1, 80, 72, 5, 6, 3, 1, 1, 1, 1, True, True, True, True),
     "pointwise_s2_vec_cl": (2, 48, 24, 9, 9, 1, 2, 0, 1, 1, True, False, False, True),
+    # Wide 1x1s whose weight-gradient warps share their B fragment (64 input channels per
+    # block: one column pair per warp): 128 x 64 channels (every warp full), with partial row
+    # and column blocks, and 64 x 64 (warps of 4 units).
+    "pointwise_wide_b_shared_cl": (2, 72, 80, 5, 6, 1, 1, 0, 1, 1, True, False, False, True),
+    "pointwise_b_shared_cl": (2, 64, 48, 5, 6, 1, 1, 0, 1, 1, True, False, False, True),
+    # The large weight-gradient kernel with a shared A fragment but partial warps (3x3, 32 x 16
+    # channels: 18 units), and with neither fragment shared (1x1, 128 x 32 channels).
+    "wgrad_a_shared_partial_cl": (2, 16, 32, 6, 7, 3, 1, 1, 1, 1, True, False, False, True),
+    "wgrad_unshared_1x1_cl": (2, 32, 128, 4, 5, 1, 1, 0, 1, 1, True, False, False, True),
 }
 
 

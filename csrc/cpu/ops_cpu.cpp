@@ -77,15 +77,23 @@ void run_blocks(int64_t blocks, int smem_bytes, F&& block) {
   });
 }
 
-// The weights in a plan's tile layout (tiles.h prepared_weight).
+// The weights in a plan's tile layout (tiles.h prepared_weight), and with bn_ss the BN table
+// (tiles.h bn_ss_value) into *bn_ss.
 template <typename scalar_t>
-at::Tensor prepared_weights(const ConvPrep& p, const ConvPlan& plan, bool transposed) {
+at::Tensor prepared_weights(const ConvPrep& p, const ConvPlan& plan, bool transposed, at::Tensor* bn_ss = nullptr) {
+  using acc_t = acc_of<scalar_t>;
   at::Tensor wp = at::empty({plan.w_prep}, p.weight.options());
   const scalar_t* w = p.weight.const_data_ptr<scalar_t>();
   scalar_t* out = wp.data_ptr<scalar_t>();
   at::parallel_for(0, plan.w_prep, kElemGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) out[i] = prepared_weight(w, p.g, plan, transposed, i);
   });
+  if (bn_ss != nullptr) {
+    *bn_ss = at::empty({bn_ss_size(p.g.C)}, p.mean.options());
+    const BNParams<acc_t> bn = bn_params<acc_t>(p);
+    acc_t* ss = bn_ss->data_ptr<acc_t>();
+    for (int64_t i = 0; i < bn_ss->numel(); ++i) ss[i] = bn_ss_value(bn, p.g.C, i);
+  }
   return wp;
 }
 
@@ -100,8 +108,10 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
     const ConvPlan plan = conv_plan<scalar_t>(g, false);
     if (!force_generic_kernels() && plan.ok) {
       ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, bias, at::Tensor(), out, at::Tensor(), at::Tensor());
-      const at::Tensor wp = prepared_weights<scalar_t>(p, plan, false);
+      at::Tensor bn_ss;
+      const at::Tensor wp = prepared_weights<scalar_t>(p, plan, false, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
+      args.bn_ss = bn_ss.const_data_ptr<acc_t>();
       dispatch_nt<scalar_t>(plan.nt, [&](auto nt) {
         run_blocks(plan.blocks, plan.smem_bytes, [&](int64_t b, unsigned char* smem) {
           conv_block<HostBlock, scalar_t, false, decltype(nt)::value>(HostBlock{}, args, plan, b, smem);
@@ -186,8 +196,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       const int64_t rows = g.N * iplan.s.tiles_h * iplan.s.tiles_w;
       at::Tensor part_dz = at::empty({rows, g.C}, acc_opts), part_dzx = at::empty({rows, g.C}, acc_opts);
       ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, grad_z, part_dz, part_dzx);
-      const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true);
+      at::Tensor bn_ss;
+      const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
+      args.bn_ss = bn_ss.const_data_ptr<acc_t>();
       dispatch_nt<scalar_t>(iplan.nt, [&](auto nt) {
         run_blocks(iplan.blocks, iplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
           conv_block<HostBlock, scalar_t, true, decltype(nt)::value>(HostBlock{}, args, iplan, b, smem);
@@ -225,13 +237,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       at::Tensor part = at::empty({wplan.splits, nw}, acc_opts);
       const ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, at::Tensor(), part,
                                                           at::Tensor());
-      dispatch_upw<scalar_t>(wplan, [&](auto upw, auto a_shared) {
+      dispatch_upw<scalar_t>(wplan, [&](auto upw, auto share) {
         run_blocks(wplan.cblocks * wplan.splits, wplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
-          wgrad_block<HostBlock, scalar_t, decltype(upw)::value, decltype(a_shared)::value>(HostBlock{}, args, wplan, b,
+          wgrad_block<HostBlock, scalar_t, decltype(upw)::value, decltype(share)::value>(HostBlock{}, args, wplan, b,
                                                                                             smem);
         });
       });
-      gw_acc.copy_(part.sum(0).view(gw_acc.sizes()));
+      // partials are [split][co][tap][ci] (tiles.h wgrad_part_index)
+      gw_acc.copy_(part.sum(0).view({g.Cout, g.KH, g.KW, g.cin_g}).permute({0, 3, 1, 2}));
     } else {
       acc_t* gwp = gw_acc.data_ptr<acc_t>();
       at::parallel_for(0, gw_acc.numel(), 1, [&](int64_t e0, int64_t e1) {

@@ -21,8 +21,10 @@ bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, co
     at::Tensor part_dz = at::empty({rows, p.g.C}, acc_opts), part_dzx = at::empty({rows, p.g.C}, acc_opts);
     ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, grad_z, part_dz, part_dzx);
     auto stream = at::cuda::getCurrentCUDAStream();
-    const at::Tensor wp = prepared_weights_cuda<scalar_t>(p, plan, true, stream);
+    at::Tensor bn_ss;
+    const at::Tensor wp = prepared_weights_cuda<scalar_t>(p, plan, true, stream, &bn_ss);
     args.wp = wp.const_data_ptr<scalar_t>();
+    args.bn_ss = bn_ss.const_data_ptr<acc_of<scalar_t>>();
     dispatch_nt<scalar_t>(plan.nt, [&](auto nt) {
       conv_tile_kernel<scalar_t, true, decltype(nt)::value>
           <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(args, plan);

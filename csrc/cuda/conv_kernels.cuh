@@ -18,21 +18,25 @@ __global__ void __launch_bounds__(kThreads, 3) conv_tile_kernel(const __grid_con
   conv_block<DeviceBlock, T, kInputGrad, NT>(DeviceBlock{}, a, p, int64_t(blockIdx.x), smem);
 }
 
-// Weight gradient; UPW units per warp (tensor cores) or 0 (SIMT); kAShared as wgrad_block.
-template <typename T, int UPW, bool kAShared>
+// Weight gradient; UPW units per warp (tensor cores) or 0 (SIMT); kShare as wgrad_block.
+template <typename T, int UPW, int kShare>
 __global__ void __launch_bounds__(kThreads, 2) wgrad_tile_kernel(const __grid_constant__ ConvArgs<T> a,
                                                                const __grid_constant__ WgradPlan p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  wgrad_block<DeviceBlock, T, UPW, kAShared>(DeviceBlock{}, a, p, int64_t(blockIdx.x), smem);
+  wgrad_block<DeviceBlock, T, UPW, kShare>(DeviceBlock{}, a, p, int64_t(blockIdx.x), smem);
 }
 
-// The weights in a plan's tile layout (tiles.h prepared_weight), one element per thread.
+// The weights in a plan's tile layout (tiles.h prepared_weight), one element per thread, and
+// (ss != nullptr) the BN table (bn_ss_value, n_ss elements).
 template <typename T>
 __global__ void __launch_bounds__(256) prepare_weights_kernel(const T* __restrict__ w, const __grid_constant__ ConvGeom g,
                                                               const __grid_constant__ ConvPlan p, bool transposed,
-                                                              T* __restrict__ out) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.w_prep; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = prepared_weight(w, g, p, transposed, i);
+                                                              T* __restrict__ out, const __grid_constant__ BNParams<acc_of<T>> bn,
+                                                              acc_of<T>* __restrict__ ss, int64_t n_ss) {
+  const int64_t n = p.w_prep > n_ss ? p.w_prep : n_ss;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    if (i < p.w_prep) out[i] = prepared_weight(w, g, p, transposed, i);
+    if (i < n_ss) ss[i] = bn_ss_value(bn, g.C, i);
   }
 }
 

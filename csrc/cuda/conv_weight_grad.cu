@@ -22,12 +22,13 @@ bool launch_weight_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, c
     const ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, at::Tensor(), part,
                                                         at::Tensor());
     auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_upw<scalar_t>(plan, [&](auto upw, auto a_shared) {
-      wgrad_tile_kernel<scalar_t, decltype(upw)::value, decltype(a_shared)::value>
+    dispatch_upw<scalar_t>(plan, [&](auto upw, auto share) {
+      wgrad_tile_kernel<scalar_t, decltype(upw)::value, decltype(share)::value>
           <<<static_cast<unsigned>(plan.cblocks * plan.splits), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    grad_weight_acc = part.sum(0).view({g.Cout, g.cin_g, g.KH, g.KW});
+    // partials are [split][co][tap][ci] (tiles.h wgrad_part_index)
+    grad_weight_acc = part.sum(0).view({g.Cout, g.KH, g.KW, g.cin_g}).permute({0, 3, 1, 2}).contiguous();
     launched = true;
   });
   return launched;

@@ -10,9 +10,11 @@
 
 namespace resfast {
 
-// Launches prepare_weights_kernel (conv_kernels.cuh) for a plan: the weights in its tile layout.
+// Launches prepare_weights_kernel (conv_kernels.cuh) for a plan: the weights in its tile layout,
+// and with bn_ss the BN table (tiles.h bn_ss_value) into *bn_ss.
 template <typename scalar_t>
-at::Tensor prepared_weights_cuda(const ConvPrep& p, const ConvPlan& plan, bool transposed, cudaStream_t stream);
+at::Tensor prepared_weights_cuda(const ConvPrep& p, const ConvPlan& plan, bool transposed, cudaStream_t stream,
+                                 at::Tensor* bn_ss = nullptr);
 
 bool launch_forward_tiled(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias, const at::Tensor& out);
 

@@ -28,13 +28,19 @@ template __global__ void conv_tile_kernel<c10::BFloat16, true, 4>(const __grid_c
                                                                    const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, true, 8>(const __grid_constant__ ConvArgs<c10::BFloat16>,
                                                                    const __grid_constant__ ConvPlan);
-template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, false>(
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 0>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
-template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, true>(
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 1>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
-template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, false>(
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 0>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
-template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, true>(
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 1>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 2>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwLarge, 3>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
+template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwFullB, 4>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
 
 namespace {
@@ -58,10 +64,11 @@ void print_wgrad(const char* name, const WgradPlan& p) {
   std::printf("\"%s\": {\"ok\": %s, ", name, p.ok ? "true" : "false");
   print_tile(p.s);
   std::printf(", \"P\": %d, \"bm\": %d, \"bn\": %d, \"bpg_m\": %d, \"bpg_n\": %d, \"PSm\": %d, \"PSn\": %d, "
-              "\"units\": %d, \"upw\": %d, \"a_shared\": %s, \"smem_bytes\": %d, \"cblocks\": %lld, \"splits\": %lld, "
+              "\"units\": %d, \"upw\": %d, \"a_shared\": %s, \"share\": %d, \"smem_bytes\": %d, \"cblocks\": %lld, "
+              "\"splits\": %lld, "
               "\"items\": %lld, "
               "\"blocks\": %lld}",
-              p.P, p.bm, p.bn, p.bpg_m, p.bpg_n, p.PSm, p.PSn, p.units, p.upw, p.a_shared ? "true" : "false",
+              p.P, p.bm, p.bn, p.bpg_m, p.bpg_n, p.PSm, p.PSn, p.units, p.upw, p.a_shared ? "true" : "false", p.share,
               p.smem_bytes,
               static_cast<long long>(p.cblocks), static_cast<long long>(p.splits), static_cast<long long>(p.items),
               static_cast<long long>(p.cblocks * p.splits));

@@ -131,11 +131,13 @@ class _Probe:
     def kernel(self, kernel: str, plan: dict) -> _Function:
         if kernel == "weight_grad":
             upw = plan["upw"]
-            pattern = r"wgrad_tile_kernelIN3c108BFloat16ELi(\d+)ELb[01]E"
+            # the UPW the host dispatches (host.h dispatch_upw): kWgradUpwFullB for share 4,
+            # else the smaller of the small and large kernels that holds upw
+            pattern = r"wgrad_tile_kernelIN3c108BFloat16ELi(\d+)ELi[0-3]E"
             found = [f for f in self.functions.values() if re.search(pattern, f.name)]
             sizes = sorted({int(re.search(pattern, f.name).group(1)) for f in found})
-            want = next(u for u in sizes if u >= upw)
-            pattern = rf"wgrad_tile_kernelIN3c108BFloat16ELi{want}ELb{int(plan['a_shared'])}E"
+            want = upw if plan["share"] == 4 else next(u for u in sizes if u >= upw)
+            pattern = rf"wgrad_tile_kernelIN3c108BFloat16ELi{want}ELi{int(plan['share'])}E"
         else:
             ig = 1 if kernel == "input_grad" else 0
             pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}E"

@@ -255,11 +255,15 @@ inline bool force_generic_kernels() {
 // Eight consecutive channels of t (from a channel that is a multiple of 8) form one 16-byte
 // aligned vector: channels innermost and every other stride (of a dimension longer than 1)
 // and the base address multiples of 8 elements / 16 bytes.
+// The tiled kernels address such vectors with 32-bit offsets within a sample, so the largest
+// in-sample offset must stay below 2^31 as well.
 inline bool channel_vectors(const at::Tensor& t) {
   if (!t.defined() || t.dim() != 4 || t.stride(1) != 1) return false;
   for (int d : {0, 2, 3}) {
     if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
   }
+  const int64_t last = (t.size(1) - 1) + (t.size(2) - 1) * t.stride(2) + (t.size(3) - 1) * t.stride(3);
+  if (t.stride(2) < 0 || t.stride(3) < 0 || last >= (int64_t(1) << 31)) return false;
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
@@ -306,27 +310,42 @@ inline void dispatch_nt(int nt, F&& f) {
   }
 }
 
-// Calls f(std::integral_constant<int, UPW>, std::bool_constant<a_shared>) for a weight-gradient
+// Calls f(std::integral_constant<int, UPW>, std::integral_constant<int, share>) for a weight-gradient
 // plan: the tensor-core kernels are compiled for kWgradUpwSmall and kWgradUpwLarge units per
-// warp (tiles.h), with and without a shared A fragment; 0 = SIMT.
+// warp (tiles.h), with a shared A fragment, without, and (kWgradUpwLarge) with a shared B
+// fragment or a shared A fragment and full warps, and with kWgradUpwFullB units a shared B
+// fragment and full warps (WgradPlan::share); 0 = SIMT.
 template <typename scalar_t, class F>
 inline void dispatch_upw(const WgradPlan& p, F&& f) {
+  using Share0 = std::integral_constant<int, 0>;
+  using Share1 = std::integral_constant<int, 1>;
+  using Share2 = std::integral_constant<int, 2>;
+  using Share3 = std::integral_constant<int, 3>;
   if constexpr (IsMmaType<scalar_t>::value) {
-    auto with_sharing = [&](auto upw) {
-      if (p.a_shared) {
-        f(upw, std::true_type{});
+    if (p.share == 4) {
+      f(std::integral_constant<int, kWgradUpwFullB>{}, std::integral_constant<int, 4>{});
+    } else if (p.upw <= kWgradUpwSmall) {
+      const std::integral_constant<int, kWgradUpwSmall> upw;
+      if (p.share == 1) {
+        f(upw, Share1{});
       } else {
-        f(upw, std::false_type{});
+        f(upw, Share0{});
       }
-    };
-    if (p.upw <= kWgradUpwSmall) {
-      with_sharing(std::integral_constant<int, kWgradUpwSmall>{});
     } else {
       TORCH_CHECK(p.upw <= kWgradUpwLarge, "resfast: weight-gradient plan needs ", p.upw, " units per warp");
-      with_sharing(std::integral_constant<int, kWgradUpwLarge>{});
+      const std::integral_constant<int, kWgradUpwLarge> upw;
+      if (p.share == 1) {
+        f(upw, Share1{});
+      } else if (p.share == 2) {
+        f(upw, Share2{});
+      } else if (p.share == 3) {
+        f(upw, Share3{});
+      } else {
+        f(upw, Share0{});
+      }
     }
   } else {
-    f(std::integral_constant<int, 0>{}, std::false_type{});
+    f(std::integral_constant<int, 0>{}, Share0{});
   }
 }
 

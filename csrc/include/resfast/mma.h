@@ -77,6 +77,52 @@ RESFAST_HD void ldsm_x4(uint32_t (&r)[NL][4], const uint16_t* const (&addr)[NL])
 #endif
 }
 
+// A 16-bit element of shared memory as the MMA loops address it: on the GPU its 32-bit
+// shared-window byte address (offsets are one 32-bit add, no generic-to-shared conversion in
+// the loop), on the CPU a pointer. `r + e` is the element e places further.
+struct SmemPtr {
+#if defined(__CUDA_ARCH__)
+  uint32_t a;
+#else
+  const uint16_t* a;
+#endif
+  RESFAST_HD SmemPtr operator+(int e) const {
+#if defined(__CUDA_ARCH__)
+    return SmemPtr{a + 2u * uint32_t(e)};
+#else
+    return SmemPtr{a + e};
+#endif
+  }
+};
+
+RESFAST_HD SmemPtr smem_ptr(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return SmemPtr{static_cast<uint32_t>(__cvta_generic_to_shared(p))};
+#else
+  return SmemPtr{static_cast<const uint16_t*>(p)};
+#endif
+}
+
+// ldsm_x4 from SmemPtr row addresses.
+template <int NL, bool Trans>
+RESFAST_HD void ldsm_x4(uint32_t (&r)[NL][4], const SmemPtr (&addr)[NL]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0][0]), "=r"(r[0][1]), "=r"(r[0][2]), "=r"(r[0][3])
+                 : "r"(addr[0].a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0][0]), "=r"(r[0][1]), "=r"(r[0][2]), "=r"(r[0][3])
+                 : "r"(addr[0].a));
+  }
+#else
+  const uint16_t* p[NL];
+  for (int s = 0; s < NL; ++s) p[s] = addr[s].a;
+  ldsm_x4<NL, Trans>(r, p);
+#endif
+}
+
 // d += a * b for one m16n8k16 tile: a (16 x 16, row), b (16 x 8, col), fp32 d. Lane l
 // (g = l/4, t = l%4) holds a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)},
 // b: {(k 2t..2t+1, n g), (k 2t+8.., n g)}, d: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
@@ -251,6 +297,43 @@ RESFAST_HD uint32_t pack2(float lo, float hi) {
 #else
   return pack_bits(T(lo).x, T(hi).x);
 #endif
+}
+
+// relu(lo), relu(hi) rounded to T and packed (low half first): one F2FP.RELU instruction on
+// the GPU (cvt.rn.relu: negative -> 0, NaN stays NaN, as torch.relu); relu commutes with the
+// rounding, so the CPU rounds relu's result.
+template <typename T>
+RESFAST_HD uint32_t pack2_relu(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  uint32_t d;
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
+  }
+  return d;
+#else
+  return pack_bits(T(relu(lo)).x, T(relu(hi)).x);
+#endif
+}
+
+// Per 16-bit half, the larger of a and b as unsigned integers (one VIMNMX on sm_90).
+RESFAST_HD uint32_t max_u16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __vmaxu2(a, b);
+#else
+  const uint32_t lo = (a & 0xffffu) > (b & 0xffffu) ? (a & 0xffffu) : (b & 0xffffu);
+  const uint32_t hi = (a >> 16) > (b >> 16) ? (a >> 16) : (b >> 16);
+  return lo | (hi << 16);
+#endif
+}
+
+// Whether a running max_u16x2 of 16-bit floats' magnitude bits (sign cleared) saw an Inf or
+// NaN: all of those are at least the Inf pattern, every finite value below it.
+template <typename T>
+RESFAST_HD bool nonfinite_max16(uint32_t m) {
+  constexpr uint32_t inf = std::is_same<T, c10::BFloat16>::value ? 0x7f80u : 0x7c00u;
+  return (m & 0xffffu) >= inf || (m >> 16) >= inf;
 }
 
 // Copies 8 elements between 16-byte aligned addresses with 16-byte vector accesses.

@@ -67,6 +67,8 @@ constexpr int64_t kTargetBlocks = 528;
 // Weight-gradient units per warp the tensor-core kernels are compiled for, and the blocks a
 // weight-gradient grid aims at (two per SM: each split adds a row of partial sums).
 constexpr int kWgradUpwSmall = 3, kWgradUpwLarge = 9;
+// ... and the B-shared kernel for full warps of 8 units (a 1x1 conv's 128 x 64 channels).
+constexpr int kWgradUpwFullB = 8;
 constexpr int64_t kWgradTargetBlocks = 264;
 RESFAST_HD constexpr int max_pixels(int nt) { return nt == 0 ? kThreads : kWarps * 16 * mt_of(nt); }
 static_assert(max_pixels(2) == kMaxPixels, "the warps' m16 tiles cover the largest pixel tile");
@@ -133,10 +135,26 @@ RESFAST_HD int div_small(int n, uint32_t magic) {
 #endif
 }
 
-RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
-  int64_t q = a / b;
-  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
-  return q;
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 with a multiply-high, an add and a shift (the
+// round-up method: l = ceil(log2 d), m = floor(2^32 (2^l - d) / d) + 1, q = (mulhi(n, m) + n) >> l).
+struct FastDiv {
+  uint32_t m;
+  int l;
+};
+RESFAST_HD FastDiv make_fastdiv(int64_t d) {
+  FastDiv f;
+  f.l = 0;
+  while ((int64_t(1) << f.l) < d) ++f.l;
+  f.m = uint32_t(((uint64_t(1) << 32) * ((uint64_t(1) << f.l) - uint64_t(d))) / uint64_t(d) + 1);
+  return f;
+}
+RESFAST_HD int fast_div(int n, const FastDiv& f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t hi = __umulhi(uint32_t(n), f.m);
+#else
+  const uint32_t hi = uint32_t((uint64_t(uint32_t(n)) * f.m) >> 32);
+#endif
+  return int((hi + uint32_t(n)) >> f.l);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -149,6 +167,8 @@ RESFAST_HD int64_t floor_div(int64_t a, int64_t b) {
 struct SpatialTile {
   int TH, TW, lw, M, MP, IH, IW;
   int64_t tiles_h, tiles_w;
+  uint32_t iw_magic;            // div_magic(IW): staged row p is halo row div_small(p, iw_magic)
+  FastDiv per_sample, tiles_wd; // division by tiles_h * tiles_w and by tiles_w (decode_tile)
 };
 
 // Channel blocks along the GEMM's column channels ("cols", cg_cols per group) and the
@@ -158,6 +178,7 @@ struct SpatialTile {
 struct ChannelTiling {
   int P, bn, bpg;
   int64_t blocks;
+  FastDiv bpg_div, blocks_div;  // division by bpg and by blocks (the block decode)
 };
 
 struct ChannelRange {
@@ -167,7 +188,7 @@ struct ChannelRange {
 };
 
 RESFAST_HD ChannelRange decode_channels(const ChannelTiling& t, int64_t groups, int cg_cols, int cg_k, int64_t j) {
-  ChannelRange r;
+  ChannelRange r;  // j < blocks < 2^31
   if (t.P > 1) {
     const int64_t g0 = j * t.P;
     const int ng = int(groups - g0 < t.P ? groups - g0 : t.P);
@@ -177,7 +198,7 @@ RESFAST_HD ChannelRange decode_channels(const ChannelTiling& t, int64_t groups, 
     r.nk = ng * cg_k;
     r.multi = ng > 1;
   } else {
-    const int64_t g = j / t.bpg;
+    const int64_t g = fast_div(int(j), t.bpg_div);
     const int s = int(j - g * t.bpg);
     r.col0 = int(g * cg_cols) + s * t.bn;
     r.ncols = cg_cols - s * t.bn < t.bn ? cg_cols - s * t.bn : t.bn;
@@ -198,9 +219,9 @@ RESFAST_HD TilePos decode_tile(const SpatialTile& s, int64_t spatial) {
   const int per_sample = int(s.tiles_h * s.tiles_w), tw = int(s.tiles_w);
   const int sp = int(spatial);
   TilePos p;
-  const int n = sp / per_sample;
+  const int n = fast_div(sp, s.per_sample);
   const int t = sp - n * per_sample;
-  const int th = t / tw;
+  const int th = fast_div(t, s.tiles_wd);
   p.n = n;
   p.h0 = th * s.TH;
   p.w0 = (t - th * tw) * s.TW;
@@ -237,17 +258,22 @@ struct ConvPlan {
   int64_t w_prep;  // elements of the prepared weights: blocks x chunks x taps x bn x BK
   int64_t spatial; // spatial tiles (N * tiles_h * tiles_w)
   int64_t blocks;
-  // input grad, per tap row / col: (kh * dh) = qk * stride + rk
-  int qk_h[kMaxK], rk_h[kMaxK], qk_w[kMaxK], rk_w[kMaxK];
+  // input grad, per tap row / col: (kh * dh) = qk * stride + rk (one entry past the last tap)
+  int qk_h[kMaxK + 1], rk_h[kMaxK + 1], qk_w[kMaxK + 1], rk_w[kMaxK + 1];
+  FastDiv sh_div, sw_div;  // division by the strides
+  // input grad: the staged output rows start at floor((h0 + ph - (KH-1)*dh) / sh), computed as
+  // (h0 + lo_h) / sh - lo_hq with lo_h = ph - (KH-1)*dh + bias >= 0 (bias a multiple of sh)
+  int lo_h, lo_hq, lo_w, lo_wq;
   int lks;         // log2 of the k16 steps of a chunk (BK / 16)
   bool ok;
 };
 
 RESFAST_HD ConvBlock decode_conv_block(const ConvPlan& p, const ConvGeom& g, bool input_grad, int64_t b) {
   ConvBlock cb;
-  const int64_t j = b % p.ch.blocks;
+  const int q = fast_div(int(b), p.ch.blocks_div);  // a grid has fewer than 2^31 blocks
+  const int64_t j = b - int64_t(q) * p.ch.blocks;
   cb.jb = j;
-  cb.tile0 = (b / p.ch.blocks) * p.tpb;
+  cb.tile0 = int64_t(q) * p.tpb;
   cb.ntiles = int(p.spatial - cb.tile0 < p.tpb ? p.spatial - cb.tile0 : p.tpb);
   cb.ch = input_grad ? decode_channels(p.ch, g.groups, int(g.cin_g), int(g.cout_g), j)
                      : decode_channels(p.ch, g.groups, int(g.cout_g), int(g.cin_g), j);
@@ -260,10 +286,18 @@ struct WgradPlan {
   int bm, bn;       // output (row) / input (column) channels per block
   int bpg_m, bpg_n; // row / column blocks per group (P == 1)
   int PSm, PSn;     // smem pitch of grad_out rows / activation rows
-  int go_elems, act_elems;  // staged grad_out (MP rows), activation (halo + zero row)
+  int go_elems, act_elems;  // staged grad_out (MP rows), activation (halo + zero rows)
+  int zero_rows;            // zero rows after the activation (MMA: the taps' span, plus one)
   int units;        // MMA: (tap, m16 tile, 16-column pair) units; SIMT: weight elements
   int upw;          // units per warp (MMA) / elements per thread (SIMT)
   bool a_shared;    // MMA: a warp's units share their A fragment (WgradUnits)
+  bool b_shared;    // MMA: a warp's units share their B fragment (one tap, npairs == kWarps)
+  int share;        // the kernel's kShare: 1 A shared, 2 B shared (kWgradUpwLarge only), 3 A shared
+                    // and every warp full (kWgradUpwLarge units), 4 B shared and every warp full
+                    // (kWgradUpwFullB units), 0 neither
+  int lnp, lmt;     // MMA: log2 of the 16-column pairs / m16 tiles of a block
+  FastDiv kw_div, cout_div, cin_div;  // division by KW, cout_g, cin_g
+  FastDiv cblocks_div, per_group_div, bpg_n_div;  // the block decode's divisions
   int smem_bytes;
   bool mma;
   int64_t cblocks, splits, items;
@@ -278,8 +312,9 @@ struct WgradBlock {
 
 RESFAST_HD WgradBlock decode_wgrad_block(const WgradPlan& p, const ConvGeom& g, int64_t b) {
   WgradBlock w;
-  const int64_t j = b % p.cblocks;
-  w.split = b / p.cblocks;
+  const int q = fast_div(int(b), p.cblocks_div);  // a grid has fewer than 2^31 blocks
+  const int64_t j = b - int64_t(q) * p.cblocks;
+  w.split = q;
   if (p.P > 1) {
     const int64_t g0 = j * p.P;
     const int ng = int(g.groups - g0 < p.P ? g.groups - g0 : p.P);
@@ -290,9 +325,9 @@ RESFAST_HD WgradBlock decode_wgrad_block(const WgradPlan& p, const ConvGeom& g, 
     w.multi = ng > 1;
   } else {
     const int64_t per_group = int64_t(p.bpg_m) * p.bpg_n;
-    const int64_t grp = j / per_group;
+    const int64_t grp = fast_div(int(j), p.per_group_div);
     const int r = int(j - grp * per_group);
-    const int im = r / p.bpg_n, in = r - (r / p.bpg_n) * p.bpg_n;
+    const int im = fast_div(r, p.bpg_n_div), in = r - im * p.bpg_n;
     w.co0 = int(grp * g.cout_g) + im * p.bm;
     w.nrows = int(g.cout_g) - im * p.bm < p.bm ? int(g.cout_g) - im * p.bm : p.bm;
     w.ci0 = int(grp * g.cin_g) + in * p.bn;
@@ -336,6 +371,9 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
       s.IW = input_grad ? halo_input_grad(TW, KW, sw, dw) : halo_forward(TW, KW, sw, dw);
       s.tiles_h = cdiv(OH, TH);
       s.tiles_w = cdiv(OW, TW);
+      s.iw_magic = div_magic(uint32_t(s.IW));
+      s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
+      s.tiles_wd = make_fastdiv(s.tiles_w);
       const double c = cost(s);
       if (c < 0) continue;
       if (best.M == 0 || c < best_cost) {
@@ -349,10 +387,16 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
 }
 
 // Warp-instructions the tensor-core blocks issue per unit of work, as the SASS of the sm_90
-// kernels has them (resfast/profiling/static_native.py reads them): an HMMA with its fragment
-// loads, an 8-channel vector staged (with BN-ReLU), a 16-byte weight copy, an 8-channel output
-// vector, and the code around a tile's K chunk. The planner weighs tile sizes with them.
-constexpr double kCostHmma = 10.0, kCostStage = 3.2, kCostWeight = 0.5, kCostStore = 1.5, kCostTileChunk = 1600.0;
+// kernels has them (resfast/profiling/static_native.py reads them; [0] forward, [1] input
+// grad): an HMMA with its fragment loads, an 8-channel vector staged (with BN-ReLU in the
+// forward), a 16-byte weight copy, an 8-channel output vector (the input grad's with its ReLU
+// mask and channel sums), and the code around a K chunk, a tile and a block (all warps). The
+// planner weighs channel blocks, tile sizes and K chunks with them.
+constexpr double kCostHmma[2] = {3.5, 5.0}, kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
+                 kCostStore[2] = {1.1, 3.1}, kCostChunk[2] = {1150.0, 1000.0}, kCostTile[2] = {1100.0, 2000.0},
+                 kCostBlock = 700.0;
+// The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
+constexpr double kCostWgradHmma = 4.2, kCostWgradStage = 1.4, kCostWgradTile = 700.0, kCostWgradBlock = 6000.0;
 
 // The smallest power of two >= v, from lo, at most cap.
 inline int pow2_at_least(int64_t v, int lo, int cap) {
@@ -373,6 +417,8 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
       t.bn = 16;
       t.bpg = 1;
       t.blocks = cdiv(groups, P);
+      t.bpg_div = make_fastdiv(1);
+      t.blocks_div = make_fastdiv(t.blocks);
       return t;
     }
   }
@@ -380,6 +426,8 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
   t.bn = pow2_at_least(cg_cols, 16, max_bn);
   t.bpg = int(cdiv(cg_cols, t.bn));
   t.blocks = groups * t.bpg;
+  t.bpg_div = make_fastdiv(t.bpg);
+  t.blocks_div = make_fastdiv(t.blocks);
   return t;
 }
 
@@ -393,79 +441,117 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
   p.ok = false;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
   const int64_t cg_cols = input_grad ? g.cin_g : g.cout_g, cg_k = input_grad ? g.cout_g : g.cin_g;
-  p.ch = tile_channels(g.groups, cg_cols, cg_k, mma ? 64 : kSimtCols, 64);
-  const int64_t k_range = p.ch.P > 1 ? p.ch.P * cg_k : cg_k;
+  const ChannelTiling widest = tile_channels(g.groups, cg_cols, cg_k, mma ? 64 : kSimtCols, 64);
+  const int64_t k_range = widest.P > 1 ? widest.P * cg_k : cg_k;
   const int64_t taps = g.KH * g.KW;
-  const int bn = p.ch.bn;
-  p.nt = mma ? bn / 8 : 0;
   const int min_bk = mma ? 16 : 8;  // an MMA k-step is 16 channels; the fills move 8 at once
-  const int max_px = max_pixels(p.nt);
+  const int ig = input_grad ? 1 : 0;
+  if (target_blocks < 1) target_blocks = 1;
   double best = -1;
-  for (int bk = 64; bk >= min_bk; bk /= 2) {
-    if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
-    if (p.ch.P > 1 && bk < k_range) continue;         // packed groups must fit one chunk
-    const int BK = bk;
-    const int PS = mma ? BK + 8 : BK + 1;
-    const int CS = mma ? bn + 4 : bn + 1;
-    const int64_t w_bytes = align16(taps * bn * PS * elem_bytes);
-    const bool fallback = mma && p.ch.P > 1;  // packed blocks keep a tile for the per-group fallback
-    const int64_t chunks = cdiv(k_range, BK);
-    auto bytes_before_fallback = [&](const SpatialTile& s) {
-      const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
-      const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
-      const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
-      return w_bytes + (stage > acc_tile ? stage : acc_tile);
-    };
-    auto bytes = [&](const SpatialTile& s) {
-      return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
-    };
-    auto cost = [&](const SpatialTile& s) -> double {
-      if (bytes(s) > kSmemLimit) return -1;
-      const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
-      const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
-      const double per_chunk = hmma * kCostHmma + s.IH * s.IW * (BK / 8.0) * kCostStage +
-                               (chunks > 1 ? taps * bn * BK / 8.0 * kCostWeight : 0.0) + kCostTileChunk;
-      return tiles * (chunks * per_chunk + s.M * (bn / 8.0) * kCostStore);
-    };
-    double c = 0;
-    const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
-                                     : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
-    if (s.M == 0 || (best >= 0 && c >= best)) continue;
-    best = c;
-    p.s = s;
-    p.BK = BK;
-    p.lbk = log2_pow2(BK);
-    p.lks = BK >= 16 ? log2_pow2(BK / 16) : 0;
-    p.PS = PS;
-    p.CS = CS;
-    p.OHB = s.IH;
-    p.OWB = s.IW;
-    p.w_elems = int(taps) * bn * PS;
-    p.stage_offset = int(w_bytes);
-    p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
-    p.fb_offset = int(bytes_before_fallback(s));
-    p.smem_bytes = int(bytes(s));
-    p.spatial = g.N * s.tiles_h * s.tiles_w;
-    // Several tiles per block when the weights stay staged (K in one chunk) and the grid
-    // still has target_blocks blocks.
-    int64_t tpb = 1;
-    if (k_range <= BK) {
-      tpb = p.spatial * p.ch.blocks / (target_blocks < 1 ? 1 : target_blocks);
-      tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
+  // Channel blocks of bn columns: the widest (fewest re-stagings of the summed side) or, for
+  // tensor cores, narrower ones (smaller weight tiles: larger K chunks and spatial tiles).
+  for (int bn_try = widest.bn; bn_try >= 16 || bn_try == widest.bn; bn_try /= 2) {
+    ChannelTiling ct = widest;
+    if (bn_try != widest.bn) {
+      if (!mma || widest.P > 1) break;
+      ct.bn = bn_try;
+      ct.bpg = int(cdiv(cg_cols, bn_try));
+      ct.blocks = g.groups * ct.bpg;
+      ct.bpg_div = make_fastdiv(ct.bpg);
+      ct.blocks_div = make_fastdiv(ct.blocks);
     }
-    p.tpb = int(tpb);
-    p.chunks = int(chunks);
-    p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
-    p.blocks = p.ch.blocks * cdiv(p.spatial, tpb);
-    for (int k = 0; k < kMaxK; ++k) {
-      const int64_t kdh = k * g.dh, kdw = k * g.dw;
-      p.qk_h[k] = int(kdh / g.sh);
-      p.rk_h[k] = int(kdh % g.sh);
-      p.qk_w[k] = int(kdw / g.sw);
-      p.rk_w[k] = int(kdw % g.sw);
+    const int bn = ct.bn;
+    const int nt = mma ? bn / 8 : 0;
+    const int max_px = max_pixels(nt);
+    for (int bk = 64; bk >= min_bk; bk /= 2) {
+      if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
+      if (ct.P > 1 && bk < k_range) continue;          // packed groups must fit one chunk
+      const int BK = bk;
+      const int PS = mma ? BK + 8 : BK + 1;
+      const int CS = mma ? bn + 4 : bn + 1;
+      const int64_t w_bytes = align16(taps * bn * PS * elem_bytes);
+      const bool fallback = mma && ct.P > 1;  // packed blocks keep a tile for the per-group fallback
+      const int64_t chunks = cdiv(k_range, BK);
+      auto bytes_before_fallback = [&](const SpatialTile& s) {
+        const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
+        const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
+        const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
+        return w_bytes + (stage > acc_tile ? stage : acc_tile);
+      };
+      auto bytes = [&](const SpatialTile& s) {
+        return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
+      };
+      auto tiles_per_block = [&](int64_t spatial) {
+        int64_t tpb = 1;
+        if (k_range <= BK) {
+          tpb = spatial * ct.blocks / target_blocks;
+          tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
+        }
+        return tpb;
+      };
+      // warp-instructions of the whole grid (kCost*)
+      auto cost = [&](const SpatialTile& s) -> double {
+        if (bytes(s) > kSmemLimit) return -1;
+        const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
+        const double w_copy = taps * bn * BK / 8.0 * kCostWeight;
+        const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
+        if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
+          const double per_chunk = hmma * 10.0 + s.IH * s.IW * (BK / 8.0) * 3.2 +
+                                   (chunks > 1 ? taps * bn * BK / 8.0 * 0.5 : 0.0) + 1600.0;
+          return double(spatial) * (chunks * per_chunk + s.M * (bn / 8.0) * 1.5);
+        }
+        const double per_chunk = hmma * kCostHmma[ig] + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
+                                 (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
+        const double per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
+        const double blocks = double(ct.blocks) * double(cdiv(spatial, tiles_per_block(spatial)));
+        return double(ct.blocks) * double(spatial) * per_tile + blocks * (kCostBlock + (chunks > 1 ? 0.0 : w_copy));
+      };
+      double c = 0;
+      const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
+                                       : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
+      if (s.M == 0 || (best >= 0 && c >= best)) continue;
+      best = c;
+      p.ch = ct;
+      p.nt = nt;
+      p.s = s;
+      p.BK = BK;
+      p.lbk = log2_pow2(BK);
+      p.lks = BK >= 16 ? log2_pow2(BK / 16) : 0;
+      p.PS = PS;
+      p.CS = CS;
+      p.OHB = s.IH;
+      p.OWB = s.IW;
+      p.w_elems = int(taps) * bn * PS;
+      p.stage_offset = int(w_bytes);
+      p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
+      p.fb_offset = int(bytes_before_fallback(s));
+      p.smem_bytes = int(bytes(s));
+      p.spatial = g.N * s.tiles_h * s.tiles_w;
+      // Several tiles per block when the weights stay staged (K in one chunk) and the grid
+      // still has target_blocks blocks.
+      p.tpb = int(tiles_per_block(p.spatial));
+      p.chunks = int(chunks);
+      p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
+      p.blocks = p.ch.blocks * cdiv(p.spatial, p.tpb);
+      p.ok = true;
     }
-    p.ok = true;
+    if (!mma) break;
   }
+  if (!p.ok) return p;
+  for (int k = 0; k <= kMaxK; ++k) {
+    const int64_t kdh = k * g.dh, kdw = k * g.dw;
+    p.qk_h[k] = int(kdh / g.sh);
+    p.rk_h[k] = int(kdh % g.sh);
+    p.qk_w[k] = int(kdw / g.sw);
+    p.rk_w[k] = int(kdw % g.sw);
+  }
+  p.sh_div = make_fastdiv(g.sh);
+  p.sw_div = make_fastdiv(g.sw);
+  const int64_t bias_h = cdiv((g.KH - 1) * g.dh, g.sh) * g.sh, bias_w = cdiv((g.KW - 1) * g.dw, g.sw) * g.sw;
+  p.lo_h = int(g.ph - (g.KH - 1) * g.dh + bias_h);
+  p.lo_hq = int(bias_h / g.sh);
+  p.lo_w = int(g.pw - (g.KW - 1) * g.dw + bias_w);
+  p.lo_wq = int(bias_w / g.sw);
   return p;
 }
 
@@ -477,6 +563,7 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   p.ok = false;
   p.mma = mma;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
+  if (g.Cout * g.cin_g * g.KH * g.KW >= (int64_t(1) << 31)) return p;  // 32-bit partial offsets
   const int64_t taps = g.KH * g.KW;
   // Channel blocks: whole small groups packed, or a group cut into bm x bn blocks.
   int64_t P = 1;
@@ -510,33 +597,64 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
   p.bpg_m = P > 1 ? 1 : int(cdiv(g.cout_g, bm));
   p.bpg_n = P > 1 ? 1 : int(cdiv(g.cin_g, bn));
   p.cblocks = P > 1 ? cdiv(g.groups, P) : g.groups * p.bpg_m * p.bpg_n;
+  p.cblocks_div = make_fastdiv(p.cblocks);
+  p.per_group_div = make_fastdiv(int64_t(p.bpg_m) * p.bpg_n);
+  p.bpg_n_div = make_fastdiv(p.bpg_n);
   p.PSm = mma ? bm + 8 : bm + 1;
   p.PSn = mma ? bn + 8 : bn + 1;
   p.units = mma ? int(taps * (bm / 16) * (bn / 16)) : int(taps * bm * bn);
   p.upw = mma ? int(cdiv(p.units, kWarps)) : int(cdiv(p.units, kThreads));
   p.a_shared = mma && kWarps % ((bm / 16) * (bn / 16)) == 0;
+  // unit w + kWarps * u of warp w has column pair (w + kWarps * u) % npairs: w's when npairs ==
+  // kWarps, and with one tap the same B rows for all of the warp's units
+  p.b_shared = mma && taps == 1 && bn / 16 == kWarps;
+  p.share = p.a_shared ? 1 : (p.b_shared && p.upw > kWgradUpwSmall ? 2 : 0);
+  if (p.share == 1 && p.units == kWarps * kWgradUpwLarge) p.share = 3;  // e.g. 3x3, 32 x 32 channels
+  if (p.share == 2 && p.units == kWarps * kWgradUpwFullB) p.share = 4;   // 1x1, 128 x 64 channels
+  p.lnp = mma ? log2_pow2(bn / 16) : 0;
+  p.lmt = mma ? log2_pow2(bm / 16) : 0;
+  p.kw_div = make_fastdiv(g.KW);
+  p.cout_div = make_fastdiv(g.cout_g);
+  p.cin_div = make_fastdiv(g.cin_g);
+  // zero rows after the staged activation: the MMA kernels point a pixel outside the output at
+  // them, so every tap of it reads zeros (the span of the taps' row offsets, plus one row)
+  auto zero_rows = [&](const SpatialTile& s) {
+    return mma ? int((g.KH - 1) * g.dh * s.IW + (g.KW - 1) * g.dw + 1) : 1;
+  };
   auto bytes = [&](const SpatialTile& s) {
     return int64_t(align16(int64_t(s.MP) * p.PSm * elem_bytes)) +
-           align16(int64_t(s.IH * s.IW + 1) * p.PSn * elem_bytes);
+           align16(int64_t(s.IH * s.IW + zero_rows(s)) * p.PSn * elem_bytes);
   };
   // per tile: the MMAs (2 per unit and k16 step), the two staged tiles, the code around them
   auto cost = [&](const SpatialTile& s) -> double {
     if (bytes(s) > kSmemLimit) return -1;
     const double tiles = double(g.N) * double(s.tiles_h) * double(s.tiles_w);
-    const double hmma = mma ? (s.MP / 16.0) * p.units * 2.0 : s.M * p.units / 32.0;
-    return tiles * (hmma * kCostHmma * 0.5 + s.MP * (bm / 8.0) * kCostStage * 0.5 + s.IH * s.IW * (bn / 8.0) * kCostStage +
-                    kCostTileChunk * 0.5);
+    if (!mma) {
+      const double hmma = s.M * p.units / 32.0;
+      return tiles * (hmma * 5.0 + s.MP * (bm / 8.0) * 1.6 + s.IH * s.IW * (bn / 8.0) * 3.2 + 800.0);
+    }
+    const double hmma = (s.MP / 16.0) * p.units * 2.0;
+    return tiles * (hmma * kCostWgradHmma + (s.MP * (bm / 8.0) + s.IH * s.IW * (bn / 8.0)) * kCostWgradStage +
+                    kCostWgradTile);
   };
   const SpatialTile s = choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, mma ? kMaxPixels : kThreads,
                                     cost);
   if (s.M == 0) return p;
   p.s = s;
   p.go_elems = s.MP * p.PSm;
-  p.act_elems = (s.IH * s.IW + 1) * p.PSn;
+  p.zero_rows = zero_rows(s);
+  p.act_elems = (s.IH * s.IW + p.zero_rows) * p.PSn;
   p.smem_bytes = int(bytes(s));
   p.items = g.N * s.tiles_h * s.tiles_w;
+  // About target_blocks blocks; but a split of a single tile mostly runs the block's fixed code
+  // (its partial sums, its set-up): with few tiles, two tiles per split down to half the grid.
   int64_t splits = cdiv(target_blocks, p.cblocks);
   if (splits > p.items) splits = p.items;
+  if (mma && p.items < 2 * splits) {
+    const int64_t fewer = cdiv(p.items, 2), floor_splits = cdiv(target_blocks / 2, p.cblocks);
+    splits = fewer > floor_splits ? fewer : floor_splits;
+    if (splits > p.items) splits = p.items;
+  }
   p.splits = splits < 1 ? 1 : splits;
   (void)acc_bytes;
   p.ok = true;
@@ -560,6 +678,7 @@ struct ConvArgs {
   const A* bias;  // forward: conv bias or nullptr
   T* out;         // forward: y; input grad: grad_z
   Strides4 os;
+  const A* bn_ss;  // forward / input grad, 16-bit types: the BN table (bn_ss_value), or nullptr
   A* part0;  // input grad: per-block sums of grad_z; weight grad: per-split partial weight gradients
   A* part1;  // input grad: per-block sums of grad_z * xhat
   ConvGeom g;
@@ -622,6 +741,21 @@ RESFAST_HD float word_float(uint32_t w) {
 #endif
 }
 
+// Eight floats to shared memory (32-byte aligned) as two 16-byte stores.
+template <typename A>
+RESFAST_HD void sts_f8(A* p, const A (&f)[8]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<A, float>::value) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+  } else {
+    for (int i = 0; i < 8; ++i) p[i] = f[i];
+  }
+#else
+  for (int i = 0; i < 8; ++i) p[i] = f[i];
+#endif
+}
+
 // Eight consecutive floats of shared memory (32-byte aligned) as two 16-byte loads.
 RESFAST_HD void lds_f8(const float* p, float (&f)[8]) {
   const Vec16 a = reinterpret_cast<const Vec16*>(p)[0], b = reinterpret_cast<const Vec16*>(p)[1];
@@ -630,16 +764,6 @@ RESFAST_HD void lds_f8(const float* p, float (&f)[8]) {
     f[i] = word_float(a.w[i]);
     f[4 + i] = word_float(b.w[i]);
   }
-}
-
-// Whether a 16-byte vector of eight 16-bit floats holds an Inf or NaN (exponent all ones).
-template <typename T>
-RESFAST_HD bool any_nonfinite16(const Vec16& q) {
-  constexpr uint32_t m = std::is_same<T, c10::BFloat16>::value ? 0x7f80u : 0x7c00u;
-  bool bad = false;
-  RESFAST_UNROLL
-  for (int i = 0; i < 4; ++i) bad |= ((q.w[i] & m) == m) || ((q.w[i] & (m << 16)) == (m << 16));
-  return bad;
 }
 
 // The BN affine map of a 16-bit input as one FMA, z = x * scale + shift (scale = invstd * gamma,
@@ -672,13 +796,13 @@ struct BNChannel8 {
 // Stages rows [0, rows) of a [pixel][channel] tile: pixel p < IH * IW is position
 // (h0 + p / IW, w0 + p % IW) of sample n, channels [c0, c0 + BK) of which [c0, c_end) exist;
 // with kBN the value is relu(bn(x)), else the plain value. Positions outside [0, H) x [0, W),
-// missing channels and rows p >= IH * IW are zero. With kCheck, returns whether a staged value
-// is not finite. This is the general path (any strides, any dtype); out of line, as the
+// missing channels and rows p >= IH * IW are zero. With check, returns whether a staged value
+// is not finite (check). This is the general path (any strides, any dtype); out of line, as the
 // tensor-core kernels take the 16-byte path below for channels_last tensors.
-template <bool kBN, bool kCheck, typename T, typename A>
+template <bool kBN, typename T, typename A>
 RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, const BNParams<A>& bn, int64_t n,
                                            int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0,
-                                           int c_end, int BK, int PS, bool smem_vec, T* dst) {
+                                           int c_end, int BK, int PS, bool smem_vec, bool check, T* dst) {
   const int U = BK / 8 > 0 ? BK / 8 : 1;  // 8-channel units per row (BK < 8 only for SIMT)
   const int lu = log2_pow2(U);
   const int v = tid & (U - 1);            // fixed per thread: kThreads is a multiple of U
@@ -703,7 +827,7 @@ RESFAST_HD_NOINLINE bool fill_rows_general(int tid, const T* src, Strides4 ss, c
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) val[i] = i < nv ? relu(bc.z(i, val[i])) : A(0);
       }
-      if constexpr (kCheck) {
+      if (check) {
         RESFAST_UNROLL
         for (int i = 0; i < 8; ++i) bad |= !finite_value(static_cast<T>(val[i]));
       }
@@ -732,54 +856,101 @@ RESFAST_HD BNScaleShift8 bn_scale_shift(const BNParams<A>& bn, int c, int nv) {
   return r;
 }
 
+// The BN map as a table, prepared once per call with the weights: for channels [8q, 8q + 8),
+// elements 32q + i, 32q + 8 + i, 32q + 16 + i and 32q + 24 + i hold scale = invstd * gamma,
+// shift = beta - mean * scale, invstd and -mean * invstd of channel 8q + i (zero past C), so
+// a thread loads its 8 channels' map with 16-byte loads (the forward per K chunk, the input
+// gradient's epilogue per tile: z = x * scale + shift, xhat = x * invstd - mean * invstd).
+inline int64_t bn_ss_size(int64_t C) { return cdiv(C, 8) * 32; }
+template <typename A>
+RESFAST_HD A bn_ss_value(const BNParams<A>& bn, int64_t C, int64_t i) {
+  const int64_t c = (i >> 5) * 8 + (i & 7);
+  if (c >= C) return A(0);
+  const A sc = bn.invstd[c] * bn.gamma[c];
+  switch ((i >> 3) & 3) {
+    case 0: return sc;
+    case 1: return bn.beta[c] - bn.mean[c] * sc;
+    case 2: return bn.invstd[c];
+    default: return -bn.mean[c] * bn.invstd[c];
+  }
+}
+// Eight floats of a table (32-byte aligned) as two 16-byte loads.
+RESFAST_HD void ldg_f8(const float* q, float (&f)[8]) {
+  const Vec16 a = ld_global16(q), b = ld_global16(q + 4);
+  RESFAST_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    f[i] = word_float(a.w[i]);
+    f[4 + i] = word_float(b.w[i]);
+  }
+}
+RESFAST_HD BNScaleShift8 load_bn_ss8(const float* ss, int c) {  // c a multiple of 8 below C
+  BNScaleShift8 r;
+  const float* q = ss + (c >> 3) * 32;
+  RESFAST_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const Vec16 a = ld_global16(q + 4 * h), b = ld_global16(q + 8 + 4 * h);
+    RESFAST_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      r.scale[4 * h + i] = word_float(a.w[i]);
+      r.shift[4 * h + i] = word_float(b.w[i]);
+    }
+  }
+  return r;
+}
+
 // The channel a thread's 8-channel unit starts at when a tile of BK channels from c0 is staged.
 RESFAST_HD int staged_channel(int tid, int c0, int BK) { return c0 + 8 * (tid & (BK / 8 - 1)); }
 
-// As fill_rows_general (with kCheck = check); float16 / bfloat16 with 16-byte aligned channel
-// vectors (channels_last) take 16-byte loads and stores on packed pairs (with the BN map
-// `pre` when given, for c0 = the channel it was loaded for).
+// As fill_rows_general; float16 / bfloat16 with 16-byte aligned channel
+// vectors (channels_last, in-sample offsets below 2^31: host.h channel_vectors) take 16-byte
+// loads and stores with 32-bit offsets, the BN map `pre` (loaded for the thread's channels)
+// and one F2FP.RELU per packed pair. iw_magic = div_magic(IW) (IW >= 2: every tile is at
+// least 4 wide).
 template <bool kBN, typename T, typename A>
 RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, const BNParams<A>& bn, int64_t n,
-                          int h0, int w0, int IH, int IW, int rows, int64_t H, int64_t W, int c0, int c_end, int BK,
-                          int PS, bool smem_vec, bool check, T* dst, const BNScaleShift8* pre = nullptr) {
+                          int h0, int w0, int IH, int IW, uint32_t iw_magic, int rows, int64_t H, int64_t W, int c0,
+                          int c_end, int BK, int PS, bool smem_vec, bool check, T* dst,
+                          const BNScaleShift8* pre = nullptr) {
   if constexpr (IsMmaType<T>::value) {
     const int lu = log2_pow2(BK / 8);
     const int v = tid & ((1 << lu) - 1);
     const int c = c0 + 8 * v;
-    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end) {
+    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end && (!kBN || pre != nullptr)) {
       BNScaleShift8 bc;
-      if constexpr (kBN) bc = pre != nullptr ? *pre : bn_scale_shift(bn, c, 8);
-      const uint32_t iw_magic = div_magic(uint32_t(IW < 2 ? 2 : IW));
-      const T* base = src + n * ss.n + int64_t(c) * ss.c;
-      bool bad = false;
+      if constexpr (kBN) bc = *pre;
+      const T* base = src + n * ss.n + c;  // ss.c == 1
+      const int sh = int(ss.h), sw = int(ss.w), Hi = int(H), Wi = int(W), staged = IH * IW;
+      const int end = rows << lu;
+      uint32_t bad = 0;
+      T* dst_v = dst + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < rows << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int p = e >> lu;
-        const int r = IW < 2 ? p : div_small(p, iw_magic);
-        const int64_t h = h0 + r, w = w0 + (p - r * IW);
+        const int r = div_small(p, iw_magic);
+        const int h = h0 + r, w = w0 + (p - r * IW);
         Vec16 q{{0u, 0u, 0u, 0u}};
-        if (p < IH * IW && h >= 0 && h < H && w >= 0 && w < W) {
-          q = ld_global16(base + h * ss.h + w * ss.w);
+        if (p < staged && uint32_t(h) < uint32_t(Hi) && uint32_t(w) < uint32_t(Wi)) {
+          q = ld_global16(base + uint32_t(h * sh + w * sw));  // in bounds: >= 0
           if constexpr (kBN) {
             RESFAST_UNROLL
             for (int i = 0; i < 4; ++i) {
               float lo, hi;
               unpack2<T>(q.w[i], lo, hi);
-              q.w[i] = pack2<T>(relu(lo * bc.scale[2 * i] + bc.shift[2 * i]),
-                                relu(hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]));
+              q.w[i] = pack2_relu<T>(lo * bc.scale[2 * i] + bc.shift[2 * i], hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]);
             }
           }
-          if (check) bad |= any_nonfinite16<T>(q);
+          if (check) {  // after the ReLU no sign bit is set (a -0 only costs the fallback)
+            RESFAST_UNROLL
+            for (int i = 0; i < 4; ++i) bad = max_u16x2(bad, kBN ? q.w[i] : q.w[i] & 0x7fff7fffu);
+          }
         }
-        st_shared16(dst + p * PS + 8 * v, q);
+        st_shared16(dst_v + p * PS, q);
       }
-      return bad;
+      return nonfinite_max16<T>(bad);
     }
   }
-  return check ? fill_rows_general<kBN, true>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
-                                              smem_vec, dst)
-               : fill_rows_general<kBN, false>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS,
-                                               smem_vec, dst);
+  return fill_rows_general<kBN>(tid, src, ss, bn, n, h0, w0, IH, IW, rows, H, W, c0, c_end, BK, PS, smem_vec, check,
+                                dst);
 }
 
 // The weights in the tiles' own layout, prepared once per call: element
@@ -820,12 +991,14 @@ RESFAST_HD void fill_weight_tile(int tid, const T* wp, const ConvPlan& p, int ta
   const int bn = p.ch.bn, BK = p.BK, rows = taps * bn;
   const T* src = wp + (jb * p.chunks + chunk) * int64_t(rows) * BK;
   if constexpr (IsMmaType<T>::value) {
+    // a thread copies vector v of rows r0, r0 + rstep, ... (pointers advanced by additions)
     const int lu = p.lbk - 3;  // 8-element vectors per row
+    const int v = tid & ((1 << lu) - 1), r0 = tid >> lu, rstep = kThreads >> lu;
+    T* dst = w_s + r0 * p.PS + 8 * v;
+    const T* s = src + r0 * BK + 8 * v;
+    const int dstep = rstep * p.PS, sstep = rstep * BK;
     RESFAST_NO_UNROLL
-    for (int e = tid; e < rows << lu; e += kThreads) {
-      const int row = e >> lu, v = e & ((1 << lu) - 1);
-      cp_async16(w_s + row * p.PS + 8 * v, src + row * BK + 8 * v);
-    }
+    for (int row = r0; row < rows; row += rstep, dst += dstep, s += sstep) cp_async16(dst, s);
     cp_async_wait_all();
   } else {
     for (int e = tid; e < rows * BK; e += kThreads) {
@@ -856,18 +1029,19 @@ RESFAST_HD void zero_acc(MmaAcc<NL, MT, NT>& a) {
         for (int i = 0; i < 4; ++i) a.c[m][n][s][i] = 0.0f;
 }
 
-// B fragments of NT n8 tiles for k [k0, k0 + 16) from w_s rows (one row per column channel,
-// k contiguous): ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), ...
+// B fragment bases of a warp's lanes: row (n) np * 16 + (lane & 7) + (lane >> 4) * 8 of a
+// [n][k] tile, k half ((lane >> 3) & 1) * 8; ldmatrix matrices (n 0-7, k 0-7), (n 0-7, k 8-15),
+// (n 8-15, k 0-7), ... per 16 columns.
+RESFAST_HD int b_frag_row(int lane, int PS) { return ((lane & 7) + (lane >> 4) * 8) * PS + ((lane >> 3) & 1) * 8; }
+
+// B fragments of NT n8 tiles at element offset `off` of the lanes' bases (one column pair np
+// every 16 rows of PS elements).
 template <int NL, int NT>
-RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, uint32_t (&b)[NT][NL][2]) {
+RESFAST_HD void load_b_frags(const SmemPtr (&bbase)[NL], int off, int np_stride, uint32_t (&b)[NT][NL][2]) {
   RESFAST_UNROLL
   for (int np = 0; np < NT / 2; ++np) {
-    const uint16_t* addr[NL];
-    for (int s = 0; s < NL; ++s) {
-      const int lane = NL == 1 ? lane0 : s;
-      const int row = np * 16 + (lane & 7) + (lane >> 4) * 8;
-      addr[s] = w_tap + row * PS + k0 + ((lane >> 3) & 1) * 8;
-    }
+    SmemPtr addr[NL];
+    for (int s = 0; s < NL; ++s) addr[s] = bbase[s] + (off + np * np_stride);
     uint32_t r[NL][4];
     ldsm_x4<NL, false>(r, addr);
     for (int s = 0; s < NL; ++s) {
@@ -879,109 +1053,126 @@ RESFAST_HD void load_b_frags(int lane0, const uint16_t* w_tap, int PS, int k0, u
   }
 }
 
-// Forward, one K chunk: acc[mt][nt] += act(rows of the warp's m-tiles, shifted by each tap)
-// x w_s. The A row of lane l in m-tile mt is tile pixel (warp*MT + mt)*16 + l%16 (rows past
-// the tile repeat its last pixel; their results are never stored), k half (l/16)*8.
-template <int NL, typename T, int NT>
-RESFAST_HD void forward_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const T* act_s,
-                                  const T* w_s, MmaAcc<NL, mt_of(NT), NT>& acc) {
-  constexpr int kFwdMT = mt_of(NT);
-  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
-  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
+// The (tap, k16 step) walk of a K chunk: steps run k16 steps within a tap, then taps along a
+// kernel row, then rows; the staged-operand and weight offsets advance by additions only.
+struct TapWalk {
+  int ks, kw, kh, KS, KW;
+  RESFAST_HD bool next() {  // true when the step moved to another tap
+    if (++ks < KS) return false;
+    ks = 0;
+    if (++kw == KW) {
+      kw = 0;
+      ++kh;
+    }
+    return true;
+  }
+};
+
+// A warp's per-lane fragment row bases for the forward / input-gradient MMAs: the A rows of
+// its m-tiles in the staged tile (forward: the tile's pixels; input grad: the output row a
+// pixel reads through tap 0, with the pixel's stride remainders rr), the zero row, the B rows
+// of the weights. The forward's depend on the tile shape only (once per block), the input
+// gradient's on the tile's position modulo the strides (once per tile), never on the K chunk.
+template <int NL, int MT>
+struct MmaRows {
+  SmemPtr a[NL][MT], z[NL], b[NL];
+  int rr[NL][MT];
+};
+
+template <int NL, int MT>
+RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const void* act_s,
+                             const void* w_s, MmaRows<NL, MT>& rows) {
   const SpatialTile& st = p.s;
-  const int mtiles_left = st.MP / 16 - warp * kFwdMT;
-  if (mtiles_left <= 0) return;
-  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
-  int abase[NL][kFwdMT];
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS;
+  const SmemPtr act = smem_ptr(act_s), wt = smem_ptr(w_s);
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
+    rows.b[s] = wt + b_frag_row(lane, PS);
+    rows.z[s] = act;
     RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
+    for (int mt = 0; mt < MT; ++mt) {
+      int r = (warp * MT + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
-      abase[s][mt] = ((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8;
-    }
-  }
-  const int KW = int(g.KW), dh = int(g.dh), dw = int(g.dw);
-  const int steps = int(g.KH * g.KW) << p.lks;
-  // One flat loop over (tap, k16 step); a step's tap row / col advance without divisions.
-  int kh = 0, kw = 0, ks = 0;
-  RESFAST_NO_UNROLL
-  for (int step = 0; step < steps; ++step) {
-    const int aoff = (kh * dh * st.IW + kw * dw) * PS + ks * 16;
-    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
-    uint32_t b[NT][NL][2];
-    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
-    RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      if (mt < mtiles_left) {
-        const uint16_t* addr[NL];
-        for (int s = 0; s < NL; ++s) addr[s] = act + abase[s][mt] + aoff;
-        uint32_t a[NL][4];
-        ldsm_x4<NL, false>(a, addr);
-        RESFAST_UNROLL
-        for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
-      }
-    }
-    if (++ks == (1 << p.lks)) {
-      ks = 0;
-      if (++kw == KW) {
-        kw = 0;
-        ++kh;
-      }
+      rows.a[s][mt] = act + (((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8);
+      rows.rr[s][mt] = 0;
     }
   }
 }
 
-// Input gradient, one K chunk (output channels): acc[mt][nt] += go(output row read through
-// each tap, or the zero row) x w_s (transposed weights). For input row ih and tap kh the
-// output row is (ih + ph - kh*dh) / sh when that divides: with ih + ph = qh*sh + rh and
-// kh*dh = qk*sh + rk (plan tables) it is qh - qk when rh == rk.
-template <int NL, typename T, int NT>
-RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
-                                     int oh_lo, int ow_lo, const T* go_s, const T* zero_s, const T* w_s,
-                                     MmaAcc<NL, mt_of(NT), NT>& acc) {
+// Input gradient: for input row ih and tap kh the output row is (ih + ph - kh*dh) / sh when
+// that divides: with ih + ph = qh*sh + rh and kh*dh = qk*sh + rk (plan tables) it is qh - qk
+// when rh == rk. rows.a = output row qh, col qw of the staged tile; rr = rh * sw + rw.
+template <int NL, int MT>
+RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
+                                int oh_lo, int ow_lo, const void* go_s, const void* zero_s, const void* w_s,
+                                MmaRows<NL, MT>& rows) {
+  const SpatialTile& st = p.s;
+  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS;
+  const SmemPtr go = smem_ptr(go_s), wt = smem_ptr(w_s);
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    const int kofs = (lane >> 4) * 8;
+    rows.z[s] = smem_ptr(zero_s) + kofs;
+    rows.b[s] = wt + b_frag_row(lane, PS);
+    RESFAST_UNROLL
+    for (int mt = 0; mt < MT; ++mt) {
+      int r = (warp * MT + mt) * 16 + (lane & 15);
+      r = r < st.M ? r : st.M - 1;
+      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
+      const int qh = fast_div(th, p.sh_div), qw = fast_div(tw, p.sw_div);
+      rows.rr[s][mt] = (th - qh * sh) * sw + (tw - qw * sw);
+      rows.a[s][mt] = go + (((qh - oh_lo) * p.OWB + (qw - ow_lo)) * PS + kofs);
+    }
+  }
+}
+
+// One K chunk of the forward (kInputGrad = false: acc[mt][nt] += act(the warp's m-tile rows
+// shifted by each tap) x w_s) or of the input gradient (acc += go(the output row each tap
+// reads, or the zero row) x w_s, the weights transposed). The A row of lane l in m-tile mt is
+// tile pixel (warp*MT + mt)*16 + l%16 (rows past the tile repeat its last pixel; their results
+// are never stored), k half (l/16)*8. Steps walk (tap, k16 step) with offsets advanced by
+// additions; an input-gradient tap moves the rows by -(qk_h * OWB + qk_w) when its remainders
+// (rk_h, rk_w) are the lane's.
+//
+// kInputGrad with unit strides: every tap reads a staged output row (qk = k * dilation, no
+// remainders), so the input gradient walks its rows like the forward, by -dilation per tap
+// (kSelect = false: no zero-row selection).
+template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad>
+RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, mt_of(NT)>& rows,
+                               MmaAcc<NL, mt_of(NT), NT>& acc) {
+  static_assert(kInputGrad || !kSelect, "the forward never selects a zero row");
   constexpr int kFwdMT = mt_of(NT);
-  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
-  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
-  const uint16_t* wt = reinterpret_cast<const uint16_t*>(w_s);
   const SpatialTile& st = p.s;
   const int mtiles_left = st.MP / 16 - warp * kFwdMT;
   if (mtiles_left <= 0) return;
-  const int sh = int(g.sh), sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
-  int qh[NL][kFwdMT], rh[NL][kFwdMT], qw[NL][kFwdMT], rw[NL][kFwdMT], kofs[NL];
-  for (int s = 0; s < NL; ++s) {
-    const int lane = NL == 1 ? lane0 : s;
-    kofs[s] = (lane >> 4) * 8;
-    RESFAST_UNROLL
-    for (int mt = 0; mt < kFwdMT; ++mt) {
-      int r = (warp * kFwdMT + mt) * 16 + (lane & 15);
-      r = r < st.M ? r : st.M - 1;
-      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
-      qh[s][mt] = sh == 1 ? th : th / sh;  // no division for the common stride 1
-      rh[s][mt] = th - qh[s][mt] * sh;
-      qw[s][mt] = sw == 1 ? tw : tw / sw;
-      rw[s][mt] = tw - qw[s][mt] * sw;
-      qh[s][mt] -= oh_lo;
-      qw[s][mt] -= ow_lo;
-    }
-  }
-  const int KW = int(g.KW);
+  const int sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
+  const int KS = 1 << p.lks, KW = int(g.KW);
+  // offset changes at a tap change: along a kernel row, to the next kernel row (forward; the
+  // unit-stride input gradient walks backwards), weights
+  const int sgn = kInputGrad ? -1 : 1;
+  const int a_col = sgn * int(g.dw) * PS - KS * 16;
+  const int a_row = sgn * (int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS) - KS * 16;
+  const int w_tap = bn * PS - KS * 16;
+  const int np_stride = 16 * PS;
   const int steps = int(g.KH * g.KW) << p.lks;
-  int kh = 0, kw = 0, ks = 0;
+  TapWalk tw{0, 0, 0, KS, KW};
+  int woff = 0, koff = 0;  // weights; input grad: k within the tap
+  int aoff = kSelect ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : 0;
+  int trr = kSelect ? p.rk_h[0] * sw + p.rk_w[0] : 0;
   RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
-    const int qkh = p.qk_h[kh], rkh = p.rk_h[kh], qkw = p.qk_w[kw], rkw = p.rk_w[kw];
-    const uint16_t* w_tap = wt + (kh * KW + kw) * bn * PS;
     uint32_t b[NT][NL][2];
-    load_b_frags<NL, NT>(lane0, w_tap, PS, ks * 16, b);
+    load_b_frags<NL, NT>(rows.b, woff, np_stride, b);
     RESFAST_UNROLL
     for (int mt = 0; mt < kFwdMT; ++mt) {
       if (mt < mtiles_left) {
-        const uint16_t* addr[NL];
+        SmemPtr addr[NL];
         for (int s = 0; s < NL; ++s) {
-          const bool hit = rh[s][mt] == rkh && rw[s][mt] == rkw;
-          addr[s] = (hit ? go + ((qh[s][mt] - qkh) * p.OWB + (qw[s][mt] - qkw)) * PS : zero) + kofs[s] + ks * 16;
+          if constexpr (kSelect) {
+            addr[s] = rows.rr[s][mt] == trr ? rows.a[s][mt] + (aoff + koff) : rows.z[s] + koff;
+          } else {
+            addr[s] = rows.a[s][mt] + aoff;
+          }
         }
         uint32_t a[NL][4];
         ldsm_x4<NL, false>(a, addr);
@@ -989,14 +1180,36 @@ RESFAST_HD void input_grad_mma_chunk(int warp, int lane0, const ConvGeom& g, con
         for (int nt = 0; nt < NT; ++nt) mma_16816<T, NL>(acc.c[mt][nt], a, b[nt]);
       }
     }
-    if (++ks == (1 << p.lks)) {
-      ks = 0;
-      if (++kw == KW) {
-        kw = 0;
-        ++kh;
+    woff += 16;
+    if constexpr (kSelect) {
+      koff += 16;
+    } else {
+      aoff += 16;
+    }
+    if (tw.next()) {
+      woff += w_tap;
+      if constexpr (kSelect) {
+        koff = 0;
+        aoff = -(p.qk_h[tw.kh] * p.OWB + p.qk_w[tw.kw]) * PS;
+        trr = p.rk_h[tw.kh] * sw + p.rk_w[tw.kw];
+      } else {
+        aoff += tw.kw == 0 ? a_row : a_col;
       }
     }
   }
+}
+
+// Two adjacent values (8-byte aligned floats: one 8-byte store on the GPU).
+template <typename A>
+RESFAST_HD void st_pair(A* p, A v0, A v1) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<A, float>::value) {
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    return;
+  }
+#endif
+  p[0] = v0;
+  p[1] = v1;
 }
 
 // Accumulator fragments -> c_s[row * CS + col] (lane l holds rows l/4 (+8), cols 2(l%4) (+1)).
@@ -1016,10 +1229,8 @@ RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const Mma
         for (int nt = 0; nt < NT; ++nt) {
           const int col = nt * 8 + 2 * t;
           const float* d = acc.c[mt][nt][s];
-          c_s[r * p.CS + col] = A(d[0]);
-          c_s[r * p.CS + col + 1] = A(d[1]);
-          c_s[(r + 8) * p.CS + col] = A(d[2]);
-          c_s[(r + 8) * p.CS + col + 1] = A(d[3]);
+          st_pair(c_s + r * p.CS + col, A(d[0]), A(d[1]));
+          st_pair(c_s + (r + 8) * p.CS + col, A(d[2]), A(d[3]));
         }
       }
     }
@@ -1172,18 +1383,21 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
       float bias[8];
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) bias[i] = a.bias != nullptr ? ld_global(a.bias + co + i) : 0.0f;
-      T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+      T* out = a.out + pos.n * a.os.n + co;  // os.c == 1, in-sample offsets < 2^31
+      const int osh = int(a.os.h), osw = int(a.os.w), rows = int(g.Ho) - pos.h0, cols = int(g.Wo) - pos.w0;
+      const int end = st.M << lu;
+      const A* c_v = c_s + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < st.M << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
-        const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
-        if (oh >= g.Ho || ow >= g.Wo) continue;
+        const int oh = r >> st.lw, ow = r & (st.TW - 1);
+        if (oh >= rows || ow >= cols) continue;
         float f[8];
-        lds_f8(c_s + r * p.CS + 8 * v, f);
+        lds_f8(c_v + r * p.CS, f);
         Vec16 q;
         RESFAST_UNROLL
         for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
-        st_global16(out + oh * a.os.h + ow * a.os.w, q);
+        st_global16(out + uint32_t((pos.h0 + oh) * osh + (pos.w0 + ow) * osw), q);
       }
       return;
     }
@@ -1246,43 +1460,49 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
     if (a.x_vec && a.out_vec && (c & 7) == 0 && 8 * v + 8 <= ch.ncols) {
       const ConvGeom& g = a.g;
       const SpatialTile& st = p.s;
-      float s_dz[8], s_dzx[8];
-      BNChannel8<T, float> bc;
-      bc.load(a.bn, c, 8);
+      // the BN map of the 8 channels from the table: z = x * scale + shift, xhat = x * invstd + nb
+      float s_dz[8], s_dzx[8], scale[8], shift[8], invstd[8], nb[8];
+      const float* q = a.bn_ss + (c >> 3) * 32;
+      ldg_f8(q, scale);
+      ldg_f8(q + 8, shift);
+      ldg_f8(q + 16, invstd);
+      ldg_f8(q + 24, nb);
       RESFAST_UNROLL
       for (int i = 0; i < 8; ++i) {
         s_dz[i] = 0.0f;
         s_dzx[i] = 0.0f;
       }
-      const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
-      T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+      const T* x = a.x + pos.n * a.xs.n + c;  // xs.c == os.c == 1, in-sample offsets < 2^31
+      T* out = a.out + pos.n * a.os.n + c;
+      const int xsh = int(a.xs.h), xsw = int(a.xs.w), osh = int(a.os.h), osw = int(a.os.w);
+      const int rows = int(g.H) - pos.h0, cols = int(g.W) - pos.w0, end = st.M << lu;
+      const A* c_v = c_s + 8 * v;
       RESFAST_NO_UNROLL
-      for (int e = tid; e < st.M << lu; e += kThreads) {
+      for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
-        const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
-        if (h >= g.H || w >= g.W) continue;
-        const Vec16 xq = ld_global16(x + h * a.xs.h + w * a.xs.w);
+        const int hl = r >> st.lw, wl = r & (st.TW - 1);
+        if (hl >= rows || wl >= cols) continue;
+        const int h = pos.h0 + hl, w = pos.w0 + wl;
+        const Vec16 xq = ld_global16(x + uint32_t(h * xsh + w * xsw));
         float da[8];
-        lds_f8(c_s + r * p.CS + 8 * v, da);
+        lds_f8(c_v + r * p.CS, da);
         Vec16 gq;
         RESFAST_UNROLL
         for (int i = 0; i < 4; ++i) {
           float x0, x1, g0, g1;
           unpack2<T>(xq.w[i], x0, x1);
-          gq.w[i] = pack2<T>(relu_backward(da[2 * i], bc.z(2 * i, x0)), relu_backward(da[2 * i + 1], bc.z(2 * i + 1, x1)));
+          gq.w[i] = pack2<T>(relu_backward(da[2 * i], x0 * scale[2 * i] + shift[2 * i]),
+                             relu_backward(da[2 * i + 1], x1 * scale[2 * i + 1] + shift[2 * i + 1]));
           unpack2<T>(gq.w[i], g0, g1);
           s_dz[2 * i] += g0;
           s_dz[2 * i + 1] += g1;
-          s_dzx[2 * i] += g0 * bn_xhat(x0, bc.mean[2 * i], bc.invstd[2 * i]);
-          s_dzx[2 * i + 1] += g1 * bn_xhat(x1, bc.mean[2 * i + 1], bc.invstd[2 * i + 1]);
+          s_dzx[2 * i] += g0 * (x0 * invstd[2 * i] + nb[2 * i]);
+          s_dzx[2 * i + 1] += g1 * (x1 * invstd[2 * i + 1] + nb[2 * i + 1]);
         }
-        st_global16(out + h * a.os.h + w * a.os.w, gq);
+        st_global16(out + uint32_t(h * osh + w * osw), gq);
       }
-      RESFAST_UNROLL
-      for (int i = 0; i < 8; ++i) {
-        red[tid * 16 + i] = s_dz[i];
-        red[tid * 16 + 8 + i] = s_dzx[i];
-      }
+      sts_f8(red + tid * 16, s_dz);  // 16-byte stores
+      sts_f8(red + tid * 16 + 8, s_dzx);
       return;
     }
   }
@@ -1325,26 +1545,37 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
   const bool check = kMMA && ch.multi;
-  // The forward's BN map, loaded once when every tile stages the same channels (one chunk).
+  // The forward's BN map of the thread's 8 channels (the 16-byte staging path), loaded once
+  // when every tile stages the same channels (one chunk), else per chunk.
   BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
-  if constexpr (kMMA && !kInputGrad) {
-    ex.threads([&](int tid, int c) {
-      const int c0 = staged_channel(tid, ch.k0, p.BK);
-      bnc[c] = bn_scale_shift(a.bn, c0, ch.k0 + ch.nk - c0 < 0 ? 0 : (ch.k0 + ch.nk - c0 > 8 ? 8 : ch.k0 + ch.nk - c0));
-    });
-  }
+  auto load_bnc = [&](int tid, int c, int kc) {
+    if constexpr (kMMA && !kInputGrad) {
+      const int c0 = staged_channel(tid, ch.k0 + kc, p.BK);
+      if ((c0 & 7) == 0 && c0 + 8 <= ch.k0 + ch.nk) bnc[c] = load_bn_ss8(a.bn_ss, c0);
+    }
+  };
+  if (one_chunk) ex.threads([&](int tid, int c) { load_bnc(tid, c, 0); });
 
   MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
+  MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
+  if constexpr (kMMA && !kInputGrad) {  // the forward's rows depend on the tile shape only
+    ex.warps([&](int warp, int lane, int c) { forward_rows(warp, lane, g, p, stage_s, w_s, rows[c]); });
+  }
   A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
   for (int t = 0; t < b.ntiles; ++t) {
     const int64_t spatial = b.tile0 + t;
     const TilePos pos = decode_tile(p.s, spatial);
     // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
     // the output rows / cols that read the input tile.
-    const int h_lo = kInputGrad ? int(floor_div(pos.h0 + g.ph - (g.KH - 1) * g.dh, g.sh)) : int(pos.h0 * g.sh - g.ph);
-    const int w_lo = kInputGrad ? int(floor_div(pos.w0 + g.pw - (g.KW - 1) * g.dw, g.sw)) : int(pos.w0 * g.sw - g.pw);
+    const int h_lo = kInputGrad ? fast_div(pos.h0 + p.lo_h, p.sh_div) - p.lo_hq : pos.h0 * int(g.sh) - int(g.ph);
+    const int w_lo = kInputGrad ? fast_div(pos.w0 + p.lo_w, p.sw_div) - p.lo_wq : pos.w0 * int(g.sw) - int(g.pw);
     if constexpr (kMMA) {
-      ex.warps([&](int, int, int c) { zero_acc(acc[c]); });
+      ex.warps([&](int warp, int lane, int c) {
+        zero_acc(acc[c]);
+        if constexpr (kInputGrad) {
+          input_grad_rows(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
+        }
+      });
     } else {
       ex.threads([&](int, int c) {
         for (int j = 0; j < kSimtCols; ++j) sacc[c][j] = A(0);
@@ -1359,12 +1590,13 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
         // The source (grad_out for the input grad, x and BN-ReLU for the forward); a packed
         // block also checks what it stages for non-finite values.
         if constexpr (kInputGrad) {
-          bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.Ho,
-                                  g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
+          bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic,
+                                  rows, g.Ho, g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
         } else {
-          bad |= fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, rows, g.H, g.W,
-                                 c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
-                                 kMMA && one_chunk ? &bnc[kMMA && !kInputGrad ? c : 0] : nullptr);
+          if (!one_chunk) load_bnc(tid, c, kc);  // each chunk stages other channels
+          bad |= fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic, rows,
+                                 g.H, g.W, c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
+                                 kMMA ? &bnc[kMMA ? c : 0] : nullptr);
         }
         if (kInputGrad) fill_zero(tid, zero_s, p.PS);
         if (t == 0 || !one_chunk) fill_weight_tile(tid, a.wp, p, int(g.KH * g.KW), b.jb, kc >> p.lbk, w_s);
@@ -1373,11 +1605,10 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       if (kMMA && !(check && nonfinite)) {
         if constexpr (kMMA) {
           ex.warps([&](int warp, int lane, int c) {
-            if constexpr (kInputGrad) {
-              input_grad_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s,
-                                                      w_s, acc[c]);
+            if (kInputGrad && g.sh == 1 && g.sw == 1) {
+              conv_mma_chunk<kInputGrad, X::kLanes, T, kNT, false>(warp, g, p, rows[c], acc[c]);
             } else {
-              forward_mma_chunk<X::kLanes, T, kNT>(warp, lane, g, p, stage_s, w_s, acc[c]);
+              conv_mma_chunk<kInputGrad, X::kLanes, T, kNT>(warp, g, p, rows[c], acc[c]);
             }
           });
         }
@@ -1429,82 +1660,95 @@ struct WgradAcc {
 // A warp's units (tap, m16 tile, 16-column pair): unit u of warp w is w + kWarps * u =
 // ((tap * mtiles) + mt) * npairs + np. Their shared-memory offsets are computed once per block.
 // When mtiles * npairs divides kWarps every unit of a warp has the same (mt, np), so the A
-// fragment (grad_out, which does not depend on the tap) is loaded once per k16 step.
+// fragment (grad_out, which does not depend on the tap) is loaded once per k16 step; with one
+// tap and npairs == kWarps every unit has the warp's np, so the B fragment is (WgradPlan::share).
 template <int UPW>
 struct WgradUnits {
-  int a[UPW], tap[UPW], np[UPW], tapnp[UPW];
-  int n;
-  bool a_shared;
+  int a[UPW], tapnp[UPW];  // A column offset (m16 tile), B row offset (tap) + column pair
+  int n;                   // the warp's units
 };
+
+// Unit `unit` of a plan: its 16-column pair np, m16 tile mt and tap (powers of two: no divisions).
+RESFAST_HD void wgrad_unit(const WgradPlan& p, int unit, int& np, int& mt, int& tap) {
+  np = unit & ((1 << p.lnp) - 1);
+  const int rest = unit >> p.lnp;
+  mt = rest & ((1 << p.lmt) - 1);
+  tap = rest >> p.lmt;
+}
 
 template <int UPW>
 RESFAST_HD WgradUnits<UPW> wgrad_units(int warp, const ConvGeom& g, const WgradPlan& p) {
   WgradUnits<UPW> un;
-  const int mtiles = p.bm / 16, npairs = p.bn / 16;
   RESFAST_UNROLL
   for (int u = 0; u < UPW; ++u) {
-    const int unit = warp + kWarps * u;
-    const int np = unit % npairs, rest = unit / npairs;
-    const int mt = rest % mtiles, tap = rest / mtiles;
-    const int kh = tap / int(g.KW), kw = tap - (tap / int(g.KW)) * int(g.KW);
+    int np, mt, tap;
+    wgrad_unit(p, warp + kWarps * u, np, mt, tap);
+    const int kh = fast_div(tap, p.kw_div), kw = tap - kh * int(g.KW);
     un.a[u] = mt * 16;
-    un.tap[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn;
-    un.np[u] = np * 16;
-    un.tapnp[u] = un.tap[u] + un.np[u];
+    un.tapnp[u] = (kh * int(g.dh) * p.s.IW + kw * int(g.dw)) * p.PSn + np * 16;
   }
   un.n = (p.units - warp + kWarps - 1) / kWarps;
-  un.a_shared = kWarps % (mtiles * npairs) == 0;
   return un;
 }
 
 // One tile's contribution: for each of the warp's units, over the tile's pixels in k16 steps:
 // A = go_s rows (pixels) -> [co][pix] via ldmatrix.trans, B = act_s rows of the pixels shifted
-// by the tap -> [pix][ci] via ldmatrix.trans. A pixel outside the output has a zero grad_out
-// row, but its activation row may hold a non-finite value (0 * NaN = NaN): a k16 step with such
-// a pixel (a warp vote) reads the zero row for it instead.
-template <int NL, typename T, int UPW, bool kAShared>
-RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const WgradPlan& p, int oh0, int ow0,
-                               const T* go_s, const T* act_s, const T* zero_s, const WgradUnits<UPW>& un,
-                               WgradAcc<NL, UPW>& acc) {
-  const uint16_t* go = reinterpret_cast<const uint16_t*>(go_s);
-  const uint16_t* act = reinterpret_cast<const uint16_t*>(act_s);
-  const uint16_t* zero = reinterpret_cast<const uint16_t*>(zero_s);
+// by the tap -> [pix][ci] via ldmatrix.trans. A pixel outside the output (tile row >=
+// rows_valid or col >= cols_valid, or past the tile) has a zero grad_out row, but its
+// activation rows may hold a non-finite value (0 * NaN = NaN): its B rows start at the zero
+// rows instead, which span every tap's offset.
+template <int NL, typename T, int UPW, int kShare>
+RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const WgradPlan& p, int rows_valid,
+                               int cols_valid, const T* go_s, const T* act_s, const T* zero_s,
+                               const WgradUnits<UPW>& un, WgradAcc<NL, UPW>& acc) {
   const SpatialTile& st = p.s;
+  const SmemPtr act = smem_ptr(act_s), zero = smem_ptr(zero_s);
+  const int rstride = int(g.sh) * st.IW * p.PSn, cstride = int(g.sw) * p.PSn, astep = 16 * p.PSm;
+  SmemPtr arow[NL];
+  int lp[NL], bofs[NL];
+  for (int s = 0; s < NL; ++s) {
+    const int lane = NL == 1 ? lane0 : s;
+    arow[s] = smem_ptr(go_s) + (((lane & 7) + (lane >> 4) * 8) * p.PSm + ((lane >> 3) & 1) * 8);
+    lp[s] = (lane & 7) + ((lane >> 3) & 1) * 8;
+    bofs[s] = (lane >> 4) * 8;
+  }
+  int aoff = 0;
   RESFAST_NO_UNROLL
-  for (int k0 = 0; k0 < st.MP; k0 += 16) {
-    int arow[NL], bbase[NL], bofs[NL];
-    bool outside[NL];
+  for (int k0 = 0; k0 < st.MP; k0 += 16, aoff += astep) {
+    SmemPtr bb[NL];
     for (int s = 0; s < NL; ++s) {
-      const int lane = NL == 1 ? lane0 : s;
-      arow[s] = (k0 + (lane & 7) + (lane >> 4) * 8) * p.PSm + ((lane >> 3) & 1) * 8;
-      const int r = k0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      outside[s] = !(r < st.M && oh0 + (r >> st.lw) < g.Ho && ow0 + (r & (st.TW - 1)) < g.Wo);
-      const int rc = outside[s] ? 0 : r;  // an in-bounds row for the address
-      bofs[s] = (lane >> 4) * 8;
-      bbase[s] = ((rc >> st.lw) * int(g.sh) * st.IW + (rc & (st.TW - 1)) * int(g.sw)) * p.PSn + bofs[s];
+      const int r = k0 + lp[s], rh = r >> st.lw, rc = r & (st.TW - 1);
+      const bool outside = rh >= rows_valid || rc >= cols_valid;
+      bb[s] = (outside ? zero : act + (rh * rstride + rc * cstride)) + bofs[s];
     }
-    const bool edge = warp_any<NL>(outside);
-    uint32_t af[NL][4];
-    if constexpr (kAShared) {
-      const uint16_t* aaddr[NL];
-      for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[0];
+    uint32_t af[NL][4], bf[NL][4];
+    constexpr bool kA = kShare == 1 || kShare == 3, kB = kShare == 2 || kShare == 4;  // shared A / B
+    constexpr bool kFull = kShare == 3 || kShare == 4;                               // UPW units
+    if constexpr (kA) {
+      SmemPtr aaddr[NL];
+      for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + un.a[0]);
       ldsm_x4<NL, true>(af, aaddr);
+    }
+    if constexpr (kB) {
+      SmemPtr baddr[NL];
+      for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[0];
+      ldsm_x4<NL, true>(bf, baddr);
     }
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
-      if (u < un.n) {
-        if constexpr (!kAShared) {
-          const uint16_t* aaddr[NL];
-          for (int s = 0; s < NL; ++s) aaddr[s] = go + arow[s] + un.a[u];
+      if (kFull || u < un.n) {
+        if constexpr (!kA) {
+          // B shared (npairs == kWarps, one tap): unit w + kWarps * u is m16 tile u
+          const int a_u = kB ? 16 * u : un.a[u];
+          SmemPtr aaddr[NL];
+          for (int s = 0; s < NL; ++s) aaddr[s] = arow[s] + (aoff + a_u);
           ldsm_x4<NL, true>(af, aaddr);
         }
-        const uint16_t* baddr[NL];
-        for (int s = 0; s < NL; ++s) {
-          baddr[s] = act + bbase[s] + un.tapnp[u];
-          if (edge && outside[s]) baddr[s] = zero + bofs[s] + un.np[u];
+        if constexpr (!kB) {
+          SmemPtr baddr[NL];
+          for (int s = 0; s < NL; ++s) baddr[s] = bb[s] + un.tapnp[u];
+          ldsm_x4<NL, true>(bf, baddr);
         }
-        uint32_t bf[NL][4];
-        ldsm_x4<NL, true>(bf, baddr);
         uint32_t b0[NL][2], b1[NL][2];
         for (int s = 0; s < NL; ++s) {
           b0[s][0] = bf[s][0];
@@ -1519,41 +1763,69 @@ RESFAST_HD void wgrad_mma_tile(int warp, int lane0, const ConvGeom& g, const Wgr
   }
 }
 
-// Writes the warp's units to part[split][weight index] for the (co, ci) pairs of one group (a
-// block of one group: every pair; a packed block: the diagonal blocks).
-template <int NL, typename T, int UPW>
+// The per-split partial weight gradients are laid out [split][co][tap][ci - group * cin_g]
+// (input channels innermost: a lane's two adjacent columns are one 8-byte store); the host
+// sums the splits and permutes to [Cout][cin_g][KH][KW].
+RESFAST_HD int64_t wgrad_part_index(const ConvGeom& g, int co, int tap, int ci_local) {
+  return (int64_t(co) * (g.KH * g.KW) + tap) * g.cin_g + ci_local;
+}
+
+// Writes the warp's units to part[split] for the (co, ci) pairs of one group (a block of one
+// group: every pair; a packed block: the diagonal blocks). 32-bit offsets within a split (the
+// planner refuses weights of 2^31 elements or more).
+// A-shared kernels (kShare 1, 3): a warp's units have one (m16 tile, column pair) and taps
+// tap0 + u * (kWarps / (mtiles * npairs)), so the rows, columns and their tests are the same for
+// all of them (computed once) and unit u's elements sit u * tap step * cin_g further.
+template <int NL, typename T, int UPW, int kShare = 0>
 RESFAST_HD void wgrad_mma_store(int warp, int lane0, const ConvArgs<T>& a, const WgradPlan& p, const WgradBlock& b,
                                 const WgradAcc<NL, UPW>& acc) {
   using A = acc_of<T>;
+  constexpr bool kA = kShare == 1 || kShare == 3;
   const ConvGeom& g = a.g;
-  const int mtiles = p.bm / 16, npairs = p.bn / 16;
-  const int taps = int(g.KH * g.KW), cin_g = int(g.cin_g), cout_g = int(g.cout_g);
-  const int64_t nw = g.Cout * g.cin_g * taps;
+  const int cin_g = int(g.cin_g), ld_co = int(g.KH * g.KW) * cin_g;
+  const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   const int nunits = (p.units - warp + kWarps - 1) / kWarps;
-  const int g0 = b.co0 / cout_g;  // the block's (first) group
+  const int g0 = fast_div(b.co0, p.cout_div);  // the block's (first) group
+  const int ustride = kA ? (kWarps >> (p.lnp + p.lmt)) * cin_g : 0;  // kA: elements from unit u to u + 1
   A* part = a.part0 + b.split * nw;
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
     const int gq = lane >> 2, t = lane & 3;
+    int np = 0, mt = 0, tap = 0;
+    A* dst[2] = {part, part};
+    bool ok[2][2][2] = {};
     RESFAST_UNROLL
     for (int u = 0; u < UPW; ++u) {
       if (u >= nunits) break;
-      const int unit = warp + kWarps * u;
-      const int np = unit % npairs, rest = unit / npairs;
-      const int mt = rest % mtiles, tap = rest / mtiles;
-      RESFAST_UNROLL
-      for (int half = 0; half < 2; ++half) {
+      if (!kA || u == 0) {
+        wgrad_unit(p, warp + kWarps * u, np, mt, tap);
+        const int c0 = np * 16 + 2 * t;  // the lane's first column
         RESFAST_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          const int row = mt * 16 + gq + (i >= 2 ? 8 : 0), col = np * 16 + half * 8 + 2 * t + (i & 1);
-          if (row >= b.nrows || col >= b.ncols) continue;
-          const int co = b.co0 + row, ci = b.ci0 + col;
-          int grp = g0;
-          if (b.multi) {
-            grp = co / cout_g;
-            if (ci / cin_g != grp) continue;
+        for (int rr = 0; rr < 2; ++rr) {
+          const int row = mt * 16 + gq + rr * 8, co = b.co0 + row;
+          const int grp = b.multi ? fast_div(co, p.cout_div) : g0;
+          const int cl0 = b.ci0 - grp * cin_g;  // local input channel of column 0
+          // the row's columns: [lo, hi) = [0, ncols) within the row's group (none past nrows)
+          const int lo = cl0 < 0 ? -cl0 : 0;
+          int hi = cin_g - cl0 < b.ncols ? cin_g - cl0 : b.ncols;
+          hi = row < b.nrows ? hi : lo;
+          dst[rr] = part + (co * ld_co + tap * cin_g + cl0 + c0);
+          RESFAST_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            RESFAST_UNROLL
+            for (int j = 0; j < 2; ++j) ok[rr][half][j] = uint32_t(c0 + half * 8 + j - lo) < uint32_t(hi - lo);
           }
-          part[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = A(acc.c[u][half][s][i]);
+        }
+      }
+      RESFAST_UNROLL
+      for (int rr = 0; rr < 2; ++rr) {
+        A* d = dst[rr] + (kA ? u * ustride : 0);
+        RESFAST_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          RESFAST_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            if (ok[rr][half][j]) d[half * 8 + j] = A(acc.c[u][half][s][2 * rr + j]);
+          }
         }
       }
     }
@@ -1603,13 +1875,14 @@ RESFAST_HD void wgrad_simt_store(int tid, const ConvArgs<T>& a, const WgradPlan&
     const int co = b.co0 + m, ci = b.ci0 + n;
     const int grp = co / cout_g;
     if (ci / cin_g != grp) continue;
-    a.part0[b.split * nw + (int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap] = acc[i];
+    a.part0[b.split * nw + wgrad_part_index(g, co, tap, ci - grp * cin_g)] = acc[i];
   }
 }
 
-// UPW: units per warp (tensor cores; 0 = SIMT). kAShared: every unit of a warp has the same A
-// fragment (WgradUnits), which the plan knows (WgradPlan::a_shared).
-template <class X, typename T, int UPW, bool kAShared>
+// UPW: units per warp (tensor cores; 0 = SIMT). kShare: every unit of a warp has the same A
+// (1; 3: and every warp has UPW units) or B (2; 4: and every warp has UPW units) fragment,
+// which the plan knows (WgradPlan::share).
+template <class X, typename T, int UPW, int kShare>
 RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& p, int64_t block,
                             unsigned char* smem) {
   using A = acc_of<T>;
@@ -1634,7 +1907,7 @@ RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& 
       for (int i = 0; i < kSimtWgrad; ++i) sacc[c][i] = A(0);
     });
   }
-  ex.threads([&](int tid, int) { fill_zero(tid, zero_s, p.PSn); });
+  ex.threads([&](int tid, int) { fill_zero(tid, zero_s, p.zero_rows * p.PSn); });
   WgradUnits<kUPW> units[kMMA ? X::kWarpCopies : 1];
   BNScaleShift8 bnc[kMMA ? X::kThreadCopies : 1];  // the staged activation's BN map, for every tile
   if constexpr (kMMA) {
@@ -1649,24 +1922,30 @@ RESFAST_HD void wgrad_block(const X& ex, const ConvArgs<T>& a, const WgradPlan& 
     ex.sync();  // the previous tile is no longer read
     ex.threads([&](int tid, int c) {
       // grad_out rows = tile pixels (TW wide, so p / TW is the tile row)
-      fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, pos.h0, pos.w0, p.s.TH, p.s.TW, p.s.MP, g.Ho, g.Wo,
-                       b.co0, b.co0 + b.nrows, p.bm, p.PSm, kMMA, false, go_s);
-      fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, int(pos.h0 * g.sh - g.ph), int(pos.w0 * g.sw - g.pw),
-                      p.s.IH, p.s.IW, p.s.IH * p.s.IW, g.H, g.W, b.ci0, b.ci0 + b.ncols, p.bn, p.PSn, kMMA, false,
-                      act_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
+      fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, pos.h0, pos.w0, p.s.TH, p.s.TW,
+                       1u << (32 - p.s.lw), p.s.MP, g.Ho, g.Wo, b.co0, b.co0 + b.nrows, p.bm, p.PSm, kMMA, false,
+                       go_s);
+      fill_rows<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, pos.h0 * int(g.sh) - int(g.ph),
+                      pos.w0 * int(g.sw) - int(g.pw), p.s.IH, p.s.IW, p.s.iw_magic, p.s.IH * p.s.IW, g.H, g.W, b.ci0,
+                      b.ci0 + b.ncols, p.bn, p.PSn, kMMA, false, act_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
     });
     ex.sync();
     if constexpr (kMMA) {
+      // the tile's pixels inside the output (rows past the tile count as outside: rh >= TH)
+      const int rows_valid = int(g.Ho) - pos.h0 < p.s.TH ? int(g.Ho) - pos.h0 : p.s.TH;
+      const int cols_valid = int(g.Wo) - pos.w0;
       ex.warps([&](int warp, int lane, int c) {
-        wgrad_mma_tile<X::kLanes, T, kUPW, kAShared>(warp, lane, g, p, pos.h0, pos.w0, go_s, act_s, zero_s, units[c],
-                                                      acc[c]);
+        wgrad_mma_tile<X::kLanes, T, kUPW, kShare>(warp, lane, g, p, rows_valid, cols_valid, go_s, act_s, zero_s,
+                                                      units[c], acc[c]);
       });
     } else {
       ex.threads([&](int tid, int c) { wgrad_simt_tile(tid, g, p, pos.h0, pos.w0, go_s, act_s, sacc[c]); });
     }
   }
   if constexpr (kMMA) {
-    ex.warps([&](int warp, int lane, int c) { wgrad_mma_store<X::kLanes, T, kUPW>(warp, lane, a, p, b, acc[c]); });
+    ex.warps([&](int warp, int lane, int c) {
+      wgrad_mma_store<X::kLanes, T, kUPW, kShare>(warp, lane, a, p, b, acc[c]);
+    });
   } else {
     ex.threads([&](int tid, int c) { wgrad_simt_store(tid, a, p, b, sacc[c]); });
   }
