@@ -1,7 +1,8 @@
 """The native op set ``torch.ops.resfast``: kernels of the compiled extension ``resfast._C``
 (CUDA kernels for CUDA tensors, their C++ twin for CPU tensors). The schemas are registered
 by ``csrc/resfast.cpp`` (equal to :data:`resfast.ops.schemas.SCHEMAS`, which a test checks);
-this module adds the fake implementations, the autograd formula and the version bumps of the\nargument the ops write in place."""
+this module adds the fake implementations, the autograd formula and the version bumps of the
+arguments the ops write in place."""
 from __future__ import annotations
 
 import torch
