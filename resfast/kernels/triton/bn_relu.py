@@ -32,6 +32,21 @@ def bn_params(ci, ci_mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
 
 
 @triton.jit
+def channel_block(k_loc, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA: tl.constexpr,
+                  HAS_BETA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input channels ``ci`` of group block ``gblk``'s local channels ``k_loc`` (``KR``
+    per block), their validity (``EVEN_K``: every block full, no masks) and BN
+    ``(scale, shift)``: ``(ci, k_ok, scale, shift)``."""
+    ci = gblk * KR + k_loc
+    if EVEN_K:
+        k_ok = tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        k_ok = (k_loc < KR) & (ci < C)
+    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    return ci, k_ok, scale, shift
+
+
+@triton.jit
 def bn_relu(xv, scale, shift, valid):
     """``relu(x * scale + shift)`` of a float32 ``[rows, channels]`` tile, zero where ``valid``
     is false: conv padding is zeros of the *activation*, not ``bn(0)``. The ReLU propagates

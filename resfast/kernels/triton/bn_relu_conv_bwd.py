@@ -41,7 +41,7 @@ evaluated where it cannot contribute).
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, dot_acc, tile_origin
+from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, tile_origin
 
 
 @triton.jit
@@ -86,14 +86,10 @@ def bn_relu_conv_bwd_kernel(
         ksub = (cb // NSUB) % KSUB
         nc0 = cb % NSUB
     k_loc = ksub * BLOCK_K + kk
-    ci = gblk * KR + k_loc
-    if EVEN_K:  # every block full: no channel masks
-        k_ok = tl.full([BLOCK_K], 1, tl.int1)
-    else:
-        k_ok = (k_loc < KR) & (ci < C)
+    ci, k_ok, scale, shift = channel_block(k_loc, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
     gk = k_loc // CIN_G
     ci_loc = k_loc - gk * CIN_G
-    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
     mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
     invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
     x_c = ci * sxc
@@ -161,19 +157,8 @@ def bn_relu_conv_bwd_kernel(
                 tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
             if DO_GB:
                 if ksub == 0:
-                    # grad_bias = sum of grad_out over the output positions, flat rows
-                    co = gblk * NR + nc0 * BLOCK_N + tl.arange(0, BLOCK_N)
-                    n_ok = (nc0 * BLOCK_N + tl.arange(0, BLOCK_N) < NR) & (co < CO)
-                    gb = tl.zeros([BLOCK_N], dtype=tl.float32)
-                    for r0 in range(split * BM, P_OUT, SPLITS * BM):
-                        r = r0 + m
-                        wo_ = r % WO
-                        q = r // WO
-                        row_off = (q // HO).to(tl.int64) * sgn + (q % HO) * sgh + wo_ * sgw
-                        gyb = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
-                                      mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
-                        gb += tl.sum(gyb.to(tl.float32), axis=0)
-                    tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+                    _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
+                                   sgh, sgw, BM, BLOCK_N)
     else:
         # The fix-up launch (packed groups only): 0 * NaN in the block-diagonal weights carries
         # one group's non-finite grad_out into its packed neighbours' grad_a, which eager never
@@ -261,12 +246,8 @@ def bn_relu_conv_bwd_input_kernel(
 
     gblk = cb // KSUB
     k_loc = (cb % KSUB) * BLOCK_K + kk  # a group's own input channels (no packing: CIN_G == KR)
-    ci = gblk * KR + k_loc
-    if EVEN_K:
-        k_ok = tl.full([BLOCK_K], 1, tl.int1)
-    else:
-        k_ok = (k_loc < KR) & (ci < C)
-    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    ci, k_ok, scale, shift = channel_block(k_loc, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
     mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
     invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
     w_k = k_loc * swi
@@ -472,12 +453,8 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     ksub = (cb // NSUB) % KSUB
     nc = cb % NSUB
     k_loc = ksub * BLOCK_K + kk  # a group's own input channels (no packing: CIN_G == KR)
-    ci = gblk * KR + k_loc
-    if EVEN_K:
-        k_ok = tl.full([BLOCK_K], 1, tl.int1)
-    else:
-        k_ok = (k_loc < KR) & (ci < C)
-    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    ci, k_ok, scale, shift = channel_block(k_loc, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
     x_c = ci * sxc
     co_a, ok_a, kw_a = _tap_stack(0, KW_A, gblk, nc, NR, CO, EVEN_N, BLOCK_N)
     if ACC_T:
@@ -533,20 +510,29 @@ def bn_relu_conv_bwd_weight_s1_kernel(
         _store_stack(pgw_ptr + base, gw_b, co_b, ok_b, kw_b, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
     if DO_GB:
         if ksub == 0:
-            # grad_bias = sum of grad_out over the output positions, flat rows
-            n_loc = nc * BLOCK_N + tl.arange(0, BLOCK_N)
-            co = gblk * NR + n_loc
-            n_ok = (n_loc < NR) & (co < CO)
-            gb = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for r0 in range(split * BM, P_OUT, SPLITS * BM):
-                r = r0 + m
-                wo_ = r % WO
-                q = r // WO
-                row_off = (q // HO).to(tl.int64) * sgn + (q % HO) * sgh + wo_ * sgw
-                gyr = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
-                              mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
-                gb += tl.sum(gyr.to(tl.float32), axis=0)
-            tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+            _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc, sgh, sgw,
+                           BM, BLOCK_N)
+
+
+@triton.jit
+def _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc, sgh, sgw,
+                   BM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split ``split``'s float32 partial of ``grad_bias`` (the sum of ``grad_out`` over the
+    output positions, flat rows of ``m``'s width) for output-channel chunk ``nc`` of group
+    block ``gblk``, into row ``split`` of ``pgb`` (``m = arange(0, BM)``)."""
+    n_loc = nc * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = gblk * NR + n_loc
+    n_ok = (n_loc < NR) & (co < CO)
+    gb = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(split * BM, P_OUT, SPLITS * BM):
+        r = r0 + m
+        wo_ = r % WO
+        q = r // WO
+        row_off = (q // HO).to(tl.int64) * sgn + (q % HO) * sgh + wo_ * sgw
+        gyr = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
+                      mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
+        gb += tl.sum(gyr.to(tl.float32), axis=0)
+    tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
 
 
 @triton.jit

@@ -35,7 +35,7 @@ BatchNorm. A packed tile that is not finite is added by its exact fix-up, not it
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, dot_acc, tile_origin
+from resfast.kernels.triton.bn_relu import any_nonfinite, bn_relu, channel_block, dot_acc, tile_origin
 
 
 @triton.jit
@@ -203,13 +203,8 @@ def _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw,
 def _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
            HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """BN ``(scale, shift)``, validity and ``x`` channel offsets of input chunk ``kc`` of a group block."""
-    k_loc = kc + tl.arange(0, BLOCK_K)
-    ci = gblk * KR + k_loc
-    if EVEN_K:
-        k_ok = tl.full([BLOCK_K], 1, tl.int1)
-    else:
-        k_ok = (k_loc < KR) & (ci < C)
-    scale, shift = bn_params(ci, k_ok, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
+    ci, k_ok, scale, shift = channel_block(kc + tl.arange(0, BLOCK_K), gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr,
+                                           beta_ptr, HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
     return scale, shift, k_ok, ci * sxc
 
 
