@@ -352,6 +352,68 @@ def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
           torch.float32, "wide input, one chunk")
 
 
+
+# The GPU tile configs added for DenseNet's 128 -> 32 3x3 convs (the interpreter normally runs
+# its own small config, so these are forced here): the forward's 4 x 16 tile over one
+# 128-channel chunk, the input gradient's 4 x 16 tile by 128 input channels, and the weight
+# gradient's 16 output x 64 input channel block.
+_DENSE_FWD_CFG = dict(TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128, STACK=1)
+_DENSE_BWD_INPUT_CFG = dict(TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128)
+_DENSE_BWD_WEIGHT_CFG = dict(TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64)
+
+
+def _listed(configs, meta):
+    """The first config of ``configs`` with exactly these tile sizes (it must be listed; warps
+    and stages do not change the interpreter's result)."""
+    found = [cfg for cfg in configs if dict(cfg.meta) == meta]
+    assert found, f"no config with {meta}"
+    return found[0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dense_narrow_output_configs_against_eager(stride, monkeypatch):
+    """The forward and both conv gradients run with the configs for few output channels
+    (:data:`_DENSE_FWD_CFG` and the two backward ones) on a small uneven case: 72 input
+    channels (one masked 128-wide chunk, a 64 + 8 split for the weight gradient), 20 output
+    channels (16 + 4: two uneven output blocks), a 5 x 7 image (a 7 x 7-like grid that no tile
+    fills), stride 1 and 2; every output NaN-poisoned first, all against float64."""
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops as T
+
+    # 20 output channels are a wide group for the interpreter's 16-wide config, not for the
+    # GPU's (which takes the stacked weight-gradient kernel up to 64): as on the GPU here
+    monkeypatch.setattr(T, "_wide_group", lambda *a: False)
+    c, co = 72, 20
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, 1, 3, "cl", hw=(5, 7), seed=11)
+    conv = ([stride, stride], [1, 1], [1, 1], 1)
+    fwd_args = (x, w, b, bw, bb, mean, invstd, *conv)
+    y, (launch,) = T._PLANNERS["bn_relu_conv2d"](*fwd_args, True)
+    cfg = _listed(T._FWD_CONFIGS, _DENSE_FWD_CFG)
+    assert launch.bind(cfg).constexprs["ONE_CHUNK"]  # all 72 channels in one masked chunk
+    y.fill_(float("nan"))
+    with T._device(x):
+        launch.run(cfg)
+    _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, (*fwd_args, True), torch.float32, f"stride={stride}")
+
+    go = torch.randn(*y.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, *conv, True)
+    result, launches = T._PLANNERS["bn_relu_conv2d_backward"](*args)
+    names = [launch.name for launch in launches]
+    assert names == ["conv_bwd_input", "conv_bwd_weight", "conv_bwd_finalize"], names
+    for t in result:
+        t.fill_(float("nan"))
+    chosen = {"conv_bwd_input": _listed(T._BWD_INPUT_WIDE_CONFIGS, _DENSE_BWD_INPUT_CFG),
+              "conv_bwd_weight": _listed(T._BWD_WEIGHT_CONFIGS, _DENSE_BWD_WEIGHT_CFG)}
+    assert launches[0].fn is bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel
+    bound = launches[1].bind(chosen["conv_bwd_weight"])
+    assert (bound.fn or launches[1].fn) is bn_relu_conv_bwd.bn_relu_conv_bwd_kernel
+    assert bound.derived["BLOCK_N"] == 16 and bound.derived["BLOCK_K"] == 64  # 2 x 2 uneven channel blocks
+    with T._device(x):
+        for launch in launches:  # in plan order: the finalize reads the partials the weight launch's config made
+            launch.run(chosen.get(launch.name, launch.configs[0]))
+    _rule("bn_relu_conv2d_backward", result, reference.bn_relu_conv2d_backward, args, torch.float32,
+          f"dense narrow-output configs, stride={stride}")
+
 def test_fit_tile():
     """Backward tiles keep their positions and take the shape that leaves the fewest empty."""
     from resfast.ops.triton_ops import _fit_tile
@@ -564,6 +626,7 @@ CASES = [
     ((2, 32, 8, 8), 32, 32, 3, 1, 1, 1, torch.bfloat16, True, 0, False, True),    # depthwise
     ((2, 80, 6, 6), 96, 1, 3, 1, 1, 1, torch.bfloat16, True, 0, True, True),      # wide group
     ((2, 48, 9, 9), 80, 1, 3, 2, 1, 1, torch.bfloat16, True, 0, True, True),      # wide group, stride 2
+    ((2, 128, 7, 7), 32, 1, 3, 1, 1, 1, torch.bfloat16, True, 0, False, True),    # DenseNet 128 -> 32, 7 x 7
 ]
 seen, compiled, tensor_core = set(), 0, []
 for (shape, co, groups, k, s, p, d, dtype, cl, extra, bias, affine) in CASES:

@@ -305,9 +305,11 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
                      splits: int, count: int) -> "KernelLaunch":
     """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
     inverse std), updating the running statistics when given (``count`` positions in all)."""
-    # few channels: narrower channel tiles spread the merge over more programs (each a
-    # single-SM latency chain), longer split steps take fewer trips
-    merge_s, merge_c = (4, 16) if _interpret() else ((64, 16) if c <= 512 else (32, 32))
+    # few channels: narrow channel tiles spread the merge over more programs (each a
+    # single-SM latency chain), long split steps take few trips (static model, predicted:
+    # 256 x 4 is 0.36-0.42 us for 128-512 channels and over 64 splits, where 64 x 16 was
+    # 0.41-0.61 us; at 64 splits or fewer 64 x 16 stays, 0.34 us)
+    merge_s, merge_c = (4, 16) if _interpret() else ((32, 32) if c > 512 else (64, 16) if splits <= 64 else (256, 4))
     fixed = _cfg(4, 1)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
@@ -342,6 +344,10 @@ _FWD_CONFIGS = [
     # the fewest registers (the statistics epilogue of WRN-28-10's stride-2 stage-3 block
     # spills in every other config), though its 64-row tile is issued by both warpgroups
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
+    # narrow outputs (DenseNet's 128 -> 32 3x3 convs): a 64-row tile over all 128 input
+    # channels in one chunk, so the halo is staged once per tile (predicted at 28 x 28:
+    # 7.06 -> 6.70 us)
+    _cfg(4, 1, 2, TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128, STACK=1),
 ]
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
@@ -531,6 +537,11 @@ _BWD_INPUT_CONFIGS = [
 _BWD_WEIGHT_CONFIGS = [
     *_BWD_CONFIGS,
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    # 16 output x 64 input channels: a kernel row's stacked output gradient [positions, 4 x 16]
+    # is half as wide, and it dominates the loads when the outputs are few (DenseNet's
+    # 128 -> 32 3x3 convs; predicted 8.07 -> 7.39 us at 28 x 28, 3.24 -> 2.72 us at 14 x 14)
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The weight-gradient launch of a group wider than one tile (:func:`_wide_weight`;
@@ -570,6 +581,9 @@ _BWD_INPUT_WIDE_CONFIGS = [
     _cfg(8, 3, 1, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=128),
     _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=128),
     _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64),
+    # a 64-row tile by all 128 input channels (DenseNet's 128 -> 32 3x3 convs at 28 x 28:
+    # predicted 9.10 -> 8.69 us, the HBM floor)
+    _cfg(4, 3, 2, TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128),
 ]
 _BWD_INPUT_WIDE_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
