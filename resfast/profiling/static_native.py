@@ -6,16 +6,16 @@ prints the plans the CUDA host code launches for a conv, from the same ``tiles.h
 reads their SASS, registers, spills and shared memory (``cuobjdump``, ``ptxas -v``) and predicts
 each kernel's time on an H100 / H200 SXM:
 
-* ``issue_us``: the warp-instructions the grid issues, over 132 SMs x 4 warp-instructions per
-  clock x 1.755 GHz. A block's instructions are counted from the SASS loop by loop: an innermost
+* ``issue_us``: the warp-instructions the busiest SM issues (``ceil(blocks / 132)`` blocks: a
+  grid of fewer blocks than SMs leaves SMs idle), over 4 warp-instructions per clock x 1.755 GHz. A block's instructions are counted from the SASS loop by loop: an innermost
   loop's own instructions per unit of work it does (an ``HMMA``, a staged 16-byte row vector, a
   staged weight, a 16-byte output vector) times the units the plan gives the block; the own
   code of the loops that hold loops as often as they run (the loop over a block's spatial tiles,
   the loop over K chunks inside it); code outside every loop once. Out-of-line paths the shapes
   do not take (per-element loads of non-channels_last tensors, the fallback for non-finite
   values, which cuobjdump lists after the kernel) and loops of paths they do not take count zero.
-* ``mma_us``: the MACs the HMMA instructions issue (the zeros of block-diagonal packing
-  included) over the mma.sync rate, 1024 MACs per clock per SM.
+* ``mma_us``: the MACs the busiest SM's HMMA instructions issue (the zeros of block-diagonal
+  packing included) over the mma.sync rate, 1024 MACs per clock per SM.
 * ``floor_us``: the bytes the kernel must move at least (its inputs read once, its outputs
   written once) over 3.35 TB/s.
 * ``predicted_us = max(issue_us, mma_us, floor_us)``, as ``resfast.profiling.static_model``
@@ -330,9 +330,11 @@ def _record(probe: _Probe, name: str, s: ConvShape, kernel: str, plans: dict) ->
                 "predicted_us": None}
     f = probe.kernel(kernel, plan)
     parts = _block_instructions(f, s, kernel, plan, plans)
-    blocks = plan["blocks"]
-    issue_us = parts["total"] * blocks / (SM_COUNT * ISSUE_PER_CLOCK * CLOCK_GHZ * 1e3)
-    mma_us = parts["hmma_count"] * blocks * MACS_PER_HMMA / (MMA_SYNC_MACS_PER_CLOCK * SM_COUNT * CLOCK_GHZ * 1e3)
+    # The busiest SM's share: ceil(blocks / SMs) blocks (a grid of fewer blocks than SMs leaves
+    # SMs idle; the triton model counts the same way).
+    per_sm = math.ceil(plan["blocks"] / SM_COUNT)
+    issue_us = parts["total"] * per_sm / (ISSUE_PER_CLOCK * CLOCK_GHZ * 1e3)
+    mma_us = parts["hmma_count"] * per_sm * MACS_PER_HMMA / (MMA_SYNC_MACS_PER_CLOCK * CLOCK_GHZ * 1e3)
     floor_us = _floor_us(s, kernel)
     ops = {_opcode(t) for _, t in f.instrs}
     mma = "wgmma" if any(o.startswith("HGMMA") for o in ops) else (

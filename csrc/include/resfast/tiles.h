@@ -70,6 +70,18 @@ constexpr int kWgradUpwSmall = 3, kWgradUpwLarge = 9;
 // ... and the B-shared kernel for full warps of 8 units (a 1x1 conv's 128 x 64 channels).
 constexpr int kWgradUpwFullB = 8;
 constexpr int64_t kWgradTargetBlocks = 264;
+// SMs of an H100 / H200 SXM: the planners weigh a grid by its busiest SM, ceil(blocks / SMs)
+// blocks, the SMs being a plan's target blocks over the blocks per SM it aims at (a constant
+// machine, like kTargetBlocks, so the CPU twin plans exactly as the GPU; a test's smaller
+// target, RESFAST_NATIVE_TARGET_BLOCKS, plans for a smaller machine).
+constexpr int64_t kSMs = 132;
+static_assert(kTargetBlocks == 4 * kSMs && kWgradTargetBlocks == 2 * kSMs, "targets: four / two blocks per SM");
+// Clocks an SM's tensor cores take for one m16n8k16 HMMA (2048 MACs at 1024 MACs per clock).
+constexpr double kHmmaClocks = 2.0;
+// Warp-instructions an SM issues per clock (4 schedulers).
+constexpr double kIssuePerClock = 4.0;
+// HBM bytes per SM clock (3.35 TB/s at 1.755 GHz, an H100 SXM).
+constexpr double kHbmBytesPerClock = 3.35e12 / 1.755e9;
 RESFAST_HD constexpr int max_pixels(int nt) { return nt == 0 ? kThreads : kWarps * 16 * mt_of(nt); }
 static_assert(max_pixels(2) == kMaxPixels, "the warps' m16 tiles cover the largest pixel tile");
 
@@ -392,7 +404,11 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
 // forward), a 16-byte weight copy, an 8-channel output vector (the input grad's with its ReLU
 // mask and channel sums), and the code around a K chunk, a tile and a block (all warps). The
 // planner weighs channel blocks, tile sizes and K chunks with them.
-constexpr double kCostHmma[2] = {3.5, 5.0}, kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
+// An HMMA's share of its fragment loads shrinks with the n8 tiles a warp holds (nt 2, 4, 8:
+// kCostHmmaNt[ig][0..2]).
+constexpr double kCostHmmaNt[2][3] = {{5.1, 3.4, 3.45}, {7.2, 4.6, 4.0}};
+inline constexpr double cost_hmma(int ig, int nt) { return kCostHmmaNt[ig][nt <= 2 ? 0 : (nt <= 4 ? 1 : 2)]; }
+constexpr double kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
                  kCostStore[2] = {1.1, 3.1}, kCostChunk[2] = {1150.0, 1000.0}, kCostTile[2] = {1100.0, 2000.0},
                  kCostBlock = 700.0;
 // The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
@@ -447,6 +463,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
   const int min_bk = mma ? 16 : 8;  // an MMA k-step is 16 channels; the fills move 8 at once
   const int ig = input_grad ? 1 : 0;
   if (target_blocks < 1) target_blocks = 1;
+  const int64_t sms = target_blocks >= 4 ? target_blocks / 4 : 1;
   double best = -1;
   // Channel blocks of bn columns: the widest (fewest re-stagings of the summed side) or, for
   // tensor cores, narrower ones (smaller weight tiles: larger K chunks and spatial tiles).
@@ -481,30 +498,46 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       auto bytes = [&](const SpatialTile& s) {
         return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
       };
-      auto tiles_per_block = [&](int64_t spatial) {
-        int64_t tpb = 1;
-        if (k_range <= BK) {
-          tpb = spatial * ct.blocks / target_blocks;
-          tpb = tpb < 1 ? 1 : (tpb > kMaxTilesPerBlock ? kMaxTilesPerBlock : tpb);
-        }
-        return tpb;
-      };
-      // warp-instructions of the whole grid (kCost*)
-      auto cost = [&](const SpatialTile& s) -> double {
-        if (bytes(s) > kSmemLimit) return -1;
+      const double w_copy = taps * bn * BK / 8.0 * kCostWeight;
+      // Clocks of the busiest SM (ceil(blocks / SMs) blocks of tpb tiles each): its
+      // warp-instructions (kCost*) over the issue rate.
+      auto busiest = [&](const SpatialTile& s, int64_t tpb) -> double {
         const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
-        const double w_copy = taps * bn * BK / 8.0 * kCostWeight;
         const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
+        const double waves = double(cdiv(ct.blocks * cdiv(spatial, tpb), sms));
         if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
           const double per_chunk = hmma * 10.0 + s.IH * s.IW * (BK / 8.0) * 3.2 +
                                    (chunks > 1 ? taps * bn * BK / 8.0 * 0.5 : 0.0) + 1600.0;
-          return double(spatial) * (chunks * per_chunk + s.M * (bn / 8.0) * 1.5);
+          return waves * tpb * (chunks * per_chunk + s.M * (bn / 8.0) * 1.5) / kIssuePerClock;
         }
-        const double per_chunk = hmma * kCostHmma[ig] + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
+        const double per_chunk = hmma * cost_hmma(ig, nt) + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
                                  (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
         const double per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
-        const double blocks = double(ct.blocks) * double(cdiv(spatial, tiles_per_block(spatial)));
-        return double(ct.blocks) * double(spatial) * per_tile + blocks * (kCostBlock + (chunks > 1 ? 0.0 : w_copy));
+        return waves * (tpb * per_tile + kCostBlock + (chunks > 1 ? 0.0 : w_copy)) / kIssuePerClock;
+      };
+      // Several tiles per block only when the weights stay staged (K in one chunk): the count
+      // (at most kMaxTilesPerBlock, at least target_blocks blocks in the grid) that makes the
+      // busiest SM's work the least (fewer tiles per block on ties).
+      auto tiles_per_block = [&](const SpatialTile& s) {
+        int64_t tpb = 1;
+        if (k_range <= BK) {
+          const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
+          int64_t most = spatial * ct.blocks / target_blocks;
+          most = most < 1 ? 1 : (most > kMaxTilesPerBlock ? kMaxTilesPerBlock : most);
+          double best_t = busiest(s, 1);
+          for (int64_t t = 2; t <= most; ++t) {
+            const double c = busiest(s, t);
+            if (c < best_t) {
+              best_t = c;
+              tpb = t;
+            }
+          }
+        }
+        return tpb;
+      };
+      auto cost = [&](const SpatialTile& s) -> double {
+        if (bytes(s) > kSmemLimit) return -1;
+        return busiest(s, tiles_per_block(s));
       };
       double c = 0;
       const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
@@ -529,7 +562,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       p.spatial = g.N * s.tiles_h * s.tiles_w;
       // Several tiles per block when the weights stay staged (K in one chunk) and the grid
       // still has target_blocks blocks.
-      p.tpb = int(tiles_per_block(p.spatial));
+      p.tpb = int(tiles_per_block(s));
       p.chunks = int(chunks);
       p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
       p.blocks = p.ch.blocks * cdiv(p.spatial, p.tpb);
@@ -655,7 +688,36 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
     splits = fewer > floor_splits ? fewer : floor_splits;
     if (splits > p.items) splits = p.items;
   }
-  p.splits = splits < 1 ? 1 : splits;
+  splits = splits < 1 ? 1 : splits;
+  if (mma) {
+    // No more splits than that (each adds a row of partial sums), but the count that makes the
+    // busiest SM's work the least: ceil(blocks / SMs) blocks of ceil(items / splits) tiles, each
+    // the larger of its warp-instructions over the issue rate and its HMMAs over the MMA rate.
+    const int64_t sms = target_blocks >= 2 ? target_blocks / 2 : 1;
+    const double tile_issue = cost(s) / double(p.items), tile_hmma = (s.MP / 16.0) * p.units * 2.0;
+    // ... and never below the kernel's HBM time (its activation and grad_out read once), so
+    // that a memory-bound kernel keeps its splits (the blocks that hide the loads' latency).
+    const double floor_clocks = double(g.N * g.C * g.H * g.W + g.N * g.Cout * g.Ho * g.Wo) * elem_bytes /
+                                kHbmBytesPerClock;
+    auto busiest = [&](int64_t t) {
+      const double tiles = double(cdiv(p.items, t));
+      const double issue = (tiles * tile_issue + kCostWgradBlock) / kIssuePerClock;
+      const double tensor = tiles * tile_hmma * kHmmaClocks;
+      const double sm = double(cdiv(p.cblocks * t, sms)) * (issue > tensor ? issue : tensor);
+      return sm > floor_clocks ? sm : floor_clocks;
+    };
+    int64_t best_t = splits;
+    double best_c = busiest(splits);
+    for (int64_t t = splits - 1; t >= 1; --t) {
+      const double c = busiest(t);
+      if (c < best_c) {
+        best_c = c;
+        best_t = t;
+      }
+    }
+    splits = best_t;
+  }
+  p.splits = splits;
   (void)acc_bytes;
   p.ok = true;
   return p;
