@@ -49,6 +49,7 @@ import copy
 import inspect
 import sys
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -1004,6 +1005,11 @@ class _TracedFusion:
             # FX tracing (feature extractors) and hooks on a module the fused calls bypass
             # need the original forward, which calls every submodule.
             return super().forward(*args, **kwargs)
+        if not torch.compiler.is_compiling() and _fingerprint(self) != plan.fingerprint:
+            # An attribute or submodule the trace froze has changed: the traced graph no longer
+            # computes this forward; the original one does (unfused).
+            _warn_stale(self, plan)
+            return super().forward(*args, **kwargs)
         fn, params = plan.fns[self.training], plan.params
         if not kwargs and len(args) == plan.required:
             return fn(self, *args)
@@ -1064,6 +1070,52 @@ class _Plan:
     defaults: Dict[str, Any]
     required: int
     bypassed: List[str]  # submodules the fused calls replace (their hooks would not run)
+    fingerprint: Tuple[Any, ...] = ()  # what the trace froze (:func:`_fingerprint`)
+    warned: bool = False
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _frozen_value(v: Any) -> Any:
+    """A comparable stand-in for an attribute value the trace may have frozen: plain values
+    (and tuples / lists of them) by value, anything else by identity."""
+    if isinstance(v, _PLAIN):
+        return (type(v), repr(v))  # repr: exact for floats, and NaN equals itself
+    if isinstance(v, (tuple, list)) and all(isinstance(i, _PLAIN) for i in v):
+        return (type(v), tuple((type(i), repr(i)) for i in v))
+    return ("id", id(v))
+
+
+def _fingerprint(module: nn.Module) -> Tuple[Any, ...]:
+    """What ``torch.fx`` froze into the traced forward of ``module``: the values of its own
+    plain attributes (a scale, a flag read by an ``if``) and the identity of its children
+    (and of the modules held in its containers, which the trace unrolled; a fused ReLU module
+    is gone from the graph). Taken at conversion and compared at each call."""
+    attrs = tuple((k, _frozen_value(v)) for k, v in module.__dict__.items()
+                  if k not in _MODULE_INTERNALS and k != "training" and not k.startswith("_resfast"))
+    mods: List[Tuple[str, int]] = []
+    stack = [("", module)]
+    while stack:
+        prefix, m = stack.pop()
+        for name, child in m._modules.items():
+            mods.append((prefix + name, id(child)))
+            if child is not None and type(child).forward is nn.Module.forward:  # a container: unrolled
+                stack.append((prefix + name + ".", child))
+    return attrs, tuple(mods)
+
+
+def _warn_stale(module: nn.Module, plan: "_Plan") -> None:
+    if plan.warned:
+        return
+    plan.warned = True
+    old_attrs, old_mods = plan.fingerprint
+    new_attrs, new_mods = _fingerprint(module)
+    changed = sorted({k for k, v in set(old_attrs) ^ set(new_attrs)} | {k for k, v in set(old_mods) ^ set(new_mods)})
+    warnings.warn(
+        f"{type(module).__qualname__}: {', '.join(changed) or 'its attributes'} changed since resfast.convert traced "
+        "its forward; the traced (fused) forward would compute the old one, so the original forward runs (unfused) "
+        "while they differ", UserWarning, stacklevel=3)
 
 
 _TRACED_CLASSES: Dict[type, type] = {}
@@ -1095,7 +1147,8 @@ def _make_traced(module: nn.Module, train_graph: Optional[fx.Graph], eval_graph:
         gm = fx.GraphModule(module, graph)
         fns[training] = type(gm).forward
     module.__class__ = _traced_class(base)
-    module.__dict__["_resfast_plan"] = _Plan(fns, signature, params, defaults, len(params), sorted(bypassed))
+    module.__dict__["_resfast_plan"] = _Plan(fns, signature, params, defaults, len(params), sorted(bypassed),
+                                             _fingerprint(module))
     module._resfast_backend = backend
     module._resfast_fused = True
 

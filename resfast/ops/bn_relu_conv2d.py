@@ -249,12 +249,18 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """Cast like autocast casts ``conv2d``'s inputs; the BN parameters stay in their dtype."""
+    """Cast like autocast casts ``conv2d``'s inputs: floating-point tensors other than float64
+    (which autocast never casts) to the autocast dtype; the BN parameters stay in their dtype."""
     try:
         dtype = torch.get_autocast_dtype(x.device.type)
     except (AttributeError, TypeError):
         dtype = torch.get_autocast_gpu_dtype() if x.is_cuda else torch.get_autocast_cpu_dtype()
-    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or t.dtype == dtype or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
     return cast(x), cast(weight), cast(bias)
 
 
@@ -278,7 +284,7 @@ def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Opti
     c_out, _, kh, kw = weight.shape
     if torch.compiler.is_compiling() and not static_dims(n, c, h, w, c_out, kh, kw):
         return static_choice(x.device)
-    if n == 0:
+    if x.numel() == 0:
         return static_choice(x.device)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, weight, bias, bn_weight, bn_bias))

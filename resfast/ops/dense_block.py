@@ -259,8 +259,8 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
         enabled = torch.is_autocast_cpu_enabled() if dt == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:
         enabled = False
-    if not enabled or not x.is_floating_point():
-        return x.dtype
+    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
+        return x.dtype  # autocast never casts float64
     try:
         return torch.get_autocast_dtype(dt)
     except (AttributeError, TypeError):

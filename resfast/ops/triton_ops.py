@@ -147,6 +147,20 @@ def _run(launches: Sequence[KernelLaunch], x: Tensor) -> None:
 # ----------------------------------------------------------------------------- ops
 
 
+def _dense_vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` itself when contiguous, else a contiguous copy: the statistics finalize reads and
+    writes the running statistics at ``ptr + c`` (a strided view, e.g. every other element of
+    a larger buffer, would be read wrong and the elements between overwritten)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _write_back(*pairs: Optional[Tensor]) -> None:
+    """Copy each contiguous stand-in (from :func:`_dense_vector`) back into its original."""
+    for orig, dense in zip(pairs[::2], pairs[1::2]):
+        if orig is not None and dense is not orig:
+            orig.copy_(dense)
+
+
 def _written(*tensors: Optional[Tensor]) -> None:
     """Bump the autograd version of tensors a kernel wrote in place (as ATen's in-place ops
     do): the kernels write through raw pointers, which autograd cannot see, and a graph that
@@ -166,8 +180,10 @@ def bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                     eps: float) -> Tuple[Tensor, Tensor]:
     """Training statistics ``(mean, invstd)`` of ``x``; the running statistics updated in place
     (unbiased variance) when given. Two launches: the statistics and their finalize."""
-    out, launches = _plan_bn_stats_update(x, running_mean, running_var, momentum, eps)
+    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    out, launches = _plan_bn_stats_update(x, rm, rv, momentum, eps)
     _run(launches, x)
+    _write_back(running_mean, rm, running_var, rv)
     _written(running_mean, running_var)
     return out
 
@@ -230,8 +246,10 @@ def bn_stats_merge_update(partials: Tensor, count: int, running_mean: Optional[T
     """``(mean, invstd)`` from :func:`bn_relu_conv2d_stats`'s partials of a tensor with
     ``count`` positions per channel, the running statistics updated in place as
     :func:`bn_stats_update` does. One launch (the statistics finalize)."""
-    out, launches = _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps)
+    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    out, launches = _plan_bn_stats_merge_update(partials, count, rm, rv, momentum, eps)
     _run(launches, partials)
+    _write_back(running_mean, rm, running_var, rv)
     _written(running_mean, running_var)
     return out
 
@@ -400,6 +418,7 @@ def _plan_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stri
     _check_conv("bn_relu_conv2d", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups)
     shape = conv_out_shape(x, weight, stride, padding, dilation)
     y = _empty_like_fake(x, shape)
+    _check_span("y (the output)", y)  # a channel-expanding conv's output image exceeds its input's
     return y, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y)
 
 
@@ -425,6 +444,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     ho, wo = y.shape[2], y.shape[3]
     cout_g = co // groups
     mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it at ptr + co
     use_scratch = kh * kw > 1
     fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
     configs = _prune_tiles(_FWD_CONFIGS, ho, wo, fit=fit)
@@ -490,6 +510,7 @@ def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd
                 groups)
     shape = conv_out_shape(x, weight, stride, padding, dilation)
     y = _empty_like_fake(x, shape)
+    _check_span("y (the output)", y)  # a channel-expanding conv's output image exceeds its input's
     pstat = torch.empty([3, STATS_ROWS, shape[1]], dtype=torch.float32, device=x.device)
     return (y, pstat), _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                          dilation, groups, y, pstat)

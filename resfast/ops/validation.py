@@ -76,6 +76,8 @@ def check_bn_relu_conv2d_args(
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x has no channels (shape {tuple(x.shape)}); the fused op needs at least one input channel")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x has unsupported dtype {x.dtype}; supported: float32, float16, bfloat16, float64")
     if weight.dtype != x.dtype:
@@ -117,6 +119,10 @@ def check_bn_relu_conv2d_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var (got None)")
+    if x.shape[0] > 0 and x.numel() == 0:
+        # (PyTorch's conv2d refuses it too: "Only zero batch or zero channel inputs are supported")
+        raise ValueError(f"x of shape {tuple(x.shape)} has no positions (H or W is 0); only an empty batch (N = 0) "
+                         "may be empty")
     if training and x.numel() > 0 and x.numel() // max(c_in, 1) <= 1:
         raise ValueError(f"expected more than 1 value per channel when training, got x of shape {tuple(x.shape)}")
     tensors = {"x": x, "weight": weight, "bias": bias, "out": out, **{k: v for k, (v, _) in named.items()}}
