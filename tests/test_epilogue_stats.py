@@ -244,3 +244,36 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
     assert launches["bn_stats_finalize_kernel"] == launches_unchained["bn_stats_finalize_kernel"], dict(launches)
     for key in ref64:
         assert_rule(key, chained[key], ref64[key], same[key], f"recompute={recompute}")
+
+
+def _producer(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 8, 5, 6, generator=g) * 1.2 + 0.3).to(DEVICE)
+    w = (torch.randn(8, 2, 3, 3, generator=g) / 4).to(DEVICE)
+    y, stats = bn_relu_conv2d(x, w, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+                              training=True, padding=1, groups=4, backend="triton", return_stats=True)
+    assert stats is not None
+    return y, stats
+
+
+def _consume(x, stats):
+    w = torch.randn(4, 8, 1, 1, generator=torch.Generator().manual_seed(5)).to(x)
+    return bn_relu_conv2d(x, w, bn_weight=None, bn_bias=None, running_mean=None, running_var=None,
+                          training=True, backend="triton", input_stats=stats)
+
+
+def test_input_stats_are_refused_for_any_tensor_but_their_own():
+    """Statistics describe one tensor as it was: another tensor of the same shape, the same
+    tensor after an in-place change, or a copy of the statistics (which cannot be checked)
+    would normalise with the wrong mean and variance; each raises before anything runs."""
+    y, stats = _producer()
+    other, _ = _producer(seed=1)
+    ref = _consume(y, None)
+    assert_rule("chained output", _consume(y, stats), ref.double(), ref, "own statistics")
+    with pytest.raises(ValueError, match="another tensor"):
+        _consume(other, stats)
+    with pytest.raises(ValueError, match="copy or a tensor built elsewhere"):
+        _consume(y, stats.clone())
+    y.add_(1.0)
+    with pytest.raises(ValueError, match="modified in place"):
+        _consume(y, stats)

@@ -18,6 +18,7 @@ Which path a call takes:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -88,6 +89,8 @@ def bn_relu_conv2d(
             epilogue): in training, without a process group, the BatchNorm takes its mean,
             inverse std and running-statistics update from them instead of a pass over ``x``.
             Ignored where they do not apply (eval, a process group, the eager backend).
+            Checked (outside ``torch.compile``): statistics returned for another tensor, a
+            copy of them, or ``x`` changed in place since they were taken raise ``ValueError``.
         return_stats: also return the batch statistics of the output, for the next fused
             op's ``input_stats``: ``(y, stats)``, ``stats`` ``None`` where the backend does not
             take them in the conv's epilogue (only triton does; eager and native leave the
@@ -108,12 +111,41 @@ def bn_relu_conv2d(
         dilation, groups, out,
     )
     _check_input_stats(input_stats, x)
+    if not torch.compiler.is_compiling():
+        _check_stats_source(input_stats, x)
     name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                   momentum, eps, stride, padding, dilation, groups, out)
     y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
                                return_stats)
+    if stats is not None and not torch.compiler.is_compiling():
+        _tag_stats(stats, y)
     return (y, stats) if return_stats else y
+
+
+def _tag_stats(stats: Tensor, y: Tensor) -> None:
+    """Remember which tensor ``stats`` describe (and its version): :func:`_check_stats_source`
+    refuses them for any other input, or for ``y`` after an in-place change."""
+    stats._resfast_stats_of = (weakref.ref(y), y.data_ptr(), tuple(y.shape), y.stride(), y._version)
+
+
+def _check_stats_source(input_stats: Optional[Tensor], x: Tensor) -> None:
+    """``input_stats`` must describe ``x`` as it is now: statistics of another tensor (or of
+    ``x`` before an in-place change) would normalise it with the wrong mean and variance."""
+    if input_stats is None:
+        return
+    tag = getattr(input_stats, "_resfast_stats_of", None)
+    if tag is None:
+        raise ValueError("input_stats must be the statistics a call with return_stats=True returned, unchanged "
+                         "(a copy or a tensor built elsewhere cannot be checked against x)")
+    ref, ptr, shape, stride, version = tag
+    y = ref()
+    same = y is x or (y is not None and x.data_ptr() == ptr and tuple(x.shape) == shape and x.stride() == stride)
+    if not same:
+        raise ValueError("input_stats were returned for another tensor than x: pass the output they came with")
+    if x._version != version:
+        raise ValueError("x was modified in place after the call that returned input_stats took its statistics; "
+                         "they no longer describe it (take new ones, or pass input_stats=None)")
 
 
 def _check_input_stats(input_stats: Optional[Tensor], x: Tensor) -> None:
