@@ -69,6 +69,9 @@ CASES = {
     # channels: 18 units), and with neither fragment shared (1x1, 128 x 32 channels).
     "wgrad_a_shared_partial_cl": (2, 16, 32, 6, 7, 3, 1, 1, 1, 1, True, False, False, True),
     "wgrad_unshared_1x1_cl": (2, 32, 128, 4, 5, 1, 1, 0, 1, 1, True, False, False, True),
+    # K chunks of 128 channels (wide 1x1s: half the chunk loops of 64): 200 input channels in a
+    # full and a partial chunk forward, 136 output channels the same in the input gradient.
+    "pointwise_bk128_two_chunks_cl_prefix": (2, 200, 136, 5, 6, 1, 1, 0, 1, 1, True, True, True, True),
 }
 
 

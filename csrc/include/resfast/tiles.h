@@ -480,7 +480,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
     const int bn = ct.bn;
     const int nt = mma ? bn / 8 : 0;
     const int max_px = max_pixels(nt);
-    for (int bk = 64; bk >= min_bk; bk /= 2) {
+    for (int bk = mma ? 128 : 64; bk >= min_bk; bk /= 2) {
       if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
       if (ct.P > 1 && bk < k_range) continue;          // packed groups must fit one chunk
       const int BK = bk;
