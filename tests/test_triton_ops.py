@@ -24,6 +24,28 @@ if not _WHY:
 
     OPS = torch.ops.resfast_triton
 
+    import triton
+    import triton.language as tl
+
+    from resfast.kernels.triton.bn_relu import tile_digits, tile_next, tile_next2
+
+    @triton.jit
+    def _walk(out_ptr, out2_ptr, NUM, STEP, R0, R1, R2, R3, S0, S1, S2, S3, S4, T0, T1, T2):
+        pid = tl.program_id(0)
+        d0, d1, d2, d3, d4 = tile_digits(pid, R0, R1, R2, R3)
+        e0, e1, _, _, e2 = tile_digits(pid, R0, R1, 1, 1)
+        for t in range(pid, NUM, STEP):
+            tl.store(out_ptr + t * 5, d0)
+            tl.store(out_ptr + t * 5 + 1, d1)
+            tl.store(out_ptr + t * 5 + 2, d2)
+            tl.store(out_ptr + t * 5 + 3, d3)
+            tl.store(out_ptr + t * 5 + 4, d4)
+            tl.store(out2_ptr + t * 3, e0)
+            tl.store(out2_ptr + t * 3 + 1, e1)
+            tl.store(out2_ptr + t * 3 + 2, e2)
+            d0, d1, d2, d3, d4 = tile_next(d0, d1, d2, d3, d4, S0, S1, S2, S3, S4, R0, R1, R2, R3)
+            e0, e1, e2 = tile_next2(e0, e1, e2, T0, T1, T2, R0, R1)
+
 
 def _x(shape, layout, dtype=torch.float32, extra=3, seed=0):
     """A random input in ``layout``: "nchw", "cl" (channels_last), or a channel-prefix view of a
@@ -690,3 +712,54 @@ def test_kernels_compile_for_sm90():
     doc = json.loads(run.stdout.strip().splitlines()[-1])
     assert doc["compiled"] >= 20
     assert doc["tensor_core"] and all(ok for _, _, ok in doc["tensor_core"]), doc["tensor_core"]
+
+
+def test_tile_walk_digits_match_division():
+    """The conv kernels' persistent tile loops take a tile's digits (column, row, residue
+    column, residue row, image) once per program and then advance them by the step's digits
+    (computed on the host by ``_digits``) with adds and compares; every visited tile's digits
+    must be those of integer division."""
+    for radices, step in [((3, 5, 2, 2), st) for st in (1, 7, 13, 31, 179)] + [((1, 4, 1, 3), st) for st in (5, 11)]:
+        num = radices[0] * radices[1] * radices[2] * radices[3] * 3
+        out = torch.full((num, 5), -1, dtype=torch.int32, device=DEVICE)
+        out2 = torch.full((num, 3), -1, dtype=torch.int32, device=DEVICE)
+        _walk[(step,)](out, out2, num, step, *radices, *triton_ops._digits(step, radices),
+                      *triton_ops._digits(step, radices[:2]))
+        want, want2 = [], []
+        for t in range(num):
+            r, digits = t, []
+            for rad in radices:
+                digits.append(r % rad)
+                r //= rad
+            want.append(digits + [r])
+            want2.append([t % radices[0], (t // radices[0]) % radices[1], t // (radices[0] * radices[1])])
+        assert out.cpu().tolist() == want, f"radices {radices}, step {step}"
+        assert out2.cpu().tolist() == want2, f"radices {radices}, step {step}"
+
+
+@pytest.mark.parametrize("layout,dtype", [("cl", torch.float32), ("nchw", torch.bfloat16)])
+def test_packed_groups_nonfinite_at_stride_2(layout, dtype):
+    """The packed fix-up (a program whose sum of grad_z, or whose forward output, is not
+    finite recomputes all of its tiles group by group) at stride 2 over several residue
+    classes and tiles per program, NCHW and channels_last: NaN reaches exactly the outputs
+    eager gives NaN, and everything matches the float64 reference."""
+    c, co, groups = 16, 16, 4  # 4 groups of 4: one block of 4 packed groups
+    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, layout, dtype=dtype, hw=(9, 11), seed=5)
+    mean, invstd = _vec(c, 5) + 0.2, _vec(c, 6, lo=0.5)
+    x[0, 9, 6, 7] = float("nan")  # channel 9 is in group 2 only
+    args = (x, w, b, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
+    y = OPS.bn_relu_conv2d(*args)
+    assert torch.isnan(y[:, 8:12]).any() and not torch.isnan(y[:, :8]).any() and not torch.isnan(y[:, 12:]).any()
+    _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, args, dtype, f"NaN in x, stride 2, {layout}")
+
+    x = x.nan_to_num()
+    go = torch.randn(2, co, 5, 6, generator=torch.Generator().manual_seed(11)).to(dtype=dtype, device=DEVICE)
+    if layout == "cl":
+        go = go.contiguous(memory_format=torch.channels_last)
+    go[1, 2, 3, 4] = float("nan")  # output channel 2 is in group 0
+    bargs = (go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
+    got = OPS.bn_relu_conv2d_backward(*bargs)
+    gz = got[0]
+    assert torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 4:]).any()
+    _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, dtype,
+          f"NaN in grad_out, stride 2, {layout}")

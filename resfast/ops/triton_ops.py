@@ -367,6 +367,10 @@ _FWD_CONFIGS = [
     # 7.06 -> 6.70 us)
     _cfg(4, 1, 2, TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128, STACK=1),
 ]
+# The forward's tile loop carries the tile's digits (no division per tile) when a program walks
+# at least this many tiles (static model: a gain from 7 tiles per program, ResNeXt-50's and
+# DenseNet-121's 3x3 convs; a small loss at 1-5, WRN-28-10's and the 7 x 7 stages).
+_WALK_MIN_TILES = 6
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
 
@@ -477,15 +481,17 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         else:
             scratch = y
         packed = blk.gp > 1
-        flags = torch.empty([ncb * num_tiles if packed else 1], dtype=torch.int8, device=x.device)
+        flags = mean  # unused: a packed program's fix-up is decided in the program itself
         args = (x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y, scratch, flags,
                 _or(pstat, mean), c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w,
-                num_tiles, STATS_ROWS, *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
+                num_tiles, STATS_ROWS, *_digits(nprog, (tiles_w, tiles_h)), *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
         const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
                      USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == 1, PACKED=packed, HAS_BIAS=bias is not None,
                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
-                     BLOCK_K=blk.block_k, STATS=pstat is not None, num_warps=cfg.num_warps,
+                     BLOCK_K=blk.block_k, STATS=pstat is not None,
+                     # the interpreter always walks, so the tests run the walk (the other path is the fix-up's)
+                     WALK=_interpret() or _cdiv(num_tiles, nprog) >= _WALK_MIN_TILES, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)
         # per-program trips of the kernel's loops in the order of their heads in the code
         loops = {"tiles": _cdiv(num_tiles, nprog)}
@@ -685,13 +691,12 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             pgw = torch.empty([splits, co * cin_g * khw], **f32) if do_gw else sums
             pgb = torch.empty([splits, co], **f32) if (do_gw and bias_grad) else sums
             packed = blk.gp > 1 and do_ga
-            # rows [splits, 2 * splits): the fix-up launch's share of the BN-gradient sums
-            psum = torch.empty([splits * (2 if packed else 1), 2 * c], **f32) if do_ga else sums
+            psum = torch.empty([splits, 2 * c], **f32) if do_ga else sums
             if do_gw:
                 state.update(pgw=pgw, pgb=pgb, splits_w=splits)
             if do_ga:
-                state.update(psum=psum, splits_s=splits * (2 if packed else 1))
-            flags = torch.empty([ncb * num_tiles if packed else 1], dtype=torch.int8, device=x.device)
+                state.update(psum=psum, splits_s=splits)
+            flags = sums  # unused: a packed program's fix-up is decided in the program itself
             args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, pgw, pgb, psum,
                     flags,
                     c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.ksub, nsub, ncb, splits, tiles_h,
@@ -699,7 +704,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding,
                     *dilation)
             const = dict(KH=kh, KW=kw, KW_P=_pow2(kw), DO_GA=do_ga, DO_GW=do_gw, DO_GB=bool(do_gw and bias_grad),
-                         ONE_N=bool(do_gw or nsub == 1), PACKED=packed, FIXUP=False,
+                         ONE_N=bool(do_gw or nsub == 1), PACKED=packed,
                          HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                          EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -709,18 +714,15 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                 loops.update({f"co_chunks_kh{i}": nsub for i in range(kh)})
             if do_gw and bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
+            if packed:  # the exact fix-up runs only in programs that met a grad_a that is not finite
+                loops.update(fixup_tiles=0, fixup_taps=0, fixup_channels=0)
             partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
             read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
             bound = Bound((ncb * splits,), args, const, loops=loops,
-                          depths={k: 2 for k in loops if k.startswith("co_chunks")},
+                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "fixup_taps": 2,
+                                  "fixup_channels": 3},
                           derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
                                        programs=ncb * splits), hbm_bytes=read + partial_bytes)
-            if packed:
-                state["fixup"] = Bound(bound.grid, args, dict(const, DO_GW=False, DO_GB=False, FIXUP=True),
-                                       loops={"flag_scan": loops["tiles"], "fixup_tiles": 0, "fixup_taps": 0,
-                                              "fixup_channels": 0},
-                                       depths={"fixup_taps": 2, "fixup_channels": 3},
-                                       derived=bound.derived)
             return bound
         return bind
 
@@ -833,13 +835,6 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(_BWD_WEIGHT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
-    if any(_blocks(groups, cin_g, cout_g, 16, 16, cfg.get("PACK", 16)).gp > 1 for cfg in [*configs, _BWD_INTERP]):
-        # packed small groups: the fix-up of tiles whose grad_a is not finite (normally a scan
-        # of the flags), bound with the main launch's config and buffers
-        fixed = _cfg(4, 1)
-        launches.append(KernelLaunch("conv_bwd_fixup", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, [fixed], fixed,
-                                     lambda cfg: state.get("fixup") or Bound((0,), (), {}), key + ("fixup",),
-                                     hbm_bytes=4 * 2 * c * 4))
     fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
     n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
 
@@ -863,6 +858,17 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     launches.append(KernelLaunch("conv_bwd_finalize", bn_relu_conv_bwd.bn_relu_conv_bwd_finalize_kernel, [fixed],
                                  fixed, bind_finalize, hbm_bytes=4 * (n_gw + n_gb + 2 * c) * 2))
     return result, launches
+
+
+def _digits(step: int, radices: Sequence[int]) -> Tuple[int, ...]:
+    """The digits of ``step`` in a mixed radix, the fastest first, then the rest: how a
+    persistent tile loop's step moves each digit of the tile index (see
+    :func:`resfast.kernels.triton.bn_relu.tile_digits`)."""
+    out = []
+    for r in radices:
+        out.append(step % r)
+        step //= r
+    return (*out, step)
 
 
 def _share(rows: int, step: int, programs: int, total: int) -> int:

@@ -72,6 +72,49 @@ def tile_origin(t, TILES_H, TILES_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr)
 
 
 @triton.jit
+def tile_digits(t, R0, R1, R2, R3):
+    """The digits of tile ``t`` in the mixed radix ``(R3, R2, R1, R0)`` (``R0`` the fastest:
+    ``t = (((d4 * R3 + d3) * R2 + d2) * R1 + d1) * R0 + d0``): ``(d0, d1, d2, d3, d4)``. A
+    persistent tile loop takes them once per program and then advances with
+    :func:`tile_next` (adds and compares, a radix of 1 folds away), the step's digits
+    computed on the host (:func:`resfast.ops.triton_ops._digits`)."""
+    d0 = t % R0
+    r = t // R0
+    d1 = r % R1
+    r = r // R1
+    d2 = r % R2
+    r = r // R2
+    return d0, d1, d2, r % R3, r // R3
+
+
+@triton.jit
+def _digit_add(d, s, carry, R):
+    # a radix of 1 (a constant when the runtime specialises it) makes the digit a constant 0
+    d = d + tl.where(R == 1, 0, s) + carry
+    c = d >= R
+    return tl.where(c, d - R, d), c.to(tl.int32)
+
+
+@triton.jit
+def tile_next(d0, d1, d2, d3, d4, s0, s1, s2, s3, s4, R0, R1, R2, R3):
+    """The digits of the tile ``step`` after ``(d0, .., d4)`` (see :func:`tile_digits`): each
+    digit is below its radix and each step digit too, so one conditional subtract per digit."""
+    d0, c = _digit_add(d0, s0, 0, R0)
+    d1, c = _digit_add(d1, s1, c, R1)
+    d2, c = _digit_add(d2, s2, c, R2)
+    d3, c = _digit_add(d3, s3, c, R3)
+    return d0, d1, d2, d3, d4 + s4 + c
+
+
+@triton.jit
+def tile_next2(d0, d1, d2, s0, s1, s2, R0, R1):
+    """:func:`tile_next` of a radix ``(R1, R0)`` walk (digits ``d0, d1`` and the rest ``d2``)."""
+    d0, c = _digit_add(d0, s0, 0, R0)
+    d1, c = _digit_add(d1, s1, c, R1)
+    return d0, d1, d2 + s2 + c
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_F32: tl.constexpr):
     """``acc + a @ b`` on tensor cores for 16-bit operands, exact float32 FMAs for float32
     operands; ``DOT_F32`` multiplies (already rounded) 16-bit values in float32, for the CPU

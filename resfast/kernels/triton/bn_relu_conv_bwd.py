@@ -29,6 +29,11 @@ tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``) in a fixed order, 
 its float32 partials to row ``split`` of ``[SPLITS, ...]`` buffers that
 :func:`bn_relu_conv_bwd_finalize_kernel` sums in a fixed order: deterministic, no atomics.
 
+Packed small groups: ``0 * NaN`` in the block-diagonal weights carries one group's non-finite
+``grad_out`` into its neighbours' ``grad_a``; where that reaches ``grad_z`` it makes the
+program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its tiles exactly,
+one group at a time, in the same launch (normally never: no per-tile check, no extra launch).
+
 Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
 time) have kernels of their own, with the same partials and finalize:
 :func:`bn_relu_conv_bwd_input_kernel` (``grad_a`` by one flattened, software-pipelined loop
@@ -41,7 +46,8 @@ evaluated where it cannot contribute).
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, tile_origin
+from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, tile_digits,
+                                            tile_origin)
 
 
 @triton.jit
@@ -55,7 +61,6 @@ def bn_relu_conv_bwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, KW_P: tl.constexpr,
     DO_GA: tl.constexpr, DO_GW: tl.constexpr, DO_GB: tl.constexpr, ONE_N: tl.constexpr, PACKED: tl.constexpr,
-    FIXUP: tl.constexpr,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -107,101 +112,95 @@ def bn_relu_conv_bwd_kernel(
     if DO_GW:
         gw = (tl.zeros([GN, BLOCK_K], dtype=tl.float32),) * KH
 
-    if not FIXUP:
-        for t in range(split, NUM_TILES, SPLITS):
-            n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
-                t, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj, H, W, WO, TILES_H, TILES_W, stride_h, stride_w,
-                pad_w, dil_w, c_kw, act_ty, KW, TILE_H, TILE_W)
-            gyb = go_ptr + n64 * sgn  # this image's base pointer; int32 offsets inside it
-            acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-            for kh in tl.static_range(KH):
-                oh = ph + pad_h - kh * dil_h + stride_h * ((KH - 1) * dil_h)
-                if oh % stride_h == 0:
-                    gho = ii + (oh // stride_h - (KH - 1) * dil_h)
-                    row_ok = m_ok & (gho >= 0) & (gho < HO)
-                    g_base = (gho * sgh)[:, None] + col_off
-                    g_mask = row_ok[:, None] & col_ok
-                    if ONE_N:
-                        # [BM, KW_P * BLOCK_N]: the output gradient at the kw taps' positions, side by side
-                        gy = tl.load(gyb + g_base + (co_c * sgc)[None, :], mask=g_mask & n_ok_c[None, :], other=0.0)
-                        if DO_GA:
-                            acc = dot_acc(gy, wt[kh], acc, DOT_F32)
-                        if DO_GW:
-                            gw = gw[:kh] + (dot_acc(tl.trans(gy), a, gw[kh], DOT_F32),) + gw[kh + 1:]
-                    else:  # grad_a of a wide group: every output-channel chunk
-                        for nc in range(0, NSUB):
-                            co_n, n_ok_n, gn_n, keep_n, w_off_n = _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk,
-                                                                           ci_loc, k_ok, swo, swi, sww, KW, EVEN_N,
-                                                                           BLOCK_N)
-                            gy = tl.load(gyb + g_base + (co_n * sgc)[None, :], mask=g_mask & n_ok_n[None, :], other=0.0)
-                            wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
-                            acc = dot_acc(gy, wv, acc, DOT_F32)
-            if DO_GA:
-                if PACKED:
-                    # 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into its
-                    # packed neighbours; a tile that is not finite is finished by the fix-up loop
-                    bad = any_nonfinite(acc)
-                    tl.store(flag_ptr + cb * NUM_TILES + t, bad.to(tl.int8))
-                    if bad.to(tl.int32) == 0:
-                        sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
-                                              sdz, sdzx, act_ty)
-                else:
-                    sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
-                                          act_ty)
+    for t in range(split, NUM_TILES, SPLITS):
+        # the tile's digits (column, row, residue column, residue row, image), divided per tile:
+        # carried across the loop instead they cost this kernel more in registers than they save
+        d_w, d_h, d_pw, d_ph, d_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
+        n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
+            d_n, d_ph, d_pw, d_h * TILE_H, d_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj,
+            H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
+        gyb = go_ptr + n64 * sgn  # this image's base pointer; int32 offsets inside it
+        acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        for kh in tl.static_range(KH):
+            oh = ph + pad_h - kh * dil_h + stride_h * ((KH - 1) * dil_h)
+            if oh % stride_h == 0:
+                gho = ii + (oh // stride_h - (KH - 1) * dil_h)
+                row_ok = m_ok & (gho >= 0) & (gho < HO)
+                g_base = (gho * sgh)[:, None] + col_off
+                g_mask = row_ok[:, None] & col_ok
+                if ONE_N:
+                    # [BM, KW_P * BLOCK_N]: the output gradient at the kw taps' positions, side by side
+                    gy = tl.load(gyb + g_base + (co_c * sgc)[None, :], mask=g_mask & n_ok_c[None, :], other=0.0)
+                    if DO_GA:
+                        acc = dot_acc(gy, wt[kh], acc, DOT_F32)
+                    if DO_GW:
+                        gw = gw[:kh] + (dot_acc(tl.trans(gy), a, gw[kh], DOT_F32),) + gw[kh + 1:]
+                else:  # grad_a of a wide group: every output-channel chunk
+                    for nc in range(0, NSUB):
+                        co_n, n_ok_n, gn_n, keep_n, w_off_n = _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk,
+                                                                       ci_loc, k_ok, swo, swi, sww, KW, EVEN_N,
+                                                                       BLOCK_N)
+                        gy = tl.load(gyb + g_base + (co_n * sgc)[None, :], mask=g_mask & n_ok_n[None, :], other=0.0)
+                        wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
+                        acc = dot_acc(gy, wv, acc, DOT_F32)
+        if DO_GA:
+            sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+                                  act_ty)
 
-        if DO_GW:
-            # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
-            base = split.to(tl.int64) * (CO * CIN_G * KHW)
-            col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
-            for kh in tl.static_range(KH):
-                tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
-            if DO_GB:
-                if ksub == 0:
-                    _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
-                                   sgh, sgw, BM, BLOCK_N)
-    else:
-        # The fix-up launch (packed groups only): 0 * NaN in the block-diagonal weights carries
-        # one group's non-finite grad_out into its packed neighbours' grad_a, which eager never
-        # does. The main launch flags such tiles and skips their epilogue; here they are
-        # recomputed one group at a time. Normally no tile is flagged: one scan of the flags.
-        n_bad = 0
-        for t in range(split, NUM_TILES, SPLITS):
-            n_bad += tl.load(flag_ptr + cb * NUM_TILES + t).to(tl.int32)
-        if n_bad > 0:
+    if DO_GW:
+        # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
+        base = split.to(tl.int64) * (CO * CIN_G * KHW)
+        col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
+        for kh in tl.static_range(KH):
+            tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
+        if DO_GB:
+            if ksub == 0:
+                _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
+                               sgh, sgw, BM, BLOCK_N)
+
+    if PACKED:
+        # The fix-up (packed groups only): 0 * NaN in the block-diagonal weights carries one
+        # group's non-finite grad_out into its packed neighbours' grad_a, which eager never
+        # does. Such a NaN matters only where the ReLU passes the gradient (elsewhere grad_z is
+        # 0 either way), and there it makes grad_z, hence this program's sum of grad_z, NaN: a
+        # program whose sum is not finite recomputes all of its tiles one group at a time
+        # (grad_z stored again, the BN-gradient sums taken afresh), no per-tile check. The
+        # weight gradient needs no fix-up: its off-block-diagonal entries are never stored.
+        tl.debug_barrier()  # the first pass's grad_z stores come before the fix-up's
+        if any_nonfinite(sdz):
+            sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+            sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
             for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
-                if tl.load(flag_ptr + cb * NUM_TILES + t) != 0:
-                    n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
-                        t, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj, H, W, WO, TILES_H, TILES_W, stride_h,
-                        stride_w, pad_w, dil_w, c_kw, act_ty, KW, TILE_H, TILE_W)
-                    gyb = go_ptr + n64 * sgn
-                    # exact and cold: each input channel sees only its own group's output
-                    # channels, one FMA per (tap, output channel of the group)
-                    acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-                    for tap in range(0, KHW):
-                        fh = tap // KW
-                        fw = tap - fh * KW
-                        oh = ph + pad_h - fh * dil_h + stride_h * ((KH - 1) * dil_h)
-                        ow = pw + pad_w - fw * dil_w + stride_w * ((KW - 1) * dil_w)
-                        fho = ii + (oh // stride_h - (KH - 1) * dil_h)
-                        fwo = jj + (ow // stride_w - (KW - 1) * dil_w)
-                        t_ok = m_ok & (oh % stride_h == 0) & (ow % stride_w == 0) & (fho >= 0) & (fho < HO) & \
-                            (fwo >= 0) & (fwo < WO)
-                        for j in range(0, COUT_G):
-                            co = gblk * NR + gk * COUT_G + j
-                            co_ok = k_ok & (co < CO)
-                            gyf = tl.load(gyb + (fho * sgh + fwo * sgw)[:, None] + (co * sgc)[None, :],
-                                         mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
-                            wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok,
-                                         other=0.0).to(tl.float32)
-                            acc += gyf * wf[None, :]
-                    sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
-                                          act_ty)
+                f_w, f_h, f_pw, f_ph, f_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
+                n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
+                    f_n, f_ph, f_pw, f_h * TILE_H, f_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift,
+                    oi, oj, H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
+                gyb = go_ptr + n64 * sgn
+                # exact and cold: each input channel sees only its own group's output
+                # channels, one FMA per (tap, output channel of the group)
+                acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+                for tap in range(0, KHW):
+                    fh = tap // KW
+                    fw = tap - fh * KW
+                    oh = ph + pad_h - fh * dil_h + stride_h * ((KH - 1) * dil_h)
+                    ow = pw + pad_w - fw * dil_w + stride_w * ((KW - 1) * dil_w)
+                    fho = ii + (oh // stride_h - (KH - 1) * dil_h)
+                    fwo = jj + (ow // stride_w - (KW - 1) * dil_w)
+                    t_ok = m_ok & (oh % stride_h == 0) & (ow % stride_w == 0) & (fho >= 0) & (fho < HO) & \
+                        (fwo >= 0) & (fwo < WO)
+                    for j in range(0, COUT_G):
+                        co = gblk * NR + gk * COUT_G + j
+                        co_ok = k_ok & (co < CO)
+                        gyf = tl.load(gyb + (fho * sgh + fwo * sgw)[:, None] + (co * sgc)[None, :],
+                                      mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
+                        wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok,
+                                     other=0.0).to(tl.float32)
+                        acc += gyf * wf[None, :]
+                sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz,
+                                      sdzx, act_ty)
 
-    if DO_GA:  # the fix-up launch writes rows [SPLITS, 2 * SPLITS)
-        if FIXUP:
-            row = (split + SPLITS).to(tl.int64) * (2 * C)
-        else:
-            row = split.to(tl.int64) * (2 * C)
+    if DO_GA:
+        row = split.to(tl.int64) * (2 * C)
         tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
         tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0), mask=k_ok)
 
@@ -577,16 +576,13 @@ def _first_tap(p, pad, dil, stride, K: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj, H, W, WO, TILES_H, TILES_W, stride_h, stride_w,
-          pad_w, dil_w, c_kw, act_ty: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Tile ``t`` of the input positions (a residue class ``(h % stride, w % stride)`` of one
-    image): its positions, ``x`` and ``a = relu(bn(x))`` (rounded to ``x``'s dtype), and the
-    stacked ``kw`` columns' validity and ``grad_out`` column offsets."""
-    rest, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
-    pw = rest % stride_w
-    rest = rest // stride_w
-    ph = rest % stride_h
-    n64 = (rest // stride_h).to(tl.int64)
+def _tile(n, ph, pw, th0, tw0, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj, H, W, WO, stride_h, stride_w,
+          pad_w, dil_w, c_kw, act_ty: tl.constexpr, KW: tl.constexpr):
+    """The tile of image ``n``'s residue class ``(ph, pw)`` (``h % stride``, ``w % stride``)
+    whose first row and column in the class's grid are ``th0``, ``tw0``: its positions, ``x``
+    and ``a = relu(bn(x))`` (rounded to ``x``'s dtype), and the stacked ``kw`` columns'
+    validity and ``grad_out`` column offsets."""
+    n64 = n.to(tl.int64)
     ii = th0 + oi  # position in the residue class's grid
     jj = tw0 + oj
     h = ii * stride_h + ph

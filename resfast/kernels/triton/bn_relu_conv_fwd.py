@@ -30,18 +30,30 @@ M2; rows outside the image add nothing), merged over the rows once per program a
 loops (Chan's formula), and each program
 writes its row of the ``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has
 no program for are written as zero counts), which the statistics finalize merges for the next
-BatchNorm. A packed tile that is not finite is added by its exact fix-up, not its first pass.
+BatchNorm.
+
+Packed groups (``PACKED``): ``0 * NaN`` in the block-diagonal weights would carry one group's
+NaN (or Inf) into its packed neighbours' outputs. Each tile adds ``acc * 0`` (NaN exactly
+where ``acc`` is not finite) to a per-program register tile, one FMA per element; a program
+that met a non-finite output recomputes all of its tiles exactly, one group at a time, and
+takes their statistics afresh. ``flag_ptr`` is unused (kept for the launch signature).
+
+``WALK`` (a program with many tiles): the tile loop walks its tiles by their digits (column,
+row, image; ``STEP_*`` the digits of the loop's step, from the host), adds and compares per
+tile, no runtime division; with few tiles per program the carried digits cost more than the
+divisions they save, and each tile's origin is divided out.
 """
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import any_nonfinite, bn_relu, channel_block, dot_acc, tile_origin
+from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_relu, channel_block, dot_acc, tile_digits, tile_next2,
+                                            tile_origin)
 
 
 @triton.jit
 def bn_relu_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr, scratch_ptr, flag_ptr, pstat_ptr,
-    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES, S_ROWS,
+    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES, S_ROWS, STEP_W, STEP_H, STEP_N,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     syn, syc, syh, syw,
@@ -51,7 +63,7 @@ def bn_relu_conv_fwd_kernel(
     USE_SCRATCH: tl.constexpr, ONE_CHUNK: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STATS: tl.constexpr = False,
+    STATS: tl.constexpr = False, WALK: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -85,9 +97,18 @@ def bn_relu_conv_fwd_kernel(
     wk = tl.zeros([BM], dtype=tl.float32)
     wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
     wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    if WALK:  # the tile's digits (column, row, image), advanced by the step's (STEP_*) per tile
+        d_w, d_h, _, _, d_n = tile_digits(pid, TILES_W, TILES_H, 1, 1)
+    if PACKED:  # 0 where every tile's output so far is finite, NaN once one is not
+        nonfinite = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
 
     for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
-        n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+        if WALK:
+            n = d_n
+            th0 = d_h * TILE_H
+            tw0 = d_w * TILE_W
+        else:
+            n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
         ho = th0 + oi
         wo = tw0 + oj
         m_ok = (ho < HO) & (wo < WO)
@@ -114,25 +135,27 @@ def bn_relu_conv_fwd_kernel(
                                  shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
                                  STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K,
                                  STAGED=USE_SCRATCH)
-        if PACKED:  # remember a tile that is not finite: the fix-up loop recomputes it exactly
-            bad = any_nonfinite(acc)
-            tl.store(flag_ptr + cb * NUM_TILES + t, bad.to(tl.int8))
+        if PACKED:  # one FMA per element: x * 0 is NaN exactly when x is not finite
+            nonfinite += acc * 0.0
         _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
         if STATS:
-            if PACKED:  # a non-finite packed tile is counted by its fix-up
-                ok = m_ok & (bad == 0)
-            else:
-                ok = m_ok
-            wk, wm, wq = _add_tile(wk, wm, wq, acc, ok)
+            wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
+        if WALK:
+            d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
 
     if PACKED:
         # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
-        # its packed neighbours' outputs, which eager never does. A flagged tile is recomputed
-        # one group at a time, its input masked to the group's channels. Only tiles whose
-        # result was not finite take this path.
+        # its packed neighbours' outputs, which eager never does. A program one of whose tiles
+        # was not finite recomputes all of its tiles one group at a time, each group's input
+        # masked to its own channels, and takes their statistics afresh. Only programs that
+        # met a result that was not finite take this path.
         tl.debug_barrier()
-        for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
-            if tl.load(flag_ptr + cb * NUM_TILES + t) != 0:
+        if any_nonfinite(nonfinite):
+            if STATS:
+                wk = tl.zeros([BM], dtype=tl.float32)
+                wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+                wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+            for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
                 n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
                 ho = th0 + oi
                 wo = tw0 + oj
