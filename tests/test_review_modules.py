@@ -174,3 +174,121 @@ def test_sync_bn_rank_with_an_empty_batch_joins_the_statistics(empty_rank_result
 def test_sync_bn_shared_dense_block_with_an_empty_batch_is_refused(empty_rank_results, backend):
     msg = empty_rank_results[1][backend, "shared"]
     assert "no images" in msg and "memory='checkpoint'" in msg, msg
+
+
+# ----------------------------------------------------------------------------- changes made after convert
+
+import copy  # noqa: E402
+
+from reference import assert_rule  # noqa: E402
+
+
+def _frozen_bn(m):  # fine-tuning: every other BN in eval inside a training model
+    m.train()
+    for i, bn in enumerate(b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+        if i % 2 == 0:
+            bn.eval()
+
+
+def _set_bn(**attrs):
+    def change(m):
+        for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+            for k, v in attrs.items():
+                setattr(bn, k, v)
+    return change
+
+
+def _new_parameters(m):  # conv.weight = nn.Parameter(...) and bn.weight likewise, after convert
+    g = torch.Generator().manual_seed(5)
+    for mod in m.modules():
+        if isinstance(mod, (nn.Conv2d, nn.BatchNorm2d)):
+            new = torch.rand(mod.weight.shape, generator=g, dtype=torch.float64) * 0.4 + 0.3
+            mod.weight = nn.Parameter(new.to(mod.weight.dtype))
+
+
+def _freeze_some(m):
+    for i, p in enumerate(m.parameters()):
+        if i % 3 == 0:
+            p.requires_grad_(False)
+
+
+CHANGES = {"frozen_bn": _frozen_bn, "momentum_0.01": _set_bn(momentum=0.01), "momentum_None": _set_bn(momentum=None),
+           "eps_0.3": _set_bn(eps=0.3), "no_tracking": _set_bn(track_running_stats=False),
+           "new_parameters": _new_parameters, "some_frozen": _freeze_some}
+
+
+def _tiny_models():
+    return {
+        "resnext_bottleneck": (lambda: nn.Sequential(tvm.resnet.Bottleneck(8, 2, groups=2, base_width=64),
+                                                     tvm.resnet.BasicBlock(8, 8)), (2, 8, 5, 5)),
+        "densenet": (lambda: tvm.DenseNet(growth_rate=2, block_config=(2, 2), num_init_features=4, bn_size=2,
+                                          num_classes=3), (2, 3, 23, 23)),  # odd sizes: the transition floors 5 -> 2
+    }
+
+
+def _randomised(build):
+    torch.manual_seed(0)
+    m = build()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d)):
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=g) * 0.2)
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
+    return m
+
+
+def _two_steps(m, x):
+    """Two SGD steps; per step the output, the input gradient, every parameter gradient and
+    every state_dict tensor afterwards."""
+    results = []
+    for step in range(2):
+        m.zero_grad(set_to_none=True)
+        xx = x.detach().clone().to(next(m.parameters()).dtype).requires_grad_(True)
+        y = m(xx)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(y.dtype))
+        results.append([("out", y.detach()), ("grad x", xx.grad)]
+                       + [(f"grad {n}", p.grad) for n, p in m.named_parameters() if p.requires_grad])
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.sub_(0.05 * p.grad)
+        results[-1] += [(f"state {k}", v.clone()) for k, v in m.state_dict().items()]
+    return results
+
+
+# The Triton interpreter is slow: there, the changes that reach the op's arguments differently
+# (a BN in eval inside a training model, a new momentum, new Parameter objects).
+_TRITON_CHANGES = ("frozen_bn", "momentum_0.01", "new_parameters")
+_CASES = [(b, m, c) for b in ("eager", "native", "triton") for m in ("resnext_bottleneck", "densenet")
+          for c in CHANGES if b != "triton" or c in _TRITON_CHANGES]
+
+
+@pytest.mark.parametrize("backend,model,change", _CASES)
+def test_changes_made_after_convert_are_followed(backend, model, change):
+    """A converted torchvision model whose BatchNorms or parameters are changed after the
+    conversion (fine-tuning's frozen BN, a new momentum or eps, tracking switched off, conv and
+    BN weights replaced, some parameters frozen) against the unconverted model changed the same
+    way: two training steps, outputs, every gradient and running statistics by the float64
+    rule (triton in float32 against the same float64 reference; no float64 kernels there)."""
+    why = backend_status("cpu")[backend]
+    if why:
+        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
+    build, shape = _tiny_models()[model]
+    base = _randomised(build)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    converted = copy.deepcopy(base).to(dtype)
+    resfast.convert(converted, backend=backend)
+    ref64, same = copy.deepcopy(base).double(), copy.deepcopy(base).to(dtype)
+    for m in (converted, ref64, same):
+        CHANGES[change](m)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got, r64, rs = _two_steps(converted, x), _two_steps(ref64, x), _two_steps(same, x)
+    for step, (a, r, s) in enumerate(zip(got, r64, rs)):
+        assert [n for n, _ in a] == [n for n, _ in r]
+        for (name, t), (_, t64), (_, ts) in zip(a, r, s):
+            if t.is_floating_point():
+                assert_rule(name, t, t64, ts, f"{backend} {model} {change} step {step}")
+            else:
+                assert torch.equal(t, t64), f"{name}: {t} != {t64} ({backend} {model} {change} step {step})"
