@@ -144,6 +144,8 @@ class DenseBlock(nn.ModuleDict):
         if is_tracing():
             return self._forward_layers(init_features)
         self._check_input(init_features)
+        if self.memory == "shared" and init_features.shape[0] == 0:
+            _refuse_empty_sync(self)
         if self.memory == "shared" and init_features.shape[0] > 0 and not self._hooked():
             return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
                                       recompute=self.recompute)
@@ -170,6 +172,8 @@ class DenseBlock(nn.ModuleDict):
         if is_tracing():
             return transition(self(init_features))
         self._check_input(init_features)
+        if self.memory == "shared" and init_features.shape[0] == 0:
+            _refuse_empty_sync(self, transition)
         if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
                 or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
                                             ("relu", transition.relu), ("conv", transition.conv)],
@@ -280,7 +284,8 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     layers update the running statistics twice).
     """
     call = bn_call(bn)
-    if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 and inputs[0].shape[0] > 0:
+    if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 \
+            and (inputs[0].shape[0] > 0 or call.process_group is not None):  # an empty rank joins the others
         _update_running_from_parts(call, inputs, resolve_backend(backend, inputs[0].device))
     # Eval: the recomputation in the backward normalises with a snapshot of the running
     # statistics, not with whatever a training forward in between left in them.
@@ -311,6 +316,21 @@ def _update_running_from_parts(call, parts: List[Tensor], backend: str) -> None:
         variances.append(v)
     update_running_stats(call.running_mean, call.running_var, torch.cat(means), torch.cat(variances), count,
                          call.momentum)
+
+
+def _refuse_empty_sync(block: nn.Module, transition: Optional[nn.Module] = None) -> None:
+    """An empty batch on a rank whose BatchNorms synchronise (SyncBN, training): the other ranks'
+    shared blocks run collectives this rank's layer-by-layer path cannot match (they would wait
+    for it forever or pair up the wrong tensors), so it is refused before anything changes."""
+    from resfast.nn.batchnorm import sync_group, uses_batch_stats
+
+    norms = [m for m in block.modules() if isinstance(m, _BatchNorm)]
+    norms += [m for m in (transition.modules() if transition is not None else ()) if isinstance(m, _BatchNorm)]
+    if any(uses_batch_stats(bn) and sync_group(bn) is not None for bn in norms):
+        raise ValueError("this rank has no images (batch 0) but the dense block's BatchNorms synchronise over a "
+                         "process group: memory='shared' cannot join the other ranks' collectives with no images; "
+                         "use memory='checkpoint' or 'naive' (they take part with a count of 0), or give every "
+                         "rank at least one image")
 
 
 def check_dense_input(x: Tensor, block: nn.Module) -> None:

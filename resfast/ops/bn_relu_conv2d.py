@@ -164,6 +164,15 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
                     stride, padding, dilation, groups, out, process_group, input_stats, return_stats):
     """The fused op on backend ``name``, arguments checked: ``(y, output statistics or None)``."""
     if x.shape[0] == 0:
+        if training and process_group is not None:
+            # This rank has no images but the others synchronise: join their all-gather (count 0)
+            # and update the running statistics with the group's, as nn.SyncBatchNorm does; the
+            # backward joins their all-reduce of the two gradient sums.
+            mean, var, count = sync_batch_stats(get_ops(name), x, process_group)
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            y = _EmptySyncBN.apply(process_group, mean, x, weight, bias, bn_weight, bn_bias, stride, padding,
+                                   dilation, groups)
+            return _finish(y, out), None
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _finish(y, out), None
@@ -233,7 +242,10 @@ def sync_batch_stats(ops, x: Tensor, process_group) -> Tuple[Tensor, Tensor, int
     import torch.distributed as dist
 
     count = x.numel() // x.shape[1]
-    mean, var = ops.bn_stats(x.detach())
+    if count == 0:  # a rank with no images takes part with a count of 0
+        mean = var = torch.zeros(x.shape[1], dtype=acc_dtype(x), device=x.device)
+    else:
+        mean, var = ops.bn_stats(x.detach())
     world = dist.get_world_size(process_group)
     local = torch.cat([mean, var, mean.new_tensor([float(count)])])
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -242,9 +254,36 @@ def sync_batch_stats(ops, x: Tensor, process_group) -> Tuple[Tensor, Tensor, int
     c = mean.numel()
     means, vars_, counts = stacked[:, :c], stacked[:, c: 2 * c], stacked[:, 2 * c: 2 * c + 1]
     total = counts.sum()
+    if total.item() == 0:
+        raise ValueError("no rank of the SyncBN process group has any images: there are no batch statistics")
     mean = (means * counts).sum(0) / total
     var = ((vars_ + (means - mean) ** 2) * counts).sum(0) / total
     return mean, var, int(total.item())
+
+
+class _EmptySyncBN(torch.autograd.Function):
+    """The fused op of a rank with an empty batch in a SyncBN group: an empty output whose
+    backward joins the other ranks' all-reduce of the two per-channel gradient sums (with
+    zeros) and gives zero gradients (this rank's share of them is nothing)."""
+
+    @staticmethod
+    def forward(ctx, process_group, mean, x, weight, bias, bn_weight, bn_bias, stride, padding, dilation, groups):
+        ctx.process_group, ctx.mean_like = process_group, mean
+        ctx.save_for_backward(x)  # unpacked first in the backward: a checkpoint recomputes (and all-gathers) as the others do
+        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in (x, weight, bias, bn_weight, bn_bias)]
+        return F.conv2d(x.detach(), weight.detach(), None if bias is None else bias.detach(), stride, padding,
+                        dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import torch.distributed as dist
+
+        ctx.saved_tensors  # noqa: B018 (see forward)
+        dist.all_reduce(torch.zeros((2, *ctx.mean_like.shape), dtype=ctx.mean_like.dtype,
+                                    device=ctx.mean_like.device), group=ctx.process_group)
+        grads = [None if (sd is None or not need) else torch.zeros(sd[0], dtype=sd[1], device=grad_out.device)
+                 for sd, need in zip(ctx.shapes, ctx.needs_input_grad[2:7])]
+        return (None, None, *grads, None, None, None, None)
 
 
 @torch.no_grad()
