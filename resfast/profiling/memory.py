@@ -264,7 +264,8 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
 
     Returns ``{"peak_bytes", "activation_bytes", "step_time_s"}``: the peak of live tensor
     bytes during the step (parameters, buffers, the input and gradients included), the
-    part of it that is neither parameters, buffers nor gradients, and the wall time of a
+    part of it that is neither parameters, buffers nor gradients (the input included, on
+    both devices), and the wall time of a
     second, untracked step (``nan`` with ``timed=False``); with ``launches`` also
     ``"launches"``, the kernel launches of one more step (aten compute ops plus Triton
     launches, :mod:`resfast.profiling.launches`). Gradients are cleared before each step.
@@ -285,7 +286,10 @@ def measure_training_step(model: nn.Module, x: Tensor, device=None, *, loss_fn: 
         sync(device)
         peak = torch.cuda.max_memory_allocated(device)
         grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-        activation = peak - base - grads
+        # base holds the parameters, buffers and the input; the input counts as an activation,
+        # as the CPU's tracker counts it (everything live that is neither a parameter, a
+        # buffer nor a gradient)
+        activation = peak - base - grads + x.numel() * x.element_size()
     else:
         snap = tracked_peak(step, model, x)
         peak = snap["Total"]
