@@ -2,7 +2,6 @@
 sync-BN (through resfast's fused BN-ReLU-conv op), gives the parameters and running
 statistics of one process stepping on the whole batch; the full training loop runs under DDP."""
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from resfast import BNReLUConv2d
 from resfast.train.distributed import init_distributed, prepare_model, unwrap
 from resfast.train.loop import TrainConfig, make_optimizer, train, train_step
+from ports import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -83,16 +83,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return torch.load(os.path.join(outdir, "rank0.pt"), weights_only=True), outdir
 
 

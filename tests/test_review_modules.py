@@ -51,11 +51,11 @@ def test_transition_macs_count_the_conv_over_every_position_and_no_pooling():
 
 import datetime  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from ports import free_port  # noqa: E402
 from resfast.backends import backend_status  # noqa: E402
 
 SYNC_BACKENDS = [b for b in ("eager", "native") if not backend_status("cpu")[b]]
@@ -133,16 +133,10 @@ def _empty_rank_worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def empty_rank_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("empty_rank"))
-    mp.spawn(_empty_rank_worker, args=(_free_port(), outdir), nprocs=2, join=True)
+    mp.spawn(_empty_rank_worker, args=(free_port(), outdir), nprocs=2, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 

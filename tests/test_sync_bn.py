@@ -5,7 +5,6 @@ native op sets. Both paths run the one backward, ``resfast.ops.autograd.bn_relu_
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 import resfast
 from resfast.backends import backend_status
+from ports import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -83,16 +83,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("syncbn"))
-    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 

@@ -111,8 +111,6 @@ def bn_relu_conv2d(
         dilation, groups, out,
     )
     _check_input_stats(input_stats, x)
-    if not torch.compiler.is_compiling():
-        _check_stats_source(input_stats, x)
     name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                   momentum, eps, stride, padding, dilation, groups, out)
     y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
@@ -129,11 +127,9 @@ def _tag_stats(stats: Tensor, y: Tensor) -> None:
     stats._resfast_stats_of = (weakref.ref(y), y.data_ptr(), tuple(y.shape), y.stride(), y._version)
 
 
-def _check_stats_source(input_stats: Optional[Tensor], x: Tensor) -> None:
+def _check_stats_source(input_stats: Tensor, x: Tensor) -> None:
     """``input_stats`` must describe ``x`` as it is now: statistics of another tensor (or of
     ``x`` before an in-place change) would normalise it with the wrong mean and variance."""
-    if input_stats is None:
-        return
     tag = getattr(input_stats, "_resfast_stats_of", None)
     if tag is None:
         raise ValueError("input_stats must be the statistics a call with return_stats=True returned, unchanged "
@@ -158,6 +154,8 @@ def _check_input_stats(input_stats: Optional[Tensor], x: Tensor) -> None:
                          f"{getattr(input_stats, 'shape', type(input_stats).__name__)}")
     if input_stats.device != x.device:
         raise ValueError(f"input_stats is on {input_stats.device} but x is on {x.device}")
+    if not torch.compiler.is_compiling():
+        _check_stats_source(input_stats, x)
 
 
 def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,

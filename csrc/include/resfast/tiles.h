@@ -499,45 +499,47 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         return bytes_before_fallback(s) + (fallback ? align16(int64_t(s.MP) * CS * 4) : 0);
       };
       const double w_copy = taps * bn * BK / 8.0 * kCostWeight;
-      // Clocks of the busiest SM (ceil(blocks / SMs) blocks of tpb tiles each): its
-      // warp-instructions (kCost*) over the issue rate.
-      auto busiest = [&](const SpatialTile& s, int64_t tpb) -> double {
+      // The tiles per block and the clocks of the busiest SM (ceil(blocks / SMs) blocks of tpb
+      // tiles each: its warp-instructions, kCost*, over the issue rate). Several tiles per block
+      // only when the weights stay staged (K in one chunk): the count (at most
+      // kMaxTilesPerBlock, at least target_blocks blocks in the grid) that makes the busiest
+      // SM's work the least (fewer tiles per block on ties).
+      struct Choice {
+        int64_t tpb;
+        double clocks;
+      };
+      auto plan_blocks = [&](const SpatialTile& s) -> Choice {
         const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
         const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
-        const double waves = double(cdiv(ct.blocks * cdiv(spatial, tpb), sms));
+        double per_tile, per_block;
         if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
           const double per_chunk = hmma * 10.0 + s.IH * s.IW * (BK / 8.0) * 3.2 +
                                    (chunks > 1 ? taps * bn * BK / 8.0 * 0.5 : 0.0) + 1600.0;
-          return waves * tpb * (chunks * per_chunk + s.M * (bn / 8.0) * 1.5) / kIssuePerClock;
+          per_tile = chunks * per_chunk + s.M * (bn / 8.0) * 1.5;
+          per_block = 0.0;
+        } else {
+          const double per_chunk = hmma * cost_hmma(ig, nt) + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
+                                   (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
+          per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
+          per_block = kCostBlock + (chunks > 1 ? 0.0 : w_copy);
         }
-        const double per_chunk = hmma * cost_hmma(ig, nt) + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
-                                 (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
-        const double per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
-        return waves * (tpb * per_tile + kCostBlock + (chunks > 1 ? 0.0 : w_copy)) / kIssuePerClock;
-      };
-      // Several tiles per block only when the weights stay staged (K in one chunk): the count
-      // (at most kMaxTilesPerBlock, at least target_blocks blocks in the grid) that makes the
-      // busiest SM's work the least (fewer tiles per block on ties).
-      auto tiles_per_block = [&](const SpatialTile& s) {
-        int64_t tpb = 1;
+        auto clocks = [&](int64_t tpb) {
+          return double(cdiv(ct.blocks * cdiv(spatial, tpb), sms)) * (tpb * per_tile + per_block) / kIssuePerClock;
+        };
+        Choice best_c{1, clocks(1)};
         if (k_range <= BK) {
-          const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
           int64_t most = spatial * ct.blocks / target_blocks;
-          most = most < 1 ? 1 : (most > kMaxTilesPerBlock ? kMaxTilesPerBlock : most);
-          double best_t = busiest(s, 1);
+          most = most > kMaxTilesPerBlock ? kMaxTilesPerBlock : most;
           for (int64_t t = 2; t <= most; ++t) {
-            const double c = busiest(s, t);
-            if (c < best_t) {
-              best_t = c;
-              tpb = t;
-            }
+            const double c = clocks(t);
+            if (c < best_c.clocks) best_c = {t, c};
           }
         }
-        return tpb;
+        return best_c;
       };
       auto cost = [&](const SpatialTile& s) -> double {
         if (bytes(s) > kSmemLimit) return -1;
-        return busiest(s, tiles_per_block(s));
+        return plan_blocks(s).clocks;
       };
       double c = 0;
       const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
@@ -560,9 +562,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       p.fb_offset = int(bytes_before_fallback(s));
       p.smem_bytes = int(bytes(s));
       p.spatial = g.N * s.tiles_h * s.tiles_w;
-      // Several tiles per block when the weights stay staged (K in one chunk) and the grid
-      // still has target_blocks blocks.
-      p.tpb = int(tiles_per_block(s));
+      p.tpb = int(plan_blocks(s).tpb);  // the count its cost was taken with
       p.chunks = int(chunks);
       p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
       p.blocks = p.ch.blocks * cdiv(p.spatial, p.tpb);
