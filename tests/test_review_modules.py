@@ -286,3 +286,16 @@ def test_changes_made_after_convert_are_followed(backend, model, change):
                 assert_rule(name, t, t64, ts, f"{backend} {model} {change} step {step}")
             else:
                 assert torch.equal(t, t64), f"{name}: {t} != {t64} ({backend} {model} {change} step {step})"
+
+
+def test_empty_rank_double_backward_is_refused_as_on_the_other_ranks():
+    """The other ranks' fused ops refuse create_graph=True through SyncBN; the empty rank's
+    stand-in refuses it too (before its all-reduce), never giving second-order zeros."""
+    from resfast.ops.bn_relu_conv2d import _EmptySyncBN
+
+    x = torch.zeros(0, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = _EmptySyncBN.apply(None, torch.zeros(4, dtype=torch.float64), x, w, None, None, None, [1, 1], [1, 1],
+                           [1, 1], 1)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), [w], create_graph=True)

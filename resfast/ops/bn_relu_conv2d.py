@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import BNReLUConv2dFunction
+from resfast.ops.autograd import DOUBLE_BACKWARD_SYNC_BN, BNReLUConv2dFunction
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
@@ -276,6 +276,8 @@ class _EmptySyncBN(torch.autograd.Function):
     def backward(ctx, grad_out):
         import torch.distributed as dist
 
+        if torch.is_grad_enabled():  # refused as the other ranks' fused ops refuse it
+            raise RuntimeError(DOUBLE_BACKWARD_SYNC_BN)
         ctx.saved_tensors  # noqa: B018 (see forward)
         dist.all_reduce(torch.zeros((2, *ctx.mean_like.shape), dtype=ctx.mean_like.dtype,
                                     device=ctx.mean_like.device), group=ctx.process_group)
