@@ -20,19 +20,34 @@ gradients (the packed small-group case, where a channel block's output channels 
 tile); otherwise the host launches the kernel twice, once per flag.
 
 Stride ``s > 1`` by parity decomposition: the input positions are tiled per residue class
-``(h % s, w % s)``, and a class visits only the taps that reach it, so no tap is evaluated
-where it cannot contribute. Spatial tiles are 2-D (``TILE_H x TILE_W`` positions of a class
-of one image); the row / column inside a tile come from constexpr shifts.
+``(h % s, w % s)``. Spatial tiles are 2-D (``TILE_H x TILE_W`` positions of a class of one
+image); the row / column inside a tile come from constexpr shifts. Two paths:
+
+* the *class path* (constexpr ``SH, SW``: the host's choice when both strides are 1 or 2, at
+  least one 2, the dilation odd along a stride of 2, and the output channels one chunk per
+  program): stride, class and tap set are compile-time. Class ``(qh, qw)`` is reached by
+  exactly the taps ``kh = qh + SH * j``, ``kw = qw + SW * j'`` (odd dilation makes the map
+  from tap residue to input residue one-to-one); a program walks its tiles class by class,
+  one tile loop per class, and the class's taps side by side, in power-of-two chunks of at
+  most 64 / ``BLOCK_N`` taps, are the stacked axis of one ``[positions, taps * BLOCK_N]`` load
+  of the output gradient and of its MMAs: no masked-out tap is loaded or multiplied, no
+  runtime division (3x3, stride 2: 4, 2, 2 and 1 taps for the four classes, against 3 rows x
+  4 stacked slots for every class on the generic path);
+* the *generic path* (any stride, runtime values): per kernel row a runtime test whether it
+  reaches the tile's class, and the row's ``KW`` taps stacked ``KW_P`` wide with the taps that
+  do not reach the class masked.
 
 Programs are persistent: program ``pid`` owns channel block ``pid % NCB`` and walks the
-tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``) in a fixed order, then writes
-its float32 partials to row ``split`` of ``[SPLITS, ...]`` buffers that
+tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``; on the class path those of
+every class in turn) in a fixed order, then writes its float32 partials to row ``split`` of
+``[SPLITS, ...]`` buffers that
 :func:`bn_relu_conv_bwd_finalize_kernel` sums in a fixed order: deterministic, no atomics.
 
 Packed small groups: ``0 * NaN`` in the block-diagonal weights carries one group's non-finite
 ``grad_out`` into its neighbours' ``grad_a``; where that reaches ``grad_z`` it makes the
 program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its tiles exactly,
-one group at a time, in the same launch (normally never: no per-tile check, no extra launch).
+one group at a time, in the same launch (normally never: no per-tile check, no extra launch);
+on the class path it walks the same tiles as its first pass, class by class.
 
 Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
 time) have kernels of their own, with the same partials and finalize:
