@@ -703,24 +703,30 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     tiles_w, num_tiles, n * ho * wo,
                     *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding,
                     *dilation)
+            one_n = bool(do_gw or nsub == 1)
+            sh, sw = _class_strides(stride, dilation) if one_n else (0, 0)
             const = dict(KH=kh, KW=kw, KW_P=_pow2(kw), DO_GA=do_ga, DO_GW=do_gw, DO_GB=bool(do_gw and bias_grad),
-                         ONE_N=bool(do_gw or nsub == 1), PACKED=packed,
+                         ONE_N=one_n, PACKED=packed, SH=sh, SW=sw,
                          HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                          EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             # per-program trips of the kernel's loops in the order of their heads in the code
-            loops = {"tiles": _cdiv(num_tiles, splits)}
+            if sh:  # the class path: one tile loop per residue class
+                loops = {f"tiles_class{q}": _cdiv(num_tiles // (sh * sw), splits) for q in range(sh * sw)}
+            else:
+                loops = {"tiles": _cdiv(num_tiles, splits)}
             if do_ga and not do_gw and nsub > 1:
                 loops.update({f"co_chunks_kh{i}": nsub for i in range(kh)})
             if do_gw and bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
             if packed:  # the exact fix-up runs only in programs that met a grad_a that is not finite
-                loops.update(fixup_tiles=0, fixup_taps=0, fixup_channels=0)
+                loops.update(**({"fixup_classes": 0} if sh else {}), fixup_tiles=0, fixup_taps=0, fixup_channels=0)
+            fix_depth = 2 if sh else 1
             partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
             read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
             bound = Bound((ncb * splits,), args, const, loops=loops,
-                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "fixup_taps": 2,
-                                  "fixup_channels": 3},
+                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "fixup_tiles": fix_depth,
+                                  "fixup_taps": fix_depth + 1, "fixup_channels": fix_depth + 2},
                           derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
                                        programs=ncb * splits), hbm_bytes=read + partial_bytes)
             return bound
@@ -919,6 +925,15 @@ def _kw_stacks(kw: int) -> Optional[Tuple[int, int]]:
     a = 1 << (kw.bit_length() - 1)
     b = kw - a
     return (a, b) if b & (b - 1) == 0 else None
+
+
+def _class_strides(stride: Sequence[int], dilation: Sequence[int]) -> Tuple[int, int]:
+    """``(SH, SW)`` of ``bn_relu_conv_bwd_kernel``'s residue-class path (stride, class and tap
+    set compile-time): the strides when both are 2 or 1 (not both 1) and the dilation is odd
+    along a stride of 2, so each residue class is reached by one compile-time set of taps;
+    ``(0, 0)`` (the generic path, runtime stride) otherwise."""
+    ok = all(s in (1, 2) and (s == 1 or d % 2 == 1) for s, d in zip(stride, dilation))
+    return (int(stride[0]), int(stride[1])) if ok and max(stride) == 2 else (0, 0)
 
 
 def _class_taps(k: int, stride: int, pad: int, dil: int) -> int:

@@ -20,19 +20,34 @@ gradients (the packed small-group case, where a channel block's output channels 
 tile); otherwise the host launches the kernel twice, once per flag.
 
 Stride ``s > 1`` by parity decomposition: the input positions are tiled per residue class
-``(h % s, w % s)``, and a class visits only the taps that reach it, so no tap is evaluated
-where it cannot contribute. Spatial tiles are 2-D (``TILE_H x TILE_W`` positions of a class
-of one image); the row / column inside a tile come from constexpr shifts.
+``(h % s, w % s)``. Spatial tiles are 2-D (``TILE_H x TILE_W`` positions of a class of one
+image); the row / column inside a tile come from constexpr shifts. Two paths:
+
+* the *class path* (constexpr ``SH, SW``: the host's choice when both strides are 1 or 2, at
+  least one 2, the dilation odd along a stride of 2, and the output channels one chunk per
+  program): stride, class and tap set are compile-time. Class ``(qh, qw)`` is reached by
+  exactly the taps ``kh = qh + SH * j``, ``kw = qw + SW * j'`` (odd dilation makes the map
+  from tap residue to input residue one-to-one); a program walks its tiles class by class,
+  one tile loop per class, and the class's taps side by side, in power-of-two chunks of at
+  most 64 / ``BLOCK_N`` taps, are the stacked axis of one ``[positions, taps * BLOCK_N]`` load
+  of the output gradient and of its MMAs: no masked-out tap is loaded or multiplied, no
+  runtime division (3x3, stride 2: 4, 2, 2 and 1 taps for the four classes, against 3 rows x
+  4 stacked slots for every class on the generic path);
+* the *generic path* (any stride, runtime values): per kernel row a runtime test whether it
+  reaches the tile's class, and the row's ``KW`` taps stacked ``KW_P`` wide with the taps that
+  do not reach the class masked.
 
 Programs are persistent: program ``pid`` owns channel block ``pid % NCB`` and walks the
-tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``) in a fixed order, then writes
-its float32 partials to row ``split`` of ``[SPLITS, ...]`` buffers that
+tiles ``split, split + SPLITS, ...`` (``split = pid // NCB``; on the class path those of
+every class in turn) in a fixed order, then writes its float32 partials to row ``split`` of
+``[SPLITS, ...]`` buffers that
 :func:`bn_relu_conv_bwd_finalize_kernel` sums in a fixed order: deterministic, no atomics.
 
 Packed small groups: ``0 * NaN`` in the block-diagonal weights carries one group's non-finite
 ``grad_out`` into its neighbours' ``grad_a``; where that reaches ``grad_z`` it makes the
 program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its tiles exactly,
-one group at a time, in the same launch (normally never: no per-tile check, no extra launch).
+one group at a time, in the same launch (normally never: no per-tile check, no extra launch);
+on the class path it walks the same tiles as its first pass, class by class.
 
 Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
 time) have kernels of their own, with the same partials and finalize:
@@ -64,6 +79,7 @@ def bn_relu_conv_bwd_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SH: tl.constexpr = 0, SW: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     cb = pid % NCB
@@ -99,64 +115,138 @@ def bn_relu_conv_bwd_kernel(
     invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
     x_c = ci * sxc
     z_c = ci * szc
-    if ONE_N:
-        co_c, n_ok_c, gn_c, keep, w_off = _stacked(nc0, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk, ci_loc, k_ok,
-                                                   swo, swi, sww, KW, EVEN_N, BLOCK_N)
-        if DO_GA:
-            wt = ()
-            for kh in tl.static_range(KH):
-                wt = wt + (tl.load(w_ptr + w_off + kh * swh, mask=keep, other=0.0),)
     if DO_GA:  # per-position partial sums, reduced across positions once after the tiles
         sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
         sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-    if DO_GW:
-        gw = (tl.zeros([GN, BLOCK_K], dtype=tl.float32),) * KH
-
-    for t in range(split, NUM_TILES, SPLITS):
-        # the tile's digits (column, row, residue column, residue row, image), divided per tile:
-        # carried across the loop instead they cost this kernel more in registers than they save
-        d_w, d_h, d_pw, d_ph, d_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
-        n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
-            d_n, d_ph, d_pw, d_h * TILE_H, d_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj,
-            H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
-        gyb = go_ptr + n64 * sgn  # this image's base pointer; int32 offsets inside it
-        acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-        for kh in tl.static_range(KH):
-            oh = ph + pad_h - kh * dil_h + stride_h * ((KH - 1) * dil_h)
-            if oh % stride_h == 0:
-                gho = ii + (oh // stride_h - (KH - 1) * dil_h)
-                row_ok = m_ok & (gho >= 0) & (gho < HO)
-                g_base = (gho * sgh)[:, None] + col_off
-                g_mask = row_ok[:, None] & col_ok
-                if ONE_N:
-                    # [BM, KW_P * BLOCK_N]: the output gradient at the kw taps' positions, side by side
-                    gy = tl.load(gyb + g_base + (co_c * sgc)[None, :], mask=g_mask & n_ok_c[None, :], other=0.0)
+    if SH > 0:
+        # The residue-class path (the host's choice for strides of 1 or 2 whose dilation is odd,
+        # ONE_N): stride, class and tap set are compile-time. Class (qh, qw) holds the input
+        # positions h = ii * SH + ph, w = jj * SW + pw reached by exactly the taps
+        # kh = qh + SH * j, kw = qw + SW * j', and its taps (j, j') side by side, in power-of-two
+        # chunks of at most TAP_CAP taps, are the stacked axis of one [BM, taps * BLOCK_N] load
+        # of the output gradient: no masked-out tap is loaded or multiplied, no runtime division.
+        TAP_CAP: tl.constexpr = _tap_cap(BLOCK_N)
+        if DO_GA:  # the block-diagonal weights of every chunk, loaded once per program
+            wts = ()
+            for qh in tl.static_range(SH):
+                for qw in tl.static_range(SW):
+                    for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
+                        wq = _class_chunk(qh, qw, i, nc0, gblk, NR, CO, COUT_G, gk, ci_loc, k_ok, pad_h, pad_w, dil_h,
+                                          dil_w, swo, swi, swh, sww, KH, KW, SH, SW, EVEN_N, BLOCK_N, TAP_CAP)
+                        wts = wts + (tl.load(w_ptr + wq[3], mask=wq[2], other=0.0),)
+        if DO_GW:
+            gws = ()
+            for qh in tl.static_range(SH):
+                for qw in tl.static_range(SW):
+                    for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
+                        gws = gws + (tl.zeros([_chunk_size(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP, i)
+                                               * BLOCK_N, BLOCK_K], dtype=tl.float32),)
+        TILES_C = NUM_TILES // (SH * SW)  # tiles of one class
+        for qh in tl.static_range(SH):
+            ph = (qh * dil_h + (SH - 1) * pad_h) % SH
+            for qw in tl.static_range(SW):
+                pw = (qw * dil_w + (SW - 1) * pad_w) % SW
+                for t in range(split, TILES_C, SPLITS):
+                    n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+                    n64 = n.to(tl.int64)
+                    ii = th0 + oi  # position in the class's grid
+                    jj = tw0 + oj
+                    h = ii * SH + ph
+                    w = jj * SW + pw
+                    m_ok = (h < H) & (w < W)
+                    mask = m_ok[:, None] & k_ok[None, :]
+                    xv = tl.load(x_ptr + n64 * sxn + (h * sxh + w * sxw)[:, None] + x_c[None, :], mask=mask,
+                                 other=0.0).to(tl.float32)
+                    a = bn_relu(xv, scale, shift, mask).to(act_ty)
+                    gyb = go_ptr + n64 * sgn
+                    g_row = ii * sgh + jj * sgw
+                    acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+                    for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
+                        co_q, n_ok_q, keep_q, w_off_q, kh_q, kw_q, dh_q, dw_q = _class_chunk(
+                            qh, qw, i, nc0, gblk, NR, CO, COUT_G, gk, ci_loc, k_ok, pad_h, pad_w, dil_h, dil_w, swo, swi,
+                            swh, sww, KH, KW, SH, SW, EVEN_N, BLOCK_N, TAP_CAP)
+                        # the output position of each (position, tap): row ii + dh, column jj + dw
+                        gi = ii[:, None] + dh_q[None, :]
+                        gj = jj[:, None] + dw_q[None, :]
+                        g_mask = m_ok[:, None] & (gi >= 0) & (gi < HO) & (gj >= 0) & (gj < WO) & n_ok_q[None, :]
+                        gy = tl.load(gyb + g_row[:, None] + (dh_q * sgh + dw_q * sgw + co_q * sgc)[None, :],
+                                     mask=g_mask, other=0.0)
+                        if DO_GA:
+                            acc = dot_acc(gy, wts[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)], acc, DOT_F32)
+                        if DO_GW:
+                            gws = _put(gws, _chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i), tl.trans(gy), a,
+                                       DOT_F32)
                     if DO_GA:
-                        acc = dot_acc(gy, wt[kh], acc, DOT_F32)
-                    if DO_GW:
-                        gw = gw[:kh] + (dot_acc(tl.trans(gy), a, gw[kh], DOT_F32),) + gw[kh + 1:]
-                else:  # grad_a of a wide group: every output-channel chunk
-                    for nc in range(0, NSUB):
-                        co_n, n_ok_n, gn_n, keep_n, w_off_n = _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk,
-                                                                       ci_loc, k_ok, swo, swi, sww, KW, EVEN_N,
-                                                                       BLOCK_N)
-                        gy = tl.load(gyb + g_base + (co_n * sgc)[None, :], mask=g_mask & n_ok_n[None, :], other=0.0)
-                        wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
-                        acc = dot_acc(gy, wv, acc, DOT_F32)
-        if DO_GA:
-            sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
-                                  act_ty)
+                        sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
+                                              sdz, sdzx, act_ty)
+        if DO_GW:
+            # row (tap, co) and column ci of a chunk -> grad_weight[co, ci_local, kh, kw]
+            base = split.to(tl.int64) * (CO * CIN_G * KHW)
+            for qh in tl.static_range(SH):
+                for qw in tl.static_range(SW):
+                    for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
+                        sq = _class_chunk(qh, qw, i, nc0, gblk, NR, CO, COUT_G, gk, ci_loc, k_ok, pad_h, pad_w, dil_h,
+                                          dil_w, swo, swi, swh, sww, KH, KW, SH, SW, EVEN_N, BLOCK_N, TAP_CAP)
+                        col = (sq[0].to(tl.int64) * (CIN_G * KHW) + sq[4] * KW + sq[5])[:, None] + \
+                            (ci_loc * KHW)[None, :]
+                        tl.store(pgw_ptr + base + col, gws[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)],
+                                 mask=sq[2])
+    else:  # the generic path: runtime stride, a kernel row's kw taps stacked (KW_P wide)
+        if ONE_N:
+            co_c, n_ok_c, gn_c, keep, w_off = _stacked(nc0, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk, ci_loc, k_ok,
+                                                       swo, swi, sww, KW, EVEN_N, BLOCK_N)
+            if DO_GA:
+                wt = ()
+                for kh in tl.static_range(KH):
+                    wt = wt + (tl.load(w_ptr + w_off + kh * swh, mask=keep, other=0.0),)
+        if DO_GW:
+            gw = (tl.zeros([GN, BLOCK_K], dtype=tl.float32),) * KH
 
-    if DO_GW:
-        # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
-        base = split.to(tl.int64) * (CO * CIN_G * KHW)
-        col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
-        for kh in tl.static_range(KH):
-            tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
-        if DO_GB:
-            if ksub == 0:
-                _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
-                               sgh, sgw, BM, BLOCK_N)
+        for t in range(split, NUM_TILES, SPLITS):
+            # the tile's digits (column, row, residue column, residue row, image), divided per tile:
+            # carried across the loop instead they cost this kernel more in registers than they save
+            d_w, d_h, d_pw, d_ph, d_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
+            n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
+                d_n, d_ph, d_pw, d_h * TILE_H, d_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj,
+                H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
+            gyb = go_ptr + n64 * sgn  # this image's base pointer; int32 offsets inside it
+            acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+            for kh in tl.static_range(KH):
+                oh = ph + pad_h - kh * dil_h + stride_h * ((KH - 1) * dil_h)
+                if oh % stride_h == 0:
+                    gho = ii + (oh // stride_h - (KH - 1) * dil_h)
+                    row_ok = m_ok & (gho >= 0) & (gho < HO)
+                    g_base = (gho * sgh)[:, None] + col_off
+                    g_mask = row_ok[:, None] & col_ok
+                    if ONE_N:
+                        # [BM, KW_P * BLOCK_N]: the output gradient at the kw taps' positions, side by side
+                        gy = tl.load(gyb + g_base + (co_c * sgc)[None, :], mask=g_mask & n_ok_c[None, :], other=0.0)
+                        if DO_GA:
+                            acc = dot_acc(gy, wt[kh], acc, DOT_F32)
+                        if DO_GW:
+                            gw = gw[:kh] + (dot_acc(tl.trans(gy), a, gw[kh], DOT_F32),) + gw[kh + 1:]
+                    else:  # grad_a of a wide group: every output-channel chunk
+                        for nc in range(0, NSUB):
+                            co_n, n_ok_n, gn_n, keep_n, w_off_n = _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk,
+                                                                           ci_loc, k_ok, swo, swi, sww, KW, EVEN_N,
+                                                                           BLOCK_N)
+                            gy = tl.load(gyb + g_base + (co_n * sgc)[None, :], mask=g_mask & n_ok_n[None, :], other=0.0)
+                            wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
+                            acc = dot_acc(gy, wv, acc, DOT_F32)
+            if DO_GA:
+                sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+                                      act_ty)
+
+        if DO_GW:
+            # row (kw, co) and column ci of kernel row kh -> grad_weight[co, ci_local, kh, kw]
+            base = split.to(tl.int64) * (CO * CIN_G * KHW)
+            col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
+            for kh in tl.static_range(KH):
+                tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
+    if DO_GW and DO_GB:
+        if ksub == 0:
+            _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
+                           sgh, sgw, BM, BLOCK_N)
 
     if PACKED:
         # The fix-up (packed groups only): 0 * NaN in the block-diagonal weights carries one
@@ -170,39 +260,153 @@ def bn_relu_conv_bwd_kernel(
         if any_nonfinite(sdz):
             sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
             sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-            for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
-                f_w, f_h, f_pw, f_ph, f_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
-                n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
-                    f_n, f_ph, f_pw, f_h * TILE_H, f_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift,
-                    oi, oj, H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
-                gyb = go_ptr + n64 * sgn
-                # exact and cold: each input channel sees only its own group's output
-                # channels, one FMA per (tap, output channel of the group)
-                acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-                for tap in range(0, KHW):
-                    fh = tap // KW
-                    fw = tap - fh * KW
-                    oh = ph + pad_h - fh * dil_h + stride_h * ((KH - 1) * dil_h)
-                    ow = pw + pad_w - fw * dil_w + stride_w * ((KW - 1) * dil_w)
-                    fho = ii + (oh // stride_h - (KH - 1) * dil_h)
-                    fwo = jj + (ow // stride_w - (KW - 1) * dil_w)
-                    t_ok = m_ok & (oh % stride_h == 0) & (ow % stride_w == 0) & (fho >= 0) & (fho < HO) & \
-                        (fwo >= 0) & (fwo < WO)
-                    for j in range(0, COUT_G):
-                        co = gblk * NR + gk * COUT_G + j
-                        co_ok = k_ok & (co < CO)
-                        gyf = tl.load(gyb + (fho * sgh + fwo * sgw)[:, None] + (co * sgc)[None, :],
-                                      mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
-                        wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok,
-                                     other=0.0).to(tl.float32)
-                        acc += gyf * wf[None, :]
-                sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz,
-                                      sdzx, act_ty)
+            if SH > 0:  # the same tiles in the same order as the class path's first pass
+                for q in tl.range(0, SH * SW, num_stages=1):
+                    f_ph = ((q // SW) * dil_h + (SH - 1) * pad_h) % SH
+                    f_pw = ((q % SW) * dil_w + (SW - 1) * pad_w) % SW
+                    for t in tl.range(split, NUM_TILES // (SH * SW), SPLITS, num_stages=1):
+                        f_n, f_h0, f_w0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+                        sdz, sdzx = _fixup_tile(
+                            f_n, f_ph, f_pw, f_h0, f_w0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh,
+                            sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk,
+                            ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi,
+                            oj, c_kw, sdz, sdzx, act_ty, KH, KW)
+            else:
+                for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
+                    f_w, f_h, f_pw, f_ph, f_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
+                    sdz, sdzx = _fixup_tile(
+                        f_n, f_ph, f_pw, f_h * TILE_H, f_w * TILE_W, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw,
+                        swo, swi, swh, sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd,
+                        gblk, gk, ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h,
+                        dil_w, oi, oj, c_kw, sdz, sdzx, act_ty, KH, KW)
 
     if DO_GA:
         row = split.to(tl.int64) * (2 * C)
         tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
         tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0), mask=k_ok)
+
+
+@triton.jit
+def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxh,
+                sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
+                W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi, oj, c_kw, sdz, sdzx,
+                act_ty: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """The packed kernel's exact fix-up of one tile (image ``n``, residue class ``(ph, pw)``,
+    first row and column ``th0``, ``tw0`` in the class's grid): ``grad_a`` with each input
+    channel seeing only its own group's output channels, one FMA per (tap, output channel of
+    the group), runtime stride; ``grad_z`` stored again and the BN-gradient sums accumulated."""
+    KHW: tl.constexpr = KH * KW
+    n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
+        n, ph, pw, th0, tw0, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj, H, W, WO, stride_h,
+        stride_w, pad_w, dil_w, c_kw, act_ty, KW)
+    gyb = go_ptr + n64 * sgn
+    acc = tl.zeros(xv.shape, dtype=tl.float32)
+    for tap in range(0, KHW):
+        fh = tap // KW
+        fw = tap - fh * KW
+        oh = ph + pad_h - fh * dil_h + stride_h * ((KH - 1) * dil_h)
+        ow = pw + pad_w - fw * dil_w + stride_w * ((KW - 1) * dil_w)
+        fho = ii + (oh // stride_h - (KH - 1) * dil_h)
+        fwo = jj + (ow // stride_w - (KW - 1) * dil_w)
+        t_ok = m_ok & (oh % stride_h == 0) & (ow % stride_w == 0) & (fho >= 0) & (fho < HO) & (fwo >= 0) & \
+            (fwo < WO)
+        for j in range(0, COUT_G):
+            co = gblk * NR + gk * COUT_G + j
+            co_ok = k_ok & (co < CO)
+            gyf = tl.load(gyb + (fho * sgh + fwo * sgw)[:, None] + (co * sgc)[None, :],
+                          mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
+            wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok, other=0.0).to(tl.float32)
+            acc += gyf * wf[None, :]
+    return _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx, act_ty)
+
+
+@triton.jit
+def _put(tup, i: tl.constexpr, u, v, DOT_F32: tl.constexpr):
+    """``tup`` with its element ``i`` (an accumulator) plus ``u @ v``."""
+    return tup[:i] + (dot_acc(u, v, tup[i], DOT_F32),) + tup[i + 1:]
+
+
+@triton.constexpr_function
+def _ntaps(k, s, q):
+    """Taps ``t = q + s * j`` of a ``k``-wide kernel (residue ``q`` of stride ``s``)."""
+    return max(0, (k - q + s - 1) // s)
+
+
+@triton.constexpr_function
+def _tap_cap(block_n):
+    """Taps per chunk of the class path: a ``[positions, taps * BLOCK_N]`` output-gradient load
+    at most 64 channels wide."""
+    return max(1, 64 // block_n)
+
+
+@triton.constexpr_function
+def _chunks(n, cap):
+    """``[(first tap, taps)]``: ``n`` taps cut into powers of two, the largest first, at most ``cap``."""
+    out, start = [], 0
+    while start < n:
+        size = 1
+        while size * 2 <= min(n - start, cap):
+            size *= 2
+        out.append((start, size))
+        start += size
+    return out
+
+
+@triton.constexpr_function
+def _nchunks(n, cap):
+    """Chunks of ``n`` taps: powers of two, the largest first, at most ``cap`` each."""
+    return len(_chunks(n, cap))
+
+
+@triton.constexpr_function
+def _chunk_size(n, cap, i):
+    return _chunks(n, cap)[i][1]
+
+
+@triton.constexpr_function
+def _chunk_start(n, cap, i):
+    return _chunks(n, cap)[i][0]
+
+
+@triton.constexpr_function
+def _chunk_index(kh, kw, sh, sw, cap, qh, qw, i):
+    """Index of class ``(qh, qw)``'s chunk ``i`` among all classes' chunks (classes row-major)."""
+    return i + sum(len(_chunks(_ntaps(kh, sh, a) * _ntaps(kw, sw, b), cap))
+                   for a in range(sh) for b in range(sw) if (a, b) < (qh, qw))
+
+
+@triton.jit
+def _class_chunk(qh: tl.constexpr, qw: tl.constexpr, i: tl.constexpr, nc, gblk, NR, CO, COUT_G, gk, ci_loc, k_ok, pad_h,
+                 pad_w, dil_h, dil_w, swo, swi, swh, sww, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                 SW: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, TAP_CAP: tl.constexpr):
+    """Chunk ``i`` of residue class ``(qh, qw)``'s taps (``kh = qh + SH * j``, ``kw = qw + SW * j'``,
+    ``(j, j')`` row-major), stacked with output-channel chunk ``nc``'s channels: per row ``(tap, co)`` of the
+    ``[taps * BLOCK_N, BLOCK_K]`` weight tile its channel, validity, the block-diagonal mask,
+    the weight offsets, the tap, and the shift from an input position's class coordinates
+    ``(ii, jj)`` to the output position the tap reaches (``(h + pad - kh * dil) / SH``, exact)."""
+    NWQ: tl.constexpr = _ntaps(KW, SW, qw)
+    NT: tl.constexpr = _ntaps(KH, SH, qh) * NWQ
+    P: tl.constexpr = _chunk_size(NT, TAP_CAP, i)
+    T0: tl.constexpr = _chunk_start(NT, TAP_CAP, i)
+    c = tl.arange(0, P * BLOCK_N)
+    tap = T0 + c // BLOCK_N
+    jh = tap // NWQ
+    jw = tap - jh * NWQ
+    kh = qh + SH * jh
+    kw = qw + SW * jw
+    n_loc = nc * BLOCK_N + c % BLOCK_N
+    co = gblk * NR + n_loc
+    if EVEN_N:
+        n_ok = tl.full([P * BLOCK_N], 1, tl.int1)
+    else:
+        n_ok = (n_loc < NR) & (co < CO)
+    keep = ((n_loc // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
+    w_off = (co * swo + kh * swh + kw * sww)[:, None] + (ci_loc * swi)[None, :]
+    ph = (qh * dil_h + (SH - 1) * pad_h) % SH
+    pw = (qw * dil_w + (SW - 1) * pad_w) % SW
+    dh = (ph + pad_h - qh * dil_h) // SH - jh * dil_h
+    dw = (pw + pad_w - qw * dil_w) // SW - jw * dil_w
+    return co, n_ok, keep, w_off, kh, kw, dh, dw
 
 
 @triton.jit

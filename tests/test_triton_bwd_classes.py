@@ -1,0 +1,151 @@
+"""The packed backward kernel's residue-class path (``bn_relu_conv_bwd_kernel`` with ``SH, SW``:
+stride, residue class and tap set compile-time, each class's taps stacked without a masked-out
+tap) against the float64 rule, beside the generic runtime-stride path it replaces at strides of
+1 and 2: odd H and W (classes of unequal sizes), padding 0 and 1, odd and even dilation, mixed
+strides, 1x1 / 2x2 / 5x5 kernels (a class with no tap, one tap, several chunks), the split
+launches (input gradient and weight gradient alone), and a non-finite ``grad_out`` with packed
+groups (the in-launch exact fix-up walks the classes' tiles as the first pass did).
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resfast.backends import backend_status
+from reference import assert_rule
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY = backend_status(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+
+if not _WHY:
+    from resfast.ops import reference, triton_ops
+
+    OPS = torch.ops.resfast_triton
+
+
+def _inputs(n, c, co, groups, hw, k, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, *hw, generator=g) * 1.3 + 0.4).to(dtype=dtype, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    kh, kw = k
+    w = (torch.randn(co, c // groups, kh, kw, generator=g) / (c // groups * kh * kw) ** 0.5).to(dtype=dtype,
+                                                                                                  device=DEVICE)
+    bw = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    bb = (torch.randn(c, generator=g) * 0.3).to(DEVICE)
+    mean, var = reference.bn_stats(x)
+    return x, w, bw, bb, mean, torch.rsqrt(var + 1e-5)
+
+
+def _out_hw(hw, k, s, p, d):
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+
+
+def _f64(t):
+    return t.detach().to(device="cpu", dtype=torch.float64) if isinstance(t, torch.Tensor) else t
+
+
+def _check(args, dtype, context):
+    got = OPS.bn_relu_conv2d_backward(*args)
+    ref64 = reference.bn_relu_conv2d_backward(*[_f64(a) for a in args])
+    ref_same = reference.bn_relu_conv2d_backward(*args)
+    for i, (a, r64, rs) in enumerate(zip(got, ref64, ref_same)):
+        assert_rule(f"bn_relu_conv2d_backward[{i}]", a, r64, rs, context, dtype=dtype)
+    return got
+
+
+def _class_strides(args):
+    """``(SH, SW)`` of every launch of ``bn_relu_conv_bwd_kernel`` the op plans for ``args``."""
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    return [(b.constexprs["SH"], b.constexprs["SW"]) for b in (lp.bind(lp.interp_config) for lp in plan)
+            if "SH" in b.constexprs]
+
+
+# (n, C, C_out, groups, H x W, kernel, stride, padding, dilation, class path expected)
+CASES = [
+    (2, 16, 16, 4, (7, 9), (3, 3), (2, 2), (1, 1), (1, 1), True),    # ResNeXt's down block, odd H and W
+    (1, 12, 12, 3, (9, 7), (3, 3), (2, 2), (0, 0), (1, 1), True),    # padding 0: last row / column unread
+    (2, 8, 8, 8, (9, 9), (3, 3), (2, 2), (3, 3), (3, 3), True),      # depthwise, odd dilation 3
+    (1, 16, 8, 4, (8, 9), (3, 3), (2, 1), (1, 1), (1, 1), True),     # mixed strides, 4 -> 2 channel groups
+    (1, 12, 12, 6, (7, 8), (3, 3), (1, 2), (1, 0), (2, 1), True),    # stride 1 along h, dilation 2 there
+    (2, 16, 16, 4, (7, 7), (1, 1), (2, 2), (0, 0), (1, 1), True),    # 1x1 stride 2: three classes with no tap
+    (1, 16, 16, 8, (8, 7), (2, 2), (2, 2), (0, 1), (1, 1), True),    # 2x2: one tap per class row
+    (1, 8, 8, 4, (9, 10), (5, 5), (2, 2), (2, 2), (1, 1), True),     # 5x5: a class of 9 taps, three chunks
+    (1, 16, 16, 4, (9, 9), (3, 3), (2, 2), (2, 2), (2, 2), False),   # even dilation: the generic path
+    (1, 12, 12, 3, (10, 8), (3, 3), (3, 3), (1, 1), (1, 1), False),  # stride 3: the generic path
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_packed_backward_residue_classes_against_eager(case):
+    """Packed small groups (merged launch: grad_a, grad_weight, grad_bias, BN-gradient sums)."""
+    n, c, co, groups, hw, k, s, p, d, cls = case
+    x, w, bw, bb, mean, invstd = _inputs(n, c, co, groups, hw, k)
+    go = torch.randn(n, co, *_out_hw(hw, k, s, p, d), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, list(s), list(p), list(d), groups, True)
+    paths = _class_strides(args)
+    assert paths and all(path == (tuple(s) if cls else (0, 0)) for path in paths), paths
+    _check(args, torch.float32, f"case={case}")
+
+
+def test_packed_backward_residue_classes_bf16():
+    """bfloat16 operands (the MMA's dtype on a GPU) at stride 2, padding 1, odd H and W."""
+    x, w, bw, bb, mean, invstd = _inputs(2, 16, 16, 2, (9, 7), (3, 3), torch.bfloat16, seed=4)
+    go = torch.randn(2, 16, 5, 4, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    args = (go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], 2, True)
+    assert _class_strides(args) == [(2, 2)]
+    _check(args, torch.bfloat16, "bf16 stride 2")
+
+
+def test_split_backward_residue_classes(monkeypatch):
+    """The split launches (input gradient alone, weight gradient alone: ResNeXt-50 stage 4's
+    32-channel groups on a GPU) on the class path, with a config whose weight-gradient
+    accumulators are too many for one merged launch."""
+    monkeypatch.setattr(triton_ops, "_BWD_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=32,
+                                                                    BLOCK_K=32))
+    for hw, p in (((7, 9), 1), ((8, 7), 0)):
+        x, w, bw, bb, mean, invstd = _inputs(2, 64, 64, 2, hw, (3, 3), seed=6)
+        go = torch.randn(2, 64, *_out_hw(hw, (3, 3), (2, 2), (p, p), (1, 1)),
+                         generator=torch.Generator().manual_seed(7)).to(DEVICE)
+        args = (go, x, w, bw, bb, mean, invstd, [2, 2], [p, p], [1, 1], 2, True)
+        plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+        assert [lp.name for lp in plan] == ["conv_bwd_input", "conv_bwd_weight", "conv_bwd_finalize"]
+        assert _class_strides(args) == [(2, 2), (2, 2)]
+        _check(args, torch.float32, f"split, {hw}, padding {p}")
+
+
+@pytest.mark.parametrize("pad,dil", [(1, 1), (0, 3)])
+def test_packed_nonfinite_grad_out_residue_classes(pad, dil):
+    """A NaN in ``grad_out`` with packed groups at stride 2: the program whose sum of grad_z is
+    not finite recomputes its tiles of every class exactly, group by group; NaN reaches exactly
+    the channels eager gives NaN (the group of the NaN's output channel), all else matches."""
+    c, co, groups, hw = 16, 16, 4, (9, 11)
+    x, w, bw, bb, mean, invstd = _inputs(2, c, co, groups, hw, (3, 3), seed=8)
+    ho, wo = _out_hw(hw, (3, 3), (2, 2), (pad, pad), (dil, dil))
+    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    go[1, 6, ho // 2, wo // 2] = float("nan")  # output channel 6 is in group 1
+    args = (go, x, w, bw, bb, mean, invstd, [2, 2], [pad, pad], [dil, dil], groups, True)
+    assert _class_strides(args) == [(2, 2)]
+    got = _check(args, torch.float32, f"NaN in grad_out, padding {pad}, dilation {dil}")
+    gz = got[0]
+    assert torch.isnan(gz[:, 4:8]).any() and not torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 8:]).any()
+
+
+def test_weight_gradient_output_chunks_residue_classes(monkeypatch):
+    """The weight-gradient launch on the class path with a group's output channels over two
+    ``BLOCK_N`` chunks (on a GPU the 16-wide weight configs on ResNeXt-50 stage 4's 32-channel
+    groups; under the interpreter such a group is otherwise routed to the wide-group kernels),
+    beside the input gradient's generic path (several output chunks: no class path)."""
+    monkeypatch.setattr(triton_ops, "_wide_group", lambda *a: False)
+    monkeypatch.setattr(triton_ops, "_wide_input", lambda *a: False)
+    x, w, bw, bb, mean, invstd = _inputs(2, 16, 64, 2, (7, 9), (3, 3), seed=10)
+    go = torch.randn(2, 64, 4, 5, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    args = (go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], 2, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    assert [lp.name for lp in plan] == ["conv_bwd_input", "conv_bwd_weight", "conv_bwd_finalize"]
+    bound = [lp.bind(lp.interp_config) for lp in plan[:2]]
+    assert [(b.constexprs["SH"], b.constexprs["ONE_N"]) for b in bound] == [(0, False), (2, True)]
+    _check(args, torch.float32, "weight gradient over two output chunks, stride 2")
