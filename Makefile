@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 export RESFAST_BUILD_EXT ?= 1
+# pytest-xdist workers of `make test` (one per core of a 2-core machine; 0 runs the suite in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: install bench test memory clean
 
@@ -32,7 +34,7 @@ memory: install
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
 
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 
 clean:

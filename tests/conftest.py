@@ -28,6 +28,24 @@ os.environ["RESFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="resfast-test-cache-")
 atexit.register(shutil.rmtree, os.environ["RESFAST_CACHE_DIR"], True)
 os.environ.setdefault("RESFAST_AUTOTUNE", "0")
 
+# `make test` runs the suite in two pytest-xdist workers (one per core of a 2-core CI
+# machine). Each worker keeps to one intra-op thread, so the two never oversubscribe the
+# cores (torch's OpenMP threads spin-wait), and so do the processes the tests start
+# (OMP_NUM_THREADS: autotune's cache key names the thread count, and a child must see the
+# parent's). xdist's variables are taken out of the environment those children inherit:
+# a child pytest would take itself for a worker (pytest-benchmark then refuses to run).
+XDIST_WORKER = os.environ.pop("PYTEST_XDIST_WORKER", None)
+if XDIST_WORKER:
+    for _name in ("PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        os.environ.pop(_name, None)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch as _torch
+
+        _torch.set_num_threads(1)
+    except ImportError:
+        pass
+
 
 def pytest_report_header(config):
     import torch
