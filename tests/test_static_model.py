@@ -89,6 +89,21 @@ def test_sass_loop_parsing():
     assert sm._mma_macs("FFMA R1, R2, R3, R4") == 0
 
 
+def test_issue_time_counts_whole_schedulers():
+    """One warp per scheduler: 4 warps of one program issue in the time of 1 warp, 1 or 2 warps
+    no faster than that (no fractional scheduler), 8 warps twice that; 133 programs put 2 on
+    the busiest of the 132 SMs."""
+    n = int(sm.CLOCK_GHZ * 1e3) * 100  # 100 us of one scheduler's issue
+
+    def stats(warps):
+        return sm.KernelStats(regs=32, spills=0, smem_bytes=0, num_warps=warps, mma="none", sass_instructions=n,
+                              loops=[], mma_ops=[], depth_of=[0] * n, instr_addrs=list(range(0, 16 * n, 16)))
+
+    t = {w: sm.predict(stats(w), (1,), [], 0)["issue_us"] for w in (1, 2, 4, 8)}
+    assert t == {1: 100.0, 2: 100.0, 4: 100.0, 8: 200.0}
+    assert sm.predict(stats(4), (133,), [], 0)["issue_us"] == 200.0
+
+
 def test_occupancy():
     assert sm.occupancy(64, 0, 4) == (8, 0.5)      # registers: 65536 / (64 * 128) = 8 blocks
     blocks, _ = sm.occupancy(32, 100 * 1024, 4)    # shared memory: two 100 KiB blocks per SM

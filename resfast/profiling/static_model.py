@@ -12,7 +12,8 @@ by 16, ``== 1`` integers as constants). From the cubin it reads registers and sh
 wgmma, ``HMMA`` = mma.sync) and the SASS loops (``nvdisasm``), and predicts
 
 * ``issue_us``: SASS instructions x loop trips (from the launch plan) x warps, on the
-  busiest SM, over 4 warp-instructions per clock at 1.755 GHz;
+  busiest SM, over 4 warp-instructions per clock at 1.755 GHz (one per scheduler: a warp
+  keeps to its scheduler, so fewer than 4 warps on an SM issue at most one per warp);
 * ``mma_us``: the MACs the MMA instructions issue (block-diagonal waste included) over the
   tensor-core rate (wgmma 2048, mma.sync 1024 MACs per clock per SM);
 * ``floor_us``: the fewest HBM bytes of the launch over 3.35 TB/s (H100 SXM; H200 4.8 TB/s
@@ -316,7 +317,9 @@ def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], 
     weights, matched = _weights(stats, loop_trips, loop_depths)
     per_warp = sum(weights)
     per_sm = math.ceil(programs / SMS)
-    issue_us = per_sm * stats.num_warps * per_warp / ISSUE_PER_CLK / (CLOCK_GHZ * 1e3)
+    # each of the SM's 4 schedulers issues one warp-instruction per clock, and one warp sits on one
+    # scheduler: fewer than 4 warps on the SM leave schedulers idle (ceil, not a fraction)
+    issue_us = math.ceil(per_sm * stats.num_warps / ISSUE_PER_CLK) * per_warp / (CLOCK_GHZ * 1e3)
     w_by_addr = dict(zip(stats.instr_addrs, weights))
     macs = sum(m * w_by_addr.get(a, 1) for a, _, m in stats.mma_ops) * stats.num_warps
     rate = WGMMA_MACS_PER_CLK if stats.mma == "wgmma" else MMA_SYNC_MACS_PER_CLK
