@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import DOUBLE_BACKWARD_SYNC_BN, BNReLUConv2dFunction
+from resfast.ops.autograd import (DOUBLE_BACKWARD_SYNC_BN, FORWARD_AD_SYNC_BN, BNReLUConv2dFunction,
+                                  forward_ad_or_transform)
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
@@ -174,7 +175,12 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _finish(y, out), None
-    if name == "eager" and process_group is None:
+    transformed = forward_ad_or_transform(x, weight, bias, bn_weight, bn_bias)
+    if transformed and process_group is not None:
+        raise RuntimeError(FORWARD_AD_SYNC_BN)
+    if (name == "eager" or transformed) and process_group is None:
+        # eager, or forward AD / a torch.func transform (the registered ops have no forward-AD
+        # formula and no functorch support): the expression PyTorch differentiates exactly
         if not training and running_mean is not None and torch.is_grad_enabled():
             # F.batch_norm saves the running statistics by reference for its backward and a
             # training forward before that backward would change them: normalise with a copy
