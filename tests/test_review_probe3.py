@@ -200,3 +200,32 @@ def test_shared_dense_block_function_refuses_forward_ad():
         xd = fwAD.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="memory='naive'"):
             shared_dense_block(xd, block._layer_args(), backend="eager")
+
+
+# ------------------------------------------------------------------ grad modes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_forward_under_inference_mode(backend):
+    """A training-mode forward under torch.inference_mode (running statistics move, as in
+    eager) through a converted grouped bottleneck: the triton ResNeXt chain (conv2 -> bn2
+    statistics in the epilogue) once raised 'Inference tensors do not track version counter'
+    tagging the statistics it returns; outputs and running statistics are torchvision's."""
+    _require(backend)
+    from torchvision.models.resnet import Bottleneck
+
+    dt = _dtype(backend)
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(4, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
+    tv = Bottleneck(4, 2, stride=2, downsample=ds, groups=2, base_width=64).to(dt).train()
+    ours = copy.deepcopy(tv)
+    resfast.convert(ours, backend=backend)
+    assert type(ours).__module__.startswith("resfast")
+    x = torch.randn(2, 4, 5, 5, dtype=dt)
+    with torch.inference_mode():
+        got = [ours(x), ours(x * 0.5 + 0.1)]
+        ref = [tv(x), tv(x * 0.5 + 0.1)]
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    for (k, a), r in zip(ours.state_dict().items(), tv.state_dict().values()):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6, msg=k)

@@ -95,7 +95,8 @@ def bn_relu_conv2d(
         return_stats: also return the batch statistics of the output, for the next fused
             op's ``input_stats``: ``(y, stats)``, ``stats`` ``None`` where the backend does not
             take them in the conv's epilogue (only triton does; eager and native leave the
-            next call to take its own), with ``out``, or through a process group.
+            next call to take its own), with ``out``, through a process group, or for an
+            inference tensor (``torch.inference_mode``: no version counter to check it by).
 
     Double backward (``create_graph=True``) is exact on every backend, except through a
     SyncBN process group, where it raises.
@@ -118,7 +119,12 @@ def bn_relu_conv2d(
                                momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
                                return_stats)
     if stats is not None and not torch.compiler.is_compiling():
-        _tag_stats(stats, y)
+        if y.is_inference():
+            # an inference tensor has no version counter: an in-place change of y before the
+            # next op could not be detected, so the next op takes its own statistics
+            stats = None
+        else:
+            _tag_stats(stats, y)
     return (y, stats) if return_stats else y
 
 
