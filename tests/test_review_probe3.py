@@ -450,3 +450,44 @@ def test_batch_statistics_of_a_sparse_channel_whose_first_value_is_an_outlier(ba
     assert ((invstd.double() - invstd64) / invstd64).abs().max() <= ulp16, (invstd, invstd64)
     unbiased = var64 * 50 / 49
     assert ((rv.double() - (0.9 + 0.1 * unbiased)) / (0.9 + 0.1 * unbiased)).abs().max() <= ulp16
+
+
+# ------------------------------------------------------------------ torch.func.functional_call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_functional_call_uses_and_updates_the_buffers_it_is_given(backend, training):
+    """functional_call with replaced parameters and BatchNorm buffers on a converted
+    bottleneck and shared dense block: the given tensors are what the fused ops read, the
+    given running statistics are what a training forward updates (the module's own stay put),
+    and per-sample gradients (vmap(grad(functional_call))) in eval are torchvision's."""
+    _require(backend)
+    from torch.func import functional_call, grad, vmap
+
+    dt = _dtype(backend)
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    for name, (tv, shape) in _tv_blocks(dt).items():
+        tv.train(training)
+        ours = copy.deepcopy(tv)
+        resfast.convert(ours, backend=backend, dense_memory="shared")
+        params = {k: v.detach() * 1.1 + 0.01 for k, v in tv.named_parameters()}
+        bufs = {k: (v * 0.5 + 0.2 if v.is_floating_point() else v.clone())
+                for k, v in tv.state_dict().items() if k not in params}
+        b_ref, b_ours = ({k: v.clone() for k, v in bufs.items()} for _ in range(2))
+        own = [t.clone() for t in ours.state_dict().values()]
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=dt)
+        ref = functional_call(tv, (params, b_ref), (x,))
+        got = functional_call(ours, (params, b_ours), (x,))
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, msg=name)
+        for k in bufs:
+            torch.testing.assert_close(b_ours[k], b_ref[k], rtol=tol, atol=tol, msg=f"{name} {k}")
+        assert training == any(not torch.equal(b_ref[k], bufs[k]) for k in bufs)
+        assert all(torch.equal(a, b) for a, b in zip(own, ours.state_dict().values()))
+        if not training:
+            def loss(m):
+                return lambda p, xi: functional_call(m, (p, bufs), (xi[None],)).square().sum()
+            per_ref = vmap(grad(loss(tv)), in_dims=(None, 0))(params, x)
+            per_got = vmap(grad(loss(ours)), in_dims=(None, 0))(params, x)
+            for k in params:
+                torch.testing.assert_close(per_got[k], per_ref[k], rtol=tol, atol=tol, msg=f"{name} {k}")
