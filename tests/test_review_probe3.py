@@ -491,3 +491,38 @@ def test_functional_call_uses_and_updates_the_buffers_it_is_given(backend, train
             per_got = vmap(grad(loss(ours)), in_dims=(None, 0))(params, x)
             for k in params:
                 torch.testing.assert_close(per_got[k], per_ref[k], rtol=tol, atol=tol, msg=f"{name} {k}")
+
+
+# ------------------------------------------------------------------ torch.jit.trace
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_jit_trace_of_a_shared_densenet_replays_like_torchvision(backend, training):
+    """torch.jit.trace of a resfast DenseNet (shared blocks, compact stem): it raised a bare
+    'unordered_map::at' or 'Tracing a list of arbitrary type is currently not supported!' (the
+    shared block's and the stem's autograd Functions cannot be traced); now they run their
+    modules one by one while tracing, and the traced module run on a new input gives
+    torchvision's output and running statistics."""
+    _require(backend)
+    import warnings
+
+    from torchvision.models.densenet import DenseNet as TVDenseNet
+
+    from resfast.models.densenet import DenseNet
+
+    dt = _dtype(backend)
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    kw = dict(growth_rate=2, block_config=(2, 2), num_init_features=4, bn_size=2, num_classes=3)
+    torch.manual_seed(0)
+    tv = TVDenseNet(**kw).to(dt).train(training)
+    ours = DenseNet(**kw, backend=backend).to(dt).train(training)
+    ours.load_state_dict(tv.state_dict())
+    x, x2 = torch.randn(2, 3, 16, 16, dtype=dt), torch.randn(2, 3, 16, 16, dtype=dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(ours, (x,), check_trace=False)
+    tv(x)  # the trace ran one forward
+    torch.testing.assert_close(traced(x2), tv(x2), rtol=tol, atol=tol)
+    for (k, a), b in zip(ours.state_dict().items(), tv.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=k)

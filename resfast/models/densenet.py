@@ -153,8 +153,9 @@ class DenseNet(nn.Module):
                      and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
                      and not hooked_submodules([("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0),
                                                 ("pool0", f.pool0)])
-                     # forward AD / torch.func: _CompactStem has no forward-AD formula, the modules do
-                     and not forward_ad_or_transform(x, modules=(f.conv0, f.norm0)))
+                     # forward AD / torch.func / torch.jit.trace: _CompactStem has no forward-AD
+                     # formula and cannot be traced; the modules can
+                     and not torch.jit.is_tracing() and not forward_ad_or_transform(x, modules=(f.conv0, f.norm0)))
         if not recompute:
             return f.pool0(f.relu0(f.norm0(f.conv0(x))))
         return _recomputed_stem(f.conv0, f.norm0, f.pool0, x)

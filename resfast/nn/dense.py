@@ -167,11 +167,11 @@ class DenseBlock(nn.ModuleDict):
         return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")
 
     def _transformed(self, x: Tensor, *others: nn.Module) -> bool:
-        """Whether forward AD or a ``torch.func`` transform is at work (the shared block's
-        Function has neither a forward-AD formula nor functorch support): the layers then run
-        one by one, which every transform differentiates (the same values and running
-        statistics)."""
-        return forward_ad_or_transform(x, modules=(self, *others))
+        """Whether forward AD, a ``torch.func`` transform or ``torch.jit.trace`` is at work (the
+        shared block's Function has neither a forward-AD formula nor functorch support, and the
+        tracer cannot record it): the layers then run one by one, which every transform
+        differentiates and the tracer records (the same values and running statistics)."""
+        return torch.jit.is_tracing() or forward_ad_or_transform(x, modules=(self, *others))
 
     def forward_with_transition(self, init_features: Tensor, transition: "Transition") -> Tensor:
         """``transition(self(init_features))``; with ``memory="shared"`` the transition's
