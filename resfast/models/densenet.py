@@ -30,6 +30,7 @@ from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
 from resfast.nn.unfused import hooked_submodules, is_tracing
+from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
@@ -151,7 +152,10 @@ class DenseNet(nn.Module):
         recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
                      and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
                      and not hooked_submodules([("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0),
-                                                ("pool0", f.pool0)]))
+                                                ("pool0", f.pool0)])
+                     # forward AD / torch.func / torch.jit.trace: _CompactStem has no forward-AD
+                     # formula and cannot be traced; the modules can
+                     and not torch.jit.is_tracing() and not forward_ad_or_transform(x, modules=(f.conv0, f.norm0)))
         if not recompute:
             return f.pool0(f.relu0(f.norm0(f.conv0(x))))
         return _recomputed_stem(f.conv0, f.norm0, f.pool0, x)

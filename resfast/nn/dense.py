@@ -28,6 +28,7 @@ from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
 from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight, conv_padding
 from resfast.nn.unfused import is_tracing, run_unfused
+from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
 from resfast.ops.opsets import get_ops
@@ -146,7 +147,8 @@ class DenseBlock(nn.ModuleDict):
         self._check_input(init_features)
         if self.memory == "shared" and init_features.shape[0] == 0:
             _refuse_empty_sync(self)
-        if self.memory == "shared" and init_features.shape[0] > 0 and not self._hooked():
+        if self.memory == "shared" and init_features.shape[0] > 0 and not self._hooked() \
+                and not self._transformed(init_features):
             return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
                                       recompute=self.recompute)
         return self._forward_layers(init_features)
@@ -164,6 +166,13 @@ class DenseBlock(nn.ModuleDict):
         named = [(f"{n}.{c}" if c else n, m) for n, layer in self.items() for c, m in layer.named_modules()]
         return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")
 
+    def _transformed(self, x: Tensor, *others: nn.Module) -> bool:
+        """Whether forward AD, a ``torch.func`` transform or ``torch.jit.trace`` is at work (the
+        shared block's Function has neither a forward-AD formula nor functorch support, and the
+        tracer cannot record it): the layers then run one by one, which every transform
+        differentiates and the tracer records (the same values and running statistics)."""
+        return torch.jit.is_tracing() or forward_ad_or_transform(x, modules=(self, *others))
+
     def forward_with_transition(self, init_features: Tensor, transition: "Transition") -> Tensor:
         """``transition(self(init_features))``; with ``memory="shared"`` the transition's
         BN-ReLU-conv1x1 runs inside the block's function on the shared buffer (with the
@@ -175,6 +184,7 @@ class DenseBlock(nn.ModuleDict):
         if self.memory == "shared" and init_features.shape[0] == 0:
             _refuse_empty_sync(self, transition)
         if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
+                or self._transformed(init_features, transition) \
                 or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
                                             ("relu", transition.relu), ("conv", transition.conv)],
                                "the shared block's fused tail"):

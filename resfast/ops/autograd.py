@@ -37,6 +37,8 @@ __all__ = [
     "BNReLUConv2dFunction",
     "differentiable_bn_relu_conv2d",
     "DOUBLE_BACKWARD_SYNC_BN",
+    "FORWARD_AD_SYNC_BN",
+    "forward_ad_or_transform",
 ]
 
 DOUBLE_BACKWARD_SYNC_BN = (
@@ -44,6 +46,39 @@ DOUBLE_BACKWARD_SYNC_BN = (
     "process group (SyncBatchNorm) is not supported; for a gradient penalty use plain nn.SyncBatchNorm -> ReLU -> "
     "Conv2d modules, or train without SyncBN"
 )
+
+FORWARD_AD_SYNC_BN = (
+    "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) and torch.func transforms through a fused "
+    "BN-ReLU-conv that synchronises its batch statistics over a process group (SyncBatchNorm) are not supported; "
+    "use plain nn.SyncBatchNorm -> ReLU -> Conv2d modules there"
+)
+
+
+def forward_ad_or_transform(*tensors: Optional[Tensor], modules: Sequence = ()) -> bool:
+    """Whether this call runs under a ``torch.func`` transform (grad, vjp, jvp, jacrev, jacfwd,
+    hessian, vmap, functionalize) or inside a forward-AD dual level with a tangent on one of
+    ``tensors`` or of the parameters of ``modules`` (read only inside a dual level).
+
+    The registered ops' autograd (``torch.library.register_autograd``) and resfast's
+    ``autograd.Function`` s have no forward-AD formula and no ``setup_context``: forward AD
+    through a registered op drops the tangent (a zero derivative, silently) and the other
+    transforms raise PyTorch's generic error. Callers compute such a call with the eager
+    expression instead, which every transform differentiates exactly. False while
+    ``torch.compile`` traces (the transforms are its own business there)."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+    except AttributeError:  # pragma: no cover - older torch
+        pass
+    import torch.autograd.forward_ad as fwAD
+
+    if fwAD._current_level < 0:
+        return False
+    params = (p for m in modules for p in m.parameters())
+    return any(isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None
+               for ts in (tensors, params) for t in ts)
 
 
 def bn_relu_conv2d_backward(

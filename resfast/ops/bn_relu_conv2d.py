@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import DOUBLE_BACKWARD_SYNC_BN, BNReLUConv2dFunction
+from resfast.ops.autograd import (DOUBLE_BACKWARD_SYNC_BN, FORWARD_AD_SYNC_BN, BNReLUConv2dFunction,
+                                  forward_ad_or_transform)
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
@@ -94,7 +95,8 @@ def bn_relu_conv2d(
         return_stats: also return the batch statistics of the output, for the next fused
             op's ``input_stats``: ``(y, stats)``, ``stats`` ``None`` where the backend does not
             take them in the conv's epilogue (only triton does; eager and native leave the
-            next call to take its own), with ``out``, or through a process group.
+            next call to take its own), with ``out``, through a process group, or for an
+            inference tensor (``torch.inference_mode``: no version counter to check it by).
 
     Double backward (``create_graph=True``) is exact on every backend, except through a
     SyncBN process group, where it raises.
@@ -117,7 +119,12 @@ def bn_relu_conv2d(
                                momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
                                return_stats)
     if stats is not None and not torch.compiler.is_compiling():
-        _tag_stats(stats, y)
+        if y.is_inference():
+            # an inference tensor has no version counter: an in-place change of y before the
+            # next op could not be detected, so the next op takes its own statistics
+            stats = None
+        else:
+            _tag_stats(stats, y)
     return (y, stats) if return_stats else y
 
 
@@ -174,7 +181,12 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
         # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _finish(y, out), None
-    if name == "eager" and process_group is None:
+    transformed = forward_ad_or_transform(x, weight, bias, bn_weight, bn_bias)
+    if transformed and process_group is not None:
+        raise RuntimeError(FORWARD_AD_SYNC_BN)
+    if (name == "eager" or transformed) and process_group is None:
+        # eager, or forward AD / a torch.func transform (the registered ops have no forward-AD
+        # formula and no functorch support): the expression PyTorch differentiates exactly
         if not training and running_mean is not None and torch.is_grad_enabled():
             # F.batch_norm saves the running statistics by reference for its backward and a
             # training forward before that backward would change them: normalise with a copy

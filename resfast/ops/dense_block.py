@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import bn_relu_conv2d_backward
+from resfast.ops.autograd import bn_relu_conv2d_backward, forward_ad_or_transform
 from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signature, as_pair, autocast_dtype,
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
                                   static_choice, static_dims, strides_class, training_runner)
@@ -90,6 +90,14 @@ class DenseLayerArgs:
     conv2_padding: List[int]
     conv2_dilation: List[int]
     drop_rate: float = 0.0  # 0 unless training
+
+
+#: The shared block's Function works in place on one buffer and has no forward-AD formula.
+FORWARD_AD_SHARED_BLOCK = (
+    "forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) and torch.func transforms are not "
+    "supported by shared_dense_block (its autograd works in place on one feature buffer); DenseBlock(memory="
+    "'shared') runs its layers one by one under them, or use memory='naive' / 'checkpoint'"
+)
 
 
 def shared_dense_block(
@@ -141,6 +149,8 @@ def shared_dense_block(
         cfg.pool_weight = None if tail[2] is None else _cast(tail[2], dtype)
     # torch.cat of x and the new (compute-dtype) features promotes; so does the returned buffer.
     cfg.out_dtype = torch.promote_types(x.dtype, dtype) if tail is None else dtype
+    if forward_ad_or_transform(x, *tensors):
+        raise RuntimeError(FORWARD_AD_SHARED_BLOCK)
     needs_grad = torch.is_grad_enabled() and (x_c.requires_grad or any(t is not None and t.requires_grad
                                                                        for t in tensors))
     with _autocast_off(x.device.type):

@@ -4,8 +4,9 @@
 and reads ``[BLOCK_P, BLOCK_C]`` tiles (positions x channels) with any strides (NCHW,
 channels_last, a channel-prefix view). It accumulates, element-wise in a 2-D register tile
 (one cross-thread reduction per program, not per step), the sums of ``x - K`` and
-``(x - K)^2`` around a per-channel shift ``K``, the chunk's first value: shifted sums do not
-cancel the way plain sum / sum-of-squares do when the mean is large against the spread.
+``(x - K)^2`` around a per-channel shift ``K``, the mean of the chunk's first tile: shifted
+sums do not cancel the way plain sum / sum-of-squares do when the mean is large against the
+spread (nor the way a shift by the chunk's first value did when that value was an outlier).
 It writes the chunk's ``(count, mean, M2)``.
 
 :func:`bn_stats_finalize_kernel` merges the per-chunk partials exactly (the total mean,
@@ -38,8 +39,22 @@ def bn_stats_partial_kernel(
     p_end = tl.minimum(p_start + CHUNK, P)
     n0 = p_start // HW
     hw0 = p_start % HW
-    shift = tl.load(x_ptr + n0.to(tl.int64) * sxn + (hw0 // W) * sxh + (hw0 % W) * sxw + c_off, mask=c_mask,
+    first = tl.load(x_ptr + n0.to(tl.int64) * sxn + (hw0 // W) * sxh + (hw0 % W) * sxw + c_off, mask=c_mask,
                     other=0.0).to(tl.float32)
+    # The shift: the mean of the chunk's first tile (the chunk's first value where that mean is
+    # not finite, so infinities propagate as before). The shifted sums lose about
+    # (mean - shift)^2 / var of float32's precision: with the first value as the shift, a
+    # post-ReLU channel whose first value was an outlier lost 40x (var off by 1.8e-5).
+    p = p_start + tl.arange(0, BLOCK_P)
+    if DENSE_P:
+        row = p.to(tl.int64) * sxw
+    else:
+        row = (p // HW).to(tl.int64) * sxn + ((p % HW) // W) * sxh + ((p % HW) % W) * sxw
+    mask = (p < p_end)[:, None] & c_mask[None, :]
+    v0 = tl.load(x_ptr + row[:, None] + c_off[None, :], mask=mask, other=0.0).to(tl.float32)
+    n0_f = tl.maximum(tl.minimum(p_end - p_start, BLOCK_P).to(tl.float32), 1.0)
+    tile_mean = tl.sum(tl.where(mask, v0, 0.0), axis=0) / n0_f
+    shift = tl.where(tl.abs(tile_mean) < float("inf"), tile_mean, first)
     s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_P):
