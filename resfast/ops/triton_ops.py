@@ -707,6 +707,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             sh, sw = _class_strides(stride, dilation) if one_n else (0, 0)
             const = dict(KH=kh, KW=kw, KW_P=_pow2(kw), DO_GA=do_ga, DO_GW=do_gw, DO_GB=bool(do_gw and bias_grad),
                          ONE_N=one_n, PACKED=packed, SH=sh, SW=sw,
+                         MAGIC=num_tiles * max(tiles_w, tiles_h) < 2 ** 31,  # tile digits by multiply-high
                          HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                          EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)

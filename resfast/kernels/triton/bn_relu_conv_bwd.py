@@ -79,7 +79,7 @@ def bn_relu_conv_bwd_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SH: tl.constexpr = 0, SW: tl.constexpr = 0,
+    SH: tl.constexpr = 0, SW: tl.constexpr = 0, MAGIC: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cb = pid % NCB
@@ -113,6 +113,7 @@ def bn_relu_conv_bwd_kernel(
     ci_loc = k_loc - gk * CIN_G
     mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
     invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+    nmi = -(mean * invstd)  # xhat = x * invstd + nmi: one FMA per element in the epilogue
     x_c = ci * sxc
     z_c = ci * szc
     if DO_GA:  # per-position partial sums, reduced across positions once after the tiles
@@ -177,7 +178,7 @@ def bn_relu_conv_bwd_kernel(
                             gws = _put(gws, _chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i), tl.trans(gy), a,
                                        DOT_F32)
                     if DO_GA:
-                        sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
+                        sdz, sdzx = _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
                                               sdz, sdzx, act_ty)
         if DO_GW:
             # row (tap, co) and column ci of a chunk -> grad_weight[co, ci_local, kh, kw]
@@ -202,25 +203,41 @@ def bn_relu_conv_bwd_kernel(
         if DO_GW:
             gw = (tl.zeros([GN, BLOCK_K], dtype=tl.float32),) * KH
 
+        # the tile's digits (column, row, residue column, residue row, image), divided per tile
+        # (carried across the loop instead they cost this kernel more in registers than they
+        # save); with MAGIC (the host's choice when NUM_TILES * max(TILES_W, TILES_H) < 2**31) the
+        # two tile-grid divisions by a multiply-high with this program's magic numbers
+        if MAGIC:
+            mag_w = _magic(TILES_W)
+            mag_h = _magic(TILES_H)
         for t in range(split, NUM_TILES, SPLITS):
-            # the tile's digits (column, row, residue column, residue row, image), divided per tile:
-            # carried across the loop instead they cost this kernel more in registers than they save
-            d_w, d_h, d_pw, d_ph, d_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
+            if MAGIC:
+                d_w, d_h, d_pw, d_ph, d_n = _tile_digits_magic(t, TILES_W, mag_w, TILES_H, mag_h, stride_w,
+                                                               stride_h)
+            else:
+                d_w, d_h, d_pw, d_ph, d_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
             n64, ph, pw, ii, jj, h, w, m_ok, mask, xv, a, col_ok, col_off = _tile(
                 d_n, d_ph, d_pw, d_h * TILE_H, d_w * TILE_W, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shift, oi, oj,
                 H, W, WO, stride_h, stride_w, pad_w, dil_w, c_kw, act_ty, KW)
             gyb = go_ptr + n64 * sgn  # this image's base pointer; int32 offsets inside it
+            if ONE_N and DO_GA:  # the kernel rows' offsets differ by a scalar: one per-element offset for all
+                g_off = (ii * sgh)[:, None] + col_off + (co_c * sgc)[None, :]
+                col_ok_n = col_ok & n_ok_c[None, :]
             acc = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
             for kh in tl.static_range(KH):
                 oh = ph + pad_h - kh * dil_h + stride_h * ((KH - 1) * dil_h)
                 if oh % stride_h == 0:
-                    gho = ii + (oh // stride_h - (KH - 1) * dil_h)
+                    dho = oh // stride_h - (KH - 1) * dil_h  # output row = ii + dho
+                    gho = ii + dho
                     row_ok = m_ok & (gho >= 0) & (gho < HO)
-                    g_base = (gho * sgh)[:, None] + col_off
                     g_mask = row_ok[:, None] & col_ok
                     if ONE_N:
                         # [BM, KW_P * BLOCK_N]: the output gradient at the kw taps' positions, side by side
-                        gy = tl.load(gyb + g_base + (co_c * sgc)[None, :], mask=g_mask & n_ok_c[None, :], other=0.0)
+                        if DO_GA:
+                            gy = tl.load(gyb + dho * sgh + g_off, mask=row_ok[:, None] & col_ok_n, other=0.0)
+                        else:
+                            gy = tl.load(gyb + ((gho * sgh)[:, None] + col_off) + (co_c * sgc)[None, :],
+                                         mask=g_mask & n_ok_c[None, :], other=0.0)
                         if DO_GA:
                             acc = dot_acc(gy, wt[kh], acc, DOT_F32)
                         if DO_GW:
@@ -230,11 +247,12 @@ def bn_relu_conv_bwd_kernel(
                             co_n, n_ok_n, gn_n, keep_n, w_off_n = _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk,
                                                                            ci_loc, k_ok, swo, swi, sww, KW, EVEN_N,
                                                                            BLOCK_N)
-                            gy = tl.load(gyb + g_base + (co_n * sgc)[None, :], mask=g_mask & n_ok_n[None, :], other=0.0)
+                            gy = tl.load(gyb + ((gho * sgh)[:, None] + col_off) + (co_n * sgc)[None, :],
+                                         mask=g_mask & n_ok_n[None, :], other=0.0)
                             wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
                             acc = dot_acc(gy, wv, acc, DOT_F32)
             if DO_GA:
-                sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+                sdz, sdzx = _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
                                       act_ty)
 
         if DO_GW:
@@ -268,7 +286,7 @@ def bn_relu_conv_bwd_kernel(
                         f_n, f_h0, f_w0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
                         sdz, sdzx = _fixup_tile(
                             f_n, f_ph, f_pw, f_h0, f_w0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh,
-                            sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk,
+                            sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd, gblk, gk,
                             ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi,
                             oj, c_kw, sdz, sdzx, act_ty, KH, KW)
             else:
@@ -276,7 +294,7 @@ def bn_relu_conv_bwd_kernel(
                     f_w, f_h, f_pw, f_ph, f_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
                     sdz, sdzx = _fixup_tile(
                         f_n, f_ph, f_pw, f_h * TILE_H, f_w * TILE_W, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw,
-                        swo, swi, swh, sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd,
+                        swo, swi, swh, sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd,
                         gblk, gk, ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h,
                         dil_w, oi, oj, c_kw, sdz, sdzx, act_ty, KH, KW)
 
@@ -288,7 +306,7 @@ def bn_relu_conv_bwd_kernel(
 
 @triton.jit
 def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxh,
-                sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
+                sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
                 W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi, oj, c_kw, sdz, sdzx,
                 act_ty: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
     """The packed kernel's exact fix-up of one tile (image ``n``, residue class ``(ph, pw)``,
@@ -317,7 +335,35 @@ def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh
                           mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
             wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok, other=0.0).to(tl.float32)
             acc += gyf * wf[None, :]
-    return _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx, act_ty)
+    return _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx, act_ty)
+
+
+@triton.jit
+def _magic(d):
+    """``ceil(2**31 / d)`` as uint32, for :func:`_divmod_magic` by ``d >= 1``."""
+    return tl.cast(2147483647, tl.uint32) // tl.cast(d, tl.uint32) + 1  # one 32-bit division per program
+
+
+@triton.jit
+def _divmod_magic(t, d, mag):
+    """``(t // d, t % d)`` for ``0 <= t`` and ``t * d < 2**31`` (the host checks the tile grid):
+    ``mag = ceil(2**31 / d) = (2**31 + e) / d`` with ``0 <= e < d``, so ``2 t mag / 2**32 = t / d
+    + t e / (d 2**31)`` and the error term stays below the ``1 / d`` gap to the next integer.
+    One multiply-high and one multiply-add instead of a runtime division's about twenty
+    instructions."""
+    q = tl.where(d == 1, t, tl.umulhi(tl.cast(t, tl.uint32) * 2, mag).to(tl.int32))  # folds when d is a constant 1
+    return q, t - q * d
+
+
+@triton.jit
+def _tile_digits_magic(t, R0, M0, R1, M1, R2, R3):
+    """:func:`resfast.kernels.triton.bn_relu.tile_digits` with the divisions by ``R0`` and ``R1``
+    (the tile grid) by :func:`_divmod_magic` (``M0 = _magic(R0)``, ``M1 = _magic(R1)``)."""
+    r, d0 = _divmod_magic(t, R0, M0)
+    r, d1 = _divmod_magic(r, R1, M1)
+    d2 = r % R2
+    r = r // R2
+    return d0, d1, d2, r % R3, r // R3
 
 
 @triton.jit
@@ -805,15 +851,17 @@ def _tile(n, ph, pw, th0, tw0, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shif
 
 
 @triton.jit
-def _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+def _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
               act_ty: tl.constexpr):
     """``grad_z`` from ``grad_a`` (the ReLU mask as torch.relu's backward, threshold_backward:
     zero where the activation, rounded to ``x``'s dtype, is <= 0; a NaN activation passes the
-    gradient through), stored; the BN-gradient sums accumulated element-wise."""
+    gradient through), stored; the BN-gradient sums accumulated element-wise, ``xhat = x *
+    invstd + nmi`` (``nmi = -mean * invstd``) by one FMA. ``a`` is 0 wherever ``mask`` is
+    false (:func:`bn_relu`), so ``grad_z`` is too: no second mask for the sums."""
     gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(act_ty)
     tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + z_c[None, :], gzv, mask=mask)
-    gzf = tl.where(mask, gzv.to(tl.float32), 0.0)
-    return sdz + gzf, sdzx + gzf * ((xv - mean[None, :]) * invstd[None, :])
+    gzf = gzv.to(tl.float32)
+    return sdz + gzf, sdzx + gzf * (xv * invstd[None, :] + nmi[None, :])
 
 
 @triton.jit
