@@ -161,6 +161,30 @@ def test_resfast_train_json_document(tmp_path, capsys):
     assert doc["peak_memory_bytes"] > doc["params"] * 4
 
 
+def test_train_json_names_the_backend_that_ran_and_the_dense_memory_mode(capsys, monkeypatch):
+    """``--backend auto`` reports what auto picked (on the CPU: eager, for every call signature
+    it resolved, when measuring is on; the static order when it is off), an explicit backend
+    itself, and a DenseNet run its blocks' memory mode."""
+    from resfast.cli import main
+
+    def run(*args):
+        rc = main(["train", "--subset", "32", "--epochs", "1", "--batch-size", "16", "--no-progress", "--json",
+                   *args])
+        assert rc == 0
+        return json.loads(capsys.readouterr().out)
+
+    tiny_dense = ["--model", "densenet_bc100_k12", "--memory", "shared"]
+    monkeypatch.setenv("RESFAST_AUTOTUNE", "1")
+    doc = run(*tiny_dense, "--backend", "auto")
+    assert doc["backend"] == "auto" and doc["backend_ran"] == ["eager"] and doc["memory"] == "shared"
+    assert doc["backend_choices"]["eager"] >= 2  # the shared blocks and the fused BN-ReLU-convs around them
+    monkeypatch.setenv("RESFAST_AUTOTUNE", "0")
+    doc = run("--model", "wrn16_2", "--backend", "auto")
+    assert doc["backend_ran"] == ["eager"] and doc["backend_choices"] is None and doc["memory"] is None
+    doc = run("--model", "wrn16_2", "--backend", "native")
+    assert doc["backend_ran"] == ["native"] and doc["backend_choices"] is None
+
+
 def test_resfast_train_reports_bad_arguments(tmp_path, capsys):
     from resfast.cli import main
 

@@ -9,6 +9,8 @@ resumed with ``resume=True`` and loaded with ``weights_only=True``).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resfast.ops.autotune import record_choices
 from resfast.profiling.counting import count_params
 from resfast.profiling.memory import tracked_peak
 from resfast.profiling.runtime import AMP_DTYPES, autocast, ensure_writable_dir, resolve_device, sync
@@ -296,6 +299,42 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    # backend="auto" picks a backend per call signature: record what it picked, for the summary
+    choices_cm = record_choices() if config.backend == "auto" else contextlib.nullcontext([])
+    with choices_cm as choices:
+        _run_epochs(config, start_epoch, sampler, loader, ddp_model, optimizer, scaler, model, test_set, device,
+                    info, log, history, steps, ckpt_path)
+    backend_choices = dict(collections.Counter(row["backend"] for row in choices)) or None
+    if backend_choices:
+        backend_ran = sorted(backend_choices)
+    else:  # an explicit backend, or auto on its static order (not measuring: RESFAST_AUTOTUNE=0, ...)
+        from resfast.backends import resolve_backend
+
+        backend_ran = [resolve_backend(config.backend, device)]
+
+    peak, peak_source = _peak_memory(config, model, optimizer, train_set, device, info)
+    result = summary_of(config, history, params, peak, peak_source, device, info,
+                        backend_ran=backend_ran, backend_choices=backend_choices, memory=_dense_memory(model))
+    if info.is_main and config.out:
+        write_run_files(config.out, config, history, result)
+    if history_out is not None:
+        history_out.extend(dict(h) for h in history)
+    return result
+
+
+def _dense_memory(model: nn.Module) -> Optional[str]:
+    """The memory mode of the model's dense blocks (``"naive"``, ``"checkpoint"``, ``"shared"``;
+    several joined by ``"+"`` if they differ), ``None`` for a model without dense blocks."""
+    from resfast.nn.dense import DenseBlock
+
+    modes = sorted({m.memory for m in model.modules() if isinstance(m, DenseBlock)})
+    return "+".join(modes) if modes else None
+
+
+def _run_epochs(config, start_epoch, sampler, loader, ddp_model, optimizer, scaler, model, test_set, device, info,
+                log, history, steps, ckpt_path) -> None:
+    """The epochs of :func:`train` from ``start_epoch`` on: appends one row per epoch to ``history``
+    and saves the checkpoint after each."""
     for epoch in range(start_epoch, config.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -339,24 +378,23 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
                 "epoch": epoch, "history": history, "config": _config_dict(config),
             })
 
-    peak, peak_source = _peak_memory(config, model, optimizer, train_set, device, info)
-    result = summary_of(config, history, params, peak, peak_source, device, info)
-    if info.is_main and config.out:
-        write_run_files(config.out, config, history, result)
-    if history_out is not None:
-        history_out.extend(dict(h) for h in history)
-    return result
-
 
 def summary_of(config: TrainConfig, history: List[Dict[str, float]], params: int, peak: Optional[int],
-               peak_source: str, device: torch.device, info: DistInfo) -> Dict[str, Any]:
+               peak_source: str, device: torch.device, info: DistInfo, *,
+               backend_ran: Optional[List[str]] = None, backend_choices: Optional[Dict[str, int]] = None,
+               memory: Optional[str] = None) -> Dict[str, Any]:
     """The ``--json`` document: ``test_acc``, ``epoch_time_s`` (list), ``images_per_s``,
-    ``params``, ``peak_memory_bytes`` and how the peak was measured, plus the run's settings."""
+    ``params``, ``peak_memory_bytes`` and how the peak was measured, plus the run's settings:
+    ``backend`` as asked, ``backend_ran`` (the backends that ran the fused ops: with ``auto``,
+    those it picked), ``backend_choices`` (with a measuring ``auto``: how many distinct call
+    signatures each backend ran; ``None`` otherwise) and ``memory``, the dense blocks' memory mode (``None``
+    without dense blocks)."""
     times = [h["epoch_time_s"] for h in history]
     images = sum(h["images_per_s"] * h["epoch_time_s"] for h in history)
     return {
         "model": config.model, "data": config.data, "epochs": len(history), "batch_size": config.batch_size,
-        "world_size": info.world_size, "device": str(device), "backend": config.backend, "amp": config.amp,
+        "world_size": info.world_size, "device": str(device), "backend": config.backend,
+        "backend_ran": backend_ran, "backend_choices": backend_choices, "memory": memory, "amp": config.amp,
         "channels_last": config.channels_last, "schedule": config.schedule, "dropout": config.dropout,
         "test_acc": history[-1]["test_acc"] if history else None,
         "test_acc_per_epoch": [h["test_acc"] for h in history],
