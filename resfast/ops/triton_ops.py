@@ -308,7 +308,7 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     def bind_partial(cfg: TileConfig) -> Bound:
         return Bound((c_tiles, splits), (x, pcount, pmean, pm2, c, h * w, w, p, chunk, *x.stride()),
                      dict(BLOCK_P=block_p, BLOCK_C=block_c, DENSE_P=dense_p, num_warps=cfg.num_warps),
-                     loops={"positions": _cdiv(chunk, block_p)})
+                     loops={"positions": _cdiv(chunk, block_p) - 1})  # the first tile is peeled off the loop
 
     partial = KernelLaunch("bn_stats", bn_stats_k.bn_stats_partial_kernel, [fixed], fixed, bind_partial,
                            hbm_bytes=x.numel() * elt + 3 * splits * c * 4)

@@ -55,9 +55,10 @@ def bn_stats_partial_kernel(
     n0_f = tl.maximum(tl.minimum(p_end - p_start, BLOCK_P).to(tl.float32), 1.0)
     tile_mean = tl.sum(tl.where(mask, v0, 0.0), axis=0) / n0_f
     shift = tl.where(tl.abs(tile_mean) < float("inf"), tile_mean, first)
-    s1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    s2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p0 in range(p_start, p_end, BLOCK_P):
+    # the first tile, already loaded, is the accumulation's first step
+    s1 = tl.where(mask, v0 - shift[None, :], 0.0)
+    s2 = s1 * s1
+    for p0 in range(p_start + BLOCK_P, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         if DENSE_P:
             row = p.to(tl.int64) * sxw
