@@ -129,17 +129,33 @@ def test_wide_weight_gradient_has_a_spill_free_config():
     assert "w8" in cfg and any(b in cfg for b in ("BLOCK_N=64,BLOCK_K=32", "BLOCK_N=32,BLOCK_K=64")), cfg
 
 
-_STRIDE2_SCRIPT = r'''
-import json
+_CONV_BWD_SCRIPT = r'''
+import json, sys
 from resfast.profiling import static_model as sm
-(launch,) = [lp for lp in sm.training_plan(sm.SHAPES["resnext50_s2_down"])["bwd"] if lp.name == "conv_bwd"]
-bound = launch.bind(launch.configs[0])
-stats = sm.analyze(sm.compile_for_sm90(bound.fn or launch.fn, bound.args, bound.constexprs))
-row = sm.predict(stats, bound.grid, list(bound.loops.values()), bound.hbm_bytes, sm.H100,
-                 [bound.depths.get(name, 1) for name in bound.loops])
-row.update(loops=bound.loops, SH=bound.constexprs.get("SH"), SW=bound.constexprs.get("SW"))
-print(json.dumps(row))
+for shape in sys.argv[1:]:
+    (launch,) = [lp for lp in sm.training_plan(sm.SHAPES[shape])["bwd"] if lp.name == "conv_bwd"]
+    bound = launch.bind(launch.configs[0])
+    stats = sm.analyze(sm.compile_for_sm90(bound.fn or launch.fn, bound.args, bound.constexprs))
+    row = sm.predict(stats, bound.grid, list(bound.loops.values()), bound.hbm_bytes, sm.H100,
+                     [bound.depths.get(name, 1) for name in bound.loops])
+    row.update(shape=shape, loops=bound.loops, SH=bound.constexprs.get("SH"), SW=bound.constexprs.get("SW"),
+               MAGIC=bound.constexprs.get("MAGIC"), GP=bound.derived.get("GP"))
+    print(json.dumps(row))
 '''
+
+
+def _packed_backward_rows(*shapes: str):
+    """The static model's record of the merged (packed) backward kernel ``conv_bwd`` of each
+    shape, first config (the static choice), compiled for sm_90 in a process without the
+    interpreter; skips where triton's NVIDIA tools are missing."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _CONV_BWD_SCRIPT, *shapes], env=env, capture_output=True, text=True,
+                         timeout=900)
+    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
+        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.strip().splitlines()[-len(shapes):]]
 
 
 def test_stride2_packed_backward_within_its_floor():
@@ -148,34 +164,12 @@ def test_stride2_packed_backward_within_its_floor():
     class, only the taps that reach a class loaded and multiplied), and its issue-bound time
     (predicted, first config: the static choice) is within 1.25x of its HBM floor, on wgmma,
     without spills, every SASS loop matched to the plan's. Before the class path: 2.4x."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _STRIDE2_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
-    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
-        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    row = json.loads(run.stdout.strip().splitlines()[-1])
+    (row,) = _packed_backward_rows("resnext50_s2_down")
     assert (row["SH"], row["SW"]) == (2, 2), row
     assert [k for k in row["loops"] if k.startswith("tiles_class")] == [f"tiles_class{q}" for q in range(4)], row
     assert row["loops_matched"], row
     assert row["mma"] == "wgmma" and row["spills"] == 0, row
     assert row["issue_us"] <= 1.25 * row["floor_us"], row
-
-
-_STRIDE1_SCRIPT = r'''
-import json
-from resfast.profiling import static_model as sm
-for shape in ("resnext50_s1", "resnext50_s2", "resnext50_s3"):
-    (launch,) = [lp for lp in sm.training_plan(sm.SHAPES[shape])["bwd"] if lp.name == "conv_bwd"]
-    bound = launch.bind(launch.configs[0])
-    stats = sm.analyze(sm.compile_for_sm90(bound.fn or launch.fn, bound.args, bound.constexprs))
-    row = sm.predict(stats, bound.grid, list(bound.loops.values()), bound.hbm_bytes, sm.H100,
-                     [bound.depths.get(name, 1) for name in bound.loops])
-    row.update(shape=shape, loops=bound.loops, SH=bound.constexprs.get("SH"), MAGIC=bound.constexprs.get("MAGIC"),
-               GP=bound.derived.get("GP"))
-    print(json.dumps(row))
-'''
 
 
 def test_stride1_packed_backward_within_its_floor():
@@ -186,14 +180,7 @@ def test_stride1_packed_backward_within_its_floor():
     config) within 1.25x of its HBM floor, on wgmma, without spills, every SASS loop matched to
     the plan's. Before: 1.31x, 1.25x (spilling 8 bytes; 1.37x for the spill-free config) and
     1.32x."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _STRIDE1_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
-    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
-        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = [json.loads(line) for line in run.stdout.strip().splitlines()[-3:]]
+    rows = _packed_backward_rows("resnext50_s1", "resnext50_s2", "resnext50_s3")
     assert [(r["shape"], r["GP"]) for r in rows] == [("resnext50_s1", 4), ("resnext50_s2", 2), ("resnext50_s3", 1)]
     for row in rows:
         assert row["SH"] == 0 and row["MAGIC"], row
