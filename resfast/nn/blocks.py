@@ -90,6 +90,7 @@ class SEModule(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, kernel_size=1, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, channels, H, W) rescaled per channel by its squeeze-and-excitation gate; same shape."""
         check_input(x, self.channels, "SEModule")
         s = x.mean((2, 3), keepdim=True)
         s = self.fc2(self.act(self.fc1(s)))
@@ -139,6 +140,8 @@ class BasicBlock(nn.Module):
         _check_fusable(self.backend, self.bn1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, inplanes, H, W) -> (N, planes, H / stride, W / stride). ``bn1``-ReLU-``conv2`` runs as one fused op
+        on ``self.backend`` (eagerly where a hook, a replaced submodule or a transform asks for it)."""
         _check_block_input(x, self.inplanes, self.backend, "BasicBlock")
         if run_unfused(self, [("bn1", self.bn1), ("relu", self.relu), ("conv2", self.conv2)], "one fused op"):
             return self._forward_unfused(x)
@@ -211,6 +214,9 @@ class Bottleneck(nn.Module):
         _check_fusable(self.backend, self.bn1, self.bn2)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, inplanes, H, W) -> (N, 4 * planes, H / stride, W / stride). ``bn1``-ReLU-``conv2`` and
+        ``bn2``-ReLU-``conv3`` run as fused ops on ``self.backend`` (eagerly where a hook, a replaced submodule or a
+        transform asks for it)."""
         _check_block_input(x, self.inplanes, self.backend, type(self).__name__)
         fused = [("bn1", self.bn1), ("relu", self.relu), ("conv2", self.conv2), ("bn2", self.bn2),
                  ("conv3", self.conv3)]
@@ -303,6 +309,8 @@ class WideBasic(nn.Module):
         self.shortcut = conv1x1(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, in_planes, H, W) -> (N, planes, H / stride, W / stride). Both BN-ReLU-conv pairs run as fused ops on
+        ``self.backend`` (eagerly where a hook, a replaced submodule or a transform asks for it)."""
         _check_block_input(x, self.in_planes, self.backend, "WideBasic")
         fused = [("bn1", self.bn1), ("conv1", self.conv1), ("shortcut", self.shortcut), ("bn2", self.bn2),
                  ("conv2", self.conv2)]
@@ -321,6 +329,7 @@ class WideBasic(nn.Module):
         return out + shortcut
 
     def extra_repr(self) -> str:
+        """The dropout rate and the backend, beside the submodules in ``repr``."""
         return f"dropout={self.dropout}, backend={self.backend!r}"
 
 
@@ -349,6 +358,8 @@ class PreActBottleneck(nn.Module):
         self.shortcut = conv1x1(in_planes, out_planes, stride) if stride != 1 or in_planes != out_planes else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, in_planes, H, W) -> (N, 4 * planes, H / stride, W / stride). The three BN-ReLU-conv triples run as
+        fused ops on ``self.backend`` (eagerly where a hook, a replaced submodule or a transform asks for it)."""
         _check_block_input(x, self.in_planes, self.backend, "PreActBottleneck")
         fused = [("bn1", self.bn1), ("conv1", self.conv1), ("shortcut", self.shortcut), ("bn2", self.bn2),
                  ("conv2", self.conv2), ("bn3", self.bn3), ("conv3", self.conv3)]

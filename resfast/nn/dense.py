@@ -67,6 +67,8 @@ class DenseLayer(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, input: Union[Tensor, Sequence[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        """``input``: a tensor or a list of tensors (concatenated along channels, as torchvision's
+        ``_DenseLayer`` takes them) -> the layer's ``growth_rate`` new channels."""
         fused = [(n, getattr(self, n)) for n in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")]
         if run_unfused(self, fused, "fused ops"):
             return self._forward_unfused(input)
@@ -142,6 +144,10 @@ class DenseBlock(nn.ModuleDict):
         return self.num_input_features + len(self) * self.growth_rate
 
     def forward(self, init_features: Tensor) -> Tensor:
+        """``init_features`` (N, num_input_features, H, W) -> every feature concatenated,
+        (N, num_input_features + num_layers * growth_rate, H, W), as torchvision's ``_DenseBlock``.
+        With ``memory="shared"`` the features live in one preallocated buffer and BN-ReLU is
+        recomputed in the backward."""
         if is_tracing():
             return self._forward_layers(init_features)
         self._check_input(init_features)
@@ -258,6 +264,8 @@ class Transition(nn.Sequential):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (N, C, H, W) -> (N, out_channels, H // 2, W // 2): BN-ReLU, 2x2 average pool, then
+        the 1x1 conv (pool first: the same value as torchvision's conv-then-pool)."""
         if run_unfused(self, [("norm", self.norm), ("relu", self.relu), ("conv", self.conv), ("pool", self.pool)],
                        "a fused BN-ReLU-pool and a 1x1 conv"):
             return self.pool(self.conv(self.relu(self.norm(x))))

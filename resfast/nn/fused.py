@@ -123,6 +123,8 @@ class BNReLUConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
 
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``conv(relu(norm(x)))`` as one fused op on ``self.backend``; ``out``, if given, receives
+        the result (it must not overlap ``x``; see :func:`resfast.functional.bn_relu_conv2d`)."""
         if out is None and run_unfused(self, [("norm", self.norm), ("conv", self.conv)], "one fused op"):
             return self.conv(F.relu(self.norm(x)))
         return bn_relu_conv(self.norm, self.conv, x, self.backend, out=out)
