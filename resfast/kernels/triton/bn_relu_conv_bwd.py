@@ -113,7 +113,6 @@ def bn_relu_conv_bwd_kernel(
     ci_loc = k_loc - gk * CIN_G
     mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
     invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
-    nmi = -(mean * invstd)  # xhat = x * invstd + nmi: one FMA per element in the epilogue
     x_c = ci * sxc
     z_c = ci * szc
     if DO_GA:  # per-position partial sums, reduced across positions once after the tiles
@@ -178,7 +177,7 @@ def bn_relu_conv_bwd_kernel(
                             gws = _put(gws, _chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i), tl.trans(gy), a,
                                        DOT_F32)
                     if DO_GA:
-                        sdz, sdzx = _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
+                        sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c,
                                               sdz, sdzx, act_ty)
         if DO_GW:
             # row (tap, co) and column ci of a chunk -> grad_weight[co, ci_local, kh, kw]
@@ -252,7 +251,7 @@ def bn_relu_conv_bwd_kernel(
                             wv = tl.load(w_ptr + w_off_n + kh * swh, mask=keep_n, other=0.0)
                             acc = dot_acc(gy, wv, acc, DOT_F32)
             if DO_GA:
-                sdz, sdzx = _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+                sdz, sdzx = _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
                                       act_ty)
 
         if DO_GW:
@@ -286,7 +285,7 @@ def bn_relu_conv_bwd_kernel(
                         f_n, f_h0, f_w0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
                         sdz, sdzx = _fixup_tile(
                             f_n, f_ph, f_pw, f_h0, f_w0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh,
-                            sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd, gblk, gk,
+                            sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk,
                             ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi,
                             oj, c_kw, sdz, sdzx, act_ty, KH, KW)
             else:
@@ -294,7 +293,7 @@ def bn_relu_conv_bwd_kernel(
                     f_w, f_h, f_pw, f_ph, f_n = tile_digits(t, TILES_W, TILES_H, stride_w, stride_h)
                     sdz, sdzx = _fixup_tile(
                         f_n, f_ph, f_pw, f_h * TILE_H, f_w * TILE_W, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw,
-                        swo, swi, swh, sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd,
+                        swo, swi, swh, sww, sxn, sxh, sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd,
                         gblk, gk, ci_loc, NR, CO, COUT_G, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h,
                         dil_w, oi, oj, c_kw, sdz, sdzx, act_ty, KH, KW)
 
@@ -306,7 +305,7 @@ def bn_relu_conv_bwd_kernel(
 
 @triton.jit
 def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxh,
-                sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, nmi, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
+                sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
                 W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi, oj, c_kw, sdz, sdzx,
                 act_ty: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
     """The packed kernel's exact fix-up of one tile (image ``n``, residue class ``(ph, pw)``,
@@ -335,7 +334,7 @@ def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh
                           mask=t_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
             wf = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=co_ok, other=0.0).to(tl.float32)
             acc += gyf * wf[None, :]
-    return _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx, act_ty)
+    return _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx, act_ty)
 
 
 @triton.jit
@@ -851,17 +850,19 @@ def _tile(n, ph, pw, th0, tw0, x_ptr, sxn, sxh, sxw, sgw, x_c, k_ok, scale, shif
 
 
 @triton.jit
-def _epilogue(acc, a, xv, mask, nmi, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+def _epilogue(acc, a, xv, mask, mean, invstd, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
               act_ty: tl.constexpr):
     """``grad_z`` from ``grad_a`` (the ReLU mask as torch.relu's backward, threshold_backward:
     zero where the activation, rounded to ``x``'s dtype, is <= 0; a NaN activation passes the
-    gradient through), stored; the BN-gradient sums accumulated element-wise, ``xhat = x *
-    invstd + nmi`` (``nmi = -mean * invstd``) by one FMA. ``a`` is 0 wherever ``mask`` is
-    false (:func:`bn_relu`), so ``grad_z`` is too: no second mask for the sums."""
+    gradient through), stored; the BN-gradient sums accumulated element-wise, ``xhat = (x -
+    mean) * invstd``: the subtraction first, as the reference, since ``x * invstd - mean *
+    invstd`` cancels ``|mean| / std`` times the rounding of ``x * invstd`` (a channel at
+    mean 1e4, std 1 lost ``sum(grad_z * xhat)`` to 80x the float64 rule). ``a`` is 0 wherever
+    ``mask`` is false (:func:`bn_relu`), so ``grad_z`` is too: no second mask for the sums."""
     gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(act_ty)
     tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + z_c[None, :], gzv, mask=mask)
     gzf = gzv.to(tl.float32)
-    return sdz + gzf, sdzx + gzf * (xv * invstd[None, :] + nmi[None, :])
+    return sdz + gzf, sdzx + gzf * ((xv - mean[None, :]) * invstd[None, :])
 
 
 @triton.jit
