@@ -12,6 +12,11 @@ export MAX_JOBS ?= 2
 export RESFAST_BUILD_EXT ?= 1
 # pytest-xdist workers of `make test` (one per core of a 2-core machine; 0 runs the suite in one process)
 TEST_WORKERS ?= 2
+# The triton of the GPU machine benchmarks/gpu_check.sh runs on (torch 2.11, triton 3.6), beside
+# the venv's newer one: `make test` also compiles the kernels for sm_90 with it
+# (tests/test_static_model.py), so a kernel only a newer triton accepts fails here, not there.
+DEVICE_TRITON ?= 3.6.0
+DEVICE_TRITON_DIR := $(VENV)/device-triton-$(DEVICE_TRITON)
 
 .PHONY: install bench test memory clean
 
@@ -26,6 +31,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp c
 
 install: $(VENV)/.installed
 
+$(DEVICE_TRITON_DIR)/.installed: | $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(DEVICE_TRITON_DIR) "triton==$(DEVICE_TRITON)"
+	touch $@
+
 bench: install
 	$(PY) -m pytest benchmarks --benchmark-only -q -p no:cacheprovider
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224 --plot out/memory.png
@@ -33,7 +42,8 @@ bench: install
 memory: install
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
 
-test: install
+test: install $(DEVICE_TRITON_DIR)/.installed
+	RESFAST_DEVICE_TRITON=$(abspath $(DEVICE_TRITON_DIR)) RESFAST_DEVICE_TRITON_VERSION=$(DEVICE_TRITON) \
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 

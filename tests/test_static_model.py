@@ -56,6 +56,43 @@ def test_static_targets(ci_report):
         assert op["launches_bwd"] <= 4, op
 
 
+# Shapes whose kernels cover every code path: packed 4-channel groups, the stride-2 residue-class
+# backward, WRN's wide-group kernels, the flat 1x1 conv, DenseNet's split backward.
+DEVICE_SHAPES = "resnext50_s1,resnext50_s2_down,wrn28_10_s2_down,densenet121_1x1,densenet121_3x3_b3"
+CONV_KERNELS = ("conv_fwd", "conv_bwd", "conv_bwd_input", "conv_bwd_weight")
+
+
+def test_kernels_compile_with_the_gpu_machines_triton():
+    """Every tile config of every kernel of :data:`DEVICE_SHAPES` compiles for sm_90 with the
+    triton of the GPU machine that benchmarks/gpu_check.sh runs on (``make test`` installs it
+    beside the venv's newer triton): no compile error, tensor-core MMA in every conv kernel's
+    every config, and a spill-free config for every kernel. The autotuner there compiles every config, so one a newer triton alone accepts
+    would fail there first."""
+    path, want = os.environ.get("RESFAST_DEVICE_TRITON"), os.environ.get("RESFAST_DEVICE_TRITON_VERSION")
+    if not path or not os.path.isdir(os.path.join(path, "triton")):
+        pytest.skip("the GPU machine's triton is not installed here (make test installs it into "
+                    ".venv/device-triton-<version> and sets RESFAST_DEVICE_TRITON)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    run = subprocess.run([sys.executable, "-m", "resfast", "profile", "--static", "--shapes", DEVICE_SHAPES,
+                          "--json"], env=env, capture_output=True, text=True, timeout=1500)
+    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
+        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    assert doc["model"]["triton"] == want, (doc["model"]["triton"], want)
+    triton_kernels = [k for k in doc["kernels"] if k["backend"] == "triton"]
+    assert {k["shape"] for k in triton_kernels} == set(DEVICE_SHAPES.split(","))
+    for k in triton_kernels:
+        assert k["configs"], k
+        for c in k["configs"]:
+            assert c["error"] is None, (k["shape"], k["kernel"], c["config"], c["error"])
+            if k["kernel"] in CONV_KERNELS:
+                assert c["mma"] == "wgmma", (k["shape"], k["kernel"], c["config"], c["mma"])
+        assert k["spills"] == 0, k  # the config the model takes (some others spill, as with the newer triton)
+
+
 def test_eager_and_fused_floors():
     s = sm.SHAPES["resnext50_s1"]
     x = 64 * 128 * 56 * 56 * 2

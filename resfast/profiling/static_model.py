@@ -540,7 +540,8 @@ def run(args: argparse.Namespace) -> int:
             op["measured"] = {"source": meas["source"], "times_s": m}
     doc = {"model": {"gpu": "H100/H200 SXM (sm_90)", "sms": SMS, "clock_ghz": CLOCK_GHZ,
                      "issue_per_clk": ISSUE_PER_CLK, "bandwidth_tbs": bw / 1e12, "dtype": "bfloat16",
-                     "layout": "channels_last", "all_figures": "predicted unless under 'measured'"},
+                     "layout": "channels_last", "all_figures": "predicted unless under 'measured'",
+                     "triton": _triton_version()},
            "kernels": kernels, "ops": ops}
     if args.json:
         from resfast.cli import emit_json
@@ -592,6 +593,15 @@ def format_table(doc: Dict[str, Any]) -> str:
                      f" {_chained_cell(op)}   {meas}")
     return "\n".join(lines)
 
+
+
+def _triton_version() -> Optional[str]:
+    """The version of the triton that compiled the kernels (None without triton)."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m resfast.profiling.static_model`` (same options as ``resfast profile --static``)."""
