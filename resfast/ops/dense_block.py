@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -224,12 +224,15 @@ class _Config:
                                  f"of shape {tuple(wt.shape)}")
             norms.append(tail[0])
         readers = [layer.norm1 for layer in layers] + ([tail[0]] if tail is not None else [])
-        groups = {id(r.process_group): r.process_group for r in readers if r.batch_stats}
+        groups: List[Any] = []  # distinct by identity (not id(): torch 2.11's dynamo cannot trace id(None))
+        for r in readers:
+            if r.batch_stats and not any(g is r.process_group for g in groups):
+                groups.append(r.process_group)
         if len(groups) > 1:
             raise ValueError("every norm1 of a shared dense block (and its transition's norm) must synchronise over "
                              "the same process group, since they share the channels' batch statistics")
         ops = get_ops(backend)
-        group = next(iter(groups.values()), None)
+        group = groups[0] if groups else None
         return _Config(
             ops=ops, recompute=recompute, c0=x.shape[1], growth=growth, num_layers=len(layers),
             has_tail=tail is not None, norms=norms,

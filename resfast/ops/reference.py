@@ -104,10 +104,13 @@ def bn_relu(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], m
     """``relu((x - mean) * invstd * gamma + beta)`` computed in float32 (float64 for float64
     input) and rounded to ``x.dtype``, in two passes: PyTorch's own inference-mode batch-norm
     (with ``var = invstd^-2`` and ``eps = 0`` it divides by exactly ``1 / invstd``), then an
-    in-place ReLU (a NaN stays NaN, as ``torch.relu``)."""
+    in-place ReLU (a NaN stays NaN, as ``torch.relu``). The batch norm is ``torch.batch_norm``,
+    the op ``F.batch_norm`` calls: torch 2.11's ``F.batch_norm`` refuses ``eps = 0`` even in
+    inference mode (2.14's only in training)."""
     acc = acc_dtype(x)
     affine = [None if t is None else t.to(acc) for t in (bn_weight, bn_bias)]
-    z = F.batch_norm(x, mean.to(acc), invstd.to(acc).pow(-2), affine[0], affine[1], False, 0.0, 0.0)
+    z = torch.batch_norm(x, affine[0], affine[1], mean.to(acc), invstd.to(acc).pow(-2), False, 0.0, 0.0,
+                         torch.backends.cudnn.enabled)
     return z.relu_()
 
 
