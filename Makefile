@@ -64,10 +64,22 @@ $(DEVICE_VENV)/.installed:
 		pytest-xdist pytest-benchmark hypothesis timm tqdm matplotlib scikit-learn
 	touch $@
 
-test-device-env: $(DEVICE_VENV)/.installed
+# Then the Triton backend's host code (op registration, autograd, fake tensors, launch plans) under
+# torch 2.11 on a subset of the triton tests, its kernels run by .venv's newer triton's interpreter.
+DEVICE_INTERP_TRITON_DIR := $(DEVICE_VENV)/interp-triton
+$(DEVICE_INTERP_TRITON_DIR)/.installed: | $(DEVICE_VENV)/.installed $(VENV)/.installed
+	$(DEVICE_VENV)/bin/python -m pip install --quiet --no-deps --target $(DEVICE_INTERP_TRITON_DIR) \
+		"triton==$$($(PY) -c 'import triton; print(triton.__version__)')"
+	touch $@
+
+test-device-env: $(DEVICE_VENV)/.installed $(DEVICE_INTERP_TRITON_DIR)/.installed
 	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) \
 		--dist loadscope --ignore tests/test_static_model.py --deselect tests/test_build.py::test_info_reports_native_built
 	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+	PYTHONPATH=$(abspath $(DEVICE_INTERP_TRITON_DIR)) TRITON_INTERPRET=1 $(DEVICE_VENV)/bin/python -m pytest \
+		tests/test_opset.py tests/test_launch_counts.py tests/test_epilogue_stats.py tests/test_double_backward.py \
+		tests/test_bn_relu_conv2d.py tests/test_triton_bwd_classes.py -q -p no:cacheprovider -n $(TEST_WORKERS) \
+		--dist loadscope
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info resfast/_C*.so
