@@ -467,3 +467,40 @@ def test_conv_weight_views_and_channels_last_weights(backend, training):
         same = _weight_run(None, dtype, name, training, x, p, bn)
         for k in ref64:
             assert_rule(k, got[k], ref64[k], same[k], f"{backend} {name} training={training}")
+
+
+# ------------------------------------------------------------------ finding: input_stats checked late
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_relu_conv_rejects_foreign_input_stats_before_num_batches_tracked_moves(backend):
+    """resfast.nn.fused.bn_relu_conv checked ``input_stats`` only inside the op, after the
+    BatchNorm's ``num_batches_tracked`` had moved: every rejected call (statistics of another
+    tensor, a tensor of the wrong shape) advanced it, so a momentum=None BatchNorm then averaged
+    with the wrong factor. input_stats is now checked before anything changes."""
+    _require(backend)
+    from resfast.nn.fused import bn_relu_conv
+
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(4, momentum=None), nn.Conv2d(4, 3, 1, bias=False)
+    x, other = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    ref_bn = copy.deepcopy(bn)
+    _, stats_of_other = bn_relu_conv2d(other, torch.randn(4, 4, 1, 1), bn_weight=None, bn_bias=None,
+                                       running_mean=None, running_var=None, training=True, backend=backend,
+                                       return_stats=True)
+    for bad in (torch.zeros(3, 1, 4), torch.zeros(2, 2), stats_of_other):
+        if bad is None:  # eager and native take no statistics in the epilogue
+            continue
+        with pytest.raises(ValueError, match="input_stats"):
+            bn_relu_conv(bn, conv, x, backend, input_stats=bad)
+        assert bn.num_batches_tracked.item() == 0 and torch.equal(bn.running_mean, ref_bn.running_mean)
+    # the counter the cumulative average divides by is right, so the next call averages as nn does
+    y = bn_relu_conv(bn, conv, x, backend)
+    assert bn.num_batches_tracked.item() == 1
+    same_bn, same_conv = copy.deepcopy(ref_bn), copy.deepcopy(conv)
+    bn64, conv64 = copy.deepcopy(ref_bn).double(), copy.deepcopy(conv).double()
+    y_same, y64 = same_conv(F.relu(same_bn(x))), conv64(F.relu(bn64(x.double())))
+    for name, got, r64, same in (("output", y, y64, y_same), ("running_mean", bn.running_mean, bn64.running_mean,
+                                 same_bn.running_mean), ("running_var", bn.running_var, bn64.running_var,
+                                                         same_bn.running_var)):
+        assert_rule(name, got, r64, same, backend)
