@@ -26,13 +26,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
-from resfast.nn.fused import bn_relu_conv, bn_relu_conv_weight, conv_padding
+from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
 from resfast.nn.unfused import is_tracing, run_unfused
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
 from resfast.ops.opsets import get_ops
-from resfast.ops.validation import FLOAT_DTYPES
+from resfast.ops.validation import FLOAT_DTYPES, check_bn_relu_conv2d_args, check_param_dtype
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
 
@@ -186,7 +186,7 @@ class DenseBlock(nn.ModuleDict):
         buffer of their own."""
         if is_tracing():
             return transition(self(init_features))
-        self._check_input(init_features)
+        self._check_input(init_features, transition)
         if self.memory == "shared" and init_features.shape[0] == 0:
             _refuse_empty_sync(self, transition)
         if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
@@ -230,7 +230,7 @@ class DenseBlock(nn.ModuleDict):
                 drop_rate=float(layer.drop_rate) if layer.training else 0.0))
         return (args, calls[-1]) if tail_norm is not None else args
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, *others: nn.Module) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"init_features must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
@@ -238,7 +238,7 @@ class DenseBlock(nn.ModuleDict):
         if x.shape[1] != self.num_input_features:
             raise ValueError(f"channel mismatch: init_features has {x.shape[1]} channels (shape {tuple(x.shape)}) "
                              f"but the block expects num_input_features={self.num_input_features}")
-        check_dense_input(x, self)
+        check_dense_input(x, self, *others)
         resolve_backend(self.backend, x.device)
 
 
@@ -301,6 +301,7 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     ``torch.compile`` traces it without a graph break (torchvision's and timm's checkpointed
     layers update the running statistics twice).
     """
+    _check_recomputable_call(bn, conv, inputs, backend)
     call = bn_call(bn)
     if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 \
             and (inputs[0].shape[0] > 0 or call.process_group is not None):  # an empty rank joins the others
@@ -318,6 +319,30 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
             dilation=conv.dilation, groups=conv.groups, backend=backend, process_group=call.process_group)
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)
+
+
+def _check_recomputable_call(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[Tensor], backend: str) -> None:
+    """Every check the checkpointed op will make, made before the bookkeeping moves anything
+    (a rejected call changes nothing): the parts must concatenate, and the op's arguments are
+    checked on a one-element stand-in of their concatenation (same shape, dtype and device)."""
+    first = inputs[0]
+    resolve_backend(backend, first.device)
+    for t in inputs[1:]:
+        if t.device != first.device:
+            raise ValueError(f"every input must be on one device: {first.device} and {t.device}")
+        if (t.shape[0], *t.shape[2:]) != (first.shape[0], *first.shape[2:]):
+            raise ValueError(f"the inputs must share batch and spatial sizes to be concatenated along channels, "
+                             f"got shapes {tuple(first.shape)} and {tuple(t.shape)}")
+    dtype = first.dtype
+    for t in inputs[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    shape = (first.shape[0], sum(t.shape[1] for t in inputs), *first.shape[2:])
+    stand_in = torch.empty((), dtype=dtype, device=first.device).expand(shape)
+    preview = bn_call(bn, update=False)
+    check_bn_relu_conv2d_args(
+        *_autocast_view(stand_in, conv.weight, conv.bias), preview.weight, preview.bias, preview.running_mean,
+        preview.running_var, preview.batch_stats, 0.0, preview.eps, conv.stride, conv_padding(conv) or conv.padding,
+        conv.dilation, conv.groups, None)
 
 
 @torch.no_grad()
@@ -351,16 +376,26 @@ def _refuse_empty_sync(block: nn.Module, transition: Optional[nn.Module] = None)
                          "rank at least one image")
 
 
-def check_dense_input(x: Tensor, block: nn.Module) -> None:
+def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
     """The inputs torchvision's ``_DenseBlock`` rejects, rejected by every memory mode and
-    backend before anything (running statistics, ``num_batches_tracked``) changes."""
+    backend before anything (running statistics, ``num_batches_tracked``) changes. ``others``
+    (a transition fused into the block) have their BatchNorms checked too."""
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"init_features has dtype {x.dtype}; a dense block needs a floating-point input "
                         f"(float32, float16, bfloat16 or float64)")
     param = next(iter(block.parameters()), None)
-    if param is not None and x.dtype != param.dtype and not _autocast_on(x.device.type):
+    autocast = _autocast_on(x.device.type)
+    if param is not None and x.dtype != param.dtype and not autocast:
         raise TypeError(f"init_features has dtype {x.dtype} but the block's parameters are {param.dtype}; convert "
                         f"one of them (e.g. block.to({x.dtype}) or x.to({param.dtype})), or run under torch.autocast")
+    if not autocast:
+        # As nn.BatchNorm2d and the fused op: e.g. float64 running statistics beside a float32
+        # input are refused (the shared block would otherwise run them on some backends only).
+        for owner in (block, *others):
+            for path, bn in owner.named_modules():
+                if isinstance(bn, _BatchNorm):
+                    check_param_dtype(x.dtype, [(f"{path}.{k}" if path else k, getattr(bn, k)) for k in
+                                                ("weight", "bias", "running_mean", "running_var")])
     training = any(m.training for m in block.modules() if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call
 from resfast.nn.unfused import run_unfused
-from resfast.ops.bn_relu_conv2d import autocast_enabled, autocast_inputs, bn_relu_conv2d
+from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
 __all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight"]
@@ -73,6 +73,8 @@ def bn_relu_conv_weight(
     check_bn_relu_conv2d_args(
         *_autocast_view(x, weight, bias), preview.weight, preview.bias, preview.running_mean, preview.running_var,
         preview.batch_stats, 0.0, preview.eps, stride, padding, dilation, groups, out)
+    if input_stats is not None:  # checked as the op will check it, before num_batches_tracked moves
+        _check_input_stats(input_stats, _autocast_view(x, weight, bias)[0])
     call = bn_call(bn, update=update)
     return bn_relu_conv2d(
         x, weight, bias,
