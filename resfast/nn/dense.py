@@ -391,9 +391,17 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
     if not autocast:
         # As nn.BatchNorm2d and the fused op: e.g. float64 running statistics beside a float32
         # input are refused (the shared block would otherwise run them on some backends only).
+        # A quick pass first (once per forward: densenet121's 120 BatchNorms); names only on a miss.
+        allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
         for owner in (block, *others):
-            for path, bn in owner.named_modules():
-                if isinstance(bn, _BatchNorm):
+            for bn in owner.modules():
+                if not isinstance(bn, _BatchNorm):
+                    continue
+                p, b = bn._parameters, bn._buffers  # (nn.Module.__getattr__ is the slow part)
+                dtypes = {t.dtype for t in (p.get("weight"), p.get("bias"), b.get("running_mean"),
+                                            b.get("running_var")) if t is not None}
+                if len(dtypes) > 1 or not dtypes <= allowed:
+                    path = next(n for n, m in owner.named_modules() if m is bn)
                     check_param_dtype(x.dtype, [(f"{path}.{k}" if path else k, getattr(bn, k)) for k in
                                                 ("weight", "bias", "running_mean", "running_var")])
     training = any(m.training for m in block.modules() if isinstance(m, _BatchNorm))
