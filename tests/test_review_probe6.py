@@ -3,8 +3,9 @@
 BatchNorm options (``momentum=None``, ``track_running_stats=False``, ``affine=False``) on triton
 and native, BatchNorms frozen in eval inside a training block, and float16 / bfloat16 inputs
 beside float32 BatchNorms (the usual mixed-precision layout: convs in the input's dtype,
-BatchNorm parameters and statistics in float32). Results are judged against the same modules
-run unfused (eager PyTorch, float64) by the rule of tests/reference.py.
+BatchNorm parameters and statistics in float32), and the dtype layouts eager PyTorch refuses.
+Results are judged against the same modules run unfused (eager PyTorch, float64) by the rule of
+tests/reference.py.
 
 The first test failed on main: a dense block refused a float16 / bfloat16 input beside float32
 BatchNorms (every memory mode, every backend), which torchvision's dense block and every other
@@ -225,3 +226,65 @@ def test_batchnorms_frozen_in_eval_inside_a_training_block(backend, case):
         build = _frozen(lambda: DenseBlock(2, 4, 2, 2), ["denselayer1.norm2", "denselayer2.norm1"])
         xshape = (2, 4, 4, 4)
     _judge_module(build, backend, xshape)
+
+
+# ------------------------------------------------------------------ verified correct: dtype refusals
+
+
+def _batchnorms_to(m: nn.Module, dtype: torch.dtype, stats_only: bool = False) -> nn.Module:
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            if not stats_only:
+                bn._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)
+            elif bn.running_mean is not None:
+                bn.running_mean, bn.running_var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
+    return m
+
+
+_REFUSED = {  # what nn.BatchNorm2d / nn.Conv2d refuse: (input dtype, how the module is laid out)
+    "float16_input_float32_module": (torch.float16, lambda m: m),
+    "bfloat16_input_float16_batchnorms": (torch.bfloat16,
+                                          lambda m: _batchnorms_to(_low_precision_convs(m, torch.bfloat16),
+                                                                   torch.float16)),
+    "float16_statistics_beside_float32_batchnorm_parameters": (
+        torch.float16, lambda m: _batchnorms_to(_low_precision_convs(m, torch.float16), torch.float16, True)),
+    "float32_input_float16_batchnorms": (torch.float32, lambda m: _batchnorms_to(m, torch.float16)),
+}
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+def test_dtype_layouts_eager_refuses_are_refused_before_anything_changes(backend):
+    """Input / conv / BatchNorm dtype layouts that eager PyTorch refuses (a float16 input into a
+    float32 module, float16 BatchNorms beside a bfloat16 input, float16 statistics beside float32
+    BatchNorm parameters, float16 BatchNorms beside a float32 input), through the fused modules
+    whose every BatchNorm is fused, in training (BatchNorm options mixed): refused, and nothing
+    changed, as the unfused module refuses them (post-activation blocks probed too: there only
+    the eager downsample BatchNorm moves first, as in torchvision's blocks)."""
+    _require(backend)
+    import resfast
+    from resfast.nn.blocks import PreActBottleneck, WideBasic
+    from resfast.nn.dense import DenseLayer
+
+    modules = {
+        "BNReLUConv2d": (lambda: resfast.BNReLUConv2d(4, 3, 3, padding=1, bias=True), (2, 4, 5, 5)),
+        "WideBasic": (lambda: WideBasic(4, 3, stride=2), (2, 4, 5, 5)),
+        "PreActBottleneck": (lambda: PreActBottleneck(4, 2), (2, 4, 5, 5)),
+        "Transition": (lambda: Transition(4, 3), (2, 4, 6, 6)),
+        "DenseLayer_checkpoint": (lambda: DenseLayer(4, 2, 2, memory="checkpoint"), (2, 4, 4, 4)),
+        **{f"DenseBlock_{mem}": (lambda mem=mem: DenseBlock(2, 4, 2, 2, memory=mem), (2, 4, 4, 4))
+           for mem in ("shared", "naive", "checkpoint")},
+    }
+    for name, (build, xshape) in modules.items():
+        for case, (dtype, layout) in _REFUSED.items():
+            torch.manual_seed(0)
+            base = _with_bn_options(build(), 0)
+            x = torch.randn(*xshape).to(dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises((RuntimeError, TypeError)):  # the reference: the module run unfused
+                    layout(_unfused(copy.deepcopy(base)))(x)
+            m = layout(_set_backend(copy.deepcopy(base), backend)).train()
+            before = _state(m)
+            with pytest.raises((TypeError, ValueError, RuntimeError)):
+                m(x.clone().requires_grad_(True))
+            _assert_unchanged(m, before, f"{backend} {name} {case}")
