@@ -383,12 +383,19 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"init_features has dtype {x.dtype}; a dense block needs a floating-point input "
                         f"(float32, float16, bfloat16 or float64)")
-    param = next(iter(block.parameters()), None)
     autocast = _autocast_on(x.device.type)
-    if param is not None and x.dtype != param.dtype and not autocast:
-        raise TypeError(f"init_features has dtype {x.dtype} but the block's parameters are {param.dtype}; convert "
-                        f"one of them (e.g. block.to({x.dtype}) or x.to({param.dtype})), or run under torch.autocast")
     if not autocast:
+        # The convs take x's dtype, as nn.Conv2d does; the BatchNorms may keep float32 parameters
+        # and statistics beside a float16 / bfloat16 x (checked below), as nn.BatchNorm2d does.
+        # (Once per forward: read the weight from the parameter dict, name the conv only on a miss.)
+        for owner in (block, *others):
+            for conv in owner.modules():
+                w = conv._parameters.get("weight") if isinstance(conv, nn.Conv2d) else None
+                if w is not None and w.dtype != x.dtype:
+                    path = next(n for n, m in owner.named_modules() if m is conv)
+                    raise TypeError(f"init_features has dtype {x.dtype} but the block's parameters are "
+                                    f"{w.dtype} ({path}.weight); convert one of them (e.g. "
+                                    f"block.to({x.dtype}) or x.to({w.dtype})), or run under torch.autocast")
         # As nn.BatchNorm2d and the fused op: e.g. float64 running statistics beside a float32
         # input are refused (the shared block would otherwise run them on some backends only).
         # A quick pass first (once per forward: densenet121's 120 BatchNorms); names only on a miss.
