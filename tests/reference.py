@@ -37,3 +37,20 @@ def assert_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_same: tor
                 dtype: Optional[torch.dtype] = None) -> None:
     err, allowed = rule_error(out, ref64, ref_same, dtype)
     assert err <= allowed, f"{name}: max|out - ref64| = {err:.3e} > allowed {allowed:.3e} ({context})"
+
+
+def require_backend(backend: str) -> None:
+    """Skip the calling test, saying why, when ``backend`` cannot run on the CPU here."""
+    import pytest
+
+    from resfast.backends import backend_status
+
+    why = backend_status("cpu")[backend]
+    if why:
+        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
+
+
+def judged_dtype(backend: str) -> torch.dtype:
+    """The dtype a backend is judged in on the CPU: float64 where it runs it, else float32
+    (triton has no float64 kernels)."""
+    return torch.float32 if backend == "triton" else torch.float64

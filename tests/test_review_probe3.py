@@ -10,26 +10,13 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import nn
 
 import resfast
-from resfast.backends import backend_status
 from resfast.functional import bn_relu_conv2d
-from reference import assert_rule
+from reference import assert_rule, judged_dtype as _dtype, require_backend as _require
 
 BACKENDS = ("eager", "triton", "native")
-
-
-def _require(backend: str) -> None:
-    why = backend_status("cpu")[backend]
-    if why:
-        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
-
-
-def _dtype(backend: str) -> torch.dtype:
-    """The dtype a backend is judged in here: float64 where it runs it, else float32 (triton)."""
-    return torch.float32 if backend == "triton" else torch.float64
 
 
 def _fw_jvp(fn, primals, tangents):

@@ -15,22 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import resfast
-from resfast.backends import backend_status
 from resfast.functional import bn_relu_conv2d
-from reference import assert_rule
+from reference import assert_rule, judged_dtype as _dtype, require_backend as _require
 
 BACKENDS = ("eager", "triton", "native")
-
-
-def _require(backend: str) -> None:
-    why = backend_status("cpu")[backend]
-    if why:
-        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
-
-
-def _dtype(backend: str) -> torch.dtype:
-    """The dtype a backend is judged in here: float64 where it runs it, else float32 (triton)."""
-    return torch.float32 if backend == "triton" else torch.float64
 
 
 def _inputs(n, c, h, w, co, kh, kw, groups=1, bias=False, seed=0, std=1.0, offset=0.0):
@@ -251,6 +239,7 @@ def test_compile_fullgraph_and_export_match_the_uncompiled_module(backend, train
         run = torch.export.export(ours, (x,)).module()
         buffers = run.state_dict
     else:
+        torch._dynamo.reset()  # the recompile limit counts other tests' compiles of the same code in this worker
         run = torch.compile(ours, fullgraph=True, backend=how)
         buffers = ours.state_dict
     y, yr = run(xo), tv(xr)

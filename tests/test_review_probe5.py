@@ -17,31 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import resfast
-from resfast.backends import backend_status
 from resfast.functional import bn_relu_conv2d
 from resfast.nn.blocks import PreActBottleneck, ResNeXtBottleneck, WideBasic
 from resfast.nn.dense import DenseBlock, DenseLayer, Transition
-from reference import assert_rule
+from reference import assert_rule, judged_dtype as _dtype, require_backend as _require
+from module_judge import assert_unchanged as _assert_unchanged, judge_module as _judge_module, randomize_bn, \
+    set_backend as _set_backend, state as _state, unfused as _unfused, with_bn_options as _with_bn_options
 
 BACKENDS = ("eager", "triton", "native")
-
-
-def _require(backend: str) -> None:
-    why = backend_status("cpu")[backend]
-    if why:
-        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
-
-
-def _dtype(backend: str) -> torch.dtype:
-    """The dtype a backend is judged in here: float64 where it runs it, else float32 (triton)."""
-    return torch.float32 if backend == "triton" else torch.float64
-
-
-def _set_backend(m: nn.Module, backend: str) -> nn.Module:
-    for sub in m.modules():
-        if hasattr(sub, "backend"):
-            sub.backend = backend
-    return m
 
 
 def _double_running_stats(m: nn.Module, only=None) -> nn.Module:
@@ -52,15 +35,6 @@ def _double_running_stats(m: nn.Module, only=None) -> nn.Module:
             bn.running_mean = bn.running_mean.double()
             bn.running_var = bn.running_var.double()
     return m
-
-
-def _state(m: nn.Module) -> dict:
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _assert_unchanged(m: nn.Module, before: dict, context: str) -> None:
-    for k, v in m.state_dict().items():
-        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), f"{k} changed by a rejected call ({context})"
 
 
 # ------------------------------------------------------------------ finding: float64 running statistics
@@ -147,79 +121,6 @@ def test_fused_modules_refuse_float64_running_statistics_before_anything_moves(b
 
 # ------------------------------------------------------------------ verified correct: BatchNorm options on triton
 
-_VARIANTS = ("momentum_none", "no_running_stats", "no_affine")
-
-
-def _with_bn_options(m: nn.Module, offset: int = 0, seed: int = 0) -> nn.Module:
-    """The i-th BatchNorm2d of ``m`` replaced by one with option ``_VARIANTS[(i + offset) % 3]``
-    (so one module mixes all three), with random affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    i = 0
-    for mod in list(m.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.BatchNorm2d:
-                variant = _VARIANTS[(i + offset) % 3]
-                i += 1
-                kw = {"momentum_none": dict(momentum=None), "no_running_stats": dict(track_running_stats=False),
-                      "no_affine": dict(affine=False)}[variant]
-                bn = nn.BatchNorm2d(child.num_features, **kw)
-                with torch.no_grad():
-                    if bn.affine:
-                        bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-                        bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
-                    if bn.track_running_stats:
-                        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
-                        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-                setattr(mod, name, bn)
-    return m
-
-
-def _unfused(m: nn.Module) -> nn.Module:
-    """``m`` running its BatchNorm / ReLU / conv modules one by one (a no-op hook on every
-    BatchNorm): nn.BatchNorm2d's own forward, the reference of every option."""
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.register_forward_hook(lambda *args: None)
-    return m
-
-
-def _scenario(m: nn.Module, dtype, xshape, call):
-    """train, eval, train: outputs and input gradients of each step, then every parameter's
-    gradient and every state_dict entry, by name."""
-    out = []
-    for step, mode in enumerate(("train", "eval", "train")):
-        m.train(mode == "train")
-        g = torch.Generator().manual_seed(100 + step)
-        x = torch.randn(*xshape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
-        y = call(m, x)
-        gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
-        (y * gy).sum().backward()
-        out += [(f"step {step} ({mode}) output", y.detach()), (f"step {step} input gradient", x.grad)]
-    out += [(f"grad {k}", p.grad) for k, p in sorted(m.named_parameters())]
-    return out + sorted(m.state_dict().items())
-
-
-def _judge_module(build, backend, xshape, call=lambda m, x: m(x)):
-    """``build()`` on ``backend`` in its dtype, against the same module unfused in float64
-    (ref64) and in that dtype (ref_same), through :func:`_scenario`."""
-    dtype = _dtype(backend)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the hooks' "runs unfused" warning
-        base = build()
-        ref64 = _scenario(_unfused(_set_backend(copy.deepcopy(base), "eager")).double(), torch.float64, xshape, call)
-        same = _scenario(_unfused(_set_backend(copy.deepcopy(base), "eager")).to(dtype), dtype, xshape, call)
-        got = _scenario(_set_backend(copy.deepcopy(base), backend).to(dtype), dtype, xshape, call)
-    assert [k for k, _ in got] == [k for k, _ in ref64]
-    for (k, a), (_, r), (_, s) in zip(got, ref64, same):
-        assert (a is None) == (r is None), f"{k}: gradient {'missing' if a is None else 'unexpected'} ({backend})"
-        if r is None:
-            continue
-        if r.is_floating_point():
-            assert_rule(k, a, r, s, backend, dtype=dtype)
-        else:
-            assert torch.equal(a, r), f"{k}: {a} != {r} ({backend})"
-
-
 def _resnext(offset):
     def build():
         torch.manual_seed(1)
@@ -283,11 +184,7 @@ def _compiled_net():
     g = torch.Generator().manual_seed(3)
     for bn in net.modules():
         if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-                bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
-                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
-                bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            randomize_bn(bn, g)
     return net
 
 
@@ -316,6 +213,7 @@ def test_compile_fullgraph_and_export_on_triton_match_the_uncompiled_module(trai
         assert any("resfast_triton.bn_relu_conv2d" in t for t in graph), sorted(graph)
         buffers = run.state_dict
     else:
+        torch._dynamo.reset()  # the recompile limit counts other tests' compiles of the same code in this worker
         run = torch.compile(ours, fullgraph=True, backend=how)
         buffers = ours.state_dict
     gy = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(6))
@@ -359,9 +257,7 @@ def test_timm_resnext_trained_on_triton_and_its_state_dict_both_ways():
         g = torch.Generator().manual_seed(1)
         for bn in m.modules():
             if isinstance(bn, nn.BatchNorm2d):
-                with torch.no_grad():
-                    bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
-                    bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+                randomize_bn(bn, g, bias_scale=0.2, running=False)
         return m.to(dtype)
 
     def scenario(m, x):

@@ -21,9 +21,10 @@ from torch import nn
 
 from resfast.nn.blocks import BasicBlock, Bottleneck, ResNeXtBottleneck
 from resfast.nn.dense import DenseBlock, Transition
-from reference import assert_rule
-from test_review_probe5 import _assert_unchanged, _judge_module, _require, _scenario, _set_backend, _state, \
-    _unfused, _with_bn_options
+from module_judge import assert_unchanged as _assert_unchanged, judge_module as _judge_module, \
+    scenario as _scenario, set_backend as _set_backend, state as _state, unfused as _unfused, \
+    with_bn_options as _with_bn_options
+from reference import assert_rule, require_backend as _require
 
 
 def _low_precision_convs(m: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -70,11 +70,12 @@ def bn_relu_conv_weight(
     resolve_backend(backend, x.device)  # an unavailable backend is reported before num_batches_tracked moves
     # Every argument is checked before num_batches_tracked moves: a rejected call changes nothing.
     preview = bn_call(bn, update=False)
+    view = _autocast_view(x, weight, bias)
     check_bn_relu_conv2d_args(
-        *_autocast_view(x, weight, bias), preview.weight, preview.bias, preview.running_mean, preview.running_var,
+        *view, preview.weight, preview.bias, preview.running_mean, preview.running_var,
         preview.batch_stats, 0.0, preview.eps, stride, padding, dilation, groups, out)
     if input_stats is not None:  # checked as the op will check it, before num_batches_tracked moves
-        _check_input_stats(input_stats, _autocast_view(x, weight, bias)[0])
+        _check_input_stats(input_stats, view[0])
     call = bn_call(bn, update=update)
     return bn_relu_conv2d(
         x, weight, bias,
