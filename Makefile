@@ -54,8 +54,9 @@ test: install $(DEVICE_TRITON_DIR)/.installed
 # The test suite under the GPU machine's torch and triton (2.11 and 3.6; benchmarks/gpu_check.sh
 # runs there), from this tree without installing it: eager PyTorch and every torch API resfast
 # calls. Triton kernels (no interpreter: TRITON_INTERPRET=0) and resfast._C (built for .venv's
-# torch) skip with their reasons; the extension's own build check and the static model (whose
-# triton-3.6 compile `make test` checks) are left out. Catches what only the older torch refuses
+# torch) skip with their reasons; the extension's own build checks (CI's RESFAST_REQUIRE_CUDA_BUILD=1
+# holds for .venv's build, which `make test` checks) and the static model (whose triton-3.6
+# compile `make test` checks) are left out. Catches what only the older torch refuses
 # before a GPU session's minutes find it. .ci/run runs it after `make test`.
 $(DEVICE_VENV)/.installed:
 	$(PYTHON) -m venv $(DEVICE_VENV)
@@ -73,9 +74,11 @@ $(DEVICE_INTERP_TRITON_DIR)/.installed: | $(DEVICE_VENV)/.installed $(VENV)/.ins
 	touch $@
 
 test-device-env: $(DEVICE_VENV)/.installed $(DEVICE_INTERP_TRITON_DIR)/.installed
-	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) \
-		--dist loadscope --ignore tests/test_static_model.py --deselect tests/test_build.py::test_info_reports_native_built
-	TRITON_INTERPRET=0 $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest tests -q -p no:cacheprovider \
+		-n $(TEST_WORKERS) --dist loadscope --ignore tests/test_static_model.py \
+		--deselect tests/test_build.py::test_info_reports_native_built \
+		--deselect tests/test_build.py::test_required_cuda_build_has_cuda_kernels
+	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
 	PYTHONPATH=$(abspath $(DEVICE_INTERP_TRITON_DIR)) TRITON_INTERPRET=1 $(DEVICE_VENV)/bin/python -m pytest \
 		tests/test_opset.py tests/test_launch_counts.py tests/test_epilogue_stats.py tests/test_double_backward.py \
 		tests/test_bn_relu_conv2d.py tests/test_triton_bwd_classes.py -q -p no:cacheprovider -n $(TEST_WORKERS) \
