@@ -397,6 +397,25 @@ def _git_commit(root: str) -> Optional[str]:
     return os.environ.get("RESFAST_GIT_COMMIT") or _run(["git", "-C", root, "rev-parse", "HEAD"])
 
 
+def _same_commit(given: str, head: Optional[str]) -> bool:
+    """Whether ``head`` (a full hash from ``git rev-parse HEAD``) is the commit ``given`` names
+    (a full hash or an abbreviation of at least 7 digits)."""
+    given, head = given.strip().lower(), (head or "").strip().lower()
+    return bool(head) and (head == given or (len(given) >= 7 and head.startswith(given)))
+
+
+def _git_dirty(root: str) -> Optional[bool]:
+    """Whether the checkout at ``root`` has uncommitted changes to tracked files; ``None`` when
+    unknown: no git, or ``RESFAST_GIT_COMMIT`` names a commit other than the checkout's HEAD
+    (a copy of the tree carrying a stale ``.git``, whose status describes that stale commit,
+    not the tree that ran)."""
+    given = os.environ.get("RESFAST_GIT_COMMIT")
+    if given and not _same_commit(given, _run(["git", "-C", root, "rev-parse", "HEAD"])):
+        return None
+    status = _run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
+    return None if status is None else bool(status)
+
+
 def environment(root: Optional[str] = None) -> Dict[str, Any]:
     """GPU name, driver, torch / triton / CUDA / nvcc versions, date and git commit of this machine."""
     import platform
@@ -405,12 +424,9 @@ def environment(root: Optional[str] = None) -> Dict[str, Any]:
     env: Dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(root),
-        "git_dirty": None,
+        "git_dirty": _git_dirty(root),
         "python": platform.python_version(),
     }
-    status = _run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
-    if status is not None:
-        env["git_dirty"] = bool(status)
     try:
         import torch
 
@@ -574,8 +590,44 @@ def render_summary(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit
     return "\n".join(lines)
 
 
+KERNELS_SCHEMA = "resfast-gpu-kernels"
+
+
+def _kernels_markdown(results: Dict[str, Any]) -> str:
+    # A gpu_kernels_check.py results JSON: its timing rows, parity verdicts and kernel profile.
+    env = results.get("environment", {})
+    out = [f"{env.get('gpu') or 'no GPU'} (sm {env.get('sm', '?')}) | torch {env.get('torch')} CUDA {env.get('cuda')} "
+           f"triton {env.get('triton')} | {str(env.get('date', ''))[:16]} | "
+           f"commit {(env.get('commit') or 'unknown')[:10]}", "",
+           "| shape | mode | row | median | vs eager | vs compile | GB/s | % of bound |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in results.get("timing", []):
+        def num(key: str, fmt: str) -> str:
+            v = r.get(key)
+            return "" if v is None else fmt.format(v)
+
+        out.append(f"| {r.get('shape')} | {r.get('mode')} | {r.get('impl')} | {format_time(r.get('median_s'))} | "
+                   f"{num('speedup_vs_eager', '{:.2f}x')} | {num('speedup_vs_compile', '{:.2f}x')} | "
+                   f"{num('achieved_gbps_x_plus_y', '{:.0f}')} | {num('fraction_of_hbm_bound', '{:.0%}')} |")
+    parity = results.get("parity", [])
+    if parity:
+        failed = [p.get("shape") for p in parity if not p.get("pass")]
+        out += ["", f"parity against float64: {len(parity) - len(failed)} of {len(parity)} checks pass"
+                + (f"; failed: {', '.join(map(str, failed))}" if failed else "")]
+    profile = results.get("profile") or {}
+    if profile.get("kernels"):
+        out += ["", f"kernels of {profile.get('shape')} training steps (torch.profiler device time per call; "
+                "calls over all profiled steps):", "", "| kernel | calls | mean |", "|---|---|---|"]
+        for name, k in sorted(profile["kernels"].items(), key=lambda kv: -float(kv[1].get("mean_us") or 0)):
+            out.append(f"| {name[:60]} | {k.get('count')} | {format_time((k.get('mean_us') or 0) * 1e-6)} |")
+    return "\n".join(out)
+
+
 def markdown_table(results: Dict[str, Any]) -> str:
-    """A Markdown table of a recorded results JSON, for benchmarks/README.md."""
+    """A Markdown table of a recorded results JSON, for benchmarks/README.md: a ``gpu_check.sh``
+    one (schema ``resfast-gpu-check/1``) or a ``gpu_kernels_check.sh`` one (``resfast-gpu-kernels/1``)."""
+    if str(results.get("schema", "")).startswith(KERNELS_SCHEMA):
+        return _kernels_markdown(results)
     rows = results.get("benchmarks", [])
     env = results.get("environment", {})
     out = [f"{_env_line(env)}", "",

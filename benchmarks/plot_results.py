@@ -3,7 +3,8 @@
     python benchmarks/plot_results.py benchmarks/results/2026-11-27-nvidia-h100-80gb-hbm3.json
     python benchmarks/plot_results.py out/benchmarks.json -o out/ratios.png   # pytest-benchmark JSON
 
-Reads either a results JSON written by ``gpu_check.sh`` (``gpu_report.py summary``) or a
+Reads a results JSON written by ``gpu_check.sh`` (``gpu_report.py summary``), one written by
+``gpu_kernels_check.sh`` (schema ``resfast-gpu-kernels/1``: its timing rows), or a
 pytest-benchmark ``--benchmark-json`` file (ratios are computed from its medians). Draws one
 horizontal bar per (group, row) with the speedup over the group's baseline on a log axis
 (1.0 = as fast as eager), and, when memory rows are present, a second panel with the peak
@@ -33,6 +34,13 @@ def load_rows(path: str) -> Dict[str, Any]:
         env = data.get("environment", {})
         title = f"{env.get('gpu') or 'no GPU'}, torch {env.get('torch')}, {str(env.get('date', ''))[:10]}"
         return {"title": title, "rows": list(data.get("benchmarks", []))}
+    if data.get("schema", "").startswith("resfast-gpu-kernels"):  # gpu_kernels_check.py: its timing rows
+        env = data.get("environment", {})
+        title = f"{env.get('gpu') or 'no GPU'}, torch {env.get('torch')}, {str(env.get('date', ''))[:10]} (kernels check)"
+        rows = [{"group": f"{t.get('mode')} {t.get('shape')}", "row": t.get("impl"), "kind": "op",
+                 "speedup_vs_eager": t.get("speedup_vs_eager"), "peak_ratio_to_baseline": None}
+                for t in data.get("timing", [])]
+        return {"title": title, "rows": rows}
     entries = list(data.get("benchmarks", []))
     add_ratios(entries)
     rows = []

@@ -401,6 +401,107 @@ def test_plot_results_draws_the_ratios_of_a_results_json(tmp_path):
     assert proc.returncode == 1 and "no row with a speedup" in proc.stderr
 
 
+KERNELS_DOC = {
+    "schema": "resfast-gpu-kernels/1",
+    "environment": {"gpu": "NVIDIA H200", "sm": "9.0", "torch": "2.11.0+cu130", "triton": "3.6.0", "cuda": "13.0",
+                    "date": "2026-11-29", "commit": "ecfc08795ca5090f659019ec210b76a80453aea5"},
+    "parity": [{"shape": "resnext50_s1", "pass": True}, {"shape": "wrn28_10_s2", "pass": False}],
+    "timing": [
+        {"shape": "resnext50_s1", "mode": "fwd", "impl": "eager", "median_s": 2.0e-4, "speedup_vs_eager": 1.0,
+         "speedup_vs_compile": 1.5, "achieved_gbps_x_plus_y": 500.0, "fraction_of_hbm_bound": 0.1},
+        {"shape": "resnext50_s1", "mode": "fwd", "impl": "triton", "median_s": 4.0e-4, "speedup_vs_eager": 0.5,
+         "speedup_vs_compile": 0.75, "achieved_gbps_x_plus_y": 250.0, "fraction_of_hbm_bound": 0.05},
+        {"shape": "resnext50_s1", "mode": "fwd", "impl": "compile", "median_s": 3.0e-4, "speedup_vs_eager": 2 / 3,
+         "speedup_vs_compile": 1.0},
+    ],
+    "profile": {"shape": "resnext50_s1", "kernels": {"bn_stats_partial_kernel": {"count": 5, "mean_us": 33.5},
+                                                     "bn_relu_conv_bwd_kernel": {"count": 5, "mean_us": 255.5}}},
+}
+
+
+def test_markdown_and_plot_of_a_kernels_check_json(tmp_path):
+    md = report.markdown_table(KERNELS_DOC)
+    lines = md.splitlines()
+    assert lines[0].startswith("NVIDIA H200 (sm 9.0) | torch 2.11.0+cu130") and "commit ecfc08795c" in lines[0]
+    assert "| resnext50_s1 | fwd | triton | 400us | 0.50x | 0.75x | 250 | 5% |" in lines
+    assert "| resnext50_s1 | fwd | compile | 300us | 0.67x | 1.00x |  |  |" in lines
+    assert "parity against float64: 1 of 2 checks pass; failed: wrn28_10_s2" in lines
+    profile = [ln for ln in lines if ln.startswith("| bn_")]
+    assert profile == ["| bn_relu_conv_bwd_kernel | 5 | 256us |", "| bn_stats_partial_kernel | 5 | 33.5us |"]
+
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install matplotlib)")
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(KERNELS_DOC))
+    script = os.path.join(ROOT, "benchmarks", "plot_results.py")
+    proc = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "k.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _load_plot():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("plot_results",
+                                                      os.path.join(ROOT, "benchmarks", "plot_results.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return mod
+
+
+RECORDED = sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks", "results")) if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_every_recorded_results_file_renders(name):
+    """Each file in benchmarks/results (gpu_check.sh's and gpu_kernels_check.sh's schemas) gives
+    a table with its timed rows and chart rows with a speedup."""
+    with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
+        doc = json.load(f)
+    assert doc["schema"] in ("resfast-gpu-check/1", "resfast-gpu-kernels/1")
+    timed = doc.get("benchmarks") or doc.get("timing")
+    md = report.markdown_table(doc)
+    table = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith(("| group", "| shape"))]
+    assert len(table) >= len(timed) > 0
+    rows = _load_plot().load_rows(os.path.join(ROOT, "benchmarks", "results", name))["rows"]
+    assert sum(r.get("speedup_vs_eager") is not None for r in rows) >= 2
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True, timeout=60,
+                   env=dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                            GIT_COMMITTER_EMAIL="t@t"))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_dirty_is_unknown_when_the_given_commit_is_not_the_checkouts_head(tmp_path, monkeypatch):
+    """The device machine's copy of the tree may carry a stale .git: when RESFAST_GIT_COMMIT names
+    another commit than its HEAD, that .git's status says nothing about the tree that ran."""
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    _git(tmp_path, "add", "f.txt")
+    _git(tmp_path, "commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True, timeout=60).stdout.strip()
+    (tmp_path / "f.txt").write_text("b\n")  # a change to a tracked file: dirty
+
+    monkeypatch.delenv("RESFAST_GIT_COMMIT", raising=False)
+    assert report._git_dirty(str(tmp_path)) is True
+    monkeypatch.setenv("RESFAST_GIT_COMMIT", head)
+    assert report._git_dirty(str(tmp_path)) is True
+    monkeypatch.setenv("RESFAST_GIT_COMMIT", head[:7])  # an abbreviation of HEAD is HEAD
+    assert report._git_dirty(str(tmp_path)) is True
+    other = ("0" if head[0] != "0" else "1") + head[1:]
+    monkeypatch.setenv("RESFAST_GIT_COMMIT", other)
+    assert report._git_dirty(str(tmp_path)) is None
+    (tmp_path / "f.txt").write_text("a\n")  # clean again: still unknown, the stale status is not reported
+    assert report._git_dirty(str(tmp_path)) is None
+    monkeypatch.setenv("RESFAST_GIT_COMMIT", head)
+    assert report._git_dirty(str(tmp_path)) is False
+    assert report._git_dirty(str(tmp_path / "no-such-dir")) is None  # no git: unknown
+
+
 def test_benchmark_run_records_ratios_in_its_json_and_prints_the_table(tmp_path):
     """The conftest hook adds the ratios before pytest-benchmark writes --benchmark-json."""
     pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed")

@@ -224,3 +224,28 @@ def test_stride1_packed_backward_within_its_floor():
         assert row["loops_matched"], row
         assert row["mma"] == "wgmma" and row["spills"] == 0, row
         assert row["issue_us"] <= 1.25 * row["floor_us"], row
+
+
+def test_measured_reads_the_newest_run_and_prefers_its_gpu_check_file(tmp_path):
+    """``benchmarks/results`` holds both gpu_check.sh files and gpu_kernels_check.sh ones
+    (``<date>-<gpu>-kernels.json``); the newest date's gpu_check.sh file is the one read, a
+    kernels file alone is read too, and other JSON is skipped."""
+    check_row = {"kind": "op", "row": "triton", "median_s": 4.5e-4,
+                 "params": {"mode": "fwd", "shape": [64, 128, 56, 56], "out_channels": 128, "kernel": 3, "groups": 32}}
+    check = {"schema": "resfast-gpu-check/1", "environment": {"gpu": "NVIDIA H200", "git_commit": "c1"},
+             "benchmarks": [check_row]}
+    kernels = {"schema": "resfast-gpu-kernels/1", "environment": {"gpu": "NVIDIA H200", "commit": "c2"},
+               "timing": [{"shape": "resnext50_s1", "mode": "fwd", "impl": "compile", "median_s": 3.2e-4}]}
+    old = {**check, "environment": {"gpu": "NVIDIA H200", "git_commit": "c0"}}
+    (tmp_path / "2026-11-28-nvidia-h200.json").write_text(json.dumps(old))
+    (tmp_path / "2026-11-29-nvidia-h200.json").write_text(json.dumps(check))
+    (tmp_path / "2026-11-29-nvidia-h200-kernels.json").write_text(json.dumps(kernels))
+    (tmp_path / "2026-12-01-notes.json").write_text(json.dumps({"not": "a run"}))
+    (tmp_path / "2026-12-02-broken.json").write_text("{")
+    got = sm.measured(str(tmp_path))
+    assert got["source"]["file"] == "2026-11-29-nvidia-h200.json" and got["source"]["commit"] == "c1"
+    assert got["shapes"] == {"resnext50_s1": {"fwd": {"triton": 4.5e-4}}}
+    (tmp_path / "2026-11-29-nvidia-h200.json").unlink()
+    got = sm.measured(str(tmp_path))
+    assert got["source"]["file"] == "2026-11-29-nvidia-h200-kernels.json" and got["source"]["commit"] == "c2"
+    assert got["shapes"] == {"resnext50_s1": {"fwd": {"compile": 3.2e-4}}}

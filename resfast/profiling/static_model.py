@@ -465,16 +465,21 @@ def measured(results_dir: str) -> Dict[str, Any]:
     """Measured op times of the newest recorded GPU run in ``results_dir`` (a
     ``gpu_check.sh`` results file, schema ``resfast-gpu-check/1``, or a
     ``gpu_kernels_check.py`` one, ``resfast-gpu-kernels/1``), keyed by our shape name:
-    ``{"source": {...}, "shapes": {name: {mode: {row: seconds}}}}``."""
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json")), reverse=True):
+    ``{"source": {...}, "shapes": {name: {mode: {row: seconds}}}}``. Files are named
+    ``<date>-<gpu>[-kernels].json``: the newest date wins, and of one date's files the
+    ``gpu_check.sh`` one (its eager, triton and native rows share one timing method)."""
+    docs = []
+    for path in glob.glob(os.path.join(results_dir, "*.json")):
         try:
             with open(path) as f:
                 doc = json.load(f)
         except (OSError, ValueError):
             continue
         schema = doc.get("schema", "") if isinstance(doc, dict) else ""
-        if not schema.startswith(("resfast-gpu-check", "resfast-gpu-kernels")):
-            continue
+        if schema.startswith(("resfast-gpu-check", "resfast-gpu-kernels")):
+            docs.append(((os.path.basename(path)[:10], schema.startswith("resfast-gpu-check"),
+                          os.path.basename(path)), path, doc))
+    for _, path, doc in sorted(docs, key=lambda d: d[0], reverse=True):
         env = doc.get("environment", {})
         by_shape: Dict[str, Dict[str, Dict[str, float]]] = {}
         for row in doc.get("benchmarks", []):  # gpu_check.sh
