@@ -63,3 +63,13 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_triton_plans():
+    """Each test starts with an empty triton plan cache: tests patch the planners' configs and
+    helpers, and a plan recorded by an earlier test would replay the unpatched launch."""
+    mod = sys.modules.get("resfast.ops.triton_ops")
+    if mod is not None:
+        mod.clear_plan_cache()
+    yield

@@ -69,8 +69,16 @@ class TileConfig:
     num_stages: int = 2
     programs_per_sm: int = 1
 
+    def __post_init__(self) -> None:
+        # read on every launch's host path: the meta dict and the hash once per config
+        object.__setattr__(self, "_meta", dict(self.meta))
+        object.__setattr__(self, "_hash", hash((self.meta, self.num_warps, self.num_stages, self.programs_per_sm)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     def get(self, name: str, default: int = 0) -> int:
-        return dict(self.meta).get(name, default)
+        return self._meta.get(name, default)
 
     @property
     def label(self) -> str:
@@ -122,7 +130,14 @@ class KernelLaunch:
         b = self.bind(config)
         if min(b.grid) <= 0:
             return
-        (b.fn or self.fn)[b.grid](*b.args, **b.constexprs)
+        fn = b.fn or self.fn
+        recorder = _RECORDING.recorder
+        if recorder is None:
+            fn[b.grid](*b.args, **b.constexprs)
+            return
+        recorder.launch(fn, b)
+        with torch.utils._python_dispatch._disable_current_modes():  # (the interpreter's own tensor ops)
+            fn[b.grid](*b.args, **b.constexprs)
 
 
 def launch_plan(op: str, *args: Any) -> List[KernelLaunch]:
@@ -166,7 +181,11 @@ def _written(*tensors: Optional[Tensor]) -> None:
     do): the kernels write through raw pointers, which autograd cannot see, and a graph that
     saved the old value must raise "modified by an inplace operation", not read the new one.
     (Here rather than in an ``ADInplaceOrView`` kernel: that re-entry costs ~10-20 us a call.)"""
-    torch.autograd.graph.increment_version([t for t in tensors if t is not None])
+    bumped = [t for t in tensors if t is not None]
+    recorder = _RECORDING.recorder
+    if recorder is not None:
+        recorder.bump(bumped)
+    torch.autograd.graph.increment_version(bumped)
 
 
 def bn_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -402,6 +421,7 @@ class _Blocks:
         return self.nr % self.block_n == 0 and self.ngb * self.nr == co
 
 
+@functools.lru_cache(maxsize=4096)
 def _blocks(groups: int, cin_g: int, cout_g: int, cap_k: int, cap_n: int, pack: int = 16) -> _Blocks:
     """Pack ``pack // width`` groups into one block when groups are narrower than ``pack``
     channels (one block-diagonal MMA tile, ``pack`` wide); otherwise a block is one group, its
@@ -1021,6 +1041,9 @@ class Tuner:
         self._path = path
         self._choices: Optional[Dict[str, int]] = None
         self._lock = threading.Lock()
+        # (name, key, configs, device) -> chosen index: the lookup of every launch after the
+        # first of its key, without building the JSON key (tens of microseconds of host time)
+        self._memo: Dict[Tuple[Any, ...], int] = {}
 
     @property
     def path(self) -> str:
@@ -1047,17 +1070,24 @@ class Tuner:
         ``RESFAST_TRITON_AUTOTUNE=0``: always the first, the planner's static choice)."""
         if len(launch.configs) == 1 or os.environ.get("RESFAST_TRITON_AUTOTUNE", "1") == "0":
             return launch.configs[0]
+        configs = tuple(launch.configs)
+        memo_key = (launch.name, launch.key, configs, torch.cuda.current_device() if torch.cuda.is_available() else -1)
+        index = self._memo.get(memo_key)
+        if index is not None:
+            return configs[index]
         key = self.key(launch)
         choices = self._load()
-        if key in choices and 0 <= choices[key] < len(launch.configs):
-            return launch.configs[choices[key]]
+        if key in choices and 0 <= choices[key] < len(configs):
+            self._memo[memo_key] = choices[key]
+            return configs[choices[key]]
         if torch.cuda.is_current_stream_capturing():
-            return launch.configs[0]
+            return configs[0]
         best = self._time(launch)
         with self._lock:
             choices[key] = best
             self._save(choices)
-        return launch.configs[best]
+        self._memo[memo_key] = best
+        return configs[best]
 
     def _time(self, launch: KernelLaunch) -> int:
         times = []
@@ -1067,6 +1097,8 @@ class Tuner:
             except Exception:  # a config that does not compile or fit: never chosen
                 times.append(float("inf"))
                 continue
+            if _RECORDING.recorder is not None:
+                _RECORDING.recorder.ok = False  # a timing run is no plan to replay
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(3):
@@ -1155,6 +1187,7 @@ def _used(th: int, tw: int, hh: int, ww: int) -> float:
     return (hh * ww) / (_cdiv(hh, th) * th * _cdiv(ww, tw) * tw)
 
 
+@functools.lru_cache(maxsize=4096)
 def _fit_tile(th: int, tw: int, hh: int, ww: int) -> Tuple[int, int]:
     """The ``(TILE_H, TILE_W)`` with the same positions per tile as ``th x tw`` that leaves the
     fewest positions of an ``hh x ww`` grid empty (28 x 28: 4 x 32 tiles fill 87.5%, 8 x 16 tiles
@@ -1171,15 +1204,21 @@ def _fit_tile(th: int, tw: int, hh: int, ww: int) -> Tuple[int, int]:
 
 def _prune_tiles(configs: Sequence[TileConfig], hh: int, ww: int, fit: bool = False) -> List[TileConfig]:
     """Drop tile shapes that leave more than half of their positions empty on an ``hh x ww``
-    output (at least one config stays); ``fit``: the shapes :func:`_fit_tile` gives them."""
+    output (at least one config stays); ``fit``: the shapes :func:`_fit_tile` gives them.
+    A new list each call (callers reorder it); the work is memoised."""
+    return list(_prune_tiles_memo(tuple(configs), hh, ww, fit))
+
+
+@functools.lru_cache(maxsize=4096)
+def _prune_tiles_memo(configs: Tuple[TileConfig, ...], hh: int, ww: int, fit: bool) -> Tuple[TileConfig, ...]:
     def used(cfg: TileConfig) -> float:
         th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
         if fit:
             th, tw = _fit_tile(th, tw, hh, ww)
         return _used(th, tw, hh, ww)
 
-    kept = [c for c in configs if used(c) >= 0.5]
-    return kept or [max(configs, key=used)]
+    kept = tuple(c for c in configs if used(c) >= 0.5)
+    return kept or (max(configs, key=used),)
 
 
 def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None,
@@ -1194,8 +1233,13 @@ def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: 
     cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
     if _interpret() or x.device.type == "cpu":
         return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
-    sms = _num_sms(x)
-    limit = max(1, min(cap, _cdiv(sms * cfg.programs_per_sm, ncb)))
+    return _balanced_splits_memo(num_tiles, ncb, _num_sms(x), cfg.programs_per_sm, cfg.num_warps, cap, partials)
+
+
+@functools.lru_cache(maxsize=8192)
+def _balanced_splits_memo(num_tiles: int, ncb: int, sms: int, programs_per_sm: int, num_warps: int, cap: int,
+                          partials: bool) -> int:
+    limit = max(1, min(cap, _cdiv(sms * programs_per_sm, ncb)))
     best, best_cost, costs = 1, None, {}
     for s in range(1, limit + 1):
         cost = costs[s] = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
@@ -1204,7 +1248,7 @@ def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: 
     if partials:
         # programs on the busiest SM: two warpgroups (8 warps), as the registers of these
         # kernels allow anyway
-        enough = min(_cdiv(ncb * best, sms), max(1, 8 // cfg.num_warps))
+        enough = min(_cdiv(ncb * best, sms), max(1, 8 // num_warps))
         best = min(s for s, cost in costs.items() if cost == best_cost and _cdiv(ncb * s, sms) >= enough)
     return best
 
@@ -1381,12 +1425,269 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
                          f"dilation={list(dilation)}")
 
 
+# ----------------------------------------------------------------------------- plan cache
+
+# The host code of an op (checks, launch planning, tile-config lookup, argument binding) is a
+# pure function of its arguments' shapes, strides, dtypes, devices, storage offsets and which of
+# them share memory, of its scalar arguments, and of the interpreter / autotune switches; only
+# the tensors' addresses change from call to call. Measured on a GPU (benchmarks/README.md,
+# 2026-11-29) that host code took longer than the kernels it launched. So the second call with
+# a signature records what the op does, with a TorchDispatchMode that logs every ATen op it runs
+# (allocations, views, copies) and a hook that logs each kernel launch and each version bump;
+# later calls with the signature replay the log with their own tensors: the same ATen ops on the
+# new inputs, the same kernels with the same integers and constexprs. Anything the log cannot
+# describe (a tensor that is neither an input nor made by a logged op, a value read from a
+# tensor, an autotuning run, a CUDA-graph capture) leaves the signature uncached: it then always
+# runs the full host code. RESFAST_TRITON_PLAN_CACHE=0 turns the cache off.
+
+class _RecordingState(threading.local):
+    """The recorder of the op being recorded on this thread (``None``: none). A class attribute,
+    so threads other than the importing one (autograd's device threads run the backward) see
+    ``None`` too."""
+
+    recorder: Optional["_Recorder"] = None
+
+
+_RECORDING = _RecordingState()
+_PLAN_CACHE_MAX = 4096
+_PLAN_CACHE: Dict[Tuple[Any, ...], "_Replay"] = {}
+_PLAN_SEEN: Dict[Tuple[Any, ...], bool] = {}  # signature -> False once it proved uncacheable
+_PLAN_STATS = {"replays": 0, "records": 0, "uncacheable": 0}
+# ATen ops whose result depends on tensor values the log does not carry: never cached.
+_DATA_OPS = ("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "allclose")
+
+
+def clear_plan_cache() -> None:
+    """Forget every recorded plan (tests that patch the planners call it)."""
+    _PLAN_CACHE.clear()
+    _PLAN_SEEN.clear()
+
+
+def plan_cache_stats() -> Dict[str, int]:
+    """Counts since import: ``replays`` (calls served from the cache), ``records``, ``uncacheable``."""
+    return dict(_PLAN_STATS, entries=len(_PLAN_CACHE))
+
+
+def _plan_cache_on() -> bool:
+    return os.environ.get("RESFAST_TRITON_PLAN_CACHE", "1") != "0"
+
+
+def _signature(name: str, args: Sequence[Any]) -> Optional[Tuple[Any, ...]]:
+    items: List[Any] = [name, _interpret(), os.environ.get("RESFAST_TRITON_AUTOTUNE", "1")]
+    storages: Dict[int, int] = {}
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) is not Tensor and type(a) is not torch.nn.Parameter:
+                return None  # a tensor subclass: its own dispatch may differ call to call
+            base = a.data_ptr() - a.storage_offset() * a.element_size()  # the storage's address
+            group = storages.setdefault(base, len(storages))
+            items.append((a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), group))
+        elif isinstance(a, (list, tuple)):
+            items.append(tuple(a))
+        elif a is None or isinstance(a, (bool, int, float, str)):
+            items.append(a)
+        else:
+            return None
+    return tuple(items)
+
+
+class _Ref:
+    """Where a tensor of a recorded op comes from: input ``index`` (``event`` -1), or output
+    ``index`` of logged event ``event``."""
+
+    __slots__ = ("event", "index")
+
+    def __init__(self, event: int, index: int):
+        self.event, self.index = event, index
+
+    def get(self, args: Sequence[Any], vals: List[Any]) -> Any:
+        if self.event < 0:
+            return args[self.index]
+        v = vals[self.event]
+        return v[self.index] if isinstance(v, (list, tuple)) else v
+
+
+def _subst(spec: Any, args: Sequence[Any], vals: List[Any]) -> Any:
+    """``spec`` with every :class:`_Ref` replaced by its tensor (containers rebuilt)."""
+    if isinstance(spec, _Ref):
+        return spec.get(args, vals)
+    if isinstance(spec, list):
+        return [_subst(v, args, vals) for v in spec]
+    if isinstance(spec, tuple):
+        return tuple(_subst(v, args, vals) for v in spec)
+    if isinstance(spec, dict):
+        return {k: _subst(v, args, vals) for k, v in spec.items()}
+    return spec
+
+
+def _has_ref(spec: Any) -> bool:
+    if isinstance(spec, _Ref):
+        return True
+    if isinstance(spec, (list, tuple)):
+        return any(_has_ref(v) for v in spec)
+    if isinstance(spec, dict):
+        return any(_has_ref(v) for v in spec.values())
+    return False
+
+
+class _Call:
+    """A logged call's positional arguments: a template with its top-level tensor slots filled
+    in at replay (the whole spec substituted when a tensor sits inside a container)."""
+
+    __slots__ = ("template", "slots", "nested")
+
+    def __init__(self, spec: List[Any]):
+        self.template = spec
+        self.slots = tuple((i, v) for i, v in enumerate(spec) if isinstance(v, _Ref))
+        self.nested = any(isinstance(v, (list, tuple, dict)) and _has_ref(v) for v in spec)
+
+    def build(self, args: Sequence[Any], vals: List[Any]) -> List[Any]:
+        if self.nested:
+            return _subst(self.template, args, vals)
+        out = list(self.template)
+        for i, r in self.slots:
+            out[i] = r.get(args, vals)
+        return out
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Logs an op's ATen ops, kernel launches and version bumps in terms of its inputs."""
+
+    def __init__(self, inputs: Sequence[Any]):
+        super().__init__()
+        self.refs: Dict[int, _Ref] = {id(a): _Ref(-1, i) for i, a in enumerate(inputs) if isinstance(a, Tensor)}
+        self.events: List[Tuple[Any, ...]] = []
+        self.keep: List[Any] = list(inputs)  # no id() reused while recording
+        self.ok = True
+
+    def ref(self, t: Any) -> Any:
+        """``t`` with its tensors as :class:`_Ref` (a tensor from outside makes the log unusable)."""
+        if isinstance(t, Tensor):
+            r = self.refs.get(id(t))
+            if r is None:
+                self.ok = False  # neither an input nor made by a logged op
+            return r
+        if isinstance(t, list):
+            return [self.ref(v) for v in t]
+        if isinstance(t, tuple):
+            return tuple(self.ref(v) for v in t)
+        if isinstance(t, dict):
+            return {k: self.ref(v) for k, v in t.items()}
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in _DATA_OPS:
+            self.ok = False
+        call = _Call(self.ref(list(args)))
+        kw = self.ref(kwargs)
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.detach.default and not args[0].requires_grad and args[0].grad_fn is None:
+            # (each factory call made under a mode is followed by a detach): the same tensor
+            # for every use here, so its input stands for it and the replay skips it
+            self.refs.setdefault(id(out), call.template[0])
+            self.keep.append(out)
+            return out
+        index = len(self.events)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        for k, o in enumerate(outs):
+            if isinstance(o, Tensor) and id(o) not in self.refs:
+                self.refs[id(o)] = _Ref(index, k)
+        self.keep.append(out)
+        self.events.append(("op", getattr(func, "_op", func), call, kw, _has_ref(kw)))  # _op: the C++ entry
+        return out
+
+    def launch(self, fn: Any, b: "Bound") -> None:
+        if any(not isinstance(a, (Tensor, bool, int, float)) and a is not None for a in b.args):
+            self.ok = False  # nothing else is passed to a kernel today
+        self.events.append(("launch", fn, tuple(b.grid), _Call([self.ref(a) for a in b.args]), dict(b.constexprs)))
+
+    def bump(self, tensors: Sequence[Tensor]) -> None:
+        self.events.append(("bump", _Call([self.ref(t) for t in tensors])))
+
+
+class _Replay:
+    """A recorded op: its events and where its result comes from."""
+
+    def __init__(self, events: List[Tuple[Any, ...]], result: Any):
+        self.events = events
+        self.result = result
+
+    def __call__(self, args: Sequence[Any]) -> Any:
+        vals: List[Any] = []
+        x = next(a for a in args if isinstance(a, Tensor))
+        with _device(x):
+            for ev in self.events:
+                kind = ev[0]
+                if kind == "op":
+                    kw = _subst(ev[3], args, vals) if ev[4] else ev[3]
+                    vals.append(ev[1](*ev[2].build(args, vals), **kw))
+                elif kind == "launch":
+                    vals.append(None)
+                    ev[1][ev[2]](*ev[3].build(args, vals), **ev[4])
+                else:
+                    vals.append(None)
+                    torch.autograd.graph.increment_version(ev[1].build(args, vals))
+        return _subst(self.result, args, vals)
+
+
+def _record(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[Any, Optional[_Replay]]:
+    recorder = _Recorder(args)
+    _RECORDING.recorder = recorder
+    try:
+        with recorder:
+            result = fn(*args)
+    finally:
+        _RECORDING.recorder = None
+    spec = recorder.ref(result)
+    if not recorder.ok:
+        return result, None
+    return result, _Replay(recorder.events, spec)
+
+
+def _plan_cached(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (an op's implementation) served from the plan cache after its second call with
+    a signature (see above)."""
+
+    @functools.wraps(fn)
+    def impl(*args: Any) -> Any:
+        if _RECORDING.recorder is not None or not _plan_cache_on():
+            return fn(*args)
+        sig = _signature(fn.__name__, args)
+        if sig is None:
+            return fn(*args)
+        replay = _PLAN_CACHE.get(sig)
+        if replay is not None:
+            _PLAN_STATS["replays"] += 1
+            return replay(args)
+        seen = _PLAN_SEEN.get(sig)
+        if seen is None or seen is False or (args and isinstance(args[0], Tensor) and args[0].is_cuda
+                                             and torch.cuda.is_current_stream_capturing()):
+            if seen is None:
+                if len(_PLAN_SEEN) >= _PLAN_CACHE_MAX:
+                    _PLAN_SEEN.clear()
+                _PLAN_SEEN[sig] = True
+            return fn(*args)
+        result, replay = _record(fn, args)
+        if replay is None:
+            _PLAN_SEEN[sig] = False
+            _PLAN_STATS["uncacheable"] += 1
+        else:
+            if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+                _PLAN_CACHE.clear()
+            _PLAN_CACHE[sig] = replay
+            _PLAN_STATS["records"] += 1
+        return result
+
+    return impl
+
+
 # ----------------------------------------------------------------------------- registration
 
 lib = schemas.define_library("resfast_triton")
 for _name in (*OP_NAMES, *TRITON_OPTIONAL):
-    lib.impl(_name, globals()[_name], "CUDA")
-    lib.impl(_name, globals()[_name], "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
+    lib.impl(_name, _plan_cached(globals()[_name]), "CUDA")
+    lib.impl(_name, _plan_cached(globals()[_name]), "CPU")  # runs only under TRITON_INTERPRET=1; _check_x says so otherwise
 schemas.register_fakes("resfast_triton")
 OPS = torch.ops.resfast_triton
 autograd.register_autograd("resfast_triton", OPS)

@@ -1,0 +1,240 @@
+"""The triton backend's plan cache (``resfast.ops.triton_ops``, "plan cache"): from the third
+call with one signature an op replays the ATen ops, kernel launches and version bumps its
+second call recorded, with the new call's tensors. The replay must be exactly what the full
+host code would have done: the tests run the same calls with the cache off and on and compare
+every output, gradient and running statistic bit for bit (the kernels are deterministic), and
+check that a changed signature (shape, layout, a view into shared memory) is planned afresh.
+Skipped where triton cannot run (no GPU and no interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from reference import require_backend
+from resfast.functional import bn_relu_conv2d
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    require_backend("triton")
+
+
+def _ops():
+    import resfast.ops.triton_ops as T
+
+    return T
+
+
+def _layer(c=8, groups=2):
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    w = nn.Parameter(torch.randn(c, c // groups, 3, 3) * 0.3)
+    return bn, w
+
+
+def _steps(monkeypatch, cache: str, xs, gos, groups=2, **kw):
+    """Training steps of the fused op (forward + backward) on fresh copies of one layer:
+    every output, gradient and running statistic of each step, and the plan-cache counts."""
+    T = _ops()
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
+    T.clear_plan_cache()
+    before = T.plan_cache_stats()
+    bn, w = _layer(xs[0].shape[1], groups)
+    got = []
+    for x, go in zip(xs, gos):
+        x = x.detach().requires_grad_(True)
+        for p in (w, bn.weight, bn.bias):
+            p.grad = None
+        y = bn_relu_conv2d(x, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                           running_var=bn.running_var, training=True, padding=1, groups=groups, backend="triton",
+                           **kw)
+        y.backward(go)
+        got.append([t.detach().clone() for t in (y, x.grad, w.grad, bn.weight.grad, bn.bias.grad,
+                                                 bn.running_mean, bn.running_var)])
+    after = T.plan_cache_stats()
+    return got, {k: after[k] - before[k] for k in ("replays", "records", "uncacheable")}
+
+
+def _inputs(k, shape, channels_last=False):
+    torch.manual_seed(7)
+    xs = [torch.randn(shape) * 2 + 1 for _ in range(k)]
+    gos = [torch.randn(shape[0], shape[1], shape[2], shape[3]) for _ in range(k)]
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    return xs, gos
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_replay_is_bit_exact(monkeypatch, channels_last):
+    xs, gos = _inputs(4, (2, 8, 5, 6), channels_last)
+    ref, off = _steps(monkeypatch, "0", xs, gos)
+    got, on = _steps(monkeypatch, "1", xs, gos)
+    assert off == {"replays": 0, "records": 0, "uncacheable": 0}
+    # 4 ops a step (statistics, conv, conv backward, BN input gradient): step 1 plans, step 2
+    # records, steps 3 and 4 replay
+    assert on == {"replays": 8, "records": 4, "uncacheable": 0}
+    for step, (a, b) in enumerate(zip(ref, got)):
+        for name, p, q in zip(("y", "grad_x", "grad_w", "grad_bn_w", "grad_bn_b", "running_mean", "running_var"),
+                              a, b):
+            assert torch.equal(p, q), f"step {step}: {name} differs with the plan cache"
+
+
+def test_changed_signature_is_planned_again(monkeypatch):
+    """A new shape, a new layout or an input that now shares memory with another is a new
+    signature: planned in full, never served another signature's plan."""
+    T = _ops()
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "1")
+    T.clear_plan_cache()
+    bn, w = _layer()
+    kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+              training=True, padding=1, groups=2, backend="triton")
+    torch.manual_seed(3)
+    buf = torch.randn(2, 16, 5, 5)
+    cases = [torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last),
+             torch.randn(2, 8, 4, 5), buf[:, :8]]
+    with torch.no_grad():
+        for x in cases:
+            for _ in range(3):  # plan, record, replay
+                y = bn_relu_conv2d(x, w, **kw)
+            # the reference: the same call with the cache off
+            monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "0")
+            rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+            y_ref = bn_relu_conv2d(x, w, **kw)
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+            monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "1")
+            assert y.shape == y_ref.shape and y.stride() == y_ref.stride()
+            assert torch.equal(y, y_ref)
+    stats = T.plan_cache_stats()
+    assert stats["entries"] == 2 * len(cases)  # statistics + conv per signature
+
+
+def test_out_into_a_shared_buffer_replays_exactly(monkeypatch):
+    """``out=`` a channel slice of a buffer whose other slice is the input (the dense block's
+    layout): the replay writes the same slice, the input slice untouched."""
+    T = _ops()
+    bn, w = _layer()
+    kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+              training=False, padding=1, groups=2, backend="triton")
+    results = {}
+    for cache in ("0", "1"):
+        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
+        T.clear_plan_cache()
+        torch.manual_seed(5)
+        outs = []
+        for _ in range(4):
+            buf = torch.randn(2, 16, 5, 5)
+            keep = buf[:, :8].clone()
+            with torch.no_grad():
+                bn_relu_conv2d(buf[:, :8], w, out=buf[:, 8:], **kw)
+            assert torch.equal(buf[:, :8], keep)
+            outs.append(buf.clone())
+        results[cache] = outs
+    for a, b in zip(results["0"], results["1"]):
+        assert torch.equal(a, b)
+
+
+def test_replay_bumps_versions_like_the_full_path(monkeypatch):
+    """The kernels write the running statistics through raw pointers; the replay must bump
+    their autograd version exactly as the full host code does, so a graph that saved them
+    still raises "modified by an inplace operation"."""
+    xs, gos = _inputs(4, (2, 8, 5, 5))
+    versions = {}
+    for cache in ("0", "1"):
+        T = _ops()
+        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
+        T.clear_plan_cache()
+        bn, w = _layer()
+        seen = []
+        with torch.no_grad():
+            for x in xs:
+                bn_relu_conv2d(x, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                               running_var=bn.running_var, training=True, padding=1, groups=2, backend="triton")
+                seen.append((bn.running_mean._version, bn.running_var._version))
+        versions[cache] = seen
+    assert versions["0"] == versions["1"]
+    assert versions["1"][-1][0] > versions["1"][0][0]
+
+
+def test_statistics_in_the_epilogue_replay(monkeypatch):
+    """The chained pair (return_stats -> input_stats) from its cache, as without it."""
+    xs, gos = _inputs(4, (2, 8, 5, 5))
+    results = {}
+    for cache in ("0", "1"):
+        T = _ops()
+        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
+        T.clear_plan_cache()
+        bn1, w1 = _layer()
+        bn2, w2 = _layer()
+        outs = []
+        for x, go in zip(xs, gos):
+            x = x.detach().requires_grad_(True)
+            y, stats = bn_relu_conv2d(x, w1, bn_weight=bn1.weight, bn_bias=bn1.bias, running_mean=bn1.running_mean,
+                                      running_var=bn1.running_var, training=True, padding=1, groups=2,
+                                      backend="triton", return_stats=True)
+            z = bn_relu_conv2d(y, w2, bn_weight=bn2.weight, bn_bias=bn2.bias, running_mean=bn2.running_mean,
+                               running_var=bn2.running_var, training=True, padding=1, groups=2, backend="triton",
+                               input_stats=stats)
+            z.backward(go)
+            outs.append([z.detach().clone(), x.grad.clone(), bn2.running_mean.clone(), bn2.running_var.clone()])
+        results[cache] = outs
+    for a, b in zip(results["0"], results["1"]):
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+
+
+def test_a_log_with_an_outside_tensor_is_not_cached():
+    """A call whose host code uses a tensor that is neither an input nor made during the call
+    cannot be replayed from its inputs: the recorder says so, and nothing is cached."""
+    T = _ops()
+    outside = torch.ones(3)
+
+    def op(x):
+        y = torch.empty_like(x)
+        y.copy_(outside)
+        return y
+
+    result, replay = T._record(op, (torch.zeros(3),))
+    assert replay is None
+    assert torch.equal(result, outside)
+
+    def clean(x):
+        y = torch.empty_like(x)
+        y.copy_(x)
+        return y.add_(1)
+
+    result, replay = T._record(clean, (torch.zeros(3),))
+    assert replay is not None
+    x2 = torch.arange(3.0)
+    assert torch.equal(replay((x2,)), x2 + 1)
+
+
+def test_replay_from_another_thread(monkeypatch):
+    """Autograd runs a CUDA backward on its own device thread: the cache (recording state
+    included) works from any thread, with the same results."""
+    import threading
+
+    xs, gos = _inputs(4, (2, 8, 5, 5))
+    ref, _ = _steps(monkeypatch, "0", xs, gos)
+    box = {}
+
+    def work():
+        try:
+            box["got"] = _steps(monkeypatch, "1", xs, gos)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    got, counts = box["got"]
+    assert counts["replays"] == 8
+    for a, b in zip(ref, got):
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
