@@ -25,6 +25,18 @@ def randomize_bn(bn: nn.BatchNorm2d, g: torch.Generator, bias_scale: float = 0.3
             bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
 
 
+def randomize_bns(m: nn.Module) -> None:
+    """Every BatchNorm2d of ``m``, in module order, from the global RNG: weight in [0.5, 1.5),
+    bias ~ N(0, 1), running mean ~ N(0, 1), running variance in [0.5, 1.5)."""
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_()
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 1.5)
+
+
 def set_backend(m: nn.Module, backend: str) -> nn.Module:
     for sub in m.modules():
         if hasattr(sub, "backend"):

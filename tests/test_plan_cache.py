@@ -26,6 +26,14 @@ def _ops():
     return T
 
 
+def _cache(monkeypatch, cache: str):
+    """The plan cache on ("1") or off ("0"), emptied; the triton op module."""
+    T = _ops()
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
+    T.clear_plan_cache()
+    return T
+
+
 def _layer(c=8, groups=2):
     torch.manual_seed(1)
     bn = nn.BatchNorm2d(c)
@@ -39,9 +47,7 @@ def _layer(c=8, groups=2):
 def _steps(monkeypatch, cache: str, xs, gos, groups=2, **kw):
     """Training steps of the fused op (forward + backward) on fresh copies of one layer:
     every output, gradient and running statistic of each step, and the plan-cache counts."""
-    T = _ops()
-    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
-    T.clear_plan_cache()
+    T = _cache(monkeypatch, cache)
     before = T.plan_cache_stats()
     bn, w = _layer(xs[0].shape[1], groups)
     got = []
@@ -86,9 +92,7 @@ def test_replay_is_bit_exact(monkeypatch, channels_last):
 def test_changed_signature_is_planned_again(monkeypatch):
     """A new shape, a new layout or an input that now shares memory with another is a new
     signature: planned in full, never served another signature's plan."""
-    T = _ops()
-    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "1")
-    T.clear_plan_cache()
+    T = _cache(monkeypatch, "1")
     bn, w = _layer()
     kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
               training=True, padding=1, groups=2, backend="triton")
@@ -116,14 +120,12 @@ def test_changed_signature_is_planned_again(monkeypatch):
 def test_out_into_a_shared_buffer_replays_exactly(monkeypatch):
     """``out=`` a channel slice of a buffer whose other slice is the input (the dense block's
     layout): the replay writes the same slice, the input slice untouched."""
-    T = _ops()
     bn, w = _layer()
     kw = dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
               training=False, padding=1, groups=2, backend="triton")
     results = {}
     for cache in ("0", "1"):
-        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
-        T.clear_plan_cache()
+        _cache(monkeypatch, cache)
         torch.manual_seed(5)
         outs = []
         for _ in range(4):
@@ -145,9 +147,7 @@ def test_replay_bumps_versions_like_the_full_path(monkeypatch):
     xs, gos = _inputs(4, (2, 8, 5, 5))
     versions = {}
     for cache in ("0", "1"):
-        T = _ops()
-        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
-        T.clear_plan_cache()
+        _cache(monkeypatch, cache)
         bn, w = _layer()
         seen = []
         with torch.no_grad():
@@ -165,9 +165,7 @@ def test_statistics_in_the_epilogue_replay(monkeypatch):
     xs, gos = _inputs(4, (2, 8, 5, 5))
     results = {}
     for cache in ("0", "1"):
-        T = _ops()
-        monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", cache)
-        T.clear_plan_cache()
+        _cache(monkeypatch, cache)
         bn1, w1 = _layer()
         bn2, w2 = _layer()
         outs = []

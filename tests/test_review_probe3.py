@@ -14,6 +14,7 @@ from torch import nn
 
 import resfast
 from resfast.functional import bn_relu_conv2d
+from module_judge import randomize_bns
 from reference import assert_rule, judged_dtype as _dtype, require_backend as _require
 
 BACKENDS = ("eager", "triton", "native")
@@ -106,13 +107,7 @@ def _tv_blocks(dtype):
     torch.manual_seed(0)
     blocks = {"basic": (BasicBlock(4, 4), (2, 4, 5, 5)), "dense": (_DenseBlock(2, 4, 2, 3, 0.0), (2, 4, 4, 4))}
     for m, _ in blocks.values():
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                with torch.no_grad():
-                    bn.weight.uniform_(0.5, 1.5)
-                    bn.bias.normal_()
-                    bn.running_mean.normal_()
-                    bn.running_var.uniform_(0.5, 1.5)
+        randomize_bns(m)
         m.to(dtype)  # after the draws: every dtype gets the same values
     return blocks
 

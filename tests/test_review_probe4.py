@@ -16,6 +16,7 @@ from torch import nn
 
 import resfast
 from resfast.functional import bn_relu_conv2d
+from module_judge import randomize_bns
 from reference import assert_rule, judged_dtype as _dtype, require_backend as _require
 
 BACKENDS = ("eager", "triton", "native")
@@ -211,13 +212,7 @@ def _net(dtype):
 
     torch.manual_seed(0)
     net = nn.Sequential(BasicBlock(4, 4), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)))
-    for bn in net.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_()
-                bn.running_mean.normal_()
-                bn.running_var.uniform_(0.5, 1.5)
+    randomize_bns(net)
     return net.to(dtype)
 
 

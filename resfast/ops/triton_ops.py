@@ -1661,13 +1661,13 @@ def _plan_cached(fn: Callable[..., Any]) -> Callable[..., Any]:
             _PLAN_STATS["replays"] += 1
             return replay(args)
         seen = _PLAN_SEEN.get(sig)
-        if seen is None or seen is False or (args and isinstance(args[0], Tensor) and args[0].is_cuda
-                                             and torch.cuda.is_current_stream_capturing()):
-            if seen is None:
-                if len(_PLAN_SEEN) >= _PLAN_CACHE_MAX:
-                    _PLAN_SEEN.clear()
-                _PLAN_SEEN[sig] = True
+        if seen is None:  # a first call: plan (and tune) in full, record on the next
+            if len(_PLAN_SEEN) >= _PLAN_CACHE_MAX:
+                _PLAN_SEEN.clear()
+            _PLAN_SEEN[sig] = True
             return fn(*args)
+        if seen is False or (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return fn(*args)  # uncacheable, or inside a CUDA-graph capture: never recorded there
         result, replay = _record(fn, args)
         if replay is None:
             _PLAN_SEEN[sig] = False
