@@ -11,15 +11,20 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    channels_last, realistic channels and sizes; plus NaN placement in packed groups.
 2. ``timing``: ResNeXt-50 stages 1-4 (batch 64, bf16, channels_last, training): eager
    (``BatchNorm2d -> ReLU(inplace) -> Conv2d``), triton and, while the budget allows,
-   ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules; ``fwd`` and
+   ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules; then eager and
+   triton with the step captured in a CUDA graph (``eager_graph``, ``triton_graph``: no host
+   time per replay; the 2026-11-29 run found triton's step host-bound); ``fwd`` and
    ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
    is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
 3. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
    (grouped 3x3) -> bn2-relu-conv3 (1x1) pair, training forward + backward on triton, chained
    (conv2 takes bn2's statistics in its epilogue) against two statistics passes.
-4. ``profile``: the triton kernels of one stage-1 training step (``torch.profiler``), to set
-   beside the static model's per-kernel predictions.
+4. ``profile``: the triton kernels of one training step (``torch.profiler``) of each of
+   ResNeXt-50 stages 1-4 and DenseNet-121's 1x1 and 3x3 convs (batch 64) while the budget
+   allows, with the tile config the autotuner chose for each launch: measured beside the
+   static model's per-kernel predictions, and the data ``benchmarks/static_calibrate.py``
+   fits the model's latency constants to (``profiles``; ``profile`` is the first shape's).
 
 Writes ``OUTDIR/gpu_kernels.json`` (schema ``resfast-gpu-kernels/1``) and prints a summary.
 Exit status 0 when every parity check that ran passed.
@@ -165,6 +170,33 @@ def _time_cuda(fn, reps: int, groups: int = 5) -> float:
     return times[len(times) // 2]
 
 
+def _graphed(op, x, go, mode: str):
+    """``op``'s step (``fwd`` under no_grad, or ``fwd+bwd``) on static inputs, captured in a
+    CUDA graph after a warm-up on a side stream (as PyTorch's CUDA-graph docs do): returns the
+    graph's ``replay``. Gradients accumulate in place on every replay (timing only)."""
+    x = x.detach().clone().requires_grad_(mode != "fwd")
+
+    def body():
+        if mode == "fwd":
+            with torch.no_grad():
+                op(x)
+        else:
+            op(x).backward(go)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def phase_timing(budget: Budget, with_compile: bool):
     from resfast.functional import bn_relu_conv2d
 
@@ -224,6 +256,21 @@ def phase_timing(budget: Budget, with_compile: bool):
                 except Exception as exc:
                     rows.append({"shape": name, "mode": mode, "impl": impl, "error": f"{type(exc).__name__}: {exc}"})
                     _log(f"timing {name} {mode} {impl}: ERROR {type(exc).__name__}: {exc}")
+            # the same step captured in a CUDA graph: no host time per replay (what
+            # torch.compile(mode="reduce-overhead") or a hand-captured training step gets)
+            for impl in ("eager", "triton"):
+                if budget.left() < 15:
+                    rows.append({"shape": name, "mode": mode, "impl": impl + "_graph", "skipped": "budget"})
+                    continue
+                try:
+                    med = _time_cuda(_graphed(impls[impl], xs[0], gos[0], mode), reps=10)
+                    rows.append({"shape": name, "mode": mode, "impl": impl + "_graph", "median_s": med,
+                                 "x_bytes": x_bytes, "note": "one input set (replays may hit L2)"})
+                    _log(f"timing {name} {mode:8s} {impl + '_graph':13s} {med * 1e6:9.1f} us")
+                except Exception as exc:
+                    rows.append({"shape": name, "mode": mode, "impl": impl + "_graph",
+                                 "error": f"{type(exc).__name__}: {exc}"})
+                    _log(f"timing {name} {mode} {impl}_graph: ERROR {type(exc).__name__}: {exc}")
         del xs, gos
         torch.cuda.empty_cache()
     # ratios to eager and compile
@@ -231,11 +278,14 @@ def phase_timing(budget: Budget, with_compile: bool):
     for r in rows:
         e = by.get((r["shape"], r["mode"], "eager"))
         cpl = by.get((r["shape"], r["mode"], "compile"))
+        eg = by.get((r["shape"], r["mode"], "eager_graph"))
         if r.get("median_s"):
             if e:
                 r["speedup_vs_eager"] = e / r["median_s"]
             if cpl:
                 r["speedup_vs_compile"] = cpl / r["median_s"]
+            if eg and r["impl"].endswith("_graph"):
+                r["speedup_vs_eager_graph"] = eg / r["median_s"]
     return rows
 
 
@@ -291,28 +341,49 @@ def phase_chain(budget: Budget):
     return rows
 
 
-def phase_profile(budget: Budget):
-    if budget.left() < 20:
-        return {"skipped": "budget"}
+# (name, C, H, C_out, k, groups): the static model's shapes (resfast/profiling/sm90.py), batch 64
+PROFILE = [("resnext50_s1", 128, 56, 128, 3, 32), ("resnext50_s2", 256, 28, 256, 3, 32),
+           ("resnext50_s3", 512, 14, 512, 3, 32), ("resnext50_s4", 1024, 7, 1024, 3, 32),
+           ("densenet121_1x1", 224, 56, 128, 1, 1), ("densenet121_3x3", 128, 56, 32, 3, 1)]
+
+
+def _profile_shape(name, c, h, co, k, groups):
+    """The triton kernels of one training step of the fused op on ``name`` (batch 64, bf16,
+    channels_last): ``torch.profiler`` device time per call, and the tile config the
+    autotuner chose for each launch (the static model's launch names)."""
     from torch.profiler import ProfilerActivity, profile
 
     from resfast.functional import bn_relu_conv2d
+    from resfast.ops import triton_ops
 
-    n, c, h, groups = 64, 128, 56, 32
+    n = 64
     x = torch.randn(n, c, h, h, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    go = torch.randn_like(x)
+    go = torch.randn(n, co, h, h, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     bn = nn.BatchNorm2d(c).cuda()
-    w = torch.randn(c, c // groups, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(
+    w = torch.randn(co, c // groups, k, k, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last).requires_grad_(True)
 
     def step():
         xx = x.detach().requires_grad_(True)
         y = bn_relu_conv2d(xx, w, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
-                           running_var=bn.running_var, training=True, padding=1, groups=groups, backend="triton")
+                           running_var=bn.running_var, training=True, padding=k // 2, groups=groups,
+                           backend="triton")
         y.backward(go)
 
-    for _ in range(3):
-        step()
+    chosen = {}
+    choose = triton_ops.TUNER.choose
+
+    def recording_choose(launch):
+        cfg = choose(launch)
+        chosen[launch.name] = cfg.label
+        return cfg
+
+    triton_ops.TUNER.choose = recording_choose
+    try:
+        for _ in range(3):  # tunes (or reads the tuning cache), then the plan cache records and replays
+            step()
+    finally:
+        triton_ops.TUNER.choose = choose
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
@@ -323,9 +394,26 @@ def phase_profile(budget: Budget):
         cuda_us = getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0)
         if cuda_us and evt.count:
             kernels[evt.key] = {"count": evt.count, "mean_us": cuda_us}
-    _log("profile resnext50_s1 training step (triton), per-kernel mean us: "
-         + ", ".join(f"{k[:40]}={v['mean_us']:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1]['mean_us'])[:10]))
-    return {"shape": "resnext50_s1", "kernels": kernels}
+    _log(f"profile {name} training step (triton), per-kernel mean us: "
+         + ", ".join(f"{kn[:40]}={v['mean_us']:.1f}" for kn, v in sorted(kernels.items(),
+                                                                      key=lambda kv: -kv[1]['mean_us'])[:8]))
+    return {"shape": name, "kernels": kernels, "configs": chosen}
+
+
+def phase_profile(budget: Budget):
+    """Per-kernel profiles of :data:`PROFILE`'s shapes while the budget allows (a shape not
+    yet tuned by the timing phase tunes here first). Returns the list of per-shape records."""
+    out = []
+    for spec in PROFILE:
+        if budget.left() < 20:
+            out.append({"shape": spec[0], "skipped": "budget"})
+            continue
+        try:
+            out.append(_profile_shape(*spec))
+        except Exception as exc:
+            out.append({"shape": spec[0], "error": f"{type(exc).__name__}: {exc}"})
+        torch.cuda.empty_cache()
+    return out
 
 
 def environment():
@@ -365,19 +453,18 @@ def main(argv=None) -> int:
     os.environ.pop("RESFAST_TRITON_AUTOTUNE", None)
     doc["phases"]["parity_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    doc["timing"] = phase_timing(Budget(budget.left() - 55), not args.no_compile)
+    doc["timing"] = phase_timing(Budget(budget.left() - 75), not args.no_compile)
     doc["phases"]["timing_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
-        doc["chain"] = phase_chain(Budget(budget.left() - 25))
+        doc["chain"] = phase_chain(Budget(budget.left() - 45))
     except Exception as exc:
         doc["chain"] = {"error": f"{type(exc).__name__}: {exc}"}
     doc["phases"]["chain_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    try:
-        doc["profile"] = phase_profile(budget)
-    except Exception as exc:
-        doc["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+    doc["profiles"] = phase_profile(budget)
+    # "profile": the first shape's record alone, as files before 2026-11-30 had it
+    doc["profile"] = doc["profiles"][0] if doc["profiles"] else {"skipped": "budget"}
     doc["phases"]["profile_s"] = time.monotonic() - t0
     hbm = next((v for k, v in HBM.items() if k in doc["environment"]["gpu"]), None)
     if hbm:

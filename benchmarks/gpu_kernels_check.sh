@@ -7,7 +7,7 @@
 # goes on PYTHONPATH; the triton backend needs no compiled extension) under a hard 270 s
 # timeout: parity of the triton ops against the float64 reference on realistic shapes, then
 # eager / torch.compile(max-autotune-no-cudagraphs) / triton timings of ResNeXt-50's grouped
-# convs (forward and forward + backward), then a per-kernel profile of one stage-1 step.
+# convs (forward and forward + backward), then per-kernel profiles of ResNeXt-50 stages 1-4 and DenseNet-121's convs with the tuned configs.
 # Writes OUTDIR/gpu_kernels.json and OUTDIR/gpu_kernels.log; exit status 0 when parity held.
 # Environment: PYTHON (default python3), RESFAST_CHECK_BUDGET_S (default 230).
 set -uo pipefail

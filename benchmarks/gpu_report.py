@@ -614,12 +614,18 @@ def _kernels_markdown(results: Dict[str, Any]) -> str:
         failed = [p.get("shape") for p in parity if not p.get("pass")]
         out += ["", f"parity against float64: {len(parity) - len(failed)} of {len(parity)} checks pass"
                 + (f"; failed: {', '.join(map(str, failed))}" if failed else "")]
-    profile = results.get("profile") or {}
-    if profile.get("kernels"):
+    # "profiles": one record per shape (since 2026-11-30); older files have one "profile"
+    profiles = results.get("profiles") or [results.get("profile") or {}]
+    for profile in profiles:
+        if not profile.get("kernels"):
+            continue
         out += ["", f"kernels of {profile.get('shape')} training steps (torch.profiler device time per call; "
                 "calls over all profiled steps):", "", "| kernel | calls | mean |", "|---|---|---|"]
         for name, k in sorted(profile["kernels"].items(), key=lambda kv: -float(kv[1].get("mean_us") or 0)):
             out.append(f"| {name[:60]} | {k.get('count')} | {format_time((k.get('mean_us') or 0) * 1e-6)} |")
+        if profile.get("configs"):
+            out += ["", "configs the autotuner chose: " + "; ".join(
+                f"{name} `{label}`" for name, label in sorted(profile["configs"].items()))]
     return "\n".join(out)
 
 

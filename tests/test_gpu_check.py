@@ -542,3 +542,24 @@ def test_gpu_sizes_without_cuda_is_a_usage_error():
                            "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]  # pytest's usage-error status
     assert "--gpu-sizes / RESFAST_BENCH_SIZES=gpu needs a CUDA device" in proc.stderr
+
+
+def test_markdown_of_per_shape_profiles_with_their_configs():
+    """Files since 2026-11-30 carry ``profiles``, one record per shape with the tile configs
+    the autotuner chose; the report prints each shape's kernels and configs (and ignores the
+    duplicate ``profile``)."""
+    doc = dict(KERNELS_DOC, profiles=[
+        {"shape": "resnext50_s1", "kernels": {"bn_relu_conv_fwd_kernel": {"count": 5, "mean_us": 160.4}},
+         "configs": {"conv_fwd": "TILE_H=8,TILE_W=16,BLOCK_N=64,BLOCK_K=32,STACK=1,w8,s1,p2"}},
+        {"shape": "resnext50_s2", "skipped": "budget"},
+        {"shape": "densenet121_1x1", "kernels": {"bn_backward_elemt_kernel": {"count": 5, "mean_us": 20.0}},
+         "configs": {}},
+    ])
+    lines = report.markdown_table(doc).splitlines()
+    assert [ln for ln in lines if ln.startswith("kernels of")] == [
+        "kernels of resnext50_s1 training steps (torch.profiler device time per call; calls over all profiled steps):",
+        "kernels of densenet121_1x1 training steps (torch.profiler device time per call; calls over all profiled "
+        "steps):"]
+    assert [ln for ln in lines if ln.startswith("| bn_")] == ["| bn_relu_conv_fwd_kernel | 5 | 160us |",
+                                                              "| bn_backward_elemt_kernel | 5 | 20us |"]
+    assert "configs the autotuner chose: conv_fwd `TILE_H=8,TILE_W=16,BLOCK_N=64,BLOCK_K=32,STACK=1,w8,s1,p2`" in lines

@@ -249,3 +249,81 @@ def test_measured_reads_the_newest_run_and_prefers_its_gpu_check_file(tmp_path):
     got = sm.measured(str(tmp_path))
     assert got["source"]["file"] == "2026-11-29-nvidia-h200-kernels.json" and got["source"]["commit"] == "c2"
     assert got["shapes"] == {"resnext50_s1": {"fwd": {"compile": 3.2e-4}}}
+
+
+def test_load_rounds_and_the_dependent_path():
+    """Loads issued back to back share one round; a barrier, a wait on the tensor cores or a
+    loop boundary closes it. The dependent-issue bound is one warp's path (the fitted cycles
+    per instruction, per barrier and per load round) times the waves of programs."""
+    sass = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   LDG.E.128 R12, desc[UR4][R2.64+0x20] ;
+.L_x_1:
+        /*0040*/                   LDG.E.128 R16, desc[UR4][R2.64+0x30] ;
+        /*0050*/               @P0 LDG.E.128 R20, desc[UR4][R2.64+0x40] ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0070*/                   LDGSTS.E.128 [R1], desc[UR4][R2.64] ;
+        /*0080*/                   LDG.E.U16 R24, desc[UR4][R2.64+0x50] ;
+        /*0090*/               @P1 BRA `(.L_x_1) ;
+        /*00a0*/                   EXIT ;
+"""
+    instrs, loops, _ = sm.sass_loops(sass)
+    assert sm.load_rounds(instrs, loops) == [0x00, 0x30, 0x40, 0x80]
+    n = 1000
+    stats = sm.KernelStats(regs=32, spills=0, smem_bytes=0, num_warps=4, mma="none", sass_instructions=n, loops=[],
+                           mma_ops=[], depth_of=[0] * n, instr_addrs=list(range(0, 16 * n, 16)),
+                           sync_addrs=[0, 16], round_addrs=[32])
+    row = sm.predict(stats, (132,), [], 0)
+    path = (sm.DEP_CPI * n + 2 * sm.SYNC_CYCLES + sm.LOAD_ROUND_CYCLES) / (sm.CLOCK_GHZ * 1e3) + sm.LAUNCH_US
+    assert (row["syncs"], row["load_rounds"]) == (2, 1)
+    assert row["latency_us"] == pytest.approx(path, abs=0.01)
+    assert row["predicted_us"] == pytest.approx(max(row["throughput_us"], row["latency_us"]), abs=0.01)
+    # 16 blocks of 4 warps fit an SM at 32 registers: 2 x 132 programs are one wave; 17 x 132 two
+    assert sm.occupancy(32, 0, 4)[0] == 16
+    assert sm.predict(stats, (2 * 132,), [], 0)["latency_us"] == pytest.approx(path, abs=0.01)
+    assert sm.predict(stats, (17 * 132,), [], 0)["latency_us"] == pytest.approx(
+        2 * (path - sm.LAUNCH_US) + sm.LAUNCH_US, abs=0.01)
+
+
+def test_planner_uses_the_models_cycles_per_instruction():
+    """The persistent launches of packed small groups (``fill``) weigh one warp's path with the
+    model's fitted constant, so they fill an SM's resident slots: ResNeXt-50 stage 1's forward (1792 tiles per
+    channel block, 8 blocks, 4-warp config with 4 programs per SM) gets 4 programs per SM
+    walking 28 tiles each, not 2 walking 55 (which the issue bound alone prefers: 110 tiles on
+    the busiest SM against 112)."""
+    from resfast.ops import triton_ops
+    from resfast.profiling import sm90
+
+    assert triton_ops.DEP_CPI == sm90.DEP_CPI
+    s = triton_ops._balanced_splits_memo(1792, 8, 132, 4, 4, 1792, False, True)
+    assert s == 66 and -(-8 * s // 132) == 4
+    assert triton_ops._split_cost(1792, 8, 132, 4, 4, 66) < triton_ops._split_cost(1792, 8, 132, 4, 4, 33)
+    # without fill (kernels whose configs' residency the registers may not allow): the busiest
+    # SM's tiles, 110 at 33 programs per block against 112 at 66
+    assert triton_ops._balanced_splits_memo(1792, 8, 132, 4, 4, 1792, False, False) == 33
+
+
+def test_calibration_fit_recovers_known_constants():
+    """benchmarks/static_calibrate.py's fit (the four latency constants from measured kernel
+    times): on rows made from known constants it finds them again, and it leaves a kernel
+    whose throughput bound is longer at that bound."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "static_calibrate.py")
+    spec = importlib.util.spec_from_file_location("static_calibrate", path)
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    true = {"DEP_CPI": 9.0, "SYNC_CYCLES": 60.0, "LOAD_ROUND_CYCLES": 300.0, "LAUNCH_US": 2.0}
+    rows = [{"waves": w, "warp_instructions": i, "syncs": b, "load_rounds": r, "throughput_us": 0.1}
+            for w, i, b, r in [(1, 3000, 12, 12), (1, 700, 14, 5), (1, 16000, 1000, 550), (1, 50000, 550, 280),
+                               (1, 680, 0, 10), (12, 450, 0, 1), (2, 9000, 300, 40)]]
+    for r in rows:
+        r["measured_us"] = cal.latency_us(r, true)
+    got = cal.fit(rows)
+    for k, v in true.items():
+        assert got[k] == pytest.approx(v, rel=0.05, abs=0.05), (k, got)
+    bound = dict(rows[0], throughput_us=1e3, measured_us=1e3)
+    assert cal.predicted_us(bound, got) == 1e3

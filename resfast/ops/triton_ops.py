@@ -491,7 +491,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         ncb = blk.ngb * blk.nsub
         tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
         num_tiles = n * tiles_h * tiles_w
-        nprog = _balanced_splits(num_tiles, ncb, x, cfg, STATS_ROWS if pstat is not None else None)
+        nprog = _balanced_splits(num_tiles, ncb, x, cfg, STATS_ROWS if pstat is not None else None,
+                                 fill=blk.gp > 1)
         halo_h = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
         halo_w = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
         halo_b = min(64, _pow2(halo_h * halo_w))
@@ -700,7 +701,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             cap = num_tiles
             if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
-            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw)
+            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw, fill=blk.gp > 1)
             if do_gw and not do_ga and cfg.get("WIDE_K"):
                 wide = _blocks(groups, cin_g, cout_g, cfg.get("WIDE_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
                 ncb_wide = wide.ngb * wide.ksub * wide.nsub
@@ -1222,27 +1223,60 @@ def _prune_tiles_memo(configs: Tuple[TileConfig, ...], hh: int, ww: int, fit: bo
 
 
 def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: Optional[int] = None,
-                     partials: bool = False) -> int:
+                     partials: bool = False, fill: bool = False) -> int:
     """Programs per channel block of a persistent launch (``ncb`` channel blocks, each with
-    ``num_tiles`` tiles): the count that makes the busiest SM's tiles fewest, i.e. minimises
-    ``ceil(ncb * s / SMs) * ceil(num_tiles / s)``, at most ``programs_per_sm`` resident
-    programs per SM and ``cap``; ties go to more programs (more warps to hide latency).
+    ``num_tiles`` tiles), at most ``programs_per_sm`` resident programs per SM and ``cap``:
+    the count that makes the busiest SM's tiles fewest, i.e. minimises ``ceil(ncb * s / SMs)
+    * ceil(num_tiles / s)``; ties go to more programs (more warps to hide latency).
+    ``fill`` (kernels whose ``programs_per_sm`` programs do fit an SM's registers: packed small
+    groups): the count the static model predicts fastest instead, :func:`_split_cost`, which
+    also weighs one warp's own dependent path and so fills the resident slots.
     With ``partials`` (each program writes a float32 partial of the weight gradient, which the
     finalize reads back) ties go to the fewest programs that still put 8 warps on the busiest
-    SM, so the partials' traffic shrinks while the busiest SM's tiles stay as few."""
+    SM, so the partials' traffic shrinks while the predicted time stays the same."""
     cap = max(1, min(num_tiles, cap if cap is not None else num_tiles))
     if _interpret() or x.device.type == "cpu":
         return min(cap, 3)  # several programs, each walking several tiles: the persistent loop is exercised
-    return _balanced_splits_memo(num_tiles, ncb, _num_sms(x), cfg.programs_per_sm, cfg.num_warps, cap, partials)
+    return _balanced_splits_memo(num_tiles, ncb, _num_sms(x), cfg.programs_per_sm, cfg.num_warps, cap, partials,
+                                 fill and PLANNER_FILL)
+
+
+#: ``False``: the planner as it was before 2026-11-30 (no ``fill``), the grids that a GPU
+#: profile of that code ran (``benchmarks/static_calibrate.py`` binds them to refit the model).
+PLANNER_FILL = True
+
+
+#: Cycles per instruction on one warp's own path: the static model's fitted ``DEP_CPI``
+#: (``resfast/profiling/sm90.py``; the planner's copy, as ``ops`` does not import ``profiling``).
+DEP_CPI = 10.7
+
+
+def _split_cost(num_tiles: int, ncb: int, sms: int, programs_per_sm: int, num_warps: int, s: int,
+                fill: bool = True) -> float:
+    """The time of a persistent launch with ``s`` programs per channel block, in units of one
+    tile's instructions on one warp. Without ``fill``: the busiest SM's tiles. With it, the
+    static model's: the busiest SM's issue time (its warps share 4 schedulers,
+    :func:`resfast.profiling.static_model.predict`) or one warp's dependent path (``DEP_CPI``
+    cycles per instruction, :func:`resfast.profiling.static_model.latency_bound_us`) with
+    ``programs_per_sm`` programs resident at a time, whichever is longer. The H200 profile
+    showed the conv kernels bound by the second: fewer tiles per program beat a slightly
+    busier SM (ResNeXt-50 stage 1's forward: 4 programs of 28 tiles per SM, not 2 of 55)."""
+    per_sm = _cdiv(ncb * s, sms)
+    tiles = _cdiv(num_tiles, s)
+    if not fill:
+        return per_sm * tiles
+    issue = _cdiv(per_sm * num_warps, 4) * tiles
+    path = DEP_CPI * _cdiv(per_sm, max(1, programs_per_sm)) * tiles
+    return max(issue, path)
 
 
 @functools.lru_cache(maxsize=8192)
 def _balanced_splits_memo(num_tiles: int, ncb: int, sms: int, programs_per_sm: int, num_warps: int, cap: int,
-                          partials: bool) -> int:
+                          partials: bool, fill: bool = False) -> int:
     limit = max(1, min(cap, _cdiv(sms * programs_per_sm, ncb)))
     best, best_cost, costs = 1, None, {}
     for s in range(1, limit + 1):
-        cost = costs[s] = _cdiv(ncb * s, sms) * _cdiv(num_tiles, s)
+        cost = costs[s] = _split_cost(num_tiles, ncb, sms, programs_per_sm, num_warps, s, fill)
         if best_cost is None or cost <= best_cost:
             best, best_cost = s, cost
     if partials:

@@ -18,7 +18,11 @@ wgmma, ``HMMA`` = mma.sync) and the SASS loops (``nvdisasm``), and predicts
   tensor-core rate (wgmma 2048, mma.sync 1024 MACs per clock per SM);
 * ``floor_us``: the fewest HBM bytes of the launch over 3.35 TB/s (H100 SXM; H200 4.8 TB/s
   is reported beside it);
-* ``predicted_us`` = the largest of the three, for the best config.
+* ``latency_us``: one warp's dependent path (:func:`latency_bound_us`: cycles per
+  instruction, per barrier and per load round, fitted to a GPU profile by
+  ``benchmarks/static_calibrate.py``) times the waves of programs;
+* ``predicted_us`` = the largest of the four (``throughput_us``: of the first three), for
+  the best config.
 
 Per shape (an op): the predicted sum over the kernels of one training forward + backward,
 eager PyTorch's byte floor for the same work (BN statistics, BN, ReLU, conv and their
@@ -44,7 +48,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
@@ -54,7 +58,7 @@ __all__ = [
 
 # The machine and the shapes (shared with the native model).
 from resfast.profiling.sm90 import (  # noqa: F401  (re-exported)
-    CLOCK_GHZ, H100, H200, ISSUE_PER_CLK, MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM, MMA_SYNC_MACS_PER_CLK, REGS_PER_SM,
+    CLOCK_GHZ, DEP_CPI, H100, H200, ISSUE_PER_CLK, LAUNCH_US, LOAD_ROUND_CYCLES, MAX_BLOCKS_PER_SM, SYNC_CYCLES, MAX_WARPS_PER_SM, MMA_SYNC_MACS_PER_CLK, REGS_PER_SM,
     SHAPES, SMEM_PER_BLOCK, SMEM_PER_SM, SMS, WGMMA_MACS_PER_CLK, ConvShape,
 )
 
@@ -151,6 +155,8 @@ class KernelStats:
     mma_ops: List[Tuple[int, int, int]]  # (address, loop depth, MACs per warp-instruction)
     depth_of: List[int]           # per instruction: its loop depth
     instr_addrs: List[int]
+    sync_addrs: List[int] = field(default_factory=list)   # CTA barriers (BAR.SYNC / BAR.RED)
+    round_addrs: List[int] = field(default_factory=list)  # first global load of each load round (:func:`load_rounds`)
 
 
 _CACHE_DIR = os.environ.get("RESFAST_STATIC_CACHE", os.path.join(tempfile.gettempdir(), "resfast-static-model"))
@@ -161,7 +167,7 @@ def analyze(kernel) -> KernelStats:
     tools = _tools()
     cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
     digest = hashlib.sha256(cubin).hexdigest()[:24]
-    cached = os.path.join(_CACHE_DIR, digest + ".json")
+    cached = os.path.join(_CACHE_DIR, digest + "-v2.json")
     if os.path.exists(cached):
         with open(cached) as f:
             d = json.load(f)
@@ -197,7 +203,8 @@ def analyze(kernel) -> KernelStats:
             mma_ops.append((addr, depth, macs))
     mma = "wgmma" if "wgmma" in kinds else ("mma.sync" if kinds else "none")
     stats = KernelStats(regs, int(spill.group(1)) if spill else 0, static_smem + dyn, num_warps, mma, len(instrs),
-                        loops, mma_ops, depth_of, [a for a, _ in instrs])
+                        loops, mma_ops, depth_of, [a for a, _ in instrs],
+                        [a for a, t in instrs if _SYNC.match(t)], load_rounds(instrs, loops))
     os.makedirs(_CACHE_DIR, exist_ok=True)
     with open(cached, "w") as f:
         json.dump(asdict(stats), f)
@@ -205,6 +212,10 @@ def analyze(kernel) -> KernelStats:
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_PRED = r"(?:@!?U?P\w+\s+)?"
+_SYNC = re.compile(_PRED + r"BAR\.(?:SYNC|RED)\b")
+_LDG = re.compile(_PRED + r"LDG\b")  # LDG.E..., not LDGSTS (cp.async) or LDGDEPBAR
+_WAIT = re.compile(_PRED + r"(?:WARPGROUP\.DEPBAR|DEPBAR)\b")
 _LABEL = re.compile(r"^\s*(\.L_\w+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_\w+)\)")
 
@@ -251,6 +262,24 @@ def sass_loops(sass: str):
         lp["instructions"] = sum(1 for a, _ in instrs if lp["head"] <= a <= lp["tail"])
     depth_of = [max([lp["depth"] for lp in loops if lp["head"] <= a <= lp["tail"]], default=0) for a, _ in instrs]
     return instrs, loops, depth_of
+
+
+def load_rounds(instrs: Sequence[Tuple[int, str]], loops: Sequence[Dict[str, Any]]) -> List[int]:
+    """Addresses of the global loads (``LDG``) that open a *load round*: loads issued back to
+    back share one memory latency, and a round closes at a CTA barrier, a wait on the tensor
+    cores (``WARPGROUP.DEPBAR``), or a loop's head or back branch (a loop that is not
+    software-pipelined waits for one trip's loads before the next trip's are issued). In
+    address order, the first ``LDG`` after such a point opens the next round."""
+    bounds = {lp["head"] for lp in loops} | {lp["tail"] for lp in loops}
+    rounds, open_ = [], False
+    for addr, text in instrs:
+        if addr in bounds or _SYNC.match(text) or _WAIT.match(text):
+            open_ = False
+        if _LDG.match(text):
+            if not open_:
+                rounds.append(addr)
+            open_ = True
+    return rounds
 
 
 def _mma_macs(text: str) -> int:
@@ -308,6 +337,20 @@ def _weights(stats: KernelStats, loops: Sequence[int], depths: Optional[Sequence
     return w, matched
 
 
+def latency_bound_us(per_warp: float, syncs: float, rounds: float, per_sm: int, blocks_per_sm: int) -> float:
+    """The dependent-issue bound: one warp's own path through the kernel, which no other warp
+    can shorten. Each of its ``per_warp`` instructions takes :data:`DEP_CPI` cycles on average
+    (a warp issues its next instruction only when the operands are ready, and these kernels'
+    inner loops are chains), each CTA barrier :data:`SYNC_CYCLES`, each load round
+    (:func:`load_rounds`) :data:`LOAD_ROUND_CYCLES` of memory latency. Programs beyond the
+    ``blocks_per_sm`` resident ones run in later waves, one path after the other; plus
+    :data:`LAUNCH_US` per launch. The four constants are fitted to a GPU profile
+    (``benchmarks/static_calibrate.py``), so this bound is a calibrated prediction."""
+    waves = math.ceil(per_sm / max(1, blocks_per_sm))
+    cycles = DEP_CPI * per_warp + SYNC_CYCLES * syncs + LOAD_ROUND_CYCLES * rounds
+    return waves * cycles / (CLOCK_GHZ * 1e3) + LAUNCH_US
+
+
 def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], hbm_bytes: int,
             bandwidth: float = H100, loop_depths: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """The model's figures for one bound launch."""
@@ -326,12 +369,18 @@ def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], 
     mma_us = per_sm * macs / rate / (CLOCK_GHZ * 1e3)
     floor_us = hbm_bytes / bandwidth * 1e6
     blocks, occ = occupancy(stats.regs, stats.smem_bytes, stats.num_warps)
+    syncs = sum(w_by_addr.get(a, 1) for a in stats.sync_addrs)
+    rounds = sum(w_by_addr.get(a, 1) for a in stats.round_addrs)
+    latency_us = latency_bound_us(per_warp, syncs, rounds, per_sm, blocks)
+    throughput_us = max(issue_us, mma_us, floor_us)
     return {
         "regs": stats.regs, "spills": stats.spills, "smem_bytes": stats.smem_bytes, "occupancy": round(occ, 3),
         "blocks_per_sm": blocks, "mma": stats.mma, "programs": programs, "warp_instructions": per_warp,
+        "syncs": syncs, "load_rounds": rounds,
         "issue_us": round(issue_us, 2), "mma_us": round(mma_us, 2), "floor_us": round(floor_us, 2),
         "floor_h200_us": round(hbm_bytes / H200 * 1e6, 2),
-        "predicted_us": round(max(issue_us, mma_us, floor_us), 2),
+        "latency_us": round(latency_us, 2), "throughput_us": round(throughput_us, 2),
+        "predicted_us": round(max(throughput_us, latency_us), 2),
         "hbm_bytes": hbm_bytes, "loops_planned": len(loop_trips), "loops_sass": len(stats.loops),
         "loops_matched": matched,
     }
@@ -417,7 +466,7 @@ def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandw
                 rec = {"shape": s.name, "kernel": launch.name, "backend": "triton", "phase": phase}
                 rec.update({k: v for k, v in best.items()})
                 rec["configs"] = [{k: r.get(k) for k in ("config", "regs", "spills", "smem_bytes", "mma", "issue_us",
-                                                         "mma_us", "floor_us", "predicted_us", "error")}
+                                                         "mma_us", "floor_us", "latency_us", "predicted_us", "error")}
                                   for r in rows]
                 records.append(rec)
     return records
@@ -578,13 +627,13 @@ def format_table(doc: Dict[str, Any]) -> str:
     lines = ["Static sm_90 model (PREDICTED; H100 SXM floor at %.2f TB/s unless --bandwidth h200)"
              % doc["model"]["bandwidth_tbs"], ""]
     hdr = f"{'shape':<22} {'kernel':<20} {'config':<44} {'regs':>4} {'spill':>5} {'smem':>6} {'occ':>5} " \
-          f"{'mma':>8} {'issue':>8} {'mma_us':>8} {'floor':>8} {'pred':>8}"
+          f"{'mma':>8} {'issue':>8} {'mma_us':>8} {'floor':>8} {'latency':>8} {'pred':>8}"
     lines.append(hdr)
     for k in doc["kernels"]:
         lines.append(f"{k['shape']:<22} {k['kernel']:<20} {str(k.get('config', ''))[:44]:<44} {k.get('regs', 0):>4} "
                      f"{k.get('spills', 0):>5} {k.get('smem_bytes', 0):>6} {k.get('occupancy', 0):>5.2f} "
                      f"{k.get('mma', ''):>8} {k.get('issue_us', 0):>8.1f} {k.get('mma_us', 0):>8.1f} "
-                     f"{k.get('floor_us', 0):>8.1f} {k.get('predicted_us', 0):>8.1f}")
+                     f"{k.get('floor_us', 0):>8.1f} {k.get('latency_us', 0):>8.1f} {k.get('predicted_us', 0):>8.1f}")
     lines += ["", f"{'shape':<22} {'fused fwd+bwd':>14} {'fused floor':>12} {'eager floor':>12} {'ratio':>7} "
                   f"{'launches':>9} {'chained':>10} {'ratio':>7} {'epilogue':>9}   measured (GPU run, other commit)"]
     for op in doc["ops"]:
