@@ -148,10 +148,13 @@ fi
 # --- info: versions and which backends run
 run_phase info "$(phase_limit 25 $RESERVE_AFTER_INFO)" --stdout "$OUTDIR/info.json" "$PY" -m resfast info --json
 
-# --- tests: the suites that exercise CUDA (kernels first), realistic shapes on CUDA. The rest
-# of the suite is device-independent and runs in CI on every push.
-GPU_TESTS=(tests/test_bn_relu_conv2d.py tests/test_triton_ops.py tests/test_epilogue_stats.py tests/test_native.py tests/test_build.py
-           tests/test_blocks.py tests/test_dense.py tests/test_densenet.py tests/test_saved_state.py)
+# --- tests: the suites that exercise CUDA, realistic shapes on CUDA. The rest of the suite is
+# device-independent and runs in CI on every push. Order: what no GPU run has checked yet
+# first (the 2026-11-29 run spent the phase's 120 s on the first 22 tests of
+# test_bn_relu_conv2d.py, all passed: the native kernels, the blocks and the dense block never
+# ran on CUDA), then the triton suites.
+GPU_TESTS=(tests/test_native.py tests/test_build.py tests/test_dense.py tests/test_blocks.py tests/test_densenet.py
+           tests/test_saved_state.py tests/test_epilogue_stats.py tests/test_triton_ops.py tests/test_bn_relu_conv2d.py)
 TEST_TIMEOUT=()
 if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     TEST_TIMEOUT=(--timeout=120)  # one hung test must not take the whole phase
