@@ -571,7 +571,10 @@ def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, mome
 
 _BWD_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
-    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    # 3 programs per SM: what its 166-168 registers (ResNeXt-50's packed groups) let an SM
+    # hold; with 4 the planner's fill put a second wave on every SM (predicted at stage 1:
+    # 322.1 -> 212.4 us)
+    _cfg(4, 1, 3, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),  # 128 output channels: one merged launch
     # WIDE_K: the weight-gradient launch's channel block where :func:`_wide_k` allows it
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32, WIDE_K=64),
