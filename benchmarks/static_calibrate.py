@@ -17,9 +17,12 @@ four constants to the profile's measured times (least squares on the log of pred
 measured, constants >= 0). It prints the fit and, per kernel, measured beside predicted.
 The fitted values live in :mod:`resfast.profiling.sm90`; this is how they were obtained.
 
-The profile: ``gpu_kernels_check.py``'s ``profile`` record (``torch.profiler`` mean device
-time per call, one shape). The configs the autotuner chose are not in that file; they are
-the ones ``benchmarks/README.md`` lists for that run (its ``triton-tune.json``), below.
+The profile: ``gpu_kernels_check.py``'s ``profiles`` (``torch.profiler`` mean device time per
+call, per shape, with the configs the autotuner chose), or in files before 2026-11-30 its one
+``profile`` (ResNeXt-50 stage 1), whose chosen configs ``benchmarks/README.md`` lists for that
+run (its ``triton-tune.json``): :data:`CHOSEN`. Kernels are bound with the grids the profiled
+code launched: for files before 2026-11-30, the planner without its occupancy changes of that
+day (``resfast.ops.triton_ops.PLANNER_FILL``).
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ CHOSEN = {
     },
 }
 
-#: Profiles of code before the planner's ``fill`` (2026-11-30): bound with the grids that ran.
+#: Profiles of code before the planner's occupancy changes (2026-11-30: the fill, 5 statistics
+#: programs per SM): bound with the grids that ran.
 BEFORE_FILL = ("2026-11-28", "2026-11-29")
 
 PARAMS = ("DEP_CPI", "SYNC_CYCLES", "LOAD_ROUND_CYCLES", "LAUNCH_US")

@@ -1251,8 +1251,9 @@ def _balanced_splits(num_tiles: int, ncb: int, x: Tensor, cfg: TileConfig, cap: 
                                  fill and PLANNER_FILL)
 
 
-#: ``False``: the planner as it was before 2026-11-30 (no ``fill``), the grids that a GPU
-#: profile of that code ran (``benchmarks/static_calibrate.py`` binds them to refit the model).
+#: ``False``: the planner as it was before 2026-11-30 (no ``fill``, 4 statistics programs per
+#: SM, not 5), the grids that a GPU profile of that code ran (``benchmarks/static_calibrate.py``
+#: binds them to refit the model).
 PLANNER_FILL = True
 
 
@@ -1317,7 +1318,7 @@ def _target_programs(x: Tensor) -> int:
     (predicted); 10 per SM would run in two waves (21.0 and 35.7 us)."""
     if _interpret() or x.device.type == "cpu":
         return 8
-    return 5 * _num_sms(x)
+    return (5 if PLANNER_FILL else 4) * _num_sms(x)
 
 
 def _x_read_bytes(x: Tensor, kh: int, kw: int, stride, dilation, ho: int, wo: int) -> int:
