@@ -50,6 +50,15 @@ BEFORE_FILL = ("2026-11-28", "2026-11-29")
 PARAMS = ("DEP_CPI", "SYNC_CYCLES", "LOAD_ROUND_CYCLES", "LAUNCH_US")
 
 
+def config_from_label(label: str):
+    """The tile config a label names (``"TILE_H=8,...,w4,s1,p4"``, :attr:`TileConfig.label`)."""
+    from resfast.ops.triton_ops import TileConfig
+
+    *meta, warps, stages, progs = label.split(",")
+    pairs = tuple((k, int(v)) for k, v in (m.split("=") for m in meta))
+    return TileConfig(pairs, int(warps[1:]), int(stages[1:]), int(progs[1:]))
+
+
 def _fn_name(fn) -> str:
     return getattr(fn, "__name__", None) or fn.fn.__name__
 
@@ -81,10 +90,10 @@ def features(results: str) -> List[Dict[str, Any]]:
             configs = list(launch.configs)
             if len(configs) == 1:
                 cfg = configs[0]
-            else:
-                cfg = next((c for c in configs if c.label == chosen.get(launch.name)), None)
-                if cfg is None:  # the choice is not known (or no longer a config): not calibration data
-                    continue
+            elif chosen.get(launch.name):  # the config as it ran, even if the list has changed since
+                cfg = config_from_label(chosen[launch.name])
+            else:  # the choice is not known: not calibration data
+                continue
             bound = launch.bind(cfg)
             kernel = sm.compile_for_sm90(getattr(bound, "fn", None) or launch.fn, bound.args, bound.constexprs)
             stats = sm.analyze(kernel)

@@ -327,3 +327,10 @@ def test_calibration_fit_recovers_known_constants():
         assert got[k] == pytest.approx(v, rel=0.05, abs=0.05), (k, got)
     bound = dict(rows[0], throughput_us=1e3, measured_us=1e3)
     assert cal.predicted_us(bound, got) == 1e3
+    # a profile's recorded config label binds the config that ran, even once the list changed
+    from resfast.ops import triton_ops
+
+    for cfg in (*triton_ops._FWD_CONFIGS, *triton_ops._BWD_CONFIGS):
+        assert cal.config_from_label(cfg.label) == cfg, cfg.label
+    old = cal.config_from_label("TILE_H=8,TILE_W=16,BLOCK_N=64,BLOCK_K=32,w4,s1,p4")
+    assert (old.get("TILE_W"), old.num_warps, old.programs_per_sm) == (16, 4, 4)

@@ -570,7 +570,10 @@ def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, mome
 # ----------------------------------------------------------------------------- planners: conv backward
 
 _BWD_CONFIGS = [
-    _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
+    # 2 programs per SM: its 255 registers hold 2 (with 4 the planner's fill put a second wave
+    # on every SM: predicted at stage 1 with triton 3.6, 334 -> 350 us; the H200's autotuner
+    # chose this config on 2026-11-29)
+    _cfg(4, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
     # 3 programs per SM: what its 166-168 registers (ResNeXt-50's packed groups) let an SM
     # hold; with 4 the planner's fill put a second wave on every SM (predicted at stage 1:
     # 322.1 -> 212.4 us)
