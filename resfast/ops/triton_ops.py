@@ -376,8 +376,8 @@ def _plan_bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var
 _FWD_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
     # 5 programs per SM: its 72-92 registers (ResNeXt-50's packed groups and depthwise, triton
-    # 3.6 and 3.8) hold 5-7 (predicted: ResNeXt-50 stride-2 stage-2 block 121.2 -> 95.8 us, WRN-28-10 stage 3
-    346.9 -> 310.1 us)
+    # 3.6 and 3.8) hold 5-7 (predicted: ResNeXt-50's stride-2 stage-2 block 121.2 -> 95.8 us,
+    # WRN-28-10 stage 3 346.9 -> 310.1 us)
     _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
