@@ -11,10 +11,11 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    channels_last, realistic channels and sizes; plus NaN placement in packed groups.
 2. ``timing``: ResNeXt-50 stages 1-4 (batch 64, bf16, channels_last, training): eager
    (``BatchNorm2d -> ReLU(inplace) -> Conv2d``), triton and, while the budget allows,
-   ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules; then eager and
-   triton with the step captured in a CUDA graph (``eager_graph``, ``triton_graph``: no host
-   time per replay; the 2026-11-29 run found triton's step host-bound); ``fwd`` and
-   ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
+   ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules, and native where
+   its compiled extension is built (run after ``gpu_check.sh``, which builds it); then each
+   with the step captured in a CUDA graph (``eager_graph``, ``triton_graph``,
+   ``native_graph``: no host time per replay; the 2026-11-29 run found both backends' steps
+   host-bound); ``fwd`` and ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
    is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
 3. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
@@ -218,6 +219,18 @@ def phase_timing(budget: Budget, with_compile: bool):
                                   backend="triton")
 
         impls["triton"] = triton_op
+        from resfast.backends import BACKEND_TABLE
+
+        native_why = next(b.why_not("cuda") for b in BACKEND_TABLE if b.name == "native")
+        if not native_why:  # the compiled extension is there (benchmarks/gpu_check.sh builds it)
+            def native_op(x, bn=bn, conv=conv, groups=groups):
+                return bn_relu_conv2d(x, conv.weight, bn_weight=bn.weight, bn_bias=bn.bias,
+                                      running_mean=bn.running_mean, running_var=bn.running_var, training=True,
+                                      padding=1, groups=groups, backend="native")
+
+            impls["native"] = native_op
+        elif name == TIMING[0][0]:
+            _log(f"timing: no native rows ({native_why})")
         if with_compile and budget.left() > 90:
             impls["compile"] = torch.compile(nn.Sequential(bn, nn.ReLU(), conv), mode="max-autotune-no-cudagraphs")
         x_bytes = xs[0].numel() * 2
@@ -258,7 +271,7 @@ def phase_timing(budget: Budget, with_compile: bool):
                     _log(f"timing {name} {mode} {impl}: ERROR {type(exc).__name__}: {exc}")
             # the same step captured in a CUDA graph: no host time per replay (what
             # torch.compile(mode="reduce-overhead") or a hand-captured training step gets)
-            for impl in ("eager", "triton"):
+            for impl in [i for i in ("eager", "triton", "native") if i in impls]:
                 if budget.left() < 15:
                     rows.append({"shape": name, "mode": mode, "impl": impl + "_graph", "skipped": "budget"})
                     continue
