@@ -564,3 +564,18 @@ def test_markdown_of_per_shape_profiles_with_their_configs():
     assert [ln for ln in lines if ln.startswith("| bn_")] == ["| bn_relu_conv_fwd_kernel | 5 | 160us |",
                                                               "| bn_backward_elemt_kernel | 5 | 20us |"]
     assert "configs the autotuner chose: conv_fwd `TILE_H=8,TILE_W=16,BLOCK_N=64,BLOCK_K=32,STACK=1,w8,s1,p2`" in lines
+
+
+def test_host_op_layer_script_times_each_backend_it_can_run():
+    """benchmarks/host_op_layer.py (resfast's op layer against plain PyTorch modules, CPU):
+    one line per backend with a time, or the reason it cannot run here."""
+    script = os.path.join(ROOT, "benchmarks", "host_op_layer.py")
+    proc = subprocess.run([sys.executable, script, "--calls", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("one training call (forward + backward), 1x4x2x2")
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[1:]}
+    assert set(rows) == {"modules", "eager", "native"}
+    for name in ("modules", "eager"):
+        assert float(rows[name][0]) > 0 and rows[name][1] == "us", rows
+    assert rows["native"][-1] == "us" or rows["native"][0] == "skipped:", rows
