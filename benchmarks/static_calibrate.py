@@ -94,28 +94,21 @@ def features(results: str) -> List[Dict[str, Any]]:
                 cfg = config_from_label(chosen[launch.name])
             else:  # the choice is not known: not calibration data
                 continue
-            bound = launch.bind(cfg)
-            kernel = sm.compile_for_sm90(getattr(bound, "fn", None) or launch.fn, bound.args, bound.constexprs)
-            stats = sm.analyze(kernel)
-            hbm = launch.hbm_bytes if bound.hbm_bytes is None else bound.hbm_bytes
-            depths = [bound.depths.get(n, 1) for n in bound.loops]
-            rec = sm.predict(stats, bound.grid, list(bound.loops.values()), hbm, sm.H200, depths)
-            per_sm = math.ceil(rec["programs"] / sm.SMS)
-            waves = math.ceil(per_sm / max(1, rec["blocks_per_sm"]))
+            rec = sm.predict_bound(launch, launch.bind(cfg), sm.H200)
             rows.append({"shape": prof["shape"], "kernel": launch.name, "config": cfg.label,
-                         "measured_us": prof["kernels"][fn]["mean_us"],
-                         "throughput_us": max(rec["issue_us"], rec["mma_us"], rec["floor_us"]),
-                         "waves": waves, "warp_instructions": rec["warp_instructions"], "syncs": rec["syncs"],
+                         "measured_us": prof["kernels"][fn]["mean_us"], "throughput_us": rec["throughput_us"],
+                         "per_sm": math.ceil(rec["programs"] / sm.SMS), "blocks_per_sm": rec["blocks_per_sm"],
+                         "warp_instructions": rec["warp_instructions"], "syncs": rec["syncs"],
                          "load_rounds": rec["load_rounds"], "regs": rec["regs"], "spills": rec["spills"]})
     return rows
 
 
 def latency_us(row: Dict[str, Any], p: Dict[str, float]) -> float:
-    from resfast.profiling.sm90 import CLOCK_GHZ
+    """The model's dependent-issue bound of a profiled kernel with trial constants ``p``."""
+    from resfast.profiling.static_model import latency_bound_us
 
-    cycles = p["DEP_CPI"] * row["warp_instructions"] + p["SYNC_CYCLES"] * row["syncs"] \
-        + p["LOAD_ROUND_CYCLES"] * row["load_rounds"]
-    return row["waves"] * cycles / (CLOCK_GHZ * 1e3) + p["LAUNCH_US"]
+    return latency_bound_us(row["warp_instructions"], row["syncs"], row["load_rounds"], row["per_sm"],
+                            row["blocks_per_sm"], p)
 
 
 def predicted_us(row: Dict[str, Any], p: Dict[str, float]) -> float:
@@ -172,7 +165,7 @@ def main(argv=None) -> int:
     print(f"{'shape':<16} {'kernel':<20} {'waves':>5} {'instr/warp':>10} {'syncs':>6} {'rounds':>6} {'throughput':>10} "
           f"{'measured':>9} {'fit':>8} {'fit/meas':>8} {'current':>8} {'left out':>9}")
     for r in rows:
-        print(f"{r['shape']:<16} {r['kernel']:<20} {r['waves']:>5} {r['warp_instructions']:>10} {r['syncs']:>6} {r['load_rounds']:>6} "
+        print(f"{r['shape']:<16} {r['kernel']:<20} {math.ceil(r['per_sm'] / max(1, r['blocks_per_sm'])):>5} {r['warp_instructions']:>10} {r['syncs']:>6} {r['load_rounds']:>6} "
               f"{r['throughput_us']:>8.1f}us {r['measured_us']:>7.1f}us {r['predicted_fit_us']:>6.1f}us "
               f"{r['predicted_fit_us'] / r['measured_us']:>7.2f}x {r['predicted_current_us']:>6.1f}us "
               f"{r['predicted_loo_us'] / r['measured_us']:>8.2f}x")

@@ -317,7 +317,8 @@ def test_calibration_fit_recovers_known_constants():
     cal = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cal)
     true = {"DEP_CPI": 9.0, "SYNC_CYCLES": 60.0, "LOAD_ROUND_CYCLES": 300.0, "LAUNCH_US": 2.0}
-    rows = [{"waves": w, "warp_instructions": i, "syncs": b, "load_rounds": r, "throughput_us": 0.1}
+    rows = [{"per_sm": w, "blocks_per_sm": 1, "warp_instructions": i, "syncs": b, "load_rounds": r,
+             "throughput_us": 0.1}
             for w, i, b, r in [(1, 3000, 12, 12), (1, 700, 14, 5), (1, 16000, 1000, 550), (1, 50000, 550, 280),
                                (1, 680, 0, 10), (12, 450, 0, 1), (2, 9000, 300, 40)]]
     for r in rows:

@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "ConvShape", "SHAPES", "CI_SHAPES", "H100", "H200", "add_arguments", "run", "analyze", "predict_kernels",
+    "ConvShape", "SHAPES", "CI_SHAPES", "H100", "H200", "add_arguments", "run", "analyze", "predict_bound",
+    "predict_kernels", "latency_bound_us", "load_rounds",
     "predict_ops", "eager_floor_bytes", "fused_floor_bytes", "compile_for_sm90", "sass_loops", "KernelStats",
 ]
 
@@ -337,7 +338,13 @@ def _weights(stats: KernelStats, loops: Sequence[int], depths: Optional[Sequence
     return w, matched
 
 
-def latency_bound_us(per_warp: float, syncs: float, rounds: float, per_sm: int, blocks_per_sm: int) -> float:
+#: The dependent-issue bound's constants (:mod:`resfast.profiling.sm90`), by name.
+LATENCY_CONSTANTS = {"DEP_CPI": DEP_CPI, "SYNC_CYCLES": SYNC_CYCLES, "LOAD_ROUND_CYCLES": LOAD_ROUND_CYCLES,
+                     "LAUNCH_US": LAUNCH_US}
+
+
+def latency_bound_us(per_warp: float, syncs: float, rounds: float, per_sm: int, blocks_per_sm: int,
+                     constants: Optional[Dict[str, float]] = None) -> float:
     """The dependent-issue bound: one warp's own path through the kernel, which no other warp
     can shorten. Each of its ``per_warp`` instructions takes :data:`DEP_CPI` cycles on average
     (a warp issues its next instruction only when the operands are ready, and these kernels'
@@ -345,10 +352,12 @@ def latency_bound_us(per_warp: float, syncs: float, rounds: float, per_sm: int, 
     (:func:`load_rounds`) :data:`LOAD_ROUND_CYCLES` of memory latency. Programs beyond the
     ``blocks_per_sm`` resident ones run in later waves, one path after the other; plus
     :data:`LAUNCH_US` per launch. The four constants are fitted to a GPU profile
-    (``benchmarks/static_calibrate.py``), so this bound is a calibrated prediction."""
+    (``benchmarks/static_calibrate.py``, which passes trial values as ``constants``), so this
+    bound is a calibrated prediction."""
+    c = LATENCY_CONSTANTS if constants is None else constants
     waves = math.ceil(per_sm / max(1, blocks_per_sm))
-    cycles = DEP_CPI * per_warp + SYNC_CYCLES * syncs + LOAD_ROUND_CYCLES * rounds
-    return waves * cycles / (CLOCK_GHZ * 1e3) + LAUNCH_US
+    cycles = c["DEP_CPI"] * per_warp + c["SYNC_CYCLES"] * syncs + c["LOAD_ROUND_CYCLES"] * rounds
+    return waves * cycles / (CLOCK_GHZ * 1e3) + c["LAUNCH_US"]
 
 
 def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], hbm_bytes: int,
@@ -424,6 +433,16 @@ def training_plan(s: ConvShape, dtype=None) -> Dict[str, list]:
     return {"fwd": fwd, "bwd": bwd, "fwd_consumer": consumer, "fwd_producer": producer}
 
 
+def predict_bound(launch, bound, bandwidth: float = H100) -> Dict[str, Any]:
+    """:func:`predict`'s figures for ``launch`` bound to one config (``launch.bind(cfg)``):
+    compiled for sm_90 as the runtime would, its cubin analysed, its loops' trips from the
+    plan. Raises if the config does not compile."""
+    stats = analyze(compile_for_sm90(getattr(bound, "fn", None) or launch.fn, bound.args, bound.constexprs))
+    hbm = launch.hbm_bytes if bound.hbm_bytes is None else bound.hbm_bytes
+    depths = [bound.depths.get(name, 1) for name in bound.loops]
+    return predict(stats, bound.grid, list(bound.loops.values()), hbm, bandwidth, depths)
+
+
 def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandwidth: float = H100,
                     progress=None) -> List[Dict[str, Any]]:
     """One record per (shape, kernel): the best config's figures, every config's in ``configs``."""
@@ -441,16 +460,11 @@ def predict_kernels(shapes: Iterable[ConvShape], all_configs: bool = True, bandw
                     if progress:
                         progress(f"{s.name}: {launch.name} [{cfg.label}]")
                     try:
-                        kernel = compile_for_sm90(getattr(bound, "fn", None) or launch.fn, bound.args,
-                                                  bound.constexprs)
-                        stats = analyze(kernel)
+                        row = predict_bound(launch, bound, bandwidth)
                     except Exception as exc:  # a config that does not compile is reported, never chosen
                         rows.append({"config": cfg.label, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
                                      "predicted_us": float("inf")})
                         continue
-                    hbm = launch.hbm_bytes if bound.hbm_bytes is None else bound.hbm_bytes
-                    depths = [bound.depths.get(name, 1) for name in bound.loops]
-                    row = predict(stats, bound.grid, list(bound.loops.values()), hbm, bandwidth, depths)
                     row.update(config=cfg.label, loops=bound.loops, derived=bound.derived)
                     rows.append(row)
                 if not rows:
