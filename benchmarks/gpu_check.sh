@@ -159,8 +159,15 @@ TEST_TIMEOUT=()
 if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     TEST_TIMEOUT=(--timeout=120)  # one hung test must not take the whole phase
 fi
+# Workers, so that a test that crashes the process is reported as failed and the rest still run
+# (on 2026-11-29 at 1369a02 a segfault in tests/test_native.py, the first C++ error raised by the
+# extension built there, ended the phase after 22 s with no report).
+TEST_WORKERS=()
+if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import xdist' 2>/dev/null; then
+    TEST_WORKERS=(-n 2 --dist loadfile)
+fi
 run_phase tests "$(phase_limit 120 $RESERVE_AFTER_TESTS)" "$PY" -m pytest "${GPU_TESTS[@]}" -q -rfE -p no:cacheprovider \
-    --junitxml="$OUTDIR/tests-junit.xml" "${TEST_TIMEOUT[@]}"
+    --junitxml="$OUTDIR/tests-junit.xml" "${TEST_TIMEOUT[@]}" "${TEST_WORKERS[@]}"
 
 # --- bench: the GPU sizes; the suite skips what is left once RESFAST_BENCH_BUDGET_S is spent,
 # leaving time for a slow last row (a compile) before the phase limit.

@@ -21,8 +21,8 @@ The profile: ``gpu_kernels_check.py``'s ``profiles`` (``torch.profiler`` mean de
 call, per shape, with the configs the autotuner chose), or in files before 2026-11-30 its one
 ``profile`` (ResNeXt-50 stage 1), whose chosen configs ``benchmarks/README.md`` lists for that
 run (its ``triton-tune.json``): :data:`CHOSEN`. Kernels are bound with the grids the profiled
-code launched: for files before 2026-11-30, the planner without its occupancy changes of that
-day (``resfast.ops.triton_ops.PLANNER_FILL``).
+code launched: for :data:`BEFORE_FILL`'s files, the planner without its occupancy changes
+(``resfast.ops.triton_ops.PLANNER_FILL``).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ CHOSEN = {
     },
 }
 
-#: Profiles of code before the planner's occupancy changes (2026-11-30: the fill, 5 statistics
-#: programs per SM): bound with the grids that ran.
-BEFORE_FILL = ("2026-11-28", "2026-11-29")
+#: Profiles of code before the planner's occupancy changes (the fill, 5 statistics programs per
+#: SM; commit 9ceaaa0 and later): bound with the grids that ran.
+BEFORE_FILL = {"2026-11-29-nvidia-h200-kernels.json"}
 
 PARAMS = ("DEP_CPI", "SYNC_CYCLES", "LOAD_ROUND_CYCLES", "LAUNCH_US")
 
@@ -75,7 +75,7 @@ def features(results: str) -> List[Dict[str, Any]]:
     with open(results) as f:
         doc = json.load(f)
     records = doc.get("profiles") or [doc["profile"]]
-    triton_ops.PLANNER_FILL = not os.path.basename(results).startswith(BEFORE_FILL)
+    triton_ops.PLANNER_FILL = os.path.basename(results) not in BEFORE_FILL
     rows = []
     for i, prof in enumerate(records):
         if not prof.get("kernels") or prof.get("shape") not in sm.SHAPES:

@@ -146,6 +146,7 @@ def test_dry_run_commands_carry_the_required_flags(tmp_path):
     assert "RESFAST_BUILD_EXT=0" in cmds["build-python-only"]
     assert f"--junitxml={out}/tests-junit.xml" in cmds["tests"] and "pytest tests/test_native.py" in cmds["tests"]
     assert "tests/test_bn_relu_conv2d.py" in cmds["tests"]  # after what no GPU run has checked yet
+    assert "-n 2 --dist loadfile" in cmds["tests"]  # a crashing test is reported; the others still run
     assert "--gpu-sizes" in cmds["bench"] and f"--benchmark-json={out}/benchmarks.json" in cmds["bench"]
     assert re.search(r"RESFAST_BENCH_BUDGET_S=(\d+)", cmds["bench"])
     assert cmds["info"].endswith(f"> {out}/info.json")
