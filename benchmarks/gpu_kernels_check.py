@@ -18,10 +18,15 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    host-bound); ``fwd`` and ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
    is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
-3. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
+3. ``host``: where a training call's host time goes at ResNeXt-50 stage 3 (host-bound on the
+   H200), per backend: forward and backward host time apart, with autograd's device thread
+   and with the backward on the calling thread, the Python functions with the most self time
+   (``cProfile``), every operation that synchronises with the GPU, the triton plan cache's
+   replays (``benchmarks/host_profile.py``).
+4. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
    (grouped 3x3) -> bn2-relu-conv3 (1x1) pair, training forward + backward on triton, chained
    (conv2 takes bn2's statistics in its epilogue) against two statistics passes.
-4. ``profile``: the triton kernels of one training step (``torch.profiler``) of each of
+5. ``profile``: the triton kernels of one training step (``torch.profiler``) of each of
    ResNeXt-50 stages 1-4 and DenseNet-121's 1x1 and 3x3 convs (batch 64) while the budget
    allows, with the tile config the autotuner chose for each launch: measured beside the
    static model's per-kernel predictions, and the data ``benchmarks/static_calibrate.py``
@@ -349,6 +354,73 @@ def phase_chain(budget: Budget):
     return rows
 
 
+# Host-time diagnosis: a host-bound shape (the H200 runs: triton fwd+bwd 1577 us called
+# normally, 160 us from a CUDA graph), batch 64 as in the timing phase
+HOST_SHAPE = ("resnext50_s3", 512, 14, 32)
+
+
+def phase_host(budget: Budget, device: str = "cuda", shape=HOST_SHAPE, n: int = 64, calls: int = 20):
+    """Where a training call's host time goes, per backend (``benchmarks/host_profile.py``):
+    forward and backward host time apart, with autograd's device thread and with the backward
+    on the calling thread; the Python functions with the most self time (``cProfile``); every
+    operation that synchronises with the GPU; and the triton plan cache's counts over the
+    phase (replays should be all but the first calls). ``device="cpu"`` (the tests) leaves out
+    the synchronisation check, which needs CUDA."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import host_profile as hp
+
+    from resfast.backends import BACKEND_TABLE
+    from resfast.functional import bn_relu_conv2d
+    from resfast.ops import triton_ops
+
+    name, c, h, groups = shape
+    cl = torch.channels_last
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x0 = torch.randn(n, c, h, h, device=device, dtype=dtype).contiguous(memory_format=cl)
+    go = torch.randn_like(x0)
+    bn = nn.BatchNorm2d(c).to(device)
+    conv = nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False).to(device, dtype).to(memory_format=cl)
+    ops = {"eager_modules": nn.Sequential(bn, nn.ReLU(inplace=True), conv)}
+    backends = [b.name for b in BACKEND_TABLE if b.name in ("eager", "triton", "native") and not b.why_not(device)]
+    for backend in backends:
+        ops[backend] = (lambda x, backend=backend: bn_relu_conv2d(
+            x, conv.weight, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+            running_var=bn.running_var, training=True, padding=1, groups=groups, backend=backend))
+    rows = []
+    stats0 = triton_ops.plan_cache_stats()
+    for impl, op in ops.items():
+        if budget.left() < 8:
+            rows.append({"shape": name, "impl": impl, "skipped": "budget"})
+            continue
+
+        def step(op=op):
+            x = x0.detach().requires_grad_(True)
+            op(x).backward(go)
+
+        row: dict = {"shape": name, "impl": impl}
+        try:
+            row["threads"] = hp.host_split(op, x0, go, calls=calls, sync=sync, threads=True)
+            row["one_thread"] = hp.host_split(op, x0, go, calls=calls, sync=sync, threads=False)
+            row["syncs"] = hp.sync_warnings(step) if cuda else []
+            sync()
+            row["top"] = hp.top_functions(step, calls=max(1, calls // 2), top=25, root=ROOT)
+            sync()
+            t, o = row["threads"], row["one_thread"]
+            _log(f"host {name} {impl:14s} fwd {t['fwd_us']:7.1f} us  bwd {t['bwd_us']:7.1f} us  (backward on the "
+                 f"calling thread: {o['bwd_us']:7.1f} us); syncs: {len(row['syncs'])}; top: "
+                 + ", ".join(f"{r['function'].rsplit('/', 1)[-1]} {r['self_us']:.0f} us" for r in row["top"][:4]))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            _log(f"host {name} {impl}: ERROR {row['error']}")
+        rows.append(row)
+    stats1 = triton_ops.plan_cache_stats()
+    plan = {k: stats1[k] - stats0.get(k, 0) for k in ("replays", "records", "uncacheable")}
+    _log(f"host: triton plan cache over the phase: {plan}")
+    return {"rows": rows, "plan_cache": plan}
+
+
 # The static model's shapes (resfast/profiling/sm90.py SHAPES) profiled, in this order
 PROFILE = ("resnext50_s1", "resnext50_s2", "resnext50_s3", "resnext50_s4", "densenet121_1x1", "densenet121_3x3")
 
@@ -465,8 +537,15 @@ def main(argv=None) -> int:
     os.environ.pop("RESFAST_TRITON_AUTOTUNE", None)
     doc["phases"]["parity_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    doc["timing"] = phase_timing(Budget(budget.left() - 75), not args.no_compile)
+    doc["timing"] = phase_timing(Budget(budget.left() - 100), not args.no_compile)
     doc["phases"]["timing_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        doc["host"] = phase_host(Budget(min(30.0, budget.left() - 75)))
+    except Exception as exc:
+        doc["host"] = {"error": f"{type(exc).__name__}: {exc}"}
+        _log(f"host: ERROR {doc['host']['error']}")
+    doc["phases"]["host_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
         doc["chain"] = phase_chain(Budget(budget.left() - 45))

@@ -593,6 +593,27 @@ def render_summary(env: Dict[str, Any], entries: Sequence[Dict[str, Any]], junit
 KERNELS_SCHEMA = "resfast-gpu-kernels"
 
 
+def _host_markdown(host: Dict[str, Any]) -> List[str]:
+    # gpu_kernels_check's "host" phase (since 2026-11-29's fourth session): host time per call
+    rows = [r for r in host.get("rows", []) if r.get("threads")]
+    if not rows:
+        return []
+    out = ["", f"host time of one training call at {rows[0].get('shape')} (medians; the GPU idle at each call's "
+           "start; last column: the backward on the calling thread instead of autograd's device thread):", "",
+           "| row | forward | backward | backward, one thread | syncs | most self time |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        t, o = r["threads"], r.get("one_thread") or {}
+        top = "; ".join(f"{f['function'].rsplit('/', 1)[-1]} {f['self_us']:.0f} us" for f in (r.get("top") or [])[:3])
+        out.append(f"| {r.get('impl')} | {format_time(t['fwd_us'] * 1e-6)} | {format_time(t['bwd_us'] * 1e-6)} | "
+                   f"{format_time(o['bwd_us'] * 1e-6) if o else ''} | {len(r.get('syncs') or [])} | {top} |")
+    if host.get("plan_cache"):
+        out += ["", "triton plan cache over the phase: " + ", ".join(f"{k} {v}" for k, v in host["plan_cache"].items())]
+    for r in rows:
+        for sync in r.get("syncs") or []:
+            out.append(f"- sync in {r.get('impl')}: {sync}")
+    return out
+
+
 def _kernels_markdown(results: Dict[str, Any]) -> str:
     # A gpu_kernels_check.py results JSON: its timing rows, parity verdicts and kernel profile.
     env = results.get("environment", {})
@@ -614,6 +635,7 @@ def _kernels_markdown(results: Dict[str, Any]) -> str:
         failed = [p.get("shape") for p in parity if not p.get("pass")]
         out += ["", f"parity against float64: {len(parity) - len(failed)} of {len(parity)} checks pass"
                 + (f"; failed: {', '.join(map(str, failed))}" if failed else "")]
+    out += _host_markdown(results.get("host") or {})
     # "profiles": one record per shape (since 2026-11-30); older files have one "profile"
     profiles = results.get("profiles") or [results.get("profile") or {}]
     for profile in profiles:

@@ -580,3 +580,156 @@ def test_host_op_layer_script_times_each_backend_it_can_run():
     for name in ("modules", "eager"):
         assert float(rows[name][0]) > 0 and rows[name][1] == "us", rows
     assert rows["native"][-1] == "us" or rows["native"][0] == "skipped:", rows
+
+
+def _load_host_profile():
+    spec = importlib.util.spec_from_file_location("host_profile", os.path.join(ROOT, "benchmarks", "host_profile.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_host_split_times_forward_and_backward_apart_on_both_threading_modes():
+    """benchmarks/host_profile.host_split: a forward that sleeps 2 ms and a backward that
+    sleeps 4 ms (a hook on the output's gradient) come out as such, with autograd's threads
+    and with the backward on the calling thread; sync is called before every call."""
+    import time
+
+    import torch
+
+    hp = _load_host_profile()
+    synced = []
+
+    def op(x):
+        time.sleep(0.002)
+        y = x * 2
+        y.register_hook(lambda g: (time.sleep(0.004), g)[1])
+        return y
+
+    x0, go = torch.ones(3), torch.ones(3)
+    for threads in (True, False):
+        got = hp.host_split(op, x0, go, calls=5, sync=lambda: synced.append(1), threads=threads)
+        assert 2000 <= got["fwd_us"] < 60000 and 4000 <= got["bwd_us"] < 60000, got
+        assert got["bwd_us"] > got["fwd_us"], got
+        assert got["calls"] == 5
+    assert len(synced) == 2 * (5 + 3 + 1)  # before each call (3 warm-up) and once at the end
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        hp.host_split(op, x0, go, calls=0)
+
+
+def test_top_functions_finds_the_function_with_the_most_self_time():
+    import time
+
+    hp = _load_host_profile()
+
+    def slow():
+        time.sleep(0.003)
+
+    def fast():
+        return sum(range(10))
+
+    def step():
+        slow()
+        fast()
+        fast()
+
+    rows = hp.top_functions(step, calls=4, top=50, root=ROOT)
+    by = {r["function"]: r for r in rows}
+    sleep = next(r for name, r in by.items() if "sleep" in name)
+    assert sleep["self_us"] >= 3000 and sleep["calls_per_step"] == 1.0
+    fast_row = next(r for name, r in by.items() if name.endswith("(fast)"))
+    assert fast_row["calls_per_step"] == 2.0
+    assert fast_row["function"].startswith("tests/test_gpu_check.py:"), fast_row  # no machine path
+    assert rows == sorted(rows, key=lambda r: -r["self_us"])
+    assert len(hp.top_functions(step, calls=1, top=2)) == 2
+
+
+def test_short_path_drops_the_machines_folders():
+    hp = _load_host_profile()
+    site = os.path.join(os.sep, "opt", "py", "lib", "site-packages", "torch", "_ops.py")
+    assert hp.short_path(site, ROOT) == os.path.join("torch", "_ops.py")
+    assert hp.short_path(os.path.join(ROOT, "resfast", "x.py"), ROOT) == os.path.join("resfast", "x.py")
+    assert hp.short_path(os.path.join(os.sep, "somewhere", "else.py"), ROOT) == "else.py"
+    assert hp.short_path("<frozen os>", ROOT) == "<frozen os>"
+
+
+def test_sync_warnings_keeps_the_synchronisation_warnings_and_restores_the_mode(monkeypatch):
+    """With CUDA's sync debug mode stood in for (no GPU needed): the warnings about a
+    synchronising operation are returned once each, other warnings are not, and the mode the
+    caller had is restored even when the step raises."""
+    import warnings
+
+    import torch
+
+    hp = _load_host_profile()
+    modes = [0]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: modes.append(m))
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally at ...)\nmore")
+        warnings.warn("something else")
+
+    assert hp.sync_warnings(step, calls=3) == ["called a synchronizing CUDA operation (Triggered internally at ...)"]
+    assert modes[-1] == 0 and "warn" in modes
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        hp.sync_warnings(broken)
+    assert modes[-1] == 0
+    assert hp.sync_warnings(lambda: None) == []
+
+
+def test_markdown_of_the_host_phase():
+    doc = {"schema": "resfast-gpu-kernels/1", "environment": {"gpu": "NVIDIA H200"}, "timing": [],
+           "host": {"rows": [
+               {"shape": "resnext50_s3", "impl": "triton", "threads": {"fwd_us": 300.0, "bwd_us": 1200.0},
+                "one_thread": {"fwd_us": 290.0, "bwd_us": 400.0}, "syncs": ["called a synchronizing CUDA operation"],
+                "top": [{"function": "resfast/ops/triton_ops.py:1672(__call__)", "self_us": 55.0}]},
+               {"shape": "resnext50_s3", "impl": "native", "skipped": "budget"}],
+               "plan_cache": {"replays": 80, "records": 4, "uncacheable": 0}}}
+    lines = report.markdown_table(doc).splitlines()
+    assert "| triton | 300us | 1.2ms | 400us | 1 | triton_ops.py:1672(__call__) 55 us |" in lines
+    assert not any(ln.startswith("| native") for ln in lines)
+    assert "triton plan cache over the phase: replays 80, records 4, uncacheable 0" in lines
+    assert "- sync in triton: called a synchronizing CUDA operation" in lines
+    assert not any("host time" in ln for ln in report.markdown_table({**doc, "host": {}}).splitlines())
+
+
+def test_host_op_layer_script_splits_forward_and_backward_and_stubs_triton():
+    script = os.path.join(ROOT, "benchmarks", "host_op_layer.py")
+    proc = subprocess.run([sys.executable, script, "--calls", "5", "--backends", "modules,triton-stub", "--split",
+                           "--top", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [ln for ln in lines[1:] if not ln.startswith("      ")]
+    assert rows[0].split()[0] == "modules" and "(forward " in rows[0] and ", backward " in rows[0], rows
+    assert rows[1].split()[0] == "triton-stub", rows
+    assert "(forward " in rows[1] or rows[1].split()[1] == "skipped:", rows
+    assert sum(ln.startswith("      ") for ln in lines) in (3, 6)  # --top 3 per backend that ran
+    bad = subprocess.run([sys.executable, script, "--backends", "modules,cuda"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "unknown backend(s) cuda" in bad.stderr
+
+
+def test_gpu_kernels_check_host_phase_runs_on_the_cpu():
+    """gpu_kernels_check's host phase, on a tiny CPU shape: a row per backend that can run
+    here (plain modules and eager always), each with forward / backward host times in both
+    threading modes and its top functions; the plan-cache counts of the phase."""
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check",
+                                                  os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.phase_host(mod.Budget(120), device="cpu", shape=("tiny", 4, 4, 2), n=2, calls=3)
+    rows = {r["impl"]: r for r in got["rows"]}
+    assert {"eager_modules", "eager"} <= set(rows), rows
+    for r in rows.values():
+        assert "error" not in r, r
+        for mode in ("threads", "one_thread"):
+            assert r[mode]["fwd_us"] > 0 and r[mode]["bwd_us"] > 0
+        assert r["syncs"] == [] and r["top"] and all(not f["function"].startswith(os.sep) for f in r["top"])
+    assert set(got["plan_cache"]) == {"replays", "records", "uncacheable"}
+    if "triton" in rows:  # under the interpreter: plans are recorded, then replayed
+        assert got["plan_cache"]["replays"] > 0
