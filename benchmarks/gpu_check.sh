@@ -11,6 +11,7 @@
 #   build      pip install --no-build-isolation --no-deps -e .  (TORCH_CUDA_ARCH_LIST = the
 #              GPU's capability, MAX_JOBS=16); if it fails, a Python-only install so the rest runs
 #   info       python -m resfast info --json                    -> OUTDIR/info.json
+#   native-errors  benchmarks/native_error_probe.py: does a C++ error of the extension raise?
 #   tests      python -m pytest <the CUDA-exercising test files> (realistic shapes) -> OUTDIR/tests-junit.xml
 #   bench      python -m pytest benchmarks --gpu-sizes           -> OUTDIR/benchmarks.json
 #   report     environment JSON, summary, results JSON          -> OUTDIR/environment.json,
@@ -147,6 +148,11 @@ fi
 
 # --- info: versions and which backends run
 run_phase info "$(phase_limit 25 $RESERVE_AFTER_INFO)" --stdout "$OUTDIR/info.json" "$PY" -m resfast info --json
+
+# --- native-errors: does an error the extension throws reach Python, or crash the process (the
+# 2026-11-29 run: every TORCH_CHECK of the extension built there segfaulted)? The probe's JSON
+# (compiler, the GCC in the extension and in libc10, three variants) goes into check.log.
+run_phase native-errors "$(phase_limit 30 $RESERVE_AFTER_INFO)" "$PY" benchmarks/native_error_probe.py --json
 
 # --- tests: the suites that exercise CUDA, realistic shapes on CUDA. The rest of the suite is
 # device-independent and runs in CI on every push. Order: what no GPU run has checked yet

@@ -129,7 +129,8 @@ def _plan(tmp_path, budget=None):
 def test_dry_run_worst_case_fits_eight_minutes_with_every_phase(tmp_path):
     plan = _plan(tmp_path)
     names = [p[0] for p in plan]
-    assert names == ["preflight", "build", "build-python-only", "info", "tests", "bench", "environment", "report"]
+    assert names == ["preflight", "build", "build-python-only", "info", "native-errors", "tests", "bench", "environment",
+                     "report"]
     limits = {name: limit for name, limit, _ in plan}
     # Every phase at its limit, the build failing and its fallback running: still within 8 minutes,
     # and the later phases keep usable time.
@@ -733,3 +734,36 @@ def test_gpu_kernels_check_host_phase_runs_on_the_cpu():
     assert set(got["plan_cache"]) == {"replays", "records", "uncacheable"}
     if "triton" in rows:  # under the interpreter: plans are recorded, then replayed
         assert got["plan_cache"]["replays"] > 0
+
+
+def test_native_error_probe_reports_whether_the_extensions_errors_raise():
+    """benchmarks/native_error_probe.py: where the extension is built, the error it throws
+    (bn_stats of a 2-D tensor) raises in every variant here; the record names the compilers
+    and carries no machine path."""
+    script = os.path.join(ROOT, "benchmarks", "native_error_probe.py")
+    proc = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True, timeout=300)
+    doc = json.loads(proc.stdout)
+    if not doc["built"]:
+        assert proc.returncode == 0
+        pytest.skip("the compiled extension is not built here (RESFAST_BUILD_EXT=1 builds it)")
+    assert proc.returncode == 0, proc.stderr
+    assert doc["gcc_comments"] and all(c.startswith("GCC: (") for c in doc["gcc_comments"])
+    assert set(doc["variants"]) >= {"default", "no_cpp_stacktraces"}
+    for name, v in doc["variants"].items():
+        assert v["raised"] and v["rc"] == 0 and "x must be a 4-D tensor" in v["message"], (name, v)
+    assert ROOT not in proc.stdout and os.path.expanduser("~") not in proc.stdout
+
+
+def test_native_error_probe_reads_gcc_comments_and_a_crashing_child(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("native_error_probe",
+                                                  os.path.join(ROOT, "benchmarks", "native_error_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\x7fELF\x00GCC: (GNU) 13.2.0\x00junk\x00GCC: (Debian 12.2.0-14) 12.2.0\x00")
+    assert mod.gcc_comments(str(lib)) == ["GCC: (Debian 12.2.0-14) 12.2.0", "GCC: (GNU) 13.2.0"]
+    monkeypatch.setattr(mod, "CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    got = mod.run_variants({"a": {}, "b": {"X": "1"}}, timeout=60)
+    assert got["a"]["rc"] == -11 and got["a"]["raised"] is False and "message" not in got["a"]
+    monkeypatch.setattr(mod, "CHILD", "print('raised: boom')")
+    assert mod.run_variants({"a": {}})["a"] == {"rc": 0, "raised": True, "message": "boom"}
