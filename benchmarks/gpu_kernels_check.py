@@ -389,7 +389,7 @@ def phase_host(budget: Budget, device: str = "cuda", shape=HOST_SHAPE, n: int = 
             x, conv.weight, bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
             running_var=bn.running_var, training=True, padding=1, groups=groups, backend=backend))
     rows = []
-    stats0 = triton_ops.plan_cache_stats()
+    stats0 = triton_ops.plan_cache_stats(by_op=True)
     for impl, op in ops.items():
         if budget.left() < 8:
             rows.append({"shape": name, "impl": impl, "skipped": "budget"})
@@ -415,8 +415,10 @@ def phase_host(budget: Budget, device: str = "cuda", shape=HOST_SHAPE, n: int = 
             row["error"] = f"{type(exc).__name__}: {exc}"
             _log(f"host {name} {impl}: ERROR {row['error']}")
         rows.append(row)
-    stats1 = triton_ops.plan_cache_stats()
-    plan = {k: stats1[k] - stats0.get(k, 0) for k in ("replays", "records", "uncacheable")}
+    stats1 = triton_ops.plan_cache_stats(by_op=True)
+    # per op: a backward never served from the cache would show as "full" calls here
+    plan = {op: {k: v - stats0.get(op, {}).get(k, 0) for k, v in counts.items()} for op, counts in stats1.items()}
+    plan = {op: counts for op, counts in plan.items() if any(counts.values())}
     _log(f"host: triton plan cache over the phase: {plan}")
     return {"rows": rows, "plan_cache": plan}
 

@@ -606,8 +606,12 @@ def _host_markdown(host: Dict[str, Any]) -> List[str]:
         top = "; ".join(f"{f['function'].rsplit('/', 1)[-1]} {f['self_us']:.0f} us" for f in (r.get("top") or [])[:3])
         out.append(f"| {r.get('impl')} | {format_time(t['fwd_us'] * 1e-6)} | {format_time(t['bwd_us'] * 1e-6)} | "
                    f"{format_time(o['bwd_us'] * 1e-6) if o else ''} | {len(r.get('syncs') or [])} | {top} |")
-    if host.get("plan_cache"):
-        out += ["", "triton plan cache over the phase: " + ", ".join(f"{k} {v}" for k, v in host["plan_cache"].items())]
+    plan = host.get("plan_cache") or {}
+    if plan and all(isinstance(v, dict) for v in plan.values()):  # per op
+        out += ["", "triton plan cache over the phase: " + "; ".join(
+            f"{op} " + ", ".join(f"{k} {v}" for k, v in counts.items()) for op, counts in sorted(plan.items()))]
+    elif plan:
+        out += ["", "triton plan cache over the phase: " + ", ".join(f"{k} {v}" for k, v in plan.items())]
     for r in rows:
         for sync in r.get("syncs") or []:
             out.append(f"- sync in {r.get('impl')}: {sync}")

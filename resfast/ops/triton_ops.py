@@ -1509,6 +1509,7 @@ _PLAN_CACHE_MAX = 4096
 _PLAN_CACHE: Dict[Tuple[Any, ...], "_Replay"] = {}
 _PLAN_SEEN: Dict[Tuple[Any, ...], bool] = {}  # signature -> False once it proved uncacheable
 _PLAN_STATS = {"replays": 0, "records": 0, "uncacheable": 0}
+_PLAN_STATS_BY_OP: Dict[str, Dict[str, int]] = {}  # the same counts per op, plus "full" (calls run in full)
 # ATen ops whose result depends on tensor values the log does not carry: never cached.
 _DATA_OPS = ("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "allclose")
 
@@ -1519,9 +1520,22 @@ def clear_plan_cache() -> None:
     _PLAN_SEEN.clear()
 
 
-def plan_cache_stats() -> Dict[str, int]:
-    """Counts since import: ``replays`` (calls served from the cache), ``records``, ``uncacheable``."""
+def plan_cache_stats(by_op: bool = False) -> Dict[str, Any]:
+    """Counts since import: ``replays`` (calls served from the cache), ``records``, ``uncacheable``.
+    ``by_op``: per op name instead, each with ``full`` too (calls that ran the whole host code:
+    first calls, uncacheable signatures, calls inside a CUDA-graph capture)."""
+    if by_op:
+        return {name: dict(counts) for name, counts in _PLAN_STATS_BY_OP.items()}
     return dict(_PLAN_STATS, entries=len(_PLAN_CACHE))
+
+
+def _count(op: str, what: str) -> None:
+    counts = _PLAN_STATS_BY_OP.get(op)
+    if counts is None:
+        counts = _PLAN_STATS_BY_OP[op] = {"replays": 0, "records": 0, "uncacheable": 0, "full": 0}
+    counts[what] += 1
+    if what != "full":
+        _PLAN_STATS[what] += 1
 
 
 def _plan_cache_on() -> bool:
@@ -1705,34 +1719,39 @@ def _plan_cached(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (an op's implementation) served from the plan cache after its second call with
     a signature (see above)."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     def impl(*args: Any) -> Any:
         if _RECORDING.recorder is not None or not _plan_cache_on():
             return fn(*args)
-        sig = _signature(fn.__name__, args)
+        sig = _signature(name, args)
         if sig is None:
+            _count(name, "full")
             return fn(*args)
         replay = _PLAN_CACHE.get(sig)
         if replay is not None:
-            _PLAN_STATS["replays"] += 1
+            _count(name, "replays")
             return replay(args)
         seen = _PLAN_SEEN.get(sig)
         if seen is None:  # a first call: plan (and tune) in full, record on the next
             if len(_PLAN_SEEN) >= _PLAN_CACHE_MAX:
                 _PLAN_SEEN.clear()
             _PLAN_SEEN[sig] = True
+            _count(name, "full")
             return fn(*args)
         if seen is False or (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            _count(name, "full")
             return fn(*args)  # uncacheable, or inside a CUDA-graph capture: never recorded there
         result, replay = _record(fn, args)
         if replay is None:
             _PLAN_SEEN[sig] = False
-            _PLAN_STATS["uncacheable"] += 1
+            _count(name, "uncacheable")
         else:
             if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
                 _PLAN_CACHE.clear()
             _PLAN_CACHE[sig] = replay
-            _PLAN_STATS["records"] += 1
+            _count(name, "records")
         return result
 
     return impl
