@@ -15,7 +15,9 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    its compiled extension is built (run after ``gpu_check.sh``, which builds it); then each
    with the step captured in a CUDA graph (``eager_graph``, ``triton_graph``,
    ``native_graph``: no host time per replay; the 2026-11-29 run found both backends' steps
-   host-bound); ``fwd`` and ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
+   host-bound), and at stages 1 and 3 ``torch.compile(mode="reduce-overhead")`` of the triton
+   fused op and of the eager modules (``triton_ro``, ``compile_ro``: CUDA graphs the way a
+   user gets them, fwd+bwd only); ``fwd`` and ``fwd+bwd``; CUDA-event medians after warm-up. The first call of each row (compilation,
    autotuning) is timed separately: autotuning runs once per bucketed shape and its choice
    is cached on disk (``triton-tune.json`` in ``RESFAST_CACHE_DIR``, here OUTDIR).
 3. ``host``: where a training call's host time goes at ResNeXt-50 stage 3 (host-bound on the
@@ -23,7 +25,7 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    and with the backward on the calling thread, the Python functions with the most self time
    (``cProfile``), every operation that synchronises with the GPU, the triton plan cache's
    replays (``benchmarks/host_profile.py``).
-4. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stages 1-2's bn1-relu-conv2
+4. ``chain``: statistics in the epilogue, measured: ResNeXt-50 stage 1's bn1-relu-conv2
    (grouped 3x3) -> bn2-relu-conv3 (1x1) pair, training forward + backward on triton, chained
    (conv2 takes bn2's statistics in its epilogue) against two statistics passes.
 5. ``profile``: the triton kernels of one training step (``torch.profiler``) of each of
@@ -203,6 +205,36 @@ def _graphed(op, x, go, mode: str):
     return graph.replay
 
 
+# shapes with torch.compile(mode="reduce-overhead") rows (each costs two compilations)
+REDUCE_OVERHEAD = ("resnext50_s1", "resnext50_s3")
+
+
+class _FusedModule(nn.Module):
+    """``bn_relu_conv2d`` on ``backend`` with ``bn``'s and ``conv``'s parameters, as a module
+    (what ``torch.compile`` takes)."""
+
+    def __init__(self, bn, conv, groups, backend):
+        super().__init__()
+        self.bn, self.conv, self.groups, self.backend = bn, conv, groups, backend
+
+    def forward(self, x):
+        from resfast.functional import bn_relu_conv2d
+
+        return bn_relu_conv2d(x, self.conv.weight, bn_weight=self.bn.weight, bn_bias=self.bn.bias,
+                              running_mean=self.bn.running_mean, running_var=self.bn.running_var, training=True,
+                              padding=1, groups=self.groups, backend=self.backend)
+
+
+def _reduce_overhead(module):
+    compiled = torch.compile(module, mode="reduce-overhead")
+
+    def call(x):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last step's outputs may be overwritten
+        return compiled(x)
+
+    return call
+
+
 def phase_timing(budget: Budget, with_compile: bool):
     from resfast.functional import bn_relu_conv2d
 
@@ -231,11 +263,19 @@ def phase_timing(budget: Budget, with_compile: bool):
             impls["native"] = fused("native")
         elif name == TIMING[0][0]:
             _log(f"timing: no native rows ({native_why})")
-        if with_compile and budget.left() > 90:
+        if with_compile and budget.left() > 40:
             impls["compile"] = torch.compile(nn.Sequential(bn, nn.ReLU(), conv), mode="max-autotune-no-cudagraphs")
+        if with_compile and name in REDUCE_OVERHEAD and budget.left() > 50:
+            # torch.compile(mode="reduce-overhead"): the step in CUDA graphs the way a user gets
+            # them without capturing by hand (fwd+bwd rows only; inputs are copied into the
+            # graphs' static buffers on each call, which these rows pay)
+            impls["triton_ro"] = _reduce_overhead(_FusedModule(bn, conv, groups, "triton"))
+            impls["compile_ro"] = _reduce_overhead(nn.Sequential(bn, nn.ReLU(), conv))
         x_bytes = xs[0].numel() * 2
         for mode in ("fwd", "fwd+bwd"):
             for impl, op in impls.items():
+                if mode == "fwd" and impl.endswith("_ro"):
+                    continue
                 if budget.left() < 15:
                     rows.append({"shape": name, "mode": mode, "impl": impl, "skipped": "budget"})
                     continue
@@ -311,7 +351,7 @@ def phase_chain(budget: Budget):
 
     rows = []
     n = 64
-    for name, c, h, groups in TIMING[:2]:
+    for name, c, h, groups in TIMING[:1]:  # stage 1 (stage 2 too until 2026-11-29: 20 s more for the same answer)
         if budget.left() < 30:
             rows.append({"shape": name, "skipped": "budget"})
             continue
@@ -539,18 +579,18 @@ def main(argv=None) -> int:
     os.environ.pop("RESFAST_TRITON_AUTOTUNE", None)
     doc["phases"]["parity_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    doc["timing"] = phase_timing(Budget(budget.left() - 100), not args.no_compile)
+    doc["timing"] = phase_timing(Budget(budget.left() - 90), not args.no_compile)
     doc["phases"]["timing_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
-        doc["host"] = phase_host(Budget(min(30.0, budget.left() - 75)))
+        doc["host"] = phase_host(Budget(min(30.0, budget.left() - 60)))
     except Exception as exc:
         doc["host"] = {"error": f"{type(exc).__name__}: {exc}"}
         _log(f"host: ERROR {doc['host']['error']}")
     doc["phases"]["host_s"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
-        doc["chain"] = phase_chain(Budget(budget.left() - 45))
+        doc["chain"] = phase_chain(Budget(budget.left() - 25))
     except Exception as exc:
         doc["chain"] = {"error": f"{type(exc).__name__}: {exc}"}
     doc["phases"]["chain_s"] = time.monotonic() - t0

@@ -94,3 +94,46 @@ def test_compiled_shared_densenet_training_step_matches_eager():
     for (n, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
     assert resfast is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inductor_reduce_overhead_compile_of_the_fused_op_matches_the_uncompiled_op(backend):
+    """``torch.compile(mode="reduce-overhead")`` (what captures a training step in CUDA graphs
+    on a GPU, where the triton backend's host time goes away) lowers the fused op through
+    inductor: same output, input and parameter gradients and running statistics as the
+    uncompiled op (on the CPU inductor runs without graphs, so the lowering is what is checked)."""
+    why = backend_status("cpu")[backend]
+    if why:
+        pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
+    from torch import nn
+
+    from resfast.functional import bn_relu_conv2d
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.conv = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+
+        def forward(self, x):
+            return bn_relu_conv2d(x, self.conv.weight, bn_weight=self.bn.weight, bn_bias=self.bn.bias,
+                                  running_mean=self.bn.running_mean, running_var=self.bn.running_var, training=True,
+                                  padding=1, groups=2, backend=backend)
+
+    torch.manual_seed(0)
+    ref, mod = Fused(), Fused()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 6, 6)
+    gy = torch.randn(2, 8, 6, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, mode="reduce-overhead", fullgraph=True)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    y_c = compiled(xs[0])
+    y_c.backward(gy)
+    y_r = ref(xs[1])
+    y_r.backward(gy)
+    torch.testing.assert_close(y_c, y_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    for (n, p), (_, q) in zip(mod.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=n)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(mod.bn, name), getattr(ref.bn, name), msg=name)

@@ -769,3 +769,31 @@ def test_native_error_probe_reads_gcc_comments_and_a_crashing_child(tmp_path, mo
     assert got["a"]["rc"] == -11 and got["a"]["raised"] is False and "message" not in got["a"]
     monkeypatch.setattr(mod, "CHILD", "print('raised: boom')")
     assert mod.run_variants({"a": {}})["a"] == {"rc": 0, "raised": True, "message": "boom"}
+
+
+def test_gpu_kernels_check_reduce_overhead_rows_compute_the_fused_op():
+    """The kernels check's ``*_ro`` rows: ``torch.compile(mode="reduce-overhead")`` of the
+    fused op as a module, each call a new cudagraph step; on the CPU (no graphs) it gives the
+    uncompiled module's output and gradient."""
+    import torch
+    from torch import nn
+
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check",
+                                                  os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
+    fused = mod._FusedModule(bn, conv, 2, "eager")
+    torch._dynamo.reset()
+    call = mod._reduce_overhead(fused)
+    x = torch.randn(2, 4, 5, 5)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    for _ in range(2):  # two steps; the gradient is the second one's
+        ya = call(xa)
+    ya.sum().backward()
+    yb = fused(xb)
+    yb.sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
+    assert set(mod.REDUCE_OVERHEAD) <= {name for name, *_ in mod.TIMING}
