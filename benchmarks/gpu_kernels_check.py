@@ -30,7 +30,8 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    (conv2 takes bn2's statistics in its epilogue) against two statistics passes.
 5. ``profile``: the triton kernels of one training step (``torch.profiler``) of each of
    ResNeXt-50 stages 1-4 and DenseNet-121's 1x1 and 3x3 convs (batch 64) while the budget
-   allows, with the tile config the autotuner chose for each launch: measured beside the
+   allows, with the tile config the autotuner chose for each launch and each kernel's grid,
+   block, registers and shared memory as the device ran it: measured beside the
    static model's per-kernel predictions, and the data ``benchmarks/static_calibrate.py``
    fits the model's latency constants to (``profiles``; ``profile`` is the first shape's).
 
@@ -523,7 +524,35 @@ def _profile_shape(name):
     _log(f"profile {name} training step (triton), per-kernel mean us: "
          + ", ".join(f"{kn[:40]}={v['mean_us']:.1f}" for kn, v in sorted(kernels.items(),
                                                                       key=lambda kv: -kv[1]['mean_us'])[:8]))
-    return {"shape": name, "kernels": kernels, "configs": chosen}
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            trace_path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace_path)
+            with open(trace_path) as f:
+                launches = kernel_launches(json.load(f))
+    except Exception as exc:  # the launch details are extra: never lose the profile for them
+        launches = {"error": f"{type(exc).__name__}: {exc}"}
+    return {"shape": name, "kernels": kernels, "configs": chosen, "launches": launches}
+
+
+def kernel_launches(trace: dict) -> dict:
+    """Per kernel name of a ``torch.profiler`` chrome trace: the launch as the device ran it
+    (grid, block, registers per thread, shared memory, the profiler's estimated occupancy),
+    the distinct launches of a name in order (the static model binds its kernels with the
+    grids and registers it expects; these say what ran)."""
+    out: dict = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") != "kernel":
+            continue
+        a = e.get("args") or {}
+        launch = {"grid": a.get("grid"), "block": a.get("block"), "registers": a.get("registers per thread"),
+                  "smem_bytes": a.get("shared memory"), "occupancy_pct": a.get("est. achieved occupancy %")}
+        seen = out.setdefault(e.get("name", "?"), [])
+        if launch not in seen:
+            seen.append(launch)
+    return out
 
 
 def phase_profile(budget: Budget):

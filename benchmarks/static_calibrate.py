@@ -1,7 +1,8 @@
 """Fit the static model's latency constants to a measured per-kernel GPU profile (no GPU needed).
 
-    python benchmarks/static_calibrate.py [--results benchmarks/results/2026-11-29-nvidia-h200-kernels.json]
-                                          [--json]
+    python benchmarks/static_calibrate.py [--results FILE [--results FILE ...]] [--json]
+
+(default: every ``benchmarks/results/*-kernels.json`` with a per-kernel profile, fitted jointly)
 
 The static sm_90 model (``resfast profile --static``) predicts each kernel as the largest of
 its issue-bound, tensor-core and HBM-floor times (the *throughput* bounds) and a
@@ -57,6 +58,19 @@ def config_from_label(label: str):
     *meta, warps, stages, progs = label.split(",")
     pairs = tuple((k, int(v)) for k, v in (m.split("=") for m in meta))
     return TileConfig(pairs, int(warps[1:]), int(stages[1:]), int(progs[1:]))
+
+
+def default_results(folder: str) -> List[str]:
+    """Every kernels-check results file in ``folder`` that has a per-kernel profile."""
+    import glob
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*-kernels.json"))):
+        with open(path) as f:
+            doc = json.load(f)
+        if any(p.get("kernels") for p in (doc.get("profiles") or [doc.get("profile") or {}])):
+            out.append(path)
+    return out
 
 
 def _fn_name(fn) -> str:
@@ -136,7 +150,9 @@ def fit(rows: List[Dict[str, Any]]) -> Dict[str, float]:
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default=os.path.join(here, "results", "2026-11-29-nvidia-h200-kernels.json"))
+    ap.add_argument("--results", action="append", default=None, metavar="FILE",
+                    help="a gpu_kernels_check results JSON; repeat to fit several runs jointly (default: every "
+                         "benchmarks/results/*-kernels.json)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
@@ -145,7 +161,8 @@ def main(argv=None) -> int:
 
     from resfast.profiling import sm90
 
-    rows = features(args.results)
+    files = args.results or default_results(os.path.join(here, "results"))
+    rows = [dict(r, run=os.path.basename(f)) for f in files for r in features(f)]
     p = fit(rows)
     current = {k: getattr(sm90, k) for k in PARAMS}
     for i, r in enumerate(rows):
@@ -154,12 +171,12 @@ def main(argv=None) -> int:
         r["latency_fit_us"] = round(latency_us(r, p), 2)
         r["predicted_fit_us"] = round(predicted_us(r, p), 2)
         r["predicted_current_us"] = round(predicted_us(r, current), 2)
-    doc = {"triton": triton.__version__, "results": os.path.basename(args.results), "fit": p,
+    doc = {"triton": triton.__version__, "results": [os.path.basename(f) for f in files], "fit": p,
            "current": current, "kernels": rows}
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"triton {triton.__version__}; profile {doc['results']}")
+    print(f"triton {triton.__version__}; profiles {', '.join(doc['results'])} ({len(rows)} kernels)")
     print("fit:     " + ", ".join(f"{k}={v:.3g}" for k, v in p.items()))
     print("current: " + ", ".join(f"{k}={v:.3g}" for k, v in current.items()) + "  (resfast/profiling/sm90.py)")
     print(f"{'shape':<16} {'kernel':<20} {'waves':>5} {'instr/warp':>10} {'syncs':>6} {'rounds':>6} {'throughput':>10} "
@@ -169,7 +186,12 @@ def main(argv=None) -> int:
               f"{r['throughput_us']:>8.1f}us {r['measured_us']:>7.1f}us {r['predicted_fit_us']:>6.1f}us "
               f"{r['predicted_fit_us'] / r['measured_us']:>7.2f}x {r['predicted_current_us']:>6.1f}us "
               f"{r['predicted_loo_us'] / r['measured_us']:>8.2f}x")
-    print("left out: predicted / measured with the constants fitted to the other five kernels")
+    print("left out: predicted / measured with the constants fitted to the other kernels")
+    for name, key in (("fit", "predicted_fit_us"), ("current", "predicted_current_us"), ("left out", "predicted_loo_us")):
+        ratios = [r[key] / r["measured_us"] for r in rows]
+        within = sum(1 / 1.5 <= x <= 1.5 for x in ratios)
+        print(f"{name:>8}: {min(ratios):.2f}-{max(ratios):.2f}x measured, {within} of {len(rows)} within 1.5x, "
+              f"rms log error {math.sqrt(sum(math.log(x) ** 2 for x in ratios) / len(ratios)):.3f}")
     return 0
 
 

@@ -797,3 +797,28 @@ def test_gpu_kernels_check_reduce_overhead_rows_compute_the_fused_op():
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
     assert set(mod.REDUCE_OVERHEAD) <= {name for name, *_ in mod.TIMING}
+
+
+def test_kernel_launches_of_a_chrome_trace():
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check",
+                                                  os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = {"grid": [132, 1, 1], "block": [128, 1, 1], "registers per thread": 168, "shared memory": 1024,
+            "est. achieved occupancy %": 19}
+    trace = {"traceEvents": [
+        {"cat": "kernel", "name": "bn_relu_conv_bwd_kernel", "args": args},
+        {"cat": "kernel", "name": "bn_relu_conv_bwd_kernel", "args": dict(args)},  # the same launch again
+        {"cat": "kernel", "name": "bn_relu_conv_bwd_kernel", "args": dict(args, grid=[264, 1, 1])},
+        {"cat": "cpu_op", "name": "aten::empty", "args": {}},
+        {"cat": "kernel", "name": "k2", "args": {"grid": [1, 1, 1]}},
+    ]}
+    got = mod.kernel_launches(trace)
+    assert set(got) == {"bn_relu_conv_bwd_kernel", "k2"}
+    assert [g["grid"] for g in got["bn_relu_conv_bwd_kernel"]] == [[132, 1, 1], [264, 1, 1]]
+    first = got["bn_relu_conv_bwd_kernel"][0]
+    assert (first["registers"], first["smem_bytes"], first["occupancy_pct"], first["block"]) == (168, 1024, 19,
+                                                                                                 [128, 1, 1])
+    assert got["k2"] == [{"grid": [1, 1, 1], "block": None, "registers": None, "smem_bytes": None,
+                          "occupancy_pct": None}]
+    assert mod.kernel_launches({}) == {}

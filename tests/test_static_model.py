@@ -335,3 +335,27 @@ def test_calibration_fit_recovers_known_constants():
         assert cal.config_from_label(cfg.label) == cfg, cfg.label
     old = cal.config_from_label("TILE_H=8,TILE_W=16,BLOCK_N=64,BLOCK_K=32,w4,s1,p4")
     assert (old.get("TILE_W"), old.num_warps, old.programs_per_sm) == (16, 4, 4)
+
+
+def test_calibration_reads_every_kernels_profile_by_default(tmp_path):
+    """static_calibrate's default data: every ``*-kernels.json`` of a results folder that has
+    a per-kernel profile (one ``profile`` or several ``profiles``), fitted jointly."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "static_calibrate.py")
+    spec = importlib.util.spec_from_file_location("static_calibrate", path)
+    cal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cal)
+    kern = {"kernels": {"k": {"count": 5, "mean_us": 1.0}}}
+    files = {"a-kernels.json": {"profile": dict(kern, shape="s")},
+             "b-kernels.json": {"profiles": [{"shape": "s", "skipped": "budget"}, dict(kern, shape="t")]},
+             "c-kernels.json": {"profile": {"skipped": "budget"}},
+             "d.json": {"profile": dict(kern, shape="s")}}
+    for name, doc in files.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+    got = [os.path.basename(p) for p in cal.default_results(str(tmp_path))]
+    assert got == ["a-kernels.json", "b-kernels.json"]
+    real = [os.path.basename(p) for p in cal.default_results(os.path.join(os.path.dirname(path), "results"))]
+    assert "2026-11-29-nvidia-h200-kernels.json" in real and "2026-11-29b-nvidia-h200-kernels.json" in real
