@@ -822,3 +822,18 @@ def test_kernel_launches_of_a_chrome_trace():
     assert got["k2"] == [{"grid": [1, 1, 1], "block": None, "registers": None, "smem_bytes": None,
                           "occupancy_pct": None}]
     assert mod.kernel_launches({}) == {}
+
+
+def test_triton_launch_cost_script_times_each_launch_of_a_step():
+    pytest.importorskip("triton")
+    script = os.path.join(ROOT, "benchmarks", "triton_launch_cost.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, script, "--shape", "resnext50_s3", "--calls", "20"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [ln.split() for ln in lines[1:-1]]
+    assert [r[1] for r in rows] == ["bn_stats", "bn_stats_finalize", "conv_fwd", "conv_bwd", "conv_bwd_finalize",
+                                    "bn_backward_elemt"]
+    assert all(float(r[-2]) > 0 and r[-1] == "us" for r in rows)
+    assert lines[-1].strip().startswith("one training step:")

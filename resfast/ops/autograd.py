@@ -10,8 +10,10 @@
   call it.
 * :func:`register_autograd`: the autograd formula of the registered ops
   ``torch.ops.<namespace>.bn_relu_conv2d`` (triton and native).
-* :class:`BNReLUConv2dFunction`: autograd over any op set for the paths that are not a
-  registered op (SyncBN; the eager op set with a process group).
+* :class:`BNReLUConv2dFunction`: autograd over any op set for the calls that do not use the
+  registered op's own autograd (SyncBN; the eager op set with a process group; the triton
+  and native ops called eagerly with gradients, as their host cost is lower; under
+  ``torch.compile`` and ``torch.jit.trace`` the registered autograd is what is traced).
 
 Double backward (``create_graph=True``, e.g. a gradient penalty): the kernels' backward is
 not itself differentiable, so when autograd records the backward (grad mode is on inside it
@@ -35,6 +37,7 @@ __all__ = [
     "bn_relu_conv2d_backward",
     "register_autograd",
     "BNReLUConv2dFunction",
+    "BNReLUConv2dStatsFunction",
     "differentiable_bn_relu_conv2d",
     "DOUBLE_BACKWARD_SYNC_BN",
     "FORWARD_AD_SYNC_BN",
@@ -247,8 +250,10 @@ def register_autograd(namespace: str, ops) -> None:
 
 
 class BNReLUConv2dFunction(torch.autograd.Function):
-    """Autograd over any op set, for the calls that are not a registered op: SyncBN (the
-    backward all-reduces) and the eager op set with a process group."""
+    """Autograd over any op set, for the calls that do not go through a registered op's own
+    autograd: SyncBN (the backward all-reduces), the eager op set with a process group, and
+    the triton and native ops called eagerly with gradients (cheaper on the host than
+    ``torch.library``'s Python autograd wrapper; the same backward)."""
 
     @staticmethod
     def forward(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
@@ -274,3 +279,26 @@ class BNReLUConv2dFunction(torch.autograd.Function):
                 ctx.ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
                 ctx.count, ctx.process_group, bias_grad=bias is not None and needs[2])
         return (None, None, None, *grads, None, None, None, None, None, None, None)
+
+
+class BNReLUConv2dStatsFunction(BNReLUConv2dFunction):
+    """:class:`BNReLUConv2dFunction` over the op that also returns its output's batch
+    statistics (``ops.bn_relu_conv2d_stats``): ``(y, partials)``, the partials not
+    differentiable (a BatchNorm that normalises with them has batch statistics, so its own
+    backward carries their dependence on ``y``); the same backward."""
+
+    @staticmethod
+    def forward(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                dilation, groups, batch_stats):
+        ctx.ops, ctx.process_group, ctx.count = ops, process_group, count
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        ctx.batch_stats = batch_stats
+        y, partials = ops.bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, list(stride),
+                                               list(padding), list(dilation), groups, batch_stats)
+        ctx.mark_non_differentiable(partials)
+        return y, partials
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_partials):
+        return BNReLUConv2dFunction.backward(ctx, grad_out)
