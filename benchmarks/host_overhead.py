@@ -1,6 +1,6 @@
 """Host time of the triton backend's op implementations, without a GPU.
 
-    python benchmarks/host_overhead.py [--shape resnext50_s1] [--no-plan-cache]
+    python benchmarks/host_overhead.py [--shape resnext50_s1] [--no-plan-cache] [--with-launch]
 
 What one fused training step (statistics, conv, conv backward, BN input gradient) spends in
 Python before its kernels run: checks, launch planning, the tile-config lookup, argument
@@ -30,11 +30,51 @@ SHAPES = {  # batch, channels, spatial size, groups (bf16, channels_last, 3x3, s
 }
 
 
+def _stand_in_triton(jit) -> None:
+    """Triton's launch path without a GPU: a driver that answers the device and stream queries,
+    and ``compile`` replaced by kernels whose launcher does nothing (nothing is compiled)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def is_active(self):
+            return True
+
+    class Kernel:
+        function, packed_metadata = 0, ()
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            return None
+
+    def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = self.device_caches[device][0][key] = Kernel()
+        return kernel
+
+    driver.set_active(Driver())
+    jit.JITFunction._do_compile = compile_stand_in
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="resnext50_s1")
     parser.add_argument("--no-plan-cache", action="store_true", help="the full host code on every call")
     parser.add_argument("--rounds", type=int, default=300, help="calls per timed round")
+    parser.add_argument("--with-launch", action="store_true",
+                        help="keep triton's own launch path (a stand-in driver, compiled kernels whose launcher does "
+                             "nothing) instead of stubbing each launch out: what the plan cache's direct launches "
+                             "save (RESFAST_TRITON_DIRECT_LAUNCH=0 turns them off)")
     args = parser.parse_args(argv)
 
     import triton.runtime.jit as jit
@@ -42,7 +82,10 @@ def main(argv=None) -> int:
     import resfast.ops.triton_ops as T
 
     # no GPU here: launches do nothing, the tuner is told config 0 was fastest, no capture
-    jit.JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)
+    if args.with_launch:
+        _stand_in_triton(jit)
+    else:
+        jit.JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: None)
     T._device = lambda x: contextlib.nullcontext()
     torch.cuda.is_current_stream_capturing = lambda: False
     T.TUNER._time = lambda launch: 0
@@ -68,7 +111,9 @@ def main(argv=None) -> int:
         "bn_backward_elemt": lambda: ops["bn_backward_elemt"](gz, x, bw, mean, inv, sdz, sdz, 1e-3),
     }
     total = 0.0
-    print(f"{args.shape}: host time per call, launches stubbed ({'no plan cache' if args.no_plan_cache else 'plan cache'})")
+    how = ("triton's launch path kept, direct launches " + ("off" if os.environ.get("RESFAST_TRITON_DIRECT_LAUNCH") == "0"
+                                                             else "on")) if args.with_launch else "launches stubbed"
+    print(f"{args.shape}: host time per call, {how} ({'no plan cache' if args.no_plan_cache else 'plan cache'})")
     for name, f in calls.items():
         for _ in range(3):  # plan, record, replay
             f()

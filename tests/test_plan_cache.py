@@ -7,6 +7,8 @@ check that a changed signature (shape, layout, a view into shared memory) is pla
 Skipped where triton cannot run (no GPU and no interpreter)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -236,3 +238,62 @@ def test_replay_from_another_thread(monkeypatch):
     for a, b in zip(ref, got):
         for p, q in zip(a, b):
             assert torch.equal(p, q)
+
+
+def _direct_probe(env_extra, pythonpath=None):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RESFAST_TRITON_DIRECT_LAUNCH")}
+    env.update(env_extra)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tests", "direct_launch_probe.py")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _tritons():
+    """This environment's triton, and the GPU machine's (3.6) where the Makefile provides it."""
+    out = [None]
+    device = os.environ.get("RESFAST_DEVICE_TRITON")
+    if device and os.path.isdir(device):
+        out.append(device)
+    return out
+
+
+@pytest.mark.parametrize("pythonpath", _tritons(), ids=lambda p: "device-triton" if p else "this-triton")
+def test_replays_launch_compiled_kernels_directly_with_what_triton_would_pass(pythonpath):
+    """The plan cache's direct launches (no GPU needed: CUDA code path on meta tensors, a
+    stand-in driver, compiled kernels that log their launches): every launch of the four
+    ops' recorded plans replays straight into ``kernel.run``, with the grid, stream, function,
+    packed metadata and every argument that triton's own ``JITFunction.run`` passed on the
+    recorded call, and no hooks (an empty hook chain is skipped)."""
+    pytest.importorskip("triton")
+    doc = _direct_probe({}, pythonpath)
+    assert set(doc["ops"]) == {"bn_stats_update", "bn_relu_conv2d", "bn_relu_conv2d_backward", "bn_backward_elemt"}
+    for name, r in doc["ops"].items():
+        full, recorded, replay1, replay2 = r["calls"]
+        assert r["events"] == {"direct": len(recorded), "launch": 0}, (doc["triton"], name, r["events"])
+        assert len(full) == len(recorded) == len(replay1) >= 1
+        assert replay1 == replay2
+        for rec, rep in zip(recorded, replay1):
+            assert {k: v for k, v in rec.items() if k != "hooks"} == {k: v for k, v in rep.items() if k != "hooks"}
+            assert rep["hooks"] == ["NoneType", "NoneType", "NoneType"] and rep["stream"] == 77
+
+
+def test_direct_launches_step_aside_for_a_launch_hook_and_the_switch():
+    """With a launch hook registered (a profiler) the replays go through ``fn[grid]``, which
+    calls it; ``RESFAST_TRITON_DIRECT_LAUNCH=0`` records plain launches."""
+    pytest.importorskip("triton")
+    hooked = _direct_probe({"PROBE_HOOK": "1"})
+    for name, r in hooked["ops"].items():
+        assert r["events"]["direct"] >= 1
+        assert all(rep["hooks"][1] == "HookChain" for rep in r["calls"][2]), name
+    off = _direct_probe({"RESFAST_TRITON_DIRECT_LAUNCH": "0"})
+    for name, r in off["ops"].items():
+        assert r["events"]["direct"] == 0 and r["events"]["launch"] >= 1, name
+        assert r["calls"][1] == r["calls"][2]

@@ -137,7 +137,8 @@ class KernelLaunch:
             return
         recorder.launch(fn, b)
         with torch.utils._python_dispatch._disable_current_modes():  # (the interpreter's own tensor ops)
-            fn[b.grid](*b.args, **b.constexprs)
+            kernel = fn[b.grid](*b.args, **b.constexprs)
+        recorder.direct(fn, b, kernel)
 
 
 def launch_plan(op: str, *args: Any) -> List[KernelLaunch]:
@@ -1484,9 +1485,10 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
 # ----------------------------------------------------------------------------- plan cache
 
 # The host code of an op (checks, launch planning, tile-config lookup, argument binding) is a
-# pure function of its arguments' shapes, strides, dtypes, devices, storage offsets and which of
-# them share memory, of its scalar arguments, and of the interpreter / autotune switches; only
-# the tensors' addresses change from call to call. Measured on a GPU (benchmarks/README.md,
+# pure function of its arguments' shapes, strides, dtypes, devices, storage offsets, pointer
+# alignments (16 bytes, which triton specialises on) and which of them share memory, of its
+# scalar arguments, and of the interpreter / autotune switches; only the tensors' addresses
+# change from call to call. Measured on a GPU (benchmarks/README.md,
 # 2026-11-29) that host code took longer than the kernels it launched. So the second call with
 # a signature records what the op does, with a TorchDispatchMode that logs every ATen op it runs
 # (allocations, views, copies) and a hook that logs each kernel launch and each version bump;
@@ -1494,7 +1496,11 @@ def _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, p
 # new inputs, the same kernels with the same integers and constexprs. Anything the log cannot
 # describe (a tensor that is neither an input nor made by a logged op, a value read from a
 # tensor, an autotuning run, a CUDA-graph capture) leaves the signature uncached: it then always
-# runs the full host code. RESFAST_TRITON_PLAN_CACHE=0 turns the cache off.
+# runs the full host code. RESFAST_TRITON_PLAN_CACHE=0 turns the cache off. A replayed launch
+# goes straight to the compiled kernel's launcher (``kernel.run``, with the arguments triton's
+# binder gave it on the recorded call, checked equal then), skipping triton's Python launch
+# path (about 78 us of a ResNeXt stage-1 step's host time on the development machine,
+# ``benchmarks/host_overhead.py --with-launch``); RESFAST_TRITON_DIRECT_LAUNCH=0 keeps that path.
 
 class _RecordingState(threading.local):
     """The recorder of the op being recorded on this thread (``None``: none). A class attribute,
@@ -1549,9 +1555,11 @@ def _signature(name: str, args: Sequence[Any]) -> Optional[Tuple[Any, ...]]:
         if isinstance(a, Tensor):
             if type(a) is not Tensor and type(a) is not torch.nn.Parameter:
                 return None  # a tensor subclass: its own dispatch may differ call to call
-            base = a.data_ptr() - a.storage_offset() * a.element_size()  # the storage's address
+            ptr = a.data_ptr()
+            base = ptr - a.storage_offset() * a.element_size()  # the storage's address
             group = storages.setdefault(base, len(storages))
-            items.append((a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), group))
+            # (the pointer's 16-byte alignment: triton specialises its kernels on it)
+            items.append((a.shape, a.stride(), a.dtype, a.device, a.storage_offset(), group, ptr % 16 == 0))
         elif isinstance(a, (list, tuple)):
             items.append(tuple(a))
         elif a is None or isinstance(a, (bool, int, float, str)):
@@ -1672,6 +1680,16 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
             self.ok = False  # nothing else is passed to a kernel today
         self.events.append(("launch", fn, tuple(b.grid), _Call([self.ref(a) for a in b.args]), dict(b.constexprs)))
 
+    def direct(self, fn: Any, b: "Bound", kernel: Any) -> None:
+        """Make the launch just logged replay straight into ``kernel`` (the compiled kernel
+        ``fn[grid]`` returned) when :func:`_direct_arguments` can rebuild its arguments."""
+        full = _direct_arguments(fn, b, kernel)
+        if full is None or not self.events or self.events[-1][0] != "launch":
+            return
+        _, fn_, grid, call, constexprs = self.events[-1]
+        grid3 = (tuple(grid) + (1, 1))[:3]
+        self.events[-1] = ("direct", kernel, grid3, _Call([self.ref(a) for a in full]), fn_, grid, call, constexprs)
+
     def bump(self, tensors: Sequence[Tensor]) -> None:
         self.events.append(("bump", _Call([self.ref(t) for t in tensors])))
 
@@ -1695,10 +1713,92 @@ class _Replay:
                 elif kind == "launch":
                     vals.append(None)
                     ev[1][ev[2]](*ev[3].build(args, vals), **ev[4])
+                elif kind == "direct":
+                    vals.append(None)
+                    _launch_direct(ev, args, vals)
                 else:
                     vals.append(None)
                     torch.autograd.graph.increment_version(ev[1].build(args, vals))
         return _subst(self.result, args, vals)
+
+
+def _direct_launch_on() -> bool:
+    return os.environ.get("RESFAST_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _same_arg(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _direct_arguments(fn: Any, b: "Bound", kernel: Any) -> Optional[List[Any]]:
+    """Every argument of the compiled ``kernel`` in its parameter order (``b.args``, then the
+    constexprs and defaults), as triton's ``JITFunction.run`` passes them to
+    ``kernel.run``; ``None`` when that cannot be shown equal to what triton's own binder
+    makes of this call (then the replay launches through ``fn[grid]``). Triton's Python launch
+    path (binder, cache key, checks) costs 8-24 us a launch on the development machine
+    (``benchmarks/triton_launch_cost.py``); a replay already knows the kernel and its
+    specialisation, as the plan signature fixes every integer and pointer alignment."""
+    if _interpret() or not _direct_launch_on() or kernel is None:
+        return None
+    if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+        return None
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+        from triton.runtime.jit import compute_cache_key
+
+        params = list(fn.params)
+        if len(b.args) > len(params):
+            return None
+        full = list(b.args)
+        for p in params[len(b.args):]:
+            if p.name in b.constexprs:
+                full.append(b.constexprs[p.name])
+            elif p.has_default:
+                full.append(p.default)
+            else:
+                return None
+        kernel_cache, key_cache, _, _, binder = fn.device_caches[driver.active.get_current_device()]
+        kw = dict(b.constexprs)
+        kw["debug"] = kw.get("debug", fn.debug) or knobs.runtime.debug
+        kw["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        bound, specialization, options = binder(*b.args, **kw)
+        values = list(bound.values())
+        if len(values) != len(full) or not all(_same_arg(v, f) for v, f in zip(values, full)):
+            return None
+        if kernel_cache.get(compute_cache_key(key_cache, specialization, options)) is not kernel:
+            return None
+        kernel.function  # noqa: B018 (loads the module if the launch did not)
+        return full
+    except Exception:  # any triton whose internals differ: the ordinary launch path
+        return None
+
+
+def _no_hooks(hook: Any) -> bool:
+    """``None``, or an empty chain of hooks (triton 3.4+: ``knobs.runtime.launch_enter_hook``
+    is a ``HookChain``, empty unless a profiler added to it)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _launch_direct(ev: Tuple[Any, ...], args: Sequence[Any], vals: List[Any]) -> None:
+    """Replay a ``direct`` event: ``kernel.run`` with the rebuilt arguments on the current
+    stream, as ``JITFunction.run`` calls it, with no launch metadata and no hooks (the
+    launcher skips ``None`` hooks); through ``fn[grid]`` when a launch hook is registered (a
+    profiler that wants its callbacks and metadata) or ``RESFAST_TRITON_DIRECT_LAUNCH=0``."""
+    _, kernel, grid3, call, fn, grid, fallback, constexprs = ev
+    from triton import knobs
+    from triton.runtime import driver
+
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not (_no_hooks(enter) and _no_hooks(leave)) or not _direct_launch_on():
+        fn[grid](*fallback.build(args, vals), **constexprs)
+        return
+    active = driver.active
+    stream = active.get_current_stream(active.get_current_device())
+    kernel.run(grid3[0], grid3[1], grid3[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+               *call.build(args, vals))
 
 
 def _record(fn: Callable[..., Any], args: Sequence[Any]) -> Tuple[Any, Optional[_Replay]]:
