@@ -8,7 +8,8 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    project's rule (``tests/reference.py``) - output, grad x, grad conv weight, grad BN weight
    and bias, running mean and var - on ResNeXt-50 stages 1-4 and a stride-2 first block,
    DenseNet-121's 1x1 and 3x3 convs, a depthwise 3x3 and a WRN 3x3; batch 8, bf16,
-   channels_last, realistic channels and sizes; plus NaN placement in packed groups.
+   channels_last, realistic channels and sizes; the plan cache's replays (direct launches)
+   bit for bit against the first call on three shapes; plus NaN placement in packed groups.
 2. ``timing``: ResNeXt-50 stages 1-4 (batch 64, bf16, channels_last, training): eager
    (``BatchNorm2d -> ReLU(inplace) -> Conv2d``), triton and, while the budget allows,
    ``torch.compile(mode="max-autotune-no-cudagraphs")`` of the same modules, and native where
@@ -89,14 +90,14 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _inputs(n, c, h, co, k, groups, dtype, seed, requires_grad=True):
+def _inputs(n, c, h, co, k, groups, dtype, seed, requires_grad=True, device="cuda"):
     g = torch.Generator(device="cpu").manual_seed(seed)
     cl = torch.channels_last
-    x = (torch.randn(n, c, h, h, generator=g) * 1.1 + 0.2).to("cuda", dtype).contiguous(memory_format=cl)
-    w = (torch.randn(co, c // groups, k, k, generator=g) / math.sqrt(c // groups * k * k)).to("cuda", dtype)
+    x = (torch.randn(n, c, h, h, generator=g) * 1.1 + 0.2).to(device, dtype).contiguous(memory_format=cl)
+    w = (torch.randn(co, c // groups, k, k, generator=g) / math.sqrt(c // groups * k * k)).to(device, dtype)
     w = w.contiguous(memory_format=cl)
-    bw = (torch.rand(c, generator=g) + 0.5).cuda()
-    bb = (torch.randn(c, generator=g) * 0.3).cuda()
+    bw = (torch.rand(c, generator=g) + 0.5).to(device)
+    bb = (torch.randn(c, generator=g) * 0.3).to(device)
     return x, w, bw, bb
 
 
@@ -116,6 +117,47 @@ def _step(backend, x, w, bw, bb, stride, groups, go, dtype_out=None):
     y.backward(go.to(y.dtype))
     return {"out": y.detach(), "grad_x": x.grad, "grad_weight": w.grad, "grad_bn_weight": bw.grad,
             "grad_bn_bias": bb.grad, "running_mean": rm, "running_var": rv}
+
+
+# shapes whose training step is replayed from the plan cache and compared with its first call
+REPLAY = ("resnext50_s1", "densenet121_3x3", "resnext50_s2_down")
+
+
+def replay_parity(device: str = "cuda", shapes=REPLAY, n: int = 8) -> dict:
+    """The plan cache's replays, on this device: one training step of each shape called four
+    times on the same inputs (full host code, recorded, replayed twice; on CUDA the replays
+    launch the compiled kernels directly) gives bit for bit the first call's output and
+    gradients. Records the plan cache's counts per op and how many replayed launches go
+    straight to the launcher."""
+    from resfast.ops import triton_ops
+
+    triton_ops.clear_plan_cache()
+    before = triton_ops.plan_cache_stats(by_op=True)
+    t0 = time.monotonic()
+    try:
+        diffs = {}
+        for shape in shapes:  # a name of PARITY, or a row like PARITY's
+            name, _, c, h, co, k, stride, groups = shape if isinstance(shape, tuple) else next(
+                p for p in PARITY if p[0] == shape)
+            x, w, bw, bb = _inputs(n, c, h, co, k, groups, torch.bfloat16, seed=7, device=device)
+            ho = (h + 2 * (k // 2) - k) // stride + 1
+            go = torch.randn(n, co, ho, ho, device=device).contiguous(memory_format=torch.channels_last)
+            runs = [_step("triton", x, w, bw, bb, stride, groups, go) for _ in range(4)]
+            diffs[name] = sorted(key for key in runs[0] for r in runs[1:] if not torch.equal(r[key], runs[0][key]))
+        after = triton_ops.plan_cache_stats(by_op=True)
+        counts = {op: {k: v - before.get(op, {}).get(k, 0) for k, v in c.items()} for op, c in after.items()}
+        direct = sum(ev[0] == "direct" for r in triton_ops._PLAN_CACHE.values() for ev in r.events)
+        launches = sum(ev[0] in ("direct", "launch") for r in triton_ops._PLAN_CACHE.values() for ev in r.events)
+        replays = sum(c.get("replays", 0) for c in counts.values())
+        ok = all(not d for d in diffs.values()) and replays > 0
+        _log(f"parity plan-cache replays: {'pass' if ok else 'FAIL'} (differing: {diffs}; {replays} replays; "
+             f"{direct} of {launches} recorded launches direct)")
+        return {"shape": "plan_cache_replay", "pass": bool(ok), "differing": diffs, "plan_cache": counts,
+                "direct_launches": direct, "recorded_launches": launches, "seconds": time.monotonic() - t0}
+    except Exception as exc:
+        _log(f"parity plan-cache replays: ERROR {type(exc).__name__}: {exc}")
+        return {"shape": "plan_cache_replay", "pass": False, "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-2000:]}
 
 
 def phase_parity(budget: Budget):
@@ -147,6 +189,8 @@ def phase_parity(budget: Budget):
             results.append({"shape": name, "pass": False, "error": f"{type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc()[-2000:]})
             _log(f"parity {name}: ERROR {type(exc).__name__}: {exc}")
+    if budget.left() >= 15:
+        results.append(replay_parity())
     # NaN placement: packed groups keep a NaN in its own group (forward, running statistics)
     try:
         x, w, bw, bb = _inputs(2, 128, 14, 128, 3, 32, torch.bfloat16, seed=5)

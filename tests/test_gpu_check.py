@@ -837,3 +837,23 @@ def test_triton_launch_cost_script_times_each_launch_of_a_step():
                                     "bn_backward_elemt"]
     assert all(float(r[-2]) > 0 and r[-1] == "us" for r in rows)
     assert lines[-1].strip().startswith("one training step:")
+
+
+def test_replay_parity_of_the_kernels_check_on_the_cpu():
+    """gpu_kernels_check's plan-cache replay check, run here under the interpreter on two
+    small shapes (a packed grouped conv and a strided one): the replays equal the first call
+    bit for bit and the cache served them; no launch is direct under the interpreter."""
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check",
+                                                  os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from resfast.backends import backend_status
+
+    if backend_status("cpu")["triton"]:
+        pytest.skip(f"triton cannot run on the cpu here: {backend_status('cpu')['triton']}")
+    got = mod.replay_parity(device="cpu", shapes=[("packed", 2, 16, 6, 16, 3, 1, 4), ("strided", 2, 8, 7, 8, 3, 2, 1)],
+                            n=2)
+    assert got["pass"], got
+    assert got["differing"] == {"packed": [], "strided": []}
+    assert got["plan_cache"]["bn_relu_conv2d"]["replays"] == 4 and got["plan_cache"]["bn_relu_conv2d"]["records"] == 2
+    assert got["direct_launches"] == 0 and got["recorded_launches"] > 0
