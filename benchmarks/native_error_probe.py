@@ -20,8 +20,9 @@ Prints one JSON document: the compiler (``$CXX`` or ``c++``, its first ``--versi
 the GCC versions recorded in the extension's ``.comment`` section, and per variant the
 child's exit status (negative: killed by that signal) and the error it raised; beside them,
 the GCC that built PyTorch's ``libc10.so``. Exit status
-0 when the ``default`` variant raised, 1 when it did not, 0 with ``"built": false`` when
-there is no compiled extension.
+0 when the ``default`` variant raised, 1 when it did not, 3 when the extension does not
+import with this torch (built against another version), 0 with ``"built": false`` when there
+is no compiled extension.
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
 import torch
-import resfast._C  # noqa: F401
+try:
+    import resfast._C  # noqa: F401
+except ImportError as exc:
+    print("does not load: " + str(exc).strip().splitlines()[0][:200])
+    raise SystemExit(4)
 try:
     torch.ops.resfast.bn_stats(torch.randn(3, 4))
 except RuntimeError as exc:
@@ -103,6 +108,9 @@ def _finish(proc: subprocess.Popen, timeout: float) -> Dict[str, Any]:
                               "raised": proc.returncode == 0 and bool(out) and out[-1].startswith("raised: ")}
     if result["raised"]:
         result["message"] = out[-1][len("raised: "):]
+    elif proc.returncode == 4 and out and out[-1].startswith("does not load: "):
+        result["loads"] = False
+        result["message"] = out[-1][len("does not load: "):]
     else:
         result["stderr_tail"] = stderr.strip().splitlines()[-3:]
     return result
@@ -141,7 +149,10 @@ def main(argv=None) -> int:
     print(json.dumps(doc, indent=None if args.json else 1))
     if not doc["built"]:
         return 0
-    return 0 if doc["variants"]["default"]["raised"] else 1
+    default = doc["variants"]["default"]
+    if default.get("loads") is False:
+        return 3  # built for another torch: nothing to probe with this one
+    return 0 if default["raised"] else 1
 
 
 if __name__ == "__main__":

@@ -748,6 +748,10 @@ def test_native_error_probe_reports_whether_the_extensions_errors_raise():
     if not doc["built"]:
         assert proc.returncode == 0
         pytest.skip("the compiled extension is not built here (RESFAST_BUILD_EXT=1 builds it)")
+    if doc["variants"]["default"].get("loads") is False:
+        assert proc.returncode == 3
+        pytest.skip(f"the compiled extension does not load with this torch ({torch_version()}): "
+                    f"{doc['variants']['default']['message']}")
     assert proc.returncode == 0, proc.stderr
     assert doc["gcc_comments"] and all(c.startswith("GCC: (") for c in doc["gcc_comments"])
     assert set(doc["variants"]) >= {"default", "no_cpp_stacktraces"}
@@ -769,6 +773,9 @@ def test_native_error_probe_reads_gcc_comments_and_a_crashing_child(tmp_path, mo
     assert got["a"]["rc"] == -11 and got["a"]["raised"] is False and "message" not in got["a"]
     monkeypatch.setattr(mod, "CHILD", "print('raised: boom')")
     assert mod.run_variants({"a": {}})["a"] == {"rc": 0, "raised": True, "message": "boom"}
+    monkeypatch.setattr(mod, "CHILD", "print('does not load: undefined symbol x'); raise SystemExit(4)")
+    assert mod.run_variants({"a": {}})["a"] == {"rc": 4, "raised": False, "loads": False,
+                                               "message": "undefined symbol x"}
 
 
 def test_gpu_kernels_check_reduce_overhead_rows_compute_the_fused_op():
@@ -857,3 +864,9 @@ def test_replay_parity_of_the_kernels_check_on_the_cpu():
     assert got["differing"] == {"packed": [], "strided": []}
     assert got["plan_cache"]["bn_relu_conv2d"]["replays"] == 4 and got["plan_cache"]["bn_relu_conv2d"]["records"] == 2
     assert got["direct_launches"] == 0 and got["recorded_launches"] > 0
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
