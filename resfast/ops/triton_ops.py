@@ -395,6 +395,15 @@ _FWD_CONFIGS = [
     # stage 1's forward at 97.7 -> 77.6 us, spill-free
     _cfg(4, 1, 5, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=96),
 ]
+# Extra candidates of the forward with the statistics epilogue (``bn_relu_conv2d_stats``, the
+# producer of a chained pair), whose register accumulators take the 4-warp 8 x 8 tile to about
+# 122 registers: capped at 128, 4 programs fit an SM (the list's 8 x 8 declares 5, which the
+# epilogue's registers cannot hold, so its grid ran in two waves). Predicted (triton 3.8):
+# ResNeXt-50 stage 1's producer 169.8 -> 149.4 us, the stride-2 stage-2 block's 217.9 ->
+# 137.1 us, spill-free (under triton 3.6 the latter spills 92 bytes: the tuner measures it).
+_FWD_STATS_CONFIGS = [
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=128),
+]
 # The forward's tile loop carries the tile's digits (no division per tile) when a program walks
 # at least this many tiles (static model: a gain from 7 tiles per program, ResNeXt-50's and
 # DenseNet-121's 3x3 convs; a small loss at 1-5, WRN-28-10's and the 7 x 7 stages).
@@ -480,7 +489,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     bias = None if bias is None else bias.contiguous()  # the kernel reads it at ptr + co
     use_scratch = kh * kw > 1
     fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
-    configs = _prune_tiles(_FWD_CONFIGS, ho, wo, fit=fit)
+    configs = _prune_tiles(_FWD_CONFIGS + (_FWD_STATS_CONFIGS if pstat is not None else []), ho, wo, fit=fit)
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if pstat is not None:
