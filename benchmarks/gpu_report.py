@@ -594,7 +594,7 @@ KERNELS_SCHEMA = "resfast-gpu-kernels"
 
 
 def _host_markdown(host: Dict[str, Any]) -> List[str]:
-    # gpu_kernels_check's "host" phase (since 2026-11-29's fourth session): host time per call
+    # gpu_kernels_check's "host" phase (added after the third GPU run): host time per call
     rows = [r for r in host.get("rows", []) if r.get("threads")]
     if not rows:
         return []
