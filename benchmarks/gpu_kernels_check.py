@@ -493,6 +493,10 @@ def phase_host(budget: Budget, device: str = "cuda", shape=HOST_SHAPE, n: int = 
             sync()
             row["top"] = hp.top_functions(step, calls=max(1, calls // 2), top=25, root=ROOT)
             sync()
+            if cuda and sys.version_info >= (3, 12):  # cProfile sees the device thread too
+                row["top_device_thread"] = hp.top_functions(step, calls=max(1, calls // 2), top=25, root=ROOT,
+                                                            threads=True)
+                sync()
             t, o = row["threads"], row["one_thread"]
             _log(f"host {name} {impl:14s} fwd {t['fwd_us']:7.1f} us  bwd {t['bwd_us']:7.1f} us  (backward on the "
                  f"calling thread: {o['bwd_us']:7.1f} us); syncs: {len(row['syncs'])}; top: "

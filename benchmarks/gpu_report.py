@@ -615,6 +615,9 @@ def _host_markdown(host: Dict[str, Any]) -> List[str]:
     for r in rows:
         for sync in r.get("syncs") or []:
             out.append(f"- sync in {r.get('impl')}: {sync}")
+        if r.get("top_device_thread"):
+            out.append(f"- {r.get('impl')}, most self time with the backward on autograd's device thread: " + "; ".join(
+                f"{f['function'].rsplit('/', 1)[-1]} {f['self_us']:.0f} us" for f in r["top_device_thread"][:5]))
     return out
 
 

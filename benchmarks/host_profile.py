@@ -81,14 +81,17 @@ def short_path(path: str, root: Optional[str] = None) -> str:
 
 
 def top_functions(step: Callable[[], Any], calls: int = 10, top: int = 25,
-                  root: Optional[str] = None) -> List[Dict[str, Any]]:
+                  root: Optional[str] = None, threads: bool = False) -> List[Dict[str, Any]]:
     """``cProfile`` of ``calls`` calls of ``step`` (a whole training call) with the backward
     on the calling thread: the ``top`` functions by self time, per call (``self_us``,
-    ``cum_us``, ``calls_per_step``); built-in functions appear under their own names."""
+    ``cum_us``, ``calls_per_step``); built-in functions appear under their own names.
+    ``threads=True``: the backward on autograd's device thread, as training runs it; from
+    Python 3.12 ``cProfile`` sees every thread (it uses ``sys.monitoring``), before that only
+    the calling one."""
     if calls < 1:
         raise ValueError(f"top_functions: calls must be >= 1, got {calls}")
     profiler = cProfile.Profile()
-    with _thread_context(False):
+    with _thread_context(threads):
         step()  # warm
         profiler.enable()
         try:

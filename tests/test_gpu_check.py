@@ -634,6 +634,7 @@ def test_top_functions_finds_the_function_with_the_most_self_time():
         fast()
         fast()
 
+    assert hp.top_functions(step, calls=2, top=50, root=ROOT, threads=True)  # the training default
     rows = hp.top_functions(step, calls=4, top=50, root=ROOT)
     by = {r["function"]: r for r in rows}
     sleep = next(r for name, r in by.items() if "sleep" in name)
@@ -688,7 +689,8 @@ def test_markdown_of_the_host_phase():
            "host": {"rows": [
                {"shape": "resnext50_s3", "impl": "triton", "threads": {"fwd_us": 300.0, "bwd_us": 1200.0},
                 "one_thread": {"fwd_us": 290.0, "bwd_us": 400.0}, "syncs": ["called a synchronizing CUDA operation"],
-                "top": [{"function": "resfast/ops/triton_ops.py:1672(__call__)", "self_us": 55.0}]},
+                "top": [{"function": "resfast/ops/triton_ops.py:1672(__call__)", "self_us": 55.0}],
+                "top_device_thread": [{"function": "torch/_ops.py:920(redispatch)", "self_us": 700.0}]},
                {"shape": "resnext50_s3", "impl": "native", "skipped": "budget"}],
                "plan_cache": {"bn_relu_conv2d": {"replays": 80, "records": 1, "uncacheable": 0, "full": 2}}}}
     lines = report.markdown_table(doc).splitlines()
@@ -696,6 +698,8 @@ def test_markdown_of_the_host_phase():
     assert not any(ln.startswith("| native") for ln in lines)
     assert "triton plan cache over the phase: bn_relu_conv2d replays 80, records 1, uncacheable 0, full 2" in lines
     assert "- sync in triton: called a synchronizing CUDA operation" in lines
+    assert ("- triton, most self time with the backward on autograd's device thread: _ops.py:920(redispatch) 700 us"
+            in lines)
     assert not any("host time" in ln for ln in report.markdown_table({**doc, "host": {}}).splitlines())
 
 
