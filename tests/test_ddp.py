@@ -6,13 +6,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from resfast import BNReLUConv2d
 from resfast.train.distributed import init_distributed, prepare_model, unwrap
 from resfast.train.loop import TrainConfig, make_optimizer, train, train_step
-from ports import free_port
+from ports import free_port, leave_rank, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -81,12 +80,13 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), outdir), WORLD)
     return torch.load(os.path.join(outdir, "rank0.pt"), weights_only=True), outdir
 
 
@@ -126,3 +126,20 @@ def test_training_loop_under_ddp_writes_rank0_files(ddp_run):
     assert len(result["epoch_time_s"]) == 1 and 0.0 <= result["test_acc"] <= 1.0
     assert sorted(os.listdir(os.path.join(outdir, "run"))) == ["checkpoint.pt", "curves.png", "metrics.csv",
                                                                "metrics.json"]
+
+
+def _sleeper(rank: int) -> None:
+    import time
+
+    time.sleep(600)
+
+
+def test_spawned_ranks_past_their_deadline_are_killed_and_fail_the_test():
+    """tests/ports.spawn_ranks: ranks that hang (as a gloo teardown once did under torch 2.11)
+    are killed at the deadline and the test fails saying so, rather than the suite waiting."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="2 distributed ranks did not finish within 3 s"):
+        spawn_ranks(_sleeper, (), 2, deadline_s=3)
+    assert time.monotonic() - t0 < 60

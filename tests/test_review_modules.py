@@ -53,9 +53,8 @@ import datetime  # noqa: E402
 import os  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
-from ports import free_port  # noqa: E402
+from ports import free_port, leave_rank, spawn_ranks  # noqa: E402
 from resfast.backends import backend_status  # noqa: E402
 
 SYNC_BACKENDS = [b for b in ("eager", "native") if not backend_status("cpu")[b]]
@@ -131,12 +130,13 @@ def _empty_rank_worker(rank: int, port: int, outdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module")
 def empty_rank_results(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("empty_rank"))
-    mp.spawn(_empty_rank_worker, args=(free_port(), outdir), nprocs=2, join=True)
+    spawn_ranks(_empty_rank_worker, (free_port(), outdir), 2)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 

@@ -9,12 +9,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import resfast
 from resfast.backends import backend_status
-from ports import free_port
+from ports import free_port, leave_rank, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -81,12 +80,13 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave_rank()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("syncbn"))
-    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), outdir), WORLD)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
