@@ -758,6 +758,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                          HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                          EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+                const["maxnreg"] = cfg.get("MAXNREG")
             # per-program trips of the kernel's loops in the order of their heads in the code
             if sh:  # the class path: one tile loop per residue class
                 loops = {f"tiles_class{q}": _cdiv(num_tiles // (sh * sw), splits) for q in range(sh * sw)}
