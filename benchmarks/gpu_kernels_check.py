@@ -35,6 +35,8 @@ Phases, each within what is left of the budget (a phase that does not fit is ski
    block, registers and shared memory as the device ran it: measured beside the
    static model's per-kernel predictions, and the data ``benchmarks/static_calibrate.py``
    fits the model's latency constants to (``profiles``; ``profile`` is the first shape's).
+6. ``candidates``: configs outside the lists (register caps that buy occupancy but spill, which
+   the static model does not price), each timed beside its launch's listed configs.
 
 Writes ``OUTDIR/gpu_kernels.json`` (schema ``resfast-gpu-kernels/1``) and prints a summary.
 Exit status 0 when every parity check that ran passed.
@@ -620,6 +622,63 @@ def phase_profile(budget: Budget):
     return out
 
 
+# Configs outside the lists, timed beside the lists' own on the GPU: register caps that let more
+# programs share an SM (the static model predicts them faster: its latency bound falls with
+# residency) but spill, which the model does not price. (shape, phase, launch, config label)
+CANDIDATES = (
+    # PREDICTED 212.4 -> 153.6 us, spills 172 bytes (triton 3.8)
+    ("resnext50_s1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=32,MAXNREG=128,w4,s1,p4"),
+    # PREDICTED 281.1 -> 169.2 us, spills 12 bytes (16 under triton 3.6)
+    ("densenet121_1x1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=128,BLOCK_K=32,WIDE_K=64,MAXNREG=128,w8,s1,p2"),
+    # PREDICTED 281.1 -> 165.4 us, spills 296 bytes
+    ("densenet121_1x1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=16,BLOCK_N=128,BLOCK_K=32,MAXNREG=128,w8,s1,p2"),
+)
+
+
+def _time_launch(launch, cfg, reps: int = 10) -> float:
+    """Mean microseconds of ``launch`` run with ``cfg`` (after a warm-up that compiles it),
+    CUDA events around ``reps`` launches."""
+    launch.run(cfg)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        launch.run(cfg)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def phase_candidates(budget: Budget, candidates=CANDIDATES):
+    """Each candidate config timed on this GPU beside every config of its launch's own list
+    (the same inputs, one kernel at a time): whether the occupancy a register cap buys beats
+    the spills it costs."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from static_calibrate import config_from_label
+
+    from resfast.profiling import static_model as sm
+
+    rows = []
+    for shape, phase, name, label in candidates:
+        if budget.left() < 15:
+            rows.append({"shape": shape, "launch": name, "candidate": label, "skipped": "budget"})
+            continue
+        try:
+            launch = next(ln for ln in sm.training_plan(sm.SHAPES[shape], device="cuda")[phase] if ln.name == name)
+            times = {cfg.label: _time_launch(launch, cfg) for cfg in launch.configs}
+            best = min(times, key=times.get)
+            times[label] = _time_launch(launch, config_from_label(label))
+            rows.append({"shape": shape, "launch": name, "candidate": label, "us": times, "best_listed": best,
+                         "candidate_vs_best": times[best] / times[label]})
+            _log(f"candidate {shape} {name}: {times[label]:.1f} us against the list's best {times[best]:.1f} us "
+                 f"({best})")
+        except Exception as exc:
+            rows.append({"shape": shape, "launch": name, "candidate": label, "error": f"{type(exc).__name__}: {exc}"})
+            _log(f"candidate {shape} {name} {label}: ERROR {type(exc).__name__}: {exc}")
+        torch.cuda.empty_cache()
+    return rows
+
+
 def environment():
     import triton
 
@@ -673,10 +732,16 @@ def main(argv=None) -> int:
         doc["chain"] = {"error": f"{type(exc).__name__}: {exc}"}
     doc["phases"]["chain_s"] = time.monotonic() - t0
     t0 = time.monotonic()
-    doc["profiles"] = phase_profile(budget)
+    doc["profiles"] = phase_profile(Budget(budget.left() - 20))
     # "profile": the first shape's record alone, as files before 2026-11-30 had it
     doc["profile"] = doc["profiles"][0] if doc["profiles"] else {"skipped": "budget"}
     doc["phases"]["profile_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        doc["candidates"] = phase_candidates(budget)
+    except Exception as exc:
+        doc["candidates"] = [{"error": f"{type(exc).__name__}: {exc}"}]
+    doc["phases"]["candidates_s"] = time.monotonic() - t0
     hbm = next((v for k, v in HBM.items() if k in doc["environment"]["gpu"]), None)
     if hbm:
         for r in doc["timing"]:

@@ -655,6 +655,16 @@ def _kernels_markdown(results: Dict[str, Any]) -> str:
         if profile.get("configs"):
             out += ["", "configs the autotuner chose: " + "; ".join(
                 f"{name} `{label}`" for name, label in sorted(profile["configs"].items()))]
+    candidates = [c for c in results.get("candidates") or [] if c.get("us")]
+    if candidates:
+        out += ["", "configs outside the lists, timed beside the lists' own (one kernel, the same inputs):", "",
+                "| shape | launch | candidate | time | the list's best | its time | best / candidate |",
+                "|---|---|---|---|---|---|---|"]
+        for c in candidates:
+            us = c["us"]
+            out.append(f"| {c['shape']} | {c['launch']} | `{c['candidate']}` | {format_time(us[c['candidate']] * 1e-6)} | "
+                       f"`{c['best_listed']}` | {format_time(us[c['best_listed']] * 1e-6)} | "
+                       f"{c['candidate_vs_best']:.2f}x |")
     return "\n".join(out)
 
 

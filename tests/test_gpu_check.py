@@ -874,3 +874,39 @@ def torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def test_kernels_check_candidates_name_launches_that_bind(monkeypatch):
+    """gpu_kernels_check's candidate configs: each label parses, names a launch of its shape's
+    training plan, binds to a grid there (meta tensors, the CUDA code path), and is not
+    already in the list."""
+    import resfast.backends as backends
+
+    monkeypatch.setattr(backends, "triton_interpret", lambda: False)  # plan as on a GPU
+    spec = importlib.util.spec_from_file_location("gpu_kernels_check",
+                                                  os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from static_calibrate import config_from_label
+
+    from resfast.profiling import static_model as sm
+
+    assert mod.CANDIDATES
+    for shape, phase, name, label in mod.CANDIDATES:
+        cfg = config_from_label(label)
+        assert cfg.label == label
+        launch = next(ln for ln in sm.training_plan(sm.SHAPES[shape])[phase] if ln.name == name)
+        assert label not in [c.label for c in launch.configs]
+        assert min(launch.bind(cfg).grid) > 0
+
+
+def test_markdown_of_the_candidates_phase():
+    doc = {"schema": "resfast-gpu-kernels/1", "environment": {"gpu": "NVIDIA H200"}, "timing": [],
+           "candidates": [{"shape": "resnext50_s1", "launch": "conv_bwd", "candidate": "A,w4,s1,p4",
+                           "us": {"B,w4,s1,p3": 230.0, "A,w4,s1,p4": 200.0}, "best_listed": "B,w4,s1,p3",
+                           "candidate_vs_best": 1.15},
+                          {"shape": "x", "launch": "conv_bwd", "candidate": "C", "skipped": "budget"}]}
+    lines = report.markdown_table(doc).splitlines()
+    assert "| resnext50_s1 | conv_bwd | `A,w4,s1,p4` | 200us | `B,w4,s1,p3` | 230us | 1.15x |" in lines
+    assert not any(ln.startswith("| x |") for ln in lines)

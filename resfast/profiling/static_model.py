@@ -395,26 +395,35 @@ def predict(stats: KernelStats, grid: Sequence[int], loop_trips: Sequence[int], 
     }
 
 
-def _meta_inputs(s: ConvShape, dtype):
+def _meta_inputs(s: ConvShape, dtype, device: str = "meta"):
+    """``s``'s tensors: ``empty`` on ``meta``; elsewhere (a GPU timing a plan's launches)
+    random activations and gradients, per-channel vectors in ``[0.5, 1.5)`` (a valid
+    inverse std), so every kernel reads finite data."""
     import torch
 
     cl = torch.channels_last
-    x = torch.empty(s.n, s.c, s.h, s.w, dtype=dtype, device="meta").contiguous(memory_format=cl)
-    w = torch.empty(s.co, s.c // s.groups, s.k, s.k, dtype=dtype, device="meta").contiguous(memory_format=cl)
+    make = torch.empty if device == "meta" else torch.randn
+    x = make(s.n, s.c, s.h, s.w, dtype=dtype, device=device).contiguous(memory_format=cl)
+    w = (make(s.co, s.c // s.groups, s.k, s.k, dtype=dtype, device=device) * (1.0 if device == "meta" else 0.1)
+         ).contiguous(memory_format=cl)
     ho, wo = s.out_hw
-    gy = torch.empty(s.n, s.co, ho, wo, dtype=dtype, device="meta").contiguous(memory_format=cl)
-    vec = lambda: torch.empty(s.c, dtype=torch.float32, device="meta")  # noqa: E731
+    gy = make(s.n, s.co, ho, wo, dtype=dtype, device=device).contiguous(memory_format=cl)
+    if device == "meta":
+        vec = lambda: torch.empty(s.c, dtype=torch.float32, device=device)  # noqa: E731
+    else:
+        vec = lambda: torch.rand(s.c, dtype=torch.float32, device=device) + 0.5  # noqa: E731
     return x, w, gy, vec
 
 
-def training_plan(s: ConvShape, dtype=None) -> Dict[str, list]:
-    """The launches of one training forward and backward of the fused op on ``s`` (meta tensors)."""
+def training_plan(s: ConvShape, dtype=None, device: str = "meta") -> Dict[str, list]:
+    """The launches of one training forward and backward of the fused op on ``s`` (meta
+    tensors; on ``device`` with random data to time them there)."""
     import torch
 
     from resfast.ops import triton_ops
 
     dtype = dtype or torch.bfloat16
-    x, w, gy, vec = _meta_inputs(s, dtype)
+    x, w, gy, vec = _meta_inputs(s, dtype, device)
     bw, bb, mean, invstd, rm, rv = (vec() for _ in range(6))
     conv = ([s.stride] * 2, [s.pad] * 2, [1, 1], s.groups)
     fwd = (triton_ops.launch_plan("bn_stats_update", x, rm, rv, 0.1, 1e-5)
@@ -425,7 +434,7 @@ def training_plan(s: ConvShape, dtype=None) -> Dict[str, list]:
     # Statistics in the epilogue. As a consumer, x's statistics come from the epilogue of the op
     # that wrote x: one finalize, no pass over x. As a producer, the conv also takes its
     # output's statistics (what that costs the conv is the op's "epilogue_us").
-    partials = torch.empty([3, triton_ops.STATS_ROWS, s.c], dtype=torch.float32, device="meta")
+    partials = torch.zeros([3, triton_ops.STATS_ROWS, s.c], dtype=torch.float32, device=device)
     consumer = (triton_ops.launch_plan("bn_stats_merge_update", partials, s.n * s.h * s.w, rm, rv, 0.1, 1e-5)
                 + triton_ops.launch_plan("bn_relu_conv2d", x, w, None, bw, bb, mean, invstd, *conv, True))
     producer = [launch for launch in triton_ops.launch_plan("bn_relu_conv2d_stats", x, w, None, bw, bb, mean,
