@@ -57,6 +57,7 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # host_profile, static_calibrate
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -454,7 +455,6 @@ def phase_host(budget: Budget, device: str = "cuda", shape=HOST_SHAPE, n: int = 
     operation that synchronises with the GPU; and the triton plan cache's counts over the
     phase (replays should be all but the first calls). ``device="cpu"`` (the tests) leaves out
     the synchronisation check, which needs CUDA."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import host_profile as hp
 
     from resfast.backends import BACKEND_TABLE
@@ -653,7 +653,6 @@ def phase_candidates(budget: Budget, candidates=CANDIDATES):
     """Each candidate config timed on this GPU beside every config of its launch's own list
     (the same inputs, one kernel at a time): whether the occupancy a register cap buys beats
     the spills it costs."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from static_calibrate import config_from_label
 
     from resfast.profiling import static_model as sm

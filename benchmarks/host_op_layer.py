@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from modules, eager, native, triton-stub")
     if "triton-stub" in backends:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the CPU runs the triton backend so
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: on the CPU triton runs interpreted
 
     import torch
     from torch import nn

@@ -256,14 +256,19 @@ class BNReLUConv2dFunction(torch.autograd.Function):
     ``torch.library``'s Python autograd wrapper; the same backward)."""
 
     @staticmethod
-    def forward(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
-                dilation, groups, batch_stats):
+    def _setup(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+               dilation, groups, batch_stats):
+        """Saves what the backward needs on ``ctx``; returns the op's arguments (``x`` ...
+        ``batch_stats``, the conv arguments as lists)."""
         ctx.ops, ctx.process_group, ctx.count = ops, process_group, count
         ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.batch_stats = batch_stats
-        return ops.bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, list(stride), list(padding),
-                                  list(dilation), groups, batch_stats)
+        return (x, weight, bias, bn_weight, bn_bias, mean, invstd, *ctx.conv_args, batch_stats)
+
+    @staticmethod
+    def forward(ctx, ops, *args):
+        return ops.bn_relu_conv2d(*BNReLUConv2dFunction._setup(ctx, ops, *args))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -288,14 +293,8 @@ class BNReLUConv2dStatsFunction(BNReLUConv2dFunction):
     backward carries their dependence on ``y``); the same backward."""
 
     @staticmethod
-    def forward(ctx, ops, process_group, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
-                dilation, groups, batch_stats):
-        ctx.ops, ctx.process_group, ctx.count = ops, process_group, count
-        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
-        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
-        ctx.batch_stats = batch_stats
-        y, partials = ops.bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, list(stride),
-                                               list(padding), list(dilation), groups, batch_stats)
+    def forward(ctx, ops, *args):
+        y, partials = ops.bn_relu_conv2d_stats(*BNReLUConv2dFunction._setup(ctx, ops, *args))
         ctx.mark_non_differentiable(partials)
         return y, partials
 

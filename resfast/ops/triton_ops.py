@@ -1525,8 +1525,8 @@ _RECORDING = _RecordingState()
 _PLAN_CACHE_MAX = 4096
 _PLAN_CACHE: Dict[Tuple[Any, ...], "_Replay"] = {}
 _PLAN_SEEN: Dict[Tuple[Any, ...], bool] = {}  # signature -> False once it proved uncacheable
-_PLAN_STATS = {"replays": 0, "records": 0, "uncacheable": 0}
-_PLAN_STATS_BY_OP: Dict[str, Dict[str, int]] = {}  # the same counts per op, plus "full" (calls run in full)
+# per op: replays, records, uncacheable, and "full" (calls that ran the whole host code)
+_PLAN_STATS_BY_OP: Dict[str, Dict[str, int]] = {}
 # ATen ops whose result depends on tensor values the log does not carry: never cached.
 _DATA_OPS = ("_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "allclose")
 
@@ -1543,7 +1543,8 @@ def plan_cache_stats(by_op: bool = False) -> Dict[str, Any]:
     first calls, uncacheable signatures, calls inside a CUDA-graph capture)."""
     if by_op:
         return {name: dict(counts) for name, counts in _PLAN_STATS_BY_OP.items()}
-    return dict(_PLAN_STATS, entries=len(_PLAN_CACHE))
+    total = {k: sum(c[k] for c in _PLAN_STATS_BY_OP.values()) for k in ("replays", "records", "uncacheable")}
+    return dict(total, entries=len(_PLAN_CACHE))
 
 
 def _count(op: str, what: str) -> None:
@@ -1551,8 +1552,6 @@ def _count(op: str, what: str) -> None:
     if counts is None:
         counts = _PLAN_STATS_BY_OP[op] = {"replays": 0, "records": 0, "uncacheable": 0, "full": 0}
     counts[what] += 1
-    if what != "full":
-        _PLAN_STATS[what] += 1
 
 
 def _plan_cache_on() -> bool:
