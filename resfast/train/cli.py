@@ -10,7 +10,7 @@ import sys
 
 from resfast.backends import BACKENDS
 from resfast.train.data import DATASETS
-from resfast.train.loop import AMP_MODES, SCHEDULES, TrainConfig, train
+from resfast.train.loop import AMP_MODES, COMPILE_MODES, SCHEDULES, TrainConfig, train
 
 __all__ = ["add_arguments", "run", "config_from_args", "main", "EPILOG"]
 
@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for the model and inputs")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS,
                    help="kernel backend of the resfast blocks (`resfast info` says which run here)")
+    p.add_argument("--compile", default=d.compile, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the training step: off (default), default, reduce-overhead (CUDA graphs "
+                        "on a GPU: no per-launch host time), max-autotune, max-autotune-no-cudagraphs; the first "
+                        "epoch's time includes the compilation")
     p.add_argument("--memory", default=None, choices=MEMORY_MODES,
                    help="dense-block memory mode (DenseNet models)")
     p.add_argument("--sync-bn", action="store_true", help="synchronise BN statistics across DDP ranks")
@@ -64,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         dropout=args.dropout, amp=args.amp, channels_last=args.channels_last, backend=args.backend,
         memory=args.memory, sync_bn=args.sync_bn, device=args.device, seed=args.seed, workers=args.workers,
+        compile=args.compile,
         out=args.out, resume=args.resume, progress=not args.no_progress, subset=args.subset,
     )
 
