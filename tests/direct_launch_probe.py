@@ -60,12 +60,16 @@ def main():
     w = torch.empty(c, c // g, 3, 3, dtype=torch.bfloat16, **meta).contiguous(memory_format=cl)
     bw, bb, rm, rv, mean, inv, sdz = (torch.empty(c, **meta) for _ in range(7))
     go, gz = torch.empty_like(x), torch.empty_like(x)
+    gbuf = torch.empty(n, c + 32, h, h, dtype=torch.bfloat16, **meta).contiguous(memory_format=cl)
     s = [1, 1]
     calls = {
         "bn_stats_update": lambda op: op(x, rm, rv, 0.1, 1e-5),
         "bn_relu_conv2d": lambda op: op(x, w, None, bw, bb, mean, inv, s, s, s, g, True),
         "bn_relu_conv2d_backward": lambda op: op(go, x, w, bw, bb, mean, inv, s, s, s, g, False),
         "bn_backward_elemt": lambda op: op(gz, x, bw, mean, inv, sdz, sdz, 1e-3),
+        # the training backward's one op (the two above in one plan), into a gradient buffer's slice
+        "bn_relu_conv2d_backward_full": lambda op: op(go, x, w, bw, bb, mean, inv, s, s, s, g, False, gbuf[:, :c],
+                                                      True, True),
     }
     out = {"triton": triton.__version__, "ops": {}}
     for name, call in calls.items():

@@ -470,6 +470,51 @@ def test_packed_groups_keep_nonfinite_values_in_their_group():
     _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, torch.float32, "NaN in grad_out")
 
 
+def _full_reference(go, x, w, bw, bb, mean, invstd, stride, padding, dilation, groups, bias_grad):
+    """The composed reference of ``bn_relu_conv2d_backward_full``: ``(grad_x, grad_weight,
+    grad_bias, sum_dz_xhat, sum_dz)`` with ``mean``/``invstd`` x's own batch statistics."""
+    gz, gw, gb, sdz, sdzx = reference.bn_relu_conv2d_backward(go, x, w, bw, bb, mean, invstd, stride, padding,
+                                                               dilation, groups, bias_grad)
+    gx = reference.bn_backward_elemt(gz, x, bw, mean, invstd, sdz, sdzx, 1.0 / (x.numel() // x.shape[1]))
+    return gx, gw, gb, sdzx, sdz
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
+@pytest.mark.parametrize("layout", ["cl", "prefix"])
+@pytest.mark.parametrize("into", [None, "write", "accumulate"])
+def test_backward_full_against_eager(case, layout, into):
+    """The training backward in one op (conv backward, then the BN input gradient with the
+    coupling terms of x's own statistics) against the composed eager ops in float64, every
+    output: returned, written into a channel slice of a poisoned buffer, or added to one."""
+    c, co, groups, k, stride, padding, dilation = case
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
+    conv = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    ho = (x.shape[2] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (x.shape[3] + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    go = _x((2, co, ho, wo), "nchw", seed=5)
+    args = (go, x, w, bw, bb, mean, invstd, *conv, True)
+    ctx = f"case={case}, layout={layout}, into={into}"
+    if into is None:
+        got = OPS.bn_relu_conv2d_backward_full(*args, None, False, True)
+        _rule("bn_relu_conv2d_backward_full", got, _full_reference, args, torch.float32, ctx)
+        return
+    buf = torch.full((2, c + 3, *x.shape[2:]), float("nan"), device=DEVICE)
+    out = buf[:, 1:1 + c]
+    base = torch.randn(out.shape, device=DEVICE)
+    if into == "accumulate":
+        out.copy_(base)
+    version = out._version
+    got = OPS.bn_relu_conv2d_backward_full(*args, out, into == "accumulate", True)
+    assert got[0].numel() == 0 and out._version > version
+    assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + c:]).all()
+
+    def expected(*a):
+        gx, *rest = _full_reference(*a)
+        return (gx + base.to(gx.dtype).cpu() if into == "accumulate" else gx, *rest)
+
+    _rule("bn_relu_conv2d_backward_full", (out, *got[1:]), expected, args, torch.float32, ctx)
+
+
 # ----------------------------------------------------------------------------- opcheck
 
 
@@ -488,12 +533,16 @@ def _opcheck_samples():
         "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18),
         "bn_backward_elemt_out": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18, True,
                                   torch.randn(2, 4, 3, 3, device=DEVICE)),
+        "bn_relu_conv2d_backward_full": (go, x, w, bw, bb, mean, invstd, *conv, True, None, False, True),
+        "bn_relu_conv2d_backward_full_out": (go, x, w, bw, bb, mean, invstd, *conv, False,
+                                             torch.randn(2, 5, 3, 3, device=DEVICE)[:, 1:], True, True),
     }
 
 
-@pytest.mark.parametrize("name", list(OP_NAMES))
+@pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(name):
-    torch.library.opcheck(getattr(OPS, name).default, _opcheck_samples()[name])
+    op = name[:-len("_out")] if name.endswith("_full_out") else name
+    torch.library.opcheck(getattr(OPS, op).default, _opcheck_samples()[name])
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -4,8 +4,8 @@
   the conv and ReLU backward (``ops.bn_relu_conv2d_backward``), the SyncBN all-reduce of the
   two per-channel sums when a process group is given, and the BN input gradient
   (``ops.bn_backward_elemt``, or ``ops.bn_backward_elemt_out`` into a caller's buffer); an op
-  set with the optional ``bn_relu_conv2d_backward_full`` (the eager one) does the whole of it
-  in that op when the statistics are ``x``'s own (training, no process group). The
+  set with the optional ``bn_relu_conv2d_backward_full`` (the eager and triton ones) does the
+  whole of it in that op when the statistics are ``x``'s own (training, no process group). The
   registered ops, the SyncBN path and the shared dense block (per chunk of channels) all
   call it.
 * :func:`register_autograd`: the autograd formula of the registered ops
@@ -131,6 +131,8 @@ def bn_relu_conv2d_backward(
                    list(dilation), groups, bias_grad, grad_x_out, accumulate, weight_grad)
     if got is not None:
         gx, gw, gb, sum_dz_xhat, sum_dz = got
+        if grad_x_out is not None:
+            gx = None  # (a registered op returns an empty tensor for it)
     else:
         gx, gw, gb, sum_dz, sum_dz_xhat = _composed_backward(ops, grad_out, x, weight, bn_weight, bn_bias, mean,
                                                              invstd, conv_args, batch_stats, count, process_group,

@@ -59,8 +59,10 @@ OP_NAMES = (
 #:   where the op set cannot do it in one go (the eager one: float16/bfloat16), and the caller
 #:   composes the seven.
 #:
-#: The triton op set has the last two (statistics in the conv's epilogue; schemas in
-#: :data:`resfast.ops.schemas.OPTIONAL_SCHEMAS`):
+#: The triton op set has ``bn_relu_conv2d_backward_full`` too (registered: it returns an empty
+#: tensor where the eager one returns ``None`` for ``grad_x``, and never ``None`` as a whole; it
+#: computes the weight gradient whatever ``weight_grad`` says), and the last two (statistics in
+#: the conv's epilogue; schemas in :data:`resfast.ops.schemas.OPTIONAL_SCHEMAS`):
 #:
 #: * ``bn_relu_conv2d_stats(<bn_relu_conv2d's arguments>) -> (y, partials)``: ``bn_relu_conv2d``
 #:   and the batch statistics of ``y`` as float32 ``[3, STATS_ROWS, C_out]`` partials (count,

@@ -41,8 +41,11 @@ assert tuple(SCHEMAS) == OP_NAMES
 STATS_ROWS = 256
 
 #: Optional ops of the triton op set (:data:`resfast.ops.opset.OPTIONAL_OPS`), with their schemas:
-#: the fused op that also takes its output's batch statistics in the conv's epilogue, and the
-#: finalize that turns them into the next BatchNorm's mean and inverse std.
+#: the fused op that also takes its output's batch statistics in the conv's epilogue, the
+#: finalize that turns them into the next BatchNorm's mean and inverse std, and the whole
+#: training backward in one op (the conv backward and the BN input gradient: one call, one plan
+#: replay, instead of two). A registered op returns tensors only: ``grad_x`` is an empty
+#: ``[0]`` tensor when it went into ``grad_x_out``.
 OPTIONAL_SCHEMAS: Dict[str, str] = {
     "bn_relu_conv2d_stats": (
         f"bn_relu_conv2d_stats(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, bool batch_stats) "
@@ -51,6 +54,10 @@ OPTIONAL_SCHEMAS: Dict[str, str] = {
     "bn_stats_merge_update": (
         "bn_stats_merge_update(Tensor partials, int count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "float momentum, float eps) -> (Tensor, Tensor)"
+    ),
+    "bn_relu_conv2d_backward_full": (
+        f"bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, {_BN}, {_CONV}, bool bias_grad, "
+        "Tensor(a!)? grad_x_out, bool accumulate, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 TRITON_OPTIONAL = tuple(OPTIONAL_SCHEMAS)
@@ -151,6 +158,18 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_update"))
     def _(partials, count, running_mean, running_var, momentum, eps):
         return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
+
+    @torch.library.register_fake(q("bn_relu_conv2d_backward_full"))
+    def _(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad,
+          grad_x_out, accumulate, weight_grad):
+        gx = x.new_empty([0]) if grad_x_out is not None else torch.empty_like(x, memory_format=out_memory_format(x))
+        return (
+            gx,
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            weight.new_empty([weight.shape[0] if bias_grad else 0]),
+            vec(x),
+            vec(x),
+        )
 
 
 _bump_libs: Dict[str, torch.library.Library] = {}

@@ -274,6 +274,28 @@ def bn_stats_merge_update(partials: Tensor, count: int, running_mean: Optional[T
     return out
 
 
+def bn_relu_conv2d_backward_full(
+    grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    bias_grad: bool, grad_x_out: Optional[Tensor], accumulate: bool, weight_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole training backward when ``mean``/``invstd`` are ``x``'s own batch statistics:
+    ``(grad_x, grad_weight, grad_bias or [0], sum_dz_xhat, sum_dz)`` as
+    :func:`resfast.ops.reference.bn_relu_conv2d_backward_full` defines them, ``grad_x`` written
+    into (``accumulate``: added to) ``grad_x_out`` when given and an empty ``[0]`` tensor
+    returned for it. :func:`bn_relu_conv2d_backward` then :func:`bn_backward_elemt` (or its
+    ``_out`` form) in one op: the same launches, one call and one plan replay instead of two.
+    The weight gradient is computed whatever ``weight_grad`` says (the kernel takes it in the
+    same pass); the caller drops it."""
+    out, launches = _plan_bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride,
+                                                       padding, dilation, groups, bias_grad, grad_x_out, accumulate,
+                                                       weight_grad)
+    _run(launches, x)
+    if grad_x_out is not None:
+        _written(grad_x_out)
+    return out
+
+
 def bn_backward_elemt(
     grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor, invstd: Tensor, sum_dz: Tensor,
     sum_dz_xhat: Tensor, inv_count: float,
@@ -1050,9 +1072,24 @@ _PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_backward_elemt_out": _plan_bn_backward_elemt_out,
 }
 assert set(_PLANNERS) == set(OP_NAMES)
+def _plan_bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                      dilation, groups, bias_grad, grad_x_out, accumulate, weight_grad):
+    (grad_z, gw, gb, sum_dz, sum_dz_xhat), launches = _plan_bn_relu_conv2d_backward(
+        grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad)
+    inv_count = 1.0 / (x.numel() // x.shape[1])  # x's own batch statistics: N * H * W positions
+    if grad_x_out is None:
+        gx, more = _plan_bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count)
+    else:
+        _, more = _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count,
+                                              accumulate, grad_x_out)
+        gx = x.new_empty([0])
+    return (gx, gw, gb, sum_dz_xhat, sum_dz), [*launches, *more]
+
+
 _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_relu_conv2d_stats": _plan_bn_relu_conv2d_stats,
     "bn_stats_merge_update": _plan_bn_stats_merge_update,
+    "bn_relu_conv2d_backward_full": _plan_bn_relu_conv2d_backward_full,
 }
 assert set(_OPTIONAL_PLANNERS) == set(TRITON_OPTIONAL)
 
@@ -1385,6 +1422,10 @@ def _or(t: Optional[Tensor], dummy: Tensor) -> Tensor:
 def _empty_like_fake(x: Tensor, shape: Sequence[int]) -> Tensor:
     """Allocate as the registered fake does (``new_empty(shape).contiguous(fmt)``) so strides match exactly."""
     fmt = out_memory_format(x)
+    if fmt == torch.channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
+        # new_empty(shape) is then not channels_last-contiguous, and .contiguous(fmt) allocates
+        # exactly this: one allocation instead of two (the first, output-sized, thrown away)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     t = x.new_empty(shape)
     if not t.is_contiguous(memory_format=fmt):
         t = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
