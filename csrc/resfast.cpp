@@ -4,7 +4,8 @@
 // the triton backend registers under the resfast_triton namespace); tests/test_native.py
 // asserts that every schema registered here equals the Python one. Kernels are registered per
 // device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); the device-independent
-// bn_stats_update is composed here from bn_stats.
+// bn_stats_update is composed here from bn_stats, and the optional bn_relu_conv2d_backward_full
+// from the conv backward and the BN input gradient.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -41,6 +42,53 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_update(const at::Tensor& x, const st
   return {mean, at::rsqrt(var + eps)};
 }
 
+using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The whole training backward when mean/invstd are x's own batch statistics (the triton op set
+// has the same op; resfast/ops/reference.py defines it): the conv and ReLU backward, then the
+// BN input gradient with the coupling terms over N*H*W positions, returned or written into
+// (accumulate: added to) grad_x_out, an empty tensor then returned for it. One call from
+// Python instead of two; the weight gradient is computed whatever weight_grad says (the
+// kernel takes it in the same pass). Returns (grad_x, grad_weight, grad_bias or [0],
+// sum_dz_xhat, sum_dz).
+Grads5 bn_relu_conv2d_backward_full(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bn_weight,
+                                    const std::optional<at::Tensor>& bn_bias, const at::Tensor& mean,
+                                    const at::Tensor& invstd, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    at::IntArrayRef dilation, int64_t groups, bool bias_grad,
+                                    const std::optional<at::Tensor>& grad_x_out, bool accumulate, bool weight_grad) {
+  (void)weight_grad;
+  static auto backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resfast::bn_relu_conv2d_backward", "")
+          .typed<Grads5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                        at::IntArrayRef, at::IntArrayRef, int64_t, bool)>();
+  static auto elemt = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("resfast::bn_backward_elemt", "")
+                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, double)>();
+  static auto elemt_out =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resfast::bn_backward_elemt_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool, const at::Tensor&)>();
+  TORCH_CHECK(x.dim() == 4 && x.size(1) > 0, "resfast::bn_relu_conv2d_backward_full: x must be N x C x H x W with C > 0");
+  auto [grad_z, grad_w, grad_b, sum_dz, sum_dz_xhat] =
+      backward.call(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad);
+  const int64_t count = x.numel() / x.size(1);
+  const double inv_count = count > 0 ? 1.0 / static_cast<double>(count) : 0.0;
+  at::Tensor grad_x;
+  if (grad_x_out.has_value()) {
+    elemt_out.call(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, *grad_x_out);
+    grad_x = x.new_empty({0});
+  } else {
+    grad_x = elemt.call(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
+  }
+  return {grad_x, grad_w, grad_b, sum_dz_xhat, sum_dz};
+}
+
 }  // namespace
 }  // namespace resfast
 
@@ -57,10 +105,15 @@ TORCH_LIBRARY(resfast, m) {
         ", bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_backward_elemt(" RESFAST_ELEMT ") -> Tensor");
   m.def("bn_backward_elemt_out(" RESFAST_ELEMT ", bool accumulate, Tensor(a!) out) -> ()");
+  // optional (resfast/ops/schemas.py OPTIONAL_SCHEMAS): the training backward in one op
+  m.def("bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, " RESFAST_BN ", " RESFAST_CONV
+        ", bool bias_grad, Tensor(a!)? grad_x_out, bool accumulate, bool weight_grad) -> (Tensor, Tensor, Tensor, "
+        "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
   m.impl("bn_stats_update", &resfast::bn_stats_update);
+  m.impl("bn_relu_conv2d_backward_full", &resfast::bn_relu_conv2d_backward_full);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

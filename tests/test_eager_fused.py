@@ -54,7 +54,7 @@ EAGER_OPTIONAL = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full")
 
 
 # the eager optional ops a kernel op set has as well (a registered op of its own)
-KERNEL_OPTIONAL = {"triton": ("bn_relu_conv2d_backward_full",), "native": ()}
+KERNEL_OPTIONAL = {"triton": ("bn_relu_conv2d_backward_full",), "native": ("bn_relu_conv2d_backward_full",)}
 
 
 def test_the_eager_op_set_has_its_optional_ops_and_kernel_op_sets_only_theirs():

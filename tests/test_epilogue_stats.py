@@ -76,6 +76,68 @@ def test_epilogue_statistics_match_float64(case):
     assert_rule("running_var", rv, 0.9 + 0.1 * var64 * unbias, 0.9 + 0.1 * var_s * unbias, ctx, dtype=dtype)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_out_forms_write_the_output_and_statistics_where_asked(case):
+    """``bn_relu_conv2d_out_stats`` writes the op's output into a channel slice of a poisoned
+    buffer and returns the same partials; ``bn_stats_merge_out`` writes their mean and biased
+    variance into slices of larger vectors (the shared dense block's per-channel statistics),
+    checked against float64 with the rule, the neighbours untouched and the versions bumped."""
+    c, co, groups, k, stride, bias, cl, dtype = CASES[case]
+    x, w, b = _inputs(c, co, groups, k, bias, cl, dtype)
+    xd = x.to(DEVICE)
+    m = xd.float().mean((0, 2, 3))
+    iv = torch.rsqrt(xd.float().var((0, 2, 3), correction=0) + 1e-5)
+    conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
+    bd = None if b is None else b.to(DEVICE)
+    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True)
+    n, _, ho, wo = y.shape
+    buf = torch.full((n, co + 5, ho, wo), float("nan"), dtype=dtype, device=DEVICE)
+    if cl:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    out = buf[:, 2:2 + co]
+    version = out._version
+    got = _ops().bn_relu_conv2d_out_stats(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, out)
+    assert out._version > version
+    assert torch.equal(out, y) and torch.equal(got, partials)
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, 2 + co:]).all()
+
+    mean_all, var_all, invstd_all = (torch.full((co + 3,), float("nan"), device=DEVICE) for _ in range(3))
+    mean, var, invstd = mean_all[1:1 + co], var_all[1:1 + co], invstd_all[1:1 + co]
+    v0, v1, v2 = mean._version, var._version, invstd._version
+    assert _ops().bn_stats_merge_out(got, y.numel() // co, mean, var, invstd, 1e-3) is None
+    assert mean._version > v0 and var._version > v1 and invstd._version > v2
+    for t in (mean_all, var_all, invstd_all):
+        assert torch.isnan(t[0]) and torch.isnan(t[1 + co:]).all()
+    # without invstd: mean and var only
+    mean2, var2 = torch.empty(co, device=DEVICE), torch.empty(co, device=DEVICE)
+    _ops().bn_stats_merge_out(got, y.numel() // co, mean2, var2, None, 0.0)
+    assert torch.equal(mean2, mean) and torch.equal(var2, var)
+    a64 = torch.relu((x.double() - m.double().cpu().view(1, -1, 1, 1)) * iv.double().cpu().view(1, -1, 1, 1))
+    y64 = F.conv2d(a64, w.double(), None if b is None else b.double(), *conv)
+    var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
+    var_s, mean_s = torch.var_mean(y.float().cpu(), dim=(0, 2, 3), correction=0)
+    assert_rule("mean", mean, mean64, mean_s, case, dtype=dtype)
+    assert_rule("var", var, var64, var_s, case, dtype=dtype)
+    assert_rule("invstd", invstd, (var64 + 1e-3).rsqrt(), (var_s + 1e-3).rsqrt(), case, dtype=dtype)
+
+
+def test_merge_out_rejects_vectors_it_cannot_write():
+    x, w, _ = _inputs(16, 16, 4, 3, False, True, torch.float32)
+    xd = x.to(DEVICE)
+    m, iv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+    _, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), None, None, None, m, iv, [1, 1], [1, 1], [1, 1], 4,
+                                              True)
+    good = torch.empty(16, device=DEVICE)
+    for bad in (torch.empty(32, device=DEVICE)[::2], torch.empty(15, device=DEVICE),
+                torch.empty(16, device=DEVICE, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="contiguous float32 vector"):
+            _ops().bn_stats_merge_out(partials, 10, good, bad, None, 1e-5)
+        with pytest.raises(ValueError, match="invstd must be a contiguous float32 vector"):
+            _ops().bn_stats_merge_out(partials, 10, good, good.clone(), bad, 1e-5)
+    with pytest.raises(ValueError, match="partials must be the float32"):
+        _ops().bn_stats_merge_out(partials[0], 10, good, good.clone(), None, 1e-5)
+
+
 def test_nan_stays_in_its_groups_statistics():
     """Packed small groups: 0 * NaN in the block-diagonal weights would spread one group's NaN;
     the fix-up recomputes that tile exactly, and its statistics come from the fix-up."""
@@ -205,8 +267,9 @@ def test_an_output_mean_far_above_its_spread_keeps_its_variance():
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute, monkeypatch):
     """The shared dense block on triton: each layer's norm2 takes its statistics from conv1's
-    epilogue (a finalize over the partials, no statistics pass over the bottleneck): one
-    statistics pass fewer per layer than without the epilogue; output, input and parameter
+    epilogue (a finalize over the partials, no statistics pass over the bottleneck), and the
+    new channels a later layer reads take theirs from conv3x3's (a finalize into the block's
+    per-channel statistics): one statistics pass fewer per epilogue; output, input and parameter
     gradients and the running statistics against the float64 eager block with the rule, the
     unchained triton block as ``ref_same`` for the rule's slack."""
     from resfast.nn.dense import DenseBlock
@@ -238,12 +301,24 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
 
     chained, launches = step(make("triton"))
     ref64, _ = step(make("eager", torch.float64), torch.float64)
-    monkeypatch.setattr(db, "_stats_ops", lambda ops: None)
+    stats_ops = db._stats_ops
+    # without the conv3x3 epilogue (the new channels' statistics by a statistics pass)
+    monkeypatch.setattr(db, "_stats_ops", lambda ops, names=("bn_relu_conv2d_stats", "bn_stats_merge_update"):
+                        stats_ops(ops, names) if names[0] == "bn_relu_conv2d_stats" else None)
+    conv1_only, launches_conv1 = step(make("triton"))
+    # without either epilogue
+    monkeypatch.setattr(db, "_stats_ops", lambda ops, names=None: None)
     same, launches_unchained = step(make("triton"))
-    assert launches["bn_stats_partial_kernel"] == launches_unchained["bn_stats_partial_kernel"] - 3, dict(launches)
-    assert launches["bn_stats_finalize_kernel"] == launches_unchained["bn_stats_finalize_kernel"], dict(launches)
+    # norm2's statistics from conv1's epilogue: 3 statistics passes fewer (one per layer); the
+    # new channels' from conv3x3's: 2 fewer (layers 1 and 2 write channels a later layer reads)
+    assert launches_conv1["bn_stats_partial_kernel"] == launches_unchained["bn_stats_partial_kernel"] - 3, \
+        dict(launches_conv1)
+    assert launches["bn_stats_partial_kernel"] == launches_conv1["bn_stats_partial_kernel"] - 2, dict(launches)
+    for counts in (launches, launches_conv1):
+        assert counts["bn_stats_finalize_kernel"] == launches_unchained["bn_stats_finalize_kernel"], dict(counts)
     for key in ref64:
         assert_rule(key, chained[key], ref64[key], same[key], f"recompute={recompute}")
+        assert_rule(key, conv1_only[key], ref64[key], same[key], f"recompute={recompute}, conv1 epilogue only")
 
 
 def _producer(seed=0):

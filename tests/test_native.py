@@ -188,6 +188,53 @@ def test_backward_and_elemt(name, dtype, device, kernels):
     assert ops().bn_relu_conv2d_backward(*args[:-1], False)[2].numel() == 0, ctx
 
 
+def _full_reference(go, x, w, bw, bb, mean, invstd, stride, padding, dilation, groups, bias_grad):
+    """The composed reference of ``bn_relu_conv2d_backward_full`` (``mean``/``invstd`` x's own
+    batch statistics): ``(grad_x, grad_weight, grad_bias, sum_dz_xhat, sum_dz)``."""
+    gz, gw, gb, sdz, sdzx = reference.bn_relu_conv2d_backward(go, x, w, bw, bb, mean, invstd, stride, padding,
+                                                               dilation, groups, bias_grad)
+    gx = reference.bn_backward_elemt(gz, x, bw, mean, invstd, sdz, sdzx, 1.0 / (x.numel() // x.shape[1]))
+    return gx, gw, gb, sdzx, sdz
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["resnext_g32_cl_prefix", "depthwise_stride2", "packed_g8_vec_cl"])
+@pytest.mark.parametrize("into", [None, "write", "accumulate"])
+def test_backward_full(name, dtype, device, into):
+    """The training backward in one C++ op (the conv backward, then the BN input gradient with
+    x's own statistics: returned, written into a poisoned buffer's channel slice, or added to
+    one) against the composed eager ops in float64, every output; grad_x_out's version bumped."""
+    x, weight, bias, gm, bt, mean, invstd, conv = _case(name, dtype, device)
+    ctx = f"{name} {dtype} {device} {into}"
+    shape = reference.bn_relu_conv2d(x.cpu().float(), weight.cpu().float(), None, None, None, mean.cpu(),
+                                      invstd.cpu(), conv["stride"], conv["padding"], conv["dilation"],
+                                      conv["groups"], False).shape
+    grad_out = torch.randn(shape, device=device).to(dtype)
+    args = (grad_out, x, weight, gm, bt, mean, invstd, conv["stride"], conv["padding"], conv["dilation"],
+            conv["groups"], bias is not None)
+    ref64, ref_same = _refs(_full_reference, *args)
+    names = ("grad_x", "grad_weight", "grad_bias", "sum_dz_xhat", "sum_dz")
+    if into is None:
+        got = ops().bn_relu_conv2d_backward_full(*args, None, False, True)
+        assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=out_memory_format(x)), ctx
+    else:
+        buf = torch.full((x.shape[0], x.shape[1] + 3, *x.shape[2:]), float("nan"), dtype=dtype, device=device)
+        out = buf[:, 1:1 + x.shape[1]]
+        base = torch.randn(x.shape, device=device).to(dtype)
+        if into == "accumulate":
+            out.copy_(base)
+            ref64 = (ref64[0] + base.double().cpu(), *ref64[1:])
+            ref_same = (ref_same[0] + base.cpu(), *ref_same[1:])
+        version = out._version
+        got = ops().bn_relu_conv2d_backward_full(*args, out, into == "accumulate", True)
+        assert got[0].numel() == 0 and out._version > version, ctx
+        assert torch.isnan(buf[:, :1]).all() and torch.isnan(buf[:, 1 + x.shape[1]:]).all(), ctx
+        got = (out, *got[1:])
+    for nm, g, r64, rs in zip(names, got, ref64, ref_same):
+        assert_rule(nm, g, r64, rs, ctx, dtype=dtype)
+
+
 # With a grid target of one block, a forward / input-gradient block runs several spatial tiles
 # with its weights staged once, and the weight gradient runs every tile in one split: the loops
 # that large convs take on the GPU (the plans read RESFAST_NATIVE_TARGET_BLOCKS on both devices).
@@ -280,13 +327,18 @@ def _opcheck_samples():
         "bn_backward_elemt": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01),
         "bn_backward_elemt_out": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01,
                                   True, torch.randn_like(x)),
+        "bn_relu_conv2d_backward_full": (grad_out, x, weight, gm, bt, mean, invstd, *c, True, None, False, True),
+        "bn_relu_conv2d_backward_full_out": (grad_out, x, weight, gm, bt, mean, invstd, *c, False,
+                                             torch.randn(x.shape[0], x.shape[1] + 2, *x.shape[2:])[:, 1:-1], True,
+                                             True),
     }
 
 
-@pytest.mark.parametrize("op", list(OP_NAMES))
+@pytest.mark.parametrize("op", [*OP_NAMES, "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(op):
     ops()
-    torch.library.opcheck(getattr(torch.ops.resfast, op).default, _opcheck_samples()[op])
+    name = op[:-len("_out")] if op.endswith("_full_out") else op
+    torch.library.opcheck(getattr(torch.ops.resfast, name).default, _opcheck_samples()[op])
 
 
 # ---- the C++ schemas are the Python ones ------------------------------------------------------
@@ -298,6 +350,17 @@ def test_registered_schema_equals_python(op):
     ops()
     registered = getattr(torch.ops.resfast, op).default._schema
     assert registered == torch._C.parse_schema("resfast::" + SCHEMAS[op]), f"{registered} != {SCHEMAS[op]}"
+
+
+def test_registered_optional_schema_equals_python():
+    """The native op set's one optional op, the training backward in one op, has the triton
+    op set's schema."""
+    from resfast.ops.schemas import OPTIONAL_SCHEMAS
+
+    ops()
+    name = "bn_relu_conv2d_backward_full"
+    registered = getattr(torch.ops.resfast, name).default._schema
+    assert registered == torch._C.parse_schema("resfast::" + OPTIONAL_SCHEMAS[name]), str(registered)
 
 
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------

@@ -533,13 +533,17 @@ def _opcheck_samples():
         "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18),
         "bn_backward_elemt_out": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18, True,
                                   torch.randn(2, 4, 3, 3, device=DEVICE)),
+        "bn_relu_conv2d_out_stats": (x, w, b, bw, bb, mean, invstd, *conv, out),
+        "bn_stats_merge_out": (torch.rand(3, 256, 6, device=DEVICE) + 0.5, 18, torch.empty(9, device=DEVICE)[2:8],
+                               torch.empty(6, device=DEVICE), torch.empty(7, device=DEVICE)[1:], 1e-5),
         "bn_relu_conv2d_backward_full": (go, x, w, bw, bb, mean, invstd, *conv, True, None, False, True),
         "bn_relu_conv2d_backward_full_out": (go, x, w, bw, bb, mean, invstd, *conv, False,
                                              torch.randn(2, 5, 3, 3, device=DEVICE)[:, 1:], True, True),
     }
 
 
-@pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
+@pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_out_stats", "bn_stats_merge_out",
+                                  "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(name):
     op = name[:-len("_out")] if name.endswith("_full_out") else name
     torch.library.opcheck(getattr(OPS, op).default, _opcheck_samples()[name])

@@ -191,6 +191,12 @@ class _Config:
     #: layer's conv1x1 takes its bottleneck's batch statistics in its epilogue, so norm2 needs no
     #: statistics pass over the bottleneck (one launch instead of two, no read of it).
     stats_ops: Optional[Tuple[object, object]] = None
+    #: The op set's optional ``(bn_relu_conv2d_out_stats, bn_stats_merge_out)`` (triton): each
+    #: layer's conv3x3 takes its new channels' batch statistics in its epilogue and the finalize
+    #: writes them into the block's per-channel statistics (one launch instead of a statistics
+    #: pass over the new channels and two copies), where no dropout follows it and no reader
+    #: synchronises over a process group.
+    out_stats_ops: Optional[Tuple[object, object]] = None
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -242,14 +248,15 @@ class _Config:
             group=group,
             train_op=getattr(ops, "bn_train_relu_conv2d", None) if group is None else None,
             stats_ops=_stats_ops(ops),
+            out_stats_ops=_stats_ops(ops, ("bn_relu_conv2d_out_stats", "bn_stats_merge_out")),
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
 
 
-def _stats_ops(ops) -> Optional[Tuple[object, object]]:
-    stats, merge = getattr(ops, "bn_relu_conv2d_stats", None), getattr(ops, "bn_stats_merge_update", None)
+def _stats_ops(ops, names=("bn_relu_conv2d_stats", "bn_stats_merge_update")) -> Optional[Tuple[object, object]]:
+    stats, merge = (getattr(ops, name, None) for name in names)
     return (stats, merge) if stats is not None and merge is not None else None
 
 
@@ -352,14 +359,24 @@ def _channel_stats(ops, t: Tensor, group) -> Tuple[Tensor, Tensor, int]:
 
 
 def _reader_params(bn: BNArgs, mean_all, var_all, c: int, acc, pending: List[Tuple[BNArgs, int]],
-                   snapshot: bool) -> Tuple[Tensor, Tensor]:
+                   snapshot: bool, invstd_all: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """mean and invstd a prefix reader (norm1 or the tail's norm) normalises its ``c`` channels
-    with; its running-statistics update (from the shared batch statistics) is queued in ``pending``."""
+    with; its running-statistics update (from the shared batch statistics) is queued in ``pending``.
+    ``invstd_all``: the channels' inverse std with the eps every reader shares, kept as their
+    statistics are written (triton), so a reader takes a view instead of two launches."""
     if not bn.batch_stats:
         return normalize_with(bn.running_mean, bn.running_var, bn.eps, acc, snapshot)
     if bn.running_mean is not None and bn.momentum != 0.0:
         pending.append((bn, c))
+    if invstd_all is not None:
+        return mean_all[:c], invstd_all[:c]
     return mean_all[:c], torch.rsqrt(var_all[:c] + bn.eps)
+
+
+def _shared_eps(readers: Sequence[BNArgs]) -> Optional[float]:
+    """The eps every reader that normalises with batch statistics uses, or None if they differ."""
+    eps = {float(r.eps) for r in readers if r.batch_stats}
+    return eps.pop() if len(eps) == 1 else None
 
 
 @torch.no_grad()
@@ -415,14 +432,20 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
     # Without an op that takes its own statistics, a channel's statistics are taken once, when
     # it is written, and shared by every later reader.
     shared_stats = any(r.batch_stats for r in readers) and train_op is None
-    mean_all = var_all = None
+    mean_all = var_all = invstd_all = None
     count = n * h * w if train_op is not None else 1
     pending: List[Tuple[BNArgs, int]] = []
+    eps = _shared_eps(readers)
     if shared_stats:
         mean_all = torch.empty(c_tot, dtype=acc, device=x.device)
         var_all = torch.empty_like(mean_all)
         m, v, count = _channel_stats(ops, buf[:, :c0], cfg.group)
         mean_all[:c0], var_all[:c0] = m, v
+        if eps is not None and cfg.out_stats_ops is not None and acc == torch.float32:
+            # the readers' inverse std, kept with the statistics (the finalize writes the new
+            # channels'): each reader takes a view, not an add and an rsqrt over its prefix
+            invstd_all = torch.empty_like(mean_all)
+            invstd_all[:c0] = torch.rsqrt(v + eps)
 
     for i in range(n_layers):
         c = c0 + i * k
@@ -434,12 +457,18 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         if train_op is not None and norm1.batch_stats:
             bott, mean1, invstd1 = _train_call(train_op, norm1, buf[:, :c], w1, g1, b1, _CONV1)
         else:
-            mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending, keep)
+            mean1, invstd1 = _reader_params(norm1, mean_all, var_all, c, acc, pending, keep, invstd_all)
             if cfg.stats_ops is not None and norm2.batch_stats and norm2.process_group is None:
                 bott, partials = cfg.stats_ops[0](buf[:, :c], w1, None, g1, b1, mean1, invstd1, *_CONV1, False)
             else:
                 bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1, [(0, c)])
         new = buf[:, c:c + k]
+        p = cfg.drop_rates[i]
+        read_later = shared_stats and (i < n_layers - 1 or cfg.has_tail)  # a later reader normalises new
+        # new's statistics from conv3x3's epilogue (triton), written where the readers find them
+        new_partials = None
+        new_stats_in_epilogue = (read_later and p == 0 and cfg.group is None and cfg.out_stats_ops is not None
+                                 and mean_all.dtype == torch.float32)
         if train_op is not None and norm2.batch_stats and norm2.process_group is None:
             _, mean2, invstd2 = _train_call(train_op, norm2, bott, w2, g2, b2, cfg.conv2_args[i], out=new)
             count2 = bott.numel() // bott.shape[1]
@@ -451,12 +480,20 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
                 del partials
             else:
                 mean2, invstd2, count2 = _layer_stats(ops, bott, norm2, keep)
-            ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
-        p = cfg.drop_rates[i]
+            if new_stats_in_epilogue:
+                new_partials = cfg.out_stats_ops[0](bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
+            else:
+                ops.bn_relu_conv2d_out(bott, w2, None, g2, b2, mean2, invstd2, *cfg.conv2_args[i], new)
         mask = _dropout_(new, p) if p > 0 else None
-        if shared_stats and (i < n_layers - 1 or cfg.has_tail):
+        if new_partials is not None:
+            cfg.out_stats_ops[1](new_partials, n * h * w, mean_all[c:c + k], var_all[c:c + k],
+                                 None if invstd_all is None else invstd_all[c:c + k], 0.0 if eps is None else eps)
+            del new_partials
+        elif read_later:
             m, v, _ = _channel_stats(ops, new, cfg.group)
             mean_all[c:c + k], var_all[c:c + k] = m, v
+            if invstd_all is not None:
+                invstd_all[c:c + k] = torch.rsqrt(v + eps)
         if saved is not None:
             saved.mean1.append(mean1)
             saved.invstd1.append(invstd1)
@@ -479,7 +516,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         w_fused, args = (wt, _CONV1) if cfg.pool_weight is None else (cfg.pool_weight, _pool_args(c_tot))
         out, mean_t, invstd_t = _train_call(train_op, norm_t, buf, w_fused, gt, bt, args)
     else:
-        mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending, keep)
+        mean_t, invstd_t = _reader_params(norm_t, mean_all, var_all, c_tot, acc, pending, keep, invstd_all)
         _apply_running_updates(pending, mean_all, var_all, count)
         if cfg.pool_weight is None:
             out = _prefix_bn_relu_conv(ops, buf, wt, gt, bt, mean_t, invstd_t, [(0, c_tot)])

@@ -42,7 +42,10 @@ STATS_ROWS = 256
 
 #: Optional ops of the triton op set (:data:`resfast.ops.opset.OPTIONAL_OPS`), with their schemas:
 #: the fused op that also takes its output's batch statistics in the conv's epilogue, the
-#: finalize that turns them into the next BatchNorm's mean and inverse std, and the whole
+#: finalize that turns them into the next BatchNorm's mean and inverse std, their ``out=``
+#: forms (the output written into a buffer's slice; the mean, the biased variance and optionally
+#: the inverse std written into given vectors: the shared dense block's new channels, whose
+#: statistics every later layer shares), and the whole
 #: training backward in one op (the conv backward and the BN input gradient: one call, one plan
 #: replay, instead of two). A registered op returns tensors only: ``grad_x`` is an empty
 #: ``[0]`` tensor when it went into ``grad_x_out``.
@@ -54,6 +57,13 @@ OPTIONAL_SCHEMAS: Dict[str, str] = {
     "bn_stats_merge_update": (
         "bn_stats_merge_update(Tensor partials, int count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "float momentum, float eps) -> (Tensor, Tensor)"
+    ),
+    "bn_relu_conv2d_out_stats": (
+        f"bn_relu_conv2d_out_stats(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, Tensor(a!) out) -> Tensor"
+    ),
+    "bn_stats_merge_out": (
+        "bn_stats_merge_out(Tensor partials, int count, Tensor(a!) mean, Tensor(b!) var, Tensor(c!)? invstd, "
+        "float eps) -> ()"
     ),
     "bn_relu_conv2d_backward_full": (
         f"bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, {_BN}, {_CONV}, bool bias_grad, "
@@ -146,6 +156,20 @@ def register_fakes(namespace: str) -> None:
     def _(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
         return None
 
+    if hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_backward_full"):  # triton's and native's
+        @torch.library.register_fake(q("bn_relu_conv2d_backward_full"))
+        def _(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad,
+              grad_x_out, accumulate, weight_grad):
+            fmt = out_memory_format(x)
+            gx = x.new_empty([0]) if grad_x_out is not None else torch.empty_like(x, memory_format=fmt)
+            return (
+                gx,
+                torch.empty_like(weight, memory_format=torch.contiguous_format),
+                weight.new_empty([weight.shape[0] if bias_grad else 0]),
+                vec(x),
+                vec(x),
+            )
+
     if not hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_stats"):
         return
 
@@ -159,17 +183,13 @@ def register_fakes(namespace: str) -> None:
     def _(partials, count, running_mean, running_var, momentum, eps):
         return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
 
-    @torch.library.register_fake(q("bn_relu_conv2d_backward_full"))
-    def _(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad,
-          grad_x_out, accumulate, weight_grad):
-        gx = x.new_empty([0]) if grad_x_out is not None else torch.empty_like(x, memory_format=out_memory_format(x))
-        return (
-            gx,
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty([weight.shape[0] if bias_grad else 0]),
-            vec(x),
-            vec(x),
-        )
+    @torch.library.register_fake(q("bn_relu_conv2d_out_stats"))
+    def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out):
+        return x.new_empty([3, STATS_ROWS, weight.shape[0]], dtype=torch.float32)
+
+    @torch.library.register_fake(q("bn_stats_merge_out"))
+    def _(partials, count, mean, var, invstd, eps):
+        return None
 
 
 _bump_libs: Dict[str, torch.library.Library] = {}

@@ -233,6 +233,20 @@ def bn_relu_conv2d_out(
     _written(out)
 
 
+def bn_relu_conv2d_out_stats(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    out: Tensor,
+) -> Tensor:
+    """:func:`bn_relu_conv2d_stats` with the output written into ``out`` (any strides, e.g. a
+    channel slice of a larger buffer): returns the partials. One launch."""
+    pstat, launches = _plan_bn_relu_conv2d_out_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
+                                                     padding, dilation, groups, out)
+    _run(launches, x)
+    _written(out)
+    return pstat
+
+
 def bn_relu_conv2d_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -294,6 +308,18 @@ def bn_relu_conv2d_backward_full(
     if grad_x_out is not None:
         _written(grad_x_out)
     return out
+
+
+def bn_stats_merge_out(partials: Tensor, count: int, mean: Tensor, var: Tensor, invstd: Optional[Tensor],
+                       eps: float) -> None:
+    """The batch mean and biased variance of the tensor :func:`bn_relu_conv2d_stats`'s (or
+    :func:`bn_relu_conv2d_out_stats`'s) partials describe (``count`` positions per channel),
+    written into ``mean`` and ``var`` (contiguous float32 vectors, e.g. slices of a block's
+    per-channel statistics), as :func:`bn_stats` computes them, and ``1 / sqrt(var + eps)`` into
+    ``invstd`` when given. One launch (the finalize)."""
+    _, launches = _plan_bn_stats_merge_out(partials, count, mean, var, invstd, eps)
+    _run(launches, partials)
+    _written(mean, var, invstd)
 
 
 def bn_backward_elemt(
@@ -362,9 +388,10 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
 
 
 def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps: float, out_invstd: bool, c: int,
-                     splits: int, count: int) -> "KernelLaunch":
+                     splits: int, count: int, invstd: Optional[Tensor] = None) -> "KernelLaunch":
     """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
-    inverse std), updating the running statistics when given (``count`` positions in all)."""
+    inverse std), updating the running statistics when given (``count`` positions in all);
+    with ``invstd`` (and the variance written) the inverse std into it as well."""
     # few channels: narrow channel tiles spread the merge over more programs (each a
     # single-SM latency chain), long split steps take few trips (static model, predicted:
     # 256 x 4 is 0.36-0.42 us for 128-512 channels and over 64 splits, where 64 x 16 was
@@ -374,14 +401,15 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
 
     def bind_finalize(cfg: TileConfig) -> Bound:
         return Bound((_cdiv(c, merge_c),),
-                     (pcount, pmean, pm2, mean, var, _or(rm, mean), _or(rv, var), c, splits, momentum, eps,
-                      count / max(count - 1, 1)),
+                     (pcount, pmean, pm2, mean, var, _or(rm, mean), _or(rv, var), _or(invstd, var), c, splits,
+                      momentum, eps, count / max(count - 1, 1)),
                      dict(HAS_RUNNING=rm is not None, OUT_INVSTD=out_invstd, BLOCK_S=merge_s, BLOCK_C=merge_c,
-                          num_warps=cfg.num_warps),
+                          ALSO_INVSTD=invstd is not None, num_warps=cfg.num_warps),
                      loops={"pass1": _cdiv(splits, merge_s), "pass2": _cdiv(splits, merge_s)})
 
     return KernelLaunch("bn_stats_finalize", bn_stats_k.bn_stats_finalize_kernel, [fixed], fixed, bind_finalize,
-                        hbm_bytes=3 * splits * c * 4 + 2 * c * 4 * (2 if rm is not None else 1))
+                        hbm_bytes=3 * splits * c * 4 + 2 * c * 4 * (2 if rm is not None else 1)
+                        + (c * 4 if invstd is not None else 0))
 
 
 def _plan_bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
@@ -585,13 +613,45 @@ def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd
                                          dilation, groups, y, pstat)
 
 
-def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps):
+def _plan_bn_relu_conv2d_out_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                   groups, out):
+    _check_conv("bn_relu_conv2d_out_stats", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                dilation, groups)
+    shape = conv_out_shape(x, weight, stride, padding, dilation)
+    _check_like("out", out, x, shape)
+    pstat = torch.empty([3, STATS_ROWS, shape[1]], dtype=torch.float32, device=x.device)
+    return pstat, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                    groups, out, pstat)
+
+
+def _check_partials(op: str, partials: Any, count: int) -> None:
     if not isinstance(partials, Tensor) or partials.dim() != 3 or partials.shape[0] != 3 \
             or partials.dtype != torch.float32:
-        raise ValueError("resfast_triton.bn_stats_merge_update: partials must be the float32 [3, S, C] statistics "
+        raise ValueError(f"resfast_triton.{op}: partials must be the float32 [3, S, C] statistics "
                          f"of a bn_relu_conv2d_stats output, got {getattr(partials, 'shape', type(partials).__name__)}")
     if int(count) < 1:
-        raise ValueError(f"resfast_triton.bn_stats_merge_update: count must be positive, got {count}")
+        raise ValueError(f"resfast_triton.{op}: count must be positive, got {count}")
+
+
+def _plan_bn_stats_merge_out(partials, count, mean, var, invstd, eps):
+    _check_partials("bn_stats_merge_out", partials, count)
+    partials = partials.contiguous()
+    c = partials.shape[2]
+    for name, t in (("mean", mean), ("var", var), ("invstd", invstd)):
+        if t is None and name == "invstd":
+            continue
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.dim() != 1 or t.shape[0] != c \
+                or t.stride(0) != 1 or t.device != partials.device:
+            raise ValueError(f"resfast_triton.bn_stats_merge_out: {name} must be a contiguous float32 vector of the "
+                             f"partials' {c} channels on {partials.device}, got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    launch = _finalize_launch(partials[0], partials[1], partials[2], mean, var, None, None, 0.0, float(eps), False, c,
+                              partials.shape[1], int(count), invstd)
+    return None, [launch]
+
+
+def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps):
+    _check_partials("bn_stats_merge_update", partials, count)
     partials = partials.contiguous()
     c = partials.shape[2]
     _check_running("bn_stats_merge_update", running_mean, running_var, c, partials)
@@ -1089,6 +1149,8 @@ def _plan_bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, 
 _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_relu_conv2d_stats": _plan_bn_relu_conv2d_stats,
     "bn_stats_merge_update": _plan_bn_stats_merge_update,
+    "bn_relu_conv2d_out_stats": _plan_bn_relu_conv2d_out_stats,
+    "bn_stats_merge_out": _plan_bn_stats_merge_out,
     "bn_relu_conv2d_backward_full": _plan_bn_relu_conv2d_backward_full,
 }
 assert set(_OPTIONAL_PLANNERS) == set(TRITON_OPTIONAL)

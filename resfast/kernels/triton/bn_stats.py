@@ -83,15 +83,17 @@ def bn_stats_partial_kernel(
 
 @triton.jit
 def bn_stats_finalize_kernel(
-    count_ptr, pmean_ptr, pm2_ptr, mean_out_ptr, var_out_ptr, rmean_ptr, rvar_ptr,
+    count_ptr, pmean_ptr, pm2_ptr, mean_out_ptr, var_out_ptr, rmean_ptr, rvar_ptr, invstd_out_ptr,
     C, SPLITS, momentum, eps, unbias,
     HAS_RUNNING: tl.constexpr, OUT_INVSTD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALSO_INVSTD: tl.constexpr = False,
 ):
     """Merge the ``[SPLITS, C]`` partials into the mean and the biased variance (or,
     ``OUT_INVSTD``, ``1 / sqrt(var + eps)``), and with ``HAS_RUNNING`` update the running
     statistics in place as ``F.batch_norm`` does: ``(1 - momentum) * running + momentum *
     batch`` with the unbiased variance (``unbias = count / (count - 1)``), in float32,
-    stored in the running statistics' own dtype."""
+    stored in the running statistics' own dtype. ``ALSO_INVSTD`` (with the variance written):
+    ``1 / sqrt(var + eps)`` stored into ``invstd_out_ptr`` as well."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     tot = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -119,6 +121,8 @@ def bn_stats_finalize_kernel(
         tl.store(var_out_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
     else:
         tl.store(var_out_ptr + c, var, mask=c_mask)
+        if ALSO_INVSTD:
+            tl.store(invstd_out_ptr + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
     if HAS_RUNNING:
         rm = tl.load(rmean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         rv = tl.load(rvar_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
