@@ -4,7 +4,9 @@
 32x32, on CUDA under bf16 autocast, channels_last; on the CPU batch 2 at a tiny resolution
 (the suite must finish within minutes on 2 cores). The ``compile`` row (``torch.compile`` of
 the eager-backend model, default mode: max-autotune on a whole model takes many minutes) runs
-on CUDA only, last.
+on CUDA only, late; the ``triton_graphs`` row (the triton-backend model under
+``torch.compile(mode="reduce-overhead")``: its forward and backward in CUDA graphs, no host time
+per launch; what ``resfast train --compile reduce-overhead`` runs) on CUDA only, last.
 """
 from __future__ import annotations
 
@@ -23,21 +25,24 @@ MODELS = {
 }
 
 
+GRAPHS = "triton_graphs"  # the triton-backend model under torch.compile(mode="reduce-overhead")
+
+
 def _case(model: str, impl: str):
-    return pytest.param(model, impl, marks=pytest.mark.bench_priority(9 if impl == "compile" else 5),
-                        id=f"{model}-{impl}")
+    priority = {"compile": 9, GRAPHS: 10}.get(impl, 5)
+    return pytest.param(model, impl, marks=pytest.mark.bench_priority(priority), id=f"{model}-{impl}")
 
 
-@pytest.mark.parametrize("model_name, impl", [_case(m, i) for m in MODELS for i in IMPLS])
+@pytest.mark.parametrize("model_name, impl", [_case(m, i) for m in MODELS for i in (*IMPLS, GRAPHS)])
 def test_training_step(benchmark, env, model_name, impl):
-    if impl == "compile" and not env.cuda:
-        pytest.skip("compile rows of whole models run on CUDA only (compiling a whole model on the CPU takes "
-                    "minutes of C++ compilation)")
-    if impl in ("triton", "native"):
-        require_fused_backend(impl, env)
+    if impl in ("compile", GRAPHS) and not env.cuda:
+        pytest.skip(f"{impl} rows of whole models run on CUDA only (compiling a whole model on the CPU takes "
+                    "minutes of C++ compilation, and CUDA graphs need a GPU)")
+    if impl in ("triton", "native", GRAPHS):
+        require_fused_backend("triton" if impl == GRAPHS else impl, env)
     from resfast.models import create_model, model_info
 
-    backend = "eager" if impl in ("eager", "compile") else impl
+    backend = {"compile": "eager", GRAPHS: "triton"}.get(impl, impl)
     model = run_or_skip(lambda: create_model(model_name, backend=backend), f"{model_name}(backend={backend!r})")
     info = model_info(model_name)
     (n, hw) = MODELS[model_name][0 if env.gpu else 1]
@@ -45,15 +50,24 @@ def test_training_step(benchmark, env, model_name, impl):
     model = model.to(env.device, memory_format=env.memory_format)
     if impl == "compile":
         model = compile_or_skip(model, env, mode="default")
+    elif impl == GRAPHS:
+        model = compile_or_skip(model, env, mode="reduce-overhead")
     x = torch.randn(n, info.input_size[0], hw, hw, device=env.device).contiguous(memory_format=env.memory_format)
     target = torch.randint(0, classes, (n,), device=env.device)
     step = training_step(model, x, target, env)
+    if impl == GRAPHS:
+        graphed_step = step
 
-    loss, once_s = timed_first_call(step, f"{model_name} on {impl}", env, benchmark, compiled=impl == "compile")
+        def step():  # a new iteration for the CUDA-graph trees (the last step's outputs may be overwritten)
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed_step()
+
+    compiled = impl in ("compile", GRAPHS)
+    loss, once_s = timed_first_call(step, f"{model_name} on {impl}", env, benchmark, compiled=compiled)
     assert torch.isfinite(loss), f"{model_name} {impl}: non-finite loss {loss}"
     benchmark.group = f"model {model_name} {hw}x{hw} N{n} {env.dtype_name}"
     benchmark.extra_info.update({"row": impl, "kind": "model", "baseline": "eager", "family": model_name,
                                  "mode": "train-step", "batch": n, "resolution": hw, **env.describe()})
-    if impl == "compile":
-        benchmark.extra_info["compile_mode"] = "default"
-    measure(benchmark, step, env, once_s=None if impl == "compile" else once_s, budget_s=1.0 if env.cuda else 0.3)
+    if compiled:
+        benchmark.extra_info["compile_mode"] = "default" if impl == "compile" else "reduce-overhead"
+    measure(benchmark, step, env, once_s=None if compiled else once_s, budget_s=1.0 if env.cuda else 0.3)
