@@ -630,6 +630,9 @@ CANDIDATES = (
     ("resnext50_s1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=32,MAXNREG=128,w4,s1,p4"),
     # PREDICTED 118.6 -> 88.2 us, spills 160 bytes (triton 3.8; the same cap at stage 2)
     ("resnext50_s2", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=32,MAXNREG=128,w4,s1,p4"),
+    # PREDICTED 149.2 -> 101.2 us, spills 116 bytes (triton 3.8): DenseNet's 3x3 input gradient,
+    # the 8-warp config capped to hold 2 programs per SM
+    ("densenet121_3x3", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=128,MAXNREG=128,w8,s3,p2"),
     # PREDICTED 281.1 -> 169.2 us, spills 12 bytes (16 under triton 3.6)
     ("densenet121_1x1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=128,BLOCK_K=32,WIDE_K=64,MAXNREG=128,w8,s1,p2"),
     # PREDICTED 281.1 -> 165.4 us, spills 296 bytes

@@ -879,8 +879,8 @@ def torch_version() -> str:
 
 def test_kernels_check_candidates_name_launches_that_bind(monkeypatch):
     """gpu_kernels_check's candidate configs: each label parses, names a launch of its shape's
-    training plan, binds to a grid there (meta tensors, the CUDA code path), and is not
-    already in the list."""
+    training plan, binds to a grid there (meta tensors, the CUDA code path) with its register
+    cap passed to the launch, and is not already in the list."""
     import resfast.backends as backends
 
     monkeypatch.setattr(backends, "triton_interpret", lambda: False)  # plan as on a GPU
@@ -899,7 +899,10 @@ def test_kernels_check_candidates_name_launches_that_bind(monkeypatch):
         assert cfg.label == label
         launch = next(ln for ln in sm.training_plan(sm.SHAPES[shape])[phase] if ln.name == name)
         assert label not in [c.label for c in launch.configs]
-        assert min(launch.bind(cfg).grid) > 0
+        bound = launch.bind(cfg)
+        assert min(bound.grid) > 0
+        if cfg.get("MAXNREG"):  # the cap reaches the launch (every backward binder honours it)
+            assert bound.constexprs.get("maxnreg") == cfg.get("MAXNREG"), (shape, name, label)
 
 
 def test_markdown_of_the_candidates_phase():

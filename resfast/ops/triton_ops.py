@@ -882,6 +882,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw,
                      BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
         # the reduction steps of a tile: output-channel chunks x the taps reaching its residue
         # class, averaged over the classes (every class has as many tiles)
         taps = _class_taps(kh, stride[0], padding[0], dilation[0]) * _class_taps(kw, stride[1], padding[1],
@@ -914,6 +916,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      HAS_BETA=beta is not None, DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co),
                      TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
         loops = {"tiles": _cdiv(num_tiles, splits)}
         if at_input:
             kw_a, kw_b = _kw_stacks(kw)
