@@ -321,6 +321,48 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
         assert_rule(key, conv1_only[key], ref64[key], same[key], f"recompute={recompute}, conv1 epilogue only")
 
 
+@pytest.mark.parametrize("variant", ["readers_eps_differ", "dropout"])
+def test_shared_dense_block_where_the_new_channels_inverse_std_cannot_be_shared(variant):
+    """Where the block's readers normalise with different eps (the inverse std is then each
+    reader's own) or a dropout follows a conv3x3 (its channels' statistics are those of the
+    dropped-out output, so a statistics pass), the triton shared block still matches the float64
+    eager block with the rule: output, every gradient and the running statistics."""
+    from resfast.nn.dense import DenseBlock
+
+    drop = 0.3 if variant == "dropout" else 0.0
+
+    def make(backend, dtype=torch.float32):
+        torch.manual_seed(0)
+        block = DenseBlock(3, 6, 2, 4, drop, memory="shared", backend=backend)
+        for i, m in enumerate(block.modules()):
+            if isinstance(m, torch.nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.3, 0.3)
+                if variant == "readers_eps_differ":
+                    m.eps = 0.5 if i % 3 == 0 else 1e-5
+        return block.to(DEVICE, dtype)
+
+    x = torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3
+    grad = torch.randn(2, 18, 5, 4, device=DEVICE)
+
+    def step(block, dtype=torch.float32):
+        xi = x.detach().to(dtype).clone().requires_grad_()
+        torch.manual_seed(7)  # the same dropout masks on both backends
+        y = block(xi)
+        y.backward(grad.to(dtype))
+        res = {"output": y.detach(), "grad x": xi.grad}
+        res.update({f"grad {n}": p.grad for n, p in block.named_parameters()})
+        res.update({n: b for n, b in block.named_buffers() if b.is_floating_point()})
+        return res
+
+    got = step(make("triton"))
+    ref64 = step(make("eager", torch.float64), torch.float64)
+    same = step(make("eager"))
+    for key in ref64:
+        assert_rule(key, got[key], ref64[key], same[key], variant)
+
+
 def _producer(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(2, 8, 5, 6, generator=g) * 1.2 + 0.3).to(DEVICE)
