@@ -2,8 +2,8 @@
 
     python benchmarks/host_overhead.py [--shape resnext50_s1] [--no-plan-cache] [--with-launch]
 
-What one fused training step (statistics, conv, and the backward: conv backward and BN input
-gradient in one op) spends in
+What one fused training step (the forward in one op: statistics and conv; the backward in one
+op: conv backward and BN input gradient) spends in
 Python before its kernels run: checks, launch planning, the tile-config lookup, argument
 binding, or with the plan cache its replay. Runs the CUDA code path (132 SMs, autotuned
 launches, the plan cache) on ``meta`` tensors with every kernel launch stubbed out, so it
@@ -71,20 +71,23 @@ def main(argv=None) -> int:
     s = [1, 1]
     wrap = (lambda f: f) if args.no_plan_cache else T._plan_cached
     ops = {name: wrap(getattr(T, name)) for name in
-           ("bn_stats_update", "bn_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward",
-            "bn_backward_elemt")}
-    # A training step: statistics, conv, and the backward in one op; the two ops it composes
-    # (what a SyncBN backward calls, with the all-reduce between them) are timed after it.
+           ("bn_relu_conv2d_train", "bn_relu_conv2d_backward_full", "bn_stats_update", "bn_relu_conv2d",
+            "bn_relu_conv2d_backward", "bn_backward_elemt")}
+    # A training step: the forward in one op (statistics and conv), the backward in one op (conv
+    # backward and BN input gradient); the ops they compose (what a SyncBN call runs, with the
+    # all-reduces between them) are timed after them.
     calls = {
-        "bn_stats_update": lambda: ops["bn_stats_update"](x, rm, rv, 0.1, 1e-5),
-        "bn_relu_conv2d": lambda: ops["bn_relu_conv2d"](x, w, None, bw, bb, mean, inv, s, s, s, g, True),
+        "bn_relu_conv2d_train": lambda: ops["bn_relu_conv2d_train"](x, w, None, bw, bb, rm, rv, 0.1, 1e-5, s, s, s,
+                                                                    g),
         "bn_relu_conv2d_backward_full": lambda: ops["bn_relu_conv2d_backward_full"](
             go, x, w, bw, bb, mean, inv, s, s, s, g, False, None, False, True),
+        "bn_stats_update": lambda: ops["bn_stats_update"](x, rm, rv, 0.1, 1e-5),
+        "bn_relu_conv2d": lambda: ops["bn_relu_conv2d"](x, w, None, bw, bb, mean, inv, s, s, s, g, True),
         "bn_relu_conv2d_backward": lambda: ops["bn_relu_conv2d_backward"](go, x, w, bw, bb, mean, inv, s, s, s, g,
                                                                           False),
         "bn_backward_elemt": lambda: ops["bn_backward_elemt"](gz, x, bw, mean, inv, sdz, sdz, 1e-3),
     }
-    in_step = ("bn_stats_update", "bn_relu_conv2d", "bn_relu_conv2d_backward_full")
+    in_step = ("bn_relu_conv2d_train", "bn_relu_conv2d_backward_full")
     total = 0.0
     how = ("triton's launch path kept, direct launches " + ("off" if os.environ.get("RESFAST_TRITON_DIRECT_LAUNCH") == "0"
                                                              else "on")) if args.with_launch else "launches stubbed"
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
             total += best
             print(f"  {name:30s} {best:7.1f} us")
         else:
-            print(f"  {name:30s} {best:7.1f} us  (composed backward, SyncBN: not in the step)")
+            print(f"  {name:30s} {best:7.1f} us  (composed, as a SyncBN call runs: not in the step)")
         if name == in_step[-1]:
             print(f"  {'one training step':30s} {total:7.1f} us")
     return 0

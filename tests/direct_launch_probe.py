@@ -67,7 +67,8 @@ def main():
         "bn_relu_conv2d": lambda op: op(x, w, None, bw, bb, mean, inv, s, s, s, g, True),
         "bn_relu_conv2d_backward": lambda op: op(go, x, w, bw, bb, mean, inv, s, s, s, g, False),
         "bn_backward_elemt": lambda op: op(gz, x, bw, mean, inv, sdz, sdz, 1e-3),
-        # the training backward's one op (the two above in one plan), into a gradient buffer's slice
+        # the training forward's and backward's one ops (the pairs above in one plan each)
+        "bn_relu_conv2d_train": lambda op: op(x, w, None, bw, bb, rm, rv, 0.1, 1e-5, s, s, s, g),
         "bn_relu_conv2d_backward_full": lambda op: op(go, x, w, bw, bb, mean, inv, s, s, s, g, False, gbuf[:, :c],
                                                       True, True),
     }

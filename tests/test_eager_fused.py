@@ -58,7 +58,9 @@ KERNEL_OPTIONAL = {"triton": ("bn_relu_conv2d_backward_full",), "native": ("bn_r
 
 
 def test_the_eager_op_set_has_its_optional_ops_and_kernel_op_sets_only_theirs():
-    assert set(EAGER_OPTIONAL) <= set(OPTIONAL_OPS)
+    from resfast.ops.schemas import TRITON_OPTIONAL
+
+    assert set(EAGER_OPTIONAL) <= set(OPTIONAL_OPS) and set(TRITON_OPTIONAL) <= set(OPTIONAL_OPS)
     for name in EAGER_OPTIONAL:
         assert callable(getattr(reference, name, None)), name
     for backend in ("triton", "native"):

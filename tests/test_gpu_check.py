@@ -737,8 +737,9 @@ def test_gpu_kernels_check_host_phase_runs_on_the_cpu():
         assert r["syncs"] == [] and r["top"] and all(not f["function"].startswith(os.sep) for f in r["top"])
     if "triton" in rows:  # under the interpreter: each op's plan is recorded, then replayed
         plan = got["plan_cache"]
-        # the training backward is one op (conv backward and BN input gradient)
-        assert {"bn_stats_update", "bn_relu_conv2d", "bn_relu_conv2d_backward_full"} <= set(plan)
+        # a training call is two ops: the forward (statistics and conv), the backward (conv
+        # backward and BN input gradient)
+        assert {"bn_relu_conv2d_train", "bn_relu_conv2d_backward_full"} <= set(plan)
         for op, counts in plan.items():
             assert counts["replays"] > 0 and counts["uncacheable"] == 0, (op, counts)
 
@@ -867,7 +868,9 @@ def test_replay_parity_of_the_kernels_check_on_the_cpu():
                             n=2)
     assert got["pass"], got
     assert got["differing"] == {"packed": [], "strided": []}
-    assert got["plan_cache"]["bn_relu_conv2d"]["replays"] == 4 and got["plan_cache"]["bn_relu_conv2d"]["records"] == 2
+    # the training forward is one op (statistics and conv): two shapes, each replayed twice
+    fwd = got["plan_cache"]["bn_relu_conv2d_train"]
+    assert fwd["replays"] == 4 and fwd["records"] == 2
     assert got["direct_launches"] == 0 and got["recorded_launches"] > 0
 
 

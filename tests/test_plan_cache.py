@@ -82,9 +82,9 @@ def test_replay_is_bit_exact(monkeypatch, channels_last):
     ref, off = _steps(monkeypatch, "0", xs, gos)
     got, on = _steps(monkeypatch, "1", xs, gos)
     assert off == {"replays": 0, "records": 0, "uncacheable": 0}
-    # 3 ops a step (statistics, conv, and the backward: conv backward and BN input gradient in
-    # one op): step 1 plans, step 2 records, steps 3 and 4 replay
-    assert on == {"replays": 6, "records": 3, "uncacheable": 0}
+    # 2 ops a step (the forward: statistics and conv in one op; the backward: conv backward and
+    # BN input gradient in one op): step 1 plans, step 2 records, steps 3 and 4 replay
+    assert on == {"replays": 4, "records": 2, "uncacheable": 0}
     for step, (a, b) in enumerate(zip(ref, got)):
         for name, p, q in zip(("y", "grad_x", "grad_w", "grad_bn_w", "grad_bn_b", "running_mean", "running_var"),
                               a, b):
@@ -234,7 +234,7 @@ def test_replay_from_another_thread(monkeypatch):
     if "error" in box:
         raise box["error"]
     got, counts = box["got"]
-    assert counts["replays"] == 6  # steps 3 and 4: statistics, conv, and the one backward op
+    assert counts["replays"] == 4  # steps 3 and 4: the one forward op and the one backward op
     for a, b in zip(ref, got):
         for p, q in zip(a, b):
             assert torch.equal(p, q)
@@ -268,14 +268,14 @@ def _tritons():
 @pytest.mark.parametrize("pythonpath", _tritons(), ids=lambda p: "device-triton" if p else "this-triton")
 def test_replays_launch_compiled_kernels_directly_with_what_triton_would_pass(pythonpath):
     """The plan cache's direct launches (no GPU needed: CUDA code path on meta tensors, a
-    stand-in driver, compiled kernels that log their launches): every launch of the five
+    stand-in driver, compiled kernels that log their launches): every launch of the six
     ops' recorded plans replays straight into ``kernel.run``, with the grid, stream, function,
     packed metadata and every argument that triton's own ``JITFunction.run`` passed on the
     recorded call, and no hooks (an empty hook chain is skipped)."""
     pytest.importorskip("triton")
     doc = _direct_probe({}, pythonpath)
     assert set(doc["ops"]) == {"bn_stats_update", "bn_relu_conv2d", "bn_relu_conv2d_backward", "bn_backward_elemt",
-                               "bn_relu_conv2d_backward_full"}
+                               "bn_relu_conv2d_backward_full", "bn_relu_conv2d_train"}
     for name, r in doc["ops"].items():
         full, recorded, replay1, replay2 = r["calls"]
         assert r["events"] == {"direct": len(recorded), "launch": 0}, (doc["triton"], name, r["events"])

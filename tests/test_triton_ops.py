@@ -470,6 +470,40 @@ def test_packed_groups_keep_nonfinite_values_in_their_group():
     _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, torch.float32, "NaN in grad_out")
 
 
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
+@pytest.mark.parametrize("layout", ["cl", "prefix"])
+@pytest.mark.parametrize("running", [True, False])
+def test_train_forward_in_one_op_against_eager(case, layout, running):
+    """``bn_relu_conv2d_train``: x's batch statistics, the running statistics updated in place
+    and the fused conv with them, in one op: each output and running statistic against the
+    eager composition (statistics, then the fused op) in float64 with the rule, and equal to
+    the two triton ops it replaces."""
+    c, co, groups, k, stride, padding, dilation = case
+    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, k, layout)
+    conv = ([stride] * 2, [padding] * 2, [dilation] * 2, groups)
+    rm, rv = (_vec(c, 11), _vec(c, 12, lo=0.5)) if running else (None, None)
+    rm0, rv0 = (None, None) if rm is None else (rm.clone(), rv.clone())
+    y, mean, invstd = OPS.bn_relu_conv2d_train(x, w, b, bw, bb, rm, rv, 0.1, 1e-5, *conv)
+
+    def reference_train(x, w, b, bw, bb, rm, rv):
+        m, i = reference.bn_stats_update(x, rm, rv, 0.1, 1e-5)
+        return reference.bn_relu_conv2d(x, w, b, bw, bb, m, i, *conv, True), m, i, rm, rv
+
+    ctx = f"case={case}, layout={layout}, running={running}"
+    r64 = reference_train(*[_f64(t) for t in (x, w, b, bw, bb, rm0, rv0)])
+    rs = reference_train(x, w, b, bw, bb, *(None if t is None else t.clone() for t in (rm0, rv0)))
+    for name, got, ref64, same in zip(("y", "mean", "invstd", "running_mean", "running_var"),
+                                      (y, mean, invstd, rm, rv), r64, rs):
+        if got is not None:
+            assert_rule(name, got, ref64, same, ctx, dtype=torch.float32)
+    rm2, rv2 = (None, None) if rm0 is None else (rm0.clone(), rv0.clone())
+    m2, i2 = OPS.bn_stats_update(x, rm2, rv2, 0.1, 1e-5)
+    assert torch.equal(mean, m2) and torch.equal(invstd, i2)
+    assert torch.equal(y, OPS.bn_relu_conv2d(x, w, b, bw, bb, m2, i2, *conv, True))
+    if running:
+        assert torch.equal(rm, rm2) and torch.equal(rv, rv2)
+
+
 def _full_reference(go, x, w, bw, bb, mean, invstd, stride, padding, dilation, groups, bias_grad):
     """The composed reference of ``bn_relu_conv2d_backward_full``: ``(grad_x, grad_weight,
     grad_bias, sum_dz_xhat, sum_dz)`` with ``mean``/``invstd`` x's own batch statistics."""
@@ -533,6 +567,7 @@ def _opcheck_samples():
         "bn_backward_elemt": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18),
         "bn_backward_elemt_out": (go[:, :4], x, bw, mean, invstd, _vec(4, 5), _vec(4, 6), 1.0 / 18, True,
                                   torch.randn(2, 4, 3, 3, device=DEVICE)),
+        "bn_relu_conv2d_train": (x, w, b, bw, bb, _vec(4, 7), _vec(4, 8, lo=0.5), 0.1, 1e-5, *conv),
         "bn_relu_conv2d_out_stats": (x, w, b, bw, bb, mean, invstd, *conv, out),
         "bn_stats_merge_out": (torch.rand(3, 256, 6, device=DEVICE) + 0.5, 18, torch.empty(9, device=DEVICE)[2:8],
                                torch.empty(6, device=DEVICE), torch.empty(7, device=DEVICE)[1:], 1e-5),
@@ -542,7 +577,7 @@ def _opcheck_samples():
     }
 
 
-@pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_out_stats", "bn_stats_merge_out",
+@pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out",
                                   "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(name):
     op = name[:-len("_out")] if name.endswith("_full_out") else name

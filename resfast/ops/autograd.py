@@ -38,6 +38,7 @@ __all__ = [
     "register_autograd",
     "BNReLUConv2dFunction",
     "BNReLUConv2dStatsFunction",
+    "BNTrainReLUConv2dFunction",
     "differentiable_bn_relu_conv2d",
     "DOUBLE_BACKWARD_SYNC_BN",
     "FORWARD_AD_SYNC_BN",
@@ -274,8 +275,14 @@ class BNReLUConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        grads = BNReLUConv2dFunction._grads(ctx, grad_out, ctx.needs_input_grad[3:8])
+        return (None, None, None, *grads, None, None, None, None, None, None, None)
+
+    @staticmethod
+    def _grads(ctx, grad_out, needs):
+        """Gradients of ``(x, weight, bias, bn_weight, bn_bias)`` from what :meth:`_setup` saved;
+        ``needs``: which of them autograd wants."""
         x, weight, bias, bn_weight, bn_bias, mean, invstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:8]
         if torch.is_grad_enabled():
             if ctx.process_group is not None and ctx.batch_stats:
                 raise RuntimeError(DOUBLE_BACKWARD_SYNC_BN)
@@ -285,7 +292,28 @@ class BNReLUConv2dFunction(torch.autograd.Function):
             grads = bn_relu_conv2d_backward(
                 ctx.ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
                 ctx.count, ctx.process_group, bias_grad=bias is not None and needs[2])
-        return (None, None, None, *grads, None, None, None, None, None, None, None)
+        return grads
+
+
+class BNTrainReLUConv2dFunction(torch.autograd.Function):
+    """:class:`BNReLUConv2dFunction` over the op set's optional ``bn_relu_conv2d_train`` (triton):
+    the training forward with ``x``'s own batch statistics, taken (and the running statistics
+    updated) in the same op as the conv: one call and one plan replay instead of two. The same
+    backward (the statistics are saved as the op returned them)."""
+
+    @staticmethod
+    def forward(ctx, ops, count, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                stride, padding, dilation, groups):
+        y, mean, invstd = ops.bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                                   momentum, eps, list(stride), list(padding), list(dilation), groups)
+        BNReLUConv2dFunction._setup(ctx, ops, None, count, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
+                                    padding, dilation, groups, True)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = BNReLUConv2dFunction._grads(ctx, grad_out, ctx.needs_input_grad[2:7])
+        return (None, None, *grads, None, None, None, None, None, None, None, None)
 
 
 class BNReLUConv2dStatsFunction(BNReLUConv2dFunction):

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from resfast.backends import resolve_backend
 from resfast.ops.autograd import (DOUBLE_BACKWARD_SYNC_BN, FORWARD_AD_SYNC_BN, BNReLUConv2dFunction,
-                                  BNReLUConv2dStatsFunction, forward_ad_or_transform)
+                                  BNReLUConv2dStatsFunction, BNTrainReLUConv2dFunction, forward_ad_or_transform)
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
@@ -199,6 +199,17 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
 
     ops = get_ops(name)
     count = x.numel() // x.shape[1]
+    eager_autograd = (_needs_grad(x, weight, bias, bn_weight, bn_bias) and not torch.compiler.is_compiling()
+                      and not torch.jit.is_tracing())
+    train_op = getattr(ops, "bn_relu_conv2d_train", None)
+    if (train_op is not None and training and eager_autograd and process_group is None and input_stats is None
+            and out is None and not return_stats):
+        # (triton) the statistics, the running-statistics update and the conv in one op
+        keep = momentum == 0.0  # a second reader of the same statistics: nothing to update
+        rm, rv = (None, None) if keep else (running_mean, running_var)
+        y = BNTrainReLUConv2dFunction.apply(ops, count, x, weight, bias, bn_weight, bn_bias, rm, rv, momentum, eps,
+                                            stride, padding, dilation, groups)
+        return y, None
     merge = getattr(ops, "bn_stats_merge_update", None)
     if training and process_group is not None:
         mean, var, count = sync_batch_stats(ops, x, process_group)
@@ -220,8 +231,6 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
                                out)
         return out, None
     with_stats = getattr(ops, "bn_relu_conv2d_stats", None) if return_stats and out is None else None
-    eager_autograd = (_needs_grad(x, weight, bias, bn_weight, bn_bias) and not torch.compiler.is_compiling()
-                      and not torch.jit.is_tracing())
     if with_stats is not None and eager_autograd and process_group is None:
         y, stats = BNReLUConv2dStatsFunction.apply(ops, None, count, x, weight, bias, bn_weight, bn_bias, mean, invstd,
                                                    stride, padding, dilation, groups, training)

@@ -68,8 +68,16 @@ OP_NAMES = (
 #:   and the batch statistics of ``y`` as float32 ``[3, STATS_ROWS, C_out]`` partials (count,
 #:   mean, M2 per program), taken in the conv's epilogue;
 #: * ``bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps) ->
-#:   (mean, invstd)``: ``bn_stats_update`` of the tensor those partials describe, from them.
-OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_stats", "bn_stats_merge_update")
+#:   (mean, invstd)``: ``bn_stats_update`` of the tensor those partials describe, from them;
+#:
+#: and three more of its own: ``bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias,
+#: running_mean, running_var, momentum, eps, stride, padding, dilation, groups) -> (y, mean,
+#: invstd)`` (``bn_stats_update`` then ``bn_relu_conv2d`` in one call: the functional op's
+#: training forward with gradients), ``bn_relu_conv2d_out_stats`` (``bn_relu_conv2d_stats``
+#: written into ``out``) and ``bn_stats_merge_out(partials, count, mean, var, invstd, eps)``
+#: (the finalize into given vectors), the last two for the shared dense block.
+OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_stats", "bn_stats_merge_update",
+                "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out")
 
 
 @runtime_checkable

@@ -41,7 +41,10 @@ assert tuple(SCHEMAS) == OP_NAMES
 STATS_ROWS = 256
 
 #: Optional ops of the triton op set (:data:`resfast.ops.opset.OPTIONAL_OPS`), with their schemas:
-#: the fused op that also takes its output's batch statistics in the conv's epilogue, the
+#: the training forward in one op (``bn_stats_update`` then ``bn_relu_conv2d``: one call, one
+#: plan replay; not named ``bn_train_relu_conv2d``, the eager op set's, which the shared dense
+#: block takes as its cue to let each reader take its own statistics), the fused op that also
+#: takes its output's batch statistics in the conv's epilogue, the
 #: finalize that turns them into the next BatchNorm's mean and inverse std, their ``out=``
 #: forms (the output written into a buffer's slice; the mean, the biased variance and optionally
 #: the inverse std written into given vectors: the shared dense block's new channels, whose
@@ -57,6 +60,11 @@ OPTIONAL_SCHEMAS: Dict[str, str] = {
     "bn_stats_merge_update": (
         "bn_stats_merge_update(Tensor partials, int count, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "float momentum, float eps) -> (Tensor, Tensor)"
+    ),
+    "bn_relu_conv2d_train": (
+        f"bn_relu_conv2d_train(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+        f"Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, {_CONV}) "
+        "-> (Tensor, Tensor, Tensor)"
     ),
     "bn_relu_conv2d_out_stats": (
         f"bn_relu_conv2d_out_stats(Tensor x, Tensor weight, Tensor? bias, {_BN}, {_CONV}, Tensor(a!) out) -> Tensor"
@@ -182,6 +190,12 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_update"))
     def _(partials, count, running_mean, running_var, momentum, eps):
         return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
+
+    @torch.library.register_fake(q("bn_relu_conv2d_train"))
+    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride, padding, dilation,
+          groups):
+        shape = conv_out_shape(x, weight, stride, padding, dilation)
+        return x.new_empty(shape).contiguous(memory_format=out_memory_format(x)), vec(x), vec(x)
 
     @torch.library.register_fake(q("bn_relu_conv2d_out_stats"))
     def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out):

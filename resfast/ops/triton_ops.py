@@ -221,6 +221,23 @@ def bn_relu_conv2d(
     return y
 
 
+def bn_relu_conv2d_train(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float, eps: float, stride: List[int],
+    padding: List[int], dilation: List[int], groups: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The training forward in one op: :func:`bn_stats_update` of ``x`` (the running statistics
+    updated in place when given), then :func:`bn_relu_conv2d` with those statistics: ``(y,
+    mean, invstd)``. The same three launches as the two ops; one call and one plan replay."""
+    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    out, launches = _plan_bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias, rm, rv, momentum, eps, stride,
+                                               padding, dilation, groups)
+    _run(launches, x)
+    _write_back(running_mean, rm, running_var, rv)
+    _written(running_mean, running_var)
+    return out
+
+
 def bn_relu_conv2d_out(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     mean: Tensor, invstd: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
@@ -611,6 +628,14 @@ def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd
     pstat = torch.empty([3, STATS_ROWS, shape[1]], dtype=torch.float32, device=x.device)
     return (y, pstat), _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
                                          dilation, groups, y, pstat)
+
+
+def _plan_bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride,
+                               padding, dilation, groups):
+    (mean, invstd), stats = _plan_bn_stats_update(x, running_mean, running_var, momentum, eps)
+    y, conv = _plan_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
+                                   groups, True)
+    return (y, mean, invstd), [*stats, *conv]
 
 
 def _plan_bn_relu_conv2d_out_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
@@ -1153,6 +1178,7 @@ def _plan_bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, 
 _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_relu_conv2d_stats": _plan_bn_relu_conv2d_stats,
     "bn_stats_merge_update": _plan_bn_stats_merge_update,
+    "bn_relu_conv2d_train": _plan_bn_relu_conv2d_train,
     "bn_relu_conv2d_out_stats": _plan_bn_relu_conv2d_out_stats,
     "bn_stats_merge_out": _plan_bn_stats_merge_out,
     "bn_relu_conv2d_backward_full": _plan_bn_relu_conv2d_backward_full,
