@@ -4,8 +4,9 @@
 // the triton backend registers under the resfast_triton namespace); tests/test_native.py
 // asserts that every schema registered here equals the Python one. Kernels are registered per
 // device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); the device-independent
-// bn_stats_update is composed here from bn_stats, and the optional bn_relu_conv2d_backward_full
-// from the conv backward and the BN input gradient.
+// bn_stats_update is composed here from bn_stats, and the optional bn_relu_conv2d_train and
+// bn_relu_conv2d_backward_full from the statistics and the conv, and from the conv backward and
+// the BN input gradient.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -40,6 +41,25 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_update(const at::Tensor& x, const st
     running_var->mul_(1.0 - momentum).add_(var.mul(unbias).to(running_var->scalar_type()), momentum);
   }
   return {mean, at::rsqrt(var + eps)};
+}
+
+// The training forward in one op (the triton op set has the same op): bn_stats_update of x,
+// then the fused conv with those statistics. Returns (y, mean, invstd). One call from Python
+// instead of two.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_train(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  static auto conv = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("resfast::bn_relu_conv2d", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                           const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
+                                           at::IntArrayRef, int64_t, bool)>();
+  auto [mean, invstd] = bn_stats_update(x, running_mean, running_var, momentum, eps);
+  at::Tensor y = conv.call(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, true);
+  return {y, mean, invstd};
 }
 
 using Grads5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -105,7 +125,10 @@ TORCH_LIBRARY(resfast, m) {
         ", bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bn_backward_elemt(" RESFAST_ELEMT ") -> Tensor");
   m.def("bn_backward_elemt_out(" RESFAST_ELEMT ", bool accumulate, Tensor(a!) out) -> ()");
-  // optional (resfast/ops/schemas.py OPTIONAL_SCHEMAS): the training backward in one op
+  // optional (resfast/ops/schemas.py OPTIONAL_SCHEMAS): the training forward and backward in one op each
+  m.def("bn_relu_conv2d_train(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, " RESFAST_CONV
+        ") -> (Tensor, Tensor, Tensor)");
   m.def("bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, " RESFAST_BN ", " RESFAST_CONV
         ", bool bias_grad, Tensor(a!)? grad_x_out, bool accumulate, bool weight_grad) -> (Tensor, Tensor, Tensor, "
         "Tensor, Tensor)");
@@ -113,6 +136,7 @@ TORCH_LIBRARY(resfast, m) {
 
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
   m.impl("bn_stats_update", &resfast::bn_stats_update);
+  m.impl("bn_relu_conv2d_train", &resfast::bn_relu_conv2d_train);
   m.impl("bn_relu_conv2d_backward_full", &resfast::bn_relu_conv2d_backward_full);
 }
 

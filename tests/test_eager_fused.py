@@ -55,6 +55,8 @@ EAGER_OPTIONAL = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full")
 
 # the eager optional ops a kernel op set has as well (a registered op of its own)
 KERNEL_OPTIONAL = {"triton": ("bn_relu_conv2d_backward_full",), "native": ("bn_relu_conv2d_backward_full",)}
+# ... and the training forward in one op (its own name: see resfast/ops/schemas.py)
+KERNEL_TRAIN_OP = "bn_relu_conv2d_train"
 
 
 def test_the_eager_op_set_has_its_optional_ops_and_kernel_op_sets_only_theirs():
@@ -69,6 +71,7 @@ def test_the_eager_op_set_has_its_optional_ops_and_kernel_op_sets_only_theirs():
         ops = get_ops(backend)
         has = {name for name in EAGER_OPTIONAL if hasattr(ops, name)}
         assert has == set(KERNEL_OPTIONAL[backend]), backend
+        assert hasattr(ops, KERNEL_TRAIN_OP), backend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

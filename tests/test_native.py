@@ -327,6 +327,8 @@ def _opcheck_samples():
         "bn_backward_elemt": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01),
         "bn_backward_elemt_out": (gz, x, gm, mean, invstd, torch.randn(x.shape[1]), torch.randn(x.shape[1]), 0.01,
                                   True, torch.randn_like(x)),
+        "bn_relu_conv2d_train": (x, weight, bias, gm, bt, torch.randn(x.shape[1]), torch.rand(x.shape[1]) + 0.5, 0.1,
+                                 1e-5, *c),
         "bn_relu_conv2d_backward_full": (grad_out, x, weight, gm, bt, mean, invstd, *c, True, None, False, True),
         "bn_relu_conv2d_backward_full_out": (grad_out, x, weight, gm, bt, mean, invstd, *c, False,
                                              torch.randn(x.shape[0], x.shape[1] + 2, *x.shape[2:])[:, 1:-1], True,
@@ -334,7 +336,8 @@ def _opcheck_samples():
     }
 
 
-@pytest.mark.parametrize("op", [*OP_NAMES, "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
+@pytest.mark.parametrize("op", [*OP_NAMES, "bn_relu_conv2d_train", "bn_relu_conv2d_backward_full",
+                                "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(op):
     ops()
     name = op[:-len("_out")] if op.endswith("_full_out") else op
@@ -352,15 +355,32 @@ def test_registered_schema_equals_python(op):
     assert registered == torch._C.parse_schema("resfast::" + SCHEMAS[op]), f"{registered} != {SCHEMAS[op]}"
 
 
-def test_registered_optional_schema_equals_python():
-    """The native op set's one optional op, the training backward in one op, has the triton
-    op set's schema."""
+@pytest.mark.parametrize("name", ["bn_relu_conv2d_train", "bn_relu_conv2d_backward_full"])
+def test_registered_optional_schema_equals_python(name):
+    """The native op set's optional ops, the training forward and backward in one op each,
+    have the triton op set's schemas."""
     from resfast.ops.schemas import OPTIONAL_SCHEMAS
 
     ops()
-    name = "bn_relu_conv2d_backward_full"
     registered = getattr(torch.ops.resfast, name).default._schema
     assert registered == torch._C.parse_schema("resfast::" + OPTIONAL_SCHEMAS[name]), str(registered)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["resnext_g32_cl_prefix", "depthwise_stride2"])
+def test_train_forward_in_one_op(name, dtype):
+    """``bn_relu_conv2d_train`` (C++ composite): equal to ``bn_stats_update`` then
+    ``bn_relu_conv2d``, outputs and running statistics, the latter's versions bumped."""
+    x, weight, bias, gm, bt, _, _, conv = _case(name, dtype, "cpu")
+    c = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+    rm, rv = torch.randn(x.shape[1]), torch.rand(x.shape[1]) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    v0, v1 = rm._version, rv._version
+    y, mean, invstd = ops().bn_relu_conv2d_train(x, weight, bias, gm, bt, rm, rv, 0.1, 1e-5, *c)
+    assert rm._version > v0 and rv._version > v1
+    m2, i2 = ops().bn_stats_update(x, rm2, rv2, 0.1, 1e-5)
+    assert torch.equal(mean, m2) and torch.equal(invstd, i2) and torch.equal(rm, rm2) and torch.equal(rv, rv2)
+    assert torch.equal(y, ops().bn_relu_conv2d(x, weight, bias, gm, bt, m2, i2, *c, True))
 
 
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------

@@ -70,7 +70,7 @@ OP_NAMES = (
 #: * ``bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps) ->
 #:   (mean, invstd)``: ``bn_stats_update`` of the tensor those partials describe, from them;
 #:
-#: and three more of its own: ``bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias,
+#: and three more of its own (the first native has too): ``bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias,
 #: running_mean, running_var, momentum, eps, stride, padding, dilation, groups) -> (y, mean,
 #: invstd)`` (``bn_stats_update`` then ``bn_relu_conv2d`` in one call: the functional op's
 #: training forward with gradients), ``bn_relu_conv2d_out_stats`` (``bn_relu_conv2d_stats``

@@ -164,6 +164,13 @@ def register_fakes(namespace: str) -> None:
     def _(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
         return None
 
+    if hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_train"):  # triton's and native's
+        @torch.library.register_fake(q("bn_relu_conv2d_train"))
+        def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride, padding,
+              dilation, groups):
+            shape = conv_out_shape(x, weight, stride, padding, dilation)
+            return x.new_empty(shape).contiguous(memory_format=out_memory_format(x)), vec(x), vec(x)
+
     if hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_backward_full"):  # triton's and native's
         @torch.library.register_fake(q("bn_relu_conv2d_backward_full"))
         def _(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, bias_grad,
@@ -190,12 +197,6 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_update"))
     def _(partials, count, running_mean, running_var, momentum, eps):
         return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
-
-    @torch.library.register_fake(q("bn_relu_conv2d_train"))
-    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, stride, padding, dilation,
-          groups):
-        shape = conv_out_shape(x, weight, stride, padding, dilation)
-        return x.new_empty(shape).contiguous(memory_format=out_memory_format(x)), vec(x), vec(x)
 
     @torch.library.register_fake(q("bn_relu_conv2d_out_stats"))
     def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out):
