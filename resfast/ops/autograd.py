@@ -4,7 +4,7 @@
   the conv and ReLU backward (``ops.bn_relu_conv2d_backward``), the SyncBN all-reduce of the
   two per-channel sums when a process group is given, and the BN input gradient
   (``ops.bn_backward_elemt``, or ``ops.bn_backward_elemt_out`` into a caller's buffer); an op
-  set with the optional ``bn_relu_conv2d_backward_full`` (the eager and triton ones) does the
+  set with the optional ``bn_relu_conv2d_backward_full`` (the eager, triton and native ones) does the
   whole of it in that op when the statistics are ``x``'s own (training, no process group). The
   registered ops, the SyncBN path and the shared dense block (per chunk of channels) all
   call it.
@@ -296,7 +296,7 @@ class BNReLUConv2dFunction(torch.autograd.Function):
 
 
 class BNTrainReLUConv2dFunction(torch.autograd.Function):
-    """:class:`BNReLUConv2dFunction` over the op set's optional ``bn_relu_conv2d_train`` (triton):
+    """:class:`BNReLUConv2dFunction` over the op set's optional ``bn_relu_conv2d_train`` (triton, native):
     the training forward with ``x``'s own batch statistics, taken (and the running statistics
     updated) in the same op as the conv: one call and one plan replay instead of two. The same
     backward (the statistics are saved as the op returned them)."""

@@ -204,7 +204,7 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
     train_op = getattr(ops, "bn_relu_conv2d_train", None)
     if (train_op is not None and training and eager_autograd and process_group is None and input_stats is None
             and out is None and not return_stats):
-        # (triton) the statistics, the running-statistics update and the conv in one op
+        # (triton, native) the statistics, the running-statistics update and the conv in one op
         keep = momentum == 0.0  # a second reader of the same statistics: nothing to update
         rm, rv = (None, None) if keep else (running_mean, running_var)
         y = BNTrainReLUConv2dFunction.apply(ops, count, x, weight, bias, bn_weight, bn_bias, rm, rv, momentum, eps,
