@@ -299,6 +299,8 @@ def _train(config, model, datasets, device, info: DistInfo, log, history_out) ->
         # Only the training step is compiled; evaluation and the checkpoint use the plain module.
         ddp_model = torch.compile(ddp_model, mode=None if config.compile == "default" else config.compile)
         ddp_model._resfast_compile_mode = config.compile
+        _log(info, log, f"torch.compile(mode={config.compile!r}) of the training step: it compiles on the first "
+             "step, so the first epoch's time includes the compilation")
 
     sampler = None
     if info.distributed:
