@@ -121,6 +121,69 @@ def test_out_forms_write_the_output_and_statistics_where_asked(case):
     assert_rule("invstd", invstd, (var64 + 1e-3).rsqrt(), (var_s + 1e-3).rsqrt(), case, dtype=dtype)
 
 
+@pytest.mark.parametrize("with_out_stats", [True, False])
+def test_merge_out_is_the_three_ops_in_one(with_out_stats):
+    """``bn_relu_conv2d_merge_out`` (a dense layer's second half): bit for bit what
+    ``bn_stats_merge_update``, ``bn_relu_conv2d_out_stats`` (or ``_out``) and
+    ``bn_stats_merge_out`` give in a row: the statistics it returns, the running statistics,
+    the output written into a slice, the output's statistics written into slices."""
+    x, w, _ = _inputs(16, 8, 1, 3, False, True, torch.float32)
+    xd = x.to(DEVICE)
+    m, iv = xd.mean((0, 2, 3)), torch.rsqrt(xd.var((0, 2, 3), correction=0) + 1e-5)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    w1 = torch.randn(16, 16, 1, 1).to(DEVICE) / 4
+    bott, partials = _ops().bn_relu_conv2d_stats(xd, w1, None, None, None, m, iv, [1, 1], [0, 0], [1, 1], 1, True)
+    count = bott.numel() // 16
+    g2, b2 = torch.rand(16, device=DEVICE) + 0.5, torch.randn(16, device=DEVICE) * 0.2
+    wd = w.to(DEVICE)
+
+    def run(merged):
+        rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
+        buf = torch.full((2, 12, 7, 6), float("nan"), device=DEVICE).contiguous(memory_format=torch.channels_last)
+        vecs = [torch.full((12,), float("nan"), device=DEVICE) for _ in range(3)]
+        into = [v[2:10] for v in vecs] if with_out_stats else [None, None, None]
+        if merged:
+            mean, invstd = _ops().bn_relu_conv2d_merge_out(bott, partials, count, rm, rv, 0.1, 1e-5, wd, g2, b2, *conv,
+                                                           buf[:, 2:10], *into, 1e-3)
+        else:
+            mean, invstd = _ops().bn_stats_merge_update(partials, count, rm, rv, 0.1, 1e-5)
+            if with_out_stats:
+                p = _ops().bn_relu_conv2d_out_stats(bott, wd, None, g2, b2, mean, invstd, *conv, buf[:, 2:10])
+                _ops().bn_stats_merge_out(p, 2 * 7 * 6, *into, 1e-3)
+            else:
+                _ops().bn_relu_conv2d_out(bott, wd, None, g2, b2, mean, invstd, *conv, buf[:, 2:10])
+        return [mean, invstd, rm, rv, buf, *vecs]
+
+    for name, a, b in zip(("mean", "invstd", "running_mean", "running_var", "buffer", "out mean", "out var",
+                           "out invstd"), run(True), run(False)):
+        assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0)), name
+    if with_out_stats:
+        assert not torch.isnan(run(True)[5][2:10]).any()
+
+
+def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_half(monkeypatch):
+    """The triton shared block's forward with ``bn_relu_conv2d_merge_out`` (norm2's finalize,
+    conv3x3 and the new channels' statistics in one call) gives bit for bit what the three ops
+    give: output, every gradient and the running statistics."""
+    from resfast.nn.dense import DenseBlock
+    from resfast.ops import dense_block as db
+
+    def run():
+        torch.manual_seed(0)
+        block = DenseBlock(3, 6, 2, 4, memory="shared", backend="triton").to(DEVICE)
+        x = (torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3).requires_grad_()
+        y = block(x)
+        y.backward(torch.randn_like(y))
+        return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
+                **dict(block.named_buffers())}
+
+    merged = run()
+    monkeypatch.setattr(db, "_merge_out_op", lambda ops: None)
+    apart = run()
+    for key in merged:
+        assert torch.equal(merged[key], apart[key]), key
+
+
 def test_merge_out_rejects_vectors_it_cannot_write():
     x, w, _ = _inputs(16, 16, 4, 3, False, True, torch.float32)
     xd = x.to(DEVICE)

@@ -569,6 +569,10 @@ def _opcheck_samples():
                                   torch.randn(2, 4, 3, 3, device=DEVICE)),
         "bn_relu_conv2d_train": (x, w, b, bw, bb, _vec(4, 7), _vec(4, 8, lo=0.5), 0.1, 1e-5, *conv),
         "bn_relu_conv2d_out_stats": (x, w, b, bw, bb, mean, invstd, *conv, out),
+        "bn_relu_conv2d_merge_out": (x, torch.rand(3, 256, 4, device=DEVICE) + 0.5, 18, _vec(4, 7),
+                                     _vec(4, 8, lo=0.5), 0.1, 1e-5, w, bw, bb, *conv, out,
+                                     torch.empty(9, device=DEVICE)[1:7], torch.empty(6, device=DEVICE),
+                                     torch.empty(6, device=DEVICE), 1e-5),
         "bn_stats_merge_out": (torch.rand(3, 256, 6, device=DEVICE) + 0.5, 18, torch.empty(9, device=DEVICE)[2:8],
                                torch.empty(6, device=DEVICE), torch.empty(7, device=DEVICE)[1:], 1e-5),
         "bn_relu_conv2d_backward_full": (go, x, w, bw, bb, mean, invstd, *conv, True, None, False, True),
@@ -578,6 +582,7 @@ def _opcheck_samples():
 
 
 @pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out",
+                                  "bn_relu_conv2d_merge_out",
                                   "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
 def test_opcheck(name):
     op = name[:-len("_out")] if name.endswith("_full_out") else name

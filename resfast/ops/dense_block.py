@@ -197,6 +197,10 @@ class _Config:
     #: pass over the new channels and two copies), where no dropout follows it and no reader
     #: synchronises over a process group.
     out_stats_ops: Optional[Tuple[object, object]] = None
+    #: The op set's optional ``bn_relu_conv2d_merge_out`` (triton): norm2's finalize, the conv3x3
+    #: into the buffer and (with ``out_stats_ops``' conditions) the new channels' statistics in
+    #: one call.
+    merge_out_op: object = None
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -249,10 +253,15 @@ class _Config:
             train_op=getattr(ops, "bn_train_relu_conv2d", None) if group is None else None,
             stats_ops=_stats_ops(ops),
             out_stats_ops=_stats_ops(ops, ("bn_relu_conv2d_out_stats", "bn_stats_merge_out")),
+            merge_out_op=_merge_out_op(ops),
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
+
+
+def _merge_out_op(ops):
+    return getattr(ops, "bn_relu_conv2d_merge_out", None)
 
 
 def _stats_ops(ops, names=("bn_relu_conv2d_stats", "bn_stats_merge_update")) -> Optional[Tuple[object, object]]:
@@ -469,9 +478,21 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
         new_partials = None
         new_stats_in_epilogue = (read_later and p == 0 and cfg.group is None and cfg.out_stats_ops is not None
                                  and mean_all.dtype == torch.float32)
+        new_stats_done = False
         if train_op is not None and norm2.batch_stats and norm2.process_group is None:
             _, mean2, invstd2 = _train_call(train_op, norm2, bott, w2, g2, b2, cfg.conv2_args[i], out=new)
             count2 = bott.numel() // bott.shape[1]
+        elif partials is not None and cfg.merge_out_op is not None:
+            # (triton) norm2's finalize, the conv3x3 into the buffer and the new channels'
+            # statistics in one call
+            count2 = bott.numel() // bott.shape[1]
+            into = (mean_all[c:c + k], var_all[c:c + k], None if invstd_all is None else invstd_all[c:c + k]) \
+                if new_stats_in_epilogue else (None, None, None)
+            mean2, invstd2 = cfg.merge_out_op(bott, partials, count2, norm2.running_mean, norm2.running_var,
+                                              norm2.momentum, norm2.eps, w2, g2, b2, *cfg.conv2_args[i], new, *into,
+                                              0.0 if eps is None else eps)
+            new_stats_done = new_stats_in_epilogue
+            del partials
         else:
             if partials is not None:
                 count2 = bott.numel() // bott.shape[1]
@@ -489,7 +510,7 @@ def _forward(cfg: _Config, x: Tensor, tensors: List[Optional[Tensor]], saved: Op
             cfg.out_stats_ops[1](new_partials, n * h * w, mean_all[c:c + k], var_all[c:c + k],
                                  None if invstd_all is None else invstd_all[c:c + k], 0.0 if eps is None else eps)
             del new_partials
-        elif read_later:
+        elif read_later and not new_stats_done:
             m, v, _ = _channel_stats(ops, new, cfg.group)
             mean_all[c:c + k], var_all[c:c + k] = m, v
             if invstd_all is not None:

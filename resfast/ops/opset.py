@@ -75,9 +75,11 @@ OP_NAMES = (
 #: invstd)`` (``bn_stats_update`` then ``bn_relu_conv2d`` in one call: the functional op's
 #: training forward with gradients), ``bn_relu_conv2d_out_stats`` (``bn_relu_conv2d_stats``
 #: written into ``out``) and ``bn_stats_merge_out(partials, count, mean, var, invstd, eps)``
-#: (the finalize into given vectors), the last two for the shared dense block.
+#: (the finalize into given vectors), and ``bn_relu_conv2d_merge_out`` (``bn_stats_merge_update``,
+#: then the conv into ``out``, with its output's statistics into given vectors: the three in one
+#: call), the last three for the shared dense block.
 OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_stats", "bn_stats_merge_update",
-                "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out")
+                "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out", "bn_relu_conv2d_merge_out")
 
 
 @runtime_checkable

@@ -48,7 +48,9 @@ STATS_ROWS = 256
 #: finalize that turns them into the next BatchNorm's mean and inverse std, their ``out=``
 #: forms (the output written into a buffer's slice; the mean, the biased variance and optionally
 #: the inverse std written into given vectors: the shared dense block's new channels, whose
-#: statistics every later layer shares), and the whole
+#: statistics every later layer shares), the three in a row as one op (a dense layer's second
+#: half: norm2's statistics from conv1's partials, conv3x3 into the block's buffer, the new
+#: channels' statistics into its vectors), and the whole
 #: training backward in one op (the conv backward and the BN input gradient: one call, one plan
 #: replay, instead of two). A registered op returns tensors only: ``grad_x`` is an empty
 #: ``[0]`` tensor when it went into ``grad_x_out``.
@@ -72,6 +74,12 @@ OPTIONAL_SCHEMAS: Dict[str, str] = {
     "bn_stats_merge_out": (
         "bn_stats_merge_out(Tensor partials, int count, Tensor(a!) mean, Tensor(b!) var, Tensor(c!)? invstd, "
         "float eps) -> ()"
+    ),
+    "bn_relu_conv2d_merge_out": (
+        f"bn_relu_conv2d_merge_out(Tensor x, Tensor partials, int count, Tensor(a!)? running_mean, "
+        f"Tensor(b!)? running_var, float momentum, float eps, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, "
+        f"{_CONV}, Tensor(c!) out, Tensor(d!)? out_mean, Tensor(e!)? out_var, Tensor(f!)? out_invstd, "
+        "float out_eps) -> (Tensor, Tensor)"
     ),
     "bn_relu_conv2d_backward_full": (
         f"bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, {_BN}, {_CONV}, bool bias_grad, "
@@ -201,6 +209,11 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_relu_conv2d_out_stats"))
     def _(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out):
         return x.new_empty([3, STATS_ROWS, weight.shape[0]], dtype=torch.float32)
+
+    @torch.library.register_fake(q("bn_relu_conv2d_merge_out"))
+    def _(x, partials, count, running_mean, running_var, momentum, eps, weight, bn_weight, bn_bias, stride, padding,
+          dilation, groups, out, out_mean, out_var, out_invstd, out_eps):
+        return partials.new_empty([partials.shape[2]]), partials.new_empty([partials.shape[2]])
 
     @torch.library.register_fake(q("bn_stats_merge_out"))
     def _(partials, count, mean, var, invstd, eps):

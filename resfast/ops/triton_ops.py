@@ -327,6 +327,29 @@ def bn_relu_conv2d_backward_full(
     return out
 
 
+def bn_relu_conv2d_merge_out(
+    x: Tensor, partials: Tensor, count: int, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    momentum: float, eps: float, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, out: Tensor, out_mean: Optional[Tensor],
+    out_var: Optional[Tensor], out_invstd: Optional[Tensor], out_eps: float,
+) -> Tuple[Tensor, Tensor]:
+    """A dense layer's second half in one op: ``(mean, invstd) = bn_stats_merge_update(partials,
+    count, running_mean, running_var, momentum, eps)`` (``x``'s statistics from the partials of
+    the op that wrote it), then the fused conv of ``x`` with them written into ``out``, and with
+    ``out_mean`` / ``out_var`` given its output's statistics taken in the epilogue and finalized
+    into them (``bn_relu_conv2d_out_stats``, then ``bn_stats_merge_out`` with ``out_invstd`` and
+    ``out_eps``). Returns ``(mean, invstd)``. The same launches as the three ops; one call and
+    one plan replay."""
+    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    (mean, invstd), launches = _plan_bn_relu_conv2d_merge_out(x, partials, count, rm, rv, momentum, eps, weight,
+                                                              bn_weight, bn_bias, stride, padding, dilation, groups,
+                                                              out, out_mean, out_var, out_invstd, out_eps)
+    _run(launches, x)
+    _write_back(running_mean, rm, running_var, rv)
+    _written(running_mean, running_var, out, out_mean, out_var, out_invstd)
+    return mean, invstd
+
+
 def bn_stats_merge_out(partials: Tensor, count: int, mean: Tensor, var: Tensor, invstd: Optional[Tensor],
                        eps: float) -> None:
     """The batch mean and biased variance of the tensor :func:`bn_relu_conv2d_stats`'s (or
@@ -673,6 +696,21 @@ def _plan_bn_stats_merge_out(partials, count, mean, var, invstd, eps):
     launch = _finalize_launch(partials[0], partials[1], partials[2], mean, var, None, None, 0.0, float(eps), False, c,
                               partials.shape[1], int(count), invstd)
     return None, [launch]
+
+
+def _plan_bn_relu_conv2d_merge_out(x, partials, count, running_mean, running_var, momentum, eps, weight, bn_weight,
+                                   bn_bias, stride, padding, dilation, groups, out, out_mean, out_var, out_invstd,
+                                   out_eps):
+    """:func:`bn_relu_conv2d_merge_out`'s launches (running statistics as given: contiguous)."""
+    (mean, invstd), launches = _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps)
+    if out_mean is None:
+        return (mean, invstd), [*launches, *_plan_bn_relu_conv2d_out(
+            x, weight, None, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, out)[1]]
+    pstat, conv = _plan_bn_relu_conv2d_out_stats(x, weight, None, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                                 dilation, groups, out)
+    _, fin = _plan_bn_stats_merge_out(pstat, out.numel() // max(1, out.shape[1]), out_mean, out_var, out_invstd,
+                                      out_eps)
+    return (mean, invstd), [*launches, *conv, *fin]
 
 
 def _plan_bn_stats_merge_update(partials, count, running_mean, running_var, momentum, eps):
@@ -1181,6 +1219,7 @@ _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_relu_conv2d_train": _plan_bn_relu_conv2d_train,
     "bn_relu_conv2d_out_stats": _plan_bn_relu_conv2d_out_stats,
     "bn_stats_merge_out": _plan_bn_stats_merge_out,
+    "bn_relu_conv2d_merge_out": _plan_bn_relu_conv2d_merge_out,
     "bn_relu_conv2d_backward_full": _plan_bn_relu_conv2d_backward_full,
 }
 assert set(_OPTIONAL_PLANNERS) == set(TRITON_OPTIONAL)
