@@ -47,8 +47,9 @@ def _inputs(c, co, groups, k, bias, channels_last, dtype, seed=0):
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_epilogue_statistics_match_float64(case):
+def _stats_case(case):
+    """A case's inputs on the device, x's own statistics ``m``, ``iv``, the conv arguments, and
+    ``bn_relu_conv2d_stats``' ``(y, partials)``."""
     c, co, groups, k, stride, bias, cl, dtype = CASES[case]
     x, w, b = _inputs(c, co, groups, k, bias, cl, dtype)
     xd = x.to(DEVICE)
@@ -57,6 +58,13 @@ def test_epilogue_statistics_match_float64(case):
     conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
     bd = None if b is None else b.to(DEVICE)
     y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True)
+    return x, w, b, xd, m, iv, conv, bd, y, partials
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_epilogue_statistics_match_float64(case):
+    co, dtype = CASES[case][1], CASES[case][7]
+    x, w, b, xd, m, iv, conv, bd, y, partials = _stats_case(case)
     assert partials.dtype == torch.float32 and tuple(partials.shape[::2]) == (3, co)
     # the output itself is the plain op's
     assert torch.equal(y, _ops().bn_relu_conv2d(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True))
@@ -82,14 +90,8 @@ def test_out_forms_write_the_output_and_statistics_where_asked(case):
     buffer and returns the same partials; ``bn_stats_merge_out`` writes their mean and biased
     variance into slices of larger vectors (the shared dense block's per-channel statistics),
     checked against float64 with the rule, the neighbours untouched and the versions bumped."""
-    c, co, groups, k, stride, bias, cl, dtype = CASES[case]
-    x, w, b = _inputs(c, co, groups, k, bias, cl, dtype)
-    xd = x.to(DEVICE)
-    m = xd.float().mean((0, 2, 3))
-    iv = torch.rsqrt(xd.float().var((0, 2, 3), correction=0) + 1e-5)
-    conv = ([stride] * 2, [k // 2] * 2, [1, 1], groups)
-    bd = None if b is None else b.to(DEVICE)
-    y, partials = _ops().bn_relu_conv2d_stats(xd, w.to(DEVICE), bd, None, None, m, iv, *conv, True)
+    co, cl, dtype = CASES[case][1], CASES[case][6], CASES[case][7]
+    x, w, b, xd, m, iv, conv, bd, y, partials = _stats_case(case)
     n, _, ho, wo = y.shape
     buf = torch.full((n, co + 5, ho, wo), float("nan"), dtype=dtype, device=DEVICE)
     if cl:

@@ -555,13 +555,13 @@ def _plan_bn_relu_conv2d(x, weight, bias, bn_weight, bn_bias, mean, invstd, stri
 
 
 def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,
-                             out):
-    _check_conv("bn_relu_conv2d_out", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
-                groups)
+                             out, pstat=None, op="bn_relu_conv2d_out"):
+    """``pstat``: the statistics partials the conv's epilogue writes (``bn_relu_conv2d_out_stats``)."""
+    _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups)
     shape = conv_out_shape(x, weight, stride, padding, dilation)
     _check_like("out", out, x, shape)
     return None, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
-                                   groups, out)
+                                   groups, out, pstat)
 
 
 def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, y,
@@ -663,13 +663,9 @@ def _plan_bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias, running_mean
 
 def _plan_bn_relu_conv2d_out_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
                                    groups, out):
-    _check_conv("bn_relu_conv2d_out_stats", x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
-                dilation, groups)
-    shape = conv_out_shape(x, weight, stride, padding, dilation)
-    _check_like("out", out, x, shape)
-    pstat = torch.empty([3, STATS_ROWS, shape[1]], dtype=torch.float32, device=x.device)
-    return pstat, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
-                                    groups, out, pstat)
+    pstat = torch.empty([3, STATS_ROWS, weight.shape[0]], dtype=torch.float32, device=x.device)
+    return pstat, _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding,
+                                           dilation, groups, out, pstat, "bn_relu_conv2d_out_stats")[1]
 
 
 def _check_partials(op: str, partials: Any, count: int) -> None:
