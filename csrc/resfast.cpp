@@ -3,12 +3,13 @@
 // The schemas are the same strings as resfast/ops/schemas.py SCHEMAS (the one source, which
 // the triton backend registers under the resfast_triton namespace); tests/test_native.py
 // asserts that every schema registered here equals the Python one. Kernels are registered per
-// device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); the device-independent
-// bn_stats_update is composed here from bn_stats, and the optional bn_relu_conv2d_train and
-// bn_relu_conv2d_backward_full from the statistics and the conv, and from the conv backward and
-// the BN input gradient.
+// device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA), bn_stats_update's version bumps
+// here (its ADInplaceOrView kernel); the optional bn_relu_conv2d_train and
+// bn_relu_conv2d_backward_full are composed here from the statistics and the conv, and from the
+// conv backward and the BN input gradient.
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 
 #include <optional>
 #include <tuple>
@@ -22,25 +23,28 @@ namespace {
   "Tensor grad_z, Tensor x, Tensor? bn_weight, Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xhat, " \
   "float inv_count"
 
-// Training statistics (mean, invstd) of x, and the running statistics updated in place as
-// F.batch_norm does (unbiased variance).
-std::tuple<at::Tensor, at::Tensor> bn_stats_update(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
-                                                   const std::optional<at::Tensor>& running_var, double momentum,
-                                                   double eps) {
-  static auto bn_stats = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resfast::bn_stats", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-              "resfast::bn_stats_update: running_mean and running_var must both be tensors or both be None");
-  auto [mean, var] = bn_stats.call(x);
-  if (running_mean.has_value()) {
-    const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);
-    const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
-    at::NoGradGuard no_grad;
-    running_mean->mul_(1.0 - momentum).add_(mean.to(running_mean->scalar_type()), momentum);
-    running_var->mul_(1.0 - momentum).add_(var.mul(unbias).to(running_var->scalar_type()), momentum);
-  }
-  return {mean, at::rsqrt(var + eps)};
+using Stats2 = std::tuple<at::Tensor, at::Tensor>;
+using BnStatsUpdateFn = Stats2(const at::Tensor&, const std::optional<at::Tensor>&,
+                               const std::optional<at::Tensor>&, double, double);
+
+c10::TypedOperatorHandle<BnStatsUpdateFn>& bn_stats_update_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("resfast::bn_stats_update", "")
+                       .typed<BnStatsUpdateFn>();
+  return op;
+}
+
+// bn_stats_update's ADInplaceOrView kernel: the device kernels (csrc/cpu, csrc/cuda) write the
+// running statistics through raw pointers, so their autograd versions are bumped here, as ATen's
+// in-place ops bump theirs (a graph that saved them then refuses to run backward).
+Stats2 bn_stats_update_inplace_view(c10::DispatchKeySet ks, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& running_mean,
+                                    const std::optional<at::Tensor>& running_var, double momentum, double eps) {
+  auto out = bn_stats_update_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, x, running_mean, running_var,
+                                             momentum, eps);
+  if (running_mean.has_value()) torch::autograd::increment_version(*running_mean);
+  if (running_var.has_value()) torch::autograd::increment_version(*running_var);
+  return out;
 }
 
 // The training forward in one op (the triton op set has the same op): bn_stats_update of x,
@@ -57,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_train(
                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                            const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
                                            at::IntArrayRef, int64_t, bool)>();
-  auto [mean, invstd] = bn_stats_update(x, running_mean, running_var, momentum, eps);
+  auto [mean, invstd] = bn_stats_update_op().call(x, running_mean, running_var, momentum, eps);
   at::Tensor y = conv.call(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, true);
   return {y, mean, invstd};
 }
@@ -134,8 +138,11 @@ TORCH_LIBRARY(resfast, m) {
         "Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_IMPL(resfast, ADInplaceOrView, m) {
+  m.impl("bn_stats_update", TORCH_FN(resfast::bn_stats_update_inplace_view));
+}
+
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
-  m.impl("bn_stats_update", &resfast::bn_stats_update);
   m.impl("bn_relu_conv2d_train", &resfast::bn_relu_conv2d_train);
   m.impl("bn_relu_conv2d_backward_full", &resfast::bn_relu_conv2d_backward_full);
 }

@@ -383,6 +383,68 @@ def test_train_forward_in_one_op(name, dtype):
     assert torch.equal(y, ops().bn_relu_conv2d(x, weight, bias, gm, bt, m2, i2, *c, True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("xdt, sdt", [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                      (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=["f32", "f32_f64_running", "bf16_f32_running", "f16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bn_stats_update_finalizes_in_its_kernel(device, xdt, sdt, channels_last):
+    """``bn_stats_update`` (one device kernel pass and one finalize, no ATen arithmetic): the
+    statistics, invstd and the running statistics of any float dtype, here strided views of
+    larger buffers, updated in place (their other elements untouched, their versions bumped),
+    by the float64 rule against the reference op set."""
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(3, 6, 5, 4, generator=g, dtype=torch.float64) * 2 + 1
+    x = x64.to(xdt).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    buf_m = torch.randn(12, generator=g, dtype=torch.float64)
+    buf_v = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+    bm, bv = buf_m.to(sdt).to(device).clone(), buf_v.to(sdt).to(device).clone()
+    rm, rv = bm[::2], bv[1::2]
+    others = (bm[1::2].clone(), bv[::2].clone())
+    v0 = (rm._version, rv._version)
+    mean, invstd = ops().bn_stats_update(x, rm, rv, 0.3, 1e-3)
+    assert rm._version > v0[0] and rv._version > v0[1]
+    assert torch.equal(bm[1::2], others[0]) and torch.equal(bv[::2], others[1])
+    r64 = (buf_m[::2].clone(), buf_v[1::2].clone())
+    m64, i64 = reference.bn_stats_update(x.double().cpu(), *r64, 0.3, 1e-3)
+    rs = (buf_m[::2].to(sdt), buf_v[1::2].to(sdt))  # copies: the same-precision reference's own
+    ms, is_ = reference.bn_stats_update(x.cpu(), *rs, 0.3, 1e-3)
+    ctx = f"{device} x {xdt} running {sdt} cl={channels_last}"
+    for name, got, ref64, same in (("mean", mean, m64, ms), ("invstd", invstd, i64, is_),
+                                   ("running_mean", rm, r64[0], rs[0]), ("running_var", rv, r64[1], rs[1])):
+        assert got.dtype == same.dtype, (name, got.dtype, same.dtype)
+        # float64 running statistics of a float32 input hold float32 statistics: judged in float32
+        assert_rule(name, got.cpu(), ref64, same, ctx, dtype=torch.float32 if same.dtype == torch.float64 else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_training_forward_launches(device):
+    """The native training forward's statistics are one op that runs no ATen arithmetic (the
+    statistics, the running-statistics update and invstd in the extension's own kernels): on
+    CUDA, two kernel launches (partials, finalize) where composing ATen in-place ops took nine.
+    Counted with torch.profiler (the ATen ops inside the op on the CPU, kernels on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 8, 6, 5, device=device)
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    ops().bn_stats_update(x, rm, rv, 0.1, 1e-5)  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        ops().bn_stats_update(x, rm, rv, 0.1, 1e-5)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    inside = [e.name for e in events if e.name.startswith("aten::") and e.cpu_parent is not None
+              and e.cpu_parent.name == "resfast::bn_stats_update"]
+    assert set(inside) <= {"aten::empty", "aten::empty_strided"}, inside
+    if device == "cuda":
+        kernels = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "Memcpy" not in e.name and "Memset" not in e.name]
+        assert len(kernels) == 2, kernels
+
+
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------
 
 def _good():

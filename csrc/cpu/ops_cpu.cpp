@@ -68,6 +68,41 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
+// The training statistics (mean, invstd) of x and the running statistics updated in place
+// (math.h bn_finalize_update): the statistics pass of bn_stats, then one loop over the
+// channels, as the CUDA kernel's finalize does. The versions of running_mean / running_var are
+// bumped by the op's ADInplaceOrView kernel (csrc/resfast.cpp).
+std::tuple<at::Tensor, at::Tensor> bn_stats_update_cpu(const at::Tensor& x, const OptTensor& running_mean,
+                                                       const OptTensor& running_var, double momentum, double eps) {
+  const char* op = "resfast::bn_stats_update";
+  check_bn_stats(op, x);
+  check_cpu(op, x);
+  check_running_stats(op, x, running_mean, running_var);
+  auto [mean, var] = bn_stats_cpu(x);
+  at::Tensor invstd = var;  // the biased variance becomes 1 / sqrt(var + eps) in place
+  const int64_t C = x.size(1);
+  const double unbias = running_var_unbias(x);
+  const at::ScalarType stat_type = running_mean.has_value() ? running_mean->scalar_type() : mean.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "resfast_bn_stats_update_cpu", [&] {
+    using acc_t = scalar_t;
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    acc_t* ip = invstd.data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "resfast_bn_stats_update_cpu_running", [&] {
+      using stat_t = scalar_t;
+      stat_t* rm = running_mean.has_value() ? running_mean->data_ptr<stat_t>() : nullptr;
+      stat_t* rv = running_var.has_value() ? running_var->data_ptr<stat_t>() : nullptr;
+      const int64_t rms = running_mean.has_value() ? running_mean->stride(0) : 0;
+      const int64_t rvs = running_var.has_value() ? running_var->stride(0) : 0;
+      for (int64_t c = 0; c < C; ++c) {
+        ip[c] = bn_finalize_update<acc_t, stat_t>(mp[c], ip[c], eps, momentum, unbias,
+                                                  rm != nullptr ? rm + c * rms : nullptr,
+                                                  rv != nullptr ? rv + c * rvs : nullptr);
+      }
+    });
+  });
+  return {mean, invstd};
+}
+
 // Runs blocks [0, blocks) of a tiled grid, each with its own shared-memory buffer.
 template <class F>
 void run_blocks(int64_t blocks, int smem_bytes, F&& block) {
@@ -323,6 +358,7 @@ void bn_backward_elemt_out_cpu(const at::Tensor& grad_z, const at::Tensor& x, co
 
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   m.impl("bn_stats", &bn_stats_cpu);
+  m.impl("bn_stats_update", &bn_stats_update_cpu);
   m.impl("bn_relu_conv2d", &bn_relu_conv2d_cpu);
   m.impl("bn_relu_conv2d_out", &bn_relu_conv2d_out_cpu);
   m.impl("bn_relu_conv2d_backward", &bn_relu_conv2d_backward_cpu);

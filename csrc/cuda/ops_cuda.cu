@@ -167,46 +167,129 @@ __global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ pmean, const 
   var[c] = welford_var(st);
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
-  const char* op = "resfast::bn_stats";
-  check_bn_stats(op, x);
-  check_cuda(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+// bn_stats_update's finalize: bn_stats_finalize_kernel's merge, then math.h bn_finalize_update
+// (invstd, and the running statistics moved in place when rm is not null).
+template <typename acc_t, typename stat_t>
+__global__ void bn_stats_finalize_update_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
+                                                const int64_t* __restrict__ pn, int64_t C, int64_t splits,
+                                                double eps, double momentum, double unbias,
+                                                acc_t* __restrict__ mean, acc_t* __restrict__ invstd,
+                                                stat_t* rm, int64_t rms, stat_t* rv, int64_t rvs) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  Welford<acc_t> st = welford_init<acc_t>();
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t i = c * splits + s;
+    st = welford_merge(st, Welford<acc_t>{pmean[i], pm2[i], pn[i]});
+  }
+  mean[c] = st.mean;
+  invstd[c] = bn_finalize_update<acc_t, stat_t>(st.mean, welford_var(st), eps, momentum, unbias,
+                                                rm != nullptr ? rm + c * rms : nullptr,
+                                                rv != nullptr ? rv + c * rvs : nullptr);
+}
+
+// The per-split Welford partials of x's channels (one launch); the finalize merges them.
+struct StatsPartials {
+  at::Tensor pmean, pm2, pn;
+  int64_t splits;
+};
+
+StatsPartials bn_stats_partials(const at::Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t P = N * H * W;
   const auto opts = x.options().dtype(acc_dtype(x));
-  at::Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
-  if (C == 0) return {mean, var};
-  if (P == 0) {
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
   const bool cl = is_channels_last(x);
   const int64_t splits = reduction_splits(cl ? ceil_div(C, kStatsChannels) : C, P);
   const int64_t chunk = ceil_div(P, splits);
-  at::Tensor pmean = at::empty({C * splits}, opts), pm2 = at::empty({C * splits}, opts);
-  at::Tensor pn = at::empty({C * splits}, x.options().dtype(at::kLong));
+  StatsPartials r{at::empty({C * splits}, opts), at::empty({C * splits}, opts),
+                  at::empty({C * splits}, x.options().dtype(at::kLong)), splits};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_bn_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (cl) {
       bn_stats_partial_cl_kernel<scalar_t, acc_t>
           <<<dim3(ceil_div(C, kStatsChannels), splits), dim3(kStatsChannels, kStatsLanes), 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), strides4(x), C, H, W, P, chunk, pmean.data_ptr<acc_t>(),
-              pm2.data_ptr<acc_t>(), pn.data_ptr<int64_t>());
+              x.const_data_ptr<scalar_t>(), strides4(x), C, H, W, P, chunk, r.pmean.data_ptr<acc_t>(),
+              r.pm2.data_ptr<acc_t>(), r.pn.data_ptr<int64_t>());
     } else {
       bn_stats_partial_kernel<scalar_t, acc_t><<<dim3(C, splits), kBlockThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, pmean.data_ptr<acc_t>(), pm2.data_ptr<acc_t>(),
-          pn.data_ptr<int64_t>());
+          x.const_data_ptr<scalar_t>(), strides4(x), H, W, P, chunk, r.pmean.data_ptr<acc_t>(),
+          r.pm2.data_ptr<acc_t>(), r.pn.data_ptr<int64_t>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& x) {
+  const char* op = "resfast::bn_stats";
+  check_bn_stats(op, x);
+  check_cuda(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
+  if (C == 0) return {mean, var};
+  if (N * H * W == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const StatsPartials p = bn_stats_partials(x);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "resfast_bn_stats_finalize_cuda", [&] {
+    using acc_t = scalar_t;
     bn_stats_finalize_kernel<acc_t><<<ceil_div(C, kBlockThreads), kBlockThreads, 0, stream>>>(
-        pmean.const_data_ptr<acc_t>(), pm2.const_data_ptr<acc_t>(), pn.const_data_ptr<int64_t>(), C, splits,
+        p.pmean.const_data_ptr<acc_t>(), p.pm2.const_data_ptr<acc_t>(), p.pn.const_data_ptr<int64_t>(), C, p.splits,
         mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
+}
+
+// The training statistics and the running statistics' update in two launches (the partials,
+// then one finalize that merges them, writes mean and invstd and moves the running statistics),
+// where composing bn_stats with ATen's in-place ops took nine. The versions of running_mean /
+// running_var are bumped by the op's ADInplaceOrView kernel (csrc/resfast.cpp).
+std::tuple<at::Tensor, at::Tensor> bn_stats_update_cuda(const at::Tensor& x, const OptTensor& running_mean,
+                                                        const OptTensor& running_var, double momentum, double eps) {
+  const char* op = "resfast::bn_stats_update";
+  check_bn_stats(op, x);
+  check_cuda(op, x);
+  check_running_stats(op, x, running_mean, running_var);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto opts = x.options().dtype(acc_dtype(x));
+  at::Tensor mean = at::empty({C}, opts), invstd = at::empty({C}, opts);
+  if (C == 0) return {mean, invstd};
+  if (N * H * W == 0) {  // no positions: NaN statistics, and NaN moved into the running ones
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    invstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (running_mean.has_value()) {
+      running_mean->fill_(std::numeric_limits<double>::quiet_NaN());
+      running_var->fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    return {mean, invstd};
+  }
+  const StatsPartials p = bn_stats_partials(x);
+  const double unbias = running_var_unbias(x);
+  const at::ScalarType stat_type = running_mean.has_value() ? running_mean->scalar_type() : mean.scalar_type();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "resfast_bn_stats_update_cuda", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "resfast_bn_stats_update_cuda_running", [&] {
+      using stat_t = scalar_t;
+      stat_t* rm = running_mean.has_value() ? running_mean->data_ptr<stat_t>() : nullptr;
+      stat_t* rv = running_var.has_value() ? running_var->data_ptr<stat_t>() : nullptr;
+      const int64_t rms = running_mean.has_value() ? running_mean->stride(0) : 0;
+      const int64_t rvs = running_var.has_value() ? running_var->stride(0) : 0;
+      bn_stats_finalize_update_kernel<acc_t, stat_t><<<ceil_div(C, kBlockThreads), kBlockThreads, 0, stream>>>(
+          p.pmean.const_data_ptr<acc_t>(), p.pm2.const_data_ptr<acc_t>(), p.pn.const_data_ptr<int64_t>(), C,
+          p.splits, eps, momentum, unbias, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), rm, rms, rv, rvs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {mean, invstd};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -448,6 +531,7 @@ void bn_backward_elemt_out_cuda(const at::Tensor& grad_z, const at::Tensor& x, c
 
 TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
   m.impl("bn_stats", &bn_stats_cuda);
+  m.impl("bn_stats_update", &bn_stats_update_cuda);
   m.impl("bn_relu_conv2d", &bn_relu_conv2d_cuda);
   m.impl("bn_relu_conv2d_out", &bn_relu_conv2d_out_cuda);
   m.impl("bn_relu_conv2d_backward", &bn_relu_conv2d_backward_cuda);

@@ -15,8 +15,8 @@ __all__ = ["OPS"]
 
 OPS = torch.ops.resfast
 schemas.register_fakes("resfast")
-# bn_stats_update updates the running statistics with ATen's in-place ops (they bump their
-# versions); the _out kernels write through raw pointers: their out is bumped here. (The
+# bn_stats_update's running statistics are bumped by its ADInplaceOrView kernel in C++
+# (csrc/resfast.cpp); the _out kernels write through raw pointers: their out is bumped here. (The
 # one-op backward's C++ composite writes grad_x_out through bn_backward_elemt_out, which the
 # dispatcher reaches with its ADInplaceOrView kernel, so that bump covers it; a second one of its
 # own would cost another ~12 us of Python per call.)

@@ -232,6 +232,26 @@ inline void check_bn_stats(const char* op, const at::Tensor& x) {
   check_float(op, x, "x");
 }
 
+// bn_stats_update's running statistics: both or neither; each a [C] vector on x's device, of
+// one floating dtype (the kernels update them through raw pointers, any stride).
+inline void check_running_stats(const char* op, const at::Tensor& x, const OptTensor& running_mean,
+                                const OptTensor& running_var) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean and running_var must both be tensors or both be None");
+  if (!running_mean.has_value()) return;
+  check_channel_vector(op, *running_mean, "running_mean", x);
+  check_channel_vector(op, *running_var, "running_var", x);
+  TORCH_CHECK(running_mean->scalar_type() == running_var->scalar_type(), op, ": running_mean has dtype ",
+              running_mean->scalar_type(), " but running_var has dtype ", running_var->scalar_type(),
+              "; they must match");
+}
+
+// The unbiasing factor of the running variance, count / (count - 1), for x's N*H*W positions.
+inline double running_var_unbias(const at::Tensor& x) {
+  const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);
+  return static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+}
+
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const ConvGeom& g) {
   check_4d(op, grad_out, "grad_out");
   check_same_dtype(op, grad_out, "grad_out", x);

@@ -9,6 +9,7 @@
 // (at::opmath_type). Indices are 64-bit throughout: a tensor may exceed 2^31 elements.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -130,6 +131,20 @@ RESFAST_HD Welford<acc_t> welford_merge(const Welford<acc_t>& a, const Welford<a
 template <typename acc_t>
 RESFAST_HD acc_t welford_var(const Welford<acc_t>& s) {
   return s.m2 / acc_t(s.n);
+}
+
+// bn_stats_update's finalize of one channel: returns invstd = 1 / sqrt(var + eps) from the
+// biased batch variance and, when rm / rv are given, moves the running statistics as
+// F.batch_norm does: running = (1 - momentum) * running + momentum * batch, the variance
+// unbiased (unbias = count / (count - 1)). In double whatever the dtypes: one channel's worth.
+template <typename acc_t, typename stat_t>
+RESFAST_HD acc_t bn_finalize_update(acc_t mean, acc_t var, double eps, double momentum, double unbias, stat_t* rm,
+                                    stat_t* rv) {
+  if (rm != nullptr) {
+    *rm = static_cast<stat_t>((1.0 - momentum) * static_cast<double>(*rm) + momentum * static_cast<double>(mean));
+    *rv = static_cast<stat_t>((1.0 - momentum) * static_cast<double>(*rv) + momentum * static_cast<double>(var) * unbias);
+  }
+  return static_cast<acc_t>(1.0 / sqrt(static_cast<double>(var) + eps));
 }
 
 // ---------------------------------------------------------------------------------------
