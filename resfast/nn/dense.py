@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
-from resfast.nn.unfused import is_tracing, run_unfused
+from resfast.nn.unfused import any_hooks, is_tracing, run_unfused, submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -169,6 +169,8 @@ class DenseBlock(nn.ModuleDict):
     def _hooked(self) -> bool:
         """Whether hooks on the layers (or their modules) need them called one by one: the shared
         block runs no layer module. Warns once."""
+        if not is_tracing() and not any(any_hooks(layer) for layer in self.values()):
+            return False
         named = [(f"{n}.{c}" if c else n, m) for n, layer in self.items() for c, m in layer.named_modules()]
         return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")
 
@@ -384,12 +386,13 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
         raise TypeError(f"init_features has dtype {x.dtype}; a dense block needs a floating-point input "
                         f"(float32, float16, bfloat16 or float64)")
     autocast = _autocast_on(x.device.type)
+    walked = [(owner, submodules(owner)) for owner in (block, *others)]  # once per forward, no names
     if not autocast:
         # The convs take x's dtype, as nn.Conv2d does; the BatchNorms may keep float32 parameters
         # and statistics beside a float16 / bfloat16 x (checked below), as nn.BatchNorm2d does.
         # (Once per forward: read the weight from the parameter dict, name the conv only on a miss.)
-        for owner in (block, *others):
-            for conv in owner.modules():
+        for owner, modules in walked:
+            for conv in modules:
                 w = conv._parameters.get("weight") if isinstance(conv, nn.Conv2d) else None
                 if w is not None and w.dtype != x.dtype:
                     path = next(n for n, m in owner.named_modules() if m is conv)
@@ -400,8 +403,8 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
         # input are refused (the shared block would otherwise run them on some backends only).
         # A quick pass first (once per forward: densenet121's 120 BatchNorms); names only on a miss.
         allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {x.dtype}
-        for owner in (block, *others):
-            for bn in owner.modules():
+        for owner, modules in walked:
+            for bn in modules:
                 if not isinstance(bn, _BatchNorm):
                     continue
                 p, b = bn._parameters, bn._buffers  # (nn.Module.__getattr__ is the slow part)
@@ -411,7 +414,7 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
                     path = next(n for n, m in owner.named_modules() if m is bn)
                     check_param_dtype(x.dtype, [(f"{path}.{k}" if path else k, getattr(bn, k)) for k in
                                                 ("weight", "bias", "running_mean", "running_var")])
-    training = any(m.training for m in block.modules() if isinstance(m, _BatchNorm))
+    training = any(m.training for m in walked[0][1] if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 

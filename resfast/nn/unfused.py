@@ -22,7 +22,7 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["is_tracing", "hooked_submodules", "run_unfused"]
+__all__ = ["is_tracing", "hooked_submodules", "run_unfused", "submodules", "any_hooks"]
 
 
 def is_tracing() -> bool:
@@ -37,6 +37,34 @@ def is_tracing() -> bool:
 
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None))
+
+
+def submodules(root: nn.Module) -> List[nn.Module]:
+    """Every module under ``root`` (itself included) once, as ``root.modules()`` gives them but
+    in no particular order and without building the names ``named_modules`` builds: the dense
+    blocks walk their submodules on every forward."""
+    out, seen, stack = [], set(), [root]
+    while stack:
+        m = stack.pop()
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+            stack.extend(m._modules.values())
+    return [m for m in out if m is not None]
+
+
+def any_hooks(root: nn.Module) -> bool:
+    """Whether ``root`` or a module under it carries hooks of its own (the quick test before
+    the names ``run_unfused`` reports are built)."""
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 def hooked_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:

@@ -12,7 +12,7 @@ from torch import Tensor
 from resfast.ops.opset import OP_NAMES
 
 __all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes",
-           "register_version_bumps", "mutated_arguments"]
+           "register_version_bumps", "mutated_arguments", "UNTRACKED_FORWARD_OPS", "refuse_untracked_grad"]
 
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
 _BN = "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor invstd"
@@ -223,6 +223,29 @@ def register_fakes(namespace: str) -> None:
 _bump_libs: Dict[str, torch.library.Library] = {}
 
 
+#: Ops whose outputs depend differentiably on their inputs but that have no autograd formula:
+#: the ``out=`` forms (autograd cannot follow a kernel's raw writes into ``out``) and the
+#: one-op training forwards. resfast calls them only inside its ``autograd.Function`` s
+#: (under no_grad); called directly with tensors that require grad they would return values
+#: without gradients, so they refuse (:func:`refuse_untracked_grad`). The eager op set is
+#: plain PyTorch and differentiable; native's ``bn_relu_conv2d_train`` is a C++ composite of
+#: differentiable ops.
+UNTRACKED_FORWARD_OPS = ("bn_relu_conv2d_out", "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats",
+                         "bn_relu_conv2d_merge_out")
+
+
+def refuse_untracked_grad(op: str, args: Sequence[object]) -> None:
+    """Raise if gradients are being recorded and a tensor argument of ``op`` (one of
+    :data:`UNTRACKED_FORWARD_OPS`) requires grad: its result would silently carry none."""
+    if not torch.is_grad_enabled():
+        return
+    if any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        raise RuntimeError(
+            f"{op} has no autograd formula and an argument requires grad: its result would carry no gradient. "
+            f"Call resfast.functional.bn_relu_conv2d (or the blocks), which differentiate it, or call the op under "
+            f"torch.no_grad() / with detached tensors")
+
+
 def mutated_arguments(schema) -> List[int]:
     """Positions of the arguments a schema writes in place (``Tensor(a!)``)."""
     return [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
@@ -250,7 +273,11 @@ def register_version_bumps(namespace: str, names: Sequence[str]) -> None:
         if not written:
             raise ValueError(f"{namespace}::{name} writes no argument in place")
 
-        def kernel(keyset, *args, _op=op, _written=written):
+        untracked = name in UNTRACKED_FORWARD_OPS
+
+        def kernel(keyset, *args, _op=op, _written=written, _untracked=untracked, _name=f"{namespace}::{name}"):
+            if _untracked:
+                refuse_untracked_grad(_name, args)
             result = _op.redispatch(keyset & after, *args)
             for i in _written:
                 if i < len(args) and isinstance(args[i], Tensor):

@@ -1998,9 +1998,13 @@ def _plan_cached(fn: Callable[..., Any]) -> Callable[..., Any]:
     a signature (see above)."""
 
     name = fn.__name__
+    untracked = name in schemas.UNTRACKED_FORWARD_OPS
+    qualified = f"resfast_triton::{name}"
 
     @functools.wraps(fn)
     def impl(*args: Any) -> Any:
+        if untracked:
+            schemas.refuse_untracked_grad(qualified, args)
         if _RECORDING.recorder is not None or not _plan_cache_on():
             return fn(*args)
         sig = _signature(name, args)

@@ -119,6 +119,10 @@ def check_bn_relu_conv2d_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var (got None)")
+    if running_mean is not None and not torch.compiler.is_compiling() and overlaps(running_mean, running_var):
+        # (eager PyTorch's answer then depends on the order of its two in-place updates; not
+        # checked while torch.compile traces, which cannot read storage pointers)
+        raise ValueError("running_mean and running_var share memory; pass two separate tensors")
     if x.shape[0] > 0 and x.numel() == 0:
         # (PyTorch's conv2d refuses it too: "Only zero batch or zero channel inputs are supported")
         raise ValueError(f"x of shape {tuple(x.shape)} has no positions (H or W is 0); only an empty batch (N = 0) "
