@@ -445,6 +445,37 @@ def test_native_training_forward_launches(device):
         assert len(kernels) == 2, kernels
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_training_backward_launches(device):
+    """The native backward's tiled path finalizes its partial tables in its own kernels: the two
+    per-channel sums in one launch, the weight gradient summed over the splits, permuted and
+    rounded to the weight's dtype in another (no ATen sum / permute / copy / cast inside the op);
+    on CUDA a bfloat16 call is 6 kernels (weights prepared, input gradient, sums, weight
+    gradient, its finalize, the BN input gradient) where ATen's reductions made it 9."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 32, 9, 10, generator=g).to(device=device, dtype=torch.bfloat16)
+    w = (torch.randn(32, 4, 3, 3, generator=g) / 6).to(device=device, dtype=torch.bfloat16)
+    mean, invstd = ops().bn_stats_update(x, None, None, 0.1, 1e-5)
+    go = torch.randn(2, 32, 9, 10, generator=g).to(device=device, dtype=torch.bfloat16)
+    args = (go, x, w, None, None, mean, invstd, [1, 1], [1, 1], [1, 1], 8, False, None, False, True)
+    ops().bn_relu_conv2d_backward_full(*args)  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        ops().bn_relu_conv2d_backward_full(*args)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    inside = {e.name for e in events if e.name.startswith("aten::") and e.cpu_parent is not None
+              and e.cpu_parent.name == "resfast::bn_relu_conv2d_backward"}
+    assert not inside & {"aten::sum", "aten::permute", "aten::contiguous", "aten::copy_", "aten::_to_copy"}, inside
+    if device == "cuda":
+        kernels = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "Memcpy" not in e.name and "Memset" not in e.name]
+        assert len(kernels) == 6, kernels
+
+
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------
 
 def _good():

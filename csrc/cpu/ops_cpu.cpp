@@ -240,8 +240,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
           conv_block<HostBlock, scalar_t, true, decltype(nt)::value>(HostBlock{}, args, iplan, b, smem);
         });
       });
-      sum_dz.copy_(part_dz.sum(0));
-      sum_dz_xhat.copy_(part_dzx.sum(0));
+      // the CUDA finalize's arithmetic (tiles.h column_lane_sum, column_sum_combine)
+      const acc_t* pdz = part_dz.const_data_ptr<acc_t>();
+      const acc_t* pdzx = part_dzx.const_data_ptr<acc_t>();
+      acc_t* sdz = sum_dz.data_ptr<acc_t>();
+      acc_t* sdzx = sum_dz_xhat.data_ptr<acc_t>();
+      at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t va[kSumLanes], vb[kSumLanes];
+          for (int l = 0; l < kSumLanes; ++l) {
+            va[l] = column_lane_sum(pdz, rows, g.C, c, l);
+            vb[l] = column_lane_sum(pdzx, rows, g.C, c, l);
+          }
+          column_sum_combine(va);
+          column_sum_combine(vb);
+          sdz[c] = va[0];
+          sdzx[c] = vb[0];
+        }
+      });
     } else {
       acc_t* sdz = sum_dz.data_ptr<acc_t>();
       acc_t* sdzx = sum_dz_xhat.data_ptr<acc_t>();
@@ -278,8 +294,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
                                                                                             smem);
         });
       });
-      // partials are [split][co][tap][ci] (tiles.h wgrad_part_index)
-      gw_acc.copy_(part.sum(0).view({g.Cout, g.KH, g.KW, g.cin_g}).permute({0, 3, 1, 2}));
+      // partials are [split][co][tap][ci]: the CUDA finalize's arithmetic (tiles.h wgrad_finalize_element)
+      const acc_t* pp = part.const_data_ptr<acc_t>();
+      acc_t* gwp = gw_acc.data_ptr<acc_t>();
+      const int64_t splits = wplan.splits;
+      at::parallel_for(0, nw, kElemGrain, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) gwp[e] = wgrad_finalize_element(pp, splits, g, e);
+      });
     } else {
       acc_t* gwp = gw_acc.data_ptr<acc_t>();
       at::parallel_for(0, gw_acc.numel(), 1, [&](int64_t e0, int64_t e1) {

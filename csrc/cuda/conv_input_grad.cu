@@ -7,6 +7,36 @@
 #include "launch.h"
 
 namespace resfast {
+namespace {
+
+// The two per-channel sums of the input gradient's partial tables ([rows, C] each) in one
+// launch: a block of 32 channels x kSumLanes lanes, each lane summing every kSumLanes-th row
+// (coalesced across the channels), the lanes combined by halving in shared memory
+// (tiles.h column_lane_sum / column_sum_combine: the CPU twin's arithmetic).
+template <typename acc_t>
+__global__ void column_sums2_kernel(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t rows,
+                                    int64_t C, acc_t* __restrict__ sum_a, acc_t* __restrict__ sum_b) {
+  __shared__ acc_t ra[kSumLanes][32];
+  __shared__ acc_t rb[kSumLanes][32];
+  const int64_t c = blockIdx.x * int64_t(32) + threadIdx.x;
+  const int lane = threadIdx.y;
+  ra[lane][threadIdx.x] = c < C ? column_lane_sum(a, rows, C, c, lane) : acc_t(0);
+  rb[lane][threadIdx.x] = c < C ? column_lane_sum(b, rows, C, c, lane) : acc_t(0);
+  __syncthreads();
+  for (int half = kSumLanes / 2; half > 0; half >>= 1) {
+    if (lane < half) {
+      ra[lane][threadIdx.x] += ra[lane + half][threadIdx.x];
+      rb[lane][threadIdx.x] += rb[lane + half][threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (lane == 0 && c < C) {
+    sum_a[c] = ra[0][threadIdx.x];
+    sum_b[c] = rb[0][threadIdx.x];
+  }
+}
+
+}  // namespace
 
 bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, const ConvPrep& p,
                              const at::Tensor& grad_z, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat) {
@@ -30,8 +60,13 @@ bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, co
           <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    sum_dz = part_dz.sum(0);
-    sum_dz_xhat = part_dzx.sum(0);
+    using acc_t = acc_of<scalar_t>;
+    sum_dz = at::empty({p.g.C}, acc_opts);
+    sum_dz_xhat = at::empty({p.g.C}, acc_opts);
+    column_sums2_kernel<acc_t><<<static_cast<unsigned>((p.g.C + 31) / 32), dim3(32, kSumLanes), 0, stream>>>(
+        part_dz.const_data_ptr<acc_t>(), part_dzx.const_data_ptr<acc_t>(), rows, p.g.C, sum_dz.data_ptr<acc_t>(),
+        sum_dz_xhat.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     launched = true;
   });
   return launched;

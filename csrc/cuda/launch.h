@@ -22,8 +22,9 @@ bool launch_forward_tiled(const at::Tensor& x, const ConvPrep& p, const at::Tens
 bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, const ConvPrep& p,
                              const at::Tensor& grad_z, at::Tensor& sum_dz, at::Tensor& sum_dz_xhat);
 
-// dL/dweight in the accumulation dtype, shape [Cout, cin_g, KH, KW].
+// dL/dweight in x's (the weight's) dtype, shape [Cout, cin_g, KH, KW] (summed in the
+// accumulation dtype, rounded once).
 bool launch_weight_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, const ConvPrep& p,
-                              at::Tensor& grad_weight_acc);
+                              at::Tensor& grad_weight);
 
 }  // namespace resfast

@@ -419,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   const ConvGeom g = p.g;
   const auto acc_opts = x.options().dtype(acc_dtype(x));
   at::Tensor grad_z = at::empty(x.sizes(), x.options().memory_format(out_memory_format(x)));
-  at::Tensor sum_dz, sum_dz_xhat, gw_acc;
+  at::Tensor sum_dz, sum_dz_xhat, grad_w;  // grad_w: the weight's dtype (tiled) or the accumulation dtype (generic)
   const int64_t P_in = g.N * g.H * g.W, P_out = g.N * g.Ho * g.Wo;
   const int64_t nw = g.Cout * g.cin_g * g.KH * g.KW;
   if (P_in == 0 || P_out == 0) {
@@ -449,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
   }
 
   // dL/dweight.
-  if (!launch_weight_grad_tiled(grad_out, x, p, gw_acc)) {
+  if (!launch_weight_grad_tiled(grad_out, x, p, grad_w)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_weight_grad_generic", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t splits = reduction_splits(nw, P_out);
@@ -458,14 +458,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
           grad_out.const_data_ptr<scalar_t>(), gs, x.const_data_ptr<scalar_t>(), xs, bn_params<acc_t>(p), g,
           ceil_div(P_out, splits), part.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      gw_acc = part.sum(1).view({g.Cout, g.cin_g, g.KH, g.KW});
+      grad_w = part.sum(1).view({g.Cout, g.cin_g, g.KH, g.KW});
     });
   }
 
   // dL/dbias (only when there is a bias): ATen's reduction reads grad_out coalesced in any layout.
   at::Tensor grad_bias = bias_grad ? grad_out.sum({0, 2, 3}, false, acc_dtype(x)).to(weight.scalar_type())
                                    : at::empty({0}, weight.options());
-  return {grad_z, gw_acc.to(weight.scalar_type()), grad_bias, sum_dz, sum_dz_xhat};
+  return {grad_z, grad_w.to(weight.scalar_type()), grad_bias, sum_dz, sum_dz_xhat};
 }
 
 // ---------------------------------------------------------------------------------------

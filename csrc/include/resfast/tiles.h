@@ -1832,6 +1832,44 @@ RESFAST_HD int64_t wgrad_part_index(const ConvGeom& g, int co, int tap, int ci_l
   return (int64_t(co) * (g.KH * g.KW) + tap) * g.cin_g + ci_local;
 }
 
+// ---- finalizing the tiled backward's partial tables (the CPU twin and the CUDA kernels
+// ---- call these same functions; the CUDA kernels: conv_input_grad.cu, conv_weight_grad.cu)
+
+// Lanes of the column sums: lane l sums rows l, l + kSumLanes, ... of a column; the lanes
+// are then combined by halving (column_sum_combine), the order the CUDA block reduces in.
+constexpr int kSumLanes = 16;
+
+template <typename acc_t>
+RESFAST_HD acc_t column_lane_sum(const acc_t* t, int64_t rows, int64_t C, int64_t c, int lane) {
+  acc_t s = acc_t(0);
+  for (int64_t r = lane; r < rows; r += kSumLanes) s += t[r * C + c];
+  return s;
+}
+
+// v[0..kSumLanes) -> their sum in v[0], by halving: v[i] += v[i + half] for half = 8, 4, 2, 1.
+template <typename acc_t>
+RESFAST_HD void column_sum_combine(acc_t* v) {
+  for (int half = kSumLanes / 2; half > 0; half >>= 1) {
+    for (int i = 0; i < half; ++i) v[i] += v[i + half];
+  }
+}
+
+// Element i of the weight gradient [Cout, cin_g, KH, KW] (row-major) from the split partials
+// [split][co][tap][ci] (wgrad_part_index), summed over the splits in order.
+template <typename acc_t>
+RESFAST_HD acc_t wgrad_finalize_element(const acc_t* part, int64_t splits, const ConvGeom& g, int64_t i) {
+  const int64_t nw = int64_t(g.Cout) * g.cin_g * g.KH * g.KW;
+  const int64_t kw = i % g.KW;
+  int64_t r = i / g.KW;
+  const int64_t kh = r % g.KH;
+  r /= g.KH;
+  const int64_t ci = r % g.cin_g, co = r / g.cin_g;
+  const int64_t j = wgrad_part_index(g, static_cast<int>(co), static_cast<int>(kh * g.KW + kw), static_cast<int>(ci));
+  acc_t s = acc_t(0);
+  for (int64_t sp = 0; sp < splits; ++sp) s += part[sp * nw + j];
+  return s;
+}
+
 // Writes the warp's units to part[split] for the (co, ci) pairs of one group (a block of one
 // group: every pair; a packed block: the diagonal blocks). 32-bit offsets within a split (the
 // planner refuses weights of 2^31 elements or more).
