@@ -5,8 +5,9 @@ running statistic matched eager PyTorch by the float64 rule. What failed was cal
 sets' forward ops directly, as a user of ``torch.ops.resfast_triton`` / ``torch.ops.resfast``
 may: the ops without an autograd formula returned values that carry no gradient (the first
 test once failed: ``x.grad`` and ``weight.grad`` stayed None, only PyTorch's generic warning
-said so), and a ``running_mean`` sharing memory with ``running_var`` was accepted (the last
-test once failed)."""
+said so), a ``running_mean`` sharing memory with ``running_var`` was accepted, and an input
+made under ``torch.inference_mode`` could not be trained where eager PyTorch trains it (the
+last two tests once failed)."""
 from __future__ import annotations
 
 import pytest
@@ -145,3 +146,34 @@ def test_running_stats_sharing_memory_refused(backend, alias):
         bn_relu_conv2d(x, w, bn_weight=gm, bn_bias=bt, running_mean=rm, running_var=rv, training=True, padding=1,
                        groups=2, backend=backend)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "native"])
+def test_training_on_an_inference_mode_input(backend):
+    """An ``x`` made under ``torch.inference_mode`` trained outside it with a frozen BatchNorm
+    (only the conv weight needs a gradient): eager PyTorch trains it (it saves the ReLU output);
+    triton and native once raised "Inference tensors cannot be saved for backward" (their
+    autograd saves ``x``; it now saves a copy of such an ``x``). The weight gradient and the
+    running statistics by the float64 rule."""
+    require_backend(backend)
+    dt = judged_dtype(backend)
+
+    def run(fn, dtype):
+        x, w, gm, bt = _case(dtype)
+        with torch.inference_mode():
+            xi = x.clone()
+        w.requires_grad_()
+        rm, rv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+        y = fn(xi, w, gm, bt, rm, rv)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        return y.detach(), w.grad, rm, rv
+
+    def eager(x, w, gm, bt, rm, rv):
+        return F.conv2d(F.relu(F.batch_norm(x, rm, rv, gm, bt, training=True)), w, None, 1, 1, 1, 2)
+
+    got = run(lambda x, w, gm, bt, rm, rv: bn_relu_conv2d(x, w, bn_weight=gm, bn_bias=bt, running_mean=rm,
+                                                         running_var=rv, training=True, padding=1, groups=2,
+                                                         backend=backend), dt)
+    ref64, same = run(eager, torch.float64), run(eager, dt)
+    for n, a, r, s in zip(("y", "grad_weight", "running_mean", "running_var"), got, ref64, same):
+        assert_rule(n, a, r, s, backend)

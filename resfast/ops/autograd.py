@@ -218,7 +218,7 @@ def register_autograd(namespace: str, ops) -> None:
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups, batch_stats = inputs
-        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
+        ctx.save_for_backward(x.clone() if x.is_inference() else x, weight, bias, bn_weight, bn_bias, mean, invstd)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.batch_stats = batch_stats
 
@@ -264,7 +264,9 @@ class BNReLUConv2dFunction(torch.autograd.Function):
         """Saves what the backward needs on ``ctx``; returns the op's arguments (``x`` ...
         ``batch_stats``, the conv arguments as lists)."""
         ctx.ops, ctx.process_group, ctx.count = ops, process_group, count
-        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, mean, invstd)
+        # an x made under torch.inference_mode cannot be saved: a normal copy is (eager PyTorch
+        # saves the ReLU output instead, so it trains such an x when only the conv needs grads)
+        ctx.save_for_backward(x.clone() if x.is_inference() else x, weight, bias, bn_weight, bn_bias, mean, invstd)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
         ctx.batch_stats = batch_stats
         return (x, weight, bias, bn_weight, bn_bias, mean, invstd, *ctx.conv_args, batch_stats)
