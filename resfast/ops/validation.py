@@ -119,9 +119,8 @@ def check_bn_relu_conv2d_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var (got None)")
-    if running_mean is not None and not torch.compiler.is_compiling() and overlaps(running_mean, running_var):
-        # (eager PyTorch's answer then depends on the order of its two in-place updates; not
-        # checked while torch.compile traces, which cannot read storage pointers)
+    if running_mean is not None and not torch.compiler.is_compiling() and _running_overlap(running_mean, running_var):
+        # (eager PyTorch's answer then depends on the order of its two in-place updates)
         raise ValueError("running_mean and running_var share memory; pass two separate tensors")
     if x.shape[0] > 0 and x.numel() == 0:
         # (PyTorch's conv2d refuses it too: "Only zero batch or zero channel inputs are supported")
@@ -168,6 +167,16 @@ def check_out(out, shape: Sequence[int], x: Tensor, inputs: Sequence[Tuple[str, 
         if t is not None and overlaps(out, t):
             raise RuntimeError(f"out shares memory with {name}: the op would overwrite its own input while reading "
                                f"it; pass an out that does not overlap {name} (e.g. a fresh tensor or another slice)")
+
+
+def _running_overlap(running_mean: Tensor, running_var: Tensor) -> bool:
+    """:func:`overlaps` of the running statistics; False where their storage cannot be read
+    (the wrapper tensors of ``torch.func`` transforms; the caller skips ``torch.compile``'s
+    tracing)."""
+    try:
+        return overlaps(running_mean, running_var)
+    except (NotImplementedError, RuntimeError):
+        return False
 
 
 def overlaps(a: Tensor, b: Tensor) -> bool:
