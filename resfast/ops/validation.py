@@ -172,7 +172,9 @@ def check_out(out, shape: Sequence[int], x: Tensor, inputs: Sequence[Tuple[str, 
 def _running_overlap(running_mean: Tensor, running_var: Tensor) -> bool:
     """:func:`overlaps` of the running statistics; False where their storage cannot be read
     (the wrapper tensors of ``torch.func`` transforms; the caller skips ``torch.compile``'s
-    tracing)."""
+    tracing) or has no addresses (``meta`` tensors all report address 0)."""
+    if running_mean.device.type == "meta":
+        return False
     try:
         return overlaps(running_mean, running_var)
     except (NotImplementedError, RuntimeError):
