@@ -578,12 +578,20 @@ def _opcheck_samples():
         "bn_relu_conv2d_backward_full": (go, x, w, bw, bb, mean, invstd, *conv, True, None, False, True),
         "bn_relu_conv2d_backward_full_out": (go, x, w, bw, bb, mean, invstd, *conv, False,
                                              torch.randn(2, 5, 3, 3, device=DEVICE)[:, 1:], True, True),
+        # (x2 = conv1x1(x): 6 channels; y = conv3x3(x2) of 6 groups of 1 -> 3 channels... any
+        # shapes that chain: here the conv of this sample set as the second, a 1x1 as the first)
+        "bn_relu_conv2d_backward_pair": (go, torch.randn(2, 4, 3, 3, device=DEVICE), w, bw, bb, mean, invstd, *conv,
+                                         torch.randn(2, 5, 3, 3, device=DEVICE), torch.randn(4, 5, 1, 1, device=DEVICE),
+                                         _vec(5, 9, lo=0.5), _vec(5, 10), _vec(5, 11), _vec(5, 12, lo=0.5),
+                                         [1, 1], [0, 0], [1, 1], 1, torch.randn(2, 7, 3, 3, device=DEVICE)[:, 2:],
+                                         True),
     }
 
 
 @pytest.mark.parametrize("name", [*OP_NAMES, "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out",
                                   "bn_relu_conv2d_merge_out",
-                                  "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out"])
+                                  "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_full_out",
+                                  "bn_relu_conv2d_backward_pair"])
 def test_opcheck(name):
     op = name[:-len("_out")] if name.endswith("_full_out") else name
     torch.library.opcheck(getattr(OPS, op).default, _opcheck_samples()[name])

@@ -201,6 +201,10 @@ class _Config:
     #: into the buffer and (with ``out_stats_ops``' conditions) the new channels' statistics in
     #: one call.
     merge_out_op: object = None
+    #: The op set's optional ``bn_relu_conv2d_backward_pair`` (triton): a layer's two convs'
+    #: backward (the conv3x3's, then the conv1x1's into the gradient buffer) in one call, where
+    #: both norms take batch statistics without a process group and the prefix is one chunk.
+    pair_op: object = None
     out_dtype: torch.dtype = torch.float32
 
     @staticmethod
@@ -254,6 +258,7 @@ class _Config:
             stats_ops=_stats_ops(ops),
             out_stats_ops=_stats_ops(ops, ("bn_relu_conv2d_out_stats", "bn_stats_merge_out")),
             merge_out_op=_merge_out_op(ops),
+            pair_op=getattr(ops, "bn_relu_conv2d_backward_pair", None),
         )
 
 
@@ -664,6 +669,18 @@ def _backward(ctx, grad_out: Tensor):
             bott = _prefix_bn_relu_conv(ops, buf[:, :c], w1, g1, b1, mean1, invstd1,
                                         _chunks(c, cfg.chunk_budget, _TEMPS_PER_RECOMPUTE))
 
+        if cfg.pair_op is not None and norm1.batch_stats and norm2.batch_stats and norm1.process_group is None \
+                and norm2.process_group is None and len(chunks1) == 1 \
+                and saved.count2[i] == saved.count == bott.numel() // bott.shape[1]:
+            # both convs' backward in one op (the same launches as the two calls below)
+            gw2, sdzx2, sdz2, gw1, sdzx1, sdz1 = cfg.pair_op(
+                grad_new, bott, w2, g2, b2, saved.mean2[i], saved.invstd2[i], *cfg.conv2_args[i], buf[:, :c], w1,
+                g1, b1, mean1, invstd1, *_CONV1, gbuf[:, :c], True)
+            del grad_new, bott
+            grads[6 * i: 6 * i + 6] = [gw1, _bn_grad(sdzx1, g1), _bn_grad(sdz1, b1),
+                                       gw2, _bn_grad(sdzx2, g2), _bn_grad(sdz2, b2)]
+            continue
+
         # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own).
         # One call: its temporaries are the size of the bottleneck, a tensor the forward held.
         grad_bott, gw2, _, ggamma2, gbeta2 = bn_relu_conv2d_backward(
@@ -682,6 +699,12 @@ def _backward(ctx, grad_out: Tensor):
     grad_x.copy_(gbuf[:, :c0])
     del gbuf
     return (grad_x, *grads)
+
+
+def _bn_grad(total: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
+    """A BatchNorm parameter's gradient from its per-channel sum (None without the parameter), as
+    :func:`resfast.ops.autograd.bn_relu_conv2d_backward` returns it."""
+    return total.to(param.dtype) if param is not None else None
 
 
 def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunks, batch_stats, count, group,

@@ -79,7 +79,8 @@ OP_NAMES = (
 #: then the conv into ``out``, with its output's statistics into given vectors: the three in one
 #: call), the last three for the shared dense block.
 OPTIONAL_OPS = ("bn_train_relu_conv2d", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_stats", "bn_stats_merge_update",
-                "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out", "bn_relu_conv2d_merge_out")
+                "bn_relu_conv2d_train", "bn_relu_conv2d_out_stats", "bn_stats_merge_out", "bn_relu_conv2d_merge_out",
+                "bn_relu_conv2d_backward_pair")
 
 
 @runtime_checkable

@@ -85,6 +85,15 @@ OPTIONAL_SCHEMAS: Dict[str, str] = {
         f"bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, {_BN}, {_CONV}, bool bias_grad, "
         "Tensor(a!)? grad_x_out, bool accumulate, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # two chained fused convs' training backward (a dense layer's conv3x3, then its conv1x1 into
+    # the block's gradient buffer): returns (grad_w2, sum_dz_xhat2, sum_dz2, grad_w1,
+    # sum_dz_xhat1, sum_dz1); dL/dx1 written into (accumulate: added to) grad_x_out
+    "bn_relu_conv2d_backward_pair": (
+        "bn_relu_conv2d_backward_pair(Tensor grad_out, Tensor x2, Tensor w2, Tensor? g2, Tensor? b2, Tensor mean2, "
+        "Tensor invstd2, int[] stride2, int[] padding2, int[] dilation2, int groups2, Tensor x1, Tensor w1, "
+        "Tensor? g1, Tensor? b1, Tensor mean1, Tensor invstd1, int[] stride1, int[] padding1, int[] dilation1, "
+        "int groups1, Tensor(a!) grad_x_out, bool accumulate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 TRITON_OPTIONAL = tuple(OPTIONAL_SCHEMAS)
 
@@ -218,6 +227,12 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_out"))
     def _(partials, count, mean, var, invstd, eps):
         return None
+
+    @torch.library.register_fake(q("bn_relu_conv2d_backward_pair"))
+    def _(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2, dilation2, groups2, x1, w1, g1, b1, mean1,
+          invstd1, stride1, padding1, dilation1, groups1, grad_x_out, accumulate):
+        return (torch.empty_like(w2, memory_format=torch.contiguous_format), vec(x2), vec(x2),
+                torch.empty_like(w1, memory_format=torch.contiguous_format), vec(x1), vec(x1))
 
 
 _bump_libs: Dict[str, torch.library.Library] = {}

@@ -327,6 +327,26 @@ def bn_relu_conv2d_backward_full(
     return out
 
 
+def bn_relu_conv2d_backward_pair(
+    grad_out: Tensor, x2: Tensor, w2: Tensor, g2: Optional[Tensor], b2: Optional[Tensor], mean2: Tensor,
+    invstd2: Tensor, stride2: List[int], padding2: List[int], dilation2: List[int], groups2: int, x1: Tensor,
+    w1: Tensor, g1: Optional[Tensor], b1: Optional[Tensor], mean1: Tensor, invstd1: Tensor, stride1: List[int],
+    padding1: List[int], dilation1: List[int], groups1: int, grad_x_out: Tensor, accumulate: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training backward of two chained fused convs, ``y = conv2(relu(bn2(x2)))`` with ``x2 =
+    conv1(relu(bn1(x1)))``, both with their inputs' own batch statistics (a dense layer's conv3x3
+    after its conv1x1): :func:`bn_relu_conv2d_backward_full` of the second (dL/dx2 into a
+    temporary), then of the first with dL/dx1 written into (``accumulate``: added to)
+    ``grad_x_out``. Returns ``(grad_w2, sum_dz_xhat2, sum_dz2, grad_w1, sum_dz_xhat1, sum_dz1)``.
+    The same launches as the two ops; one call and one plan replay."""
+    out, launches = _plan_bn_relu_conv2d_backward_pair(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2,
+                                                       dilation2, groups2, x1, w1, g1, b1, mean1, invstd1, stride1,
+                                                       padding1, dilation1, groups1, grad_x_out, accumulate)
+    _run(launches, x1)
+    _written(grad_x_out)
+    return out
+
+
 def bn_relu_conv2d_merge_out(
     x: Tensor, partials: Tensor, count: int, running_mean: Optional[Tensor], running_var: Optional[Tensor],
     momentum: float, eps: float, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -1209,6 +1229,20 @@ def _plan_bn_relu_conv2d_backward_full(grad_out, x, weight, bn_weight, bn_bias, 
     return (gx, gw, gb, sum_dz_xhat, sum_dz), [*launches, *more]
 
 
+def _plan_bn_relu_conv2d_backward_pair(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2, dilation2,
+                                      groups2, x1, w1, g1, b1, mean1, invstd1, stride1, padding1, dilation1, groups1,
+                                      grad_x_out, accumulate):
+    if x2.shape[0] != x1.shape[0] or x2.shape[1] != w1.shape[0]:
+        raise ValueError(f"resfast_triton.bn_relu_conv2d_backward_pair: x2 {tuple(x2.shape)} is not the output of the "
+                         f"first conv (x1 {tuple(x1.shape)}, w1 {tuple(w1.shape)})")
+    (gx2, gw2, _, sdzx2, sdz2), second = _plan_bn_relu_conv2d_backward_full(
+        grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2, dilation2, groups2, False, None, False, True)
+    (_, gw1, _, sdzx1, sdz1), first = _plan_bn_relu_conv2d_backward_full(
+        gx2, x1, w1, g1, b1, mean1, invstd1, stride1, padding1, dilation1, groups1, False, grad_x_out, accumulate,
+        True)
+    return (gw2, sdzx2, sdz2, gw1, sdzx1, sdz1), [*second, *first]
+
+
 _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_relu_conv2d_stats": _plan_bn_relu_conv2d_stats,
     "bn_stats_merge_update": _plan_bn_stats_merge_update,
@@ -1217,6 +1251,7 @@ _OPTIONAL_PLANNERS: Dict[str, Callable[..., Tuple[Any, List[KernelLaunch]]]] = {
     "bn_stats_merge_out": _plan_bn_stats_merge_out,
     "bn_relu_conv2d_merge_out": _plan_bn_relu_conv2d_merge_out,
     "bn_relu_conv2d_backward_full": _plan_bn_relu_conv2d_backward_full,
+    "bn_relu_conv2d_backward_pair": _plan_bn_relu_conv2d_backward_pair,
 }
 assert set(_OPTIONAL_PLANNERS) == set(TRITON_OPTIONAL)
 
