@@ -6,7 +6,7 @@
 // device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA), bn_stats_update's version bumps
 // here (its ADInplaceOrView kernel); the optional bn_relu_conv2d_train and
 // bn_relu_conv2d_backward_full are composed here from the statistics and the conv, and from the
-// conv backward and the BN input gradient.
+// conv backward and the BN input gradient, and bn_relu_conv2d_backward_pair from two of the latter.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -113,6 +113,35 @@ Grads5 bn_relu_conv2d_backward_full(const at::Tensor& grad_out, const at::Tensor
   return {grad_x, grad_w, grad_b, sum_dz_xhat, sum_dz};
 }
 
+using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Two chained fused convs' training backward (the triton op set has the same op; a dense
+// layer's conv3x3, then its conv1x1 into the block's gradient buffer): bn_relu_conv2d_backward_full
+// of the second conv (dL/dx2 returned), then of the first with dL/dx1 written into (accumulate:
+// added to) grad_x_out. Returns (grad_w2, sum_dz_xhat2, sum_dz2, grad_w1, sum_dz_xhat1, sum_dz1).
+Grads6 bn_relu_conv2d_backward_pair(const at::Tensor& grad_out, const at::Tensor& x2, const at::Tensor& w2,
+                                    const std::optional<at::Tensor>& g2, const std::optional<at::Tensor>& b2,
+                                    const at::Tensor& mean2, const at::Tensor& invstd2, at::IntArrayRef stride2,
+                                    at::IntArrayRef padding2, at::IntArrayRef dilation2, int64_t groups2,
+                                    const at::Tensor& x1, const at::Tensor& w1, const std::optional<at::Tensor>& g1,
+                                    const std::optional<at::Tensor>& b1, const at::Tensor& mean1,
+                                    const at::Tensor& invstd1, at::IntArrayRef stride1, at::IntArrayRef padding1,
+                                    at::IntArrayRef dilation1, int64_t groups1, const at::Tensor& grad_x_out,
+                                    bool accumulate) {
+  TORCH_CHECK(x2.dim() == 4 && x1.dim() == 4 && w1.dim() == 4 && x2.size(0) == x1.size(0) && x2.size(1) == w1.size(0),
+              "resfast::bn_relu_conv2d_backward_pair: x2 is not the output of the first conv");
+  auto [gx2, gw2, gb2, sdzx2, sdz2] = bn_relu_conv2d_backward_full(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2,
+                                                                   padding2, dilation2, groups2, false, std::nullopt,
+                                                                   false, true);
+  (void)gb2;
+  auto [gx1, gw1, gb1, sdzx1, sdz1] = bn_relu_conv2d_backward_full(gx2, x1, w1, g1, b1, mean1, invstd1, stride1,
+                                                                   padding1, dilation1, groups1, false, grad_x_out,
+                                                                   accumulate, true);
+  (void)gx1;
+  (void)gb1;
+  return {gw2, sdzx2, sdz2, gw1, sdzx1, sdz1};
+}
+
 }  // namespace
 }  // namespace resfast
 
@@ -136,6 +165,10 @@ TORCH_LIBRARY(resfast, m) {
   m.def("bn_relu_conv2d_backward_full(Tensor grad_out, Tensor x, Tensor weight, " RESFAST_BN ", " RESFAST_CONV
         ", bool bias_grad, Tensor(a!)? grad_x_out, bool accumulate, bool weight_grad) -> (Tensor, Tensor, Tensor, "
         "Tensor, Tensor)");
+  m.def("bn_relu_conv2d_backward_pair(Tensor grad_out, Tensor x2, Tensor w2, Tensor? g2, Tensor? b2, Tensor mean2, "
+        "Tensor invstd2, int[] stride2, int[] padding2, int[] dilation2, int groups2, Tensor x1, Tensor w1, "
+        "Tensor? g1, Tensor? b1, Tensor mean1, Tensor invstd1, int[] stride1, int[] padding1, int[] dilation1, "
+        "int groups1, Tensor(a!) grad_x_out, bool accumulate) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resfast, ADInplaceOrView, m) {
@@ -145,6 +178,7 @@ TORCH_LIBRARY_IMPL(resfast, ADInplaceOrView, m) {
 TORCH_LIBRARY_IMPL(resfast, CompositeExplicitAutograd, m) {
   m.impl("bn_relu_conv2d_train", &resfast::bn_relu_conv2d_train);
   m.impl("bn_relu_conv2d_backward_full", &resfast::bn_relu_conv2d_backward_full);
+  m.impl("bn_relu_conv2d_backward_pair", &resfast::bn_relu_conv2d_backward_pair);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -333,11 +333,17 @@ def _opcheck_samples():
         "bn_relu_conv2d_backward_full_out": (grad_out, x, weight, gm, bt, mean, invstd, *c, False,
                                              torch.randn(x.shape[0], x.shape[1] + 2, *x.shape[2:])[:, 1:-1], True,
                                              True),
+        # y = conv(x) chained into a 3x3 conv of its own batch statistics
+        "bn_relu_conv2d_backward_pair": (torch.randn(y.shape[0], 3, *y.shape[2:]), y,
+                                         torch.randn(3, y.shape[1], 3, 3) / 9, torch.rand(y.shape[1]) + 0.5,
+                                         torch.randn(y.shape[1]), *reference.bn_stats_update(y, None, None, 0.1, 1e-5),
+                                         [1, 1], [1, 1], [1, 1], 1, x, weight, gm, bt, mean, invstd, *c,
+                                         torch.randn(x.shape[0], x.shape[1] + 2, *x.shape[2:])[:, 1:-1], True),
     }
 
 
 @pytest.mark.parametrize("op", [*OP_NAMES, "bn_relu_conv2d_train", "bn_relu_conv2d_backward_full",
-                                "bn_relu_conv2d_backward_full_out"])
+                                "bn_relu_conv2d_backward_full_out", "bn_relu_conv2d_backward_pair"])
 def test_opcheck(op):
     ops()
     name = op[:-len("_out")] if op.endswith("_full_out") else op
@@ -355,7 +361,7 @@ def test_registered_schema_equals_python(op):
     assert registered == torch._C.parse_schema("resfast::" + SCHEMAS[op]), f"{registered} != {SCHEMAS[op]}"
 
 
-@pytest.mark.parametrize("name", ["bn_relu_conv2d_train", "bn_relu_conv2d_backward_full"])
+@pytest.mark.parametrize("name", ["bn_relu_conv2d_train", "bn_relu_conv2d_backward_full", "bn_relu_conv2d_backward_pair"])
 def test_registered_optional_schema_equals_python(name):
     """The native op set's optional ops, the training forward and backward in one op each,
     have the triton op set's schemas."""
@@ -474,6 +480,70 @@ def test_native_training_backward_launches(device):
         kernels = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                    and "Memcpy" not in e.name and "Memset" not in e.name]
         assert len(kernels) == 6, kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_pair_is_the_two_backward_ops_in_one(dtype):
+    """``bn_relu_conv2d_backward_pair`` (C++ composite; a dense layer's two convs' backward):
+    bit for bit two ``bn_relu_conv2d_backward_full`` calls in a row, the second into a channel
+    slice of a gradient buffer (added and written), its other channels untouched; and the
+    native shared dense block gives the same with and without it."""
+    import dataclasses
+
+    from resfast.nn.dense import DenseBlock
+    from resfast.ops import dense_block as db
+
+    g = torch.Generator().manual_seed(4)
+    x1 = (torch.randn(2, 12, 7, 6, generator=g) * 1.2 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
+    w1 = (torch.randn(16, 10, 1, 1, generator=g) / 3).to(dtype)
+    w2 = (torch.randn(8, 16, 3, 3, generator=g) / 12).to(dtype)
+    g1, b1 = torch.rand(10, generator=g) + 0.5, torch.randn(10, generator=g) * 0.2
+    g2, b2 = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g) * 0.2
+    prefix = x1[:, :10]
+    m1, i1 = ops().bn_stats_update(prefix, None, None, 0.1, 1e-5)
+    c1, c2 = ([1, 1], [0, 0], [1, 1], 1), ([1, 1], [1, 1], [1, 1], 1)
+    x2 = ops().bn_relu_conv2d(prefix, w1, None, g1, b1, m1, i1, *c1, True)
+    m2, i2 = ops().bn_stats_update(x2, None, None, 0.1, 1e-5)
+    go = torch.randn(2, 8, 7, 6, generator=g).to(dtype)
+    for accumulate in (True, False):
+        def run(pair):
+            buf = torch.full((2, 12, 7, 6), float("nan"), dtype=dtype)
+            buf[:, :10] = torch.randn(2, 10, 7, 6, generator=torch.Generator().manual_seed(9)).to(dtype)
+            buf = buf.contiguous(memory_format=torch.channels_last)
+            if pair:
+                got = ops().bn_relu_conv2d_backward_pair(go, x2, w2, g2, b2, m2, i2, *c2, prefix, w1, g1, b1, m1, i1,
+                                                         *c1, buf[:, :10], accumulate)
+            else:
+                gx2, gw2, _, sx2, s2 = ops().bn_relu_conv2d_backward_full(go, x2, w2, g2, b2, m2, i2, *c2, False,
+                                                                          None, False, True)
+                _, gw1, _, sx1, s1 = ops().bn_relu_conv2d_backward_full(gx2, prefix, w1, g1, b1, m1, i1, *c1, False,
+                                                                        buf[:, :10], accumulate, True)
+                got = (gw2, sx2, s2, gw1, sx1, s1)
+            return [*got, buf]
+
+        one, two = run(True), run(False)
+        for k, (a, b) in enumerate(zip(one, two)):
+            assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0)), (accumulate, k)
+        assert torch.isnan(one[-1][:, 10:]).all() and not torch.isnan(one[-1][:, :10]).any()
+
+    def block_run(pair):
+        real = db._Config.build
+        build = real if pair else (lambda *a, **k: dataclasses.replace(real(*a, **k), pair_op=None))
+        db._Config.build = staticmethod(build)
+        try:
+            torch.manual_seed(0)
+            block = DenseBlock(3, 6, 2, 4, memory="shared", backend="native").to(dtype)
+            x = (torch.randn(2, 6, 5, 4) * 1.4 + 0.3).to(dtype).requires_grad_()
+            y = block(x)
+            y.backward(torch.randn_like(y))
+        finally:
+            db._Config.build = staticmethod(real)
+        return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
+                **dict(block.named_buffers())}
+
+    merged, apart = block_run(True), block_run(False)
+    for key in merged:
+        assert torch.equal(merged[key], apart[key]), key
 
 
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------

@@ -202,6 +202,13 @@ def register_fakes(namespace: str) -> None:
                 vec(x),
             )
 
+    if hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_backward_pair"):  # triton's and native's
+        @torch.library.register_fake(q("bn_relu_conv2d_backward_pair"))
+        def _(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2, dilation2, groups2, x1, w1, g1, b1, mean1,
+              invstd1, stride1, padding1, dilation1, groups1, grad_x_out, accumulate):
+            return (torch.empty_like(w2, memory_format=torch.contiguous_format), vec(x2), vec(x2),
+                    torch.empty_like(w1, memory_format=torch.contiguous_format), vec(x1), vec(x1))
+
     if not hasattr(getattr(torch.ops, namespace), "bn_relu_conv2d_stats"):
         return
 
@@ -227,12 +234,6 @@ def register_fakes(namespace: str) -> None:
     @torch.library.register_fake(q("bn_stats_merge_out"))
     def _(partials, count, mean, var, invstd, eps):
         return None
-
-    @torch.library.register_fake(q("bn_relu_conv2d_backward_pair"))
-    def _(grad_out, x2, w2, g2, b2, mean2, invstd2, stride2, padding2, dilation2, groups2, x1, w1, g1, b1, mean1,
-          invstd1, stride1, padding1, dilation1, groups1, grad_x_out, accumulate):
-        return (torch.empty_like(w2, memory_format=torch.contiguous_format), vec(x2), vec(x2),
-                torch.empty_like(w1, memory_format=torch.contiguous_format), vec(x1), vec(x1))
 
 
 _bump_libs: Dict[str, torch.library.Library] = {}
