@@ -958,6 +958,14 @@ def _convert_traced(module: nn.Module, path: str, ctx: _Context) -> bool:
     if type(module).forward is nn.Module.forward or isinstance(module, _TracedFusion):
         return False
     has_bn = bool(_direct_batchnorms(module))
+    if isinstance(module, fx.GraphModule):
+        # Its class is generated per instance and its forward regenerated from its graph (on
+        # train() / eval() for torchvision's feature extractors, on copies): a converted
+        # subclass would recurse forever there. Its submodules are converted as usual.
+        if has_bn:
+            ctx.leave(path, module, "an fx.GraphModule (torch.fx.symbolic_trace, torchvision's "
+                                    "create_feature_extractor): its generated forward is left as it is, unfused")
+        return False
     has_block = isinstance(module, nn.Sequential) and any(isinstance(c, DenseBlock) for c in module.children())
     if not (has_bn or has_block):
         return False

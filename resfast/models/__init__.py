@@ -51,6 +51,8 @@ def create_model(name: str, *, weights=None, pretrained: bool = False, **kwargs)
     """
     if weights is None and not pretrained:
         return _registry.create_model(name, **kwargs)
+    if ":" in name:  # a library model ("torchvision:...", "timm:..."): its builder refuses weights, saying why
+        return _registry.create_model(name, weights=weights, pretrained=pretrained, **kwargs)
     from resfast.models.pretrained import load_torchvision_weights, locate_weights
 
     locate_weights(name, weights, pretrained)  # a missing file or unknown weights fail before building

@@ -265,6 +265,17 @@ class Transition(nn.Sequential):
         self.register_buffer("pool_weight", torch.full((num_input_features, 1, 2, 2), 0.25), persistent=False)
         self.backend = check_backend_name(backend)
 
+    def _apply(self, fn, recurse: bool = True):
+        # pool_weight is a constant outside the state_dict (torchvision's keys): whatever a
+        # conversion does to it (``to_empty`` after building on the meta device leaves it
+        # uninitialised, and no load_state_dict restores it), it is 1/4 again afterwards.
+        out = super()._apply(fn, recurse)
+        w = self._buffers.get("pool_weight")
+        if w is not None and (not w.is_inference() or torch.is_inference_mode_enabled()):
+            with torch.no_grad():
+                w.fill_(0.25)
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (N, C, H, W) -> (N, out_channels, H // 2, W // 2): BN-ReLU, 2x2 average pool, then
         the 1x1 conv (pool first: the same value as torchvision's conv-then-pool)."""
