@@ -377,13 +377,19 @@ def _has_hooks(m: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+def _norm_with_activation(bn: nn.Module) -> bool:
+    """timm's norm modules that apply their activation themselves."""
+    cls = type(bn)
+    return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
+
+
 def _bn_kind(bn: nn.Module) -> Tuple[Optional[str], str]:
     """``("bn", "")`` for a BatchNorm the fused op reproduces exactly, ``("bn_relu", "")``
     for timm's ``BatchNormAct2d`` with a plain ReLU, else ``(None, why)``."""
     cls = type(bn)
     if cls in (nn.BatchNorm2d, nn.SyncBatchNorm):
         kind = "bn"
-    elif cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct"):
+    elif _norm_with_activation(bn):
         act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
         if type(act) is not nn.ReLU:
             return None, f"its activation is {type(act).__name__}, not ReLU (the fused op applies ReLU)"
@@ -821,6 +827,11 @@ def _find_fusions(graph: fx.Graph, mods: Dict[str, nn.Module], ctx: _Context
         if act is None:
             users = list(node.users)
             if len(users) != 1:
+                continue
+            if kind is None and why and _norm_with_activation(bn) and (
+                    isinstance(_call_target(users[0], mods), nn.Conv2d) or _conv_reader(users[0], node, mods, None)[0]):
+                # a norm that applies its own activation (timm's BatchNormAct2d) straight into a conv
+                misses.append((node.target, bn, f"-> Conv2d: {why}"))
                 continue
             if _is_relu(users[0], mods):
                 act = users[0]

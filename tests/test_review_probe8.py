@@ -5,8 +5,9 @@ the unconverted models by the float64 rule except for three cases, each a test h
 failed: a converted ``fx.GraphModule`` (torchvision's ``create_feature_extractor``) recursed
 forever after ``eval()`` / ``deepcopy`` and could not be saved; a DenseNet built on the meta
 device, converted, ``to_empty``-ed and loaded strictly pooled its transitions with
-uninitialised weights (a plausible wrong output, no warning); and a library model asked for
-weights got a message that named the wrong reason."""
+uninitialised weights (a plausible wrong output, no warning); a library model asked for
+weights got a message that named the wrong reason; and a timm norm with a non-ReLU activation
+feeding a conv was left out of the conversion report."""
 from __future__ import annotations
 
 import copy
@@ -88,3 +89,18 @@ def test_library_model_with_weights_says_the_rule(kwargs):
     models are built without pretrained weights), not "torchvision has none for it"."""
     with pytest.raises(ValueError, match="library models are built with no pretrained weights"):
         create_model("torchvision:resnet18", **kwargs)
+
+
+@pytest.mark.parametrize("act", ["ReLU6", "SiLU"])
+def test_norm_with_another_activation_is_reported(act):
+    """timm's ``BatchNormAct2d`` with an activation other than ReLU, feeding a conv: left alone
+    (the fused op applies ReLU), and the report says so, as it does for ``BatchNorm2d ->
+    ReLU6 -> Conv2d`` (it was in neither list)."""
+    timm_layers = pytest.importorskip("timm.layers", reason="timm is not installed")
+    from torch import nn
+
+    m = nn.Sequential(nn.Conv2d(3, 6, 3), timm_layers.BatchNormAct2d(6, act_layer=getattr(nn, act)),
+                      nn.Conv2d(6, 4, 3))
+    report = resfast.convert(m, backend="eager")
+    assert not report.converted
+    assert [(e.path, act in e.detail) for e in report.left_alone] == [("1", True)], report.left_alone
