@@ -11,12 +11,11 @@ the CPU (tiny shapes).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pair_checks import assert_block_same_with_and_without_pair, assert_pair_is_two_full_ops
 from reference import assert_rule
 from resfast.backends import backend_status
 from resfast.functional import bn_relu_conv2d
@@ -190,81 +189,17 @@ def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_half(m
 
 @pytest.mark.parametrize("accumulate", [True, False])
 def test_backward_pair_is_the_two_backward_ops_in_one(accumulate):
-    """``bn_relu_conv2d_backward_pair`` (a dense layer's two convs' backward): bit for bit what
-    two ``bn_relu_conv2d_backward_full`` calls give in a row (the conv3x3's, then the conv1x1's
-    into a channel slice of a gradient buffer): the weight gradients, the BN sums and the
-    buffer, whose other channels stay untouched."""
-    g = torch.Generator().manual_seed(4)
-    x1 = (torch.randn(2, 12, 7, 6, generator=g) * 1.2 + 0.3).to(DEVICE).contiguous(memory_format=torch.channels_last)
-    w1 = (torch.randn(16, 10, 1, 1, generator=g) / 3).to(DEVICE)
-    w2 = (torch.randn(8, 16, 3, 3, generator=g) / 12).to(DEVICE)
-    g1, b1 = (torch.rand(10, generator=g) + 0.5).to(DEVICE), (torch.randn(10, generator=g) * 0.2).to(DEVICE)
-    g2, b2 = (torch.rand(16, generator=g) + 0.5).to(DEVICE), (torch.randn(16, generator=g) * 0.2).to(DEVICE)
-    prefix = x1[:, :10]
-    m1, i1 = prefix.mean((0, 2, 3)), torch.rsqrt(prefix.var((0, 2, 3), correction=0) + 1e-5)
-    x2 = _ops().bn_relu_conv2d(prefix, w1, None, g1, b1, m1, i1, [1, 1], [0, 0], [1, 1], 1, True)
-    m2, i2 = x2.mean((0, 2, 3)), torch.rsqrt(x2.var((0, 2, 3), correction=0) + 1e-5)
-    go = torch.randn(2, 8, 7, 6, generator=g).to(DEVICE)
-    c1, c2 = ([1, 1], [0, 0], [1, 1], 1), ([1, 1], [1, 1], [1, 1], 1)
-
-    def run(pair):
-        buf = torch.full((2, 12, 7, 6), float("nan"), device=DEVICE)
-        buf[:, :10] = torch.randn(2, 10, 7, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
-        buf = buf.contiguous(memory_format=torch.channels_last)
-        if pair:
-            got = _ops().bn_relu_conv2d_backward_pair(go, x2, w2, g2, b2, m2, i2, *c2, prefix, w1, g1, b1, m1, i1,
-                                                      *c1, buf[:, :10], accumulate)
-        else:
-            gx2, gw2, _, sx2, s2 = _ops().bn_relu_conv2d_backward_full(go, x2, w2, g2, b2, m2, i2, *c2, False, None,
-                                                                       False, True)
-            _, gw1, _, sx1, s1 = _ops().bn_relu_conv2d_backward_full(gx2, prefix, w1, g1, b1, m1, i1, *c1, False,
-                                                                     buf[:, :10], accumulate, True)
-            got = (gw2, sx2, s2, gw1, sx1, s1)
-        return [*got, buf]
-
-    names = ("grad_w2", "sum_dz_xhat2", "sum_dz2", "grad_w1", "sum_dz_xhat1", "sum_dz1", "buffer")
-    one, two = run(True), run(False)
-    for name, a, b in zip(names, one, two):
-        assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0)), name
-    assert torch.isnan(one[-1][:, 10:]).all() and not torch.isnan(one[-1][:, :10]).any()
+    """``bn_relu_conv2d_backward_pair`` (a dense layer's two convs' backward): bit for bit two
+    ``bn_relu_conv2d_backward_full`` calls in a row (tests/pair_checks.py)."""
+    assert_pair_is_two_full_ops(_ops(), DEVICE, torch.float32, accumulate)
 
 
-def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_backward(monkeypatch):
+@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
+def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_backward(recompute, monkeypatch):
     """The triton shared block's backward with ``bn_relu_conv2d_backward_pair`` (a layer's two
     convs' backward in one call) gives bit for bit what the two calls give: output, every
-    gradient and the running statistics (with and without recomputing the bottleneck)."""
-    from resfast.nn.dense import DenseBlock
-    from resfast.ops import dense_block as db
-
-    def run(recompute):
-        torch.manual_seed(0)
-        block = DenseBlock(3, 6, 2, 4, memory="shared", backend="triton", recompute=recompute).to(DEVICE)
-        x = (torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3).requires_grad_()
-        y = block(x)
-        y.backward(torch.randn_like(y))
-        return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
-                **dict(block.named_buffers())}
-
-    for recompute in ("bn_relu", "bottleneck"):
-        with monkeypatch.context() as m:
-            used = []
-            real = db._Config.build
-
-            def spy(*a, **k):
-                cfg = real(*a, **k)
-                used.append(cfg.pair_op is not None)
-                return cfg
-
-            m.setattr(db._Config, "build", staticmethod(spy))
-            merged = run(recompute)
-        assert used and all(used), "the block did not take the one-op backward"
-        with monkeypatch.context() as m:
-            real = db._Config.build
-            m.setattr(db._Config, "build", staticmethod(lambda *a, **k: dataclasses.replace(real(*a, **k),
-                                                                                             pair_op=None)))
-            apart = run(recompute)
-        for key in merged:
-            assert torch.equal(merged[key], apart[key]), (recompute, key)
+    gradient and the running statistics."""
+    assert_block_same_with_and_without_pair("triton", DEVICE, torch.float32, recompute, monkeypatch)
 
 
 def test_merge_out_rejects_vectors_it_cannot_write():

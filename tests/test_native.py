@@ -23,6 +23,7 @@ from resfast.ops import reference
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import out_memory_format
 
+from pair_checks import assert_block_same_with_and_without_pair, assert_pair_is_two_full_ops
 from reference import assert_rule
 
 NATIVE = native_info()
@@ -483,67 +484,13 @@ def test_native_training_backward_launches(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_pair_is_the_two_backward_ops_in_one(dtype):
+def test_backward_pair_is_the_two_backward_ops_in_one(dtype, monkeypatch):
     """``bn_relu_conv2d_backward_pair`` (C++ composite; a dense layer's two convs' backward):
-    bit for bit two ``bn_relu_conv2d_backward_full`` calls in a row, the second into a channel
-    slice of a gradient buffer (added and written), its other channels untouched; and the
-    native shared dense block gives the same with and without it."""
-    import dataclasses
-
-    from resfast.nn.dense import DenseBlock
-    from resfast.ops import dense_block as db
-
-    g = torch.Generator().manual_seed(4)
-    x1 = (torch.randn(2, 12, 7, 6, generator=g) * 1.2 + 0.3).to(dtype).contiguous(memory_format=torch.channels_last)
-    w1 = (torch.randn(16, 10, 1, 1, generator=g) / 3).to(dtype)
-    w2 = (torch.randn(8, 16, 3, 3, generator=g) / 12).to(dtype)
-    g1, b1 = torch.rand(10, generator=g) + 0.5, torch.randn(10, generator=g) * 0.2
-    g2, b2 = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g) * 0.2
-    prefix = x1[:, :10]
-    m1, i1 = ops().bn_stats_update(prefix, None, None, 0.1, 1e-5)
-    c1, c2 = ([1, 1], [0, 0], [1, 1], 1), ([1, 1], [1, 1], [1, 1], 1)
-    x2 = ops().bn_relu_conv2d(prefix, w1, None, g1, b1, m1, i1, *c1, True)
-    m2, i2 = ops().bn_stats_update(x2, None, None, 0.1, 1e-5)
-    go = torch.randn(2, 8, 7, 6, generator=g).to(dtype)
+    bit for bit two ``bn_relu_conv2d_backward_full`` calls in a row (added and written), and the
+    native shared dense block gives the same with and without it (tests/pair_checks.py)."""
     for accumulate in (True, False):
-        def run(pair):
-            buf = torch.full((2, 12, 7, 6), float("nan"), dtype=dtype)
-            buf[:, :10] = torch.randn(2, 10, 7, 6, generator=torch.Generator().manual_seed(9)).to(dtype)
-            buf = buf.contiguous(memory_format=torch.channels_last)
-            if pair:
-                got = ops().bn_relu_conv2d_backward_pair(go, x2, w2, g2, b2, m2, i2, *c2, prefix, w1, g1, b1, m1, i1,
-                                                         *c1, buf[:, :10], accumulate)
-            else:
-                gx2, gw2, _, sx2, s2 = ops().bn_relu_conv2d_backward_full(go, x2, w2, g2, b2, m2, i2, *c2, False,
-                                                                          None, False, True)
-                _, gw1, _, sx1, s1 = ops().bn_relu_conv2d_backward_full(gx2, prefix, w1, g1, b1, m1, i1, *c1, False,
-                                                                        buf[:, :10], accumulate, True)
-                got = (gw2, sx2, s2, gw1, sx1, s1)
-            return [*got, buf]
-
-        one, two = run(True), run(False)
-        for k, (a, b) in enumerate(zip(one, two)):
-            assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0)), (accumulate, k)
-        assert torch.isnan(one[-1][:, 10:]).all() and not torch.isnan(one[-1][:, :10]).any()
-
-    def block_run(pair):
-        real = db._Config.build
-        build = real if pair else (lambda *a, **k: dataclasses.replace(real(*a, **k), pair_op=None))
-        db._Config.build = staticmethod(build)
-        try:
-            torch.manual_seed(0)
-            block = DenseBlock(3, 6, 2, 4, memory="shared", backend="native").to(dtype)
-            x = (torch.randn(2, 6, 5, 4) * 1.4 + 0.3).to(dtype).requires_grad_()
-            y = block(x)
-            y.backward(torch.randn_like(y))
-        finally:
-            db._Config.build = staticmethod(real)
-        return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
-                **dict(block.named_buffers())}
-
-    merged, apart = block_run(True), block_run(False)
-    for key in merged:
-        assert torch.equal(merged[key], apart[key]), key
+        assert_pair_is_two_full_ops(ops(), "cpu", dtype, accumulate)
+    assert_block_same_with_and_without_pair("native", "cpu", dtype, "bn_relu", monkeypatch)
 
 
 # ---- bad input: RuntimeError from C++ naming the argument --------------------------------

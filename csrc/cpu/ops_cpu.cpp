@@ -82,21 +82,15 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_update_cpu(const at::Tensor& x, cons
   at::Tensor invstd = var;  // the biased variance becomes 1 / sqrt(var + eps) in place
   const int64_t C = x.size(1);
   const double unbias = running_var_unbias(x);
-  const at::ScalarType stat_type = running_mean.has_value() ? running_mean->scalar_type() : mean.scalar_type();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "resfast_bn_stats_update_cpu", [&] {
     using acc_t = scalar_t;
     const acc_t* mp = mean.const_data_ptr<acc_t>();
     acc_t* ip = invstd.data_ptr<acc_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "resfast_bn_stats_update_cpu_running", [&] {
-      using stat_t = scalar_t;
-      stat_t* rm = running_mean.has_value() ? running_mean->data_ptr<stat_t>() : nullptr;
-      stat_t* rv = running_var.has_value() ? running_var->data_ptr<stat_t>() : nullptr;
-      const int64_t rms = running_mean.has_value() ? running_mean->stride(0) : 0;
-      const int64_t rvs = running_var.has_value() ? running_var->stride(0) : 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_stats_type(running_mean, mean.scalar_type()),
+                                    "resfast_bn_stats_update_cpu_running", [&] {
+      const RunningPtrs<scalar_t> running = running_ptrs<scalar_t>(running_mean, running_var);
       for (int64_t c = 0; c < C; ++c) {
-        ip[c] = bn_finalize_update<acc_t, stat_t>(mp[c], ip[c], eps, momentum, unbias,
-                                                  rm != nullptr ? rm + c * rms : nullptr,
-                                                  rv != nullptr ? rv + c * rvs : nullptr);
+        ip[c] = bn_finalize_update<acc_t, scalar_t>(mp[c], ip[c], eps, momentum, unbias, running, c);
       }
     });
   });

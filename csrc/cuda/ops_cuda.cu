@@ -152,40 +152,42 @@ __global__ void bn_stats_partial_cl_kernel(const scalar_t* __restrict__ x, Strid
   }
 }
 
+// Channel c's Welford state, the per-split partials merged in split order.
+template <typename acc_t>
+__device__ Welford<acc_t> merge_partials(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
+                                         const int64_t* __restrict__ pn, int64_t c, int64_t splits) {
+  Welford<acc_t> st = welford_init<acc_t>();
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t i = c * splits + s;
+    st = welford_merge(st, Welford<acc_t>{pmean[i], pm2[i], pn[i]});
+  }
+  return st;
+}
+
 template <typename acc_t>
 __global__ void bn_stats_finalize_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
                                          const int64_t* __restrict__ pn, int64_t C, int64_t splits,
                                          acc_t* __restrict__ mean, acc_t* __restrict__ var) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  Welford<acc_t> st = welford_init<acc_t>();
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t i = c * splits + s;
-    st = welford_merge(st, Welford<acc_t>{pmean[i], pm2[i], pn[i]});
-  }
+  const Welford<acc_t> st = merge_partials(pmean, pm2, pn, c, splits);
   mean[c] = st.mean;
   var[c] = welford_var(st);
 }
 
-// bn_stats_update's finalize: bn_stats_finalize_kernel's merge, then math.h bn_finalize_update
-// (invstd, and the running statistics moved in place when rm is not null).
+// bn_stats_update's finalize: the same merge, then math.h bn_finalize_update (invstd, and the
+// running statistics moved in place when given).
 template <typename acc_t, typename stat_t>
 __global__ void bn_stats_finalize_update_kernel(const acc_t* __restrict__ pmean, const acc_t* __restrict__ pm2,
                                                 const int64_t* __restrict__ pn, int64_t C, int64_t splits,
                                                 double eps, double momentum, double unbias,
                                                 acc_t* __restrict__ mean, acc_t* __restrict__ invstd,
-                                                stat_t* rm, int64_t rms, stat_t* rv, int64_t rvs) {
+                                                RunningPtrs<stat_t> running) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  Welford<acc_t> st = welford_init<acc_t>();
-  for (int64_t s = 0; s < splits; ++s) {
-    const int64_t i = c * splits + s;
-    st = welford_merge(st, Welford<acc_t>{pmean[i], pm2[i], pn[i]});
-  }
+  const Welford<acc_t> st = merge_partials(pmean, pm2, pn, c, splits);
   mean[c] = st.mean;
-  invstd[c] = bn_finalize_update<acc_t, stat_t>(st.mean, welford_var(st), eps, momentum, unbias,
-                                                rm != nullptr ? rm + c * rms : nullptr,
-                                                rv != nullptr ? rv + c * rvs : nullptr);
+  invstd[c] = bn_finalize_update<acc_t, stat_t>(st.mean, welford_var(st), eps, momentum, unbias, running, c);
 }
 
 // The per-split Welford partials of x's channels (one launch); the finalize merges them.
@@ -273,19 +275,15 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_update_cuda(const at::Tensor& x, con
   }
   const StatsPartials p = bn_stats_partials(x);
   const double unbias = running_var_unbias(x);
-  const at::ScalarType stat_type = running_mean.has_value() ? running_mean->scalar_type() : mean.scalar_type();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "resfast_bn_stats_update_cuda", [&] {
     using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stat_type, "resfast_bn_stats_update_cuda_running", [&] {
-      using stat_t = scalar_t;
-      stat_t* rm = running_mean.has_value() ? running_mean->data_ptr<stat_t>() : nullptr;
-      stat_t* rv = running_var.has_value() ? running_var->data_ptr<stat_t>() : nullptr;
-      const int64_t rms = running_mean.has_value() ? running_mean->stride(0) : 0;
-      const int64_t rvs = running_var.has_value() ? running_var->stride(0) : 0;
-      bn_stats_finalize_update_kernel<acc_t, stat_t><<<ceil_div(C, kBlockThreads), kBlockThreads, 0, stream>>>(
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_stats_type(running_mean, mean.scalar_type()),
+                                    "resfast_bn_stats_update_cuda_running", [&] {
+      bn_stats_finalize_update_kernel<acc_t, scalar_t><<<ceil_div(C, kBlockThreads), kBlockThreads, 0, stream>>>(
           p.pmean.const_data_ptr<acc_t>(), p.pm2.const_data_ptr<acc_t>(), p.pn.const_data_ptr<int64_t>(), C,
-          p.splits, eps, momentum, unbias, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), rm, rms, rv, rvs);
+          p.splits, eps, momentum, unbias, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+          running_ptrs<scalar_t>(running_mean, running_var));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

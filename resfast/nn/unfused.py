@@ -46,11 +46,11 @@ def submodules(root: nn.Module) -> List[nn.Module]:
     out, seen, stack = [], set(), [root]
     while stack:
         m = stack.pop()
-        if id(m) not in seen:
+        if m is not None and id(m) not in seen:
             seen.add(id(m))
             out.append(m)
             stack.extend(m._modules.values())
-    return [m for m in out if m is not None]
+    return out
 
 
 def any_hooks(root: nn.Module) -> bool:
@@ -61,7 +61,7 @@ def any_hooks(root: nn.Module) -> bool:
         m = stack.pop()
         if m is None:
             continue
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+        if _has_hooks(m):
             return True
         stack.extend(m._modules.values())
     return False

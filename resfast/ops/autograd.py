@@ -40,6 +40,7 @@ __all__ = [
     "BNReLUConv2dStatsFunction",
     "BNTrainReLUConv2dFunction",
     "differentiable_bn_relu_conv2d",
+    "bn_param_grad",
     "DOUBLE_BACKWARD_SYNC_BN",
     "FORWARD_AD_SYNC_BN",
     "forward_ad_or_transform",
@@ -138,9 +139,14 @@ def bn_relu_conv2d_backward(
         gx, gw, gb, sum_dz, sum_dz_xhat = _composed_backward(ops, grad_out, x, weight, bn_weight, bn_bias, mean,
                                                              invstd, conv_args, batch_stats, count, process_group,
                                                              bias_grad, grad_x_out, accumulate)
-    gbw = sum_dz_xhat.to(bn_weight.dtype) if bn_weight is not None else None
-    gbb = sum_dz.to(bn_bias.dtype) if bn_bias is not None else None
-    return gx, (gw if weight_grad else None), (gb if bias_grad else None), gbw, gbb
+    return gx, (gw if weight_grad else None), (gb if bias_grad else None), bn_param_grad(sum_dz_xhat, bn_weight), \
+        bn_param_grad(sum_dz, bn_bias)
+
+
+def bn_param_grad(total: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
+    """A BatchNorm parameter's gradient from its per-channel sum (``sum_dz_xhat`` for the
+    weight, ``sum_dz`` for the bias) in the parameter's dtype; ``None`` without the parameter."""
+    return total.to(param.dtype) if param is not None else None
 
 
 def _composed_backward(ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, conv_args, batch_stats, count,

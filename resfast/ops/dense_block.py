@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import bn_relu_conv2d_backward, forward_ad_or_transform
+from resfast.ops.autograd import bn_param_grad, bn_relu_conv2d_backward, forward_ad_or_transform
 from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signature, as_pair, autocast_dtype,
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
                                   static_choice, static_dims, strides_class, training_runner)
@@ -201,7 +201,7 @@ class _Config:
     #: into the buffer and (with ``out_stats_ops``' conditions) the new channels' statistics in
     #: one call.
     merge_out_op: object = None
-    #: The op set's optional ``bn_relu_conv2d_backward_pair`` (triton): a layer's two convs'
+    #: The op set's optional ``bn_relu_conv2d_backward_pair`` (triton, native): a layer's two convs'
     #: backward (the conv3x3's, then the conv1x1's into the gradient buffer) in one call, where
     #: both norms take batch statistics without a process group and the prefix is one chunk.
     pair_op: object = None
@@ -677,8 +677,8 @@ def _backward(ctx, grad_out: Tensor):
                 grad_new, bott, w2, g2, b2, saved.mean2[i], saved.invstd2[i], *cfg.conv2_args[i], buf[:, :c], w1,
                 g1, b1, mean1, invstd1, *_CONV1, gbuf[:, :c], True)
             del grad_new, bott
-            grads[6 * i: 6 * i + 6] = [gw1, _bn_grad(sdzx1, g1), _bn_grad(sdz1, b1),
-                                       gw2, _bn_grad(sdzx2, g2), _bn_grad(sdz2, b2)]
+            grads[6 * i: 6 * i + 6] = [gw1, bn_param_grad(sdzx1, g1), bn_param_grad(sdz1, b1),
+                                       gw2, bn_param_grad(sdzx2, g2), bn_param_grad(sdz2, b2)]
             continue
 
         # conv3x3 backward, then the bottleneck BN's full backward (its statistics are its own).
@@ -699,12 +699,6 @@ def _backward(ctx, grad_out: Tensor):
     grad_x.copy_(gbuf[:, :c0])
     del gbuf
     return (grad_x, *grads)
-
-
-def _bn_grad(total: Tensor, param: Optional[Tensor]) -> Optional[Tensor]:
-    """A BatchNorm parameter's gradient from its per-channel sum (None without the parameter), as
-    :func:`resfast.ops.autograd.bn_relu_conv2d_backward` returns it."""
-    return total.to(param.dtype) if param is not None else None
 
 
 def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunks, batch_stats, count, group,

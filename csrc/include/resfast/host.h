@@ -246,6 +246,19 @@ inline void check_running_stats(const char* op, const at::Tensor& x, const OptTe
               "; they must match");
 }
 
+// The dtype the finalize moves the running statistics in (``fallback`` without them).
+inline at::ScalarType running_stats_type(const OptTensor& running_mean, at::ScalarType fallback) {
+  return running_mean.has_value() ? running_mean->scalar_type() : fallback;
+}
+
+// The kernels' view of the running statistics (checked by check_running_stats).
+template <typename stat_t>
+inline RunningPtrs<stat_t> running_ptrs(const OptTensor& running_mean, const OptTensor& running_var) {
+  if (!running_mean.has_value()) return {nullptr, 0, nullptr, 0};
+  return {running_mean->data_ptr<stat_t>(), running_mean->stride(0), running_var->data_ptr<stat_t>(),
+          running_var->stride(0)};
+}
+
 // The unbiasing factor of the running variance, count / (count - 1), for x's N*H*W positions.
 inline double running_var_unbias(const at::Tensor& x) {
   const int64_t count = x.numel() / std::max<int64_t>(x.size(1), 1);

@@ -133,14 +133,26 @@ RESFAST_HD acc_t welford_var(const Welford<acc_t>& s) {
   return s.m2 / acc_t(s.n);
 }
 
-// bn_stats_update's finalize of one channel: returns invstd = 1 / sqrt(var + eps) from the
-// biased batch variance and, when rm / rv are given, moves the running statistics as
-// F.batch_norm does: running = (1 - momentum) * running + momentum * batch, the variance
-// unbiased (unbias = count / (count - 1)). In double whatever the dtypes: one channel's worth.
+// bn_stats_update's running statistics as the kernels see them: pointers (null: none) and
+// element strides (any stride: a view of a larger buffer is updated in place).
+template <typename stat_t>
+struct RunningPtrs {
+  stat_t* mean;
+  int64_t mean_stride;
+  stat_t* var;
+  int64_t var_stride;
+};
+
+// bn_stats_update's finalize of channel c: returns invstd = 1 / sqrt(var + eps) from the
+// biased batch variance and, when running statistics are given, moves them as F.batch_norm
+// does: running = (1 - momentum) * running + momentum * batch, the variance unbiased
+// (unbias = count / (count - 1)). In double whatever the dtypes: one channel's worth.
 template <typename acc_t, typename stat_t>
-RESFAST_HD acc_t bn_finalize_update(acc_t mean, acc_t var, double eps, double momentum, double unbias, stat_t* rm,
-                                    stat_t* rv) {
-  if (rm != nullptr) {
+RESFAST_HD acc_t bn_finalize_update(acc_t mean, acc_t var, double eps, double momentum, double unbias,
+                                    const RunningPtrs<stat_t>& running, int64_t c) {
+  if (running.mean != nullptr) {
+    stat_t* rm = running.mean + c * running.mean_stride;
+    stat_t* rv = running.var + c * running.var_stride;
     *rm = static_cast<stat_t>((1.0 - momentum) * static_cast<double>(*rm) + momentum * static_cast<double>(mean));
     *rv = static_cast<stat_t>((1.0 - momentum) * static_cast<double>(*rv) + momentum * static_cast<double>(var) * unbias);
   }
