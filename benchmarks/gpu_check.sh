@@ -77,8 +77,11 @@ say() { echo "gpu_check: $*"; [ "$DRY_RUN" = 1 ] || echo "gpu_check: $*" >>"$LOG
 # phase_limit CAP RESERVE: seconds a phase may run: CAP, or less so that RESERVE seconds of
 # the budget stay for the phases after it.
 phase_limit() {
-    local cap=$1 reserve=$2 left
-    left=$(( BUDGET - (SECONDS - START) - SIMULATED - reserve ))
+    local cap=$1 reserve=$2 left elapsed=$(( SECONDS - START ))
+    # --dry-run: only the simulated worst case counts, so the plan it prints does not depend on
+    # how long this machine took to print the phases before.
+    [ "$DRY_RUN" = 1 ] && elapsed=0
+    left=$(( BUDGET - elapsed - SIMULATED - reserve ))
     if [ "$left" -lt "$cap" ]; then echo "$left"; else echo "$cap"; fi
 }
 
