@@ -178,8 +178,11 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
             y = _EmptySyncBN.apply(process_group, mean, x, weight, bias, bn_weight, bn_bias, stride, padding,
                                    dilation, groups)
             return _finish(y, out), None
-        # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input.
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        # An empty batch: an empty output, nothing updated, as F.batch_norm on an empty input,
+        # whose output still depends on the BN weight and bias: they get zero gradients, not
+        # None (an optimizer skips a parameter whose grad is None, but momentum and weight
+        # decay move one whose grad is zero, as they do in eager PyTorch).
+        y = F.conv2d(F.relu(_empty_affine(x, bn_weight, bn_bias)), weight, bias, stride, padding, dilation, groups)
         return _finish(y, out), None
     transformed = forward_ad_or_transform(x, weight, bias, bn_weight, bn_bias)
     if transformed and process_group is not None:
@@ -289,6 +292,16 @@ def sync_batch_stats(ops, x: Tensor, process_group) -> Tuple[Tensor, Tensor, int
     mean = (means * counts).sum(0) / total
     var = ((vars_ + (means - mean) ** 2) * counts).sum(0) / total
     return mean, var, int(total.item())
+
+
+def _empty_affine(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]) -> Tensor:
+    """``x`` (an empty batch) times the BN weight plus the BN bias: an empty tensor whose graph
+    reaches both parameters, so each gets a zero gradient, as through ``F.batch_norm``."""
+    if bn_weight is not None:
+        x = x * bn_weight.to(x.dtype).view(1, -1, 1, 1)
+    if bn_bias is not None:
+        x = x + bn_bias.to(x.dtype).view(1, -1, 1, 1)
+    return x
 
 
 class _EmptySyncBN(torch.autograd.Function):
