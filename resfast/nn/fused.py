@@ -70,7 +70,7 @@ def bn_relu_conv_weight(
     resolve_backend(backend, x.device)  # an unavailable backend is reported before num_batches_tracked moves
     # Every argument is checked before num_batches_tracked moves: a rejected call changes nothing.
     preview = bn_call(bn, update=False)
-    view = _autocast_view(x, weight, bias)
+    view = _autocast_view(x, weight, bias, out)
     check_bn_relu_conv2d_args(
         *view, preview.weight, preview.bias, preview.running_mean, preview.running_var,
         preview.batch_stats, 0.0, preview.eps, stride, padding, dilation, groups, out)
@@ -87,10 +87,10 @@ def bn_relu_conv_weight(
     )
 
 
-def _autocast_view(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """The dtypes the functional op will see (autocast casts x, weight and bias)."""
+def _autocast_view(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None):
+    """The dtypes the functional op will see under autocast (see ``autocast_inputs``)."""
     if autocast_enabled(x.device.type):
-        return autocast_inputs(x, weight, bias)
+        return autocast_inputs(x, weight, bias, out)
     return x, weight, bias
 
 

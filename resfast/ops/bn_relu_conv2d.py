@@ -106,8 +106,11 @@ def bn_relu_conv2d(
             arguments, before anything is modified.
         resfast.backends.BackendUnavailableError: if ``backend`` cannot run on ``x``'s device.
     """
+    cast_out = None  # the dtype autocast's conv would return, where the op computes in another
     if isinstance(x, Tensor) and isinstance(weight, Tensor) and autocast_enabled(x.device.type):
-        x, weight, bias = autocast_inputs(x, weight, bias)
+        x, weight, bias = autocast_inputs(x, weight, bias, out)
+        cast_out = _autocast_dtype(x.device) if out is None and x.dtype != _autocast_dtype(x.device) \
+            and x.dtype != torch.float64 else None
     stride, padding, dilation, momentum = check_bn_relu_conv2d_args(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
@@ -118,6 +121,8 @@ def bn_relu_conv2d(
     y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
                                return_stats)
+    if cast_out is not None:  # (statistics of y before the cast describe no tensor the caller has)
+        y, stats = y.to(cast_out), None
     if stats is not None and not torch.compiler.is_compiling():
         if y.is_inference():
             # an inference tensor has no version counter: an in-place change of y before the
@@ -364,13 +369,28 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """Cast like autocast casts ``conv2d``'s inputs: floating-point tensors other than float64
-    (which autocast never casts) to the autocast dtype; the BN parameters stay in their dtype."""
+def _autocast_dtype(device: torch.device) -> torch.dtype:
     try:
-        dtype = torch.get_autocast_dtype(x.device.type)
+        return torch.get_autocast_dtype(device.type)
     except (AttributeError, TypeError):
-        dtype = torch.get_autocast_gpu_dtype() if x.is_cuda else torch.get_autocast_cpu_dtype()
+        return torch.get_autocast_gpu_dtype() if device.type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None):
+    """The dtypes the fused op computes in under autocast (the BN parameters stay in theirs).
+
+    Eager PyTorch's batch norm is not autocast: it normalises ``x`` in ``x``'s own dtype, and
+    autocast casts the conv's input, ``relu(bn(x))``, and its weight and bias. So where ``x``
+    already is in the autocast dtype (the usual case: the output of an autocast conv), the
+    weight and bias are cast to it. Where it is not (float32 under bfloat16 autocast), casting
+    ``x`` first would take the batch statistics of a rounded ``x`` (at a mean of 40 standard
+    deviations bfloat16 keeps none of its digits): the op computes in ``x``'s dtype instead
+    (weight and bias cast to it) and :func:`bn_relu_conv2d` returns its output in the autocast
+    dtype, as autocast's conv does. With ``out=`` the op writes in the autocast dtype: ``x`` is
+    cast to it. float64 tensors are never cast (autocast never casts them)."""
+    dtype = _autocast_dtype(x.device)
+    if out is None and x.is_floating_point() and x.dtype != torch.float64:
+        dtype = x.dtype
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:
         if t is None or t.dtype == dtype or not t.is_floating_point() or t.dtype == torch.float64:

@@ -148,7 +148,8 @@ def shared_dense_block(
         tensors += [_cast(tail[1], dtype), tail[0].weight, tail[0].bias]
         cfg.pool_weight = None if tail[2] is None else _cast(tail[2], dtype)
     # torch.cat of x and the new (compute-dtype) features promotes; so does the returned buffer.
-    cfg.out_dtype = torch.promote_types(x.dtype, dtype) if tail is None else dtype
+    # A tail's output is its conv's: in the autocast dtype under autocast.
+    cfg.out_dtype = torch.promote_types(x.dtype, dtype) if tail is None else _autocast_out_dtype(x, dtype)
     if forward_ad_or_transform(x, *tensors):
         raise RuntimeError(FORWARD_AD_SHARED_BLOCK)
     needs_grad = torch.is_grad_enabled() and (x_c.requires_grad or any(t is not None and t.requires_grad
@@ -285,7 +286,8 @@ def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str
     return c_total + kept
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def _autocast_of(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype on ``x``'s device, or ``None`` when autocast is off there."""
     dt = x.device.type
     try:
         enabled = torch.is_autocast_enabled(dt)
@@ -293,12 +295,29 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
         enabled = torch.is_autocast_cpu_enabled() if dt == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:
         enabled = False
-    if not enabled or not x.is_floating_point() or x.dtype == torch.float64:
-        return x.dtype  # autocast never casts float64
+    if not enabled:
+        return None
     try:
         return torch.get_autocast_dtype(dt)
     except (AttributeError, TypeError):
         return torch.get_autocast_cpu_dtype() if dt == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the block computes in: ``x``'s. Under autocast ``x`` is not cast: eager
+    PyTorch's batch norm is not autocast, and torchvision's block normalises the concatenation
+    of ``x`` with the new features in the promoted dtype, ``x``'s when it is float32; autocast
+    casts only the convs' inputs, which are normalised activations. Casting ``x`` first would
+    take the batch statistics of a rounded ``x``. (An ``x`` already in the autocast dtype, the
+    output of an autocast conv, is the usual case and computes in it.)"""
+    return x.dtype
+
+
+def _autocast_out_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a conv output (the tail's) under autocast: the autocast dtype, except for
+    float64, which autocast never casts."""
+    ac = _autocast_of(x)
+    return dtype if ac is None or dtype == torch.float64 else ac
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
