@@ -28,6 +28,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BACKENDS",
     "BackendUnavailableError",
+    "BackendOwner",
     "backend_status",
     "check_backend_name",
     "native_info",
@@ -163,6 +164,29 @@ def check_backend_name(name: str) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+class BackendOwner:
+    """Mixin of a module whose submodules run the fused ops (the zoo models, ``DenseBlock``):
+    ``backend`` is a property, and setting it (``model.backend = "native"``) checks the name
+    and sets the same backend on every submodule that has one, so the model then runs on it.
+    (As a plain attribute it was read only when the submodules were built: assigning it later
+    changed nothing, silently.) The submodules may still be set one by one afterwards; the
+    owner's ``backend`` then says what it was last set to."""
+
+    @property
+    def backend(self) -> str:
+        d = self.__dict__  # (a module pickled before the property kept it as "backend")
+        return d["_backend"] if "_backend" in d else d.get("backend", "auto")
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        name = check_backend_name(name)
+        self.__dict__["_backend"] = name
+        for sub in self.modules():  # type: ignore[attr-defined]
+            if sub is not self and type(sub).__module__.startswith("resfast.") \
+                    and isinstance(getattr(sub, "backend", None), str):
+                sub.backend = name
 
 
 def _device_type(device: Union[torch.device, str, None]) -> str:

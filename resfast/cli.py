@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 from resfast.backends import BackendUnavailableError
 
-__all__ = ["build_parser", "main", "run_command", "emit_json", "check_model_name", "plain_text", "plain_help"]
+__all__ = ["build_parser", "first_paragraph", "main", "run_command", "emit_json", "check_model_name", "plain_text", "plain_help"]
 
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
@@ -54,6 +54,17 @@ def plain_help(parser: argparse.ArgumentParser) -> None:
             action.help = plain_text(action.help)
 
 
+def first_paragraph(doc: str) -> str:
+    """The first paragraph of a module docstring as one line (a first sentence may wrap: its
+    first line alone cut ``resfast memory --help``'s description off at "(or of a")."""
+    lines = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+    return " ".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``resfast`` parser with every subcommand whose module is installed."""
     parser = argparse.ArgumentParser(prog="resfast", description=plain_text(__doc__.splitlines()[0]))
@@ -69,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != module:
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0],
+        p = sub.add_parser(name, help=help_text, description=first_paragraph(mod.__doc__ or help_text),
                            epilog=getattr(mod, "EPILOG", None))
         mod.add_arguments(p)
         plain_help(p)

@@ -225,6 +225,7 @@ def _visit(module: nn.Module, path: str, ctx: _Context) -> None:
         return
     ctx.visited.add(id(module))
     if _is_resfast(module):
+        _reconvert(module, path, ctx)
         return
     if _is_compiled(module):
         ctx.leave(path, module, "compiled with torch.compile: convert the model before compiling it")
@@ -251,6 +252,49 @@ def _visit(module: nn.Module, path: str, ctx: _Context) -> None:
         _visit(child, _join(path, name), ctx)
     if not _convert_traced(module, path, ctx) and declined is not None:
         ctx.leave(path, module, declined)
+
+
+def _reconvert(module: nn.Module, path: str, ctx: _Context) -> None:
+    """A module that already runs resfast (converted before, or built by resfast): the same
+    module, on the backend this conversion asks for. (It used to be skipped: a second
+    ``convert(model, backend="native")`` of a model converted with ``"eager"`` left it on
+    eager, with nothing in the report.) A dense block's memory mode is kept, and the report
+    says so where it differs from ``dense_memory`` / ``recompute``."""
+    changed: Dict[str, int] = {}
+    for sub in module.modules():
+        ctx.visited.add(id(sub))
+        if isinstance(sub, _TracedFusion):
+            old = sub.__dict__.get("_resfast_backend")
+            if old is not None and old != ctx.backend and sub.__dict__.get("_resfast_plan") is not None:
+                _retrace(sub, ctx.backend)
+                changed[old] = changed.get(old, 0) + 1
+        elif type(sub).__module__.startswith("resfast.") and isinstance(getattr(sub, "backend", None), str):
+            old = sub.backend
+            if old != ctx.backend:
+                sub.backend = ctx.backend
+                changed[old] = changed.get(old, 0) + 1
+    if changed:
+        was = ", ".join(f"{n} on {b!r}" for b, n in sorted(changed.items()))
+        ctx.done(path, type(module), module, 0, f"already resfast: backend set to {ctx.backend!r} (was: {was})")
+    for name, sub in module.named_modules(prefix=path):
+        if isinstance(sub, DenseBlock) and (sub.memory != ctx.dense_memory or (
+                sub.memory == "shared" and sub.recompute != ctx.recompute)):
+            ctx.leave(name, sub, f"already a resfast DenseBlock with memory={sub.memory!r}, recompute="
+                                 f"{sub.recompute!r}: kept (dense_memory / recompute apply to the blocks a conversion "
+                                 "creates; build this one again to change them)")
+
+
+def _retrace(module: nn.Module, backend: str) -> None:
+    """A traced fusion (:class:`_TracedFusion`) traced and fused again, its calls on ``backend``."""
+    base = type(module).__mro__[2]
+    module.__dict__.pop("_resfast_plan", None)
+    module.__class__ = base
+    ctx = _Context(backend, "shared", "bn_relu", module)
+    graphs, bypassed = {}, set()
+    for training in (True, False):
+        graphs[training] = _trace(module, training)
+        bypassed |= _fuse_graph(graphs[training], module, ctx)[3]
+    _make_traced(module, graphs[True], graphs[False], backend, bypassed)
 
 
 def _join(path: str, name: str) -> str:

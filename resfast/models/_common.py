@@ -6,15 +6,16 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from resfast.backends import check_backend_name
+from resfast.backends import BackendOwner, check_backend_name
 from resfast.nn.blocks import check_input, conv3x3
 
 __all__ = ["PooledClassifier", "init_conv_bn", "PreActCifarNet"]
 
 
-class PooledClassifier(nn.Module):
+class PooledClassifier(BackendOwner, nn.Module):
     """timm-style split: subclasses define ``forward_features``; global average pooling and
-    the linear classifier ``fc`` make the head."""
+    the linear classifier ``fc`` make the head. ``model.backend = name`` sets every block's
+    backend (:class:`resfast.backends.BackendOwner`)."""
 
     avgpool: nn.Module
     fc: nn.Linear

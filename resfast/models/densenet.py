@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from resfast.backends import check_backend_name
+from resfast.backends import BackendOwner, check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
@@ -33,6 +33,7 @@ from resfast.nn.unfused import hooked_submodules, is_tracing
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES
+from resfast.ops.validation import check_running_stats_no_grad
 
 __all__ = [
     "DenseNet",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 
-class DenseNet(nn.Module):
+class DenseNet(BackendOwner, nn.Module):
     """DenseNet-BC (torchvision's ``DenseNet`` arguments and parameter names).
 
     Args:
@@ -169,6 +170,8 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
     the conv alone. Otherwise (a BN normalising with its running statistics while gradients
     are wanted) the whole stem is checkpointed. The running statistics are updated once,
     outside, from the statistics the normalising op used."""
+    # as eager batch_norm, before num_batches_tracked moves (never a None gradient for them)
+    check_running_stats_no_grad(bn.running_mean, bn.running_var)
     call = bn_call(bn)
     if not call.batch_stats:
         # the recomputation normalises with the statistics of this forward (a snapshot), not

@@ -24,7 +24,7 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resfast.backends import check_backend_name, resolve_backend
+from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
 from resfast.nn.unfused import any_hooks, is_tracing, run_unfused, submodules
@@ -32,7 +32,8 @@ from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
 from resfast.ops.opsets import get_ops
-from resfast.ops.validation import FLOAT_DTYPES, check_bn_relu_conv2d_args, check_param_dtype
+from resfast.ops.validation import (FLOAT_DTYPES, check_bn_relu_conv2d_args, check_param_dtype,
+                                    check_running_stats_no_grad)
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
 
@@ -103,7 +104,7 @@ class DenseLayer(nn.Module):
         return new
 
 
-class DenseBlock(nn.ModuleDict):
+class DenseBlock(BackendOwner, nn.ModuleDict):
     """A dense block of ``num_layers`` :class:`DenseLayer` s: a drop-in for torchvision's
     ``_DenseBlock`` (same argument order, same ``state_dict`` keys ``denselayer1.norm1.weight``
     ...; ``forward(x)`` returns all features concatenated, ``num_input_features +
@@ -114,7 +115,8 @@ class DenseBlock(nn.ModuleDict):
             :mod:`resfast.ops.dense_block`), ``"checkpoint"`` or ``"naive"``.
         recompute: with ``memory="shared"``: ``"bn_relu"`` keeps each layer's conv1x1
             output, ``"bottleneck"`` recomputes it too.
-        backend: ``"auto" | "eager" | "triton" | "native"``.
+        backend: ``"auto" | "eager" | "triton" | "native"``; ``block.backend = name`` later
+            sets every layer's backend too (each memory mode runs on it).
     """
 
     _version = 2
@@ -425,6 +427,18 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
                     path = next(n for n, m in owner.named_modules() if m is bn)
                     check_param_dtype(x.dtype, [(f"{path}.{k}" if path else k, getattr(bn, k)) for k in
                                                 ("weight", "bias", "running_mean", "running_var")])
+    if torch.is_grad_enabled():
+        # As the fused op and eager PyTorch's batch_norm: running statistics that require grad are
+        # refused (the shared block gives them no gradient: it would come back as None).
+        for owner, modules in walked:
+            for bn in modules:
+                if isinstance(bn, _BatchNorm) and any(t is not None and t.requires_grad for t in (
+                        bn._buffers.get("running_mean"), bn._buffers.get("running_var"))):
+                    path = next(n for n, m in owner.named_modules() if m is bn)
+                    try:
+                        check_running_stats_no_grad(bn.running_mean, bn.running_var)
+                    except RuntimeError as exc:
+                        raise RuntimeError(f"{path or 'the BatchNorm'}: {exc}") from None
     training = any(m.training for m in walked[0][1] if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")

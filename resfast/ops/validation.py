@@ -18,6 +18,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "check_bn_relu_conv2d_args",
     "check_out",
+    "check_running_stats_no_grad",
     "check_momentum",
     "check_param_dtype",
     "overlaps",
@@ -113,6 +114,7 @@ def check_bn_relu_conv2d_args(
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    check_running_stats_no_grad(running_mean, running_var)
     check_param_dtype(x.dtype, [("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                                 ("running_var", running_var)])
     if (running_mean is None) != (running_var is None):
@@ -144,6 +146,20 @@ def check_bn_relu_conv2d_args(
                                          ("bn_bias", bn_bias), ("running_mean", running_mean),
                                          ("running_var", running_var)])
     return stride, padding, dilation, momentum
+
+
+def check_running_stats_no_grad(running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> None:
+    """``RuntimeError`` where a running statistic requires grad while autograd records, as
+    eager PyTorch's ``batch_norm`` refuses it ("not differentiable with respect to argument
+    'running_mean'"): the fused ops give no gradient for them, which would otherwise come
+    back as ``None`` (read as zero) for an output that does depend on them in eval mode."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise RuntimeError(f"{name} requires grad, but the BatchNorm running statistics are not differentiable "
+                               "(eager PyTorch's batch_norm refuses them too); call requires_grad_(False) on them, "
+                               "or pass a detached copy")
 
 
 def check_out(out, shape: Sequence[int], x: Tensor, inputs: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
