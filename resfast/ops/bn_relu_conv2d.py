@@ -32,7 +32,7 @@ from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, au
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
 from resfast.ops.opsets import get_ops
-from resfast.ops.reference import acc_dtype
+from resfast.ops.reference import acc_dtype, unbiased_var
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
 __all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
@@ -344,7 +344,7 @@ def update_running_stats(
     """``running = (1 - momentum) * running + momentum * batch``, unbiased variance, as ``F.batch_norm``."""
     if running_mean is None or momentum == 0.0:
         return
-    unbiased = var * (count / max(count - 1, 1))
+    unbiased = unbiased_var(var, count)
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 

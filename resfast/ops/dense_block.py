@@ -63,7 +63,7 @@ from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signa
 from resfast.ops.bn_args import BNArgs
 from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
 from resfast.ops.opsets import get_ops
-from resfast.ops.reference import acc_dtype, conv2d, conv2d_backward
+from resfast.ops.reference import acc_dtype, conv2d, conv2d_backward, unbiased_var
 from resfast.ops.schemas import out_memory_format
 
 __all__ = ["shared_dense_block", "DenseLayerArgs", "RECOMPUTE_MODES", "DOUBLE_BACKWARD_SHARED"]
@@ -421,7 +421,7 @@ def _apply_running_updates(pending: List[Tuple[BNArgs, int]], mean_all: Tensor, 
     statistics, so no forward computation reads a running statistic before it is updated.)"""
     if not pending:
         return
-    unbiased = var_all * (count / max(count - 1, 1))
+    unbiased = unbiased_var(var_all, count)
     rms = [bn.running_mean for bn, _ in pending]
     rvs = [bn.running_var for bn, _ in pending]
     keep = [1.0 - bn.momentum for bn, _ in pending]

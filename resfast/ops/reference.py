@@ -145,11 +145,23 @@ def bn_stats_update(
     return mean, var.add_(eps).rsqrt_()
 
 
+def unbiased_var(var: Tensor, count) -> Tensor:
+    """``var * count / (count - 1)`` (``var`` itself for a count of 1 or less), the variance a
+    running statistic takes, computed in ``var``'s dtype. ``count`` is an int, or under
+    ``torch.jit.trace`` a 0-dim integer tensor (the tracer records ``numel()`` and sizes as
+    tensors): the true division of two integer tensors would round to float32, 3e-8 relative
+    in a float64 running variance, where ``F.batch_norm`` computes the factor in double."""
+    if isinstance(count, Tensor):
+        c = count.to(var.dtype)
+        return var * (c / (c - 1).clamp_min(1))
+    return var * (count / max(count - 1, 1))
+
+
 @torch.no_grad()
 def _update_running(x, running_mean, running_var, mean, var, momentum) -> None:
     count = x.numel() // x.shape[1]
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    unbiased = var * (count / max(count - 1, 1))
+    unbiased = unbiased_var(var, count)
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
