@@ -29,7 +29,7 @@ from resfast.backends import BackendOwner, check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
-from resfast.nn.unfused import hooked_submodules, is_tracing
+from resfast.nn.unfused import hooked_submodules, is_tracing, replaced_submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES
@@ -150,10 +150,12 @@ class DenseNet(BackendOwner, nn.Module):
         f = self.features
         if self.stem == "cifar":
             return f.conv0(x)
+        stem = [("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0), ("pool0", f.pool0)]
         recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
                      and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
-                     and not hooked_submodules([("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0),
-                                                ("pool0", f.pool0)])
+                     and not hooked_submodules(stem)
+                     # a replaced conv0 / norm0 / relu0 / pool0 (a forward of its own) runs as the modules
+                     and not replaced_submodules(stem)
                      # forward AD / torch.func / torch.jit.trace: _CompactStem has no forward-AD
                      # formula and cannot be traced; the modules can
                      and not torch.jit.is_tracing() and not forward_ad_or_transform(x, modules=(f.conv0, f.norm0)))

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
-from resfast.nn.unfused import any_hooks, is_tracing, run_unfused, submodules
+from resfast.nn.unfused import any_hooks, any_replaced, is_tracing, run_unfused, submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -171,7 +171,7 @@ class DenseBlock(BackendOwner, nn.ModuleDict):
     def _hooked(self) -> bool:
         """Whether hooks on the layers (or their modules) need them called one by one: the shared
         block runs no layer module. Warns once."""
-        if not is_tracing() and not any(any_hooks(layer) for layer in self.values()):
+        if not is_tracing() and not any(any_hooks(layer) or any_replaced(layer) for layer in self.values()):
             return False
         named = [(f"{n}.{c}" if c else n, m) for n, layer in self.items() for c, m in layer.named_modules()]
         return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")

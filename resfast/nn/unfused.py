@@ -8,7 +8,14 @@ situations need the submodules called one by one, as torchvision's blocks call t
   ``create_feature_extractor``): the traced graph calls the submodules (leaf modules for FX),
   so it computes torchvision's features and keeps BatchNorm's train/eval switch dynamic;
 * **hooks** registered on those submodules (forward, forward-pre, backward): the block then
-  runs unfused, the hooks fire, and a warning says so once per block.
+  runs unfused, the hooks fire, and a warning says so once per block;
+* **a replaced submodule** whose own ``forward`` the fused op would skip: a conv whose class
+  overrides ``nn.Conv2d``'s ``forward`` / ``_conv_forward`` (a QAT conv from
+  ``torch.ao.nn.qat.Conv2d.from_float`` / ``swap_module``, weight standardisation), an
+  activation that is not ``nn.ReLU``, a BatchNorm subclass with a forward of its own, a pool
+  of another kind. The fused op reads only such a module's
+  parameters, so it silently computed ``conv(relu(bn(x)))`` with plain ``F.conv2d`` (trial 12);
+  the block now calls the modules, as for hooks, and warns once.
 
 Global module hooks (``register_module_forward_hook``, which tools such as PyTorch's memory
 tracker install) do not switch a block to the unfused path: they see the blocks and every
@@ -22,7 +29,8 @@ from typing import Iterable, List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["is_tracing", "hooked_submodules", "run_unfused", "submodules", "any_hooks"]
+__all__ = ["is_tracing", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused", "submodules",
+           "any_hooks"]
 
 
 def is_tracing() -> bool:
@@ -72,14 +80,75 @@ def hooked_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
     return [n for n, m in named if m is not None and _has_hooks(m)]
 
 
+def _role(name: str) -> str:
+    """``"denselayer1.conv2"`` -> ``"conv2"``; the role of a block's submodule is its own name."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _std_norm(m: nn.Module) -> bool:
+    """False for a BatchNorm subclass with a forward of its own. A norm that is no BatchNorm
+    at all (a ``norm_layer=GroupNorm`` block) is the blocks' own business: they run it unfused
+    by design (``blocks._bn_relu_conv``), so it is not reported here."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    cls = type(m)
+    if not isinstance(m, _BatchNorm) or cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return True
+    # timm's BatchNormAct2d (a BatchNorm2d with its ReLU inside), as resfast.convert accepts it
+    return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
+
+
+def _is_replaced(name: str, m: nn.Module) -> bool:
+    """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip."""
+    role = _role(name).rstrip("0123456789")
+    cls = type(m)
+    if role in ("conv", "shortcut"):
+        return not isinstance(m, nn.Conv2d) or cls.forward is not nn.Conv2d.forward \
+            or cls._conv_forward is not nn.Conv2d._conv_forward
+    if role == "relu":
+        return not isinstance(m, nn.ReLU) or cls.forward is not nn.ReLU.forward
+    if role in ("bn", "norm"):
+        return not _std_norm(m)
+    if role == "pool":  # the DenseNet stem's max pool (pool0), a transition's 2x2 average pool
+        want = nn.MaxPool2d if _role(name) == "pool0" else nn.AvgPool2d
+        return not isinstance(m, want) or cls.forward is not want.forward
+    return False
+
+
+def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
+    """Names of the modules in ``named`` whose own forward the fused path would skip: a conv
+    whose class overrides ``nn.Conv2d``'s forward, an activation other than ``nn.ReLU``, a
+    BatchNorm subclass with a forward of its own, a pool of another kind (see the module docstring)."""
+    return [f"{n} ({type(m).__name__})" for n, m in named if m is not None and _is_replaced(n, m)]
+
+
+def any_replaced(root: nn.Module) -> bool:
+    """Whether a submodule of ``root`` (a dense layer) is replaced (see :func:`replaced_submodules`)."""
+    return any(m is not None and _is_replaced(n, m) for n, m in root._modules.items()) \
+        or any(m is not None and any_replaced(m) for m in root._modules.values())
+
+
 def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_what: str) -> bool:
     """Whether ``owner`` must call the submodules ``named`` one by one this forward (FX tracing,
-    or hooks on them); warns once per ``owner`` about hooks."""
+    hooks on them, or one of them replaced by a module whose forward the fused op would skip);
+    warns once per ``owner`` about hooks or replaced modules."""
     if is_tracing():
         return True
+    named = list(named)
     hooked = hooked_submodules(named)
     if not hooked:
-        return False
+        replaced = replaced_submodules(named)
+        if not replaced:
+            return False
+        if not getattr(owner, "_resfast_warned_replaced", False):
+            owner._resfast_warned_replaced = True
+            warnings.warn(
+                f"{type(owner).__name__}: {', '.join(replaced)} replaced the module resfast fuses into "
+                f"{fused_what} (its forward is not nn.BatchNorm2d's / nn.ReLU's / nn.Conv2d's, which the fused op "
+                f"reproduces); while it is there this block runs its BatchNorm, ReLU and conv modules one by one "
+                f"(unfused, eager PyTorch), so its forward runs",
+                UserWarning, stacklevel=3)
+        return True
     if not getattr(owner, "_resfast_warned_hooks", False):
         owner._resfast_warned_hooks = True
         warnings.warn(
