@@ -23,6 +23,7 @@ module the fused path still calls, so measuring a model measures the fused path.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Iterable, List, Tuple
 
@@ -85,34 +86,39 @@ def _role(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _std_norm(m: nn.Module) -> bool:
+def _std_norm(cls: type) -> bool:
     """False for a BatchNorm subclass with a forward of its own. A norm that is no BatchNorm
     at all (a ``norm_layer=GroupNorm`` block) is the blocks' own business: they run it unfused
     by design (``blocks._bn_relu_conv``), so it is not reported here."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    cls = type(m)
-    if not isinstance(m, _BatchNorm) or cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+    if not issubclass(cls, _BatchNorm) or cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
         return True
     # timm's BatchNormAct2d (a BatchNorm2d with its ReLU inside), as resfast.convert accepts it
     return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
 
 
-def _is_replaced(name: str, m: nn.Module) -> bool:
-    """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip."""
-    role = _role(name).rstrip("0123456789")
-    cls = type(m)
+@functools.lru_cache(maxsize=None)
+def _replaced_class(role: str, max_pool: bool, cls: type) -> bool:
+    """Whether a module of class ``cls`` in a block's ``role`` has a forward the fused path would
+    skip (a class property: memoised, since the blocks ask on every forward)."""
     if role in ("conv", "shortcut"):
-        return not isinstance(m, nn.Conv2d) or cls.forward is not nn.Conv2d.forward \
+        return not issubclass(cls, nn.Conv2d) or cls.forward is not nn.Conv2d.forward \
             or cls._conv_forward is not nn.Conv2d._conv_forward
     if role == "relu":
-        return not isinstance(m, nn.ReLU) or cls.forward is not nn.ReLU.forward
+        return not issubclass(cls, nn.ReLU) or cls.forward is not nn.ReLU.forward
     if role in ("bn", "norm"):
-        return not _std_norm(m)
+        return not _std_norm(cls)
     if role == "pool":  # the DenseNet stem's max pool (pool0), a transition's 2x2 average pool
-        want = nn.MaxPool2d if _role(name) == "pool0" else nn.AvgPool2d
-        return not isinstance(m, want) or cls.forward is not want.forward
+        want = nn.MaxPool2d if max_pool else nn.AvgPool2d
+        return not issubclass(cls, want) or cls.forward is not want.forward
     return False
+
+
+def _is_replaced(name: str, m: nn.Module) -> bool:
+    """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip."""
+    own = _role(name)
+    return _replaced_class(own.rstrip("0123456789"), own == "pool0", type(m))
 
 
 def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
@@ -123,9 +129,18 @@ def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
 
 
 def any_replaced(root: nn.Module) -> bool:
-    """Whether a submodule of ``root`` (a dense layer) is replaced (see :func:`replaced_submodules`)."""
-    return any(m is not None and _is_replaced(n, m) for n, m in root._modules.items()) \
-        or any(m is not None and any_replaced(m) for m in root._modules.values())
+    """Whether a submodule of ``root`` (a dense layer) is replaced (see :func:`replaced_submodules`):
+    one walk of the tree, a memoised class check per module."""
+    stack = [root]
+    while stack:
+        for name, m in stack.pop()._modules.items():
+            if m is None:
+                continue
+            if _replaced_class(name.rstrip("0123456789"), name == "pool0", type(m)):
+                return True
+            if m._modules:
+                stack.append(m)
+    return False
 
 
 def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_what: str) -> bool:
