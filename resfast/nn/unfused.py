@@ -23,9 +23,8 @@ module the fused path still calls, so measuring a model measures the fused path.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
@@ -98,10 +97,23 @@ def _std_norm(cls: type) -> bool:
     return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
 
 
-@functools.lru_cache(maxsize=None)
-def _replaced_class(role: str, max_pool: bool, cls: type) -> bool:
+_REPLACED_CLASS: Dict[Tuple[str, bool, type], bool] = {}
+
+
+def _replaced_class(role: str, max_pool: bool, cls: type, compiling: bool = False) -> bool:
     """Whether a module of class ``cls`` in a block's ``role`` has a forward the fused path would
-    skip (a class property: memoised, since the blocks ask on every forward)."""
+    skip: a class property, memoised, since the blocks ask on every forward (worked out afresh
+    while ``torch.compile`` traces, ``compiling``: it folds the answer to a constant)."""
+    if compiling:
+        return _replaced_class_uncached(role, max_pool, cls)
+    key = (role, max_pool, cls)
+    hit = _REPLACED_CLASS.get(key)
+    if hit is None:
+        hit = _REPLACED_CLASS[key] = _replaced_class_uncached(role, max_pool, cls)
+    return hit
+
+
+def _replaced_class_uncached(role: str, max_pool: bool, cls: type) -> bool:
     if role in ("conv", "shortcut"):
         return not issubclass(cls, nn.Conv2d) or cls.forward is not nn.Conv2d.forward \
             or cls._conv_forward is not nn.Conv2d._conv_forward
@@ -115,28 +127,30 @@ def _replaced_class(role: str, max_pool: bool, cls: type) -> bool:
     return False
 
 
-def _is_replaced(name: str, m: nn.Module) -> bool:
+def _is_replaced(name: str, m: nn.Module, compiling: bool = False) -> bool:
     """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip."""
     own = _role(name)
-    return _replaced_class(own.rstrip("0123456789"), own == "pool0", type(m))
+    return _replaced_class(own.rstrip("0123456789"), own == "pool0", type(m), compiling)
 
 
 def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
     """Names of the modules in ``named`` whose own forward the fused path would skip: a conv
     whose class overrides ``nn.Conv2d``'s forward, an activation other than ``nn.ReLU``, a
     BatchNorm subclass with a forward of its own, a pool of another kind (see the module docstring)."""
-    return [f"{n} ({type(m).__name__})" for n, m in named if m is not None and _is_replaced(n, m)]
+    compiling = torch.compiler.is_compiling()
+    return [f"{n} ({type(m).__name__})" for n, m in named if m is not None and _is_replaced(n, m, compiling)]
 
 
 def any_replaced(root: nn.Module) -> bool:
     """Whether a submodule of ``root`` (a dense layer) is replaced (see :func:`replaced_submodules`):
     one walk of the tree, a memoised class check per module."""
+    compiling = torch.compiler.is_compiling()
     stack = [root]
     while stack:
         for name, m in stack.pop()._modules.items():
             if m is None:
                 continue
-            if _replaced_class(name.rstrip("0123456789"), name == "pool0", type(m)):
+            if _replaced_class(name.rstrip("0123456789"), name == "pool0", type(m), compiling):
                 return True
             if m._modules:
                 stack.append(m)
