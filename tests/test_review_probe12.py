@@ -190,3 +190,20 @@ def test_qat_conv_swapped_into_a_converted_torchvision_block(backend):
     (y_ref, g_ref), (y_got, g_got) = outs
     torch.testing.assert_close(y_got, y_ref, rtol=0, atol=2e-3 * y_ref.abs().max().item())
     torch.testing.assert_close(g_got, g_ref, rtol=0, atol=2e-3 * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("where", ["BNReLUConv2d", "DenseBlock-shared", "DenseBlock-naive"])
+def test_a_norm_that_is_no_batchnorm_in_a_fused_slot_is_refused_clearly(where):
+    """A GroupNorm swapped into the norm slot of a fused module (which has no unfused fallback
+    for it) raised ``AttributeError: 'GroupNorm' object has no attribute 'num_features'`` (or
+    ``'track_running_stats'``) from deep inside; it is now a TypeError that says what to do."""
+    import resfast
+
+    if where == "BNReLUConv2d":
+        m = resfast.BNReLUConv2d(8, 4, 3, padding=1, backend="eager")
+        m.norm = nn.GroupNorm(2, 8)
+    else:
+        m = resfast.DenseBlock(2, 8, 2, 4, memory=where.split("-")[1], backend="eager")
+        m.denselayer1.norm1 = nn.GroupNorm(2, 8)
+    with pytest.raises(TypeError, match="normalises like a BatchNorm, got a GroupNorm"):
+        m(torch.randn(2, 8, 5, 5))

@@ -17,16 +17,28 @@ from typing import List, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.ops.bn_args import BNArgs
 
-__all__ = ["BNArgs", "bn_call", "bn_calls", "sync_group", "uses_batch_stats"]
+__all__ = ["BNArgs", "bn_call", "bn_calls", "require_batchnorm", "sync_group", "uses_batch_stats"]
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
     """Whether ``bn``'s forward normalises with the batch statistics (``bn_training`` in
     ``nn.BatchNorm2d.forward``)."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def require_batchnorm(bn: nn.Module) -> None:
+    """``TypeError`` unless ``bn`` is a BatchNorm (``torch.nn.modules.batchnorm._BatchNorm``: the
+    BatchNorm and SyncBatchNorm classes and their subclasses), the only norm the fused ops
+    reproduce (a GroupNorm swapped into a fused module's norm slot raised an AttributeError
+    from deep inside)."""
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"the fused BN-ReLU-conv normalises like a BatchNorm, got a {type(bn).__name__} in its norm "
+                        "slot; keep a BatchNorm there, or use the unfused modules (a block built with "
+                        "norm_layer=... of another kind runs them)")
 
 
 def bn_call(bn: nn.Module, update: bool = True) -> BNArgs:
@@ -37,6 +49,7 @@ def bn_call(bn: nn.Module, update: bool = True) -> BNArgs:
     rejected call changes nothing). With ``update=False`` the call normalises with the same
     statistics and updates nothing.
     """
+    require_batchnorm(bn)
     if _counts(bn, update):
         bn.num_batches_tracked.add_(1)
     return _decisions(bn, update)
@@ -47,6 +60,8 @@ def bn_calls(bns: Sequence[nn.Module]) -> List[BNArgs]:
     e.g. every BatchNorm of a shared dense block: the same decisions, with every
     ``num_batches_tracked`` incremented by one ``torch._foreach_add_`` launch instead of one
     launch per BatchNorm."""
+    for bn in bns:
+        require_batchnorm(bn)
     counters = [bn.num_batches_tracked for bn in bns if _counts(bn, True)]
     if counters:
         torch._foreach_add_(counters, 1)

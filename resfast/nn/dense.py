@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import BackendOwner, check_backend_name, resolve_backend
-from resfast.nn.batchnorm import bn_call, bn_calls
+from resfast.nn.batchnorm import bn_call, bn_calls, require_batchnorm
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
 from resfast.nn.unfused import any_hooks, any_replaced, is_tracing, run_unfused, submodules
 from resfast.ops.autograd import forward_ad_or_transform
@@ -80,6 +80,8 @@ class DenseLayer(nn.Module):
             if t.dim() != 4:
                 raise ValueError(f"every input must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
         channels = sum(t.shape[1] for t in prev)
+        require_batchnorm(self.norm1)
+        require_batchnorm(self.norm2)
         if channels != self.norm1.num_features:
             raise ValueError(f"channel mismatch: the inputs have {channels} channels in all, the layer expects "
                              f"num_input_features={self.norm1.num_features}")

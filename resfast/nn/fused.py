@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resfast.backends import check_backend_name, resolve_backend
-from resfast.nn.batchnorm import bn_call
+from resfast.nn.batchnorm import bn_call, require_batchnorm
 from resfast.nn.unfused import run_unfused
 from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
@@ -65,6 +65,7 @@ def bn_relu_conv_weight(
     depthwise 2x2 averaging weight of a pool-first transition)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    require_batchnorm(bn)
     if x.shape[1] != bn.num_features:
         raise ValueError(f"channel mismatch: the input has {x.shape[1]} channels, the block expects {bn.num_features}")
     resolve_backend(backend, x.device)  # an unavailable backend is reported before num_batches_tracked moves
