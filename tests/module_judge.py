@@ -109,12 +109,23 @@ def judge_module(build, backend, xshape, call=lambda m, x: m(x)):
         ref64 = scenario(unfused(set_backend(copy.deepcopy(base), "eager")).double(), torch.float64, xshape, call)
         same = scenario(unfused(set_backend(copy.deepcopy(base), "eager")).to(dtype), dtype, xshape, call)
         got = scenario(set_backend(copy.deepcopy(base), backend).to(dtype), dtype, xshape, call)
+    compare_runs(got, ref64, same, backend, dtype)
+
+
+def compare_runs(got, ref64, same, context: str, dtype, same_dtype: bool = False) -> None:
+    """Three runs of one scenario, ``[(name, tensor or None)]`` each: the module on a backend
+    (``got``), unfused in float64 (``ref64``) and unfused in the backend's dtype (``same``).
+    The same names; a gradient ``None`` exactly where eager PyTorch's is; floating-point
+    entries by the float64 rule of ``dtype``, others equal; with ``same_dtype`` each entry in
+    the dtype eager PyTorch gives it."""
     assert [k for k, _ in got] == [k for k, _ in ref64]
     for (k, a), (_, r), (_, s) in zip(got, ref64, same):
-        assert (a is None) == (r is None), f"{k}: gradient {'missing' if a is None else 'unexpected'} ({backend})"
+        assert (a is None) == (r is None), f"{k}: gradient {'missing' if a is None else 'unexpected'} ({context})"
         if r is None:
             continue
+        if same_dtype:
+            assert a.dtype == s.dtype, f"{k}: dtype {a.dtype}, eager PyTorch gives {s.dtype} ({context})"
         if r.is_floating_point():
-            assert_rule(k, a, r, s, backend, dtype=dtype)
+            assert_rule(k, a, r, s, context, dtype=dtype)
         else:
-            assert torch.equal(a, r), f"{k}: {a} != {r} ({backend})"
+            assert torch.equal(a, r), f"{k}: {a} != {r} ({context})"

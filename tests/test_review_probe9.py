@@ -45,7 +45,7 @@ from torch import nn
 from resfast.nn.blocks import PreActBottleneck, ResNeXtBottleneck
 from resfast.nn.dense import DenseBlock, Transition
 from resfast.nn.fused import BNReLUConv2d
-from module_judge import judge_module, randomize_bns, set_backend, unfused
+from module_judge import compare_runs, judge_module, randomize_bns, set_backend, unfused
 from reference import assert_rule, judged_dtype, require_backend
 
 BACKENDS = ("eager", "triton", "native")
@@ -115,16 +115,7 @@ def test_an_empty_batch_gives_the_batchnorm_parameters_zero_gradients(backend, n
         ref64 = _sgd_steps(unfused(set_backend(copy.deepcopy(base), "eager")), torch.float64, xshape)
         same = _sgd_steps(unfused(set_backend(copy.deepcopy(base), "eager")), dtype, xshape)
         got = _sgd_steps(set_backend(copy.deepcopy(base), backend), dtype, xshape)
-    assert [k for k, _ in got] == [k for k, _ in ref64]
-    for (k, a), (_, r), (_, s) in zip(got, ref64, same):
-        assert (a is None) == (r is None), f"{k}: {'None' if a is None else 'a tensor'}, eager PyTorch gives " \
-                                           f"{'None' if r is None else 'zeros'} ({backend})"
-        if r is None:
-            continue
-        if r.is_floating_point():
-            assert_rule(k, a, r, s, backend, dtype=dtype)
-        else:
-            assert torch.equal(a, r), f"{k}: {a} != {r} ({backend})"
+    compare_runs(got, ref64, same, backend, dtype)
 
 
 def test_an_empty_batch_through_the_functional_op_reaches_the_batchnorm_parameters():
@@ -193,15 +184,7 @@ def test_a_float32_input_under_autocast_is_normalised_in_float32(backend, name):
                                    False)
         same = _autocast_scenario(unfused(set_backend(copy.deepcopy(base), "eager")), torch.float32, xshape, True)
         got = _autocast_scenario(set_backend(copy.deepcopy(base), backend), torch.float32, xshape, True)
-    for (k, a), (_, r), (_, s) in zip(got, ref64, same):
-        assert (a is None) == (r is None), f"{k}: gradient {'missing' if a is None else 'unexpected'} ({backend})"
-        if r is None:
-            continue
-        assert a.dtype == s.dtype, f"{k}: dtype {a.dtype}, eager PyTorch under autocast gives {s.dtype} ({backend})"
-        if r.is_floating_point():
-            assert_rule(k, a, r, s, f"{backend} autocast", dtype=torch.bfloat16)
-        else:
-            assert torch.equal(a, r), f"{k}: {a} != {r} ({backend})"
+    compare_runs(got, ref64, same, f"{backend} autocast", torch.bfloat16, same_dtype=True)
 
 
 # ------------------------------------------------------------------ verified correct: torch.utils.checkpoint
@@ -279,14 +262,7 @@ def test_frozen_parameters_no_grad_and_inference_mode_in_training(backend, name,
                                  how)
         same = _frozen_scenario(unfused(set_backend(copy.deepcopy(base), "eager")).to(dtype), dtype, xshape, how)
         got = _frozen_scenario(set_backend(copy.deepcopy(base), backend).to(dtype), dtype, xshape, how)
-    for (k, a), (_, r), (_, s) in zip(got, ref64, same):
-        assert (a is None) == (r is None), f"{k}: gradient {'missing' if a is None else 'unexpected'} ({backend})"
-        if r is None:
-            continue
-        if r.is_floating_point():
-            assert_rule(k, a, r, s, f"{backend} {how}", dtype=dtype)
-        else:
-            assert torch.equal(a, r), f"{k}: {a} != {r} ({backend} {how})"
+    compare_runs(got, ref64, same, f"{backend} {how}", dtype)
 
 
 # ------------------------------------------------------------------ verified correct: view layouts into blocks

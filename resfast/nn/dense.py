@@ -80,8 +80,7 @@ class DenseLayer(nn.Module):
             if t.dim() != 4:
                 raise ValueError(f"every input must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
         channels = sum(t.shape[1] for t in prev)
-        require_batchnorm(self.norm1)
-        require_batchnorm(self.norm2)
+        require_batchnorm(self.norm1)  # (before its num_features; norm2 is checked by its bn_relu_conv)
         if channels != self.norm1.num_features:
             raise ValueError(f"channel mismatch: the inputs have {channels} channels in all, the layer expects "
                              f"num_input_features={self.norm1.num_features}")
@@ -434,13 +433,13 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
         # refused (the shared block gives them no gradient: it would come back as None).
         for owner, modules in walked:
             for bn in modules:
-                if isinstance(bn, _BatchNorm) and any(t is not None and t.requires_grad for t in (
-                        bn._buffers.get("running_mean"), bn._buffers.get("running_var"))):
+                if not isinstance(bn, _BatchNorm):
+                    continue
+                try:
+                    check_running_stats_no_grad(bn._buffers.get("running_mean"), bn._buffers.get("running_var"))
+                except RuntimeError as exc:
                     path = next(n for n, m in owner.named_modules() if m is bn)
-                    try:
-                        check_running_stats_no_grad(bn.running_mean, bn.running_var)
-                    except RuntimeError as exc:
-                        raise RuntimeError(f"{path or 'the BatchNorm'}: {exc}") from None
+                    raise RuntimeError(f"{path or 'the BatchNorm'}: {exc}") from None
     training = any(m.training for m in walked[0][1] if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")

@@ -169,20 +169,21 @@ def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_
         replaced = replaced_submodules(named)
         if not replaced:
             return False
-        if not getattr(owner, "_resfast_warned_replaced", False):
-            owner._resfast_warned_replaced = True
-            warnings.warn(
-                f"{type(owner).__name__}: {', '.join(replaced)} replaced the module resfast fuses into "
-                f"{fused_what} (its forward is not nn.BatchNorm2d's / nn.ReLU's / nn.Conv2d's, which the fused op "
-                f"reproduces); while it is there this block runs its BatchNorm, ReLU and conv modules one by one "
-                f"(unfused, eager PyTorch), so its forward runs",
-                UserWarning, stacklevel=3)
+        _warn_once(owner, "_resfast_warned_replaced",
+                   f"{type(owner).__name__}: {', '.join(replaced)} replaced the module resfast fuses into "
+                   f"{fused_what} (its forward is not nn.BatchNorm2d's / nn.ReLU's / nn.Conv2d's, which the fused op "
+                   f"reproduces); while it is there this block runs its BatchNorm, ReLU and conv modules one by one "
+                   f"(unfused, eager PyTorch), so its forward runs")
         return True
-    if not getattr(owner, "_resfast_warned_hooks", False):
-        owner._resfast_warned_hooks = True
-        warnings.warn(
-            f"{type(owner).__name__}: hooks are registered on {', '.join(hooked)}, which resfast replaces by "
-            f"{fused_what}; while they are registered this block runs its BatchNorm, ReLU and conv modules one by "
-            f"one (unfused, eager PyTorch), so the hooks fire",
-            UserWarning, stacklevel=3)
+    _warn_once(owner, "_resfast_warned_hooks",
+               f"{type(owner).__name__}: hooks are registered on {', '.join(hooked)}, which resfast replaces by "
+               f"{fused_what}; while they are registered this block runs its BatchNorm, ReLU and conv modules one by "
+               f"one (unfused, eager PyTorch), so the hooks fire")
     return True
+
+
+def _warn_once(owner: nn.Module, flag: str, message: str) -> None:
+    """``message`` as a UserWarning at the block's caller, the first time ``owner`` raises ``flag``."""
+    if not getattr(owner, flag, False):
+        setattr(owner, flag, True)
+        warnings.warn(message, UserWarning, stacklevel=4)

@@ -36,7 +36,7 @@ from resfast.ops.reference import acc_dtype, unbiased_var
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
 __all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
-           "autocast_inputs"]
+           "autocast_inputs", "autocast_target_dtype"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -109,8 +109,8 @@ def bn_relu_conv2d(
     cast_out = None  # the dtype autocast's conv would return, where the op computes in another
     if isinstance(x, Tensor) and isinstance(weight, Tensor) and autocast_enabled(x.device.type):
         x, weight, bias = autocast_inputs(x, weight, bias, out)
-        cast_out = _autocast_dtype(x.device) if out is None and x.dtype != _autocast_dtype(x.device) \
-            and x.dtype != torch.float64 else None
+        target = autocast_target_dtype(x.device)
+        cast_out = target if out is None and x.dtype not in (target, torch.float64) else None
     stride, padding, dilation, momentum = check_bn_relu_conv2d_args(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding,
         dilation, groups, out,
@@ -369,7 +369,8 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype:
+def autocast_target_dtype(device: torch.device) -> torch.dtype:
+    """The dtype autocast casts a conv's inputs to on ``device`` (whether or not it is on)."""
     try:
         return torch.get_autocast_dtype(device.type)
     except (AttributeError, TypeError):
@@ -388,7 +389,7 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Opti
     (weight and bias cast to it) and :func:`bn_relu_conv2d` returns its output in the autocast
     dtype, as autocast's conv does. With ``out=`` the op writes in the autocast dtype: ``x`` is
     cast to it. float64 tensors are never cast (autocast never casts them)."""
-    dtype = _autocast_dtype(x.device)
+    dtype = autocast_target_dtype(x.device)
     if out is None and x.is_floating_point() and x.dtype != torch.float64:
         dtype = x.dtype
 

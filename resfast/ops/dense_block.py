@@ -61,7 +61,8 @@ from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signa
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
                                   static_choice, static_dims, strides_class, training_runner)
 from resfast.ops.bn_args import BNArgs
-from resfast.ops.bn_relu_conv2d import normalize_with, sync_batch_stats, update_running_stats
+from resfast.ops.bn_relu_conv2d import (autocast_enabled, autocast_target_dtype, normalize_with, sync_batch_stats,
+                                        update_running_stats)
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype, conv2d, conv2d_backward, unbiased_var
 from resfast.ops.schemas import out_memory_format
@@ -138,8 +139,12 @@ def shared_dense_block(
         raise ValueError("layers must hold at least one dense layer, got none")
     name = dense_block_backend(backend, x, layers, recompute=recompute, tail=tail)
     cfg = _Config.build(layers, tail, x, name, recompute)
-    dtype = _compute_dtype(x)
-    x_c = x if x.dtype == dtype else x.to(dtype)
+    # The block computes in x's dtype, also under autocast: eager PyTorch's batch norm is not
+    # autocast (torchvision's block normalises the concatenation of x and the new features in
+    # the promoted dtype, x's when it is float32), autocast casts only the convs' inputs, which
+    # are normalised activations; casting x first would take the statistics of a rounded x. (An
+    # x already in the autocast dtype, the output of an autocast conv, is the usual case.)
+    dtype = x.dtype
     tensors: List[Optional[Tensor]] = []
     for layer in layers:
         tensors += [_cast(layer.conv1_weight, dtype), layer.norm1.weight, layer.norm1.bias,
@@ -147,18 +152,19 @@ def shared_dense_block(
     if tail is not None:
         tensors += [_cast(tail[1], dtype), tail[0].weight, tail[0].bias]
         cfg.pool_weight = None if tail[2] is None else _cast(tail[2], dtype)
-    # torch.cat of x and the new (compute-dtype) features promotes; so does the returned buffer.
-    # A tail's output is its conv's: in the autocast dtype under autocast.
-    cfg.out_dtype = torch.promote_types(x.dtype, dtype) if tail is None else _autocast_out_dtype(x, dtype)
+    # The buffer comes back in x's dtype, as torch.cat of x and the new features; a tail's
+    # output is its conv's: in the autocast dtype under autocast (never for float64).
+    cfg.out_dtype = autocast_target_dtype(x.device) if tail is not None and dtype != torch.float64 \
+        and autocast_enabled(x.device.type) else dtype
     if forward_ad_or_transform(x, *tensors):
         raise RuntimeError(FORWARD_AD_SHARED_BLOCK)
-    needs_grad = torch.is_grad_enabled() and (x_c.requires_grad or any(t is not None and t.requires_grad
-                                                                       for t in tensors))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
+                                                                     for t in tensors))
     with _autocast_off(x.device.type):
         if not needs_grad:
-            out = _forward(cfg, x_c, tensors, None)[0]
+            out = _forward(cfg, x, tensors, None)[0]
             return out if out.dtype == cfg.out_dtype else out.to(cfg.out_dtype)
-        return _SharedDenseBlockFunction.apply(cfg, x_c, *tensors)
+        return _SharedDenseBlockFunction.apply(cfg, x, *tensors)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,40 +290,6 @@ def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str
     block's channels is split.)"""
     kept = sum(layer.conv1_weight.shape[0] for layer in layers) if recompute == "bn_relu" else 0
     return c_total + kept
-
-
-def _autocast_of(x: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype on ``x``'s device, or ``None`` when autocast is off there."""
-    dt = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(dt)
-    except TypeError:
-        enabled = torch.is_autocast_cpu_enabled() if dt == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:
-        enabled = False
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype(dt)
-    except (AttributeError, TypeError):
-        return torch.get_autocast_cpu_dtype() if dt == "cpu" else torch.get_autocast_gpu_dtype()
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the block computes in: ``x``'s. Under autocast ``x`` is not cast: eager
-    PyTorch's batch norm is not autocast, and torchvision's block normalises the concatenation
-    of ``x`` with the new features in the promoted dtype, ``x``'s when it is float32; autocast
-    casts only the convs' inputs, which are normalised activations. Casting ``x`` first would
-    take the batch statistics of a rounded ``x``. (An ``x`` already in the autocast dtype, the
-    output of an autocast conv, is the usual case and computes in it.)"""
-    return x.dtype
-
-
-def _autocast_out_dtype(x: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a conv output (the tail's) under autocast: the autocast dtype, except for
-    float64, which autocast never casts."""
-    ac = _autocast_of(x)
-    return dtype if ac is None or dtype == torch.float64 else ac
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
