@@ -359,3 +359,42 @@ def test_calibration_reads_every_kernels_profile_by_default(tmp_path):
     assert got == ["a-kernels.json", "b-kernels.json"]
     real = [os.path.basename(p) for p in cal.default_results(os.path.join(os.path.dirname(path), "results"))]
     assert "2026-11-29-nvidia-h200-kernels.json" in real and "2026-11-29b-nvidia-h200-kernels.json" in real
+
+
+def test_tma_waits_and_out_of_line_spin_waits():
+    """A TMA kernel (the thirteenth session's prototype, docs/notes/triton_kernels.md): ptxas
+    places each copy's retry loop (``SYNCS.PHASECHK`` and a branch to itself) after the
+    kernel's end, with an unconditional branch back into the tile loop. That branch back is no
+    loop of the source (read as one, it made nine extra loops and a 54 us path); a run of
+    mbarrier waits with no barrier, tensor-core wait or loop boundary between them is one load
+    round, as back-to-back ``LDG`` are."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   UTMALDG.4D [UR8], [UR4] ;
+        /*0020*/                   UTMALDG.4D [UR12], [UR4] ;
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x10], R3 ;
+.L_x_5:
+        /*0040*/              @!P0 BRA `(.L_x_3) ;
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x18], R3 ;
+.L_x_6:
+        /*0060*/              @!P0 BRA `(.L_x_4) ;
+        /*0070*/                   HGMMA.64x16x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0090*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x20], R3 ;
+        /*00a0*/               @P1 BRA `(.L_x_1) ;
+        /*00b0*/                   EXIT ;
+.L_x_3:
+        /*00c0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x10], R3 ;
+        /*00d0*/              @!P0 BRA `(.L_x_3) ;
+        /*00e0*/                   BRA `(.L_x_5) ;
+.L_x_4:
+        /*00f0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x18], R3 ;
+        /*0100*/              @!P0 BRA `(.L_x_4) ;
+        /*0110*/                   BRA `(.L_x_6) ;
+"""
+    instrs, loops, _ = sm.sass_loops(sass)
+    assert [(lp["head"], lp["tail"]) for lp in loops] == [(0x10, 0xA0)]
+    # the two waits before the MMA are one round, the one after the tensor-core wait another;
+    # the out-of-line retries sit past the loop, on no path the model walks
+    assert sm.load_rounds(instrs, loops)[:2] == [0x30, 0x90]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import bisect
 import hashlib
 import json
 import math
@@ -168,7 +169,7 @@ def analyze(kernel) -> KernelStats:
     tools = _tools()
     cubin, ptx = kernel.asm["cubin"], kernel.asm["ptx"]
     digest = hashlib.sha256(cubin).hexdigest()[:24]
-    cached = os.path.join(_CACHE_DIR, digest + "-v2.json")
+    cached = os.path.join(_CACHE_DIR, digest + "-v3.json")
     if os.path.exists(cached):
         with open(cached) as f:
             d = json.load(f)
@@ -217,6 +218,9 @@ _PRED = r"(?:@!?U?P\w+\s+)?"
 _SYNC = re.compile(_PRED + r"BAR\.(?:SYNC|RED)\b")
 _LDG = re.compile(_PRED + r"LDG\b")  # LDG.E..., not LDGSTS (cp.async) or LDGDEPBAR
 _WAIT = re.compile(_PRED + r"(?:WARPGROUP\.DEPBAR|DEPBAR)\b")
+_SPIN_PART = re.compile(_PRED + r"(?:SYNCS|NANOSLEEP|BRA)\b")  # what an out-of-line spin-wait holds
+_BARE_BRA = re.compile(r"BRA\b")  # an unconditional branch (no predicate)
+_TMA_WAIT = re.compile(_PRED + r"SYNCS\.PHASECHK\b")  # a wait on an mbarrier (a TMA copy's completion)
 _LABEL = re.compile(r"^\s*(\.L_\w+):")
 _BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_\w+)\)")
 
@@ -225,7 +229,11 @@ def sass_loops(sass: str):
     """Parse ``nvdisasm -c`` output: ``(instructions [(address, text)], loops, depth per
     instruction)``. A loop is a backward branch (to a label at or before it); self-branches
     (the trailing trap) and spin-waits on an mbarrier (``SYNCS``... with a branch back over
-    at most a few instructions) do not count as loops."""
+    at most a few instructions) do not count as loops, nor does the jump back from such a
+    spin-wait placed out of line (ptxas puts a TMA load's retry loop, ``SYNCS.PHASECHK``
+    and a branch to itself, after the kernel's end, with an unconditional branch back to
+    the instruction after the first try: an unconditional backward branch out of a block of at
+    most a few instructions, all of them ``SYNCS`` / ``NANOSLEEP`` / branches)."""
     instrs: List[Tuple[int, str]] = []
     labels: Dict[str, int] = {}
     pending: List[str] = []
@@ -245,6 +253,7 @@ def sass_loops(sass: str):
         labels[lab] = instrs[-1][0] + 16 if instrs else 0
     spans: Dict[int, int] = {}
     index = {a: i for i, (a, _) in enumerate(instrs)}
+    starts = sorted(set(labels.values()))
     for addr, text in instrs:
         bm = _BRANCH.search(text)
         if not bm or bm.group(1) not in labels:
@@ -255,6 +264,11 @@ def sass_loops(sass: str):
         body = instrs[index.get(head, 0): index[addr] + 1]
         if len(body) <= 6 and any("SYNCS" in t or "NANOSLEEP" in t for _, t in body):
             continue  # a spin-wait, not a loop of the source
+        k = bisect.bisect_right(starts, addr) - 1  # the block this branch ends
+        block = instrs[index.get(starts[k], 0): index[addr] + 1] if k >= 0 else []
+        if (0 < len(block) <= 6 and any("SYNCS" in t for _, t in block)
+                and all(_SPIN_PART.match(t) for _, t in block) and _BARE_BRA.match(text)):
+            continue  # the way back from an out-of-line spin-wait
         spans[head] = max(spans.get(head, 0), addr)
     loops = [{"head": h, "tail": t} for h, t in sorted(spans.items())]
     for lp in loops:
@@ -270,16 +284,28 @@ def load_rounds(instrs: Sequence[Tuple[int, str]], loops: Sequence[Dict[str, Any
     back share one memory latency, and a round closes at a CTA barrier, a wait on the tensor
     cores (``WARPGROUP.DEPBAR``), or a loop's head or back branch (a loop that is not
     software-pipelined waits for one trip's loads before the next trip's are issued). In
-    address order, the first ``LDG`` after such a point opens the next round."""
+    address order, the first ``LDG`` after such a point opens the next round.
+
+    TMA copies (``UTMALDG``) are asynchronous: the warp stalls where it waits on the copy's
+    mbarrier (``SYNCS.PHASECHK``), so a run of such waits with no barrier, tensor-core wait
+    or loop boundary between them counts as one round, at its first wait (the copies it
+    waits on were issued together). Whether software pipelining issued them a trip earlier,
+    so that the wait finds the data there, is not modelled: a TMA load costs a round as an
+    ``LDG`` does (cp.async, ``LDGSTS``, is not counted, as before)."""
     bounds = {lp["head"] for lp in loops} | {lp["tail"] for lp in loops}
-    rounds, open_ = [], False
+    rounds, open_, waiting = [], False, False
     for addr, text in instrs:
         if addr in bounds or _SYNC.match(text) or _WAIT.match(text):
             open_ = False
+            waiting = False
         if _LDG.match(text):
             if not open_:
                 rounds.append(addr)
             open_ = True
+        if _TMA_WAIT.match(text):
+            if not waiting:
+                rounds.append(addr)
+            waiting = True
     return rounds
 
 
@@ -595,8 +621,11 @@ def run(args: argparse.Namespace) -> int:
     names = CI_SHAPES if args.shapes == "ci" else (list(SHAPES) if args.shapes == "all" else
                                                     [n.strip() for n in args.shapes.split(",") if n.strip()])
     unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+    if unknown or not names:
+        raise ValueError(f"unknown shape(s) {unknown}; known: {', '.join(SHAPES)}" if unknown else
+                         f"--shapes {args.shapes!r} names no shape; known: 'ci', 'all', {', '.join(SHAPES)}")
+    if args.results is not None and not os.path.isdir(args.results):
+        raise ValueError(f"--results {args.results!r} is not a folder (of recorded GPU results, *.json)")
     shapes = [SHAPES[n] for n in names]
     bw = H200 if args.bandwidth == "h200" else H100
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
