@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
     modes = _parse_modes(args.modes, dense)
     if args.plot and not dense:
         raise ValueError("--plot draws one dense block's memory against its depth: it needs a DenseNet --model")
+    sweep_options = {"--plot-batch": (args.plot_batch, SWEEP_BATCH),
+                     "--plot-image-size": (args.plot_image_size, SWEEP_IMAGE_SIZE),
+                     "--plot-layers": (args.plot_layers, ",".join(map(str, SWEEP_LAYERS)))}
+    unused = [flag for flag, (value, default) in sweep_options.items() if value != default]
+    if unused and not args.plot:
+        raise ValueError(f"{', '.join(unused)} shape the --plot sweep, and no --plot FILE was given")
     if not isinstance(args.batch_size, int) or args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size!r}")
     if not isinstance(args.repeat, int) or args.repeat < 1:
@@ -138,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot-image-size must be a positive int, got {args.plot_image_size!r}")
         ensure_writable_dir(os.path.dirname(os.path.abspath(args.plot)), "--plot's folder")
     resolve_backend(args.backend, device)  # BackendUnavailableError says why, before anything runs
-    image_size = args.image_size or model_info(args.model).input_size[1]
+    # (``or`` took --image-size 0 for no --image-size: it ran at the model's size, refusing nothing)
+    image_size = args.image_size if args.image_size is not None else model_info(args.model).input_size[1]
     _check_image_size(args.model, image_size)
 
     results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
@@ -150,11 +157,13 @@ def run(args: argparse.Namespace) -> int:
                                        backend=args.backend, autocast_dtype=dtype,
                                        channels_last=args.channels_last)
     doc = {"model": args.model, "batch_size": args.batch_size, "image_size": image_size, "device": str(device),
+           "dtype": args.dtype, "channels_last": bool(args.channels_last), "backend": args.backend,
            "results": results}
     if args.plot:
         t0 = time.perf_counter()
         sweep = block_memory_sweep(modes, layers=plot_layers, device=device, backend=args.backend,
-                                   batch_size=args.plot_batch, image_size=args.plot_image_size, seed=args.seed)
+                                   batch_size=args.plot_batch, image_size=args.plot_image_size, seed=args.seed,
+                                   autocast_dtype=dtype, channels_last=args.channels_last)
         sweep["wall_time_s"] = time.perf_counter() - t0
         plot_sweep(sweep, args.plot)
         doc["plot"] = {"file": args.plot, "sweep": sweep}
@@ -457,7 +466,8 @@ def _wall_time(step: Callable[[], None], device: torch.device) -> float:
 def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LAYERS, device=None,
                        backend: str = "auto", batch_size: int = SWEEP_BATCH, image_size: int = SWEEP_IMAGE_SIZE,
                        num_input_features: int = 64, growth_rate: int = 32, bn_size: int = 4, seed: int = 0,
-                       progress: bool = True) -> Dict[str, object]:
+                       progress: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+                       channels_last: bool = False) -> Dict[str, object]:
     """Peak and activation bytes of one dense block's training step against its number of
     layers, per mode, with curves fitted to the activation bytes (quadratic for naive,
     linear otherwise).
@@ -467,7 +477,8 @@ def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LA
     as the 1x1-conv weight gradients that a shared block holds until its backward returns;
     those grow quadratically with depth but not with batch x pixels, so at a tiny input
     they dominate and misrepresent the modes. The default shape (batch 4, 32x32, see
-    ``SWEEP_BATCH``) keeps them to a few percent, as in a real network."""
+    ``SWEEP_BATCH``) keeps them to a few percent, as in a real network. ``autocast_dtype`` and
+    ``channels_last``: as the whole model's step (``resfast memory --dtype / --channels-last``)."""
     from tqdm import tqdm
 
     from resfast.nn.dense import DenseBlock
@@ -475,7 +486,9 @@ def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LA
     device = torch.device(device or "cpu")
     out: Dict[str, object] = {"layers": list(layers), "batch_size": batch_size, "image_size": image_size,
                               "num_input_features": num_input_features, "growth_rate": growth_rate,
-                              "bn_size": bn_size, "device": str(device), "modes": {}}
+                              "bn_size": bn_size, "device": str(device),
+                              "dtype": str(autocast_dtype or torch.float32).replace("torch.", ""),
+                              "channels_last": bool(channels_last), "modes": {}}
     jobs = [(m, n) for m in modes for n in layers]
     rows: Dict[str, Dict[str, list]] = {m: {"peak_bytes": [], "activation_bytes": []} for m in modes}
     for mode, n in tqdm(jobs, desc="dense-block sweep", file=sys.stderr, disable=not progress):
@@ -483,8 +496,13 @@ def block_memory_sweep(modes: Sequence[str], *, layers: Sequence[int] = SWEEP_LA
         torch.manual_seed(seed)
         block = DenseBlock(n, num_input_features, bn_size, growth_rate, memory=memory, recompute=recompute,
                            backend=backend)
-        x = torch.randn(batch_size, num_input_features, image_size, image_size, requires_grad=True)
-        r = measure_training_step(block, x.detach().to(device).requires_grad_(), device, timed=False)
+        x = torch.randn(batch_size, num_input_features, image_size, image_size)
+        if autocast_dtype is not None:  # in a network under autocast a block's input comes from a conv
+            x = x.to(autocast_dtype)
+        if channels_last:
+            block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        r = measure_training_step(block, x.to(device).requires_grad_(), device, autocast_dtype=autocast_dtype,
+                                  timed=False)
         rows[mode]["peak_bytes"].append(r["peak_bytes"])
         rows[mode]["activation_bytes"].append(r["activation_bytes"])
     for mode in modes:
@@ -524,7 +542,8 @@ def plot_sweep(sweep: Dict[str, object], path: str) -> None:
     ax.set_ylabel("activation bytes at the training step's peak (MiB)\n"
                   "= peak live tensors - parameters, buffers, .grad", fontsize=9)
     size = sweep["image_size"]
-    ax.set_title(f"One dense block, one training step (forward+backward), {sweep.get('device', 'cpu')}\n"
+    setting = f", {sweep.get('dtype', 'float32')}" + (", channels_last" if sweep.get("channels_last") else "")
+    ax.set_title(f"One dense block, one training step (forward+backward), {sweep.get('device', 'cpu')}{setting}\n"
                  f"batch {sweep['batch_size']}, input {sweep['num_input_features']}x{size}x{size} "
                  f"(C0={sweep['num_input_features']}), k={sweep['growth_rate']}, bn_size={sweep.get('bn_size', 4)}",
                  fontsize=9)
@@ -578,7 +597,10 @@ def max_batch(model_name: str, mode: str, *, image_size: int, device, backend: s
 def format_table(doc: Dict[str, object]) -> str:
     """The human-readable table of :func:`run`."""
     base = "original" if any("ratio_to_original" in r for r in doc["results"]) else "naive"
-    lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}",
+    setting = "".join(f", {v}" for v in (doc.get("dtype"), "channels_last" if doc.get("channels_last") else None,
+                                          f"backend {doc['backend']}" if doc.get("backend") else None) if v)
+    lines = [f"{doc['model']}, batch {doc['batch_size']}, {doc['image_size']}x{doc['image_size']}, {doc['device']}"
+             f"{setting}",
              f"{'mode':>18} {'peak MiB':>10} {'activ. MiB':>11} {'peak vs ' + base:>14} {'step s':>8} "
              f"{'time vs ' + base:>14} {'launches':>9}"]
 

@@ -17,7 +17,9 @@ __all__ = ["add_arguments", "run", "config_from_args", "main", "EPILOG"]
 #: Shown after the options in ``--help``.
 EPILOG = ("Without --out nothing is saved: the final metrics are printed (one JSON document with --json) and "
           "the model is discarded. With --out the run folder is created and checked for writing before "
-          "training starts.")
+          "training starts; a folder that already holds a run (checkpoint.pt) is refused unless --resume, which "
+          "continues that run with its settings (model, data, batch size, epochs, schedule, learning rate, "
+          "momentum, weight decay, dropout, seed).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="RUN_DIR",
                    help="run folder for metrics.csv, metrics.json, curves.png and checkpoint.pt "
                         "(default: none, nothing is saved)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its checkpoint.pt (same settings)")
     p.add_argument("--subset", type=int, default=None, help=argparse.SUPPRESS)  # first N images: smoke tests
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON document on stdout")

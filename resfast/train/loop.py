@@ -89,9 +89,9 @@ class TrainConfig:
             ("epochs", isinstance(self.epochs, int) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
              "None or an int >= 1"),
-            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "a positive number"),
+            ("lr", isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf, "a finite positive number"),
             ("momentum", 0.0 <= self.momentum < 1.0, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0.0, ">= 0"),
+            ("weight_decay", 0.0 <= self.weight_decay < math.inf, "finite and >= 0"),
             ("schedule", self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
             ("dropout", self.dropout is None or 0.0 <= self.dropout < 1.0, "None or in [0, 1)"),
             ("amp", self.amp in AMP_MODES, f"one of {AMP_MODES}"),
@@ -257,6 +257,10 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
         resolve_backend(config.backend, device)
     if config.out and int(os.environ.get("RANK", "0")) == 0:
         ensure_writable_dir(config.out, "out")
+        if not config.resume and os.path.isfile(os.path.join(config.out, CHECKPOINT)):
+            # (a new run would overwrite it, and the old run's metrics, after its first epoch)
+            raise ValueError(f"out {config.out!r} already holds a run ({CHECKPOINT}): resume it (--resume), or "
+                             "give another --out (or delete that folder) to start a new one")
     info = init_distributed(device)
     try:
         return _train(config, model, datasets, device, info, log, history)
@@ -510,14 +514,21 @@ def _peak_memory(config, model, optimizer, train_set, device, info) -> Tuple[Opt
         return None, f"MemTracker failed: {type(exc).__name__}: {exc}"
 
 
+#: What a resumed run must share with the checkpoint's run so that it continues that run: the
+#: optimizer's hyperparameters (``optimizer.load_state_dict`` restores the saved momentum and
+#: weight decay, so a new value would be recorded in ``metrics.json`` but not used), the
+#: learning-rate schedule (it spans ``epochs``), the batches (``seed``, ``subset``).
+RESUME_KEYS = ("model", "data", "batch_size", "schedule", "epochs", "lr", "momentum", "weight_decay", "dropout",
+               "seed", "subset", "model_kwargs")
+
+
 def _check_resumable(saved: Dict[str, Any], config: TrainConfig) -> None:
-    for key in ("model", "data", "batch_size", "schedule", "dropout", "model_kwargs"):
+    for key in RESUME_KEYS:
         if saved.get(key) != _config_dict(config).get(key):
+            why = (" (the learning-rate schedule spans the epochs: a resumed run continues the checkpoint's "
+                   "schedule; train a longer run in a new --out)" if key == "epochs" else "")
             raise ValueError(f"resume: the checkpoint was trained with {key}={saved.get(key)!r}, "
-                             f"this run asks for {key}={getattr(config, key)!r}")
-    if int(saved.get("epochs", 0)) > config.epochs:
-        raise ValueError(f"resume: the checkpoint's schedule ran over {saved['epochs']} epochs, "
-                         f"epochs={config.epochs} is fewer")
+                             f"this run asks for {key}={getattr(config, key)!r}{why}")
 
 
 def _config_dict(config: TrainConfig) -> Dict[str, Any]:
