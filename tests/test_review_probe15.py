@@ -47,6 +47,10 @@ What failed, each a test here that failed before its fix:
 * ``resfast train --out DIR`` on a folder that already held a run, without ``--resume``,
   overwrote its checkpoint and metrics after the first epoch;
 * ``--lr inf`` and ``--weight-decay inf`` passed validation (and trained to NaN);
+* ``resfast memory --modes naive,naive`` printed two naive rows with one timing (the
+  timing is keyed by mode); ``resfast models --cardinality --name wrn``, ``--in 5`` without
+  ``--dense-channels`` and ``--dense-channels ... --name x`` ignored the options the table
+  does not read;
 * ``resfast profile --static --shapes ,`` printed an empty report with exit 0, and
   ``--results DIR`` naming no folder was ignored.
 """
@@ -92,6 +96,24 @@ def test_memory_plot_options_without_plot_are_refused(option, monkeypatch, capsy
     assert main(["memory", "--model", "densenet_bc100_k12", "--image-size", "8", *option]) == 2
     err = capsys.readouterr().err
     assert f"{option[0]}" in err and "no --plot FILE was given" in err
+
+
+def test_memory_repeated_mode_is_refused(monkeypatch, capsys):
+    """``--modes naive,naive`` listed two naive rows timed as one (the timing keyed by mode)."""
+    _no_model_run(monkeypatch)
+    assert main(["memory", "--model", "densenet_bc100_k12", "--image-size", "8", "--modes", "naive,naive"]) == 2
+    assert "got 'naive,naive'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--cardinality", "--name", "wrn"], ["--in", "5"], ["--compression", "0.3"],
+                                  ["--dense-channels", "--in", "4", "--growth", "2", "--layers", "2", "--name", "x"]])
+def test_models_options_the_table_does_not_read_are_refused(argv, monkeypatch, capsys):
+    from resfast.profiling import counting
+
+    monkeypatch.setattr(counting, "model_counts", lambda *a, **k: pytest.fail("counted before the options were "
+                                                                             "checked"))
+    assert main(["models", *argv]) == 2
+    assert "not an option of" in capsys.readouterr().err
 
 
 def test_memory_document_and_plot_sweep_follow_dtype_and_layout(tmp_path):

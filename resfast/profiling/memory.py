@@ -233,7 +233,7 @@ def _parse_modes(text: Optional[str], dense: bool = True) -> List[str]:
         return list(allowed)
     modes = [m.strip() for m in str(text).split(",") if m.strip()]
     bad = [m for m in modes if m not in allowed]
-    if bad or not modes:
+    if bad or not modes or len(set(modes)) < len(modes):  # a repeated mode was timed once, listed twice
         kind = "a DenseNet" if dense else "a library model without dense blocks"
         raise ValueError(f"--modes for {kind} must be a comma-separated subset of {','.join(allowed)}, got {text!r}")
     return modes

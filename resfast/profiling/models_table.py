@@ -40,6 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from resfast.cli import emit_json
 
+    # An option the chosen table does not read is refused, not ignored.
+    unused = [flag for flag, given in (("--name", args.name != "*" and (args.cardinality or args.dense_channels)),
+                                       ("--in", args.in_channels is not None and not args.dense_channels),
+                                       ("--growth", args.growth is not None and not args.dense_channels),
+                                       ("--layers", args.layers is not None and not args.dense_channels),
+                                       ("--compression", args.compression != 0.5 and not args.dense_channels))
+              if given]
+    if unused:
+        table = "--cardinality" if args.cardinality else "--dense-channels" if args.dense_channels else "the model list"
+        raise ValueError(f"{', '.join(unused)}: not an option of {table} (--name selects models of the list; --in, "
+                         "--growth, --layers and --compression shape --dense-channels)")
     if args.cardinality:
         rows: Any = cardinality_rows()
         if args.json:
