@@ -10,13 +10,15 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import re
 import sys
 from typing import Callable, List, Optional
 
 from resfast.backends import BackendUnavailableError
 
-__all__ = ["build_parser", "first_paragraph", "main", "run_command", "emit_json", "check_model_name", "plain_text", "plain_help"]
+__all__ = ["build_parser", "first_paragraph", "main", "run_command", "emit_json", "json_safe", "check_model_name",
+           "plain_text", "plain_help"]
 
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
@@ -121,9 +123,23 @@ def check_model_name(name: str, option: str = "--model") -> str:
     raise ValueError(f"{option}: unknown model {name!r}{hint} (`resfast models` lists them all)")
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float (a diverged loss, an untimed step) as ``None``:
+    JSON has no such numbers, and ``json.dump`` wrote them as ``NaN`` / ``Infinity``, which strict
+    parsers (``jq``, JavaScript, ``json.loads(..., parse_constant=...)``) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def emit_json(obj) -> None:
-    """Print one JSON document on stdout (the --json contract)."""
-    json.dump(obj, sys.stdout, indent=2, default=str)
+    """Print one JSON document on stdout (the --json contract): standard JSON, a non-finite
+    float written as ``null``."""
+    json.dump(json_safe(obj), sys.stdout, indent=2, default=str, allow_nan=False)
     sys.stdout.write("\n")
     sys.stdout.flush()
 

@@ -47,6 +47,10 @@ What failed, each a test here that failed before its fix:
 * ``resfast train --out DIR`` on a folder that already held a run, without ``--resume``,
   overwrote its checkpoint and metrics after the first epoch;
 * ``--lr inf`` and ``--weight-decay inf`` passed validation (and trained to NaN);
+* a diverged run (``--lr 1e12``: test loss nan) printed its NaN losses with ``--json`` and
+  saved them in ``metrics.json`` as the bare word ``NaN``, which is not JSON (``jq`` and
+  strict parsers refuse the whole document); every ``--json`` document and ``metrics.json``
+  now write a non-finite float as ``null``;
 * ``resfast memory --modes naive,naive`` printed two naive rows with one timing (the
   timing is keyed by mode); ``resfast models --cardinality --name wrn``, ``--in 5`` without
   ``--dense-channels`` and ``--dense-channels ... --name x`` ignored the options the table
@@ -233,6 +237,28 @@ def test_out_holding_a_run_is_refused_without_resume(first_epoch, tmp_path, monk
 def test_infinite_lr_and_weight_decay_are_refused(field):
     with pytest.raises(ValueError, match=f"{field} must be"):
         TrainConfig(**{field: math.inf}).validate()
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_of_a_diverged_run_is_standard_json(tmp_path, capsys):
+    """A diverged run's NaN losses were printed (``--json``) and saved (``metrics.json``) as the
+    bare word ``NaN``, which JSON does not have; they are ``null`` now."""
+    from resfast.cli import emit_json
+
+    emit_json({"train_loss": [2.3, float("nan")], "test_acc": 0.1, "step": float("inf")})
+    doc = _strict(capsys.readouterr().out)
+    assert doc == {"train_loss": [2.3, None], "test_acc": 0.1, "step": None}
+    row = {"epoch": 1, "lr": 0.1, "train_loss": float("nan"), "train_acc": 0.1, "test_loss": float("nan"),
+           "test_acc": 0.1, "epoch_time_s": 1.0, "images_per_s": 32.0}
+    loop.write_run_files(str(tmp_path), TrainConfig(model="tiny"), [row], {"train_loss": [float("nan")]})
+    saved = _strict((tmp_path / "metrics.json").read_text())
+    assert saved["history"][0]["train_loss"] is None and saved["summary"]["train_loss"] == [None]
 
 
 # --------------------------------------------------------------------------- resfast profile --static

@@ -441,7 +441,10 @@ def write_run_files(out: str, config: TrainConfig, history: List[Dict[str, float
     os.replace(tmp, os.path.join(out, "metrics.csv"))
     tmp = os.path.join(out, "metrics.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump({"config": _config_dict(config), "history": history, "summary": result}, fh, indent=2, default=str)
+        from resfast.cli import json_safe  # a diverged run's NaN losses as null: the file stays standard JSON
+
+        json.dump(json_safe({"config": _config_dict(config), "history": history, "summary": result}), fh, indent=2,
+                  default=str, allow_nan=False)
     os.replace(tmp, os.path.join(out, "metrics.json"))
     plot_curves(history, os.path.join(out, "curves.png"), title=f"{config.model} on {config.data}")
 
