@@ -179,9 +179,13 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
         # the recomputation normalises with the statistics of this forward (a snapshot), not
         # with what a training forward before the backward may have written into them
         rm, rv = call.running_mean.clone(), call.running_var.clone()
+        # and with the conv's weight of this forward (torch.func.functional_call's substituted
+        # weights are gone by the backward: conv(inp) there recomputed with the module's own)
+        weight, bias = conv.weight, conv.bias
 
         def closure(inp: Tensor) -> Tensor:
-            z = F.batch_norm(conv(inp), rm, rv, call.weight, call.bias, False, 0.0, call.eps)
+            z = F.batch_norm(conv._conv_forward(inp, weight, bias), rm, rv, call.weight, call.bias, False, 0.0,
+                             call.eps)
             return pool(F.relu(z, inplace=True))
 
         return cp.checkpoint(closure, x, use_reentrant=False)

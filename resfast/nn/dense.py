@@ -325,14 +325,20 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     # Eval: the recomputation in the backward normalises with a snapshot of the running
     # statistics, not with whatever a training forward in between left in them.
     running = None if call.batch_stats else (call.running_mean.clone(), call.running_var.clone())
+    # The conv's tensors and geometry as they are now: the recomputation runs in the backward,
+    # when conv.weight may be another tensor (torch.func.functional_call's substituted weights,
+    # MAML's fast weights, are gone by then: the original weight recomputed a wrong bottleneck).
+    weight, bias = conv.weight, conv.bias
+    geometry = dict(stride=conv.stride, padding=conv_padding(conv) or conv.padding, dilation=conv.dilation,
+                    groups=conv.groups)
 
     def closure(*feats: Tensor) -> Tensor:
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
         return bn_relu_conv2d(
-            x, conv.weight, conv.bias, bn_weight=call.weight, bn_bias=call.bias,
+            x, weight, bias, bn_weight=call.weight, bn_bias=call.bias,
             running_mean=running[0] if running else None, running_var=running[1] if running else None,
-            training=call.batch_stats, momentum=0.0, eps=call.eps, stride=conv.stride, padding=conv_padding(conv) or conv.padding,
-            dilation=conv.dilation, groups=conv.groups, backend=backend, process_group=call.process_group)
+            training=call.batch_stats, momentum=0.0, eps=call.eps, backend=backend,
+            process_group=call.process_group, **geometry)
 
     return cp.checkpoint(closure, *inputs, use_reentrant=False)
 
