@@ -281,7 +281,7 @@ def _reconvert(module: nn.Module, path: str, ctx: _Context) -> None:
                 sub.memory == "shared" and sub.recompute != ctx.recompute)):
             ctx.leave(name, sub, f"already a resfast DenseBlock with memory={sub.memory!r}, recompute="
                                  f"{sub.recompute!r}: kept (dense_memory / recompute apply to the blocks a conversion "
-                                 "creates; build this one again to change them)")
+                                 "creates; set block.memory / block.recompute to change them)")
 
 
 def _retrace(module: nn.Module, backend: str) -> None:

@@ -71,7 +71,7 @@ from torch import nn
 from torch.func import functional_call
 
 from module_judge import compare_runs, randomize_bns, set_backend, unfused
-from reference import judged_dtype, require_backend
+from reference import assert_rule, judged_dtype, require_backend
 from resfast.models.densenet import DenseNet
 from resfast.nn.dense import DenseBlock
 
@@ -291,3 +291,85 @@ def test_inplace_change_of_a_shared_blocks_output_is_refused(backend, memory, re
             scenario(block, torch.float64)
     else:
         _judge(_block(memory, recompute), backend, scenario)
+
+
+# ------------------------------------------------------------------ the memory mode set after construction
+
+
+def _saved_bytes(module, x):
+    """Bytes autograd saves for the backward of one training forward of ``module``."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum()
+    return total[0]
+
+
+@pytest.mark.parametrize("start", ["shared", "naive"])
+def test_setting_a_blocks_memory_mode_later_takes_effect(start):
+    """``block.memory = "checkpoint"`` on a block built as shared or naive did nothing: the layers
+    kept the mode they were built with (the numbers right, the memory saving missing, no
+    warning). The block's ``memory`` is now a property that sets every layer's mode: the block
+    then saves for its backward what a block built in that mode saves."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    built = {m: DenseBlock(4, 8, 2, 4, memory=m, backend="eager") for m in ("checkpoint", "naive", "shared")}
+    saved = {m: _saved_bytes(b, x) for m, b in built.items()}
+    assert saved["checkpoint"] < saved["naive"], saved
+    block = DenseBlock(4, 8, 2, 4, memory=start, backend="eager")
+    block.memory = "checkpoint"
+    assert [layer.memory for layer in block.values()] == ["checkpoint"] * 4
+    assert _saved_bytes(block, x) == saved["checkpoint"]
+    block.memory = "shared"
+    assert _saved_bytes(block, x) == saved["shared"]
+    with pytest.raises(ValueError, match="memory must be one of"):
+        block.memory = "efficient"
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        block.recompute = "all"
+
+
+def test_setting_a_densenets_memory_mode_sets_every_block():
+    """The same on a DenseNet: ``model.memory`` set later changed only the stem's mode."""
+    from resfast.models.densenet import DenseNet
+
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, stem="cifar", num_classes=3,
+                     backend="eager")
+    model.memory, model.recompute = "checkpoint", "bottleneck"
+    blocks = [m for m in model.modules() if isinstance(m, DenseBlock)]
+    assert len(blocks) == 2 and all(b.memory == "checkpoint" and b.recompute == "bottleneck" for b in blocks)
+    assert all(layer.memory == "checkpoint" for b in blocks for layer in b.values())
+    assert copy.deepcopy(model).memory == "checkpoint"
+
+
+def test_a_compiled_eager_shared_block_recompiles_for_another_image_size():
+    """``torch.compile`` of a shared block on the eager backend (``auto`` on the CPU) crashed in
+    Inductor when a second image size recompiled it with dynamic height and width ("cannot
+    determine truth value of Relational"): the kept bottleneck, a view of the bmm Inductor
+    lowers the 1x1 conv to, is a graph output whose stride order it could not decide. There the
+    block now recomputes the bottleneck instead (``recompute="bottleneck"``: same numbers, judged
+    by the float64 rule against the block run uncompiled)."""
+    torch.manual_seed(0)
+    block = DenseBlock(2, 8, 2, 4, memory="shared", backend="eager")
+    runs = {"compiled": block, "float32": copy.deepcopy(block), "float64": copy.deepcopy(block).double()}
+    call = dict(runs, compiled=torch.compile(block))
+    for hw in (8, 6):
+        x = torch.randn(3, 8, hw, hw)
+        outs = {}
+        for key, m in call.items():
+            xi = (x.double() if key == "float64" else x.clone()).requires_grad_()
+            y = m(xi)
+            (y * y).sum().backward()
+            outs[key] = (y, xi.grad)
+        for i, what in enumerate(("y", "x.grad")):
+            assert_rule(f"{what} at {hw}x{hw}", outs["compiled"][i], outs["float64"][i], outs["float32"][i], "compiled")
+    params = {k: dict(m.named_parameters()) for k, m in runs.items()}
+    for name, p in params["compiled"].items():
+        assert_rule(name + ".grad", p.grad, params["float64"][name].grad, params["float32"][name].grad, "compiled")
+    bufs = {k: dict(m.named_buffers()) for k, m in runs.items()}
+    for name, b in bufs["compiled"].items():
+        if b.is_floating_point():
+            assert_rule(name, b, bufs["float64"][name], bufs["float32"][name], "compiled")

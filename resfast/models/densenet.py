@@ -84,7 +84,7 @@ class DenseNet(BackendOwner, nn.Module):
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
             raise ValueError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
-        self.memory, self.recompute, self.stem = memory, recompute, stem
+        self.__dict__["_memory"], self.__dict__["_recompute"], self.stem = memory, recompute, stem
         self.backend = check_backend_name(backend)
         self.in_chans = in_chans
 
@@ -123,6 +123,40 @@ class DenseNet(BackendOwner, nn.Module):
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
+
+    @property
+    def memory(self) -> str:
+        """The memory mode of the dense blocks (and of the stem, with ``"shared"``). Setting it
+        (``model.memory = "checkpoint"``) checks the name and sets every dense block's mode, so
+        the network then runs in it (as a plain attribute, assigning it later changed the stem
+        only, silently)."""
+        d = self.__dict__  # (a model pickled before the property kept it as "memory")
+        return d["_memory"] if "_memory" in d else d["memory"]
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {mode!r}")
+        self.__dict__["_memory"] = mode
+        for block in self.modules():
+            if isinstance(block, DenseBlock):
+                block.memory = mode
+
+    @property
+    def recompute(self) -> str:
+        """``"bn_relu"`` or ``"bottleneck"`` (with ``memory="shared"``); setting it sets every
+        dense block's."""
+        d = self.__dict__
+        return d["_recompute"] if "_recompute" in d else d["recompute"]
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+        self.__dict__["_recompute"] = mode
+        for block in self.modules():
+            if isinstance(block, DenseBlock):
+                block.recompute = mode
 
     def forward_features(self, x: Tensor) -> Tensor:
         if not is_tracing() and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans):

@@ -130,9 +130,7 @@ class DenseBlock(BackendOwner, nn.ModuleDict):
                   growth_rate=growth_rate)
         if isinstance(memory, bool):  # torchvision's positional memory_efficient flag
             memory = "checkpoint" if memory else "naive"
-        self.memory = _check_memory(memory)
-        if recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        self.memory = memory
         self.recompute = recompute
         self.backend = check_backend_name(backend)
         self.num_input_features = num_input_features
@@ -141,6 +139,35 @@ class DenseBlock(BackendOwner, nn.ModuleDict):
             layer = DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate,
                                memory="checkpoint" if memory == "checkpoint" else "naive", backend=backend)
             self.add_module("denselayer%d" % (i + 1), layer)
+
+    @property
+    def memory(self) -> str:
+        """The memory mode. Setting it (``block.memory = "checkpoint"``) checks the name and
+        sets every layer's mode to match, so the block then runs in it (the layers keep their
+        own mode: as a plain attribute, assigning the block's later left ``"checkpoint"``
+        without its checkpointing, silently)."""
+        d = self.__dict__  # (a block pickled before the property kept it as "memory")
+        return d["_memory"] if "_memory" in d else d["memory"]
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        mode = _check_memory(mode)
+        self.__dict__["_memory"] = mode
+        for layer in self.values():
+            if isinstance(layer, DenseLayer):
+                layer.memory = "checkpoint" if mode == "checkpoint" else "naive"
+
+    @property
+    def recompute(self) -> str:
+        """With ``memory="shared"``: ``"bn_relu"`` or ``"bottleneck"`` (checked when set)."""
+        d = self.__dict__
+        return d["_recompute"] if "_recompute" in d else d["recompute"]
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+        self.__dict__["_recompute"] = mode
 
     @property
     def num_output_features(self) -> int:

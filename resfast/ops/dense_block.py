@@ -138,6 +138,13 @@ def shared_dense_block(
     if len(layers) == 0:
         raise ValueError("layers must hold at least one dense layer, got none")
     name = dense_block_backend(backend, x, layers, recompute=recompute, tail=tail)
+    if (recompute == "bn_relu" and name == "eager" and x.device.type == "cpu" and torch.compiler.is_compiling()
+            and not static_dims(*x.shape[2:])):
+        # Inductor lowers the eager 1x1 conv on the CPU to a bmm whose output is a view, and a
+        # kept bottleneck (a graph output) of dynamic height and width fails its stride
+        # ordering ("cannot determine truth value of Relational") when a new image size
+        # recompiles the block. Recomputing it instead gives the same numbers, in less memory.
+        recompute = "bottleneck"
     cfg = _Config.build(layers, tail, x, name, recompute)
     # The block computes in x's dtype, also under autocast: eager PyTorch's batch norm is not
     # autocast (torchvision's block normalises the concatenation of x and the new features in
