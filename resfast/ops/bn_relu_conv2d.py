@@ -91,7 +91,8 @@ def bn_relu_conv2d(
             inverse std and running-statistics update from them instead of a pass over ``x``.
             Ignored where they do not apply (eval, a process group, the eager backend).
             Checked (outside ``torch.compile``): statistics returned for another tensor, a
-            copy of them, or ``x`` changed in place since they were taken raise ``ValueError``.
+            copy of them, the statistics changed in place, or ``x`` changed in place since they
+            were taken raise ``ValueError``.
         return_stats: also return the batch statistics of the output, for the next fused
             op's ``input_stats``: ``(y, stats)``, ``stats`` ``None`` where the backend does not
             take them in the conv's epilogue (only triton does; eager and native leave the
@@ -134,9 +135,11 @@ def bn_relu_conv2d(
 
 
 def _tag_stats(stats: Tensor, y: Tensor) -> None:
-    """Remember which tensor ``stats`` describe (and its version): :func:`_check_stats_source`
-    refuses them for any other input, or for ``y`` after an in-place change."""
-    stats._resfast_stats_of = (weakref.ref(y), y.data_ptr(), tuple(y.shape), y.stride(), y._version)
+    """Remember which tensor ``stats`` describe (and its version, and the statistics' own):
+    :func:`_check_stats_source` refuses them for any other input, for ``y`` after an in-place
+    change, or after an in-place change of the statistics themselves."""
+    stats._resfast_stats_of = (weakref.ref(y), y.data_ptr(), tuple(y.shape), y.stride(), y._version,
+                               stats._version)
 
 
 def _check_stats_source(input_stats: Tensor, x: Tensor) -> None:
@@ -146,7 +149,11 @@ def _check_stats_source(input_stats: Tensor, x: Tensor) -> None:
     if tag is None:
         raise ValueError("input_stats must be the statistics a call with return_stats=True returned, unchanged "
                          "(a copy or a tensor built elsewhere cannot be checked against x)")
-    ref, ptr, shape, stride, version = tag
+    ref, ptr, shape, stride, version, stats_version = tag
+    if input_stats._version != stats_version:
+        # (e.g. all-reduced or rescaled: Chan partials summed over ranks describe no batch)
+        raise ValueError("input_stats were modified in place after the call returned them; they no longer describe "
+                         "x (pass them unchanged, or input_stats=None)")
     y = ref()
     same = y is x or (y is not None and x.data_ptr() == ptr and tuple(x.shape) == shape and x.stride() == stride)
     if not same:
