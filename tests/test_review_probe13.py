@@ -46,7 +46,7 @@ What failed (a test here failed before its fix):
 * statistics returned by ``return_stats=True`` and then changed in place (``stats.mul_(1.5)``;
   an ``all_reduce`` over ranks would do the same: Chan partials summed over ranks describe no
   batch) were accepted as ``input_stats``: the next op normalised with them, 1.54 off the
-  eager result on outputs of magnitude ~10, no error, although the refusal message already
+  eager result on outputs up to 7.8, no error, although the refusal message already
   said the statistics must be passed "unchanged". The tag on the statistics now records their
   own version too (resfast/ops/bn_relu_conv2d.py), and such statistics are refused.
 
