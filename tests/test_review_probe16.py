@@ -155,3 +155,50 @@ def test_parametrized_spectral_norm_trains_as_unfused(backend):
         ref = train(unfused(build("eager")))
         got = train(build(backend))
     compare_runs(got, ref, ref, backend, torch.float64)
+
+
+# ------------------------------------------------------------------ an overflowed gradient stays visible
+
+
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
+@pytest.mark.parametrize("kind", ["op", "dense", "resnext"])
+@pytest.mark.parametrize("where", ["one_position", "one_channel"])
+def test_an_infinite_output_gradient_reaches_the_same_gradients_as_eager(backend, kind, where):
+    """Mixed-precision training (``GradScaler``) skips a step when any gradient is not finite;
+    a backward that turned an overflowed output gradient into finite numbers would let a
+    corrupted step through, and one that spread it further would skip steps eager keeps. For an
+    ``inf`` in the output gradient (at the largest output, or over the last channel), which
+    gradients are finite is exactly what the same modules run unfused give: the fused module,
+    a shared dense block, a ResNeXt bottleneck, in training and eval (checked here, all
+    matched)."""
+    from resfast.nn.dense import DenseBlock
+    from resfast.nn.fused import BNReLUConv2d
+
+    require_backend(backend)
+    torch.manual_seed(0)
+    if kind == "op":
+        m0 = BNReLUConv2d(8, 8, 3, padding=1, groups=2, backend="eager")
+    elif kind == "dense":
+        m0 = DenseBlock(2, 8, 2, 4, memory="shared", backend="eager")
+    else:
+        m0 = ResNeXtBottleneck(8, 16, cardinality=2, base_width=16, backend="eager",
+                               downsample=nn.Sequential(nn.Conv2d(8, 64, 1, bias=False), nn.BatchNorm2d(64)))
+    randomize_bns(m0)
+    x = torch.randn(2, 8, 5, 5)
+    for training in (True, False):
+        finite = []
+        for m in (set_backend(copy.deepcopy(m0), backend), unfused(copy.deepcopy(m0))):
+            m.train(training)
+            xi = x.clone().requires_grad_()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = m(xi)
+            g = torch.randn_like(y)
+            if where == "one_position":  # (the largest output: a block's final ReLU passes it)
+                g.view(-1)[int(y.detach().reshape(-1).argmax())] = float("inf")
+            else:
+                g[0, -1] = float("inf")
+            y.backward(g)
+            finite.append([bool(torch.isfinite(t).all()) for t in [xi.grad] + [p.grad for p in m.parameters()]])
+        assert finite[0] == finite[1], f"training={training}: finite gradients {finite[0]} vs eager's {finite[1]}"
+        assert not all(finite[1]), "the inf reached no gradient: the test checks nothing"
