@@ -27,12 +27,11 @@ from torch import Tensor, nn
 
 from resfast.backends import BackendOwner, check_backend_name
 from resfast.models.registry import register_model
-from resfast.nn.dense import MEMORY_MODES, DenseBlock, Transition
+from resfast.nn.dense import DenseBlock, DenseMemoryOwner, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
 from resfast.nn.unfused import hooked_submodules, is_tracing, replaced_submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
-from resfast.ops.dense_block import RECOMPUTE_MODES
 from resfast.ops.validation import check_running_stats_no_grad
 
 __all__ = [
@@ -49,7 +48,7 @@ __all__ = [
 ]
 
 
-class DenseNet(BackendOwner, nn.Module):
+class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
     """DenseNet-BC (torchvision's ``DenseNet`` arguments and parameter names).
 
     Args:
@@ -71,11 +70,9 @@ class DenseNet(BackendOwner, nn.Module):
                  memory_efficient: bool = False, *, memory: Optional[str] = None, recompute: str = "bn_relu",
                  backend: str = "auto", stem: str = "imagenet", compression: float = 0.5, in_chans: int = 3) -> None:
         super().__init__()
-        memory = memory if memory is not None else ("checkpoint" if memory_efficient else "shared")
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        # (checked by the properties; no blocks to pass them down to yet)
+        self.memory = memory if memory is not None else ("checkpoint" if memory_efficient else "shared")
+        self.recompute = recompute
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -84,7 +81,7 @@ class DenseNet(BackendOwner, nn.Module):
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
             raise ValueError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
-        self.__dict__["_memory"], self.__dict__["_recompute"], self.stem = memory, recompute, stem
+        self.stem = stem
         self.backend = check_backend_name(backend)
         self.in_chans = in_chans
 
@@ -102,8 +99,8 @@ class DenseNet(BackendOwner, nn.Module):
         num_features = num_init_features
         self.num_blocks = len(block_config)
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory=memory,
-                               recompute=recompute, backend=backend)
+            block = DenseBlock(num_layers, num_features, bn_size, growth_rate, drop_rate, memory=self.memory,
+                               recompute=self.recompute, backend=backend)
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
@@ -123,40 +120,6 @@ class DenseNet(BackendOwner, nn.Module):
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
-
-    @property
-    def memory(self) -> str:
-        """The memory mode of the dense blocks (and of the stem, with ``"shared"``). Setting it
-        (``model.memory = "checkpoint"``) checks the name and sets every dense block's mode, so
-        the network then runs in it (as a plain attribute, assigning it later changed the stem
-        only, silently)."""
-        d = self.__dict__  # (a model pickled before the property kept it as "memory")
-        return d["_memory"] if "_memory" in d else d["memory"]
-
-    @memory.setter
-    def memory(self, mode: str) -> None:
-        if mode not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {mode!r}")
-        self.__dict__["_memory"] = mode
-        for block in self.modules():
-            if isinstance(block, DenseBlock):
-                block.memory = mode
-
-    @property
-    def recompute(self) -> str:
-        """``"bn_relu"`` or ``"bottleneck"`` (with ``memory="shared"``); setting it sets every
-        dense block's."""
-        d = self.__dict__
-        return d["_recompute"] if "_recompute" in d else d["recompute"]
-
-    @recompute.setter
-    def recompute(self, mode: str) -> None:
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
-        self.__dict__["_recompute"] = mode
-        for block in self.modules():
-            if isinstance(block, DenseBlock):
-                block.recompute = mode
 
     def forward_features(self, x: Tensor) -> Tensor:
         if not is_tracing() and (not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans):

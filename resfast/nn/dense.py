@@ -105,7 +105,45 @@ class DenseLayer(nn.Module):
         return new
 
 
-class DenseBlock(BackendOwner, nn.ModuleDict):
+class DenseMemoryOwner:
+    """Mixin of a module that owns dense blocks (``DenseBlock``, the DenseNet models): ``memory``
+    and ``recompute`` are properties, checked when set and passed down (``_pass_down``; by
+    default to every owned ``DenseMemoryOwner``), so that a mode set after construction
+    (``model.memory = "checkpoint"``) takes effect. As plain attributes they were read only when
+    the submodules were built: assigning them later left e.g. ``"checkpoint"`` without its
+    checkpointing, silently."""
+
+    @property
+    def memory(self) -> str:
+        """``"shared"``, ``"checkpoint"`` or ``"naive"``."""
+        d = self.__dict__  # (a module pickled before the property kept it as "memory")
+        return d["_memory"] if "_memory" in d else d["memory"]
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        self.__dict__["_memory"] = _check_memory(mode)
+        self._pass_down("memory", mode)
+
+    @property
+    def recompute(self) -> str:
+        """With ``memory="shared"``: ``"bn_relu"`` or ``"bottleneck"``."""
+        d = self.__dict__
+        return d["_recompute"] if "_recompute" in d else d["recompute"]
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+        self.__dict__["_recompute"] = mode
+        self._pass_down("recompute", mode)
+
+    def _pass_down(self, name: str, mode: str) -> None:
+        for sub in self.modules():  # type: ignore[attr-defined]
+            if sub is not self and isinstance(sub, DenseMemoryOwner):
+                setattr(sub, name, mode)
+
+
+class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
     """A dense block of ``num_layers`` :class:`DenseLayer` s: a drop-in for torchvision's
     ``_DenseBlock`` (same argument order, same ``state_dict`` keys ``denselayer1.norm1.weight``
     ...; ``forward(x)`` returns all features concatenated, ``num_input_features +
@@ -140,34 +178,11 @@ class DenseBlock(BackendOwner, nn.ModuleDict):
                                memory="checkpoint" if memory == "checkpoint" else "naive", backend=backend)
             self.add_module("denselayer%d" % (i + 1), layer)
 
-    @property
-    def memory(self) -> str:
-        """The memory mode. Setting it (``block.memory = "checkpoint"``) checks the name and
-        sets every layer's mode to match, so the block then runs in it (the layers keep their
-        own mode: as a plain attribute, assigning the block's later left ``"checkpoint"``
-        without its checkpointing, silently)."""
-        d = self.__dict__  # (a block pickled before the property kept it as "memory")
-        return d["_memory"] if "_memory" in d else d["memory"]
-
-    @memory.setter
-    def memory(self, mode: str) -> None:
-        mode = _check_memory(mode)
-        self.__dict__["_memory"] = mode
-        for layer in self.values():
-            if isinstance(layer, DenseLayer):
-                layer.memory = "checkpoint" if mode == "checkpoint" else "naive"
-
-    @property
-    def recompute(self) -> str:
-        """With ``memory="shared"``: ``"bn_relu"`` or ``"bottleneck"`` (checked when set)."""
-        d = self.__dict__
-        return d["_recompute"] if "_recompute" in d else d["recompute"]
-
-    @recompute.setter
-    def recompute(self, mode: str) -> None:
-        if mode not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
-        self.__dict__["_recompute"] = mode
+    def _pass_down(self, name: str, mode: str) -> None:
+        if name == "memory":  # (a layer checkpoints or not; the shared buffer is the block's)
+            for layer in self.values():
+                if isinstance(layer, DenseLayer):
+                    layer.memory = "checkpoint" if mode == "checkpoint" else "naive"
 
     @property
     def num_output_features(self) -> int:

@@ -38,8 +38,8 @@ Native kernels join the table when :mod:`resfast.profiling.static_native` exists
 from __future__ import annotations
 
 import argparse
-import glob
 import bisect
+import glob
 import hashlib
 import json
 import math
