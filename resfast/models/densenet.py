@@ -177,15 +177,17 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
         # with what a training forward before the backward may have written into them
         rm, rv = call.running_mean.clone(), call.running_var.clone()
         # and with the conv's weight of this forward (torch.func.functional_call's substituted
-        # weights are gone by the backward: conv(inp) there recomputed with the module's own)
-        weight, bias = conv.weight, conv.bias
+        # weights are gone by the backward: conv(inp) there recomputed with the module's own),
+        # passed as the checkpoint's arguments, which it saves: an in-place change of a
+        # parameter before the backward raises, as through the modules, instead of recomputing
+        # the stem with the new values
 
-        def closure(inp: Tensor) -> Tensor:
-            z = F.batch_norm(conv._conv_forward(inp, weight, bias), rm, rv, call.weight, call.bias, False, 0.0,
-                             call.eps)
+        def closure(inp: Tensor, weight: Tensor, bias: Optional[Tensor], gamma: Optional[Tensor],
+                    beta: Optional[Tensor]) -> Tensor:
+            z = F.batch_norm(conv._conv_forward(inp, weight, bias), rm, rv, gamma, beta, False, 0.0, call.eps)
             return pool(F.relu(z, inplace=True))
 
-        return cp.checkpoint(closure, x, use_reentrant=False)
+        return cp.checkpoint(closure, x, conv.weight, conv.bias, call.weight, call.bias, use_reentrant=False)
     update = call.running_mean is not None and call.momentum != 0.0
     out, mean, invstd = _CompactStem.apply(x, conv.weight, conv.bias, call.weight, call.bias, call.eps,
                                            _conv_args(conv), _pool_args(pool))
@@ -230,8 +232,8 @@ class _CompactStem(torch.autograd.Function):
     """``maxpool(relu(batch_norm(conv2d(x))))`` in training mode (batch statistics), returning
     ``(out, mean, invstd)`` (the statistics non-differentiable).
 
-    Saved for the backward: ``x``, the parameters, the statistics, and per output element the
-    pooling's argmax within its input plane as int16 (int32 for planes over 32767 elements),
+    Saved for the backward: ``x``, the parameters but the BN bias, the statistics, and per output
+    element the pooling's argmax within its input plane as int16 (int32 for planes over 32767 elements),
     with ``-1`` where the ReLU passed no gradient (``out <= 0``; a NaN passes, as ReLU's own
     backward lets it). The backward recomputes the conv (under the forward's autocast state),
     scatters the masked gradient with the argmax, and runs the batch-norm and conv backward:
@@ -253,8 +255,10 @@ class _CompactStem(torch.autograd.Function):
         dev = x.device.type
         ctx.autocast = (dev, _autocast_state(dev))
         ctx.args = (eps, conv_args, pool_args)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, bias, gamma, beta, mean, invstd, code)
+        ctx.has_bias, ctx.has_beta = bias is not None, beta is not None
+        # (beta itself is not saved: the backward does not read it, and the modules' batch norm
+        # does not save it either, so an in-place change of it before the backward is harmless)
+        ctx.save_for_backward(x, weight, bias, gamma, mean, invstd, code)
         ctx.mark_non_differentiable(mean, invstd)
         return out, mean, invstd
 
@@ -262,7 +266,7 @@ class _CompactStem(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_STEM)
-        x, weight, bias, gamma, beta, mean, invstd, code = ctx.saved_tensors
+        x, weight, bias, gamma, mean, invstd, code = ctx.saved_tensors
         eps, (stride, padding, dilation, groups), pool_args = ctx.args
         dev, (enabled, dtype) = ctx.autocast
         with torch.autocast(device_type=dev, dtype=dtype) if enabled else contextlib.nullcontext():
@@ -272,7 +276,7 @@ class _CompactStem(torch.autograd.Function):
         del grad_out
         grad_y, ggamma, gbeta = torch.ops.aten.native_batch_norm_backward(
             grad_a, y, gamma, None, None, mean, invstd, True, eps,
-            [True, gamma is not None and ctx.needs_input_grad[3], beta is not None and ctx.needs_input_grad[4]])
+            [True, gamma is not None and ctx.needs_input_grad[3], ctx.has_beta and ctx.needs_input_grad[4]])
         del grad_a
         xc, wc = x.to(y.dtype), weight.to(y.dtype)
         del y

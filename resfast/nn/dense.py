@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls, require_batchnorm
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
-from resfast.nn.unfused import any_hooks, any_replaced, is_tracing, run_unfused, submodules
+from resfast.nn.unfused import any_hooks, any_replaced, hooked_submodules, is_tracing, run_unfused, submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -236,8 +236,10 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
         self._check_input(init_features, transition)
         if self.memory == "shared" and init_features.shape[0] == 0:
             _refuse_empty_sync(self, transition)
+        # hooks on the block itself (a forward hook returning a changed output, a full backward
+        # hook, retain_grad of its output): it is called as a module, so that they run
         if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
-                or self._transformed(init_features, transition) \
+                or hooked_submodules([("", self)]) or self._transformed(init_features, transition) \
                 or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
                                             ("relu", transition.relu), ("conv", transition.conv)],
                                "the shared block's fused tail"):
@@ -370,19 +372,25 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     # The conv's tensors and geometry as they are now: the recomputation runs in the backward,
     # when conv.weight may be another tensor (torch.func.functional_call's substituted weights,
     # MAML's fast weights, are gone by then: the original weight recomputed a wrong bottleneck).
-    weight, bias = conv.weight, conv.bias
+    # The four parameters are the checkpoint's arguments, not the closure's: the checkpoint saves
+    # its arguments for the backward, so an in-place change of one between the forward and the
+    # backward (optimizer.step(), a clamp_) raises autograd's "modified by an inplace operation",
+    # as the unfused modules do, instead of recomputing the bottleneck with the new values.
+    params = (conv.weight, conv.bias, call.weight, call.bias)
     geometry = dict(stride=conv.stride, padding=conv_padding(conv) or conv.padding, dilation=conv.dilation,
                     groups=conv.groups)
+    n = len(inputs)
 
-    def closure(*feats: Tensor) -> Tensor:
+    def closure(*args: Optional[Tensor]) -> Tensor:
+        feats, (weight, bias, bn_weight, bn_bias) = args[:n], args[n:]
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
         return bn_relu_conv2d(
-            x, weight, bias, bn_weight=call.weight, bn_bias=call.bias,
+            x, weight, bias, bn_weight=bn_weight, bn_bias=bn_bias,
             running_mean=running[0] if running else None, running_var=running[1] if running else None,
             training=call.batch_stats, momentum=0.0, eps=call.eps, backend=backend,
             process_group=call.process_group, **geometry)
 
-    return cp.checkpoint(closure, *inputs, use_reentrant=False)
+    return cp.checkpoint(closure, *inputs, *params, use_reentrant=False)
 
 
 def _check_recomputable_call(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[Tensor], backend: str) -> None:

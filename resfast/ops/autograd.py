@@ -25,6 +25,7 @@ error saying so (the statistics' cross-rank dependence is not differentiable her
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "DOUBLE_BACKWARD_SYNC_BN",
     "FORWARD_AD_SYNC_BN",
     "forward_ad_or_transform",
+    "clone_on_mutate_suspended",
 ]
 
 DOUBLE_BACKWARD_SYNC_BN = (
@@ -84,6 +86,30 @@ def forward_ad_or_transform(*tensors: Optional[Tensor], modules: Sequence = ()) 
     params = (p for m in modules for p in m.parameters())
     return any(isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None
                for ts in (tensors, params) for t in ts)
+
+
+def clone_on_mutate_suspended(enabled: bool = True):
+    """A context in which ``torch.autograd.graph.allow_mutation_on_saved_tensors()``'s dispatch
+    mode, when it is the innermost one, is set aside (else a no-op context).
+
+    That mode clones a saved tensor before an op writes to it in place, reading the written
+    arguments off the op's schema, and crashes on two argument kinds resfast's ops use:
+    an optional in-place argument given ``None`` (the native and triton ops' ``Tensor(a!)?``
+    running statistics, ``grad_x_out``: "'NoneType' object has no attribute 'data_ptr'") and
+    an out argument not named ``out`` (the eager op set's ``threshold_backward.grad_input``:
+    ``KeyError: 'out'``). The unfused modules train under it. resfast's backward writes in place
+    only into tensors it made in that backward, and its forward only into the running
+    statistics (which no graph saves: an eval forward normalises with a copy of them) and into
+    the buffers it allocates, so nothing a graph saved is written while the mode is set aside;
+    the caller keeps it (``enabled=False``) around a write into a caller's ``out=`` tensor."""
+    if not (enabled and getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False)):
+        return contextlib.nullcontext()
+    from torch.utils._python_dispatch import _get_current_dispatch_mode, _pop_mode_temporarily
+
+    mode_cls = getattr(torch.autograd.graph, "_CloneArgBeforeMutateMode", None)
+    if mode_cls is None or not isinstance(_get_current_dispatch_mode(), mode_cls):
+        return contextlib.nullcontext()
+    return _pop_mode_temporarily()
 
 
 def bn_relu_conv2d_backward(
@@ -235,9 +261,10 @@ def register_autograd(namespace: str, ops) -> None:
             gx, gw, gb, gbw, gbb = _double_backward_grads(
                 grad_out, [x, weight, bias, bn_weight, bn_bias, mean, invstd], needs, ctx.conv_args, ctx.batch_stats)
         else:
-            gx, gw, gb, gbw, gbb = bn_relu_conv2d_backward(
-                ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
-                x.numel() // x.shape[1], bias_grad=bias is not None and needs[2])
+            with clone_on_mutate_suspended():
+                gx, gw, gb, gbw, gbb = bn_relu_conv2d_backward(
+                    ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
+                    x.numel() // x.shape[1], bias_grad=bias is not None and needs[2])
         return gx, gw, gb, gbw, gbb, None, None, None, None, None, None, None
 
     torch.library.register_autograd(f"{namespace}::bn_relu_conv2d", backward, setup_context=setup_context)
@@ -297,9 +324,10 @@ class BNReLUConv2dFunction(torch.autograd.Function):
             grads = _double_backward_grads(grad_out, [x, weight, bias, bn_weight, bn_bias, mean, invstd], needs,
                                            ctx.conv_args, ctx.batch_stats)
         else:
-            grads = bn_relu_conv2d_backward(
-                ctx.ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
-                ctx.count, ctx.process_group, bias_grad=bias is not None and needs[2])
+            with clone_on_mutate_suspended():
+                grads = bn_relu_conv2d_backward(
+                    ctx.ops, grad_out, x, weight, bn_weight, bn_bias, mean, invstd, ctx.conv_args, ctx.batch_stats,
+                    ctx.count, ctx.process_group, bias_grad=bias is not None and needs[2])
         return grads
 
 

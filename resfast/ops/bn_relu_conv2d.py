@@ -27,7 +27,8 @@ from torch import Tensor
 
 from resfast.backends import resolve_backend
 from resfast.ops.autograd import (DOUBLE_BACKWARD_SYNC_BN, FORWARD_AD_SYNC_BN, BNReLUConv2dFunction,
-                                  BNReLUConv2dStatsFunction, BNTrainReLUConv2dFunction, forward_ad_or_transform)
+                                  BNReLUConv2dStatsFunction, BNTrainReLUConv2dFunction, clone_on_mutate_suspended,
+                                  forward_ad_or_transform)
 from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, autotune_enabled, conv_out,
                                   pick_backend, probe_batch, probe_extent, scratch, scratch_param, static_choice,
                                   static_dims, strides_class, training_runner)
@@ -119,9 +120,10 @@ def bn_relu_conv2d(
     _check_input_stats(input_stats, x)
     name = bn_relu_conv2d_backend(backend, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                   momentum, eps, stride, padding, dilation, groups, out)
-    y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
-                               momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
-                               return_stats)
+    with clone_on_mutate_suspended(out is None):
+        y, stats = _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                                   momentum, eps, stride, padding, dilation, groups, out, process_group, input_stats,
+                                   return_stats)
     if cast_out is not None:  # (statistics of y before the cast describe no tensor the caller has)
         y, stats = y.to(cast_out), None
     if stats is not None and not torch.compiler.is_compiling():

@@ -49,6 +49,7 @@ This module takes tensors, floats and process groups only (:class:`DenseLayerArg
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -56,7 +57,8 @@ import torch
 from torch import Tensor
 
 from resfast.backends import resolve_backend
-from resfast.ops.autograd import bn_param_grad, bn_relu_conv2d_backward, forward_ad_or_transform
+from resfast.ops.autograd import (bn_param_grad, bn_relu_conv2d_backward, clone_on_mutate_suspended,
+                                  forward_ad_or_transform)
 from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signature, as_pair, autocast_dtype,
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
                                   static_choice, static_dims, strides_class, training_runner)
@@ -167,7 +169,7 @@ def shared_dense_block(
         raise RuntimeError(FORWARD_AD_SHARED_BLOCK)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad
                                                                      for t in tensors))
-    with _autocast_off(x.device.type):
+    with _autocast_off(x.device.type), clone_on_mutate_suspended():
         if not needs_grad:
             out = _forward(cfg, x, tensors, None)[0]
             return out if out.dtype == cfg.out_dtype else out.to(cfg.out_dtype)
@@ -592,10 +594,22 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
         # after the backward (and keeps them for a second one with retain_graph=True). The
         # bottlenecks stay on ctx: the backward drops each one as soon as its layer is done
         # (the block's backward peak then holds one fewer), and a second backward over the same
-        # graph recomputes them from the buffer (saved-tensor hooks do not see them).
-        ctx.save_for_backward(buf, *tensors, *saved.masks)
+        # graph recomputes them from the buffer. Under saved-tensor hooks (save_on_cpu,
+        # activation offloading or compression, a checkpoint around the block) they are saved
+        # like the buffer instead, so the hooks see everything the block keeps (on ctx they
+        # stayed on the device, the larger part of the block's store).
+        hooked = _saved_tensor_hooks_active()
+        kept = [b for b in saved.bottlenecks if b is not None] if hooked else []
+        ctx.save_for_backward(buf, *tensors, *saved.masks, *kept)
+        if kept:
+            saved.bottlenecks = [None] * n
         saved.masks = [None] * n
-        ctx.cfg, ctx.saved, ctx.num_tensors = cfg, saved, len(tensors)
+        ctx.cfg, ctx.saved, ctx.num_tensors, ctx.num_kept = cfg, saved, len(tensors), len(kept)
+        # Autograd does not check a saved tensor's version under saved-tensor hooks, and the
+        # buffer is the block's output: changed in place before the backward (y.relu_(),
+        # y += skip) under a hook that keeps the tensor itself, the backward would read the
+        # changed features (silently wrong gradients). The backward checks it (_check_buffer).
+        ctx.buf_ref = (weakref.ref(buf), buf._version) if hooked else None
         ctx.x_shape = tuple(x.shape)
         ctx.x_format = out_memory_format(x)
         ctx.device_type = x.device.type
@@ -605,7 +619,7 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD_SHARED)
-        with _autocast_off(ctx.device_type):
+        with _autocast_off(ctx.device_type), clone_on_mutate_suspended():
             return (None, *_backward(ctx, grad_out))
 
 
@@ -613,9 +627,13 @@ def _backward(ctx, grad_out: Tensor):
     cfg: _Config = ctx.cfg
     saved: _Saved = ctx.saved
     buf, *rest = ctx.saved_tensors
+    _check_buffer(ctx, buf)
     num_tensors, n_layers = ctx.num_tensors, cfg.num_layers
     tensors = rest[:num_tensors]
     bottlenecks = list(saved.bottlenecks)
+    if ctx.num_kept:  # saved through the hooks (recompute="bn_relu" only: one per layer)
+        bottlenecks = list(rest[len(rest) - ctx.num_kept:])
+        rest = rest[:len(rest) - ctx.num_kept]
     # Each bottleneck is dropped from ctx once its layer is done (a second backward recomputes
     # it); not while torch.compile traces, which may not mutate what the forward left on ctx.
     release = not torch.compiler.is_compiling()
@@ -697,6 +715,33 @@ def _backward(ctx, grad_out: Tensor):
     grad_x.copy_(gbuf[:, :c0])
     del gbuf
     return (grad_x, *grads)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, ``save_on_cpu``,
+    a checkpoint) are in effect for tensors saved now (not asked while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _check_buffer(ctx, buf: Tensor) -> None:
+    """Raise, as autograd does without hooks, when the feature buffer the backward got from
+    saved-tensor hooks is the forward's buffer itself (or a view of it) and was changed in place
+    since (a hook that kept a copy made at pack time gives the forward's values: no error)."""
+    if getattr(ctx, "buf_ref", None) is None:
+        return
+    ref, version = ctx.buf_ref
+    orig = ref()
+    if orig is None or orig._version == version or buf.untyped_storage().data_ptr() != \
+            orig.untyped_storage().data_ptr():
+        return
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace operation: the "
+        f"shared dense block's output (its feature buffer, {tuple(orig.shape)}) is at version {orig._version}; "
+        f"expected version {version}. Under saved-tensor hooks autograd does not check this itself. Change a copy "
+        "(y = y.clone(), or an out-of-place op such as torch.relu(y)), or use DenseBlock(memory='naive') or "
+        "memory='checkpoint', whose output the backward does not read")
 
 
 def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunks, batch_stats, count, group,
