@@ -626,10 +626,12 @@ def phase_profile(budget: Budget):
 # programs share an SM (the static model predicts them faster: its latency bound falls with
 # residency) but spill, which the model does not price. (shape, phase, launch, config label)
 CANDIDATES = (
-    # PREDICTED 212.4 -> 153.6 us, spills 172 bytes (triton 3.8)
-    ("resnext50_s1", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=32,MAXNREG=128,w4,s1,p4"),
-    # PREDICTED 118.6 -> 88.2 us, spills 160 bytes (triton 3.8; the same cap at stage 2)
-    ("resnext50_s2", "bwd", "conv_bwd", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=32,MAXNREG=128,w4,s1,p4"),
+    # the packed input gradient (stride 1) at 7 and 8 programs per SM: PREDICTED 86.6 -> 78.2 and
+    # 68.9 us, spills 20 and 52 bytes (triton 3.8)
+    ("resnext50_s1", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=72,w4,s1,p7"),
+    ("resnext50_s1", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=64,w4,s1,p8"),
+    # PREDICTED 51.8 -> 41.5 us, spills 64 bytes (triton 3.8; the same cap at stage 2)
+    ("resnext50_s2", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=64,w4,s1,p8"),
     # PREDICTED 149.2 -> 101.2 us, spills 116 bytes (triton 3.8): DenseNet's 3x3 input gradient,
     # the 8-warp config capped to hold 2 programs per SM
     ("densenet121_3x3", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=128,MAXNREG=128,w8,s3,p2"),

@@ -48,6 +48,10 @@ CHOSEN = {
 #: SM; commit 9ceaaa0 and later): bound with the grids that ran.
 BEFORE_FILL = {"2026-11-29-nvidia-h200-kernels.json"}
 
+#: Profiles of code before the packed stride-1 input gradient had its own kernel (the merged
+#: ``conv_bwd`` launch ran it; ``resfast.ops.triton_ops.PACKED_INPUT``): bound with that plan.
+BEFORE_PACKED_INPUT = {"2026-11-29-nvidia-h200-kernels.json", "2026-11-29b-nvidia-h200-kernels.json"}
+
 PARAMS = ("DEP_CPI", "SYNC_CYCLES", "LOAD_ROUND_CYCLES", "LAUNCH_US")
 
 
@@ -90,6 +94,7 @@ def features(results: str) -> List[Dict[str, Any]]:
         doc = json.load(f)
     records = doc.get("profiles") or [doc["profile"]]
     triton_ops.PLANNER_FILL = os.path.basename(results) not in BEFORE_FILL
+    triton_ops.PACKED_INPUT = os.path.basename(results) not in BEFORE_PACKED_INPUT
     rows = []
     for i, prof in enumerate(records):
         if not prof.get("kernels") or prof.get("shape") not in sm.SHAPES:

@@ -847,8 +847,8 @@ def test_triton_launch_cost_script_times_each_launch_of_a_step():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = [ln.split() for ln in lines[1:-1]]
-    assert [r[1] for r in rows] == ["bn_stats", "bn_stats_finalize", "conv_fwd", "conv_bwd", "conv_bwd_finalize",
-                                    "bn_backward_elemt"]
+    assert [r[1] for r in rows] == ["bn_stats", "bn_stats_finalize", "conv_fwd", "conv_bwd_input", "conv_bwd_weight",
+                                    "conv_bwd_finalize", "bn_backward_elemt"]
     assert all(float(r[-2]) > 0 and r[-1] == "us" for r in rows)
     assert lines[-1].strip().startswith("one training step:")
 

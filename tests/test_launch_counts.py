@@ -63,9 +63,10 @@ def _step(x, w, bw, bb, groups, k, backend, counter=None):
 
 
 @pytest.mark.parametrize("case, expect_bwd", [
-    # packed small groups: one conv-backward launch for both gradients (its non-finite fix-up
-    # for the block-diagonal MMAs inside it), the gradient finalize, the BN input gradient
-    ((16, 16, 4, 3), 3),
+    # packed small groups at stride 1: the input gradient (its non-finite fix-up for the
+    # block-diagonal MMAs inside it), the weight gradient, the gradient finalize, the BN input
+    # gradient
+    ((16, 16, 4, 3), 4),
     ((8, 40, 1, 3), 4),    # output channels wider than one tile: grad_a and grad_weight launched apart
     ((12, 8, 1, 1), 3),    # a 1x1 conv: conv backward, finalize, BN input gradient
 ], ids=["packed_3x3", "wide_3x3", "dense_1x1"])

@@ -821,6 +821,32 @@ _BWD_INPUT_WIDE_CONFIGS = [
     _cfg(4, 3, 2, TILE_H=4, TILE_W=16, BLOCK_N=32, BLOCK_K=128),
 ]
 _BWD_INPUT_WIDE_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# The input gradient of packed small groups at stride 1 (:func:`_packed_input`;
+# ``bn_relu_conv_bwd_input_packed_kernel``: per tap one [positions, 16] x [16, 16] MMA), then the
+# weight gradient as its own launch. Its time is one warp's dependent path (PREDICTED), so the
+# first config caps the registers at 80 to hold 6 programs per SM (spill-free with triton 3.8;
+# ResNeXt-50 stage 1: 86.6 us against 112.5 us uncapped at 5 per SM).
+_BWD_INPUT_PACKED_CONFIGS = [
+    _cfg(4, 1, 6, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MAXNREG=80),
+    _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16),
+    _cfg(8, 1, 3, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=16, MAXNREG=80),
+]
+_BWD_INPUT_PACKED_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# ... and the weight-gradient launch beside it (the stacked kernel, ``DO_GW``), which the merged
+# launch never had alone: with packed groups a block is 16 x 16 channels whatever the config's
+# BLOCK_N / BLOCK_K, so these differ from :data:`_BWD_WEIGHT_CONFIGS` in warps, tile and
+# programs per SM only (their 55-98 registers hold 4-5 per SM; PREDICTED at stage 1: 99.6 ->
+# 75.0 us, the 8-warp 8 x 8 one).
+_BWD_WEIGHT_PACKED_CONFIGS = [
+    _cfg(8, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 1, 3, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
+    _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+]
+#: ``False``: the packed stride-1 backward as before this kernel (one merged ``conv_bwd`` launch
+#: for both conv gradients), the plan the GPU profiles before it ran
+#: (``benchmarks/static_calibrate.py`` binds it to refit the model) and the static model's
+#: before-and-after comparison.
+PACKED_INPUT = True
 # grad_weight accumulators of one program (taps x BLOCK_N x BLOCK_K float32) above this many
 # elements per thread split the backward into two launches (grad_a, then grad_weight).
 _MAX_GW_ACC_PER_THREAD = 40
@@ -1017,8 +1043,43 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
                      fn=bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel if at_input else None)
 
+    def packed_input_binder(cfg: TileConfig) -> Bound:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb
+        tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
+        num_tiles = n * tiles_h * tiles_w
+        splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
+        psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
+        state.update(psum=psum, splits_s=splits)
+        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, tiles_h, tiles_w, num_tiles,
+                *_digits(splits, (tiles_w, tiles_h)),
+                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *padding, *dilation)
+        const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
+                     EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
+                     BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
+        # the exact fix-up runs only in programs that met a grad_a that is not finite (its loop over
+        # a group's output channels is unrolled by 4 with a remainder loop: two SASS loops)
+        loops = {"tiles": _cdiv(num_tiles, splits), "fixup_tiles": 0, "fixup_channels": 0, "fixup_taps": 0,
+                 "fixup_outputs": 0, "fixup_outputs_rest": 0}
+        return Bound((splits, ncb), args, const, loops=loops,
+                     depths={"fixup_channels": 2, "fixup_taps": 3, "fixup_outputs": 4, "fixup_outputs_rest": 4},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
+
     launches = []
-    if merged:
+    packed_ga = PACKED_INPUT and _packed_input(groups, cin_g, cout_g, stride, kh, kw)
+    if packed_ga:
+        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_kernel,
+                                     _prune_tiles(_BWD_INPUT_PACKED_CONFIGS, h, w, fit=True),
+                                     _BWD_INPUT_PACKED_INTERP, packed_input_binder, key + ("ga", "packed"),
+                                     hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+        merged = False
+    elif merged:
         launches.append(KernelLaunch("conv_bwd", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel, merged_cfgs, _BWD_INTERP,
                                      binder(True, True), key + ("ga+gw",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
@@ -1052,8 +1113,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _BWD_WEIGHT_S1_INTERP, bind_either, key + ("gw", "wide"),
                                      hbm_bytes=gy_bytes + x_bytes))
     elif not merged:
+        gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else [])
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
-                                     _prune_tiles(_BWD_WEIGHT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
+                                     _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
     fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
@@ -1104,6 +1166,18 @@ def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg
     blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
     per_thread = kh * _pow2(kw) * blk.block_n * blk.block_k // (32 * cfg.num_warps)
     return blk.nsub == 1 and per_thread <= _MAX_GW_ACC_PER_THREAD
+
+
+def _packed_input(groups: int, cin_g: int, cout_g: int, stride, kh: int = 3, kw: int = 3) -> bool:
+    """Whether the input gradient runs ``bn_relu_conv_bwd_input_packed_kernel`` (and the weight
+    gradient a launch of its own): stride 1, more than one tap, and a group block (packed small
+    groups, or one group) of at most 16 input and 16 output channels, one [16, 16] MMA tile per
+    tap. Where the static model predicts it faster than the merged launch: ResNeXt-50's stages
+    1-3 and depthwise 3x3 (docs/notes/triton_kernels.md); a 1x1 kernel keeps the merged launch
+    (one tap: nothing stacked to save)."""
+    blk = _blocks(groups, cin_g, cout_g, 16, 16)
+    return (max(stride) == 1 and kh * kw > 1 and blk.kr <= blk.block_k == 16
+            and blk.nr <= blk.block_n == 16)
 
 
 def _wide_group(groups: int, cin_g: int, cout_g: int) -> bool:

@@ -49,6 +49,11 @@ program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its til
 one group at a time, in the same launch (normally never: no per-tile check, no extra launch);
 on the class path it walks the same tiles as its first pass, class by class.
 
+Packed small groups at stride 1 (ResNeXt-50 stages 1-3, depthwise) take the input gradient
+from :func:`bn_relu_conv_bwd_input_packed_kernel` (``grad_out`` convolved with the flipped,
+transposed block-diagonal weights, one MMA per tap, the same epilogue and partials) and the
+weight gradient from this kernel with ``DO_GW`` alone.
+
 Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
 time) have kernels of their own, with the same partials and finalize:
 :func:`bn_relu_conv_bwd_input_kernel` (``grad_a`` by one flattened, software-pipelined loop
@@ -62,7 +67,7 @@ import triton
 import triton.language as tl
 
 from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, tile_digits,
-                                            tile_origin)
+                                            tile_next2, tile_origin)
 
 
 @triton.jit
@@ -301,6 +306,212 @@ def bn_relu_conv_bwd_kernel(
         row = split.to(tl.int64) * (2 * C)
         tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
         tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0), mask=k_ok)
+
+
+@triton.jit
+def bn_relu_conv_bwd_input_packed_kernel(
+    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
+    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W, NUM_TILES, STEP_W, STEP_H, STEP_N,
+    sgn, sgc, sgh, sgw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``grad_a`` of packed small groups at stride 1 as the convolution it is: ``grad_out``
+    (zero-padded, no prologue) with the flipped, transposed weights. Per tile of input
+    positions and per tap one masked ``[positions, BLOCK_N]`` load of ``grad_out`` at the tap's
+    shifted positions (a kernel row's loads issued together) and one MMA with the tap's
+    block-diagonal ``[BLOCK_N, BLOCK_K]`` weights (loaded once per program: the flip and the
+    transpose are the gather's index arithmetic); then the epilogue of
+    :func:`bn_relu_conv_bwd_kernel` (``grad_z`` and the BN-gradient partials). Grid
+    ``(splits, group blocks)``; program ``(split, gb)`` walks tiles ``split, split + splits,
+    ...`` by their digits (``STEP_*``, from the host).
+
+    Non-finite values: ``0 * NaN`` in the block-diagonal weights carries one group's
+    non-finite ``grad_out`` into its packed neighbours' ``grad_a``; where that reaches
+    ``grad_z`` it makes the program's ``sum(grad_z)`` NaN, and such a program recomputes its
+    tiles exactly in the same launch, one input channel at a time from its own group's output
+    channels (:func:`_packed_fixup_tile`: FMAs on vectors over the positions, so this cold path
+    never needs more registers than the tile loop; a fix-up through the MMAs took the kernel
+    from 80 to 117-255 registers).
+
+    Selected by the host (``triton_ops._packed_input``) at stride 1 for a group block of at
+    most 16 input and output channels and more than one tap; the weight gradient is then its
+    own launch (:func:`bn_relu_conv_bwd_kernel` with ``DO_GW`` alone)."""
+    split = tl.program_id(0)
+    splits = tl.num_programs(0)
+    gblk = tl.program_id(1)
+    act_ty = gz_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    ci, k_ok, scale, shift = channel_block(kk, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
+    gk = kk // CIN_G
+    ci_loc = kk - gk * CIN_G
+    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
+    x_c = ci * sxc
+    z_c = ci * szc
+    nn = tl.arange(0, BLOCK_N)
+    co = gblk * NR + nn
+    if EVEN_N:
+        n_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        n_ok = (nn < NR) & (co < CO)
+    # the taps' block-diagonal weights, [BLOCK_N, BLOCK_K] each: row n (output channel co),
+    # column k (input channel ci) holds w[co, ci_local, kh, kw] within one group, else 0
+    keep = ((nn // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
+    w_off = (co * swo)[:, None] + (ci_loc * swi)[None, :]
+    wt = ()
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
+    g_c = co * sgc
+    # per-position sums of grad_z and grad_z * (x - mean), reduced once at the end (invstd
+    # applied then: sum(grad_z * (x - mean)) * invstd)
+    sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    d_w, d_h, _, _, d_n = tile_digits(split, TILES_W, TILES_H, 1, 1)
+    for t in tl.range(split, NUM_TILES, splits, num_stages=1):
+        sdz, sdzx = _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok, wt, scale, shift,
+                                 mean, sdz, sdzx, oi, oj, H, W, HO, WO, sgn, sgh, sgw, sxn, sxh, sxw, szn, szh, szw,
+                                 pad_h, pad_w, dil_h, dil_w, act_ty, KH, KW, TILE_H, TILE_W, BLOCK_K, DOT_F32)
+        d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
+
+    tl.debug_barrier()  # the first pass's grad_z stores come before the fix-up's
+    if any_nonfinite(sdz):
+        # the same tiles again, each input channel's grad_a from its own group's output channels
+        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        for t in tl.range(split, NUM_TILES, splits, num_stages=1):
+            f_w, f_h, _, _, f_n = tile_digits(t, TILES_W, TILES_H, 1, 1)
+            sdz, sdzx = _packed_fixup_tile(f_n.to(tl.int64), f_h * TILE_H + oi, f_w * TILE_W + oj, kk, gblk, go_ptr,
+                                           w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sdz, sdzx,
+                                           C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, sgn, sgc, sgh, sgw, swo, swi,
+                                           swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h,
+                                           dil_w, HAS_GAMMA, HAS_BETA, KH, KW)
+    invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+    row = split.to(tl.int64) * (2 * C)
+    tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
+    tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+
+
+@triton.jit
+def _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok, wt, scale, shift, mean, sdz, sdzx,
+                 oi, oj, H, W, HO, WO, sgn, sgh, sgw, sxn, sxh, sxw, szn, szh, szw, pad_h, pad_w, dil_h, dil_w,
+                 act_ty: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """One tile (image ``d_n``, tile row ``d_h``, column ``d_w``) of the packed input-gradient
+    kernel: ``grad_a``, ``grad_z`` stored, its sums accumulated."""
+    ii = d_h * TILE_H + oi
+    jj = d_w * TILE_W + oj
+    n64 = d_n.to(tl.int64)
+    mask = ((ii < H) & (jj < W))[:, None] & k_ok[None, :]
+    acc, xv = _packed_taps(go_ptr + n64 * sgn, ii, jj, g_c, n_ok, wt, HO, WO, sgh, sgw, pad_h, pad_w, dil_h, dil_w,
+                           x_ptr + n64 * sxn + (ii * sxh + jj * sxw)[:, None] + x_c[None, :], mask, KH, KW, BLOCK_K,
+                           DOT_F32)
+    return _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, ii, jj, szn, szh, szw, z_c, sdz, sdzx,
+                            act_ty)
+
+
+@triton.jit
+def _packed_fixup_tile(n64, ii, jj, kk, gblk, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                       sdz, sdzx, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, sgn, sgc, sgh, sgw, swo, swi, swh, sww,
+                       sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h, dil_w, HAS_GAMMA: tl.constexpr,
+                       HAS_BETA: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """The packed input-gradient kernel's exact fix-up of one tile (input rows ``ii``, columns
+    ``jj`` of image ``n64``): one input channel at a time, ``grad_a`` from its own group's
+    output channels only (one FMA per tap and output channel of the group), ``grad_z`` stored
+    again and its sums added to column ``k`` of ``sdz``, ``sdzx``. Vectors over the positions
+    only, so this cold path needs fewer registers than the tile loop."""
+    m_ok = (ii < H) & (jj < W)
+    gyb = go_ptr + n64 * sgn
+    for k in range(0, KR):
+        ci = gblk * KR + k
+        c_ok = ci < C
+        g = k // CIN_G
+        ci_loc = k - g * CIN_G
+        acc = tl.zeros(ii.shape, dtype=tl.float32)
+        for tap in range(0, KH * KW):
+            fh = tap // KW
+            fw = tap - fh * KW
+            gi = ii + (pad_h - fh * dil_h)
+            gj = jj + (pad_w - fw * dil_w)
+            t_ok = (gi >= 0) & (gi < HO) & (gj >= 0) & (gj < WO) & c_ok
+            for j in range(0, COUT_G):
+                co = gblk * NR + g * COUT_G + j
+                wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
+                             other=0.0).to(tl.float32)
+                gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO), other=0.0).to(tl.float32)
+                acc += gv * wv
+        c_m = tl.where(c_ok, ci, 0)
+        mean = tl.load(mean_ptr + c_m).to(tl.float32)
+        scale = tl.load(invstd_ptr + c_m).to(tl.float32)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
+        if HAS_BETA:
+            shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
+        else:
+            shift = -mean * scale
+        ok = m_ok & c_ok
+        xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
+        xf = xv.to(tl.float32)
+        a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0).to(xv.dtype)
+        gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
+        tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
+        gzf = gzv.to(tl.float32)
+        col = (kk == k)[None, :]
+        sdz = tl.where(col, sdz + gzf[:, None], sdz)
+        sdzx = tl.where(col, sdzx + (gzf * (xf - mean))[:, None], sdzx)
+    return sdz, sdzx
+
+
+@triton.jit
+def _packed_taps(gyb, ii, jj, g_c, n_ok, wt, HO, WO, sgh, sgw, pad_h, pad_w, dil_h, dil_w, x_ptrs, x_mask,
+                 KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """``grad_a`` of one tile (input rows ``ii``, columns ``jj`` of the image at ``gyb``) at
+    stride 1: per tap ``grad_out`` at row ``ii + pad_h - kh * dil_h``, column ``jj + pad_w -
+    kw * dil_w`` (zero outside the image and where ``n_ok`` is false) times the tap's weights
+    ``wt[kh * KW + kw]``; a kernel row's loads are issued before its MMAs, and ``x`` (at
+    ``x_ptrs``) with the last row's: ``(grad_a, x)``."""
+    g_ptr = gyb + ((ii * sgh + jj * sgw)[:, None] + g_c[None, :])  # once per tile; each tap adds a scalar
+    acc = tl.zeros([ii.shape[0], BLOCK_K], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        # 0 <= row < HO as one unsigned compare
+        r_ok = (ii + (pad_h - kh * dil_h)).to(tl.uint32, bitcast=True) < HO.to(tl.uint32, bitcast=True)
+        gys = ()
+        for kw in tl.static_range(KW):
+            c_ok = (jj + (pad_w - kw * dil_w)).to(tl.uint32, bitcast=True) < WO.to(tl.uint32, bitcast=True)
+            g_mask = (r_ok & c_ok)[:, None] & n_ok[None, :]
+            d_off = (pad_h - kh * dil_h) * sgh + (pad_w - kw * dil_w) * sgw
+            gys = gys + (tl.load(g_ptr + d_off, mask=g_mask, other=0.0),)
+        if kh == KH - 1:
+            xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        for kw in tl.static_range(KW):
+            acc = dot_acc(gys[kw], wt[kh * KW + kw], acc, DOT_F32)
+    return acc, xv
+
+
+@triton.jit
+def _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
+                     act_ty: tl.constexpr):
+    """:func:`_epilogue` of the packed input-gradient kernel: ``a = relu(bn(x))`` rounded to
+    ``x``'s dtype, ``grad_z = grad_a`` where ``a > 0`` (or NaN) else 0, stored; the sums of
+    ``grad_z`` and ``grad_z * (x - mean)`` accumulated per position (the subtraction first,
+    as the reference; ``invstd`` is applied to the reduced sum)."""
+    xf = xv.to(tl.float32)
+    a = bn_relu(xf, scale, shift, mask).to(act_ty)
+    gzv = tl.where(a <= 0.0, 0.0, acc.to(act_ty))
+    tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + z_c[None, :], gzv, mask=mask)
+    gzf = gzv.to(tl.float32)
+    return sdz + gzf, sdzx + gzf * (xf - mean[None, :])
 
 
 @triton.jit

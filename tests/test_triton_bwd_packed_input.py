@@ -1,0 +1,149 @@
+"""The packed input gradient at stride 1 (``bn_relu_conv_bwd_input_packed_kernel``: ``grad_out``
+convolved with the flipped, transposed block-diagonal weights, one ``[positions, 16] x [16, 16]``
+MMA per tap, then the epilogue's ``grad_z`` and BN-gradient sums), with the weight gradient as
+its own launch, against the float64 rule: packed 2-, 4- and 8-channel groups, one 16-channel
+group, one group narrower than 16, depthwise, output groups wider than input groups, a partial
+last block, padding 0, 1 and 2, dilation 2, odd image sizes, 2x2 / 5x5 kernels, NCHW and
+channels_last, bfloat16, and a NaN in one group's ``grad_out`` (the in-launch exact fix-up).
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resfast.backends import backend_status
+from reference import assert_rule
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY = backend_status(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+
+if not _WHY:
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import reference, triton_ops
+
+    OPS = torch.ops.resfast_triton
+
+
+def _inputs(n, c, co, groups, hw, k, dtype=torch.float32, seed=0, layout=torch.channels_last):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, *hw, generator=g) * 1.3 + 0.4).to(dtype=dtype, device=DEVICE)
+    x = x.contiguous(memory_format=layout)
+    kh, kw = k
+    w = (torch.randn(co, c // groups, kh, kw, generator=g) / (c // groups * kh * kw) ** 0.5).to(dtype=dtype,
+                                                                                                  device=DEVICE)
+    bw = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    bb = (torch.randn(c, generator=g) * 0.3).to(DEVICE)
+    mean, var = reference.bn_stats(x)
+    return x, w, bw, bb, mean, torch.rsqrt(var + 1e-5)
+
+
+def _out_hw(hw, k, p, d):
+    return tuple(hw[i] + 2 * p[i] - d[i] * (k[i] - 1) for i in range(2))
+
+
+def _f64(t):
+    return t.detach().to(device="cpu", dtype=torch.float64) if isinstance(t, torch.Tensor) else t
+
+
+def _check(args, dtype, context):
+    got = OPS.bn_relu_conv2d_backward(*args)
+    ref64 = reference.bn_relu_conv2d_backward(*[_f64(a) for a in args])
+    ref_same = reference.bn_relu_conv2d_backward(*args)
+    for i, (a, r64, rs) in enumerate(zip(got, ref64, ref_same)):
+        assert_rule(f"bn_relu_conv2d_backward[{i}]", a, r64, rs, context, dtype=dtype)
+    return got
+
+
+def _launches(args):
+    """``(name, kernel)`` of each launch the op plans for ``args``."""
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    return [(lp.name, lp.fn) for lp in plan]
+
+
+def _packed_path(args):
+    return _launches(args)[:2] == [("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_kernel),
+                                   ("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel)]
+
+
+# (n, C, C_out, groups, H x W, kernel, padding, dilation)
+CASES = [
+    (2, 16, 16, 4, (9, 7), (3, 3), (1, 1), (1, 1)),     # ResNeXt stage 1: 4-channel groups, 4 per block
+    (1, 16, 16, 2, (7, 10), (3, 3), (0, 0), (1, 1)),    # 8-channel groups, padding 0
+    (1, 16, 16, 1, (6, 5), (3, 3), (2, 2), (1, 1)),     # one 16-channel group, padding 2
+    (2, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, two blocks, dilation 2
+    (1, 8, 8, 8, (11, 5), (3, 3), (1, 1), (1, 1)),      # depthwise, one partial block of 8 channels
+    (1, 12, 24, 3, (5, 9), (3, 3), (1, 0), (1, 2)),     # 4 -> 8 channel groups, partial block, mixed pad/dil
+    (1, 8, 8, 1, (7, 7), (3, 3), (1, 1), (1, 1)),       # one group narrower than 16
+    (1, 16, 16, 4, (8, 7), (2, 2), (1, 0), (1, 1)),     # 2x2: asymmetric output
+    (1, 16, 16, 8, (9, 10), (5, 5), (2, 2), (1, 1)),    # 5x5, 2-channel groups
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_packed_input_gradient_against_eager(case):
+    """grad_z, grad_weight, grad_bias and the BN-gradient sums (float32, channels_last)."""
+    n, c, co, groups, hw, k, p, d = case
+    x, w, bw, bb, mean, invstd = _inputs(n, c, co, groups, hw, k)
+    go = torch.randn(n, co, *_out_hw(hw, k, p, d), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], list(p), list(d), groups, True)
+    assert _packed_path(args), _launches(args)
+    _check(args, torch.float32, f"case={case}")
+
+
+def test_packed_input_gradient_nchw_no_affine():
+    """NCHW tensors (channel stride H*W: the gathers' scalar column), no BN weight or bias."""
+    x, w, _, _, mean, invstd = _inputs(2, 16, 16, 4, (7, 9), (3, 3), layout=torch.contiguous_format, seed=5)
+    go = torch.randn(2, 16, 7, 9, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    args = (go, x, w, None, None, mean, invstd, [1, 1], [1, 1], [1, 1], 4, False)
+    assert _packed_path(args), _launches(args)
+    _check(args, torch.float32, "NCHW, no affine")
+
+
+def test_packed_input_gradient_bf16():
+    """bfloat16 operands (the MMA's dtype on a GPU), odd H and W, padding 1."""
+    x, w, bw, bb, mean, invstd = _inputs(2, 16, 16, 4, (9, 7), (3, 3), torch.bfloat16, seed=4)
+    go = torch.randn(2, 16, 9, 7, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    go = go.contiguous(memory_format=torch.channels_last)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 4, True)
+    assert _packed_path(args), _launches(args)
+    _check(args, torch.bfloat16, "bf16")
+
+
+def test_not_taken_elsewhere():
+    """Stride 2, 1x1 kernels, 32-channel groups and dense convs keep their kernels."""
+    x, w, bw, bb, mean, invstd = _inputs(1, 16, 16, 4, (8, 8), (3, 3))
+    go = torch.randn(1, 16, 4, 4).to(DEVICE)
+    assert not _packed_path((go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], 4, False))
+    x, w, bw, bb, mean, invstd = _inputs(1, 16, 16, 4, (5, 6), (1, 1))
+    go = torch.randn(1, 16, 5, 6).to(DEVICE)
+    assert not _packed_path((go, x, w, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], 4, False))
+    x, w, bw, bb, mean, invstd = _inputs(1, 64, 64, 2, (5, 5), (3, 3))
+    go = torch.randn(1, 64, 5, 5).to(DEVICE)
+    assert not _packed_path((go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 2, False))
+    assert not triton_ops._packed_input(2, 32, 32, [1, 1]) and not triton_ops._packed_input(1, 128, 32, [1, 1])
+    assert not triton_ops._packed_input(32, 4, 4, [1, 1], 1, 1)
+    assert triton_ops._packed_input(32, 4, 4, [1, 1]) and triton_ops._packed_input(128, 1, 1, [1, 1])
+
+
+@pytest.mark.parametrize("pad,dil,layout", [(1, 1, torch.channels_last), (0, 2, torch.contiguous_format)],
+                         ids=["pad1", "pad0_dil2_nchw"])
+def test_packed_input_gradient_nonfinite_grad_out(pad, dil, layout):
+    """A NaN in one group's ``grad_out``: the block-diagonal MMA would carry it into the packed
+    neighbours (0 * NaN); the program whose sum of grad_z is not finite recomputes its tiles
+    exactly, one input channel at a time. NaN reaches exactly the channels eager gives NaN (the
+    group of the NaN's output channel), everything else matches the float64 reference."""
+    c, co, groups, hw = 16, 16, 4, (9, 11)
+    x, w, bw, bb, mean, invstd = _inputs(2, c, co, groups, hw, (3, 3), seed=8, layout=layout)
+    ho, wo = _out_hw(hw, (3, 3), (pad, pad), (dil, dil))
+    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    go = go.contiguous(memory_format=layout)
+    go[1, 6, ho // 2, wo // 2] = float("nan")  # output channel 6 is in group 1
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [pad, pad], [dil, dil], groups, True)
+    assert _packed_path(args), _launches(args)
+    got = _check(args, torch.float32, f"NaN in grad_out, padding {pad}, dilation {dil}")
+    gz = got[0]
+    assert torch.isnan(gz[:, 4:8]).any() and not torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 8:]).any()
