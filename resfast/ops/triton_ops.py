@@ -43,6 +43,7 @@ from torch import Tensor
 
 import resfast.backends as backend_table
 from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd, bn_relu_conv_fwd, bn_stats as bn_stats_k
+from resfast.kernels.triton import bn_relu_conv_wgrad
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, out_memory_format
@@ -842,6 +843,17 @@ _BWD_WEIGHT_PACKED_CONFIGS = [
     _cfg(8, 1, 3, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
     _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
 ]
+# ... and the dedicated packed weight-gradient kernel (``bn_relu_conv_bwd_weight_packed_kernel``,
+# ``WGRAD=1``): all three 4-tap stacks of grad_out loaded before the first MMA, 8 warps, 3
+# programs per SM (74-78 registers). Listed beside the stacked kernel's configs in one launch
+# (each config binds its own kernel). PREDICTED: faster only at ResNeXt-50 stage 3 (48.9 ->
+# 33.3 us; docs/notes/triton_kernels.md, last section), so the other shapes keep their choice.
+_BWD_WEIGHT_PACKED_WG_CONFIGS = [
+    _cfg(8, 1, 3, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, WGRAD=1, CAP=4),
+]
+_BWD_WEIGHT_PACKED_WG_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, WGRAD=1, CAP=4)
+#: ``False``: the packed stride-1 weight gradient by the stacked kernel's ``DO_GW`` pass alone.
+PACKED_WGRAD = True
 #: ``False``: the packed stride-1 backward as before this kernel (one merged ``conv_bwd`` launch
 #: for both conv gradients), the plan the GPU profiles before it ran
 #: (``benchmarks/static_calibrate.py`` binds it to refit the model) and the static model's
@@ -1071,6 +1083,38 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
 
+    def packed_weight_binder(cfg: TileConfig) -> Bound:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb
+        tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
+        num_tiles = n * tiles_h * tiles_w
+        # float32 weight-gradient partials at most about as large as the tensors read
+        cap = max(1, min(num_tiles, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
+        splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=True, fill=True)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        pgw = torch.empty([splits, co * cin_g * khw], **f32)
+        pgb = torch.empty([splits, co], **f32) if bias_grad else sums
+        state.update(pgw=pgw, pgb=pgb, splits_w=splits)
+        args = (grad_out, x, _or(gamma, mean), _or(beta, mean), mean, invstd, pgw, pgb,
+                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, tiles_h, tiles_w, num_tiles,
+                *_digits(splits, (tiles_w, tiles_h)), n * ho * wo,
+                *grad_out.stride(), *x.stride(), *padding, *dilation)
+        const = dict(KH=kh, KW=kw, CAP=cfg.get("CAP", 4), DO_GB=bool(bias_grad), HAS_GAMMA=gamma is not None,
+                     HAS_BETA=beta is not None, DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co),
+                     TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
+        loops = {"tiles": _cdiv(num_tiles, splits)}
+        if bias_grad:
+            loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
+        return Bound((splits, ncb), args, const, loops=loops,
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
+                     fn=bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel)
+
     launches = []
     packed_ga = PACKED_INPUT and _packed_input(groups, cin_g, cout_g, stride, kh, kw)
     if packed_ga:
@@ -1112,6 +1156,19 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(_BWD_WEIGHT_CONFIGS + _BWD_WEIGHT_S1_CONFIGS, hc, wc, fit=True),
                                      _BWD_WEIGHT_S1_INTERP, bind_either, key + ("gw", "wide"),
                                      hbm_bytes=gy_bytes + x_bytes))
+    elif not merged and packed_ga and PACKED_WGRAD:
+        # the dedicated packed kernel's configs and the stacked kernel's, each chosen per config
+        stacked_gw = binder(False, True)
+
+        def bind_packed(cfg: TileConfig) -> Bound:
+            if cfg.get("WGRAD"):
+                return packed_weight_binder(cfg)
+            return stacked_gw(cfg)
+
+        gw_cfgs = _BWD_WEIGHT_CONFIGS + _BWD_WEIGHT_PACKED_CONFIGS + _BWD_WEIGHT_PACKED_WG_CONFIGS
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
+                                     _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_WEIGHT_PACKED_WG_INTERP,
+                                     bind_packed, key + ("gw", "packed"), hbm_bytes=gy_bytes + x_bytes))
     elif not merged:
         gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else [])
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,

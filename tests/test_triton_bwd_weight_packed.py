@@ -1,0 +1,91 @@
+"""The packed weight gradient at stride 1 (``bn_relu_conv_bwd_weight_packed_kernel``: per tile
+``a = relu(bn(x))`` once, every 4-tap stack of ``grad_out`` loaded before the first MMA, one
+``[4 taps x 16, positions] x [positions, 16]`` MMA per stack, float32 partials summed by the
+finalize) against the float64 rule: packed 2-, 4- and 8-channel groups, one 16-channel group,
+depthwise, a partial last block, padding 0, 1 and 2, dilation 2, odd image sizes, 2x2 / 5x5
+kernels, NCHW and channels_last, bfloat16, a bias, and a NaN in one group's input or output
+gradient (it must reach exactly the weight-gradient entries eager's NaN reaches).
+
+Under the interpreter the op runs the launch's interpreter config, this kernel; on a GPU the
+tuner picks among it and the stacked kernel's configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resfast.backends import backend_status
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_WHY = backend_status(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+
+if not _WHY:
+    from resfast.kernels.triton import bn_relu_conv_wgrad
+    from resfast.ops import triton_ops
+    from test_triton_bwd_packed_input import _check, _inputs, _out_hw
+
+
+def _weight_kernel(args):
+    (launch,) = [lp for lp in triton_ops.launch_plan("bn_relu_conv2d_backward", *args) if lp.name == "conv_bwd_weight"]
+    return launch.bind(launch.interp_config).fn
+
+
+# (n, C, C_out, groups, H x W, kernel, padding, dilation)
+CASES = [
+    (2, 16, 16, 4, (9, 7), (3, 3), (1, 1), (1, 1)),     # ResNeXt stage 1: 4-channel groups, 4 per block
+    (1, 32, 32, 4, (7, 10), (3, 3), (0, 0), (1, 1)),    # stage 2: 8-channel groups, two blocks, padding 0
+    (1, 16, 16, 1, (6, 5), (3, 3), (2, 2), (1, 1)),     # stage 3: one 16-channel group, padding 2
+    (1, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, dilation 2
+    (1, 24, 24, 24, (11, 5), (3, 3), (1, 1), (1, 1)),   # depthwise, a partial last block of 8 channels
+    (1, 12, 24, 3, (5, 9), (3, 3), (1, 0), (1, 2)),     # 4 -> 8 channel groups, mixed padding / dilation
+    (1, 16, 16, 4, (8, 7), (2, 2), (1, 0), (1, 1)),     # 2x2: one stack, asymmetric output
+    (1, 16, 16, 8, (9, 10), (5, 5), (2, 2), (1, 1)),    # 5x5: 25 taps, 7 stacks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_packed_weight_gradient_against_eager(case):
+    """grad_weight, grad_bias (and the other outputs) against float64, channels_last float32."""
+    n, c, co, groups, hw, k, p, d = case
+    x, w, bw, bb, mean, invstd = _inputs(n, c, co, groups, hw, k, seed=11)
+    go = torch.randn(n, co, *_out_hw(hw, k, p, d), generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], list(p), list(d), groups, True)
+    assert _weight_kernel(args) is bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel
+    _check(args, torch.float32, f"case={case}")
+
+
+def test_packed_weight_gradient_nchw_bf16():
+    """NCHW tensors (channel stride H*W), no BN affine, bfloat16, odd sizes."""
+    x, w, _, _, mean, invstd = _inputs(2, 16, 16, 4, (7, 9), (3, 3), torch.bfloat16, seed=13,
+                                       layout=torch.contiguous_format)
+    go = torch.randn(2, 16, 7, 9, generator=torch.Generator().manual_seed(14)).to(DEVICE, torch.bfloat16)
+    args = (go, x, w, None, None, mean, invstd, [1, 1], [1, 1], [1, 1], 4, False)
+    assert _weight_kernel(args) is bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel
+    _check(args, torch.bfloat16, "NCHW bf16")
+
+
+@pytest.mark.parametrize("where", ["x", "grad_out"])
+def test_packed_weight_gradient_nan_stays_in_its_group(where):
+    """A NaN in one channel of ``x`` (its statistics, so the whole channel, are NaN) or in one
+    element of ``grad_out``: NaN reaches exactly the weight-gradient entries eager's does (the
+    float64 rule compares the NaN pattern), none of the packed neighbour groups'."""
+    c, co, groups, hw = 16, 16, 4, (9, 11)
+    x, w, bw, bb, mean, invstd = _inputs(2, c, co, groups, hw, (3, 3), seed=15)
+    go = torch.randn(2, co, *hw, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    if where == "x":
+        x[1, 5, 4, 6] = float("nan")  # input channel 5: group 1
+        mean = mean.clone()
+        mean[5] = float("nan")
+    else:
+        go[0, 10, 3, 3] = float("nan")  # output channel 10: group 2
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
+    assert _weight_kernel(args) is bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel
+    got = _check(args, torch.float32, f"NaN in {where}")
+    gw = got[1]
+    rows = slice(4, 8) if where == "x" else slice(8, 12)
+    assert torch.isnan(gw[rows]).any()
+    others = torch.ones(co, dtype=torch.bool)
+    others[rows] = False
+    assert not torch.isnan(gw[others]).any()
