@@ -288,7 +288,9 @@ def bn_relu_conv2d_backward_full(
     x = _dense(x)
     grad_z, grad_w, grad_b = _conv_relu_backward(grad_out, x, weight, bn_weight, bn_bias, mean, invstd, stride,
                                                  padding, dilation, groups, weight_grad, bias_grad)
-    gamma = None if bn_weight is None else bn_weight.to(acc)
+    # (contiguous: PyTorch's CPU batch-norm backward reads a strided weight as contiguous when
+    # x and the gradient are channels_last)
+    gamma = None if bn_weight is None else bn_weight.to(acc).contiguous()
     grad_x, sum_dz_xhat, sum_dz = torch.ops.aten.native_batch_norm_backward(
         grad_z, x, gamma, None, None, mean.to(acc), invstd.to(acc), True, 0.0, [True, True, True])
     del grad_z

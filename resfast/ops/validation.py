@@ -121,8 +121,10 @@ def check_bn_relu_conv2d_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var (got None)")
-    if running_mean is not None and not torch.compiler.is_compiling() and _running_overlap(running_mean, running_var):
-        # (eager PyTorch's answer then depends on the order of its two in-place updates)
+    if training and running_mean is not None and not torch.compiler.is_compiling() \
+            and _running_overlap(running_mean, running_var):
+        # (eager PyTorch's answer then depends on the order of its two in-place updates; in eval
+        # nothing is written and both are only read, as F.batch_norm reads them)
         raise ValueError("running_mean and running_var share memory; pass two separate tensors")
     if x.shape[0] > 0 and x.numel() == 0:
         # (PyTorch's conv2d refuses it too: "Only zero batch or zero channel inputs are supported")
@@ -200,10 +202,12 @@ def _running_overlap(running_mean: Tensor, running_var: Tensor) -> bool:
 def overlaps(a: Tensor, b: Tensor) -> bool:
     """True when ``a`` and ``b`` may share a memory location.
 
-    Exact for different storages, disjoint byte ranges, and views of one non-overlapping
-    layout that differ in one dimension (two channel slices of one buffer, the way the dense
-    block and ``out=``-into-a-slice use them, in NCHW or channels_last); anything else that
-    shares bytes counts as overlapping.
+    Exact for different storages, disjoint byte ranges, views of one non-overlapping layout
+    that differ in one dimension (two channel slices of one buffer, the way the dense block and
+    ``out=``-into-a-slice use them, in NCHW or channels_last), and any two views of at most
+    ``_EXACT_ELEMENTS`` elements each (per-channel vectors such as the columns of one
+    ``[C, 2]`` statistics buffer, whose byte ranges interleave); anything else that shares
+    bytes counts as overlapping.
     """
     if a.numel() == 0 or b.numel() == 0:
         return False
@@ -213,8 +217,21 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
     lo_b, hi_b = _byte_range(b)
     if hi_a <= lo_b or hi_b <= lo_a:
         return False
-    if a.dtype != b.dtype or a.dim() != b.dim() or a.stride() != b.stride():
-        return True
+    if a.dtype == b.dtype and a.dim() == b.dim() and a.stride() == b.stride():
+        boxes = _box_overlap(a, b)
+        if boxes is not None:
+            return boxes
+    if a.numel() <= _EXACT_ELEMENTS and b.numel() <= _EXACT_ELEMENTS and _concrete(a) and _concrete(b):
+        return _exact_overlap(a, b)
+    return True
+
+
+_EXACT_ELEMENTS = 1 << 16  # views this small are compared element by element
+
+
+def _box_overlap(a: Tensor, b: Tensor) -> Optional[bool]:
+    """Whether ``a`` and ``b`` (one dtype, one strides) overlap, where both are boxes of one
+    injective layout that differ in one dimension; ``None`` where they are not."""
     differing = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
     step_dims = [d for d in range(a.dim()) if a.stride(d) != 0]
     delta = b.storage_offset() - a.storage_offset()
@@ -232,7 +249,28 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
             continue
         # Both views are boxes of one injective layout: they overlap iff the boxes meet along d.
         return shift < a.shape[d] and 0 < shift + b.shape[d]
-    return True
+    return None
+
+
+def _concrete(t: Tensor) -> bool:
+    return all(type(v) is int for v in (*t.shape, *t.stride(), t.storage_offset()))
+
+
+def _exact_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether any byte of an element of ``a`` is a byte of an element of ``b`` (one storage).
+    Plain Python on the views' metadata: no tensor op (safe under any dispatch mode)."""
+    def starts(t: Tensor) -> set:
+        offs = [t.storage_offset() * t.element_size()]
+        for size, stride in zip(t.shape, t.stride()):
+            step = stride * t.element_size()
+            offs = [o + i * step for o in offs for i in range(size)]
+        return set(offs)
+
+    sa, sb = starts(a), starts(b)
+    if a.element_size() == b.element_size():  # element starts then meet exactly where elements do
+        return not sa.isdisjoint(sb)
+    bytes_a = {o + i for o in sa for i in range(a.element_size())}
+    return any(o + i in bytes_a for o in sb for i in range(b.element_size()))
 
 
 def _byte_range(t: Tensor) -> Tuple[int, int]:
