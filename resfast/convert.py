@@ -64,7 +64,7 @@ from resfast.backends import check_backend_name
 from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXtBottleneck, SEModule,
                                WideBasic)
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, DenseLayer, Transition
-from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_padding
+from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_pair, conv_padding
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = ["convert", "ConversionReport", "ConversionEntry"]
@@ -400,17 +400,41 @@ def _completion(module: nn.Module, cls: type, attrs: Dict[str, Any]):
             if ref is not None:
                 b = b.to(device=ref.device, dtype=ref.dtype if b.is_floating_point() else b.dtype)
             values[key] = b
-    return plain, values
+    return plain, values, _skipped(module, fresh, cls)
+
+
+def _skipped(module: nn.Module, fresh: nn.Module, cls: type) -> Tuple[Tuple[str, type], ...]:
+    """The submodules of ``module`` that the resfast class ``cls`` never calls, with their classes:
+    the children ``cls`` does not have (timm's ``act1`` .. ``act3``, ``aa``, ``drop_block``,
+    ``drop_path``, a basic block's ``se``; ``None`` ones too) and the children of a norm that
+    applies its activation itself (a ``BatchNormAct2d``'s ``act`` and ``drop``). The conversion
+    checked that they apply only a ReLU (or nothing); :func:`resfast.nn.unfused.converted_changed`
+    compares them at each call, and the original forward runs while one differs."""
+    if cls is DenseBlock:
+        return ()  # its layers are checked one by one
+    out = [(name, type(child)) for name, child in module._modules.items() if name not in fresh._modules]
+    # (a module attribute that was None is a plain attribute: timm's se / drop_path when unused)
+    out += [(name, type(None)) for name, v in module.__dict__.items()
+            if v is None and not name.startswith("_") and name not in fresh._modules and name not in fresh.__dict__]
+    for name, child in module._modules.items():
+        if child is not None and _norm_with_activation(child):
+            out += [(f"{name}.{sub}", type(m)) for sub, m in child._modules.items()]
+    return tuple(out)
 
 
 def _apply_completion(module: nn.Module, cls: type, plan, attrs: Dict[str, Any]) -> None:
-    plain, buffers = plan
+    plain, buffers, skipped = plan
+    original = type(module)
     module.__dict__.update(plain)  # unregistered: the module tree and state_dict stay as they were
     for key, value in buffers.items():
         module.register_buffer(key, value, persistent=False)
     module.__class__ = cls
     for key, value in attrs.items():
         setattr(module, key, value)
+    if skipped:
+        # the modules the fused forward skips, and the forward that runs them if one changes later
+        module.__dict__["_resfast_skipped"] = skipped
+        module.__dict__["_resfast_from"] = original
 
 
 # ----------------------------------------------------------------------------- what can be fused
@@ -461,7 +485,7 @@ def _conv_problem(conv: nn.Module, channels: Optional[int] = None) -> Optional[s
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (the fused op pads with zeros)"
     if conv_padding(conv) is None:
-        return (f"padding={conv.padding!r} with kernel {tuple(conv.kernel_size)} pads one side more than the other "
+        return (f"padding={conv.padding!r} with kernel {conv_pair(conv.kernel_size)} pads one side more than the other "
                 "(the fused op pads both sides the same)")
     if _has_hooks(conv):
         return "it has hooks, which a fused call would not run"
@@ -668,12 +692,12 @@ def _shared_problem(layer: nn.Module, i: int) -> Optional[str]:
     # The shared-buffer block reads conv1 as a 1x1 over the channel prefix and writes conv2's
     # output into its slice of the buffer: both must keep the spatial size.
     c1, c2 = layer.conv1, layer.conv2
-    if tuple(c1.kernel_size) != (1, 1) or tuple(c1.stride) != (1, 1) or conv_padding(c1) != (0, 0) \
-            or tuple(c1.dilation) != (1, 1) or c1.groups != 1 or c1.bias is not None:
+    if conv_pair(c1.kernel_size) != (1, 1) or conv_pair(c1.stride) != (1, 1) or conv_padding(c1) != (0, 0) \
+            or conv_pair(c1.dilation) != (1, 1) or c1.groups != 1 or c1.bias is not None:
         return f"layer {i + 1}'s conv1 is not a bias-free, ungrouped, stride-1 1x1 conv"
     same = conv_padding(c2) is not None and all(
-        (k - 1) * d == 2 * p for k, d, p in zip(c2.kernel_size, c2.dilation, conv_padding(c2)))
-    if not same or tuple(c2.stride) != (1, 1) or c2.groups != 1 or c2.bias is not None:
+        (k - 1) * d == 2 * p for k, d, p in zip(conv_pair(c2.kernel_size), conv_pair(c2.dilation), conv_padding(c2)))
+    if not same or conv_pair(c2.stride) != (1, 1) or c2.groups != 1 or c2.bias is not None:
         return f"layer {i + 1}'s conv2 is not a bias-free, ungrouped, stride-1 conv that keeps the size"
     return None
 
@@ -962,8 +986,8 @@ def _dense_transition_pairs(graph: fx.Graph, mods: Dict[str, nn.Module]) -> int:
             continue
         conv = trans.conv
         if trans.norm.num_features != block.num_output_features or type(conv) is not nn.Conv2d \
-                or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.bias is not None \
-                or conv_padding(conv) != (0, 0) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+                or conv_pair(conv.kernel_size) != (1, 1) or conv_pair(conv.stride) != (1, 1) or conv.bias is not None \
+                or conv_padding(conv) != (0, 0) or conv_pair(conv.dilation) != (1, 1) or conv.groups != 1:
             continue
         with graph.inserting_before(node):
             out = graph.call_function(_block_then_transition,
@@ -1157,13 +1181,15 @@ def _fingerprint(module: nn.Module) -> Tuple[Any, ...]:
     is gone from the graph). Taken at conversion and compared at each call."""
     attrs = tuple((k, _frozen_value(v)) for k, v in module.__dict__.items()
                   if k not in _MODULE_INTERNALS and k != "training" and not k.startswith("_resfast"))
-    mods: List[Tuple[str, int]] = []
+    mods: List[Tuple[str, int, type]] = []
     stack = [("", module)]
     while stack:
         prefix, m = stack.pop()
         for name, child in m._modules.items():
-            mods.append((prefix + name, id(child)))
-            if child is not None and type(child).forward is nn.Module.forward:  # a container: unrolled
+            # (the class too: a replaced module's id() may be reused by its replacement)
+            mods.append((prefix + name, id(child), type(child)))
+            if child is not None and (type(child).forward is nn.Module.forward  # a container: unrolled
+                                      or _norm_with_activation(child)):  # its act / drop: fused away
                 stack.append((prefix + name + ".", child))
     return attrs, tuple(mods)
 
@@ -1174,7 +1200,7 @@ def _warn_stale(module: nn.Module, plan: "_Plan") -> None:
     plan.warned = True
     old_attrs, old_mods = plan.fingerprint
     new_attrs, new_mods = _fingerprint(module)
-    changed = sorted({k for k, v in set(old_attrs) ^ set(new_attrs)} | {k for k, v in set(old_mods) ^ set(new_mods)})
+    changed = sorted({k for k, v in set(old_attrs) ^ set(new_attrs)} | {k for k, *_ in set(old_mods) ^ set(new_mods)})
     warnings.warn(
         f"{type(module).__qualname__}: {', '.join(changed) or 'its attributes'} changed since resfast.convert traced "
         "its forward; the traced (fused) forward would compute the old one, so the original forward runs (unfused) "
@@ -1209,6 +1235,9 @@ def _make_traced(module: nn.Module, train_graph: Optional[fx.Graph], eval_graph:
             graph = _trace(module, training)
         gm = fx.GraphModule(module, graph)
         fns[training] = type(gm).forward
+    # the act / drop inside a fused BatchNormAct2d are bypassed too (hooks on them must run)
+    bypassed = set(bypassed) | {f"{n}.{c}" for n in bypassed if _norm_with_activation(module.get_submodule(n))
+                                for c in module.get_submodule(n)._modules}
     module.__class__ = _traced_class(base)
     module.__dict__["_resfast_plan"] = _Plan(fns, signature, params, defaults, len(params), sorted(bypassed),
                                              _fingerprint(module))

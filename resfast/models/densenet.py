@@ -29,6 +29,7 @@ from resfast.backends import BackendOwner, check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import DenseBlock, DenseMemoryOwner, Transition
 from resfast.nn.batchnorm import bn_call, sync_group
+from resfast.nn.fused import conv_pair, conv_padding
 from resfast.nn.unfused import hooked_submodules, is_tracing, replaced_submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
@@ -150,6 +151,8 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
         stem = [("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0), ("pool0", f.pool0)]
         recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
                      and f.conv0.weight.requires_grad and sync_group(f.norm0) is None
+                     # a conv0 set to another padding_mode (or an uneven 'same') runs as the modules
+                     and f.conv0.padding_mode == "zeros" and conv_padding(f.conv0) is not None
                      and not hooked_submodules(stem)
                      # a replaced conv0 / norm0 / relu0 / pool0 (a forward of its own) runs as the modules
                      and not replaced_submodules(stem)
@@ -209,9 +212,11 @@ def _autocast_state(device_type: str):
 
 
 def _conv_args(conv: nn.Conv2d):
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ValueError("the shared-memory DenseNet stem needs a conv with numeric zero padding")
-    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+    # (attributes set after construction: an int, conv.stride = 2, or padding="valid", as F.conv2d takes them)
+    padding = conv_padding(conv)
+    if conv.padding_mode != "zeros" or padding is None:
+        raise ValueError("the shared-memory DenseNet stem needs a conv with zero padding, the same on both sides")
+    return list(conv_pair(conv.stride)), list(padding), list(conv_pair(conv.dilation)), conv.groups
 
 
 def _pool_args(pool: nn.MaxPool2d):
@@ -290,9 +295,10 @@ class _CompactStem(torch.autograd.Function):
 def _positions(conv: nn.Conv2d, x: Tensor) -> int:
     """N * H_out * W_out of ``conv`` on ``x``: the element count per channel of its output."""
     h, w = x.shape[2], x.shape[3]
-    kh, kw = conv.kernel_size
-    ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
-    wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    (kh, kw), (ph, pw), (dh, dw), (sh, sw) = (conv_pair(v) for v in (conv.kernel_size, conv_padding(conv),
+                                                                     conv.dilation, conv.stride))
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     return x.shape[0] * ho * wo
 
 

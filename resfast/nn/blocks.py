@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.fused import bn_relu_conv
-from resfast.nn.unfused import is_tracing, run_unfused
+from resfast.nn.unfused import is_tracing, original_forward, run_unfused
 
 __all__ = [
     "BasicBlock",
@@ -151,6 +151,9 @@ class BasicBlock(nn.Module):
         return torch.relu(out + identity)
 
     def _forward_unfused(self, x: Tensor) -> Tensor:
+        original = original_forward(self)
+        if original is not None:  # converted from timm's block: its forward runs act1, act2, ...
+            return original(x)
         # torchvision's BasicBlock.forward, module by module.
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -238,6 +241,9 @@ class Bottleneck(nn.Module):
         return torch.relu(out + identity)
 
     def _forward_unfused(self, x: Tensor) -> Tensor:
+        original = original_forward(self)
+        if original is not None:  # converted from timm's block: its forward runs act1, ..., act3
+            return original(x)
         # torchvision's Bottleneck.forward, module by module (SE after bn3, as timm).
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))

@@ -26,8 +26,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls, require_batchnorm
-from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_padding
-from resfast.nn.unfused import any_hooks, any_replaced, hooked_submodules, is_tracing, run_unfused, submodules
+from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_pair, conv_padding
+from resfast.nn.unfused import (any_hooks, any_replaced, converted_changed, hooked_submodules, is_tracing,
+                                original_forward, run_unfused, submodules)
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -95,6 +96,9 @@ class DenseLayer(nn.Module):
         return new
 
     def _forward_unfused(self, input) -> Tensor:  # noqa: A002
+        original = original_forward(self)
+        if original is not None:  # converted from timm's layer: its norms apply the ReLU themselves
+            return original(input)
         # torchvision's _DenseLayer.forward (without its checkpointing), module by module.
         prev = [input] if isinstance(input, (Tensor, torch.fx.Proxy)) else list(input)
         x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
@@ -215,6 +219,8 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
         """Whether hooks on the layers (or their modules) need them called one by one: the shared
         block runs no layer module. Warns once."""
         if not is_tracing() and not any(any_hooks(layer) or any_replaced(layer) for layer in self.values()):
+            if any(converted_changed(layer) for layer in self.values()):
+                return True  # each layer runs its original forward (and warns)
             return False
         named = [(f"{n}.{c}" if c else n, m) for n, layer in self.items() for c, m in layer.named_modules()]
         return run_unfused(self, named, "the shared-buffer dense block (memory='shared')")
@@ -242,13 +248,13 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
                 or hooked_submodules([("", self)]) or self._transformed(init_features, transition) \
                 or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
                                             ("relu", transition.relu), ("conv", transition.conv)],
-                               "the shared block's fused tail"):
+                               "the shared block's fused tail") \
+                or transition.norm.num_features != self.num_output_features or not transition.plain_conv1x1():
+            # The fused tail computes a plain 1x1 conv over the block's channels. A transition conv
+            # changed after construction (a bias, padding, groups, ...) or a norm over other channels
+            # runs as the transition's own modules on the block's output, as eager PyTorch does
+            # (or raises where it raises); the tail ignored a padding set later (wrong numbers).
             return transition(self(init_features))
-        if transition.norm.num_features != self.num_output_features or not isinstance(transition.conv, nn.Conv2d) \
-                or tuple(transition.conv.kernel_size) != (1, 1) or tuple(transition.conv.stride) != (1, 1) \
-                or transition.conv.bias is not None:
-            raise ValueError(f"forward_with_transition needs a Transition over the block's "
-                             f"{self.num_output_features} channels with a bias-free stride-1 1x1 conv")
         layers, tail_norm = self._layer_args(transition.norm)
         pool_first = transition.pool_first()
         out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
@@ -266,7 +272,7 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
             for name in ("conv1", "conv2"):
                 conv = getattr(layer, name)
                 if conv.bias is not None or conv.groups != 1 or conv.padding_mode != "zeros" \
-                        or conv_padding(conv) is None or tuple(conv.stride) != (1, 1):
+                        or conv_padding(conv) is None or conv_pair(conv.stride) != (1, 1):
                     raise ValueError(f"denselayer{i + 1}.{name} must be a bias-free, ungrouped, stride-1 conv with "
                                      f"numeric zero padding for memory='shared'; use memory='naive' for other convs")
         norms = [bn for layer in self.values() for bn in (layer.norm1, layer.norm2)]
@@ -275,7 +281,7 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
             args.append(DenseLayerArgs(
                 norm1=calls[2 * i], conv1_weight=layer.conv1.weight, norm2=calls[2 * i + 1],
                 conv2_weight=layer.conv2.weight, conv2_padding=list(conv_padding(layer.conv2)),
-                conv2_dilation=list(layer.conv2.dilation),
+                conv2_dilation=list(conv_pair(layer.conv2.dilation)),
                 drop_rate=float(layer.drop_rate) if layer.training else 0.0))
         return (args, calls[-1]) if tail_norm is not None else args
 
@@ -328,19 +334,28 @@ class Transition(nn.Sequential):
         the 1x1 conv (pool first: the same value as torchvision's conv-then-pool)."""
         if run_unfused(self, [("norm", self.norm), ("relu", self.relu), ("conv", self.conv), ("pool", self.pool)],
                        "a fused BN-ReLU-pool and a 1x1 conv"):
-            return self.pool(self.conv(self.relu(self.norm(x))))
+            original = original_forward(self)  # converted from timm's: its norm applies the ReLU itself
+            return original(x) if original is not None else self.pool(self.conv(self.relu(self.norm(x))))
         if not self.pool_first():
             return self.pool(bn_relu_conv(self.norm, self.conv, x, self.backend))
         pooled = bn_relu_conv_weight(self.norm, self.pool_weight, x, self.backend, stride=2,
                                      groups=self.norm.num_features)
         return self.conv(pooled)
 
+    def plain_conv1x1(self) -> bool:
+        """Whether ``conv`` still is a bias-free, ungrouped, unpadded, stride-1 1x1 ``nn.Conv2d`` (as
+        built; its attributes are read now, so one changed later counts), the conv that pool-first
+        and a shared dense block's fused tail (``DenseBlock.forward_with_transition``) compute."""
+        c = self.conv
+        return (isinstance(c, nn.Conv2d) and c.bias is None and conv_pair(c.kernel_size) == (1, 1)
+                and conv_pair(c.stride) == (1, 1) and c.groups == 1 and conv_padding(c) == (0, 0))
+
     def pool_first(self) -> bool:
-        """Whether the modules still are what pool-first assumes (a bias-free 1x1 conv, a 2x2/2
-        average pool without padding): otherwise the transition runs conv first, as built."""
-        c, p = self.conv, self.pool
-        return (isinstance(c, nn.Conv2d) and c.bias is None and tuple(c.kernel_size) == (1, 1)
-                and tuple(c.stride) == (1, 1) and c.groups == 1 and isinstance(p, nn.AvgPool2d)
+        """Whether the modules still are what pool-first assumes (a plain 1x1 conv, see
+        :meth:`plain_conv1x1`, and a 2x2/2 average pool without padding): otherwise the transition
+        runs conv first, as built."""
+        p = self.pool
+        return (self.plain_conv1x1() and isinstance(p, nn.AvgPool2d)
                 and _pair(p.kernel_size) == (2, 2) and _pair(p.stride) == (2, 2) and _pair(p.padding) == (0, 0)
                 and not p.ceil_mode and p.divisor_override is None)
 

@@ -13,7 +13,7 @@ from resfast.nn.unfused import run_unfused
 from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight"]
+__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight", "conv_padding", "conv_pair"]
 
 
 def bn_relu_conv(
@@ -35,22 +35,32 @@ def bn_relu_conv(
         raise ValueError(f"only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
     padding = conv_padding(conv)
     if padding is None:
-        raise ValueError(f"conv padding={conv.padding!r} with kernel {tuple(conv.kernel_size)} and dilation "
-                         f"{tuple(conv.dilation)} pads asymmetrically; the fused op pads the same on both sides")
+        raise ValueError(f"conv padding={conv.padding!r} with kernel {conv_pair(conv.kernel_size)} and dilation "
+                         f"{conv_pair(conv.dilation)} pads asymmetrically; the fused op pads the same on both sides")
     return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
                                padding=padding, dilation=conv.dilation, groups=conv.groups, out=out,
                                update=update, input_stats=input_stats, return_stats=return_stats)
 
 
+def conv_pair(value) -> Tuple[int, int]:
+    """A conv's ``stride`` / ``padding`` / ``dilation`` / ``kernel_size`` as two ints. ``nn.Conv2d``
+    stores tuples, but one set after construction may be a plain int or a list (``conv.padding =
+    2``, ``conv.stride = 1``), which ``nn.Conv2d.forward`` (``F.conv2d``) takes as well."""
+    if isinstance(value, (tuple, list)):
+        return (int(value[0]), int(value[1])) if len(value) == 2 else (int(value[0]), int(value[0]))
+    return (int(value), int(value))
+
+
 def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
-    """``conv``'s zero padding as two numbers: numeric padding as it is, ``"valid"`` as
-    ``(0, 0)``, ``"same"`` as ``dilation * (kernel - 1) // 2`` per side; ``None`` where ``"same"`` pads
-    one side more than the other (``dilation * (kernel - 1)`` odd)."""
+    """``conv``'s zero padding as two numbers: numeric padding as it is (an int set after
+    construction, ``conv.padding = 2``, as ``(2, 2)``), ``"valid"`` as ``(0, 0)``, ``"same"`` as
+    ``dilation * (kernel - 1) // 2`` per side; ``None`` where ``"same"`` pads one side more than
+    the other (``dilation * (kernel - 1)`` odd)."""
     if not isinstance(conv.padding, str):
-        return (int(conv.padding[0]), int(conv.padding[1]))
+        return conv_pair(conv.padding)
     if conv.padding == "valid":
         return (0, 0)
-    total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    total = [d * (k - 1) for k, d in zip(conv_pair(conv.kernel_size), conv_pair(conv.dilation))]
     if any(t % 2 for t in total):
         return None
     return (total[0] // 2, total[1] // 2)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["is_tracing", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused", "submodules",
-           "any_hooks"]
+           "any_hooks", "converted_changed", "original_forward"]
 
 
 def is_tracing() -> bool:
@@ -157,11 +157,54 @@ def any_replaced(root: nn.Module) -> bool:
     return False
 
 
+def converted_changed(owner: nn.Module) -> bool:
+    """Whether a module ``resfast.convert`` turned into a resfast class from a class whose forward
+    runs more modules than the resfast forward does (timm's: ``act1`` / ``act2`` / ``act3``,
+    ``aa``, ``drop_block``, ``drop_path``, a basic block's ``se``, the ``act`` / ``drop`` inside a
+    ``BatchNormAct2d``) has one of those changed since: replaced by a module of another class (or
+    set where it was ``None``) or hooked. The conversion checked that they do nothing but a ReLU
+    (or nothing at all) and recorded their classes as ``_resfast_skipped``; while one differs
+    the module must run its original forward (:func:`original_forward`), which calls them."""
+    skipped = owner.__dict__.get("_resfast_skipped")
+    if not skipped:
+        return False
+    for path, cls in skipped:
+        m = owner
+        for part in path.split("."):
+            m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if type(m) is not cls or (m is not None and _has_hooks(m)):
+            return True
+    return False
+
+
+def original_forward(owner: nn.Module):
+    """The forward of the class ``resfast.convert`` turned ``owner`` from, where the resfast class's
+    module-by-module forward would not reproduce it (see :func:`converted_changed`), else ``None``.
+
+    It is bound to a view of ``owner`` as an instance of that class, sharing ``owner``'s
+    ``__dict__`` (its submodules, parameters, ``training``), so the methods it calls that the
+    resfast class lacks (timm's ``DenseLayer.bottleneck_fn``) are found."""
+    cls = owner.__dict__.get("_resfast_from")
+    if cls is None:
+        return None
+    view = object.__new__(cls)
+    view.__dict__ = owner.__dict__
+    return cls.forward.__get__(view)
+
+
 def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_what: str) -> bool:
     """Whether ``owner`` must call the submodules ``named`` one by one this forward (FX tracing,
-    hooks on them, or one of them replaced by a module whose forward the fused op would skip);
+    hooks on them, one of them replaced by a module whose forward the fused op would skip, or
+    a module the conversion found doing nothing but a ReLU changed since, :func:`converted_changed`);
     warns once per ``owner`` about hooks or replaced modules."""
     if is_tracing():
+        return True
+    if converted_changed(owner):
+        _warn_once(owner, "_resfast_warned_converted",
+                   f"{type(owner).__name__}: a module that resfast.convert found applying only a ReLU (or nothing) "
+                   f"and that the fused forward skips (e.g. timm's act1/act2, a BatchNormAct2d's act) was replaced "
+                   f"or hooked since; while it differs this block runs its original forward "
+                   f"({owner.__dict__['_resfast_from'].__qualname__}, unfused, eager PyTorch)")
         return True
     named = list(named)
     hooked = hooked_submodules(named)
