@@ -52,6 +52,10 @@ BEFORE_FILL = {"2026-11-29-nvidia-h200-kernels.json"}
 #: ``conv_bwd`` launch ran it; ``resfast.ops.triton_ops.PACKED_INPUT``): bound with that plan.
 BEFORE_PACKED_INPUT = {"2026-11-29-nvidia-h200-kernels.json", "2026-11-29b-nvidia-h200-kernels.json"}
 
+#: Profiles of code before the stride-1 input gradient of ungrouped convs had its own kernel
+#: (``resfast.ops.triton_ops.S1_INPUT``; DenseNet-121's 3x3): bound with that plan.
+BEFORE_S1_INPUT = {"2026-11-29-nvidia-h200-kernels.json", "2026-11-29b-nvidia-h200-kernels.json"}
+
 PARAMS = ("DEP_CPI", "SYNC_CYCLES", "LOAD_ROUND_CYCLES", "LAUNCH_US")
 
 
@@ -95,6 +99,7 @@ def features(results: str) -> List[Dict[str, Any]]:
     records = doc.get("profiles") or [doc["profile"]]
     triton_ops.PLANNER_FILL = os.path.basename(results) not in BEFORE_FILL
     triton_ops.PACKED_INPUT = os.path.basename(results) not in BEFORE_PACKED_INPUT
+    triton_ops.S1_INPUT = os.path.basename(results) not in BEFORE_S1_INPUT
     rows = []
     for i, prof in enumerate(records):
         if not prof.get("kernels") or prof.get("shape") not in sm.SHAPES:

@@ -311,14 +311,18 @@ WIDE_GROUP_CASES = [
 
 
 @pytest.mark.parametrize("case", WIDE_GROUP_CASES, ids=str)
-def test_backward_wide_groups_against_eager(case):
+def test_backward_wide_groups_against_eager(case, monkeypatch):
     """The gradients of groups wider than one tile against float64: the input gradient
     (``bn_relu_conv_bwd_input_kernel``: the flattened, pipelined chunk x tap loop over the taps
     of each residue class) and the weight gradient with the bias gradient: with a stride over
     the output positions (``bn_relu_conv_bwd_weight_kernel``), at stride 1 over the input
-    positions with the taps stacked 2 + 1 (``bn_relu_conv_bwd_weight_s1_kernel``)."""
+    positions with the taps stacked 2 + 1 (``bn_relu_conv_bwd_weight_s1_kernel``). (Stride-1
+    cases with up to 32 output channels would run ``bn_relu_conv_bwd_input_s1_kernel`` under
+    the interpreter, tested in test_triton_bwd_s1_input.py; here the wide kernel is.)"""
     from resfast.kernels.triton import bn_relu_conv_bwd
     from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "S1_INPUT", False)
 
     c, co, groups, k, s, p, d, layout, dtype = case
     x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, hw=(7, 9), seed=c + co)

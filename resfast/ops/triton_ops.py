@@ -854,6 +854,26 @@ _BWD_WEIGHT_PACKED_WG_CONFIGS = [
 _BWD_WEIGHT_PACKED_WG_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, WGRAD=1, CAP=4)
 #: ``False``: the packed stride-1 weight gradient by the stacked kernel's ``DO_GW`` pass alone.
 PACKED_WGRAD = True
+# The stride-1 input gradient of one group per block whose output channels fit one chunk
+# (:func:`_s1_input`; ``bn_relu_conv_bwd_input_s1_kernel``, ``S1``: the packed kernel's design
+# with ``BLOCK_K`` input channels per program and every tap's ``[BLOCK_N, BLOCK_K]`` weights
+# loaded once per program), listed beside the configs of the kernel the launch would run
+# otherwise: each is faster on some shapes (PREDICTED, triton 3.8 / 3.6: DenseNet-121's
+# 128 -> 32 3x3 convs at 56 x 56 149.3 -> 132.4 / 147.6 -> 136.4 us, at 28 x 28 49.1 -> 42.0 /
+# 48.5 -> 43.4, at 7 x 7 9.1 -> 7.9 / 9.0 -> 8.0; at 14 x 14 the wide kernel stays faster,
+# 13.3 against 15.6). The first takes the taps' addresses from 32-bit offsets (``G32``) and is
+# capped at 168 registers: 3 programs per SM, spill-free with both tritons (178 registers
+# uncapped without ``G32``; at 128, 4 per SM, it spills). On 7 x 7 images the capped config
+# spills, and the uncapped one goes first.
+_BWD_INPUT_S1_CONFIGS = [
+    _cfg(4, 1, 3, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=32, S1=1, G32=1, MAXNREG=168),
+    _cfg(4, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=32, S1=1),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=16, S1=1),
+]
+_BWD_INPUT_S1_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, S1=1, G32=1)
+#: ``False``: the plan before :func:`_s1_input` (the wide or stacked input-gradient launch), the
+#: plan of the GPU profiles recorded before it (``benchmarks/static_calibrate.py`` binds it).
+S1_INPUT = True
 #: ``False``: the packed stride-1 backward as before this kernel (one merged ``conv_bwd`` launch
 #: for both conv gradients), the plan the GPU profiles before it ran
 #: (``benchmarks/static_calibrate.py`` binds it to refit the model) and the static model's
@@ -1115,8 +1135,37 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
                      fn=bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel)
 
+    def s1_input_binder(cfg: TileConfig) -> Bound:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb * blk.ksub
+        tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
+        num_tiles = n * tiles_h * tiles_w
+        splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
+        psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
+        state.update(psum=psum, splits_s=splits)
+        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                c, h, w, co, ho, wo, blk.kr, blk.nr, blk.ksub, tiles_h, tiles_w, num_tiles,
+                *_digits(splits, (tiles_w, tiles_h)),
+                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *padding, *dilation)
+        const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
+                     EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), NSUB=blk.nsub, G32=bool(cfg.get("G32")),
+                     TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
+        return Bound((splits, ncb), args, const, loops={"tiles": _cdiv(num_tiles, splits)},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel(),
+                     fn=bn_relu_conv_bwd.bn_relu_conv_bwd_input_s1_kernel)
+
     launches = []
     packed_ga = PACKED_INPUT and _packed_input(groups, cin_g, cout_g, stride, kh, kw)
+    # the stride-1 input gradient as its own convolution, beside the kernel it would be otherwise
+    # (the two gradients then always in launches of their own)
+    s1_ga = not packed_ga and S1_INPUT and _s1_input(groups, cin_g, cout_g, stride, kh, kw)
+    merged = merged and not s1_ga
     if packed_ga:
         launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_kernel,
                                      _prune_tiles(_BWD_INPUT_PACKED_CONFIGS, h, w, fit=True),
@@ -1140,6 +1189,21 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(_BWD_INPUT_CONFIGS, hc, wc, fit=True), _BWD_INTERP,
                                      binder(True, False), key + ("ga",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+    if s1_ga:
+        other = launches.pop()
+
+        def bind_s1_or_other(cfg: TileConfig) -> Bound:
+            return s1_input_binder(cfg) if cfg.get("S1") else other.bind(cfg)
+
+        s1_cfgs = _prune_tiles(_BWD_INPUT_S1_CONFIGS, h, w, fit=True)
+        if h * w <= 8 * 8:  # the static choice: one tile per image, the uncapped config (capped, it spills)
+            s1_cfgs.sort(key=lambda cfg: bool(cfg.get("MAXNREG")))
+        # the static choice at 9-16 positions a side: the other kernel (PREDICTED: DenseNet-121's
+        # 3x3 at 14 x 14, 13.3 us against 15.6)
+        both = list(other.configs) + s1_cfgs if 8 * 8 < h * w <= 16 * 16 else s1_cfgs + list(other.configs)
+        launches.append(KernelLaunch("conv_bwd_input", other.fn, both,
+                                     _BWD_INPUT_S1_INTERP, bind_s1_or_other, key + ("ga", "s1"),
+                                     hbm_bytes=other.hbm_bytes))
     if not merged and _wide_weight(groups, cin_g, cout_g, stride):
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_weight_kernel,
                                      _prune_tiles(_BWD_WEIGHT_WIDE_CONFIGS, ho, wo, fit=True),
@@ -1235,6 +1299,17 @@ def _packed_input(groups: int, cin_g: int, cout_g: int, stride, kh: int = 3, kw:
     blk = _blocks(groups, cin_g, cout_g, 16, 16)
     return (max(stride) == 1 and kh * kw > 1 and blk.kr <= blk.block_k == 16
             and blk.nr <= blk.block_n == 16)
+
+
+def _s1_input(groups: int, cin_g: int, cout_g: int, stride, kh: int = 3, kw: int = 3) -> bool:
+    """Whether the input-gradient launch lists ``bn_relu_conv_bwd_input_s1_kernel``'s configs
+    beside those of the kernel it would run otherwise: stride 1, more than one tap,
+    one group per block (no packing: :func:`_packed_input` takes those) whose output channels
+    fit one ``BLOCK_N`` chunk of its configs (DenseNet-121's 128 -> 32 3x3 convs, ResNeXt-50's
+    32-channel groups; WRN-28-10's 160-640 would need 5-20 chunks of resident weights, and
+    spill). Under the interpreter too (its narrower config then runs two chunks: ``NSUB``)."""
+    blk = _blocks(groups, cin_g, cout_g, 16, min(cfg.get("BLOCK_N") for cfg in _BWD_INPUT_S1_CONFIGS))
+    return max(stride) == 1 and kh * kw > 1 and blk.gp == 1 and blk.nsub == 1
 
 
 def _wide_group(groups: int, cin_g: int, cout_g: int) -> bool:

@@ -54,6 +54,11 @@ from :func:`bn_relu_conv_bwd_input_packed_kernel` (``grad_out`` convolved with t
 transposed block-diagonal weights, one MMA per tap, the same epilogue and partials) and the
 weight gradient from this kernel with ``DO_GW`` alone.
 
+One group per block at stride 1 whose output channels fit one 32-wide chunk (DenseNet-121's
+128 -> 32 3x3 convs, ResNeXt-50's 32-channel groups) may take the input gradient from
+:func:`bn_relu_conv_bwd_input_s1_kernel` (the same design, ``BLOCK_K`` input channels per
+program, no fix-up: no packed neighbours), listed beside the kernel it would run otherwise.
+
 Groups wider than one tile (WRN-28-10's dense 3x3 convs: compute-bound, their time the MMA
 time) have kernels of their own, with the same partials and finalize:
 :func:`bn_relu_conv_bwd_input_kernel` (``grad_a`` by one flattened, software-pipelined loop
@@ -419,6 +424,124 @@ def _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok
                            DOT_F32)
     return _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, ii, jj, szn, szh, szw, z_c, sdz, sdzx,
                             act_ty)
+
+
+@triton.jit
+def bn_relu_conv_bwd_input_s1_kernel(
+    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
+    C, H, W, CO, HO, WO, KR, NR, KSUB, TILES_H, TILES_W, NUM_TILES, STEP_W, STEP_H, STEP_N,
+    sgn, sgc, sgh, sgw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, NSUB: tl.constexpr, G32: tl.constexpr, TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``grad_a`` of one group per block (no packing) at stride 1 whose output channels fit
+    ``NSUB`` chunks of ``BLOCK_N``, as the convolution it is (the packed kernel's design,
+    :func:`bn_relu_conv_bwd_input_packed_kernel`, for input sides wider than 16): per program
+    ``BLOCK_K`` input channels (one of a group's ``KSUB`` chunks) and all of the group's
+    output channels, whose ``[BLOCK_N, BLOCK_K]`` weight tiles (every chunk, every tap; the
+    flip and the transpose in the gather's index arithmetic) are loaded once per program. Per
+    tile of input positions, per kernel row the row's ``NSUB * KW`` masked loads of
+    ``grad_out`` (zero-padded: no prologue) issued together, then one MMA per tap and chunk;
+    then the epilogue (``grad_z`` stored, the BN-gradient partials per position across the
+    tiles, reduced once at the end; reducing them per tile instead costs more instructions
+    than the registers it frees). No packed neighbours share an
+    MMA, so a non-finite ``grad_out`` reaches exactly the ``grad_a`` eager's reaches: no
+    fix-up. Grid ``(splits, group blocks * KSUB)``; program ``(split, cb)`` walks tiles
+    ``split, split + splits, ...`` by their digits (``STEP_*``, from the host)."""
+    split = tl.program_id(0)
+    splits = tl.num_programs(0)
+    cb = tl.program_id(1)
+    gblk = cb // KSUB
+    act_ty = gz_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    k_loc = (cb % KSUB) * BLOCK_K + kk  # the group's own input channels (no packing)
+    ci, k_ok, scale, shift = channel_block(k_loc, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
+    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
+    x_c = ci * sxc
+    z_c = ci * szc
+    nn = tl.arange(0, BLOCK_N)
+    co0 = gblk * NR
+    g_c = (co0 + nn) * sgc
+    # the weights of chunk nc, tap (kh, kw): row n (output channel co0 + nc * BLOCK_N + n),
+    # column k (input channel k_loc) holds w[co, k_loc, kh, kw]
+    wt = ()
+    for nc in tl.static_range(NSUB):
+        n_loc = nc * BLOCK_N + nn
+        if EVEN_N:
+            keep = k_ok[None, :]
+        else:
+            keep = ((n_loc < NR) & (co0 + n_loc < CO))[:, None] & k_ok[None, :]
+        w_off = ((co0 + n_loc) * swo)[:, None] + (k_loc * swi)[None, :]
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
+    sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    d_w, d_h, _, _, d_n = tile_digits(split, TILES_W, TILES_H, 1, 1)
+    for t in tl.range(split, NUM_TILES, splits, num_stages=1):
+        ii = d_h * TILE_H + oi
+        jj = d_w * TILE_W + oj
+        n64 = d_n.to(tl.int64)
+        mask = ((ii < H) & (jj < W))[:, None] & k_ok[None, :]
+        acc, xv = _s1_taps(go_ptr + n64 * sgn, ii, jj, g_c, nn, co0, NR, CO, wt, HO, WO, sgc, sgh, sgw, pad_h, pad_w,
+                           dil_h, dil_w, x_ptr + n64 * sxn + (ii * sxh + jj * sxw)[:, None] + x_c[None, :], mask, KH,
+                           KW, NSUB, EVEN_N, BLOCK_N, BLOCK_K, DOT_F32, G32)
+        sdz, sdzx = _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, ii, jj, szn, szh, szw, z_c,
+                                     sdz, sdzx, act_ty)
+        d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
+    invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+    row = split.to(tl.int64) * (2 * C)
+    tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
+    tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+
+
+@triton.jit
+def _s1_taps(gyb, ii, jj, g_c, nn, co0, NR, CO, wt, HO, WO, sgc, sgh, sgw, pad_h, pad_w, dil_h, dil_w, x_ptrs, x_mask,
+             KH: tl.constexpr, KW: tl.constexpr, NSUB: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, G32: tl.constexpr):
+    """:func:`_packed_taps` over ``NSUB`` output-channel chunks (weights ``wt[(nc * KH + kh) *
+    KW + kw]``): per kernel row the ``NSUB * KW`` loads, then their MMAs; ``x`` with the last
+    row's loads: ``(grad_a, x)``. ``G32``: each tap's addresses from a 32-bit offset tensor
+    added to the image's pointer at the load (fewer registers: 162 against 178 uncapped at
+    DenseNet's 56 x 56 with triton 3.8), else from one pointer tensor per tile."""
+    g_off = (ii * sgh + jj * sgw)[:, None] + g_c[None, :]  # once per tile; each tap adds a scalar
+    if not G32:
+        g_ptr = gyb + g_off
+    acc = tl.zeros([ii.shape[0], BLOCK_K], dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        r_ok = (ii + (pad_h - kh * dil_h)).to(tl.uint32, bitcast=True) < HO.to(tl.uint32, bitcast=True)
+        gys = ()
+        for nc in tl.static_range(NSUB):
+            if not EVEN_N:
+                n_ok = (nc * BLOCK_N + nn < NR) & (co0 + nc * BLOCK_N + nn < CO)
+            for kw in tl.static_range(KW):
+                c_ok = (jj + (pad_w - kw * dil_w)).to(tl.uint32, bitcast=True) < WO.to(tl.uint32, bitcast=True)
+                if EVEN_N:
+                    g_mask = (r_ok & c_ok)[:, None]
+                else:
+                    g_mask = (r_ok & c_ok)[:, None] & n_ok[None, :]
+                d_off = (pad_h - kh * dil_h) * sgh + (pad_w - kw * dil_w) * sgw + nc * BLOCK_N * sgc
+                if G32:
+                    gys = gys + (tl.load(gyb + (g_off + d_off), mask=g_mask, other=0.0),)
+                else:
+                    gys = gys + (tl.load(g_ptr + d_off, mask=g_mask, other=0.0),)
+        if kh == KH - 1:
+            xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        for nc in tl.static_range(NSUB):
+            for kw in tl.static_range(KW):
+                acc = dot_acc(gys[nc * KW + kw], wt[(nc * KH + kh) * KW + kw], acc, DOT_F32)
+    return acc, xv
 
 
 @triton.jit
