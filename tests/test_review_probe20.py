@@ -721,6 +721,7 @@ def test_tied_modules(backend):
     """Tied BatchNorms and conv weights inside blocks: ResNeXt ``bn2 = bn1``, WideBasic's
     conv2/bn2 = conv1/bn1, two dense layers sharing conv2 and norm2 (shared block)."""
     from module_judge import judge_module
+    require_backend(backend)
     from resfast.nn.blocks import WideBasic
 
     def resnext():
@@ -762,6 +763,7 @@ def test_dense_block_input_views(memory, shape):
     from module_judge import judge_module
 
     backend = "native"
+    require_backend(backend)
 
     def build():
         torch.manual_seed(3)
