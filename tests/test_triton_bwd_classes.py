@@ -13,47 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resfast.backends import backend_status
-from reference import assert_rule
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, inputs as _inputs, out_hw as _out_hw
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_WHY = backend_status(DEVICE)["triton"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
 
 if not _WHY:
-    from resfast.ops import reference, triton_ops
+    from resfast.ops import triton_ops
 
-    OPS = torch.ops.resfast_triton
-
-
-def _inputs(n, c, co, groups, hw, k, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, *hw, generator=g) * 1.3 + 0.4).to(dtype=dtype, device=DEVICE)
-    x = x.contiguous(memory_format=torch.channels_last)
-    kh, kw = k
-    w = (torch.randn(co, c // groups, kh, kw, generator=g) / (c // groups * kh * kw) ** 0.5).to(dtype=dtype,
-                                                                                                  device=DEVICE)
-    bw = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
-    bb = (torch.randn(c, generator=g) * 0.3).to(DEVICE)
-    mean, var = reference.bn_stats(x)
-    return x, w, bw, bb, mean, torch.rsqrt(var + 1e-5)
-
-
-def _out_hw(hw, k, s, p, d):
-    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
-
-
-def _f64(t):
-    return t.detach().to(device="cpu", dtype=torch.float64) if isinstance(t, torch.Tensor) else t
-
-
-def _check(args, dtype, context):
-    got = OPS.bn_relu_conv2d_backward(*args)
-    ref64 = reference.bn_relu_conv2d_backward(*[_f64(a) for a in args])
-    ref_same = reference.bn_relu_conv2d_backward(*args)
-    for i, (a, r64, rs) in enumerate(zip(got, ref64, ref_same)):
-        assert_rule(f"bn_relu_conv2d_backward[{i}]", a, r64, rs, context, dtype=dtype)
-    return got
 
 
 def _class_strides(args):
@@ -83,7 +49,7 @@ def test_packed_backward_residue_classes_against_eager(case):
     """Packed small groups (merged launch: grad_a, grad_weight, grad_bias, BN-gradient sums)."""
     n, c, co, groups, hw, k, s, p, d, cls = case
     x, w, bw, bb, mean, invstd = _inputs(n, c, co, groups, hw, k)
-    go = torch.randn(n, co, *_out_hw(hw, k, s, p, d), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    go = torch.randn(n, co, *_out_hw(hw, k, p, d, s), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, list(s), list(p), list(d), groups, True)
     paths = _class_strides(args)
     assert paths and all(path == (tuple(s) if cls else (0, 0)) for path in paths), paths
@@ -107,7 +73,7 @@ def test_split_backward_residue_classes(monkeypatch):
                                                                     BLOCK_K=32))
     for hw, p in (((7, 9), 1), ((8, 7), 0)):
         x, w, bw, bb, mean, invstd = _inputs(2, 64, 64, 2, hw, (3, 3), seed=6)
-        go = torch.randn(2, 64, *_out_hw(hw, (3, 3), (2, 2), (p, p), (1, 1)),
+        go = torch.randn(2, 64, *_out_hw(hw, (3, 3), (p, p), (1, 1), (2, 2)),
                          generator=torch.Generator().manual_seed(7)).to(DEVICE)
         args = (go, x, w, bw, bb, mean, invstd, [2, 2], [p, p], [1, 1], 2, True)
         plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
@@ -123,7 +89,7 @@ def test_packed_nonfinite_grad_out_residue_classes(pad, dil):
     the channels eager gives NaN (the group of the NaN's output channel), all else matches."""
     c, co, groups, hw = 16, 16, 4, (9, 11)
     x, w, bw, bb, mean, invstd = _inputs(2, c, co, groups, hw, (3, 3), seed=8)
-    ho, wo = _out_hw(hw, (3, 3), (2, 2), (pad, pad), (dil, dil))
+    ho, wo = _out_hw(hw, (3, 3), (pad, pad), (dil, dil), (2, 2))
     go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     go = go.contiguous(memory_format=torch.channels_last)
     go[1, 6, ho // 2, wo // 2] = float("nan")  # output channel 6 is in group 1

@@ -13,48 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resfast.backends import backend_status
-from reference import assert_rule
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, inputs as _inputs, out_hw as _out_hw
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_WHY = backend_status(DEVICE)["triton"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
 
 if not _WHY:
     from resfast.kernels.triton import bn_relu_conv_bwd
-    from resfast.ops import reference, triton_ops
+    from resfast.ops import triton_ops
 
-    OPS = torch.ops.resfast_triton
-
-
-def _inputs(n, c, co, groups, hw, k, dtype=torch.float32, seed=0, layout=torch.channels_last):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, *hw, generator=g) * 1.3 + 0.4).to(dtype=dtype, device=DEVICE)
-    x = x.contiguous(memory_format=layout)
-    kh, kw = k
-    w = (torch.randn(co, c // groups, kh, kw, generator=g) / (c // groups * kh * kw) ** 0.5).to(dtype=dtype,
-                                                                                                  device=DEVICE)
-    bw = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
-    bb = (torch.randn(c, generator=g) * 0.3).to(DEVICE)
-    mean, var = reference.bn_stats(x)
-    return x, w, bw, bb, mean, torch.rsqrt(var + 1e-5)
-
-
-def _out_hw(hw, k, p, d):
-    return tuple(hw[i] + 2 * p[i] - d[i] * (k[i] - 1) for i in range(2))
-
-
-def _f64(t):
-    return t.detach().to(device="cpu", dtype=torch.float64) if isinstance(t, torch.Tensor) else t
-
-
-def _check(args, dtype, context):
-    got = OPS.bn_relu_conv2d_backward(*args)
-    ref64 = reference.bn_relu_conv2d_backward(*[_f64(a) for a in args])
-    ref_same = reference.bn_relu_conv2d_backward(*args)
-    for i, (a, r64, rs) in enumerate(zip(got, ref64, ref_same)):
-        assert_rule(f"bn_relu_conv2d_backward[{i}]", a, r64, rs, context, dtype=dtype)
-    return got
 
 
 def _launches(args):

@@ -13,16 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resfast.backends import backend_status
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, inputs as _inputs, out_hw as _out_hw
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_WHY = backend_status(DEVICE)["triton"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
 
 if not _WHY:
     from resfast.kernels.triton import bn_relu_conv_wgrad
     from resfast.ops import triton_ops
-    from test_triton_bwd_packed_input import _check, _inputs, _out_hw
 
 
 def _weight_kernel(args):
