@@ -1075,12 +1075,17 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
                      fn=bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel if at_input else None)
 
-    def packed_input_binder(cfg: TileConfig) -> Bound:
+    def stride1_tiles(cfg: TileConfig):
+        """The stride-1 launches' tiles over the input positions: ``(TILE_H, TILE_W, blocks,
+        tiles_h, tiles_w, num_tiles)``."""
         th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
         blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
-        ncb = blk.ngb
         tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
-        num_tiles = n * tiles_h * tiles_w
+        return th, tw, blk, tiles_h, tiles_w, n * tiles_h * tiles_w
+
+    def packed_input_binder(cfg: TileConfig) -> Bound:
+        th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
+        ncb = blk.ngb
         splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
         psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
         state.update(psum=psum, splits_s=splits)
@@ -1104,11 +1109,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
 
     def packed_weight_binder(cfg: TileConfig) -> Bound:
-        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
-        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
         ncb = blk.ngb
-        tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
-        num_tiles = n * tiles_h * tiles_w
         # float32 weight-gradient partials at most about as large as the tensors read
         cap = max(1, min(num_tiles, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
         splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=True, fill=True)
@@ -1136,11 +1138,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      fn=bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel)
 
     def s1_input_binder(cfg: TileConfig) -> Bound:
-        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), h, w)
-        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
         ncb = blk.ngb * blk.ksub
-        tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
-        num_tiles = n * tiles_h * tiles_w
         splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
         psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
         state.update(psum=psum, splits_s=splits)
