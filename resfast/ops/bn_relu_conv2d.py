@@ -34,6 +34,7 @@ from resfast.ops.autotune import (PROBE_CHANNELS, Runner, Signature, as_pair, au
                                   static_dims, strides_class, training_runner)
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype, unbiased_var
+from resfast.ops.schemas import dense_vector
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
 __all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
@@ -214,7 +215,7 @@ def _bn_relu_conv2d(name, x, weight, bias, bn_weight, bn_bias, running_mean, run
         # statistics) as contiguous when x and its gradient are channels_last: dL/dx wrong, no
         # error (trial 20: 5.0 off of 5.0), e.g. for a weight kept as one column of a [C, 2]
         # tensor: hand it contiguous copies
-        bn_weight, bn_bias = _contiguous(bn_weight), _contiguous(bn_bias)
+        bn_weight, bn_bias = dense_vector(bn_weight), dense_vector(bn_bias)
         y = F.conv2d(
             F.relu(F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
             weight, bias, stride, padding, dilation, groups,
@@ -363,12 +364,6 @@ def update_running_stats(
     unbiased = unbiased_var(var, count)
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-
-
-def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` itself when contiguous, else a contiguous copy (differentiable: the gradient
-    reaches ``t``)."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _needs_grad(*ts: Optional[Tensor]) -> bool:

@@ -4,14 +4,15 @@ tested against them), the fake (meta) implementations that make the ops traceabl
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from resfast.ops.opset import OP_NAMES
 
-__all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape", "define_library", "register_fakes",
+__all__ = ["SCHEMAS", "OPTIONAL_SCHEMAS", "TRITON_OPTIONAL", "STATS_ROWS", "out_memory_format", "conv_out_shape",
+           "dense_vector", "define_library", "register_fakes",
            "register_version_bumps", "mutated_arguments", "UNTRACKED_FORWARD_OPS", "refuse_untracked_grad"]
 
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
@@ -104,6 +105,14 @@ def out_memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.size(1) > 1 and x.stride(1) == 1:
         return torch.channels_last
     return torch.contiguous_format
+
+
+def dense_vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` itself when contiguous, else a contiguous copy (differentiable: a gradient reaches
+    ``t``). For per-channel vectors read as ``ptr + c`` (the triton statistics finalize reads
+    and writes the running statistics that way), and for PyTorch's CPU batch-norm backward,
+    which reads a strided weight or bias as contiguous when ``x`` is channels_last."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def conv_out_shape(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> List[int]:

@@ -46,7 +46,7 @@ from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd, bn_relu_conv_fwd,
 from resfast.kernels.triton import bn_relu_conv_wgrad
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
-from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, out_memory_format
+from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, dense_vector, out_memory_format
 
 __all__ = [*OP_NAMES, *TRITON_OPTIONAL, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
            "TUNER", "MODEL_SMS"]
@@ -164,15 +164,8 @@ def _run(launches: Sequence[KernelLaunch], x: Tensor) -> None:
 # ----------------------------------------------------------------------------- ops
 
 
-def _dense_vector(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` itself when contiguous, else a contiguous copy: the statistics finalize reads and
-    writes the running statistics at ``ptr + c`` (a strided view, e.g. every other element of
-    a larger buffer, would be read wrong and the elements between overwritten)."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
 def _write_back(*pairs: Optional[Tensor]) -> None:
-    """Copy each contiguous stand-in (from :func:`_dense_vector`) back into its original."""
+    """Copy each contiguous stand-in (from :func:`dense_vector`) back into its original."""
     for orig, dense in zip(pairs[::2], pairs[1::2]):
         if orig is not None and dense is not orig:
             orig.copy_(dense)
@@ -201,7 +194,7 @@ def bn_stats_update(x: Tensor, running_mean: Optional[Tensor], running_var: Opti
                     eps: float) -> Tuple[Tensor, Tensor]:
     """Training statistics ``(mean, invstd)`` of ``x``; the running statistics updated in place
     (unbiased variance) when given. Two launches: the statistics and their finalize."""
-    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    rm, rv = dense_vector(running_mean), dense_vector(running_var)
     out, launches = _plan_bn_stats_update(x, rm, rv, momentum, eps)
     _run(launches, x)
     _write_back(running_mean, rm, running_var, rv)
@@ -230,7 +223,7 @@ def bn_relu_conv2d_train(
     """The training forward in one op: :func:`bn_stats_update` of ``x`` (the running statistics
     updated in place when given), then :func:`bn_relu_conv2d` with those statistics: ``(y,
     mean, invstd)``. The same three launches as the two ops; one call and one plan replay."""
-    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    rm, rv = dense_vector(running_mean), dense_vector(running_var)
     out, launches = _plan_bn_relu_conv2d_train(x, weight, bias, bn_weight, bn_bias, rm, rv, momentum, eps, stride,
                                                padding, dilation, groups)
     _run(launches, x)
@@ -298,7 +291,7 @@ def bn_stats_merge_update(partials: Tensor, count: int, running_mean: Optional[T
     """``(mean, invstd)`` from :func:`bn_relu_conv2d_stats`'s partials of a tensor with
     ``count`` positions per channel, the running statistics updated in place as
     :func:`bn_stats_update` does. One launch (the statistics finalize)."""
-    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    rm, rv = dense_vector(running_mean), dense_vector(running_var)
     out, launches = _plan_bn_stats_merge_update(partials, count, rm, rv, momentum, eps)
     _run(launches, partials)
     _write_back(running_mean, rm, running_var, rv)
@@ -361,7 +354,7 @@ def bn_relu_conv2d_merge_out(
     into them (``bn_relu_conv2d_out_stats``, then ``bn_stats_merge_out`` with ``out_invstd`` and
     ``out_eps``). Returns ``(mean, invstd)``. The same launches as the three ops; one call and
     one plan replay."""
-    rm, rv = _dense_vector(running_mean), _dense_vector(running_var)
+    rm, rv = dense_vector(running_mean), dense_vector(running_var)
     (mean, invstd), launches = _plan_bn_relu_conv2d_merge_out(x, partials, count, rm, rv, momentum, eps, weight,
                                                               bn_weight, bn_bias, stride, padding, dilation, groups,
                                                               out, out_mean, out_var, out_invstd, out_eps)
