@@ -16,18 +16,30 @@
 
 namespace resfast {
 
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 2>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 4>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 8>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 2>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 4>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 8>(const __grid_constant__ ConvArgs<c10::BFloat16>,
-                                                                   const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 4, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 8, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 4, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 8, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 0>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
 template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 1>(
@@ -47,8 +59,9 @@ namespace {
 
 void print_tile(const SpatialTile& s) {
   std::printf("\"tile\": {\"TH\": %d, \"TW\": %d, \"M\": %d, \"MP\": %d, \"IH\": %d, \"IW\": %d, \"tiles_h\": %lld, "
-              "\"tiles_w\": %lld}",
-              s.TH, s.TW, s.M, s.MP, s.IH, s.IW, static_cast<long long>(s.tiles_h), static_cast<long long>(s.tiles_w));
+              "\"tiles_w\": %lld, \"S\": %d, \"staged\": %d}",
+              s.TH, s.TW, s.M, s.MP, s.IH, s.IW, static_cast<long long>(s.tiles_h), static_cast<long long>(s.tiles_w), s.S,
+              staged_rows(s));
 }
 
 void print_conv(const char* name, const ConvPlan& p) {
