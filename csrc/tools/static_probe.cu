@@ -8,7 +8,11 @@
 // tiles.h functions, so the model's grid, tiles and trip counts are the kernels' own. It runs
 // no GPU code.
 //
-//   static_probe N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups
+//   static_probe N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups [target_blocks [whole]]
+//
+// target_blocks (default kTargetBlocks) and whole (make_conv_plan's: 0 weighs whole-sample
+// tiles, 1 never, 2 forced) are what RESFAST_NATIVE_TARGET_BLOCKS and
+// RESFAST_NATIVE_WHOLE_SAMPLES give the host code (the tests ask which tiles a case takes).
 #include <cstdio>
 #include <cstdlib>
 
@@ -92,10 +96,13 @@ void print_wgrad(const char* name, const WgradPlan& p) {
 
 int main(int argc, char** argv) {
   using namespace resfast;
-  if (argc != 15) {
-    std::fprintf(stderr, "usage: %s N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups\n", argv[0]);
+  if (argc != 15 && argc != 16 && argc != 17) {
+    std::fprintf(stderr, "usage: %s N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups "
+                 "[target_blocks [whole]]\n", argv[0]);
     return 2;
   }
+  const int64_t target = argc > 15 ? std::atoll(argv[15]) : kTargetBlocks;
+  const int whole = argc > 16 ? std::atoi(argv[16]) : 0;
   int64_t v[14];
   for (int i = 0; i < 14; ++i) v[i] = std::atoll(argv[i + 1]);
   ConvGeom g{};
@@ -118,8 +125,8 @@ int main(int argc, char** argv) {
   g.Ho = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   // bfloat16 operands, float32 accumulation: what the CUDA host code plans for them.
-  const ConvPlan fwd = make_conv_plan(g, false, true, 2, 4);
-  const ConvPlan igrad = make_conv_plan(g, true, true, 2, 4);
+  const ConvPlan fwd = make_conv_plan(g, false, true, 2, 4, target, whole);
+  const ConvPlan igrad = make_conv_plan(g, true, true, 2, 4, target, whole);
   const WgradPlan wgrad = make_wgrad_plan(g, true, 2, 4, kWgradTargetBlocks, kWgradUpwLarge);
   std::printf("{\"Ho\": %lld, \"Wo\": %lld, \"threads\": %d, \"warps\": %d, \"wgrad_upw_small\": %d, "
               "\"wgrad_upw_large\": %d, ",

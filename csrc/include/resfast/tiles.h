@@ -1135,23 +1135,21 @@ RESFAST_HD_NOINLINE bool fill_rows_whole_general(int tid, const T* src, Strides4
 }
 
 // As fill_rows for the samples [n0, n0 + S) of a whole-sample tile, sample n0 + s's halo of
-// IH x IW rows from (h0, w0) at rows [s * IH * IW, (s + 1) * IH * IW); samples past N stage
-// zeros. The 16-byte path in one loop over all of the tile's rows (32-bit offsets from the
+// IH x IW rows from (h0, w0) at rows [s * IH * IW, (s + 1) * IH * IW); samples from nleft on
+// (past N) stage zeros. The 16-byte path in one loop over all of the tile's rows (32-bit offsets from the
 // tile's first sample), the general path sample by sample.
 template <bool kBN, typename T, typename A>
 RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool vec, const BNParams<A>& bn, int64_t n0,
-                                int64_t N, int h0, int w0, const SpatialTile& st, int64_t H, int64_t W, int c0,
-                                int c_end, int BK, int PS, bool smem_vec, bool check, T* dst,
+                                int nleft, bool off32, int h0, int w0, const SpatialTile& st, int64_t H, int64_t W,
+                                int c0, int c_end, int BK, int PS, bool smem_vec, bool check, T* dst,
                                 const BNScaleShift8* pre = nullptr) {
   const int IW = st.IW, IHW = st.IH * st.IW;
-  const int nleft = int(N - n0 < st.S ? N - n0 : st.S);
   if constexpr (IsMmaType<T>::value) {
     const int lu = log2_pow2(BK / 8);
     const int v = tid & ((1 << lu) - 1);
     const int c = c0 + 8 * v;
-    // (and the tile's samples' offsets below 2^31 too: 32-bit offsets from the first sample)
-    if (vec && smem_vec && (c & 7) == 0 && c + 8 <= c_end && (!kBN || pre != nullptr) &&
-        int64_t(st.S) * ss.n < (int64_t(1) << 31)) {
+    // (and off32: a tile's samples' offsets below 2^31 too, 32-bit offsets from its first sample)
+    if (vec && off32 && smem_vec && (c & 7) == 0 && c + 8 <= c_end && (!kBN || pre != nullptr)) {
       BNScaleShift8 bc;
       if constexpr (kBN) bc = *pre;
       const T* base = src + n0 * ss.n + c;  // ss.c == 1
@@ -1687,8 +1685,7 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
           for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
           st_global16(out + smp * osn + uint32_t(oh * osh + ow * osw), q);
         }
-        return;
-      }
+      } else {
       RESFAST_NO_UNROLL
       for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
@@ -1700,6 +1697,7 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
         RESFAST_UNROLL
         for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
         st_global16(out + uint32_t((pos.h0 + oh) * osh + (pos.w0 + ow) * osw), q);
+      }
       }
       return;
     }
@@ -1863,6 +1861,9 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
   const bool check = kMMA && ch.multi;
+  // whole-sample tiles: the staged tensor's offsets over a tile's samples fit 32 bits (the
+  // 16-byte staging path)
+  const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
   // The forward's BN map of the thread's 8 channels (the 16-byte staging path), loaded once
   // when every tile stages the same channels (one chunk), else per chunk.
   BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
@@ -1896,6 +1897,8 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
     } else {
       pos = decode_tile(p.s, spatial);
     }
+    // whole-sample tiles: the tile's samples inside the conv
+    const int nleft = kWhole ? int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S) : 0;
     // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
     // the output rows / cols that read the input tile.
     const int h_lo = kInputGrad ? fast_div(pos.h0 + p.lo_h, p.sh_div) - p.lo_hq : pos.h0 * int(g.sh) - int(g.ph);
@@ -1922,12 +1925,13 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
         // block also checks what it stages for non-finite values.
         if constexpr (kWhole) {
           if constexpr (kInputGrad) {
-            bad |= fill_rows_whole<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, g.N, h_lo, w_lo, p.s, g.Ho, g.Wo, c0,
-                                          c_end, p.BK, p.PS, kMMA, check, stage_s);
+            bad |= fill_rows_whole<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, nleft, off32, h_lo, w_lo, p.s, g.Ho,
+                                          g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
           } else {
             if (!one_chunk) load_bnc(tid, c, kc);
-            bad |= fill_rows_whole<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, g.N, h_lo, w_lo, p.s, g.H, g.W, c0, c_end,
-                                         p.BK, p.PS, kMMA, check, stage_s, kMMA ? &bnc[kMMA ? c : 0] : nullptr);
+            bad |= fill_rows_whole<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, nleft, off32, h_lo, w_lo, p.s, g.H, g.W,
+                                         c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
+                                         kMMA ? &bnc[kMMA ? c : 0] : nullptr);
           }
         } else if constexpr (kInputGrad) {
           bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic,
