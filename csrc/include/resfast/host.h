@@ -331,14 +331,17 @@ inline ConvArgs<scalar_t> conv_args(const at::Tensor& x, const ConvPrep& p, cons
 // float32 / float64 the SIMT blocks, NT = 0) and whether its tiles are whole samples.
 template <typename scalar_t, class F>
 inline void dispatch_nt(int nt, F&& f);
-template <typename scalar_t, class F>
+template <typename scalar_t, bool kInputGrad, class F>
 inline void dispatch_conv(const ConvPlan& p, F&& f) {
   dispatch_nt<scalar_t>(p.nt, [&](auto nt) {
-    if (p.s.S > 0) {
-      f(nt, std::true_type{});
-    } else {
-      f(nt, std::false_type{});
+    if constexpr (whole_kernel(kInputGrad, decltype(nt)::value)) {
+      if (p.s.S > 0) {
+        f(nt, std::true_type{});
+        return;
+      }
     }
+    TORCH_CHECK(p.s.S == 0, "resfast: no whole-sample conv kernel for ", p.nt, " n8 tiles");
+    f(nt, std::false_type{});
   });
 }
 

@@ -419,6 +419,10 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
   return best;
 }
 
+// The whole-sample kernels built: the input gradient for every n8 tile count, the forward for
+// all but 4 (tensor cores; SIMT, nt 0, both).
+RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt != 4; }
+
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // Spatial tiles of a conv of N samples (whole-sample tiles: ceil(N / S)).
@@ -637,7 +641,9 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       };
       double c = 0, cw = 0;
       SpatialTile s{}, sw{};
-      if (whole != 1) sw = choose_whole_tile(g, input_grad, max_px, cost, &cw);
+      // (not the forward with 4 n8 tiles a warp: its accumulators, A rows and BN map leave the
+      // whole-sample staging too few registers, and ptxas spills: whole_kernel)
+      if (whole != 1 && whole_kernel(input_grad, nt)) sw = choose_whole_tile(g, input_grad, max_px, cost, &cw);
       if (whole != 2 || sw.M == 0) {
         s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
                        : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
@@ -1154,7 +1160,8 @@ RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool 
       if constexpr (kBN) bc = *pre;
       const T* base = src + n0 * ss.n + c;  // ss.c == 1
       const int sn = int(ss.n), sh = int(ss.h), sw = int(ss.w), Hi = int(H), Wi = int(W);
-      const int end = (st.S * IHW) << lu;
+      // the rows of the samples inside the conv; those of the missing ones (the last tile) zero
+      const int end = (nleft * IHW) << lu, zero_end = (st.S * IHW) << lu;
       const uint32_t ihw_magic = st.ihw_magic, iw_magic = st.iw_magic;
       uint32_t bad = 0;
       T* dst_v = dst + 8 * v;
@@ -1165,7 +1172,7 @@ RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool 
         const int r = div_small(q, iw_magic);
         const int h = h0 + r, w = w0 + (q - r * IW);
         Vec16 val{{0u, 0u, 0u, 0u}};
-        if (smp < nleft && uint32_t(h) < uint32_t(Hi) && uint32_t(w) < uint32_t(Wi)) {
+        if (uint32_t(h) < uint32_t(Hi) && uint32_t(w) < uint32_t(Wi)) {
           val = ld_global16(base + uint32_t(smp * sn + h * sh + w * sw));  // in bounds: >= 0
           if constexpr (kBN) {
             RESFAST_UNROLL
@@ -1183,6 +1190,8 @@ RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool 
         }
         st_shared16(dst_v + p * PS, val);
       }
+      RESFAST_NO_UNROLL
+      for (int e = end + tid; e < zero_end; e += kThreads) st_shared16(dst_v + (e >> lu) * PS, Vec16{{0u, 0u, 0u, 0u}});
       return nonfinite_max16<T>(bad);
     }
   }
@@ -1878,7 +1887,9 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
   MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
   if constexpr (kMMA && !kInputGrad) {  // the forward's rows depend on the tile shape only
-    ex.warps([&](int warp, int lane, int c) { forward_rows<X::kLanes, mt_of(kNT), kWhole>(warp, lane, g, p, stage_s, w_s, rows[c]); });
+    ex.warps([&](int warp, int lane, int c) {
+      forward_rows<X::kLanes, mt_of(kNT), kWhole>(warp, lane, g, p, stage_s, w_s, rows[c]);
+    });
   }
   if constexpr (kMMA && kInputGrad && kWhole) {  // so do the input gradient's, for whole samples
     const int h_lo = fast_div(p.lo_h, p.sh_div) - p.lo_hq, w_lo = fast_div(p.lo_w, p.sw_div) - p.lo_wq;
