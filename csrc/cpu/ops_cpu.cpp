@@ -141,9 +141,10 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
       const at::Tensor wp = prepared_weights<scalar_t>(p, plan, false, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
       args.bn_ss = bn_ss.const_data_ptr<acc_t>();
-      dispatch_nt<scalar_t>(plan.nt, [&](auto nt) {
+      dispatch_conv<scalar_t, false>(plan, [&](auto nt, auto whole) {
         run_blocks(plan.blocks, plan.smem_bytes, [&](int64_t b, unsigned char* smem) {
-          conv_block<HostBlock, scalar_t, false, decltype(nt)::value>(HostBlock{}, args, plan, b, smem);
+          conv_block<HostBlock, scalar_t, false, decltype(nt)::value, decltype(whole)::value>(HostBlock{}, args, plan,
+                                                                                              b, smem);
         });
       });
       return;
@@ -222,16 +223,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     // dL/dz with the ReLU mask, and its two per-channel sums.
     const ConvPlan iplan = conv_plan<scalar_t>(g, true);
     if (!generic && iplan.ok) {
-      const int64_t rows = g.N * iplan.s.tiles_h * iplan.s.tiles_w;
+      const int64_t rows = iplan.spatial;
       at::Tensor part_dz = at::empty({rows, g.C}, acc_opts), part_dzx = at::empty({rows, g.C}, acc_opts);
       ConvArgs<scalar_t> args = conv_args<scalar_t>(x, p, at::Tensor(), grad_out, grad_z, part_dz, part_dzx);
       at::Tensor bn_ss;
       const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
       args.bn_ss = bn_ss.const_data_ptr<acc_t>();
-      dispatch_nt<scalar_t>(iplan.nt, [&](auto nt) {
+      dispatch_conv<scalar_t, true>(iplan, [&](auto nt, auto whole) {
         run_blocks(iplan.blocks, iplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
-          conv_block<HostBlock, scalar_t, true, decltype(nt)::value>(HostBlock{}, args, iplan, b, smem);
+          conv_block<HostBlock, scalar_t, true, decltype(nt)::value, decltype(whole)::value>(HostBlock{}, args, iplan,
+                                                                                             b, smem);
         });
       });
       // the CUDA finalize's arithmetic (tiles.h column_lane_sum, column_sum_combine)

@@ -45,7 +45,7 @@ bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "resfast_conv_input_grad_tiled", [&] {
     const ConvPlan plan = conv_plan<scalar_t>(p.g, true);
     if (!plan.ok) return;
-    const int64_t rows = p.g.N * plan.s.tiles_h * plan.s.tiles_w;
+    const int64_t rows = plan.spatial;
     const auto acc_opts = x.options().dtype(acc_dtype(x));
     // One row of per-channel sums per spatial tile; every row is written by the blocks.
     at::Tensor part_dz = at::empty({rows, p.g.C}, acc_opts), part_dzx = at::empty({rows, p.g.C}, acc_opts);
@@ -55,8 +55,8 @@ bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, co
     const at::Tensor wp = prepared_weights_cuda<scalar_t>(p, plan, true, stream, &bn_ss);
     args.wp = wp.const_data_ptr<scalar_t>();
     args.bn_ss = bn_ss.const_data_ptr<acc_of<scalar_t>>();
-    dispatch_nt<scalar_t>(plan.nt, [&](auto nt) {
-      conv_tile_kernel<scalar_t, true, decltype(nt)::value>
+    dispatch_conv<scalar_t, true>(plan, [&](auto nt, auto whole) {
+      conv_tile_kernel<scalar_t, true, decltype(nt)::value, decltype(whole)::value>
           <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

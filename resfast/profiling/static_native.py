@@ -140,7 +140,8 @@ class _Probe:
             pattern = rf"wgrad_tile_kernelIN3c108BFloat16ELi{want}ELi{int(plan['share'])}E"
         else:
             ig = 1 if kernel == "input_grad" else 0
-            pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}E"
+            whole = 1 if plan["tile"].get("S", 0) > 0 else 0  # whole-sample tiles: their own kernel
+            pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}ELb{whole}E"
         for f in self.functions.values():
             if re.search(pattern, f.name):
                 return f
@@ -360,6 +361,8 @@ def _record(probe: _Probe, name: str, s: ConvShape, kernel: str, plans: dict) ->
 def _config(kernel: str, p: dict, f: _Function) -> str:
     t = p["tile"]
     tile = f"tile {t['TH']}x{t['TW']} (halo {t['IH']}x{t['IW']})"
+    if t.get("S", 0) > 0:
+        tile = f"tile of {t['S']} whole sample(s) of {t['TH']}x{t['TW']} (halo {t['IH']}x{t['IW']} each)"
     template = re.sub(r"^_ZN7resfast\d+", "", f.name).split("IN3c10")[0]
     if kernel == "weight_grad":
         return (f"{template} upw={p['upw']}: {tile}, {p['P']} group(s) per block, {p['bm']}x{p['bn']} channels, "
@@ -410,7 +413,7 @@ def _block_instructions(f: _Function, s: ConvShape, kernel: str, p: dict, plans:
         k_range = p["P"] * cg_k if p["P"] > 1 else cg_k
         chunks = math.ceil(k_range / p["BK"])
         tiles = p["spatial"] / (p["blocks"] / p["cblocks"])
-        staged = t["IH"] * t["IW"] * (p["BK"] // 8)
+        staged = t.get("staged", t["IH"] * t["IW"]) * (p["BK"] // 8)  # all of a tile's halos
         weight_fills = 1 if chunks == 1 else tiles * chunks
         units = {
             "hmma": tiles * chunks * taps * (p["BK"] // 16) * p["nt"] * (t["MP"] // 16),

@@ -326,6 +326,25 @@ inline ConvArgs<scalar_t> conv_args(const at::Tensor& x, const ConvPrep& p, cons
   return a;
 }
 
+// Calls f(std::integral_constant<int, NT>, std::integral_constant<bool, kWhole>) for a forward /
+// input-gradient plan: its n8 tiles (the 16-bit types run the tensor-core blocks, NT = 2, 4, 8,
+// float32 / float64 the SIMT blocks, NT = 0) and whether its tiles are whole samples.
+template <typename scalar_t, class F>
+inline void dispatch_nt(int nt, F&& f);
+template <typename scalar_t, bool kInputGrad, class F>
+inline void dispatch_conv(const ConvPlan& p, F&& f) {
+  dispatch_nt<scalar_t>(p.nt, [&](auto nt) {
+    if constexpr (whole_kernel(kInputGrad, decltype(nt)::value)) {
+      if (p.s.S > 0) {
+        f(nt, std::true_type{});
+        return;
+      }
+    }
+    TORCH_CHECK(p.s.S == 0, "resfast: no whole-sample conv kernel for ", p.nt, " n8 tiles");
+    f(nt, std::false_type{});
+  });
+}
+
 // Calls f(std::integral_constant<int, NT>) for the n8 tiles of a plan: the 16-bit types run
 // the tensor-core blocks (NT = 2, 4, 8), float32 / float64 the SIMT blocks (NT = 0).
 template <typename scalar_t, class F>
@@ -398,10 +417,21 @@ inline WgradPlan wgrad_plan(const ConvGeom& g) {
                          target_blocks(kWgradTargetBlocks), kWgradUpwLarge);
 }
 
+// Whole-sample tiles (tiles.h make_conv_plan's `whole`): RESFAST_NATIVE_WHOLE_SAMPLES=0 never
+// takes them, =force wherever one fits (tests), unset / anything else where they cost less.
+// Both devices read it alike.
+inline int whole_sample_tiles() {
+  const char* v = std::getenv("RESFAST_NATIVE_WHOLE_SAMPLES");
+  if (v == nullptr) return 0;
+  if (std::string(v) == "0") return 1;
+  if (std::string(v) == "force") return 2;
+  return 0;
+}
+
 template <typename scalar_t>
 inline ConvPlan conv_plan(const ConvGeom& g, bool input_grad) {
   return make_conv_plan(g, input_grad, IsMmaType<scalar_t>::value, sizeof(scalar_t), sizeof(acc_of<scalar_t>),
-                        target_blocks(kTargetBlocks));
+                        target_blocks(kTargetBlocks), whole_sample_tiles());
 }
 
 }  // namespace resfast

@@ -176,12 +176,33 @@ RESFAST_HD int fast_div(int n, const FastDiv& f) {
 // r >> lw, col r & (TW - 1)); M = TH * TW GEMM rows, MP = M rounded up to 16. IH x IW is the
 // staged halo: the input positions an output tile reads (forward, weight grad) or the output
 // positions that read an input tile (input grad).
+//
+// Whole-sample tiles (S > 0): a tile is S whole samples of PH x PW pixels each (the output
+// for the forward, the input for the input grad), pixel r of the tile being sample r / (PH*PW),
+// row and col of r % (PH*PW) in flat order (no padding columns), so a small image's tile is not
+// a mostly idle 16-row MMA tile and its per-tile code serves S samples. Each sample has its own
+// staged halo of IH x IW rows, sample s's at s * IH * IW: a tap's row offset is the same for
+// every sample. Tile t holds samples [t * S, t * S + S) (the last ones missing past N).
 struct SpatialTile {
   int TH, TW, lw, M, MP, IH, IW;
   int64_t tiles_h, tiles_w;
   uint32_t iw_magic;            // div_magic(IW): staged row p is halo row div_small(p, iw_magic)
   FastDiv per_sample, tiles_wd; // division by tiles_h * tiles_w and by tiles_w (decode_tile)
+  int S;                        // whole-sample tiles: samples per tile (0: TH x TW spatial tiles)
+  int PH, PW;                   // whole-sample tiles: a sample's pixel rows / cols
+  uint32_t pw_magic, pp_magic, ihw_magic;  // div_magic of PW, PH * PW, IH * IW (S > 0)
 };
+
+// Rows a block stages for one tile: the halo, of each sample of a whole-sample tile.
+RESFAST_HD int staged_rows(const SpatialTile& s) { return (s.S > 0 ? s.S : 1) * s.IH * s.IW; }
+
+// Pixel r of a whole-sample tile: its sample in the tile, row and col in the sample.
+RESFAST_HD void whole_pixel(const SpatialTile& st, int r, int& smp, int& h, int& w) {
+  smp = div_small(r, st.pp_magic);
+  const int q = r - smp * (st.PH * st.PW);
+  h = div_small(q, st.pw_magic);
+  w = q - h * st.PW;
+}
 
 // Channel blocks along the GEMM's column channels ("cols", cg_cols per group) and the
 // channels it sums over ("k", cg_k per group). P > 1: a block holds P whole groups (packed,
@@ -373,7 +394,7 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
   for (int lw = 2; lw <= 5; ++lw) {
     const int TW = 1 << lw;
     for (int TH = max_px / TW; TH >= 1; --TH) {
-      SpatialTile s;
+      SpatialTile s{};
       s.TH = TH;
       s.TW = TW;
       s.lw = lw;
@@ -398,6 +419,72 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
   return best;
 }
 
+// The whole-sample kernels built: the input gradient for every n8 tile count, the forward for
+// all but 4 (tensor cores; SIMT, nt 0, both).
+RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt != 4; }
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// Spatial tiles of a conv of N samples (whole-sample tiles: ceil(N / S)).
+RESFAST_HD int64_t tile_count(const SpatialTile& s, int64_t N) {
+  return s.S > 0 ? (N + s.S - 1) / s.S : N * s.tiles_h * s.tiles_w;
+}
+
+// As choose_tile, among whole-sample tiles of S = 1, 2, ... samples (at most max_px pixels and N
+// samples; samples of at least 2 columns and staged halos of at least 2 columns). The staged
+// halo of a sample: forward (and weight grad) the input rows / cols its output reads; input
+// grad exactly the output rows / cols its input pixels read through some tap (the first of
+// them floor((pad - (K-1) * dil) / stride), as the kernels' h_lo).
+template <class Cost>
+inline SpatialTile choose_whole_tile(const ConvGeom& g, bool input_grad, int max_px, Cost cost,
+                                     double* best_cost_out = nullptr) {
+  SpatialTile best{};
+  best.M = 0;
+  double best_cost = 0;
+  const int64_t PH = input_grad ? g.H : g.Ho, PW = input_grad ? g.W : g.Wo;
+  int64_t IH, IW;
+  if (input_grad) {
+    IH = floor_div(g.H - 1 + g.ph, g.sh) - floor_div(g.ph - (g.KH - 1) * g.dh, g.sh) + 1;
+    IW = floor_div(g.W - 1 + g.pw, g.sw) - floor_div(g.pw - (g.KW - 1) * g.dw, g.sw) + 1;
+  } else {
+    IH = (PH - 1) * g.sh + (g.KH - 1) * g.dh + 1;
+    IW = (PW - 1) * g.sw + (g.KW - 1) * g.dw + 1;
+  }
+  if (PW < 2 || IW < 2 || PH < 1 || PH * PW > max_px || IH * IW >= (1 << 16)) {
+    if (best_cost_out != nullptr) *best_cost_out = 0;
+    return best;
+  }
+  for (int S = 1; S * PH * PW <= max_px && S <= g.N; ++S) {
+    SpatialTile s{};
+    s.S = S;
+    s.PH = int(PH);
+    s.PW = int(PW);
+    s.TH = int(PH);
+    s.TW = int(PW);
+    s.lw = 0;
+    s.M = int(S * PH * PW);
+    s.MP = round_up(s.M, 16);
+    s.IH = int(IH);
+    s.IW = int(IW);
+    s.tiles_h = 1;
+    s.tiles_w = 1;
+    s.iw_magic = div_magic(uint32_t(IW));
+    s.pw_magic = div_magic(uint32_t(PW));
+    s.pp_magic = div_magic(uint32_t(PH * PW));
+    s.ihw_magic = div_magic(uint32_t(IH * IW));
+    s.per_sample = make_fastdiv(1);
+    s.tiles_wd = make_fastdiv(1);
+    const double c = cost(s);
+    if (c < 0) continue;
+    if (best.M == 0 || c < best_cost) {
+      best = s;
+      best_cost = c;
+    }
+  }
+  if (best_cost_out != nullptr) *best_cost_out = best_cost;
+  return best;
+}
+
 // Warp-instructions the tensor-core blocks issue per unit of work, as the SASS of the sm_90
 // kernels has them (resfast/profiling/static_native.py reads them; [0] forward, [1] input
 // grad): an HMMA with its fragment loads, an 8-channel vector staged (with BN-ReLU in the
@@ -411,6 +498,12 @@ inline constexpr double cost_hmma(int ig, int nt) { return kCostHmmaNt[ig][nt <=
 constexpr double kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
                  kCostStore[2] = {1.1, 3.1}, kCostChunk[2] = {1150.0, 1000.0}, kCostTile[2] = {1100.0, 2000.0},
                  kCostBlock = 700.0;
+// Whole-sample tiles (SpatialTile::S > 0): a staged vector and an output vector cost a little
+// more (the pixel's sample, a division), the K chunk's code too; the input gradient's fragment
+// rows move from the tile's code to the block's.
+constexpr double kCostStageWhole[2] = {2.05, 1.4}, kCostStoreWhole[2] = {1.35, 3.5},
+                 kCostChunkWhole[2] = {1250.0, 1120.0}, kCostTileWhole[2] = {1200.0, 1550.0},
+                 kCostBlockWhole[2] = {700.0, 1150.0};
 // The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
 constexpr double kCostWgradHmma = 4.2, kCostWgradStage = 1.4, kCostWgradTile = 700.0, kCostWgradBlock = 6000.0;
 
@@ -451,8 +544,10 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
 // (elem_bytes 2); otherwise the SIMT loop (bn = 16). ok = false: no tile fits (very large
 // kernels): the host runs the per-element kernels of math.h instead. target_blocks: the grid
 // size below which a block takes a single spatial tile.
+// whole: 0 weighs whole-sample tiles beside the spatial ones, 1 never takes them, 2 takes them
+// whenever one fits (RESFAST_NATIVE_WHOLE_SAMPLES, for tests).
 inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int elem_bytes, int acc_bytes,
-                               int64_t target_blocks = kTargetBlocks) {
+                               int64_t target_blocks = kTargetBlocks, int whole = 0) {
   ConvPlan p{};
   p.ok = false;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
@@ -490,7 +585,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       const bool fallback = mma && ct.P > 1;  // packed blocks keep a tile for the per-group fallback
       const int64_t chunks = cdiv(k_range, BK);
       auto bytes_before_fallback = [&](const SpatialTile& s) {
-        const int staged = s.IH * s.IW + (input_grad ? 1 : 0);
+        const int staged = staged_rows(s) + (input_grad ? 1 : 0);
         const int64_t stage = align16(int64_t(staged) * PS * elem_bytes);
         const int64_t acc_tile = align16(int64_t(s.MP) * CS * acc_bytes) + (input_grad ? kThreads * 16 * acc_bytes : 0);
         return w_bytes + (stage > acc_tile ? stage : acc_tile);
@@ -509,19 +604,22 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         double clocks;
       };
       auto plan_blocks = [&](const SpatialTile& s) -> Choice {
-        const int64_t spatial = g.N * s.tiles_h * s.tiles_w;
+        const int64_t spatial = tile_count(s, g.N);
         const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
         double per_tile, per_block;
         if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
-          const double per_chunk = hmma * 10.0 + s.IH * s.IW * (BK / 8.0) * 3.2 +
+          const double per_chunk = hmma * 10.0 + staged_rows(s) * (BK / 8.0) * 3.2 +
                                    (chunks > 1 ? taps * bn * BK / 8.0 * 0.5 : 0.0) + 1600.0;
           per_tile = chunks * per_chunk + s.M * (bn / 8.0) * 1.5;
           per_block = 0.0;
         } else {
-          const double per_chunk = hmma * cost_hmma(ig, nt) + s.IH * s.IW * (BK / 8.0) * kCostStage[ig] +
-                                   (chunks > 1 ? w_copy : 0.0) + kCostChunk[ig];
-          per_tile = chunks * per_chunk + s.M * (bn / 8.0) * kCostStore[ig] + kCostTile[ig];
-          per_block = kCostBlock + (chunks > 1 ? 0.0 : w_copy);
+          const bool wh = s.S > 0;
+          const double per_chunk = hmma * cost_hmma(ig, nt) +
+                                   staged_rows(s) * (BK / 8.0) * (wh ? kCostStageWhole[ig] : kCostStage[ig]) +
+                                   (chunks > 1 ? w_copy : 0.0) + (wh ? kCostChunkWhole[ig] : kCostChunk[ig]);
+          per_tile = chunks * per_chunk + s.M * (bn / 8.0) * (wh ? kCostStoreWhole[ig] : kCostStore[ig]) +
+                     (wh ? kCostTileWhole[ig] : kCostTile[ig]);
+          per_block = (wh ? kCostBlockWhole[ig] : kCostBlock) + (chunks > 1 ? 0.0 : w_copy);
         }
         auto clocks = [&](int64_t tpb) {
           return double(cdiv(ct.blocks * cdiv(spatial, tpb), sms)) * (tpb * per_tile + per_block) / kIssuePerClock;
@@ -541,10 +639,21 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         if (bytes(s) > kSmemLimit) return -1;
         return plan_blocks(s).clocks;
       };
-      double c = 0;
-      const SpatialTile s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
-                                       : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
-      if (s.M == 0 || (best >= 0 && c >= best)) continue;
+      double c = 0, cw = 0;
+      SpatialTile s{}, sw{};
+      // (not the forward with 4 n8 tiles a warp: its accumulators, A rows and BN map leave the
+      // whole-sample staging too few registers, and ptxas spills: whole_kernel)
+      if (whole != 1 && whole_kernel(input_grad, nt)) sw = choose_whole_tile(g, input_grad, max_px, cost, &cw);
+      if (whole != 2 || sw.M == 0) {
+        s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
+                       : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
+      }
+      // whole-sample tiles where they cost less (forced: before any spatial tile, where one fits)
+      if (sw.M > 0 && (whole == 2 || s.M == 0 || cw < c)) {
+        s = sw;
+        c = whole == 2 ? cw - 1e30 : cw;
+      }
+      if (s.M == 0 || (p.ok && c >= best)) continue;
       best = c;
       p.ch = ct;
       p.nt = nt;
@@ -561,7 +670,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       p.red_offset = int(w_bytes) + align16(int64_t(s.MP) * CS * acc_bytes);
       p.fb_offset = int(bytes_before_fallback(s));
       p.smem_bytes = int(bytes(s));
-      p.spatial = g.N * s.tiles_h * s.tiles_w;
+      p.spatial = tile_count(s, g.N);
       p.tpb = int(plan_blocks(s).tpb);  // the count its cost was taken with
       p.chunks = int(chunks);
       p.w_prep = p.ch.blocks * p.chunks * taps * bn * BK;
@@ -1015,6 +1124,81 @@ RESFAST_HD bool fill_rows(int tid, const T* src, const Strides4& ss, bool vec, c
                                 dst);
 }
 
+// fill_rows_general for each sample of a whole-sample tile (those past the conv's nleft
+// samples zero); out of line as fill_rows_general.
+template <bool kBN, typename T, typename A>
+RESFAST_HD_NOINLINE bool fill_rows_whole_general(int tid, const T* src, Strides4 ss, const BNParams<A>& bn, int64_t n0,
+                                                 int nleft, int h0, int w0, const SpatialTile& st, int64_t H, int64_t W,
+                                                 int c0, int c_end, int BK, int PS, bool smem_vec, bool check, T* dst) {
+  const int IHW = st.IH * st.IW;
+  bool bad = false;
+  for (int smp = 0; smp < st.S; ++smp) {
+    const bool here = smp < nleft;
+    bad |= fill_rows_general<kBN>(tid, src, ss, bn, here ? n0 + smp : n0, h0, w0, st.IH, st.IW, IHW, here ? H : 0, W,
+                                  c0, c_end, BK, PS, smem_vec, check, dst + smp * IHW * PS);
+  }
+  return bad;
+}
+
+// As fill_rows for the samples [n0, n0 + S) of a whole-sample tile, sample n0 + s's halo of
+// IH x IW rows from (h0, w0) at rows [s * IH * IW, (s + 1) * IH * IW); samples from nleft on
+// (past N) stage zeros. The 16-byte path in one loop over all of the tile's rows (32-bit offsets from the
+// tile's first sample), the general path sample by sample.
+template <bool kBN, typename T, typename A>
+RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool vec, const BNParams<A>& bn, int64_t n0,
+                                int nleft, bool off32, int h0, int w0, const SpatialTile& st, int64_t H, int64_t W,
+                                int c0, int c_end, int BK, int PS, bool smem_vec, bool check, T* dst,
+                                const BNScaleShift8* pre = nullptr) {
+  const int IW = st.IW, IHW = st.IH * st.IW;
+  if constexpr (IsMmaType<T>::value) {
+    const int lu = log2_pow2(BK / 8);
+    const int v = tid & ((1 << lu) - 1);
+    const int c = c0 + 8 * v;
+    // (and off32: a tile's samples' offsets below 2^31 too, 32-bit offsets from its first sample)
+    if (vec && off32 && smem_vec && (c & 7) == 0 && c + 8 <= c_end && (!kBN || pre != nullptr)) {
+      BNScaleShift8 bc;
+      if constexpr (kBN) bc = *pre;
+      const T* base = src + n0 * ss.n + c;  // ss.c == 1
+      const int sn = int(ss.n), sh = int(ss.h), sw = int(ss.w), Hi = int(H), Wi = int(W);
+      // the rows of the samples inside the conv; those of the missing ones (the last tile) zero
+      const int end = (nleft * IHW) << lu, zero_end = (st.S * IHW) << lu;
+      const uint32_t ihw_magic = st.ihw_magic, iw_magic = st.iw_magic;
+      uint32_t bad = 0;
+      T* dst_v = dst + 8 * v;
+      RESFAST_NO_UNROLL
+      for (int e = tid; e < end; e += kThreads) {
+        const int p = e >> lu;
+        const int smp = div_small(p, ihw_magic), q = p - smp * IHW;
+        const int r = div_small(q, iw_magic);
+        const int h = h0 + r, w = w0 + (q - r * IW);
+        Vec16 val{{0u, 0u, 0u, 0u}};
+        if (uint32_t(h) < uint32_t(Hi) && uint32_t(w) < uint32_t(Wi)) {
+          val = ld_global16(base + uint32_t(smp * sn + h * sh + w * sw));  // in bounds: >= 0
+          if constexpr (kBN) {
+            RESFAST_UNROLL
+            for (int i = 0; i < 4; ++i) {
+              float lo, hi;
+              unpack2<T>(val.w[i], lo, hi);
+              val.w[i] = pack2_relu<T>(lo * bc.scale[2 * i] + bc.shift[2 * i],
+                                       hi * bc.scale[2 * i + 1] + bc.shift[2 * i + 1]);
+            }
+          }
+          if (check) {
+            RESFAST_UNROLL
+            for (int i = 0; i < 4; ++i) bad = max_u16x2(bad, kBN ? val.w[i] : val.w[i] & 0x7fff7fffu);
+          }
+        }
+        st_shared16(dst_v + p * PS, val);
+      }
+      RESFAST_NO_UNROLL
+      for (int e = end + tid; e < zero_end; e += kThreads) st_shared16(dst_v + (e >> lu) * PS, Vec16{{0u, 0u, 0u, 0u}});
+      return nonfinite_max16<T>(bad);
+    }
+  }
+  return fill_rows_whole_general<kBN>(tid, src, ss, bn, n0, nleft, h0, w0, st, H, W, c0, c_end, BK, PS, smem_vec, check,
+                                      dst);
+}
+
 // The weights in the tiles' own layout, prepared once per call: element
 // ((((jb * chunks + chunk) * taps + tap) * bn + j) * BK + k) is the weight of column channel
 // col0 + j against summed channel k0 + chunk * BK + k of channel block jb (forward: columns
@@ -1141,7 +1325,7 @@ struct MmaRows {
   int rr[NL][MT];
 };
 
-template <int NL, int MT>
+template <int NL, int MT, bool kWhole = false>
 RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, const void* act_s,
                              const void* w_s, MmaRows<NL, MT>& rows) {
   const SpatialTile& st = p.s;
@@ -1155,7 +1339,13 @@ RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvP
     for (int mt = 0; mt < MT; ++mt) {
       int r = (warp * MT + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
-      rows.a[s][mt] = act + (((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8);
+      if constexpr (kWhole) {  // the pixel's sample has its own halo
+        int smp, h, w;
+        whole_pixel(st, r, smp, h, w);
+        rows.a[s][mt] = act + (((smp * st.IH + h * sh) * st.IW + w * sw) * PS + (lane >> 4) * 8);
+      } else {
+        rows.a[s][mt] = act + (((r >> st.lw) * sh * st.IW + (r & (st.TW - 1)) * sw) * PS + (lane >> 4) * 8);
+      }
       rows.rr[s][mt] = 0;
     }
   }
@@ -1164,7 +1354,7 @@ RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvP
 // Input gradient: for input row ih and tap kh the output row is (ih + ph - kh*dh) / sh when
 // that divides: with ih + ph = qh*sh + rh and kh*dh = qk*sh + rk (plan tables) it is qh - qk
 // when rh == rk. rows.a = output row qh, col qw of the staged tile; rr = rh * sw + rw.
-template <int NL, int MT>
+template <int NL, int MT, bool kWhole = false>
 RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
                                 int oh_lo, int ow_lo, const void* go_s, const void* zero_s, const void* w_s,
                                 MmaRows<NL, MT>& rows) {
@@ -1180,10 +1370,17 @@ RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const Co
     for (int mt = 0; mt < MT; ++mt) {
       int r = (warp * MT + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
-      const int th = ih0 + (r >> st.lw) + int(g.ph), tw = iw0 + (r & (st.TW - 1)) + int(g.pw);
+      int smp = 0, hl, wl;  // whole-sample tiles: the pixel's sample has its own staged rows
+      if constexpr (kWhole) {
+        whole_pixel(st, r, smp, hl, wl);
+      } else {
+        hl = r >> st.lw;
+        wl = r & (st.TW - 1);
+      }
+      const int th = ih0 + hl + int(g.ph), tw = iw0 + wl + int(g.pw);
       const int qh = fast_div(th, p.sh_div), qw = fast_div(tw, p.sw_div);
       rows.rr[s][mt] = (th - qh * sh) * sw + (tw - qw * sw);
-      rows.a[s][mt] = go + (((qh - oh_lo) * p.OWB + (qw - ow_lo)) * PS + kofs);
+      rows.a[s][mt] = go + (((smp * p.OHB + qh - oh_lo) * p.OWB + (qw - ow_lo)) * PS + kofs);
     }
   }
 }
@@ -1316,12 +1513,19 @@ RESFAST_HD void column_k_range(const ChannelRange& cr, int j, int cg_cols, int c
   }
 }
 
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD void forward_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& cr, int kc,
                                    const T* act_s, const T* w_s, A (&acc)[kSimtCols]) {
   const SpatialTile& st = p.s;
   if (tid >= st.M) return;
-  const T* a0 = act_s + ((tid >> st.lw) * int(g.sh) * st.IW + (tid & (st.TW - 1)) * int(g.sw)) * p.PS;
+  int smp = 0, hl, wl;
+  if constexpr (kWhole) {
+    whole_pixel(st, tid, smp, hl, wl);
+  } else {
+    hl = tid >> st.lw;
+    wl = tid & (st.TW - 1);
+  }
+  const T* a0 = act_s + ((smp * st.IH + hl * int(g.sh)) * st.IW + wl * int(g.sw)) * p.PS;
   const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
   const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
   RESFAST_UNROLL
@@ -1342,15 +1546,22 @@ RESFAST_HD void forward_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p
   }
 }
 
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& cr, int kc,
                                       int ih0, int iw0, int oh_lo, int ow_lo, const T* go_s, const T* w_s,
                                       A (&acc)[kSimtCols]) {
   const SpatialTile& st = p.s;
   if (tid >= st.M) return;
-  const int th = ih0 + (tid >> st.lw) + int(g.ph), tw = iw0 + (tid & (st.TW - 1)) + int(g.pw);
+  int smp = 0, hl, wl;  // whole-sample tiles: the pixel's sample has its own staged rows
+  if constexpr (kWhole) {
+    whole_pixel(st, tid, smp, hl, wl);
+  } else {
+    hl = tid >> st.lw;
+    wl = tid & (st.TW - 1);
+  }
+  const int th = ih0 + hl + int(g.ph), tw = iw0 + wl + int(g.pw);
   const int sh = int(g.sh), sw = int(g.sw);
-  const int qh = th / sh - oh_lo, rh = th - (th / sh) * sh, qw = tw / sw - ow_lo, rw = tw - (tw / sw) * sw;
+  const int qh = smp * p.OHB + th / sh - oh_lo, rh = th - (th / sh) * sh, qw = tw / sw - ow_lo, rw = tw - (tw / sw) * sw;
   const int kb = cr.nk - kc < p.BK ? cr.nk - kc : p.BK;
   const int KH = int(g.KH), KW = int(g.KW), bn = p.ch.bn;
   RESFAST_UNROLL
@@ -1376,7 +1587,7 @@ RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan
 // The tensor-core kernels' fallback for a packed block holding a non-finite value: the SIMT
 // loop, each column over its own group's channels, into fb_s (the accumulator-tile layout).
 // Out of line: it is rare, and inlined it would be most of the kernel's code.
-template <bool kInputGrad, typename T>
+template <bool kInputGrad, bool kWhole, typename T>
 RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& ch,
                                                int h0, int w0, int h_lo, int w_lo, const T* stage_s, const T* w_s,
                                                float* fb_s) {
@@ -1384,9 +1595,9 @@ RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const
     float acc[kSimtCols];
     for (int j = 0; j < kSimtCols; ++j) acc[j] = 0.0f;
     if constexpr (kInputGrad) {
-      input_grad_simt_chunk(r, g, p, ch, 0, h0, w0, h_lo, w_lo, stage_s, w_s, acc);
+      input_grad_simt_chunk<kWhole>(r, g, p, ch, 0, h0, w0, h_lo, w_lo, stage_s, w_s, acc);
     } else {
-      forward_simt_chunk(r, g, p, ch, 0, stage_s, w_s, acc);
+      forward_simt_chunk<kWhole>(r, g, p, ch, 0, stage_s, w_s, acc);
     }
     for (int j = 0; j < kSimtCols && j < p.ch.bn; ++j) fb_s[r * p.CS + j] = acc[j];
   }
@@ -1404,9 +1615,25 @@ RESFAST_HD void store_simt_tile(int tid, const ConvPlan& p, const A (&acc)[kSimt
 // ---------------------------------------------------------------------------------------
 // Epilogues (every thread; units of 8 channels of one tile pixel)
 
+// Pixel r of a tile: its sample (from the tile's first), row and col (from the tile's origin);
+// false where it lies outside the conv (rows / cols left from the origin, samples left from
+// the tile's first).
+template <bool kWhole>
+RESFAST_HD bool tile_pixel(const SpatialTile& st, int r, int rows, int cols, int nleft, int& smp, int& h, int& w) {
+  if constexpr (kWhole) {
+    whole_pixel(st, r, smp, h, w);
+    return smp < nleft;
+  } else {
+    smp = 0;
+    h = r >> st.lw;
+    w = r & (st.TW - 1);
+    return h < rows && w < cols;
+  }
+}
+
 // Forward: out[n, col0 + j, oh, ow] = c_s[r][j] (+ bias); the general path (any strides, any
 // dtype), out of line as fill_rows_general.
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD_NOINLINE void forward_epilogue_general(int tid, const ConvArgs<T>& a, const ConvPlan& p, ChannelRange ch,
                                                   TilePos pos, const A* c_s) {
   const ConvGeom& g = a.g;
@@ -1420,19 +1647,21 @@ RESFAST_HD_NOINLINE void forward_epilogue_general(int tid, const ConvArgs<T>& a,
   RESFAST_UNROLL
   for (int i = 0; i < 8; ++i) bias[i] = (a.bias != nullptr && i < nv) ? a.bias[co + i] : A(0);
   T* out = a.out + pos.n * a.os.n + int64_t(co) * a.os.c;
+  const int nleft = int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S);
   for (int e = tid; e < st.M << lu; e += kThreads) {
     const int r = e >> lu;
-    const int64_t oh = pos.h0 + (r >> st.lw), ow = pos.w0 + (r & (st.TW - 1));
-    if (oh >= g.Ho || ow >= g.Wo) continue;
+    int smp, hl, wl;
+    if (!tile_pixel<kWhole>(st, r, int(g.Ho - pos.h0), int(g.Wo - pos.w0), nleft, smp, hl, wl)) continue;
+    const int64_t oh = pos.h0 + hl, ow = pos.w0 + wl;
     A val[8];
     RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) val[i] = c_s[r * p.CS + 8 * v + i] + bias[i];
-    store8(out + oh * a.os.h + ow * a.os.w, a.os.c, nv, false, val);
+    store8(out + smp * a.os.n + oh * a.os.h + ow * a.os.w, a.os.c, nv, false, val);
   }
 }
 
 // As forward_epilogue_general; 16-bit channels_last outputs take 16-byte stores.
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
                                  const TilePos& pos, const A* c_s) {
   if constexpr (IsMmaType<T>::value) {
@@ -1449,6 +1678,23 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
       const int osh = int(a.os.h), osw = int(a.os.w), rows = int(g.Ho) - pos.h0, cols = int(g.Wo) - pos.w0;
       const int end = st.M << lu;
       const A* c_v = c_s + 8 * v;
+      if constexpr (kWhole) {  // the sample's offset in 64 bits, the in-sample offset in 32
+        const int nleft = int(g.N - pos.n < st.S ? g.N - pos.n : st.S);
+        const int64_t osn = a.os.n;
+        RESFAST_NO_UNROLL
+        for (int e = tid; e < end; e += kThreads) {
+          const int r = e >> lu;
+          int smp, oh, ow;
+          whole_pixel(st, r, smp, oh, ow);
+          if (smp >= nleft) continue;
+          float f[8];
+          lds_f8(c_v + r * p.CS, f);
+          Vec16 q;
+          RESFAST_UNROLL
+          for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
+          st_global16(out + smp * osn + uint32_t(oh * osh + ow * osw), q);
+        }
+      } else {
       RESFAST_NO_UNROLL
       for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
@@ -1461,17 +1707,18 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
         for (int i = 0; i < 4; ++i) q.w[i] = pack2<T>(f[2 * i] + bias[2 * i], f[2 * i + 1] + bias[2 * i + 1]);
         st_global16(out + uint32_t((pos.h0 + oh) * osh + (pos.w0 + ow) * osw), q);
       }
+      }
       return;
     }
   }
-  forward_epilogue_general(tid, a, p, ch, pos, c_s);
+  forward_epilogue_general<kWhole>(tid, a, p, ch, pos, c_s);
 }
 
 // Input gradient: grad_z = relu_backward(da, bn(x)) for the tile's pixels and the block's
 // input channels, written out; the thread's per-channel sums of grad_z and grad_z * xhat go
 // to red[tid][0..16). The sums use grad_z as stored (rounded to T), as the reference sums its
 // grad_z. The general path (any strides, any dtype), out of line as fill_rows_general.
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>& a, const ConvPlan& p, ChannelRange ch,
                                                      TilePos pos, const A* c_s, A* red) {
   const ConvGeom& g = a.g;
@@ -1490,19 +1737,21 @@ RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>&
   }
   const T* x = a.x + pos.n * a.xs.n + int64_t(c) * a.xs.c;
   T* out = a.out + pos.n * a.os.n + int64_t(c) * a.os.c;
+  const int nleft = int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S);
   for (int e = tid; nv > 0 && e < st.M << lu; e += kThreads) {
     const int r = e >> lu;
-    const int64_t h = pos.h0 + (r >> st.lw), w = pos.w0 + (r & (st.TW - 1));
-    if (h >= g.H || w >= g.W) continue;
+    int smp, hl, wl;
+    if (!tile_pixel<kWhole>(st, r, int(g.H - pos.h0), int(g.W - pos.w0), nleft, smp, hl, wl)) continue;
+    const int64_t h = pos.h0 + hl, w = pos.w0 + wl;
     A xv[8], gz[8];
-    load8(x + h * a.xs.h + w * a.xs.w, a.xs.c, nv, false, xv);
+    load8(x + smp * a.xs.n + h * a.xs.h + w * a.xs.w, a.xs.c, nv, false, xv);
     RESFAST_UNROLL
     for (int i = 0; i < 8; ++i) {
       gz[i] = i < nv ? static_cast<A>(static_cast<T>(relu_backward(c_s[r * p.CS + 8 * v + i], bc.z(i, xv[i])))) : A(0);
       s_dz[i] += gz[i];
       s_dzx[i] += i < nv ? gz[i] * bn_xhat(xv[i], bc.mean[i], bc.invstd[i]) : A(0);
     }
-    store8(out + h * a.os.h + w * a.os.w, a.os.c, nv, false, gz);
+    store8(out + smp * a.os.n + h * a.os.h + w * a.os.w, a.os.c, nv, false, gz);
   }
   RESFAST_UNROLL
   for (int i = 0; i < 8; ++i) {
@@ -1512,7 +1761,7 @@ RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>&
 }
 
 // As input_grad_epilogue_general; 16-bit channels_last x and grad_z take 16-byte accesses.
-template <typename T, typename A>
+template <bool kWhole, typename T, typename A>
 RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
                                     const TilePos& pos, const A* c_s, A* red) {
   if constexpr (IsMmaType<T>::value) {
@@ -1539,13 +1788,23 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
       const int xsh = int(a.xs.h), xsw = int(a.xs.w), osh = int(a.os.h), osw = int(a.os.w);
       const int rows = int(g.H) - pos.h0, cols = int(g.W) - pos.w0, end = st.M << lu;
       const A* c_v = c_s + 8 * v;
+      // whole-sample tiles: the sample's offset in 64 bits, the in-sample offset in 32
+      const int nleft = kWhole ? int(g.N - pos.n < st.S ? g.N - pos.n : st.S) : 1;
+      const int64_t xsn = a.xs.n, osn = a.os.n;
       RESFAST_NO_UNROLL
       for (int e = tid; e < end; e += kThreads) {
         const int r = e >> lu;
-        const int hl = r >> st.lw, wl = r & (st.TW - 1);
-        if (hl >= rows || wl >= cols) continue;
-        const int h = pos.h0 + hl, w = pos.w0 + wl;
-        const Vec16 xq = ld_global16(x + uint32_t(h * xsh + w * xsw));
+        int smp = 0, h, w;
+        if constexpr (kWhole) {
+          whole_pixel(st, r, smp, h, w);
+          if (smp >= nleft) continue;
+        } else {
+          const int hl = r >> st.lw, wl = r & (st.TW - 1);
+          if (hl >= rows || wl >= cols) continue;
+          h = pos.h0 + hl;
+          w = pos.w0 + wl;
+        }
+        const Vec16 xq = ld_global16(x + smp * xsn + uint32_t(h * xsh + w * xsw));
         float da[8];
         lds_f8(c_v + r * p.CS, da);
         Vec16 gq;
@@ -1561,14 +1820,14 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
           s_dzx[2 * i] += g0 * (x0 * invstd[2 * i] + nb[2 * i]);
           s_dzx[2 * i + 1] += g1 * (x1 * invstd[2 * i + 1] + nb[2 * i + 1]);
         }
-        st_global16(out + uint32_t(h * osh + w * osw), gq);
+        st_global16(out + smp * osn + uint32_t(h * osh + w * osw), gq);
       }
       sts_f8(red + tid * 16, s_dz);  // 16-byte stores
       sts_f8(red + tid * 16 + 8, s_dzx);
       return;
     }
   }
-  input_grad_epilogue_general(tid, a, p, ch, pos, c_s, red);
+  input_grad_epilogue_general<kWhole>(tid, a, p, ch, pos, c_s, red);
 }
 
 // Per-channel sums of one tile (fixed order: threads v, v + U, ...) -> part[spatial tile][channel].
@@ -1591,7 +1850,11 @@ RESFAST_HD void input_grad_tile_sums(int tid, const ConvArgs<T>& a, const ConvPl
 
 // Shared memory: [weights][staged rows (+ zero row)]; after a tile's K loop the accumulator
 // tile (and the input grad's per-thread sums) reuse the staged rows, never the weights.
-template <class X, typename T, bool kInputGrad, int NT>
+//
+// kWhole: the plan's tiles are whole samples (SpatialTile::S > 0): tile t is samples [t * S,
+// t * S + S) from row and col 0, and the input gradient's fragment rows, like the forward's,
+// are the same for every tile (computed once per block).
+template <class X, typename T, bool kInputGrad, int NT, bool kWhole = false>
 RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p, int64_t block, unsigned char* smem) {
   using A = acc_of<T>;
   constexpr bool kMMA = NT > 0;
@@ -1601,12 +1864,15 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   const ChannelRange& ch = b.ch;
   T* w_s = reinterpret_cast<T*>(smem);
   T* stage_s = reinterpret_cast<T*>(smem + p.stage_offset);  // activation (forward) / grad_out (input grad)
-  T* zero_s = stage_s + p.s.IH * p.s.IW * p.PS;              // input grad: one zero row
+  T* zero_s = stage_s + (kWhole ? staged_rows(p.s) : p.s.IH * p.s.IW) * p.PS;  // input grad: one zero row
   A* c_s = reinterpret_cast<A*>(smem + p.stage_offset);      // accumulator tile (after the K loop)
   A* red = reinterpret_cast<A*>(smem + p.red_offset);
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
   const bool check = kMMA && ch.multi;
+  // whole-sample tiles: the staged tensor's offsets over a tile's samples fit 32 bits (the
+  // 16-byte staging path)
+  const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
   // The forward's BN map of the thread's 8 channels (the 16-byte staging path), loaded once
   // when every tile stages the same channels (one chunk), else per chunk.
   BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
@@ -1621,12 +1887,29 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
   MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
   if constexpr (kMMA && !kInputGrad) {  // the forward's rows depend on the tile shape only
-    ex.warps([&](int warp, int lane, int c) { forward_rows(warp, lane, g, p, stage_s, w_s, rows[c]); });
+    ex.warps([&](int warp, int lane, int c) {
+      forward_rows<X::kLanes, mt_of(kNT), kWhole>(warp, lane, g, p, stage_s, w_s, rows[c]);
+    });
+  }
+  if constexpr (kMMA && kInputGrad && kWhole) {  // so do the input gradient's, for whole samples
+    const int h_lo = fast_div(p.lo_h, p.sh_div) - p.lo_hq, w_lo = fast_div(p.lo_w, p.sw_div) - p.lo_wq;
+    ex.warps([&](int warp, int lane, int c) {
+      input_grad_rows<X::kLanes, mt_of(kNT), true>(warp, lane, g, p, 0, 0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
+    });
   }
   A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
   for (int t = 0; t < b.ntiles; ++t) {
     const int64_t spatial = b.tile0 + t;
-    const TilePos pos = decode_tile(p.s, spatial);
+    TilePos pos;
+    if constexpr (kWhole) {
+      pos.n = spatial * p.s.S;
+      pos.h0 = 0;
+      pos.w0 = 0;
+    } else {
+      pos = decode_tile(p.s, spatial);
+    }
+    // whole-sample tiles: the tile's samples inside the conv
+    const int nleft = kWhole ? int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S) : 0;
     // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
     // the output rows / cols that read the input tile.
     const int h_lo = kInputGrad ? fast_div(pos.h0 + p.lo_h, p.sh_div) - p.lo_hq : pos.h0 * int(g.sh) - int(g.ph);
@@ -1634,7 +1917,7 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
     if constexpr (kMMA) {
       ex.warps([&](int warp, int lane, int c) {
         zero_acc(acc[c]);
-        if constexpr (kInputGrad) {
+        if constexpr (kInputGrad && !kWhole) {
           input_grad_rows(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
         }
       });
@@ -1651,7 +1934,17 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
         const int c0 = ch.k0 + kc, c_end = ch.k0 + ch.nk, rows = p.s.IH * p.s.IW;
         // The source (grad_out for the input grad, x and BN-ReLU for the forward); a packed
         // block also checks what it stages for non-finite values.
-        if constexpr (kInputGrad) {
+        if constexpr (kWhole) {
+          if constexpr (kInputGrad) {
+            bad |= fill_rows_whole<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, nleft, off32, h_lo, w_lo, p.s, g.Ho,
+                                          g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
+          } else {
+            if (!one_chunk) load_bnc(tid, c, kc);
+            bad |= fill_rows_whole<true>(tid, a.x, a.xs, a.x_vec, a.bn, pos.n, nleft, off32, h_lo, w_lo, p.s, g.H, g.W,
+                                         c0, c_end, p.BK, p.PS, kMMA, check, stage_s,
+                                         kMMA ? &bnc[kMMA ? c : 0] : nullptr);
+          }
+        } else if constexpr (kInputGrad) {
           bad |= fill_rows<false>(tid, a.go, a.gs, a.go_vec, a.bn, pos.n, h_lo, w_lo, p.s.IH, p.s.IW, p.s.iw_magic,
                                   rows, g.Ho, g.Wo, c0, c_end, p.BK, p.PS, kMMA, check, stage_s);
         } else {
@@ -1677,14 +1970,14 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       } else if constexpr (kMMA) {
         simt = true;  // a packed block holding a non-finite value (one chunk)
         ex.threads([&](int tid, int) {
-          packed_block_fallback<kInputGrad>(tid, g, p, ch, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, fb_s);
+          packed_block_fallback<kInputGrad, kWhole>(tid, g, p, ch, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, fb_s);
         });
       } else {
         ex.threads([&](int tid, int c) {
           if constexpr (kInputGrad) {
-            input_grad_simt_chunk(tid, g, p, ch, kc, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, sacc[c]);
+            input_grad_simt_chunk<kWhole>(tid, g, p, ch, kc, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, sacc[c]);
           } else {
-            forward_simt_chunk(tid, g, p, ch, kc, stage_s, w_s, sacc[c]);
+            forward_simt_chunk<kWhole>(tid, g, p, ch, kc, stage_s, w_s, sacc[c]);
           }
         });
       }
@@ -1702,11 +1995,11 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
     }
     ex.sync();
     if constexpr (kInputGrad) {
-      ex.threads([&](int tid, int) { input_grad_epilogue(tid, a, p, ch, pos, c_read, red); });
+      ex.threads([&](int tid, int) { input_grad_epilogue<kWhole>(tid, a, p, ch, pos, c_read, red); });
       ex.sync();
       ex.threads([&](int tid, int) { input_grad_tile_sums(tid, a, p, ch, spatial, red); });
     } else {
-      ex.threads([&](int tid, int) { forward_epilogue(tid, a, p, ch, pos, c_read); });
+      ex.threads([&](int tid, int) { forward_epilogue<kWhole>(tid, a, p, ch, pos, c_read); });
     }
   }
 }
