@@ -4,7 +4,7 @@ DenseNet-121's 128 -> 32 3x3 convs; and the packed stride-1 launch's 8-warp conf
 registers), run by the stacked kernel's ``DO_GW`` pass with ``FILL`` splits, against the float64
 rule: ungrouped convs with two output-channel chunks and partial channel blocks, 32-channel
 groups, packed 4- and 8-channel groups, one 16-channel group, depthwise, padding 0, 1 and 2,
-dilation 2, odd image sizes, NCHW and channels_last, bfloat16, and a NaN in one channel's input
+dilation 2, stride 2 (the residue-class path), odd image sizes, NCHW and channels_last, bfloat16, and a NaN in one channel's input
 or one group's output gradient (it must reach exactly the weight-gradient entries eager's
 reaches).
 
@@ -110,6 +110,18 @@ def test_ungrouped_fill_config_against_eager(case, weight_config):
     ran = weight_config(UNGROUPED)
     _check(_args(case), torch.float32, f"case={case}")
     _ran_fill(ran, UNGROUPED)
+
+
+def test_ungrouped_fill_config_stride2_classes(weight_config):
+    """ResNeXt-50 stage 4's stride-2 first block takes this config too (the residue-class path,
+    two 16-wide output chunks of 32-channel groups): odd sizes, padding 1."""
+    ran = weight_config(UNGROUPED)
+    go, x, w, bw, bb, mean, invstd, *rest = _args((1, 64, 64, 2, (9, 7), (3, 3), (1, 1), (1, 1)), seed=27)
+    go = torch.randn(1, 64, 5, 4, generator=torch.Generator().manual_seed(28)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    _check((go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], 2, True), torch.float32, "stride 2")
+    _ran_fill(ran, UNGROUPED)
+    assert ran[-1]["SH"] == 2 and ran[-1]["SW"] == 2
 
 
 @pytest.mark.parametrize("case", PACKED_CASES, ids=str)
