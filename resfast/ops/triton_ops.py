@@ -850,8 +850,9 @@ _BWD_WEIGHT_PACKED_CONFIGS = [
 # ... and the dedicated packed weight-gradient kernel (``bn_relu_conv_bwd_weight_packed_kernel``,
 # ``WGRAD=1``): all three 4-tap stacks of grad_out loaded before the first MMA, 8 warps, 3
 # programs per SM (74-78 registers). Listed beside the stacked kernel's configs in one launch
-# (each config binds its own kernel). PREDICTED: faster only at ResNeXt-50 stage 3 (48.9 ->
-# 33.3 us; docs/notes/triton_kernels.md, last section), so the other shapes keep their choice.
+# (each config binds its own kernel). PREDICTED: it was faster only at ResNeXt-50 stage 3 (48.9 ->
+# 33.3 us), and since the 48-register stacked config above (22.2 us there) no shape picks it
+# (docs/notes/triton_kernels.md); listed still for a GPU's tuner.
 _BWD_WEIGHT_PACKED_WG_CONFIGS = [
     _cfg(8, 1, 3, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, WGRAD=1, CAP=4),
 ]
