@@ -772,6 +772,14 @@ _BWD_WEIGHT_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
     _cfg(4, 1, 4, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
 ]
+# ... and, for the weight-gradient launch of one group per block (DenseNet-121's 128 -> 32 3x3
+# convs), 16 warps on a 16 output x 64 input channel block capped at 64 registers: 2 programs
+# (32 warps) per SM, spill-free with triton 3.8 and 3.6, the split count filling both slots
+# (``FILL``; PREDICTED at 56 x 56: 124.3 -> 68.4 us, where the WIDE_K config's 196 registers
+# hold one 8-warp program per SM).
+_BWD_WEIGHT_FILL_CONFIGS = [
+    _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1),
+]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The weight-gradient launch of a group wider than one tile (:func:`_wide_weight`;
 # ``bn_relu_conv_bwd_weight_kernel``, over the output positions): ``BLOCK_N`` output by
@@ -832,6 +840,9 @@ _BWD_INPUT_PACKED_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K
 # programs per SM only (their 55-98 registers hold 4-5 per SM; PREDICTED at stage 1: 99.6 ->
 # 75.0 us, the 8-warp 8 x 8 one).
 _BWD_WEIGHT_PACKED_CONFIGS = [
+    # capped at 48 registers: 5 programs per SM, spill-free with triton 3.8 and 3.6 (PREDICTED at
+    # stage 1: 75.0 -> 62.1 us; FILL: one 16-channel group per block, stage 3, fills too)
+    _cfg(8, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, MAXNREG=48, FILL=1),
     _cfg(8, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
     _cfg(8, 1, 3, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=64),
     _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
@@ -839,8 +850,9 @@ _BWD_WEIGHT_PACKED_CONFIGS = [
 # ... and the dedicated packed weight-gradient kernel (``bn_relu_conv_bwd_weight_packed_kernel``,
 # ``WGRAD=1``): all three 4-tap stacks of grad_out loaded before the first MMA, 8 warps, 3
 # programs per SM (74-78 registers). Listed beside the stacked kernel's configs in one launch
-# (each config binds its own kernel). PREDICTED: faster only at ResNeXt-50 stage 3 (48.9 ->
-# 33.3 us; docs/notes/triton_kernels.md, last section), so the other shapes keep their choice.
+# (each config binds its own kernel). PREDICTED: it was faster only at ResNeXt-50 stage 3 (48.9 ->
+# 33.3 us), and since the 48-register stacked config above (22.2 us there) no shape picks it
+# (docs/notes/triton_kernels.md); listed still for a GPU's tuner.
 _BWD_WEIGHT_PACKED_WG_CONFIGS = [
     _cfg(8, 1, 3, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, WGRAD=1, CAP=4),
 ]
@@ -939,7 +951,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             cap = num_tiles
             if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
-            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw, fill=blk.gp > 1)
+            splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw, fill=blk.gp > 1 or bool(cfg.get("FILL")))
             if do_gw and not do_ga and cfg.get("WIDE_K"):
                 wide = _blocks(groups, cin_g, cout_g, cfg.get("WIDE_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
                 ncb_wide = wide.ngb * wide.ksub * wide.nsub
@@ -1226,7 +1238,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_WEIGHT_PACKED_WG_INTERP,
                                      bind_packed, key + ("gw", "packed"), hbm_bytes=gy_bytes + x_bytes))
     elif not merged:
-        gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else [])
+        gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else _BWD_WEIGHT_FILL_CONFIGS)
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
