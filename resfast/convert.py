@@ -1174,13 +1174,19 @@ def _frozen_value(v: Any) -> Any:
     return ("id", id(v))
 
 
+#: attributes no traced forward reads: resfast's own, and the state that FSDP (``fully_shard``,
+#: ``FullyShardedDataParallel``) and the other composable APIs keep on the module they wrap (counted
+#: as changes, they made every FSDP-wrapped converted module run unfused, trial 21)
+_NOT_FROZEN = ("_resfast", "__composable_api_state_key", "_fsdp_", "_is_fsdp_")
+
+
 def _fingerprint(module: nn.Module) -> Tuple[Any, ...]:
     """What ``torch.fx`` froze into the traced forward of ``module``: the values of its own
     plain attributes (a scale, a flag read by an ``if``) and the identity of its children
     (and of the modules held in its containers, which the trace unrolled; a fused ReLU module
     is gone from the graph). Taken at conversion and compared at each call."""
     attrs = tuple((k, _frozen_value(v)) for k, v in module.__dict__.items()
-                  if k not in _MODULE_INTERNALS and k != "training" and not k.startswith("_resfast"))
+                  if k not in _MODULE_INTERNALS and k != "training" and not k.startswith(_NOT_FROZEN))
     mods: List[Tuple[str, int, type]] = []
     stack = [("", module)]
     while stack:

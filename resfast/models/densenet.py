@@ -127,11 +127,20 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
             raise ValueError(f"x must be an N x {self.in_chans} x H x W tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         f = self.features
+        if type(f) is not nn.Sequential or hooked_submodules([("features", f)]):
+            # hooks on ``features`` (a forward hook that reads or changes the features) or a class
+            # of its own (fully_shard(model.features), FSDP's wrapper): called as a module, as
+            # torchvision's DenseNet calls it (its children one by one skipped both, trial 21)
+            return f(x)
         x = self._stem(x)
         for i in range(1, self.num_blocks + 1):
             block = getattr(f, "denseblock%d" % i)
             if i < self.num_blocks:
-                x = block.forward_with_transition(x, getattr(f, "transition%d" % i))
+                transition = getattr(f, "transition%d" % i)
+                # a wrapped block (FSDP's FullyShardedDataParallel, checkpoint_wrapper) is called as a
+                # module: its forward_with_transition, reached through the wrapper, skipped it
+                x = block.forward_with_transition(x, transition) if isinstance(block, DenseBlock) \
+                    else transition(block(x))
             else:
                 x = block(x)
         return f.norm5(x)

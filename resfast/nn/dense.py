@@ -237,7 +237,10 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
         BN-ReLU-conv1x1 runs inside the block's function on the shared buffer (with the
         block's per-channel batch statistics), so the block's features need no gradient
         buffer of their own."""
-        if is_tracing():
+        if is_tracing() or not isinstance(transition, Transition):
+            # a wrapped transition (FSDP's FullyShardedDataParallel, checkpoint_wrapper) is called
+            # as a module, so that its wrapper runs (the fused tail read its parameters through
+            # it: under FSDP's NO_SHARD their gradients were never all-reduced, trial 21)
             return transition(self(init_features))
         self._check_input(init_features, transition)
         if self.memory == "shared" and init_features.shape[0] == 0:

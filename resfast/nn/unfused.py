@@ -85,13 +85,25 @@ def _role(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def _torch_wrapper(cls: type) -> bool:
+    """A wrapper module of ``torch.distributed`` (FSDP's ``FullyShardedDataParallel``, which its
+    ``MixedPrecision`` puts around every BatchNorm to keep it in float32; ``checkpoint_wrapper``'s
+    ``CheckpointWrapper``): its forward gathers the parameters, casts, checkpoints, registers the
+    gradient reduction, so it must run (the fused op reading the module inside through it
+    raised a TypeError where the modules run, trial 21)."""
+    return cls.__module__.startswith("torch.distributed.")
+
+
 def _std_norm(cls: type) -> bool:
-    """False for a BatchNorm subclass with a forward of its own. A norm that is no BatchNorm
-    at all (a ``norm_layer=GroupNorm`` block) is the blocks' own business: they run it unfused
-    by design (``blocks._bn_relu_conv``), so it is not reported here."""
+    """False for a BatchNorm subclass with a forward of its own, and for a ``torch.distributed``
+    wrapper in the norm slot (:func:`_torch_wrapper`). A norm that is no BatchNorm at all (a
+    ``norm_layer=GroupNorm`` block) is the blocks' own business: they run it unfused by design
+    (``blocks._bn_relu_conv``), so it is not reported here."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    if not issubclass(cls, _BatchNorm) or cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
+    if not issubclass(cls, _BatchNorm):
+        return not _torch_wrapper(cls)
+    if cls.forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward):
         return True
     # timm's BatchNormAct2d (a BatchNorm2d with its ReLU inside), as resfast.convert accepts it
     return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
