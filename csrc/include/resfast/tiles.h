@@ -1872,7 +1872,7 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   const bool check = kMMA && ch.multi;
   // whole-sample tiles: the staged tensor's offsets over a tile's samples fit 32 bits (the
   // 16-byte staging path)
-  const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
+  [[maybe_unused]] const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
   // The forward's BN map of the thread's 8 channels (the 16-byte staging path), loaded once
   // when every tile stages the same channels (one chunk), else per chunk.
   BNScaleShift8 bnc[kMMA && !kInputGrad ? X::kThreadCopies : 1];
@@ -1909,7 +1909,7 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       pos = decode_tile(p.s, spatial);
     }
     // whole-sample tiles: the tile's samples inside the conv
-    const int nleft = kWhole ? int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S) : 0;
+    [[maybe_unused]] const int nleft = kWhole ? int(g.N - pos.n < p.s.S ? g.N - pos.n : p.s.S) : 0;
     // Staged tile origin: forward: the input rows / cols the output tile reads; input grad:
     // the output rows / cols that read the input tile.
     const int h_lo = kInputGrad ? fast_div(pos.h0 + p.lo_h, p.sh_div) - p.lo_hq : pos.h0 * int(g.sh) - int(g.ph);
