@@ -498,6 +498,11 @@ _FWD_CONFIGS = [
     # planner's fill gives each fewer tiles; the dependent-issue bound predicts ResNeXt-50
     # stage 1's forward at 97.7 -> 77.6 us, spill-free
     _cfg(4, 1, 5, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=96),
+    # packed small groups, 8 programs per SM: the 4-warp 8 x 8 tile capped at 64 registers, its
+    # non-finite fix-up by scalar FMAs (``FIXUP_FMA``; the MMA fix-up's registers set the
+    # kernel's count); spill-free with triton 3.8 and 3.6 (docs/notes/triton_kernels.md,
+    # fifteenth session: ResNeXt-50 stage 1 77.6 -> 65.5 us predicted, 103.7 -> 65.3 with 3.6)
+    _cfg(4, 1, 8, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=64, FIXUP_FMA=1),
 ]
 # Extra candidates of the forward with the statistics epilogue (``bn_relu_conv2d_stats``, the
 # producer of a chained pair), whose register accumulators take the 4-warp 8 x 8 tile to about
@@ -512,6 +517,8 @@ _FWD_STATS_CONFIGS = [
 # at least this many tiles (static model: a gain from 7 tiles per program, ResNeXt-50's and
 # DenseNet-121's 3x3 convs; a small loss at 1-5, WRN-28-10's and the 7 x 7 stages).
 _WALK_MIN_TILES = 6
+#: ``False``: the forward's config list without the ``FIXUP_FMA`` config (the plan before it).
+FWD_FIXUP_FMA = True
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
 
@@ -594,6 +601,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     use_scratch = kh * kw > 1
     fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
     configs = _prune_tiles(_FWD_CONFIGS + (_FWD_STATS_CONFIGS if pstat is not None else []), ho, wo, fit=fit)
+    if not FWD_FIXUP_FMA:  # the plan before the register-light fix-up's config (to compare plans)
+        configs = [cfg for cfg in configs if not cfg.get("FIXUP_FMA")]
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if pstat is not None:
@@ -628,7 +637,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         args = (x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y, scratch, flags,
                 _or(pstat, mean), c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w,
                 num_tiles, STATS_ROWS, *_digits(nprog, (tiles_w, tiles_h)), *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
-        const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
+        const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), FIXUP_FMA=bool(cfg.get("FIXUP_FMA")),
+                     HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
                      USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == 1, PACKED=packed, HAS_BIAS=bias is not None,
                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,

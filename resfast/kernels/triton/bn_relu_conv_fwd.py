@@ -37,6 +37,11 @@ NaN (or Inf) into its packed neighbours' outputs. Each tile adds ``acc * 0`` (Na
 where ``acc`` is not finite) to a per-program register tile, one FMA per element; a program
 that met a non-finite output recomputes all of its tiles exactly, one group at a time, and
 takes their statistics afresh. ``flag_ptr`` is unused (kept for the launch signature).
+``FIXUP_FMA`` (a config for many resident programs): the detector is a per-row vector (each
+tile's ``acc * 0`` summed over its columns, a quarter of the registers) and the fix-up
+recomputes a tile by scalar FMAs from the staged halo (:func:`_fixup_fma`), so the cold
+fix-up no longer sets the kernel's register count (64 at the 4-warp 8 x 8 tile: 8 programs
+per SM).
 
 ``WALK`` (a program with many tiles): the tile loop walks its tiles by their digits (column,
 row, image; ``STEP_*`` the digits of the loop's step, from the host), adds and compares per
@@ -63,7 +68,7 @@ def bn_relu_conv_fwd_kernel(
     USE_SCRATCH: tl.constexpr, ONE_CHUNK: tl.constexpr, PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STATS: tl.constexpr = False, WALK: tl.constexpr = True,
+    STATS: tl.constexpr = False, WALK: tl.constexpr = True, FIXUP_FMA: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -100,7 +105,10 @@ def bn_relu_conv_fwd_kernel(
     if WALK:  # the tile's digits (column, row, image), advanced by the step's (STEP_*) per tile
         d_w, d_h, _, _, d_n = tile_digits(pid, TILES_W, TILES_H, 1, 1)
     if PACKED:  # 0 where every tile's output so far is finite, NaN once one is not
-        nonfinite = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        if FIXUP_FMA:  # per row (a sum over the row's columns per tile: a quarter of the registers)
+            nonfinite = tl.zeros([BM], dtype=tl.float32)
+        else:
+            nonfinite = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
 
     for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
         if WALK:
@@ -136,7 +144,10 @@ def bn_relu_conv_fwd_kernel(
                                  STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K,
                                  STAGED=USE_SCRATCH)
         if PACKED:  # one FMA per element: x * 0 is NaN exactly when x is not finite
-            nonfinite += acc * 0.0
+            if FIXUP_FMA:
+                nonfinite += tl.sum(acc * 0.0, axis=1)
+            else:
+                nonfinite += acc * 0.0
         _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
         if STATS:
             wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
@@ -162,12 +173,19 @@ def bn_relu_conv_fwd_kernel(
                 m_ok = (ho < HO) & (wo < WO)
                 xb = x_ptr + n.to(tl.int64) * sxn
                 acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-                for g in range(0, (BLOCK_N + COUT_G - 1) // COUT_G):
-                    part = _chunk_mma(tl.zeros([BM, BLOCK_N], dtype=tl.float32), slot, xb, th0 * stride_h - pad_h,
-                                      tw0 * stride_w - pad_w, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c, k_ok, scale,
-                                      shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, g, CIN_G, act_ty, KH,
-                                      KW, STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, True, DOT_F32, BLOCK_K)
-                    acc = tl.where((gn == g)[None, :], part, acc)
+                if USE_SCRATCH and FIXUP_FMA:  # few registers: the fix-up's would set the whole kernel's count
+                    acc = _fixup_fma(slot, xb, th0 * stride_h - pad_h, tw0 * stride_w - pad_w, H, W, sxh, sxw, x_c,
+                                     k_ok, scale, shift, w_ptr, gblk, KR, NR, C, CIN_G, COUT_G, CO, oi, oj, swo, swi,
+                                     swh, sww, stride_h, stride_w, dil_h, dil_w, act_ty, KH, KW, HALO_H, HALO_W,
+                                     HALO_B, HALO_NP, BM, BLOCK_N, BLOCK_K)
+                else:
+                    for g in range(0, (BLOCK_N + COUT_G - 1) // COUT_G):
+                        part = _chunk_mma(tl.zeros([BM, BLOCK_N], dtype=tl.float32), slot, xb,
+                                          th0 * stride_h - pad_h, tw0 * stride_w - pad_w, ho, wo, m_ok, oi, oj, H, W,
+                                          sxh, sxw, x_c, k_ok, scale, shift, wt, stride_h, stride_w, pad_h, pad_w,
+                                          dil_h, dil_w, g, CIN_G, act_ty, KH, KW, STACK, HALO_H, HALO_W, HALO_B,
+                                          HALO_NP, USE_SCRATCH, True, DOT_F32, BLOCK_K)
+                        acc = tl.where((gn == g)[None, :], part, acc)
                 _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
                 if STATS:
                     wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
@@ -329,4 +347,35 @@ def _chunk_mma(acc, slot, xb, h0, w0, ho, wo, m_ok, oi, oj, H, W, sxh, sxw, x_c,
         xv = tl.load(xb + (hi * sxh + wi * sxw)[:, None] + x_c[None, :], mask=mask, other=0.0)
         av = bn_relu(xv.to(tl.float32), scale, shift, mask).to(act_ty)
         acc = dot_acc(av, wt[0], acc, DOT_F32)
+    return acc
+
+
+@triton.jit
+def _fixup_fma(slot, xb, h0, w0, H, W, sxh, sxw, x_c, k_ok, scale, shift, w_ptr, gblk, KR, NR, C, CIN_G, COUT_G, CO,
+               oi, oj, swo, swi, swh, sww, stride_h, stride_w, dil_h, dil_w, act_ty: tl.constexpr, KH: tl.constexpr,
+               KW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, HALO_B: tl.constexpr,
+               HALO_NP: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of a packed block exactly (the non-finite fix-up of the stacked-tap path): the
+    halo staged as in the main loop, then each output channel from its own group's input
+    channels only, by float32 FMAs of the staged activation (rounded as the MMA's operand)
+    with scalar weights: no tensor-core tile, so no packed neighbour's NaN, and few registers."""
+    _stage_halo(slot, xb, h0, w0, H, W, sxh, sxw, x_c, k_ok, scale, shift, act_ty, HALO_H, HALO_W, HALO_B, HALO_NP,
+                BLOCK_K)
+    nn = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    base = (oi * stride_h * HALO_W + oj * stride_w) * BLOCK_K
+    for j in range(0, BLOCK_N):
+        co_j = gblk * NR + j  # a packed block is one output chunk
+        g = j // COUT_G
+        v = tl.zeros([BM], dtype=tl.float32)
+        for i in range(0, CIN_G):
+            k = g * CIN_G + i
+            ok = (j < NR) & (co_j < CO) & (k < KR) & (gblk * KR + k < C)
+            for kh in range(0, KH):
+                for kw in range(0, KW):
+                    wv = tl.load(w_ptr + co_j * swo + i * swi + kh * swh + kw * sww, mask=ok, other=0.0)
+                    av = tl.load(slot + base + (kh * dil_h * HALO_W + kw * dil_w) * BLOCK_K + k, mask=ok, other=0.0)
+                    v += av.to(tl.float32) * wv.to(tl.float32)
+        acc = tl.where((nn == j)[None, :], v[:, None], acc)
+    tl.debug_barrier()  # the next tile overwrites the slot
     return acc
