@@ -33,7 +33,7 @@ from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
 from resfast.ops.opsets import get_ops
-from resfast.ops.validation import (FLOAT_DTYPES, check_bn_relu_conv2d_args, check_param_dtype,
+from resfast.ops.validation import (FLOAT_DTYPES, check_bn_relu_conv2d_args, check_eps, check_param_dtype,
                                     check_running_stats_no_grad)
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "MEMORY_MODES", "bn_relu_conv_recomputable"]
@@ -514,6 +514,13 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
                 except RuntimeError as exc:
                     path = next(n for n, m in owner.named_modules() if m is bn)
                     raise RuntimeError(f"{path or 'the BatchNorm'}: {exc}") from None
+    # As the fused op (and eager PyTorch's batch norm in training): eps > 0. The shared block
+    # never reaches the op's check, so eps=0 ran there (train and eval) where the other modes raise.
+    for owner, modules in walked:
+        for bn in modules:
+            if isinstance(bn, _BatchNorm) and not (isinstance(bn.eps, float) and bn.eps > 0):
+                path = next(n for n, m in owner.named_modules() if m is bn)
+                check_eps(bn.eps, f"{path}.eps" if path else "eps")
     training = any(m.training for m in walked[0][1] if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")

@@ -38,7 +38,7 @@ from resfast.ops.schemas import dense_vector
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
 __all__ = ["bn_relu_conv2d", "sync_batch_stats", "update_running_stats", "normalize_with", "autocast_enabled",
-           "autocast_inputs", "autocast_target_dtype"]
+           "autocast_inputs", "autocast_param", "autocast_target_dtype"]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -403,19 +403,33 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Opti
     weight and bias are cast to it. Where it is not (float32 under bfloat16 autocast), casting
     ``x`` first would take the batch statistics of a rounded ``x`` (at a mean of 40 standard
     deviations bfloat16 keeps none of its digits): the op computes in ``x``'s dtype instead
-    (weight and bias cast to it) and :func:`bn_relu_conv2d` returns its output in the autocast
-    dtype, as autocast's conv does. With ``out=`` the op writes in the autocast dtype: ``x`` is
-    cast to it. float64 tensors are never cast (autocast never casts them)."""
-    dtype = autocast_target_dtype(x.device)
+    (weight and bias cast to it, through the autocast dtype: :func:`autocast_param`) and
+    :func:`bn_relu_conv2d` returns its output in the autocast dtype, as autocast's conv does.
+    With ``out=`` the op writes in the autocast dtype: ``x`` is cast to it. float64 tensors are
+    never cast (autocast never casts them)."""
+    target = autocast_target_dtype(x.device)
+    dtype = target
     if out is None and x.is_floating_point() and x.dtype != torch.float64:
         dtype = x.dtype
+    cast_x = x if x.dtype == dtype or not x.is_floating_point() or x.dtype == torch.float64 else x.to(dtype)
+    return cast_x, autocast_param(weight, dtype, target), autocast_param(bias, dtype, target)
 
-    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
-        if t is None or t.dtype == dtype or not t.is_floating_point() or t.dtype == torch.float64:
-            return t
-        return t.to(dtype)
 
-    return cast(x), cast(weight), cast(bias)
+def autocast_param(t: Optional[Tensor], dtype: torch.dtype, target: torch.dtype) -> Optional[Tensor]:
+    """A conv weight or bias ``t`` as an op computing in ``dtype`` under autocast reads it.
+
+    Where ``dtype`` is autocast's own ``target`` this is ``t.to(dtype)``. Where the op computes
+    in another dtype (a float32 ``x`` under float16 / bfloat16 autocast), ``t`` goes through
+    ``target`` first, ``t.to(target).to(dtype)``, as autocast's conv casts it: the conv reads the
+    values eager's reads, and autograd hands the gradient back through ``target`` too, so a
+    weight gradient beyond float16's range is ``inf`` as eager's float16 one is (a GradScaler then
+    skips the step where eager's does; kept in float32 it stayed finite and the scaler stepped).
+    float64 tensors are never cast, nor is anything when ``dtype`` is float64."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    if dtype not in (target, torch.float64) and t.dtype != target:
+        t = t.to(target)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def bn_relu_conv2d_backend(requested: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],

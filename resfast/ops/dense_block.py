@@ -63,8 +63,8 @@ from resfast.ops.autotune import (PROBE_CHANNELS, PROBE_POSITIONS, Runner, Signa
                                   autotune_enabled, pick_backend, probe_batch, scratch, scratch_param,
                                   static_choice, static_dims, strides_class, training_runner)
 from resfast.ops.bn_args import BNArgs
-from resfast.ops.bn_relu_conv2d import (autocast_enabled, autocast_target_dtype, normalize_with, sync_batch_stats,
-                                        update_running_stats)
+from resfast.ops.bn_relu_conv2d import (autocast_enabled, autocast_param, autocast_target_dtype, normalize_with,
+                                        sync_batch_stats, update_running_stats)
 from resfast.ops.opsets import get_ops
 from resfast.ops.reference import acc_dtype, conv2d, conv2d_backward, unbiased_var
 from resfast.ops.schemas import out_memory_format
@@ -153,13 +153,17 @@ def shared_dense_block(
     # the promoted dtype, x's when it is float32), autocast casts only the convs' inputs, which
     # are normalised activations; casting x first would take the statistics of a rounded x. (An
     # x already in the autocast dtype, the output of an autocast conv, is the usual case.)
+    # The conv weights go through the autocast dtype as autocast's convs cast them
+    # (autocast_param): with a float32 x their gradients keep float16's rounding and overflow,
+    # so a GradScaler skips the steps eager skips.
     dtype = x.dtype
+    target = autocast_target_dtype(x.device) if autocast_enabled(x.device.type) else None
     tensors: List[Optional[Tensor]] = []
     for layer in layers:
-        tensors += [_cast(layer.conv1_weight, dtype), layer.norm1.weight, layer.norm1.bias,
-                    _cast(layer.conv2_weight, dtype), layer.norm2.weight, layer.norm2.bias]
+        tensors += [_cast(layer.conv1_weight, dtype, target), layer.norm1.weight, layer.norm1.bias,
+                    _cast(layer.conv2_weight, dtype, target), layer.norm2.weight, layer.norm2.bias]
     if tail is not None:
-        tensors += [_cast(tail[1], dtype), tail[0].weight, tail[0].bias]
+        tensors += [_cast(tail[1], dtype, target), tail[0].weight, tail[0].bias]
         cfg.pool_weight = None if tail[2] is None else _cast(tail[2], dtype)
     # The buffer comes back in x's dtype, as torch.cat of x and the new features; a tail's
     # output is its conv's: in the autocast dtype under autocast (never for float64).
@@ -301,7 +305,11 @@ def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str
     return c_total + kept
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+def _cast(t: Tensor, dtype: torch.dtype, target: Optional[torch.dtype] = None) -> Tensor:
+    """``t`` in ``dtype``; with autocast's ``target`` dtype, through it first where ``dtype`` is
+    another (:func:`resfast.ops.bn_relu_conv2d.autocast_param`)."""
+    if target is not None and t.dtype != torch.float64:
+        t = autocast_param(t, dtype, target)
     return t if t.dtype == dtype else t.to(dtype)
 
 

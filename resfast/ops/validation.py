@@ -20,6 +20,7 @@ __all__ = [
     "check_out",
     "check_running_stats_no_grad",
     "check_momentum",
+    "check_eps",
     "check_param_dtype",
     "overlaps",
     "int_pair",
@@ -46,6 +47,14 @@ def check_momentum(momentum) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
         raise TypeError(f"momentum must be a float in [0, 1], got {momentum!r}")
     return float(momentum)
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    """A positive float (``ValueError`` otherwise): eager PyTorch's batch norm refuses ``eps <= 0``
+    in training, and normalising a zero-variance channel by ``1 / sqrt(0)`` gives no number."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
+        raise ValueError(f"{name} must be a positive float, got {eps!r}")
+    return float(eps)
 
 
 def check_param_dtype(x_dtype: torch.dtype, tensors: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
@@ -86,8 +95,7 @@ def check_bn_relu_conv2d_args(
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {training!r}")
     momentum = check_momentum(momentum)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_eps(eps)
     stride, padding, dilation = int_pair(stride, "stride"), int_pair(padding, "padding"), int_pair(dilation, "dilation")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
