@@ -445,11 +445,14 @@ def test_grad_scaler_skips_float16_overflow_where_eager_does(backend, name):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", ["fused", "dense_shared"])
-@pytest.mark.parametrize("backend", ["eager", "native"])
+@pytest.mark.parametrize("backend", ["eager", "native", "triton"])
 def test_autocast_weight_gradients_are_rounded_as_eagers(backend, name, dtype):
     """Under autocast with a float32 input the conv weight gradients are eager's: values of the
     autocast dtype (eager's conv computes them in it), equal to the unfused modules' by the
-    rule of that dtype. Before, they came back unrounded float32 (not float16 values)."""
+    rule of that dtype. Before, they came back unrounded float32 (not float16 values) on native
+    and triton, and from the shared block on every backend."""
+    if backend == "triton" and (name, dtype) != ("fused", torch.float16):
+        pytest.skip("the interpreter is slow: triton runs the fused module in float16")
     require_backend(backend)
     build = _SCALER[name][0]
     torch.manual_seed(0)
