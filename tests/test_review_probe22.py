@@ -220,8 +220,8 @@ _MODULES = {
 }
 
 # (where, value, training): the injections the module tests run
-_MOD_POKES = [("x", "nan", True), ("x", "inf", False), ("weight", "-inf", False), ("bn_bias", "nan", False),
-              ("running_mean", "nan", True), ("running_var", "-inf", False), ("gy", "inf", True)]
+_MOD_POKES = [("x", "nan", True), ("x", "inf", False), ("weight", "-inf", False), ("running_var", "-inf", False),
+              ("gy", "inf", True)]  # (the trial ran 21 x train / eval; the op test pins the rest)
 _TRITON_MOD = {("dense_shared", "gy", "inf", True)}
 
 
