@@ -546,6 +546,12 @@ def test_wrapped_training_matches_the_unfused_modules(ranks, case, kind, backend
     dtype = DTYPE.get(case, torch.float64)
     for rank, res in enumerate(ranks):
         got, ref = res[case, kind, backend], res[case, kind, "ref"]
+        if "does not support containers that do not implement forward" in _failed(ref):
+            # torch 2.11's fully_shard refuses every nn.ModuleDict, the unfused dense block (as
+            # torchvision's _DenseBlock) included; it must refuse resfast's the same way
+            assert "does not support containers" in _failed(got), (rank, _failed(got))
+            pytest.skip("this torch's fully_shard refuses nn.ModuleDict containers such as a dense "
+                        "block (torchvision's _DenseBlock too); newer torch accepts them")
         assert not _failed(ref), f"the unfused reference raised on rank {rank}: {_failed(ref)}"
         assert not _failed(got), f"{backend} raised on rank {rank} where the unfused modules run: {_failed(got)}"
         ref64 = dict(res[case, kind, "ref64"]) if case in REF64 else dict(ref)
