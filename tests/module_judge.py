@@ -13,6 +13,23 @@ from torch import nn
 from reference import assert_rule, judged_dtype
 
 
+class PlainNet(nn.Module):
+    """A user's own BatchNorm2d -> ReLU -> Conv2d model (a grouped 3x3 and a 1x1 after a stem),
+    for the trials that pass it through resfast.convert under a torch.distributed wrapper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn, self.relu = nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(6), nn.ReLU()
+        self.conv2 = nn.Conv2d(6, 5, 1, bias=False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.conv2(self.relu2(self.bn2(self.conv(self.relu(self.bn(x))))))
+
+
 def randomize_bn(bn: nn.BatchNorm2d, g: torch.Generator, bias_scale: float = 0.3, running: bool = True) -> None:
     """Random affine parameters (weight in [0.5, 1.5), bias ~ N(0, bias_scale)) and, with
     ``running``, running statistics, where ``bn`` has them."""

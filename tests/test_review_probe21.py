@@ -66,7 +66,7 @@ from torch import nn
 from resfast.nn.blocks import PreActBottleneck, ResNeXtBottleneck
 from resfast.nn.dense import DenseBlock, Transition
 from resfast.nn.fused import BNReLUConv2d
-from module_judge import randomize_bns, set_backend, unfused
+from module_judge import PlainNet, randomize_bns, set_backend, unfused
 from reference import assert_rule, require_backend
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -99,21 +99,6 @@ class Net(nn.Module):
         return self.head(self.x(x))
 
 
-class Plain(nn.Module):
-    """A user's own BatchNorm2d -> ReLU -> Conv2d model, for resfast.convert."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn, self.relu = nn.BatchNorm2d(4), nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
-        self.bn2, self.relu2 = nn.BatchNorm2d(6), nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 5, 1, bias=False)
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.conv2(self.relu2(self.bn2(self.conv(self.relu(self.bn(x))))))
-
 
 def build(kind: str, backend: str) -> nn.Module:
     """``kind``: a :class:`Net` with the dense block's memory mode, ``plain`` converted by
@@ -127,7 +112,7 @@ def build(kind: str, backend: str) -> nn.Module:
     elif kind == "fused":
         m = BNReLUConv2d(3, 5, 3, padding=1)
     else:
-        m = Plain() if kind == "plain" else Net(kind)
+        m = PlainNet() if kind == "plain" else Net(kind)
     randomize_bns(m)
     m = m.double()
     if kind == "plain":

@@ -45,7 +45,7 @@ from torch import nn
 from resfast.nn.blocks import PreActBottleneck, ResNeXtBottleneck
 from resfast.nn.dense import DenseBlock, Transition
 from resfast.nn.fused import BNReLUConv2d
-from module_judge import compare_runs, judge_module, randomize_bns, set_backend, unfused
+from module_judge import PlainNet, compare_runs, judge_module, randomize_bns, set_backend, unfused
 from reference import assert_rule, judged_dtype, require_backend
 
 BACKENDS = ("eager", "triton", "native")
@@ -314,25 +314,10 @@ class _DDPNet(nn.Module):
         return self.p(self.d.forward_with_transition(self.b1(self.stem(x)), self.t))
 
 
-class _PlainNet(nn.Module):
-    """BatchNorm2d -> ReLU -> Conv2d of the user's own, for resfast.convert."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn, self.relu = nn.BatchNorm2d(4), nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
-        self.bn2, self.relu2 = nn.BatchNorm2d(6), nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 5, 1, bias=False)
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.conv2(self.relu2(self.bn2(self.conv(self.relu(self.bn(x))))))
-
 
 def _ddp_model(kind: str, backend: str) -> nn.Module:
     torch.manual_seed(3)
-    m = _PlainNet() if kind == "plain" else _DDPNet(kind, backend)
+    m = PlainNet() if kind == "plain" else _DDPNet(kind, backend)
     randomize_bns(m)
     return m.double()
 

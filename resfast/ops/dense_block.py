@@ -308,7 +308,7 @@ def _chunk_budget(layers: Sequence[DenseLayerArgs], c_total: int, recompute: str
 def _cast(t: Tensor, dtype: torch.dtype, target: Optional[torch.dtype] = None) -> Tensor:
     """``t`` in ``dtype``; with autocast's ``target`` dtype, through it first where ``dtype`` is
     another (:func:`resfast.ops.bn_relu_conv2d.autocast_param`)."""
-    if target is not None and t.dtype != torch.float64:
+    if target is not None:
         t = autocast_param(t, dtype, target)
     return t if t.dtype == dtype else t.to(dtype)
 

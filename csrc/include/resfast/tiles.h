@@ -447,8 +447,8 @@ inline SpatialTile choose_whole_tile(const ConvGeom& g, bool input_grad, int max
     IH = floor_div(g.H - 1 + g.ph, g.sh) - floor_div(g.ph - (g.KH - 1) * g.dh, g.sh) + 1;
     IW = floor_div(g.W - 1 + g.pw, g.sw) - floor_div(g.pw - (g.KW - 1) * g.dw, g.sw) + 1;
   } else {
-    IH = (PH - 1) * g.sh + (g.KH - 1) * g.dh + 1;
-    IW = (PW - 1) * g.sw + (g.KW - 1) * g.dw + 1;
+    IH = halo_forward(int(PH), g.KH, g.sh, g.dh);
+    IW = halo_forward(int(PW), g.KW, g.sw, g.dw);
   }
   if (PW < 2 || IW < 2 || PH < 1 || PH * PW > max_px || IH * IW >= (1 << 16)) {
     if (best_cost_out != nullptr) *best_cost_out = 0;
