@@ -1888,11 +1888,18 @@ def _check_x(name: str, x) -> None:
 
 
 def _check_span(name: str, t: Tensor) -> None:
-    """Kernels address one image with int32 offsets (and a 64-bit base per image)."""
+    """Kernels address one image with int32 offsets (and a 64-bit base per image), and number
+    the batch's positions ``(n, h, w)`` with int32 (the statistics pass's chunks
+    ``split * CHUNK``, the BN input gradient's ``program_id * BLOCK_P``): past 2**31 positions
+    those wrapped and read other positions (e.g. batch 65536 of 1 x 224 x 224 images)."""
     span = sum((size - 1) * abs(st) for size, st in zip(t.shape[1:], t.stride()[1:]) if size > 0)
     if span >= 2 ** 31:
         raise ValueError(f"resfast_triton: one image of {name} spans {span + 1} elements (shape {tuple(t.shape)}, "
                          f"strides {t.stride()}); the triton kernels need under 2**31 per image (use backend='eager')")
+    if t.dim() == 4 and t.shape[0] * t.shape[2] * t.shape[3] >= 2 ** 31:
+        raise ValueError(f"resfast_triton: {name} has {t.shape[0] * t.shape[2] * t.shape[3]} positions N*H*W "
+                         f"(shape {tuple(t.shape)}); the triton kernels need under 2**31 (split the batch, or use "
+                         "backend='native' or 'eager')")
 
 
 def _check_like(name: str, t, x: Tensor, shape: Sequence[int]) -> None:
