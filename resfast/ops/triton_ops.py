@@ -791,6 +791,30 @@ _BWD_WEIGHT_FILL_CONFIGS = [
     _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+# The merged launch (both conv gradients, ``DO_GA`` + ``DO_GW``) of a 1x1 conv where the planner
+# runs it anyway (DenseNet-121's 1x1 convs, all 128 output channels per block): 16 warps on a
+# 128- or 64-position tile, whose 98-127 registers hold one 16-warp program per SM (the 8-warp
+# configs' 181-198 held one 8-warp program), the split count filling the SMs (``FILL``).
+# Listed after :data:`_BWD_CONFIGS` (the static choice, the first config, is unchanged), never
+# used to decide whether the launch is merged. PREDICTED (triton 3.8 / 3.6): 56 x 56 281.1 ->
+# 183.4 / 300.9 -> 198.6 us; a warp's path per tile about halves. docs/notes/triton_kernels.md.
+_BWD_MERGED_FILL_CONFIGS = [
+    _cfg(16, 1, 1, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32, FILL=1),
+    _cfg(16, 1, 1, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=32, FILL=1),
+]
+#: ``False``: the merged launch with :data:`_BWD_CONFIGS` alone (the plan before
+#: :data:`_BWD_MERGED_FILL_CONFIGS`).
+MERGED_FILL = True
+# The weight-gradient launch of a strided backward split by :func:`_strided_split` (one group
+# of 16-31 channels per block: ResNeXt-50's stage-3 stride-2 block): the 4-warp 8 x 16 config
+# at its 95 registers' 5 programs per SM, the split count filling them (PREDICTED, triton 3.8:
+# 51.5 us against the merged launch's 193.6 for both gradients).
+_BWD_WEIGHT_STRIDED_CONFIGS = [
+    _cfg(4, 1, 5, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, FILL=1),
+]
+#: ``False``: a strided backward of one 16-channel group per block in one merged launch (the
+#: plan before :func:`_strided_split`).
+STRIDED_SPLIT = True
 # The weight-gradient launch of a group wider than one tile (:func:`_wide_weight`;
 # ``bn_relu_conv_bwd_weight_kernel``, over the output positions): ``BLOCK_N`` output by
 # ``BLOCK_K`` input channels per program, one ``[BLOCK_N, 4 * BLOCK_K]`` float32 accumulator
@@ -950,6 +974,11 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     configs = _prune_tiles(_BWD_CONFIGS, hc, wc, fit=True)
     merged_cfgs = [cfg for cfg in configs if _merged_backward(groups, cin_g, cout_g, kh, kw, cfg)]
     merged = _merged_backward(groups, cin_g, cout_g, kh, kw, _BWD_INTERP) if _interpret() else bool(merged_cfgs)
+    strided_split = STRIDED_SPLIT and _strided_split(groups, cin_g, cout_g, stride, kh, kw)
+    merged = merged and not strided_split
+    if merged and MERGED_FILL and kh * kw == 1:  # more candidates for a launch that is merged anyway
+        merged_cfgs += [cfg for cfg in _prune_tiles(_BWD_MERGED_FILL_CONFIGS, hc, wc, fit=True)
+                        if _merged_backward(groups, cin_g, cout_g, kh, kw, cfg)]
     elt = x.element_size()
     x_bytes, gy_bytes = x.numel() * elt, grad_out.numel() * elt
     key = ("bwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bool(bias_grad))
@@ -1262,6 +1291,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      bind_packed, key + ("gw", "packed"), hbm_bytes=gy_bytes + x_bytes))
     elif not merged:
         gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else _BWD_WEIGHT_FILL_CONFIGS)
+        if strided_split:
+            gw_cfgs = gw_cfgs + _BWD_WEIGHT_STRIDED_CONFIGS
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
@@ -1314,6 +1345,18 @@ def _merged_backward(groups: int, cin_g: int, cout_g: int, kh: int, kw: int, cfg
     blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
     per_thread = kh * _pow2(kw) * blk.block_n * blk.block_k // (32 * cfg.num_warps)
     return blk.nsub == 1 and per_thread <= _MAX_GW_ACC_PER_THREAD
+
+
+def _strided_split(groups: int, cin_g: int, cout_g: int, stride, kh: int, kw: int) -> bool:
+    """Whether a strided backward whose accumulators would fit the merged launch runs the two
+    conv gradients in launches of their own anyway: more than one tap, and a block of one group
+    of 16 to 31 input and output channels (ResNeXt-50's stage-3 stride-2 block). The merged
+    launch's 229 registers hold 2 four-warp programs per SM; split, the input gradient holds 2
+    eight-warp programs and the weight gradient 5 four-warp ones (PREDICTED, triton 3.8:
+    196.2 -> 164.8 us with the finalize; packed 8-channel groups, stage 2, stay merged: their
+    split input gradient is slower)."""
+    blk = _blocks(groups, cin_g, cout_g, 16, 16)
+    return (max(stride) > 1 and kh * kw > 1 and blk.gp == 1 and 16 <= cin_g < 32 and 16 <= cout_g < 32)
 
 
 def _packed_input(groups: int, cin_g: int, cout_g: int, stride, kh: int = 3, kw: int = 3) -> bool:
