@@ -167,8 +167,16 @@ def _replaced_class_uncached(role: str, max_pool: bool, cls: type) -> bool:
             or cls._conv_forward is not nn.Conv2d._conv_forward
     if role == "relu":
         return not issubclass(cls, nn.ReLU) or cls.forward is not nn.ReLU.forward
-    if role in ("bn", "norm"):
+    if role == "bn":
         return not _std_norm(cls)
+    if role == "norm":
+        # a dense layer's / transition's / DenseNet stem's / BNReLUConv2d's norm: one that is no
+        # BatchNorm at all has no fused form (timm's ``freeze()`` swaps in FrozenBatchNorm2d; a
+        # GroupNorm): the modules run, as in torchvision's DenseNet (it raised TypeError, trial
+        # 24). The ResNet blocks (role "bn") run such a norm unfused by design themselves.
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        return not _std_norm(cls) or not issubclass(cls, _BatchNorm)
     if role == "pool":  # the DenseNet stem's max pool (pool0), a transition's 2x2 average pool
         want = nn.MaxPool2d if max_pool else nn.AvgPool2d
         return not issubclass(cls, want) or cls.forward is not want.forward
