@@ -37,6 +37,11 @@ Matched (pinned compactly below, or measured once where too slow for the suite):
   the interpreter at 64 x 2 x 128 x 128 (10^6 per channel), float32 and float16, mean 0 / 1e2 /
   1e3: within the rule (100-200 s a case here, not in the suite; the GPU's plan has 660 chunks,
   the interpreter's 8, so a lane there sums ~40x fewer values);
+* past 2**31 elements: native ``bn_stats`` of a float16 2 x 1 x 32768 x 32769 tensor
+  (2147549184 elements, two non-zero values at its last positions) gave mean 2.32823538e-07 and
+  variance 5.8205886e-04 against the exact 2.32823538e-07 and 5.8205885e-04 (18 s, one scratch
+  run; the CPU twin's loops and element-wise indices are int64, by reading; its BN input
+  gradient at that size needed more memory than this machine had free);
 * launch grids on the CUDA code path (meta tensors): every launch of a training step's plan, for
   every static-model shape and batch 1-16384, DenseNet-121's block widths up to 4096 channels,
   2048 -> 2048 1x1 on 1x1 images, 2048 x 3x3 at 7x7 and 4096 x 3x3 at 2x2, depthwise at 2048
@@ -47,11 +52,13 @@ Matched (pinned compactly below, or measured once where too slow for the suite):
   ``plan.blocks`` (tiles.h decodes them in 32 bits: fewer than 2**31 tiles, which needs more
   than 2**31 positions first), element-wise kernels grid-stride with int64 indices, the weight
   gradient refused past 2**31 partial offsets (tiles.h ``wgrad_plan``);
-* extreme shapes on every backend: a 3x3 conv on 1 x W and H x 1 images, batch 1 training at
-  2 x 2, 64 -> 64 1x1 convs on 1x1 images (ResNet's last stage at small inputs), depthwise at 64
-  groups, a 5x5 kernel on a padded 1x1 image; a dense block whose concatenation passes 1024
-  channels (shared, eager and native); a kernel larger than the padded input is refused up
-  front as eager refuses it (already pinned in tests/test_native.py).
+* extreme shapes, train and eval: a 3x3 conv on 1 x W and H x 1 images (every backend), batch
+  1 training at 2 x 2, 64 -> 64 1x1 convs on 1x1 images (ResNet's last stage at small inputs),
+  depthwise at 64 groups, a 5x5 kernel on a padded 1x1 image (eager and native; all of them on
+  triton too in a scratch run, 1-5 s each); a shared dense block whose concatenation passes
+  1024 channels (eager and native); a kernel larger than the padded input is refused up front on
+  every backend, as eager refuses it, running statistics untouched (pinned in
+  tests/test_native.py).
 
 Seen, not fixed: the CUDA statistics kernel (native) still accumulates each thread's Welford
 state in float32 (as CUDA eager does); untested here (no GPU).
