@@ -21,6 +21,15 @@ if not _WHY:
     from resfast.ops import triton_ops
 
 
+@pytest.fixture(autouse=True)
+def _merged_plan(monkeypatch):
+    """These tests cover the merged launch's class path: packed groups at stride 2 take the
+    strided packed input gradient since it exists (``PACKED_INPUT_S2``;
+    tests/test_triton_bwd_packed_s2.py), so the plan before it is bound here."""
+    if not _WHY:
+        monkeypatch.setattr(triton_ops, "PACKED_INPUT_S2", False)
+
+
 
 def _class_strides(args):
     """``(SH, SW)`` of every launch of ``bn_relu_conv_bwd_kernel`` the op plans for ``args``."""

@@ -811,6 +811,10 @@ MERGED_FILL = True
 # 51.5 us against the merged launch's 193.6 for both gradients).
 _BWD_WEIGHT_STRIDED_CONFIGS = [
     _cfg(4, 1, 5, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, FILL=1),
+    # ... capped at 80 registers: 6 programs per SM, spill-free with triton 3.8 (3.6: 8-16 bytes
+    # outside the tile loops, and the model keeps the uncapped one). PREDICTED (3.8) with the
+    # finalize: resnext50_s2_down 82.9 -> 78.4 us, resnext50_s3_down 55.3 -> 48.7.
+    _cfg(4, 1, 6, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, FILL=1, MAXNREG=80),
 ]
 #: ``False``: a strided backward of one 16-channel group per block in one merged launch (the
 #: plan before :func:`_strided_split`).
@@ -876,6 +880,25 @@ _BWD_INPUT_PACKED_CONFIGS = [
 _BWD_INPUT_PACKED_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 #: ``False``: the packed input gradient's configs without ``MMA_EPI`` (the plan before them).
 PACKED_INPUT_MMA_EPI = True
+# The input gradient of packed small groups at stride 2 (:func:`_packed_input_s2`;
+# ``bn_relu_conv_bwd_input_packed_s2_kernel``: the stride-1 kernel's design by parity
+# decomposition, one tile loop per residue class with only the taps that reach it), then the
+# weight gradient as its own launch (the stacked kernel's ``DO_GW`` class path).
+# Configs as the stride-1 kernel's, and ``MMA_EPI`` + ``PAIRS`` capped at 64 (second: spill-free
+# with triton 3.6 at ResNeXt-50's stage-2 block, where the 56-register one spills 8 bytes).
+# PREDICTED (triton 3.8): resnext50_s2_down 333.8 us (the merged launch, both gradients) -> 79.0
+# + 71.5 (the weight gradient), resnext50_s3_down's input gradient 109.6 -> 47.1 us (the split's
+# DO_GA pass before); docs/notes/triton_kernels.md.
+_BWD_INPUT_PACKED_S2_CONFIGS = [
+    _cfg(4, 1, 9, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MMA_EPI=1, PAIRS=1, MAXNREG=56),
+    _cfg(4, 1, 8, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MMA_EPI=1, PAIRS=1, MAXNREG=64),
+    _cfg(4, 1, 8, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MMA_EPI=1, MAXNREG=64),
+    _cfg(4, 1, 6, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MAXNREG=80),
+    _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16),
+]
+_BWD_INPUT_PACKED_S2_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+#: ``False``: a strided packed backward as before :func:`_packed_input_s2` (one merged launch).
+PACKED_INPUT_S2 = True
 # ... and the weight-gradient launch beside it (the stacked kernel, ``DO_GW``), which the merged
 # launch never had alone: with packed groups a block is 16 x 16 channels whatever the config's
 # BLOCK_N / BLOCK_K, so these differ from :data:`_BWD_WEIGHT_CONFIGS` in warps, tile and
@@ -1164,6 +1187,43 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
 
+    def packed_s2_binder(cfg: TileConfig) -> Bound:
+        sh_, sw_ = _class_strides(stride, dilation)
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), hc, wc)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
+        num_tiles = n * tiles_h * tiles_w  # of one residue class
+        ncb = blk.ngb
+        splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
+        psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
+        state.update(psum=psum, splits_s=splits)
+        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, tiles_h, tiles_w, num_tiles,
+                *_digits(splits, (tiles_w, tiles_h)),
+                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *padding, *dilation)
+        const = dict(KH=kh, KW=kw, SH=sh_, SW=sw_, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                     DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw,
+                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for flag in ("MMA_EPI", "PAIRS"):
+            if cfg.get(flag):
+                const[flag] = True
+        if cfg.get("ONE_ROUND"):
+            const["ONE_ROUND"] = cfg.get("ONE_ROUND")
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
+        # one tile loop per residue class; the exact fix-up runs only in programs that met a grad_a
+        # that is not finite (0 trips; its output-channel loop unrolled by 4 with a remainder loop)
+        loops = {f"tiles_class{q}": _cdiv(num_tiles, splits) for q in range(sh_ * sw_)}
+        loops.update(fixup_channels=0, fixup_classes=0, fixup_tiles=0, fixup_taps=0, fixup_outputs=0,
+                     fixup_outputs_rest=0)
+        return Bound((splits, ncb), args, const, loops=loops,
+                     depths={"fixup_classes": 2, "fixup_tiles": 3, "fixup_taps": 4, "fixup_outputs": 5,
+                             "fixup_outputs_rest": 5},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * splits),
+                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel(),
+                     fn=bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_s2_kernel)
+
     def packed_weight_binder(cfg: TileConfig) -> Bound:
         th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
         ncb = blk.ngb
@@ -1221,7 +1281,15 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     # (the two gradients then always in launches of their own)
     s1_ga = not packed_ga and S1_INPUT and _s1_input(groups, cin_g, cout_g, stride, kh, kw)
     merged = merged and not s1_ga
-    if packed_ga:
+    # ... and at stride 2 by parity decomposition (packed groups: a launch of its own)
+    packed_s2 = PACKED_INPUT and PACKED_INPUT_S2 and _packed_input_s2(groups, cin_g, cout_g, stride, dilation, kh, kw)
+    if packed_s2:
+        launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_s2_kernel,
+                                     _prune_tiles(_BWD_INPUT_PACKED_S2_CONFIGS, hc, wc, fit=True),
+                                     _BWD_INPUT_PACKED_S2_INTERP, packed_s2_binder, key + ("ga", "packed_s2"),
+                                     hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
+        merged = False
+    elif packed_ga:
         launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_kernel,
                                      _prune_tiles([cfg for cfg in _BWD_INPUT_PACKED_CONFIGS
                                                    if PACKED_INPUT_MMA_EPI or not cfg.get("MMA_EPI")], h, w, fit=True),
@@ -1290,8 +1358,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_WEIGHT_PACKED_WG_INTERP,
                                      bind_packed, key + ("gw", "packed"), hbm_bytes=gy_bytes + x_bytes))
     elif not merged:
-        gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga else _BWD_WEIGHT_FILL_CONFIGS)
-        if strided_split:
+        gw_cfgs = _BWD_WEIGHT_CONFIGS + (_BWD_WEIGHT_PACKED_CONFIGS if packed_ga or packed_s2
+                                         else _BWD_WEIGHT_FILL_CONFIGS)
+        if strided_split or packed_s2:
             gw_cfgs = gw_cfgs + _BWD_WEIGHT_STRIDED_CONFIGS
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_kernel,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
@@ -1354,7 +1423,8 @@ def _strided_split(groups: int, cin_g: int, cout_g: int, stride, kh: int, kw: in
     launch's 229 registers hold 2 four-warp programs per SM; split, the input gradient holds 2
     eight-warp programs and the weight gradient 5 four-warp ones (PREDICTED, triton 3.8:
     196.2 -> 164.8 us with the finalize; packed 8-channel groups, stage 2, stay merged: their
-    split input gradient is slower)."""
+    split input gradient is slower). Where :func:`_packed_input_s2` holds (both stages' blocks)
+    the input-gradient launch is that kernel instead."""
     blk = _blocks(groups, cin_g, cout_g, 16, 16)
     return (max(stride) > 1 and kh * kw > 1 and blk.gp == 1 and 16 <= cin_g < 32 and 16 <= cout_g < 32)
 
@@ -1368,6 +1438,16 @@ def _packed_input(groups: int, cin_g: int, cout_g: int, stride, kh: int = 3, kw:
     (one tap: nothing stacked to save)."""
     blk = _blocks(groups, cin_g, cout_g, 16, 16)
     return (max(stride) == 1 and kh * kw > 1 and blk.kr <= blk.block_k == 16
+            and blk.nr <= blk.block_n == 16)
+
+
+def _packed_input_s2(groups: int, cin_g: int, cout_g: int, stride, dilation, kh: int = 3, kw: int = 3) -> bool:
+    """Whether the input gradient runs ``bn_relu_conv_bwd_input_packed_s2_kernel`` (and the
+    weight gradient a launch of its own): strides of 1 or 2 (not both 1) with an odd dilation
+    along a stride of 2 (:func:`_class_strides`), more than one tap, and a group block of at most
+    16 input and 16 output channels (ResNeXt-50's stride-2 blocks of stages 2-3)."""
+    blk = _blocks(groups, cin_g, cout_g, 16, 16)
+    return (_class_strides(stride, dilation) != (0, 0) and kh * kw > 1 and blk.kr <= blk.block_k == 16
             and blk.nr <= blk.block_n == 16)
 
 

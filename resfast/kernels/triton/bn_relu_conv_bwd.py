@@ -672,6 +672,235 @@ def _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, h, w, szn, 
 
 
 @triton.jit
+def bn_relu_conv_bwd_input_packed_s2_kernel(
+    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
+    C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W, NUM_TILES, STEP_W, STEP_H, STEP_N,
+    sgn, sgc, sgh, sgw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxh, sxw,
+    szn, szc, szh, szw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, MMA_EPI: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    ONE_ROUND: tl.constexpr = 4,
+):
+    """``grad_a`` of packed small groups at stride ``(SH, SW)`` (1 or 2 each, not both 1; the
+    dilation odd along a stride of 2) as a convolution of its own, by parity decomposition:
+    the input positions are tiled per residue class, and the class of tap residue ``(qh, qw)``
+    (compile-time: one tile loop per class) is reached by exactly the taps ``kh = qh + SH * j``,
+    ``kw = qw + SW * j'`` (3x3, stride 2: 4, 2, 2 and 1 of the 9), each the ``grad_out`` tile at
+    a class-position shift (the class's input residue and the shift are scalars per class, no
+    runtime division per tile). Per tap one masked ``[positions, BLOCK_N]`` load of
+    ``grad_out`` and one MMA with the tap's block-diagonal ``[BLOCK_N, BLOCK_K]`` weights
+    (loaded once per program, flipped and transposed by the gather's index arithmetic); a
+    class's loads are issued together when it has at most ``ONE_ROUND`` taps (else a kernel
+    row's), ``x`` with the last; then :func:`bn_relu_conv_bwd_input_packed_kernel`'s epilogue
+    (``MMA_EPI``, ``PAIRS``). Grid ``(splits, group blocks)``; in each class program
+    ``(split, gb)`` walks tiles ``split, split + splits, ...`` of the class grid (``TILES_H x
+    TILES_W`` tiles of ``ceil(H / SH) x ceil(W / SW)`` class positions per image).
+
+    Non-finite values: as the stride-1 kernel, a program whose ``sum(grad_z)`` is not finite
+    recomputes its tiles exactly in the same launch (:func:`_packed_fixup_s2`)."""
+    split = tl.program_id(0)
+    splits = tl.num_programs(0)
+    gblk = tl.program_id(1)
+    act_ty = gz_ptr.dtype.element_ty
+    BM: tl.constexpr = TILE_H * TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    ci, k_ok, scale, shift = channel_block(kk, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
+    gk = kk // CIN_G
+    ci_loc = kk - gk * CIN_G
+    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
+    x_c = ci * sxc
+    z_c = ci * szc
+    nn = tl.arange(0, BLOCK_N)
+    co = gblk * NR + nn
+    if EVEN_N:
+        n_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        n_ok = (nn < NR) & (co < CO)
+    keep = ((nn // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
+    w_off = (co * swo)[:, None] + (ci_loc * swi)[None, :]
+    wt = ()
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
+    if MMA_EPI:  # the epilogue in the MMA's layout (:func:`mma_columns`)
+        a_like = tl.zeros([BM, BLOCK_N], dtype=go_ptr.dtype.element_ty)
+        scale = mma_columns(scale, a_like, wt[0], DOT_F32)
+        shift = mma_columns(shift, a_like, wt[0], DOT_F32)
+        mean = mma_columns(mean, a_like, wt[0], DOT_F32)
+    g_c = co * sgc
+    SUM_PAIRS: tl.constexpr = PAIRS and BM % 16 == 0
+    if SUM_PAIRS:
+        sdz = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+    else:
+        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    for QH in tl.static_range(SH):
+        for QW in tl.static_range(SW):
+            # the class's input residue (odd dilation: one per tap residue; SH is 1 or 2, so
+            # (qh * dil + pad) % 2 is (qh * dil - pad) mod 2 without a negative operand) and the
+            # shift from its class coordinates to the output row of its first tap (exact)
+            rh = (QH * dil_h + (SH - 1) * pad_h) % SH
+            rw = (QW * dil_w + (SW - 1) * pad_w) % SW
+            oh0 = (rh + pad_h - QH * dil_h) // SH
+            ow0 = (rw + pad_w - QW * dil_w) // SW
+            d_w, d_h, _, _, d_n = tile_digits(split, TILES_W, TILES_H, 1, 1)
+            for t in tl.range(split, NUM_TILES, splits, num_stages=1):
+                ii = d_h * TILE_H + oi
+                jj = d_w * TILE_W + oj
+                hh = ii * SH + rh
+                ww = jj * SW + rw
+                n64 = d_n.to(tl.int64)
+                mask = ((hh < H) & (ww < W))[:, None] & k_ok[None, :]
+                acc, xv = _class_taps(go_ptr + n64 * sgn, ii, jj, oh0, ow0, g_c, n_ok, wt, HO, WO, sgh, sgw, dil_h,
+                                      dil_w, x_ptr + n64 * sxn + (hh * sxh + ww * sxw)[:, None] + x_c[None, :], mask,
+                                      QH, QW, KH, KW, SH, SW, BLOCK_K, DOT_F32, ONE_ROUND)
+                sdz, sdzx = _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, hh, ww, szn, szh, szw,
+                                             z_c, sdz, sdzx, act_ty, SUM_PAIRS)
+                d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
+
+    tl.debug_barrier()  # the first pass's grad_z stores come before the fix-up's
+    row = split.to(tl.int64) * (2 * C)
+    if any_nonfinite(sdz):
+        _packed_fixup_s2(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr,
+                         beta_ptr, psum_ptr + row, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W,
+                         NUM_TILES, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+                         pad_h, pad_w, dil_h, dil_w, HAS_GAMMA, HAS_BETA, KH, KW, SH, SW, TILE_H, TILE_W)
+    else:
+        invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+        if SUM_PAIRS:
+            tl.store(psum_ptr + row + ci, tl.sum(tl.sum(sdz, axis=0), axis=0), mask=k_ok)
+            tl.store(psum_ptr + row + C + ci, tl.sum(tl.sum(sdzx, axis=0), axis=0) * invstd, mask=k_ok)
+        else:
+            tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
+            tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+
+
+@triton.jit
+def _class_taps(gyb, ii, jj, oh0, ow0, g_c, n_ok, wt, HO, WO, sgh, sgw, dil_h, dil_w, x_ptrs, x_mask,
+                QH: tl.constexpr, QW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                SW: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, ONE_ROUND: tl.constexpr):
+    """``grad_a`` of one tile of residue class ``(QH, QW)`` (class rows ``ii``, columns ``jj``):
+    per tap ``kh = QH + SH * a``, ``kw = QW + SW * b`` the ``grad_out`` tile at row ``ii + oh0 -
+    a * dil_h``, column ``jj + ow0 - b * dil_w`` (zero outside) times ``wt[kh * KW + kw]``; the
+    class's loads issued together when it has at most ``ONE_ROUND`` taps, else a kernel row's,
+    and ``x`` with the last: ``(grad_a, x)``."""
+    NTH: tl.constexpr = _ntaps(KH, SH, QH)
+    NTW: tl.constexpr = _ntaps(KW, SW, QW)
+    g_ptr = gyb + ((ii * sgh + jj * sgw)[:, None] + g_c[None, :])  # once per tile; each tap adds a scalar
+    acc = tl.zeros([ii.shape[0], BLOCK_K], dtype=tl.float32)
+    if NTH * NTW == 0:  # no tap reaches this class: grad_a is 0
+        xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    elif NTH * NTW <= ONE_ROUND:  # every load of the class in one round, then its MMAs
+        gys = ()
+        for a in tl.static_range(NTH):
+            r_ok = (ii + (oh0 - a * dil_h)).to(tl.uint32, bitcast=True) < HO.to(tl.uint32, bitcast=True)
+            for b in tl.static_range(NTW):
+                c_ok = (jj + (ow0 - b * dil_w)).to(tl.uint32, bitcast=True) < WO.to(tl.uint32, bitcast=True)
+                g_mask = (r_ok & c_ok)[:, None] & n_ok[None, :]
+                gys = gys + (tl.load(g_ptr + ((oh0 - a * dil_h) * sgh + (ow0 - b * dil_w) * sgw), mask=g_mask,
+                                     other=0.0),)
+        xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        for a in tl.static_range(NTH):
+            for b in tl.static_range(NTW):
+                acc = dot_acc(gys[a * NTW + b], wt[(QH + SH * a) * KW + QW + SW * b], acc, DOT_F32)
+    else:  # a kernel row's loads, then its MMAs
+        for a in tl.static_range(NTH):
+            r_ok = (ii + (oh0 - a * dil_h)).to(tl.uint32, bitcast=True) < HO.to(tl.uint32, bitcast=True)
+            gys = ()
+            for b in tl.static_range(NTW):
+                c_ok = (jj + (ow0 - b * dil_w)).to(tl.uint32, bitcast=True) < WO.to(tl.uint32, bitcast=True)
+                g_mask = (r_ok & c_ok)[:, None] & n_ok[None, :]
+                gys = gys + (tl.load(g_ptr + ((oh0 - a * dil_h) * sgh + (ow0 - b * dil_w) * sgw), mask=g_mask,
+                                     other=0.0),)
+            if a == NTH - 1:
+                xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            for b in tl.static_range(NTW):
+                acc = dot_acc(gys[b], wt[(QH + SH * a) * KW + QW + SW * b], acc, DOT_F32)
+    return acc, xv
+
+
+@triton.jit
+def _packed_fixup_s2(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr,
+                     beta_ptr, psum_row, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W, NUM_TILES,
+                     sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w,
+                     dil_h, dil_w, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, KH: tl.constexpr,
+                     KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, TILE_H: tl.constexpr,
+                     TILE_W: tl.constexpr):
+    """:func:`_packed_fixup` of the strided packed input-gradient kernel: program ``split``'s
+    tiles of every residue class, one input channel at a time, ``grad_a`` from the channel's own
+    group's output channels only (each tap where it reaches the position: ``h + pad - kh * dil``
+    a multiple of the stride), ``grad_z`` stored again and the channel's two sums stored at
+    ``psum_row``. Cold (0 trips in the static model), register-light."""
+    for k in range(0, KR):
+        ci = gblk * KR + k
+        c_ok = ci < C
+        g = k // CIN_G
+        ci_loc = k - g * CIN_G
+        c_m = tl.where(c_ok, ci, 0)
+        mean = tl.load(mean_ptr + c_m).to(tl.float32)
+        invstd = tl.load(invstd_ptr + c_m).to(tl.float32)
+        scale = invstd
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
+        if HAS_BETA:
+            shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
+        else:
+            shift = -mean * scale
+        s_dz = tl.zeros(oi.shape, dtype=tl.float32)
+        s_dzx = tl.zeros(oi.shape, dtype=tl.float32)
+        for q in range(0, SH * SW):
+            qh = q // SW
+            qw = q - qh * SW
+            rh = (qh * dil_h + (SH - 1) * pad_h) % SH
+            rw = (qw * dil_w + (SW - 1) * pad_w) % SW
+            for t in range(split, NUM_TILES, splits):
+                f_w, f_h, _, _, f_n = tile_digits(t, TILES_W, TILES_H, 1, 1)
+                n64 = f_n.to(tl.int64)
+                ii = (f_h * TILE_H + oi) * SH + rh
+                jj = (f_w * TILE_W + oj) * SW + rw
+                gyb = go_ptr + n64 * sgn
+                acc = tl.zeros(ii.shape, dtype=tl.float32)
+                for tap in range(0, KH * KW):
+                    fh = tap // KW
+                    fw = tap - fh * KW
+                    nh = ii + (pad_h - fh * dil_h)
+                    nw = jj + (pad_w - fw * dil_w)
+                    t_ok = (nh >= 0) & (nw >= 0) & (nh % SH == 0) & (nw % SW == 0) & c_ok
+                    gi = nh // SH
+                    gj = nw // SW
+                    t_ok = t_ok & (gi < HO) & (gj < WO)
+                    for j in range(0, COUT_G):
+                        co = gblk * NR + g * COUT_G + j
+                        wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
+                                     other=0.0).to(tl.float32)
+                        gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO),
+                                     other=0.0).to(tl.float32)
+                        acc += gv * wv
+                ok = (ii < H) & (jj < W) & c_ok
+                xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
+                xf = xv.to(tl.float32)
+                a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL),
+                             0.0).to(xv.dtype)
+                gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
+                tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
+                gzf = gzv.to(tl.float32)
+                s_dz += gzf
+                s_dzx += gzf * (xf - mean)
+        tl.store(psum_row + ci, tl.sum(s_dz, axis=0), mask=c_ok)
+        tl.store(psum_row + C + ci, tl.sum(s_dzx, axis=0) * invstd, mask=c_ok)
+
+
+@triton.jit
 def _fixup_tile(n, ph, pw, th0, tw0, go_ptr, w_ptr, x_ptr, gz_ptr, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxh,
                 sxw, szn, szh, szw, x_c, z_c, k_ok, scale, shift, mean, invstd, gblk, gk, ci_loc, NR, CO, COUT_G, H,
                 W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, oi, oj, c_kw, sdz, sdzx,
