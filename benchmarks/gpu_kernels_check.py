@@ -630,6 +630,10 @@ CANDIDATES = (
     # 68.9 us, spills 20 and 52 bytes (triton 3.8)
     ("resnext50_s1", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=72,w4,s1,p7"),
     ("resnext50_s1", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=64,w4,s1,p8"),
+    # the register-light config (MMA_EPI + PAIRS, listed first at 56 registers: 9 per SM, 61.7 us)
+    # capped at 48: 10 per SM, PREDICTED 58.1 us, spills 28 bytes (triton 3.8)
+    ("resnext50_s1", "bwd", "conv_bwd_input",
+     "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MMA_EPI=1,PAIRS=1,MAXNREG=48,w4,s1,p10"),
     # PREDICTED 51.8 -> 41.5 us, spills 64 bytes (triton 3.8; the same cap at stage 2)
     ("resnext50_s2", "bwd", "conv_bwd_input", "TILE_H=8,TILE_W=8,BLOCK_N=16,BLOCK_K=16,MAXNREG=64,w4,s1,p8"),
     # PREDICTED 149.2 -> 101.2 us, spills 116 bytes (triton 3.8): DenseNet's 3x3 input gradient,

@@ -65,6 +65,7 @@ from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXt
                                WideBasic)
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, DenseLayer, Transition
 from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_pair, conv_padding
+from resfast.nn.unfused import global_hooks
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = ["convert", "ConversionReport", "ConversionEntry"]
@@ -1141,10 +1142,10 @@ def _fx_tracing() -> bool:
 
 
 def _bypassed_hooks(module: nn.Module, names: Sequence[str]) -> bool:
-    from torch.nn.modules import module as _m
-
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks \
-            or getattr(_m, "_global_backward_pre_hooks", None):
+    """Whether hooks would be bypassed by the fused calls: on the modules ``names``, or a global
+    module hook that may change outputs (any but PyTorch's own observing tools', as the blocks
+    decide: :func:`resfast.nn.unfused.global_hooks`)."""
+    if global_hooks():
         return True
     return any(_has_hooks(module.get_submodule(n)) for n in names)
 

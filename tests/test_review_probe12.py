@@ -193,17 +193,36 @@ def test_qat_conv_swapped_into_a_converted_torchvision_block(backend):
 
 
 @pytest.mark.parametrize("where", ["BNReLUConv2d", "DenseBlock-shared", "DenseBlock-naive"])
-def test_a_norm_that_is_no_batchnorm_in_a_fused_slot_is_refused_clearly(where):
-    """A GroupNorm swapped into the norm slot of a fused module (which has no unfused fallback
-    for it) raised ``AttributeError: 'GroupNorm' object has no attribute 'num_features'`` (or
-    ``'track_running_stats'``) from deep inside; it is now a TypeError that says what to do."""
+def test_a_norm_that_is_no_batchnorm_in_a_fused_slot_runs_the_modules(where):
+    """A GroupNorm swapped into the norm slot of a fused module raised ``AttributeError:
+    'GroupNorm' object has no attribute 'num_features'`` from deep inside, then (trial 12) a
+    TypeError; since trial 24 (timm's ``freeze()`` swaps FrozenBatchNorm2d into a DenseNet, which
+    torchvision's runs) the module runs its norm, ReLU and conv modules one by one and warns,
+    computing what the modules compute."""
+    import torch.nn.functional as F
+
     import resfast
 
+    torch.manual_seed(0)
     if where == "BNReLUConv2d":
-        m = resfast.BNReLUConv2d(8, 4, 3, padding=1, backend="eager")
-        m.norm = nn.GroupNorm(2, 8)
+        m = resfast.BNReLUConv2d(8, 4, 3, padding=1, backend="eager").double()
+        m.norm = nn.GroupNorm(2, 8).double()
     else:
-        m = resfast.DenseBlock(2, 8, 2, 4, memory=where.split("-")[1], backend="eager")
-        m.denselayer1.norm1 = nn.GroupNorm(2, 8)
-    with pytest.raises(TypeError, match="normalises like a BatchNorm, got a GroupNorm"):
-        m(torch.randn(2, 8, 5, 5))
+        m = resfast.DenseBlock(2, 8, 2, 4, memory=where.split("-")[1], backend="eager").double()
+        m.denselayer1.norm1 = nn.GroupNorm(2, 8).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="GroupNorm"):
+        y = m(x)
+    if where == "BNReLUConv2d":
+        ref = m.conv(F.relu(m.norm(x)))
+    else:
+        m.eval()  # the layers' BatchNorms: the training call above used batch statistics
+        feats = [x]
+        for layer in m.values():
+            h = torch.cat(feats, 1)
+            h = layer.conv1(F.relu(layer.norm1(h) if isinstance(layer.norm1, nn.GroupNorm)
+                                   else F.batch_norm(h, None, None, layer.norm1.weight, layer.norm1.bias, True)))
+            feats.append(layer.conv2(F.relu(F.batch_norm(h, None, None, layer.norm2.weight, layer.norm2.bias,
+                                                         True))))
+        ref = torch.cat(feats, 1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)

@@ -17,9 +17,15 @@ situations need the submodules called one by one, as torchvision's blocks call t
   parameters, so it silently computed ``conv(relu(bn(x)))`` with plain ``F.conv2d`` (trial 12);
   the block now calls the modules, as for hooks, and warns once.
 
-Global module hooks (``register_module_forward_hook``, which tools such as PyTorch's memory
-tracker install) do not switch a block to the unfused path: they see the blocks and every
-module the fused path still calls, so measuring a model measures the fused path.
+Global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and its pre /
+backward kin) installed by PyTorch's own tools (``torch.utils.module_tracker.ModuleTracker``
+under ``FlopCounterMode``, ``torch.distributed._tools``' ``ModTracker`` under ``MemTracker``) do
+not switch a block to the unfused path: they only observe, they see the blocks and every module
+the fused path still calls, so measuring a model measures the fused path. Any other global hook
+(a user's, e.g. one that scales every ReLU's output or shifts every conv's input) may change a
+module's output, and the fused path would skip it on the modules it replaces (a converted
+resnet's output 0.42 off, silently, trial 24): while one is registered the blocks run their
+modules one by one, as for hooks on the modules themselves, and warn once.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["is_tracing", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused", "submodules",
-           "any_hooks", "converted_changed", "original_forward"]
+__all__ = ["is_tracing", "global_hooks", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused",
+           "submodules", "any_hooks", "converted_changed", "original_forward"]
 
 
 def is_tracing() -> bool:
@@ -45,6 +51,30 @@ def is_tracing() -> bool:
 
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None))
+
+
+_GLOBAL_HOOK_DICTS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_pre_hooks",
+                      "_global_backward_hooks")
+
+
+def global_hooks() -> List[str]:
+    """The global module hooks (``register_module_forward_hook``, ``..._forward_pre_hook``,
+    ``..._full_backward_hook``, ``..._full_backward_pre_hook``) registered now by anything but
+    PyTorch's own tools (a hook whose function lives in a ``torch.`` module: the observing
+    ``ModuleTracker`` / ``ModTracker``), by name; ``[]`` when there is none. Such a hook runs on
+    every module and may change its output, so a block must call the modules it fuses."""
+    from torch.nn.modules import module as _m
+
+    dicts = [getattr(_m, name, None) for name in _GLOBAL_HOOK_DICTS]
+    if not any(dicts):
+        return []
+    names = []
+    for hooks in dicts:
+        for hook in (hooks or {}).values():
+            fn = getattr(hook, "func", hook)  # a functools.partial: its function
+            if not (getattr(fn, "__module__", None) or "").startswith("torch."):
+                names.append(getattr(fn, "__qualname__", None) or repr(fn))
+    return names
 
 
 def submodules(root: nn.Module) -> List[nn.Module]:
@@ -62,8 +92,11 @@ def submodules(root: nn.Module) -> List[nn.Module]:
 
 
 def any_hooks(root: nn.Module) -> bool:
-    """Whether ``root`` or a module under it carries hooks of its own (the quick test before
-    the names ``run_unfused`` reports are built)."""
+    """Whether ``root`` or a module under it carries hooks of its own, or a user's global module
+    hook is registered (:func:`global_hooks`; the quick test before the names ``run_unfused``
+    reports are built)."""
+    if global_hooks():
+        return True
     stack = [root]
     while stack:
         m = stack.pop()
@@ -76,8 +109,11 @@ def any_hooks(root: nn.Module) -> bool:
 
 
 def hooked_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
-    """Names of the modules in ``named`` that carry hooks of their own."""
-    return [n for n, m in named if m is not None and _has_hooks(m)]
+    """Names of the modules in ``named`` that carry hooks of their own; every one of them while a
+    user's global module hook is registered (:func:`global_hooks`: it runs on each)."""
+    named = [(n, m) for n, m in named if m is not None]
+    hooked = [n for n, m in named if _has_hooks(m)]
+    return hooked or ([n for n, _ in named] if global_hooks() else [])
 
 
 def _role(name: str) -> str:
@@ -131,8 +167,16 @@ def _replaced_class_uncached(role: str, max_pool: bool, cls: type) -> bool:
             or cls._conv_forward is not nn.Conv2d._conv_forward
     if role == "relu":
         return not issubclass(cls, nn.ReLU) or cls.forward is not nn.ReLU.forward
-    if role in ("bn", "norm"):
+    if role == "bn":
         return not _std_norm(cls)
+    if role == "norm":
+        # a dense layer's / transition's / DenseNet stem's / BNReLUConv2d's norm: one that is no
+        # BatchNorm at all has no fused form (timm's ``freeze()`` swaps in FrozenBatchNorm2d; a
+        # GroupNorm): the modules run, as in torchvision's DenseNet (it raised TypeError, trial
+        # 24). The ResNet blocks (role "bn") run such a norm unfused by design themselves.
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        return not _std_norm(cls) or not issubclass(cls, _BatchNorm)
     if role == "pool":  # the DenseNet stem's max pool (pool0), a transition's 2x2 average pool
         want = nn.MaxPool2d if max_pool else nn.AvgPool2d
         return not issubclass(cls, want) or cls.forward is not want.forward
@@ -206,9 +250,10 @@ def original_forward(owner: nn.Module):
 
 def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_what: str) -> bool:
     """Whether ``owner`` must call the submodules ``named`` one by one this forward (FX tracing,
-    hooks on them, one of them replaced by a module whose forward the fused op would skip, or
-    a module the conversion found doing nothing but a ReLU changed since, :func:`converted_changed`);
-    warns once per ``owner`` about hooks or replaced modules."""
+    hooks on them or a user's global module hook (:func:`global_hooks`), one of them replaced by
+    a module whose forward the fused op would skip, or a module the conversion found doing
+    nothing but a ReLU changed since, :func:`converted_changed`); warns once per ``owner`` about
+    hooks or replaced modules."""
     if is_tracing():
         return True
     if converted_changed(owner):
@@ -229,6 +274,14 @@ def run_unfused(owner: nn.Module, named: Iterable[Tuple[str, nn.Module]], fused_
                    f"{fused_what} (its forward is not nn.BatchNorm2d's / nn.ReLU's / nn.Conv2d's, which the fused op "
                    f"reproduces); while it is there this block runs its BatchNorm, ReLU and conv modules one by one "
                    f"(unfused, eager PyTorch), so its forward runs")
+        return True
+    glob = global_hooks()
+    if glob:
+        _warn_once(owner, "_resfast_warned_global_hooks",
+                   f"{type(owner).__name__}: global module hooks ({', '.join(glob)}; register_module_forward_hook "
+                   f"and its kin) are registered: they run on every module and may change its output, and "
+                   f"{fused_what} would skip them on {', '.join(hooked)}; while they are registered this block "
+                   f"runs its BatchNorm, ReLU and conv modules one by one (unfused, eager PyTorch), so they fire")
         return True
     _warn_once(owner, "_resfast_warned_hooks",
                f"{type(owner).__name__}: hooks are registered on {', '.join(hooked)}, which resfast replaces by "

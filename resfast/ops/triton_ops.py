@@ -878,15 +878,23 @@ _BWD_INPUT_WIDE_CONFIGS = [
 _BWD_INPUT_WIDE_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The input gradient of packed small groups at stride 1 (:func:`_packed_input`;
 # ``bn_relu_conv_bwd_input_packed_kernel``: per tap one [positions, 16] x [16, 16] MMA), then the
-# weight gradient as its own launch. Its time is one warp's dependent path (PREDICTED), so the
-# first config caps the registers at 80 to hold 6 programs per SM (spill-free with triton 3.8;
-# ResNeXt-50 stage 1: 86.6 us against 112.5 us uncapped at 5 per SM).
+# weight gradient as its own launch. Its time is one warp's dependent path (PREDICTED), so
+# registers decide it. The first two compute the epilogue in the MMA's layout (``MMA_EPI``: the
+# BN vectors 4 registers each instead of 8, one layout conversion of x and one of grad_z instead
+# of four); the first also keeps the per-position sums as pairs (``PAIRS``: half their registers)
+# and caps at 56 registers, 9 programs per SM (spill-free with triton 3.8 and 3.6 except 3.6 at
+# ResNeXt-50 stage 2, which takes the second: 64 registers, 8 per SM). ResNeXt-50 stage 1: 86.4 us
+# (the third, capped at 80: 6 per SM) -> 61.7 us.
 _BWD_INPUT_PACKED_CONFIGS = [
+    _cfg(4, 1, 9, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MMA_EPI=1, PAIRS=1, MAXNREG=56),
+    _cfg(4, 1, 8, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MMA_EPI=1, MAXNREG=64),
     _cfg(4, 1, 6, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16, MAXNREG=80),
     _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=16),
     _cfg(8, 1, 3, TILE_H=8, TILE_W=16, BLOCK_N=16, BLOCK_K=16, MAXNREG=80),
 ]
 _BWD_INPUT_PACKED_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+#: ``False``: the packed input gradient's configs without ``MMA_EPI`` (the plan before them).
+PACKED_INPUT_MMA_EPI = True
 # ... and the weight-gradient launch beside it (the stacked kernel, ``DO_GW``), which the merged
 # launch never had alone: with packed groups a block is 16 x 16 channels whatever the config's
 # BLOCK_N / BLOCK_K, so these differ from :data:`_BWD_WEIGHT_CONFIGS` in warps, tile and
@@ -1159,14 +1167,18 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
                      BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.get("MMA_EPI"):
+            const["MMA_EPI"] = True
+        if cfg.get("PAIRS"):
+            const["PAIRS"] = True
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
         # the exact fix-up runs only in programs that met a grad_a that is not finite (its loop over
         # a group's output channels is unrolled by 4 with a remainder loop: two SASS loops)
-        loops = {"tiles": _cdiv(num_tiles, splits), "fixup_tiles": 0, "fixup_channels": 0, "fixup_taps": 0,
+        loops = {"tiles": _cdiv(num_tiles, splits), "fixup_channels": 0, "fixup_tiles": 0, "fixup_taps": 0,
                  "fixup_outputs": 0, "fixup_outputs_rest": 0}
         return Bound((splits, ncb), args, const, loops=loops,
-                     depths={"fixup_channels": 2, "fixup_taps": 3, "fixup_outputs": 4, "fixup_outputs_rest": 4},
+                     depths={"fixup_tiles": 2, "fixup_taps": 3, "fixup_outputs": 4, "fixup_outputs_rest": 4},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
@@ -1230,7 +1242,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     merged = merged and not s1_ga
     if packed_ga:
         launches.append(KernelLaunch("conv_bwd_input", bn_relu_conv_bwd.bn_relu_conv_bwd_input_packed_kernel,
-                                     _prune_tiles(_BWD_INPUT_PACKED_CONFIGS, h, w, fit=True),
+                                     _prune_tiles([cfg for cfg in _BWD_INPUT_PACKED_CONFIGS
+                                                   if PACKED_INPUT_MMA_EPI or not cfg.get("MMA_EPI")], h, w, fit=True),
                                      _BWD_INPUT_PACKED_INTERP, packed_input_binder, key + ("ga", "packed"),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
         merged = False
@@ -1907,11 +1920,18 @@ def _check_x(name: str, x) -> None:
 
 
 def _check_span(name: str, t: Tensor) -> None:
-    """Kernels address one image with int32 offsets (and a 64-bit base per image)."""
+    """Kernels address one image with int32 offsets (and a 64-bit base per image), and number
+    the batch's positions ``(n, h, w)`` with int32 (the statistics pass's chunks
+    ``split * CHUNK``, the BN input gradient's ``program_id * BLOCK_P``): past 2**31 positions
+    those wrapped and read other positions (e.g. batch 65536 of 1 x 224 x 224 images)."""
     span = sum((size - 1) * abs(st) for size, st in zip(t.shape[1:], t.stride()[1:]) if size > 0)
     if span >= 2 ** 31:
         raise ValueError(f"resfast_triton: one image of {name} spans {span + 1} elements (shape {tuple(t.shape)}, "
                          f"strides {t.stride()}); the triton kernels need under 2**31 per image (use backend='eager')")
+    if t.dim() == 4 and t.shape[0] * t.shape[2] * t.shape[3] >= 2 ** 31:
+        raise ValueError(f"resfast_triton: {name} has {t.shape[0] * t.shape[2] * t.shape[3]} positions N*H*W "
+                         f"(shape {tuple(t.shape)}); the triton kernels need under 2**31 (split the batch, or use "
+                         "backend='native' or 'eager')")
 
 
 def _check_like(name: str, t, x: Tensor, shape: Sequence[int]) -> None:

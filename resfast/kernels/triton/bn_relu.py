@@ -131,3 +131,18 @@ def any_nonfinite(acc):
     small groups share one MMA, where ``0 * NaN`` would carry one group's NaN into its
     neighbours' outputs; a tile that shows one is recomputed group by group."""
     return tl.sum(((acc - acc) != 0.0).to(tl.int32)) > 0
+
+
+@triton.jit
+def mma_columns(v, a_like, b_like, DOT_F32: tl.constexpr):
+    """``v``, a float32 per-channel vector of an MMA's N columns, bit for bit, placed in the
+    column layout of the MMA's result (``a_like @ b_like``, only their shapes and types read):
+    OR-ed with the zero bits of the column sums of one MMA of zeros. Compiled, layout
+    propagation then keeps an epilogue that mixes the result with ``v`` in the MMA's layout,
+    and converts a loaded ``[positions, channels]`` tile to it once, instead of computing in
+    the load's layout (each thread holding twice the channels of these vectors) and
+    converting both ways through shared memory. Once per program; the values are unchanged."""
+    zero = dot_acc(tl.zeros(a_like.shape, a_like.dtype), tl.zeros(b_like.shape, b_like.dtype),
+                   tl.zeros([a_like.shape[0], b_like.shape[1]], tl.float32), DOT_F32)
+    return (v.to(tl.int32, bitcast=True) | tl.sum(zero, axis=0).to(tl.int32, bitcast=True)).to(tl.float32,
+                                                                                               bitcast=True)

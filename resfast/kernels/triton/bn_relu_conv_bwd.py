@@ -71,7 +71,8 @@ evaluated where it cannot contribute).
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, tile_digits,
+from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_params, bn_relu, channel_block, dot_acc, mma_columns,
+                                           tile_digits,
                                             tile_next2, tile_origin)
 
 
@@ -325,7 +326,7 @@ def bn_relu_conv_bwd_input_packed_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, MMA_EPI: tl.constexpr = False, PAIRS: tl.constexpr = False,
 ):
     """``grad_a`` of packed small groups at stride 1 as the convolution it is: ``grad_out``
     (zero-padded, no prologue) with the flipped, transposed weights. Per tile of input
@@ -340,10 +341,15 @@ def bn_relu_conv_bwd_input_packed_kernel(
     Non-finite values: ``0 * NaN`` in the block-diagonal weights carries one group's
     non-finite ``grad_out`` into its packed neighbours' ``grad_a``; where that reaches
     ``grad_z`` it makes the program's ``sum(grad_z)`` NaN, and such a program recomputes its
-    tiles exactly in the same launch, one input channel at a time from its own group's output
-    channels (:func:`_packed_fixup_tile`: FMAs on vectors over the positions, so this cold path
-    never needs more registers than the tile loop; a fix-up through the MMAs took the kernel
-    from 80 to 117-255 registers).
+    tiles exactly in the same launch, one input channel at a time over all of them from its
+    own group's output channels (:func:`_packed_fixup`: FMAs on vectors over the positions,
+    the tile loop's sums dead by then, so this cold path never needs more registers than the
+    tile loop; a fix-up through the MMAs took the kernel from 80 to 117-255 registers).
+
+    Registers (they decide its time: PREDICTED, docs/notes/triton_kernels.md): ``MMA_EPI``
+    computes the epilogue in the MMA's layout (:func:`mma_columns`: x converted once, grad_z
+    once, the BN vectors 4 registers each instead of 8); ``PAIRS`` keeps the per-position sums
+    as ``[BM / 16, 8, BLOCK_K]`` (the two rows one thread holds added first).
 
     Selected by the host (``triton_ops._packed_input``) at stride 1 for a group block of at
     most 16 input and output channels and more than one tap; the weight gradient is then its
@@ -378,41 +384,54 @@ def bn_relu_conv_bwd_input_packed_kernel(
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
+    if MMA_EPI:  # the epilogue in the MMA's layout (:func:`mma_columns`): 4 registers a vector, not 8
+        a_like = tl.zeros([BM, BLOCK_N], dtype=go_ptr.dtype.element_ty)
+        scale = mma_columns(scale, a_like, wt[0], DOT_F32)
+        shift = mma_columns(shift, a_like, wt[0], DOT_F32)
+        mean = mma_columns(mean, a_like, wt[0], DOT_F32)
     g_c = co * sgc
     # per-position sums of grad_z and grad_z * (x - mean), reduced once at the end (invstd
-    # applied then: sum(grad_z * (x - mean)) * invstd)
-    sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-    sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    # applied then: sum(grad_z * (x - mean)) * invstd); SUM_PAIRS: rows m and m + 8 of each
+    # 16-row slab (one thread's pair in the MMA's layout) added first, half the registers
+    SUM_PAIRS: tl.constexpr = PAIRS and BM % 16 == 0
+    if SUM_PAIRS:
+        sdz = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+    else:
+        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
     d_w, d_h, _, _, d_n = tile_digits(split, TILES_W, TILES_H, 1, 1)
     for t in tl.range(split, NUM_TILES, splits, num_stages=1):
         sdz, sdzx = _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok, wt, scale, shift,
                                  mean, sdz, sdzx, oi, oj, H, W, HO, WO, sgn, sgh, sgw, sxn, sxh, sxw, szn, szh, szw,
-                                 pad_h, pad_w, dil_h, dil_w, act_ty, KH, KW, TILE_H, TILE_W, BLOCK_K, DOT_F32)
+                                 pad_h, pad_w, dil_h, dil_w, act_ty, KH, KW, TILE_H, TILE_W, BLOCK_K, DOT_F32,
+                                 SUM_PAIRS)
         d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
 
     tl.debug_barrier()  # the first pass's grad_z stores come before the fix-up's
+    row = split.to(tl.int64) * (2 * C)
     if any_nonfinite(sdz):
         # the same tiles again, each input channel's grad_a from its own group's output channels
-        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-        for t in tl.range(split, NUM_TILES, splits, num_stages=1):
-            f_w, f_h, _, _, f_n = tile_digits(t, TILES_W, TILES_H, 1, 1)
-            sdz, sdzx = _packed_fixup_tile(f_n.to(tl.int64), f_h * TILE_H + oi, f_w * TILE_W + oj, kk, gblk, go_ptr,
-                                           w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sdz, sdzx,
-                                           C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, sgn, sgc, sgh, sgw, swo, swi,
-                                           swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h,
-                                           dil_w, HAS_GAMMA, HAS_BETA, KH, KW)
-    invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
-    row = split.to(tl.int64) * (2 * C)
-    tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
-    tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+        # (one channel at a time over all the program's tiles, its sums stored by the fix-up)
+        _packed_fixup(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr,
+                      beta_ptr, psum_ptr + row, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W,
+                      NUM_TILES, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+                      pad_h, pad_w, dil_h, dil_w, HAS_GAMMA, HAS_BETA, KH, KW, TILE_H, TILE_W)
+    else:
+        invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+        if SUM_PAIRS:
+            tl.store(psum_ptr + row + ci, tl.sum(tl.sum(sdz, axis=0), axis=0), mask=k_ok)
+            tl.store(psum_ptr + row + C + ci, tl.sum(tl.sum(sdzx, axis=0), axis=0) * invstd, mask=k_ok)
+        else:
+            tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
+            tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
 
 
 @triton.jit
 def _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok, wt, scale, shift, mean, sdz, sdzx,
                  oi, oj, H, W, HO, WO, sgn, sgh, sgw, sxn, sxh, sxw, szn, szh, szw, pad_h, pad_w, dil_h, dil_w,
                  act_ty: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                 BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, SUM_PAIRS: tl.constexpr = False):
     """One tile (image ``d_n``, tile row ``d_h``, column ``d_w``) of the packed input-gradient
     kernel: ``grad_a``, ``grad_z`` stored, its sums accumulated."""
     ii = d_h * TILE_H + oi
@@ -423,7 +442,7 @@ def _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok
                            x_ptr + n64 * sxn + (ii * sxh + jj * sxw)[:, None] + x_c[None, :], mask, KH, KW, BLOCK_K,
                            DOT_F32)
     return _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, ii, jj, szn, szh, szw, z_c, sdz, sdzx,
-                            act_ty)
+                            act_ty, SUM_PAIRS)
 
 
 @triton.jit
@@ -545,55 +564,64 @@ def _s1_taps(gyb, ii, jj, g_c, nn, co0, NR, CO, wt, HO, WO, sgc, sgh, sgw, pad_h
 
 
 @triton.jit
-def _packed_fixup_tile(n64, ii, jj, kk, gblk, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                       sdz, sdzx, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, sgn, sgc, sgh, sgw, swo, swi, swh, sww,
-                       sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h, dil_w, HAS_GAMMA: tl.constexpr,
-                       HAS_BETA: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
-    """The packed input-gradient kernel's exact fix-up of one tile (input rows ``ii``, columns
-    ``jj`` of image ``n64``): one input channel at a time, ``grad_a`` from its own group's
-    output channels only (one FMA per tap and output channel of the group), ``grad_z`` stored
-    again and its sums added to column ``k`` of ``sdz``, ``sdzx``. Vectors over the positions
-    only, so this cold path needs fewer registers than the tile loop."""
-    m_ok = (ii < H) & (jj < W)
-    gyb = go_ptr + n64 * sgn
+def _packed_fixup(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                  psum_row, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W, NUM_TILES, sgn, sgc, sgh,
+                  sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h, dil_w,
+                  HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The packed input-gradient kernel's exact fix-up of program ``split``'s tiles: one input
+    channel at a time over all of them, ``grad_a`` from the channel's own group's output
+    channels only (one FMA per tap and output channel of the group), ``grad_z`` stored again,
+    and the channel's two BN-gradient sums stored at ``psum_row`` (columns ``ci`` and
+    ``C + ci``). Vectors over the positions only, and the tile loop's per-position sums dead
+    by then, so this cold path needs fewer registers than the tile loop."""
     for k in range(0, KR):
         ci = gblk * KR + k
         c_ok = ci < C
         g = k // CIN_G
         ci_loc = k - g * CIN_G
-        acc = tl.zeros(ii.shape, dtype=tl.float32)
-        for tap in range(0, KH * KW):
-            fh = tap // KW
-            fw = tap - fh * KW
-            gi = ii + (pad_h - fh * dil_h)
-            gj = jj + (pad_w - fw * dil_w)
-            t_ok = (gi >= 0) & (gi < HO) & (gj >= 0) & (gj < WO) & c_ok
-            for j in range(0, COUT_G):
-                co = gblk * NR + g * COUT_G + j
-                wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
-                             other=0.0).to(tl.float32)
-                gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO), other=0.0).to(tl.float32)
-                acc += gv * wv
         c_m = tl.where(c_ok, ci, 0)
         mean = tl.load(mean_ptr + c_m).to(tl.float32)
-        scale = tl.load(invstd_ptr + c_m).to(tl.float32)
+        invstd = tl.load(invstd_ptr + c_m).to(tl.float32)
+        scale = invstd
         if HAS_GAMMA:
             scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
         if HAS_BETA:
             shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
         else:
             shift = -mean * scale
-        ok = m_ok & c_ok
-        xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
-        xf = xv.to(tl.float32)
-        a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0).to(xv.dtype)
-        gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
-        tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
-        gzf = gzv.to(tl.float32)
-        col = (kk == k)[None, :]
-        sdz = tl.where(col, sdz + gzf[:, None], sdz)
-        sdzx = tl.where(col, sdzx + (gzf * (xf - mean))[:, None], sdzx)
-    return sdz, sdzx
+        s_dz = tl.zeros(oi.shape, dtype=tl.float32)
+        s_dzx = tl.zeros(oi.shape, dtype=tl.float32)
+        for t in range(split, NUM_TILES, splits):
+            f_w, f_h, _, _, f_n = tile_digits(t, TILES_W, TILES_H, 1, 1)
+            n64 = f_n.to(tl.int64)
+            ii = f_h * TILE_H + oi
+            jj = f_w * TILE_W + oj
+            gyb = go_ptr + n64 * sgn
+            acc = tl.zeros(ii.shape, dtype=tl.float32)
+            for tap in range(0, KH * KW):
+                fh = tap // KW
+                fw = tap - fh * KW
+                gi = ii + (pad_h - fh * dil_h)
+                gj = jj + (pad_w - fw * dil_w)
+                t_ok = (gi >= 0) & (gi < HO) & (gj >= 0) & (gj < WO) & c_ok
+                for j in range(0, COUT_G):
+                    co = gblk * NR + g * COUT_G + j
+                    wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
+                                 other=0.0).to(tl.float32)
+                    gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO), other=0.0).to(tl.float32)
+                    acc += gv * wv
+            ok = (ii < H) & (jj < W) & c_ok
+            xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
+            xf = xv.to(tl.float32)
+            a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0).to(xv.dtype)
+            gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
+            tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
+            gzf = gzv.to(tl.float32)
+            s_dz += gzf
+            s_dzx += gzf * (xf - mean)
+        tl.store(psum_row + ci, tl.sum(s_dz, axis=0), mask=c_ok)
+        tl.store(psum_row + C + ci, tl.sum(s_dzx, axis=0) * invstd, mask=c_ok)
 
 
 @triton.jit
@@ -624,7 +652,7 @@ def _packed_taps(gyb, ii, jj, g_c, n_ok, wt, HO, WO, sgh, sgw, pad_h, pad_w, dil
 
 @triton.jit
 def _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, h, w, szn, szh, szw, z_c, sdz, sdzx,
-                     act_ty: tl.constexpr):
+                     act_ty: tl.constexpr, SUM_PAIRS: tl.constexpr = False):
     """:func:`_epilogue` of the packed input-gradient kernel: ``a = relu(bn(x))`` rounded to
     ``x``'s dtype, ``grad_z = grad_a`` where ``a > 0`` (or NaN) else 0, stored; the sums of
     ``grad_z`` and ``grad_z * (x - mean)`` accumulated per position (the subtraction first,
@@ -634,7 +662,13 @@ def _packed_epilogue(acc, xv, mask, scale, shift, mean, gz_ptr, n64, h, w, szn, 
     gzv = tl.where(a <= 0.0, 0.0, acc.to(act_ty))
     tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + z_c[None, :], gzv, mask=mask)
     gzf = gzv.to(tl.float32)
-    return sdz + gzf, sdzx + gzf * (xf - mean[None, :])
+    if SUM_PAIRS:  # rows m and m + 8 of each 16-row slab added first (sums of shape [BM / 16, 8, channels])
+        sdz = sdz + tl.sum(gzf.reshape([gzf.shape[0] // 16, 2, 8, gzf.shape[1]]), axis=1)
+        sdzx = sdzx + tl.sum((gzf * (xf - mean[None, :])).reshape([gzf.shape[0] // 16, 2, 8, gzf.shape[1]]), axis=1)
+    else:
+        sdz = sdz + gzf
+        sdzx = sdzx + gzf * (xf - mean[None, :])
+    return sdz, sdzx
 
 
 @triton.jit
