@@ -513,12 +513,24 @@ _FWD_CONFIGS = [
 _FWD_STATS_CONFIGS = [
     _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=128),
 ]
+# The statistics epilogue with per-pair shifted sums (``PAIRS``: ``STATS_PAIRS`` in the kernel,
+# half the Welford accumulators' registers, no division per tile; the program's row stored
+# before the cold fix-up, whose statistics come from a walk of their own): the packed
+# ``FIXUP_FMA`` tile capped at 80 registers, 6 programs per SM, spill-free with triton 3.8 (3.6:
+# at stride 1) on ResNeXt-50's packed convs and depthwise (docs/notes/triton_kernels.md, "The
+# statistics epilogue at 6 programs per SM"; predicted stage 1's producer 149.4 -> 96.8 us).
+_FWD_STATS_PAIRS_CONFIGS = [
+    _cfg(4, 1, 6, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=80, FIXUP_FMA=1, PAIRS=1),
+]
 # The forward's tile loop carries the tile's digits (no division per tile) when a program walks
 # at least this many tiles (static model: a gain from 7 tiles per program, ResNeXt-50's and
 # DenseNet-121's 3x3 convs; a small loss at 1-5, WRN-28-10's and the 7 x 7 stages).
 _WALK_MIN_TILES = 6
 #: ``False``: the forward's config list without the ``FIXUP_FMA`` config (the plan before it).
 FWD_FIXUP_FMA = True
+#: ``False``: the statistics epilogue's config list without the ``PAIRS`` configs (the plan
+#: before the per-pair shifted sums, ``STATS_PAIRS``).
+FWD_STATS_PAIRS = True
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
 
@@ -600,7 +612,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     bias = None if bias is None else bias.contiguous()  # the kernel reads it at ptr + co
     use_scratch = kh * kw > 1
     fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
-    configs = _prune_tiles(_FWD_CONFIGS + (_FWD_STATS_CONFIGS if pstat is not None else []), ho, wo, fit=fit)
+    stats_cfgs = _FWD_STATS_CONFIGS + (_FWD_STATS_PAIRS_CONFIGS if FWD_STATS_PAIRS else [])
+    configs = _prune_tiles(_FWD_CONFIGS + (stats_cfgs if pstat is not None else []), ho, wo, fit=fit)
     if not FWD_FIXUP_FMA:  # the plan before the register-light fix-up's config (to compare plans)
         configs = [cfg for cfg in configs if not cfg.get("FIXUP_FMA")]
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
@@ -643,17 +656,23 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
                      BLOCK_K=blk.block_k, STATS=pstat is not None,
+                     STATS_PAIRS=pstat is not None and bool(cfg.get("PAIRS")),
                      # the interpreter always walks, so the tests run the walk (the other path is the fix-up's)
                      WALK=_interpret() or _cdiv(num_tiles, nprog) >= _WALK_MIN_TILES, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
         # per-program trips of the kernel's loops in the order of their heads in the code
-        loops = {"tiles": _cdiv(num_tiles, nprog)}
+        loops = {}
+        if const["STATS_PAIRS"]:  # the partials' rows no program owns, zeroed first
+            loops["zero_rows"] = (STATS_ROWS - 1) // nprog
+        loops["tiles"] = _cdiv(num_tiles, nprog)
         if blk.ksub > 1:
             loops["chunks"] = blk.ksub
         if packed:  # the exact fix-up runs only for tiles that are not finite
             loops.update(fixup_tiles=0, fixup_groups=0)
+            if const["STATS_PAIRS"]:  # and then its statistics' walk over the stored tiles
+                loops["fixup_stats"] = 0
         return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   programs=nprog * ncb))

@@ -30,7 +30,15 @@ M2; rows outside the image add nothing), merged over the rows once per program a
 loops (Chan's formula), and each program
 writes its row of the ``[3, S_ROWS, CO]`` float32 partials (count, mean, M2; rows this grid has
 no program for are written as zero counts), which the statistics finalize merges for the next
-BatchNorm.
+BatchNorm. ``STATS_PAIRS`` (a config's ``PAIRS``): instead, each pair of rows that one thread
+holds in the accumulator's layout (rows ``16 b + r`` and ``16 b + r + 8``) keeps a count, a shift
+``K`` (its first row's value in the program's first tile) and the sums of ``x - K`` and
+``(x - K)^2`` over the program's tiles: three ``[BM / 2, BLOCK_N]`` accumulators instead of two
+``[BM, BLOCK_N]``, no division per tile (:func:`_add_pairs`); the rows no program owns are
+zeroed before the tile loop and the program's row is stored right after it, so nothing of the
+statistics stays live across the cold fix-up, which takes its statistics afresh by a walk of
+its own over the outputs it stored, and a packed program's non-finite detector is the pairs'
+sums of squares (a stored output that is not finite makes its pair's sum so).
 
 Packed groups (``PACKED``): ``0 * NaN`` in the block-diagonal weights would carry one group's
 NaN (or Inf) into its packed neighbours' outputs. Each tile adds ``acc * 0`` (NaN exactly
@@ -69,6 +77,7 @@ def bn_relu_conv_fwd_kernel(
     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STATS: tl.constexpr = False, WALK: tl.constexpr = True, FIXUP_FMA: tl.constexpr = False,
+    STATS_PAIRS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -98,13 +107,24 @@ def bn_relu_conv_fwd_kernel(
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    # per-position Welford accumulators (count per row, mean, M2), merged once per program
-    wk = tl.zeros([BM], dtype=tl.float32)
-    wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-    wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    if STATS_PAIRS:  # per pair of rows: count, shift, shifted sum and sum of squares (_add_pairs)
+        BP: tl.constexpr = BM // 16
+        pk = tl.zeros([BP, 8], dtype=tl.float32)
+        ps = tl.zeros([BP, 8, BLOCK_N], dtype=tl.float32)
+        pq = tl.zeros([BP, 8, BLOCK_N], dtype=tl.float32)
+        pK = tl.zeros([BP, 8, BLOCK_N], dtype=tl.float32)
+    else:  # per-position Welford accumulators (count per row, mean, M2), merged once per program
+        wk = tl.zeros([BM], dtype=tl.float32)
+        wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    if STATS and STATS_PAIRS:  # first, so that nothing of it stays live across the tiles
+        _zero_rows(pstat_ptr, pid, nprog, S_ROWS, CO, co, n_ok, BLOCK_N)
     if WALK:  # the tile's digits (column, row, image), advanced by the step's (STEP_*) per tile
         d_w, d_h, _, _, d_n = tile_digits(pid, TILES_W, TILES_H, 1, 1)
-    if PACKED:  # 0 where every tile's output so far is finite, NaN once one is not
+    # 0 where every tile's output so far is finite, NaN once one is not; with STATS_PAIRS the
+    # sums of squares are the detector (a stored output that is not finite makes its pair's sum so)
+    DETECT: tl.constexpr = PACKED and not (STATS and STATS_PAIRS)
+    if DETECT:
         if FIXUP_FMA:  # per row (a sum over the row's columns per tile: a quarter of the registers)
             nonfinite = tl.zeros([BM], dtype=tl.float32)
         else:
@@ -143,16 +163,26 @@ def bn_relu_conv_fwd_kernel(
                                  shift, wt, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW,
                                  STACK, HALO_H, HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K,
                                  STAGED=USE_SCRATCH)
-        if PACKED:  # one FMA per element: x * 0 is NaN exactly when x is not finite
+        if DETECT:  # one FMA per element: x * 0 is NaN exactly when x is not finite
             if FIXUP_FMA:
                 nonfinite += tl.sum(acc * 0.0, axis=1)
             else:
                 nonfinite += acc * 0.0
         _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
         if STATS:
-            wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
+            if STATS_PAIRS:
+                pk, ps, pq, pK = _add_pairs(pk, ps, pq, pK, acc, m_ok, t == pid, BM, BLOCK_N)
+            else:
+                wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
         if WALK:
             d_w, d_h, d_n = tile_next2(d_w, d_h, d_n, STEP_W, STEP_H, STEP_N, TILES_W, TILES_H)
+
+    if STATS and STATS_PAIRS:  # the program's row now: nothing of it stays live across the fix-up
+        if PACKED:
+            fix = any_nonfinite(pq)
+        st_n, st_mean, st_m2 = _pairs_partial(pk, ps, pq, pK)
+        _store_row(pstat_ptr, st_n, st_mean, st_m2, bias, pid, cb, gblk, NR, NSUB, CO, S_ROWS, HAS_BIAS, EVEN_N,
+                   BLOCK_N)
 
     if PACKED:
         # Fix-up: 0 * NaN in the block-diagonal weights carries one group's NaN (or Inf) into
@@ -161,11 +191,14 @@ def bn_relu_conv_fwd_kernel(
         # masked to its own channels, and takes their statistics afresh. Only programs that
         # met a result that was not finite take this path.
         tl.debug_barrier()
-        if any_nonfinite(nonfinite):
+        if DETECT:
+            fix = any_nonfinite(nonfinite)
+        if fix:
             if STATS:
-                wk = tl.zeros([BM], dtype=tl.float32)
-                wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-                wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+                if not STATS_PAIRS:
+                    wk = tl.zeros([BM], dtype=tl.float32)
+                    wm = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+                    wq = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
             for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
                 n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
                 ho = th0 + oi
@@ -187,26 +220,77 @@ def bn_relu_conv_fwd_kernel(
                                           HALO_NP, USE_SCRATCH, True, DOT_F32, BLOCK_K)
                         acc = tl.where((gn == g)[None, :], part, acc)
                 _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
-                if STATS:
+                if STATS and not STATS_PAIRS:
                     wk, wm, wq = _add_tile(wk, wm, wq, acc, m_ok)
+            if STATS and STATS_PAIRS:
+                # the row afresh from the outputs just stored (a walk of its own after the fix-up,
+                # so that no accumulator is live across the fix-up's registers; cold code)
+                tl.debug_barrier()
+                st_n = tl.zeros([BLOCK_N], dtype=tl.float32)
+                st_mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+                st_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for t in tl.range(pid, NUM_TILES, nprog, num_stages=1):
+                    n, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
+                    ho = th0 + oi
+                    wo = tw0 + oj
+                    m_ok = (ho < HO) & (wo < WO)
+                    y_off = (ho * syh + wo * syw)[:, None] + (co * syc)[None, :]
+                    yv = tl.load(y_ptr + n.to(tl.int64) * syn + y_off, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+                    st_n, st_mean, st_m2 = _chan_merge(st_n, st_mean, st_m2, *_tile_partial(yv.to(tl.float32), m_ok))
+                _store_row(pstat_ptr, st_n, st_mean, st_m2, bias, pid, cb, gblk, NR, NSUB, CO, S_ROWS, False, EVEN_N,
+                           BLOCK_N)
 
     if STATS:
-        wn = tl.broadcast_to(wk[:, None], [BM, BLOCK_N])
-        st_n, st_mean, st_m2 = tl.reduce((wn, wm, wq), 0, _chan_merge)
-        if HAS_BIAS:
-            st_mean = st_mean + bias
-        col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
-        plane = S_ROWS * CO
-        row = pid * CO + col
-        tl.store(pstat_ptr + row, st_n, mask=n_ok)
-        tl.store(pstat_ptr + plane + row, st_mean, mask=n_ok)
-        tl.store(pstat_ptr + 2 * plane + row, st_m2, mask=n_ok)
-        zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r in range(pid + nprog, S_ROWS, nprog):  # rows no program of this grid owns: empty
-            off = r * CO + col
-            tl.store(pstat_ptr + off, zero, mask=n_ok)
-            tl.store(pstat_ptr + plane + off, zero, mask=n_ok)
-            tl.store(pstat_ptr + 2 * plane + off, zero, mask=n_ok)
+        if not STATS_PAIRS:
+            wn = tl.broadcast_to(wk[:, None], [BM, BLOCK_N])
+            st_n, st_mean, st_m2 = tl.reduce((wn, wm, wq), 0, _chan_merge)
+            if HAS_BIAS:
+                st_mean = st_mean + bias
+            col = co  # [3, S_ROWS, CO] partials: small enough for int32 offsets
+            plane = S_ROWS * CO
+            row = pid * CO + col
+            tl.store(pstat_ptr + row, st_n, mask=n_ok)
+            tl.store(pstat_ptr + plane + row, st_mean, mask=n_ok)
+            tl.store(pstat_ptr + 2 * plane + row, st_m2, mask=n_ok)
+            _zero_rows(pstat_ptr, pid, nprog, S_ROWS, CO, col, n_ok, BLOCK_N)
+
+
+@triton.jit
+def _row_offsets(pid, cb, gblk, NR, NSUB, CO, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and mask of program ``pid``'s row of the ``[3, S_ROWS, CO]`` partials (int32:
+    small enough), from scalars: no vector of the tile loop stays live for them."""
+    c0 = gblk * NR + (cb % NSUB) * BLOCK_N
+    nn = tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        ok = ((cb % NSUB) * BLOCK_N + nn < NR) & (c0 + nn < CO)
+    return pid * CO + c0 + nn, ok
+
+
+@triton.jit
+def _store_row(pstat_ptr, st_n, st_mean, st_m2, bias, pid, cb, gblk, NR, NSUB, CO, S_ROWS, HAS_BIAS: tl.constexpr,
+               EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the program's ``(count, mean, M2)`` row (the bias added to the mean)."""
+    row, ok = _row_offsets(pid, cb, gblk, NR, NSUB, CO, EVEN_N, BLOCK_N)
+    if HAS_BIAS:
+        st_mean = st_mean + bias
+    plane = S_ROWS * CO
+    tl.store(pstat_ptr + row, st_n, mask=ok)
+    tl.store(pstat_ptr + plane + row, st_mean, mask=ok)
+    tl.store(pstat_ptr + 2 * plane + row, st_m2, mask=ok)
+
+
+@triton.jit
+def _zero_rows(pstat_ptr, pid, nprog, S_ROWS, CO, col, n_ok, BLOCK_N: tl.constexpr):
+    """Rows of the ``[3, S_ROWS, CO]`` partials that no program of this grid owns: empty."""
+    plane = S_ROWS * CO
+    zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r in range(pid + nprog, S_ROWS, nprog):
+        off = r * CO + col
+        tl.store(pstat_ptr + off, zero, mask=n_ok)
+        tl.store(pstat_ptr + plane + off, zero, mask=n_ok)
+        tl.store(pstat_ptr + 2 * plane + off, zero, mask=n_ok)
 
 
 @triton.jit
@@ -216,6 +300,58 @@ def _chan_merge(n_a, m_a, q_a, n_b, m_b, q_b):
     d = m_b - m_a
     f = n_b / tl.maximum(n, 1.0)
     return n, m_a + d * f, q_a + q_b + d * d * n_a * f
+
+
+@triton.jit
+def _pairs(v, BM: tl.constexpr):
+    """Rows ``16 b + r`` and ``16 b + r + 8`` of ``v`` (``[BM]`` or ``[BM, N]``) as two tensors
+    indexed ``[b, r(, n)]``: in the tensor cores' accumulator layout a thread holds both rows of
+    a pair in its own registers, so this moves no data."""
+    if len(v.shape) == 1:
+        a, b = tl.split(tl.permute(tl.reshape(v, [BM // 16, 2, 8]), (0, 2, 1)))
+    else:
+        a, b = tl.split(tl.permute(tl.reshape(v, [BM // 16, 2, 8, v.shape[1]]), (0, 2, 3, 1)))
+    return a, b
+
+
+@triton.jit
+def _add_pairs(pk, ps, pq, pK, acc, ok, first, BM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add one tile of the output (the float32 accumulator, before the bias and the rounding)
+    to the program's per-pair accumulators: each pair of rows (:func:`_pairs`) keeps its count,
+    a shift ``K`` (its first row's value in the program's first tile, where that row is in the
+    image) and the sums of ``x - K`` and ``(x - K)^2`` of its rows' valid values: three
+    ``[BM / 2, BLOCK_N]`` tiles instead of the Welford pair's two ``[BM, BLOCK_N]``, no
+    division per tile; the shift keeps the sum of squares from cancelling (a value near the
+    pair's mean: the error of ``M2`` is about ``eps (1 + (K - mean)^2 / var)``). Rows not
+    ``ok`` change nothing (select, never multiply: a skipped row may hold NaN)."""
+    a, b = _pairs(acc, BM)
+    oa, ob = _pairs(ok, BM)
+    pK = tl.where((oa & first)[:, :, None], a, pK)
+    da = tl.where(oa[:, :, None], a - pK, 0.0)
+    db = tl.where(ob[:, :, None], b - pK, 0.0)
+    return pk + oa.to(tl.float32) + ob.to(tl.float32), ps + (da + db), pq + (da * da + db * db), pK
+
+
+@triton.jit
+def _pairs_partial(pk, ps, pq, pK):
+    """The program's ``(count, mean, M2)`` per column from :func:`_add_pairs`' accumulators:
+    each pair's mean and M2 from its shifted sums, merged with Chan's formula (fixed order)."""
+    inv = 1.0 / tl.maximum(pk, 1.0)[:, :, None]
+    m2 = pq - ps * ps * inv
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding; NaN stays NaN
+    pn = tl.broadcast_to(pk[:, :, None], ps.shape)
+    n1, m1, q1 = tl.reduce((pn, pK + ps * inv, m2), 1, _chan_merge)
+    return tl.reduce((n1, m1, q1), 0, _chan_merge)
+
+
+@triton.jit
+def _tile_partial(acc, ok):
+    """One tile's ``(count, mean, M2)`` per column, two passes (the fix-up's statistics)."""
+    okc = ok[:, None]
+    cnt = tl.sum(ok.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(okc, acc, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+    d = tl.where(okc, acc - mean[None, :], 0.0)
+    return tl.zeros_like(mean) + cnt, mean, tl.sum(d * d, axis=0)
 
 
 @triton.jit
