@@ -65,7 +65,7 @@ from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXt
                                WideBasic)
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, DenseLayer, Transition
 from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_pair, conv_padding
-from resfast.nn.unfused import global_hooks
+from resfast.nn.unfused import global_hooks, refuse_script
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = ["convert", "ConversionReport", "ConversionEntry"]
@@ -1085,6 +1085,8 @@ class _TracedFusion:
     """Mixin of a converted module whose forward is its own, traced and rewritten with
     fused BN-ReLU-conv calls (one graph per training mode). The module keeps its class
     (this is a subclass of it), children and attributes."""
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         plan = self.__dict__.get("_resfast_plan")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from resfast.backends import BackendOwner, check_backend_name
 from resfast.models.registry import register_model
 from resfast.nn.dense import DenseBlock, DenseMemoryOwner, Transition
+from resfast.nn.unfused import refuse_script
 from resfast.nn.batchnorm import bn_call, sync_group
 from resfast.nn.fused import conv_pair, conv_padding
 from resfast.nn.unfused import hooked_submodules, is_tracing, replaced_submodules
@@ -65,6 +66,8 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
         compression: the transitions' channel factor (0.5 for DenseNet-BC).
         in_chans: input channels.
     """
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.fused import bn_relu_conv
-from resfast.nn.unfused import is_tracing, original_forward, run_unfused
+from resfast.nn.unfused import is_tracing, original_forward, refuse_script, run_unfused
 
 __all__ = [
     "BasicBlock",
@@ -106,6 +106,8 @@ class BasicBlock(nn.Module):
 
     expansion: int = 1
 
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
+
     def __init__(
         self,
         inplanes: int,
@@ -172,6 +174,8 @@ class Bottleneck(nn.Module):
     """
 
     expansion: int = 4
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(
         self,
@@ -299,6 +303,8 @@ class WideBasic(nn.Module):
 
     expansion: int = 1
 
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0, *,
                  backend: str = "auto") -> None:
         super().__init__()
@@ -348,6 +354,8 @@ class PreActBottleneck(nn.Module):
     """
 
     expansion: int = 4
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, backend: str = "auto") -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls, require_batchnorm
 from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_pair, conv_padding
 from resfast.nn.unfused import (any_hooks, any_replaced, converted_changed, hooked_submodules, is_tracing,
-                                original_forward, run_unfused, submodules)
+                                original_forward, refuse_script, run_unfused, submodules)
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -52,6 +52,8 @@ class DenseLayer(nn.Module):
     and the first BN-ReLU-conv in the backward; ``"naive"`` and ``"shared"`` keep them (a
     single layer has no buffer to share; :class:`DenseBlock` shares it across layers).
     """
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0,
                  memory_efficient: bool = False, *, memory: Optional[str] = None, backend: str = "auto") -> None:
@@ -99,9 +101,11 @@ class DenseLayer(nn.Module):
         original = original_forward(self)
         if original is not None:  # converted from timm's layer: its norms apply the ReLU themselves
             return original(input)
-        # torchvision's _DenseLayer.forward (without its checkpointing), module by module.
+        # torchvision's _DenseLayer.forward (without its checkpointing), module by module. Its
+        # bn_function concatenates even a single input: an FX graph (prepare_fx's observers,
+        # create_feature_extractor's node names) has that cat node, as torchvision's has.
         prev = [input] if isinstance(input, (Tensor, torch.fx.Proxy)) else list(input)
-        x = prev[0] if len(prev) == 1 else torch.cat(prev, 1)
+        x = torch.cat(prev, 1)
         bottleneck = self.conv1(self.relu1(self.norm1(x)))
         new = self.conv2(self.relu2(self.norm2(bottleneck)))
         if self.drop_rate > 0:
@@ -163,6 +167,8 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
     """
 
     _version = 2
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, memory: str = "shared", recompute: str = "bn_relu",
@@ -310,6 +316,8 @@ class Transition(nn.Sequential):
     only the pooled activation, and the 1x1 conv runs on a quarter of the positions -- a quarter
     of its multiply-adds and output bytes.
     """
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, require_batchnorm
-from resfast.nn.unfused import run_unfused
+from resfast.nn.unfused import refuse_script, run_unfused
 from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
@@ -111,6 +111,8 @@ class BNReLUConv2d(nn.Module):
     Parameters and buffers are those of an ``nn.BatchNorm2d`` named ``norm`` and an
     ``nn.Conv2d`` named ``conv``, so the ``state_dict`` is the same on every backend.
     """
+
+    __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
 
     def __init__(
         self,

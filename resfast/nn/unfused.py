@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["is_tracing", "global_hooks", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused",
-           "submodules", "any_hooks", "converted_changed", "original_forward"]
+           "submodules", "any_hooks", "converted_changed", "original_forward", "refuse_script"]
 
 
 def is_tracing() -> bool:
@@ -295,3 +295,17 @@ def _warn_once(owner: nn.Module, flag: str, message: str) -> None:
     if not getattr(owner, flag, False):
         setattr(owner, flag, True)
         warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def refuse_script(self: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of every resfast module: ``torch.jit.script`` calls it on each
+    submodule before compiling, and it refuses with what to do instead. TorchScript cannot compile
+    a fused forward (it picks the backend, the fused or unfused path and the BatchNorm's
+    bookkeeping in Python at run time); without this the user got a TorchScript frontend error
+    from deep inside resfast (``Unknown type name 'nn.Module'``, ``attribute lookup is not
+    defined on python value of type 'module'``) that named no way out."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile {type(self).__qualname__} (a resfast module: its forward chooses the "
+        f"fused kernel and the BatchNorm bookkeeping in Python at run time). Use torch.jit.trace (it records the "
+        f"fused ops; eval or training), torch.export.export or torch.compile instead, or script the model before "
+        f"resfast.convert (the unconverted torchvision / timm modules are scriptable).")
