@@ -1046,6 +1046,15 @@ def _convert_traced(module: nn.Module, path: str, ctx: _Context) -> bool:
             ctx.leave(path, module, "an fx.GraphModule (torch.fx.symbolic_trace, torchvision's "
                                     "create_feature_extractor): its generated forward is left as it is, unfused")
         return False
+    if has_bn and callable(getattr(module, "fuse_model", None)):
+        # torchvision's quantizable blocks (torchvision.models.quantization): QuantizableResNet.
+        # fuse_model() finds them by exact class (type(m) is QuantizableBasicBlock), which a
+        # converted subclass fails, so eager-mode quantization silently skipped the conv-BN(-ReLU)
+        # folding and quantized another model (its output 0.43 off the unconverted one's).
+        ctx.leave(path, module, "it has a fuse_model() method (a quantizable model, e.g. torchvision.models."
+                                "quantization): eager-mode quantization fuses and swaps its modules and finds them "
+                                "by exact class, which a converted class would fail; left unfused")
+        return False
     has_block = isinstance(module, nn.Sequential) and any(isinstance(c, DenseBlock) for c in module.children())
     if not (has_bn or has_block):
         return False
