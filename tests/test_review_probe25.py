@@ -46,8 +46,12 @@ warning, on eager and native (BNReLUConv2d, BasicBlock, DenseBlock in every mode
 (BNReLUConv2d, interpreted); inference of a converted ResNet-18 and DenseNet under
 ``torch.inference_mode`` at batch 1, ``.half()``, ``.to(bfloat16)``, channels_last, and a
 ``requires_grad_(False)`` BatchNorm calibration loop in train mode under ``no_grad`` (running
-statistics) on eager and native; ``torch.compile(mode="max-autotune-no-cudagraphs")`` of an
-eval block. Matched in scratch runs, no test: FX PTQ of the zoo DenseNet (every memory mode,
+statistics; also "precise BN": ``momentum=None`` after ``reset_running_stats()``, for ResNet
+and DenseNet in a scratch run) on eager and native; deterministic mode's NaN fill of
+uninitialised memory (``torch.utils.deterministic.fill_uninitialized_memory``) exposed no read
+of an unwritten buffer (the shared block's feature and gradient buffers); ``torch.compile(mode="max-autotune-no-cudagraphs")`` of an
+eval block (and, in a scratch run, of an eval DenseBlock shared / checkpoint on eager and native
+under ``inference_mode``, batch 2 then 1). Matched in scratch runs, no test: FX PTQ of the zoo DenseNet (every memory mode,
 native) against torchvision's DenseNet holding its state_dict (the same graph, quantized output
 equal); QAT (``prepare_qat_fx``, two SGD steps, ``convert_fx``) of a converted ResNet and
 DenseNet (native): parameters and quantized output equal; ``torch.jit.trace`` then
@@ -363,7 +367,8 @@ def test_deterministic_algorithms_training_is_bitwise_repeatable(backend, what, 
 def test_inference_modes_of_a_converted_densenet(backend):
     """A converted torchvision DenseNet for inference: batch 1 under inference_mode, .half(),
     .to(bfloat16), channels_last; then a BatchNorm calibration loop (requires_grad_(False),
-    train mode, no_grad): outputs and running statistics as torchvision's by the float64 rule."""
+    train mode, no_grad, momentum=None from reset statistics, batches of 2 and 3): outputs and
+    running statistics as torchvision's by the float64 rule."""
     require_backend(backend)
     torch.manual_seed(0)
     m = _tiny_densenet()
@@ -381,10 +386,15 @@ def test_inference_modes_of_a_converted_densenet(backend):
         assert_rule("channels_last", cl(x.to(memory_format=torch.channels_last)), r64, m(x), backend,
                     dtype=torch.float32)
     cal, ref, ref64 = c.train().requires_grad_(False), m.train().requires_grad_(False), copy.deepcopy(m).double()
+    for model in (cal, ref, ref64):  # "precise BN": a cumulative average from reset statistics
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = None
+                bn.reset_running_stats()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for _ in range(2):
-            xi = torch.randn(2, 3, 32, 32, generator=g)
+        for n in (2, 3):
+            xi = torch.randn(n, 3, 32, 32, generator=g)
             cal(xi), ref(xi), ref64(xi.double())
     got = sorted(cal.state_dict().items())
     compare_runs(got, sorted(ref64.state_dict().items()), sorted(ref.state_dict().items()), backend, torch.float32)
