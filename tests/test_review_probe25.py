@@ -31,32 +31,37 @@ What failed (a test here that failed before its fix):
   ``__prepare_scriptable__`` with a RuntimeError naming torch.jit.trace / torch.export /
   torch.compile, or scripting before convert.
 
-What was tried and matched (pins below unless said): BN folding (``fuse_modules(...,
-inplace=False)`` on a converted ResNet with conv-bn-relu triples, conv-bn pairs and the
-downsample pairs, against torchvision's ResNet folded with the same lists: equal; note the
-ReLU triple also folds torchvision's shared ``relu`` into the block's last ReLU, in both;
-``fuse_conv_bn_eval`` of a block's conv1/bn1 and conv2/bn2; ``torch.fx.experimental.
-optimization.fuse`` of a converted ResNet); FX PTQ of a converted ResNet (observers equal
-as a multiset: the unfused block calls the downsample first, so their numbering differs;
-quantized output equal); compiled autograd (``torch._dynamo.compiled_autograd._enable``) of a
-training step of BNReLUConv2d, BasicBlock and DenseBlock naive / checkpoint / shared on eager
-and native (all 10 matched in a scratch run, and triton's BNReLUConv2d in float32; 3 pinned); ``use_deterministic_algorithms(True)``
-and ``warn_only=True`` over two SGD-momentum steps: bitwise-repeatable float32 runs, no
-warning, on eager and native (BNReLUConv2d, BasicBlock, DenseBlock in every mode) and triton
-(BNReLUConv2d, interpreted); inference of a converted ResNet-18 and DenseNet under
-``torch.inference_mode`` at batch 1, ``.half()``, ``.to(bfloat16)``, channels_last, and a
-``requires_grad_(False)`` BatchNorm calibration loop in train mode under ``no_grad`` (running
-statistics; also "precise BN": ``momentum=None`` after ``reset_running_stats()``, for ResNet
-and DenseNet in a scratch run) on eager and native; deterministic mode's NaN fill of
-uninitialised memory (``torch.utils.deterministic.fill_uninitialized_memory``) exposed no read
-of an unwritten buffer (the shared block's feature and gradient buffers); ``torch.compile(mode="max-autotune-no-cudagraphs")`` of an
-eval block (and, in a scratch run, of an eval DenseBlock shared / checkpoint on eager and native
-under ``inference_mode``, batch 2 then 1). Matched in scratch runs, no test: FX PTQ of the zoo DenseNet (every memory mode,
-native) against torchvision's DenseNet holding its state_dict (the same graph, quantized output
-equal); QAT (``prepare_qat_fx``, two SGD steps, ``convert_fx``) of a converted ResNet and
-DenseNet (native): parameters and quantized output equal; ``torch.jit.trace`` then
-``torch.jit.freeze`` / ``optimize_for_inference`` of converted ResNet / DenseNet (eager,
-native); ``fx_fuse`` and ``fuse_modules`` of the zoo DenseNet's stem (shared, checkpoint).
+What was tried and matched, pinned below: BN folding of a converted ResNet (``fuse_modules(...,
+inplace=False)`` with conv-bn-relu triples, conv-bn pairs and the downsample pairs, against
+torchvision's ResNet folded with the same lists: equal; the ReLU triple also folds
+torchvision's shared ``relu`` into the block's last ReLU, in both; ``fuse_conv_bn_eval`` of each
+block's conv1/bn1 and conv2/bn2; ``torch.fx.experimental.optimization.fuse``); compiled autograd
+(``torch._dynamo.compiled_autograd._enable``) of a float64 training step of native
+BNReLUConv2d, BasicBlock and shared DenseBlock; ``use_deterministic_algorithms(True)`` (and
+``warn_only``) over two SGD-momentum steps: bitwise-repeatable float32 runs and no warning on
+native (BasicBlock, checkpoint and shared DenseBlock) and triton (BNReLUConv2d, interpreted),
+float64 runs as the unfused modules'; deterministic mode's NaN fill of uninitialised memory
+(``torch.utils.deterministic.fill_uninitialized_memory``) exposed no read of an unwritten
+buffer (the shared block's feature and gradient buffers); a converted DenseNet on native at
+batch 1 under ``torch.inference_mode``, ``.half()``, ``.to(bfloat16)``, channels_last, then a
+``requires_grad_(False)`` calibration loop in train mode under ``no_grad`` ("precise BN":
+``momentum=None`` after ``reset_running_stats()``); ``torch.compile(mode=
+"max-autotune-no-cudagraphs")`` of an eval BasicBlock on native.
+
+Matched in scratch runs (no test, to keep this file fast): FX PTQ of a converted ResNet
+(observers equal as a multiset -- the unfused block calls the downsample first, so their
+numbering differs -- and the quantized output equal), of the zoo DenseNet in every memory mode
+and of the zoo ResNet-18 / ResNeXt-50 against torchvision's models holding their state_dicts
+(the same graph, quantized output equal); QAT (``prepare_qat_fx``, two SGD steps,
+``convert_fx``) of a converted ResNet and DenseNet; ``torch.jit.trace`` then ``torch.jit.freeze``
+/ ``optimize_for_inference`` of converted ResNet / DenseNet (eager, native); ``fx_fuse`` and
+``fuse_modules`` of the zoo DenseNet's stem (shared, checkpoint); compiled autograd of
+BNReLUConv2d, BasicBlock and DenseBlock naive / checkpoint / shared on eager and native (10
+cases) and of triton's BNReLUConv2d in float32; deterministic training of the eager backend
+(every module) and of native BNReLUConv2d; the inference modes and the
+calibration loop (also precise BN) on eager and for a converted ResNet-18; max-autotune compile
+of eval DenseBlocks (shared, checkpoint) on eager and native under ``inference_mode``, batch 2
+then 1.
 
 Seen, no test: AOTInductor (``torch.export.export`` of an eval BasicBlock, then
 ``torch._inductor.aoti_compile_and_package`` / ``aoti_load_package`` with the system g++)
