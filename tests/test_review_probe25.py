@@ -23,6 +23,16 @@ What failed (a test here that failed before its fix):
   QuantizableBasicBlock``), so the converted blocks (a ``[resfast]`` subclass) were silently
   not folded, and their BatchNorms were quantized on their own. ``convert`` now leaves a module
   with a ``fuse_model()`` method alone, saying why in its report: the same quantized model.
+* ``torch.export.export`` of a converted DenseNet (or any shared DenseBlock), then
+  ``torch.export.save`` and ``torch.export.load``: the load raised ``SpecViolationError: Node.meta
+  wrap_with_autocast is missing val field`` (eval and training, every backend), and for a
+  training program also for ``wrap_with_set_grad_enabled`` (shared and checkpoint blocks, the
+  zoo DenseNet's stem): the shared block entered ``autocast(enabled=False)`` even with autocast
+  off, and the running-statistics updates ran under ``no_grad``; under export both become
+  higher-order-op nodes (empty ones too) that PyTorch's deserializer refuses. The block now
+  turns autocast off only where it is on, and the updates detach their statistics instead of
+  a ``no_grad`` region: saved and loaded programs (dynamic batch 1 and 3 in eval; training
+  with running statistics) give the unfused modules' numbers (5 tests failed before).
 * ``torch.jit.script`` of any resfast module (BNReLUConv2d, a block, a dense block, a converted
   torchvision ResNet, a model convert rewrote by tracing) failed inside TorchScript's frontend
   with messages naming resfast's internals (``Unknown type name 'nn.Module'``, ``attribute
@@ -68,7 +78,9 @@ Seen, no test: AOTInductor (``torch.export.export`` of an eval BasicBlock, then
 matches on eager (3.9e-7 of 6.5e-5) and native (2.9e-7 of 5.0e-5), but compiles for 22-68 s;
 PT2E quantization (``prepare_pt2e``, XNNPACKQuantizer / X86InductorQuantizer) is not in this
 torch (2.14 has no ``torch.ao.quantization.quantizer`` / ``quantize_pt2e``; torchao is not
-installed); ``torch.backends.cudnn.deterministic`` is a no-op on the CPU. Two float32 SGD steps
+installed); ``torch.backends.cudnn.deterministic`` is a no-op on the CPU; exporting a ResNet
+with a dynamic height / width (16-64) raises ``Constraints violated (h, w)`` for torchvision's
+own ResNet too (PyTorch's guards on the stride-2 sizes), a dynamic batch exports and runs. Two float32 SGD steps
 (lr 0.1, loss ``sum(y * sin(y))``) on a dense block amplify float32 rounding from ~1e-6 to
 ~1e-2 in eager PyTorch itself, so the training comparisons here are judged in float64.
 """
@@ -185,6 +197,71 @@ def test_eager_mode_quantization_of_a_converted_quantizable_resnet(backend):
         want = qm(x)
         assert_rule("quantized output", qc(x), want, want, backend, dtype=torch.float32)
     assert "layer1.0" in [e.path for e in report.left_alone] and "fuse_model" in str(report)
+
+
+# ------------------------------------------------------------------ finding: torch.export.save / load
+
+
+def _save_load(ep):
+    import io
+
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    return torch.export.load(buf)
+
+
+@pytest.mark.parametrize("backend", ["eager", "native"])
+def test_exported_converted_densenet_with_dynamic_batch_saves_and_loads(backend):
+    """torch.export.export of a converted torchvision DenseNet in eval with a dynamic batch,
+    torch.export.save, torch.export.load, run at batch 1 and 3: torchvision's outputs. The load
+    raised SpecViolationError ("Node.meta wrap_with_autocast is missing val field", then
+    "wrap_with_set_grad_enabled"): the shared block's autocast-off and no_grad regions, even
+    empty, became nodes that torch.export.load refuses."""
+    require_backend(backend)
+    torch.manual_seed(0)
+    m = _tiny_densenet()
+    randomize_bns(m)
+    m.eval()
+    c = _converted(m, backend).eval()
+    ep = torch.export.export(c, (torch.randn(2, 3, 32, 32),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=16)}})
+    loaded = _save_load(ep).module()
+    for n in (1, 3):
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            want, want64 = m(x), copy.deepcopy(m).double()(x.double())
+            assert_rule(f"batch {n}", loaded(x), want64, want, backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend,what", [("eager", "DenseBlock-checkpoint"), ("native", "DenseBlock-shared"),
+                                          ("native", "DenseNet")])
+def test_exported_training_program_saves_and_loads(backend, what):
+    """A float64 module exported in training, saved and loaded, run on a batch: output and
+    running statistics as the unfused module's. The load refused every no_grad region of the
+    running-statistics updates (shared and checkpoint blocks, the zoo DenseNet's stem)."""
+    require_backend(backend)
+    torch.manual_seed(0)
+    if what == "DenseNet":
+        from resfast.models.densenet import DenseNet
+
+        base, shape = DenseNet(4, (2, 2), 8, 2, num_classes=3, memory="shared"), (2, 3, 32, 32)
+    else:
+        base, shape = DenseBlock(2, 4, 2, 2, memory=what.split("-")[1]), (2, 4, 6, 6)
+    randomize_bns(base)
+    base = base.double().train()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = unfused(set_backend(copy.deepcopy(base), "eager"))
+        loaded = _save_load(torch.export.export(set_backend(copy.deepcopy(base), backend), (x,))).module()
+    with torch.no_grad():
+        got, want = loaded(x), ref(x)
+    assert_rule("output", got, want, want, backend, dtype=torch.float64)
+    state = loaded.state_dict()
+    for k, r in ref.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            assert_rule(k, state[k], r, r, backend, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------ finding: torch.jit.script

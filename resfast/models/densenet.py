@@ -206,12 +206,12 @@ def _recomputed_stem(conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, x:
     update = call.running_mean is not None and call.momentum != 0.0
     out, mean, invstd = _CompactStem.apply(x, conv.weight, conv.bias, call.weight, call.bias, call.eps,
                                            _conv_args(conv), _pool_args(pool))
-    if update:
-        with torch.no_grad():
-            acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
-            var = invstd.to(acc).pow(-2).sub_(call.eps)
-            update_running_stats(call.running_mean, call.running_var, mean.to(acc), var, _positions(conv, x),
-                                 call.momentum)
+    if update:  # (detached, not under no_grad: torch.export.load refuses an exported no_grad region)
+        mean, invstd = mean.detach(), invstd.detach()
+        acc = torch.float64 if mean.dtype == torch.float64 else torch.float32
+        var = invstd.to(acc).pow(-2).sub_(call.eps)
+        update_running_stats(call.running_mean, call.running_var, mean.to(acc), var, _positions(conv, x),
+                             call.momentum)
     return out
 
 

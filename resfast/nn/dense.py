@@ -443,11 +443,12 @@ def _check_recomputable_call(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[T
         conv.dilation, conv.groups, None)
 
 
-@torch.no_grad()
 def _update_running_from_parts(call, parts: List[Tensor], backend: str) -> None:
+    # (detached, not under no_grad: torch.export.load refuses an exported no_grad region)
     ops = get_ops(backend)
     means, variances, count = [], [], 1
     for t in parts:
+        t = t.detach()
         if call.process_group is not None:
             m, v, count = sync_batch_stats(ops, t, call.process_group)
         else:

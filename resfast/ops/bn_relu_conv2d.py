@@ -353,14 +353,18 @@ class _EmptySyncBN(torch.autograd.Function):
         return (None, None, *grads, None, None, None, None)
 
 
-@torch.no_grad()
 def update_running_stats(
     running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor, var: Tensor, count: int,
     momentum: float,
 ) -> None:
-    """``running = (1 - momentum) * running + momentum * batch``, unbiased variance, as ``F.batch_norm``."""
+    """``running = (1 - momentum) * running + momentum * batch``, unbiased variance, as ``F.batch_norm``.
+    ``mean`` / ``var`` are detached instead of a ``no_grad`` region (running statistics never
+    require grad: the modules refuse them, ``check_running_stats_no_grad``): under ``torch.export`` a ``no_grad``
+    region becomes a ``wrap_with_set_grad_enabled`` node that ``torch.export.load`` refuses
+    ("missing val field"), so an exported training model could not be loaded."""
     if running_mean is None or momentum == 0.0:
         return
+    mean, var = mean.detach(), var.detach()
     unbiased = unbiased_var(var, count)
     running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

@@ -314,8 +314,12 @@ def _cast(t: Tensor, dtype: torch.dtype, target: Optional[torch.dtype] = None) -
 
 
 def _autocast_off(device_type: str):
-    """Run the block's ops in the dtype chosen up front (autocast would re-cast them one by one)."""
-    if device_type in ("cpu", "cuda"):
+    """Run the block's ops in the dtype chosen up front (autocast would re-cast them one by one).
+    Only where autocast is on: an ``autocast(enabled=False)`` region that changes nothing still
+    becomes a ``wrap_with_autocast`` node under ``torch.export``, which ``torch.export.save``
+    writes but ``torch.export.load`` refuses ("Node.meta wrap_with_autocast is missing val
+    field"): an exported eval model with a shared dense block could not be loaded."""
+    if device_type in ("cpu", "cuda") and autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -401,15 +405,20 @@ def _shared_eps(readers: Sequence[BNArgs]) -> Optional[float]:
     return eps.pop() if len(eps) == 1 else None
 
 
-@torch.no_grad()
 def _apply_running_updates(pending: List[Tuple[BNArgs, int]], mean_all: Tensor, var_all: Tensor,
                            count: int) -> None:
     """The running-statistics updates of the block's prefix readers, applied together once the
     block's statistics are complete: a handful of ``torch._foreach_*`` launches for the whole
     block instead of several per layer. (In training every reader normalises with the batch
-    statistics, so no forward computation reads a running statistic before it is updated.)"""
+    statistics, so no forward computation reads a running statistic before it is updated.)
+    The statistics are detached instead of a ``no_grad`` region (the running buffers never
+    require grad): under ``torch.export`` a ``no_grad`` region, even an empty one, becomes a
+    ``wrap_with_set_grad_enabled`` node that ``torch.export.save`` writes and
+    ``torch.export.load`` refuses ("Node.meta wrap_with_set_grad_enabled is missing val
+    field"), so an exported model with a shared dense block could not be loaded."""
     if not pending:
         return
+    mean_all, var_all = mean_all.detach(), var_all.detach()
     unbiased = unbiased_var(var_all, count)
     rms = [bn.running_mean for bn, _ in pending]
     rvs = [bn.running_var for bn, _ in pending]
