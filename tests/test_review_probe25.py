@@ -80,7 +80,15 @@ PT2E quantization (``prepare_pt2e``, XNNPACKQuantizer / X86InductorQuantizer) is
 torch (2.14 has no ``torch.ao.quantization.quantizer`` / ``quantize_pt2e``; torchao is not
 installed); ``torch.backends.cudnn.deterministic`` is a no-op on the CPU; exporting a ResNet
 with a dynamic height / width (16-64) raises ``Constraints violated (h, w)`` for torchvision's
-own ResNet too (PyTorch's guards on the stride-2 sizes), a dynamic batch exports and runs. Two float32 SGD steps
+own ResNet too (PyTorch's guards on the stride-2 sizes), a dynamic batch exports and runs.
+Seen, not fixed: the ``.module()`` of an exported program with a NATIVE shared DenseBlock (a
+converted DenseNet's default) called with grad enabled (parameters requiring grad, no
+``no_grad``) raises "resfast::bn_relu_conv2d_out has no autograd formula and an argument
+requires grad" -- export inlines the block's autograd Function, so the graph calls the
+non-differentiable ``_out`` op; under ``no_grad`` it runs and matches. Eager-backend shared
+blocks, checkpoint blocks and BasicBlocks on both backends run and backpropagate (the eager
+shared block's exported gradients match the unfused block's in float64). A fix would trace the
+shared block layer by layer under ``torch.compiler.is_exporting()``; left for its owner. Two float32 SGD steps
 (lr 0.1, loss ``sum(y * sin(y))``) on a dense block amplify float32 rounding from ~1e-6 to
 ~1e-2 in eager PyTorch itself, so the training comparisons here are judged in float64.
 """
