@@ -1177,25 +1177,31 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         tiles_h, tiles_w = _cdiv(h, th), _cdiv(w, tw)
         return th, tw, blk, tiles_h, tiles_w, n * tiles_h * tiles_w
 
-    def packed_input_binder(cfg: TileConfig) -> Bound:
-        th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
-        ncb = blk.ngb
-        splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
+    def packed_input_launch(cfg: TileConfig, blk, th: int, tw: int, tiles_h: int, tiles_w: int, num_tiles: int,
+                            **classes: int):
+        """The split count, BN-sum partials, arguments and constexprs the packed input-gradient
+        kernels share (stride 1 and, with ``SH`` / ``SW``, the stride-2 residue classes)."""
+        splits = _balanced_splits(num_tiles, blk.ngb, x, cfg, fill=True)
         psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
         state.update(psum=psum, splits_s=splits)
         args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
                 c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, tiles_h, tiles_w, num_tiles,
                 *_digits(splits, (tiles_w, tiles_h)),
                 *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *padding, *dilation)
-        const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
-                     EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
-                     BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if cfg.get("MMA_EPI"):
-            const["MMA_EPI"] = True
-        if cfg.get("PAIRS"):
-            const["PAIRS"] = True
+        const = dict(KH=kh, KW=kw, **classes, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                     DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw,
+                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for flag in ("MMA_EPI", "PAIRS"):
+            if cfg.get(flag):
+                const[flag] = True
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
+        return splits, psum, args, const
+
+    def packed_input_binder(cfg: TileConfig) -> Bound:
+        th, tw, blk, tiles_h, tiles_w, num_tiles = stride1_tiles(cfg)
+        ncb = blk.ngb
+        splits, psum, args, const = packed_input_launch(cfg, blk, th, tw, tiles_h, tiles_w, num_tiles)
         # the exact fix-up runs only in programs that met a grad_a that is not finite (its loop over
         # a group's output channels is unrolled by 4 with a remainder loop: two SASS loops)
         loops = {"tiles": _cdiv(num_tiles, splits), "fixup_channels": 0, "fixup_tiles": 0, "fixup_taps": 0,
@@ -1213,23 +1219,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
         num_tiles = n * tiles_h * tiles_w  # of one residue class
         ncb = blk.ngb
-        splits = _balanced_splits(num_tiles, ncb, x, cfg, fill=True)
-        psum = torch.empty([splits, 2 * c], dtype=torch.float32, device=x.device)
-        state.update(psum=psum, splits_s=splits)
-        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
-                c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, tiles_h, tiles_w, num_tiles,
-                *_digits(splits, (tiles_w, tiles_h)),
-                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *padding, *dilation)
-        const = dict(KH=kh, KW=kw, SH=sh_, SW=sw_, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                     DOT_F32=_dot_f32(x), EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw,
-                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        for flag in ("MMA_EPI", "PAIRS"):
-            if cfg.get(flag):
-                const[flag] = True
+        splits, psum, args, const = packed_input_launch(cfg, blk, th, tw, tiles_h, tiles_w, num_tiles, SH=sh_, SW=sw_)
         if cfg.get("ONE_ROUND"):
             const["ONE_ROUND"] = cfg.get("ONE_ROUND")
-        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
-            const["maxnreg"] = cfg.get("MAXNREG")
         # one tile loop per residue class; the exact fix-up runs only in programs that met a grad_a
         # that is not finite (0 trips; its output-channel loop unrolled by 4 with a remainder loop)
         loops = {f"tiles_class{q}": _cdiv(num_tiles, splits) for q in range(sh_ * sw_)}
