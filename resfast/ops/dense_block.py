@@ -74,8 +74,10 @@ __all__ = ["shared_dense_block", "DenseLayerArgs", "RECOMPUTE_MODES", "DOUBLE_BA
 RECOMPUTE_MODES = ("bn_relu", "bottleneck")
 DOUBLE_BACKWARD_SHARED = (
     "double backward (create_graph=True) through a shared dense block is not supported: its backward works in place "
-    "on one gradient buffer and does not record a graph; use DenseBlock(memory='naive') or memory='checkpoint' "
-    "(or create_model(..., memory='naive')) for gradient penalties and other higher-order gradients"
+    "on one gradient buffer and does not record a graph; for gradient penalties and other higher-order gradients use "
+    "memory='naive' or memory='checkpoint': DenseBlock(memory='naive'), create_model(..., memory='naive'), "
+    "resfast.convert(model, dense_memory='naive'), or on a built model block.memory = 'naive' (a zoo DenseNet's "
+    "model.memory sets every block's)"
 )
 _LOW = (torch.float16, torch.bfloat16)
 _ONE = [1, 1]
