@@ -358,48 +358,14 @@ def bn_relu_conv_bwd_input_packed_kernel(
     splits = tl.num_programs(0)
     gblk = tl.program_id(1)
     act_ty = gz_ptr.dtype.element_ty
-    BM: tl.constexpr = TILE_H * TILE_W
-    kk = tl.arange(0, BLOCK_K)
-    m = tl.arange(0, BM)
-    oi = m // TILE_W
-    oj = m % TILE_W
-    ci, k_ok, scale, shift = channel_block(kk, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
-                                           HAS_BETA, EVEN_K, BLOCK_K)
-    gk = kk // CIN_G
-    ci_loc = kk - gk * CIN_G
-    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
-    x_c = ci * sxc
-    z_c = ci * szc
-    nn = tl.arange(0, BLOCK_N)
-    co = gblk * NR + nn
-    if EVEN_N:
-        n_ok = tl.full([BLOCK_N], 1, tl.int1)
-    else:
-        n_ok = (nn < NR) & (co < CO)
-    # the taps' block-diagonal weights, [BLOCK_N, BLOCK_K] each: row n (output channel co),
-    # column k (input channel ci) holds w[co, ci_local, kh, kw] within one group, else 0
-    keep = ((nn // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
-    w_off = (co * swo)[:, None] + (ci_loc * swi)[None, :]
-    wt = ()
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
-    if MMA_EPI:  # the epilogue in the MMA's layout (:func:`mma_columns`): 4 registers a vector, not 8
-        a_like = tl.zeros([BM, BLOCK_N], dtype=go_ptr.dtype.element_ty)
-        scale = mma_columns(scale, a_like, wt[0], DOT_F32)
-        shift = mma_columns(shift, a_like, wt[0], DOT_F32)
-        mean = mma_columns(mean, a_like, wt[0], DOT_F32)
-    g_c = co * sgc
     # per-position sums of grad_z and grad_z * (x - mean), reduced once at the end (invstd
     # applied then: sum(grad_z * (x - mean)) * invstd); SUM_PAIRS: rows m and m + 8 of each
     # 16-row slab (one thread's pair in the MMA's layout) added first, half the registers
-    SUM_PAIRS: tl.constexpr = PAIRS and BM % 16 == 0
-    if SUM_PAIRS:
-        sdz = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
-        sdzx = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
-    else:
-        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    SUM_PAIRS: tl.constexpr = PAIRS and (TILE_H * TILE_W) % 16 == 0
+    oi, oj, ci, k_ok, scale, shift, mean, x_c, z_c, n_ok, g_c, wt, sdz, sdzx = _packed_prologue(
+        gblk, go_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, C, CO, CIN_G, COUT_G, KR, NR, sgc, swo, swi,
+        swh, sww, sxc, szc, KH, KW, HAS_GAMMA, HAS_BETA, DOT_F32, EVEN_K, EVEN_N, TILE_H, TILE_W, BLOCK_N, BLOCK_K,
+        MMA_EPI, SUM_PAIRS)
     d_w, d_h, _, _, d_n = tile_digits(split, TILES_W, TILES_H, 1, 1)
     for t in tl.range(split, NUM_TILES, splits, num_stages=1):
         sdz, sdzx = _packed_tile(d_n, d_h, d_w, go_ptr, x_ptr, gz_ptr, g_c, n_ok, x_c, z_c, k_ok, wt, scale, shift,
@@ -418,13 +384,74 @@ def bn_relu_conv_bwd_input_packed_kernel(
                       NUM_TILES, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
                       pad_h, pad_w, dil_h, dil_w, HAS_GAMMA, HAS_BETA, KH, KW, TILE_H, TILE_W)
     else:
-        invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
-        if SUM_PAIRS:
-            tl.store(psum_ptr + row + ci, tl.sum(tl.sum(sdz, axis=0), axis=0), mask=k_ok)
-            tl.store(psum_ptr + row + C + ci, tl.sum(tl.sum(sdzx, axis=0), axis=0) * invstd, mask=k_ok)
-        else:
-            tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
-            tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+        _packed_sums_store(psum_ptr, row, C, ci, k_ok, invstd_ptr, sdz, sdzx, SUM_PAIRS)
+
+
+@triton.jit
+def _packed_prologue(gblk, go_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, C, CO, CIN_G, COUT_G, KR, NR, sgc,
+                     swo, swi, swh, sww, sxc, szc, KH: tl.constexpr, KW: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MMA_EPI: tl.constexpr, SUM_PAIRS: tl.constexpr):
+    """What the packed input-gradient kernels (stride 1 and the strided one) set up once per
+    program of group block ``gblk``: a tile's rows and columns ``(oi, oj)``, the block's input
+    channels ``ci``, their validity ``k_ok`` and BN vectors ``(scale, shift, mean)`` (in the MMA's
+    column layout with ``MMA_EPI``, :func:`mma_columns`), the channel offsets ``x_c``, ``z_c`` and
+    ``g_c``, the output channels' validity ``n_ok``, the taps' block-diagonal, flipped and
+    transposed weights ``wt`` (``[BLOCK_N, BLOCK_K]`` each: row n, output channel co, column k,
+    input channel ci, holds ``w[co, ci_local, kh, kw]`` within one group, else 0) and the zeroed
+    per-position sums ``(sdz, sdzx)`` (``[BM / 16, 8, BLOCK_K]`` with ``SUM_PAIRS``)."""
+    BM: tl.constexpr = TILE_H * TILE_W
+    kk = tl.arange(0, BLOCK_K)
+    m = tl.arange(0, BM)
+    oi = m // TILE_W
+    oj = m % TILE_W
+    ci, k_ok, scale, shift = channel_block(kk, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
+                                           HAS_BETA, EVEN_K, BLOCK_K)
+    gk = kk // CIN_G
+    ci_loc = kk - gk * CIN_G
+    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
+    x_c = ci * sxc
+    z_c = ci * szc
+    nn = tl.arange(0, BLOCK_N)
+    co = gblk * NR + nn
+    if EVEN_N:
+        n_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        n_ok = (nn < NR) & (co < CO)
+    keep = ((nn // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
+    w_off = (co * swo)[:, None] + (ci_loc * swi)[None, :]
+    wt = ()
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
+    if MMA_EPI:  # the epilogue in the MMA's layout (:func:`mma_columns`): 4 registers a vector, not 8
+        a_like = tl.zeros([BM, BLOCK_N], dtype=go_ptr.dtype.element_ty)
+        scale = mma_columns(scale, a_like, wt[0], DOT_F32)
+        shift = mma_columns(shift, a_like, wt[0], DOT_F32)
+        mean = mma_columns(mean, a_like, wt[0], DOT_F32)
+    g_c = co * sgc
+    if SUM_PAIRS:
+        sdz = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
+    else:
+        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    return oi, oj, ci, k_ok, scale, shift, mean, x_c, z_c, n_ok, g_c, wt, sdz, sdzx
+
+
+@triton.jit
+def _packed_sums_store(psum_ptr, row, C, ci, k_ok, invstd_ptr, sdz, sdzx, SUM_PAIRS: tl.constexpr):
+    """A packed input-gradient program's two BN-gradient partials, its per-position sums reduced:
+    ``sum(grad_z)`` at ``psum_ptr + row + ci`` and ``sum(grad_z * (x - mean)) * invstd`` at
+    ``psum_ptr + row + C + ci``."""
+    invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
+    if SUM_PAIRS:
+        tl.store(psum_ptr + row + ci, tl.sum(tl.sum(sdz, axis=0), axis=0), mask=k_ok)
+        tl.store(psum_ptr + row + C + ci, tl.sum(tl.sum(sdzx, axis=0), axis=0) * invstd, mask=k_ok)
+    else:
+        tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
+        tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
 
 
 @triton.jit
@@ -564,6 +591,61 @@ def _s1_taps(gyb, ii, jj, g_c, nn, co0, NR, CO, wt, HO, WO, sgc, sgh, sgw, pad_h
 
 
 @triton.jit
+def _fixup_channel(gblk, k, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA: tl.constexpr,
+                   HAS_BETA: tl.constexpr):
+    """Local input channel ``k`` of group block ``gblk`` in the packed fix-ups (:func:`_packed_fixup`,
+    :func:`_packed_fixup_s2`): ``(ci, c_ok, its group g, its index in the group, mean, invstd,
+    scale, shift)``, the BN scalars in float32 (channel 0's where ``ci`` is past ``C``)."""
+    ci = gblk * KR + k
+    c_ok = ci < C
+    g = k // CIN_G
+    ci_loc = k - g * CIN_G
+    c_m = tl.where(c_ok, ci, 0)
+    mean = tl.load(mean_ptr + c_m).to(tl.float32)
+    invstd = tl.load(invstd_ptr + c_m).to(tl.float32)
+    scale = invstd
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
+    if HAS_BETA:
+        shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
+    else:
+        shift = -mean * scale
+    return ci, c_ok, g, ci_loc, mean, invstd, scale, shift
+
+
+@triton.jit
+def _fixup_group_taps(acc, g_ptrs, t_ok, w_ptr, w_ci, w_kh, w_kw, c_ok, co0, COUT_G, CO, swo, sgc):
+    """One tap of a packed fix-up: ``acc`` plus, over the group's output channels ``co0 + j``,
+    ``grad_out`` at ``g_ptrs`` (where ``t_ok``) times the scalar weight ``w[co, ci_local, kh, kw]``
+    (at ``w_ptr + co * swo + w_ci + w_kh + w_kw``), float32 FMAs on position vectors."""
+    for j in range(0, COUT_G):
+        co = co0 + j
+        wv = tl.load(w_ptr + co * swo + w_ci + w_kh + w_kw, mask=c_ok & (co < CO), other=0.0).to(tl.float32)
+        gv = tl.load(g_ptrs + co * sgc, mask=t_ok & (co < CO), other=0.0).to(tl.float32)
+        acc += gv * wv
+    return acc
+
+
+@triton.jit
+def _fixup_epilogue(acc, ii, jj, c_ok, H, W, n64, ci, x_ptr, sxn, sxh, sxw, sxc, gz_ptr, szn, szh, szw, szc, scale,
+                    shift, mean, s_dz, s_dzx):
+    """A packed fix-up's epilogue on input channel ``ci`` at rows ``ii``, columns ``jj`` of image
+    ``n64``: ``a = relu(bn(x))`` rounded to ``x``'s dtype, ``grad_z = grad_a`` (``acc``) where
+    ``a > 0`` (or NaN) stored inside the image, and the channel's sums of ``grad_z`` and
+    ``grad_z * (x - mean)`` accumulated."""
+    ok = (ii < H) & (jj < W) & c_ok
+    xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
+    xf = xv.to(tl.float32)
+    a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0).to(xv.dtype)
+    gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
+    tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
+    gzf = gzv.to(tl.float32)
+    s_dz += gzf
+    s_dzx += gzf * (xf - mean)
+    return s_dz, s_dzx
+
+
+@triton.jit
 def _packed_fixup(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                   psum_row, C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, TILES_H, TILES_W, NUM_TILES, sgn, sgc, sgh,
                   sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw, pad_h, pad_w, dil_h, dil_w,
@@ -576,20 +658,8 @@ def _packed_fixup(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mea
     ``C + ci``). Vectors over the positions only, and the tile loop's per-position sums dead
     by then, so this cold path needs fewer registers than the tile loop."""
     for k in range(0, KR):
-        ci = gblk * KR + k
-        c_ok = ci < C
-        g = k // CIN_G
-        ci_loc = k - g * CIN_G
-        c_m = tl.where(c_ok, ci, 0)
-        mean = tl.load(mean_ptr + c_m).to(tl.float32)
-        invstd = tl.load(invstd_ptr + c_m).to(tl.float32)
-        scale = invstd
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
-        if HAS_BETA:
-            shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
-        else:
-            shift = -mean * scale
+        ci, c_ok, g, ci_loc, mean, invstd, scale, shift = _fixup_channel(gblk, k, KR, C, CIN_G, mean_ptr, invstd_ptr,
+                                                                         gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
         s_dz = tl.zeros(oi.shape, dtype=tl.float32)
         s_dzx = tl.zeros(oi.shape, dtype=tl.float32)
         for t in range(split, NUM_TILES, splits):
@@ -605,21 +675,10 @@ def _packed_fixup(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, mea
                 gi = ii + (pad_h - fh * dil_h)
                 gj = jj + (pad_w - fw * dil_w)
                 t_ok = (gi >= 0) & (gi < HO) & (gj >= 0) & (gj < WO) & c_ok
-                for j in range(0, COUT_G):
-                    co = gblk * NR + g * COUT_G + j
-                    wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
-                                 other=0.0).to(tl.float32)
-                    gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO), other=0.0).to(tl.float32)
-                    acc += gv * wv
-            ok = (ii < H) & (jj < W) & c_ok
-            xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
-            xf = xv.to(tl.float32)
-            a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0).to(xv.dtype)
-            gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
-            tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
-            gzf = gzv.to(tl.float32)
-            s_dz += gzf
-            s_dzx += gzf * (xf - mean)
+                acc = _fixup_group_taps(acc, gyb + gi * sgh + gj * sgw, t_ok, w_ptr, ci_loc * swi, fh * swh, fw * sww,
+                                        c_ok, gblk * NR + g * COUT_G, COUT_G, CO, swo, sgc)
+            s_dz, s_dzx = _fixup_epilogue(acc, ii, jj, c_ok, H, W, n64, ci, x_ptr, sxn, sxh, sxw, sxc, gz_ptr, szn, szh,
+                                          szw, szc, scale, shift, mean, s_dz, s_dzx)
         tl.store(psum_row + ci, tl.sum(s_dz, axis=0), mask=c_ok)
         tl.store(psum_row + C + ci, tl.sum(s_dzx, axis=0) * invstd, mask=c_ok)
 
@@ -707,43 +766,11 @@ def bn_relu_conv_bwd_input_packed_s2_kernel(
     splits = tl.num_programs(0)
     gblk = tl.program_id(1)
     act_ty = gz_ptr.dtype.element_ty
-    BM: tl.constexpr = TILE_H * TILE_W
-    kk = tl.arange(0, BLOCK_K)
-    m = tl.arange(0, BM)
-    oi = m // TILE_W
-    oj = m % TILE_W
-    ci, k_ok, scale, shift = channel_block(kk, gblk, KR, C, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, HAS_GAMMA,
-                                           HAS_BETA, EVEN_K, BLOCK_K)
-    gk = kk // CIN_G
-    ci_loc = kk - gk * CIN_G
-    mean = tl.load(mean_ptr + ci, mask=k_ok, other=0.0)
-    x_c = ci * sxc
-    z_c = ci * szc
-    nn = tl.arange(0, BLOCK_N)
-    co = gblk * NR + nn
-    if EVEN_N:
-        n_ok = tl.full([BLOCK_N], 1, tl.int1)
-    else:
-        n_ok = (nn < NR) & (co < CO)
-    keep = ((nn // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
-    w_off = (co * swo)[:, None] + (ci_loc * swi)[None, :]
-    wt = ()
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            wt = wt + (tl.load(w_ptr + w_off + (kh * swh + kw * sww), mask=keep, other=0.0),)
-    if MMA_EPI:  # the epilogue in the MMA's layout (:func:`mma_columns`)
-        a_like = tl.zeros([BM, BLOCK_N], dtype=go_ptr.dtype.element_ty)
-        scale = mma_columns(scale, a_like, wt[0], DOT_F32)
-        shift = mma_columns(shift, a_like, wt[0], DOT_F32)
-        mean = mma_columns(mean, a_like, wt[0], DOT_F32)
-    g_c = co * sgc
-    SUM_PAIRS: tl.constexpr = PAIRS and BM % 16 == 0
-    if SUM_PAIRS:
-        sdz = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
-        sdzx = tl.zeros([BM // 16, 8, BLOCK_K], dtype=tl.float32)
-    else:
-        sdz = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
-        sdzx = tl.zeros([BM, BLOCK_K], dtype=tl.float32)
+    SUM_PAIRS: tl.constexpr = PAIRS and (TILE_H * TILE_W) % 16 == 0
+    oi, oj, ci, k_ok, scale, shift, mean, x_c, z_c, n_ok, g_c, wt, sdz, sdzx = _packed_prologue(
+        gblk, go_ptr, w_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, C, CO, CIN_G, COUT_G, KR, NR, sgc, swo, swi,
+        swh, sww, sxc, szc, KH, KW, HAS_GAMMA, HAS_BETA, DOT_F32, EVEN_K, EVEN_N, TILE_H, TILE_W, BLOCK_N, BLOCK_K,
+        MMA_EPI, SUM_PAIRS)
     for QH in tl.static_range(SH):
         for QW in tl.static_range(SW):
             # the class's input residue (odd dilation: one per tap residue; SH is 1 or 2, so
@@ -776,13 +803,7 @@ def bn_relu_conv_bwd_input_packed_s2_kernel(
                          NUM_TILES, sgn, sgc, sgh, sgw, swo, swi, swh, sww, sxn, sxc, sxh, sxw, szn, szc, szh, szw,
                          pad_h, pad_w, dil_h, dil_w, HAS_GAMMA, HAS_BETA, KH, KW, SH, SW, TILE_H, TILE_W)
     else:
-        invstd = tl.load(invstd_ptr + ci, mask=k_ok, other=0.0)
-        if SUM_PAIRS:
-            tl.store(psum_ptr + row + ci, tl.sum(tl.sum(sdz, axis=0), axis=0), mask=k_ok)
-            tl.store(psum_ptr + row + C + ci, tl.sum(tl.sum(sdzx, axis=0), axis=0) * invstd, mask=k_ok)
-        else:
-            tl.store(psum_ptr + row + ci, tl.sum(sdz, axis=0), mask=k_ok)
-            tl.store(psum_ptr + row + C + ci, tl.sum(sdzx, axis=0) * invstd, mask=k_ok)
+        _packed_sums_store(psum_ptr, row, C, ci, k_ok, invstd_ptr, sdz, sdzx, SUM_PAIRS)
 
 
 @triton.jit
@@ -842,20 +863,8 @@ def _packed_fixup_s2(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, 
     a multiple of the stride), ``grad_z`` stored again and the channel's two sums stored at
     ``psum_row``. Cold (0 trips in the static model), register-light."""
     for k in range(0, KR):
-        ci = gblk * KR + k
-        c_ok = ci < C
-        g = k // CIN_G
-        ci_loc = k - g * CIN_G
-        c_m = tl.where(c_ok, ci, 0)
-        mean = tl.load(mean_ptr + c_m).to(tl.float32)
-        invstd = tl.load(invstd_ptr + c_m).to(tl.float32)
-        scale = invstd
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + c_m).to(tl.float32)
-        if HAS_BETA:
-            shift = tl.load(beta_ptr + c_m).to(tl.float32) - mean * scale
-        else:
-            shift = -mean * scale
+        ci, c_ok, g, ci_loc, mean, invstd, scale, shift = _fixup_channel(gblk, k, KR, C, CIN_G, mean_ptr, invstd_ptr,
+                                                                         gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
         s_dz = tl.zeros(oi.shape, dtype=tl.float32)
         s_dzx = tl.zeros(oi.shape, dtype=tl.float32)
         for q in range(0, SH * SW):
@@ -879,23 +888,10 @@ def _packed_fixup_s2(split, splits, gblk, oi, oj, go_ptr, w_ptr, x_ptr, gz_ptr, 
                     gi = nh // SH
                     gj = nw // SW
                     t_ok = t_ok & (gi < HO) & (gj < WO)
-                    for j in range(0, COUT_G):
-                        co = gblk * NR + g * COUT_G + j
-                        wv = tl.load(w_ptr + co * swo + ci_loc * swi + fh * swh + fw * sww, mask=c_ok & (co < CO),
-                                     other=0.0).to(tl.float32)
-                        gv = tl.load(gyb + gi * sgh + gj * sgw + co * sgc, mask=t_ok & (co < CO),
-                                     other=0.0).to(tl.float32)
-                        acc += gv * wv
-                ok = (ii < H) & (jj < W) & c_ok
-                xv = tl.load(x_ptr + n64 * sxn + ii * sxh + jj * sxw + ci * sxc, mask=ok, other=0.0)
-                xf = xv.to(tl.float32)
-                a = tl.where(ok, tl.maximum(xf * scale + shift, 0.0, propagate_nan=tl.PropagateNan.ALL),
-                             0.0).to(xv.dtype)
-                gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(xv.dtype)
-                tl.store(gz_ptr + n64 * szn + ii * szh + jj * szw + ci * szc, gzv, mask=ok)
-                gzf = gzv.to(tl.float32)
-                s_dz += gzf
-                s_dzx += gzf * (xf - mean)
+                    acc = _fixup_group_taps(acc, gyb + gi * sgh + gj * sgw, t_ok, w_ptr, ci_loc * swi, fh * swh,
+                                            fw * sww, c_ok, gblk * NR + g * COUT_G, COUT_G, CO, swo, sgc)
+                s_dz, s_dzx = _fixup_epilogue(acc, ii, jj, c_ok, H, W, n64, ci, x_ptr, sxn, sxh, sxw, sxc, gz_ptr, szn,
+                                              szh, szw, szc, scale, shift, mean, s_dz, s_dzx)
         tl.store(psum_row + ci, tl.sum(s_dz, axis=0), mask=c_ok)
         tl.store(psum_row + C + ci, tl.sum(s_dzx, axis=0) * invstd, mask=c_ok)
 
