@@ -807,7 +807,7 @@ _BWD_WEIGHT_CONFIGS = [
 # (``FILL``; PREDICTED at 56 x 56: 124.3 -> 68.4 us, where the WIDE_K config's 196 registers
 # hold one 8-warp program per SM).
 _BWD_WEIGHT_FILL_CONFIGS = [
-    _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1),
+    _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1, NOCAP=1),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The merged launch (both conv gradients, ``DO_GA`` + ``DO_GW``) of a 1x1 conv where the planner
@@ -1038,7 +1038,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
             num_tiles = n * stride[0] * stride[1] * tiles_h * tiles_w
             cap = num_tiles
-            if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
+            if do_gw and not cfg.get("NOCAP"):  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
             splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw, fill=blk.gp > 1 or bool(cfg.get("FILL")))
             if do_gw and not do_ga and cfg.get("WIDE_K"):
@@ -1377,10 +1377,10 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
-    fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
     n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
+        fin_c, fin_s = _finalize_tile(state["splits_w"], state["splits_s"], n_gw)
         nb_gw, nb_gb, nb_c = _cdiv(n_gw, fin_c), _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
         partials = 4 * (state["pgw"].numel() + (state["pgb"].numel() if bias_grad else 0) + state["psum"].numel())
         return Bound((nb_gw + nb_gb + 2 * nb_c,),
@@ -1400,6 +1400,32 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     launches.append(KernelLaunch("conv_bwd_finalize", bn_relu_conv_bwd.bn_relu_conv_bwd_finalize_kernel, [fixed],
                                  fixed, bind_finalize, hbm_bytes=4 * (n_gw + n_gb + 2 * c) * 2))
     return result, launches
+
+
+#: The gradient finalize's ``(BLOCK_C, BLOCK_S)`` (columns x partial rows per step) by the
+#: weight-gradient launch's split count: more splits, narrower columns (more programs, fewer
+#: trips each). ``None``: the fixed 512 x 4 tile of before.
+FIN_TILES = None
+
+
+def _finalize_tile(splits_w: int, splits_s: int, n_gw: int) -> Tuple[int, int]:
+    """``(BLOCK_C, BLOCK_S)`` of the gradient finalize: 2048 partials per step, as many rows
+    per step as the larger split count needs (4 to 64), so that each program's fixed-order sum
+    takes few trips, unless that needs more programs than one wave of the SMs holds (about 12
+    of its 4-warp programs per SM): then columns as wide as one wave needs, at most 512.
+    PREDICTED (static model): DenseNet-121's 3x3 finalize at 56 x 56, 66 weight-gradient
+    splits, 8.5 -> 3.4 us (512 x 4: 17 trips per program; 32 x 64: 2)."""
+    if _interpret():
+        return 16, 8
+    if FIN_TILES is not None:
+        return FIN_TILES
+    rows = min(64, max(4, _pow2(max(splits_w, splits_s))))
+    cols = max(2048 // rows, _pow2(_cdiv(n_gw, _FIN_ONE_WAVE)))
+    return (512, 4) if cols >= 512 else (cols, 2048 // cols)
+
+
+#: Programs of the gradient finalize that one wave of the model's 132 SMs holds (12 per SM).
+_FIN_ONE_WAVE = 12 * MODEL_SMS
 
 
 def _digits(step: int, radices: Sequence[int]) -> Tuple[int, ...]:
