@@ -414,6 +414,11 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     elif x.stride(1) == 1:  # channels innermost: a wide channel tile per position
         block_c = min(64, _pow2(c))
         block_p = max(32, 4096 // block_c)
+        # few positions (DenseNet-121's 7 x 7 block): shorter position tiles, so that the pass
+        # has as many programs as it targets and each a shorter path (PREDICTED at
+        # densenet121_3x3_b4: 98 programs of 64 x 64 -> 392 of 16 x 64, 4.65 -> 3.33 us)
+        while block_p > 16 and _cdiv(c, block_c) * _cdiv(p, block_p // 2) <= _target_programs(x):
+            block_p //= 2
     else:  # positions innermost (NCHW): long position runs of a few channels
         block_c, block_p = min(4, _pow2(c)), 512
     c_tiles = _cdiv(c, block_c)
@@ -503,6 +508,10 @@ _FWD_CONFIGS = [
     # kernel's count); spill-free with triton 3.8 and 3.6 (docs/notes/triton_kernels.md,
     # fifteenth session: ResNeXt-50 stage 1 77.6 -> 65.5 us predicted, 103.7 -> 65.3 with 3.6)
     _cfg(4, 1, 8, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=64, FIXUP_FMA=1),
+    # narrow outputs on small images (DenseNet-121's 128 -> 32 3x3 conv at 7 x 7, one tile per
+    # image): two 64-channel input chunks instead of four 32-channel ones, half the load rounds
+    # (PREDICTED: 15.0 -> 12.3 us, 112 registers, spill-free)
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64, STACK=1),
 ]
 # Extra candidates of the forward with the statistics epilogue (``bn_relu_conv2d_stats``, the
 # producer of a chained pair), whose register accumulators take the 4-warp 8 x 8 tile to about
@@ -1402,23 +1411,27 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     return result, launches
 
 
-#: The gradient finalize's ``(BLOCK_C, BLOCK_S)`` (columns x partial rows per step) by the
-#: weight-gradient launch's split count: more splits, narrower columns (more programs, fewer
-#: trips each). ``None``: the fixed 512 x 4 tile of before.
+#: The gradient finalize's ``(BLOCK_C, BLOCK_S)`` for every launch, interpreter included (tests;
+#: ``(512, 4)``: the fixed tile of before); ``None``: :func:`_finalize_tile`'s choice.
 FIN_TILES = None
 
 
 def _finalize_tile(splits_w: int, splits_s: int, n_gw: int) -> Tuple[int, int]:
-    """``(BLOCK_C, BLOCK_S)`` of the gradient finalize: 2048 partials per step, as many rows
-    per step as the larger split count needs (4 to 64), so that each program's fixed-order sum
-    takes few trips, unless that needs more programs than one wave of the SMs holds (about 12
-    of its 4-warp programs per SM): then columns as wide as one wave needs, at most 512.
-    PREDICTED (static model): DenseNet-121's 3x3 finalize at 56 x 56, 66 weight-gradient
-    splits, 8.5 -> 3.4 us (512 x 4: 17 trips per program; 32 x 64: 2)."""
-    if _interpret():
-        return 16, 8
+    """``(BLOCK_C, BLOCK_S)`` of the gradient finalize. With more than 12 weight-gradient
+    splits: 2048 partials per step, as many rows per step as the larger split count needs (up
+    to 64), so that each program's fixed-order sum takes few trips, unless that needs more
+    programs than one wave of the SMs holds (about 12 of its 4-warp programs per SM): then
+    columns as wide as one wave needs, and at 512 the old 512 x 4 tile. With 12 or fewer, 512 x 4
+    (one to three trips; the narrower tiles' cross-thread sums cost more there). PREDICTED
+    (static model, every shape's configs: never slower): DenseNet-121's 3x3 finalize at 56 x 56,
+    66 weight-gradient splits, 8.5 -> 3.4 us (512 x 4: 17 trips per program; 32 x 64: 2);
+    ResNeXt-50 stage 1 at 81 splits 11.3 -> 3.4 us."""
     if FIN_TILES is not None:
         return FIN_TILES
+    if _interpret():
+        return 16, 8
+    if splits_w <= 12:  # at most 3 trips of 512 x 4: that tile is as fast or faster (its sum stays in-thread)
+        return 512, 4
     rows = min(64, max(4, _pow2(max(splits_w, splits_s))))
     cols = max(2048 // rows, _pow2(_cdiv(n_gw, _FIN_ONE_WAVE)))
     return (512, 4) if cols >= 512 else (cols, 2048 // cols)
