@@ -814,7 +814,11 @@ _BWD_WEIGHT_CONFIGS = [
 # convs), 16 warps on a 16 output x 64 input channel block capped at 64 registers: 2 programs
 # (32 warps) per SM, spill-free with triton 3.8 and 3.6, the split count filling both slots
 # (``FILL``; PREDICTED at 56 x 56: 124.3 -> 68.4 us, where the WIDE_K config's 196 registers
-# hold one 8-warp program per SM).
+# hold one 8-warp program per SM). ``NOCAP``: its split count is not capped by the partials'
+# bytes (about the bytes the launch reads), so small images fill the SMs too: at DenseNet-121's
+# 14 x 14 and 7 x 7 the cap left 104 and 24 programs of 10 and 11 tiles (PREDICTED, weight
+# gradient + finalize: 14 x 14 21.2 -> 11.6 us, 7 x 7 17.5 -> 7.2; its more float32 partials
+# are priced, and the finalize sums them 64 rows at a time, :func:`_finalize_tile`).
 _BWD_WEIGHT_FILL_CONFIGS = [
     _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1, NOCAP=1),
 ]
