@@ -446,6 +446,13 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     return (mean, var), [partial, finalize_launch]
 
 
+#: The statistics finalize's ``(BLOCK_S, BLOCK_C)`` for every launch, interpreter included
+#: (tests); ``None``: the planner's choice.
+STATS_FIN_TILE = None
+#: ``False``: the statistics finalize's tiles before the one-channel 512-split tile.
+STATS_FIN_ONE_CHANNEL = True
+
+
 def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps: float, out_invstd: bool, c: int,
                      splits: int, count: int, invstd: Optional[Tensor] = None) -> "KernelLaunch":
     """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
@@ -455,7 +462,17 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
     # single-SM latency chain), long split steps take few trips (static model, predicted:
     # 256 x 4 is 0.36-0.42 us for 128-512 channels and over 64 splits, where 64 x 16 was
     # 0.41-0.61 us; at 64 splits or fewer 64 x 16 stays, 0.34 us)
-    merge_s, merge_c = (4, 16) if _interpret() else ((32, 32) if c > 512 else (64, 16) if splits <= 64 else (256, 4))
+    # Since 2026-11-30 (the calibrated model): one channel per program, up to 512 splits per
+    # step (PREDICTED: 4.06-4.92 -> 2.30 us at DenseNet-121's 3x3 convs, 128 channels; a
+    # warp's path 624-739 -> 336 instructions: no cross-thread sum over channels' columns)
+    if STATS_FIN_TILE is not None:
+        merge_s, merge_c = STATS_FIN_TILE
+    elif _interpret():
+        merge_s, merge_c = 4, 16
+    elif splits <= 512 and STATS_FIN_ONE_CHANNEL:
+        merge_s, merge_c = 512, 1
+    else:
+        merge_s, merge_c = (32, 32) if c > 512 else (64, 16) if splits <= 64 else (256, 4)
     fixed = _cfg(4, 1)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
