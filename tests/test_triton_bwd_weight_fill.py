@@ -169,3 +169,37 @@ def test_fill_configs_nan_reaches_eagers_entries(which, where, weight_config):
         assert torch.isnan(gw[:, 5]).all() and not torch.isnan(gw[:, :5]).any()
     else:
         assert torch.isnan(gw[10]).all() and not torch.isnan(gw[:10]).any()
+
+
+@pytest.mark.parametrize("tiles", [(32, 64), (64, 32), (128, 16)], ids=str)
+def test_gradient_finalize_tiles(tiles, monkeypatch):
+    """The gradient finalize's tile follows the split count (``triton_ops._finalize_tile``: up to
+    64 partial rows per step, narrower columns): more rows per step than the launch has splits
+    (masked rows), a last column block only partly used, each sum in its fixed order."""
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "0")
+    monkeypatch.setattr(triton_ops, "FIN_TILES", tiles)
+    _check(_args((2, 40, 24, 1, (7, 9), (3, 3), (1, 1), (1, 1)), seed=31), torch.float32, f"tiles={tiles}")
+
+
+def test_small_images_plan_more_programs(monkeypatch):
+    """The plan on the model's machine (meta tensors: 132 SMs, no compile): at DenseNet-121's
+    7 x 7 3x3 conv the statistics pass takes 16-position tiles (392 programs, not 98), the
+    16-warp weight-gradient config fills both resident slots of every SM (no cap on its split
+    count from the partials' bytes: 256 programs, not 24) and the gradient finalize sums its 64
+    splits 64 rows at a time; at 14 x 14 the statistics pass keeps its 64-position tiles."""
+    from resfast.profiling.sm90 import SHAPES
+    from resfast.profiling.static_model import training_plan
+
+    monkeypatch.setattr(triton_ops, "_interpret", lambda: False)  # the GPU's plan, not the interpreter's
+    plan = training_plan(SHAPES["densenet121_3x3_b4"])
+    stats = plan["fwd"][0].bind(plan["fwd"][0].configs[0])
+    assert stats.constexprs["BLOCK_P"] == 16 and stats.grid == (2, 196)
+    gi, gw, fin = plan["bwd"][0], plan["bwd"][1], plan["bwd"][2]
+    assert (gi.name, gw.name, fin.name) == ("conv_bwd_input", "conv_bwd_weight", "conv_bwd_finalize")
+    gi.bind(gi.configs[0])
+    fill = [cfg for cfg in gw.configs if cfg.get("NOCAP")]
+    assert fill and gw.bind(fill[0]).derived["programs"] == 256
+    bound = fin.bind(fin.configs[0])
+    assert (bound.constexprs["BLOCK_C"], bound.constexprs["BLOCK_S"]) == (32, 64)
+    plan = training_plan(SHAPES["densenet121_3x3_b3"])
+    assert plan["fwd"][0].bind(plan["fwd"][0].configs[0]).constexprs["BLOCK_P"] == 64

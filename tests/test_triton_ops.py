@@ -116,6 +116,24 @@ def test_bn_stats_against_eager(dtype, layout):
     _rule("bn_stats", got, reference.bn_stats, (x,), dtype, f"layout={layout}")
 
 
+@pytest.mark.parametrize("tile", [(512, 1), (2, 1), (4, 16)], ids=str)
+def test_bn_stats_finalize_tiles(tile, monkeypatch):
+    """The statistics finalize with the one-channel tile the planner takes on the GPU for up to
+    512 splits (``(BLOCK_S, BLOCK_C) = (512, 1)``; under the interpreter forced by
+    ``STATS_FIN_TILE``), a one-channel tile walking its 4 splits in two trips, and the
+    interpreter's own; the running statistics updated too."""
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "0")
+    monkeypatch.setattr(triton_ops, "STATS_FIN_TILE", tile)
+    x = _x((2, 10, 7, 7), "cl", torch.float32) + 100.0
+    _rule("bn_stats", OPS.bn_stats(x), reference.bn_stats, (x,), torch.float32, f"tile={tile}")
+    rm, rv = torch.zeros(10, device=DEVICE), torch.ones(10, device=DEVICE)
+    mean, invstd = OPS.bn_stats_update(x, rm, rv, 0.1, 1e-5)
+    m64, v64 = reference.bn_stats(x.double())
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(invstd.double(), 1.0 / torch.sqrt(v64 + 1e-5), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rm.double(), 0.1 * m64, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "prefix_cl"])
 def test_forward_against_eager(case, layout):

@@ -414,6 +414,11 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     elif x.stride(1) == 1:  # channels innermost: a wide channel tile per position
         block_c = min(64, _pow2(c))
         block_p = max(32, 4096 // block_c)
+        # few positions (DenseNet-121's 7 x 7 block): shorter position tiles, so that the pass
+        # has as many programs as it targets and each a shorter path (PREDICTED at
+        # densenet121_3x3_b4: 98 programs of 64 x 64 -> 392 of 16 x 64, 4.65 -> 3.33 us)
+        while block_p > 16 and _cdiv(c, block_c) * _cdiv(p, block_p // 2) <= _target_programs(x):
+            block_p //= 2
     else:  # positions innermost (NCHW): long position runs of a few channels
         block_c, block_p = min(4, _pow2(c)), 512
     c_tiles = _cdiv(c, block_c)
@@ -441,6 +446,13 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
     return (mean, var), [partial, finalize_launch]
 
 
+#: The statistics finalize's ``(BLOCK_S, BLOCK_C)`` for every launch, interpreter included
+#: (tests); ``None``: the planner's choice.
+STATS_FIN_TILE = None
+#: ``False``: the statistics finalize's tiles before the one-channel 512-split tile.
+STATS_FIN_ONE_CHANNEL = True
+
+
 def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps: float, out_invstd: bool, c: int,
                      splits: int, count: int, invstd: Optional[Tensor] = None) -> "KernelLaunch":
     """The statistics finalize: merge ``[splits, c]`` partials into ``mean`` and ``var`` (or the
@@ -450,7 +462,17 @@ def _finalize_launch(pcount, pmean, pm2, mean, var, rm, rv, momentum: float, eps
     # single-SM latency chain), long split steps take few trips (static model, predicted:
     # 256 x 4 is 0.36-0.42 us for 128-512 channels and over 64 splits, where 64 x 16 was
     # 0.41-0.61 us; at 64 splits or fewer 64 x 16 stays, 0.34 us)
-    merge_s, merge_c = (4, 16) if _interpret() else ((32, 32) if c > 512 else (64, 16) if splits <= 64 else (256, 4))
+    # Since 2026-11-30 (the calibrated model): one channel per program, up to 512 splits per
+    # step (PREDICTED: 4.06-4.92 -> 2.30 us at DenseNet-121's 3x3 convs, 128 channels; a
+    # warp's path 624-739 -> 336 instructions: no cross-thread sum over channels' columns)
+    if STATS_FIN_TILE is not None:
+        merge_s, merge_c = STATS_FIN_TILE
+    elif _interpret():
+        merge_s, merge_c = 4, 16
+    elif splits <= 512 and STATS_FIN_ONE_CHANNEL:
+        merge_s, merge_c = 512, 1
+    else:
+        merge_s, merge_c = (32, 32) if c > 512 else (64, 16) if splits <= 64 else (256, 4)
     fixed = _cfg(4, 1)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
@@ -509,6 +531,10 @@ _FWD_CONFIGS = [
     # with 3.6). docs/notes/triton_kernels.md, 2026-11-30: PREDICTED ResNeXt-50 stage 2 44.7 ->
     # 39.5 us, stage 3 22.1 -> 20.8
     _cfg(4, 1, 8, TILE_H=4, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1, MAXNREG=64, FIXUP_FMA=1, STRIP=1),
+    # narrow outputs on small images (DenseNet-121's 128 -> 32 3x3 conv at 7 x 7, one tile per
+    # image): two 64-channel input chunks instead of four 32-channel ones, half the load rounds
+    # (PREDICTED: 15.0 -> 12.3 us, 112 registers, spill-free)
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64, STACK=1),
 ]
 # Extra candidates of the forward with the statistics epilogue (``bn_relu_conv2d_stats``, the
 # producer of a chained pair), whose register accumulators take the 4-warp 8 x 8 tile to about
@@ -813,9 +839,13 @@ _BWD_WEIGHT_CONFIGS = [
 # convs), 16 warps on a 16 output x 64 input channel block capped at 64 registers: 2 programs
 # (32 warps) per SM, spill-free with triton 3.8 and 3.6, the split count filling both slots
 # (``FILL``; PREDICTED at 56 x 56: 124.3 -> 68.4 us, where the WIDE_K config's 196 registers
-# hold one 8-warp program per SM).
+# hold one 8-warp program per SM). ``NOCAP``: its split count is not capped by the partials'
+# bytes (about the bytes the launch reads), so small images fill the SMs too: at DenseNet-121's
+# 14 x 14 and 7 x 7 the cap left 104 and 24 programs of 10 and 11 tiles (PREDICTED, weight
+# gradient + finalize: 14 x 14 21.2 -> 11.6 us, 7 x 7 17.5 -> 7.2; its more float32 partials
+# are priced, and the finalize sums them 64 rows at a time, :func:`_finalize_tile`).
 _BWD_WEIGHT_FILL_CONFIGS = [
-    _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1),
+    _cfg(16, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=16, BLOCK_K=64, MAXNREG=64, FILL=1, NOCAP=1),
 ]
 _BWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
 # The merged launch (both conv gradients, ``DO_GA`` + ``DO_GW``) of a 1x1 conv where the planner
@@ -1046,7 +1076,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             tiles_h, tiles_w = _cdiv(hc, th), _cdiv(wc, tw)
             num_tiles = n * stride[0] * stride[1] * tiles_h * tiles_w
             cap = num_tiles
-            if do_gw:  # float32 weight-gradient partials at most about as large as the tensors read
+            if do_gw and not cfg.get("NOCAP"):  # float32 weight-gradient partials at most about as large as the tensors read
                 cap = max(1, min(cap, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
             splits = _balanced_splits(num_tiles, ncb, x, cfg, cap, partials=do_gw, fill=blk.gp > 1 or bool(cfg.get("FILL")))
             if do_gw and not do_ga and cfg.get("WIDE_K"):
@@ -1385,10 +1415,10 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      _prune_tiles(gw_cfgs, hc, wc, fit=True), _BWD_INTERP,
                                      binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
-    fin_c, fin_s = (16, 8) if _interpret() else (512, 4)
     n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
+        fin_c, fin_s = _finalize_tile(state["splits_w"], state["splits_s"], n_gw)
         nb_gw, nb_gb, nb_c = _cdiv(n_gw, fin_c), _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
         partials = 4 * (state["pgw"].numel() + (state["pgb"].numel() if bias_grad else 0) + state["psum"].numel())
         return Bound((nb_gw + nb_gb + 2 * nb_c,),
@@ -1408,6 +1438,36 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     launches.append(KernelLaunch("conv_bwd_finalize", bn_relu_conv_bwd.bn_relu_conv_bwd_finalize_kernel, [fixed],
                                  fixed, bind_finalize, hbm_bytes=4 * (n_gw + n_gb + 2 * c) * 2))
     return result, launches
+
+
+#: The gradient finalize's ``(BLOCK_C, BLOCK_S)`` for every launch, interpreter included (tests;
+#: ``(512, 4)``: the fixed tile of before); ``None``: :func:`_finalize_tile`'s choice.
+FIN_TILES = None
+
+
+def _finalize_tile(splits_w: int, splits_s: int, n_gw: int) -> Tuple[int, int]:
+    """``(BLOCK_C, BLOCK_S)`` of the gradient finalize. With more than 12 weight-gradient
+    splits: 2048 partials per step, as many rows per step as the larger split count needs (up
+    to 64), so that each program's fixed-order sum takes few trips, unless that needs more
+    programs than one wave of the SMs holds (about 12 of its 4-warp programs per SM): then
+    columns as wide as one wave needs, and at 512 the old 512 x 4 tile. With 12 or fewer, 512 x 4
+    (one to three trips; the narrower tiles' cross-thread sums cost more there). PREDICTED
+    (static model, every shape's configs: never slower): DenseNet-121's 3x3 finalize at 56 x 56,
+    66 weight-gradient splits, 8.5 -> 3.4 us (512 x 4: 17 trips per program; 32 x 64: 2);
+    ResNeXt-50 stage 1 at 81 splits 11.3 -> 3.4 us."""
+    if FIN_TILES is not None:
+        return FIN_TILES
+    if _interpret():
+        return 16, 8
+    if splits_w <= 12:  # at most 3 trips of 512 x 4: that tile is as fast or faster (its sum stays in-thread)
+        return 512, 4
+    rows = min(64, max(4, _pow2(max(splits_w, splits_s))))
+    cols = max(2048 // rows, _pow2(_cdiv(n_gw, _FIN_ONE_WAVE)))
+    return (512, 4) if cols >= 512 else (cols, 2048 // cols)
+
+
+#: Programs of the gradient finalize that one wave of the model's 132 SMs holds (12 per SM).
+_FIN_ONE_WAVE = 12 * MODEL_SMS
 
 
 def _digits(step: int, radices: Sequence[int]) -> Tuple[int, ...]:
