@@ -65,7 +65,7 @@ from resfast.nn.blocks import (BasicBlock, Bottleneck, PreActBottleneck, ResNeXt
                                WideBasic)
 from resfast.nn.dense import MEMORY_MODES, DenseBlock, DenseLayer, Transition
 from resfast.nn.fused import BNReLUConv2d, bn_relu_conv, conv_pair, conv_padding
-from resfast.nn.unfused import global_hooks, refuse_script
+from resfast.nn.unfused import global_hooks, overridden, refuse_script
 from resfast.ops.dense_block import RECOMPUTE_MODES
 
 __all__ = ["convert", "ConversionReport", "ConversionEntry"]
@@ -1153,12 +1153,13 @@ def _fx_tracing() -> bool:
 
 
 def _bypassed_hooks(module: nn.Module, names: Sequence[str]) -> bool:
-    """Whether hooks would be bypassed by the fused calls: on the modules ``names``, or a global
-    module hook that may change outputs (any but PyTorch's own observing tools', as the blocks
-    decide: :func:`resfast.nn.unfused.global_hooks`)."""
+    """Whether hooks would be bypassed by the fused calls: on the modules ``names`` (or a forward
+    set on one of them, :func:`resfast.nn.unfused.overridden`), or a global module hook that may
+    change outputs (any but PyTorch's own observing tools', as the blocks decide:
+    :func:`resfast.nn.unfused.global_hooks`)."""
     if global_hooks():
         return True
-    return any(_has_hooks(module.get_submodule(n)) for n in names)
+    return any(_has_hooks(m) or overridden(m) for m in map(module.get_submodule, names))
 
 
 @dataclass

@@ -30,8 +30,8 @@ from resfast.models.registry import register_model
 from resfast.nn.dense import DenseBlock, DenseMemoryOwner, Transition
 from resfast.nn.unfused import refuse_script
 from resfast.nn.batchnorm import bn_call, sync_group
-from resfast.nn.fused import conv_pair, conv_padding
-from resfast.nn.unfused import hooked_submodules, is_tracing, replaced_submodules
+from resfast.nn.fused import conv_pair, conv_padding, parameters_once
+from resfast.nn.unfused import hooked_submodules, is_tracing, overridden, replaced_submodules
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import update_running_stats
 from resfast.ops.validation import check_running_stats_no_grad
@@ -130,10 +130,11 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
             raise ValueError(f"x must be an N x {self.in_chans} x H x W tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         f = self.features
-        if type(f) is not nn.Sequential or hooked_submodules([("features", f)]):
-            # hooks on ``features`` (a forward hook that reads or changes the features) or a class
-            # of its own (fully_shard(model.features), FSDP's wrapper): called as a module, as
-            # torchvision's DenseNet calls it (its children one by one skipped both, trial 21)
+        if type(f) is not nn.Sequential or hooked_submodules([("features", f)]) or overridden(f):
+            # hooks on ``features`` (a forward hook that reads or changes the features), a class
+            # of its own (fully_shard(model.features), FSDP's wrapper) or a forward set on it:
+            # called as a module, as torchvision's DenseNet calls it (its children one by one
+            # skipped them, trials 21 and 27)
             return f(x)
         x = self._stem(x)
         for i in range(1, self.num_blocks + 1):
@@ -160,6 +161,10 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
         f = self.features
         if self.stem == "cifar":
             return f.conv0(x)
+        with parameters_once(f.conv0, f.norm0):  # (read for the decision and for the call: computed once)
+            return self._imagenet_stem(f, x)
+
+    def _imagenet_stem(self, f: nn.Module, x: Tensor) -> Tensor:
         stem = [("conv0", f.conv0), ("norm0", f.norm0), ("relu0", f.relu0), ("pool0", f.pool0)]
         recompute = (not is_tracing() and self.memory == "shared" and torch.is_grad_enabled()
                      and f.conv0.weight.requires_grad and sync_group(f.norm0) is None

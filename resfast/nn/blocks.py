@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import check_backend_name, resolve_backend
-from resfast.nn.fused import bn_relu_conv
+from resfast.nn.fused import bn_relu_conv, parameters_once
 from resfast.nn.unfused import is_tracing, original_forward, refuse_script, run_unfused
 
 __all__ = [
@@ -332,8 +332,9 @@ class WideBasic(nn.Module):
             shortcut = x if self.shortcut is None else self.shortcut(a)
             out = self.conv2(F.dropout(torch.relu(self.bn2(out)), self.dropout, training=self.training))
             return out + shortcut
-        out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
-        shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
+        with parameters_once(self.bn1, self.conv1, self.shortcut):  # (the modules' order; bn1 read twice here)
+            out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
+            shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
         if self.dropout > 0 and self.training:
             out = self.conv2(F.dropout(torch.relu(self.bn2(out)), self.dropout, training=True))
         else:
@@ -384,8 +385,9 @@ class PreActBottleneck(nn.Module):
             out = self.conv2(torch.relu(self.bn2(out)))
             out = self.conv3(torch.relu(self.bn3(out)))
             return out + shortcut
-        out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
-        shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
+        with parameters_once(self.bn1, self.shortcut, self.conv1):  # (the modules' order; bn1 read twice here)
+            out = bn_relu_conv(self.bn1, self.conv1, x, self.backend)
+            shortcut = x if self.shortcut is None else _preact_shortcut(self.bn1, self.shortcut, x, self.backend)
         out = bn_relu_conv(self.bn2, self.conv2, out, self.backend)
         out = bn_relu_conv(self.bn3, self.conv3, out, self.backend)
         return out + shortcut

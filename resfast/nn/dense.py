@@ -26,9 +26,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.backends import BackendOwner, check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, bn_calls, require_batchnorm
-from resfast.nn.fused import _autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_pair, conv_padding
+from resfast.nn.fused import (_autocast_view, bn_relu_conv, bn_relu_conv_weight, conv_pair, conv_padding,
+                              parameters_once)
 from resfast.nn.unfused import (any_hooks, any_replaced, converted_changed, hooked_submodules, is_tracing,
-                                original_forward, refuse_script, run_unfused, submodules)
+                                original_forward, overridden, refuse_script, run_unfused, submodules)
 from resfast.ops.autograd import forward_ad_or_transform
 from resfast.ops.bn_relu_conv2d import bn_relu_conv2d, sync_batch_stats, update_running_stats
 from resfast.ops.dense_block import RECOMPUTE_MODES, DenseLayerArgs, shared_dense_block
@@ -210,9 +211,15 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
             _refuse_empty_sync(self)
         if self.memory == "shared" and init_features.shape[0] > 0 and not self._hooked() \
                 and not self._transformed(init_features):
-            return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
-                                      recompute=self.recompute)
+            with parameters_once(*self._fused_modules()):
+                return shared_dense_block(init_features, self._layer_args(), backend=self.backend,
+                                          recompute=self.recompute)
         return self._forward_layers(init_features)
+
+    def _fused_modules(self, *tail: nn.Module) -> List[nn.Module]:
+        """The modules whose parameters the shared block reads, in the order the layers run them."""
+        return [getattr(layer, n) for layer in self.values() for n in ("norm1", "conv1", "norm2", "conv2")] \
+            + list(tail)
 
     def _forward_layers(self, init_features: Tensor) -> Tensor:
         # torchvision's _DenseBlock.forward: each layer reads the list of all previous features.
@@ -224,7 +231,8 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
     def _hooked(self) -> bool:
         """Whether hooks on the layers (or their modules) need them called one by one: the shared
         block runs no layer module. Warns once."""
-        if not is_tracing() and not any(any_hooks(layer) or any_replaced(layer) for layer in self.values()):
+        if not is_tracing() and not any(any_hooks(layer) or any_replaced(layer) or overridden(layer)
+                                        for layer in self.values()):
             if any(converted_changed(layer) for layer in self.values()):
                 return True  # each layer runs its original forward (and warns)
             return False
@@ -252,9 +260,11 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
         if self.memory == "shared" and init_features.shape[0] == 0:
             _refuse_empty_sync(self, transition)
         # hooks on the block itself (a forward hook returning a changed output, a full backward
-        # hook, retain_grad of its output): it is called as a module, so that they run
+        # hook, retain_grad of its output) or a forward set on it: it is called as a module, so
+        # that they run
         if self.memory != "shared" or init_features.shape[0] == 0 or self._hooked() \
-                or hooked_submodules([("", self)]) or self._transformed(init_features, transition) \
+                or hooked_submodules([("", self)]) or overridden(self) \
+                or self._transformed(init_features, transition) \
                 or run_unfused(transition, [("transition", transition), ("norm", transition.norm),
                                             ("relu", transition.relu), ("conv", transition.conv)],
                                "the shared block's fused tail") \
@@ -264,11 +274,12 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
             # runs as the transition's own modules on the block's output, as eager PyTorch does
             # (or raises where it raises); the tail ignored a padding set later (wrong numbers).
             return transition(self(init_features))
-        layers, tail_norm = self._layer_args(transition.norm)
-        pool_first = transition.pool_first()
-        out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
-                                 tail=(tail_norm, transition.conv.weight,
-                                       transition.pool_weight if pool_first else None))
+        with parameters_once(*self._fused_modules(transition.norm, transition.conv)):
+            layers, tail_norm = self._layer_args(transition.norm)
+            pool_first = transition.pool_first()
+            out = shared_dense_block(init_features, layers, backend=self.backend, recompute=self.recompute,
+                                     tail=(tail_norm, transition.conv.weight,
+                                           transition.pool_weight if pool_first else None))
         return out if pool_first else transition.pool(out)
 
     def _layer_args(self, tail_norm: Optional[nn.Module] = None):
@@ -387,6 +398,11 @@ def bn_relu_conv_recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[
     ``torch.compile`` traces it without a graph break (torchvision's and timm's checkpointed
     layers update the running statistics twice).
     """
+    with parameters_once(bn, conv):  # (read for the checks and for the call: computed once)
+        return _recomputable(bn, conv, inputs, backend)
+
+
+def _recomputable(bn: nn.BatchNorm2d, conv: nn.Conv2d, inputs: List[Tensor], backend: str) -> Tensor:
     _check_recomputable_call(bn, conv, inputs, backend)
     call = bn_call(bn)
     if call.batch_stats and call.running_mean is not None and call.momentum != 0.0 \

@@ -2,10 +2,13 @@
 place a block turns a ``(BatchNorm2d, Conv2d)`` pair into a call of the functional op."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from resfast.backends import check_backend_name, resolve_backend
 from resfast.nn.batchnorm import bn_call, require_batchnorm
@@ -13,7 +16,7 @@ from resfast.nn.unfused import refuse_script, run_unfused
 from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight", "conv_padding", "conv_pair"]
+__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight", "conv_padding", "conv_pair", "parameters_once"]
 
 
 def bn_relu_conv(
@@ -37,9 +40,10 @@ def bn_relu_conv(
     if padding is None:
         raise ValueError(f"conv padding={conv.padding!r} with kernel {conv_pair(conv.kernel_size)} and dilation "
                          f"{conv_pair(conv.dilation)} pads asymmetrically; the fused op pads the same on both sides")
-    return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
-                               padding=padding, dilation=conv.dilation, groups=conv.groups, out=out,
-                               update=update, input_stats=input_stats, return_stats=return_stats)
+    with parameters_once(bn, conv):
+        return bn_relu_conv_weight(bn, conv.weight, x, backend, bias=conv.bias, stride=conv.stride,
+                                   padding=padding, dilation=conv.dilation, groups=conv.groups, out=out,
+                                   update=update, input_stats=input_stats, return_stats=return_stats)
 
 
 def conv_pair(value) -> Tuple[int, int]:
@@ -66,6 +70,37 @@ def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
     return (total[0] // 2, total[1] // 2)
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def parameters_once(*modules: Optional[nn.Module]):
+    """A context in which each parametrized tensor of ``modules`` (``torch.nn.utils.parametrize``:
+    a weight-noise or DropConnect parametrization, ``orthogonal``, ``weight_norm``) is computed
+    once, on entry, in the order of ``modules`` (weight before bias), however often the fused path
+    reads it: ``parametrize.cached()``; a no-op when none is parametrized. The unfused modules
+    compute each once per forward, in the order they run (a pre-activation block's shortcut
+    shares ``relu(bn1(x))``), while the fused paths read a BatchNorm's weight and bias for the
+    argument checks and again for the call, a second reader again, and a conv's weight before its
+    BatchNorm's: a parametrization drawing random numbers drew them twice and in another order
+    (trial 27: outputs 0.13-4.5 off eager's with the same seed). Not while ``torch.compile``
+    traces (it would break the graph there)."""
+    if not any(m is not None and "parametrizations" in m._modules for m in modules) \
+            or torch.compiler.is_compiling():
+        return _NO_CONTEXT
+    return _computed_once(modules)
+
+
+@contextlib.contextmanager
+def _computed_once(modules):
+    with parametrize.cached():
+        for m in modules:
+            if m is not None and "parametrizations" in m._modules:
+                for name in ("weight", "bias"):
+                    if name in m.parametrizations:
+                        getattr(m, name)  # computed (and cached) now, in the unfused modules' order
+        yield
+
+
 def bn_relu_conv_weight(
     bn: nn.BatchNorm2d, weight: Tensor, x: Tensor, backend: str = "auto", *, bias: Optional[Tensor] = None,
     stride=1, padding=0, dilation=1, groups: int = 1, out: Optional[Tensor] = None, update: bool = True,
@@ -73,6 +108,14 @@ def bn_relu_conv_weight(
 ):
     """:func:`bn_relu_conv` with the conv given as a weight tensor and its arguments (e.g. the
     depthwise 2x2 averaging weight of a pool-first transition)."""
+    with parameters_once(bn):
+        return _bn_relu_conv_weight(bn, weight, x, backend, bias=bias, stride=stride, padding=padding,
+                                    dilation=dilation, groups=groups, out=out, update=update,
+                                    input_stats=input_stats, return_stats=return_stats)
+
+
+def _bn_relu_conv_weight(bn, weight, x, backend, *, bias, stride, padding, dilation, groups, out, update,
+                         input_stats, return_stats):
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
     require_batchnorm(bn)

@@ -15,7 +15,9 @@ situations need the submodules called one by one, as torchvision's blocks call t
   activation that is not ``nn.ReLU``, a BatchNorm subclass with a forward of its own, a pool
   of another kind. The fused op reads only such a module's
   parameters, so it silently computed ``conv(relu(bn(x)))`` with plain ``F.conv2d`` (trial 12);
-  the block now calls the modules, as for hooks, and warns once.
+  the block now calls the modules, as for hooks, and warns once. The same for a module whose
+  ``forward`` (or a conv's ``_conv_forward``) is set on the instance (``conv.forward = ...``, as
+  accelerate's hooks and monkey patches do; trial 27: skipped silently, outputs 1e-6 to 80 off).
 
 Global module hooks (``torch.nn.modules.module.register_module_forward_hook`` and its pre /
 backward kin) installed by PyTorch's own tools (``torch.utils.module_tracker.ModuleTracker``
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 __all__ = ["is_tracing", "global_hooks", "hooked_submodules", "replaced_submodules", "any_replaced", "run_unfused",
-           "submodules", "any_hooks", "converted_changed", "original_forward", "refuse_script"]
+           "submodules", "any_hooks", "converted_changed", "original_forward", "refuse_script", "overridden"]
 
 
 def is_tracing() -> bool:
@@ -183,10 +185,24 @@ def _replaced_class_uncached(role: str, max_pool: bool, cls: type) -> bool:
     return False
 
 
+#: methods whose instance-level override (``conv.forward = ...``, ``conv._conv_forward = ...``:
+#: accelerate-style hooks, a patched module) changes what calling the module computes
+_OVERRIDABLE = ("forward", "_conv_forward")
+
+
+def overridden(m: nn.Module) -> bool:
+    """Whether ``m``'s own ``__dict__`` overrides its class's ``forward`` (or a conv's
+    ``_conv_forward``): calling ``m`` then runs that, which a fused path that only reads ``m``'s
+    parameters (or calls a resfast module's method directly) would skip (trial 27)."""
+    d = m.__dict__
+    return any(k in d for k in _OVERRIDABLE)
+
+
 def _is_replaced(name: str, m: nn.Module, compiling: bool = False) -> bool:
-    """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip."""
+    """Whether ``m``, a block's submodule named ``name``, has a forward the fused path would skip:
+    of its class, or set on the instance (:func:`overridden`)."""
     own = _role(name)
-    return _replaced_class(own.rstrip("0123456789"), own == "pool0", type(m), compiling)
+    return _replaced_class(own.rstrip("0123456789"), own == "pool0", type(m), compiling) or overridden(m)
 
 
 def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
@@ -194,7 +210,8 @@ def replaced_submodules(named: Iterable[Tuple[str, nn.Module]]) -> List[str]:
     whose class overrides ``nn.Conv2d``'s forward, an activation other than ``nn.ReLU``, a
     BatchNorm subclass with a forward of its own, a pool of another kind (see the module docstring)."""
     compiling = torch.compiler.is_compiling()
-    return [f"{n} ({type(m).__name__})" for n, m in named if m is not None and _is_replaced(n, m, compiling)]
+    return [f"{n} ({type(m).__name__}{', its forward set on the instance' if overridden(m) else ''})"
+            for n, m in named if m is not None and _is_replaced(n, m, compiling)]
 
 
 def any_replaced(root: nn.Module) -> bool:
@@ -206,7 +223,7 @@ def any_replaced(root: nn.Module) -> bool:
         for name, m in stack.pop()._modules.items():
             if m is None:
                 continue
-            if _replaced_class(name.rstrip("0123456789"), name == "pool0", type(m), compiling):
+            if _replaced_class(name.rstrip("0123456789"), name == "pool0", type(m), compiling) or overridden(m):
                 return True
             if m._modules:
                 stack.append(m)
