@@ -1050,7 +1050,7 @@ def _class_chunk(qh: tl.constexpr, qw: tl.constexpr, i: tl.constexpr, nc, gblk, 
 @triton.jit
 def bn_relu_conv_bwd_input_kernel(
     go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
-    C, H, W, CO, HO, WO, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES,
+    C, H, W, CO, HO, WO, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES, NB, CIN_G,
     sgn, sgc, sgh, sgw,
     swo, swi, swh, sww,
     sxn, sxc, sxh, sxw,
@@ -1060,6 +1060,7 @@ def bn_relu_conv_bwd_input_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, STAGES: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """``grad_a`` of a group wider than one tile (one group per block, no packing), then the
     epilogue of :func:`bn_relu_conv_bwd_kernel` (``grad_z`` and the BN-gradient partials).
@@ -1095,6 +1096,12 @@ def bn_relu_conv_bwd_input_kernel(
     co0 = gblk * NR
     sdz = tl.zeros([BLOCK_K], dtype=tl.float32)
     sdzx = tl.zeros([BLOCK_K], dtype=tl.float32)
+    if TMA:  # the operands by the copy engine: what lies outside the tensors is zero-filled
+        gy_desc = tl.make_tensor_descriptor(go_ptr, shape=[NB, HO, WO, CO], strides=[sgn, sgh, sgw, 1],
+                                            block_shape=[1, TILE_H, TILE_W, BLOCK_N])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[CO, KH, KW, CIN_G], strides=[swo, swh, sww, 1],
+                                           block_shape=[BLOCK_N, 1, 1, BLOCK_K])
+        k0 = (cb % KSUB) * BLOCK_K
 
     for t in tl.range(split, NUM_TILES, SPLITS, num_stages=1):
         rest, th0, tw0 = tile_origin(t, TILES_H, TILES_W, TILE_H, TILE_W)
@@ -1127,21 +1134,13 @@ def bn_relu_conv_bwd_input_kernel(
             kw = kw0 + i * step_w
             dh = dh0 - j * dstep_h
             dw = dw0 - i * dstep_w
-            gho = ii + dh
-            gwo = jj + dw
-            row_ok = (gho >= 0) & (gho < HO) & (gwo >= 0) & (gwo < WO)
-            n_loc = nc * BLOCK_N + nn
-            co = co0 + n_loc
-            if EVEN_N:
-                g_mask = row_ok[:, None]
-                w_mask = k_ok[None, :]
+            if TMA:
+                gy = gy_desc.load([(rest // stride_h), th0 + dh, tw0 + dw, co0 + nc * BLOCK_N]).reshape(BM, BLOCK_N)
+                wv = w_desc.load([co0 + nc * BLOCK_N, kh, kw, k0]).reshape(BLOCK_N, BLOCK_K)
+                acc = dot_acc(gy, wv, acc, DOT_F32)
             else:
-                n_ok = (n_loc < NR) & (co < CO)
-                g_mask = row_ok[:, None] & n_ok[None, :]
-                w_mask = n_ok[:, None] & k_ok[None, :]
-            gy = tl.load(gyb + (gho * sgh + gwo * sgw)[:, None] + (co * sgc)[None, :], mask=g_mask, other=0.0)
-            wv = tl.load(w_ptr + (co * swo + kh * swh + kw * sww)[:, None] + w_k[None, :], mask=w_mask, other=0.0)
-            acc = dot_acc(gy, wv, acc, DOT_F32)
+                acc = _wide_step(acc, gyb, w_ptr, ii, jj, dh, dw, kh, kw, nc, nn, co0, w_k, k_ok, NR, CO, HO, WO, sgc,
+                                 sgh, sgw, swo, swh, sww, EVEN_N, DOT_F32, BLOCK_N)
             i += 1
             wrap = i == nkw
             i = tl.where(wrap, 0, i)
@@ -1165,6 +1164,28 @@ def bn_relu_conv_bwd_input_kernel(
     row = split.to(tl.int64) * (2 * C)
     tl.store(psum_ptr + row + ci, sdz, mask=k_ok)
     tl.store(psum_ptr + row + C + ci, sdzx, mask=k_ok)
+
+
+@triton.jit
+def _wide_step(acc, gyb, w_ptr, ii, jj, dh, dw, kh, kw, nc, nn, co0, w_k, k_ok, NR, CO, HO, WO, sgc, sgh, sgw, swo, swh,
+               sww, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One step of :func:`bn_relu_conv_bwd_input_kernel`'s loop by masked loads: ``acc +`` the
+    output gradient at the tap's shifted positions times the tap's weights (chunk ``nc``)."""
+    gho = ii + dh
+    gwo = jj + dw
+    row_ok = (gho >= 0) & (gho < HO) & (gwo >= 0) & (gwo < WO)
+    n_loc = nc * BLOCK_N + nn
+    co = co0 + n_loc
+    if EVEN_N:
+        g_mask = row_ok[:, None]
+        w_mask = k_ok[None, :]
+    else:
+        n_ok = (n_loc < NR) & (co < CO)
+        g_mask = row_ok[:, None] & n_ok[None, :]
+        w_mask = n_ok[:, None] & k_ok[None, :]
+    gy = tl.load(gyb + (gho * sgh + gwo * sgw)[:, None] + (co * sgc)[None, :], mask=g_mask, other=0.0)
+    wv = tl.load(w_ptr + (co * swo + kh * swh + kw * sww)[:, None] + w_k[None, :], mask=w_mask, other=0.0)
+    return dot_acc(gy, wv, acc, DOT_F32)
 
 
 @triton.jit

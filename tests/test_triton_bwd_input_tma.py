@@ -1,0 +1,91 @@
+"""The input gradient of wide groups with its operands by TMA tensor descriptors (``TMA``:
+``bn_relu_conv_bwd_input_kernel`` reading ``grad_out`` and the weights through device-side
+descriptors, the copy engine zero-filling what lies outside the image and the channel blocks)
+against the float64 rule, under the interpreter's config swapped for a ``TMA`` one; and the
+layouts where the planner falls back to the masked loads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_triton_ops import DEVICE, _conv_inputs, _rule, pytestmark  # noqa: F401  (the backend's skip)
+
+from resfast.ops import reference
+
+OPS = torch.ops.resfast_triton
+
+TMA_CASES = [
+    # (C, C_out, groups, k, stride, padding, dilation, dtype, tma)
+    (20, 40, 1, 3, 2, 1, 1, torch.float32, True),     # stride 2: residue classes; partial input / output chunks
+    (16, 24, 1, 3, 1, 2, 2, torch.bfloat16, True),    # dilation 2, padding 2, a partial output chunk
+]
+
+
+def _setup(monkeypatch, case, hw=(4, 6)):
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "S1_INPUT", False)
+    monkeypatch.setattr(triton_ops, "_BWD_INPUT_WIDE_INTERP",
+                        triton_ops._cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, TMA=1))
+    c, co, groups, k, s, p, d, dtype, tma = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, "cl", dtype, hw=hw, seed=c + co)
+    w = w.contiguous(memory_format=torch.channels_last)  # the descriptors want the channels innermost
+    ho, wo = (hw[0] + 2 * p - d * (k - 1) - 1) // s + 1, (hw[1] + 2 * p - d * (k - 1) - 1) // s + 1
+    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
+    go = go.contiguous(memory_format=torch.channels_last)
+    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
+    assert launch.fn is bn_relu_conv_bwd.bn_relu_conv_bwd_input_kernel  # the path under test
+    assert launch.bind(launch.interp_config).constexprs["TMA"] is tma
+    return args, dtype
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_wide_input_tma_against_eager(case, monkeypatch):
+    args, dtype = _setup(monkeypatch, case)
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          dtype, f"TMA input gradient case={case}")
+
+
+def test_wide_input_tma_nan_propagates(monkeypatch):
+    """Stride 1, two full output chunks: against the float64 rule, and with a NaN in one
+    ``grad_out`` element, NaN at exactly the input-gradient positions eager's has (through the
+    copy engine's boxes, as through the masked loads)."""
+    case = (16, 32, 1, 3, 1, 1, 1, torch.float32, True)
+    args, dtype = _setup(monkeypatch, case)
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          dtype, f"TMA input gradient case={case}")
+    go = args[0].clone()
+    go[1, 5, 2, 3] = float("nan")
+    args = (go,) + args[1:]
+    got = OPS.bn_relu_conv2d_backward(*args)
+    ref = reference.bn_relu_conv2d_backward(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                              else a for a in args])
+    assert torch.equal(torch.isnan(got[0]).cpu(), torch.isnan(ref[0]).cpu())
+
+
+def test_wide_input_tma_falls_back(monkeypatch):
+    """Two groups of 18 output channels: a 16-wide box would reach into the next group, so the
+    planner keeps the masked loads (``TMA`` off) for the same config."""
+    _setup(monkeypatch, (18, 36, 2, 3, 2, 1, 1, torch.float32, False))
+
+
+def test_tma_ok_layouts():
+    """The planner's condition: channels innermost, 16-byte strides, chunks inside a group."""
+    from resfast.ops import triton_ops
+
+    cl = torch.channels_last
+    go = torch.empty(2, 32, 5, 6).contiguous(memory_format=cl)
+    w = torch.empty(32, 16, 3, 3).contiguous(memory_format=cl)
+    blk = triton_ops._blocks(1, 16, 32, 16, 16)
+    assert triton_ops._tma_ok(go, w, 1, blk, 32)
+    assert not triton_ops._tma_ok(go.contiguous(), w, 1, blk, 32)  # NCHW grad_out
+    assert not triton_ops._tma_ok(go, w.contiguous(), 1, blk, 32)  # the weights' channels not innermost
+    odd = torch.empty(2, 36, 5, 6).contiguous(memory_format=cl)[:, :30]  # a stride of 36 floats is 16-byte
+    assert triton_ops._tma_ok(odd, torch.empty(30, 16, 3, 3).contiguous(memory_format=cl), 1,
+                              triton_ops._blocks(1, 16, 30, 16, 16), 30)
+    g3 = torch.empty(2, 6, 5, 6, dtype=torch.bfloat16).contiguous(memory_format=cl)  # 12-byte position stride
+    assert not triton_ops._tma_ok(g3, torch.empty(6, 16, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=cl),
+                                  1, triton_ops._blocks(1, 16, 6, 16, 16), 6)
