@@ -932,10 +932,24 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
         best_t = t;
       }
     }
+    // Up to 4x as many splits where they balance the SMs' waves (a grid of channel blocks alone
+    // that leaves the last wave part-empty, WRN-28-10's 100-400 blocks of 32 x 32 channels):
+    // taken only when the busiest SM's work drops by a tenth or more, its partial sums (written
+    // once, read once by the finalize) counted with the HBM time.
+    const double part_clocks = double(g.Cout * g.cin_g * taps) * acc_bytes * 2.0 / kHbmBytesPerClock;
+    const int64_t most = splits * 4 < p.items / 2 ? splits * 4 : p.items / 2;
+    for (int64_t t = splits + 1; t <= most; ++t) {
+      double c = busiest(t);
+      const double mem = floor_clocks + double(t) * part_clocks;
+      c = c > mem ? c : mem;
+      if (c < 0.9 * best_c) {
+        best_c = c;
+        best_t = t;
+      }
+    }
     splits = best_t;
   }
   p.splits = splits;
-  (void)acc_bytes;
   p.ok = true;
   return p;
 }
