@@ -61,7 +61,12 @@ def test_wrn_stride2_input_gradient_runs_a_quarter_of_the_taps():
     # WRN-28-10's stride-2 stage-3 conv (batch 128, 320 -> 640, 16x16 -> 8x8): residue-class tiles
     # run each tap on the one pixel class it reaches, so the busiest SM's HMMAs are those of the
     # forward (PREDICTED 65.64 us; 262.56 when every tap ran on every pixel, reading zero rows).
-    recs = {r["kernel"]: r for r in sn.native_kernels(["wrn28_10_s3_down"])}
+    from resfast.profiling.sm90 import SHAPES
+
+    try:
+        recs = {r["kernel"]: r for r in sn.native_kernels({"wrn28_10_s3_down": SHAPES["wrn28_10_s3_down"]})}
+    except sn.NativeModelUnavailable as exc:
+        pytest.skip(f"the native static model cannot compile the kernels here: {exc}")
     ig, fwd = recs["input_grad"], recs["forward"]
     assert "residue-class" in ig["config"] and ig["spills"] == 0, ig
     assert ig["mma_us"] == pytest.approx(fwd["mma_us"], rel=0.01), (ig, fwd)
