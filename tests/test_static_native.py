@@ -71,6 +71,8 @@ def test_wrn_stride2_input_gradient_runs_a_quarter_of_the_taps():
     assert "residue-class" in ig["config"] and ig["spills"] == 0, ig
     assert ig["mma_us"] == pytest.approx(fwd["mma_us"], rel=0.01), (ig, fwd)
     assert ig["predicted_us"] < 100, ig
+    # its weight gradient's 200 channel blocks take 3 splits (600 blocks: the last wave fuller)
+    assert "200 channel blocks x 3 splits" in recs["weight_grad"]["config"], recs["weight_grad"]
 
 
 def test_unknown_shape_is_refused():
