@@ -36,8 +36,11 @@ def test_every_conv_kernel_runs_on_tensor_cores_without_spills(records):
         assert r["mma"] in ("mma.sync", "wgmma"), r
         assert r["spills"] == 0, r
         assert 0 < r["regs"] <= 255, r
-        assert 0 < r["smem_bytes"] <= 48 * 1024, r
+        # up to 72 KiB (the opt-in), which keeps the 3 blocks per SM the register cap allows
+        assert 0 < r["smem_bytes"] <= 72 * 1024, r
         assert 0 < r["occupancy"] <= 1, r
+        if r["kernel"] != "weight_grad":
+            assert r["occupancy"] >= 12 / 64, r
 
 
 def test_prediction_is_the_roofline_of_issue_mma_and_floor(records):
@@ -52,6 +55,24 @@ def test_hbm_floor_counts_each_tensor_once(records):
     fwd = next(r for r in records if r["shape"] == "resnext50_s1" and r["kernel"] == "forward")
     nbytes = 2 * (2 * 64 * 128 * 56 * 56 + 128 * 4 * 9)
     assert fwd["floor_us"] == pytest.approx(nbytes / 3.35e12 * 1e6, abs=0.01)
+
+
+def test_wrn_stride2_input_gradient_runs_a_quarter_of_the_taps():
+    # WRN-28-10's stride-2 stage-3 conv (batch 128, 320 -> 640, 16x16 -> 8x8): residue-class tiles
+    # run each tap on the one pixel class it reaches, so the busiest SM's HMMAs are those of the
+    # forward (PREDICTED 65.64 us; 262.56 when every tap ran on every pixel, reading zero rows).
+    from resfast.profiling.sm90 import SHAPES
+
+    try:
+        recs = {r["kernel"]: r for r in sn.native_kernels({"wrn28_10_s3_down": SHAPES["wrn28_10_s3_down"]})}
+    except sn.NativeModelUnavailable as exc:
+        pytest.skip(f"the native static model cannot compile the kernels here: {exc}")
+    ig, fwd = recs["input_grad"], recs["forward"]
+    assert "residue-class" in ig["config"] and ig["spills"] == 0, ig
+    assert ig["mma_us"] == pytest.approx(fwd["mma_us"], rel=0.01), (ig, fwd)
+    assert ig["predicted_us"] < 100, ig
+    # its weight gradient's 200 channel blocks take 3 splits (600 blocks: the last wave fuller)
+    assert "200 channel blocks x 3 splits" in recs["weight_grad"]["config"], recs["weight_grad"]
 
 
 def test_unknown_shape_is_refused():

@@ -158,10 +158,10 @@ void forward_into(const at::Tensor& x, const ConvPrep& p, const at::Tensor& bias
       const at::Tensor wp = prepared_weights<scalar_t>(p, plan, false, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
       args.bn_ss = bn_ss.const_data_ptr<acc_t>();
-      dispatch_conv<scalar_t, false>(plan, [&](auto nt, auto whole) {
+      dispatch_conv<scalar_t, false>(plan, [&](auto nt, auto whole, auto res) {
         run_blocks(plan.blocks, plan.smem_bytes, [&](int64_t b, unsigned char* smem) {
-          conv_block<HostBlock, scalar_t, false, decltype(nt)::value, decltype(whole)::value>(HostBlock{}, args, plan,
-                                                                                              b, smem);
+          conv_block<HostBlock, scalar_t, false, decltype(nt)::value, decltype(whole)::value,
+                     decltype(res)::value>(HostBlock{}, args, plan, b, smem);
         });
       });
       return;
@@ -247,10 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
       const at::Tensor wp = prepared_weights<scalar_t>(p, iplan, true, &bn_ss);
       args.wp = wp.const_data_ptr<scalar_t>();
       args.bn_ss = bn_ss.const_data_ptr<acc_t>();
-      dispatch_conv<scalar_t, true>(iplan, [&](auto nt, auto whole) {
+      dispatch_conv<scalar_t, true>(iplan, [&](auto nt, auto whole, auto res) {
         run_blocks(iplan.blocks, iplan.smem_bytes, [&](int64_t b, unsigned char* smem) {
-          conv_block<HostBlock, scalar_t, true, decltype(nt)::value, decltype(whole)::value>(HostBlock{}, args, iplan,
-                                                                                             b, smem);
+          conv_block<HostBlock, scalar_t, true, decltype(nt)::value, decltype(whole)::value,
+                     decltype(res)::value>(HostBlock{}, args, iplan, b, smem);
         });
       });
       // the CUDA finalize's arithmetic (tiles.h column_lane_sum, column_sum_combine)

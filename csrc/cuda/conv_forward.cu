@@ -45,8 +45,11 @@ bool launch_forward_tiled(const at::Tensor& x, const ConvPrep& p, const at::Tens
     const at::Tensor wp = prepared_weights_cuda<scalar_t>(p, plan, false, stream, &bn_ss);
     args.wp = wp.const_data_ptr<scalar_t>();
     args.bn_ss = bn_ss.const_data_ptr<acc_of<scalar_t>>();
-    dispatch_conv<scalar_t, false>(plan, [&](auto nt, auto whole) {
-      conv_tile_kernel<scalar_t, false, decltype(nt)::value, decltype(whole)::value>
+    dispatch_conv<scalar_t, false>(plan, [&](auto nt, auto whole, auto res) {
+      const auto kernel = conv_tile_kernel<scalar_t, false, decltype(nt)::value, decltype(whole)::value,
+                                         decltype(res)::value>;
+      allow_smem(kernel, plan.smem_bytes);
+      kernel
           <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -55,8 +55,11 @@ bool launch_input_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, co
     const at::Tensor wp = prepared_weights_cuda<scalar_t>(p, plan, true, stream, &bn_ss);
     args.wp = wp.const_data_ptr<scalar_t>();
     args.bn_ss = bn_ss.const_data_ptr<acc_of<scalar_t>>();
-    dispatch_conv<scalar_t, true>(plan, [&](auto nt, auto whole) {
-      conv_tile_kernel<scalar_t, true, decltype(nt)::value, decltype(whole)::value>
+    dispatch_conv<scalar_t, true>(plan, [&](auto nt, auto whole, auto res) {
+      const auto kernel = conv_tile_kernel<scalar_t, true, decltype(nt)::value, decltype(whole)::value,
+                                         decltype(res)::value>;
+      allow_smem(kernel, plan.smem_bytes);
+      kernel
           <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -9,14 +9,15 @@
 namespace resfast {
 
 // Forward (kInputGrad = false) or input gradient; NT n8 tiles per warp (tensor cores) or 0 (SIMT);
-// kWhole: the plan's tiles are whole samples (SpatialTile::S > 0).
+// kWhole: the plan's tiles are whole samples (SpatialTile::S > 0); kRes: residue-class tiles
+// (SpatialTile::R, the input gradient with strides 2 x 2).
 // Launch bounds: at least 3 (forward / input grad) or 2 (weight grad, with its larger
 // accumulator sets) resident blocks per SM, i.e. at most 168 / 255 registers; ptxas otherwise
 // picks its own cap and may spill.
-template <typename T, bool kInputGrad, int NT, bool kWhole>
+template <typename T, bool kInputGrad, int NT, bool kWhole, bool kRes>
 __global__ void __launch_bounds__(kThreads, 3) conv_tile_kernel(const __grid_constant__ ConvArgs<T> a, const __grid_constant__ ConvPlan p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  conv_block<DeviceBlock, T, kInputGrad, NT, kWhole>(DeviceBlock{}, a, p, int64_t(blockIdx.x), smem);
+  conv_block<DeviceBlock, T, kInputGrad, NT, kWhole, kRes>(DeviceBlock{}, a, p, int64_t(blockIdx.x), smem);
 }
 
 // Weight gradient; UPW units per warp (tensor cores) or 0 (SIMT); kShare as wgrad_block.

@@ -39,7 +39,9 @@ bool launch_weight_grad_tiled(const at::Tensor& grad_out, const at::Tensor& x, c
                                                         at::Tensor());
     auto stream = at::cuda::getCurrentCUDAStream();
     dispatch_upw<scalar_t>(plan, [&](auto upw, auto share) {
-      wgrad_tile_kernel<scalar_t, decltype(upw)::value, decltype(share)::value>
+      const auto kernel = wgrad_tile_kernel<scalar_t, decltype(upw)::value, decltype(share)::value>;
+      allow_smem(kernel, plan.smem_bytes);
+      kernel
           <<<static_cast<unsigned>(plan.cblocks * plan.splits), kThreads, plan.smem_bytes, stream>>>(args, plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

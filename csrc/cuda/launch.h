@@ -5,10 +5,21 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
 
 #include "resfast/host.h"
 
 namespace resfast {
+
+// A plan's dynamic shared memory above the 48 KiB every kernel gets (tiles.h kSmemLimit: up to
+// 72 KiB) needs the kernel's opt-in, set before its launch (a host-side attribute, no sync).
+template <class Kernel>
+inline void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > kSmemDefault) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+}
 
 // Launches prepare_weights_kernel (conv_kernels.cuh) for a plan: the weights in its tile layout,
 // and with bn_ss the BN table (tiles.h bn_ss_value) into *bn_ss.

@@ -8,11 +8,13 @@
 // tiles.h functions, so the model's grid, tiles and trip counts are the kernels' own. It runs
 // no GPU code.
 //
-//   static_probe N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups [target_blocks [whole]]
+//   static_probe N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups [target_blocks [whole [residue]]]
 //
 // target_blocks (default kTargetBlocks) and whole (make_conv_plan's: 0 weighs whole-sample
 // tiles, 1 never, 2 forced) are what RESFAST_NATIVE_TARGET_BLOCKS and
-// RESFAST_NATIVE_WHOLE_SAMPLES give the host code (the tests ask which tiles a case takes).
+// RESFAST_NATIVE_WHOLE_SAMPLES give the host code, residue (make_conv_plan's: 0 weighs
+// residue-class tiles, 1 never, 2 forced) RESFAST_NATIVE_RESIDUE_TILES (the tests ask which
+// tiles a case takes).
 #include <cstdio>
 #include <cstdlib>
 
@@ -20,27 +22,27 @@
 
 namespace resfast {
 
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 4, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 4, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 8, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 8, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, false>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, true>(
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, false, 8, true>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, true>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, true>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
-template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, true>(
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, false, true>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 0>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ WgradPlan);
@@ -61,9 +63,9 @@ namespace {
 
 void print_tile(const SpatialTile& s) {
   std::printf("\"tile\": {\"TH\": %d, \"TW\": %d, \"M\": %d, \"MP\": %d, \"IH\": %d, \"IW\": %d, \"tiles_h\": %lld, "
-              "\"tiles_w\": %lld, \"S\": %d, \"staged\": %d}",
+              "\"tiles_w\": %lld, \"S\": %d, \"staged\": %d, \"R\": %d, \"cmt\": %d}",
               s.TH, s.TW, s.M, s.MP, s.IH, s.IW, static_cast<long long>(s.tiles_h), static_cast<long long>(s.tiles_w), s.S,
-              staged_rows(s));
+              staged_rows(s), s.R, s.cmt);
 }
 
 void print_conv(const char* name, const ConvPlan& p) {
@@ -94,13 +96,14 @@ void print_wgrad(const char* name, const WgradPlan& p) {
 
 int main(int argc, char** argv) {
   using namespace resfast;
-  if (argc != 15 && argc != 16 && argc != 17) {
+  if (argc < 15 || argc > 18) {
     std::fprintf(stderr, "usage: %s N C H W C_out KH KW stride_h stride_w pad_h pad_w dil_h dil_w groups "
-                 "[target_blocks [whole]]\n", argv[0]);
+                 "[target_blocks [whole [residue]]]\n", argv[0]);
     return 2;
   }
   const int64_t target = argc > 15 ? std::atoll(argv[15]) : kTargetBlocks;
   const int whole = argc > 16 ? std::atoi(argv[16]) : 0;
+  const int residue = argc > 17 ? std::atoi(argv[17]) : 0;
   int64_t v[14];
   for (int i = 0; i < 14; ++i) v[i] = std::atoll(argv[i + 1]);
   ConvGeom g{};
@@ -123,8 +126,8 @@ int main(int argc, char** argv) {
   g.Ho = (g.H + 2 * g.ph - g.dh * (g.KH - 1) - 1) / g.sh + 1;
   g.Wo = (g.W + 2 * g.pw - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   // bfloat16 operands, float32 accumulation: what the CUDA host code plans for them.
-  const ConvPlan fwd = make_conv_plan(g, false, true, 2, 4, target, whole);
-  const ConvPlan igrad = make_conv_plan(g, true, true, 2, 4, target, whole);
+  const ConvPlan fwd = make_conv_plan(g, false, true, 2, 4, target, whole, residue);
+  const ConvPlan igrad = make_conv_plan(g, true, true, 2, 4, target, whole, residue);
   const WgradPlan wgrad = make_wgrad_plan(g, true, 2, 4, kWgradTargetBlocks, kWgradUpwLarge);
   std::printf("{\"Ho\": %lld, \"Wo\": %lld, \"threads\": %d, \"warps\": %d, \"wgrad_upw_small\": %d, "
               "\"wgrad_upw_large\": %d, ",

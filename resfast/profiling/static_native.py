@@ -141,7 +141,8 @@ class _Probe:
         else:
             ig = 1 if kernel == "input_grad" else 0
             whole = 1 if plan["tile"].get("S", 0) > 0 else 0  # whole-sample tiles: their own kernel
-            pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}ELb{whole}E"
+            res = 1 if plan["tile"].get("R", 0) else 0  # so are residue-class tiles
+            pattern = rf"conv_tile_kernelIN3c108BFloat16ELb{ig}ELi{plan['nt']}ELb{whole}ELb{res}E"
         for f in self.functions.values():
             if re.search(pattern, f.name):
                 return f
@@ -363,6 +364,8 @@ def _config(kernel: str, p: dict, f: _Function) -> str:
     tile = f"tile {t['TH']}x{t['TW']} (halo {t['IH']}x{t['IW']})"
     if t.get("S", 0) > 0:
         tile = f"tile of {t['S']} whole sample(s) of {t['TH']}x{t['TW']} (halo {t['IH']}x{t['IW']} each)"
+    if t.get("R", 0):
+        tile = f"residue-class tile {t['TH']}x{t['TW']} (4 classes of {t['cmt']} m16 tiles, halo {t['IH']}x{t['IW']})"
     template = re.sub(r"^_ZN7resfast\d+", "", f.name).split("IN3c10")[0]
     if kernel == "weight_grad":
         return (f"{template} upw={p['upw']}: {tile}, {p['P']} group(s) per block, {p['bm']}x{p['bn']} channels, "
@@ -415,8 +418,10 @@ def _block_instructions(f: _Function, s: ConvShape, kernel: str, p: dict, plans:
         tiles = p["spatial"] / (p["blocks"] / p["cblocks"])
         staged = t.get("staged", t["IH"] * t["IW"]) * (p["BK"] // 8)  # all of a tile's halos
         weight_fills = 1 if chunks == 1 else tiles * chunks
+        # residue-class tiles: each tap reaches one class, whose warp runs cmt m16 tiles
+        mtiles = t["cmt"] if t.get("R", 0) else t["MP"] // 16
         units = {
-            "hmma": tiles * chunks * taps * (p["BK"] // 16) * p["nt"] * (t["MP"] // 16),
+            "hmma": tiles * chunks * taps * (p["BK"] // 16) * p["nt"] * mtiles,
             "stage_plain" if input_grad else "stage_act": warp_iters(tiles * chunks * staged),
             "weights": warp_iters(weight_fills * taps * p["bn"] * p["BK"] / 8),  # 16-byte copies
             "store_vec": warp_iters(tiles * t["M"] * (p["bn"] // 8)),

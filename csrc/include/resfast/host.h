@@ -326,9 +326,10 @@ inline ConvArgs<scalar_t> conv_args(const at::Tensor& x, const ConvPrep& p, cons
   return a;
 }
 
-// Calls f(std::integral_constant<int, NT>, std::integral_constant<bool, kWhole>) for a forward /
-// input-gradient plan: its n8 tiles (the 16-bit types run the tensor-core blocks, NT = 2, 4, 8,
-// float32 / float64 the SIMT blocks, NT = 0) and whether its tiles are whole samples.
+// Calls f(std::integral_constant<int, NT>, std::integral_constant<bool, kWhole>,
+// std::integral_constant<bool, kRes>) for a forward / input-gradient plan: its n8 tiles (the
+// 16-bit types run the tensor-core blocks, NT = 2, 4, 8, float32 / float64 the SIMT blocks,
+// NT = 0), whether its tiles are whole samples, whether they are residue classes.
 template <typename scalar_t, class F>
 inline void dispatch_nt(int nt, F&& f);
 template <typename scalar_t, bool kInputGrad, class F>
@@ -336,12 +337,18 @@ inline void dispatch_conv(const ConvPlan& p, F&& f) {
   dispatch_nt<scalar_t>(p.nt, [&](auto nt) {
     if constexpr (whole_kernel(kInputGrad, decltype(nt)::value)) {
       if (p.s.S > 0) {
-        f(nt, std::true_type{});
+        f(nt, std::true_type{}, std::false_type{});
         return;
       }
     }
-    TORCH_CHECK(p.s.S == 0, "resfast: no whole-sample conv kernel for ", p.nt, " n8 tiles");
-    f(nt, std::false_type{});
+    if constexpr (residue_kernel(kInputGrad, decltype(nt)::value)) {
+      if (p.s.R) {
+        f(nt, std::false_type{}, std::true_type{});
+        return;
+      }
+    }
+    TORCH_CHECK(p.s.S == 0 && !p.s.R, "resfast: no whole-sample / residue-class conv kernel for ", p.nt, " n8 tiles");
+    f(nt, std::false_type{}, std::false_type{});
   });
 }
 
@@ -428,10 +435,21 @@ inline int whole_sample_tiles() {
   return 0;
 }
 
+// Residue-class tiles of the input gradient (tiles.h make_conv_plan's `residue`):
+// RESFAST_NATIVE_RESIDUE_TILES=0 never takes them, =force wherever one fits (tests), unset /
+// anything else where they cost less. Both devices read it alike.
+inline int residue_tiles() {
+  const char* v = std::getenv("RESFAST_NATIVE_RESIDUE_TILES");
+  if (v == nullptr) return 0;
+  if (std::string(v) == "0") return 1;
+  if (std::string(v) == "force") return 2;
+  return 0;
+}
+
 template <typename scalar_t>
 inline ConvPlan conv_plan(const ConvGeom& g, bool input_grad) {
   return make_conv_plan(g, input_grad, IsMmaType<scalar_t>::value, sizeof(scalar_t), sizeof(acc_of<scalar_t>),
-                        target_blocks(kTargetBlocks), whole_sample_tiles());
+                        target_blocks(kTargetBlocks), whole_sample_tiles(), residue_tiles());
 }
 
 }  // namespace resfast

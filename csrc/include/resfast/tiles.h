@@ -59,7 +59,14 @@ RESFAST_HD constexpr int mt_of(int nt) { return nt == 8 ? 2 : 4; }
 // Pixels of a spatial tile: the warps' m16 tiles, or one per thread for the SIMT loop (nt = 0).
 constexpr int kSimtCols = 16;       // columns of the SIMT loop (one accumulator each)
 constexpr int kSimtWgrad = 18;      // weight-gradient elements one SIMT thread accumulates
-constexpr int kSmemLimit = 48 * 1024;  // dynamic shared memory of a block (no opt-in needed)
+// Dynamic shared memory of a block: 72 KiB, the most that keeps three blocks resident on an
+// sm_90 SM (3 x (72 + 1 reserved) KiB of its 228), the residency the register cap of the
+// forward / input-gradient kernels' __launch_bounds__(kThreads, 3) sets anyway (the weight
+// gradient's, two blocks, is set by its registers). Above 48 KiB a kernel needs the opt-in
+// (launch.h allow_smem); the wide groups' 3x3 plans (WRN-28-10) take it for K chunks of 32-64
+// channels and larger tiles.
+constexpr int kSmemLimit = 72 * 1024;
+constexpr int kSmemDefault = 48 * 1024;  // what a kernel gets without the opt-in
 constexpr int kMaxTilesPerBlock = 8;   // spatial tiles one block runs with its weights staged once
 // Blocks a grid aims at (four per SM of an H100 / H200). A constant, not the device's SM
 // count, so that the CPU twin cuts a conv into exactly the blocks the GPU runs.
@@ -191,7 +198,20 @@ struct SpatialTile {
   int S;                        // whole-sample tiles: samples per tile (0: TH x TW spatial tiles)
   int PH, PW;                   // whole-sample tiles: a sample's pixel rows / cols
   uint32_t pw_magic, pp_magic, ihw_magic;  // div_magic of PW, PH * PW, IH * IW (S > 0)
+  // Residue-class tiles (R = 1; the input gradient with strides 2 x 2): the TH x TW input pixels
+  // are ordered by their residue class, (row, col) modulo 2: class c = (c >> 1, c & 1) is warp
+  // c's rows [c << lcp, (c + 1) << lcp), QH x QW pixels (QW = 1 << lqw, QH * QW = 1 << lcp = 16 *
+  // cmt), so every warp runs only the taps that reach its class (a quarter of the HMMAs of a
+  // tile that runs every tap and reads zero rows where a tap misses).
+  int R, lcp, lqw, cmt;
 };
+
+// Pixel r of a residue-class tile: row and col from the tile's origin.
+RESFAST_HD void residue_pixel(const SpatialTile& st, int r, int& hl, int& wl) {
+  const int c = r >> st.lcp, q = r & ((1 << st.lcp) - 1);
+  hl = ((q >> st.lqw) << 1) + (c >> 1);
+  wl = ((q & ((1 << st.lqw) - 1)) << 1) + (c & 1);
+}
 
 // Rows a block stages for one tile: the halo, of each sample of a whole-sample tile.
 RESFAST_HD int staged_rows(const SpatialTile& s) { return (s.S > 0 ? s.S : 1) * s.IH * s.IW; }
@@ -298,6 +318,13 @@ struct ConvPlan {
   // (h0 + lo_h) / sh - lo_hq with lo_h = ph - (KH-1)*dh + bias >= 0 (bias a multiple of sh)
   int lo_h, lo_hq, lo_w, lo_wq;
   int lks;         // log2 of the k16 steps of a chunk (BK / 16)
+  // Residue-class tiles (s.R): warp c's walk over its class's taps, which the prepared weights
+  // hold consecutively (tap_of: the tap at each position of their tap order, else the identity):
+  // its first tap's staged-row and weight offsets, the offset changes along a kernel row and to
+  // the next row (as conv_mma_chunk's a_col / a_row, without the k steps), its taps per row and
+  // its k16 steps.
+  int rw_aoff[kWarps], rw_woff[kWarps], rw_acol[kWarps], rw_arow[kWarps], rw_nkw[kWarps], rw_steps[kWarps];
+  unsigned char tap_of[kMaxK * kMaxK];
   bool ok;
 };
 
@@ -419,9 +446,54 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
   return best;
 }
 
+// As choose_tile, among residue-class tiles (SpatialTile::R) of the input gradient with strides
+// 2 x 2: TH x TW = 2 QH x 2 QW input pixels, QW a power of two, each class's QH x QW pixels 16,
+// 32 or 64 rows (whole m16 tiles, at most a warp's max_cmt).
+template <class Cost>
+inline SpatialTile choose_residue_tile(const ConvGeom& g, int max_cmt, Cost cost, double* best_cost_out = nullptr) {
+  SpatialTile best{};
+  best.M = 0;
+  double best_cost = 0;
+  for (int lcp = 4; lcp <= 6 && (1 << (lcp - 4)) <= max_cmt; ++lcp) {
+    for (int lqw = 1; lqw <= lcp; ++lqw) {
+      const int QW = 1 << lqw, QH = 1 << (lcp - lqw);
+      SpatialTile s{};
+      s.TH = 2 * QH;
+      s.TW = 2 * QW;
+      s.lw = lqw + 1;
+      s.M = 4 << lcp;
+      s.MP = s.M;
+      s.IH = halo_input_grad(s.TH, g.KH, g.sh, g.dh);
+      s.IW = halo_input_grad(s.TW, g.KW, g.sw, g.dw);
+      s.tiles_h = cdiv(g.H, s.TH);
+      s.tiles_w = cdiv(g.W, s.TW);
+      s.iw_magic = div_magic(uint32_t(s.IW));
+      s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
+      s.tiles_wd = make_fastdiv(s.tiles_w);
+      s.R = 1;
+      s.lcp = lcp;
+      s.lqw = lqw;
+      s.cmt = 1 << (lcp - 4);
+      const double c = cost(s);
+      if (c < 0) continue;
+      if (best.M == 0 || c < best_cost) {
+        best = s;
+        best_cost = c;
+      }
+    }
+  }
+  if (best_cost_out != nullptr) *best_cost_out = best_cost;
+  return best;
+}
+
+// The residue-class kernels built: the tensor-core input gradient with 4 n8 tiles a warp.
+RESFAST_HD constexpr bool residue_kernel(bool input_grad, int nt) { return input_grad && nt == 4; }
+
 // The whole-sample kernels built: the input gradient for every n8 tile count, the forward for
-// all but 4 (tensor cores; SIMT, nt 0, both).
-RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt != 4; }
+// 2 (tensor cores; SIMT, nt 0, both). Not the forward with 4 or 8 n8 tiles a warp: ptxas spills
+// (4: 18-50 bytes; 8: 42 bytes, a plan that 72 KiB of shared memory made WRN-28-10's stride-2
+// stage-3 forward choose).
+RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt == 0 || nt == 2; }
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -545,9 +617,10 @@ inline ChannelTiling tile_channels(int64_t groups, int64_t cg_cols, int64_t cg_k
 // kernels): the host runs the per-element kernels of math.h instead. target_blocks: the grid
 // size below which a block takes a single spatial tile.
 // whole: 0 weighs whole-sample tiles beside the spatial ones, 1 never takes them, 2 takes them
-// whenever one fits (RESFAST_NATIVE_WHOLE_SAMPLES, for tests).
+// whenever one fits (RESFAST_NATIVE_WHOLE_SAMPLES, for tests). residue: the same for the input
+// gradient's residue-class tiles (strides 2 x 2; RESFAST_NATIVE_RESIDUE_TILES).
 inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int elem_bytes, int acc_bytes,
-                               int64_t target_blocks = kTargetBlocks, int whole = 0) {
+                               int64_t target_blocks = kTargetBlocks, int whole = 0, int residue = 0) {
   ConvPlan p{};
   p.ok = false;
   if (g.KH > kMaxK || g.KW > kMaxK) return p;
@@ -605,7 +678,8 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       };
       auto plan_blocks = [&](const SpatialTile& s) -> Choice {
         const int64_t spatial = tile_count(s, g.N);
-        const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.MP / 16.0);
+        // (residue-class tiles: every tap reaches one class, whose warp runs cmt m16 tiles)
+        const double hmma = double(taps) * (BK / 16.0) * (bn / 8.0) * (s.R ? double(s.cmt) : s.MP / 16.0);
         double per_tile, per_block;
         if (!mma) {  // the SIMT loop: its own weights (one column block: bn = 16)
           const double per_chunk = hmma * 10.0 + staged_rows(s) * (BK / 8.0) * 3.2 +
@@ -653,6 +727,16 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         s = sw;
         c = whole == 2 ? cw - 1e30 : cw;
       }
+      // residue-class tiles likewise (unpacked channel blocks, strides 2 x 2)
+      if (residue != 1 && whole != 2 && input_grad && mma && residue_kernel(input_grad, nt) && ct.P == 1 &&
+          g.sh == 2 && g.sw == 2) {
+        double cr = 0;
+        const SpatialTile sr = choose_residue_tile(g, mt_of(nt), cost, &cr);
+        if (sr.M > 0 && (residue == 2 || s.M == 0 || cr < c)) {
+          s = sr;
+          c = residue == 2 ? cr - 1e30 : cr;
+        }
+      }
       if (s.M == 0 || (p.ok && c >= best)) continue;
       best = c;
       p.ch = ct;
@@ -689,6 +773,30 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
   }
   p.sh_div = make_fastdiv(g.sh);
   p.sw_div = make_fastdiv(g.sw);
+  for (int t = 0; t < kMaxK * kMaxK; ++t) p.tap_of[t] = static_cast<unsigned char>(t);
+  if (p.s.R) {
+    // class c = (c >> 1, c & 1), the parities of a pixel's row and col in the tile (whose
+    // origin is even): its taps are those with (k * dilation) % 2 == (parity + pad) % 2
+    int pos = 0;
+    const int KW = int(g.KW);
+    for (int c = 0; c < kWarps; ++c) {
+      const int rh = int((c >> 1) + g.ph) & 1, rw = int((c & 1) + g.pw) & 1;
+      int khs[kMaxK], kws[kMaxK], nkh = 0, nkw = 0;
+      for (int k = 0; k < g.KH; ++k)
+        if (p.rk_h[k] == rh) khs[nkh++] = k;
+      for (int k = 0; k < g.KW; ++k)
+        if (p.rk_w[k] == rw) kws[nkw++] = k;
+      const int OWB = p.OWB, PS = p.PS;
+      p.rw_woff[c] = pos * p.ch.bn * PS;
+      p.rw_nkw[c] = nkw;
+      p.rw_steps[c] = (nkh * nkw) << p.lks;
+      p.rw_aoff[c] = nkh && nkw ? -(p.qk_h[khs[0]] * OWB + p.qk_w[kws[0]]) * PS : 0;
+      p.rw_acol[c] = nkw > 1 ? -(p.qk_w[kws[1]] - p.qk_w[kws[0]]) * PS : 0;
+      p.rw_arow[c] = nkh > 1 && nkw ? -((p.qk_h[khs[1]] - p.qk_h[khs[0]]) * OWB + p.qk_w[kws[0]] - p.qk_w[kws[nkw - 1]]) * PS : 0;
+      for (int i = 0; i < nkh; ++i)
+        for (int j = 0; j < nkw; ++j) p.tap_of[pos++] = static_cast<unsigned char>(khs[i] * KW + kws[j]);
+    }
+  }
   const int64_t bias_h = cdiv((g.KH - 1) * g.dh, g.sh) * g.sh, bias_w = cdiv((g.KW - 1) * g.dw, g.sw) * g.sw;
   p.lo_h = int(g.ph - (g.KH - 1) * g.dh + bias_h);
   p.lo_hq = int(bias_h / g.sh);
@@ -824,10 +932,24 @@ inline WgradPlan make_wgrad_plan(const ConvGeom& g, bool mma, int elem_bytes, in
         best_t = t;
       }
     }
+    // Up to 4x as many splits where they balance the SMs' waves (a grid of channel blocks alone
+    // that leaves the last wave part-empty, WRN-28-10's 100-400 blocks of 32 x 32 channels):
+    // taken only when the busiest SM's work drops by a tenth or more, its partial sums (written
+    // once, read once by the finalize) counted with the HBM time.
+    const double part_clocks = double(g.Cout * g.cin_g * taps) * acc_bytes * 2.0 / kHbmBytesPerClock;
+    const int64_t most = splits * 4 < p.items / 2 ? splits * 4 : p.items / 2;
+    for (int64_t t = splits + 1; t <= most; ++t) {
+      double c = busiest(t);
+      const double mem = floor_clocks + double(t) * part_clocks;
+      c = c > mem ? c : mem;
+      if (c < 0.9 * best_c) {
+        best_c = c;
+        best_t = t;
+      }
+    }
     splits = best_t;
   }
   p.splits = splits;
-  (void)acc_bytes;
   p.ok = true;
   return p;
 }
@@ -1200,11 +1322,12 @@ RESFAST_HD bool fill_rows_whole(int tid, const T* src, const Strides4& ss, bool 
 }
 
 // The weights in the tiles' own layout, prepared once per call: element
-// ((((jb * chunks + chunk) * taps + tap) * bn + j) * BK + k) is the weight of column channel
+// ((((jb * chunks + chunk) * taps + t) * bn + j) * BK + k) is the weight of column channel
 // col0 + j against summed channel k0 + chunk * BK + k of channel block jb (forward: columns
 // are output channels and k input channels; input grad, transposed: columns are input
 // channels and k output channels), zero where either is missing or where they belong to
-// different groups (the block-diagonal packing of small groups). A block then stages each
+// different groups (the block-diagonal packing of small groups), for tap p.tap_of[t] (residue-
+// class plans order the taps by class, else t itself). A block then stages each
 // chunk's [tap][j][k] tile with plain 16-byte copies.
 template <typename T>
 RESFAST_HD T prepared_weight(const T* w, const ConvGeom& g, const ConvPlan& p, bool transposed, int64_t idx) {
@@ -1226,7 +1349,7 @@ RESFAST_HD T prepared_weight(const T* w, const ConvGeom& g, const ConvPlan& p, b
   const int co = transposed ? kg : col, ci = transposed ? col : kg;
   const int grp = co / cout_g;
   if (ci / cin_g != grp) return T(0);
-  return w[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + tap];
+  return w[(int64_t(co) * cin_g + (ci - grp * cin_g)) * taps + p.tap_of[tap]];
 }
 
 // Copies chunk `chunk` of channel block jb of the prepared weights to w_s[(tap * bn + j) * PS + k]:
@@ -1354,7 +1477,9 @@ RESFAST_HD void forward_rows(int warp, int lane0, const ConvGeom& g, const ConvP
 // Input gradient: for input row ih and tap kh the output row is (ih + ph - kh*dh) / sh when
 // that divides: with ih + ph = qh*sh + rh and kh*dh = qk*sh + rk (plan tables) it is qh - qk
 // when rh == rk. rows.a = output row qh, col qw of the staged tile; rr = rh * sw + rw.
-template <int NL, int MT, bool kWhole = false>
+//
+// kRes (residue-class tiles): warp c's m-tiles are its class's cmt tiles, rows [c << lcp, ...).
+template <int NL, int MT, bool kWhole = false, bool kRes = false>
 RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const ConvPlan& p, int ih0, int iw0,
                                 int oh_lo, int ow_lo, const void* go_s, const void* zero_s, const void* w_s,
                                 MmaRows<NL, MT>& rows) {
@@ -1368,11 +1493,13 @@ RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const Co
     rows.b[s] = wt + b_frag_row(lane, PS);
     RESFAST_UNROLL
     for (int mt = 0; mt < MT; ++mt) {
-      int r = (warp * MT + mt) * 16 + (lane & 15);
+      int r = (warp * (kRes ? st.cmt : MT) + mt) * 16 + (lane & 15);
       r = r < st.M ? r : st.M - 1;
       int smp = 0, hl, wl;  // whole-sample tiles: the pixel's sample has its own staged rows
       if constexpr (kWhole) {
         whole_pixel(st, r, smp, hl, wl);
+      } else if constexpr (kRes) {
+        residue_pixel(st, r, hl, wl);
       } else {
         hl = r >> st.lw;
         wl = r & (st.TW - 1);
@@ -1396,27 +1523,32 @@ RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const Co
 // kInputGrad with unit strides: every tap reads a staged output row (qk = k * dilation, no
 // remainders), so the input gradient walks its rows like the forward, by -dilation per tap
 // (kSelect = false: no zero-row selection).
-template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad>
+//
+// kRes (residue-class tiles, strides 2 x 2): warp c walks only its class's taps (the plan's
+// rw_* tables: the taps whose remainders are the class's, consecutive in the weights) over its
+// class's cmt m-tiles, the unit-stride walk with the class's offsets.
+template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad, bool kRes = false>
 RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, mt_of(NT)>& rows,
                                MmaAcc<NL, mt_of(NT), NT>& acc) {
   static_assert(kInputGrad || !kSelect, "the forward never selects a zero row");
+  static_assert(!kRes || (kInputGrad && !kSelect), "residue-class tiles: the input gradient's unit walk");
   constexpr int kFwdMT = mt_of(NT);
   const SpatialTile& st = p.s;
-  const int mtiles_left = st.MP / 16 - warp * kFwdMT;
+  const int mtiles_left = kRes ? st.cmt : st.MP / 16 - warp * kFwdMT;
   if (mtiles_left <= 0) return;
   const int sw = int(g.sw), PS = p.PS, bn = p.ch.bn;
-  const int KS = 1 << p.lks, KW = int(g.KW);
+  const int KS = 1 << p.lks, KW = kRes ? p.rw_nkw[warp] : int(g.KW);
   // offset changes at a tap change: along a kernel row, to the next kernel row (forward; the
   // unit-stride input gradient walks backwards), weights
   const int sgn = kInputGrad ? -1 : 1;
-  const int a_col = sgn * int(g.dw) * PS - KS * 16;
-  const int a_row = sgn * (int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS) - KS * 16;
+  const int a_col = (kRes ? p.rw_acol[warp] : sgn * int(g.dw) * PS) - KS * 16;
+  const int a_row = (kRes ? p.rw_arow[warp] : sgn * (int(g.dh) * st.IW * PS - (KW - 1) * int(g.dw) * PS)) - KS * 16;
   const int w_tap = bn * PS - KS * 16;
   const int np_stride = 16 * PS;
-  const int steps = int(g.KH * g.KW) << p.lks;
+  const int steps = kRes ? p.rw_steps[warp] : int(g.KH * g.KW) << p.lks;
   TapWalk tw{0, 0, 0, KS, KW};
-  int woff = 0, koff = 0;  // weights; input grad: k within the tap
-  int aoff = kSelect ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : 0;
+  int woff = kRes ? p.rw_woff[warp] : 0, koff = 0;  // weights; input grad: k within the tap
+  int aoff = kSelect ? -(p.qk_h[0] * p.OWB + p.qk_w[0]) * PS : (kRes ? p.rw_aoff[warp] : 0);
   int trr = kSelect ? p.rk_h[0] * sw + p.rk_w[0] : 0;
   RESFAST_NO_UNROLL
   for (int step = 0; step < steps; ++step) {
@@ -1472,18 +1604,20 @@ RESFAST_HD void st_pair(A* p, A v0, A v1) {
 }
 
 // Accumulator fragments -> c_s[row * CS + col] (lane l holds rows l/4 (+8), cols 2(l%4) (+1)).
-template <int NL, int NT, typename A>
+// (kRes: warp c's m-tiles are its class's cmt tiles.)
+template <int NL, int NT, typename A, bool kRes = false>
 RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const MmaAcc<NL, mt_of(NT), NT>& acc,
                                A* c_s) {
   constexpr int kFwdMT = mt_of(NT);
-  const int mtiles_left = p.s.MP / 16 - warp * kFwdMT;
+  const int wmt = kRes ? p.s.cmt : kFwdMT;
+  const int mtiles_left = kRes ? wmt : p.s.MP / 16 - warp * kFwdMT;
   for (int s = 0; s < NL; ++s) {
     const int lane = NL == 1 ? lane0 : s;
     const int gq = lane >> 2, t = lane & 3;
     RESFAST_UNROLL
     for (int mt = 0; mt < kFwdMT; ++mt) {
       if (mt < mtiles_left) {
-        const int r = (warp * kFwdMT + mt) * 16 + gq;
+        const int r = (warp * wmt + mt) * 16 + gq;
         RESFAST_UNROLL
         for (int nt = 0; nt < NT; ++nt) {
           const int col = nt * 8 + 2 * t;
@@ -1618,11 +1752,15 @@ RESFAST_HD void store_simt_tile(int tid, const ConvPlan& p, const A (&acc)[kSimt
 // Pixel r of a tile: its sample (from the tile's first), row and col (from the tile's origin);
 // false where it lies outside the conv (rows / cols left from the origin, samples left from
 // the tile's first).
-template <bool kWhole>
+template <bool kWhole, bool kRes = false>
 RESFAST_HD bool tile_pixel(const SpatialTile& st, int r, int rows, int cols, int nleft, int& smp, int& h, int& w) {
   if constexpr (kWhole) {
     whole_pixel(st, r, smp, h, w);
     return smp < nleft;
+  } else if constexpr (kRes) {
+    smp = 0;
+    residue_pixel(st, r, h, w);
+    return h < rows && w < cols;
   } else {
     smp = 0;
     h = r >> st.lw;
@@ -1718,7 +1856,7 @@ RESFAST_HD void forward_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& 
 // input channels, written out; the thread's per-channel sums of grad_z and grad_z * xhat go
 // to red[tid][0..16). The sums use grad_z as stored (rounded to T), as the reference sums its
 // grad_z. The general path (any strides, any dtype), out of line as fill_rows_general.
-template <bool kWhole, typename T, typename A>
+template <bool kWhole, typename T, typename A, bool kRes = false>
 RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>& a, const ConvPlan& p, ChannelRange ch,
                                                      TilePos pos, const A* c_s, A* red) {
   const ConvGeom& g = a.g;
@@ -1741,7 +1879,7 @@ RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>&
   for (int e = tid; nv > 0 && e < st.M << lu; e += kThreads) {
     const int r = e >> lu;
     int smp, hl, wl;
-    if (!tile_pixel<kWhole>(st, r, int(g.H - pos.h0), int(g.W - pos.w0), nleft, smp, hl, wl)) continue;
+    if (!tile_pixel<kWhole, kRes>(st, r, int(g.H - pos.h0), int(g.W - pos.w0), nleft, smp, hl, wl)) continue;
     const int64_t h = pos.h0 + hl, w = pos.w0 + wl;
     A xv[8], gz[8];
     load8(x + smp * a.xs.n + h * a.xs.h + w * a.xs.w, a.xs.c, nv, false, xv);
@@ -1761,7 +1899,7 @@ RESFAST_HD_NOINLINE void input_grad_epilogue_general(int tid, const ConvArgs<T>&
 }
 
 // As input_grad_epilogue_general; 16-bit channels_last x and grad_z take 16-byte accesses.
-template <bool kWhole, typename T, typename A>
+template <bool kWhole, typename T, typename A, bool kRes = false>
 RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPlan& p, const ChannelRange& ch,
                                     const TilePos& pos, const A* c_s, A* red) {
   if constexpr (IsMmaType<T>::value) {
@@ -1799,7 +1937,13 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
           whole_pixel(st, r, smp, h, w);
           if (smp >= nleft) continue;
         } else {
-          const int hl = r >> st.lw, wl = r & (st.TW - 1);
+          int hl, wl;
+          if constexpr (kRes) {
+            residue_pixel(st, r, hl, wl);
+          } else {
+            hl = r >> st.lw;
+            wl = r & (st.TW - 1);
+          }
           if (hl >= rows || wl >= cols) continue;
           h = pos.h0 + hl;
           w = pos.w0 + wl;
@@ -1827,7 +1971,7 @@ RESFAST_HD void input_grad_epilogue(int tid, const ConvArgs<T>& a, const ConvPla
       return;
     }
   }
-  input_grad_epilogue_general<kWhole>(tid, a, p, ch, pos, c_s, red);
+  input_grad_epilogue_general<kWhole, T, A, kRes>(tid, a, p, ch, pos, c_s, red);
 }
 
 // Per-channel sums of one tile (fixed order: threads v, v + U, ...) -> part[spatial tile][channel].
@@ -1854,7 +1998,9 @@ RESFAST_HD void input_grad_tile_sums(int tid, const ConvArgs<T>& a, const ConvPl
 // kWhole: the plan's tiles are whole samples (SpatialTile::S > 0): tile t is samples [t * S,
 // t * S + S) from row and col 0, and the input gradient's fragment rows, like the forward's,
 // are the same for every tile (computed once per block).
-template <class X, typename T, bool kInputGrad, int NT, bool kWhole = false>
+//
+// kRes: the input gradient's residue-class tiles (SpatialTile::R, unpacked channel blocks).
+template <class X, typename T, bool kInputGrad, int NT, bool kWhole = false, bool kRes = false>
 RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p, int64_t block, unsigned char* smem) {
   using A = acc_of<T>;
   constexpr bool kMMA = NT > 0;
@@ -1869,7 +2015,7 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   A* red = reinterpret_cast<A*>(smem + p.red_offset);
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
-  const bool check = kMMA && ch.multi;
+  const bool check = kMMA && ch.multi && !kRes;  // (residue-class tiles are never packed)
   // whole-sample tiles: the staged tensor's offsets over a tile's samples fit 32 bits (the
   // 16-byte staging path)
   [[maybe_unused]] const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
@@ -1918,7 +2064,8 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       ex.warps([&](int warp, int lane, int c) {
         zero_acc(acc[c]);
         if constexpr (kInputGrad && !kWhole) {
-          input_grad_rows(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
+          input_grad_rows<X::kLanes, mt_of(kNT), false, kRes>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s,
+                                                                zero_s, w_s, rows[c]);
         }
       });
     } else {
@@ -1960,7 +2107,9 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       if (kMMA && !(check && nonfinite)) {
         if constexpr (kMMA) {
           ex.warps([&](int warp, int lane, int c) {
-            if (kInputGrad && g.sh == 1 && g.sw == 1) {
+            if constexpr (kRes) {
+              conv_mma_chunk<kInputGrad, X::kLanes, T, kNT, false, true>(warp, g, p, rows[c], acc[c]);
+            } else if (kInputGrad && g.sh == 1 && g.sw == 1) {
               conv_mma_chunk<kInputGrad, X::kLanes, T, kNT, false>(warp, g, p, rows[c], acc[c]);
             } else {
               conv_mma_chunk<kInputGrad, X::kLanes, T, kNT>(warp, g, p, rows[c], acc[c]);
@@ -1988,14 +2137,14 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       if (simt) {
         c_read = fb_s;
       } else {
-        ex.warps([&](int warp, int lane, int c) { store_acc_tile<X::kLanes, kNT>(warp, lane, p, acc[c], c_s); });
+        ex.warps([&](int warp, int lane, int c) { store_acc_tile<X::kLanes, kNT, A, kRes>(warp, lane, p, acc[c], c_s); });
       }
     } else {
       ex.threads([&](int tid, int c) { store_simt_tile(tid, p, sacc[c], c_s); });
     }
     ex.sync();
     if constexpr (kInputGrad) {
-      ex.threads([&](int tid, int) { input_grad_epilogue<kWhole>(tid, a, p, ch, pos, c_read, red); });
+      ex.threads([&](int tid, int) { input_grad_epilogue<kWhole, T, A, kRes>(tid, a, p, ch, pos, c_read, red); });
       ex.sync();
       ex.threads([&](int tid, int) { input_grad_tile_sums(tid, a, p, ch, spatial, red); });
     } else {
