@@ -53,12 +53,12 @@ converted model has; it now names ``resfast.convert(model, dense_memory='naive')
 ``block.memory = 'naive'`` on a built model, and the test below checks that the remedy gives
 torchvision's gradients.
 
-Seen, not fixed: a transition's ``pool_weight`` (the constant 2x2 averaging weight of the
-pool-first transition) is a non-persistent buffer, so ``named_buffers()`` of a converted
-torchvision DenseNet lists ``features.transitionN.pool_weight``, which its ``state_dict()`` does
+Seen, fixed after the trial: a transition's ``pool_weight`` (the constant 2x2 averaging weight
+of the pool-first transition) was a non-persistent buffer, so ``named_buffers()`` of a converted
+torchvision DenseNet listed ``features.transitionN.pool_weight``, which its ``state_dict()`` does
 not: FixMatch-pytorch's ``ModelEMA`` (buffer names from ``named_buffers()`` looked up in
-``state_dict()``) raises ``KeyError`` where torchvision's DenseNet runs. Not a wrong number; a plain
-attribute instead of a buffer would not follow FSDP2's and accelerate's per-buffer device moves.
+``state_dict()``) raised ``KeyError`` where torchvision's DenseNet runs. It is now a constant outside
+the buffers (tests/test_transition.py checks the names and that EMA update).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def _step(module, x, go):
     x = x.detach().clone().requires_grad_(True)
     y = module(x)
     y.backward(go)
-    buffers = [b.clone() for n, b in module.named_buffers() if b.is_floating_point() and "pool_weight" not in n]
+    buffers = [b.clone() for b in module.buffers() if b.is_floating_point()]
     return [y.detach(), x.grad] + [p.grad for p in module.parameters()] + buffers
 
 
@@ -106,3 +106,46 @@ def test_shared_block_with_pool_first_tail_matches_torchvision(backend):
     assert len(got) == len(ref64) == len(same)
     for i, (a, r, s) in enumerate(zip(got, ref64, same)):
         assert_rule(f"tensor {i}", a, r, s, f"backend={backend}")
+
+
+def test_converted_densenet_buffers_are_torchvisions():
+    """``named_buffers()`` of a converted torchvision DenseNet (and of ``Transition``) names what
+    torchvision's does, each one in ``state_dict()``: the pooling weight was a non-persistent buffer,
+    and FixMatch-pytorch's ``ModelEMA`` (every ``named_buffers()`` name looked up in
+    ``state_dict()``) raised KeyError on it. That EMA update, run on both models for two steps,
+    leaves the same EMA state (float64 rule)."""
+    import copy
+
+    kw = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    torch.manual_seed(0)
+    ref = tv_densenet.DenseNet(**kw).double()
+    conv = copy.deepcopy(ref)
+    resfast.convert(conv, backend="eager")
+    names = [n for n, _ in ref.named_buffers()]
+    assert [n for n, _ in conv.named_buffers()] == names
+    assert set(names) <= set(conv.state_dict())
+    assert [n for n, _ in resfast.Transition(6, 3).named_buffers()] == \
+        [n for n, _ in tv_densenet._Transition(6, 3).named_buffers()]
+
+    def ema_run(model):  # FixMatch-pytorch's ModelEMA.update, after a training forward each step
+        ema = copy.deepcopy(model).eval()
+        param_keys = [k for k, _ in ema.named_parameters()]
+        buffer_keys = [k for k, _ in ema.named_buffers()]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            model.train()(torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64))
+            with torch.no_grad():
+                msd, esd = model.state_dict(), ema.state_dict()
+                for k in param_keys:
+                    esd[k].copy_(esd[k] * 0.9 + 0.1 * msd[k].detach())
+                for k in buffer_keys:
+                    esd[k].copy_(msd[k])
+        return ema.state_dict()
+
+    got, want = ema_run(conv), ema_run(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        if want[k].is_floating_point():
+            assert_rule(k, got[k], want[k], want[k], "ModelEMA")
+        else:
+            assert torch.equal(got[k], want[k]), k

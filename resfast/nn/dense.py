@@ -17,7 +17,7 @@ backward:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -317,15 +317,33 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
         resolve_backend(self.backend, x.device)
 
 
+_POOL_WEIGHTS: Dict[Tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def _pool_weight(channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:attr:`Transition.pool_weight`'s constant, made once per size, device and dtype (outside
+    inference mode and autograd, so a first call under ``torch.inference_mode()`` gives a tensor
+    later training can use; while ``torch.compile`` traces, made in the graph)."""
+    if torch.compiler.is_compiling():
+        return torch.full((channels, 1, 2, 2), 0.25, device=device, dtype=dtype)
+    key = (channels, torch.device(device), dtype)
+    w = _POOL_WEIGHTS.get(key)
+    if w is None:
+        with torch.inference_mode(False), torch.no_grad():
+            w = torch.full((channels, 1, 2, 2), 0.25, device=device, dtype=dtype)
+        w = _POOL_WEIGHTS.setdefault(key, w)
+    return w
+
 class Transition(nn.Sequential):
     """BN-ReLU-conv1x1 (compression) then 2x2 average pooling: torchvision's ``_Transition``
     (submodules ``norm, relu, conv, pool``; the same ``state_dict``), computed pool first.
 
     A 2x2 average pool commutes with a bias-free 1x1 convolution (both are linear), so the
     forward is ``conv(pool(relu(norm(x))))``: the BN-ReLU-pool is one fused op (a depthwise 2x2
-    stride-2 convolution with weights 1/4, ``pool_weight``, a non-persistent buffer) that writes
-    only the pooled activation, and the 1x1 conv runs on a quarter of the positions -- a quarter
-    of its multiply-adds and output bytes.
+    stride-2 convolution with weights 1/4, :attr:`pool_weight`) that writes only the pooled
+    activation, and the 1x1 conv runs on a quarter of the positions -- a quarter of its
+    multiply-adds and output bytes. ``pool_weight`` is a constant, not a buffer: the module's
+    ``named_buffers()`` and ``state_dict()`` are torchvision's.
     """
 
     __prepare_scriptable__ = refuse_script  # torch.jit.script: a clear refusal
@@ -337,19 +355,17 @@ class Transition(nn.Sequential):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.register_buffer("pool_weight", torch.full((num_input_features, 1, 2, 2), 0.25), persistent=False)
         self.backend = check_backend_name(backend)
 
-    def _apply(self, fn, recurse: bool = True):
-        # pool_weight is a constant outside the state_dict (torchvision's keys): whatever a
-        # conversion does to it (``to_empty`` after building on the meta device leaves it
-        # uninitialised, and no load_state_dict restores it), it is 1/4 again afterwards.
-        out = super()._apply(fn, recurse)
-        w = self._buffers.get("pool_weight")
-        if w is not None and (not w.is_inference() or torch.is_inference_mode_enabled()):
-            with torch.no_grad():
-                w.fill_(0.25)
-        return out
+    @property
+    def pool_weight(self) -> Tensor:
+        """The 2x2 averaging weight of the fused BN-ReLU-pool, ``(C, 1, 2, 2)`` of 1/4 on the conv
+        weight's device and in its dtype: a constant shared by every transition of that size, not a
+        buffer, so ``named_buffers()`` lists torchvision's names only (an EMA helper that looks each
+        buffer up in ``state_dict()`` raised KeyError on a non-persistent one) and no ``to`` /
+        ``to_empty`` / dtype change can leave it uninitialised."""
+        w = self.conv.weight
+        return _pool_weight(self.norm.num_features, w.device, w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` (N, C, H, W) -> (N, out_channels, H // 2, W // 2): BN-ReLU, 2x2 average pool, then
