@@ -1583,7 +1583,8 @@ def _wide_group(groups: int, cin_g: int, cout_g: int) -> bool:
 def _tma_ok(grad_out: Tensor, weight: Tensor, groups: int, blk: "_Blocks", co: int) -> bool:
     """Whether :func:`bn_relu_conv_bwd_input_kernel` may take its operands by TMA tensor
     descriptors (``TMA``): ``grad_out`` and the weights with their channels innermost
-    (channels_last), 16-byte aligned bases and strides, 2- or 4-byte elements, and every
+    (channels_last), 16-byte aligned bases and strides, no zero stride (an expanded view: a
+    descriptor's strides with 0 are untested on a GPU), 2- or 4-byte elements, and every
     output-channel chunk inside its group (one group, whose tail the copy engine zero-fills,
     or chunks that divide the group: a box reaching into the next group would read its
     channels, not zeros)."""
@@ -1596,6 +1597,10 @@ def _tma_ok(grad_out: Tensor, weight: Tensor, groups: int, blk: "_Blocks", co: i
                weight.stride(3)]
     if any((s_ * elt) % 16 for s_ in strides):
         return False
+    sizes = [grad_out.shape[0], grad_out.shape[2], grad_out.shape[3], weight.shape[0], weight.shape[2],
+             weight.shape[3]]
+    if any(s_ <= 0 and n > 1 for s_, n in zip(strides, sizes)):
+        return False  # a broadcast (expanded) operand: not known to be valid for the copy engine
     if grad_out.data_ptr() % 16 or weight.data_ptr() % 16:
         return False
     return groups == 1 or blk.nr % blk.block_n == 0
