@@ -186,7 +186,8 @@ def test_small_images_plan_more_programs(monkeypatch):
     7 x 7 3x3 conv the statistics pass takes 16-position tiles (392 programs, not 98), the
     16-warp weight-gradient config fills both resident slots of every SM (no cap on its split
     count from the partials' bytes: 256 programs, not 24) and the gradient finalize sums its 64
-    splits 64 rows at a time; at 14 x 14 the statistics pass keeps its 64-position tiles."""
+    splits 64 rows at a time; at 14 x 14 the statistics pass takes 16-position tiles too (since
+    2026-12-01 every channels-innermost input with 64 or more channels does: 392 programs)."""
     from resfast.profiling.sm90 import SHAPES
     from resfast.profiling.static_model import training_plan
 
@@ -202,4 +203,5 @@ def test_small_images_plan_more_programs(monkeypatch):
     bound = fin.bind(fin.configs[0])
     assert (bound.constexprs["BLOCK_C"], bound.constexprs["BLOCK_S"]) == (32, 64)
     plan = training_plan(SHAPES["densenet121_3x3_b3"])
-    assert plan["fwd"][0].bind(plan["fwd"][0].configs[0]).constexprs["BLOCK_P"] == 64
+    stats = plan["fwd"][0].bind(plan["fwd"][0].configs[0])
+    assert stats.constexprs["BLOCK_P"] == 16 and stats.grid == (2, 392)

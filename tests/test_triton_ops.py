@@ -134,6 +134,17 @@ def test_bn_stats_finalize_tiles(tile, monkeypatch):
     torch.testing.assert_close(rm.double(), 0.1 * m64, rtol=1e-5, atol=1e-5)
 
 
+def test_bn_stats_small_tiles(monkeypatch):
+    """The statistics pass with the GPU planner's tile for 64 or more channels (``(BLOCK_C,
+    BLOCK_P) = (64, 16)``: one 16-byte vector a thread; under the interpreter forced by
+    ``STATS_TILE``): a partial channel tile (70 channels), chunks of two tiles (the peeled
+    first one and one loop trip), a partial last tile, a large mean against the spread."""
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "0")
+    monkeypatch.setattr(triton_ops, "STATS_TILE", (64, 16))
+    x = _x((3, 70, 5, 7), "cl", torch.float32) + 100.0
+    _rule("bn_stats", OPS.bn_stats(x), reference.bn_stats, (x,), torch.float32, "tile=(64, 16)")
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "prefix_cl"])
 def test_forward_against_eager(case, layout):

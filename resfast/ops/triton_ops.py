@@ -428,20 +428,33 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
         raise ValueError(f"bn_stats needs at least one value per channel, got x of shape {tuple(x.shape)}")
     f32 = dict(dtype=torch.float32, device=x.device)
     mean, var = torch.empty([c], **f32), torch.empty([c], **f32)
+    target = _target_programs(x)
     if _interpret():
         block_c, block_p = 16, 32
     elif x.stride(1) == 1:  # channels innermost: a wide channel tile per position
         block_c = min(64, _pow2(c))
-        block_p = max(32, 4096 // block_c)
+        if STATS_SMALL_TILES:
+            # 2026-12-01: one 16-byte vector per thread (16 x 64 for 64 channels), 47-48
+            # registers, 10 programs per SM, at most 512 splits (the finalize's one trip): the
+            # 64 x 64 tile's 5 programs spent about 750 of a warp's 1,200 instructions outside
+            # the position loop (the peeled first tile and three cross-warp sums). PREDICTED:
+            # resnext50_s3 7.59 -> 5.11 us, s2 10.52 -> 7.96, s4 6.12 -> 4.22; no shape slower
+            block_p = max(16, 1024 // block_c)
+            target = min(STATS_PER_SM * _num_sms(x) if x.device.type != "cpu" else target,
+                         512 * _cdiv(c, block_c))
+        else:
+            block_p = max(32, 4096 // block_c)
         # few positions (DenseNet-121's 7 x 7 block): shorter position tiles, so that the pass
         # has as many programs as it targets and each a shorter path (PREDICTED at
         # densenet121_3x3_b4: 98 programs of 64 x 64 -> 392 of 16 x 64, 4.65 -> 3.33 us)
-        while block_p > 16 and _cdiv(c, block_c) * _cdiv(p, block_p // 2) <= _target_programs(x):
+        while block_p > 16 and _cdiv(c, block_c) * _cdiv(p, block_p // 2) <= target:
             block_p //= 2
     else:  # positions innermost (NCHW): long position runs of a few channels
         block_c, block_p = min(4, _pow2(c)), 512
+    if STATS_TILE is not None:
+        block_c, block_p = STATS_TILE
     c_tiles = _cdiv(c, block_c)
-    splits = max(1, min(_cdiv(_target_programs(x), c_tiles), _cdiv(p, block_p)))
+    splits = max(1, min(_cdiv(target, c_tiles), _cdiv(p, block_p)))
     chunk = _cdiv(_cdiv(p, splits), block_p) * block_p
     splits = _cdiv(p, chunk)
     pcount, pmean, pm2 = (torch.empty([splits, c], **f32) for _ in range(3))
@@ -463,6 +476,16 @@ def _plan_bn_stats(x: Tensor, finalize: Optional[Dict[str, Any]] = None):
                                        fin.get("running_var"), float(fin.get("momentum", 0.0)),
                                        float(fin.get("eps", 0.0)), bool(fin.get("invstd", False)), c, splits, p)
     return (mean, var), [partial, finalize_launch]
+
+
+#: ``False``: the statistics pass's 64 x 64 tiles at 5 programs per SM (before 2026-12-01) on
+#: channels-innermost inputs, instead of one 16-byte vector a thread at :data:`STATS_PER_SM`.
+STATS_SMALL_TILES = True
+#: Programs per SM of the statistics pass's small tiles (47-48 registers x 4 warps hold 10).
+STATS_PER_SM = 10
+#: The statistics pass's ``(BLOCK_C, BLOCK_P)`` for every launch, interpreter included (tests);
+#: ``None``: the planner's choice.
+STATS_TILE = None
 
 
 #: The statistics finalize's ``(BLOCK_S, BLOCK_C)`` for every launch, interpreter included
