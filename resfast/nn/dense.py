@@ -562,7 +562,12 @@ def check_dense_input(x: Tensor, block: nn.Module, *others: nn.Module) -> None:
             if isinstance(bn, _BatchNorm) and not (isinstance(bn.eps, float) and bn.eps > 0):
                 path = next(n for n, m in owner.named_modules() if m is bn)
                 check_eps(bn.eps, f"{path}.eps" if path else "eps")
-    training = any(m.training for m in walked[0][1] if isinstance(m, _BatchNorm))
+    # (batch statistics: a BatchNorm in training, or one without running statistics in eval,
+    # which eager PyTorch's batch_norm refuses alike; the shared block normalised the lone value
+    # to its bias, trial 30)
+    from resfast.nn.batchnorm import uses_batch_stats
+
+    training = any(uses_batch_stats(m) for owner, modules in walked for m in modules if isinstance(m, _BatchNorm))
     if training and x.shape[0] > 0 and x.numel() // max(x.shape[1], 1) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
 
