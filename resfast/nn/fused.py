@@ -16,7 +16,8 @@ from resfast.nn.unfused import refuse_script, run_unfused
 from resfast.ops.bn_relu_conv2d import _check_input_stats, autocast_enabled, autocast_inputs, bn_relu_conv2d
 from resfast.ops.validation import check_bn_relu_conv2d_args
 
-__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight", "conv_padding", "conv_pair", "parameters_once"]
+__all__ = ["BNReLUConv2d", "bn_relu_conv", "bn_relu_conv_weight", "conv_padding", "conv_pair", "fusable_conv",
+           "parameters_once"]
 
 
 def bn_relu_conv(
@@ -68,6 +69,14 @@ def conv_padding(conv: nn.Conv2d) -> Optional[Tuple[int, int]]:
     if any(t % 2 for t in total):
         return None
     return (total[0] // 2, total[1] // 2)
+
+
+def fusable_conv(conv: nn.Module) -> bool:
+    """Whether the fused op can compute ``conv``: zero padding, the same on both sides. A conv
+    with ``padding="same"`` and an even ``dilation * (kernel - 1)`` pads one side more (its module
+    runs it), as does ``padding_mode="reflect"`` etc.; ``BNReLUConv2d`` then runs its modules, as
+    eager PyTorch (it raised ValueError, trial 30)."""
+    return getattr(conv, "padding_mode", "zeros") == "zeros" and conv_padding(conv) is not None
 
 
 _NO_CONTEXT = contextlib.nullcontext()
@@ -184,7 +193,8 @@ class BNReLUConv2d(nn.Module):
     def forward(self, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """``conv(relu(norm(x)))`` as one fused op on ``self.backend``; ``out``, if given, receives
         the result (it must not overlap ``x``; see :func:`resfast.functional.bn_relu_conv2d`)."""
-        if out is None and run_unfused(self, [("norm", self.norm), ("conv", self.conv)], "one fused op"):
+        if out is None and (run_unfused(self, [("norm", self.norm), ("conv", self.conv)], "one fused op")
+                            or not fusable_conv(self.conv)):
             return self.conv(F.relu(self.norm(x)))
         return bn_relu_conv(self.norm, self.conv, x, self.backend, out=out)
 

@@ -24,6 +24,7 @@ __all__ = [
     "check_param_dtype",
     "overlaps",
     "int_pair",
+    "padding_pair",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,6 +38,28 @@ def int_pair(v: IntPair, name: str) -> List[int]:
     if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
         return [int(v[0]), int(v[1])]
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def padding_pair(padding, weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> List[int]:
+    """:func:`int_pair` of ``padding``, and ``F.conv2d``'s strings: ``"valid"`` is ``[0, 0]``,
+    ``"same"`` (stride 1 only, as ``F.conv2d``) ``dilation * (kernel - 1) // 2`` per side, refused
+    where that total is odd (``F.conv2d`` then pads one side more; the fused op pads both sides
+    alike). Before trial 30 every string was refused."""
+    if not isinstance(padding, str):
+        return int_pair(padding, "padding")
+    if padding == "valid":
+        return [0, 0]
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' is not supported for strided convolutions (stride={list(stride)}), as in "
+                         "F.conv2d")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(weight.shape[2:])} and dilation {list(dilation)} pads "
+                         "one side more than the other (F.conv2d pads the extra row / column at the end); the fused "
+                         "op pads both sides alike: pass numeric padding, or an odd kernel")
+    return [t // 2 for t in total]
 
 
 def check_momentum(momentum) -> float:
@@ -96,7 +119,8 @@ def check_bn_relu_conv2d_args(
         raise TypeError(f"training must be a bool, got {training!r}")
     momentum = check_momentum(momentum)
     check_eps(eps)
-    stride, padding, dilation = int_pair(stride, "stride"), int_pair(padding, "padding"), int_pair(dilation, "dilation")
+    stride, dilation = int_pair(stride, "stride"), int_pair(dilation, "dilation")
+    padding = padding_pair(padding, weight, stride, dilation)
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     c_in, c_out = x.shape[1], weight.shape[0]
