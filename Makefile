@@ -58,11 +58,19 @@ test: install $(DEVICE_TRITON_DIR)/.installed
 # holds for .venv's build, which `make test` checks) and the static model (whose triton-3.6
 # compile `make test` checks) are left out. Catches what only the older torch refuses
 # before a GPU session's minutes find it. .ci/run runs it after `make test`.
-$(DEVICE_VENV)/.installed:
+# torch 2.11 and torchvision 0.26 come without their CUDA libraries (about 2.7 GB more to download):
+# .venv's, the same CUDA 13 major release, are linked in (nothing here runs them: no GPU; torch
+# loads them at import). Their other dependencies and the test tools need no torch.
+DEVICE_SITE = $$($(DEVICE_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+$(DEVICE_VENV)/.installed: | $(VENV)/.installed
 	$(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(DEVICE_VENV)/bin/python -m pip install --quiet $(DEVICE_TORCH) "triton==$(DEVICE_TRITON)" numpy pytest \
-		pytest-xdist pytest-benchmark hypothesis timm tqdm matplotlib scikit-learn
+	$(DEVICE_VENV)/bin/python -m pip install --quiet filelock typing_extensions sympy networkx jinja2 fsspec \
+		pillow numpy pytest pytest-xdist pytest-benchmark hypothesis tqdm matplotlib scikit-learn \
+		huggingface_hub pyyaml safetensors
+	$(DEVICE_VENV)/bin/python -m pip install --quiet --no-deps $(DEVICE_TORCH) "triton==$(DEVICE_TRITON)" timm
+	ln -sfn "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia" "$(DEVICE_SITE)/nvidia"
+	$(DEVICE_VENV)/bin/python -c "import torch, torchvision, timm; print('device venv: torch', torch.__version__)"
 	touch $@
 
 # Then the Triton backend's host code (op registration, autograd, fake tensors, launch plans) under
@@ -73,16 +81,18 @@ $(DEVICE_INTERP_TRITON_DIR)/.installed: | $(DEVICE_VENV)/.installed $(VENV)/.ins
 		"triton==$$($(PY) -c 'import triton; print(triton.__version__)')"
 	touch $@
 
+# (DEVICE_PYTEST_FLAGS: more pytest options for its runs, e.g. -x, as .ci/run passes)
+DEVICE_PYTEST_FLAGS ?=
 test-device-env: $(DEVICE_VENV)/.installed $(DEVICE_INTERP_TRITON_DIR)/.installed
-	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest tests -q -p no:cacheprovider \
+	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest tests -q -p no:cacheprovider $(DEVICE_PYTEST_FLAGS) \
 		-n $(TEST_WORKERS) --dist loadscope --ignore tests/test_static_model.py \
 		--deselect tests/test_build.py::test_info_reports_native_built \
 		--deselect tests/test_build.py::test_required_cuda_build_has_cuda_kernels
-	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable $(DEVICE_PYTEST_FLAGS)
 	PYTHONPATH=$(abspath $(DEVICE_INTERP_TRITON_DIR)) TRITON_INTERPRET=1 $(DEVICE_VENV)/bin/python -m pytest \
 		tests/test_opset.py tests/test_launch_counts.py tests/test_epilogue_stats.py tests/test_double_backward.py \
 		tests/test_bn_relu_conv2d.py tests/test_triton_bwd_classes.py tests/test_plan_cache.py -q -p no:cacheprovider \
-		-n $(TEST_WORKERS) \
+		-n $(TEST_WORKERS) $(DEVICE_PYTEST_FLAGS) \
 		--dist loadscope
 
 clean:
