@@ -58,7 +58,7 @@ def test_cosine_and_onecycle_schedules():
     one = TrainConfig(epochs=10, lr=0.4, schedule="onecycle")
     lrs = [lr_at(one, e, s, 10) for e in range(10) for s in range(10)]
     assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4)
-    assert lrs.index(max(lrs)) == 30 and lrs[-1] == pytest.approx(0.4 / 25 / 1e4)
+    assert lrs.index(max(lrs)) == 29 and lrs[-1] == pytest.approx(0.4 / 25 / 1e4)
 
 
 def test_one_epoch_writes_csv_json_plot_and_a_weights_only_checkpoint(tmp_path):

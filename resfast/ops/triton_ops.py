@@ -577,6 +577,15 @@ _FWD_CONFIGS = [
     # image): two 64-channel input chunks instead of four 32-channel ones, half the load rounds
     # (PREDICTED: 15.0 -> 12.3 us, 112 registers, spill-free)
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=64, STACK=1),
+    # split-K (``SPLITK``: programs per tile, each over its share of the input chunks, the tile's
+    # last program summing the float32 partials in split order; one group per block, not with
+    # the statistics epilogue, :func:`_split_k_ok`): a small image's few tiles with a long chunk
+    # loop (DenseNet-121's 3x3 conv at 7 x 7 and 14 x 14, its 1x1 conv at 7 x 7 over 1024 input
+    # channels). docs/notes/triton_kernels.md, 2026-12-01 (PREDICTED)
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=32, STACK=1, SPLITK=4),
+    _cfg(4, 1, 4, TILE_H=8, TILE_W=8, BLOCK_N=32, BLOCK_K=16, STACK=1, SPLITK=8),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=32, STACK=1, SPLITK=4),
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64, STACK=1, SPLITK=4),
 ]
 # Extra candidates of the forward with the statistics epilogue (``bn_relu_conv2d_stats``, the
 # producer of a chained pair), whose register accumulators take the 4-warp 8 x 8 tile to about
@@ -606,6 +615,35 @@ FWD_FIXUP_FMA = True
 #: before the per-pair shifted sums, ``STATS_PAIRS``).
 FWD_STATS_PAIRS = True
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
+
+
+def _split_k_ok(groups: int, cin_g: int, cout_g: int, cfg: TileConfig) -> bool:
+    """A split-K forward config (``SPLITK``) applies: one group per block (no packed groups,
+    whose non-finite fix-up needs a program's whole tile) and the input chunks shared evenly."""
+    split_k = cfg.get("SPLITK", 1)
+    blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+    return blk.gp == 1 and blk.ksub >= split_k and blk.ksub % split_k == 0
+
+
+_SPLIT_COUNTERS: Dict[Tuple[Any, ...], Tensor] = {}
+_SPLIT_COUNTERS_LOCK = threading.Lock()
+
+
+def _split_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` int32 ticket counters for a split-K forward, zero between launches (the last
+    program of each tile resets its counter), so they are zeroed once, when made, not per
+    launch (no memset launch). One buffer per device and CUDA stream: launches on one stream
+    run in order, so no two launches share a counter at once; launches on different streams
+    take different buffers."""
+    if device.type != "cuda":
+        return torch.zeros([n], dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    with _SPLIT_COUNTERS_LOCK:
+        buf = _SPLIT_COUNTERS.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros([max(n, 4096)], dtype=torch.int32, device=device)
+            _SPLIT_COUNTERS[key] = buf
+        return buf
 
 
 @dataclass(frozen=True)
@@ -692,6 +730,9 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         configs = [cfg for cfg in configs if not cfg.get("FIXUP_FMA")]
     if tuple(stride) != (1, 1):  # the 4 x 16 strip spills with triton 3.6 at stride 2
         configs = [cfg for cfg in configs if not cfg.get("STRIP")]
+    # split-K configs: one group per block, no statistics epilogue, the chunks evenly shared
+    configs = [cfg for cfg in configs
+               if cfg.get("SPLITK", 1) == 1 or (pstat is None and _split_k_ok(groups, cin_g, cout_g, cfg))]
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if pstat is not None:
@@ -703,6 +744,9 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     elif ho * wo <= 8 * 8:
         configs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
 
+    fwd_bytes = (_x_read_bytes(x, kh, kw, stride, dilation, ho, wo) + _nbytes(weight)
+                 + y.numel() * y.element_size() + (_nbytes(pstat) if pstat is not None else 0))
+
     def bind(cfg: TileConfig) -> Bound:
         th, tw = cfg.get("TILE_H"), cfg.get("TILE_W")
         if fit:
@@ -711,24 +755,33 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         ncb = blk.ngb * blk.nsub
         tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
         num_tiles = n * tiles_h * tiles_w
-        nprog = _balanced_splits(num_tiles, ncb, x, cfg, STATS_ROWS if pstat is not None else None,
+        split_k = cfg.get("SPLITK", 1)
+        nprog = _balanced_splits(num_tiles, ncb * split_k, x, cfg, STATS_ROWS if pstat is not None else None,
                                  fill=blk.gp > 1)
         halo_h = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
         halo_w = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
         halo_b = min(64, _pow2(halo_h * halo_w))
         if use_scratch:
             slot = _cdiv(halo_h * halo_w, halo_b) * halo_b * blk.block_k
-            scratch = torch.empty([nprog * ncb * slot], dtype=x.dtype, device=x.device)
+            scratch = torch.empty([nprog * ncb * split_k * slot], dtype=x.dtype, device=x.device)
         else:
             scratch = y
+        ws_bytes = 0
+        if split_k > 1:  # float32 partials of every tile and split, and the tiles' ticket counters
+            ws = torch.empty([num_tiles * ncb * split_k * th * tw * blk.block_n], dtype=torch.float32,
+                             device=x.device)
+            cnt = _split_counters(x.device, num_tiles * ncb)
+            ws_bytes = 2 * ws.numel() * 4
+        else:
+            ws, cnt = mean, mean  # unused
         packed = blk.gp > 1
         flags = mean  # unused: a packed program's fix-up is decided in the program itself
         args = (x, weight, _or(bias, mean), _or(gamma, mean), _or(beta, mean), mean, invstd, y, scratch, flags,
-                _or(pstat, mean), c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w,
+                _or(pstat, mean), ws, cnt, c, h, w, co, ho, wo, cin_g, cout_g, blk.kr, blk.nr, blk.nsub, tiles_h, tiles_w,
                 num_tiles, STATS_ROWS, *_digits(nprog, (tiles_w, tiles_h)), *x.stride(), *weight.stride(), *y.stride(), *stride, *padding, *dilation)
         const = dict(KH=kh, KW=kw, STACK=min(_pow2(kw), cfg.get("STACK", 4)), FIXUP_FMA=bool(cfg.get("FIXUP_FMA")),
                      HALO_H=halo_h, HALO_W=halo_w, HALO_B=halo_b,
-                     USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == 1, PACKED=packed, HAS_BIAS=bias is not None,
+                     USE_SCRATCH=use_scratch, ONE_CHUNK=blk.ksub == split_k, PACKED=packed, HAS_BIAS=bias is not None,
                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
                      BLOCK_K=blk.block_k, STATS=pstat is not None,
@@ -736,6 +789,8 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
                      # the interpreter always walks, so the tests run the walk (the other path is the fix-up's)
                      WALK=_interpret() or _cdiv(num_tiles, nprog) >= _WALK_MIN_TILES, num_warps=cfg.num_warps,
                      num_stages=cfg.num_stages)
+        if split_k > 1:
+            const["SPLIT_K"] = split_k
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
         # per-program trips of the kernel's loops in the order of their heads in the code
@@ -743,21 +798,22 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         if const["STATS_PAIRS"]:  # the partials' rows no program owns, zeroed first
             loops["zero_rows"] = (STATS_ROWS - 1) // nprog
         loops["tiles"] = _cdiv(num_tiles, nprog)
-        if blk.ksub > 1:
-            loops["chunks"] = blk.ksub
+        if blk.ksub > split_k:
+            loops["chunks"] = blk.ksub // split_k
         if packed:  # the exact fix-up runs only for tiles that are not finite
             loops.update(fixup_tiles=0, fixup_groups=0)
             if const["STATS_PAIRS"]:  # and then its statistics' walk over the stored tiles
                 loops["fixup_stats"] = 0
-        return Bound((nprog, ncb), args, const, loops=loops, depths={"chunks": 2, "fixup_groups": 2},
+        return Bound((nprog, ncb) + ((split_k,) if split_k > 1 else ()), args, const, loops=loops,
+                     depths={"chunks": 2, "fixup_groups": 2},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
-                                  programs=nprog * ncb))
+                                  programs=nprog * ncb * split_k),
+                     hbm_bytes=(fwd_bytes + ws_bytes) if split_k > 1 else None)
 
     key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None,
            pstat is not None)
     return [KernelLaunch("conv_fwd", bn_relu_conv_fwd.bn_relu_conv_fwd_kernel, configs, _FWD_INTERP, bind, key,
-                         hbm_bytes=_x_read_bytes(x, kh, kw, stride, dilation, ho, wo) + _nbytes(weight)
-                         + y.numel() * y.element_size() + (_nbytes(pstat) if pstat is not None else 0))]
+                         hbm_bytes=fwd_bytes)]
 
 
 def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,

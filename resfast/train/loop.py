@@ -124,11 +124,13 @@ def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> f
     if config.schedule == "cosine":
         return 0.5 * config.lr * (1.0 + math.cos(math.pi * t / total))
     if config.schedule == "onecycle":
+        # OneCycleLR's phases (pct_start 0.3, three_phase False): the warm-up ends at step
+        # 0.3 * total - 1 and the annealing at step total - 1, both reached exactly
         start, end = config.lr / 25.0, config.lr / 25.0 / 1e4
-        warm = max(int(0.3 * total), 1)
-        if t < warm:
-            return _cos_anneal(start, config.lr, t / warm)
-        return _cos_anneal(config.lr, end, (t - warm) / max(total - 1 - warm, 1))
+        warm_end, last = 0.3 * total - 1.0, total - 1.0
+        if t <= warm_end:
+            return _cos_anneal(start, config.lr, t / warm_end)
+        return _cos_anneal(config.lr, end, (t - warm_end) / (last - warm_end))
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
 
 

@@ -51,6 +51,16 @@ recomputes a tile by scalar FMAs from the staged halo (:func:`_fixup_fma`), so t
 fix-up no longer sets the kernel's register count (64 at the 4-warp 8 x 8 tile: 8 programs
 per SM).
 
+``SPLIT_K`` (split-K, one group per block, no ``STATS``, not ``PACKED``): grid axis 2 cuts
+the block's input chunks into ``SPLIT_K`` equal shares, one per program, so a small image's few
+tiles (DenseNet-121's 7 x 7 and 14 x 14 blocks) are spread over more programs with a shorter
+chunk loop each. Each program stores its float32 partial tile to ``ws_ptr`` (``[tiles x channel
+blocks, SPLIT_K, BM, BLOCK_N]``) and, after a barrier, takes an acquire-release ticket on the
+tile's int32 counter in ``cnt_ptr``; the tile's last program reads the ``SPLIT_K`` partials back
+in split order (the sum's order, so its bits, never depend on which program came last), resets
+the counter to zero (the host zeroes the counters once, when it makes them, not per launch) and
+stores the output (:func:`_split_sum`).
+
 ``WALK`` (a program with many tiles): the tile loop walks its tiles by their digits (column,
 row, image; ``STEP_*`` the digits of the loop's step, from the host), adds and compares per
 tile, no runtime division; with few tiles per program the carried digits cost more than the
@@ -66,6 +76,7 @@ from resfast.kernels.triton.bn_relu import (any_nonfinite, bn_relu, channel_bloc
 @triton.jit
 def bn_relu_conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, y_ptr, scratch_ptr, flag_ptr, pstat_ptr,
+    ws_ptr, cnt_ptr,
     C, H, W, CO, HO, WO, CIN_G, COUT_G, KR, NR, NSUB, TILES_H, TILES_W, NUM_TILES, S_ROWS, STEP_W, STEP_H, STEP_N,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
@@ -77,18 +88,26 @@ def bn_relu_conv_fwd_kernel(
     HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     STATS: tl.constexpr = False, WALK: tl.constexpr = True, FIXUP_FMA: tl.constexpr = False,
-    STATS_PAIRS: tl.constexpr = False,
+    STATS_PAIRS: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cb = tl.program_id(1)
+    if SPLIT_K > 1:  # this program's share of the input chunks (KR a multiple of SPLIT_K * BLOCK_K)
+        ks = tl.program_id(2)
+        k_span = KR // SPLIT_K
+        kc0 = ks * k_span
+    else:
+        ks = 0
+        k_span = KR
+        kc0 = 0
     act_ty = y_ptr.dtype.element_ty
     BM: tl.constexpr = TILE_H * TILE_W
     HALO_NP: tl.constexpr = ((HALO_H * HALO_W + HALO_B - 1) // HALO_B) * HALO_B
     m = tl.arange(0, BM)
     oi = m // TILE_W  # constexpr power-of-two divisor: a shift
     oj = m % TILE_W
-    slot = scratch_ptr + (cb * nprog + pid).to(tl.int64) * (HALO_NP * BLOCK_K)
+    slot = scratch_ptr + ((ks * tl.num_programs(1) + cb) * nprog + pid).to(tl.int64) * (HALO_NP * BLOCK_K)
 
     gblk = cb // NSUB
     n_loc = (cb % NSUB) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,9 +118,9 @@ def bn_relu_conv_fwd_kernel(
         n_ok = (n_loc < NR) & (co < CO)
     gn = n_loc // COUT_G
     if ONE_CHUNK:
-        scale, shift, k_ok, x_c = _chunk(0, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
+        scale, shift, k_ok, x_c = _chunk(kc0, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sxc,
                                          HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
-        wt = _weights(w_ptr, 0, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK, BLOCK_K,
+        wt = _weights(w_ptr, kc0, gblk, KR, C, CIN_G, co, gn, n_ok, swo, swi, swh, sww, KH, KW, STACK, BLOCK_K,
                       PACKED, EVEN_K)
     if HAS_BIAS:
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
@@ -149,7 +168,7 @@ def bn_relu_conv_fwd_kernel(
                              stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, 0, CIN_G, act_ty, KH, KW, STACK, HALO_H,
                              HALO_W, HALO_B, HALO_NP, USE_SCRATCH, False, DOT_F32, BLOCK_K)
         else:
-            for kc in tl.range(0, KR, BLOCK_K, num_stages=1):
+            for kc in tl.range(kc0, kc0 + k_span, BLOCK_K, num_stages=1):
                 scale, shift, k_ok, x_c = _chunk(kc, gblk, KR, C, CIN_G, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                                                  sxc, HAS_GAMMA, HAS_BETA, EVEN_K, BLOCK_K)
                 if USE_SCRATCH:
@@ -168,7 +187,12 @@ def bn_relu_conv_fwd_kernel(
                 nonfinite += tl.sum(acc * 0.0, axis=1)
             else:
                 nonfinite += acc * 0.0
-        _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+        if SPLIT_K > 1:  # the tile's last program to finish sums the partials (fixed order) and stores
+            acc, last = _split_sum(ws_ptr, cnt_ptr, acc, t * tl.num_programs(1) + cb, ks, m, BM, BLOCK_N, SPLIT_K)
+            if last:
+                _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+        else:
+            _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
         if STATS:
             if STATS_PAIRS:
                 pk, ps, pq, pK = _add_pairs(pk, ps, pq, pK, acc, m_ok, t == pid, BM, BLOCK_N)
@@ -253,6 +277,32 @@ def bn_relu_conv_fwd_kernel(
             tl.store(pstat_ptr + plane + row, st_mean, mask=n_ok)
             tl.store(pstat_ptr + 2 * plane + row, st_m2, mask=n_ok)
             _zero_rows(pstat_ptr, pid, nprog, S_ROWS, CO, col, n_ok, BLOCK_N)
+
+
+@triton.jit
+def _split_sum(ws_ptr, cnt_ptr, acc, tile_id, ks, m, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    """Split-K (``SPLIT_K`` programs per tile, each over its share of the input chunks): store
+    this program's float32 partial to its slot of the tile's ``[SPLIT_K, BM, BLOCK_N]``
+    workspace, then take a ticket on the tile's counter (acquire-release, after a barrier, so
+    the partial is visible first). The last of the tile's programs reads all ``SPLIT_K``
+    partials back in split order (so the sum's order, and its bits, never depend on which
+    program came last), resets the counter to zero for the next launch, and returns ``(sum,
+    True)``; the others ``(acc, False)``."""
+    nn = tl.arange(0, BLOCK_N)
+    tile_sz: tl.constexpr = BM * BLOCK_N
+    base = ws_ptr + tile_id.to(tl.int64) * (SPLIT_K * tile_sz)
+    off = m[:, None] * BLOCK_N + nn[None, :]
+    tl.store(base + ks * tile_sz + off, acc)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+    last = ticket == SPLIT_K - 1
+    if last:
+        acc = tl.load(base + off, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(base + s * tile_sz + off, cache_modifier=".cg")
+        tl.store(cnt_ptr + tile_id, 0)
+    return acc, last
 
 
 @triton.jit
