@@ -149,10 +149,12 @@ class DenseNet(DenseMemoryOwner, BackendOwner, nn.Module):
                 x = block(x)
         return f.norm5(x)
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        x = F.relu(x, inplace=True)
-        x = F.adaptive_avg_pool2d(x, (1, 1))
-        return self.classifier(torch.flatten(x, 1))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The final ReLU, global average pooling and (unless ``pre_logits``) the classifier, on
+        :meth:`forward_features`' output, which it leaves as it was (a ReLU in place zeroed the
+        negative entries of the features a caller kept, trial 29)."""
+        x = torch.flatten(F.adaptive_avg_pool2d(F.relu(x), (1, 1)), 1)
+        return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
