@@ -165,6 +165,8 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
             output, ``"bottleneck"`` recomputes it too.
         backend: ``"auto" | "eager" | "triton" | "native"``; ``block.backend = name`` later
             sets every layer's backend too (each memory mode runs on it).
+        memory_efficient: torchvision's flag, as a keyword or in ``memory``'s place:
+            ``True`` is ``memory="checkpoint"``, ``False`` ``memory="naive"``.
     """
 
     _version = 2
@@ -173,11 +175,16 @@ class DenseBlock(DenseMemoryOwner, BackendOwner, nn.ModuleDict):
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, memory: str = "shared", recompute: str = "bn_relu",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", *, memory_efficient: Optional[bool] = None) -> None:
         super().__init__()
         _positive(num_layers=num_layers, num_input_features=num_input_features, bn_size=bn_size,
                   growth_rate=growth_rate)
-        if isinstance(memory, bool):  # torchvision's positional memory_efficient flag
+        if memory_efficient is not None:  # torchvision's keyword (trial 29: a TypeError before)
+            if not isinstance(memory, str) or memory != "shared":
+                raise ValueError(f"give memory= or memory_efficient=, not both (got memory={memory!r}, "
+                                 f"memory_efficient={memory_efficient!r})")
+            memory = bool(memory_efficient)
+        if isinstance(memory, bool):  # torchvision's memory_efficient flag, positional or keyword
             memory = "checkpoint" if memory else "naive"
         self.memory = memory
         self.recompute = recompute
