@@ -1190,12 +1190,12 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         steps = [s_ // math.gcd(s_, d_) for s_, d_ in zip(stride, dilation)]
         dsteps = [st * d_ // s_ for st, s_, d_ in zip(steps, stride, dilation)]
         a_buf = state.get("a_buf")  # the activations stored for the weight gradient (WGRAD_FROM_A)
-        a_args = (a_buf, a_buf.stride(0), a_buf.stride(2), a_buf.stride(3)) if a_buf is not None else (sums, 0, 0, 0)
-        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum, a_args[0],
+        args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                sums if a_buf is None else a_buf,
                 c, h, w, co, ho, wo, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w, num_tiles,
                 n, cin_g,
-                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *a_args[1:], *stride, *padding,
-                *dilation, *steps, *dsteps)
+                *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding, *dilation,
+                *steps, *dsteps)
         const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw,
                      BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -1462,8 +1462,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
     # the weight gradient from the activations the wide input gradient stores beside grad_z
     a_cfgs = _a_tiles([_BWD_WEIGHT_TMA_INTERP] if _interpret() else _BWD_WEIGHT_TMA_CONFIGS, ho, wo)
     if (WGRAD_FROM_A and wide_ga and not s1_ga and flat is None and a_cfgs and _wide_group(groups, cin_g, cout_g)
-            and _weight_from_a(grad_out, x, stride)):
-        state["a_buf"] = torch.empty_like(x, memory_format=torch.channels_last)
+            and _weight_from_a(grad_out, x, stride) and grad_z.stride() == _cl_strides(grad_z)):
+        state["a_buf"] = torch.empty_like(grad_z)  # grad_z's layout: the input gradient stores both at one offset
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_tma_kernel,
                                      a_cfgs, _BWD_WEIGHT_TMA_INTERP, a_weight_binder, key + ("gw", "a"),
                                      hbm_bytes=gy_bytes + x_bytes))
@@ -1677,6 +1677,12 @@ def _a_tiles(configs: Sequence[TileConfig], ho: int, wo: int) -> List[TileConfig
         if ho % th == 0 and wo % tw == 0:
             kept.append(cfg)
     return kept
+
+
+def _cl_strides(t: Tensor) -> Tuple[int, ...]:
+    """The strides of a dense channels-last ``[N, C, H, W]`` tensor of ``t``'s shape."""
+    n, c, h, w = t.shape
+    return (h * w * c, 1, w * c, c)
 
 
 def _tma_device(x: Tensor) -> bool:

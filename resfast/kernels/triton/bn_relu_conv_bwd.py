@@ -1055,7 +1055,6 @@ def bn_relu_conv_bwd_input_kernel(
     swo, swi, swh, sww,
     sxn, sxc, sxh, sxw,
     szn, szc, szh, szw,
-    san, sah, saw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w, dstep_h, dstep_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
@@ -1077,7 +1076,7 @@ def bn_relu_conv_bwd_input_kernel(
     are reduced over each tile's rows (1-D accumulators), not kept per position: the
     accumulator of a 128 x 128 tile already takes 64 registers per thread. ``SAVE_A``: the
     activations ``a = relu(bn(x))`` its epilogue forms for ``dReLU`` are also stored
-    (``a_ptr``, channels-last, strides ``san, sah, saw``, channel stride 1) for the weight
+    (``a_ptr``, laid out as ``grad_z``: channels-last) for the weight
     gradient's TMA path (:func:`resfast.kernels.triton.bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_tma_kernel`)."""
     pid = tl.program_id(0)
     cb = pid % NCB
@@ -1159,10 +1158,11 @@ def bn_relu_conv_bwd_input_kernel(
         xv = tl.load(x_ptr + n64 * sxn + (h * sxh + w * sxw)[:, None] + (ci * sxc)[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         a = bn_relu(xv, scale, shift, mask).to(act_ty)
+        z_off = n64 * szn + (h * szh + w * szw)[:, None] + (ci * szc)[None, :]
+        if SAVE_A:  # a buffer laid out as grad_z: the same offsets
+            tl.store(a_ptr + z_off, a, mask=mask)
         gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(act_ty)
-        tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + (ci * szc)[None, :], gzv, mask=mask)
-        if SAVE_A:
-            tl.store(a_ptr + n64 * san + (h * sah + w * saw)[:, None] + ci[None, :], a, mask=mask)
+        tl.store(gz_ptr + z_off, gzv, mask=mask)
         gzf = tl.where(mask, gzv.to(tl.float32), 0.0)
         sdz += tl.sum(gzf, axis=0)
         sdzx += tl.sum(gzf * ((xv - mean[None, :]) * invstd[None, :]), axis=0)
