@@ -89,3 +89,71 @@ def test_tma_ok_layouts():
     g3 = torch.empty(2, 6, 5, 6, dtype=torch.bfloat16).contiguous(memory_format=cl)  # 12-byte position stride
     assert not triton_ops._tma_ok(g3, torch.empty(6, 16, 3, 3, dtype=torch.bfloat16).contiguous(memory_format=cl),
                                   1, triton_ops._blocks(1, 16, 6, 16, 16), 6)
+
+
+# The weight gradient from the activations the input gradient stores (``SAVE_A``), both operands
+# by TMA descriptors (``bn_relu_conv_bwd_weight_tma_kernel``; the interpreter's 4 x 4 tiles must
+# divide the output, else the planner keeps the masked kernels).
+A_CASES = [
+    # (C, C_out, groups, k, stride, padding, dilation, dtype, hw)
+    (24, 40, 1, 3, 2, 1, 1, torch.bfloat16, (8, 8)),   # stride 2 (residue boxes), partial channel blocks
+    (16, 32, 1, 3, 1, 2, 2, torch.float32, (4, 8)),    # dilation 2, padding 2, grad_bias
+    (32, 64, 2, 3, 1, 1, 1, torch.float32, (4, 4)),    # two wide groups: boxes past a group stay unstored
+]
+
+
+def _a_setup(monkeypatch, case, path=True):
+    from resfast.kernels.triton import bn_relu_conv_wgrad
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "S1_INPUT", False)
+    c, co, groups, k, s, p, d, dtype, hw = case
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, "cl", dtype, hw=hw, seed=c + co)
+    ho, wo = (hw[0] + 2 * p - d * (k - 1) - 1) // s + 1, (hw[1] + 2 * p - d * (k - 1) - 1) // s + 1
+    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
+    go = go.contiguous(memory_format=torch.channels_last)
+    args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
+    assert (launch.fn is bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_tma_kernel) is path
+    (ga,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
+    assert ga.bind(ga.interp_config).constexprs["SAVE_A"] is path
+    return args, dtype
+
+
+@pytest.mark.parametrize("case", A_CASES, ids=str)
+def test_weight_from_a_against_eager(case, monkeypatch):
+    args, dtype = _a_setup(monkeypatch, case)
+    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
+          dtype, f"weight gradient from a, case={case}")
+
+
+def test_weight_from_a_nan_propagates(monkeypatch):
+    """A NaN in one input element and an infinity in one ``grad_out`` element: NaN at exactly
+    the weight-gradient entries eager's has (the stored ``a`` carries the NaN; zero-filled
+    padding times the infinity is NaN, as in eager's products)."""
+    args, dtype = _a_setup(monkeypatch, (16, 32, 1, 3, 1, 1, 1, torch.float32, (4, 8)))
+    x, go = args[1].clone(), args[0].clone()
+    x[1, 3, 2, 5] = float("nan")
+    go[0, 7, 0, 3] = float("inf")
+    args = (go, x) + args[2:]
+    got = OPS.bn_relu_conv2d_backward(*args)
+    ref = reference.bn_relu_conv2d_backward(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                              else a for a in args])
+    assert torch.isnan(ref[1]).any() and not torch.isnan(ref[1]).all()
+    assert torch.equal(torch.isnan(got[1]).cpu(), torch.isnan(ref[1]).cpu())
+
+
+def test_weight_from_a_falls_back(monkeypatch):
+    """Output tiles that would overhang the output (6 x 6 under 4 x 4 tiles) and an odd height
+    at stride 2: the masked weight kernels, no ``a`` stored; and ``_weight_from_a``'s layouts."""
+    from resfast.ops import triton_ops
+
+    _a_setup(monkeypatch, (16, 32, 1, 3, 1, 1, 1, torch.float32, (6, 6)), path=False)
+    cl = torch.channels_last
+    x = torch.empty(2, 16, 8, 8).contiguous(memory_format=cl)
+    go = torch.empty(2, 32, 4, 4).contiguous(memory_format=cl)
+    assert triton_ops._weight_from_a(go, x, [2, 2])
+    assert not triton_ops._weight_from_a(go.contiguous(), x, [2, 2])  # NCHW grad_out
+    assert not triton_ops._weight_from_a(go, torch.empty(2, 16, 7, 8).contiguous(memory_format=cl), [2, 2])
+    assert not triton_ops._weight_from_a(go, torch.empty(2, 6, 8, 8, dtype=torch.bfloat16), [2, 2])  # 12-byte rows

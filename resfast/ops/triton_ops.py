@@ -1001,6 +1001,23 @@ _BWD_WEIGHT_S1_CONFIGS = [
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=32, BLOCK_K=64),
 ]
 _BWD_WEIGHT_S1_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, SPLIT_KW=1)
+# The weight-gradient launch of a wide group from the activations the input-gradient launch
+# stored (:func:`_weight_from_a`; ``bn_relu_conv_bwd_weight_tma_kernel``): one program per
+# (``BLOCK_N`` output x ``BLOCK_K`` input channels, tap, split), ``grad_out`` and ``a`` by TMA
+# tensor descriptors in a ``num_stages``-deep pipelined loop over output tiles, one MMA per step
+# straight from shared memory. Only tiles that divide the output are listed (:func:`_a_tiles`).
+_BWD_WEIGHT_TMA_CONFIGS = [
+    _cfg(4, 3, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64, A_TMA=1),
+    _cfg(4, 2, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64, A_TMA=1),
+    _cfg(4, 2, 3, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=64, A_TMA=1),
+    _cfg(4, 3, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, A_TMA=1),
+    _cfg(4, 3, 3, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=128, A_TMA=1),
+    _cfg(8, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=128, A_TMA=1),
+]
+_BWD_WEIGHT_TMA_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, A_TMA=1)
+#: ``False``: wide groups' weight gradients as before 2026-12-01 (normalising ``x`` again in
+#: the weight kernels, no ``a`` stored by the input gradient).
+WGRAD_FROM_A = True
 # The input-gradient launch of a group wider than one tile or of 64 input channels or more
 # (:func:`_wide_input`; ``bn_relu_conv_bwd_input_kernel``): one flattened, software-pipelined
 # loop over (output-channel chunk, tap), ``num_stages`` deep; ``BLOCK_N`` output channels per step (the GEMM's K),
@@ -1167,6 +1184,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                         if _merged_backward(groups, cin_g, cout_g, kh, kw, cfg)]
     elt = x.element_size()
     x_bytes, gy_bytes = x.numel() * elt, grad_out.numel() * elt
+    wide_ga = False
     key = ("bwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bool(bias_grad))
     # One buffer per launch and config would need the split count before binding; partials
     # are allocated by the binder and recorded here for the finalize launch.
@@ -1250,7 +1268,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         state.update(psum=psum, splits_s=splits)
         steps = [s_ // math.gcd(s_, d_) for s_, d_ in zip(stride, dilation)]
         dsteps = [st * d_ // s_ for st, s_, d_ in zip(steps, stride, dilation)]
+        a_buf = state.get("a_buf")  # the activations stored for the weight gradient (WGRAD_FROM_A)
         args = (grad_out, weight, x, _or(gamma, mean), _or(beta, mean), mean, invstd, grad_z, psum,
+                sums if a_buf is None else a_buf,
                 c, h, w, co, ho, wo, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w, num_tiles,
                 n, cin_g,
                 *grad_out.stride(), *weight.stride(), *x.stride(), *grad_z.stride(), *stride, *padding, *dilation,
@@ -1258,7 +1278,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         const = dict(KH=kh, KW=kw, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, DOT_F32=_dot_f32(x),
                      EVEN_K=blk.even_k(c), EVEN_N=blk.even_n(co), STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw,
                      BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                     TMA=bool(cfg.get("TMA")) and _tma_ok(grad_out, weight, groups, blk, co))
+                     TMA=bool(cfg.get("TMA")) and _tma_ok(grad_out, weight, groups, blk, co),
+                     SAVE_A=a_buf is not None)
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
         # the reduction steps of a tile: output-channel chunks x the taps reaching its residue
@@ -1271,7 +1292,38 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      depths={"steps": 2},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
-                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel())
+                     hbm_bytes=gy_bytes + 2 * x_bytes + _nbytes(weight) + 4 * psum.numel()
+                     + (x_bytes if a_buf is not None else 0))
+
+    def a_weight_binder(cfg: TileConfig) -> Bound:
+        # bn_relu_conv_bwd_weight_tma_kernel: output tiles that divide the output (_a_tiles)
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), ho, wo)
+        assert ho % th == 0 and wo % tw == 0, (th, tw, ho, wo)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
+        ncb = blk.ngb * blk.ksub * blk.nsub
+        tiles_h, tiles_w = ho // th, wo // tw
+        num_tiles = n * tiles_h * tiles_w
+        cap = max(1, min(num_tiles, (x_bytes + gy_bytes) // (4 * max(1, co * cin_g * khw))))
+        splits = _balanced_splits(num_tiles, ncb * khw, x, cfg, cap, partials=True, fill=True)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        pgw = torch.empty([splits, co * cin_g * khw], **f32)
+        pgb = torch.empty([splits, co], **f32) if bias_grad else sums
+        state.update(pgw=pgw, pgb=pgb, splits_w=splits)
+        a_buf = state["a_buf"]
+        args = (grad_out, a_buf, pgw, pgb, c, co, ho, wo, h // stride[0], w // stride[1], cin_g, blk.kr, blk.nr,
+                blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w, num_tiles, _cdiv(num_tiles, splits), n,
+                grad_out.stride(0), grad_out.stride(2), grad_out.stride(3),
+                a_buf.stride(0), stride[0] * a_buf.stride(2), a_buf.stride(2), stride[1] * a_buf.stride(3),
+                *padding, *dilation)
+        const = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DO_GB=bool(bias_grad), DOT_F32=_dot_f32(x),
+                     STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, TMA=True)
+        if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
+            const["maxnreg"] = cfg.get("MAXNREG")
+        return Bound((ncb * khw * splits,), args, const, loops={"tiles": _cdiv(num_tiles, splits)},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  splits=splits, programs=ncb * khw * splits),
+                     hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)))
 
     def wide_weight_binder(cfg: TileConfig) -> Bound:
         # at stride 1 (bn_relu_conv_bwd_weight_s1_kernel) tiles of the input positions, else of the output's
@@ -1458,6 +1510,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      binder(True, True), key + ("ga+gw",),
                                      hbm_bytes=gy_bytes + x_bytes + x_bytes + _nbytes(weight)))
     elif _wide_input(groups, cin_g, cout_g):
+        wide_ga = True
         wide_cfgs = _prune_tiles(_BWD_INPUT_WIDE_CONFIGS, hc, wc, fit=True)
         if hc * wc <= 8 * 8:  # the static choice: small grids the 8 x 8 tile
             wide_cfgs.sort(key=lambda cfg: cfg.get("TILE_H") * cfg.get("TILE_W"))
@@ -1485,7 +1538,15 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         launches.append(KernelLaunch("conv_bwd_input", other.fn, both,
                                      _BWD_INPUT_S1_INTERP, bind_s1_or_other, key + ("ga", "s1"),
                                      hbm_bytes=other.hbm_bytes))
-    if not merged and _wide_weight(groups, cin_g, cout_g, stride):
+    # the weight gradient from the activations the wide input gradient stores beside grad_z
+    a_cfgs = _a_tiles([_BWD_WEIGHT_TMA_INTERP] if _interpret() else _BWD_WEIGHT_TMA_CONFIGS, ho, wo)
+    if (WGRAD_FROM_A and wide_ga and not s1_ga and flat is None and a_cfgs and _wide_group(groups, cin_g, cout_g)
+            and _weight_from_a(grad_out, x, stride) and grad_z.stride() == _cl_strides(grad_z)):
+        state["a_buf"] = torch.empty_like(grad_z)  # grad_z's layout: the input gradient stores both at one offset
+        launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_tma_kernel,
+                                     a_cfgs, _BWD_WEIGHT_TMA_INTERP, a_weight_binder, key + ("gw", "a"),
+                                     hbm_bytes=gy_bytes + x_bytes))
+    elif not merged and _wide_weight(groups, cin_g, cout_g, stride):
         launches.append(KernelLaunch("conv_bwd_weight", bn_relu_conv_bwd.bn_relu_conv_bwd_weight_kernel,
                                      _prune_tiles(_BWD_WEIGHT_WIDE_CONFIGS, ho, wo, fit=True),
                                      _BWD_WEIGHT_WIDE_INTERP, wide_weight_binder, key + ("gw", "wide"),
@@ -1683,6 +1744,50 @@ def _tma_ok(grad_out: Tensor, weight: Tensor, groups: int, blk: "_Blocks", co: i
     if grad_out.data_ptr() % 16 or weight.data_ptr() % 16:
         return False
     return groups == 1 or blk.nr % blk.block_n == 0
+
+
+def _a_tiles(configs: Sequence[TileConfig], ho: int, wo: int) -> List[TileConfig]:
+    """The configs of ``bn_relu_conv_bwd_weight_tma_kernel`` whose (fitted) tiles divide the
+    ``ho x wo`` output: a tile overhanging it would multiply zero-filled ``grad_out`` rows by
+    activations that no output position reads (``0 * inf`` where eager has no product)."""
+    kept = []
+    for cfg in configs:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), ho, wo)
+        if ho % th == 0 and wo % tw == 0:
+            kept.append(cfg)
+    return kept
+
+
+def _cl_strides(t: Tensor) -> Tuple[int, ...]:
+    """The strides of a dense channels-last ``[N, C, H, W]`` tensor of ``t``'s shape."""
+    n, c, h, w = t.shape
+    return (h * w * c, 1, w * c, c)
+
+
+def _tma_device(x: Tensor) -> bool:
+    """Whether launches on ``x``'s device may use TMA tensor descriptors: Hopper or newer, the
+    interpreter, or the static model's meta tensors (compiled for sm_90)."""
+    if _interpret() or x.device.type == "meta":
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _weight_from_a(grad_out: Tensor, x: Tensor, stride) -> bool:
+    """Whether the weight gradient of a wide group may run from the stored activations by TMA
+    descriptors (``bn_relu_conv_bwd_weight_tma_kernel``): a TMA device; ``grad_out`` with its
+    channels innermost, 16-byte aligned base and strides, no zero stride, 2- or 4-byte
+    elements; channels whose row is a multiple of 16 bytes (the stored ``a`` is channels-last,
+    seen as ``[N, H / SH, SH, W / SW, SW * C]``) and sizes the stride divides."""
+    elt = grad_out.element_size()
+    n, c, h, w = x.shape
+    if not _tma_device(x) or elt not in (2, 4) or x.element_size() != elt or (c * elt) % 16:
+        return False
+    if h % stride[0] or w % stride[1] or grad_out.stride(1) != 1:
+        return False
+    strides = [grad_out.stride(0), grad_out.stride(2), grad_out.stride(3)]
+    if any(s_ <= 0 or (s_ * elt) % 16 for s_ in strides) or grad_out.data_ptr() % 16:
+        return False
+    return True
 
 
 def _wide_input(groups: int, cin_g: int, cout_g: int) -> bool:

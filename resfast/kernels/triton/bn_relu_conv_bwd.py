@@ -1049,7 +1049,7 @@ def _class_chunk(qh: tl.constexpr, qw: tl.constexpr, i: tl.constexpr, nc, gblk, 
 
 @triton.jit
 def bn_relu_conv_bwd_input_kernel(
-    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr,
+    go_ptr, w_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, invstd_ptr, gz_ptr, psum_ptr, a_ptr,
     C, H, W, CO, HO, WO, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES, NB, CIN_G,
     sgn, sgc, sgh, sgw,
     swo, swi, swh, sww,
@@ -1060,7 +1060,7 @@ def bn_relu_conv_bwd_input_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, DOT_F32: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, STAGES: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, SAVE_A: tl.constexpr = False,
 ):
     """``grad_a`` of a group wider than one tile (one group per block, no packing), then the
     epilogue of :func:`bn_relu_conv_bwd_kernel` (``grad_z`` and the BN-gradient partials).
@@ -1074,7 +1074,10 @@ def bn_relu_conv_bwd_input_kernel(
     (``kh = kh0 + j * step_h``; ``step = stride / gcd(stride, dilation)``, which moves the
     output row by ``dstep = step * dilation / stride``). The BN-gradient sums
     are reduced over each tile's rows (1-D accumulators), not kept per position: the
-    accumulator of a 128 x 128 tile already takes 64 registers per thread."""
+    accumulator of a 128 x 128 tile already takes 64 registers per thread. ``SAVE_A``: the
+    activations ``a = relu(bn(x))`` its epilogue forms for ``dReLU`` are also stored
+    (``a_ptr``, laid out as ``grad_z``: channels-last) for the weight
+    gradient's TMA path (:func:`resfast.kernels.triton.bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_tma_kernel`)."""
     pid = tl.program_id(0)
     cb = pid % NCB
     split = pid // NCB
@@ -1155,8 +1158,11 @@ def bn_relu_conv_bwd_input_kernel(
         xv = tl.load(x_ptr + n64 * sxn + (h * sxh + w * sxw)[:, None] + (ci * sxc)[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         a = bn_relu(xv, scale, shift, mask).to(act_ty)
+        z_off = n64 * szn + (h * szh + w * szw)[:, None] + (ci * szc)[None, :]
+        if SAVE_A:  # a buffer laid out as grad_z: the same offsets
+            tl.store(a_ptr + z_off, a, mask=mask)
         gzv = tl.where(a.to(tl.float32) <= 0.0, 0.0, acc).to(act_ty)
-        tl.store(gz_ptr + n64 * szn + (h * szh + w * szw)[:, None] + (ci * szc)[None, :], gzv, mask=mask)
+        tl.store(gz_ptr + z_off, gzv, mask=mask)
         gzf = tl.where(mask, gzv.to(tl.float32), 0.0)
         sdz += tl.sum(gzf, axis=0)
         sdzx += tl.sum(gzf * ((xv - mean[None, :]) * invstd[None, :]), axis=0)

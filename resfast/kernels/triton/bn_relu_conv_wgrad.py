@@ -115,3 +115,95 @@ def _stack_load(g_row, ii, jj, s: tl.constexpr, gblk, NR, CO, HO, WO, sgc, sgh, 
     c_ok = (jj[:, None] + dw[None, :]).to(tl.uint32, bitcast=True) < WO.to(tl.uint32, bitcast=True)
     off = dh * sgh + dw * sgw + (gblk * NR + n) * sgc
     return tl.load(g_row + off[None, :], mask=r_ok & c_ok & ok[None, :], other=0.0)
+
+
+@triton.jit
+def bn_relu_conv_bwd_weight_tma_kernel(
+    go_ptr, a_ptr, pgw_ptr, pgb_ptr,
+    C, CO, HO, WO, HQ, WQ, CIN_G, KR, NR, KSUB, NSUB, NCB, SPLITS, TILES_H, TILES_W, NUM_TILES, TPP, NB,
+    sgn, sgh, sgw, san, sah, sar, saw,
+    pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DO_GB: tl.constexpr,
+    DOT_F32: tl.constexpr, STAGES: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr = True,
+):
+    """``grad_weight`` (and ``grad_bias``) partials of a group wider than one tile from the
+    activations ``a = relu(bn(x))`` that the input-gradient launch wrote beside ``grad_z``
+    (``a_ptr``, channels-last ``[N, H, W, C]`` seen as ``[N, H / SH, SH, W / SW, SW * C]``, so
+    a stride's residue class is a box): one program per (output-channel block, input-channel
+    block, tap, split) walks the split's output tiles in a software-pipelined loop
+    (``STAGES``), both operands by TMA tensor descriptors (the copy engine zero-fills what lies
+    outside the image: the conv's padding, exactly ``a``'s zeros there), one
+    ``[BLOCK_N, positions] x [positions, BLOCK_K]`` MMA per step straight from shared memory
+    into a ``[BLOCK_N, BLOCK_K]`` float32 accumulator. No normalisation, no masks, no
+    addresses per step. A box reaching past its group's channels reads other channels (or the
+    next residue class's) into rows and columns that are never stored: the reduction is over
+    positions only, so nothing leaks into a stored entry. The host takes this path only where
+    the tiles cover the output exactly (a tile overhanging the output would multiply its
+    zero-filled ``grad_out`` rows by activations eager never reads: ``0 * inf``). ``TMA`` is
+    always set (the launcher's cue for triton's descriptor scratch allocator)."""
+    pid = tl.program_id(0)
+    KHW: tl.constexpr = KH * KW
+    BM: tl.constexpr = TILE_H * TILE_W
+    cb = pid % NCB
+    rest = pid // NCB
+    tap = rest % KHW
+    split = rest // KHW
+    kh = tap // KW
+    kw = tap % KW
+    gblk = cb // (KSUB * NSUB)
+    ksub = (cb // NSUB) % KSUB
+    nc = cb % NSUB
+    n0 = nc * BLOCK_N
+    k0 = ksub * BLOCK_K
+    # input row of output row ho under kernel row kh: ho * SH + oh = (ho + qh) * SH + rh
+    oh = kh * dil_h - pad_h
+    qh = (oh + SH * (pad_h + 1)) // SH - (pad_h + 1)
+    rh = oh - qh * SH
+    ow = kw * dil_w - pad_w
+    qw = (ow + SW * (pad_w + 1)) // SW - (pad_w + 1)
+    rw = ow - qw * SW
+    gy_desc = tl.make_tensor_descriptor(go_ptr, shape=[NB, HO, WO, CO], strides=[sgn, sgh, sgw, 1],
+                                        block_shape=[1, TILE_H, TILE_W, BLOCK_N])
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NB, HQ, SH, WQ, SW * C], strides=[san, sah, sar, saw, 1],
+                                       block_shape=[1, TILE_H, 1, TILE_W, BLOCK_K])
+    co0 = gblk * NR + n0
+    c0 = rw * C + gblk * KR + k0
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    gb = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # the split's tiles are a contiguous run, their (image, row, column) digits carried across
+    # the steps (no division per step)
+    t0 = split * TPP
+    t1 = tl.minimum(t0 + TPP, NUM_TILES)
+    tw = t0 % TILES_W
+    r = t0 // TILES_W
+    th = r % TILES_H
+    n = r // TILES_H
+    for _t in tl.range(t0, t1, num_stages=STAGES):
+        th0 = th * TILE_H
+        tw0 = tw * TILE_W
+        gy = gy_desc.load([n, th0, tw0, co0]).reshape(BM, BLOCK_N)
+        av = a_desc.load([n, th0 + qh, rh, tw0 + qw, c0]).reshape(BM, BLOCK_K)
+        acc = dot_acc(tl.trans(gy), av, acc, DOT_F32)
+        if DO_GB:
+            gb += tl.sum(gy.to(tl.float32), axis=0)
+        tw += 1
+        wrap = tw == TILES_W
+        tw = tl.where(wrap, 0, tw)
+        th = tl.where(wrap, th + 1, th)
+        wrap = th == TILES_H
+        th = tl.where(wrap, 0, th)
+        n = tl.where(wrap, n + 1, n)
+
+    n_loc = n0 + tl.arange(0, BLOCK_N)
+    k_loc = k0 + tl.arange(0, BLOCK_K)
+    co = gblk * NR + n_loc
+    n_ok = (n_loc < NR) & (co < CO)
+    k_ok = k_loc < KR
+    base = split.to(tl.int64) * (CO * CIN_G * KHW)
+    col = (co.to(tl.int64) * (CIN_G * KHW))[:, None] + (k_loc * KHW + tap)[None, :]
+    tl.store(pgw_ptr + base + col, acc, mask=n_ok[:, None] & k_ok[None, :])
+    if DO_GB:
+        if (tap == 0) & (ksub == 0):
+            tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
