@@ -170,6 +170,9 @@ def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_half(m
     give: output, every gradient and the running statistics."""
     from resfast.nn.dense import DenseBlock
     from resfast.ops import dense_block as db
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DENSE_CHAIN", True)  # the chained block (not its default plan)
 
     def run():
         torch.manual_seed(0)
@@ -352,9 +355,13 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
     new channels a later layer reads take theirs from conv3x3's (a finalize into the block's
     per-channel statistics): one statistics pass fewer per epilogue; output, input and parameter
     gradients and the running statistics against the float64 eager block with the rule, the
-    unchained triton block as ``ref_same`` for the rule's slack."""
+    unchained triton block as ``ref_same`` for the rule's slack. (Chaining forced: by the
+    planner's rule the block's ungrouped convs run unchained, below.)"""
     from resfast.nn.dense import DenseBlock
     from resfast.ops import dense_block as db
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "DENSE_CHAIN", True)
 
     def make(backend, dtype=torch.float32):
         torch.manual_seed(0)
@@ -400,6 +407,30 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
     for key in ref64:
         assert_rule(key, chained[key], ref64[key], same[key], f"recompute={recompute}")
         assert_rule(key, conv1_only[key], ref64[key], same[key], f"recompute={recompute}, conv1 epilogue only")
+
+
+@pytest.mark.parametrize("chain", [None, False, True])
+def test_shared_dense_block_chains_by_the_planners_rule(chain, monkeypatch):
+    """The shared block takes its layers' statistics in the convs' epilogues only where the
+    planner's rule says the epilogue pays (``stats_epilogue_pays``: grouped convs; a dense
+    layer's are not, so by default the block runs unchained), or as ``DENSE_CHAIN`` forces;
+    the static model's chained consumer is then the plain forward (3 launches)."""
+    from resfast.ops import dense_block as db
+    from resfast.ops import triton_ops
+    from resfast.profiling.sm90 import SHAPES
+    from resfast.profiling.static_model import training_plan
+
+    assert triton_ops.stats_epilogue_pays(32) and not triton_ops.stats_epilogue_pays(1)
+    monkeypatch.setattr(triton_ops, "DENSE_CHAIN", chain)
+    assert db._chains(_ops()) is bool(chain)
+    assert not db._chains(torch.ops.aten)  # an op set without the epilogue ops never chains
+    if chain is None:
+        shapes = SHAPES
+        for name, chained in (("densenet121_3x3_b4", False), ("densenet121_1x1_b3", False),
+                              ("resnext50_s4", True)):
+            plan = training_plan(shapes[name])
+            names = [launch.name for launch in plan["fwd_consumer"]]
+            assert names == ([k.name for k in plan["fwd"]][1:] if chained else [k.name for k in plan["fwd"]]), names
 
 
 @pytest.mark.parametrize("variant", ["readers_eps_differ", "dropout"])

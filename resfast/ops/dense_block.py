@@ -277,14 +277,28 @@ class _Config:
             chunk_budget=_chunk_budget(layers, c, recompute) if backend == "eager" else 0,
             group=group,
             train_op=getattr(ops, "bn_train_relu_conv2d", None) if group is None else None,
-            stats_ops=_stats_ops(ops),
-            out_stats_ops=_stats_ops(ops, ("bn_relu_conv2d_out_stats", "bn_stats_merge_out")),
+            stats_ops=_stats_ops(ops) if _chains(ops) else None,
+            out_stats_ops=_stats_ops(ops, ("bn_relu_conv2d_out_stats", "bn_stats_merge_out")) if _chains(ops) else None,
             merge_out_op=_merge_out_op(ops),
             pair_op=getattr(ops, "bn_relu_conv2d_backward_pair", None),
         )
 
 
 _CONV1 = [_ONE, _ZERO, _ONE, 1]
+
+
+def _chains(ops) -> bool:
+    """Whether the block takes a layer's statistics in its convs' epilogues (where the op set
+    has the ops: triton): by the planner's rule for a producer conv
+    (:func:`resfast.ops.triton_ops.stats_epilogue_pays`; a dense layer's convs are ungrouped),
+    unless ``triton_ops.DENSE_CHAIN`` says otherwise."""
+    if getattr(ops, "bn_relu_conv2d_stats", None) is None:
+        return False
+    from resfast.ops import triton_ops
+
+    if triton_ops.DENSE_CHAIN is not None:
+        return bool(triton_ops.DENSE_CHAIN)
+    return triton_ops.stats_epilogue_pays(1)
 
 
 def _merge_out_op(ops):

@@ -617,6 +617,28 @@ FWD_STATS_PAIRS = True
 _FWD_INTERP = _cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, STACK=1)
 
 
+#: The shared dense block's chaining (a layer's statistics in its convs' epilogues:
+#: ``bn_relu_conv2d_stats`` -> ``bn_relu_conv2d_merge_out`` and ``bn_relu_conv2d_out_stats`` ->
+#: ``bn_stats_merge_out``): ``None`` by :func:`stats_epilogue_pays`; ``True`` / ``False`` always /
+#: never (tests and plan comparisons).
+DENSE_CHAIN: Optional[bool] = None
+
+
+def stats_epilogue_pays(groups: int) -> bool:
+    """Whether a conv taking its output's batch statistics in its epilogue (the producer's
+    forward, then a finalize) is predicted faster than the plain forward, then a statistics pass
+    over the output and its finalize. By the static sm_90 model (triton 3.8, batch 64, bf16,
+    channels_last; PREDICTED, docs/notes/triton_kernels.md, "2026-12-01: the dense block
+    unchained"): for grouped convs, whose producer runs the register-light packed configs
+    (``PAIRS``, ``FIXUP_FMA``), it costs ResNeXt-50's convs 2.7-9.6 us against the 3.0-15.5 us
+    pass it saves; for ungrouped convs the producer has neither the split-K configs
+    (``SPLITK``) nor the packed ones and costs more than the pass at every size the model
+    holds: DenseNet-121's 1x1 conv +74.8 / +36.7 / +36.6 / +10.7 us at 56 / 28 / 14 / 7 pixels
+    a side against a 15.6 / 6.0 / 3.8 / 3.3 us pass over its 128-channel output, the 3x3 conv
+    +68.5 / +22.3 / +7.7 / +9.6 us against at most the same, WRN-28-10's 8 x 8 stage +58.4 us."""
+    return groups > 1
+
+
 def _split_k_ok(groups: int, cin_g: int, cout_g: int, cfg: TileConfig) -> bool:
     """A split-K forward config (``SPLITK``) applies: one group per block (no packed groups,
     whose non-finite fix-up needs a program's whole tile) and the input chunks shared evenly."""

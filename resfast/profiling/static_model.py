@@ -460,9 +460,16 @@ def training_plan(s: ConvShape, dtype=None, device: str = "meta") -> Dict[str, l
     # Statistics in the epilogue. As a consumer, x's statistics come from the epilogue of the op
     # that wrote x: one finalize, no pass over x. As a producer, the conv also takes its
     # output's statistics (what that costs the conv is the op's "epilogue_us").
+    # The chained consumer only where the blocks chain (the planner's rule for the producer,
+    # taken as a conv like this one: ResNeXt's grouped convs); elsewhere (DenseNet's shared
+    # block and WRN's blocks, ungrouped) the consumer is what the block runs, the plain forward.
     partials = torch.zeros([3, triton_ops.STATS_ROWS, s.c], dtype=torch.float32, device=device)
-    consumer = (triton_ops.launch_plan("bn_stats_merge_update", partials, s.n * s.h * s.w, rm, rv, 0.1, 1e-5)
-                + triton_ops.launch_plan("bn_relu_conv2d", x, w, None, bw, bb, mean, invstd, *conv, True))
+    if triton_ops.stats_epilogue_pays(s.groups):
+        consumer = (triton_ops.launch_plan("bn_stats_merge_update", partials, s.n * s.h * s.w, rm, rv, 0.1, 1e-5)
+                    + triton_ops.launch_plan("bn_relu_conv2d", x, w, None, bw, bb, mean, invstd, *conv, True))
+    else:
+        consumer = (triton_ops.launch_plan("bn_stats_update", x, rm, rv, 0.1, 1e-5)
+                    + triton_ops.launch_plan("bn_relu_conv2d", x, w, None, bw, bb, mean, invstd, *conv, True))
     producer = [launch for launch in triton_ops.launch_plan("bn_relu_conv2d_stats", x, w, None, bw, bb, mean,
                                                             invstd, *conv, True)]
     return {"fwd": fwd, "bwd": bwd, "fwd_consumer": consumer, "fwd_producer": producer}
