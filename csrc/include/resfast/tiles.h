@@ -412,6 +412,31 @@ inline int halo_input_grad(int t, int64_t k, int64_t stride, int64_t dil) {
 
 // The spatial tile of at most max_px pixels with the least cost(tile) (a cost < 0: the tile
 // does not fit); best.M == 0 when none fits.
+// A rectangular TH x TW tile's derived fields: its staged halo, the tile counts over OH x OW
+// positions and their division magics.
+inline void set_tile_extent(SpatialTile& s, int64_t OH, int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw,
+                            int64_t dh, int64_t dw, bool input_grad) {
+  s.IH = input_grad ? halo_input_grad(s.TH, KH, sh, dh) : halo_forward(s.TH, KH, sh, dh);
+  s.IW = input_grad ? halo_input_grad(s.TW, KW, sw, dw) : halo_forward(s.TW, KW, sw, dw);
+  s.tiles_h = cdiv(OH, s.TH);
+  s.tiles_w = cdiv(OW, s.TW);
+  s.iw_magic = div_magic(uint32_t(s.IW));
+  s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
+  s.tiles_wd = make_fastdiv(s.tiles_w);
+}
+
+// Keeps the candidate s as best when it fits (cost >= 0) and costs less than best (best.M == 0:
+// none yet).
+template <class Cost>
+inline void keep_cheapest(SpatialTile& best, double& best_cost, const SpatialTile& s, Cost& cost) {
+  const double c = cost(s);
+  if (c < 0) return;
+  if (best.M == 0 || c < best_cost) {
+    best = s;
+    best_cost = c;
+  }
+}
+
 template <class Cost>
 inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t dh,
                                int64_t dw, bool input_grad, int max_px, Cost cost, double* best_cost_out = nullptr) {
@@ -427,19 +452,8 @@ inline SpatialTile choose_tile(int64_t OH, int64_t OW, int64_t KH, int64_t KW, i
       s.lw = lw;
       s.M = TH * TW;
       s.MP = round_up(s.M, 16);
-      s.IH = input_grad ? halo_input_grad(TH, KH, sh, dh) : halo_forward(TH, KH, sh, dh);
-      s.IW = input_grad ? halo_input_grad(TW, KW, sw, dw) : halo_forward(TW, KW, sw, dw);
-      s.tiles_h = cdiv(OH, TH);
-      s.tiles_w = cdiv(OW, TW);
-      s.iw_magic = div_magic(uint32_t(s.IW));
-      s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
-      s.tiles_wd = make_fastdiv(s.tiles_w);
-      const double c = cost(s);
-      if (c < 0) continue;
-      if (best.M == 0 || c < best_cost) {
-        best = s;
-        best_cost = c;
-      }
+      set_tile_extent(s, OH, OW, KH, KW, sh, sw, dh, dw, input_grad);
+      keep_cheapest(best, best_cost, s, cost);
     }
   }
   if (best_cost_out != nullptr) *best_cost_out = best_cost;
@@ -463,23 +477,12 @@ inline SpatialTile choose_residue_tile(const ConvGeom& g, int max_cmt, Cost cost
       s.lw = lqw + 1;
       s.M = 4 << lcp;
       s.MP = s.M;
-      s.IH = halo_input_grad(s.TH, g.KH, g.sh, g.dh);
-      s.IW = halo_input_grad(s.TW, g.KW, g.sw, g.dw);
-      s.tiles_h = cdiv(g.H, s.TH);
-      s.tiles_w = cdiv(g.W, s.TW);
-      s.iw_magic = div_magic(uint32_t(s.IW));
-      s.per_sample = make_fastdiv(s.tiles_h * s.tiles_w);
-      s.tiles_wd = make_fastdiv(s.tiles_w);
+      set_tile_extent(s, g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true);
       s.R = 1;
       s.lcp = lcp;
       s.lqw = lqw;
       s.cmt = 1 << (lcp - 4);
-      const double c = cost(s);
-      if (c < 0) continue;
-      if (best.M == 0 || c < best_cost) {
-        best = s;
-        best_cost = c;
-      }
+      keep_cheapest(best, best_cost, s, cost);
     }
   }
   if (best_cost_out != nullptr) *best_cost_out = best_cost;
@@ -546,12 +549,7 @@ inline SpatialTile choose_whole_tile(const ConvGeom& g, bool input_grad, int max
     s.ihw_magic = div_magic(uint32_t(IH * IW));
     s.per_sample = make_fastdiv(1);
     s.tiles_wd = make_fastdiv(1);
-    const double c = cost(s);
-    if (c < 0) continue;
-    if (best.M == 0 || c < best_cost) {
-      best = s;
-      best_cost = c;
-    }
+    keep_cheapest(best, best_cost, s, cost);
   }
   if (best_cost_out != nullptr) *best_cost_out = best_cost;
   return best;
