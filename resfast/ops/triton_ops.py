@@ -833,17 +833,20 @@ _A_PASS_CONFIGS = [
     _cfg(8, 1, 4, BLOCK_P=128, BLOCK_C=64),
 ]
 _A_PASS_INTERP = _cfg(4, 1, 1, BLOCK_P=16, BLOCK_C=16)
+# (``SWAP``: the weights as the MMA's A operand and ``a`` as its B, the accumulator
+# ``[BLOCK_N, positions]``; with the 2-D weight view, ``W2D``, both operands straight from shared
+# memory, no ``LDSM``.) The static model's choices (PREDICTED, triton 3.8): the first at
+# ``wrn28_10_s1``, the 128 x 128 one at ``s2`` and ``s3``, the 64 x 32 one at ``s2_down``, the
+# 8 x 8 one at ``s3_down``.
 _FWD_TMA_CONFIGS = [
-    _cfg(4, 3, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
-    _cfg(4, 4, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=64),
-    _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32),
+    _cfg(4, 2, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=64, SWAP=1),
+    _cfg(8, 2, 1, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=128),
+    _cfg(4, 3, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, SWAP=1),
     _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64),
-    _cfg(8, 3, 1, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=32),
-    _cfg(8, 3, 1, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64),
-    _cfg(8, 3, 1, TILE_H=16, TILE_W=16, BLOCK_N=64, BLOCK_K=32),
+    _cfg(4, 2, 2, TILE_H=16, TILE_W=16, BLOCK_N=64, BLOCK_K=64, SWAP=1),
     _cfg(8, 3, 1, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=64),
 ]
-_FWD_TMA_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16)
+_FWD_TMA_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, SWAP=1)
 #: ``False``: wide groups' forward by the masked kernel (the plan before the BN-ReLU pass).
 FWD_FROM_A = True
 
@@ -910,8 +913,12 @@ def _forward_from_a(x, weight, bias, gamma, beta, mean, invstd, stride, padding,
                 a.stride(0), stride[0] * a.stride(2), a.stride(2), stride[1] * a.stride(3),
                 weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(), *padding, *dilation)
         const = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], KSUB=blk.ksub, HAS_BIAS=bias is not None,
-                     DOT_F32=_dot_f32(x), STAGES=cfg.num_stages, TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n,
-                     BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages, TMA=True)
+                     DOT_F32=_dot_f32(x), STAGES=cfg.num_stages, SWAP=bool(cfg.get("SWAP")),
+                     # the weights as one 2-D [CO, KH * KW * CIN_G] view: dense channels-last, chunks dividing
+                     # the group (a box never reaches the next tap's channels)
+                     W2D=(weight.stride() == _cl_strides(weight) and cin_g % blk.block_k == 0), TILE_H=th, TILE_W=tw,
+                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     TMA=True)
         return Bound((num_tiles, ncb), args, const, loops={"steps": kh * kw * blk.ksub},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   programs=num_tiles * ncb))

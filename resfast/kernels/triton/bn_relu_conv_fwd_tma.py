@@ -64,7 +64,7 @@ def bn_relu_conv_fwd_tma_kernel(
     syn, syc, syh, syw,
     pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, KSUB: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, W2D: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TMA: tl.constexpr = True,
 ):
@@ -86,11 +86,18 @@ def bn_relu_conv_fwd_tma_kernel(
     tw0 = tw * TILE_W
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NB, HQ, SH, WQ, SW * C], strides=[san, sah, sar, saw, 1],
                                        block_shape=[1, TILE_H, 1, TILE_W, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[CO, KH, KW, CIN_G], strides=[swo, swh, sww, 1],
-                                       block_shape=[BLOCK_N, 1, 1, BLOCK_K])
+    if W2D:  # dense channels-last weights, chunks dividing the group: [CO, KH * KW * CIN_G], a 2-D box
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[CO, KH * KW * CIN_G], strides=[swo, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[CO, KH, KW, CIN_G], strides=[swo, swh, sww, 1],
+                                           block_shape=[BLOCK_N, 1, 1, BLOCK_K])
     co0 = gblk * NR + n0
     k_base = gblk * KR
-    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
     for s in tl.range(0, KH * KW * KSUB, num_stages=STAGES):
         tap = s // KSUB  # constexpr divisors: multiplies and shifts
         kc = s - tap * KSUB
@@ -104,8 +111,14 @@ def bn_relu_conv_fwd_tma_kernel(
         qw = (ow + SW * (pad_w + 1)) // SW - (pad_w + 1)
         rw = ow - qw * SW
         av = a_desc.load([n, th0 + qh, rh, tw0 + qw, rw * C + k_base + kc * BLOCK_K]).reshape(BM, BLOCK_K)
-        wv = w_desc.load([co0, kh, kw, kc * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
-        acc = dot_acc(av, tl.trans(wv), acc, DOT_F32)
+        if W2D:
+            wv = w_desc.load([co0, tap * CIN_G + kc * BLOCK_K])
+        else:
+            wv = w_desc.load([co0, kh, kw, kc * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+        if SWAP:  # the weights as the MMA's A operand, a straight from shared memory as its B
+            acc = dot_acc(wv, tl.trans(av), acc, DOT_F32)
+        else:
+            acc = dot_acc(av, tl.trans(wv), acc, DOT_F32)
 
     m = tl.arange(0, BM)
     ho = th0 + m // TILE_W
@@ -118,4 +131,10 @@ def bn_relu_conv_fwd_tma_kernel(
         bias = tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
+    if SWAP:
+        if HAS_BIAS:
+            acc += bias[:, None]
+        y_off = (co * syc)[:, None] + (ho * syh + wo * syw)[None, :]
+        tl.store(y_ptr + n.to(tl.int64) * syn + y_off, acc.to(act_ty), mask=n_ok[:, None] & m_ok[None, :])
+    else:
+        _store_tile(y_ptr, acc, bias, n, ho, wo, m_ok, co, n_ok, syn, syc, syh, syw, act_ty, HAS_BIAS)
