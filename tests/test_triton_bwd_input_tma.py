@@ -164,7 +164,7 @@ FWD_A_CASES = [
     # (C, C_out, groups, k, stride, padding, dilation, dtype, hw, swap): tiles overhanging the
     # output, partial output channel blocks; the weights as one 2-D view (W2D) in both
     (32, 40, 1, 3, 2, 1, 1, torch.bfloat16, (6, 10), True),  # stride 2 (residue boxes), bias, SWAP
-    (32, 48, 2, 3, 1, 2, 2, torch.float32, (5, 6), False),   # two wide groups (a block past a group unstored), dilation 2
+    (32, 48, 2, 3, 1, 2, 2, torch.float32, (5, 6), False),   # two wide groups (a block past one unstored), dilation 2
 ]
 
 
