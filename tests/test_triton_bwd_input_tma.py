@@ -50,13 +50,12 @@ def test_wide_input_tma_against_eager(case, monkeypatch):
 
 
 def test_wide_input_tma_nan_propagates(monkeypatch):
-    """Stride 1, two full output chunks: against the float64 rule, and with a NaN in one
-    ``grad_out`` element, NaN at exactly the input-gradient positions eager's has (through the
-    copy engine's boxes, as through the masked loads)."""
+    """Stride 1, two full output chunks, with a NaN in one ``grad_out`` element: NaN at exactly
+    the input-gradient positions eager's has (through the copy engine's boxes, as through the
+    masked loads). (Its float64-rule pass without the NaN was dropped, 2026-12-01: the stride-1
+    path is :data:`TMA_CASES`' second case.)"""
     case = (16, 32, 1, 3, 1, 1, 1, torch.float32, True)
     args, dtype = _setup(monkeypatch, case)
-    _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward, args,
-          dtype, f"TMA input gradient case={case}")
     go = args[0].clone()
     go[1, 5, 2, 3] = float("nan")
     args = (go,) + args[1:]
@@ -157,3 +156,55 @@ def test_weight_from_a_falls_back(monkeypatch):
     assert not triton_ops._weight_from_a(go.contiguous(), x, [2, 2])  # NCHW grad_out
     assert not triton_ops._weight_from_a(go, torch.empty(2, 16, 7, 8).contiguous(memory_format=cl), [2, 2])
     assert not triton_ops._weight_from_a(go, torch.empty(2, 6, 8, 8, dtype=torch.bfloat16), [2, 2])  # 12-byte rows
+
+
+# The forward of wide groups from stored activations (``FWD_FROM_A``): a BN-ReLU pass writes ``a``,
+# ``bn_relu_conv_fwd_tma_kernel`` reads it and the channels-last weights by TMA descriptors.
+FWD_A_CASES = [
+    # (C, C_out, groups, k, stride, padding, dilation, dtype, hw, swap): tiles overhanging the
+    # output, partial output channel blocks; the weights as one 2-D view (W2D) in both
+    (32, 40, 1, 3, 2, 1, 1, torch.bfloat16, (6, 10), True),  # stride 2 (residue boxes), bias, SWAP
+    (32, 48, 2, 3, 1, 2, 2, torch.float32, (5, 6), False),   # two wide groups (a block past one unstored), dilation 2
+]
+
+
+def _fwd_a_setup(case, monkeypatch):
+    from resfast.kernels.triton import bn_relu_conv_fwd_tma
+    from resfast.ops import triton_ops
+
+    c, co, groups, k, s, p, d, dtype, hw, swap = case
+    monkeypatch.setattr(triton_ops, "_FWD_TMA_INTERP", triton_ops._cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
+                                                                       BLOCK_K=16, SWAP=int(swap)))
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, "cl", dtype, hw=hw, seed=c + co)
+    w = w.contiguous(memory_format=torch.channels_last)  # the descriptors want the channels innermost
+    args = (x, w, b, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d", *args)
+    assert [launch.fn for launch in plan] == [bn_relu_conv_fwd_tma.bn_relu_store_kernel,
+                                              bn_relu_conv_fwd_tma.bn_relu_conv_fwd_tma_kernel]
+    const = plan[1].bind(plan[1].interp_config).constexprs
+    assert (const["SWAP"], const["W2D"]) == (swap, True)
+    # the fallbacks to the masked kernel: NCHW x or weights; partial input chunks at a width stride
+    for xx, ww in ((x.contiguous(), w), (x, w.contiguous())):
+        (old,) = triton_ops.launch_plan("bn_relu_conv2d", xx, ww, *args[2:])
+        assert old.fn is not bn_relu_conv_fwd_tma.bn_relu_conv_fwd_tma_kernel
+    assert not triton_ops._fwd_a_configs(1, 24, 40, [2, 2]) and triton_ops._fwd_a_configs(1, 24, 40, [1, 1])
+    return args, dtype
+
+
+@pytest.mark.parametrize("case", FWD_A_CASES, ids=str)
+def test_forward_from_a_against_eager(case, monkeypatch):
+    """Against the float64 rule; then a NaN in one input element and an infinity in one weight:
+    non-finite outputs at exactly eager's positions (the zero fill is the padding: ``0 * inf``
+    NaN where eager's padded products are)."""
+    args, dtype = _fwd_a_setup(case, monkeypatch)
+    _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*args), reference.bn_relu_conv2d, args, dtype,
+          f"forward from a, case={case}")
+    x, w = args[0].clone(), args[1].clone()
+    x[1, 3, 2, 5] = float("nan")
+    w[5, 1, 0, 2] = float("inf")
+    args = (x, w) + args[2:]
+    got = OPS.bn_relu_conv2d(*args)
+    ref = reference.bn_relu_conv2d(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                     for a in args])
+    assert torch.equal(torch.isnan(got).cpu(), torch.isnan(ref).cpu())
+    assert torch.equal(torch.isinf(got).cpu(), torch.isinf(ref).cpu())

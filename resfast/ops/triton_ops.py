@@ -43,7 +43,7 @@ from torch import Tensor
 
 import resfast.backends as backend_table
 from resfast.kernels.triton import bn_elemt, bn_relu_conv_bwd, bn_relu_conv_fwd, bn_stats as bn_stats_k
-from resfast.kernels.triton import bn_relu_conv_wgrad
+from resfast.kernels.triton import bn_relu_conv_fwd_tma, bn_relu_conv_wgrad
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, dense_vector, out_memory_format
@@ -744,6 +744,12 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
     cout_g = co // groups
     mean, invstd, gamma, beta = _bn_vectors(mean, invstd, bn_weight, bn_bias)
     bias = None if bias is None else bias.contiguous()  # the kernel reads it at ptr + co
+    if (FWD_FROM_A and pstat is None and flat is None and kh * kw > 1 and _wide_group(groups, cin_g, cout_g)
+            and _fwd_from_a_ok(x, weight, stride)):
+        a_cfgs = _fwd_a_configs(groups, cin_g, cout_g, stride)
+        if a_cfgs:
+            return _forward_from_a(x, weight, bias, gamma, beta, mean, invstd, stride, padding, dilation, groups, y,
+                                   a_cfgs)
     use_scratch = kh * kw > 1
     fit = not use_scratch  # no halo: a tile's shape changes only how it fills the grid
     stats_cfgs = _FWD_STATS_CONFIGS + (_FWD_STATS_PAIRS_CONFIGS if FWD_STATS_PAIRS else [])
@@ -836,6 +842,116 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
            pstat is not None)
     return [KernelLaunch("conv_fwd", bn_relu_conv_fwd.bn_relu_conv_fwd_kernel, configs, _FWD_INTERP, bind, key,
                          hbm_bytes=fwd_bytes)]
+
+
+# The forward of a wide group from stored activations (FWD_FROM_A): a BN-ReLU pass writes a =
+# relu(bn(x)) (a temporary of the forward only), then bn_relu_conv_fwd_tma_kernel reads a and the
+# weights by TMA tensor descriptors (docs/notes/triton_kernels.md, 2026-12-01, "WRN-28-10's
+# forward from stored activations"; PREDICTED). ``BLOCK_P`` rows x ``BLOCK_C`` channels per step.
+_A_PASS_CONFIGS = [
+    _cfg(4, 1, 8, BLOCK_P=64, BLOCK_C=32),
+    _cfg(4, 1, 8, BLOCK_P=32, BLOCK_C=64),
+    _cfg(4, 1, 8, BLOCK_P=128, BLOCK_C=32),
+    _cfg(8, 1, 4, BLOCK_P=128, BLOCK_C=64),
+]
+_A_PASS_INTERP = _cfg(4, 1, 1, BLOCK_P=16, BLOCK_C=16)
+# (``SWAP``: the weights as the MMA's A operand and ``a`` as its B, the accumulator
+# ``[BLOCK_N, positions]``; with the 2-D weight view, ``W2D``, both operands straight from shared
+# memory, no ``LDSM``.) The static model's choices (PREDICTED, triton 3.8): the first at
+# ``wrn28_10_s1``, the 128 x 128 one at ``s2`` and ``s3``, the 64 x 32 one at ``s2_down``, the
+# 8 x 8 one at ``s3_down``.
+_FWD_TMA_CONFIGS = [
+    _cfg(4, 2, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=64, SWAP=1),
+    _cfg(8, 2, 1, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=128),
+    _cfg(4, 3, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, SWAP=1),
+    _cfg(4, 3, 2, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=64),
+    _cfg(4, 2, 2, TILE_H=16, TILE_W=16, BLOCK_N=64, BLOCK_K=64, SWAP=1),
+    _cfg(8, 3, 1, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=64),
+]
+_FWD_TMA_INTERP = _cfg(4, 2, 1, TILE_H=4, TILE_W=4, BLOCK_N=16, BLOCK_K=16, SWAP=1)
+#: ``False``: wide groups' forward by the masked kernel (the plan before the BN-ReLU pass).
+FWD_FROM_A = True
+
+
+def _fwd_from_a_ok(x: Tensor, weight: Tensor, stride) -> bool:
+    """Whether a wide group's forward may run from stored activations: a TMA device, ``x``
+    dense channels-last with 2- or 4-byte elements and a 16-byte channel row (``a`` takes its
+    layout, seen as ``[N, H / SH, SH, W / SW, SW * C]``: the stride divides ``H`` and ``W``),
+    the weights with their channels innermost, 16-byte strides and base, no zero stride."""
+    elt = x.element_size()
+    n, c, h, w = x.shape
+    if not _tma_device(x) or elt not in (2, 4) or weight.element_size() != elt or (c * elt) % 16:
+        return False
+    if x.stride() != _cl_strides(x) or h % stride[0] or w % stride[1] or weight.stride(1) != 1:
+        return False
+    strides = [weight.stride(0), weight.stride(2), weight.stride(3)]
+    sizes = [weight.shape[0], weight.shape[2], weight.shape[3]]
+    if any((s_ <= 0 and n_ > 1) or (s_ * elt) % 16 for s_, n_ in zip(strides, sizes)):
+        return False
+    return weight.data_ptr() % 16 == 0
+
+
+def _fwd_a_configs(groups: int, cin_g: int, cout_g: int, stride) -> List[TileConfig]:
+    """The forward-from-``a`` configs whose input chunks never read another group's (or, at a
+    width stride, another residue class's) channels: one group at width stride 1 (a box past
+    the channels reads the copy engine's zeros), else chunks that divide the group."""
+    cfgs = [_FWD_TMA_INTERP] if _interpret() else _FWD_TMA_CONFIGS
+    kept = []
+    for cfg in cfgs:
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"))
+        if (groups == 1 and stride[1] == 1) or blk.kr % blk.block_k == 0:
+            kept.append(cfg)
+    return kept
+
+
+def _forward_from_a(x, weight, bias, gamma, beta, mean, invstd, stride, padding, dilation, groups, y, a_cfgs):
+    co, cin_g, kh, kw = weight.shape
+    n, c, h, w = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    cout_g = co // groups
+    a = torch.empty_like(x)  # x's dense channels-last layout; freed with the forward's other scratch
+    p = n * h * w
+    x_bytes = _nbytes(x)
+
+    def bind_a(cfg: TileConfig) -> Bound:
+        bp, bc = cfg.get("BLOCK_P"), min(cfg.get("BLOCK_C"), max(16, _pow2(c)))
+        ncb = _cdiv(c, bc)
+        num_pb = _cdiv(p, bp)
+        nprog = max(1, min(num_pb, _cdiv(_persistent_programs(x, cfg), ncb)))
+        args = (x, a, _or(gamma, mean), _or(beta, mean), mean, invstd, c, p, num_pb)
+        const = dict(HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, EVEN=p % bp == 0 and c % bc == 0,
+                     BLOCK_P=bp, BLOCK_C=bc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return Bound((nprog, ncb), args, const, loops={"rows": _cdiv(num_pb, nprog)},
+                     derived=dict(BLOCK_P=bp, BLOCK_C=bc, programs=nprog * ncb))
+
+    def bind_conv(cfg: TileConfig) -> Bound:
+        th, tw = _fit_tile(cfg.get("TILE_H"), cfg.get("TILE_W"), ho, wo)
+        blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"))
+        ncb = blk.ngb * blk.nsub
+        tiles_h, tiles_w = _cdiv(ho, th), _cdiv(wo, tw)
+        num_tiles = n * tiles_h * tiles_w
+        args = (a, weight, _or(bias, mean), y, c, co, ho, wo, h // stride[0], w // stride[1], cin_g, blk.kr, blk.nr,
+                blk.nsub, tiles_h, tiles_w, n,
+                a.stride(0), stride[0] * a.stride(2), a.stride(2), stride[1] * a.stride(3),
+                weight.stride(0), weight.stride(2), weight.stride(3), *y.stride(), *padding, *dilation)
+        const = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], KSUB=blk.ksub, HAS_BIAS=bias is not None,
+                     DOT_F32=_dot_f32(x), STAGES=cfg.num_stages, SWAP=bool(cfg.get("SWAP")),
+                     # the weights as one 2-D [CO, KH * KW * CIN_G] view: dense channels-last, chunks dividing
+                     # the group (a box never reaches the next tap's channels)
+                     W2D=(weight.stride() == _cl_strides(weight) and cin_g % blk.block_k == 0), TILE_H=th, TILE_W=tw,
+                     BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     TMA=True)
+        return Bound((num_tiles, ncb), args, const, loops={"steps": kh * kw * blk.ksub},
+                     derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
+                                  programs=num_tiles * ncb))
+
+    key = ("fwd", *_conv_key(x, weight, stride, padding, dilation, groups, ho, wo), bias is not None, False)
+    return [KernelLaunch("bn_relu_a", bn_relu_conv_fwd_tma.bn_relu_store_kernel,
+                         [cfg for cfg in _A_PASS_CONFIGS if cfg.get("BLOCK_C") <= max(16, _pow2(c))] or _A_PASS_CONFIGS,
+                         _A_PASS_INTERP, bind_a, key + ("a",), hbm_bytes=2 * x_bytes),
+            KernelLaunch("conv_fwd", bn_relu_conv_fwd_tma.bn_relu_conv_fwd_tma_kernel, a_cfgs, _FWD_TMA_INTERP,
+                         bind_conv, key + ("from_a",),
+                         hbm_bytes=x_bytes + _nbytes(weight) + y.numel() * y.element_size())]
 
 
 def _plan_bn_relu_conv2d_stats(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups,

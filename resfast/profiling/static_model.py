@@ -537,7 +537,10 @@ def predict_ops(shapes: Iterable[ConvShape], kernels: List[Dict[str, Any]], band
         fwd = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd")
         bwd = sum(k["predicted_us"] for k in ks if k["phase"] == "bwd")
         consumer = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd_consumer")
-        conv_fwd = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd" and k["kernel"] == "conv_fwd")
+        # the plain forward's conv (with the BN-ReLU pass of a wide group's forward from stored
+        # activations, whose producer keeps the masked kernel)
+        conv_fwd = sum(k["predicted_us"] for k in ks
+                       if k["phase"] == "fwd" and k["kernel"] in ("conv_fwd", "bn_relu_a"))
         producer = sum(k["predicted_us"] for k in ks if k["phase"] == "fwd_producer")
         eager = eager_floor_bytes(s)
         fused = fused_floor_bytes(s)
