@@ -104,3 +104,12 @@ def test_the_gpu_list_carries_the_split_configs():
     assert len(cfgs) == 4 and not triton_ops._FWD_CONFIGS[0].get("SPLITK")
     for c in cfgs:
         assert triton_ops._split_k_ok(1, 128, 32, c) or triton_ops._split_k_ok(1, 1024, 128, c)
+
+
+def test_split_k_keeps_its_workspace_small():
+    """A split-K config's workspace holds float32 partials of every tile and split: at
+    DenseNet-121's 7x7 at batch 64 the split configs apply, at 56x56 / batch 16384 (probe23's
+    launch-limit shapes: 26e9 partials, past the kernel's 32-bit offsets) none does."""
+    cfgs = [c for c in triton_ops._FWD_CONFIGS if c.get("SPLITK")]
+    assert any(triton_ops._split_k_ok(1, 128, 32, c, 64, 7, 7) for c in cfgs)
+    assert not any(triton_ops._split_k_ok(1, ci, co, c, 16384, 56, 56) for c in cfgs for ci, co in ((128, 32), (1024, 128)))

@@ -639,12 +639,25 @@ def stats_epilogue_pays(groups: int) -> bool:
     return groups > 1
 
 
-def _split_k_ok(groups: int, cin_g: int, cout_g: int, cfg: TileConfig) -> bool:
+# The most float32 partials a split-K forward's workspace may hold (128 MiB): split-K is for
+# small images' few tiles (DenseNet-121's 7x7 / 14x14 at batch 64: at most 1.6M partials); a large
+# output would make the workspace a multiple of the output (and past 2**31 elements, beyond the
+# kernel's 32-bit offsets), so it keeps the plain configs.
+_SPLIT_K_MAX_PARTIALS = 1 << 25
+
+
+def _split_k_ok(groups: int, cin_g: int, cout_g: int, cfg: TileConfig, n: int = 1, ho: int = 1,
+                wo: int = 1) -> bool:
     """A split-K forward config (``SPLITK``) applies: one group per block (no packed groups,
-    whose non-finite fix-up needs a program's whole tile) and the input chunks shared evenly."""
+    whose non-finite fix-up needs a program's whole tile), the input chunks shared evenly, and
+    its workspace of float32 partials (every tile and split of ``n`` outputs of ``ho`` x ``wo``;
+    bounded here by tiles that overhang by a whole tile) at most ``_SPLIT_K_MAX_PARTIALS``."""
     split_k = cfg.get("SPLITK", 1)
     blk = _blocks(groups, cin_g, cout_g, cfg.get("BLOCK_K"), cfg.get("BLOCK_N"), cfg.get("PACK", 16))
-    return blk.gp == 1 and blk.ksub >= split_k and blk.ksub % split_k == 0
+    partials = (n * (ho + cfg.get("TILE_H")) * (wo + cfg.get("TILE_W")) * blk.ngb * blk.nsub * split_k
+                * blk.block_n)
+    return (blk.gp == 1 and blk.ksub >= split_k and blk.ksub % split_k == 0
+            and partials <= _SPLIT_K_MAX_PARTIALS)
 
 
 _SPLIT_COUNTERS: Dict[Tuple[Any, ...], Tensor] = {}
@@ -760,7 +773,7 @@ def _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride,
         configs = [cfg for cfg in configs if not cfg.get("STRIP")]
     # split-K configs: one group per block, no statistics epilogue, the chunks evenly shared
     configs = [cfg for cfg in configs
-               if cfg.get("SPLITK", 1) == 1 or (pstat is None and _split_k_ok(groups, cin_g, cout_g, cfg))]
+               if cfg.get("SPLITK", 1) == 1 or (pstat is None and _split_k_ok(groups, cin_g, cout_g, cfg, n, ho, wo))]
     # the static choice first (what runs untuned or inside a CUDA-graph capture), by the
     # static model's predictions: wide 1x1 convs the 128 x 64 channel tile, small images 8x8
     if pstat is not None:
