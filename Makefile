@@ -21,7 +21,7 @@ DEVICE_TRITON_DIR := $(VENV)/device-triton-$(DEVICE_TRITON)
 DEVICE_TORCH ?= torch==2.11.0 torchvision==0.26.0
 DEVICE_VENV ?= .venv-device
 
-.PHONY: install bench test test-device-env memory clean
+.PHONY: install bench test test-device-triton test-device-env memory clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,16 @@ bench: install
 memory: install
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
 
-test: install $(DEVICE_TRITON_DIR)/.installed
-	RESFAST_DEVICE_TRITON=$(abspath $(DEVICE_TRITON_DIR)) RESFAST_DEVICE_TRITON_VERSION=$(DEVICE_TRITON) \
+test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+# Every tile config of the Triton kernels of five shapes compiled for sm_90 with the GPU machine's
+# triton (tests/test_static_model.py::test_kernels_compile_with_the_gpu_machines_triton; about 5
+# minutes, cold). `make test` skips it (RESFAST_DEVICE_TRITON unset); .ci/run runs it after.
+test-device-triton: install $(DEVICE_TRITON_DIR)/.installed
+	RESFAST_DEVICE_TRITON=$(abspath $(DEVICE_TRITON_DIR)) RESFAST_DEVICE_TRITON_VERSION=$(DEVICE_TRITON) \
+	$(PY) -m pytest tests/test_static_model.py -q -p no:cacheprovider -k gpu_machines_triton
 
 # The test suite under the GPU machine's torch and triton (2.11 and 3.6; benchmarks/gpu_check.sh
 # runs there), from this tree without installing it: eager PyTorch and every torch API resfast

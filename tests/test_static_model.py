@@ -70,7 +70,7 @@ def test_kernels_compile_with_the_gpu_machines_triton():
     would fail there first."""
     path, want = os.environ.get("RESFAST_DEVICE_TRITON"), os.environ.get("RESFAST_DEVICE_TRITON_VERSION")
     if not path or not os.path.isdir(os.path.join(path, "triton")):
-        pytest.skip("the GPU machine's triton is not installed here (make test installs it into "
+        pytest.skip("the GPU machine's triton is not given here (`make test-device-triton` installs it into "
                     ".venv/device-triton-<version> and sets RESFAST_DEVICE_TRITON)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
