@@ -115,6 +115,16 @@ def tile_next2(d0, d1, d2, s0, s1, s2, R0, R1):
 
 
 @triton.jit
+def tap_residue(k, dil, pad, S):
+    """Where kernel tap ``k`` reads, in a stride-``S`` axis seen as ``[size / S, S]`` (the TMA
+    views of a stored ``a``): output position ``o`` reads input ``o * S + k * dil - pad =
+    (o + q) * S + r``; returns ``(q, r)``, ``0 <= r < S`` (floor division kept off negatives)."""
+    off = k * dil - pad
+    q = (off + S * (pad + 1)) // S - (pad + 1)
+    return q, off - q * S
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_F32: tl.constexpr):
     """``acc + a @ b`` on tensor cores for 16-bit operands, exact float32 FMAs for float32
     operands; ``DOT_F32`` multiplies (already rounded) 16-bit values in float32, for the CPU

@@ -23,7 +23,7 @@ past the block are computed from whatever the boxes hold and never stored.
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import bn_params, bn_relu, dot_acc
+from resfast.kernels.triton.bn_relu import bn_params, bn_relu, dot_acc, tap_residue
 from resfast.kernels.triton.bn_relu_conv_fwd import _store_tile
 
 
@@ -103,13 +103,8 @@ def bn_relu_conv_fwd_tma_kernel(
         kc = s - tap * KSUB
         kh = tap // KW
         kw = tap - kh * KW
-        # input row of output row ho under kernel row kh: ho * SH + oh = (ho + qh) * SH + rh
-        oh = kh * dil_h - pad_h
-        qh = (oh + SH * (pad_h + 1)) // SH - (pad_h + 1)
-        rh = oh - qh * SH
-        ow = kw * dil_w - pad_w
-        qw = (ow + SW * (pad_w + 1)) // SW - (pad_w + 1)
-        rw = ow - qw * SW
+        qh, rh = tap_residue(kh, dil_h, pad_h, SH)
+        qw, rw = tap_residue(kw, dil_w, pad_w, SW)
         av = a_desc.load([n, th0 + qh, rh, tw0 + qw, rw * C + k_base + kc * BLOCK_K]).reshape(BM, BLOCK_K)
         if W2D:
             wv = w_desc.load([co0, tap * CIN_G + kc * BLOCK_K])

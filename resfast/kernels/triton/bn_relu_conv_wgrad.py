@@ -22,7 +22,7 @@ group never reaches another group's gradient (as in eager).
 import triton
 import triton.language as tl
 
-from resfast.kernels.triton.bn_relu import bn_relu, channel_block, dot_acc, tile_digits, tile_next2
+from resfast.kernels.triton.bn_relu import bn_relu, channel_block, dot_acc, tap_residue, tile_digits, tile_next2
 from resfast.kernels.triton.bn_relu_conv_bwd import _bias_partials
 
 
@@ -157,13 +157,8 @@ def bn_relu_conv_bwd_weight_tma_kernel(
     nc = cb % NSUB
     n0 = nc * BLOCK_N
     k0 = ksub * BLOCK_K
-    # input row of output row ho under kernel row kh: ho * SH + oh = (ho + qh) * SH + rh
-    oh = kh * dil_h - pad_h
-    qh = (oh + SH * (pad_h + 1)) // SH - (pad_h + 1)
-    rh = oh - qh * SH
-    ow = kw * dil_w - pad_w
-    qw = (ow + SW * (pad_w + 1)) // SW - (pad_w + 1)
-    rw = ow - qw * SW
+    qh, rh = tap_residue(kh, dil_h, pad_h, SH)
+    qw, rw = tap_residue(kw, dil_w, pad_w, SW)
     gy_desc = tl.make_tensor_descriptor(go_ptr, shape=[NB, HO, WO, CO], strides=[sgn, sgh, sgw, 1],
                                         block_shape=[1, TILE_H, TILE_W, BLOCK_N])
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[NB, HQ, SH, WQ, SW * C], strides=[san, sah, sar, saw, 1],
