@@ -73,3 +73,56 @@ def _fresh_triton_plans():
     if mod is not None:
         mod.clear_plan_cache()
     yield
+
+
+# Kernel coverage, for trimming the suite without losing a kernel path: with
+# RESFAST_RECORD_KERNELS=DIR, every Triton launch under the interpreter is recorded as its
+# specialization (kernel name, constexpr values, tensor argument dtypes) against the test that
+# made it; each process writes DIR/kernels-<pid>.json ({test node id: [keys]}) at exit.
+# `python tests/kernel_coverage.py DIR_BEFORE DIR_AFTER` compares two recordings.
+_RECORD_DIR = os.environ.get("RESFAST_RECORD_KERNELS")
+_RECORDED: dict = {}
+_CURRENT_TEST = ["<collection>"]
+
+if _RECORD_DIR and os.environ.get("TRITON_INTERPRET") == "1":
+    import inspect
+    import json
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction as _IF
+    except ImportError:  # no triton: nothing to record
+        _IF = None
+    if _IF is not None:
+        _orig_run = _IF.run
+
+        def _recording_run(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                sig = inspect.signature(self.fn)
+                bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+                parts = [self.fn.__name__]
+                for name, value in bound.arguments.items():
+                    ann = sig.parameters[name].annotation
+                    if "constexpr" in str(ann):
+                        parts.append(f"{name}={value!r}")
+                    elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+                        parts.append(f"{name}:{str(value.dtype).replace('torch.', '')}")
+                    elif hasattr(value, "base") and hasattr(value, "block_shape"):
+                        parts.append(f"{name}:desc{list(value.block_shape)}")
+                _RECORDED.setdefault(_CURRENT_TEST[0], set()).add(" ".join(parts))
+            return _orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        _IF.run = _recording_run
+
+        def _write_recording():
+            os.makedirs(_RECORD_DIR, exist_ok=True)
+            path = os.path.join(_RECORD_DIR, f"kernels-{os.getpid()}.json")
+            with open(path, "w") as f:
+                json.dump({k: sorted(v) for k, v in _RECORDED.items()}, f)
+
+        atexit.register(_write_recording)
+
+
+@pytest.fixture(autouse=True)
+def _name_the_test_for_the_kernel_recording(request):
+    _CURRENT_TEST[0] = request.node.nodeid
+    yield
