@@ -78,11 +78,15 @@ def _fresh_triton_plans():
 # Kernel coverage, for trimming the suite without losing a kernel path: with
 # RESFAST_RECORD_KERNELS=DIR, every Triton launch under the interpreter is recorded as its
 # specialization (kernel name, constexpr values, tensor argument dtypes) against the test that
-# made it; each process writes DIR/kernels-<pid>.json ({test node id: [keys]}) at exit.
+# made it; each process writes DIR/kernels-<pid>.json ({test node id: [keys]}) at exit, and
+# DIR/cost-<pid>.json ({test node id: [CPU seconds, interpreted programs]}): the CPU time a test
+# took (setup, call and teardown) and how many kernel programs the interpreter ran for it, two
+# measures of a test's cost that, unlike its wall time, hardly move with the machine's load.
 # `python tests/kernel_coverage.py DIR_BEFORE DIR_AFTER` compares two recordings.
 _RECORD_DIR = os.environ.get("RESFAST_RECORD_KERNELS")
 _RECORDED: dict = {}
 _CURRENT_TEST = ["<collection>"]
+_COST: dict = {}
 
 if _RECORD_DIR and os.environ.get("TRITON_INTERPRET") == "1":
     import inspect
@@ -109,6 +113,10 @@ if _RECORD_DIR and os.environ.get("TRITON_INTERPRET") == "1":
                     elif hasattr(value, "base") and hasattr(value, "block_shape"):
                         parts.append(f"{name}:desc{list(value.block_shape)}")
                 _RECORDED.setdefault(_CURRENT_TEST[0], set()).add(" ".join(parts))
+                g = grid(bound.arguments) if callable(grid) else grid
+                g = tuple(g) + (1, 1, 1)
+                cost = _COST.setdefault(_CURRENT_TEST[0], [0.0, 0])
+                cost[1] += int(g[0]) * int(g[1]) * int(g[2])
             return _orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
         _IF.run = _recording_run
@@ -118,6 +126,8 @@ if _RECORD_DIR and os.environ.get("TRITON_INTERPRET") == "1":
             path = os.path.join(_RECORD_DIR, f"kernels-{os.getpid()}.json")
             with open(path, "w") as f:
                 json.dump({k: sorted(v) for k, v in _RECORDED.items()}, f)
+            with open(os.path.join(_RECORD_DIR, f"cost-{os.getpid()}.json"), "w") as f:
+                json.dump(_COST, f)
 
         atexit.register(_write_recording)
 
@@ -125,4 +135,11 @@ if _RECORD_DIR and os.environ.get("TRITON_INTERPRET") == "1":
 @pytest.fixture(autouse=True)
 def _name_the_test_for_the_kernel_recording(request):
     _CURRENT_TEST[0] = request.node.nodeid
+    if not _RECORD_DIR:
+        yield
+        return
+    import time
+
+    t0 = time.process_time()
     yield
+    _COST.setdefault(request.node.nodeid, [0.0, 0])[0] += time.process_time() - t0
