@@ -21,7 +21,7 @@ DEVICE_TRITON_DIR := $(VENV)/device-triton-$(DEVICE_TRITON)
 DEVICE_TORCH ?= torch==2.11.0 torchvision==0.26.0
 DEVICE_VENV ?= .venv-device
 
-.PHONY: install bench test test-device-triton test-device-env memory clean
+.PHONY: install bench test test-slow test-all test-device-triton test-device-env memory clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/*/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,19 @@ bench: install
 memory: install
 	$(VENV)/bin/resfast memory --model densenet121 --batch-size 8 --image-size 224
 
+# `make test` leaves out the tests marked slow (pyproject.toml: a whole model through torch.compile,
+# every tile config compiled for sm_90 with a cold cache, ...); `make test-slow` runs just those, and
+# `make test-all` both. .ci/run runs `make test`, then `make test-slow` in what is left of its budget.
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+
+# (SLOW_PYTEST_FLAGS: more pytest options, e.g. -x, as .ci/run passes)
+SLOW_PYTEST_FLAGS ?=
+test-slow: install
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadscope -m slow $(SLOW_PYTEST_FLAGS)
+
+test-all: test test-slow
 
 # Every tile config of the Triton kernels of five shapes compiled for sm_90 with the GPU machine's
 # triton (tests/test_static_model.py::test_kernels_compile_with_the_gpu_machines_triton; about 5
