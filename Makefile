@@ -105,7 +105,7 @@ test-device-env: $(DEVICE_VENV)/.installed $(DEVICE_INTERP_TRITON_DIR)/.installe
 		--deselect tests/test_build.py::test_info_reports_native_built \
 		--deselect tests/test_build.py::test_required_cuda_build_has_cuda_kernels
 	TRITON_INTERPRET=0 RESFAST_REQUIRE_CUDA_BUILD= $(DEVICE_VENV)/bin/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable $(DEVICE_PYTEST_FLAGS)
-	PYTHONPATH=$(abspath $(DEVICE_INTERP_TRITON_DIR)) TRITON_INTERPRET=1 $(DEVICE_VENV)/bin/python -m pytest \
+	PYTHONPATH=$(abspath $(DEVICE_INTERP_TRITON_DIR)) TRITON_INTERPRET=1 RESFAST_SANITIZE_OVERFLOW=1 $(DEVICE_VENV)/bin/python -m pytest \
 		tests/test_opset.py tests/test_launch_counts.py tests/test_epilogue_stats.py tests/test_double_backward.py \
 		tests/test_bn_relu_conv2d.py tests/test_triton_bwd_classes.py tests/test_plan_cache.py -q -p no:cacheprovider \
 		-n $(TEST_WORKERS) $(DEVICE_PYTEST_FLAGS) \

@@ -19,6 +19,20 @@ if "TRITON_INTERPRET" not in os.environ:
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The Triton interpreter checks every 8/16/32-bit integer add, sub and mul of a kernel for
+# overflow (InterpreterOptions.sanitize_overflow; compiled kernels check nothing unless built
+# with debug=True): about 30% of the interpreter's time on the suite's kernels, whose tensors are
+# far too small for a 32-bit offset to overflow (where real sizes could, the launch-limit tests
+# check the offsets: tests/test_review_probe23.py). Off here; RESFAST_SANITIZE_OVERFLOW=1 turns it
+# back on (`make test-device-env`'s interpreter run does).
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("RESFAST_SANITIZE_OVERFLOW") != "1":
+    try:
+        import triton.runtime.interpreter as _interp
+
+        _interp.interpreter_builder.options = _interp.InterpreterOptions(sanitize_overflow=False)
+    except (ImportError, AttributeError, TypeError):  # no triton, or one without the option
+        pass
+
 # backend="auto" measures each new call signature and remembers the winner in a cache file.
 # The session gets its own cache folder (never the user's), and measuring is off unless the
 # environment sets RESFAST_AUTOTUNE=1: auto then follows the static order (eager on the CPU),
