@@ -104,6 +104,12 @@ CONV_CASES = [
     (40, 8, 1, 3, 1, 1, 1),      # a 3x3 over three input chunks (scratch refilled per chunk)
 ]
 LAYOUTS = ["nchw", "cl", "prefix", "prefix_cl"]
+# Each conv case in one layout per op (a layout changes the strides, never the kernel path): the
+# forward takes NCHW for even cases and a channels_last prefix view for odd ones, the backward
+# channels_last for even ones and an NCHW prefix view for odd ones, so each case runs both
+# memory formats and a prefix view, and each layout half the cases (the interpreter's cost).
+FWD_CASES = [(case, ["nchw", "prefix_cl"][i % 2]) for i, case in enumerate(CONV_CASES)]
+BWD_CASES = [(case, ["cl", "prefix"][i % 2]) for i, case in enumerate(CONV_CASES)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -145,8 +151,7 @@ def test_bn_stats_small_tiles(monkeypatch):
     _rule("bn_stats", OPS.bn_stats(x), reference.bn_stats, (x,), torch.float32, "tile=(64, 16)")
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "prefix_cl"])
+@pytest.mark.parametrize("case,layout", FWD_CASES, ids=str)
 def test_forward_against_eager(case, layout):
     c, co, groups, k, s, p, d = case
     x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
@@ -177,8 +182,7 @@ def test_forward_variants_against_eager(variant):
               f"variant={variant} groups={groups}")
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
+@pytest.mark.parametrize("case,layout", BWD_CASES, ids=str)
 def test_backward_against_eager(case, layout):
     c, co, groups, k, s, p, d = case
     x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
@@ -279,23 +283,25 @@ def test_backward_thin_tiles_against_eager(monkeypatch):
               args, torch.float32, f"TILE 2x8 groups={groups} stride={s}")
 
 
-@pytest.mark.parametrize("layout", ["cl", "prefix_cl"])
-def test_flattened_1x1_against_eager(layout):
+def test_flattened_1x1_against_eager():
     """A 1x1 conv over channels_last positions runs as one image of all positions (tiles
     across image borders): forward, the statistics epilogue, and the backward (merged and
-    split) against float64."""
+    split) against float64. Two 3 x 12 images: one image of 9 rows of 8 positions, each
+    image 4.5 of them, so a tile (2 x 8 here, as on 45 rows) crosses the border mid-row.
+    channels_last for the merged backward's case, its channel prefix view for the split one's
+    (both flatten alike: the same kernels)."""
     from resfast.ops import triton_ops
 
-    for c, co, groups in ((12, 8, 1), (32, 48, 2)):
-        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 1, layout, n=3, hw=(10, 12))
+    for c, co, groups, layout in ((12, 8, 1, "cl"), (32, 48, 2, "prefix_cl")):
+        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 1, layout, n=2, hw=(3, 12))
         fwd = (x, w, b, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], groups, True)
-        go = torch.randn(3, co, 10, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        go = torch.randn(2, co, 3, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
         assert triton_ops._flat_positions(1, 1, [1, 1], [0, 0], go, x) is not None  # the path under test
         _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*fwd), reference.bn_relu_conv2d, fwd, torch.float32,
               f"flat 1x1 {layout} groups={groups}")
         # the statistics epilogue: against float64 of the same math and the output's own statistics
         y, partials = OPS.bn_relu_conv2d_stats(*fwd)
-        got_mean, got_invstd = OPS.bn_stats_merge_update(partials, 3 * 10 * 12, None, None, 0.1, 1e-5)
+        got_mean, got_invstd = OPS.bn_stats_merge_update(partials, 2 * 3 * 12, None, None, 0.1, 1e-5)
         y64 = reference.bn_relu_conv2d(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in fwd])
         var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
         var_s, mean_s = torch.var_mean(y.float().cpu(), dim=(0, 2, 3), correction=0)
@@ -503,9 +509,14 @@ def test_packed_groups_keep_nonfinite_values_in_their_group():
     _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, torch.float32, "NaN in grad_out")
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
-@pytest.mark.parametrize("running", [True, False])
+# (case, layout, a mode): each case in both layouts, each mode in both layouts
+def _case_layout_modes(modes):
+    cases = [("packed", CONV_CASES[0]), ("depthwise_s2", CONV_CASES[1]), ("wide", CONV_CASES[4])]
+    return [pytest.param(case, ["cl", "prefix"][(i + j) % 2], mode, id=f"{mode}-{['cl', 'prefix'][(i + j) % 2]}-{name}")
+            for i, (name, case) in enumerate(cases) for j, mode in enumerate(modes)]
+
+
+@pytest.mark.parametrize("case,layout,running", _case_layout_modes([True, False]))
 def test_train_forward_in_one_op_against_eager(case, layout, running):
     """``bn_relu_conv2d_train``: x's batch statistics, the running statistics updated in place
     and the fused conv with them, in one op: each output and running statistic against the
@@ -546,9 +557,7 @@ def _full_reference(go, x, w, bw, bb, mean, invstd, stride, padding, dilation, g
     return gx, gw, gb, sdzx, sdz
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
-@pytest.mark.parametrize("into", [None, "write", "accumulate"])
+@pytest.mark.parametrize("case,layout,into", _case_layout_modes([None, "write", "accumulate"]))
 def test_backward_full_against_eager(case, layout, into):
     """The training backward in one op (conv backward, then the BN input gradient with the
     coupling terms of x's own statistics) against the composed eager ops in float64, every
@@ -852,9 +861,11 @@ def test_tile_walk_digits_match_division():
     """The conv kernels' persistent tile loops take a tile's digits (column, row, residue
     column, residue row, image) once per program and then advance them by the step's digits
     (computed on the host by ``_digits``) with adds and compares; every visited tile's digits
-    must be those of integer division."""
-    for radices, step in [((3, 5, 2, 2), st) for st in (1, 7, 13, 31, 179)] + [((1, 4, 1, 3), st) for st in (5, 11)]:
-        num = radices[0] * radices[1] * radices[2] * radices[3] * 3
+    must be those of integer division. Two images (the image digit carries too; a walk costs
+    the interpreter one trip per tile), steps from 1 (every carry, one program) to one less
+    than the tile count (the largest digit in every radix: a program per tile)."""
+    for radices, step in [((3, 5, 2, 2), st) for st in (1, 7, 13, 31, 119)] + [((1, 4, 1, 3), st) for st in (5, 11)]:
+        num = radices[0] * radices[1] * radices[2] * radices[3] * 2
         out = torch.full((num, 5), -1, dtype=torch.int32, device=DEVICE)
         out2 = torch.full((num, 3), -1, dtype=torch.int32, device=DEVICE)
         _walk[(step,)](out, out2, num, step, *radices, *triton_ops._digits(step, radices),
