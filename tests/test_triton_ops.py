@@ -275,9 +275,9 @@ def test_backward_thin_tiles_against_eager(monkeypatch):
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, SPLIT_KW=1, **thin))
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_WIDE_INTERP", triton_ops._cfg(4, 1, 1, **thin))
     for c, co, groups, s in ((6, 4, 2, 1), (32, 48, 2, 1), (8, 8, 8, 2), (20, 36, 1, 2)):
-        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", hw=(7, 9))
+        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", n=1, hw=(7, 9))
         ho, wo = (7 + 2 - 3) // s + 1, (9 + 2 - 3) // s + 1
-        go = torch.randn(2, co, ho, wo, device=DEVICE)
+        go = torch.randn(1, co, ho, wo, device=DEVICE)
         args = (go, x, w, bw, bb, mean, invstd, [s, s], [1, 1], [1, 1], groups, True)
         _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward,
               args, torch.float32, f"TILE 2x8 groups={groups} stride={s}")
@@ -323,8 +323,8 @@ def test_backward_wide_weight_block_against_eager(monkeypatch):
     # the stacked kernel's config in the wide-group launch, not the split-stack kernel's
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._BWD_INTERP)
     monkeypatch.setattr(triton_ops, "_wide_k", lambda *a: True)
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl")
-    go = torch.randn(2, 24, 5, 6, device=DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl", n=1)
+    go = torch.randn(1, 24, 5, 6, device=DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     weight = [launch for launch in plan if launch.name == "conv_bwd_weight"]
@@ -360,9 +360,9 @@ def test_backward_wide_groups_against_eager(case, monkeypatch):
     monkeypatch.setattr(triton_ops, "S1_INPUT", False)
 
     c, co, groups, k, s, p, d, layout, dtype = case
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, hw=(7, 9), seed=c + co)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, n=1, hw=(7, 9), seed=c + co)
     ho, wo = (7 + 2 * p - d * (k - 1) - 1) // s + 1, (9 + 2 * p - d * (k - 1) - 1) // s + 1
-    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
+    go = torch.randn(1, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
     args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     kernels = {launch.name: launch.bind(launch.interp_config).fn or launch.fn for launch in plan}
@@ -383,8 +383,8 @@ def test_backward_wide_weight_transposed_against_eager(case, monkeypatch):
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
                                                                               BLOCK_K=16, SPLIT_KW=1, ACC_T=1))
     c, co, groups, layout = case
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, hw=(6, 7), seed=c)
-    go = torch.randn(2, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, n=1, hw=(6, 7), seed=c)
+    go = torch.randn(1, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
@@ -402,8 +402,8 @@ def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
     from resfast.ops import triton_ops
 
     monkeypatch.setattr(triton_ops, "_merged_backward", lambda *a: False)
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", hw=(5, 7), seed=5)
-    go = torch.randn(2, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", n=1, hw=(5, 7), seed=5)
+    go = torch.randn(1, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     (launch,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
@@ -445,7 +445,7 @@ def test_dense_narrow_output_configs_against_eager(stride, monkeypatch):
     # GPU's (which takes the stacked weight-gradient kernel up to 64): as on the GPU here
     monkeypatch.setattr(T, "_wide_group", lambda *a: False)
     c, co = 72, 20
-    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, 1, 3, "cl", hw=(5, 7), seed=11)
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, 1, 3, "cl", n=1, hw=(5, 7), seed=11)
     conv = ([stride, stride], [1, 1], [1, 1], 1)
     fwd_args = (x, w, b, bw, bb, mean, invstd, *conv)
     y, (launch,) = T._PLANNERS["bn_relu_conv2d"](*fwd_args, True)
@@ -882,14 +882,20 @@ def test_tile_walk_digits_match_division():
         assert out2.cpu().tolist() == want2, f"radices {radices}, step {step}"
 
 
-@pytest.mark.parametrize("layout,dtype", [("cl", torch.float32), ("nchw", torch.bfloat16)])
-def test_packed_groups_nonfinite_at_stride_2(layout, dtype):
+@pytest.mark.parametrize("layout,dtype,n", [("cl", torch.float32, 2), ("nchw", torch.bfloat16, 1)])
+def test_packed_groups_nonfinite_at_stride_2(layout, dtype, n):
     """The packed fix-up (a program whose sum of grad_z, or whose forward output, is not
     finite recomputes all of its tiles group by group) at stride 2 over several residue
     classes and tiles per program, NCHW and channels_last: NaN reaches exactly the outputs
-    eager gives NaN, and everything matches the float64 reference."""
+    eager gives NaN, and everything matches the float64 reference.
+
+    The backward's fix-up costs the interpreter one pass per tile of its program over every
+    input channel, tap and output channel of the group: the float32 channels_last case keeps
+    two images (in each residue class 6 tiles of 2 x 8, 3 programs of 2 tiles, one in each
+    image; NaN in the second image's grad_out), the bfloat16 NCHW one a single image (a
+    program's 4 tiles one per residue class; the forward's program 0 still walks 2 tiles)."""
     c, co, groups = 16, 16, 4  # 4 groups of 4: one block of 4 packed groups
-    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, layout, dtype=dtype, hw=(9, 11), seed=5)
+    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, layout, dtype=dtype, n=n, hw=(9, 11), seed=5)
     mean, invstd = _vec(c, 5) + 0.2, _vec(c, 6, lo=0.5)
     x[0, 9, 6, 7] = float("nan")  # channel 9 is in group 2 only
     args = (x, w, b, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
@@ -898,10 +904,10 @@ def test_packed_groups_nonfinite_at_stride_2(layout, dtype):
     _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, args, dtype, f"NaN in x, stride 2, {layout}")
 
     x = x.nan_to_num()
-    go = torch.randn(2, co, 5, 6, generator=torch.Generator().manual_seed(11)).to(dtype=dtype, device=DEVICE)
+    go = torch.randn(n, co, 5, 6, generator=torch.Generator().manual_seed(11)).to(dtype=dtype, device=DEVICE)
     if layout == "cl":
         go = go.contiguous(memory_format=torch.channels_last)
-    go[1, 2, 3, 4] = float("nan")  # output channel 2 is in group 0
+    go[n - 1, 2, 3, 4] = float("nan")  # output channel 2 is in group 0
     bargs = (go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
     got = OPS.bn_relu_conv2d_backward(*bargs)
     gz = got[0]
