@@ -3,6 +3,9 @@
 and ``torch.compile(fullgraph=True)`` of a module that runs on them.
 
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
+The interpreter's cost is a launch's programs times their tile trips: the op-level tests
+(forward / backward / training ops against eager) take two images, the tests of one forced
+config or kernel path (thin tiles, wide groups, ``ACC_T``, ``WIDE_K``, DenseNet's configs) one.
 """
 from __future__ import annotations
 
