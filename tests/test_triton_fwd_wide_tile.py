@@ -63,8 +63,12 @@ def test_forward_against_eager(case, layout):
 
 
 def test_forward_bfloat16_with_a_nan():
-    x, w, b, bw, bb, mean, invstd = _inputs(2, 16, 16, 4, (7, 11), (3, 3), "cl", torch.bfloat16, seed=3)
-    x[1, 6, 3, 9] = float("nan")  # group 1 of the block only
+    """A program that met a NaN recomputes all its tiles by scalar FMAs (the interpreter's
+    costliest path, a cost per tile of the program). One 5 x 9 image (overhanging the 2 x 8
+    tile both ways): 6 tiles, 3 programs of 2 tiles each; the NaN's outputs (rows 0-1, columns
+    2-4) fall in tile 0, so its program recomputes tiles 0 and 3 (one with no NaN)."""
+    x, w, b, bw, bb, mean, invstd = _inputs(1, 16, 16, 4, (5, 9), (3, 3), "cl", torch.bfloat16, seed=3)
+    x[0, 6, 0, 3] = float("nan")  # group 1 of the block only
     args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 4, False)
     assert _bound(args)["FIXUP_FMA"]
     _check(OPS.bn_relu_conv2d(*args), args, torch.bfloat16, "bfloat16, NaN in channel 6", nan_ok=True)

@@ -3,6 +3,9 @@
 and ``torch.compile(fullgraph=True)`` of a module that runs on them.
 
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny shapes.
+The interpreter's cost is a launch's programs times their tile trips: the op-level tests
+(forward / backward / training ops against eager) take two images, the tests of one forced
+config or kernel path (thin tiles, wide groups, ``ACC_T``, ``WIDE_K``, DenseNet's configs) one.
 """
 from __future__ import annotations
 
@@ -104,6 +107,12 @@ CONV_CASES = [
     (40, 8, 1, 3, 1, 1, 1),      # a 3x3 over three input chunks (scratch refilled per chunk)
 ]
 LAYOUTS = ["nchw", "cl", "prefix", "prefix_cl"]
+# Each conv case in one layout per op (a layout changes the strides, never the kernel path): the
+# forward takes NCHW for even cases and a channels_last prefix view for odd ones, the backward
+# channels_last for even ones and an NCHW prefix view for odd ones, so each case runs both
+# memory formats and a prefix view, and each layout half the cases (the interpreter's cost).
+FWD_CASES = [(case, ["nchw", "prefix_cl"][i % 2]) for i, case in enumerate(CONV_CASES)]
+BWD_CASES = [(case, ["cl", "prefix"][i % 2]) for i, case in enumerate(CONV_CASES)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -145,8 +154,7 @@ def test_bn_stats_small_tiles(monkeypatch):
     _rule("bn_stats", OPS.bn_stats(x), reference.bn_stats, (x,), torch.float32, "tile=(64, 16)")
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "prefix_cl"])
+@pytest.mark.parametrize("case,layout", FWD_CASES, ids=str)
 def test_forward_against_eager(case, layout):
     c, co, groups, k, s, p, d = case
     x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
@@ -177,8 +185,7 @@ def test_forward_variants_against_eager(variant):
               f"variant={variant} groups={groups}")
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
+@pytest.mark.parametrize("case,layout", BWD_CASES, ids=str)
 def test_backward_against_eager(case, layout):
     c, co, groups, k, s, p, d = case
     x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout)
@@ -271,31 +278,33 @@ def test_backward_thin_tiles_against_eager(monkeypatch):
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, SPLIT_KW=1, **thin))
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_WIDE_INTERP", triton_ops._cfg(4, 1, 1, **thin))
     for c, co, groups, s in ((6, 4, 2, 1), (32, 48, 2, 1), (8, 8, 8, 2), (20, 36, 1, 2)):
-        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", hw=(7, 9))
+        x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, "cl", n=1, hw=(7, 9))
         ho, wo = (7 + 2 - 3) // s + 1, (9 + 2 - 3) // s + 1
-        go = torch.randn(2, co, ho, wo, device=DEVICE)
+        go = torch.randn(1, co, ho, wo, device=DEVICE)
         args = (go, x, w, bw, bb, mean, invstd, [s, s], [1, 1], [1, 1], groups, True)
         _rule("bn_relu_conv2d_backward", OPS.bn_relu_conv2d_backward(*args), reference.bn_relu_conv2d_backward,
               args, torch.float32, f"TILE 2x8 groups={groups} stride={s}")
 
 
-@pytest.mark.parametrize("layout", ["cl", "prefix_cl"])
-def test_flattened_1x1_against_eager(layout):
+def test_flattened_1x1_against_eager():
     """A 1x1 conv over channels_last positions runs as one image of all positions (tiles
     across image borders): forward, the statistics epilogue, and the backward (merged and
-    split) against float64."""
+    split) against float64. Two 3 x 12 images: one image of 9 rows of 8 positions, each
+    image 4.5 of them, so a tile (2 x 8 here, as on 45 rows) crosses the border mid-row.
+    channels_last for the merged backward's case, its channel prefix view for the split one's
+    (both flatten alike: the same kernels)."""
     from resfast.ops import triton_ops
 
-    for c, co, groups in ((12, 8, 1), (32, 48, 2)):
-        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 1, layout, n=3, hw=(10, 12))
+    for c, co, groups, layout in ((12, 8, 1, "cl"), (32, 48, 2, "prefix_cl")):
+        x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 1, layout, n=2, hw=(3, 12))
         fwd = (x, w, b, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], groups, True)
-        go = torch.randn(3, co, 10, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        go = torch.randn(2, co, 3, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
         assert triton_ops._flat_positions(1, 1, [1, 1], [0, 0], go, x) is not None  # the path under test
         _rule("bn_relu_conv2d", OPS.bn_relu_conv2d(*fwd), reference.bn_relu_conv2d, fwd, torch.float32,
               f"flat 1x1 {layout} groups={groups}")
         # the statistics epilogue: against float64 of the same math and the output's own statistics
         y, partials = OPS.bn_relu_conv2d_stats(*fwd)
-        got_mean, got_invstd = OPS.bn_stats_merge_update(partials, 3 * 10 * 12, None, None, 0.1, 1e-5)
+        got_mean, got_invstd = OPS.bn_stats_merge_update(partials, 2 * 3 * 12, None, None, 0.1, 1e-5)
         y64 = reference.bn_relu_conv2d(*[_f64(a) if isinstance(a, torch.Tensor) else a for a in fwd])
         var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3), correction=0)
         var_s, mean_s = torch.var_mean(y.float().cpu(), dim=(0, 2, 3), correction=0)
@@ -317,8 +326,8 @@ def test_backward_wide_weight_block_against_eager(monkeypatch):
     # the stacked kernel's config in the wide-group launch, not the split-stack kernel's
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._BWD_INTERP)
     monkeypatch.setattr(triton_ops, "_wide_k", lambda *a: True)
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl")
-    go = torch.randn(2, 24, 5, 6, device=DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(40, 24, 1, 3, "cl", n=1)
+    go = torch.randn(1, 24, 5, 6, device=DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     weight = [launch for launch in plan if launch.name == "conv_bwd_weight"]
@@ -354,9 +363,9 @@ def test_backward_wide_groups_against_eager(case, monkeypatch):
     monkeypatch.setattr(triton_ops, "S1_INPUT", False)
 
     c, co, groups, k, s, p, d, layout, dtype = case
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, hw=(7, 9), seed=c + co)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, k, layout, dtype, n=1, hw=(7, 9), seed=c + co)
     ho, wo = (7 + 2 * p - d * (k - 1) - 1) // s + 1, (9 + 2 * p - d * (k - 1) - 1) // s + 1
-    go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
+    go = torch.randn(1, co, ho, wo, generator=torch.Generator().manual_seed(co)).to(device=DEVICE, dtype=dtype)
     args = (go, x, w, bw, bb, mean, invstd, [s, s], [p, p], [d, d], groups, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     kernels = {launch.name: launch.bind(launch.interp_config).fn or launch.fn for launch in plan}
@@ -377,8 +386,8 @@ def test_backward_wide_weight_transposed_against_eager(case, monkeypatch):
     monkeypatch.setattr(triton_ops, "_BWD_WEIGHT_S1_INTERP", triton_ops._cfg(4, 1, 1, TILE_H=4, TILE_W=4, BLOCK_N=16,
                                                                               BLOCK_K=16, SPLIT_KW=1, ACC_T=1))
     c, co, groups, layout = case
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, hw=(6, 7), seed=c)
-    go = torch.randn(2, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(c, co, groups, 3, layout, n=1, hw=(6, 7), seed=c)
+    go = torch.randn(1, co, 6, 7, generator=torch.Generator().manual_seed(co)).to(DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], groups, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
@@ -396,8 +405,8 @@ def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
     from resfast.ops import triton_ops
 
     monkeypatch.setattr(triton_ops, "_merged_backward", lambda *a: False)
-    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", hw=(5, 7), seed=5)
-    go = torch.randn(2, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    x, w, _, bw, bb, mean, invstd = _conv_inputs(64, 12, 1, 3, "cl", n=1, hw=(5, 7), seed=5)
+    go = torch.randn(1, 12, 5, 7, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
     plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
     (launch,) = [launch for launch in plan if launch.name == "conv_bwd_input"]
@@ -439,7 +448,7 @@ def test_dense_narrow_output_configs_against_eager(stride, monkeypatch):
     # GPU's (which takes the stacked weight-gradient kernel up to 64): as on the GPU here
     monkeypatch.setattr(T, "_wide_group", lambda *a: False)
     c, co = 72, 20
-    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, 1, 3, "cl", hw=(5, 7), seed=11)
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(c, co, 1, 3, "cl", n=1, hw=(5, 7), seed=11)
     conv = ([stride, stride], [1, 1], [1, 1], 1)
     fwd_args = (x, w, b, bw, bb, mean, invstd, *conv)
     y, (launch,) = T._PLANNERS["bn_relu_conv2d"](*fwd_args, True)
@@ -503,9 +512,14 @@ def test_packed_groups_keep_nonfinite_values_in_their_group():
     _rule("bn_relu_conv2d_backward", got, reference.bn_relu_conv2d_backward, bargs, torch.float32, "NaN in grad_out")
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
-@pytest.mark.parametrize("running", [True, False])
+# (case, layout, a mode): each case in both layouts, each mode in both layouts
+def _case_layout_modes(modes):
+    cases = [("packed", CONV_CASES[0]), ("depthwise_s2", CONV_CASES[1]), ("wide", CONV_CASES[4])]
+    return [pytest.param(case, ["cl", "prefix"][(i + j) % 2], mode, id=f"{mode}-{['cl', 'prefix'][(i + j) % 2]}-{name}")
+            for i, (name, case) in enumerate(cases) for j, mode in enumerate(modes)]
+
+
+@pytest.mark.parametrize("case,layout,running", _case_layout_modes([True, False]))
 def test_train_forward_in_one_op_against_eager(case, layout, running):
     """``bn_relu_conv2d_train``: x's batch statistics, the running statistics updated in place
     and the fused conv with them, in one op: each output and running statistic against the
@@ -546,9 +560,7 @@ def _full_reference(go, x, w, bw, bb, mean, invstd, stride, padding, dilation, g
     return gx, gw, gb, sdzx, sdz
 
 
-@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[4]], ids=["packed", "depthwise_s2", "wide"])
-@pytest.mark.parametrize("layout", ["cl", "prefix"])
-@pytest.mark.parametrize("into", [None, "write", "accumulate"])
+@pytest.mark.parametrize("case,layout,into", _case_layout_modes([None, "write", "accumulate"]))
 def test_backward_full_against_eager(case, layout, into):
     """The training backward in one op (conv backward, then the BN input gradient with the
     coupling terms of x's own statistics) against the composed eager ops in float64, every
@@ -852,9 +864,11 @@ def test_tile_walk_digits_match_division():
     """The conv kernels' persistent tile loops take a tile's digits (column, row, residue
     column, residue row, image) once per program and then advance them by the step's digits
     (computed on the host by ``_digits``) with adds and compares; every visited tile's digits
-    must be those of integer division."""
-    for radices, step in [((3, 5, 2, 2), st) for st in (1, 7, 13, 31, 179)] + [((1, 4, 1, 3), st) for st in (5, 11)]:
-        num = radices[0] * radices[1] * radices[2] * radices[3] * 3
+    must be those of integer division. Two images (the image digit carries too; a walk costs
+    the interpreter one trip per tile), steps from 1 (every carry, one program) to one less
+    than the tile count (the largest digit in every radix: a program per tile)."""
+    for radices, step in [((3, 5, 2, 2), st) for st in (1, 7, 13, 31, 119)] + [((1, 4, 1, 3), st) for st in (5, 11)]:
+        num = radices[0] * radices[1] * radices[2] * radices[3] * 2
         out = torch.full((num, 5), -1, dtype=torch.int32, device=DEVICE)
         out2 = torch.full((num, 3), -1, dtype=torch.int32, device=DEVICE)
         _walk[(step,)](out, out2, num, step, *radices, *triton_ops._digits(step, radices),
@@ -871,14 +885,20 @@ def test_tile_walk_digits_match_division():
         assert out2.cpu().tolist() == want2, f"radices {radices}, step {step}"
 
 
-@pytest.mark.parametrize("layout,dtype", [("cl", torch.float32), ("nchw", torch.bfloat16)])
-def test_packed_groups_nonfinite_at_stride_2(layout, dtype):
+@pytest.mark.parametrize("layout,dtype,n", [("cl", torch.float32, 2), ("nchw", torch.bfloat16, 1)])
+def test_packed_groups_nonfinite_at_stride_2(layout, dtype, n):
     """The packed fix-up (a program whose sum of grad_z, or whose forward output, is not
     finite recomputes all of its tiles group by group) at stride 2 over several residue
     classes and tiles per program, NCHW and channels_last: NaN reaches exactly the outputs
-    eager gives NaN, and everything matches the float64 reference."""
+    eager gives NaN, and everything matches the float64 reference.
+
+    The backward's fix-up costs the interpreter one pass per tile of its program over every
+    input channel, tap and output channel of the group: the float32 channels_last case keeps
+    two images (in each residue class 6 tiles of 2 x 8, 3 programs of 2 tiles, one in each
+    image; NaN in the second image's grad_out), the bfloat16 NCHW one a single image (a
+    program's 4 tiles one per residue class; the forward's program 0 still walks 2 tiles)."""
     c, co, groups = 16, 16, 4  # 4 groups of 4: one block of 4 packed groups
-    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, layout, dtype=dtype, hw=(9, 11), seed=5)
+    x, w, b, bw, bb, _, _ = _conv_inputs(c, co, groups, 3, layout, dtype=dtype, n=n, hw=(9, 11), seed=5)
     mean, invstd = _vec(c, 5) + 0.2, _vec(c, 6, lo=0.5)
     x[0, 9, 6, 7] = float("nan")  # channel 9 is in group 2 only
     args = (x, w, b, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
@@ -887,10 +907,10 @@ def test_packed_groups_nonfinite_at_stride_2(layout, dtype):
     _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, args, dtype, f"NaN in x, stride 2, {layout}")
 
     x = x.nan_to_num()
-    go = torch.randn(2, co, 5, 6, generator=torch.Generator().manual_seed(11)).to(dtype=dtype, device=DEVICE)
+    go = torch.randn(n, co, 5, 6, generator=torch.Generator().manual_seed(11)).to(dtype=dtype, device=DEVICE)
     if layout == "cl":
         go = go.contiguous(memory_format=torch.channels_last)
-    go[1, 2, 3, 4] = float("nan")  # output channel 2 is in group 0
+    go[n - 1, 2, 3, 4] = float("nan")  # output channel 2 is in group 0
     bargs = (go, x, w, bw, bb, mean, invstd, [2, 2], [1, 1], [1, 1], groups, False)
     got = OPS.bn_relu_conv2d_backward(*bargs)
     gz = got[0]
