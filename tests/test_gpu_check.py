@@ -754,7 +754,9 @@ def test_gpu_kernels_check_host_phase_runs_on_the_cpu():
                                                   os.path.join(ROOT, "benchmarks", "gpu_kernels_check.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    got = mod.phase_host(mod.Budget(120), device="cpu", shape=("tiny", 4, 4, 2), n=2, calls=3)
+    # one timed call per measurement (and the warm-up calls host_split makes anyway): the same
+    # launches as three, fewer of them under the interpreter
+    got = mod.phase_host(mod.Budget(120), device="cpu", shape=("tiny", 4, 4, 2), n=2, calls=1)
     rows = {r["impl"]: r for r in got["rows"]}
     assert {"eager_modules", "eager"} <= set(rows), rows
     for r in rows.values():
