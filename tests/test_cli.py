@@ -48,8 +48,14 @@ def test_models_json_matches_direct_counts(capsys):
         assert r["macs"] == count_macs(m, (3, 32, 32))  # real CPU run agrees with the meta-device count
 
 
+@pytest.mark.slow  # about 38 CPU s: count_macs's FlopCounterMode over every registered model on the meta device
 def test_models_lists_every_registered_model(capsys):
-    """The whole table (every family, DenseNet included once registered) counts on the meta device."""
+    """The whole table (every family, DenseNet included once registered) counts on the meta device.
+    Slow: the MAC count of the deepest models (preact_resnet1001, densenet264, densenet_bc250_k24)
+    goes through torch's FlopCounterMode, which decomposes every batch norm on the meta device;
+    nothing smaller is the whole table. Between slow runs, test_models.py counts every registered
+    model's parameters and runs it on the meta device, and the tests here count MACs through the
+    CLI (--name, the text table) and against a real CPU run."""
     rows = _json(capsys, ["models", "--json"])
     assert [r["name"] for r in rows] == list_models()
     for r in rows:

@@ -829,13 +829,13 @@ def test_create_model_errors(monkeypatch):
 def test_cli_train_and_memory_take_a_torchvision_model(tmp_path, capsys):
     from resfast.cli import main
 
-    rc = main(["train", "--model", "torchvision:resnet18", "--epochs", "1", "--subset", "16", "--batch-size", "8",
+    rc = main(["train", "--model", "torchvision:resnet18", "--epochs", "1", "--subset", "8", "--batch-size", "8",
                "--backend", "eager", "--no-progress", "--json", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert json.loads(out)["model"] == "torchvision:resnet18"
     rc = main(["memory", "--model", "torchvision:densenet121", "--batch-size", "2", "--image-size", "32",
-               "--modes", "shared", "--backend", "eager", "--json"])
+               "--modes", "shared", "--backend", "eager", "--json", "--repeat", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = json.loads(out)
