@@ -1,6 +1,8 @@
 """Shared checks of the optional op ``bn_relu_conv2d_backward_pair`` (a dense layer's two convs'
 backward in one op), run on the triton op set (tests/test_epilogue_stats.py) and the native one
-(tests/test_native.py)."""
+(tests/test_native.py). ``assert_run_same_with_and_without_pair`` takes the block's run from the
+caller, so that tests/test_epilogue_stats.py checks it on runs it makes anyway (each run of the
+block costs the Triton interpreter seconds)."""
 from __future__ import annotations
 
 import dataclasses
