@@ -1,6 +1,8 @@
 """Shared checks of the optional op ``bn_relu_conv2d_backward_pair`` (a dense layer's two convs'
 backward in one op), run on the triton op set (tests/test_epilogue_stats.py) and the native one
-(tests/test_native.py)."""
+(tests/test_native.py). ``assert_run_same_with_and_without_pair`` takes the block's run from the
+caller, so that tests/test_epilogue_stats.py checks it on runs it makes anyway (each run of the
+block costs the Triton interpreter seconds)."""
 from __future__ import annotations
 
 import dataclasses
@@ -54,7 +56,6 @@ def assert_block_same_with_and_without_pair(backend: str, device, dtype: torch.d
     """The shared dense block takes the pair op, and gives bit for bit what it gives without it:
     output, every gradient and the running statistics."""
     from resfast.nn.dense import DenseBlock
-    from resfast.ops import dense_block as db
 
     def run():
         torch.manual_seed(0)
@@ -64,6 +65,16 @@ def assert_block_same_with_and_without_pair(backend: str, device, dtype: torch.d
         y.backward(torch.randn_like(y))
         return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
                 **dict(block.named_buffers())}
+
+    assert_run_same_with_and_without_pair(run, monkeypatch, (backend, recompute))
+
+
+def assert_run_same_with_and_without_pair(run, monkeypatch, context=()) -> dict:
+    """``run()`` (a shared dense block's forward and backward, returning a dict of its output,
+    gradients and buffers) takes the pair op in every block it builds, and gives bit for bit
+    what it gives without it. Returns the first run's (with the pair op) dict, so that a caller
+    can check it further (tests/test_epilogue_stats.py) instead of running the block again."""
+    from resfast.ops import dense_block as db
 
     real = db._Config.build
     used = []
@@ -80,4 +91,5 @@ def assert_block_same_with_and_without_pair(backend: str, device, dtype: torch.d
         m.setattr(db._Config, "build", staticmethod(lambda *a, **k: dataclasses.replace(real(*a, **k), pair_op=None)))
         apart = run()
     for key in merged:
-        assert torch.equal(merged[key], apart[key]), (backend, recompute, key)
+        assert torch.equal(merged[key], apart[key]), (*context, key)
+    return merged

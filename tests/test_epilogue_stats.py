@@ -11,11 +11,13 @@ the CPU (tiny shapes).
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pair_checks import assert_block_same_with_and_without_pair, assert_pair_is_two_full_ops
+from pair_checks import assert_pair_is_two_full_ops, assert_run_same_with_and_without_pair
 from reference import assert_rule
 from resfast.backends import backend_status
 from resfast.functional import bn_relu_conv2d
@@ -48,9 +50,11 @@ def _inputs(c, co, groups, k, bias, channels_last, dtype, seed=0):
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _stats_case(case):
     """A case's inputs on the device, x's own statistics ``m``, ``iv``, the conv arguments, and
-    ``bn_relu_conv2d_stats``' ``(y, partials)``."""
+    ``bn_relu_conv2d_stats``' ``(y, partials)``: taken once per case and shared by the two tests
+    that read them (neither writes into them)."""
     c, co, groups, k, stride, bias, cl, dtype = CASES[case]
     x, w, b = _inputs(c, co, groups, k, bias, cl, dtype)
     xd = x.to(DEVICE)
@@ -157,37 +161,12 @@ def test_merge_out_is_the_three_ops_in_one(with_out_stats):
                 _ops().bn_relu_conv2d_out(bott, wd, None, g2, b2, mean, invstd, *conv, buf[:, 2:10])
         return [mean, invstd, rm, rv, buf, *vecs]
 
+    merged = run(True)
     for name, a, b in zip(("mean", "invstd", "running_mean", "running_var", "buffer", "out mean", "out var",
-                           "out invstd"), run(True), run(False)):
+                           "out invstd"), merged, run(False)):
         assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0)), name
     if with_out_stats:
-        assert not torch.isnan(run(True)[5][2:10]).any()
-
-
-def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_half(monkeypatch):
-    """The triton shared block's forward with ``bn_relu_conv2d_merge_out`` (norm2's finalize,
-    conv3x3 and the new channels' statistics in one call) gives bit for bit what the three ops
-    give: output, every gradient and the running statistics."""
-    from resfast.nn.dense import DenseBlock
-    from resfast.ops import dense_block as db
-    from resfast.ops import triton_ops
-
-    monkeypatch.setattr(triton_ops, "DENSE_CHAIN", True)  # the chained block (not its default plan)
-
-    def run():
-        torch.manual_seed(0)
-        block = DenseBlock(3, 6, 2, 4, memory="shared", backend="triton").to(DEVICE)
-        x = (torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3).requires_grad_()
-        y = block(x)
-        y.backward(torch.randn_like(y))
-        return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in block.named_parameters()},
-                **dict(block.named_buffers())}
-
-    merged = run()
-    monkeypatch.setattr(db, "_merge_out_op", lambda ops: None)
-    apart = run()
-    for key in merged:
-        assert torch.equal(merged[key], apart[key]), key
+        assert not torch.isnan(merged[5][2:10]).any()
 
 
 @pytest.mark.parametrize("accumulate", [True, False])
@@ -195,14 +174,6 @@ def test_backward_pair_is_the_two_backward_ops_in_one(accumulate):
     """``bn_relu_conv2d_backward_pair`` (a dense layer's two convs' backward): bit for bit two
     ``bn_relu_conv2d_backward_full`` calls in a row (tests/pair_checks.py)."""
     assert_pair_is_two_full_ops(_ops(), DEVICE, torch.float32, accumulate)
-
-
-@pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
-def test_shared_dense_block_is_the_same_with_and_without_the_one_op_layer_backward(recompute, monkeypatch):
-    """The triton shared block's backward with ``bn_relu_conv2d_backward_pair`` (a layer's two
-    convs' backward in one call) gives bit for bit what the two calls give: output, every
-    gradient and the running statistics."""
-    assert_block_same_with_and_without_pair("triton", DEVICE, torch.float32, recompute, monkeypatch)
 
 
 def test_merge_out_rejects_vectors_it_cannot_write():
@@ -348,6 +319,15 @@ def test_an_output_mean_far_above_its_spread_keeps_its_variance():
     assert_rule("invstd", invstd, (var64 + 1e-5).rsqrt(), (var_s + 1e-5).rsqrt(), "mean >> std")
 
 
+# The shared dense blocks of these tests: LAYERS layers over 6 input channels, a bottleneck of
+# 2 x 4 channels, growth 4, on 2 x 6 x 5 x 4 inputs. Two layers keep every structure the
+# checks need (a layer whose new channels a later layer reads, the last layer whose are not,
+# readers with different eps) with a third fewer launches than three; every conv's shape is
+# one that three layers run (layer 3's 14-channel prefix adds no kernel specialization).
+LAYERS = 2
+C_OUT = 6 + 4 * LAYERS
+
+
 @pytest.mark.parametrize("recompute", ["bn_relu", "bottleneck"])
 def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute, monkeypatch):
     """The shared dense block on triton: each layer's norm2 takes its statistics from conv1's
@@ -356,7 +336,21 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
     per-channel statistics): one statistics pass fewer per epilogue; output, input and parameter
     gradients and the running statistics against the float64 eager block with the rule, the
     unchained triton block as ``ref_same`` for the rule's slack. (Chaining forced: by the
-    planner's rule the block's ungrouped convs run unchained, below.)"""
+    planner's rule the block's ungrouped convs run unchained, below.)
+
+    The same runs show two one-op forms bit for bit what their ops give apart (each once
+    was a test of its own, with two runs of the block):
+
+    - ``bn_relu_conv2d_merge_out`` (norm2's finalize, the conv3x3 and the new channels'
+      statistics in one call): the chained block against the chained block without it (the
+      three ops); a forward-only op, so shown with ``recompute="bn_relu"`` only;
+    - ``bn_relu_conv2d_backward_pair`` (a layer's two convs' backward in one call): the
+      unchained block (the planner's default for these convs) against the unchained block
+      without it (tests/pair_checks.py), in both recompute modes.
+
+    Conv1's epilogue alone (the new channels' statistics by a statistics pass) changes the
+    forward only, so it is held to the rule with ``recompute="bn_relu"`` (the bottleneck mode
+    recomputes the bottleneck with the plain forward, whatever gave the statistics)."""
     from resfast.nn.dense import DenseBlock
     from resfast.ops import dense_block as db
     from resfast.ops import triton_ops
@@ -365,7 +359,7 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
 
     def make(backend, dtype=torch.float32):
         torch.manual_seed(0)
-        block = DenseBlock(3, 6, 2, 4, memory="shared", recompute=recompute, backend=backend)
+        block = DenseBlock(LAYERS, 6, 2, 4, memory="shared", recompute=recompute, backend=backend)
         for m in block.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 with torch.no_grad():
@@ -374,9 +368,10 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
         return block.to(DEVICE, dtype)
 
     x = torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3
-    grad = torch.randn(2, 18, 5, 4, device=DEVICE)
+    grad = torch.randn(2, C_OUT, 5, 4, device=DEVICE)
+    launches = {}
 
-    def step(block, dtype=torch.float32):
+    def step(block, dtype=torch.float32, name=None):
         xi = x.detach().to(dtype).clone().requires_grad_()
         counter = LaunchCounter()
         with counter.triton_hook(), counter:
@@ -384,29 +379,50 @@ def test_shared_dense_block_takes_norm2_statistics_in_conv1s_epilogue(recompute,
         y.backward(grad.to(dtype))
         res = {"output": y.detach(), "grad x": xi.grad}
         res.update({f"grad {n}": p.grad for n, p in block.named_parameters()})
-        res.update({n: b for n, b in block.named_buffers() if b.is_floating_point()})
-        return res, counter.triton
+        res.update({n: b for n, b in block.named_buffers()})
+        if name is not None:
+            launches.setdefault(name, counter.triton)
+        return res
 
-    chained, launches = step(make("triton"))
-    ref64, _ = step(make("eager", torch.float64), torch.float64)
+    def floating(res):
+        return {k: v for k, v in res.items() if v.is_floating_point()}
+
+    chained = step(make("triton"), name="chained")
+    if recompute == "bn_relu":
+        with monkeypatch.context() as m:
+            m.setattr(db, "_merge_out_op", lambda ops: None)
+            apart = step(make("triton"))
+        for key in chained:
+            assert torch.equal(chained[key], apart[key]), f"merge_out against the three ops: {key}"
+    ref64 = floating(step(make("eager", torch.float64), torch.float64))
     stats_ops = db._stats_ops
-    # without the conv3x3 epilogue (the new channels' statistics by a statistics pass)
-    monkeypatch.setattr(db, "_stats_ops", lambda ops, names=("bn_relu_conv2d_stats", "bn_stats_merge_update"):
-                        stats_ops(ops, names) if names[0] == "bn_relu_conv2d_stats" else None)
-    conv1_only, launches_conv1 = step(make("triton"))
-    # without either epilogue
+    if recompute == "bn_relu":
+        # without the conv3x3 epilogue (the new channels' statistics by a statistics pass)
+        with monkeypatch.context() as m:
+            m.setattr(db, "_stats_ops", lambda ops, names=("bn_relu_conv2d_stats", "bn_stats_merge_update"):
+                      stats_ops(ops, names) if names[0] == "bn_relu_conv2d_stats" else None)
+            conv1_only = floating(step(make("triton"), name="conv1_only"))
+    # without either epilogue (the unchained block), with and without the one-op layer backward
     monkeypatch.setattr(db, "_stats_ops", lambda ops, names=None: None)
-    same, launches_unchained = step(make("triton"))
-    # norm2's statistics from conv1's epilogue: 3 statistics passes fewer (one per layer); the
-    # new channels' from conv3x3's: 2 fewer (layers 1 and 2 write channels a later layer reads)
-    assert launches_conv1["bn_stats_partial_kernel"] == launches_unchained["bn_stats_partial_kernel"] - 3, \
-        dict(launches_conv1)
-    assert launches["bn_stats_partial_kernel"] == launches_conv1["bn_stats_partial_kernel"] - 2, dict(launches)
-    for counts in (launches, launches_conv1):
-        assert counts["bn_stats_finalize_kernel"] == launches_unchained["bn_stats_finalize_kernel"], dict(counts)
+    same = floating(assert_run_same_with_and_without_pair(lambda: step(make("triton"), name="unchained"),
+                                                          monkeypatch, ("triton", recompute)))
+    unchained = launches["unchained"]
+    # norm2's statistics from conv1's epilogue: LAYERS statistics passes fewer (one per layer);
+    # the new channels' from conv3x3's: LAYERS - 1 fewer (every layer but the last writes channels
+    # a later layer reads)
+    assert launches["chained"]["bn_stats_partial_kernel"] == \
+        unchained["bn_stats_partial_kernel"] - LAYERS - (LAYERS - 1), dict(launches["chained"])
+    assert launches["chained"]["bn_stats_finalize_kernel"] == unchained["bn_stats_finalize_kernel"], \
+        dict(launches["chained"])
+    chained = floating(chained)
     for key in ref64:
         assert_rule(key, chained[key], ref64[key], same[key], f"recompute={recompute}")
-        assert_rule(key, conv1_only[key], ref64[key], same[key], f"recompute={recompute}, conv1 epilogue only")
+    if recompute == "bn_relu":
+        counts = launches["conv1_only"]
+        assert counts["bn_stats_partial_kernel"] == unchained["bn_stats_partial_kernel"] - LAYERS, dict(counts)
+        assert counts["bn_stats_finalize_kernel"] == unchained["bn_stats_finalize_kernel"], dict(counts)
+        for key in ref64:
+            assert_rule(key, conv1_only[key], ref64[key], same[key], f"recompute={recompute}, conv1 epilogue only")
 
 
 @pytest.mark.parametrize("chain", [None, False, True])
@@ -445,7 +461,7 @@ def test_shared_dense_block_where_the_new_channels_inverse_std_cannot_be_shared(
 
     def make(backend, dtype=torch.float32):
         torch.manual_seed(0)
-        block = DenseBlock(3, 6, 2, 4, drop, memory="shared", backend=backend)
+        block = DenseBlock(LAYERS, 6, 2, 4, drop, memory="shared", backend=backend)
         for i, m in enumerate(block.modules()):
             if isinstance(m, torch.nn.BatchNorm2d):
                 with torch.no_grad():
@@ -456,7 +472,7 @@ def test_shared_dense_block_where_the_new_channels_inverse_std_cannot_be_shared(
         return block.to(DEVICE, dtype)
 
     x = torch.randn(2, 6, 5, 4, device=DEVICE) * 1.4 + 0.3
-    grad = torch.randn(2, 18, 5, 4, device=DEVICE)
+    grad = torch.randn(2, C_OUT, 5, 4, device=DEVICE)
 
     def step(block, dtype=torch.float32):
         xi = x.detach().to(dtype).clone().requires_grad_()
@@ -496,7 +512,7 @@ def test_input_stats_are_refused_for_any_tensor_but_their_own():
     tensor after an in-place change, or a copy of the statistics (which cannot be checked)
     would normalise with the wrong mean and variance; each raises before anything runs."""
     y, stats = _producer()
-    other, _ = _producer(seed=1)
+    other = y.clone()  # another tensor of the same shape (and values: the statistics name a tensor)
     ref = _consume(y, None)
     assert_rule("chained output", _consume(y, stats), ref.double(), ref, "own statistics")
     with pytest.raises(ValueError, match="another tensor"):

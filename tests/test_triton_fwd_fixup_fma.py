@@ -85,7 +85,7 @@ def _check(got, args, dtype, context, nan_ok=False):
 CASES = [
     (2, 16, 16, 4, (9, 7), (3, 3), (1, 1), (1, 1)),     # ResNeXt stage 1: 4-channel groups, 4 per block
     (1, 16, 16, 2, (7, 10), (3, 3), (0, 0), (1, 1)),    # 8-channel groups, padding 0
-    (2, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, two blocks, dilation 2
+    (1, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, two blocks, dilation 2
     (1, 8, 8, 8, (11, 5), (3, 3), (1, 1), (1, 1)),      # depthwise, one partial block of 8 channels
     (1, 12, 24, 3, (5, 9), (3, 3), (1, 0), (1, 2)),     # 4 -> 8 channel groups, partial block, mixed pad/dil
     (1, 16, 16, 4, (8, 7), (2, 2), (1, 0), (1, 1)),     # 2x2: asymmetric output
@@ -110,13 +110,23 @@ def test_forward_bfloat16():
     _check(OPS.bn_relu_conv2d(*args), args, torch.bfloat16, "bfloat16")
 
 
+# A program that meets a result that is not finite recomputes every tile it walks with the
+# scalar-FMA fix-up (under the interpreter 3 programs per channel block, tiles dealt round-robin),
+# so a case's cost is the fixed programs' tiles x BLOCK_N x C_in per group x the kernel's taps.
+# The shapes keep each case's structure with few tiles in the fixed programs.
 NAN_CASES = [
     # (case, layout, dtype, channel, position, value)
-    (CASES[0], "cl", torch.float32, 9, (1, 4, 3), float("nan")),       # group 2 of the block only
-    (CASES[1], "nchw", torch.float32, 3, (0, 0, 0), float("nan")),     # padding 0, at the corner
-    (CASES[2], "nchw", torch.float32, 17, (1, 8, 8), float("inf")),    # second block, dilation 2, Inf
+    # group 2 of the block only; one image of 2 x 2 tiles (the second row and column masked): the
+    # NaN's outputs around (4, 3) straddle all four, so every program fixes up, program 0 two tiles
+    ((1, 16, 16, 4, (5, 7), (3, 3), (1, 1), (1, 1)), "cl", torch.float32, 9, (0, 4, 3), float("nan")),
+    # padding 0, at the corner: output (0, 0) alone, tile 0 of the 2 (the second masked)
+    ((1, 16, 16, 2, (7, 6), (3, 3), (0, 0), (1, 1)), "nchw", torch.float32, 3, (0, 0, 0), float("nan")),
+    # second block, dilation 2, Inf, in the second image's last position (4 x 9: 3 tiles an image);
+    # the Inf reaches tiles 4 and 5, so programs 1 and 2 of block 1 fix up, and their tiles of image 0
+    ((2, 32, 32, 16, (4, 9), (3, 3), (2, 2), (2, 2)), "nchw", torch.float32, 17, (1, 3, 8), float("inf")),
     (CASES[4], "cl", torch.bfloat16, 5, (0, 2, 8), float("nan")),      # partial block, bfloat16
-    (CASES[6], "cl", torch.float32, 3, (0, 4, 5), float("nan")),       # 5x5
+    # 5x5, 2-channel groups: 4 x 10 outputs, the NaN reaches tiles 0 and 1 (programs 0 and 1), not 2
+    ((1, 16, 16, 8, (4, 10), (5, 5), (2, 2), (1, 1)), "cl", torch.float32, 3, (0, 2, 5), float("nan")),
 ]
 
 
@@ -134,11 +144,13 @@ def test_nonfinite_stays_in_its_group(nan_case):
 
 def test_statistics_epilogue_with_a_nan():
     """The statistics epilogue of the same config: a NaN's group gets NaN statistics, every
-    other channel the statistics of eager's output."""
-    case = CASES[0]
-    n, c, co, groups, hw, k, p, d = case
+    other channel the statistics of eager's output. One image of 3 x 2 tiles (CASES[0]'s shape,
+    n = 1): the NaN at (1, 1) reaches tile 0 only, so program 0 fixes up its tiles 0 and 3 (the
+    second finite, its last column masked at the image's edge) and takes their statistics
+    afresh, while programs 1 and 2 keep the main loop's."""
+    n, c, co, groups, hw, k, p, d = (1,) + CASES[0][1:]
     x, w, b, bw, bb, mean, invstd = _inputs(n, c, co, groups, hw, k, "cl", torch.float32, seed=6)
-    x[1, 5, 2, 3] = float("nan")  # channel 5: group 1, output channels 4..7
+    x[0, 5, 1, 1] = float("nan")  # channel 5: group 1, output channels 4..7
     args = (x, w, b, bw, bb, mean, invstd, [1, 1], list(p), list(d), groups, False)
     y, partials = OPS.bn_relu_conv2d_stats(*args)
     _check(y, args, torch.float32, "statistics epilogue, NaN", nan_ok=True)
