@@ -67,9 +67,9 @@ def _steps(monkeypatch, cache: str, xs, gos, groups=2, **kw):
     return got, {k: after[k] - before[k] for k in ("replays", "records", "uncacheable")}
 
 
-# The steps' input: 2 x 8 x 2 x 5 plans the same kernels (the packed grouped backward's 2 x 8
-# tiles, a masked edge in W, two images) as the 2 x 8 x 5 x 6 these tests ran before, at about
-# half the interpreter's time; the plan cache replays the host code, whatever the size.
+# The steps' input: 2 x 8 x 2 x 5 plans the same kernels as a 2 x 8 x 5 x 6 one (the packed
+# grouped backward's 2 x 8 tiles, a masked edge in W, two images) at about half the
+# interpreter's time; what the plan cache replays is the host code, whatever the size.
 SHAPE = (2, 8, 2, 5)
 
 
