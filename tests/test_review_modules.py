@@ -280,8 +280,9 @@ def test_changes_made_after_convert_are_followed(backend, model, change):
     """A converted torchvision model whose BatchNorms or parameters are changed after the
     conversion (fine-tuning's frozen BN, a new momentum or eps, tracking switched off, conv and
     BN weights replaced, some parameters frozen; on triton three of them at once) against the
-    unconverted model changed the same way: two training steps, outputs, every gradient and running statistics by the float64
-    rule (triton in float32 against the same float64 reference; no float64 kernels there)."""
+    unconverted model changed the same way: two training steps, outputs, every gradient and
+    running statistics by the float64 rule (triton in float32 against the same float64
+    reference; no float64 kernels there)."""
     why = backend_status("cpu")[backend]
     if why:
         pytest.skip(f"backend {backend!r} cannot run on cpu: {why}")
