@@ -219,18 +219,34 @@ def test_torchvision_densenet_with_resfast_blocks(memory, recompute):
     float32 rule is applied per block above; here any real difference would be O(1).
     """
     tvm = pytest.importorskip("torchvision.models")
-    torch.manual_seed(0)
-    ref = tvm.densenet121(num_classes=7).double()
-    _randomise(ref, 1)
+    state, x, grad, a = _torchvision_densenet121_step()
     ours = tvm.densenet121(num_classes=7).double()
     for i, (n, c) in enumerate(zip((6, 12, 24, 16), (64, 128, 256, 512))):
         setattr(ours.features, f"denseblock{i + 1}",
                 DenseBlock(n, c, 4, 32, memory=memory, recompute=recompute, backend="eager").double())
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    x = _inputs((2, 3, 64, 64), 4, torch.float64)  # block 4 sees 2x2: 8 values per BN channel
-    grad = torch.randn(2, 7, dtype=torch.float64)
-    a, b = _step(ref, x, grad), _step(ours, x, grad)
+    ours.load_state_dict(state, strict=True)
+    b = _step(ours, x, grad)
     _assert_close_rel(b, a, f"torchvision densenet121 with {memory}/{recompute} blocks")
+
+
+_TV_STEP: list = []
+
+
+def _torchvision_densenet121_step():
+    """torchvision's randomised densenet121 (float64): its state before the step, the step's
+    input and output gradient, and the step's results. The same for every memory mode, so
+    computed once per process."""
+    if not _TV_STEP:
+        from torchvision.models import densenet121
+
+        torch.manual_seed(0)
+        ref = densenet121(num_classes=7).double()
+        _randomise(ref, 1)
+        state = copy.deepcopy(ref.state_dict())
+        x = _inputs((2, 3, 64, 64), 4, torch.float64)  # block 4 sees 2x2: 8 values per BN channel
+        grad = torch.randn(2, 7, dtype=torch.float64)
+        _TV_STEP.extend([state, x, grad, _step(ref, x, grad)])
+    return _TV_STEP
 
 
 def _assert_close_rel(out, ref, context, rtol=1e-6):

@@ -45,7 +45,10 @@ def _dtype(backend: str) -> torch.dtype:
     return torch.float32 if backend == "triton" else torch.float64
 
 
-def _x(seed: int, shape=(2, 8, 6, 6)) -> torch.Tensor:
+# 2 x 8 x 2 x 5: two images, a masked edge in W, the same kernels as larger inputs; the bug's
+# structure (an eval forward, a training forward that moves the running statistics, then the
+# eval graph's backward) does not depend on the size.
+def _x(seed: int, shape=(2, 8, 2, 5)) -> torch.Tensor:
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1.5 + 0.3
             ).to(DEVICE)
 
@@ -69,7 +72,7 @@ def _true_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.grad
 
 
-def _check(name: str, make, backend: str, shape=(2, 8, 6, 6)) -> None:
+def _check(name: str, make, backend: str, shape=(2, 8, 2, 5)) -> None:
     """``make(dtype, backend)`` builds the module under test; its eager twin in float64 and in
     the backend's dtype are the references (the float64 rule)."""
     dtype = _dtype(backend)
