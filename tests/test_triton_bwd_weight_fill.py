@@ -9,8 +9,9 @@ or one group's output gradient (it must reach exactly the weight-gradient entrie
 reaches).
 
 Under the interpreter an op runs each launch's interpreter config; here the weight-gradient
-launch runs the config under test instead (the other launches as usual; on these small images
-the launch's own list drops 8 x 8 tiles, which the binder reshapes to fill the grid anyway)."""
+launch runs the config under test instead (the other launches as usual, but for the gradient
+finalize on the GPU's 512 x 4 tile; on these small images the launch's own list drops 8 x 8
+tiles, which the binder reshapes to fill the grid anyway)."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +54,11 @@ def weight_config(monkeypatch):
         return blk.gp == 1 and blk.nr > blk.block_n
 
     monkeypatch.setattr(triton_ops, "_wide_group", wide_group)
+    # and the GPU's gradient finalize at 12 or fewer weight-gradient splits (512 columns x 4
+    # rows: one program sums 512 columns), not the interpreter's 16 x 8: these convs have up to
+    # 64 x 32 x 9 weight-gradient columns, and 16-column programs were most of the interpreter's
+    # time here (2026-12-01). The 16 x 8 tile runs in every other backward test.
+    monkeypatch.setattr(triton_ops, "FIN_TILES", (512, 4))
 
     def use(cfg):
         chosen.append(cfg)

@@ -27,16 +27,16 @@ def _weight_kernel(args):
     return launch.bind(launch.interp_config).fn
 
 
-# (n, C, C_out, groups, H x W, kernel, padding, dilation)
+# (n, C, C_out, groups, H x W, kernel, padding, dilation). Until 2026-12-01 this list also held
+# ResNeXt stage 1's 4-channel groups (2, 16, 16, 4, 9 x 7), stage 3's one 16-channel group
+# (6 x 5, padding 2), 2-channel groups with dilation 2 (32 channels, 9 x 9), 4 -> 8 channel groups
+# with mixed padding / dilation (5 x 9), 2x2 (8 x 7) and 5x5 (9 x 10, 25 taps, 7 stacks): the
+# same shapes run this launch, the same kernel and interpreter config, in
+# tests/test_triton_bwd_packed_input.py's test_packed_input_gradient_against_eager, whose check
+# holds every output (grad_weight and grad_bias among them) to the same float64 rule.
 CASES = [
-    (2, 16, 16, 4, (9, 7), (3, 3), (1, 1), (1, 1)),     # ResNeXt stage 1: 4-channel groups, 4 per block
     (1, 32, 32, 4, (7, 10), (3, 3), (0, 0), (1, 1)),    # stage 2: 8-channel groups, two blocks, padding 0
-    (1, 16, 16, 1, (6, 5), (3, 3), (2, 2), (1, 1)),     # stage 3: one 16-channel group, padding 2
-    (1, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, dilation 2
     (1, 24, 24, 24, (11, 5), (3, 3), (1, 1), (1, 1)),   # depthwise, a partial last block of 8 channels
-    (1, 12, 24, 3, (5, 9), (3, 3), (1, 0), (1, 2)),     # 4 -> 8 channel groups, mixed padding / dilation
-    (1, 16, 16, 4, (8, 7), (2, 2), (1, 0), (1, 1)),     # 2x2: one stack, asymmetric output
-    (1, 16, 16, 8, (9, 10), (5, 5), (2, 2), (1, 1)),    # 5x5: 25 taps, 7 stacks
 ]
 
 
