@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, inputs as _inputs, out_hw as _out_hw
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, gpu_finalize_tile, inputs as _inputs
+from bwd_harness import out_hw as _out_hw
 
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
 
@@ -74,6 +75,7 @@ def test_packed_backward_residue_classes_bf16():
     _check(args, torch.bfloat16, "bf16 stride 2")
 
 
+@pytest.mark.usefixtures(gpu_finalize_tile.__name__)  # 64 x 32 x 9 weight-gradient columns: the GPU's finalize tile
 def test_split_backward_residue_classes(monkeypatch):
     """The split launches (input gradient alone, weight gradient alone: ResNeXt-50 stage 4's
     32-channel groups on a GPU) on the class path, with a config whose weight-gradient
@@ -113,6 +115,7 @@ def test_packed_nonfinite_grad_out_residue_classes():
     assert torch.isnan(gz[:, 4:8]).any() and not torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 8:]).any()
 
 
+@pytest.mark.usefixtures(gpu_finalize_tile.__name__)  # 64 x 8 x 9 weight-gradient columns: the GPU's finalize tile
 def test_weight_gradient_output_chunks_residue_classes(monkeypatch):
     """The weight-gradient launch on the class path with a group's output channels over two
     ``BLOCK_N`` chunks (on a GPU the 16-wide weight configs on ResNeXt-50 stage 4's 32-channel

@@ -17,9 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, inputs as _inputs, out_hw as _out_hw
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, gpu_finalize_tile, inputs as _inputs
+from bwd_harness import out_hw as _out_hw
 
-pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+# the finalize on the GPU's tile: up to 128 x 48 weight-gradient columns here, whose 16-column
+# programs under the interpreter's 16 x 8 tile were much of this file's time (bwd_harness)
+pytestmark = [pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}"),
+              pytest.mark.usefixtures(gpu_finalize_tile.__name__)]
 
 if not _WHY:
     from resfast.ops import triton_ops
