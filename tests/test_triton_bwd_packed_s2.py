@@ -17,9 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, f64, inputs as _inputs, out_hw as _out_hw
+from bwd_harness import DEVICE, TRITON_WHY as _WHY, check as _check, f64, gpu_finalize_tile, inputs as _inputs
+from bwd_harness import out_hw as _out_hw
 
-pytestmark = pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}")
+# the finalize on the GPU's tile (bwd_harness.gpu_finalize_tile): its 16 x 8 programs were a
+# tenth of this file's interpreter time, beside the launches under test
+pytestmark = [pytest.mark.skipif(bool(_WHY), reason=f"triton backend cannot run on {DEVICE}: {_WHY}"),
+              pytest.mark.usefixtures(gpu_finalize_tile.__name__)]
 
 if not _WHY:
     from resfast.kernels.triton import bn_relu_conv_bwd
