@@ -3,6 +3,7 @@ inputs of a fused conv, its output size, and the check of every output of the tr
 ``bn_relu_conv2d_backward`` against the float64 rule of tests/reference.py."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from reference import assert_rule
@@ -27,6 +28,19 @@ def inputs(n, c, co, groups, hw, k, dtype=torch.float32, seed=0, layout=torch.ch
     bb = (torch.randn(c, generator=g) * 0.3).to(DEVICE)
     mean, var = reference.bn_stats(x)
     return x, w, bw, bb, mean, torch.rsqrt(var + 1e-5)
+
+
+@pytest.fixture
+def gpu_finalize_tile(monkeypatch):
+    """The gradient finalize on the GPU's tile at 12 or fewer weight-gradient splits (512
+    columns x 4 rows, ``triton_ops._finalize_tile``) instead of the interpreter's 16 x 8, for
+    tests whose subject is another launch: a conv with C x C_out x 9 weight-gradient columns
+    makes C x C_out x 9 / 16 finalize programs, most of the interpreter's time on 32 - 64
+    channels (2026-12-01). The 16 x 8 tile still runs in the other backward tests, and
+    tests/test_triton_bwd_weight_fill.py::test_gradient_finalize_tiles runs three more."""
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "FIN_TILES", (512, 4))
 
 
 def out_hw(hw, k, p, d, s=(1, 1)):

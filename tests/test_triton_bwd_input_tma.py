@@ -8,9 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bwd_harness import gpu_finalize_tile
 from test_triton_ops import DEVICE, _conv_inputs, _rule, pytestmark  # noqa: F401  (the backend's skip)
 
 from resfast.ops import reference
+
+
+@pytest.fixture(autouse=True)
+def _gpu_finalize(gpu_finalize_tile):  # noqa: F811
+    """The gradient finalize on the GPU's tile (:func:`bwd_harness.gpu_finalize_tile`): these
+    wide groups' weight gradients have up to 64 x 32 x 9 columns."""
 
 OPS = torch.ops.resfast_triton
 

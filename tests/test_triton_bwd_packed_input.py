@@ -39,7 +39,7 @@ CASES = [
     (2, 16, 16, 4, (9, 7), (3, 3), (1, 1), (1, 1)),     # ResNeXt stage 1: 4-channel groups, 4 per block
     (1, 16, 16, 2, (7, 10), (3, 3), (0, 0), (1, 1)),    # 8-channel groups, padding 0
     (1, 16, 16, 1, (6, 5), (3, 3), (2, 2), (1, 1)),     # one 16-channel group, padding 2
-    (2, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, two blocks, dilation 2
+    (1, 32, 32, 16, (9, 9), (3, 3), (2, 2), (2, 2)),    # 2-channel groups, two blocks, dilation 2
     (1, 8, 8, 8, (11, 5), (3, 3), (1, 1), (1, 1)),      # depthwise, one partial block of 8 channels
     (1, 12, 24, 3, (5, 9), (3, 3), (1, 0), (1, 2)),     # 4 -> 8 channel groups, partial block, mixed pad/dil
     (1, 8, 8, 1, (7, 7), (3, 3), (1, 1), (1, 1)),       # one group narrower than 16
@@ -95,21 +95,27 @@ def test_not_taken_elsewhere():
     assert triton_ops._packed_input(32, 4, 4, [1, 1]) and triton_ops._packed_input(128, 1, 1, [1, 1])
 
 
-@pytest.mark.parametrize("pad,dil,layout", [(1, 1, torch.channels_last), (0, 2, torch.contiguous_format)],
-                         ids=["pad1", "pad0_dil2_nchw"])
-def test_packed_input_gradient_nonfinite_grad_out(pad, dil, layout):
+def test_packed_input_gradient_nonfinite_grad_out():
     """A NaN in one group's ``grad_out``: the block-diagonal MMA would carry it into the packed
     neighbours (0 * NaN); the program whose sum of grad_z is not finite recomputes its tiles
     exactly, one input channel at a time. NaN reaches exactly the channels eager gives NaN (the
-    group of the NaN's output channel), everything else matches the float64 reference."""
-    c, co, groups, hw = 16, 16, 4, (9, 11)
+    group of the NaN's output channel), everything else matches the float64 reference.
+
+    One case for the fix-up (it was padding 1 and padding 0 / dilation 2 / NCHW, 2026-12-01):
+    padding 0, dilation 2, NCHW strides; 2-channel groups, four packed in one block, the NaN in
+    group 1's output channel 2 (neighbours on both sides: input channels 0-1 and 4-7) of the
+    *second* image, whose tiles are every program's third and fourth (12 tiles of 4 x 4, three
+    programs), its taps over two tile rows and columns. Eight channels instead of 16 halve the
+    fix-up's per-channel loop, and 7 x 9 images instead of 9 x 11 a third of its tiles."""
+    c, co, groups, hw, pad, dil = 8, 8, 4, (7, 9), 0, 2
+    layout = torch.contiguous_format
     x, w, bw, bb, mean, invstd = _inputs(2, c, co, groups, hw, (3, 3), seed=8, layout=layout)
     ho, wo = _out_hw(hw, (3, 3), (pad, pad), (dil, dil))
     go = torch.randn(2, co, ho, wo, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     go = go.contiguous(memory_format=layout)
-    go[1, 6, ho // 2, wo // 2] = float("nan")  # output channel 6 is in group 1
+    go[1, 2, ho // 2, wo // 2] = float("nan")  # output channel 2 is in group 1 (input channels 2-3)
     args = (go, x, w, bw, bb, mean, invstd, [1, 1], [pad, pad], [dil, dil], groups, True)
     assert _packed_path(args), _launches(args)
     got = _check(args, torch.float32, f"NaN in grad_out, padding {pad}, dilation {dil}")
     gz = got[0]
-    assert torch.isnan(gz[:, 4:8]).any() and not torch.isnan(gz[:, :4]).any() and not torch.isnan(gz[:, 8:]).any()
+    assert torch.isnan(gz[:, 2:4]).any() and not torch.isnan(gz[:, :2]).any() and not torch.isnan(gz[:, 4:]).any()
