@@ -836,6 +836,7 @@ print(json.dumps({"compiled": compiled, "tensor_core": tensor_core}))
 '''
 
 
+@pytest.mark.slow  # every config of every launch compiled for sm_90: 170 s warm, minutes more from a cold cache
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile and run every kernel")
 def test_kernels_compile_for_sm90():
     """Without a GPU the interpreter never compiles the kernels: compile every launch of every
