@@ -171,7 +171,7 @@ def test_batchnorm_options_through_fused_modules_on_triton(name):
 
     Inputs of 2 x 7 (3 x 7 for the unpadded stride-2 conv) where they were 5 x 5: the same
     kernel specializations (the backward's 2 x 8 tile, a masked last column; the forward's
-    4 x 4 tile masked in rows and columns), a third fewer programs. The transition (2 x 2 pool
+    4 x 4 tile masked in rows and columns), a fifth to a quarter fewer programs. The transition (2 x 2 pool
     first) and the dense block keep their sizes: smaller ones change their tiles."""
     _require("triton")
     build, xshape, call = _MODULES[name]
