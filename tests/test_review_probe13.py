@@ -300,8 +300,10 @@ def test_odd_group_widths_through_the_public_op(case, training, backend):
 
 def test_one_shape_s_signatures_interleaved_through_the_plan_cache():
     """One conv shape called with different strides, storage offsets, dtypes, weight layouts,
-    train / eval, out= into a buffer slice and the statistics chain, interleaved three times
-    in one process: every call (most of them replays) matches eager by the rule."""
+    train / eval, out= into a buffer slice and the statistics chain, interleaved twice in one
+    process: every call (the second pass's all replays, each after the other six signatures
+    were recorded) matches eager by the rule. (A third pass, run before, only
+    replayed the same plans again: no new launch, no new signature.)"""
     T = _triton()
     n, c, h, w, co, groups = 2, 12, 5, 6, 20, 4
 
@@ -357,7 +359,7 @@ def test_one_shape_s_signatures_interleaved_through_the_plan_cache():
         return [y, z, rm, rv, rm2, rv2]
 
     before = T.plan_cache_stats()["replays"]
-    order = list(range(len(variants))) * 3
+    order = list(range(len(variants))) * 2
     for k, i in enumerate(order):
         v = variants[i]
         seed = 100 + k

@@ -144,18 +144,18 @@ def _block_then_transition(m, x):
 _MODULES = {
     # name: (build, input shape, call)
     "BNReLUConv2d_momentum_none": (lambda: _with_bn_options(resfast.BNReLUConv2d(4, 3, 3, padding=1, bias=True), 0),
-                                   (2, 4, 5, 5), None),
+                                   (2, 4, 2, 7), None),
     "BNReLUConv2d_no_running_stats": (lambda: _with_bn_options(resfast.BNReLUConv2d(4, 3, 3, padding=1), 1),
-                                      (2, 4, 5, 5), None),
+                                      (2, 4, 2, 7), None),
     "BNReLUConv2d_no_affine": (lambda: _with_bn_options(resfast.BNReLUConv2d(4, 3, 3, stride=2), 2),
-                               (2, 4, 5, 5), None),
+                               (2, 4, 3, 7), None),
     # bn2 (statistics taken in conv2's epilogue) momentum=None, then track_running_stats=False
-    "ResNeXtBottleneck_bn2_momentum_none": (_resnext(2), (2, 4, 5, 5), None),
-    "ResNeXtBottleneck_bn2_no_running_stats": (_resnext(0), (2, 4, 5, 5), None),
-    "WideBasic_stride2": (lambda: _with_bn_options(WideBasic(4, 3, stride=2)), (2, 4, 5, 5), None),
-    "PreActBottleneck": (lambda: _with_bn_options(PreActBottleneck(4, 2), 1), (2, 4, 5, 5), None),
+    "ResNeXtBottleneck_bn2_momentum_none": (_resnext(2), (2, 4, 2, 7), None),
+    "ResNeXtBottleneck_bn2_no_running_stats": (_resnext(0), (2, 4, 2, 7), None),
+    "WideBasic_stride2": (lambda: _with_bn_options(WideBasic(4, 3, stride=2)), (2, 4, 2, 7), None),
+    "PreActBottleneck": (lambda: _with_bn_options(PreActBottleneck(4, 2), 1), (2, 4, 2, 7), None),
     "DenseLayer_checkpoint": (lambda: _with_bn_options(DenseLayer(4, 2, 2, memory="checkpoint"), 1),
-                              (2, 4, 5, 5), None),
+                              (2, 4, 2, 7), None),
     "Transition_pool_first_no_running_stats": (lambda: _with_bn_options(Transition(4, 3), 1), (2, 4, 6, 6), None),
     "DenseBlock_shared_forward_with_transition": (_dense_with_transition, (2, 4, 4, 4), _block_then_transition),
 }
@@ -167,7 +167,12 @@ def test_batchnorm_options_through_fused_modules_on_triton(name):
     (batch statistics in eval too) and affine=False, mixed across the BatchNorms of each
     module, through train / eval / train on triton: outputs, input and parameter gradients,
     running statistics and num_batches_tracked (exactly) as the module run unfused (eager and
-    native were probed the same way and agree)."""
+    native were probed the same way and agree).
+
+    Inputs of 2 x 7 (3 x 7 for the unpadded stride-2 conv) where they were 5 x 5: the same
+    kernel specializations (the backward's 2 x 8 tile, a masked last column; the forward's
+    4 x 4 tile masked in rows and columns), a fifth to a quarter fewer programs. The transition (2 x 2 pool
+    first) and the dense block keep their sizes: smaller ones change their tiles."""
     _require("triton")
     build, xshape, call = _MODULES[name]
     _judge_module(build, "triton", xshape, call or (lambda m, x: m(x)))
@@ -355,7 +360,7 @@ def test_conv_weight_views_and_channels_last_weights(backend, training):
     dtype = _dtype(backend)
     for name, (shape, _, _) in _WEIGHTS.items():
         g = torch.Generator().manual_seed(7)
-        x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64)
+        x = torch.randn(2, 4, 2, 7, generator=g, dtype=torch.float64)  # 5 x 5 before: the same kernels
         p = torch.randn(*shape, generator=g, dtype=torch.float64) / 6
         bn = (torch.rand(4, generator=g, dtype=torch.float64) + 0.5, torch.randn(4, generator=g, dtype=torch.float64) * 0.3,
               torch.randn(4, generator=g, dtype=torch.float64) * 0.2, torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
