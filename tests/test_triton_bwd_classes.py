@@ -131,3 +131,21 @@ def test_weight_gradient_output_chunks_residue_classes(monkeypatch):
     bound = [lp.bind(lp.interp_config) for lp in plan[:2]]
     assert [(b.constexprs["SH"], b.constexprs["ONE_N"]) for b in bound] == [(0, False), (2, True)]
     _check(args, torch.float32, "weight gradient over two output chunks, stride 2")
+
+
+@pytest.mark.parametrize("stride, cls", [((2, 2), True), ((3, 3), False)], ids=["class", "generic"])
+def test_nonfinite_grad_out_at_the_border_padded_taps(stride, cls):
+    """A NaN in ``grad_out`` at the corner output element, whose taps reach the zero padding:
+    eager's ``grad_weight`` sums ``grad_out * a_padded`` and ``0 * NaN`` is NaN, so every tap of
+    the NaN's output channel is NaN (18 entries here), not only the 8 whose input lies inside
+    the image (2026-12-01: the kernel gave 8 on both paths; the float64 rule compares the NaN
+    pattern). The class path (stride 2) and the generic path (stride 3), merged launch."""
+    x, w, bw, bb, mean, invstd = _inputs(1, 8, 8, 4, (5, 7), (3, 3), seed=12)
+    go = torch.randn(1, 8, *_out_hw((5, 7), (3, 3), (1, 1), (1, 1), stride),
+                     generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    go[0, 1, 0, 0] = float("nan")  # output channel 1: group 0 (input channels 0-1)
+    args = (go, x, w, bw, bb, mean, invstd, list(stride), [1, 1], [1, 1], 4, True)
+    assert _class_strides(args) == [stride if cls else (0, 0)]
+    gw = _check(args, torch.float32, f"NaN at the border, stride {stride}")[1]
+    assert torch.isnan(gw[1]).all() and int(torch.isnan(gw).sum()) == 18

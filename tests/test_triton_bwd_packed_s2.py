@@ -176,3 +176,17 @@ def test_packed_s2_weight_gradient_strided_configs(monkeypatch, case):
     const = plan[1].bind(plan[1].interp_config).constexprs
     assert const["DO_GW"] and not const["DO_GA"] and (const["SH"], const["SW"]) == (2, 2)
     _check(args, torch.float32, f"strided weight config, case={case}")
+
+
+def test_packed_s2_weight_gradient_nan_at_the_border():
+    """A NaN in ``grad_out`` at the last output element, whose taps reach the bottom and right
+    zero padding (7 x 9, padding 1: input row 7 and column 9): eager's ``grad_weight`` is a sum
+    of ``grad_out * a_padded`` and ``0 * NaN`` is NaN, so all 9 taps of the NaN's output
+    channel are NaN, not only the 4 inside the image (2026-12-01: the weight launch, the
+    stacked kernel's class path with ``DO_GW`` alone, gave 8 NaN entries against eager's 18)."""
+    args = _args(1, 8, 8, 4, (7, 9), (3, 3), (1, 1), (1, 1), (2, 2), seed=20)
+    go = args[0]
+    go[0, 1, -1, -1] = float("nan")  # output channel 1: group 0 (input channels 0-1)
+    assert _s2_path(args), _launches(args)
+    gw = _check(args, torch.float32, "NaN at the border")[1]
+    assert torch.isnan(gw[1]).all() and int(torch.isnan(gw).sum()) == 18

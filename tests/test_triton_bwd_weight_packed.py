@@ -90,3 +90,18 @@ def test_packed_weight_gradient_nan_stays_in_its_group(where):
     others = torch.ones(co, dtype=torch.bool)
     others[rows] = False
     assert not torch.isnan(gw[others]).any()
+
+
+def test_packed_weight_gradient_nan_at_the_border():
+    """A NaN in ``grad_out`` at the corner output element, whose taps reach the zero padding:
+    eager's ``grad_weight`` sums ``grad_out * a_padded`` and ``0 * NaN`` is NaN, so all 9 taps
+    of the NaN's output channel are NaN (18 entries), not only the 4 inside the image
+    (2026-12-01: the kernel gave 8; the float64 rule compares the NaN pattern)."""
+    x, w, bw, bb, mean, invstd = _inputs(1, 8, 8, 4, (4, 5), (3, 3), seed=17)
+    go = torch.randn(1, 8, 4, 5, generator=torch.Generator().manual_seed(18)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    go[0, 1, 0, 0] = float("nan")  # output channel 1: group 0 (input channels 0-1)
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 4, True)
+    assert _weight_kernel(args) is bn_relu_conv_wgrad.bn_relu_conv_bwd_weight_packed_kernel
+    gw = _check(args, torch.float32, "NaN at the border")[1]
+    assert torch.isnan(gw[1]).all() and int(torch.isnan(gw).sum()) == 18

@@ -397,6 +397,29 @@ def test_backward_wide_weight_transposed_against_eager(case, monkeypatch):
           torch.float32, f"ACC_T case={case}")
 
 
+
+def test_backward_wide_weight_s1_nan_at_the_border(monkeypatch):
+    """The stride-1 weight gradient of a wide group (``bn_relu_conv_bwd_weight_s1_kernel``) with
+    a NaN in ``grad_out`` at the corner output element, whose taps reach the zero padding:
+    eager's ``grad_weight`` sums ``grad_out * a_padded`` and ``0 * NaN`` is NaN, so all 9 taps
+    of the NaN's output channel are NaN (72 entries), not only the 4 inside the image
+    (2026-12-01: the kernel gave 32; the float64 rule compares the NaN pattern)."""
+    from bwd_harness import check, inputs
+    from resfast.kernels.triton import bn_relu_conv_bwd
+    from resfast.ops import triton_ops
+
+    monkeypatch.setattr(triton_ops, "S1_INPUT", False)
+    x, w, bw, bb, mean, invstd = inputs(1, 8, 24, 1, (4, 5), (3, 3), seed=21)
+    go = torch.randn(1, 24, 4, 5, generator=torch.Generator().manual_seed(22)).to(DEVICE)
+    go = go.contiguous(memory_format=torch.channels_last)
+    go[0, 1, 0, 0] = float("nan")
+    args = (go, x, w, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, True)
+    plan = triton_ops.launch_plan("bn_relu_conv2d_backward", *args)
+    (launch,) = [launch for launch in plan if launch.name == "conv_bwd_weight"]
+    assert launch.bind(launch.interp_config).fn is bn_relu_conv_bwd.bn_relu_conv_bwd_weight_s1_kernel
+    gw = check(args, torch.float32, "NaN at the border")[1]
+    assert torch.isnan(gw[1]).all() and int(torch.isnan(gw).sum()) == 72
+
 def test_backward_wide_input_one_chunk_against_eager(monkeypatch):
     """The input-gradient kernel of wide groups also takes a group of 64 or more input channels
     whose output channels fit one chunk (DenseNet's 128 -> 32 3x3 convs, split on a GPU; the

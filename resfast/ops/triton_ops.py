@@ -1393,6 +1393,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                 loops = {"tiles": _cdiv(num_tiles, splits)}
             if do_ga and not do_gw and nsub > 1:
                 loops.update({f"co_chunks_kh{i}": nsub for i in range(kh)})
+            if do_gw:  # NaN over the padded taps of a non-finite grad_out: only where the accumulators are not finite
+                loops.update(pad_taps=0, pad_outputs=0)
             if do_gw and bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
             if packed:  # the exact fix-up runs only in programs that met a grad_a that is not finite
@@ -1401,7 +1403,8 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
             read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
             bound = Bound((ncb * splits,), args, const, loops=loops,
-                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "fixup_tiles": fix_depth,
+                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "pad_outputs": 2,
+                                  "fixup_tiles": fix_depth,
                                   "fixup_taps": fix_depth + 1, "fixup_channels": fix_depth + 2},
                           derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
                                        programs=ncb * splits), hbm_bytes=read + partial_bytes)
@@ -1505,6 +1508,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
                     num_tiles, n * ho * wo, *grad_out.stride(), *x.stride(), *padding, *dilation)
             const.update(KW_A=kw_a, KW_B=kw_b, ACC_T=bool(cfg.get("ACC_T")))
+            loops.update(pad_taps=0, pad_outputs=0)  # NaN over padded taps: only where not finite
             if bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
         else:
@@ -1512,7 +1516,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
                     num_tiles, *grad_out.stride(), *x.stride(), *stride, *padding, *dilation)
             const.update(KW_P=_pow2(kw))
-        return Bound((ncb * splits,), args, const, loops=loops,
+        return Bound((ncb * splits,), args, const, loops=loops, depths={"pad_outputs": 2},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
@@ -1604,10 +1608,11 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
-        loops = {"tiles": _cdiv(num_tiles, splits)}
+        # NaN over the padded taps of a non-finite grad_out: only where the accumulators are not finite
+        loops = {"tiles": _cdiv(num_tiles, splits), "pad_taps": 0, "pad_outputs": 0}
         if bias_grad:
             loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
-        return Bound((splits, ncb), args, const, loops=loops,
+        return Bound((splits, ncb), args, const, loops=loops, depths={"pad_outputs": 2},
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),

@@ -49,6 +49,17 @@ program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its til
 one group at a time, in the same launch (normally never: no per-tile check, no extra launch);
 on the class path it walks the same tiles as its first pass, class by class.
 
+Weight gradients over the input positions (this kernel's ``DO_GW``, both paths, and
+:func:`bn_relu_conv_bwd_weight_s1_kernel`, ``bn_relu_conv_wgrad``'s packed kernel) never visit the
+zero padding, where eager's ``grad_weight = sum(grad_out * a_padded)`` has ``0 * NaN = NaN``: a
+non-finite ``grad_out`` at a border output element reaches its taps inside the image (so the
+program's accumulators, checked once after its tiles), and such a program then stores NaN
+over its partials at each (output channel, tap) whose tap reads the padding at a non-finite
+``grad_out``
+(:func:`_pad_nan_store`: per tap one cold pass over the output positions). Not covered: a non-finite
+``grad_out`` at an output element none of whose taps is inside the image (padding at least the
+kernel's extent), which reaches no accumulator.
+
 Packed small groups at stride 1 (ResNeXt-50 stages 1-3, depthwise) take the input gradient
 from :func:`bn_relu_conv_bwd_input_packed_kernel` (``grad_out`` convolved with the flipped,
 transposed block-diagonal weights, one MMA per tap, the same epilogue and partials) and the
@@ -202,6 +213,21 @@ def bn_relu_conv_bwd_kernel(
                             (ci_loc * KHW)[None, :]
                         tl.store(pgw_ptr + base + col, gws[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)],
                                  mask=sq[2])
+            # a non-finite grad_out with a tap inside the image shows in the accumulators; then
+            # its taps in the zero padding (eager: 0 * NaN = NaN) are stored NaN (cold)
+            gw_tot = 0.0
+            for e in tl.static_range(7):  # chunks of 2**e taps: added elementwise, one reduction a size
+                if _has_size(KH, KW, SH, SW, TAP_CAP, 1 << e):
+                    grp = tl.full([(1 << e) * BLOCK_N, BLOCK_K], -0.0, tl.float32)
+                    for qh in tl.static_range(SH):
+                        for qw in tl.static_range(SW):
+                            for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
+                                if _chunk_size(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP, i) == (1 << e):
+                                    grp = grp + gws[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)]
+                    gw_tot = gw_tot + tl.sum(grp)
+            if gw_tot - gw_tot != 0.0:
+                _pad_nan_store(pgw_ptr + base, go_ptr, nc0, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO,
+                               P_OUT, sgn, sgc, sgh, sgw, SH, SW, pad_h, pad_w, dil_h, dil_w, KH, KW, BLOCK_N, BM)
     else:  # the generic path: runtime stride, a kernel row's kw taps stacked (KW_P wide)
         if ONE_N:
             co_c, n_ok_c, gn_c, keep, w_off = _stacked(nc0, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk, ci_loc, k_ok,
@@ -271,6 +297,14 @@ def bn_relu_conv_bwd_kernel(
             col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
             for kh in tl.static_range(KH):
                 tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
+            gw_tot = gw[0]  # as on the class path: padded taps of a non-finite grad_out
+            for kh in tl.static_range(1, KH):
+                gw_tot = gw_tot + gw[kh]
+            gw_tot = tl.sum(gw_tot)
+            if gw_tot - gw_tot != 0.0:
+                _pad_nan_store(pgw_ptr + base, go_ptr, nc0, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO,
+                               P_OUT, sgn, sgc, sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW,
+                               BLOCK_N, BM)
     if DO_GW and DO_GB:
         if ksub == 0:
             _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
@@ -991,6 +1025,13 @@ def _chunks(n, cap):
 
 
 @triton.constexpr_function
+def _has_size(kh, kw, sh, sw, cap, p):
+    """Whether some residue class's taps have a chunk of ``p`` taps."""
+    return any(size == p for a in range(sh) for b in range(sw)
+               for _, size in _chunks(_ntaps(kh, sh, a) * _ntaps(kw, sw, b), cap))
+
+
+@triton.constexpr_function
 def _nchunks(n, cap):
     """Chunks of ``n`` taps: powers of two, the largest first, at most ``cap`` each."""
     return len(_chunks(n, cap))
@@ -1376,6 +1417,20 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     _store_stack(pgw_ptr + base, gw_a, co_a, ok_a, kw_a, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
     if KW_B > 0:
         _store_stack(pgw_ptr + base, gw_b, co_b, ok_b, kw_b, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
+    # a non-finite grad_out with a tap inside the image shows in the accumulators; then its
+    # taps in the zero padding (eager: 0 * NaN = NaN) are stored NaN (cold)
+    gw_tot = gw_a[0]  # the sum of every entry: not finite when one is (or on overflow: then only slower)
+    for kh in tl.static_range(1, KH):
+        gw_tot = gw_tot + gw_a[kh]
+    gw_tot = tl.sum(gw_tot)
+    if KW_B > 0:
+        gw_tot_b = gw_b[0]
+        for kh in tl.static_range(1, KH):
+            gw_tot_b = gw_tot_b + gw_b[kh]
+        gw_tot = gw_tot + tl.sum(gw_tot_b)
+    if gw_tot - gw_tot != 0.0:  # one group per block: every row's group is the columns' (0)
+        _pad_nan_store(pgw_ptr + base, go_ptr, nc, gblk, NR, CO, NR, CIN_G, kk * 0, k_loc, k_ok, H, W, HO, WO, P_OUT,
+                       sgn, sgc, sgh, sgw, 1, 1, pad_h, pad_w, dil_h, dil_w, KH, KW, BLOCK_N, BM)
     if DO_GB:
         if ksub == 0:
             _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc, sgh, sgw,
@@ -1401,6 +1456,50 @@ def _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLI
                       mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
         gb += tl.sum(gyr.to(tl.float32), axis=0)
     tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
+
+
+@triton.jit
+def _pad_nan_store(pgw_ptr, go_ptr, nc, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO, P_OUT, sgn, sgc,
+                   sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BM: tl.constexpr):
+    """NaN stored over a program's weight-gradient partials (``pgw_ptr``: its split's row) at
+    ``[co, ci_local, kh, kw]`` wherever a non-finite ``grad_out[., co]`` sits at an output
+    position whose tap ``(kh, kw)`` reads the zero padding, for output-channel chunk ``nc`` of
+    group block ``gblk`` against the program's input channels (``ci_loc``, their group ``gk``
+    within the block, ``k_ok``), block-diagonal entries only. Eager's ``grad_weight`` sums
+    ``grad_out * a_padded`` and ``0 * NaN`` / ``0 * inf`` is NaN there; the kernels over the
+    input positions never visit a padded position. Cold: called only by a program whose
+    accumulators are not finite (a non-finite ``grad_out`` with a tap inside the image reaches
+    them), after its partials are stored; per tap one pass over every output position, loading
+    only where the tap is in the padding, 16 positions a step (few registers: this cold code
+    must not raise the kernel's count)."""
+    KHW: tl.constexpr = KH * KW
+    PB: tl.constexpr = 16
+    tl.debug_barrier()  # the partials' stores come before these
+    m = tl.arange(0, PB)
+    n_loc = nc * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = gblk * NR + n_loc
+    n_ok = (n_loc < NR) & (co < CO)
+    keep = ((n_loc // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
+    col = (co.to(tl.int64) * (CIN_G * KHW))[:, None] + (ci_loc * KHW)[None, :]
+    for t in tl.range(0, KHW, num_stages=1):
+        kh = t // KW
+        kw = t - kh * KW
+        bad = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for r0 in tl.range(0, P_OUT, PB, num_stages=1):
+            r = r0 + m
+            ow = r % WO
+            q = r // WO
+            oh = q % HO
+            h = oh * stride_h - pad_h + kh * dil_h
+            w = ow * stride_w - pad_w + kw * dil_w
+            pad = (r < P_OUT) & ((h < 0) | (h >= H) | (w < 0) | (w >= W))
+            row_off = (q // HO).to(tl.int64) * sgn + oh * sgh + ow * sgw
+            g = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
+                        mask=pad[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            bad = bad | tl.max(((g - g) != 0.0).to(tl.int32), axis=0)
+        nan = tl.full([BLOCK_N, ci_loc.shape[0]], float("nan"), tl.float32)
+        tl.store(pgw_ptr + col + t, nan, mask=keep & (bad != 0)[:, None])
 
 
 @triton.jit
