@@ -39,6 +39,29 @@ def assert_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_same: tor
     assert err <= allowed, f"{name}: max|out - ref64| = {err:.3e} > allowed {allowed:.3e} ({context})"
 
 
+def assert_finite_rule(name, out, ref64, same, dtype, context="", superset=False):
+    """The finiteness pattern of ``out`` is eager's (``ref64`` / ``same``: eager PyTorch in float64
+    and in ``dtype``), and its finite values pass the float64 rule. ``superset``: ``out`` may be
+    non-finite where eager is finite too (a known, pinned deviation), never finite where eager
+    is not."""
+    o, r, s = (t.detach().to(torch.float64).cpu() for t in (out, ref64, same))
+    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)} ({context})"
+    fo, fr, fs = torch.isfinite(o), torch.isfinite(r), torch.isfinite(s)
+    lost = fo & ~fr & ~fs  # finite where eager is not: a step a GradScaler would take
+    assert not lost.any(), (f"{name}: {int(lost.sum())} finite entries where eager's are not, e.g. "
+                            f"{lost.nonzero()[0].tolist()} = {o[lost][0].item():.4g} ({context})")
+    extra = ~fo & fr & fs
+    assert superset or not extra.any(), (f"{name}: {int(extra.sum())} non-finite entries where eager's are "
+                                         f"finite, e.g. {extra.nonzero()[0].tolist()} ({context})")
+    both = fo & fr
+    if both.any():
+        err = (o - r)[both].abs().max().item()
+        ok = both & fs
+        base = (s - r)[ok].abs().max().item() if ok.any() else 0.0
+        allowed = 2 * base + ATOL[dtype] * max(1.0, r[both].abs().max().item())
+        assert err <= allowed, f"{name}: max|out - ref64| = {err:.3e} > allowed {allowed:.3e} ({context})"
+
+
 def require_backend(backend: str) -> None:
     """Skip the calling test, saying why, when ``backend`` cannot run on the CPU here."""
     import pytest

@@ -83,36 +83,13 @@ import torch
 import torch.nn.functional as F
 
 from module_judge import randomize_bns, set_backend, unfused
-from reference import ATOL, judged_dtype, require_backend
+from reference import ATOL, assert_finite_rule, judged_dtype, require_backend
 from resfast.functional import bn_relu_conv2d
 from resfast.nn.blocks import ResNeXtBottleneck, WideBasic
 from resfast.nn.dense import DenseBlock
 from resfast.nn.fused import BNReLUConv2d
 
 BAD = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-def assert_finite_rule(name, out, ref64, same, dtype, context="", superset=False):
-    """The finiteness pattern of ``out`` is eager's (``ref64`` / ``same``: eager PyTorch in float64
-    and in ``dtype``), and its finite values pass the float64 rule. ``superset``: ``out`` may be
-    non-finite where eager is finite too (a known, pinned deviation), never finite where eager
-    is not."""
-    o, r, s = (t.detach().to(torch.float64).cpu() for t in (out, ref64, same))
-    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)} ({context})"
-    fo, fr, fs = torch.isfinite(o), torch.isfinite(r), torch.isfinite(s)
-    lost = fo & ~fr & ~fs  # finite where eager is not: a step a GradScaler would take
-    assert not lost.any(), (f"{name}: {int(lost.sum())} finite entries where eager's are not, e.g. "
-                            f"{lost.nonzero()[0].tolist()} = {o[lost][0].item():.4g} ({context})")
-    extra = ~fo & fr & fs
-    assert superset or not extra.any(), (f"{name}: {int(extra.sum())} non-finite entries where eager's are "
-                                         f"finite, e.g. {extra.nonzero()[0].tolist()} ({context})")
-    both = fo & fr
-    if both.any():
-        err = (o - r)[both].abs().max().item()
-        ok = both & fs
-        base = (s - r)[ok].abs().max().item() if ok.any() else 0.0
-        allowed = 2 * base + ATOL[dtype] * max(1.0, r[both].abs().max().item())
-        assert err <= allowed, f"{name}: max|out - ref64| = {err:.3e} > allowed {allowed:.3e} ({context})"
 
 
 # ----------------------------------------------------------------------------- the functional op

@@ -207,12 +207,13 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-# (splits_w, splits_s, n_gw, n_gb, C, BLOCK_C, BLOCK_S)
+# (splits_w, splits_s, n_gw, n_gb, C, BLOCK_C, BLOCK_S[, CPB: PAD_NAN's columns a program, 3x3 taps])
 FIN_CASES = [
     (700, 3, 100, 5, 37, 32, 64),    # hundreds of weight-gradient splits, 64 rows a step, a partial column block
     (1, 1, 50, 3, 20, 16, 128),      # a single split
     (65, 130, 333, 7, 13, 128, 16),  # splits not a multiple of the rows, columns past the last block
     (13, 37, 70, 0, 600, 512, 4),    # no bias, many channels, 10 trips of 4 rows
+    (700, 3, 333, 0, 5, 64, 32, 36),  # PAD_NAN: 36 of 64 columns a program (whole 3x3 units), finite sums
 ]
 
 
@@ -221,16 +222,19 @@ FIN_CASES = [
 def test_triton_gradient_finalize_split_counts(case):
     from resfast.kernels.triton import bn_relu_conv_bwd as K
 
-    sw, ss, n_gw, n_gb, c, bc, bs = case
+    sw, ss, n_gw, n_gb, c, bc, bs = case[:7]
+    cpb = case[7] if len(case) > 7 else bc
     g = torch.Generator().manual_seed(sw + c)
     pgw, pgb = torch.randn(sw, n_gw, generator=g), torch.randn(sw, max(n_gb, 1), generator=g)
     psum = torch.randn(ss, 2 * c, generator=g)
     gw, gb = torch.empty(n_gw, dtype=torch.bfloat16), torch.empty(max(n_gb, 1))
     sdz, sdzx = torch.empty(c), torch.empty(c)
-    nb_gw, nb_gb, nb_c = _cdiv(n_gw, bc), _cdiv(n_gb, bc), _cdiv(c, bc)
+    nb_gw, nb_gb, nb_c = _cdiv(n_gw, cpb), _cdiv(n_gb, bc), _cdiv(c, bc)
+    go = torch.zeros(2, 3, 4, 4)  # grad_out: read only on PAD_NAN's cold path (sums not finite)
     K.bn_relu_conv_bwd_finalize_kernel[(nb_gw + nb_gb + 2 * nb_c,)](
         pgw, pgb, psum, gw, gb, sdz, sdzx, n_gw, n_gb, c, sw, ss, nb_gw, nb_gb, nb_c,
-        HAS_GB=n_gb > 0, BLOCK_S=bs, BLOCK_C=bc, num_warps=4)
+        go, 37, 2, 4, 4, 4, 4, *go.stride(), 1, 1, 1, 1, 1, 1,
+        HAS_GB=n_gb > 0, BLOCK_S=bs, BLOCK_C=bc, PAD_NAN=cpb != bc, KH=3, KW=3, CPB=cpb, num_warps=4)
     sums = {"grad_weight": (gw, pgw), "sum_dz": (sdz, psum[:, :c]), "sum_dz_xhat": (sdzx, psum[:, c:])}
     if n_gb:
         sums["grad_bias"] = (gb, pgb)

@@ -197,7 +197,7 @@ def test_small_images_plan_more_programs(monkeypatch):
     7 x 7 3x3 conv the statistics pass takes 16-position tiles (392 programs, not 98), the
     16-warp weight-gradient config fills both resident slots of every SM (no cap on its split
     count from the partials' bytes: 256 programs, not 24) and the gradient finalize sums its 64
-    splits 64 rows at a time; at 14 x 14 the statistics pass takes 16-position tiles too (since
+    splits 32 rows at a time (64 before its columns were widened for whole 3x3 units); at 14 x 14 the statistics pass takes 16-position tiles too (since
     2026-12-01 every channels-innermost input with 64 or more channels does: 392 programs)."""
     from resfast.profiling.sm90 import SHAPES
     from resfast.profiling.static_model import training_plan
@@ -212,7 +212,9 @@ def test_small_images_plan_more_programs(monkeypatch):
     fill = [cfg for cfg in gw.configs if cfg.get("NOCAP")]
     assert fill and gw.bind(fill[0]).derived["programs"] == 256
     bound = fin.bind(fin.configs[0])
-    assert (bound.constexprs["BLOCK_C"], bound.constexprs["BLOCK_S"]) == (32, 64)
+    # 32 x 64 by the split count, widened for the padded taps' NaN (PAD_NAN: whole 3x3 units, a
+    # multiple of 4 columns a program, 36 of 64) to 64 x 32, the same partials a step
+    assert (bound.constexprs["BLOCK_C"], bound.constexprs["BLOCK_S"], bound.constexprs["CPB"]) == (64, 32, 36)
     plan = training_plan(SHAPES["densenet121_3x3_b3"])
     stats = plan["fwd"][0].bind(plan["fwd"][0].configs[0])
     assert stats.constexprs["BLOCK_P"] == 16 and stats.grid == (2, 392)

@@ -1393,8 +1393,6 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                 loops = {"tiles": _cdiv(num_tiles, splits)}
             if do_ga and not do_gw and nsub > 1:
                 loops.update({f"co_chunks_kh{i}": nsub for i in range(kh)})
-            if do_gw:  # NaN over the padded taps of a non-finite grad_out: only where the accumulators are not finite
-                loops.update(pad_taps=0, pad_outputs=0)
             if do_gw and bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
             if packed:  # the exact fix-up runs only in programs that met a grad_a that is not finite
@@ -1403,8 +1401,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
             partial_bytes = 4 * (pgw.numel() if do_gw else 0) + 4 * (psum.numel() if do_ga else 0)
             read = gy_bytes + x_bytes + (x_bytes + _nbytes(weight) if do_ga else 0)  # + grad_z written
             bound = Bound((ncb * splits,), args, const, loops=loops,
-                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "pad_outputs": 2,
-                                  "fixup_tiles": fix_depth,
+                          depths={**{k: 2 for k in loops if k.startswith("co_chunks")}, "fixup_tiles": fix_depth,
                                   "fixup_taps": fix_depth + 1, "fixup_channels": fix_depth + 2},
                           derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp, splits=splits,
                                        programs=ncb * splits), hbm_bytes=read + partial_bytes)
@@ -1508,7 +1505,6 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
                     num_tiles, n * ho * wo, *grad_out.stride(), *x.stride(), *padding, *dilation)
             const.update(KW_A=kw_a, KW_B=kw_b, ACC_T=bool(cfg.get("ACC_T")))
-            loops.update(pad_taps=0, pad_outputs=0)  # NaN over padded taps: only where not finite
             if bias_grad:
                 loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
         else:
@@ -1516,7 +1512,7 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                     c, h, w, co, ho, wo, cin_g, blk.kr, blk.nr, blk.ksub, blk.nsub, ncb, splits, tiles_h, tiles_w,
                     num_tiles, *grad_out.stride(), *x.stride(), *stride, *padding, *dilation)
             const.update(KW_P=_pow2(kw))
-        return Bound((ncb * splits,), args, const, loops=loops, depths={"pad_outputs": 2},
+        return Bound((ncb * splits,), args, const, loops=loops,
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
@@ -1608,11 +1604,10 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.get("MAXNREG"):  # a launch option: registers per thread at most
             const["maxnreg"] = cfg.get("MAXNREG")
-        # NaN over the padded taps of a non-finite grad_out: only where the accumulators are not finite
-        loops = {"tiles": _cdiv(num_tiles, splits), "pad_taps": 0, "pad_outputs": 0}
+        loops = {"tiles": _cdiv(num_tiles, splits)}
         if bias_grad:
             loops["bias_rows"] = _cdiv(n * ho * wo, splits * th * tw)
-        return Bound((splits, ncb), args, const, loops=loops, depths={"pad_outputs": 2},
+        return Bound((splits, ncb), args, const, loops=loops,
                      derived=dict(TILE_H=th, TILE_W=tw, BLOCK_N=blk.block_n, BLOCK_K=blk.block_k, GP=blk.gp,
                                   splits=splits, programs=ncb * splits),
                      hbm_bytes=gy_bytes + x_bytes + 4 * (pgw.numel() + (pgb.numel() if bias_grad else 0)),
@@ -1741,22 +1736,38 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
                                      binder(False, True), key + ("gw",),
                                      hbm_bytes=gy_bytes + x_bytes))
     n_gw, n_gb = co * cin_g * khw, (co if bias_grad else 0)
+    # NaN over the padded taps of a non-finite grad_out, as eager (the finalize's PAD_NAN)
+    pad_nan = any(p > 0 for p in padding)
 
     def bind_finalize(cfg: TileConfig) -> Bound:
         fin_c, fin_s = _finalize_tile(state["splits_w"], state["splits_s"], n_gw)
-        nb_gw, nb_gb, nb_c = _cdiv(n_gw, fin_c), _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
+        cpb = fin_c
+        if pad_nan:  # whole (co, ci) units of khw columns a program, a multiple of 4 (16-byte loads)
+            unit = khw * 4 // math.gcd(khw, 4)
+            wider = max(fin_c, _pow2(unit))
+            fin_c, fin_s = wider, max(1, fin_c * fin_s // wider)  # the same partials a step
+            cpb = fin_c // unit * unit
+        nb_gw = _cdiv(n_gw, cpb)
+        nb_gb, nb_c = _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
+        total = nb_gw + nb_gb + 2 * nb_c
         partials = 4 * (state["pgw"].numel() + (state["pgb"].numel() if bias_grad else 0) + state["psum"].numel())
-        return Bound((nb_gw + nb_gb + 2 * nb_c,),
+        # a program takes one branch: each branch's loop weighted by its share of programs; the
+        # padded taps' loops run only where a weight-gradient sum is not finite (planned 0 trips)
+        loops = {"rows_gw": _share(state["splits_w"], fin_s, nb_gw, total)}
+        if pad_nan:
+            loops.update(pad_cos=0, pad_taps=0, pad_rows=0, pad_cols=0, pad_store=0)
+        if bias_grad:
+            loops["rows_gb"] = _share(state["splits_w"], fin_s, nb_gb, total)
+        loops.update(rows_dz=_share(state["splits_s"], fin_s, nb_c, total),
+                     rows_dzx=_share(state["splits_s"], fin_s, nb_c, total))
+        return Bound((total,),
                      (state["pgw"], state["pgb"], state["psum"], grad_weight, _or(grad_bias if bias_grad else None,
                                                                                   sums), sum_dz, sum_dz_xhat,
-                      n_gw, n_gb, c, state["splits_w"], state["splits_s"], nb_gw, nb_gb, nb_c),
-                     dict(HAS_GB=bool(bias_grad), BLOCK_S=fin_s, BLOCK_C=fin_c, num_warps=cfg.num_warps),
-                     # a program takes one branch: each branch's loop weighted by its share of programs
-                     loops={"rows_gw": _share(state["splits_w"], fin_s, nb_gw, nb_gw + nb_gb + 2 * nb_c),
-                            **({"rows_gb": _share(state["splits_w"], fin_s, nb_gb, nb_gw + nb_gb + 2 * nb_c)}
-                               if bias_grad else {}),
-                            "rows_dz": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c),
-                            "rows_dzx": _share(state["splits_s"], fin_s, nb_c, nb_gw + nb_gb + 2 * nb_c)},
+                      n_gw, n_gb, c, state["splits_w"], state["splits_s"], nb_gw, nb_gb, nb_c,
+                      grad_out, cin_g, n, h, w, ho, wo, *grad_out.stride(), *stride, *padding, *dilation),
+                     dict(HAS_GB=bool(bias_grad), BLOCK_S=fin_s, BLOCK_C=fin_c, PAD_NAN=pad_nan, KH=kh, KW=kw,
+                          CPB=cpb, num_warps=cfg.num_warps),
+                     loops=loops, depths={"pad_taps": 2, "pad_rows": 3, "pad_cols": 3, "pad_store": 3},
                      hbm_bytes=partials + _nbytes(grad_weight) + 8 * c)
 
     fixed = _cfg(4, 1)

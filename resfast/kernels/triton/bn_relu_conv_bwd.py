@@ -49,16 +49,10 @@ program's ``sum(grad_z)`` NaN, and such a program then recomputes all of its til
 one group at a time, in the same launch (normally never: no per-tile check, no extra launch);
 on the class path it walks the same tiles as its first pass, class by class.
 
-Weight gradients over the input positions (this kernel's ``DO_GW``, both paths, and
-:func:`bn_relu_conv_bwd_weight_s1_kernel`, ``bn_relu_conv_wgrad``'s packed kernel) never visit the
-zero padding, where eager's ``grad_weight = sum(grad_out * a_padded)`` has ``0 * NaN = NaN``: a
-non-finite ``grad_out`` at a border output element reaches its taps inside the image (so the
-program's accumulators, checked once after its tiles), and such a program then stores NaN
-over its partials at each (output channel, tap) whose tap reads the padding at a non-finite
-``grad_out``
-(:func:`_pad_nan_store`: per tap one cold pass over the output positions). Not covered: a non-finite
-``grad_out`` at an output element none of whose taps is inside the image (padding at least the
-kernel's extent), which reaches no accumulator.
+A non-finite ``grad_out`` at a border output: eager's weight gradient also sums over the zero
+padding, where ``0 * NaN`` is NaN, which no weight-gradient kernel here visits (they run over
+the input positions). The finalize restores eager's NaN over those taps, only in a program one
+of whose sums is not finite (:func:`_reduce_weight_rows`); the kernels pay nothing.
 
 Packed small groups at stride 1 (ResNeXt-50 stages 1-3, depthwise) take the input gradient
 from :func:`bn_relu_conv_bwd_input_packed_kernel` (``grad_out`` convolved with the flipped,
@@ -213,21 +207,6 @@ def bn_relu_conv_bwd_kernel(
                             (ci_loc * KHW)[None, :]
                         tl.store(pgw_ptr + base + col, gws[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)],
                                  mask=sq[2])
-            # a non-finite grad_out with a tap inside the image shows in the accumulators; then
-            # its taps in the zero padding (eager: 0 * NaN = NaN) are stored NaN (cold)
-            gw_tot = 0.0
-            for e in tl.static_range(7):  # chunks of 2**e taps: added elementwise, one reduction a size
-                if _has_size(KH, KW, SH, SW, TAP_CAP, 1 << e):
-                    grp = tl.full([(1 << e) * BLOCK_N, BLOCK_K], -0.0, tl.float32)
-                    for qh in tl.static_range(SH):
-                        for qw in tl.static_range(SW):
-                            for i in tl.static_range(_nchunks(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP)):
-                                if _chunk_size(_ntaps(KH, SH, qh) * _ntaps(KW, SW, qw), TAP_CAP, i) == (1 << e):
-                                    grp = grp + gws[_chunk_index(KH, KW, SH, SW, TAP_CAP, qh, qw, i)]
-                    gw_tot = gw_tot + tl.sum(grp)
-            if gw_tot - gw_tot != 0.0:
-                _pad_nan_store(pgw_ptr + base, go_ptr, nc0, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO,
-                               P_OUT, sgn, sgc, sgh, sgw, SH, SW, pad_h, pad_w, dil_h, dil_w, KH, KW, BLOCK_N, BM)
     else:  # the generic path: runtime stride, a kernel row's kw taps stacked (KW_P wide)
         if ONE_N:
             co_c, n_ok_c, gn_c, keep, w_off = _stacked(nc0, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk, ci_loc, k_ok,
@@ -297,14 +276,6 @@ def bn_relu_conv_bwd_kernel(
             col = (co_c.to(tl.int64) * (CIN_G * KHW) + c_kw)[:, None] + (ci_loc * KHW)[None, :]
             for kh in tl.static_range(KH):
                 tl.store(pgw_ptr + base + col + kh * KW, gw[kh], mask=keep)
-            gw_tot = gw[0]  # as on the class path: padded taps of a non-finite grad_out
-            for kh in tl.static_range(1, KH):
-                gw_tot = gw_tot + gw[kh]
-            gw_tot = tl.sum(gw_tot)
-            if gw_tot - gw_tot != 0.0:
-                _pad_nan_store(pgw_ptr + base, go_ptr, nc0, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO,
-                               P_OUT, sgn, sgc, sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW,
-                               BLOCK_N, BM)
     if DO_GW and DO_GB:
         if ksub == 0:
             _bias_partials(go_ptr, pgb_ptr, nc0, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc,
@@ -1025,13 +996,6 @@ def _chunks(n, cap):
 
 
 @triton.constexpr_function
-def _has_size(kh, kw, sh, sw, cap, p):
-    """Whether some residue class's taps have a chunk of ``p`` taps."""
-    return any(size == p for a in range(sh) for b in range(sw)
-               for _, size in _chunks(_ntaps(kh, sh, a) * _ntaps(kw, sw, b), cap))
-
-
-@triton.constexpr_function
 def _nchunks(n, cap):
     """Chunks of ``n`` taps: powers of two, the largest first, at most ``cap`` each."""
     return len(_chunks(n, cap))
@@ -1417,20 +1381,6 @@ def bn_relu_conv_bwd_weight_s1_kernel(
     _store_stack(pgw_ptr + base, gw_a, co_a, ok_a, kw_a, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
     if KW_B > 0:
         _store_stack(pgw_ptr + base, gw_b, co_b, ok_b, kw_b, k_loc, k_ok, CIN_G, KH, KW, ACC_T)
-    # a non-finite grad_out with a tap inside the image shows in the accumulators; then its
-    # taps in the zero padding (eager: 0 * NaN = NaN) are stored NaN (cold)
-    gw_tot = gw_a[0]  # the sum of every entry: not finite when one is (or on overflow: then only slower)
-    for kh in tl.static_range(1, KH):
-        gw_tot = gw_tot + gw_a[kh]
-    gw_tot = tl.sum(gw_tot)
-    if KW_B > 0:
-        gw_tot_b = gw_b[0]
-        for kh in tl.static_range(1, KH):
-            gw_tot_b = gw_tot_b + gw_b[kh]
-        gw_tot = gw_tot + tl.sum(gw_tot_b)
-    if gw_tot - gw_tot != 0.0:  # one group per block: every row's group is the columns' (0)
-        _pad_nan_store(pgw_ptr + base, go_ptr, nc, gblk, NR, CO, NR, CIN_G, kk * 0, k_loc, k_ok, H, W, HO, WO, P_OUT,
-                       sgn, sgc, sgh, sgw, 1, 1, pad_h, pad_w, dil_h, dil_w, KH, KW, BLOCK_N, BM)
     if DO_GB:
         if ksub == 0:
             _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLITS, m, sgn, sgc, sgh, sgw,
@@ -1456,50 +1406,6 @@ def _bias_partials(go_ptr, pgb_ptr, nc, gblk, NR, CO, HO, WO, P_OUT, split, SPLI
                       mask=(r < P_OUT)[:, None] & n_ok[None, :], other=0.0)
         gb += tl.sum(gyr.to(tl.float32), axis=0)
     tl.store(pgb_ptr + split * CO + co, gb, mask=n_ok)
-
-
-@triton.jit
-def _pad_nan_store(pgw_ptr, go_ptr, nc, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO, P_OUT, sgn, sgc,
-                   sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BM: tl.constexpr):
-    """NaN stored over a program's weight-gradient partials (``pgw_ptr``: its split's row) at
-    ``[co, ci_local, kh, kw]`` wherever a non-finite ``grad_out[., co]`` sits at an output
-    position whose tap ``(kh, kw)`` reads the zero padding, for output-channel chunk ``nc`` of
-    group block ``gblk`` against the program's input channels (``ci_loc``, their group ``gk``
-    within the block, ``k_ok``), block-diagonal entries only. Eager's ``grad_weight`` sums
-    ``grad_out * a_padded`` and ``0 * NaN`` / ``0 * inf`` is NaN there; the kernels over the
-    input positions never visit a padded position. Cold: called only by a program whose
-    accumulators are not finite (a non-finite ``grad_out`` with a tap inside the image reaches
-    them), after its partials are stored; per tap one pass over every output position, loading
-    only where the tap is in the padding, 16 positions a step (few registers: this cold code
-    must not raise the kernel's count)."""
-    KHW: tl.constexpr = KH * KW
-    PB: tl.constexpr = 16
-    tl.debug_barrier()  # the partials' stores come before these
-    m = tl.arange(0, PB)
-    n_loc = nc * BLOCK_N + tl.arange(0, BLOCK_N)
-    co = gblk * NR + n_loc
-    n_ok = (n_loc < NR) & (co < CO)
-    keep = ((n_loc // COUT_G)[:, None] == gk[None, :]) & n_ok[:, None] & k_ok[None, :]
-    col = (co.to(tl.int64) * (CIN_G * KHW))[:, None] + (ci_loc * KHW)[None, :]
-    for t in tl.range(0, KHW, num_stages=1):
-        kh = t // KW
-        kw = t - kh * KW
-        bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-        for r0 in tl.range(0, P_OUT, PB, num_stages=1):
-            r = r0 + m
-            ow = r % WO
-            q = r // WO
-            oh = q % HO
-            h = oh * stride_h - pad_h + kh * dil_h
-            w = ow * stride_w - pad_w + kw * dil_w
-            pad = (r < P_OUT) & ((h < 0) | (h >= H) | (w < 0) | (w >= W))
-            row_off = (q // HO).to(tl.int64) * sgn + oh * sgh + ow * sgw
-            g = tl.load(go_ptr + row_off[:, None] + (co.to(tl.int64) * sgc)[None, :],
-                        mask=pad[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            bad = bad | tl.max(((g - g) != 0.0).to(tl.int32), axis=0)
-        nan = tl.full([BLOCK_N, ci_loc.shape[0]], float("nan"), tl.float32)
-        tl.store(pgw_ptr + col + t, nan, mask=keep & (bad != 0)[:, None])
 
 
 @triton.jit
@@ -1606,15 +1512,28 @@ def _stacked(nc, gblk, NR, CO, COUT_G, CIN_G, c_kw, c_n, gk, ci_loc, k_ok, swo, 
 def bn_relu_conv_bwd_finalize_kernel(
     pgw_ptr, pgb_ptr, psum_ptr, gw_ptr, gb_ptr, sdz_ptr, sdzx_ptr,
     N_GW, N_GB, C, SPLITS_W, SPLITS_S, NB_GW, NB_GB, NB_C,
+    go_ptr, CIN_G, NIMG, H, W, HO, WO, sgn, sgc, sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_GB: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    PAD_NAN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, CPB: tl.constexpr,
 ):
     """Sum the float32 partials over their ``SPLITS`` rows in a fixed order. Program ranges:
     ``[0, NB_GW)`` ``grad_weight`` (written in its dtype), then ``NB_GB`` programs
     ``grad_bias``, then ``NB_C`` each for ``sum(grad_z)`` and ``sum(grad_z * xhat)`` (the two
-    halves of the ``[SPLITS, 2C]`` partials)."""
+    halves of the ``[SPLITS, 2C]`` partials).
+
+    ``PAD_NAN`` (a conv with padding): each ``grad_weight`` program takes ``CPB`` columns, whole
+    ``(co, ci)`` units of ``KH * KW`` taps (a multiple of 4 too: 16-byte loads) and, only when
+    one of its sums is not finite, stores NaN wherever eager's sum over the zero padding meets a
+    non-finite ``grad_out`` (see :func:`_reduce_weight_rows`); the weight-gradient kernels never
+    visit the padding."""
     pid = tl.program_id(0)
     if pid < NB_GW:
-        _reduce_rows(pgw_ptr, gw_ptr, pid, N_GW, N_GW, SPLITS_W, BLOCK_S, BLOCK_C)
+        if PAD_NAN:
+            _reduce_weight_rows(pgw_ptr, gw_ptr, pid, N_GW, SPLITS_W, go_ptr, CIN_G, NIMG, H, W, HO, WO, sgn, sgc,
+                                sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, BLOCK_S, BLOCK_C, KH, KW,
+                                CPB)
+        else:
+            _reduce_rows(pgw_ptr, gw_ptr, pid, N_GW, N_GW, SPLITS_W, BLOCK_S, BLOCK_C)
     elif pid < NB_GW + NB_GB:
         if HAS_GB:
             _reduce_rows(pgb_ptr, gb_ptr, pid - NB_GW, N_GB, N_GB, SPLITS_W, BLOCK_S, BLOCK_C)
@@ -1622,6 +1541,108 @@ def bn_relu_conv_bwd_finalize_kernel(
         _reduce_rows(psum_ptr, sdz_ptr, pid - NB_GW - NB_GB, C, 2 * C, SPLITS_S, BLOCK_S, BLOCK_C)
     else:
         _reduce_rows(psum_ptr + C, sdzx_ptr, pid - NB_GW - NB_GB - NB_C, C, 2 * C, SPLITS_S, BLOCK_S, BLOCK_C)
+
+
+@triton.jit
+def _reduce_weight_rows(pgw_ptr, gw_ptr, blk, N_GW, SPLITS, go_ptr, CIN_G, NIMG, H, W, HO, WO, sgn, sgc, sgh, sgw,
+                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                        CPB: tl.constexpr):
+    """:func:`_reduce_rows` of ``grad_weight`` (flat ``[co, ci_local, kh, kw]``) over whole
+    ``(co, ci)`` units: program ``blk`` sums columns ``blk * CPB ..`` (``CPB``: whole units of
+    ``KH * KW`` columns, a multiple of 4 so that the loads stay 16-byte vectors, at most
+    ``BLOCK_C``; with 27 columns of 32 the loads were scalar, 40 -> 64 registers), then NaN over
+    the padded taps of a non-finite ``grad_out``, as eager.
+
+    Eager's ``grad_weight[co, ci, kh, kw]`` sums ``grad_out[n, co, p] * a_padded[n, ci, p + tap]``
+    over the output positions ``p``, the zero padding included, where ``0 * NaN`` (or ``0 *
+    inf``) is NaN; the weight-gradient kernels sum over the input positions only. A non-finite
+    ``grad_out[n, co, p]`` with a tap inside the image makes that tap's sum, in the same unit as
+    every padded tap of ``(co, ci)``, not finite; so only a program holding a sum that is not
+    finite can owe a NaN (the finite path pays one reduction). That program (cold,
+    :func:`_pad_nan_columns`) tests every output position whose tap reads the padding and
+    stores NaN where ``grad_out`` is not finite there: exactly eager's NaN pattern. Not
+    covered: a non-finite ``grad_out`` at an output none of whose taps is inside the image
+    (padding at least the kernel's extent), which reaches no sum."""
+    j = tl.arange(0, BLOCK_C)
+    cols = blk * CPB + j
+    c_ok = (j < CPB) & (cols < N_GW)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, SPLITS, BLOCK_S):
+        r = r0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(pgw_ptr + (r * N_GW)[:, None] + cols[None, :],
+                       mask=(r < SPLITS)[:, None] & c_ok[None, :], other=0.0)
+    tot = tl.sum(acc, axis=0)
+    tl.store(gw_ptr + cols, tot.to(gw_ptr.dtype.element_ty), mask=c_ok)
+    if tl.max(((tot - tot) != 0.0).to(tl.int32), axis=0) != 0:  # a sum that is not finite (masked: 0)
+        _pad_nan_columns(gw_ptr, blk * CPB, tl.minimum(blk * CPB + CPB, N_GW), go_ptr, CIN_G, NIMG, H, W, HO, WO,
+                         sgn, sgc, sgh, sgw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, KH, KW)
+
+
+@triton.jit
+def _pad_nan_columns(gw_ptr, first, end, go_ptr, CIN_G, NIMG, H, W, HO, WO, sgn, sgc, sgh, sgw, stride_h, stride_w,
+                     pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr):
+    """Cold: NaN stored over ``grad_weight``'s flat columns ``[first, end)`` (already stored by
+    this program) at ``[co, ci, kh, kw]`` wherever ``grad_out[., co]`` is not finite at an output
+    position whose tap ``(kh, kw)`` reads the zero padding. Per output channel of the columns and
+    per tap, one pass over that tap's padded positions only (:func:`_tap_band`: its top and
+    bottom rows, then between them its left and right columns), 128 positions a step: scalar
+    bounds and one position a thread, so this code does not raise the finalize's registers."""
+    KHW: tl.constexpr = KH * KW
+    PB: tl.constexpr = 128
+    tl.debug_barrier()  # the sums' stores (other threads') before these NaN
+    unit = CIN_G * KHW
+    m = tl.arange(0, PB)
+    for co in tl.range(first // unit, (end - 1) // unit + 1, num_stages=1):
+        go_c = go_ptr + tl.cast(co, tl.int64) * sgc
+        for t in tl.range(0, KHW, num_stages=1):
+            top, bot, left, right = _tap_band(t // KW, t % KW, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w,
+                                              dil_h, dil_w)
+            nrow = top + HO - bot  # padded rows: [0, top) and [bot, HO), every column
+            n1 = NIMG * nrow * WO
+            hit = tl.zeros([PB], dtype=tl.int32)
+            for q0 in tl.range(0, n1, PB, num_stages=1):
+                q = q0 + m
+                rr = (q // WO) % nrow
+                oh = tl.where(rr < top, rr, bot + (rr - top))
+                hit = hit | _nonfinite_at(go_c, q // (WO * nrow), oh, q % WO, q < n1, sgn, sgh, sgw)
+            mid = bot - top  # rows [top, bot): padded columns [0, left) and [right, WO)
+            ncol = left + WO - right
+            n2 = NIMG * mid * ncol
+            for q0 in tl.range(0, n2, PB, num_stages=1):
+                q = q0 + m
+                cc = q % ncol
+                ow = tl.where(cc < left, cc, right + (cc - left))
+                hit = hit | _nonfinite_at(go_c, q // (ncol * mid), top + (q // ncol) % mid, ow, q < n2, sgn, sgh,
+                                          sgw)
+            if tl.max(hit, axis=0) != 0:  # NaN at [co, ci, t] for every ci whose column is the program's
+                for ci0 in tl.range(0, CIN_G, PB, num_stages=1):
+                    col = co * unit + (ci0 + m) * KHW + t
+                    tl.store(gw_ptr + col, tl.full([PB], float("nan"), tl.float32).to(gw_ptr.dtype.element_ty),
+                             mask=(ci0 + m < CIN_G) & (col >= first) & (col < end))
+
+
+@triton.jit
+def _tap_band(kh, kw, H, W, HO, WO, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
+    """Tap ``(kh, kw)`` reads the padding at output rows ``[0, top)`` and ``[bot, HO)`` and, on
+    the rows between, at columns ``[0, left)`` and ``[right, WO)`` (``top <= bot``, ``left <=
+    right``; numerators kept non-negative: integer division then rounds the same way compiled
+    and interpreted)."""
+    e = kh * dil_h - pad_h  # input row = output row * stride_h + e
+    f = kw * dil_w - pad_w
+    top = tl.minimum((tl.maximum(-e, 0) + stride_h - 1) // stride_h, HO)
+    bot = tl.minimum(tl.maximum((tl.maximum(H - e, 0) + stride_h - 1) // stride_h, top), HO)
+    left = tl.minimum((tl.maximum(-f, 0) + stride_w - 1) // stride_w, WO)
+    right = tl.minimum(tl.maximum((tl.maximum(W - f, 0) + stride_w - 1) // stride_w, left), WO)
+    return top, bot, left, right
+
+
+@triton.jit
+def _nonfinite_at(go_c, n, oh, ow, ok, sgn, sgh, sgw):
+    """1 where ``grad_out[n, co, oh, ow]`` (``go_c``: channel ``co``'s base) is not finite, for
+    the positions ``ok``; else 0."""
+    g = tl.load(go_c + n.to(tl.int64) * sgn + oh * sgh + ow * sgw, mask=ok, other=0.0).to(tl.float32)
+    return ((g - g) != 0.0).to(tl.int32)
 
 
 @triton.jit

@@ -18,16 +18,14 @@ Non-finite values: an accumulator entry (tap and output channel ``co``, input ch
 is a sum over positions of ``grad_out[., co]`` times ``a[., ci]`` alone, and only the
 block-diagonal entries (``co`` and ``ci`` in one group) are stored, so a NaN of one group never
 reaches another group's gradient (as in eager). Eager's sum also runs over the zero padding
-(``0 * NaN`` is NaN there), which the input positions never reach: a program whose
-accumulators are not finite stores NaN over its partials where a tap reads the padding at a non-finite
-``grad_out`` (``bn_relu_conv_bwd._pad_nan_store``, cold; the finite path gains one check of
-the accumulators per program).
+(``0 * NaN`` is NaN there), which the input positions never reach: the finalize restores those
+NaN (``bn_relu_conv_bwd._reduce_weight_rows``, cold; nothing here).
 """
 import triton
 import triton.language as tl
 
 from resfast.kernels.triton.bn_relu import bn_relu, channel_block, dot_acc, tap_residue, tile_digits, tile_next2
-from resfast.kernels.triton.bn_relu_conv_bwd import _bias_partials, _pad_nan_store
+from resfast.kernels.triton.bn_relu_conv_bwd import _bias_partials
 
 
 @triton.jit
@@ -93,15 +91,6 @@ def bn_relu_conv_bwd_weight_packed_kernel(
     for s in tl.static_range(NS):
         tap_ok = (s * CAP + r_t) < KHW
         tl.store(pgw_ptr + base + col + s * CAP, gws[s], mask=keep & tap_ok[:, None])
-    # a non-finite grad_out with a tap inside the image shows in the accumulators; then its taps
-    # in the zero padding (eager: 0 * NaN = NaN) are stored NaN (_pad_nan_store, cold)
-    gw_tot = gws[0]  # the sum of every entry: not finite when one is (or on overflow: then only slower)
-    for s in tl.static_range(1, NS):
-        gw_tot = gw_tot + gws[s]
-    gw_tot = tl.sum(gw_tot)
-    if gw_tot - gw_tot != 0.0:
-        _pad_nan_store(pgw_ptr + base, go_ptr, 0, gblk, NR, CO, COUT_G, CIN_G, gk, ci_loc, k_ok, H, W, HO, WO, P_OUT,
-                       sgn, sgc, sgh, sgw, 1, 1, pad_h, pad_w, dil_h, dil_w, KH, KW, BLOCK_N, BM)
     if DO_GB:
         _bias_partials(go_ptr, pgb_ptr, 0, gblk, NR, CO, HO, WO, P_OUT, split, splits, m, sgn, sgc, sgh, sgw, BM,
                        BLOCK_N)
