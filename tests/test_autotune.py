@@ -305,12 +305,14 @@ def _params(c=8, c_out=8, groups=1, k=3):
 
 @needs_native
 @pytest.mark.usefixtures("one_thread")
-def test_real_timing_picks_eager_over_native_for_a_grouped_conv(tune_env, monkeypatch):
+def test_real_timing_picks_the_faster_measured_backend_for_a_grouped_conv(tune_env, monkeypatch):
     """Real timing: a mid-size grouped conv (ResNeXt's 3x3, 8 x 128 x 14 x 14, 32 groups) with
-    gradients. On one CPU thread eager takes ~10 ms and the C++ test twin ~150 ms (measured
-    on the 2-core build machine), so the choice has a wide margin. (auto's own CPU candidate
-    list is eager alone, see test_the_cpu_has_one_candidate; the list here is what CUDA's
-    would be without triton, run through the same measuring code.)"""
+    gradients, eager against the C++ test twin through the real measuring code (auto's own
+    CPU candidate list is eager alone, see test_the_cpu_has_one_candidate; the list here is
+    what CUDA's would be without triton). The choice is the one its own measurements favour,
+    whichever that is: which backend is faster is a timing, and tests do not assert on time
+    (on one quiet CPU thread eager takes ~10 ms and the twin ~150 ms, but under load a single
+    small probe of eager once came out 3x slower than the twin's and the twin won)."""
     _fake_candidates(monkeypatch)
     x = torch.randn(8, 128, 14, 14, requires_grad=True)
     w, g, b = _params(128, 128, groups=32)
@@ -318,11 +320,16 @@ def test_real_timing_picks_eager_over_native_for_a_grouped_conv(tune_env, monkey
     with record_choices() as rows:
         y = _call(x, w, g, b, rm, rv, groups=32)
     (row,) = rows
-    assert row["backend"] == "eager", row
-    assert "native" in row["skipped"] or row["times_ms"]["native"] > row["times_ms"]["eager"]
+    assert set(row["probe_ms"]) == {"eager", "native"}, row  # both really run and timed
+    if row["times_ms"]:  # both timed at full size: the faster one won
+        assert row["times_ms"][row["backend"]] == min(row["times_ms"].values()), row
+    else:  # the other abandoned at the small probe, by more than probe_factor
+        (other,) = {"eager", "native"} - {row["backend"]}
+        assert other in row["skipped"], row
+        assert row["probe_ms"][other] > autotune.TuneConfig().probe_factor * row["probe_ms"][row["backend"]], row
     assert row["signature"]["groups"] == 32 and row["signature"]["grad"] is True
     rm2, rv2 = torch.zeros(128), torch.ones(128)
-    assert torch.equal(y, _call(x, w, g, b, rm2, rv2, backend="eager", groups=32))
+    assert torch.equal(y, _call(x, w, g, b, rm2, rv2, backend=row["backend"], groups=32))
 
 
 @pytest.mark.usefixtures("one_thread")
