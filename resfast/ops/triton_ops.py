@@ -1760,7 +1760,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
         # padded taps' loops run only where a weight-gradient sum is not finite (planned 0 trips)
         loops = {"rows_gw": _share(state["splits_w"], fin_s, nb_gw, total)}
         if pad_nan:
-            loops.update(pad_cos=0, pad_taps=0, pad_rows=0, pad_cols=0, pad_store=0)
+            loops.update(pad_cos=0, pad_taps=0, pad_rows=0, pad_cols=0)
+            if cin_g > 1:  # (one input channel a group: the NaN store's loop has one trip, unrolled)
+                loops["pad_store"] = 0
         if bias_grad:
             loops["rows_gb"] = _share(state["splits_w"], fin_s, nb_gb, total)
         loops.update(rows_dz=_share(state["splits_s"], fin_s, nb_c, total),
