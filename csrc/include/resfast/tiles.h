@@ -574,6 +574,11 @@ constexpr double kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
 constexpr double kCostStageWhole[2] = {2.05, 1.4}, kCostStoreWhole[2] = {1.35, 3.5},
                  kCostChunkWhole[2] = {1250.0, 1120.0}, kCostTileWhole[2] = {1200.0, 1550.0},
                  kCostBlockWhole[2] = {700.0, 1150.0};
+// ... less for the whole-sample input gradient with 8 n8 tiles a warp (its SASS: 327 against 368
+// warp-instructions of tile code a warp, 202 against 265 outside the loops; 2026-12-01): with
+// the nt-4 figures the planner gave DenseNet-121's block-4 3x3 input gradient 2 samples x 32
+// columns a tile where 1 sample x 64 columns is 4% faster (PREDICTED).
+constexpr double kCostTileWholeIg8 = 1400.0, kCostBlockWholeIg8 = 900.0;
 // The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
 constexpr double kCostWgradHmma = 4.2, kCostWgradStage = 1.4, kCostWgradTile = 700.0, kCostWgradBlock = 6000.0;
 
@@ -646,7 +651,13 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
     const int bn = ct.bn;
     const int nt = mma ? bn / 8 : 0;
     const int max_px = max_pixels(nt);
-    for (int bk = mma ? 128 : 64; bk >= min_bk; bk /= 2) {
+    // K chunks of up to 256 channels for tensor cores (128 before 2026-12-01): each chunk costs
+    // ~1,000 warp-instructions of its own (barriers, the fills' and the MMA walk's set-up), which
+    // a wide 1x1 of few pixels pays per 56-64 rows: DenseNet-121's block-4 1x1 forward (992
+    // channels at 7x7, 128 blocks) 8 -> 4 chunks, 4.41 -> 3.89 us PREDICTED (2.03x -> 1.79x of
+    // its HBM floor), its 56x56 1x1 forward 56.0 -> 52.4 us. 72 KiB bounds the chunk with the
+    // tile (a 3x3 with 256 channels a chunk does not fit).
+    for (int bk = mma ? 256 : 64; bk >= min_bk; bk /= 2) {
       if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
       if (ct.P > 1 && bk < k_range) continue;          // packed groups must fit one chunk
       const int BK = bk;
@@ -690,8 +701,9 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
                                    staged_rows(s) * (BK / 8.0) * (wh ? kCostStageWhole[ig] : kCostStage[ig]) +
                                    (chunks > 1 ? w_copy : 0.0) + (wh ? kCostChunkWhole[ig] : kCostChunk[ig]);
           per_tile = chunks * per_chunk + s.M * (bn / 8.0) * (wh ? kCostStoreWhole[ig] : kCostStore[ig]) +
-                     (wh ? kCostTileWhole[ig] : kCostTile[ig]);
-          per_block = (wh ? kCostBlockWhole[ig] : kCostBlock) + (chunks > 1 ? 0.0 : w_copy);
+                     (wh ? (ig && nt == 8 ? kCostTileWholeIg8 : kCostTileWhole[ig]) : kCostTile[ig]);
+          per_block = (wh ? (ig && nt == 8 ? kCostBlockWholeIg8 : kCostBlockWhole[ig]) : kCostBlock) +
+                      (chunks > 1 ? 0.0 : w_copy);
         }
         auto clocks = [&](int64_t tpb) {
           return double(cdiv(ct.blocks * cdiv(spatial, tpb), sms)) * (tpb * per_tile + per_block) / kIssuePerClock;
