@@ -689,8 +689,14 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       // The tiles per block and the clocks of the busiest SM (ceil(blocks / SMs) blocks of tpb
       // tiles each: its warp-instructions, kCost*, over the issue rate). Several tiles per block
       // only when the weights stay staged (K in one chunk): the count (at most
-      // kMaxTilesPerBlock, at least target_blocks blocks in the grid) that makes the busiest
-      // SM's work the least (fewer tiles per block on ties).
+      // kMaxTilesPerBlock, at least 3/4 of target_blocks blocks in the grid) that makes the
+      // busiest SM's work the least (fewer tiles per block on ties). 3/4: the three blocks an SM
+      // holds at once (__launch_bounds__(kThreads, 3), at most 72 KiB each), so that the first
+      // wave still fills every SM; it was all of target_blocks (four an SM) before 2026-12-01,
+      // which left ResNeXt-50 stage 4's forward one 2-sample tile a block (1,024 blocks, 8 on
+      // the busiest SM) where 2 tiles a block (512) spare each SM 4 blocks' own code: 8.09 ->
+      // 7.43 us PREDICTED (none measured; the GPU check would show whether 3 blocks an SM hide
+      // the loads' latency as 4 did).
       struct Choice {
         int64_t tpb;
         double clocks;
@@ -720,7 +726,8 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         };
         Choice best_c{1, clocks(1)};
         if (k_range <= BK) {
-          int64_t most = spatial * ct.blocks / target_blocks;
+          const int64_t resident = target_blocks * 3 / 4 > 0 ? target_blocks * 3 / 4 : 1;
+          int64_t most = spatial * ct.blocks / resident;
           most = most > kMaxTilesPerBlock ? kMaxTilesPerBlock : most;
           for (int64_t t = 2; t <= most; ++t) {
             const double c = clocks(t);
