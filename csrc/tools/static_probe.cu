@@ -36,6 +36,8 @@ template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, false, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, false, 2, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, false, 4, true, false>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, true, false>(

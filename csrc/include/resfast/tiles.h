@@ -56,6 +56,10 @@ constexpr int kMaxK = 8;            // kernel height / width the tap tables cove
 // m16 tiles per warp of the forward / input-grad MMAs: 4 (tiles of up to 256 pixels), or 2
 // with 8 n8 tiles (the accumulators of 2 x 8 tiles take 64 registers already).
 RESFAST_HD constexpr int mt_of(int nt) { return nt == 8 ? 2 : 4; }
+// ... of a kernel: the whole-sample forward with 4 n8 tiles a warp takes 2 (tiles of at most 128
+// pixels), so that its accumulators are the nt-2 kernel's 32 registers: with 4 m16 tiles (64
+// accumulators) ptxas spilled (2026-11-30; whole_kernel).
+RESFAST_HD constexpr int mt_of(int nt, bool input_grad, bool whole) { return !input_grad && whole && nt == 4 ? 2 : mt_of(nt); }
 // Pixels of a spatial tile: the warps' m16 tiles, or one per thread for the SIMT loop (nt = 0).
 constexpr int kSimtCols = 16;       // columns of the SIMT loop (one accumulator each)
 constexpr int kSimtWgrad = 18;      // weight-gradient elements one SIMT thread accumulates
@@ -493,10 +497,12 @@ inline SpatialTile choose_residue_tile(const ConvGeom& g, int max_cmt, Cost cost
 RESFAST_HD constexpr bool residue_kernel(bool input_grad, int nt) { return input_grad && nt == 4; }
 
 // The whole-sample kernels built: the input gradient for every n8 tile count, the forward for
-// 2 (tensor cores; SIMT, nt 0, both). Not the forward with 4 or 8 n8 tiles a warp: ptxas spills
-// (4: 18-50 bytes; 8: 42 bytes, a plan that 72 KiB of shared memory made WRN-28-10's stride-2
-// stage-3 forward choose).
-RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt == 0 || nt == 2; }
+// 2 and 4 (tensor cores; SIMT, nt 0, both), the latter with 2 m16 tiles a warp (mt_of: tiles of
+// at most 128 pixels; 2026-12-01, issue 16: ResNeXt-50 stage 4's forward, 2 samples x 32
+// columns a tile). Not the forward with 8 n8 tiles a warp: ptxas spilled 42 bytes (a plan that
+// 72 KiB of shared memory made WRN-28-10's stride-2 stage-3 forward choose); nor with 4 and 4
+// m16 tiles a warp (18-50 bytes).
+RESFAST_HD constexpr bool whole_kernel(bool input_grad, int nt) { return input_grad || nt == 0 || nt == 2 || nt == 4; }
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -574,6 +580,15 @@ constexpr double kCostStage[2] = {1.9, 1.25}, kCostWeight = 0.6,
 constexpr double kCostStageWhole[2] = {2.05, 1.4}, kCostStoreWhole[2] = {1.35, 3.5},
                  kCostChunkWhole[2] = {1250.0, 1120.0}, kCostTileWhole[2] = {1200.0, 1550.0},
                  kCostBlockWhole[2] = {700.0, 1150.0};
+// ... less for the whole-sample input gradient with 8 n8 tiles a warp (its SASS: 327 against 368
+// warp-instructions of tile code a warp, 202 against 265 outside the loops; 2026-12-01): with
+// the nt-4 figures the planner gave DenseNet-121's block-4 3x3 input gradient 2 samples x 32
+// columns a tile where 1 sample x 64 columns is 4% faster (PREDICTED).
+constexpr double kCostTileWholeIg8 = 1400.0, kCostBlockWholeIg8 = 900.0;
+// The whole-sample forward with 4 n8 tiles and 2 m16 tiles a warp: 39 warp-instructions per 8
+// HMMAs in its SASS (2026-12-01; its A fragments serve 4 n8 tiles, but half the m16 tiles carry
+// the tap walk), against 3.4 per HMMA of the spatial nt-4 loop.
+constexpr double kCostHmmaWholeFwd4 = 4.9;
 // The weight gradient: an HMMA with its fragment loads, a staged vector, a tile, a block.
 constexpr double kCostWgradHmma = 4.2, kCostWgradStage = 1.4, kCostWgradTile = 700.0, kCostWgradBlock = 6000.0;
 
@@ -646,7 +661,13 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
     const int bn = ct.bn;
     const int nt = mma ? bn / 8 : 0;
     const int max_px = max_pixels(nt);
-    for (int bk = mma ? 128 : 64; bk >= min_bk; bk /= 2) {
+    // K chunks of up to 256 channels for tensor cores (128 before 2026-12-01): each chunk costs
+    // ~1,000 warp-instructions of its own (barriers, the fills' and the MMA walk's set-up), which
+    // a wide 1x1 of few pixels pays per 56-64 rows: DenseNet-121's block-4 1x1 forward (992
+    // channels at 7x7, 128 blocks) 8 -> 4 chunks, 4.41 -> 3.89 us PREDICTED (2.03x -> 1.79x of
+    // its HBM floor), its 56x56 1x1 forward 56.0 -> 52.4 us. 72 KiB bounds the chunk with the
+    // tile (a 3x3 with 256 channels a chunk does not fit).
+    for (int bk = mma ? 256 : 64; bk >= min_bk; bk /= 2) {
       if (bk > min_bk && bk / 2 >= k_range) continue;  // a smaller chunk holds all of K
       if (ct.P > 1 && bk < k_range) continue;          // packed groups must fit one chunk
       const int BK = bk;
@@ -668,8 +689,14 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       // The tiles per block and the clocks of the busiest SM (ceil(blocks / SMs) blocks of tpb
       // tiles each: its warp-instructions, kCost*, over the issue rate). Several tiles per block
       // only when the weights stay staged (K in one chunk): the count (at most
-      // kMaxTilesPerBlock, at least target_blocks blocks in the grid) that makes the busiest
-      // SM's work the least (fewer tiles per block on ties).
+      // kMaxTilesPerBlock, at least 3/4 of target_blocks blocks in the grid) that makes the
+      // busiest SM's work the least (fewer tiles per block on ties). 3/4: the three blocks an SM
+      // holds at once (__launch_bounds__(kThreads, 3), at most 72 KiB each), so that the first
+      // wave still fills every SM; it was all of target_blocks (four an SM) before 2026-12-01,
+      // which left ResNeXt-50 stage 4's forward one 2-sample tile a block (1,024 blocks, 8 on
+      // the busiest SM) where 2 tiles a block (512) spare each SM 4 blocks' own code: 8.09 ->
+      // 7.43 us PREDICTED (none measured; the GPU check would show whether 3 blocks an SM hide
+      // the loads' latency as 4 did).
       struct Choice {
         int64_t tpb;
         double clocks;
@@ -686,19 +713,21 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
           per_block = 0.0;
         } else {
           const bool wh = s.S > 0;
-          const double per_chunk = hmma * cost_hmma(ig, nt) +
+          const double per_chunk = hmma * (wh && !ig && nt == 4 ? kCostHmmaWholeFwd4 : cost_hmma(ig, nt)) +
                                    staged_rows(s) * (BK / 8.0) * (wh ? kCostStageWhole[ig] : kCostStage[ig]) +
                                    (chunks > 1 ? w_copy : 0.0) + (wh ? kCostChunkWhole[ig] : kCostChunk[ig]);
           per_tile = chunks * per_chunk + s.M * (bn / 8.0) * (wh ? kCostStoreWhole[ig] : kCostStore[ig]) +
-                     (wh ? kCostTileWhole[ig] : kCostTile[ig]);
-          per_block = (wh ? kCostBlockWhole[ig] : kCostBlock) + (chunks > 1 ? 0.0 : w_copy);
+                     (wh ? (ig && nt == 8 ? kCostTileWholeIg8 : kCostTileWhole[ig]) : kCostTile[ig]);
+          per_block = (wh ? (ig && nt == 8 ? kCostBlockWholeIg8 : kCostBlockWhole[ig]) : kCostBlock) +
+                      (chunks > 1 ? 0.0 : w_copy);
         }
         auto clocks = [&](int64_t tpb) {
           return double(cdiv(ct.blocks * cdiv(spatial, tpb), sms)) * (tpb * per_tile + per_block) / kIssuePerClock;
         };
         Choice best_c{1, clocks(1)};
         if (k_range <= BK) {
-          int64_t most = spatial * ct.blocks / target_blocks;
+          const int64_t resident = target_blocks * 3 / 4 > 0 ? target_blocks * 3 / 4 : 1;
+          int64_t most = spatial * ct.blocks / resident;
           most = most > kMaxTilesPerBlock ? kMaxTilesPerBlock : most;
           for (int64_t t = 2; t <= most; ++t) {
             const double c = clocks(t);
@@ -715,7 +744,10 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
       SpatialTile s{}, sw{};
       // (not the forward with 4 n8 tiles a warp: its accumulators, A rows and BN map leave the
       // whole-sample staging too few registers, and ptxas spills: whole_kernel)
-      if (whole != 1 && whole_kernel(input_grad, nt)) sw = choose_whole_tile(g, input_grad, max_px, cost, &cw);
+      if (whole != 1 && whole_kernel(input_grad, nt)) {
+        const int whole_px = mma ? kWarps * 16 * mt_of(nt, input_grad, true) : max_px;
+        sw = choose_whole_tile(g, input_grad, whole_px, cost, &cw);
+      }
       if (whole != 2 || sw.M == 0) {
         s = input_grad ? choose_tile(g.H, g.W, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, true, max_px, cost, &c)
                        : choose_tile(g.Ho, g.Wo, g.KH, g.KW, g.sh, g.sw, g.dh, g.dw, false, max_px, cost, &c);
@@ -1525,12 +1557,12 @@ RESFAST_HD void input_grad_rows(int warp, int lane0, const ConvGeom& g, const Co
 // kRes (residue-class tiles, strides 2 x 2): warp c walks only its class's taps (the plan's
 // rw_* tables: the taps whose remainders are the class's, consecutive in the weights) over its
 // class's cmt m-tiles, the unit-stride walk with the class's offsets.
-template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad, bool kRes = false>
-RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, mt_of(NT)>& rows,
-                               MmaAcc<NL, mt_of(NT), NT>& acc) {
+template <bool kInputGrad, int NL, typename T, int NT, bool kSelect = kInputGrad, bool kRes = false, int MT = mt_of(NT)>
+RESFAST_HD void conv_mma_chunk(int warp, const ConvGeom& g, const ConvPlan& p, const MmaRows<NL, MT>& rows,
+                               MmaAcc<NL, MT, NT>& acc) {
   static_assert(kInputGrad || !kSelect, "the forward never selects a zero row");
   static_assert(!kRes || (kInputGrad && !kSelect), "residue-class tiles: the input gradient's unit walk");
-  constexpr int kFwdMT = mt_of(NT);
+  constexpr int kFwdMT = MT;
   const SpatialTile& st = p.s;
   const int mtiles_left = kRes ? st.cmt : st.MP / 16 - warp * kFwdMT;
   if (mtiles_left <= 0) return;
@@ -1603,10 +1635,9 @@ RESFAST_HD void st_pair(A* p, A v0, A v1) {
 
 // Accumulator fragments -> c_s[row * CS + col] (lane l holds rows l/4 (+8), cols 2(l%4) (+1)).
 // (kRes: warp c's m-tiles are its class's cmt tiles.)
-template <int NL, int NT, typename A, bool kRes = false>
-RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const MmaAcc<NL, mt_of(NT), NT>& acc,
-                               A* c_s) {
-  constexpr int kFwdMT = mt_of(NT);
+template <int NL, int NT, typename A, bool kRes = false, int MT = mt_of(NT)>
+RESFAST_HD void store_acc_tile(int warp, int lane0, const ConvPlan& p, const MmaAcc<NL, MT, NT>& acc, A* c_s) {
+  constexpr int kFwdMT = MT;
   const int wmt = kRes ? p.s.cmt : kFwdMT;
   const int mtiles_left = kRes ? wmt : p.s.MP / 16 - warp * kFwdMT;
   for (int s = 0; s < NL; ++s) {
@@ -2028,17 +2059,18 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   };
   if (one_chunk) ex.threads([&](int tid, int c) { load_bnc(tid, c, 0); });
 
-  MmaAcc<X::kLanes, mt_of(kNT), kNT> acc[kMMA ? X::kWarpCopies : 1];
-  MmaRows<X::kLanes, mt_of(kNT)> rows[kMMA ? X::kWarpCopies : 1];
+  constexpr int kMT = mt_of(kNT, kInputGrad, kWhole);  // m16 tiles a warp
+  MmaAcc<X::kLanes, kMT, kNT> acc[kMMA ? X::kWarpCopies : 1];
+  MmaRows<X::kLanes, kMT> rows[kMMA ? X::kWarpCopies : 1];
   if constexpr (kMMA && !kInputGrad) {  // the forward's rows depend on the tile shape only
     ex.warps([&](int warp, int lane, int c) {
-      forward_rows<X::kLanes, mt_of(kNT), kWhole>(warp, lane, g, p, stage_s, w_s, rows[c]);
+      forward_rows<X::kLanes, kMT, kWhole>(warp, lane, g, p, stage_s, w_s, rows[c]);
     });
   }
   if constexpr (kMMA && kInputGrad && kWhole) {  // so do the input gradient's, for whole samples
     const int h_lo = fast_div(p.lo_h, p.sh_div) - p.lo_hq, w_lo = fast_div(p.lo_w, p.sw_div) - p.lo_wq;
     ex.warps([&](int warp, int lane, int c) {
-      input_grad_rows<X::kLanes, mt_of(kNT), true>(warp, lane, g, p, 0, 0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
+      input_grad_rows<X::kLanes, kMT, true>(warp, lane, g, p, 0, 0, h_lo, w_lo, stage_s, zero_s, w_s, rows[c]);
     });
   }
   A sacc[kMMA ? 1 : X::kThreadCopies][kSimtCols];
@@ -2062,7 +2094,7 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       ex.warps([&](int warp, int lane, int c) {
         zero_acc(acc[c]);
         if constexpr (kInputGrad && !kWhole) {
-          input_grad_rows<X::kLanes, mt_of(kNT), false, kRes>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s,
+          input_grad_rows<X::kLanes, kMT, false, kRes>(warp, lane, g, p, pos.h0, pos.w0, h_lo, w_lo, stage_s,
                                                                 zero_s, w_s, rows[c]);
         }
       });
