@@ -157,3 +157,17 @@ def _name_the_test_for_the_kernel_recording(request):
     t0 = time.process_time()
     yield
     _COST.setdefault(request.node.nodeid, [0.0, 0])[0] += time.process_time() - t0
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """The native static probe (``resfast.profiling.static_native._probe``: the CUDA host code's
+    plans, compiled with nvcc for sm_90 once a module), for the tests of which tiles a case takes
+    (tests/test_native_multisample.py, _residue.py, _small_images.py); skips where it cannot be
+    compiled."""
+    from resfast.profiling import static_native as sn
+
+    try:
+        return sn._probe()
+    except sn.NativeModelUnavailable as exc:
+        pytest.skip(f"the static probe cannot be compiled here: {exc}")

@@ -120,16 +120,6 @@ def test_whole_sample_tiles_keep_a_nan_in_its_group_and_sample(dtype, monkeypatc
 # ---- which tiles the cases take (the plans of the CUDA host code, printed by the static probe)
 
 
-@pytest.fixture(scope="module")
-def probe():
-    from resfast.profiling import static_native as sn
-
-    try:
-        return sn._probe()
-    except sn.NativeModelUnavailable as exc:
-        pytest.skip(f"the static probe cannot be compiled here: {exc}")
-
-
 def _plans(probe, name, target, whole_mode):
     n, c, co, h, w, k, s, p, g, _ = CASES[name]
     args = [n, c, h, w, co, k, k, s, s, p, p, 1, 1, g, target, whole_mode]

@@ -111,16 +111,6 @@ def test_residue_tiles_nan_in_grad_out_reaches_its_pixels_only(monkeypatch):
 # ---- which tiles the cases take (the plans of the CUDA host code, printed by the static probe)
 
 
-@pytest.fixture(scope="module")
-def probe():
-    from resfast.profiling import static_native as sn
-
-    try:
-        return sn._probe()
-    except sn.NativeModelUnavailable as exc:
-        pytest.skip(f"the static probe cannot be compiled here: {exc}")
-
-
 def _plans(probe, args, target=528, residue=0):
     out = subprocess.run([str(probe.exe), *map(str, [*args, target, 0, residue])], capture_output=True, text=True,
                          timeout=60, check=True)

@@ -117,16 +117,6 @@ def test_whole_sample_forward_with_4_n8_tiles(dtype, monkeypatch):
 # ---- the plans (the CUDA host code's, printed by the static probe)
 
 
-@pytest.fixture(scope="module")
-def probe():
-    from resfast.profiling import static_native as sn
-
-    try:
-        return sn._probe()
-    except sn.NativeModelUnavailable as exc:
-        pytest.skip(f"the static probe cannot be compiled here: {exc}")
-
-
 def _plans(probe, n, c, h, w, co, k, target=None):
     args = [n, c, h, w, co, k, k, 1, 1, k // 2, k // 2, 1, 1, 1] + ([] if target is None else [target])
     out = subprocess.run([str(probe.exe), *map(str, args)], capture_output=True, text=True, timeout=60, check=True)
