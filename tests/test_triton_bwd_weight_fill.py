@@ -197,8 +197,9 @@ def test_small_images_plan_more_programs(monkeypatch):
     7 x 7 3x3 conv the statistics pass takes 16-position tiles (392 programs, not 98), the
     16-warp weight-gradient config fills both resident slots of every SM (no cap on its split
     count from the partials' bytes: 256 programs, not 24) and the gradient finalize sums its 64
-    splits 32 rows at a time (64 before its columns were widened for whole 3x3 units); at 14 x 14 the statistics pass takes 16-position tiles too (since
-    2026-12-01 every channels-innermost input with 64 or more channels does: 392 programs)."""
+    splits 32 rows at a time (64 before its columns were widened for whole 3x3 units); at
+    14 x 14 the statistics pass takes 16-position tiles too (since 2026-12-01 every
+    channels-innermost input with 64 or more channels does: 392 programs)."""
     from resfast.profiling.sm90 import SHAPES
     from resfast.profiling.static_model import training_plan
 
