@@ -117,8 +117,8 @@ def test_whole_sample_forward_with_4_n8_tiles(dtype, monkeypatch):
 # ---- the plans (the CUDA host code's, printed by the static probe)
 
 
-def _plans(probe, n, c, h, w, co, k, target=None):
-    args = [n, c, h, w, co, k, k, 1, 1, k // 2, k // 2, 1, 1, 1] + ([] if target is None else [target])
+def _plans(probe, n, c, h, w, co, k, target=None, groups=1):
+    args = [n, c, h, w, co, k, k, 1, 1, k // 2, k // 2, 1, 1, groups] + ([] if target is None else [target])
     out = subprocess.run([str(probe.exe), *map(str, args)], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout)
 
@@ -132,16 +132,10 @@ def test_cases_stage_k_in_chunks_of_256(probe):
         assert fwd["smem_bytes"] <= 72 * 1024, (name, target, fwd)
 
 
-def test_densenet_block4_plans():
+def test_densenet_block4_plans(probe):
     # PREDICTED choices for the 7x7 images of DenseNet-121's block 4 (batch 64): the 1x1
     # forward's 992 channels in 4 chunks of 256 (8 of 128 before), the 3x3 input gradient one
     # whole sample x 64 columns a tile (2 samples x 32 columns before).
-    from resfast.profiling import static_native as sn
-
-    try:
-        probe = sn._probe()
-    except sn.NativeModelUnavailable as exc:
-        pytest.skip(f"the static probe cannot be compiled here: {exc}")
     fwd = _plans(probe, 64, 992, 7, 7, 128, 1)["forward"]
     assert fwd["BK"] == 256 and fwd["bn"] == 64 and fwd["blocks"] == 128, fwd
     ig = _plans(probe, 64, 128, 7, 7, 32, 3)["input_grad"]
@@ -150,14 +144,10 @@ def test_densenet_block4_plans():
 
 def test_whole_sample_forward_with_4_n8_tiles_plans(probe):
     # the parity case above: 2 samples x 32 columns a tile, 2 tiles a block, 2 blocks
-    def plan(*args):
-        out = subprocess.run([str(probe.exe), *map(str, args)], capture_output=True, text=True, timeout=60, check=True)
-        return json.loads(out.stdout)["forward"]
-
-    fwd = plan(4, 64, 7, 7, 64, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1)
+    fwd = _plans(probe, 4, 64, 7, 7, 64, 3, target=1, groups=2)["forward"]
     assert fwd["nt"] == 4 and fwd["tile"]["S"] == 2 and fwd["tile"]["M"] == 98 and fwd["tpb"] == 2, fwd
     assert fwd["blocks"] == 2, fwd
     # ResNeXt-50 stage 4 (batch 64, 1024 channels in 32 groups, 7x7): the same tiles, 2 a block,
     # 512 blocks (3 an SM resident: the first wave fills every SM); PREDICTED 7.43 us, 1.85x
-    rx = plan(64, 1024, 7, 7, 1024, 3, 3, 1, 1, 1, 1, 1, 1, 32)
+    rx = _plans(probe, 64, 1024, 7, 7, 1024, 3, groups=32)["forward"]
     assert rx["nt"] == 4 and rx["tile"]["S"] == 2 and rx["tpb"] == 2 and rx["blocks"] == 512, rx

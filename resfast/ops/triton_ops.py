@@ -1741,17 +1741,9 @@ def _plan_bn_relu_conv2d_backward(grad_out, x, weight, bn_weight, bn_bias, mean,
 
     def bind_finalize(cfg: TileConfig) -> Bound:
         fin_c, fin_s = _finalize_tile(state["splits_w"], state["splits_s"], n_gw)
-        cpb = fin_c
-        if pad_nan:  # whole (co, ci) units of khw columns a program, a multiple of 4 (16-byte loads)
-            unit = khw * 4 // math.gcd(khw, 4)
-            wider = max(fin_c, _pow2(unit))
-            # wider still while the programs exceed one wave of the SMs (as _finalize_tile's
-            # columns): resnext50_s3 (3x3: 36 of 64 columns) 2,064 programs, 7.40 us -> 691 at
-            # 108 of 128 columns, 4.12 us (PREDICTED; 3.13 before PAD_NAN)
-            while wider < 512 and _cdiv(n_gw, wider // unit * unit) > _FIN_ONE_WAVE:
-                wider *= 2
-            fin_c, fin_s = wider, max(1, fin_c * fin_s // wider)  # the same partials a step
-            cpb = fin_c // unit * unit
+        cpb = fin_c  # weight-gradient columns a program
+        if pad_nan:
+            fin_c, fin_s, cpb = _finalize_units(fin_c, fin_s, n_gw, khw)
         nb_gw = _cdiv(n_gw, cpb)
         nb_gb, nb_c = _cdiv(n_gb, fin_c), _cdiv(c, fin_c)
         total = nb_gw + nb_gb + 2 * nb_c
@@ -1811,6 +1803,21 @@ def _finalize_tile(splits_w: int, splits_s: int, n_gw: int) -> Tuple[int, int]:
 
 #: Programs of the gradient finalize that one wave of the model's 132 SMs holds (12 per SM).
 _FIN_ONE_WAVE = 12 * MODEL_SMS
+
+
+def _finalize_units(block_c: int, block_s: int, n_gw: int, khw: int) -> Tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_S, CPB)`` of the gradient finalize with ``PAD_NAN`` from
+    :func:`_finalize_tile`'s tile: each program takes ``CPB`` weight-gradient columns, whole
+    ``(co, ci)`` units of ``khw`` taps and a multiple of 4 (16-byte loads: at 27 of 32 columns
+    the loads went scalar, 40 -> 64 registers), at most ``BLOCK_C``, widened to hold one such
+    unit and further while its programs exceed one wave of the SMs (as :func:`_finalize_tile`'s
+    columns: ``resnext50_s3``'s 36 of 64 columns made 2,064 programs, 7.40 us; 108 of 128, 691
+    programs, 4.12 us; 3.13 before ``PAD_NAN``, PREDICTED), with the same partials a step."""
+    unit = khw * 4 // math.gcd(khw, 4)
+    wide = max(block_c, _pow2(unit))
+    while wide < 512 and _cdiv(n_gw, wide // unit * unit) > _FIN_ONE_WAVE:
+        wide *= 2
+    return wide, max(1, block_c * block_s // wide), wide // unit * unit
 
 
 def _digits(step: int, radices: Sequence[int]) -> Tuple[int, ...]:

@@ -1567,12 +1567,7 @@ def _reduce_weight_rows(pgw_ptr, gw_ptr, blk, N_GW, SPLITS, go_ptr, CIN_G, NIMG,
     j = tl.arange(0, BLOCK_C)
     cols = blk * CPB + j
     c_ok = (j < CPB) & (cols < N_GW)
-    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    for r0 in range(0, SPLITS, BLOCK_S):
-        r = r0 + tl.arange(0, BLOCK_S)
-        acc += tl.load(pgw_ptr + (r * N_GW)[:, None] + cols[None, :],
-                       mask=(r < SPLITS)[:, None] & c_ok[None, :], other=0.0)
-    tot = tl.sum(acc, axis=0)
+    tot = _sum_rows(pgw_ptr, cols, c_ok, N_GW, SPLITS, BLOCK_S, BLOCK_C)
     tl.store(gw_ptr + cols, tot.to(gw_ptr.dtype.element_ty), mask=c_ok)
     if tl.max(((tot - tot) != 0.0).to(tl.int32), axis=0) != 0:  # a sum that is not finite (masked: 0)
         _pad_nan_columns(gw_ptr, blk * CPB, tl.minimum(blk * CPB + CPB, N_GW), go_ptr, CIN_G, NIMG, H, W, HO, WO,
@@ -1649,9 +1644,17 @@ def _nonfinite_at(go_c, n, oh, ow, ok, sgn, sgh, sgw):
 def _reduce_rows(src_ptr, dst_ptr, blk, COLS, ROW_STRIDE, ROWS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < COLS
+    tot = _sum_rows(src_ptr, cols, c_ok, ROW_STRIDE, ROWS, BLOCK_S, BLOCK_C)
+    tl.store(dst_ptr + cols, tot.to(dst_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _sum_rows(src_ptr, cols, c_ok, ROW_STRIDE, ROWS, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The float32 sum over ``ROWS`` partial rows of columns ``cols`` (``c_ok``), ``BLOCK_S``
+    rows a step, in a fixed order."""
     acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, ROWS, BLOCK_S):
         r = r0 + tl.arange(0, BLOCK_S)
         acc += tl.load(src_ptr + (r * ROW_STRIDE)[:, None] + cols[None, :],
                        mask=(r < ROWS)[:, None] & c_ok[None, :], other=0.0)
-    tl.store(dst_ptr + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=c_ok)
+    return tl.sum(acc, axis=0)
