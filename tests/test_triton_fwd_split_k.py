@@ -113,3 +113,23 @@ def test_split_k_keeps_its_workspace_small():
     cfgs = [c for c in triton_ops._FWD_CONFIGS if c.get("SPLITK")]
     assert any(triton_ops._split_k_ok(1, 128, 32, c, 64, 7, 7) for c in cfgs)
     assert not any(triton_ops._split_k_ok(1, ci, co, c, 16384, 56, 56) for c in cfgs for ci, co in ((128, 32), (1024, 128)))
+
+
+def test_split_k_forward_replays_from_the_plan_cache(split, monkeypatch):
+    """The ticket counters are one buffer per device and stream (per thread off CUDA), made
+    before the plan cache records a call: the recorder logs them as "the replay's counters"
+    (``_CountersRef``), so the op is cached (it was not: a tensor from outside the call made the
+    log unusable, and every split-K forward on a GPU planned in full) and its replays give the
+    first call's bits, the counters back at zero."""
+    monkeypatch.setenv("RESFAST_TRITON_PLAN_CACHE", "1")
+    split(2)
+    x, w, b, bw, bb, mean, invstd = _inputs(1, 32, 24, 1, (5, 7), (3, 3), "cl", torch.float32, seed=5)
+    args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, False)
+    cnt = _bound(args).args[12]
+    before = triton_ops.plan_cache_stats()
+    ys = [OPS.bn_relu_conv2d(*args) for _ in range(3)]  # plan, record, replay
+    after = triton_ops.plan_cache_stats()
+    assert {k: after[k] - before[k] for k in ("records", "replays", "uncacheable")} == \
+        {"records": 1, "replays": 1, "uncacheable": 0}
+    assert torch.equal(ys[1], ys[0]) and torch.equal(ys[2], ys[0])
+    assert int(cnt.count_nonzero()) == 0

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -662,22 +663,30 @@ def _split_k_ok(groups: int, cin_g: int, cout_g: int, cfg: TileConfig, n: int = 
 
 _SPLIT_COUNTERS: Dict[Tuple[Any, ...], Tensor] = {}
 _SPLIT_COUNTERS_LOCK = threading.Lock()
+#: Every buffer :func:`_split_counters` has handed out, by ``id``: the plan cache's recorder logs
+#: such an argument as "the counters of the replay's device and stream", fetched afresh per replay.
+_COUNTER_BUFFERS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
 def _split_counters(device: torch.device, n: int) -> Tensor:
     """``n`` int32 ticket counters for a split-K forward, zero between launches (the last
-    program of each tile resets its counter), so they are zeroed once, when made, not per
-    launch (no memset launch). One buffer per device and CUDA stream: launches on one stream
-    run in order, so no two launches share a counter at once; launches on different streams
-    take different buffers."""
-    if device.type != "cuda":
-        return torch.zeros([n], dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    with _SPLIT_COUNTERS_LOCK:
+    program of each counter resets it), so they are zeroed once, when made, not per launch (no
+    memset launch). One buffer per device and CUDA stream: launches on one stream run in order,
+    so no two launches share a counter at once; launches on different streams take different
+    buffers. Off CUDA (the interpreter) one buffer per device and thread, reused the same way,
+    so the CPU tests see the counters the kernels leave behind. Made outside any dispatch mode
+    (the plan cache's recorder, which logs such a buffer as :class:`_CountersRef`), so a
+    recorded op never logs their allocation."""
+    if device.type == "cuda":
+        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index, threading.get_ident())
+    with _SPLIT_COUNTERS_LOCK, torch.utils._python_dispatch._disable_current_modes():
         buf = _SPLIT_COUNTERS.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.zeros([max(n, 4096)], dtype=torch.int32, device=device)
             _SPLIT_COUNTERS[key] = buf
+            _COUNTER_BUFFERS[id(buf)] = buf
         return buf
 
 
@@ -2660,6 +2669,21 @@ class _Ref:
         return v[self.index] if isinstance(v, (list, tuple)) else v
 
 
+class _CountersRef(_Ref):
+    """A launch's ticket counters (:func:`_split_counters`): fetched again at each replay, for
+    the replay's device and stream, at least ``n`` of them."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int):
+        super().__init__(-2, 0)
+        self.n = n
+
+    def get(self, args: Sequence[Any], vals: List[Any]) -> Any:
+        x = next(a for a in args if isinstance(a, Tensor))
+        return _split_counters(x.device, self.n)
+
+
 def _subst(spec: Any, args: Sequence[Any], vals: List[Any]) -> Any:
     """``spec`` with every :class:`_Ref` replaced by its tensor (containers rebuilt)."""
     if isinstance(spec, _Ref):
@@ -2718,7 +2742,9 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         if isinstance(t, Tensor):
             r = self.refs.get(id(t))
             if r is None:
-                self.ok = False  # neither an input nor made by a logged op
+                if _COUNTER_BUFFERS.get(id(t)) is t:
+                    return _CountersRef(t.numel())
+                self.ok = False  # neither an input nor made by a logged op, nor ticket counters
             return r
         if isinstance(t, list):
             return [self.ref(v) for v in t]
