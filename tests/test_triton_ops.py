@@ -457,6 +457,26 @@ def _listed(configs, meta):
     return found[0]
 
 
+def test_wide_1x1_forward_config_against_eager():
+    """The forward config for wide 1x1 convs (8 x 8 tile, all 128 output channels a block, 64 input
+    channels a chunk: the static choice at DenseNet-121's 28 x 28 and 14 x 14 1x1 convs) on a
+    small uneven case: 72 input channels (a full chunk and a masked one), 136 output channels (a
+    full 128-wide block and one of 8), 2 x 5 x 7 channels_last positions (flattened: an 8 x 8
+    tile that overhangs); the output NaN-poisoned first, against float64."""
+    from resfast.ops import triton_ops as T
+
+    x, w, b, bw, bb, mean, invstd = _conv_inputs(72, 136, 1, 1, "cl", n=2, hw=(5, 7), seed=21)
+    fwd_args = (x, w, b, bw, bb, mean, invstd, [1, 1], [0, 0], [1, 1], 1)
+    y, (launch,) = T._PLANNERS["bn_relu_conv2d"](*fwd_args, True)
+    cfg = _listed(T._FWD_CONFIGS, dict(TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=64, STACK=1))
+    const = launch.bind(cfg).constexprs
+    assert (const["TILE_H"], const["TILE_W"], const["BLOCK_N"], const["BLOCK_K"]) == (8, 8, 128, 64), const
+    y.fill_(float("nan"))
+    with T._device(x):
+        launch.run(cfg)
+    _rule("bn_relu_conv2d", y, reference.bn_relu_conv2d, (*fwd_args, True), torch.float32, "wide 1x1")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_dense_narrow_output_configs_against_eager(stride, monkeypatch):
     """The forward and both conv gradients run with the configs for few output channels

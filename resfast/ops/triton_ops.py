@@ -549,6 +549,13 @@ _FWD_CONFIGS = [
     # 3.6 and 3.8) hold 5-7 (predicted: ResNeXt-50's stride-2 stage-2 block 121.2 -> 95.8 us,
     # WRN-28-10 stage 3 346.9 -> 310.1 us)
     _cfg(4, 1, 5, TILE_H=8, TILE_W=8, BLOCK_N=64, BLOCK_K=32, STACK=1),
+    # wide 1x1 convs over many input channels (DenseNet-121's at 28 x 28 and 14 x 14: 480 and 992
+    # -> 128): all 128 output channels on an 8 x 8 tile, 8 warps, 126 registers, 2 programs per SM,
+    # so each x element is BN-ReLU'd once (not once per 64-channel block) by twice the programs of
+    # the 8 x 16 tile below, each a shorter path (PREDICTED, triton 3.8: 45.2 -> 39.0 us at 28 x
+    # 28, 34.4 -> 25.1 at 14 x 14; docs/notes/triton_kernels.md, 2026-12-02). Before the 8 x 16
+    # one, so the static choice of such convs (the widest channel tile first) takes it too.
+    _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=64, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=128, BLOCK_K=64, STACK=1),
     _cfg(8, 1, 2, TILE_H=8, TILE_W=16, BLOCK_N=64, BLOCK_K=32, STACK=1),
     # the fewest registers (the statistics epilogue of WRN-28-10's stride-2 stage-3 block
