@@ -552,7 +552,7 @@ _FWD_CONFIGS = [
     # wide 1x1 convs over many input channels (DenseNet-121's at 28 x 28 and 14 x 14: 480 and 992
     # -> 128): all 128 output channels on an 8 x 8 tile, 8 warps, 126 registers, 2 programs per SM,
     # so each x element is BN-ReLU'd once (not once per 64-channel block) by twice the programs of
-    # the 8 x 16 tile below, each a shorter path (PREDICTED, triton 3.8: 45.2 -> 39.0 us at 28 x
+    # the 8 x 16 tile below, each a shorter path (PREDICTED, triton 3.8: 52.9 -> 39.0 us at 28 x
     # 28, 34.4 -> 25.1 at 14 x 14; docs/notes/triton_kernels.md, 2026-12-02). Before the 8 x 16
     # one, so the static choice of such convs (the widest channel tile first) takes it too.
     _cfg(8, 1, 2, TILE_H=8, TILE_W=8, BLOCK_N=128, BLOCK_K=64, STACK=1),
