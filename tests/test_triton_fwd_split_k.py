@@ -133,3 +133,16 @@ def test_split_k_forward_replays_from_the_plan_cache(split, monkeypatch):
         {"records": 1, "replays": 1, "uncacheable": 0}
     assert torch.equal(ys[1], ys[0]) and torch.equal(ys[2], ys[0])
     assert int(cnt.count_nonzero()) == 0
+
+
+def test_counters_left_by_an_interrupted_launch_are_not_reused(split):
+    """Off CUDA the counters are one reused buffer per thread: an interpreted launch that raised
+    part-way leaves tickets taken, and the next launch must not start from them (its tiles'
+    last programs would never see their count, and the output would keep the partial sums)."""
+    split(2)
+    x, w, b, bw, bb, mean, invstd = _inputs(1, 32, 24, 1, (5, 7), (3, 3), "cl", torch.float32, seed=5)
+    args = (x, w, b, bw, bb, mean, invstd, [1, 1], [1, 1], [1, 1], 1, False)
+    cnt = _bound(args).args[12]
+    cnt[:8] = 1  # as an interrupted launch leaves them
+    _check(OPS.bn_relu_conv2d(*args), args, torch.float32, "after leftover tickets")
+    assert int(cnt.count_nonzero()) == 0
