@@ -164,7 +164,7 @@ run_phase native-errors "$(phase_limit 30 $RESERVE_AFTER_INFO)" "$PY" benchmarks
 # ran on CUDA), then the triton suites.
 GPU_TESTS=(tests/test_native.py tests/test_build.py tests/test_dense.py tests/test_blocks.py tests/test_densenet.py
            tests/test_saved_state.py tests/test_epilogue_stats.py tests/test_triton_ops.py tests/test_bn_relu_conv2d.py
-           tests/test_triton_bwd_pad_nan.py)
+           tests/test_triton_bwd_pad_nan.py tests/test_triton_fwd_split_k.py)
 TEST_TIMEOUT=()
 if [ "$DRY_RUN" = 1 ] || "$PY" -c 'import pytest_timeout' 2>/dev/null; then
     TEST_TIMEOUT=(--timeout=120)  # one hung test must not take the whole phase
