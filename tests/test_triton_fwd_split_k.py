@@ -146,3 +146,17 @@ def test_counters_left_by_an_interrupted_launch_are_not_reused(split):
     cnt[:8] = 1  # as an interrupted launch leaves them
     _check(OPS.bn_relu_conv2d(*args), args, torch.float32, "after leftover tickets")
     assert int(cnt.count_nonzero()) == 0
+
+
+def test_a_graph_capture_takes_counters_of_its_own(monkeypatch):
+    """Inside a CUDA-graph capture every split-K launch takes a fresh zeroed buffer (a memset the
+    graph replays), not the capture stream's: captures share torch.cuda.graph's side stream, and
+    two graphs baking in one buffer would race on it when replayed on two streams at once. The
+    capture is simulated (the CPU has none): the rule, not the graph."""
+    dev = torch.device(DEVICE)
+    shared = triton_ops._split_counters(dev, 16)
+    monkeypatch.setattr(triton_ops, "_capturing", lambda device: True)
+    a, b = triton_ops._split_counters(dev, 16), triton_ops._split_counters(dev, 16)
+    assert a.data_ptr() != b.data_ptr() and shared.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    assert a.numel() == 16 and int(a.count_nonzero()) == 0 and a.dtype == torch.int32
+    assert triton_ops._COUNTER_BUFFERS.get(id(a)) is a  # the plan cache's recorder knows it

@@ -675,15 +675,29 @@ _SPLIT_COUNTERS_LOCK = threading.Lock()
 _COUNTER_BUFFERS: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _split_counters(device: torch.device, n: int) -> Tensor:
     """``n`` int32 ticket counters for a split-K forward, zero between launches (the last
     program of each counter resets it), so they are zeroed once, when made, not per launch (no
     memset launch). One buffer per device and CUDA stream: launches on one stream run in order,
     so no two launches share a counter at once; launches on different streams take different
-    buffers. Off CUDA (the interpreter) one buffer per device and thread, reused the same way,
-    so the CPU tests see the counters the kernels leave behind. Made outside any dispatch mode
+    buffers; inside a CUDA-graph capture a buffer per launch (the graph zeroes it). Off CUDA (the
+    interpreter) one buffer per device and thread, reused the same way, so the CPU tests see the
+    counters the kernels leave behind. Made outside any dispatch mode
     (the plan cache's recorder, which logs such a buffer as :class:`_CountersRef`), so a
     recorded op never logs their allocation."""
+    if _capturing(device):
+        # a CUDA-graph capture: counters of the launch's own, zeroed by a memset the graph
+        # replays. Captures share a stream (torch.cuda.graph's default side stream), and two
+        # graphs that baked in one stream's buffer would race on it when replayed concurrently
+        with torch.utils._python_dispatch._disable_current_modes():
+            buf = torch.zeros([n], dtype=torch.int32, device=device)
+        _COUNTER_BUFFERS[id(buf)] = buf
+        return buf
     if device.type == "cuda":
         key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
     else:
