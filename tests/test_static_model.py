@@ -202,15 +202,8 @@ def _packed_backward_rows(*shapes: str, launch: str = "conv_bwd", packed_s2: boo
     in a process without the interpreter; skips where triton's NVIDIA tools are missing.
     ``packed_s2=False``: the plan without the strided packed input gradient
     (``triton_ops.PACKED_INPUT_S2``)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["RESFAST_TEST_PACKED_S2"] = "1" if packed_s2 else "0"
-    run = subprocess.run([sys.executable, "-c", _CONV_BWD_SCRIPT, launch, *shapes], env=env, capture_output=True,
-                         text=True, timeout=900)
-    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
-        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    return [json.loads(line) for line in run.stdout.strip().splitlines()[-len(shapes):]]
+    return _script_rows(_CONV_BWD_SCRIPT, [launch, *shapes], len(shapes),
+                        RESFAST_TEST_PACKED_S2="1" if packed_s2 else "0")
 
 
 def test_stride2_packed_backward_within_its_floor():
@@ -458,22 +451,34 @@ for label in sys.argv[4:]:
 '''
 
 
+def _script_rows(script: str, args, rows: int, **env_extra: str):
+    """The last ``rows`` JSON lines ``script`` prints, run with ``args`` in a process of its own
+    (the CPU tests' interpreter off, ``env_extra`` set). Skips where triton's NVIDIA tools are
+    missing."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra)
+    run = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=900)
+    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
+        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.strip().splitlines()[-rows:]]
+
+
+def _config_rows(shape: str, phase: str, launch: str, *labels: str):
+    """:data:`_CONFIGS_SCRIPT`'s rows: the launch's first config, then one per label."""
+    return _script_rows(_CONFIGS_SCRIPT, [shape, phase, launch, *labels], len(labels) + 1)
+
+
 def test_wide_input_gradient_by_tma_descriptors():
     """WRN-28-10's stage-3 input gradient (640 -> 640 channels, 8 x 8 images): the wide kernel
     with its operands by TMA tensor descriptors (``TMA``: no address or mask arithmetic per step)
     against the same tile by masked loads: on wgmma, spill-free, every SASS loop matched, a warp's
     path at most 0.6x as long and the prediction at most 0.6x (PREDICTED, triton 3.8: 36.8 k
     against 65.8 k warp instructions, 211.0 against 401.6 us)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     masked = "TILE_H=8,TILE_W=8,BLOCK_N=64,BLOCK_K=128,w8,s3,p1"
     tma = "TILE_H=8,TILE_W=8,BLOCK_N=128,BLOCK_K=128,TMA=1,w8,s3,p1"
-    run = subprocess.run([sys.executable, "-c", _CONFIGS_SCRIPT, "wrn28_10_s3", "bwd", "conv_bwd_input", masked, tma],
-                         env=env, capture_output=True, text=True, timeout=900)
-    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
-        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    before, after = [json.loads(line) for line in run.stdout.strip().splitlines()[-2:]]
+    _, before, after = _config_rows("wrn28_10_s3", "bwd", "conv_bwd_input", masked, tma)
     assert (before["TMA"], after["TMA"]) == (False, True)
     for row in (before, after):
         assert row["kernel"] == "bn_relu_conv_bwd_input_kernel", row
@@ -488,16 +493,9 @@ def test_wide_1x1_forward_on_an_8x8_tile():
     programs of the 8 x 16 tile, each a shorter path) is the static choice, on wgmma, spill-free,
     every SASS loop matched, and at most 0.8x the 8 x 16 tile's prediction (PREDICTED, triton
     3.8: 25.1 against 34.4 us)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     old = "TILE_H=8,TILE_W=16,BLOCK_N=128,BLOCK_K=64,STACK=1,w8,s1,p2"
     new = "TILE_H=8,TILE_W=8,BLOCK_N=128,BLOCK_K=64,STACK=1,w8,s1,p2"
-    run = subprocess.run([sys.executable, "-c", _CONFIGS_SCRIPT, "densenet121_1x1_b3", "fwd", "conv_fwd", old, new],
-                         env=env, capture_output=True, text=True, timeout=900)
-    if run.returncode != 0 and ("not found" in run.stderr or "FileNotFoundError" in run.stderr):
-        pytest.skip(f"triton's NVIDIA tools are not available here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    first, before, after = [json.loads(line) for line in run.stdout.strip().splitlines()[-3:]]
+    first, before, after = _config_rows("densenet121_1x1_b3", "fwd", "conv_fwd", old, new)
     assert first["first"] == new, first
     for row in (before, after):
         assert row["mma"] == "wgmma" and row["loops_matched"], row

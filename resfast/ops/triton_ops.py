@@ -708,9 +708,10 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
             buf = torch.zeros([max(n, 4096)], dtype=torch.int32, device=device)
             _SPLIT_COUNTERS[key] = buf
             _COUNTER_BUFFERS[id(buf)] = buf
-        elif device.type != "cuda" and bool(buf[:n].any()):
+        elif device.type == "cpu" and bool(buf[:n].any()):
             # an interpreted launch that raised part-way left tickets taken (on a GPU a kernel
-            # runs whole or the context is lost): start from zero, not from its leftovers
+            # runs whole or the context is lost; meta tensors, the static model's, hold no values):
+            # start from zero, not from its leftovers
             buf.zero_()
         return buf
 
