@@ -687,9 +687,9 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     so no two launches share a counter at once; launches on different streams take different
     buffers; inside a CUDA-graph capture a buffer per launch (the graph zeroes it). Off CUDA (the
     interpreter) one buffer per device and thread, reused the same way, so the CPU tests see the
-    counters the kernels leave behind. Made outside any dispatch mode
-    (the plan cache's recorder, which logs such a buffer as :class:`_CountersRef`), so a
-    recorded op never logs their allocation."""
+    counters the kernels leave behind. Made outside any dispatch mode (the plan cache's recorder,
+    which logs such a buffer as :class:`_CountersRef`), so a recorded op never logs their
+    allocation."""
     if _capturing(device):
         # a CUDA-graph capture: counters of the launch's own, zeroed by a memset the graph
         # replays. Captures share a stream (torch.cuda.graph's default side stream), and two
