@@ -690,30 +690,33 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     counters the kernels leave behind. Made outside any dispatch mode (the plan cache's recorder,
     which logs such a buffer as :class:`_CountersRef`), so a recorded op never logs their
     allocation."""
-    if _capturing(device):
-        # a CUDA-graph capture: counters of the launch's own, zeroed by a memset the graph
-        # replays. Captures share a stream (torch.cuda.graph's default side stream), and two
-        # graphs that baked in one stream's buffer would race on it when replayed concurrently
-        with torch.utils._python_dispatch._disable_current_modes():
-            buf = torch.zeros([n], dtype=torch.int32, device=device)
-        _COUNTER_BUFFERS[id(buf)] = buf
-        return buf
-    if device.type == "cuda":
-        key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index, threading.get_ident())
-    with _SPLIT_COUNTERS_LOCK, torch.utils._python_dispatch._disable_current_modes():
-        buf = _SPLIT_COUNTERS.get(key)
-        if buf is None or buf.numel() < n:
-            buf = torch.zeros([max(n, 4096)], dtype=torch.int32, device=device)
-            _SPLIT_COUNTERS[key] = buf
-            _COUNTER_BUFFERS[id(buf)] = buf
-        elif device.type == "cpu" and bool(buf[:n].any()):
-            # an interpreted launch that raised part-way left tickets taken (on a GPU a kernel
-            # runs whole or the context is lost; meta tensors, the static model's, hold no values):
-            # start from zero, not from its leftovers
-            buf.zero_()
-        return buf
+    with torch.utils._python_dispatch._disable_current_modes():
+        if _capturing(device):
+            # a CUDA-graph capture: counters of the launch's own, zeroed by a memset the graph
+            # replays. Captures share a stream (torch.cuda.graph's default side stream), and two
+            # graphs that baked in one stream's buffer would race on it when replayed concurrently
+            return _new_counters(device, n)
+        if device.type == "cuda":
+            key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
+        else:
+            key = (device.type, device.index, threading.get_ident())
+        with _SPLIT_COUNTERS_LOCK:
+            buf = _SPLIT_COUNTERS.get(key)
+            if buf is None or buf.numel() < n:
+                buf = _SPLIT_COUNTERS[key] = _new_counters(device, max(n, 4096))
+            elif device.type == "cpu" and bool(buf[:n].any()):
+                # an interpreted launch that raised part-way left tickets taken (on a GPU a kernel
+                # runs whole or the context is lost; meta tensors, the static model's, hold no
+                # values): start from zero, not from its leftovers
+                buf.zero_()
+            return buf
+
+
+def _new_counters(device: torch.device, n: int) -> Tensor:
+    """``n`` zeroed int32 counters, known to the plan cache's recorder."""
+    buf = torch.zeros([n], dtype=torch.int32, device=device)
+    _COUNTER_BUFFERS[id(buf)] = buf
+    return buf
 
 
 @dataclass(frozen=True)
