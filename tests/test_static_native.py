@@ -136,6 +136,36 @@ def test_sass_loops_nest_by_backward_branch():
     assert sn._classify(loops[0]) == ("hmma", 2)
 
 
+def test_an_mma_loop_reading_constant_memory_is_the_select_loop():
+    # the strided input gradient's zero-row select loop reads its per-tap row tables with LDC
+    text = SASS.replace("LDS.128 R4, [R0] ;", "LDC R3, c[0x0][R0+0x210] ;")
+    f = sn._parse_sass(text)["_Z6kernelv"]
+    assert sn._classify(sn._loops(f)[0]) == ("hmma_select", 2)
+
+
+@pytest.mark.parametrize("name, stride", [("resnext50_s1", 1), ("resnext50_s2_down", 2)])
+def test_input_gradient_counts_only_the_mma_loop_its_stride_runs(name, stride):
+    # The input-gradient kernel holds two MMA loops (the zero-row select loop of strided convs,
+    # the unit-stride loop): the model charges the block's HMMAs at the cost of the one it runs.
+    from resfast.profiling.sm90 import SHAPES
+
+    s = SHAPES[name]
+    assert s.stride == stride
+    try:
+        probe = sn._probe()
+        plans = probe.plans(s)
+    except sn.NativeModelUnavailable as exc:
+        pytest.skip(f"the native static model cannot compile the kernels here: {exc}")
+    plan = plans["input_grad"]
+    f = probe.kernel("input_grad", plan)
+    kinds = [sn._classify(lp)[0] for lp in sn._loops(f)]
+    assert kinds.count("hmma") == 1 and kinds.count("hmma_select") == 1, kinds
+    parts = sn._block_instructions(f, s, "input_grad", plan, plans)
+    ran, idle = ("hmma", "hmma_select") if stride == 1 else ("hmma_select", "hmma")
+    assert parts[ran] > 0 and parts[idle] == 0, parts
+    assert parts["hmma_count"] > 0
+
+
 def test_occupancy_from_registers_and_shared_memory():
     # 128 threads: 128 registers -> 4 blocks of 4 warps (16 / 64); 48 KiB of shared memory -> 4 blocks.
     assert sn._occupancy(128, 1024, 128) == pytest.approx(16 / 64)

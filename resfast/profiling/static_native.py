@@ -449,11 +449,19 @@ def _block_instructions(f: _Function, s: ConvShape, kernel: str, p: dict, plans:
         elif kind != "skip":
             own[kind] = own.get(kind, 0) + len(lp.own)
             per[kind] = per.get(kind, 0) + unit_count
+    # The input gradient holds two MMA loops (tiles.h, conv_mma_chunk): the zero-row select loop
+    # for strided convs and the unit-stride loop; only the one the shape takes runs. Other
+    # kernels (and residue-class tiles) have one MMA loop: count it whatever it reads.
+    if kernel == "input_grad" and s.stride > 1 and "hmma_select" in own:
+        units["hmma_select"], units["hmma"] = units["hmma"], 0.0
+    elif kernel != "input_grad" and "hmma_select" in own:
+        own["hmma"] = own.get("hmma", 0) + own.pop("hmma_select")
+        per["hmma"] = per.get("hmma", 0) + per.pop("hmma_select")
     parts = {k: own[k] / per[k] * units.get(k, 0.0) for k in own if per[k]}
     # code outside every loop: once per block in each warp
     parts["glue"] = glue + (len(f.instrs) - in_loops) * plans["warps"]
     parts["total"] = sum(parts.values())
-    parts["hmma_count"] = units["hmma"]  # HMMA instructions of the block (all warps)
+    parts["hmma_count"] = units["hmma"] + units.get("hmma_select", 0.0)  # HMMA instructions (all warps)
     return parts
 
 
@@ -463,7 +471,9 @@ def _classify(lp: _Loop) -> Tuple[Optional[str], int]:
     Loops that hold other loops (tiles, K chunks, taps; their own code may hold a peeled first
     iteration of an inner loop) are glue: (None, 0)."""
     if lp.has("HMMA") and not lp.children:
-        return "hmma", lp.count("HMMA")
+        # The input gradient of a strided conv runs the zero-row select loop, which reads the
+        # per-tap row tables from constant memory (LDC); the unit-stride loop does not.
+        return ("hmma_select" if lp.has("LDC") else "hmma"), lp.count("HMMA")
     if lp.children:
         return None, 0
     if lp.has("LDGSTS"):
