@@ -27,13 +27,25 @@ from reference import assert_rule
 NATIVE = native_info()
 pytestmark = pytest.mark.skipif(not NATIVE["built"], reason=f"resfast._C is not built: {NATIVE['error']}")
 
-# (N, C, C_out, H, W, k, stride, padding, dilation, channels_last)
+# (N, C, C_out, H, W, k, stride, padding, dilation, channels_last[, groups])
 CASES = {
     "n2_9x9_pad1_cl": (2, 40, 24, 9, 9, 3, 2, 1, 1, True),
     "n1_6x11_pad0_nchw": (1, 33, 20, 6, 11, 3, 2, 0, 1, False),
     "n2_8x8_1x1_cl": (2, 32, 16, 8, 8, 1, 2, 0, 1, True),
     "n1_7x10_dil2_pad2_cl": (1, 48, 32, 7, 10, 3, 2, 2, 2, True),
+    # grouped: 16 input channels a group (2 n8 tiles, unpacked), and packed groups of 8 and 4
+    # (two / four groups a 16-column block: block-diagonal weights, the per-group fallback)
+    "n1_9x7_g2_cin16_nchw": (1, 32, 16, 9, 7, 3, 2, 1, 1, False, 2),
+    "n2_10x10_g4_cin8_cl": (2, 32, 32, 10, 10, 3, 2, 1, 1, True, 4),
+    "n2_8x9_g8_cin4_pad0_cl": (2, 32, 16, 8, 9, 3, 2, 0, 1, True, 8),
 }
+# the packed ones: (name, groups a block)
+PACKED = {"n2_10x10_g4_cin8_cl": 2, "n2_8x9_g8_cin4_pad0_cl": 4}
+
+
+def _case(name):
+    n, c, co, h, w, k, s, p, d, cl, *rest = CASES[name]
+    return n, c, co, h, w, k, s, p, d, cl, (rest[0] if rest else 1)
 
 
 def ops():
@@ -43,17 +55,17 @@ def ops():
 
 
 def _inputs(name, dtype):
-    n, c, co, h, w, k, s, p, d, cl = CASES[name]
+    n, c, co, h, w, k, s, p, d, cl, groups = _case(name)
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     x = torch.randn(n, c, h, w, generator=gen) * 1.5 + 0.3
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.to(dtype)
-    weight = (torch.randn(co, c, k, k, generator=gen) / math.sqrt(c * k * k)).to(dtype)
+    weight = (torch.randn(co, c // groups, k, k, generator=gen) / math.sqrt(c // groups * k * k)).to(dtype)
     gm, bt = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
     var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
     invstd = torch.rsqrt(var + 1e-5)
-    return x, weight, gm, bt, mean, invstd, ([s, s], [p, p], [d, d], 1)
+    return x, weight, gm, bt, mean, invstd, ([s, s], [p, p], [d, d], groups)
 
 
 def _refs(fn, *args):
@@ -62,7 +74,7 @@ def _refs(fn, *args):
 
 
 def _grad_out(name, x, weight, conv, dtype):
-    n, _, co, h, w, k, s, p, d, _ = CASES[name]
+    n, _, co, h, w, k, s, p, d, _, _ = _case(name)
     ho, wo = (h + 2 * p - d * (k - 1) - 1) // s + 1, (w + 2 * p - d * (k - 1) - 1) // s + 1
     g = torch.randn(n, co, ho, wo, generator=torch.Generator().manual_seed(7)).to(dtype)
     return g.contiguous(memory_format=torch.channels_last) if x.stride(1) == 1 else g
@@ -108,6 +120,27 @@ def test_residue_tiles_nan_in_grad_out_reaches_its_pixels_only(monkeypatch):
     assert torch.equal(torch.isnan(grad_z), torch.isnan(r64))
 
 
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_residue_tiles_nan_in_grad_out_falls_back_in_class_order(name, monkeypatch):
+    # A packed block holding a non-finite value runs the per-group SIMT fallback (block-diagonal
+    # weights would carry NaN x 0 into the other groups' columns), which walks the residue-class
+    # tile in class order and the weights' taps in class order: the NaN reaches exactly eager's
+    # pixels and channels, and every other value of the block keeps the float64 rule.
+    monkeypatch.setenv("RESFAST_NATIVE_RESIDUE_TILES", "force")
+    dtype = torch.bfloat16
+    x, weight, gm, bt, mean, invstd, conv = _inputs(name, dtype)
+    grad_out = _grad_out(name, x, weight, conv, dtype).clone()
+    grad_out[1, 5, 2, 3] = float("nan")  # group 5 // (C_out / groups): one group of its block
+    args = (grad_out, x, weight, gm, bt, mean, invstd, *conv, False)
+    grad_z = ops().bn_relu_conv2d_backward(*args)[0]
+    r64, rs = _refs(lambda *a: reference.bn_relu_conv2d_backward(*a)[0], *args)
+    nan = torch.isnan(r64)
+    assert nan.any() and torch.equal(torch.isnan(grad_z), nan)
+    # the block's other group(s) and the pixels the NaN does not reach: the float64 rule
+    assert_rule("grad_z", grad_z.masked_fill(nan, 0), r64.masked_fill(nan, 0), rs.masked_fill(nan, 0),
+                f"{name} nan", dtype=dtype)
+
+
 # ---- which tiles the cases take (the plans of the CUDA host code, printed by the static probe)
 
 
@@ -119,12 +152,14 @@ def _plans(probe, args, target=528, residue=0):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cases_take_residue_tiles(probe, name):
-    n, c, co, h, w, k, s, p, d, _ = CASES[name]
-    args = [n, c, h, w, co, k, k, s, s, p, p, d, d, 1]
+    n, c, co, h, w, k, s, p, d, _, groups = _case(name)
+    args = [n, c, h, w, co, k, k, s, s, p, p, d, d, groups]
     for target in (528, 1):
         plan = _plans(probe, args, target, 2)["input_grad"]
         t = plan["tile"]
-        assert plan["ok"] and t["R"] == 1 and plan["nt"] == 4 and plan["P"] == 1, (name, plan)
+        assert plan["ok"] and t["R"] == 1 and plan["nt"] in (2, 4) and plan["P"] == PACKED.get(name, 1), (name, plan)
+        if groups > 1:  # 16 input channels a block, one group or several packed
+            assert plan["nt"] == 2, (name, plan)
         assert t["M"] == t["MP"] == 64 * t["cmt"] and t["TH"] * t["TW"] == t["M"], plan
         assert _plans(probe, args, target, 1)["input_grad"]["tile"]["R"] == 0
 

@@ -44,6 +44,8 @@ template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, true, 8, true, false>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
+template __global__ void conv_tile_kernel<c10::BFloat16, true, 2, false, true>(
+    const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void conv_tile_kernel<c10::BFloat16, true, 4, false, true>(
     const __grid_constant__ ConvArgs<c10::BFloat16>, const __grid_constant__ ConvPlan);
 template __global__ void wgrad_tile_kernel<c10::BFloat16, kWgradUpwSmall, 0>(

@@ -329,6 +329,7 @@ struct ConvPlan {
   // its k16 steps.
   int rw_aoff[kWarps], rw_woff[kWarps], rw_acol[kWarps], rw_arow[kWarps], rw_nkw[kWarps], rw_steps[kWarps];
   unsigned char tap_of[kMaxK * kMaxK];
+  unsigned char pos_of[kMaxK * kMaxK];  // its inverse: the position of tap kh * KW + kw
   bool ok;
 };
 
@@ -493,8 +494,8 @@ inline SpatialTile choose_residue_tile(const ConvGeom& g, int max_cmt, Cost cost
   return best;
 }
 
-// The residue-class kernels built: the tensor-core input gradient with 4 n8 tiles a warp.
-RESFAST_HD constexpr bool residue_kernel(bool input_grad, int nt) { return input_grad && nt == 4; }
+// The residue-class kernels built: the tensor-core input gradient with 2 or 4 n8 tiles a warp.
+RESFAST_HD constexpr bool residue_kernel(bool input_grad, int nt) { return input_grad && (nt == 2 || nt == 4); }
 
 // The whole-sample kernels built: the input gradient for every n8 tile count, the forward for
 // 2 and 4 (tensor cores; SIMT, nt 0, both), the latter with 2 m16 tiles a warp (mt_of: tiles of
@@ -757,9 +758,10 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         s = sw;
         c = whole == 2 ? cw - 1e30 : cw;
       }
-      // residue-class tiles likewise (unpacked channel blocks, strides 2 x 2)
-      if (residue != 1 && whole != 2 && input_grad && mma && residue_kernel(input_grad, nt) && ct.P == 1 &&
-          g.sh == 2 && g.sw == 2) {
+      // residue-class tiles likewise (strides 2 x 2; packed groups too, 2 n8 tiles: their
+      // fallback for a non-finite value walks the tile in class order)
+      if (residue != 1 && whole != 2 && input_grad && mma && residue_kernel(input_grad, nt) &&
+          (ct.P == 1 || nt == 2) && g.sh == 2 && g.sw == 2) {
         double cr = 0;
         const SpatialTile sr = choose_residue_tile(g, mt_of(nt), cost, &cr);
         if (sr.M > 0 && (residue == 2 || s.M == 0 || cr < c)) {
@@ -827,6 +829,7 @@ inline ConvPlan make_conv_plan(const ConvGeom& g, bool input_grad, bool mma, int
         for (int j = 0; j < nkw; ++j) p.tap_of[pos++] = static_cast<unsigned char>(khs[i] * KW + kws[j]);
     }
   }
+  for (int t = 0; t < kMaxK * kMaxK; ++t) p.pos_of[p.tap_of[t]] = static_cast<unsigned char>(t);
   const int64_t bias_h = cdiv((g.KH - 1) * g.dh, g.sh) * g.sh, bias_w = cdiv((g.KW - 1) * g.dw, g.sw) * g.sw;
   p.lo_h = int(g.ph - (g.KH - 1) * g.dh + bias_h);
   p.lo_hq = int(bias_h / g.sh);
@@ -1709,7 +1712,8 @@ RESFAST_HD void forward_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p
   }
 }
 
-template <bool kWhole, typename T, typename A>
+// (kRes: tile row tid is pixel residue_pixel(tid), and the weights' taps are in class order.)
+template <bool kWhole, typename T, typename A, bool kRes = false>
 RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& cr, int kc,
                                       int ih0, int iw0, int oh_lo, int ow_lo, const T* go_s, const T* w_s,
                                       A (&acc)[kSimtCols]) {
@@ -1718,6 +1722,8 @@ RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan
   int smp = 0, hl, wl;  // whole-sample tiles: the pixel's sample has its own staged rows
   if constexpr (kWhole) {
     whole_pixel(st, tid, smp, hl, wl);
+  } else if constexpr (kRes) {
+    residue_pixel(st, tid, hl, wl);
   } else {
     hl = tid >> st.lw;
     wl = tid & (st.TW - 1);
@@ -1738,7 +1744,7 @@ RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan
         for (int kw = 0; kw < KW; ++kw) {
           if (rw != p.rk_w[kw]) continue;
           const T* gp = go_s + ((qh - p.qk_h[kh]) * p.OWB + (qw - p.qk_w[kw])) * p.PS;
-          const T* wp = w_s + ((kh * KW + kw) * bn + j) * p.PS;
+          const T* wp = w_s + (p.pos_of[kh * KW + kw] * bn + j) * p.PS;
           for (int k = lo; k < hi; ++k) sum += static_cast<A>(gp[k]) * static_cast<A>(wp[k]);
         }
       }
@@ -1750,7 +1756,7 @@ RESFAST_HD void input_grad_simt_chunk(int tid, const ConvGeom& g, const ConvPlan
 // The tensor-core kernels' fallback for a packed block holding a non-finite value: the SIMT
 // loop, each column over its own group's channels, into fb_s (the accumulator-tile layout).
 // Out of line: it is rare, and inlined it would be most of the kernel's code.
-template <bool kInputGrad, bool kWhole, typename T>
+template <bool kInputGrad, bool kWhole, typename T, bool kRes = false>
 RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const ConvPlan& p, const ChannelRange& ch,
                                                int h0, int w0, int h_lo, int w_lo, const T* stage_s, const T* w_s,
                                                float* fb_s) {
@@ -1758,7 +1764,7 @@ RESFAST_HD_NOINLINE void packed_block_fallback(int tid, const ConvGeom& g, const
     float acc[kSimtCols];
     for (int j = 0; j < kSimtCols; ++j) acc[j] = 0.0f;
     if constexpr (kInputGrad) {
-      input_grad_simt_chunk<kWhole>(r, g, p, ch, 0, h0, w0, h_lo, w_lo, stage_s, w_s, acc);
+      input_grad_simt_chunk<kWhole, T, float, kRes>(r, g, p, ch, 0, h0, w0, h_lo, w_lo, stage_s, w_s, acc);
     } else {
       forward_simt_chunk<kWhole>(r, g, p, ch, 0, stage_s, w_s, acc);
     }
@@ -2028,7 +2034,7 @@ RESFAST_HD void input_grad_tile_sums(int tid, const ConvArgs<T>& a, const ConvPl
 // t * S + S) from row and col 0, and the input gradient's fragment rows, like the forward's,
 // are the same for every tile (computed once per block).
 //
-// kRes: the input gradient's residue-class tiles (SpatialTile::R, unpacked channel blocks).
+// kRes: the input gradient's residue-class tiles (SpatialTile::R).
 template <class X, typename T, bool kInputGrad, int NT, bool kWhole = false, bool kRes = false>
 RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p, int64_t block, unsigned char* smem) {
   using A = acc_of<T>;
@@ -2044,7 +2050,8 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
   A* red = reinterpret_cast<A*>(smem + p.red_offset);
   float* fb_s = reinterpret_cast<float*>(smem + p.fb_offset);  // packed blocks' fallback tile
   const bool one_chunk = ch.nk <= p.BK;
-  const bool check = kMMA && ch.multi && !kRes;  // (residue-class tiles are never packed)
+  // (packed blocks hold 16 columns: the 4-n8 residue-class kernel, WRN's, never checks)
+  const bool check = kMMA && ch.multi && (!kRes || kNT == 2);
   // whole-sample tiles: the staged tensor's offsets over a tile's samples fit 32 bits (the
   // 16-byte staging path)
   [[maybe_unused]] const bool off32 = !kWhole || int64_t(p.s.S) * (kInputGrad ? a.gs.n : a.xs.n) < (int64_t(1) << 31);
@@ -2149,7 +2156,8 @@ RESFAST_HD void conv_block(const X& ex, const ConvArgs<T>& a, const ConvPlan& p,
       } else if constexpr (kMMA) {
         simt = true;  // a packed block holding a non-finite value (one chunk)
         ex.threads([&](int tid, int) {
-          packed_block_fallback<kInputGrad, kWhole>(tid, g, p, ch, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s, fb_s);
+          packed_block_fallback<kInputGrad, kWhole, T, kRes>(tid, g, p, ch, pos.h0, pos.w0, h_lo, w_lo, stage_s, w_s,
+                                                             fb_s);
         });
       } else {
         ex.threads([&](int tid, int c) {
