@@ -347,6 +347,10 @@ void bn_relu_conv2d_out_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
   at::Tensor b = prepare_bias(op, bias, x, p.g.Cout);
   check_out(op, out, x, p.g);
+  check_out_disjoint(op, out,
+                     {{"x", &x}, {"weight", &weight}, {"bias", bias.has_value() ? &*bias : nullptr},
+                      {"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr},
+                      {"bn_bias", bn_bias.has_value() ? &*bn_bias : nullptr}, {"mean", &mean}, {"invstd", &invstd}});
   forward_into(x, p, b, out);
 }
 

@@ -106,7 +106,10 @@ class OpSet(Protocol):
     def bn_relu_conv2d_out(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
                            bn_bias: Optional[Tensor], mean: Tensor, invstd: Tensor, stride: List[int],
                            padding: List[int], dilation: List[int], groups: int, out: Tensor) -> None:
-        """:meth:`bn_relu_conv2d` written into ``out`` (any strides)."""
+        """:meth:`bn_relu_conv2d` written into ``out`` (any strides). ``out`` sharing memory with an
+        input (``x``, the weights, the BN vectors) is refused by the native and triton op sets
+        (``RuntimeError``: "out shares memory with ..."); the eager one computes, then copies.
+        Disjoint channel slices of one buffer (the shared dense block's layers) are not sharing."""
         ...
 
     def bn_relu_conv2d_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],

@@ -48,6 +48,7 @@ from resfast.kernels.triton import bn_relu_conv_fwd_tma, bn_relu_conv_wgrad
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, dense_vector, out_memory_format
+from resfast.ops.validation import overlaps
 
 __all__ = [*OP_NAMES, *TRITON_OPTIONAL, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
            "TUNER", "MODEL_SMS"]
@@ -778,6 +779,13 @@ def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, 
     _check_conv(op, x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups)
     shape = conv_out_shape(x, weight, stride, padding, dilation)
     _check_like("out", out, x, shape)
+    # (a pure function of the plan cache's signature: replays skip it, as they skip the checks above)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("mean", mean), ("invstd", invstd)):
+        if t is not None and overlaps(out, t):
+            raise RuntimeError(f"resfast_triton.{op}: out shares memory with {name}: the op would overwrite its own "
+                               f"input while reading it; pass an out that does not overlap {name} (e.g. a fresh "
+                               "tensor or another slice)")
     return None, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
                                    groups, out, pstat)
 

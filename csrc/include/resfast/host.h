@@ -13,8 +13,11 @@
 #include <optional>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "resfast/math.h"
@@ -182,6 +185,71 @@ inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x
   check_device(op, out, "out", x);
   const auto shape = conv_out_shape(g);
   check_same_shape(op, out, "out", shape, "the conv output shape");
+}
+
+// Whether a and b may share a memory location: exact for different storages, disjoint byte
+// ranges and two boxes of one non-overlapping layout that differ in at most one dimension (two
+// channel slices of one buffer, as the shared dense block writes a layer's output beside its
+// input), conservatively true for anything else that shares bytes (resfast.ops.validation.overlaps
+// is the Python twin).
+inline bool non_overlapping_layout(const std::vector<int64_t>& sizes, at::IntArrayRef strides) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, size) of the dims that step
+  for (size_t d = 0; d < sizes.size(); ++d)
+    if (sizes[d] > 1) dims.emplace_back(std::abs(strides[d]), sizes[d]);
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;
+  for (const auto& [st, sz] : dims) {
+    if (st < span) return false;
+    span = st * sz;
+  }
+  return true;
+}
+
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (a.device() != b.device() || a.storage().data() != b.storage().data()) return false;
+  auto byte_range = [](const at::Tensor& t) {
+    int64_t lo = t.storage_offset(), hi = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t step = (t.size(d) - 1) * t.stride(d);
+      if (step >= 0) hi += step; else lo += step;
+    }
+    return std::make_pair(lo * int64_t(t.element_size()), (hi + 1) * int64_t(t.element_size()));
+  };
+  const auto [lo_a, hi_a] = byte_range(a);
+  const auto [lo_b, hi_b] = byte_range(b);
+  if (hi_a <= lo_b || hi_b <= lo_a) return false;
+  if (a.scalar_type() == b.scalar_type() && a.dim() == b.dim() && a.strides() == b.strides()) {
+    std::vector<int64_t> differing;
+    for (int64_t d = 0; d < a.dim(); ++d)
+      if (a.size(d) != b.size(d)) differing.push_back(d);
+    const int64_t delta = b.storage_offset() - a.storage_offset();
+    for (int64_t d = 0; d < a.dim(); ++d) {
+      const int64_t st = a.stride(d);
+      if (st == 0 || delta % st != 0) continue;
+      bool others = false;
+      for (int64_t dd : differing) others |= dd != d;
+      if (others) continue;
+      const int64_t shift = delta / st;
+      std::vector<int64_t> sizes(a.sizes().begin(), a.sizes().end());
+      sizes[d] = std::max(a.size(d), shift + b.size(d)) - std::min<int64_t>(0, shift);
+      if (!non_overlapping_layout(sizes, a.strides())) continue;
+      // both views are boxes of one injective layout: they meet iff their ranges along d do
+      return shift < a.size(d) && 0 < shift + b.size(d);
+    }
+  }
+  return true;
+}
+
+// out= of a conv: no memory shared with a tensor the op reads (it would overwrite its own input
+// while reading it), as PyTorch's out= ops and resfast.ops.validation.check_out refuse.
+inline void check_out_disjoint(const char* op, const at::Tensor& out,
+                               std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK(t == nullptr || !t->defined() || !may_overlap(out, *t), op, ": out shares memory with ", name,
+                ": the op would overwrite its own input while reading it; pass an out that does not overlap ",
+                name, " (e.g. a fresh tensor or another slice)");
+  }
 }
 
 // bn_backward_elemt's arguments, checked; returns prepared acc-type vectors. The op takes the
