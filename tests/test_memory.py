@@ -89,6 +89,10 @@ def test_cli_errors():
         memory.run(p.parse_args(["--plot", "unused.png", "--plot-batch", "0"]))
     with pytest.raises(ValueError, match=r"--repeat must be a positive int, got -1"):
         memory.run(p.parse_args(["--repeat", "-1"]))
+    # batch 1 at a size whose last BatchNorm gets one value per channel: refused before anything
+    # runs, naming the way out (probe 32: PyTorch's BatchNorm message after the model had run)
+    with pytest.raises(ValueError, match=r"--batch-size 1 at --image-size 32 .* --image-size 61 or more"):
+        memory.run(p.parse_args(["--batch-size", "1", "--image-size", "32", "--modes", "naive"]))
 
 
 def test_measure_training_step_counts_exact_bytes():

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_backend(args.backend, device)  # BackendUnavailableError says why, before anything runs
     # (``or`` took --image-size 0 for no --image-size: it ran at the model's size, refusing nothing)
     image_size = args.image_size if args.image_size is not None else model_info(args.model).input_size[1]
-    _check_image_size(args.model, image_size)
+    _check_image_size(args.model, image_size, args.batch_size)
 
     results = measure_modes(args.model, modes, batch_size=args.batch_size, image_size=image_size, device=device,
                             backend=args.backend, autocast_dtype=dtype, channels_last=args.channels_last,
@@ -176,12 +176,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_image_size(model_name: str, image_size: int) -> None:
+def _check_image_size(model_name: str, image_size: int, batch_size: Optional[int] = None) -> None:
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"--image-size must be a positive int, got {image_size!r}")
     if not _runs_at(model_name, image_size):
         raise ValueError(f"--image-size {image_size} is too small for {model_name}: its downsampling leaves no "
                          f"pixel; the smallest size it takes is {min_image_size(model_name)}")
+    if isinstance(batch_size, int) and batch_size >= 1 and not _trains_at(model_name, image_size, batch_size):
+        # (training-mode BatchNorm needs more than one value per channel: batch x pixels > 1)
+        lo, hi = image_size, 2 * image_size  # lo fails; the smallest size that trains, by doubling and bisection
+        while not _trains_at(model_name, hi, batch_size):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _trains_at(model_name, mid, batch_size) else (mid, hi)
+        smallest = hi
+        raise ValueError(f"--batch-size {batch_size} at --image-size {image_size} leaves {model_name}'s last "
+                         "BatchNorm one value per channel, which training-mode BatchNorm refuses; use "
+                         f"--batch-size 2 or more, or --image-size {smallest} or more")
 
 
 def min_image_size(model_name: str) -> int:
@@ -218,6 +230,23 @@ def _runs_at(model_name: str, size: int) -> bool:
         if "too small" in text or "smaller than kernel" in text or "output would be empty" in text:
             return False
         raise
+    return True
+
+
+def _trains_at(model_name: str, size: int, batch_size: int) -> bool:
+    """Whether a training-mode forward of ``model_name`` at ``batch_size x 3 x size x size``
+    leaves every BatchNorm more than one value per channel (on the ``meta`` device)."""
+    model = _meta_model(model_name)
+    model.train()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch_size, 3, size, size, device="meta"))
+    except ValueError as exc:
+        if "more than 1 value per channel" in str(exc):
+            return False
+        raise
+    finally:
+        model.eval()
     return True
 
 
