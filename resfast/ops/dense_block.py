@@ -638,11 +638,15 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
             saved.bottlenecks = [None] * n
         saved.masks = [None] * n
         ctx.cfg, ctx.saved, ctx.num_tensors, ctx.num_kept = cfg, saved, len(tensors), len(kept)
-        # Autograd does not check a saved tensor's version under saved-tensor hooks, and the
-        # buffer is the block's output: changed in place before the backward (y.relu_(),
-        # y += skip) under a hook that keeps the tensor itself, the backward would read the
-        # changed features (silently wrong gradients). The backward checks it (_check_buffer).
-        ctx.buf_ref = (weakref.ref(buf), buf._version) if hooked else None
+        # The buffer is the block's output, which its backward reads: changed in place before
+        # the backward (y.relu_(), y += skip) autograd raises its generic version error, and
+        # under saved-tensor hooks (which autograd does not check) with a hook that keeps the
+        # tensor itself the backward would read the changed features (silently wrong
+        # gradients). The backward checks it first, with a message that says why and what to
+        # do (_check_buffer).
+        # (not while torch.compile traces: autograd checks a compiled graph's saved tensors)
+        ctx.buf_ref = None if torch.compiler.is_compiling() else (weakref.ref(buf), buf._version)
+        ctx.buf_hooked = hooked
         ctx.x_shape = tuple(x.shape)
         ctx.x_format = out_memory_format(x)
         ctx.device_type = x.device.type
@@ -659,6 +663,8 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
 def _backward(ctx, grad_out: Tensor):
     cfg: _Config = ctx.cfg
     saved: _Saved = ctx.saved
+    if not getattr(ctx, "buf_hooked", True):
+        _check_buffer(ctx)  # before autograd's own check, which unpacking the saved buffer runs
     buf, *rest = ctx.saved_tensors
     _check_buffer(ctx, buf)
     num_tensors, n_layers = ctx.num_tensors, cfg.num_layers
@@ -758,23 +764,28 @@ def _saved_tensor_hooks_active() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
-def _check_buffer(ctx, buf: Tensor) -> None:
-    """Raise, as autograd does without hooks, when the feature buffer the backward got from
-    saved-tensor hooks is the forward's buffer itself (or a view of it) and was changed in place
-    since (a hook that kept a copy made at pack time gives the forward's values: no error)."""
+def _check_buffer(ctx, buf: Optional[Tensor] = None) -> None:
+    """Raise when the block's output (its feature buffer, which the backward reads) was changed
+    in place since the forward: ``buf`` None, before the saved tensors are unpacked (autograd
+    would raise its generic version error there); else the buffer saved-tensor hooks gave back,
+    when it is the forward's buffer itself or a view of it (a hook that kept a copy made at pack
+    time gives the forward's values: no error)."""
     if getattr(ctx, "buf_ref", None) is None:
         return
     ref, version = ctx.buf_ref
     orig = ref()
-    if orig is None or orig._version == version or buf.untyped_storage().data_ptr() != \
-            orig.untyped_storage().data_ptr():
+    if orig is None or orig._version == version:
+        return
+    if buf is not None and buf.untyped_storage().data_ptr() != orig.untyped_storage().data_ptr():
         return
     raise RuntimeError(
         "one of the variables needed for gradient computation has been modified by an inplace operation: the "
         f"shared dense block's output (its feature buffer, {tuple(orig.shape)}) is at version {orig._version}; "
-        f"expected version {version}. Under saved-tensor hooks autograd does not check this itself. Change a copy "
-        "(y = y.clone(), or an out-of-place op such as torch.relu(y)), or use DenseBlock(memory='naive') or "
-        "memory='checkpoint', whose output the backward does not read")
+        f"expected version {version}. DenseBlock(memory='shared') keeps its output for the backward (that is how "
+        "it saves memory), so an in-place change of it (y.relu_(), y += skip, F.relu(y, inplace=True)) before "
+        "the backward is refused. Change a copy (y = y.clone(), or an out-of-place op such as torch.relu(y) or "
+        "y = y + skip), or use DenseBlock(memory='naive') or memory='checkpoint', whose output the backward does "
+        "not read")
 
 
 def _reader_backward(ops, grad_y, x, gx_buf, w, gamma, beta, mean, invstd, chunks, batch_stats, count, group,
