@@ -131,6 +131,8 @@ def test_overlaps_helper():
     assert not overlaps(buf[:, :, :1], buf[:, :, 1:])
     # Different views of one storage that no box argument covers count as overlapping.
     assert overlaps(buf.view(-1)[:90].view(2, 5, 3, 3), buf[:, 2:7])
+    # meta tensors hold no memory (their storages all report address 0)
+    assert not overlaps(torch.empty(2, 3, device="meta"), torch.empty(2, 3, device="meta"))
 
 
 # ---- the op sets' own out= forms (get_ops(backend).bn_relu_conv2d_out, torch.ops.resfast.*):

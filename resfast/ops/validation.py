@@ -241,7 +241,7 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
     ``[C, 2]`` statistics buffer, whose byte ranges interleave); anything else that shares
     bytes counts as overlapping.
     """
-    if a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":  # (meta tensors hold no memory)
         return False
     if a.device != b.device or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
