@@ -185,15 +185,16 @@ def _check_image_size(model_name: str, image_size: int, batch_size: Optional[int
     if isinstance(batch_size, int) and batch_size >= 1 and not _trains_at(model_name, image_size, batch_size):
         # (training-mode BatchNorm needs more than one value per channel: batch x pixels > 1)
         lo, hi = image_size, 2 * image_size  # lo fails; the smallest size that trains, by doubling and bisection
-        while not _trains_at(model_name, hi, batch_size):
+        while hi <= 1 << 14 and not _trains_at(model_name, hi, batch_size):
             lo, hi = hi, 2 * hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if _trains_at(model_name, mid, batch_size) else (mid, hi)
-        smallest = hi
+        way_out = "--batch-size 2 or more"
+        if hi <= 1 << 14:  # (a BatchNorm after the global pooling trains at batch 1 at no size)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if _trains_at(model_name, mid, batch_size) else (mid, hi)
+            way_out += f", or --image-size {hi} or more"
         raise ValueError(f"--batch-size {batch_size} at --image-size {image_size} leaves {model_name}'s last "
-                         "BatchNorm one value per channel, which training-mode BatchNorm refuses; use "
-                         f"--batch-size 2 or more, or --image-size {smallest} or more")
+                         f"BatchNorm one value per channel, which training-mode BatchNorm refuses; use {way_out}")
 
 
 def min_image_size(model_name: str) -> int:
