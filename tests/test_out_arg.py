@@ -195,3 +195,42 @@ def test_op_set_out_beside_x_in_one_buffer_is_accepted_and_right(backend, channe
     same = reference.bn_relu_conv2d(*args, False)
     get_ops(backend).bn_relu_conv2d_out(*args, out)
     assert_rule("out", out, ref64, same, f"backend={backend}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_op_set_elemt_out_may_be_its_input_but_not_a_shifted_view_of_it(backend, channels_last):
+    """``bn_backward_elemt_out``: out = x (or grad_z) itself is an in-place elementwise op and
+    right; out a slice of x's buffer shifted by two channels was accepted and wrote 0.04-0.17 off
+    on native (each element overwrote x before it was read): now refused."""
+    from resfast.ops import reference
+    from resfast.ops.opsets import get_ops
+
+    _require(backend)
+    ops = get_ops(backend)
+
+    def case():
+        g = torch.Generator().manual_seed(0)
+        buf = torch.randn(2, 10, 5, 5, generator=g)
+        if channels_last:
+            buf = buf.contiguous(memory_format=torch.channels_last)
+        x = buf[:, :6]
+        gz = torch.randn(2, 6, 5, 5, generator=g)
+        mean, invstd = x.mean((0, 2, 3)), (x.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
+        vecs = (torch.rand(6, generator=g) + 0.5, mean, invstd, torch.randn(6, generator=g), torch.randn(6, generator=g))
+        return buf, x, gz, vecs
+
+    buf, x, gz, (gm, mean, invstd, sdz, sdzx) = case()
+    args = (gz, x, gm, mean, invstd, sdz, sdzx, 1 / 50)
+    ref64 = reference.bn_backward_elemt(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+    same = reference.bn_backward_elemt(*args)
+    ops.bn_backward_elemt_out(*args, False, x)  # in place: out is x
+    assert_rule("out=x", x, ref64, same, f"backend={backend}")
+    buf, x, gz, (gm, mean, invstd, sdz, sdzx) = case()
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match="out overlaps x without being it"):
+        ops.bn_backward_elemt_out(gz, x, gm, mean, invstd, sdz, sdzx, 1 / 50, False, buf[:, 2:8])
+    assert torch.equal(buf, before)
+    with pytest.raises(RuntimeError, match="out shares memory with sum_dz"):
+        big = torch.randn(2 * 6 * 25)  # sum_dz: six floats inside out's memory
+        ops.bn_backward_elemt_out(gz, x, gm, mean, invstd, big[10:16], sdzx, 1 / 50, False, big.view(2, 6, 5, 5))

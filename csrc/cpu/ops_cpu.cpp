@@ -347,6 +347,9 @@ void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::
   ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
   check_cpu(op, x);
   check_elemt_out(op, out, x);
+  check_elemt_out_disjoint(op, out, {{"grad_z", &grad_z}, {"x", &x}},
+                           {{"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr}, {"mean", &mean},
+                            {"invstd", &invstd}, {"sum_dz", &sum_dz}, {"sum_dz_xhat", &sum_dz_xhat}});
   const int64_t total = x.numel();
   if (total == 0) return;
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);

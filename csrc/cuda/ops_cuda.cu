@@ -498,6 +498,9 @@ void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
   check_elemt_out(op, out, x);
+  check_elemt_out_disjoint(op, out, {{"grad_z", &grad_z}, {"x", &x}},
+                           {{"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr}, {"mean", &mean},
+                            {"invstd", &invstd}, {"sum_dz", &sum_dz}, {"sum_dz_xhat", &sum_dz_xhat}});
   const int64_t total = x.numel();
   if (total == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();

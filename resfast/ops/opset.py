@@ -127,5 +127,8 @@ class OpSet(Protocol):
     def bn_backward_elemt_out(self, grad_z: Tensor, x: Tensor, bn_weight: Optional[Tensor], mean: Tensor,
                               invstd: Tensor, sum_dz: Tensor, sum_dz_xhat: Tensor, inv_count: float,
                               accumulate: bool, out: Tensor) -> None:
-        """:meth:`bn_backward_elemt` written into (or, with ``accumulate``, added to) ``out``."""
+        """:meth:`bn_backward_elemt` written into (or, with ``accumulate``, added to) ``out``. ``out``
+        may be ``grad_z`` or ``x`` itself (in place: each element comes from the same element of
+        both); any other overlap with them or with the per-channel vectors is refused by the native
+        and triton op sets (the eager one computes, then copies)."""
         ...

@@ -2070,6 +2070,21 @@ def _plan_bn_backward_elemt(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_x
 def _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out):
     _check_x("x", x)
     _check_like("out", out, x, list(x.shape))
+    # each out element comes from the same element of grad_z and x: out may be one of them (in
+    # place), but no shifted view of them, and no per-channel vector (the plan cache's signature
+    # decides all of it: replays skip this, as they skip the checks above)
+    for name, t in (("grad_z", grad_z), ("x", x)):
+        if isinstance(t, Tensor) and overlaps(out, t) and not (
+                t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.stride() == out.stride()
+                and t.dtype == out.dtype):
+            raise RuntimeError(f"resfast_triton.bn_backward_elemt_out: out overlaps {name} without being it: the op "
+                               f"would overwrite elements of {name} it has not read yet; pass out = {name} itself (in "
+                               "place) or an out that does not overlap it")
+    for name, t in (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("sum_dz", sum_dz),
+                    ("sum_dz_xhat", sum_dz_xhat)):
+        if isinstance(t, Tensor) and overlaps(out, t):
+            raise RuntimeError(f"resfast_triton.bn_backward_elemt_out: out shares memory with {name}: the op would "
+                               f"overwrite its own input while reading it; pass an out that does not overlap {name}")
     return None, _elemt_launches(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out)
 
 

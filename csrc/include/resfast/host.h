@@ -252,6 +252,22 @@ inline void check_out_disjoint(const char* op, const at::Tensor& out,
   }
 }
 
+// out= of the elementwise BN backward: each element of out comes from the same element of grad_z
+// and x, so out may be one of them exactly (in place), but no other overlap with them (a shifted
+// slice would overwrite elements not yet read) and none with the per-channel vectors.
+inline void check_elemt_out_disjoint(const char* op, const at::Tensor& out,
+                                     std::initializer_list<std::pair<const char*, const at::Tensor*>> elementwise,
+                                     std::initializer_list<std::pair<const char*, const at::Tensor*>> vectors) {
+  for (const auto& [name, t] : elementwise) {
+    const bool same_view = t->data_ptr() == out.data_ptr() && t->sizes() == out.sizes() &&
+                           t->strides() == out.strides() && t->scalar_type() == out.scalar_type();
+    TORCH_CHECK(same_view || !may_overlap(out, *t), op, ": out overlaps ", name,
+                " without being it: the op would overwrite elements of ", name,
+                " it has not read yet; pass out = ", name, " itself (in place) or an out that does not overlap it");
+  }
+  check_out_disjoint(op, out, vectors);
+}
+
 // bn_backward_elemt's arguments, checked; returns prepared acc-type vectors. The op takes the
 // per-channel sums and 1 / count (0 for running statistics: no coupling term); the kernels
 // take the means.
