@@ -110,6 +110,7 @@ def test_resume_continues_from_the_checkpoint_as_the_uninterrupted_run(tmp_path,
 def test_resume_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train(_cfg(tmp_path / "none", resume=True), model=_small())
+    assert not (tmp_path / "none").exists()  # refused before any folder is made (probe 33)
     train(_cfg(tmp_path / "a", subset=32, measure_memory=False), model=_small())
     with pytest.raises(ValueError, match="batch_size=32, this run asks for batch_size=16"):
         train(_cfg(tmp_path / "a", resume=True, batch_size=16), model=_small())

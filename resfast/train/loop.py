@@ -258,6 +258,8 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
         model_info(config.model)
         resolve_backend(config.backend, device)
     if config.out and int(os.environ.get("RANK", "0")) == 0:
+        if config.resume and not os.path.isfile(os.path.join(config.out, CHECKPOINT)):
+            load_checkpoint(os.path.join(config.out, CHECKPOINT), device)  # raises, before any folder is made
         ensure_writable_dir(config.out, "out")
         if not config.resume and os.path.isfile(os.path.join(config.out, CHECKPOINT)):
             # (a new run would overwrite it, and the old run's metrics, after its first epoch)
