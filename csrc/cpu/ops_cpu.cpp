@@ -204,11 +204,7 @@ void bn_relu_conv2d_out_cpu(const at::Tensor& x, const at::Tensor& weight, const
   ConvPrep p = prepare_conv(op, x, weight, bn_weight, bn_bias, mean, invstd, stride, padding, dilation, groups);
   check_cpu(op, x);
   at::Tensor b = prepare_bias(op, bias, x, p.g.Cout);
-  check_out(op, out, x, p.g);
-  check_out_disjoint(op, out,
-                     {{"x", &x}, {"weight", &weight}, {"bias", bias.has_value() ? &*bias : nullptr},
-                      {"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr},
-                      {"bn_bias", bn_bias.has_value() ? &*bn_bias : nullptr}, {"mean", &mean}, {"invstd", &invstd}});
+  check_out(op, out, x, p.g, weight, bias, bn_weight, bn_bias, mean, invstd);
   forward_into(x, p, b, out);
 }
 
@@ -346,10 +342,7 @@ void bn_backward_elemt_into(const char* op, const at::Tensor& grad_z, const at::
                             const at::Tensor& sum_dz_xhat, double inv_count, bool accumulate, const at::Tensor& out) {
   ElemtPrep p = prepare_elemt(op, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count);
   check_cpu(op, x);
-  check_elemt_out(op, out, x);
-  check_elemt_out_disjoint(op, out, {{"grad_z", &grad_z}, {"x", &x}},
-                           {{"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr}, {"mean", &mean},
-                            {"invstd", &invstd}, {"sum_dz", &sum_dz}, {"sum_dz_xhat", &sum_dz_xhat}});
+  check_elemt_out(op, out, grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat);
   const int64_t total = x.numel();
   if (total == 0) return;
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);

@@ -663,10 +663,11 @@ class _SharedDenseBlockFunction(torch.autograd.Function):
 def _backward(ctx, grad_out: Tensor):
     cfg: _Config = ctx.cfg
     saved: _Saved = ctx.saved
-    if not getattr(ctx, "buf_hooked", True):
+    if not ctx.buf_hooked:
         _check_buffer(ctx)  # before autograd's own check, which unpacking the saved buffer runs
     buf, *rest = ctx.saved_tensors
-    _check_buffer(ctx, buf)
+    if ctx.buf_hooked:
+        _check_buffer(ctx, buf)  # (autograd does not check under the hooks)
     num_tensors, n_layers = ctx.num_tensors, cfg.num_layers
     tensors = rest[:num_tensors]
     bottlenecks = list(saved.bottlenecks)

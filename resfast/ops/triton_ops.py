@@ -48,7 +48,7 @@ from resfast.kernels.triton import bn_relu_conv_fwd_tma, bn_relu_conv_wgrad
 from resfast.ops import autograd, schemas
 from resfast.ops.opset import OP_NAMES
 from resfast.ops.schemas import STATS_ROWS, TRITON_OPTIONAL, conv_out_shape, dense_vector, out_memory_format
-from resfast.ops.validation import overlaps
+from resfast.ops.validation import overlaps, refuse_overlap
 
 __all__ = [*OP_NAMES, *TRITON_OPTIONAL, "OPS", "SUPPORTED_DTYPES", "TileConfig", "Bound", "KernelLaunch", "launch_plan", "Tuner",
            "TUNER", "MODEL_SMS"]
@@ -780,12 +780,8 @@ def _plan_bn_relu_conv2d_out(x, weight, bias, bn_weight, bn_bias, mean, invstd, 
     shape = conv_out_shape(x, weight, stride, padding, dilation)
     _check_like("out", out, x, shape)
     # (a pure function of the plan cache's signature: replays skip it, as they skip the checks above)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("mean", mean), ("invstd", invstd)):
-        if t is not None and overlaps(out, t):
-            raise RuntimeError(f"resfast_triton.{op}: out shares memory with {name}: the op would overwrite its own "
-                               f"input while reading it; pass an out that does not overlap {name} (e.g. a fresh "
-                               "tensor or another slice)")
+    refuse_overlap(out, (("x", x), ("weight", weight), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                         ("mean", mean), ("invstd", invstd)), f"resfast_triton.{op}")
     return None, _forward_launches(x, weight, bias, bn_weight, bn_bias, mean, invstd, stride, padding, dilation,
                                    groups, out, pstat)
 
@@ -2080,11 +2076,8 @@ def _plan_bn_backward_elemt_out(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_
             raise RuntimeError(f"resfast_triton.bn_backward_elemt_out: out overlaps {name} without being it: the op "
                                f"would overwrite elements of {name} it has not read yet; pass out = {name} itself (in "
                                "place) or an out that does not overlap it")
-    for name, t in (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("sum_dz", sum_dz),
-                    ("sum_dz_xhat", sum_dz_xhat)):
-        if isinstance(t, Tensor) and overlaps(out, t):
-            raise RuntimeError(f"resfast_triton.bn_backward_elemt_out: out shares memory with {name}: the op would "
-                               f"overwrite its own input while reading it; pass an out that does not overlap {name}")
+    refuse_overlap(out, (("bn_weight", bn_weight), ("mean", mean), ("invstd", invstd), ("sum_dz", sum_dz),
+                         ("sum_dz_xhat", sum_dz_xhat)), "resfast_triton.bn_backward_elemt_out")
     return None, _elemt_launches(grad_z, x, bn_weight, mean, invstd, sum_dz, sum_dz_xhat, inv_count, accumulate, out)
 
 

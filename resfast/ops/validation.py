@@ -23,6 +23,7 @@ __all__ = [
     "check_eps",
     "check_param_dtype",
     "overlaps",
+    "refuse_overlap",
     "int_pair",
     "padding_pair",
 ]
@@ -213,10 +214,17 @@ def check_out(out, shape: Sequence[int], x: Tensor, inputs: Sequence[Tuple[str, 
     if torch._debug_has_internal_overlap(out) == 1:
         raise RuntimeError("out has internal overlap (several elements share one memory location, e.g. an expanded "
                            "tensor); pass a tensor whose elements are distinct, e.g. out.clone()")
+    refuse_overlap(out, inputs)
+
+
+def refuse_overlap(out: Tensor, inputs: Sequence[Tuple[str, Optional[Tensor]]], op: str = "") -> None:
+    """``RuntimeError`` when ``out`` may share memory with one of the named ``inputs``
+    (:func:`overlaps`); ``op``, when given, starts the message."""
     for name, t in inputs:
-        if t is not None and overlaps(out, t):
-            raise RuntimeError(f"out shares memory with {name}: the op would overwrite its own input while reading "
-                               f"it; pass an out that does not overlap {name} (e.g. a fresh tensor or another slice)")
+        if isinstance(t, Tensor) and overlaps(out, t):
+            raise RuntimeError(f"{op + ': ' if op else ''}out shares memory with {name}: the op would overwrite its "
+                               f"own input while reading it; pass an out that does not overlap {name} (e.g. a fresh "
+                               "tensor or another slice)")
 
 
 def _running_overlap(running_mean: Tensor, running_var: Tensor) -> bool:

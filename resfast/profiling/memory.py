@@ -184,15 +184,10 @@ def _check_image_size(model_name: str, image_size: int, batch_size: Optional[int
                          f"pixel; the smallest size it takes is {min_image_size(model_name)}")
     if isinstance(batch_size, int) and batch_size >= 1 and not _trains_at(model_name, image_size, batch_size):
         # (training-mode BatchNorm needs more than one value per channel: batch x pixels > 1)
-        lo, hi = image_size, 2 * image_size  # lo fails; the smallest size that trains, by doubling and bisection
-        while hi <= 1 << 14 and not _trains_at(model_name, hi, batch_size):
-            lo, hi = hi, 2 * hi
+        smallest = _smallest_size(lambda s: _trains_at(model_name, s, batch_size), image_size, 1 << 14)
         way_out = "--batch-size 2 or more"
-        if hi <= 1 << 14:  # (a BatchNorm after the global pooling trains at batch 1 at no size)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if _trains_at(model_name, mid, batch_size) else (mid, hi)
-            way_out += f", or --image-size {hi} or more"
+        if smallest is not None:  # (a BatchNorm after the global pooling trains at batch 1 at no size)
+            way_out += f", or --image-size {smallest} or more"
         raise ValueError(f"--batch-size {batch_size} at --image-size {image_size} leaves {model_name}'s last "
                          f"BatchNorm one value per channel, which training-mode BatchNorm refuses; use {way_out}")
 
@@ -201,14 +196,23 @@ def min_image_size(model_name: str) -> int:
     """The smallest input height and width at which the registered model ``model_name`` runs
     (its strided convs and poolings leave at least one pixel), found by forward passes on the
     ``meta`` device (no memory, no arithmetic): doubling, then bisection."""
-    lo, hi = 0, 1  # lo fails (or is 0), hi is the next probe
-    while not _runs_at(model_name, hi):
+    size = _smallest_size(lambda s: _runs_at(model_name, s), 0, 1 << 16)
+    if size is None:
+        raise ValueError(f"{model_name} does not run at any image size up to {1 << 16}")
+    return size
+
+
+def _smallest_size(ok: Callable[[int], bool], lo: int, cap: int) -> Optional[int]:
+    """The smallest size above ``lo`` (which fails, or is 0) at most ``cap`` for which ``ok``
+    (monotone) holds, by doubling then bisection; None where none does."""
+    hi = max(1, 2 * lo)
+    while not ok(hi):
         lo, hi = hi, 2 * hi
-        if hi > 1 << 16:
-            raise ValueError(f"{model_name} does not run at any image size up to {hi // 2}")
+        if hi > cap:
+            return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _runs_at(model_name, mid) else (mid, hi)
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
 
 

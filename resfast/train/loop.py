@@ -258,8 +258,8 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None,
         model_info(config.model)
         resolve_backend(config.backend, device)
     if config.out and int(os.environ.get("RANK", "0")) == 0:
-        if config.resume and not os.path.isfile(os.path.join(config.out, CHECKPOINT)):
-            load_checkpoint(os.path.join(config.out, CHECKPOINT), device)  # raises, before any folder is made
+        if config.resume:
+            _require_checkpoint(os.path.join(config.out, CHECKPOINT))  # before any folder is made
         ensure_writable_dir(config.out, "out")
         if not config.resume and os.path.isfile(os.path.join(config.out, CHECKPOINT)):
             # (a new run would overwrite it, and the old run's metrics, after its first epoch)
@@ -486,9 +486,13 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: Optional[str], device: torch.device) -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+    _require_checkpoint(path)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _require_checkpoint(path: Optional[str]) -> None:
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"resume: no checkpoint at {path!r} (train once with the same --out first)")
-    return torch.load(path, map_location=device, weights_only=True)
 
 
 def measure_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,

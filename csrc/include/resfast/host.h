@@ -179,14 +179,6 @@ inline at::Tensor prepare_bias(const char* op, const OptTensor& bias, const at::
   return acc_vector(*bias, x);
 }
 
-inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x, const ConvGeom& g) {
-  check_4d(op, out, "out");
-  check_same_dtype(op, out, "out", x);
-  check_device(op, out, "out", x);
-  const auto shape = conv_out_shape(g);
-  check_same_shape(op, out, "out", shape, "the conv output shape");
-}
-
 // Whether a and b may share a memory location: exact for different storages, disjoint byte
 // ranges and two boxes of one non-overlapping layout that differ in at most one dimension (two
 // channel slices of one buffer, as the shared dense block writes a layer's output beside its
@@ -252,6 +244,21 @@ inline void check_out_disjoint(const char* op, const at::Tensor& out,
   }
 }
 
+// out= of a conv: the shape, dtype and device, and no memory shared with what the op reads.
+inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& x, const ConvGeom& g,
+                      const at::Tensor& weight, const OptTensor& bias, const OptTensor& bn_weight,
+                      const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& invstd) {
+  check_4d(op, out, "out");
+  check_same_dtype(op, out, "out", x);
+  check_device(op, out, "out", x);
+  const auto shape = conv_out_shape(g);
+  check_same_shape(op, out, "out", shape, "the conv output shape");
+  check_out_disjoint(op, out,
+                     {{"x", &x}, {"weight", &weight}, {"bias", bias.has_value() ? &*bias : nullptr},
+                      {"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr},
+                      {"bn_bias", bn_bias.has_value() ? &*bn_bias : nullptr}, {"mean", &mean}, {"invstd", &invstd}});
+}
+
 // out= of the elementwise BN backward: each element of out comes from the same element of grad_z
 // and x, so out may be one of them exactly (in place), but no other overlap with them (a shifted
 // slice would overwrite elements not yet read) and none with the per-channel vectors.
@@ -304,11 +311,16 @@ inline ElemtPrep prepare_elemt(const char* op, const at::Tensor& grad_z, const a
   return p;
 }
 
-inline void check_elemt_out(const char* op, const at::Tensor& out, const at::Tensor& x) {
+inline void check_elemt_out(const char* op, const at::Tensor& out, const at::Tensor& grad_z, const at::Tensor& x,
+                            const OptTensor& bn_weight, const at::Tensor& mean, const at::Tensor& invstd,
+                            const at::Tensor& sum_dz, const at::Tensor& sum_dz_xhat) {
   check_4d(op, out, "out");
   check_same_dtype(op, out, "out", x);
   check_device(op, out, "out", x);
   check_same_shape(op, out, "out", x.sizes(), "the shape of x");
+  check_elemt_out_disjoint(op, out, {{"grad_z", &grad_z}, {"x", &x}},
+                           {{"bn_weight", bn_weight.has_value() ? &*bn_weight : nullptr}, {"mean", &mean},
+                            {"invstd", &invstd}, {"sum_dz", &sum_dz}, {"sum_dz_xhat", &sum_dz_xhat}});
 }
 
 inline void check_bn_stats(const char* op, const at::Tensor& x) {
